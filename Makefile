@@ -1,0 +1,14 @@
+.PHONY: serve test bench lint
+serve:  ## set up everything, then run the kiln daemon with embedded defaults
+	scripts/bootstrap
+	.venv/bin/kiln serve
+
+test:   ## set up everything, then run lint, type checks and the whole test suite
+	scripts/test
+
+bench:  ## performance benchmarks (p50/p95/p99 tables)
+	scripts/bootstrap
+	.venv/bin/python -m bench
+
+lint:
+	.venv/bin/ruff check src tests bench && .venv/bin/ruff format --check src tests bench && .venv/bin/mypy
