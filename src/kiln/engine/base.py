@@ -1,0 +1,172 @@
+"""The engine interface: what every sandbox engine (QEMU, Docker, fake) implements.
+
+The daemon only ever talks to an :class:`Engine`. Everything that happens
+inside a sandbox (exec, TTY sessions, files, activity, port forwarding) goes
+through the guest agent, so an engine hands out an :class:`AgentClient` for a
+sandbox it has made hot, instead of re-declaring the agent's API.
+
+Thermal states: ``hot`` (running) → ``warm`` (vCPUs paused) → ``cold``
+(snapshot on disk, no process). ``ensure_hot`` brings a sandbox back from any
+of them; callers never need to know which state it was in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from kiln.agent_client import AgentClient
+
+from .errors import InvalidSpec
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+MIN_MEMORY_MB = 128
+MAX_CPUS = 64
+
+
+class Thermal(StrEnum):
+    HOT = "hot"
+    WARM = "warm"
+    COLD = "cold"
+
+
+class Status(StrEnum):
+    """Lifecycle as the API reports it; thermal states are all ``running``."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"  # explicitly stopped by the user (snapshot on disk)
+    ERROR = "error"
+    UNKNOWN = "unknown"  # recovered without a usable snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """A file the guest agent writes at boot (from the config drive)."""
+
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeSpec:
+    """A named persistent disk attached at ``mount``.
+
+    ``size_mb`` set means "create it first" (a new volume); otherwise it must exist.
+    """
+
+    name: str
+    mount: str
+    size_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    sandbox_id: str
+    name: str
+    cpus: int = 1
+    memory_mb: int = 512
+    image: str = "minimal"
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[FileSpec, ...] = ()
+    init: str | None = None
+    volumes: tuple[VolumeSpec, ...] = ()
+    keep_hot: bool = False
+
+    def validate(self) -> None:
+        """Reject a bad spec with a clear message before any resource is touched."""
+        if not NAME_RE.match(self.name):
+            raise InvalidSpec(f"invalid sandbox name {self.name!r}")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise InvalidSpec(f"cpus must be within 1..{MAX_CPUS}, got {self.cpus}")
+        if self.memory_mb < MIN_MEMORY_MB:
+            raise InvalidSpec(f"memory_mb must be at least {MIN_MEMORY_MB}, got {self.memory_mb}")
+        for key in self.env:
+            if not key or "=" in key or "\x00" in key:
+                raise InvalidSpec(f"invalid environment variable name {key!r}")
+        mounts: set[str] = set()
+        for vol in self.volumes:
+            if not NAME_RE.match(vol.name):
+                raise InvalidSpec(f"invalid volume name {vol.name!r}")
+            if not vol.mount.startswith("/") or vol.mount == "/":
+                raise InvalidSpec(f"volume mount point must be an absolute path, got {vol.mount!r}")
+            if vol.mount in mounts:
+                raise InvalidSpec(f"two volumes mounted at {vol.mount}")
+            mounts.add(vol.mount)
+            if vol.size_mb is not None and vol.size_mb < 1:
+                raise InvalidSpec(f"volume {vol.name!r}: size_mb must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    sandbox_id: str
+    name: str
+    engine: str
+    image: str
+    status: Status
+    thermal: Thermal
+    ip: str | None
+    cpus: int
+    memory_mb: int
+    keep_hot: bool = False
+    has_snapshot: bool = False
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A sandbox engine. All methods raise only :class:`kiln.engine.errors.EngineError`."""
+
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        """Validate ``spec``, boot the sandbox and return once its agent answers."""
+        ...
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Stop it whatever its state and free everything (IP, TAP, files). Idempotent."""
+        ...
+
+    async def stop(self, sandbox_id: str) -> SandboxInfo:
+        """Snapshot to disk and release its memory (thermal ``cold``)."""
+        ...
+
+    async def start(self, sandbox_id: str) -> SandboxInfo:
+        """Restore from the snapshot (thermal ``hot``)."""
+        ...
+
+    async def pause(self, sandbox_id: str) -> None:
+        """hot → warm (vCPUs stopped)."""
+        ...
+
+    async def resume(self, sandbox_id: str) -> None:
+        """warm → hot; sets the guest clock."""
+        ...
+
+    async def ensure_hot(self, sandbox_id: str) -> None:
+        """Make the sandbox hot from whatever state it is in."""
+        ...
+
+    def thermal(self, sandbox_id: str) -> Thermal: ...
+
+    def info(self, sandbox_id: str) -> SandboxInfo: ...
+
+    def list(self) -> list[SandboxInfo]: ...
+
+    async def agent(self, sandbox_id: str) -> AgentClient:
+        """Make the sandbox hot and return a client for its guest agent."""
+        ...
+
+    def export_state(self, sandbox_id: str) -> dict[str, Any]:
+        """JSON-able state the daemon stores to recover this sandbox after a crash."""
+        ...
+
+    async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
+        """Re-adopt a sandbox from exported state (daemon recovery)."""
+        ...
+
+    async def close(self) -> None:
+        """Release engine-wide resources; sandboxes keep their on-disk state."""
+        ...
