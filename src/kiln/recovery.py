@@ -1,0 +1,166 @@
+"""Daemon start-up recovery: re-adopt every live sandbox the store knows.
+
+For each live sandbox row of this engine, ``engine.import_state(row.engine_state)``
+tells what survived the previous daemon, and the row is updated to match:
+
+=====================  =========================  ===============================
+engine reports          stored row                 result (status, thermal)
+=====================  =========================  ===============================
+VM alive (hot/warm)     any                        running, as the engine says
+cold, snapshot          running and already cold   running, cold (nothing lost)
+cold, snapshot          running hot/warm, stopped  stopped, cold (restorable)
+cold, no snapshot       any                        unknown
+error / unknown         any                        as the engine says
+(no state, or import    any                        unknown
+ failed)
+=====================  =========================  ===============================
+
+A sandbox that was running hot when the daemon died and whose VM did not
+survive is *stopped* rather than silently restored: its snapshot is older than
+the state it was in, and the user should choose to start it. Deleted sandboxes
+and sandboxes of other engines are left alone. One sandbox's failure never
+stops the others; the report lists it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from kiln.engine.base import Engine, SandboxInfo, Status, Thermal
+from kiln.store import Sandbox, Store
+
+log = logging.getLogger("kiln.recovery")
+
+DEFAULT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What recovery did to one sandbox."""
+
+    sandbox_id: str
+    previous: tuple[Status, Thermal]
+    status: Status
+    thermal: Thermal
+    error: str | None = None  # why it could not be re-adopted
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    outcomes: tuple[Recovered, ...] = ()
+    skipped: tuple[str, ...] = ()  # live sandboxes of other engines
+
+    @property
+    def running(self) -> list[str]:
+        return [o.sandbox_id for o in self.outcomes if o.status is Status.RUNNING]
+
+    @property
+    def stopped(self) -> list[str]:
+        return [o.sandbox_id for o in self.outcomes if o.status is Status.STOPPED]
+
+    @property
+    def unknown(self) -> list[str]:
+        return [o.sandbox_id for o in self.outcomes if o.status is Status.UNKNOWN]
+
+    @property
+    def failed(self) -> list[Recovered]:
+        return [o for o in self.outcomes if o.error is not None]
+
+    def outcome(self, sandbox_id: str) -> Recovered:
+        for o in self.outcomes:
+            if o.sandbox_id == sandbox_id:
+                return o
+        raise KeyError(sandbox_id)
+
+
+def recovered_state(row: Sandbox, info: SandboxInfo | None) -> tuple[Status, Thermal]:
+    """The status and thermal state a sandbox gets after recovery (see the module table)."""
+    if info is None:
+        return Status.UNKNOWN, Thermal.COLD
+    if info.status in (Status.ERROR, Status.UNKNOWN):
+        return info.status, info.thermal
+    if info.thermal in (Thermal.HOT, Thermal.WARM):
+        return Status.RUNNING, info.thermal
+    if not info.has_snapshot:
+        return Status.UNKNOWN, Thermal.COLD
+    if row.status is Status.RUNNING and row.thermal is Thermal.COLD:
+        return Status.RUNNING, Thermal.COLD
+    return Status.STOPPED, Thermal.COLD
+
+
+async def recover(
+    store: Store,
+    engine: Engine,
+    *,
+    engine_name: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> RecoveryReport:
+    """Re-adopt every live sandbox of ``engine_name`` (default ``engine.name``)."""
+    name = engine.name if engine_name is None else engine_name
+    rows = store.list_live_sandboxes()
+    mine = [r for r in rows if r.engine == name]
+    skipped = tuple(r.id for r in rows if r.engine != name)
+    limit = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(row: Sandbox) -> Recovered:
+        async with limit:
+            return await _recover_one(store, engine, row)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(row)) for row in mine]
+    report = RecoveryReport(tuple(t.result() for t in tasks), skipped)
+    log.info(
+        "recovery: %d running, %d stopped, %d unknown, %d failed, %d of other engines",
+        len(report.running),
+        len(report.stopped),
+        len(report.unknown),
+        len(report.failed),
+        len(skipped),
+    )
+    return report
+
+
+async def _recover_one(store: Store, engine: Engine, row: Sandbox) -> Recovered:
+    previous = (row.status, row.thermal)
+    info: SandboxInfo | None = None
+    error: str | None = None
+    if row.engine_state is None:
+        error = "no engine state was saved"
+    else:
+        try:
+            info = await engine.import_state(row.engine_state)
+            if info.sandbox_id != row.id:
+                raise ValueError(f"engine re-adopted {info.sandbox_id!r} instead")
+        except Exception as exc:
+            info, error = None, f"{type(exc).__name__}: {exc}"
+    status, thermal = recovered_state(row, info)
+    try:
+        if info is None:
+            store.update_sandbox(row.id, status=status, thermal=thermal)
+        else:
+            store.update_sandbox(
+                row.id,
+                status=status,
+                thermal=thermal,
+                ip=info.ip,
+                engine_state=_export(engine, row),
+            )
+    except Exception as exc:
+        log.error("recovery: sandbox %s: cannot update its row: %s", row.id, exc)
+        error = error or f"{type(exc).__name__}: {exc}"
+    if error is not None:
+        log.warning("recovery: sandbox %s is %s: %s", row.id, status, error)
+    else:
+        log.info("recovery: sandbox %s: %s/%s → %s/%s", row.id, *previous, status, thermal)
+    return Recovered(row.id, previous, status, thermal, error)
+
+
+def _export(engine: Engine, row: Sandbox) -> dict[str, object] | None:
+    """The engine's fresh state for the row; the old one if the engine cannot export."""
+    try:
+        return dict(engine.export_state(row.id))
+    except Exception as exc:
+        log.warning("recovery: sandbox %s: export_state failed, keeping old state: %s", row.id, exc)
+        return None if row.engine_state is None else dict(row.engine_state)

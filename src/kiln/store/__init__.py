@@ -1,0 +1,68 @@
+"""The daemon's persistent state in SQLite (see :mod:`.db`), secrets sealed with age.
+
+Errors: :mod:`.errors` draws the tree (root :class:`StoreError`).
+"""
+
+from .db import API_KEY_PREFIX, UNSET, Store, hash_api_key, new_api_key
+from .errors import (
+    Conflict,
+    InvalidValue,
+    NameTaken,
+    NotFound,
+    QuotaExceeded,
+    SchemaError,
+    SecretKeyError,
+    StoreError,
+    UserHasSandboxes,
+    VolumeInUse,
+)
+from .records import (
+    NewVolume,
+    PublishRule,
+    Quotas,
+    Sandbox,
+    SandboxConfig,
+    SecretInfo,
+    Template,
+    TemplateSpec,
+    User,
+    Volume,
+    VolumeMount,
+    rfc3339,
+)
+from .schema import LATEST_VERSION, MIGRATIONS, migrate
+from .secretbox import SecretBox
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "UNSET",
+    "Conflict",
+    "InvalidValue",
+    "NameTaken",
+    "NewVolume",
+    "NotFound",
+    "PublishRule",
+    "QuotaExceeded",
+    "Quotas",
+    "Sandbox",
+    "SandboxConfig",
+    "SchemaError",
+    "SecretBox",
+    "SecretInfo",
+    "SecretKeyError",
+    "Store",
+    "StoreError",
+    "Template",
+    "TemplateSpec",
+    "User",
+    "UserHasSandboxes",
+    "Volume",
+    "VolumeInUse",
+    "VolumeMount",
+    "hash_api_key",
+    "migrate",
+    "new_api_key",
+    "rfc3339",
+]

@@ -1,0 +1,926 @@
+"""The daemon's SQLite store: users, sandboxes, templates, secrets, volumes, publish rules.
+
+One connection, guarded by a lock, in autocommit mode; every mutation is one
+explicit ``BEGIN IMMEDIATE … COMMIT`` transaction, so a row is either fully
+written or absent after a crash. WAL journaling with ``synchronous=NORMAL``:
+a committed transaction survives the daemon being killed (it is in the WAL
+file the moment ``COMMIT`` returns); only an OS crash or power loss can lose
+the last few commits, never corrupt the database.
+
+Every call is synchronous and typically well under a millisecond, so asyncio
+code calls it directly; it is also safe from other threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, Self
+
+from kiln.engine.base import Status, Thermal
+
+from .errors import (
+    InvalidValue,
+    NameTaken,
+    NotFound,
+    QuotaExceeded,
+    SchemaError,
+    SecretKeyError,
+    StoreError,
+    UserHasSandboxes,
+    VolumeInUse,
+)
+from .records import (
+    NewVolume,
+    PublishRule,
+    Quotas,
+    Sandbox,
+    SandboxConfig,
+    SecretInfo,
+    Template,
+    TemplateSpec,
+    User,
+    Volume,
+    as_bool,
+    as_int,
+    as_opt_int,
+    config_from_json,
+    config_to_json,
+    engine_state_from_json,
+    engine_state_to_json,
+    template_spec_from_json,
+    template_spec_to_json,
+)
+from .schema import migrate, schema_version
+from .secretbox import SecretBox
+
+API_KEY_PREFIX: Final = "kiln_"
+DEFAULT_BUSY_TIMEOUT_MS: Final = 5000
+
+
+class _Unset(Enum):
+    UNSET = 0
+
+
+UNSET: Final = _Unset.UNSET  # "leave this field alone" where None is a real value
+
+
+def new_api_key() -> str:
+    """A fresh API key: the prefix and 32 random bytes, URL-safe base64."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    """The only form in which a key is stored (hex SHA-256)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+_USER_COLS = "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at"
+_SANDBOX_COLS = (
+    "id, user_id, name, cpus, memory_mb, image, keep_hot, status, thermal, ip, engine,"
+    " engine_state, spec, created_at, last_active_at, deleted_at"
+)
+_VOLUME_SELECT = (
+    "SELECT v.id, v.user_id, v.name, v.size_mb, v.path, v.created_at, a.sandbox_id, a.mount"
+    " FROM volumes v LEFT JOIN volume_attachments a ON a.volume_id = v.id"
+)
+_RULE_COLS = "id, sandbox_id, port, alias, created_at"
+
+
+class Store:
+    """The daemon's persistent state. Open with :meth:`Store.open`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        path: str,
+        secret_box: SecretBox | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        """Wrap an already opened and migrated connection (use :meth:`open`)."""
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.RLock()
+        self._box = secret_box
+        self._now = now
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        secret_box: SecretBox | None = None,
+        now: Callable[[], float] = time.time,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> Self:
+        """Open (creating if needed) and migrate the database at ``path``.
+
+        A new database file is made readable by its owner only: it holds key
+        hashes and encrypted secrets. ``":memory:"`` works for throwaway stores.
+        """
+        name = os.fspath(path)
+        in_memory = name == ":memory:"
+        try:
+            if not in_memory and not Path(name).exists():
+                # An empty file is a valid empty database; SQLite gives its -wal and
+                # -shm files the same mode.
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
+            conn = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {name}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms):d}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if not in_memory and str(mode).lower() != "wal":
+                raise StoreError(f"cannot switch {name} to WAL journaling (got {mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise SchemaError(f"{name} is not a usable kiln database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path=name, secret_box=secret_box, now=now)
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Further calls raise :class:`StoreError`."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- transactions -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, _translated():
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            yield self._conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed if the block returns, rolled back if it raises."""
+        with self._lock, _translated():
+            conn = self._conn
+            if conn is None:
+                raise StoreError("the store is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return schema_version(conn)
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's integrity and foreign-key checks; an empty list means healthy."""
+        with self._read() as conn:
+            problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+            if problems == ["ok"]:
+                problems = []
+            problems += [
+                f"foreign key violation in {r[0]} row {r[1]} → {r[2]}"
+                for r in conn.execute("PRAGMA foreign_key_check")
+            ]
+            return problems
+
+    # --- users --------------------------------------------------------------------------
+
+    def create_user(
+        self, name: str, *, admin: bool = False, quotas: Quotas | None = None
+    ) -> tuple[User, str]:
+        """Create a user; return it and its API key (the only time the key is visible)."""
+        quotas = _checked_quotas(quotas or Quotas())
+        key = new_api_key()
+        user = User(_new_id("u"), name, bool(admin), quotas, self._now())
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise NameTaken(f"user {name!r} already exists")
+            conn.execute(
+                f"INSERT INTO users ({_USER_COLS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    user.id,
+                    user.name,
+                    int(user.is_admin),
+                    quotas.max_sandboxes,
+                    quotas.max_cpus,
+                    quotas.max_memory_mb,
+                    user.created_at,
+                    hash_api_key(key),
+                ),
+            )
+        return user, key
+
+    def get_user(self, user_id: str) -> User:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
+            return _user(_one(row, f"user {user_id!r}"))
+
+    def user_by_name(self, name: str) -> User:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
+            return _user(_one(row, f"user {name!r}"))
+
+    def user_by_key(self, key: str) -> User | None:
+        """The user owning API key ``key``, or ``None``.
+
+        Only the key's hash is compared, so the lookup reveals nothing about
+        stored keys through timing.
+        """
+        if not key.startswith(API_KEY_PREFIX):
+            return None
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_USER_COLS} FROM users WHERE key_hash = ?", (hash_api_key(key),)
+            ).fetchone()
+            return None if row is None else _user(row)
+
+    def list_users(self) -> list[User]:
+        with self._read() as conn:
+            return [_user(r) for r in conn.execute(f"SELECT {_USER_COLS} FROM users ORDER BY name")]
+
+    def rotate_key(self, user_id: str) -> str:
+        """Replace a user's API key; the old one stops working at once."""
+        key = new_api_key()
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE users SET key_hash = ? WHERE id = ?", (hash_api_key(key), user_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"user {user_id!r} not found")
+        return key
+
+    def set_quotas(self, user_id: str, quotas: Quotas) -> User:
+        quotas = _checked_quotas(quotas)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE users SET max_sandboxes = ?, max_cpus = ?, max_memory_mb = ? WHERE id = ?",
+                (quotas.max_sandboxes, quotas.max_cpus, quotas.max_memory_mb, user_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"user {user_id!r} not found")
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
+            return _user(_one(row, f"user {user_id!r}"))
+
+    def delete_user(self, user_id: str) -> None:
+        """Delete a user with their templates, secrets, volume rows and sandbox history.
+
+        Refused (:class:`UserHasSandboxes`) while they have live sandboxes: destroy
+        those through the engine first. Volume files on disk are the caller's to
+        remove (list them first).
+        """
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone():
+                raise NotFound(f"user {user_id!r} not found")
+            live = _count_live(conn, user_id)
+            if live:
+                raise UserHasSandboxes(f"user {user_id!r} still has {live} live sandbox(es)")
+            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+    # --- quotas -------------------------------------------------------------------------
+
+    def check_quota(self, user: User, cpus: int, memory_mb: int) -> None:
+        """Raise :class:`QuotaExceeded` if ``user`` may not create such a sandbox now."""
+        with self._read() as conn:
+            _check_quota(conn, user.quotas, cpus, memory_mb, _count_live(conn, user.id))
+
+    # --- sandboxes ----------------------------------------------------------------------
+
+    def create_sandbox(
+        self,
+        user_id: str,
+        *,
+        image: str,
+        engine: str,
+        name: str | None = None,
+        cpus: int = 1,
+        memory_mb: int = 512,
+        keep_hot: bool = False,
+        config: SandboxConfig | None = None,
+        new_volumes: Sequence[NewVolume] = (),
+        status: Status = Status.RUNNING,
+        thermal: Thermal = Thermal.HOT,
+        ip: str | None = None,
+        engine_state: Mapping[str, Any] | None = None,
+        sandbox_id: str | None = None,
+        enforce_quota: bool = True,
+    ) -> Sandbox:
+        """Insert a sandbox row, in one transaction with everything it needs.
+
+        Creates ``new_volumes``, then attaches every volume in ``config.volumes``
+        (new ones must be listed there too, with their mount point). Checks the
+        owner's quota against the live sandboxes in the same transaction, so two
+        concurrent creates cannot both slip under the limit. The name defaults
+        to the id.
+
+        Raises :class:`NotFound` (user or volume), :class:`NameTaken`,
+        :class:`VolumeInUse`, :class:`QuotaExceeded`.
+        """
+        config = config or SandboxConfig()
+        sandbox_id = sandbox_id or _new_id("sb")
+        name = name or sandbox_id
+        cpus, memory_mb = as_int(cpus, "cpus"), as_int(memory_mb, "memory_mb")
+        spec_json = config_to_json(config)
+        state_json = engine_state_to_json(engine_state)
+        now = self._now()
+        with self._write() as conn:
+            user = _user(_one(_select_user(conn, user_id), f"user {user_id!r}"))
+            if enforce_quota:
+                _check_quota(conn, user.quotas, cpus, memory_mb, _count_live(conn, user_id))
+            if _live_sandbox_named(conn, user_id, name) is not None:
+                raise NameTaken(f"a sandbox named {name!r} already exists")
+            conn.execute(
+                f"INSERT INTO sandboxes ({_SANDBOX_COLS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    sandbox_id,
+                    user_id,
+                    name,
+                    cpus,
+                    memory_mb,
+                    image,
+                    int(as_bool(keep_hot, "keep_hot")),
+                    Status(status).value,
+                    Thermal(thermal).value,
+                    ip,
+                    engine,
+                    state_json,
+                    spec_json,
+                    now,
+                    now,
+                ),
+            )
+            for vol in new_volumes:
+                _insert_volume(conn, user_id, vol.name, size_mb=vol.size_mb, path=vol.path, now=now)
+            for mount in config.volumes:
+                _attach(conn, user_id, sandbox_id, mount.name, mount.mount)
+            return _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
+
+    def get_sandbox(self, sandbox_id: str, *, include_deleted: bool = False) -> Sandbox:
+        with self._read() as conn:
+            sb = _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
+        if not sb.live and not include_deleted:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        return sb
+
+    def find_sandbox(self, user_id: str, id_or_name: str) -> Sandbox:
+        """A live sandbox of ``user_id`` by id, else by name (the API addresses both ways)."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE user_id = ? AND id = ?"
+                " AND deleted_at IS NULL",
+                (user_id, id_or_name),
+            ).fetchone() or _live_sandbox_named(conn, user_id, id_or_name)
+            return _sandbox(_one_row(row, f"sandbox {id_or_name!r}"))
+
+    def list_sandboxes(self, user_id: str) -> list[Sandbox]:
+        """A user's live sandboxes, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE user_id = ? AND deleted_at IS NULL"
+                " ORDER BY created_at, id",
+                (user_id,),
+            )
+            return [_sandbox(r) for r in rows]
+
+    def list_live_sandboxes(self, engine: str | None = None) -> list[Sandbox]:
+        """Every live sandbox (of one engine if given), oldest first."""
+        query = f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE deleted_at IS NULL"
+        args: tuple[str, ...] = ()
+        if engine is not None:
+            query += " AND engine = ?"
+            args = (engine,)
+        with self._read() as conn:
+            return [_sandbox(r) for r in conn.execute(query + " ORDER BY created_at, id", args)]
+
+    def count_sandboxes(self, user_id: str | None = None) -> int:
+        """Live sandboxes of one user, or of everyone."""
+        with self._read() as conn:
+            if user_id is not None:
+                return _count_live(conn, user_id)
+            row = conn.execute("SELECT COUNT(*) FROM sandboxes WHERE deleted_at IS NULL")
+            return int(row.fetchone()[0])
+
+    def update_sandbox(
+        self,
+        sandbox_id: str,
+        *,
+        status: Status | None = None,
+        thermal: Thermal | None = None,
+        keep_hot: bool | None = None,
+        ip: str | _Unset | None = UNSET,
+        engine_state: Mapping[str, Any] | _Unset | None = UNSET,
+    ) -> Sandbox:
+        """Change the given fields of a live sandbox; return the updated record."""
+        sets: list[str] = []
+        args: list[object] = []
+        if status is not None:
+            sets.append("status = ?")
+            args.append(Status(status).value)
+        if thermal is not None:
+            sets.append("thermal = ?")
+            args.append(Thermal(thermal).value)
+        if keep_hot is not None:
+            sets.append("keep_hot = ?")
+            args.append(int(as_bool(keep_hot, "keep_hot")))
+        if not isinstance(ip, _Unset):
+            sets.append("ip = ?")
+            args.append(ip)
+        if not isinstance(engine_state, _Unset):
+            sets.append("engine_state = ?")
+            args.append(engine_state_to_json(engine_state))
+        with self._write() as conn:
+            if sets:
+                conn.execute(
+                    f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ? AND deleted_at IS NULL",
+                    (*args, sandbox_id),
+                )
+            return _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+
+    def set_engine_state(self, sandbox_id: str, state: Mapping[str, Any] | None) -> None:
+        """Store what ``engine.export_state`` returned (``None`` clears it)."""
+        self.update_sandbox(sandbox_id, engine_state=state)
+
+    def touch(self, sandbox_id: str, when: float | None = None) -> None:
+        """Record activity; ``last_active_at`` only ever moves forward."""
+        when = self._now() if when is None else float(when)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE sandboxes SET last_active_at = MAX(last_active_at, ?)"
+                " WHERE id = ? AND deleted_at IS NULL",
+                (when, sandbox_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"sandbox {sandbox_id!r} not found")
+
+    def rename_sandbox(self, sandbox_id: str, new_name: str) -> Sandbox:
+        """Rename a live sandbox; :class:`NameTaken` if the owner has a live one of that name."""
+        with self._write() as conn:
+            sb = _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+            if sb.name == new_name:
+                return sb
+            if _live_sandbox_named(conn, sb.user_id, new_name) is not None:
+                raise NameTaken(f"a sandbox named {new_name!r} already exists")
+            conn.execute("UPDATE sandboxes SET name = ? WHERE id = ?", (new_name, sandbox_id))
+            return _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+
+    def delete_sandbox(self, sandbox_id: str) -> Sandbox:
+        """Mark a sandbox deleted, detach its volumes and drop its publish rules.
+
+        The row stays (history; recovery skips it) and its name becomes free.
+        """
+        with self._write() as conn:
+            _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+            conn.execute(
+                "UPDATE sandboxes SET deleted_at = ? WHERE id = ?", (self._now(), sandbox_id)
+            )
+            conn.execute("DELETE FROM volume_attachments WHERE sandbox_id = ?", (sandbox_id,))
+            conn.execute("DELETE FROM publish_rules WHERE sandbox_id = ?", (sandbox_id,))
+            return _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
+
+    # --- templates ----------------------------------------------------------------------
+
+    def create_template(self, user_id: str, name: str, spec: TemplateSpec) -> Template:
+        spec_json = template_spec_to_json(spec)
+        template_id = _new_id("tpl")
+        with self._write() as conn:
+            _one(_select_user(conn, user_id), f"user {user_id!r}")
+            if conn.execute(
+                "SELECT 1 FROM templates WHERE user_id = ? AND name = ?", (user_id, name)
+            ).fetchone():
+                raise NameTaken(f"a template named {name!r} already exists")
+            conn.execute(
+                "INSERT INTO templates (id, user_id, name, spec, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (template_id, user_id, name, spec_json, self._now()),
+            )
+            row = conn.execute(
+                "SELECT id, user_id, name, spec, created_at FROM templates WHERE id = ?",
+                (template_id,),
+            )
+            return _template(_one(row, f"template {template_id!r}"))
+
+    def get_template(self, user_id: str, template_id: str) -> Template:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT id, user_id, name, spec, created_at FROM templates"
+                " WHERE user_id = ? AND id = ?",
+                (user_id, template_id),
+            )
+            return _template(_one(row, f"template {template_id!r}"))
+
+    def list_templates(self, user_id: str) -> list[Template]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, user_id, name, spec, created_at FROM templates WHERE user_id = ?"
+                " ORDER BY name",
+                (user_id,),
+            )
+            return [_template(r) for r in rows]
+
+    def delete_template(self, user_id: str, template_id: str) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM templates WHERE user_id = ? AND id = ?", (user_id, template_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"template {template_id!r} not found")
+
+    # --- secrets ------------------------------------------------------------------------
+
+    def put_secret(self, user_id: str, name: str, value: str) -> SecretInfo:
+        """Create or replace a secret; the value is stored encrypted."""
+        if not isinstance(value, str):
+            raise InvalidValue(f"secret {name!r}: value must be a string")
+        ciphertext = self._secret_box().seal(user_id, name, value)
+        now = self._now()
+        with self._write() as conn:
+            _one(_select_user(conn, user_id), f"user {user_id!r}")
+            conn.execute(
+                "INSERT INTO secrets (user_id, name, ciphertext, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, name) DO UPDATE SET"
+                " ciphertext = excluded.ciphertext, updated_at = excluded.updated_at",
+                (user_id, name, ciphertext, now, now),
+            )
+            row = conn.execute(
+                "SELECT name, created_at, updated_at FROM secrets WHERE user_id = ? AND name = ?",
+                (user_id, name),
+            )
+            return _secret_info(_one(row, f"secret {name!r}"))
+
+    def list_secrets(self, user_id: str) -> list[SecretInfo]:
+        """Names and timestamps only; never values."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT name, created_at, updated_at FROM secrets WHERE user_id = ? ORDER BY name",
+                (user_id,),
+            )
+            return [_secret_info(r) for r in rows]
+
+    def delete_secret(self, user_id: str, name: str) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM secrets WHERE user_id = ? AND name = ?", (user_id, name)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"secret {name!r} not found")
+
+    def get_secret_values(self, user_id: str, names: Iterable[str]) -> dict[str, str]:
+        """Decrypted values of the named secrets (to inject into a sandbox's env).
+
+        :class:`NotFound` names every missing secret at once.
+        """
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        with self._read() as conn:
+            marks = ", ".join("?" * len(wanted))
+            rows = conn.execute(
+                f"SELECT name, ciphertext FROM secrets WHERE user_id = ? AND name IN ({marks})",
+                (user_id, *wanted),
+            ).fetchall()
+        found = {str(r["name"]): bytes(r["ciphertext"]) for r in rows}
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise NotFound(f"secret(s) not found: {', '.join(missing)}")
+        box = self._secret_box()
+        return {n: box.open(user_id, n, found[n]) for n in wanted}
+
+    def _secret_box(self) -> SecretBox:
+        if self._box is None:
+            raise SecretKeyError("no secret key configured: the store was opened without one")
+        return self._box
+
+    # --- volumes ------------------------------------------------------------------------
+
+    def create_volume(self, user_id: str, name: str, size_mb: int, path: str) -> Volume:
+        with self._write() as conn:
+            _one(_select_user(conn, user_id), f"user {user_id!r}")
+            vol_id = _insert_volume(
+                conn, user_id, name, size_mb=size_mb, path=path, now=self._now()
+            )
+            return _volume(_one(conn.execute(f"{_VOLUME_SELECT} WHERE v.id = ?", (vol_id,)), name))
+
+    def get_volume(self, user_id: str, name: str) -> Volume:
+        with self._read() as conn:
+            row = conn.execute(
+                f"{_VOLUME_SELECT} WHERE v.user_id = ? AND v.name = ?", (user_id, name)
+            )
+            return _volume(_one(row, f"volume {name!r}"))
+
+    def list_volumes(self, user_id: str) -> list[Volume]:
+        with self._read() as conn:
+            rows = conn.execute(f"{_VOLUME_SELECT} WHERE v.user_id = ? ORDER BY v.name", (user_id,))
+            return [_volume(r) for r in rows]
+
+    def sandbox_volumes(self, sandbox_id: str) -> list[Volume]:
+        """The volumes attached to a sandbox, by mount point."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_VOLUME_SELECT} WHERE a.sandbox_id = ? ORDER BY a.mount", (sandbox_id,)
+            )
+            return [_volume(r) for r in rows]
+
+    def delete_volume(self, user_id: str, name: str) -> Volume:
+        """Delete a volume's row and return it (the caller removes the file).
+
+        :class:`VolumeInUse` while a live sandbox has it attached.
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                f"{_VOLUME_SELECT} WHERE v.user_id = ? AND v.name = ?", (user_id, name)
+            )
+            vol = _volume(_one(row, f"volume {name!r}"))
+            if vol.attached_to is not None:
+                raise VolumeInUse(f"volume {name!r} is attached to sandbox {vol.attached_to}")
+            conn.execute("DELETE FROM volumes WHERE id = ?", (vol.id,))
+            return vol
+
+    # --- publish rules --------------------------------------------------------------------
+
+    def add_publish_rule(self, sandbox_id: str, port: int, alias: str) -> PublishRule:
+        """Publish ``port`` of a live sandbox as ``alias`` (globally unique)."""
+        port = as_int(port, "port")
+        if not 1 <= port <= 65535:
+            raise InvalidValue(f"port must be within 1..65535, got {port}")
+        rule = PublishRule(_new_id("pub"), sandbox_id, port, alias, self._now())
+        with self._write() as conn:
+            _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+            if conn.execute(
+                "SELECT 1 FROM publish_rules WHERE sandbox_id = ? AND port = ?", (sandbox_id, port)
+            ).fetchone():
+                raise NameTaken(f"port {port} is already published")
+            if conn.execute("SELECT 1 FROM publish_rules WHERE alias = ?", (alias,)).fetchone():
+                raise NameTaken(f"alias {alias!r} is already in use")
+            conn.execute(
+                f"INSERT INTO publish_rules ({_RULE_COLS}) VALUES (?, ?, ?, ?, ?)",
+                (rule.id, sandbox_id, port, alias, rule.created_at),
+            )
+        return rule
+
+    def list_publish_rules(self, sandbox_id: str) -> list[PublishRule]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_RULE_COLS} FROM publish_rules WHERE sandbox_id = ? ORDER BY port",
+                (sandbox_id,),
+            )
+            return [_rule(r) for r in rows]
+
+    def publish_rule_by_alias(self, alias: str) -> PublishRule:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_RULE_COLS} FROM publish_rules WHERE alias = ?", (alias,))
+            return _rule(_one(row, f"published alias {alias!r}"))
+
+    def delete_publish_rule(self, sandbox_id: str, port: int) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM publish_rules WHERE sandbox_id = ? AND port = ?", (sandbox_id, port)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"port {port} is not published")
+
+
+# --- helpers (all called with the lock held) ---------------------------------------------
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions → the store's, in one place."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        text = str(exc)
+        if "UNIQUE" in text:
+            raise NameTaken(f"already exists ({text})") from exc
+        if "FOREIGN KEY" in text:
+            raise NotFound(f"a referenced row does not exist ({text})") from exc
+        raise InvalidValue(text) from exc
+    except sqlite3.Error as exc:
+        raise StoreError(f"database error: {exc}") from exc
+
+
+def _one_row(row: sqlite3.Row | None, what: str) -> sqlite3.Row:
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return row
+
+
+def _one(cur: sqlite3.Cursor, what: str) -> sqlite3.Row:
+    row: sqlite3.Row | None = cur.fetchone()
+    return _one_row(row, what)
+
+
+def _select_user(conn: sqlite3.Connection, user_id: str) -> sqlite3.Cursor:
+    return conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
+
+
+def _select_sandbox(conn: sqlite3.Connection, sandbox_id: str) -> sqlite3.Cursor:
+    return conn.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+
+def _live(cur: sqlite3.Cursor, sandbox_id: str) -> Sandbox:
+    row: sqlite3.Row | None = cur.fetchone()
+    if row is None or row["deleted_at"] is not None:
+        raise NotFound(f"sandbox {sandbox_id!r} not found")
+    return _sandbox(row)
+
+
+def _live_sandbox_named(conn: sqlite3.Connection, user_id: str, name: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE user_id = ? AND name = ?"
+        " AND deleted_at IS NULL",
+        (user_id, name),
+    ).fetchone()
+    return row
+
+
+def _count_live(conn: sqlite3.Connection, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM sandboxes WHERE user_id = ? AND deleted_at IS NULL", (user_id,)
+    ).fetchone()
+    return int(row[0])
+
+
+def _check_quota(
+    conn: sqlite3.Connection, quotas: Quotas, cpus: int, memory_mb: int, live: int
+) -> None:
+    if quotas.max_cpus is not None and cpus > quotas.max_cpus:
+        raise QuotaExceeded(f"cpus {cpus} exceeds your limit of {quotas.max_cpus} per sandbox")
+    if quotas.max_memory_mb is not None and memory_mb > quotas.max_memory_mb:
+        raise QuotaExceeded(
+            f"memory_mb {memory_mb} exceeds your limit of {quotas.max_memory_mb} per sandbox"
+        )
+    if quotas.max_sandboxes is not None and live >= quotas.max_sandboxes:
+        raise QuotaExceeded(f"you already have {live} of at most {quotas.max_sandboxes} sandboxes")
+
+
+def _checked_quotas(quotas: Quotas) -> Quotas:
+    checked = Quotas(
+        as_opt_int(quotas.max_sandboxes, "max_sandboxes"),
+        as_opt_int(quotas.max_cpus, "max_cpus"),
+        as_opt_int(quotas.max_memory_mb, "max_memory_mb"),
+    )
+    for field_name, value in (
+        ("max_sandboxes", checked.max_sandboxes),
+        ("max_cpus", checked.max_cpus),
+        ("max_memory_mb", checked.max_memory_mb),
+    ):
+        if value is not None and value < 0:
+            raise InvalidValue(f"{field_name} must not be negative, got {value}")
+    return checked
+
+
+def _insert_volume(
+    conn: sqlite3.Connection, user_id: str, name: str, *, size_mb: int, path: str, now: float
+) -> str:
+    size_mb = as_int(size_mb, "size_mb")
+    if size_mb < 1:
+        raise InvalidValue(f"volume {name!r}: size_mb must be positive, got {size_mb}")
+    if conn.execute(
+        "SELECT 1 FROM volumes WHERE user_id = ? AND name = ?", (user_id, name)
+    ).fetchone():
+        raise NameTaken(f"a volume named {name!r} already exists")
+    vol_id = _new_id("vol")
+    conn.execute(
+        "INSERT INTO volumes (id, user_id, name, size_mb, path, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (vol_id, user_id, name, size_mb, path, now),
+    )
+    return vol_id
+
+
+def _attach(conn: sqlite3.Connection, user_id: str, sandbox_id: str, name: str, mount: str) -> None:
+    row = conn.execute(
+        "SELECT v.id, a.sandbox_id FROM volumes v LEFT JOIN volume_attachments a"
+        " ON a.volume_id = v.id WHERE v.user_id = ? AND v.name = ?",
+        (user_id, name),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"volume {name!r} not found")
+    if row["sandbox_id"] is not None:
+        raise VolumeInUse(f"volume {name!r} is attached to sandbox {row['sandbox_id']}")
+    if conn.execute(
+        "SELECT 1 FROM volume_attachments WHERE sandbox_id = ? AND mount = ?", (sandbox_id, mount)
+    ).fetchone():
+        raise InvalidValue(f"two volumes mounted at {mount}")
+    conn.execute(
+        "INSERT INTO volume_attachments (volume_id, sandbox_id, mount) VALUES (?, ?, ?)",
+        (row["id"], sandbox_id, mount),
+    )
+
+
+# --- rows → records --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """A stored value of the wrong type is a damaged database, not a caller's mistake."""
+    try:
+        yield
+    except ValueError as exc:  # InvalidValue, or an unknown Status/Thermal
+        raise SchemaError(f"bad stored {what}: {exc}") from exc
+
+
+def _user(row: sqlite3.Row) -> User:
+    with _reading("user"):
+        return User(
+            id=str(row["id"]),
+            name=str(row["name"]),
+            is_admin=as_bool(row["is_admin"], "is_admin"),
+            quotas=Quotas(
+                as_opt_int(row["max_sandboxes"], "max_sandboxes"),
+                as_opt_int(row["max_cpus"], "max_cpus"),
+                as_opt_int(row["max_memory_mb"], "max_memory_mb"),
+            ),
+            created_at=float(row["created_at"]),
+        )
+
+
+def _sandbox(row: sqlite3.Row) -> Sandbox:
+    with _reading(f"sandbox {row['id']}"):
+        return Sandbox(
+            id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            name=str(row["name"]),
+            cpus=as_int(row["cpus"], "cpus"),
+            memory_mb=as_int(row["memory_mb"], "memory_mb"),
+            image=str(row["image"]),
+            keep_hot=as_bool(row["keep_hot"], "keep_hot"),
+            status=Status(row["status"]),
+            thermal=Thermal(row["thermal"]),
+            ip=None if row["ip"] is None else str(row["ip"]),
+            engine=str(row["engine"]),
+            engine_state=engine_state_from_json(row["engine_state"]),
+            config=config_from_json(row["spec"]),
+            created_at=float(row["created_at"]),
+            last_active_at=float(row["last_active_at"]),
+            deleted_at=None if row["deleted_at"] is None else float(row["deleted_at"]),
+        )
+
+
+def _template(row: sqlite3.Row) -> Template:
+    with _reading(f"template {row['id']}"):
+        return Template(
+            id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            name=str(row["name"]),
+            spec=template_spec_from_json(row["spec"]),
+            created_at=float(row["created_at"]),
+        )
+
+
+def _secret_info(row: sqlite3.Row) -> SecretInfo:
+    return SecretInfo(str(row["name"]), float(row["created_at"]), float(row["updated_at"]))
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    with _reading(f"volume {row['id']}"):
+        return Volume(
+            id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            name=str(row["name"]),
+            size_mb=as_int(row["size_mb"], "size_mb"),
+            path=str(row["path"]),
+            created_at=float(row["created_at"]),
+            attached_to=None if row["sandbox_id"] is None else str(row["sandbox_id"]),
+            mount=None if row["mount"] is None else str(row["mount"]),
+        )
+
+
+def _rule(row: sqlite3.Row) -> PublishRule:
+    return PublishRule(
+        id=str(row["id"]),
+        sandbox_id=str(row["sandbox_id"]),
+        port=as_int(row["port"], "port"),
+        alias=str(row["alias"]),
+        created_at=float(row["created_at"]),
+    )

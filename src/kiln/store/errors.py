@@ -1,0 +1,55 @@
+"""Errors raised by the store (it raises only these; ``sqlite3`` errors are translated).
+
+StoreError                   root
+├── NotFound                 no such user/sandbox/template/secret/volume/rule (HTTP 404)
+├── Conflict                 the change clashes with existing rows (HTTP 409)
+│   ├── NameTaken            a name/alias/port already used where it must be unique
+│   ├── VolumeInUse          a volume attached to a live sandbox
+│   └── UserHasSandboxes     deleting a user who still has live sandboxes
+├── QuotaExceeded            a user's quota forbids the request (HTTP 403)
+├── InvalidValue             a value that cannot be stored (wrong type, not JSON-able)
+├── SchemaError              not a kiln database, newer than this code, bad stored data
+└── SecretKeyError           the secret key file is missing, unsafe or does not fit
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Root of every error the store raises."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class NameTaken(Conflict):
+    pass
+
+
+class VolumeInUse(Conflict):
+    pass
+
+
+class UserHasSandboxes(Conflict):
+    pass
+
+
+class QuotaExceeded(StoreError):
+    pass
+
+
+class InvalidValue(StoreError, ValueError):
+    pass
+
+
+class SchemaError(StoreError):
+    pass
+
+
+class SecretKeyError(StoreError):
+    pass

@@ -1,0 +1,290 @@
+"""What the store hands out: frozen dataclasses, never raw rows.
+
+Times are unix seconds (``float``); :func:`rfc3339` formats them for the API.
+
+Numbers and flags that went through JSON (the ``spec`` columns, the HTTP body
+that fed them) or through SQLite (``INTEGER`` columns, 0/1 flags) are
+normalised here: counts come back as ``int`` (a JSON ``2.0`` becomes ``2``, a
+``2.5`` is rejected), flags as ``bool``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kiln.engine.base import Status, Thermal
+
+from .errors import InvalidValue
+
+
+def rfc3339(ts: float) -> str:
+    """``1700000000.5`` → ``"2023-11-14T22:13:20.500000Z"``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-user limits; ``None`` means unlimited."""
+
+    max_sandboxes: int | None = None
+    max_cpus: int | None = None  # per sandbox
+    max_memory_mb: int | None = None  # per sandbox
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    name: str
+    is_admin: bool
+    quotas: Quotas
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeMount:
+    """An existing volume (by name) mounted at ``mount`` inside a sandbox."""
+
+    name: str
+    mount: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewVolume:
+    """A volume created together with a sandbox (``POST /sandboxes`` ``new_volumes``)."""
+
+    name: str
+    size_mb: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """The parts of a sandbox's spec kept as JSON: enough to boot it again."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    init: str | None = None
+    volumes: tuple[VolumeMount, ...] = ()
+    secrets: tuple[str, ...] = ()  # names only; values are looked up at boot
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    id: str
+    user_id: str
+    name: str
+    cpus: int
+    memory_mb: int
+    image: str
+    keep_hot: bool
+    status: Status
+    thermal: Thermal
+    ip: str | None
+    engine: str
+    engine_state: Mapping[str, Any] | None  # exported by the engine, for recovery
+    config: SandboxConfig
+    created_at: float
+    last_active_at: float
+    deleted_at: float | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.deleted_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateSpec:
+    cpus: int = 1
+    memory_mb: int = 512
+    image: str | None = None  # None: the default tier
+    env: Mapping[str, str] = field(default_factory=dict)
+    init: str | None = None
+    volumes: tuple[VolumeMount, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    id: str
+    user_id: str
+    name: str
+    spec: TemplateSpec
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SecretInfo:
+    """A secret's metadata; values are only ever returned by ``get_secret_values``."""
+
+    name: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    id: str
+    user_id: str
+    name: str
+    size_mb: int
+    path: str
+    created_at: float
+    attached_to: str | None = None  # id of the live sandbox using it
+    mount: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRule:
+    id: str
+    sandbox_id: str
+    port: int
+    alias: str
+    created_at: float
+
+
+# --- normalisation of values that went through JSON or SQLite ----------------------
+
+
+def as_int(value: object, what: str) -> int:
+    """An integer from JSON or SQLite: ``3`` and ``3.0`` pass, ``True``/``3.5``/``"3"`` do not."""
+    if isinstance(value, bool):
+        raise InvalidValue(f"{what} must be an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise InvalidValue(f"{what} must be an integer, got {value!r}")
+
+
+def as_opt_int(value: object, what: str) -> int | None:
+    return None if value is None else as_int(value, what)
+
+
+def as_bool(value: object, what: str) -> bool:
+    """A flag from JSON (``true``) or SQLite (``1``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    raise InvalidValue(f"{what} must be a boolean, got {value!r}")
+
+
+def _as_str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidValue(f"{what} must be a string, got {value!r}")
+    return value
+
+
+def _as_opt_str(value: object, what: str) -> str | None:
+    return None if value is None else _as_str(value, what)
+
+
+def _as_env(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise InvalidValue(f"{what} must be an object, got {value!r}")
+    return {_as_str(k, what): _as_str(v, f"{what}[{k!r}]") for k, v in value.items()}
+
+
+def _as_list(value: object, what: str) -> Sequence[object]:
+    if not isinstance(value, list | tuple):
+        raise InvalidValue(f"{what} must be a list, got {value!r}")
+    return value
+
+
+def _mounts_to_json(mounts: Sequence[VolumeMount]) -> list[dict[str, str]]:
+    return [{"name": m.name, "mount": m.mount} for m in mounts]
+
+
+def _mounts_from_json(value: object, what: str) -> tuple[VolumeMount, ...]:
+    out = []
+    for i, item in enumerate(_as_list(value, what)):
+        if not isinstance(item, Mapping):
+            raise InvalidValue(f"{what}[{i}] must be an object, got {item!r}")
+        out.append(
+            VolumeMount(
+                _as_str(item.get("name"), f"{what}[{i}].name"),
+                _as_str(item.get("mount"), f"{what}[{i}].mount"),
+            )
+        )
+    return tuple(out)
+
+
+def load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidValue(f"{what} is not valid JSON: {exc}") from exc
+
+
+def dump_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"{what} cannot be stored as JSON: {exc}") from exc
+
+
+def config_to_json(config: SandboxConfig) -> str:
+    return dump_json(
+        {
+            "env": _as_env(config.env, "env"),
+            "init": _as_opt_str(config.init, "init"),
+            "volumes": _mounts_to_json(config.volumes),
+            "secrets": [_as_str(s, "secrets") for s in config.secrets],
+        },
+        "sandbox config",
+    )
+
+
+def config_from_json(text: str) -> SandboxConfig:
+    data = load_json(text, "sandbox config")
+    if not isinstance(data, Mapping):
+        raise InvalidValue(f"sandbox config must be an object, got {data!r}")
+    return SandboxConfig(
+        env=_as_env(data.get("env", {}), "env"),
+        init=_as_opt_str(data.get("init"), "init"),
+        volumes=_mounts_from_json(data.get("volumes", []), "volumes"),
+        secrets=tuple(_as_str(s, "secrets") for s in _as_list(data.get("secrets", []), "secrets")),
+    )
+
+
+def template_spec_to_json(spec: TemplateSpec) -> str:
+    return dump_json(
+        {
+            "cpus": as_int(spec.cpus, "cpus"),
+            "memory_mb": as_int(spec.memory_mb, "memory_mb"),
+            "image": _as_opt_str(spec.image, "image"),
+            "env": _as_env(spec.env, "env"),
+            "init": _as_opt_str(spec.init, "init"),
+            "volumes": _mounts_to_json(spec.volumes),
+        },
+        "template spec",
+    )
+
+
+def template_spec_from_json(text: str) -> TemplateSpec:
+    data = load_json(text, "template spec")
+    if not isinstance(data, Mapping):
+        raise InvalidValue(f"template spec must be an object, got {data!r}")
+    return TemplateSpec(
+        cpus=as_int(data.get("cpus", 1), "cpus"),
+        memory_mb=as_int(data.get("memory_mb", 512), "memory_mb"),
+        image=_as_opt_str(data.get("image"), "image"),
+        env=_as_env(data.get("env", {}), "env"),
+        init=_as_opt_str(data.get("init"), "init"),
+        volumes=_mounts_from_json(data.get("volumes", []), "volumes"),
+    )
+
+
+def engine_state_to_json(state: Mapping[str, Any] | None) -> str | None:
+    return None if state is None else dump_json(dict(state), "engine state")
+
+
+def engine_state_from_json(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    data = load_json(text, "engine state")
+    if not isinstance(data, dict):
+        raise InvalidValue(f"engine state must be an object, got {data!r}")
+    return data

@@ -1,0 +1,1 @@
+"""Test doubles for the layers above the engine (never for testing an engine itself)."""

@@ -1,0 +1,240 @@
+"""An in-memory :class:`~kiln.engine.base.Engine` for testing the layers above the engine.
+
+It keeps sandboxes in a dict, follows the thermal state machine, records every
+call, lets a test inject failures and set what each "guest agent" reports as
+activity. It is not an engine to test engine behaviour with: the engine
+conformance suite runs against real engines.
+
+Exported state is a plain dict; :meth:`FakeEngine.import_state` models what a
+daemon restart found, from the keys a test puts there:
+
+    {"sandbox_id": ..., "name": ..., "cpus": 1, "memory_mb": 512, ...,
+     "alive": "hot" | "warm" | None,    # a VM that survived the daemon
+     "has_snapshot": bool}
+
+It is strict about types: ``cpus``/``memory_mb`` must arrive as ``int`` and
+flags as ``bool``, as they would from a correct JSON round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kiln.agent_client import AgentClient
+from kiln.engine.base import SandboxInfo, SandboxSpec, Status, Thermal
+from kiln.engine.errors import EngineError, EngineUnavailable, InvalidState, SandboxNotFound
+from kiln.protocol import ActivityInfo
+
+
+@dataclass
+class _Box:
+    info: SandboxInfo
+
+
+class FakeEngine:
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.boxes: dict[str, _Box] = {}
+        self.calls: list[tuple[str, str]] = []  # (method, sandbox_id)
+        self.activity_queries: list[str] = []
+        self.activity_info: dict[str, ActivityInfo] = {}
+        self.failures: dict[tuple[str, str], EngineError] = {}
+        self.closed = False
+
+    # --- test controls ----------------------------------------------------------------
+
+    def fail(self, method: str, sandbox_id: str, error: EngineError | None = None) -> None:
+        """Make ``method`` raise for ``sandbox_id`` (until :meth:`heal`)."""
+        self.failures[(method, sandbox_id)] = error or EngineError(f"injected {method} failure")
+
+    def heal(self, method: str, sandbox_id: str) -> None:
+        self.failures.pop((method, sandbox_id), None)
+
+    def set_activity(
+        self, sandbox_id: str, last_activity_unix: float, *, attached: int = 0, running: int = 0
+    ) -> None:
+        self.activity_info[sandbox_id] = ActivityInfo(last_activity_unix, attached, running)
+
+    def add(
+        self,
+        sandbox_id: str,
+        *,
+        thermal: Thermal = Thermal.HOT,
+        status: Status = Status.RUNNING,
+        keep_hot: bool = False,
+    ) -> SandboxInfo:
+        """Put a sandbox in a given state directly (no create call recorded)."""
+        info = SandboxInfo(
+            sandbox_id=sandbox_id,
+            name=sandbox_id,
+            engine=self.name,
+            image="minimal",
+            status=status,
+            thermal=thermal,
+            ip=None,
+            cpus=1,
+            memory_mb=512,
+            keep_hot=keep_hot,
+            has_snapshot=thermal is Thermal.COLD,
+        )
+        self.boxes[sandbox_id] = _Box(info)
+        return info
+
+    def called(self, method: str) -> list[str]:
+        """Sandbox ids ``method`` was called for, in order."""
+        return [sid for m, sid in self.calls if m == method]
+
+    # --- the Engine interface ---------------------------------------------------------
+
+    def _enter(self, method: str, sandbox_id: str) -> _Box | None:
+        self.calls.append((method, sandbox_id))
+        error = self.failures.get((method, sandbox_id))
+        if error is not None:
+            raise error
+        return self.boxes.get(sandbox_id)
+
+    def _box(self, method: str, sandbox_id: str) -> _Box:
+        box = self._enter(method, sandbox_id)
+        if box is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        return box
+
+    def _set(self, box: _Box, **changes: Any) -> SandboxInfo:
+        box.info = replace(box.info, **changes)
+        return box.info
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        spec.validate()
+        if self._enter("create", spec.sandbox_id) is not None:
+            raise InvalidState(f"sandbox {spec.sandbox_id} exists")
+        n = len(self.boxes) + 2
+        info = SandboxInfo(
+            sandbox_id=spec.sandbox_id,
+            name=spec.name,
+            engine=self.name,
+            image=spec.image,
+            status=Status.RUNNING,
+            thermal=Thermal.HOT,
+            ip=f"10.99.0.{n}",
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            keep_hot=spec.keep_hot,
+        )
+        self.boxes[spec.sandbox_id] = _Box(info)
+        return info
+
+    async def destroy(self, sandbox_id: str) -> None:
+        self._enter("destroy", sandbox_id)
+        self.boxes.pop(sandbox_id, None)
+
+    async def stop(self, sandbox_id: str) -> SandboxInfo:
+        box = self._box("stop", sandbox_id)
+        return self._set(box, thermal=Thermal.COLD, has_snapshot=True)
+
+    async def start(self, sandbox_id: str) -> SandboxInfo:
+        box = self._box("start", sandbox_id)
+        if box.info.thermal is Thermal.COLD and not box.info.has_snapshot:
+            raise InvalidState(f"sandbox {sandbox_id} has no snapshot")
+        return self._set(box, thermal=Thermal.HOT, status=Status.RUNNING)
+
+    async def pause(self, sandbox_id: str) -> None:
+        box = self._box("pause", sandbox_id)
+        if box.info.thermal is not Thermal.HOT:
+            raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}, not hot")
+        self._set(box, thermal=Thermal.WARM)
+
+    async def resume(self, sandbox_id: str) -> None:
+        box = self._box("resume", sandbox_id)
+        if box.info.thermal is not Thermal.WARM:
+            raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}, not warm")
+        self._set(box, thermal=Thermal.HOT)
+
+    async def ensure_hot(self, sandbox_id: str) -> None:
+        box = self._box("ensure_hot", sandbox_id)
+        self._set(box, thermal=Thermal.HOT)
+
+    def thermal(self, sandbox_id: str) -> Thermal:
+        box = self.boxes.get(sandbox_id)
+        if box is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        error = self.failures.get(("thermal", sandbox_id))
+        if error is not None:
+            raise error
+        return box.info.thermal
+
+    def info(self, sandbox_id: str) -> SandboxInfo:
+        box = self.boxes.get(sandbox_id)
+        if box is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        return box.info
+
+    def list(self) -> list[SandboxInfo]:
+        return [box.info for box in self.boxes.values()]
+
+    async def agent(self, sandbox_id: str) -> AgentClient:
+        self._box("agent", sandbox_id)
+        raise EngineUnavailable("the fake engine has no guest agent; use activity()")
+
+    async def activity(self, sandbox_id: str) -> ActivityInfo:
+        """What the sandbox's agent would answer; an activity source for the thermal manager.
+
+        Refuses a sandbox that is not hot: asking would have to wake it.
+        """
+        self.activity_queries.append(sandbox_id)
+        box = self._box("activity", sandbox_id)
+        if box.info.thermal is not Thermal.HOT:
+            raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}: asking would wake it")
+        return self.activity_info.get(sandbox_id, ActivityInfo(0.0))
+
+    def export_state(self, sandbox_id: str) -> dict[str, Any]:
+        box = self._box("export_state", sandbox_id)
+        i = box.info
+        alive = None if i.thermal is Thermal.COLD else i.thermal.value
+        return {
+            "sandbox_id": i.sandbox_id,
+            "name": i.name,
+            "image": i.image,
+            "cpus": i.cpus,
+            "memory_mb": i.memory_mb,
+            "keep_hot": i.keep_hot,
+            "ip": i.ip,
+            "alive": alive,
+            "has_snapshot": i.has_snapshot,
+        }
+
+    async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
+        sandbox_id = state.get("sandbox_id")
+        if not isinstance(sandbox_id, str):
+            raise InvalidState(f"state without a sandbox_id: {state!r}")
+        self._enter("import_state", sandbox_id)
+        for key in ("cpus", "memory_mb"):
+            value = state.get(key, 1)
+            if type(value) is not int:
+                raise InvalidState(f"{key} must be an int, got {type(value).__name__} {value!r}")
+        for key in ("keep_hot", "has_snapshot"):
+            if type(state.get(key, False)) is not bool:
+                raise InvalidState(f"{key} must be a bool, got {state.get(key)!r}")
+        alive = state.get("alive")
+        has_snapshot = bool(state.get("has_snapshot", False))
+        thermal = Thermal(alive) if alive else Thermal.COLD
+        info = SandboxInfo(
+            sandbox_id=sandbox_id,
+            name=str(state.get("name", sandbox_id)),
+            engine=self.name,
+            image=str(state.get("image", "minimal")),
+            status=Status.RUNNING if alive or has_snapshot else Status.UNKNOWN,
+            thermal=thermal,
+            ip=state.get("ip") if alive else None,
+            cpus=int(state.get("cpus", 1)),
+            memory_mb=int(state.get("memory_mb", 512)),
+            keep_hot=bool(state.get("keep_hot", False)),
+            has_snapshot=has_snapshot,
+        )
+        if alive or has_snapshot:
+            self.boxes[sandbox_id] = _Box(info)
+        return info
+
+    async def close(self) -> None:
+        self.closed = True
