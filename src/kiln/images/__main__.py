@@ -1,0 +1,74 @@
+"""``python -m kiln.images``: build, find and list images from a shell.
+
+Used by scripts that must build the image *before* entering a network namespace
+(the build downloads Debian packages; tests then run offline)::
+
+    python -m kiln.images ensure [--tier minimal] [--image-dir DIR]
+    python -m kiln.images build [--force]
+    python -m kiln.images find | list | cmdline
+    python -m kiln.images prune [--keep 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import (
+    TIERS,
+    Image,
+    ImageError,
+    build_image,
+    ensure_image,
+    find_image,
+    kernel_cmdline_defaults,
+    list_images,
+    prune_images,
+)
+
+
+def format_image(image: Image) -> str:
+    return (
+        f"{image.tier}\t{image.digest[:16]}\t{image.kernel_version}\t"
+        f"{image.size_bytes >> 20} MiB\t{image.built_at:%Y-%m-%d %H:%M}\t{image.path}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kiln.images", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("command", choices=("ensure", "build", "find", "list", "cmdline", "prune"))
+    parser.add_argument("--tier", default="minimal", choices=sorted(TIERS))
+    parser.add_argument("--image-dir", type=Path, default=None)
+    parser.add_argument("--force", action="store_true", help="build: rebuild every step")
+    parser.add_argument("--keep", type=int, default=3, help="prune: images of the tier to keep")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "cmdline":
+            print(" ".join(kernel_cmdline_defaults()))
+        elif args.command == "prune":
+            for path in prune_images(args.tier, args.image_dir, keep=args.keep):
+                print(f"removed {path}")
+        elif args.command == "list":
+            for image in list_images(args.image_dir):
+                print(format_image(image))
+        elif args.command == "find":
+            found = find_image(args.tier, args.image_dir)
+            if found is None:
+                print(f"no current {args.tier} image", file=sys.stderr)
+                return 1
+            print(format_image(found))
+        elif args.command == "build":
+            print(format_image(build_image(args.tier, args.image_dir, force=args.force)))
+        else:
+            print(format_image(ensure_image(args.tier, args.image_dir)))
+    except ImageError as exc:
+        print(f"kiln images: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
