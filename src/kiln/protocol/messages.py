@@ -24,14 +24,30 @@ LS_LIMIT = 10_000
 
 
 def encode_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Lone surrogates (a non-UTF-8 file name decoded with surrogateescape) cannot
+        # be UTF-8; as \uXXXX escapes they are still valid JSON and decode back to
+        # the same str on the other side.
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def decode_json(payload: bytes) -> Any:
     try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Decode explicitly: json.loads(bytes) would also accept UTF-16/32, and the
+        # wire format is UTF-8. NaN/Infinity are Python extensions, not JSON.
+        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidMessage(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        # A 1 MiB frame of "[[[[..." nests deeper than the parser's recursion limit.
+        raise InvalidMessage("payload JSON is nested too deeply") from None
 
 
 def _object(data: Any, what: str) -> Mapping[str, Any]:
@@ -63,7 +79,7 @@ def _get(
 
 
 def _int(data: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
-    value = _get(data, key, (int, float), required=required)
+    value: int | float | None = _get(data, key, (int, float), required=required)
     if isinstance(value, float):
         # JSON numbers may arrive as 3.0 from some encoders; accept only whole ones.
         if not value.is_integer():
@@ -91,10 +107,10 @@ def _str_map(data: Mapping[str, Any], key: str) -> dict[str, str]:
 
 def parse_mode(text: str) -> int:
     """Parse an octal mode string like ``"0644"`` (or ``"644"``)."""
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise InvalidMessage(f"mode {text!r} is not an octal number") from None
+    # int(text, 8) alone would also take "0o644", " 644", "+644" and "6_44".
+    if not isinstance(text, str) or not 1 <= len(text) <= 6 or text.strip("01234567"):
+        raise InvalidMessage(f"mode {text!r} is not an octal number")
+    mode = int(text, 8)
     if not 0 <= mode <= 0o7777:
         raise InvalidMessage(f"mode {text!r} is out of range")
     return mode

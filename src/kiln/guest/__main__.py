@@ -1,0 +1,196 @@
+"""``python -m kiln.guest``: the agent's command line.
+
+Test mode (a plain process, Unix sockets, no PID 1 duty, commands run as the
+invoking user; no sync()/fsync() before answering unless ``--sync``: nothing
+snapshots a test host's disk, and a global sync() there flushes every other
+process's writes too, measured at 16 ms per exec on a busy shared host)::
+
+    python -m kiln.guest --test-mode --socket-dir DIR [--token TOKEN] [--config JSON]
+
+VM mode (the default): TCP 1024 (control) and 1025 (forward) on 0.0.0.0; as
+PID 1 it first does the boot duties of :mod:`kiln.guest.pid1` and powers the
+machine off when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .agent import CONTROL_PORT, FORWARD_PORT, Agent, ClockSetter, Listen
+from .config import CONFIG_FILE, CONFIG_MOUNT, GuestConfig
+from .context import VM_WORKDIR, Settings, UserInfo
+from .errors import GuestError, RequestError
+
+log = logging.getLogger("kiln.guest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln-guest", description="kiln guest agent")
+    p.add_argument(
+        "--test-mode",
+        action="store_true",
+        help="serve Unix sockets in --socket-dir as a plain process (no PID 1 duties)",
+    )
+    p.add_argument("--socket-dir", type=Path, help="test mode: where control.sock/forward.sock go")
+    p.add_argument("--token", help="require AUTH with this token (default: the config's token)")
+    p.add_argument("--config", type=Path, help="config JSON (the config drive's config.json)")
+    p.add_argument("--workdir", help="default working directory (VM: /workspace, test: cwd)")
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="SIGKILL a TTY session detached this long (0 or unset: never)",
+    )
+    p.add_argument(
+        "--max-finished-sessions",
+        type=int,
+        default=64,
+        metavar="N",
+        help="finished TTY sessions kept listed (oldest evicted first)",
+    )
+    p.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="deadline for the AUTH frame (default 5)",
+    )
+    p.add_argument(
+        "--reap-orphans",
+        action="store_true",
+        help="become a child subreaper and reap orphans, as PID 1 does",
+    )
+    p.add_argument(
+        "--sync",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flush to disk before answering: sync() before a piped EXIT, fsync of written"
+        " files (default: on in a VM, off in test mode, where nothing snapshots the disk"
+        " and sync() would flush the whole host)",
+    )
+    p.add_argument(
+        "--no-pid1", action="store_true", help="skip the PID 1 duties even when running as PID 1"
+    )
+    p.add_argument("--listen-host", default="0.0.0.0", help="VM mode: address to listen on")
+    p.add_argument("--control-port", type=int, default=CONTROL_PORT)
+    p.add_argument("--forward-port", type=int, default=FORWARD_PORT)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.test_mode and args.socket_dir is None:
+        parser.error("--test-mode needs --socket-dir")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="kiln-guest[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.test_mode:
+            return _run_test_mode(args)
+        return _run_vm(args)
+    except GuestError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _settings(
+    args: argparse.Namespace, config: GuestConfig, *, test_mode: bool, user: UserInfo, workdir: str
+) -> Settings:
+    timeout = args.session_idle_timeout
+    if timeout is None:
+        timeout = config.session_idle_timeout
+    return Settings(
+        test_mode=test_mode,
+        workdir=os.path.abspath(args.workdir) if args.workdir else workdir,
+        user=user,
+        sandbox_env=dict(config.env),
+        token=args.token or config.token,
+        auth_timeout=args.auth_timeout,
+        session_idle_timeout=timeout or None,
+        max_finished_sessions=max(args.max_finished_sessions, 0),
+        durable=not test_mode if args.sync is None else args.sync,
+    )
+
+
+def _run_test_mode(args: argparse.Namespace) -> int:
+    config = GuestConfig.load(args.config) if args.config else GuestConfig()
+    settings = _settings(args, config, test_mode=True, user=UserInfo.current(), workdir=os.getcwd())
+    if args.reap_orphans:
+        from .process import become_subreaper  # noqa: PLC0415
+
+        become_subreaper()
+    agent = Agent(
+        settings,
+        Listen(socket_dir=args.socket_dir),
+        init_script=config.init,
+        reap_orphans=args.reap_orphans,
+    )
+    asyncio.run(agent.run())
+    return 0
+
+
+def _run_vm(args: argparse.Namespace) -> int:
+    if os.getpid() == 1 and not args.no_pid1:
+        return _run_pid1(args)
+    if args.config:
+        config = GuestConfig.load(args.config)
+    elif (Path(CONFIG_MOUNT) / CONFIG_FILE).is_file():
+        config = GuestConfig.load(Path(CONFIG_MOUNT) / CONFIG_FILE)
+    else:
+        config = GuestConfig()
+    if args.reap_orphans:
+        from .process import become_subreaper  # noqa: PLC0415
+
+        become_subreaper()
+    asyncio.run(_vm_agent(args, config, reap_orphans=args.reap_orphans, clock=None).run())
+    return 0
+
+
+def _run_pid1(args: argparse.Namespace) -> int:
+    """PID 1: boot duties, serve, power off. Never returns: if PID 1 exits, the kernel panics."""
+    from . import pid1  # noqa: PLC0415 - only PID 1 needs ctypes and the boot code
+
+    mounts: list[str] = []
+    try:
+        booted = pid1.boot(args.config)
+        mounts = booted.mounts
+        agent = _vm_agent(args, booted.config, reap_orphans=True, clock=pid1.set_clock)
+        asyncio.run(agent.run())
+    except BaseException:
+        log.exception("agent failed; powering off")
+    try:
+        pid1.power_off(mounts)
+    except BaseException:
+        log.exception("power off failed")
+    while True:  # nothing left to do, but PID 1 must not exit
+        signal.pause()
+
+
+def _vm_agent(
+    args: argparse.Namespace, config: GuestConfig, *, reap_orphans: bool, clock: ClockSetter | None
+) -> Agent:
+    try:
+        user = UserInfo.lookup(config.user)
+    except RequestError:
+        log.warning("no user %r: commands run as the agent's own user", config.user)
+        user = UserInfo.current()
+    workdir = VM_WORKDIR if os.path.isdir(VM_WORKDIR) else os.getcwd()
+    settings = _settings(args, config, test_mode=False, user=user, workdir=workdir)
+    listen = Listen(
+        host=args.listen_host, control_port=args.control_port, forward_port=args.forward_port
+    )
+    return Agent(settings, listen, init_script=config.init, reap_orphans=reap_orphans, clock=clock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""The agent: listeners, authentication, and dispatch of connections.
+
+Two listeners (TCP 1024/1025 in a VM, ``control.sock``/``forward.sock`` in test
+mode). Every connection gets its own task, tracked so that shutdown can cancel
+and await it. A connection's failure is answered with ERROR (when the socket
+still works) and closes that connection only: nothing a peer sends can stop the
+agent or disturb its other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.protocol import (
+    INIT_SESSION_ID,
+    ActivityInfo,
+    ClockSet,
+    ExecKillRequest,
+    ExecRequest,
+    FileReadRequest,
+    FileWriteRequest,
+    Frame,
+    FrameStream,
+    FrameType,
+    InvalidMessage,
+    PathRequest,
+    ProtocolError,
+    StatusResponse,
+    decode_json,
+    encode_exit,
+    session_list_to_payload,
+)
+
+from . import files
+from .context import GuestContext, Settings
+from .errors import RequestError
+from .execution import run_piped
+from .forward import serve_forward
+from .process import Children
+from .sessions import SessionRegistry
+
+log = logging.getLogger(__name__)
+
+CONTROL_SOCKET = "control.sock"
+FORWARD_SOCKET = "forward.sock"
+CONTROL_PORT = 1024
+FORWARD_PORT = 1025
+#: StreamReader buffer: frames up to 1 MiB arrive in few reads.
+STREAM_LIMIT = 1 << 20
+#: After an ERROR, read and drop what the peer still sends for this long before
+#: closing, so the ERROR is not lost to a connection reset.
+ERROR_LINGER = 0.5
+#: Largest accepted CLOCK_SET seed (bytes written to /dev/urandom).
+MAX_SEED = 4096
+UNIX_BACKLOG = 128
+
+REQUEST_TYPES = frozenset(
+    {
+        FrameType.EXEC_REQ,
+        FrameType.EXEC_LIST_REQ,
+        FrameType.EXEC_KILL,
+        FrameType.ACTIVITY_REQ,
+        FrameType.FILE_READ_REQ,
+        FrameType.FILE_WRITE_REQ,
+        FrameType.FILE_STAT_REQ,
+        FrameType.FILE_LS_REQ,
+        FrameType.CLOCK_SET,
+    }
+)
+
+#: Sets the wall clock (ns since the epoch) and mixes an optional seed into the
+#: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
+ClockSetter = Callable[[int, bytes | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where the agent listens: Unix sockets in ``socket_dir``, else TCP."""
+
+    socket_dir: Path | None = None
+    host: str = "0.0.0.0"
+    control_port: int = CONTROL_PORT
+    forward_port: int = FORWARD_PORT
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        listen: Listen,
+        *,
+        init_script: str | None = None,
+        reap_orphans: bool = False,
+        clock: ClockSetter | None = None,
+    ) -> None:
+        self.settings = settings
+        self._listen = listen
+        self._init_script = init_script
+        self._reap_orphans = reap_orphans
+        self._clock = clock
+        self._connections: set[asyncio.Task[object]] = set()
+        self._stopping = asyncio.Event()
+        # Created in run(), inside the event loop.
+        self._ctx: GuestContext | None = None
+        self._sessions: SessionRegistry | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`), then clean up."""
+        loop = asyncio.get_running_loop()
+        children = Children()
+        ctx = self._ctx = GuestContext(self.settings, children)
+        sessions = self._sessions = SessionRegistry(ctx)
+        if self._reap_orphans:
+            children.start_reaping_orphans()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        if self._init_script:
+            self._start_init(self._init_script)
+        servers = await self._listen_all()
+        log.info("agent ready (%s)", "test mode" if self.settings.test_mode else "vm")
+        try:
+            await self._stopping.wait()
+        finally:
+            log.info("agent stopping")
+            for server in servers:
+                server.close()
+            for task in self._connections:
+                task.cancel()
+            if self._connections:
+                await asyncio.wait(self._connections)
+            await sessions.aclose()
+            await ctx.syncer.aclose()
+            children.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if self._listen.socket_dir is not None:
+                for name in (CONTROL_SOCKET, FORWARD_SOCKET):
+                    with contextlib.suppress(FileNotFoundError):
+                        (self._listen.socket_dir / name).unlink()
+
+    def _start_init(self, script: str) -> None:
+        assert self._sessions is not None
+        req = ExecRequest(cmd=("/bin/sh", "-c", script), tty=True)
+        try:
+            self._sessions.start(req, session_id=INIT_SESSION_ID)
+        except Exception:
+            log.exception("cannot start the init session")
+
+    async def _listen_all(self) -> list[asyncio.Server]:
+        listen = self._listen
+        handlers = (self._serve_control, self._serve_forward)
+        if listen.socket_dir is not None:
+            servers = []
+            for name, handler in zip((CONTROL_SOCKET, FORWARD_SOCKET), handlers, strict=True):
+                sock = _listening_unix_socket(listen.socket_dir / name)
+                servers.append(
+                    await asyncio.start_unix_server(
+                        self._tracked(handler), sock=sock, limit=STREAM_LIMIT
+                    )
+                )
+            return servers
+        return [
+            await asyncio.start_server(
+                self._tracked(handler), listen.host, port, limit=STREAM_LIMIT, reuse_address=True
+            )
+            for port, handler in zip(
+                (listen.control_port, listen.forward_port), handlers, strict=True
+            )
+        ]
+
+    def _tracked(
+        self, handler: Callable[[FrameStream], Awaitable[None]]
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections.add(task)
+            conn = FrameStream(reader, writer)
+            try:
+                await self._guarded(conn, handler)
+            finally:
+                self._connections.discard(task)
+                await conn.close()
+
+        return on_connection
+
+    async def _guarded(
+        self, conn: FrameStream, handler: Callable[[FrameStream], Awaitable[None]]
+    ) -> None:
+        """Run a connection handler; turn every failure into ERROR + close."""
+        try:
+            if await self._authenticate(conn):
+                await handler(conn)
+        except (RequestError, ProtocolError) as exc:
+            await self._refuse(conn, str(exc))
+        except ConnectionError:
+            pass  # the host went away
+        except Exception as exc:
+            log.exception("connection handler failed")
+            await self._refuse(conn, f"internal error: {exc!r}")
+
+    async def _authenticate(self, conn: FrameStream) -> bool:
+        token = self.settings.token
+        if token is None:
+            return True  # an AUTH frame, if any, is skipped with the request's preamble
+        try:
+            frame = await asyncio.wait_for(conn.recv(), self.settings.auth_timeout)
+        except TimeoutError:
+            await self._refuse(conn, "authentication timed out")
+            return False
+        if frame is None:
+            return False
+        if frame.type != FrameType.AUTH:
+            await self._refuse(conn, "authentication required")
+            return False
+        if not hmac.compare_digest(frame.payload, token.encode()):
+            await self._refuse(conn, "authentication failed")
+            return False
+        return True
+
+    async def _refuse(self, conn: FrameStream, message: str) -> None:
+        """Best effort: ERROR, half-close, drain the peer briefly (then the caller closes)."""
+        writer = conn.writer
+        if writer.is_closing():
+            return
+        try:
+            await asyncio.wait_for(conn.send_error(message), ERROR_LINGER)
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(ERROR_LINGER):
+                while await conn.reader.read(1 << 16):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+
+    # ---- control connection ------------------------------------------------------
+
+    async def _serve_control(self, conn: FrameStream) -> None:
+        frame = await self._read_request(conn)
+        if frame is not None:
+            await self._dispatch(conn, frame)
+
+    @staticmethod
+    async def _read_request(conn: FrameStream) -> Frame | None:
+        while True:
+            frame = await conn.recv()
+            if frame is None:
+                return None
+            if frame.type in REQUEST_TYPES:
+                return frame
+            if frame.known and frame.type != FrameType.AUTH:
+                raise RequestError(f"expected a request, got {FrameType(frame.type).name}")
+            # Unknown types (forward compatibility) and AUTH without a token: skipped.
+
+    async def _dispatch(self, conn: FrameStream, frame: Frame) -> None:
+        ctx, sessions = self._ctx, self._sessions
+        assert ctx is not None and sessions is not None
+        ftype, payload = frame.type, frame.payload
+        if ftype == FrameType.EXEC_REQ:
+            req = ExecRequest.from_payload(payload)
+            if req.tty:
+                await sessions.serve(conn, req)
+            else:
+                await run_piped(conn, req, ctx)
+        elif ftype == FrameType.EXEC_LIST_REQ:
+            await conn.send(FrameType.EXEC_LIST_RESP, session_list_to_payload(sessions.list()))
+        elif ftype == FrameType.EXEC_KILL:
+            await sessions.kill(ExecKillRequest.from_payload(payload).session_id)
+            await conn.send(FrameType.EXIT, encode_exit(0))
+        elif ftype == FrameType.ACTIVITY_REQ:
+            await conn.send(FrameType.ACTIVITY_RESP, self._activity().to_payload())
+        elif ftype == FrameType.FILE_READ_REQ:
+            await files.read_file(conn, FileReadRequest.from_payload(payload), ctx)
+        elif ftype == FrameType.FILE_WRITE_REQ:
+            await files.write_file(conn, FileWriteRequest.from_payload(payload), ctx)
+        elif ftype == FrameType.FILE_STAT_REQ:
+            info = files.stat_path(PathRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_STAT_RESP, info.to_payload())
+        elif ftype == FrameType.FILE_LS_REQ:
+            req_ls = PathRequest.from_payload(payload)
+            listing = await asyncio.to_thread(files.list_dir, req_ls, ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_LS_RESP, listing)
+        elif ftype == FrameType.CLOCK_SET:
+            await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
+        else:  # pragma: no cover - REQUEST_TYPES and this chain list the same types
+            raise RequestError(f"unsupported request {FrameType(ftype).name}")
+
+    def _activity(self) -> ActivityInfo:
+        """Piped execs in flight count as attached and running: a host is connected to
+        each one and it keeps the sandbox busy."""
+        assert self._ctx is not None and self._sessions is not None
+        attached, running = self._sessions.counts()
+        in_flight = len(self._ctx.running_execs)
+        return ActivityInfo(
+            last_activity_unix=self._ctx.last_activity,
+            attached_sessions=attached + in_flight,
+            running_sessions=running + in_flight,
+        )
+
+    def _set_clock(self, payload: bytes) -> StatusResponse:
+        """CLOCK_SET ``{"unix_ns": int, "seed"?: hex}``: the optional seed (host
+        randomness, ≤ 4096 bytes) is mixed into the kernel RNG, so that clones
+        restored from one snapshot stop sharing RNG state."""
+        data = decode_json(payload)
+        req = ClockSet.from_json(data)
+        seed_hex = data.get("seed")
+        seed = None
+        if seed_hex is not None:
+            if not isinstance(seed_hex, str):
+                raise InvalidMessage("field 'seed' must be a hex string")
+            try:
+                seed = bytes.fromhex(seed_hex)
+            except ValueError:
+                raise InvalidMessage("field 'seed' must be a hex string") from None
+            if len(seed) > MAX_SEED:
+                raise InvalidMessage(f"field 'seed' must be at most {MAX_SEED} bytes")
+        if self._clock is None:
+            return StatusResponse("ok")  # test mode: never touch the host's clock
+        try:
+            self._clock(req.unix_ns, seed)
+        except OSError as exc:
+            return StatusResponse("error", f"cannot set the clock: {exc.strerror or exc}")
+        return StatusResponse("ok")
+
+    # ---- forward connection ------------------------------------------------------
+
+    async def _serve_forward(self, conn: FrameStream) -> None:
+        assert self._ctx is not None
+        await serve_forward(conn, self._ctx)
+
+
+def _listening_unix_socket(path: Path) -> socket.socket:
+    """A Unix socket that appears at ``path`` only once it accepts connections.
+
+    It is bound under a temporary name and renamed after listen(): whoever waits
+    for the file to exist (tests, the host) can connect at once, never getting
+    ECONNREFUSED in the gap between bind() and listen().
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temp))
+        sock.listen(UNIX_BACKLOG)
+        os.replace(temp, path)  # also replaces a stale socket of an earlier run
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    return sock

@@ -1,0 +1,268 @@
+"""The sandbox configuration the host hands the guest (pure: parsing and validation).
+
+It arrives as ``config.json`` on the config drive (a small ext4 disk, normally
+``/dev/vdb``), or, for a machine started without one, as dotted parameters on the
+kernel command line (``kiln.ip=10.0.0.5/24 kiln.gw=10.0.0.1 kiln.token=...``).
+The same JSON can be given with ``--config`` (also in test mode, for the init
+session).
+
+``config.json`` fields (all optional)::
+
+    {
+      "sandbox_id": "sbx-1",
+      "hostname": "sbx-1",
+      "token": "hex",
+      "env": {"KEY": "value"},
+      "files": [{"path": "/etc/x", "content": "<base64>", "mode": "0644"}],
+      "volumes": [{"device": "/dev/vdc", "mount": "/data", "fstype": "ext4"}],
+      "init": "shell script, run as the TTY session 'init'",
+      "dns": ["10.0.0.1"],
+      "user": "sandbox",
+      "network": {"address": "10.0.0.5/24", "gateway": "10.0.0.1", "mac": "52:54:..."},
+      "session_idle_timeout": 3600
+    }
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.protocol import InvalidMessage, parse_mode
+
+from .errors import ConfigError
+
+DEFAULT_USER = "sandbox"
+DEFAULT_UID = 1000
+#: Where PID 1 looks for the config drive unless ``kiln.config=`` says otherwise.
+DEFAULT_CONFIG_DEVICE = "/dev/vdb"
+CONFIG_MOUNT = "/run/kiln/config"
+CONFIG_FILE = "config.json"
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_ENV_NAME = re.compile(r"^[^=\x00]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeSpec:
+    device: str
+    mount: str
+    fstype: str = "ext4"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSpec:
+    address: str  # "10.0.0.5/24"
+    gateway: str | None = None
+    mac: str | None = None
+    interface: str = "eth0"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    sandbox_id: str | None = None
+    hostname: str | None = None
+    token: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[FileSpec, ...] = ()
+    volumes: tuple[VolumeSpec, ...] = ()
+    init: str | None = None
+    dns: tuple[str, ...] = ()
+    user: str = DEFAULT_USER
+    network: NetworkSpec | None = None
+    session_idle_timeout: float | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> GuestConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a JSON object")
+        user = _opt_str(data, "user") or DEFAULT_USER
+        if not _USERNAME.match(user):
+            raise ConfigError(f"config 'user': {user!r} is not a valid user name")
+        hostname = _opt_str(data, "hostname")
+        if hostname is not None and not _HOSTNAME.match(hostname):
+            raise ConfigError(f"config 'hostname': {hostname!r} is not a valid host name")
+        timeout = data.get("session_idle_timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ConfigError("config 'session_idle_timeout' must be a number of seconds ≥ 0")
+        return cls(
+            sandbox_id=_opt_str(data, "sandbox_id"),
+            hostname=hostname,
+            token=_opt_str(data, "token") or None,
+            env=_env(data.get("env")),
+            files=tuple(_file(i, f) for i, f in enumerate(_list(data, "files"))),
+            volumes=tuple(_volume(i, v) for i, v in enumerate(_list(data, "volumes"))),
+            init=_opt_str(data, "init") or None,
+            dns=tuple(_ip(f"dns[{i}]", d) for i, d in enumerate(_list(data, "dns"))),
+            user=user,
+            network=_network(data.get("network")),
+            session_idle_timeout=float(timeout) if timeout else None,
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> GuestConfig:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from exc
+        return cls.from_json(data)
+
+    @classmethod
+    def load(cls, path: Path) -> GuestConfig:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        return cls.from_bytes(raw)
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """The ``kiln.*`` parameters of a kernel command line, without the prefix."""
+    out: dict[str, str] = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key.startswith("kiln.") and len(key) > 5:
+            out[key[5:]] = value
+    return out
+
+
+def config_from_cmdline(params: Mapping[str, str]) -> GuestConfig:
+    """The fallback configuration of a machine started without a config drive."""
+    data: dict[str, Any] = {
+        "token": params.get("token"),
+        "hostname": params.get("hostname"),
+        "dns": [d for d in params.get("dns", "").split(",") if d],
+    }
+    if "ip" in params:
+        data["network"] = {"address": params["ip"], "gateway": params.get("gw") or None}
+    return GuestConfig.from_json(data)
+
+
+def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"config {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"config {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _env(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("config 'env' must be an object of strings")
+    for key, item in value.items():
+        if not _ENV_NAME.match(key) or not isinstance(item, str) or "\x00" in item:
+            raise ConfigError(f"config 'env': bad entry {key!r}")
+    return dict(value)
+
+
+def _abs_path(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+        raise ConfigError(f"config {where} must be an absolute path, got {value!r}")
+    return value
+
+
+def _file(index: int, item: Any) -> FileSpec:
+    where = f"files[{index}]"
+    if not isinstance(item, dict):
+        raise ConfigError(f"config {where} must be an object")
+    content = item.get("content", "")
+    if not isinstance(content, str):
+        raise ConfigError(f"config {where}.content must be base64 text")
+    try:
+        raw = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"config {where}.content is not valid base64") from exc
+    return FileSpec(
+        path=_abs_path(f"{where}.path", item.get("path")),
+        content=raw,
+        mode=_mode(where, item.get("mode")),
+    )
+
+
+def _mode(where: str, value: Any) -> int:
+    if value is None:
+        return 0o644
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_mode(value)
+        except InvalidMessage as exc:
+            raise ConfigError(f"config {where}.mode: {exc}") from exc
+    raise ConfigError(f'config {where}.mode must be an octal string like "0644"')
+
+
+def _volume(index: int, item: Any) -> VolumeSpec:
+    where = f"volumes[{index}]"
+    if not isinstance(item, dict):
+        raise ConfigError(f"config {where} must be an object")
+    fstype = item.get("fstype") or "ext4"
+    if not isinstance(fstype, str):
+        raise ConfigError(f"config {where}.fstype must be a string")
+    return VolumeSpec(
+        device=_abs_path(f"{where}.device", item.get("device")),
+        mount=_abs_path(f"{where}.mount", item.get("mount")),
+        fstype=fstype,
+    )
+
+
+def _ip(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"config {where} must be an IP address string")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"config {where}: {value!r} is not an IP address") from exc
+    return value
+
+
+def _network(value: Any) -> NetworkSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError("config 'network' must be an object")
+    address = value.get("address")
+    if not isinstance(address, str) or "/" not in address:
+        raise ConfigError("config network.address must look like 10.0.0.5/24")
+    try:
+        ipaddress.ip_interface(address)
+    except ValueError as exc:
+        raise ConfigError(f"config network.address: {address!r} is not ADDRESS/PREFIX") from exc
+    gateway = value.get("gateway")
+    if gateway is not None:
+        gateway = _ip("network.gateway", gateway)
+    mac = value.get("mac")
+    if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
+        raise ConfigError(f"config network.mac: {mac!r} is not a MAC address")
+    interface = value.get("interface") or "eth0"
+    if not isinstance(interface, str) or not re.match(r"^[A-Za-z0-9._-]{1,15}$", interface):
+        raise ConfigError(f"config network.interface: {interface!r} is not an interface name")
+    return NetworkSpec(address=address, gateway=gateway, mac=mac, interface=interface)

@@ -1,0 +1,183 @@
+"""What every handler shares: settings, users, the child environment, activity, sync."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import pwd
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RequestError
+from .process import Child, Children
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+VM_WORKDIR = "/workspace"
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str = "/bin/sh"
+
+    @classmethod
+    def from_pwd(cls, entry: pwd.struct_passwd) -> UserInfo:
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+    @classmethod
+    def current(cls) -> UserInfo:
+        uid = os.geteuid()
+        try:
+            return cls.from_pwd(pwd.getpwuid(uid))
+        except KeyError:
+            # A uid without a passwd entry (containers): still a usable identity.
+            home = os.environ.get("HOME", "/")
+            return cls(os.environ.get("USER", str(uid)), uid, os.getegid(), home)
+
+    @classmethod
+    def lookup(cls, name: str) -> UserInfo:
+        """A user by name, or by numeric uid."""
+        try:
+            if name.isdigit():
+                return cls.from_pwd(pwd.getpwuid(int(name)))
+            return cls.from_pwd(pwd.getpwnam(name))
+        except KeyError:
+            raise RequestError(f"unknown user {name!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the agent's behaviour depends on, decided once at start."""
+
+    test_mode: bool
+    workdir: str
+    user: UserInfo
+    sandbox_env: Mapping[str, str] = field(default_factory=dict)
+    token: str | None = None
+    auth_timeout: float = 5.0
+    session_idle_timeout: float | None = None
+    max_finished_sessions: int = 64
+    #: Flush to disk before answering: sync() before a piped EXIT, fsync of a
+    #: written file and its directory. What a host snapshot right after needs;
+    #: off in test mode, where nothing snapshots the disk.
+    durable: bool = True
+
+
+class Syncer:
+    """``sync()`` in a worker thread, shared by everyone who asks while one is queued.
+
+    A caller needs a sync that *starts* after its own writes; a sync already
+    running may have missed them, so callers arriving during a run share the
+    next one, and callers arriving before that next one starts share it too.
+    """
+
+    def __init__(self) -> None:
+        self._next: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def sync(self) -> None:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                fut, self._next = self._next, None
+                try:
+                    await asyncio.to_thread(os.sync)
+                except Exception as exc:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+        finally:
+            self._task = None
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
+
+class GuestContext:
+    """Shared state of a running agent, handed to every handler."""
+
+    def __init__(self, settings: Settings, children: Children) -> None:
+        self.settings = settings
+        self.children = children
+        self.syncer = Syncer()
+        self.last_activity = time.time()
+        #: Piped execs in flight (host connected, process running).
+        self.running_execs: set[Child] = set()
+        self._is_root = os.geteuid() == 0
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    def resolve_path(self, path: str) -> str:
+        """A request path: relative ones resolve against the default working directory."""
+        return os.path.join(self.settings.workdir, path)
+
+    def exec_user(self, name: str | None) -> UserInfo:
+        if name is None or name == self.settings.user.name:
+            return self.settings.user
+        user = UserInfo.lookup(name)
+        if user.uid != os.geteuid() and not self._is_root:
+            raise RequestError(f"cannot run as {name!r}: the agent is not root")
+        return user
+
+    def exec_env(
+        self, request_env: Mapping[str, str], user: UserInfo, *, tty: bool
+    ) -> dict[str, str]:
+        """defaults ← sandbox env (config drive) ← request env."""
+        env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": user.home,
+            "TERM": "xterm-256color" if tty else "dumb",
+            "LANG": "C.UTF-8",
+            "USER": user.name,
+            "LOGNAME": user.name,
+        }
+        env.update(self.settings.sandbox_env)
+        env.update(request_env)
+        return env
+
+    def exec_cwd(self, cwd: str | None) -> str:
+        return self.resolve_path(cwd) if cwd else self.settings.workdir
+
+    def user_kwargs(self, user: UserInfo) -> dict[str, Any]:
+        """Popen arguments that drop to ``user`` (nothing when we already are it)."""
+        if user.uid == os.geteuid():
+            return {}
+        groups = os.getgrouplist(user.name, user.gid) if _has_group_db(user) else [user.gid]
+        return {"user": user.uid, "group": user.gid, "extra_groups": groups}
+
+    def give_to_user(self, path: str | int, owner: tuple[int, int] | None = None) -> None:
+        """chown a file the agent created (as root) to ``owner`` (uid, gid), by default
+        the sandbox user. Nothing to do when the agent is not root."""
+        if not self._is_root:
+            return
+        uid, gid = owner if owner is not None else (self.settings.user.uid, self.settings.user.gid)
+        if uid == 0 and gid == 0:
+            return  # root created it: it is root's already
+        if isinstance(path, int):
+            os.fchown(path, uid, gid)
+        else:
+            os.chown(path, uid, gid)
+
+
+def _has_group_db(user: UserInfo) -> bool:
+    try:
+        grp.getgrgid(user.gid)
+        pwd.getpwnam(user.name)
+    except KeyError:
+        return False
+    return True

@@ -1,0 +1,427 @@
+"""PID 1 duties inside the VM. Never used in test mode.
+
+Boot (:func:`boot`), before the agent starts serving:
+
+1. mount /proc, /sys, /dev (devtmpfs), /dev/pts (a new devpts instance, with
+   /dev/ptmx pointing into it), /dev/shm, /run, /tmp; skip what is mounted already
+   (the initramfs may have moved /dev, /proc and /sys over);
+2. bring up ``lo``;
+3. read the configuration: the config drive (``kiln.config=`` on the kernel
+   command line, default /dev/vdb: an ext4 disk mounted read-only at
+   /run/kiln/config, holding config.json) or, without one, the ``kiln.*``
+   kernel parameters;
+4. apply it: the sandbox user, hostname, /etc/resolv.conf, eth0 (static address
+   and default route, with ``ip``), volumes (mounted, root chowned to the user),
+   files (owned by the user), /workspace.
+
+Every step logs its failure and the boot goes on: an agent that answers with a
+half-configured machine is more useful than a VM that never comes up.
+
+Shutdown (:func:`power_off`): SIGTERM to everything, SIGKILL after a grace
+period, sync, unmount volumes and the config drive, remount / read-only,
+reboot(RB_POWER_OFF). Children are reaped during boot by ``subprocess`` itself
+(nothing else runs yet) and afterwards by :class:`kiln.guest.process.Children`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import grp
+import logging
+import os
+import pwd
+import resource
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .config import (
+    CONFIG_FILE,
+    CONFIG_MOUNT,
+    DEFAULT_CONFIG_DEVICE,
+    DEFAULT_UID,
+    GuestConfig,
+    NetworkSpec,
+    VolumeSpec,
+    config_from_cmdline,
+    parse_cmdline,
+)
+from .errors import ConfigError, SetupError
+
+log = logging.getLogger(__name__)
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MNT_DETACH = 2
+RB_POWER_OFF = 0x4321FEDC
+CLOCK_REALTIME = 0
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+KILL_GRACE = 2.0
+NOFILE_LIMIT = 65536
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.reboot.argtypes = [ctypes.c_int]
+    libc.clock_settime.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+    return libc
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _b(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    rc = _libc().mount(_b(source), _b(target), _b(fstype), flags, _b(data))
+    _check(rc, f"mount {fstype} on {target}")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc().umount2(_b(target), flags), f"umount {target}")
+
+
+def set_clock(unix_ns: int, seed: bytes | None) -> None:
+    """CLOCK_SET: clock_settime(CLOCK_REALTIME) and mix ``seed`` into the kernel RNG."""
+    ts = _Timespec(unix_ns // 1_000_000_000, unix_ns % 1_000_000_000)
+    _check(_libc().clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
+    if seed:
+        # Writing to /dev/urandom mixes the bytes into the pool (without crediting
+        # entropy): enough to make restored clones diverge.
+        with open("/dev/urandom", "wb", buffering=0) as f:
+            f.write(seed)
+
+
+# ---- boot ------------------------------------------------------------------------
+
+_BASE_MOUNTS = (
+    # source, target, fstype, flags, data
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+    ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+)
+
+
+@dataclass
+class BootResult:
+    config: GuestConfig
+    #: Mount points made at boot that power_off must unmount (innermost last).
+    mounts: list[str] = field(default_factory=list)
+
+
+def boot(config_override: Path | None = None) -> BootResult:
+    os.umask(0o022)
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if os.statvfs("/").f_flag & os.ST_RDONLY:
+        # The kernel's default "ro": the sandbox's disk is its own, make it writable.
+        _step("remount / read-write", mount, None, "/", None, MS_REMOUNT)
+    mount_basics()
+    _step("open files limit", _raise_nofile)
+    _step("loopback", interface_up, "lo")
+    cmdline = parse_cmdline(_read_text("/proc/cmdline"))
+    result = BootResult(GuestConfig())
+    if config_override is not None:
+        try:
+            result.config = GuestConfig.load(config_override)
+        except ConfigError as exc:
+            log.error("%s", exc)
+    else:
+        result.config = load_config(cmdline, result.mounts)
+    apply_config(result.config, result.mounts)
+    return result
+
+
+def _step(what: str, action: Callable[..., object], *args: object) -> None:
+    try:
+        action(*args)
+    except (OSError, SetupError, subprocess.SubprocessError) as exc:
+        log.error("boot: %s failed: %s", what, exc)
+
+
+def _raise_nofile() -> None:
+    """The kernel gives init 1024 open files; every exec holds ~5 while it runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < NOFILE_LIMIT:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_LIMIT, max(hard, NOFILE_LIMIT)))
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def mount_basics() -> None:
+    for source, target, fstype, flags, options in _BASE_MOUNTS:
+        data = f"{options},gid={_tty_gid()}" if fstype == "devpts" else options
+        try:
+            os.makedirs(target, exist_ok=True)
+            if os.path.ismount(target):
+                continue  # e.g. moved over from the initramfs
+            mount(source, target, fstype, flags, data)
+        except OSError as exc:
+            log.error("boot: %s", exc)
+    # A private devpts instance needs /dev/ptmx to point into it.
+    with contextlib.suppress(OSError):
+        if not os.path.islink("/dev/ptmx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("/dev/ptmx")
+            os.symlink("pts/ptmx", "/dev/ptmx")
+    for link, target in (
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ):
+        if not os.path.lexists(link):
+            with contextlib.suppress(OSError):
+                os.symlink(target, link)
+
+
+def _tty_gid() -> int:
+    try:
+        return grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return 5
+
+
+def interface_up(name: str) -> None:
+    """ifconfig NAME up, with the SIOCSIFFLAGS ioctl (no process spawned)."""
+    import fcntl  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh", name.encode(), 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", name.encode(), flags | IFF_UP))
+
+
+def load_config(cmdline: dict[str, str], mounts: list[str]) -> GuestConfig:
+    """The config drive if there is one, else the kernel command line."""
+    fallback = config_from_cmdline(cmdline)
+    location = cmdline.get("config", DEFAULT_CONFIG_DEVICE)
+    config: GuestConfig | None = None
+    try:
+        if location in ("", "none"):
+            pass
+        elif os.path.isfile(location):
+            config = GuestConfig.load(Path(location))
+        elif os.path.exists(location) and stat.S_ISBLK(os.stat(location).st_mode):
+            os.makedirs(CONFIG_MOUNT, exist_ok=True)
+            mount(location, CONFIG_MOUNT, "ext4", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            mounts.append(CONFIG_MOUNT)
+            config = GuestConfig.load(Path(CONFIG_MOUNT) / CONFIG_FILE)
+        else:
+            log.info("boot: no config drive at %s, using the kernel command line", location)
+    except (OSError, ConfigError) as exc:
+        log.error(
+            "boot: config drive %s unusable (%s); using the kernel command line", location, exc
+        )
+    if config is None:
+        return fallback
+    if config.token is None and fallback.token is not None:
+        config = replace(config, token=fallback.token)
+    return config
+
+
+def apply_config(config: GuestConfig, mounts: list[str]) -> None:
+    user: pwd.struct_passwd | None = None
+    try:
+        user = ensure_user(config.user)
+    except (OSError, SetupError) as exc:
+        log.error("boot: user %s: %s", config.user, exc)
+    uid, gid = (user.pw_uid, user.pw_gid) if user else (DEFAULT_UID, DEFAULT_UID)
+    if config.hostname:
+        _step("hostname", set_hostname, config.hostname)
+    if config.dns:
+        _step("resolv.conf", write_resolv_conf, config.dns)
+    if config.network is not None:
+        _step("network", configure_network, config.network)
+    for volume in config.volumes:
+        _step(f"volume {volume.mount}", mount_volume, volume, uid, gid, mounts)
+    for file in config.files:
+        _step(f"file {file.path}", write_owned, file.path, file.content, file.mode, uid, gid)
+    _step("/workspace", _own_dir, "/workspace", uid, gid)
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The sandbox user, created (uid 1000 if free) when the image lacks it."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    uid = DEFAULT_UID
+    while uid in used:
+        uid += 1
+    home = f"/home/{name}"
+    shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    with open("/etc/passwd", "a") as f:
+        f.write(f"{name}:x:{uid}:{uid}::{home}:{shell}\n")
+    with open("/etc/group", "a") as f:
+        f.write(f"{name}:x:{uid}:\n")
+    if os.path.exists("/etc/shadow"):
+        with open("/etc/shadow", "a") as f:
+            f.write(f"{name}:!:19000:0:99999:7:::\n")
+    _own_dir(home, uid, uid)
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise SetupError(f"created user {name} but cannot look it up") from None
+
+
+def _own_dir(path: str, uid: int, gid: int) -> None:
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, uid, gid)
+
+
+def set_hostname(name: str) -> None:
+    Path("/proc/sys/kernel/hostname").write_text(name)
+    Path("/etc/hostname").write_text(name + "\n")
+    hosts = _read_text("/etc/hosts")
+    lines = [ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1")]
+    if not any(ln.split()[:1] == ["127.0.0.1"] for ln in lines):
+        lines.insert(0, "127.0.0.1\tlocalhost")
+    lines.append(f"127.0.1.1\t{name}")
+    Path("/etc/hosts").write_text("\n".join(lines) + "\n")
+
+
+def write_resolv_conf(servers: tuple[str, ...]) -> None:
+    path = Path("/etc/resolv.conf")
+    if path.is_symlink():
+        path.unlink()  # e.g. into systemd-resolved's runtime dir, which does not run here
+    path.write_text("".join(f"nameserver {s}\n" for s in servers))
+
+
+def network_commands(network: NetworkSpec) -> list[str]:
+    """The ``ip -batch`` lines for a static address and a default route."""
+    dev = network.interface
+    commands = []
+    if network.mac:
+        commands.append(f"link set dev {dev} address {network.mac}")
+    commands.append(f"addr add {network.address} dev {dev}")
+    commands.append(f"link set dev {dev} up")
+    if network.gateway:
+        commands.append(f"route add default via {network.gateway} dev {dev}")
+    return commands
+
+
+def configure_network(network: NetworkSpec) -> None:
+    """Static address and default route with one ``ip -batch`` run."""
+    commands = network_commands(network)
+    ip = shutil.which("ip") or "/sbin/ip"
+    proc = subprocess.run(
+        [ip, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SetupError(f"ip: {proc.stderr.strip() or proc.returncode}")
+
+
+def mount_volume(volume: VolumeSpec, uid: int, gid: int, mounts: list[str]) -> None:
+    os.makedirs(volume.mount, exist_ok=True)
+    mount(volume.device, volume.mount, volume.fstype, MS_NOSUID | MS_NODEV)
+    mounts.append(volume.mount)
+    os.chown(volume.mount, uid, gid)
+
+
+def write_owned(path: str, content: bytes, mode: int, uid: int, gid: int) -> None:
+    parent = os.path.dirname(path)
+    missing = []
+    while parent and not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o755)
+        os.chown(directory, uid, gid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+# ---- shutdown --------------------------------------------------------------------
+
+
+def power_off(mounts: list[str]) -> None:
+    """Stop every process, flush and unmount, and power the VM off. Does not return."""
+    log.info("powering off")
+    _kill_all(signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE
+    while _reap_all() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_all(signal.SIGKILL)
+    _reap_all()
+    os.sync()
+    for target in reversed(mounts):
+        try:
+            umount(target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                umount(target, MNT_DETACH)
+    with contextlib.suppress(OSError):
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY)
+    os.sync()
+    _check(_libc().reboot(RB_POWER_OFF), "reboot")
+
+
+def _kill_all(sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, sig)  # from PID 1: every process but ourselves
+
+
+def _reap_all() -> bool:
+    """Reap whatever has exited; True while children remain. Only at shutdown: here
+    nobody else waits for a status any more, so waitpid(-1) steals nothing."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True

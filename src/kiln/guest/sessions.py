@@ -1,0 +1,415 @@
+"""TTY sessions: a command on a pty that outlives its host connections.
+
+Each session has an id (``s1``, ``s2``, … or ``init``), a pty, a scrollback
+:class:`RingBuffer` and at most one attached host connection. One pump task per
+session reads the pty master all the time, attached or not: output goes into
+the ring and, when a client is attached, out as STDOUT frames.
+
+- Host disconnect = detach; the idle timer (if configured) starts.
+- Attach (``session_id``): SESSION_INFO, the scrollback as one STDOUT frame
+  (possibly empty), then live output. A previously attached client gets
+  ``EXIT -1`` (:data:`DETACHED_EXIT`: "someone else attached", not an exit
+  status) and is disconnected.
+- A new session answers SESSION_INFO (so the host learns the id), then live output.
+- RESIZE → TIOCSWINSZ; KILL → SIGTERM to the session's process group.
+- EXEC_KILL (own connection) → SIGKILL, wait for the session to end, remove it
+  from the listing, answer ``EXIT 0``.
+- Process exit: the attached client gets the remaining output and EXIT(code);
+  the session stays listed until killed or evicted (the oldest finished
+  sessions beyond ``max_finished_sessions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import shlex
+import signal
+import struct
+import subprocess
+import termios
+import time
+from collections import deque
+
+from kiln.protocol import (
+    CHUNK_SIZE,
+    INIT_SESSION_ID,
+    ExecRequest,
+    FrameStream,
+    FrameType,
+    SessionInfo,
+    decode_resize,
+    encode_exit,
+)
+
+from .context import GuestContext
+from .errors import RequestError
+from .execution import EXIT_CANNOT_EXECUTE, refuse_start, spawn_failure
+from .fdio import FdWriter, close_fd
+from .process import Child
+from .ringbuffer import RingBuffer
+
+log = logging.getLogger(__name__)
+
+#: EXIT code sent to a client that is detached because another one attached.
+DETACHED_EXIT = -1
+#: After the session leader exits, wait this long for output of processes that
+#: still hold the pty (background jobs) before ending the session anyway.
+EXIT_GRACE = 0.2
+#: Attached client's unsent output above which the pump waits for it (flow control).
+CLIENT_HIGH_WATER = 1 << 20
+#: How long EXEC_KILL waits for a SIGKILLed session to end.
+KILL_WAIT = 5.0
+DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child between fork and exec, after setsid(): stdin is the pty slave.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Attachment:
+    """The host connection attached to a session."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: FrameStream) -> None:
+        self.conn = conn
+
+    async def send_output(self, data: bytes) -> None:
+        transport = self.conn.writer.transport
+        if transport.is_closing():
+            return  # it left; its handler detaches it
+        self.conn.write(FrameType.STDOUT, data)
+        if transport.get_write_buffer_size() > CLIENT_HIGH_WATER:
+            with contextlib.suppress(ConnectionError):
+                await self.conn.writer.drain()
+
+    def end(self, code: int) -> None:
+        """Send EXIT and disconnect (after the output already queued)."""
+        transport = self.conn.writer.transport
+        if transport.is_closing():
+            return
+        self.conn.write(FrameType.EXIT, encode_exit(code))
+        if transport.get_write_buffer_size() > CLIENT_HIGH_WATER:
+            transport.abort()  # it is not reading: do not wait on it to flush
+        else:
+            transport.close()
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        argv: str,
+        child: Child,
+        master: int,
+        idle_timeout: float | None,
+    ) -> None:
+        self.id = session_id
+        self.argv = argv
+        self.created_at = time.time()
+        self.child = child
+        self.ring = RingBuffer()
+        self.client: Attachment | None = None
+        self.exit_code: int | None = None
+        self.done = asyncio.Event()
+        self._master = master
+        self._input = FdWriter(master, owns_fd=False)
+        self._idle_timeout = idle_timeout
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        child.on_exit(self._on_child_exit)
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.id,
+            argv=self.argv,
+            tty=True,
+            running=self.running,
+            attached=self.client is not None,
+            created_at=self.created_at,
+            exit_code=self.exit_code,
+        )
+
+    # ---- output ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Pump the pty until the session ends (owned by the registry)."""
+        try:
+            await self._relay_output()
+            code = await self.child.wait()
+        finally:
+            await self._input.aclose()
+            close_fd(self._master)
+            self._master = -1
+            self.disarm_idle()
+        self.exit_code = code
+        client, self.client = self.client, None
+        if client is not None:
+            client.end(code)
+        self.done.set()
+
+    async def _relay_output(self) -> None:
+        fd = self._master
+        while True:
+            try:
+                data = os.read(fd, CHUNK_SIZE)
+            except BlockingIOError:
+                if self.child.exited:
+                    # The leader is gone but something may still hold the pty (a
+                    # background job): take what comes within a grace period.
+                    if not await self._readable(EXIT_GRACE):
+                        return
+                else:
+                    await self._readable(None)
+                continue
+            except OSError:
+                return  # EIO: every slave fd is closed
+            if not data:
+                return
+            self.ring.write(data)
+            client = self.client
+            if client is not None:
+                await client.send_output(data)
+
+    async def _readable(self, grace: float | None) -> bool:
+        """Wait until the master is readable or the child exits; False on timeout."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._wakeup = fut
+        loop.add_reader(self._master, _wake, fut)
+        try:
+            await asyncio.wait_for(fut, grace)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(self._master)
+            self._wakeup = None
+        return True
+
+    def _on_child_exit(self, _child: Child) -> None:
+        if self._wakeup is not None:
+            _wake(self._wakeup)
+
+    # ---- input -------------------------------------------------------------------
+
+    async def write_input(self, data: bytes) -> None:
+        if data and self.running:
+            await self._input.put(data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self._master >= 0:
+            with contextlib.suppress(OSError):  # the pty is going away
+                _set_winsize(self._master, rows, cols)
+
+    # ---- idle timer --------------------------------------------------------------
+
+    def arm_idle(self) -> None:
+        self.disarm_idle()
+        if (
+            self._idle_timeout
+            and self.running
+            and self.client is None
+            and self.id != INIT_SESSION_ID  # the init script runs detached by design
+        ):
+            loop = asyncio.get_running_loop()
+            self._idle_handle = loop.call_later(self._idle_timeout, self._idle_expired)
+
+    def disarm_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _idle_expired(self) -> None:
+        self._idle_handle = None
+        if self.client is None and self.running:
+            log.info("session %s idle for %ss: killing it", self.id, self._idle_timeout)
+            self.child.kill_group(signal.SIGKILL)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class SessionRegistry:
+    """Every TTY session of the agent; owns their pump tasks."""
+
+    def __init__(self, ctx: GuestContext) -> None:
+        self._ctx = ctx
+        self._sessions: dict[str, Session] = {}
+        self._finished: deque[str] = deque()
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise RequestError(f"no session {session_id!r}") from None
+
+    def list(self) -> list[SessionInfo]:
+        return [s.info() for s in self._sessions.values()]
+
+    def counts(self) -> tuple[int, int]:
+        """(attached, running) sessions."""
+        attached = sum(1 for s in self._sessions.values() if s.client is not None)
+        running = sum(1 for s in self._sessions.values() if s.running)
+        return attached, running
+
+    def start(self, req: ExecRequest, *, session_id: str | None = None) -> Session:
+        """Start a command on a new pty. Raises OSError/SubprocessError if it cannot start."""
+        ctx = self._ctx
+        user = ctx.exec_user(req.user)
+        env = ctx.exec_env(req.env, user, tty=True)
+        cwd = ctx.exec_cwd(req.cwd)
+        user_kwargs = ctx.user_kwargs(user)
+        master, slave = os.openpty()
+        try:
+            _set_winsize(slave, req.rows or DEFAULT_ROWS, req.cols or DEFAULT_COLS)
+            if user_kwargs:
+                os.fchown(slave, user.uid, -1)  # so it can reopen /dev/tty
+            child = ctx.children.spawn(
+                req.cmd,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_take_controlling_tty,
+                **user_kwargs,
+            )
+        except BaseException:
+            close_fd(master)
+            raise
+        finally:
+            close_fd(slave)
+        os.set_blocking(master, False)
+        sid = session_id if session_id is not None else f"s{next(self._ids)}"
+        session = Session(
+            sid, shlex.join(req.cmd), child, master, ctx.settings.session_idle_timeout
+        )
+        self._sessions[sid] = session
+        task = asyncio.create_task(self._run(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return session
+
+    async def _run(self, session: Session) -> None:
+        await session.run()
+        self._finished.append(session.id)
+        limit = self._ctx.settings.max_finished_sessions
+        while len(self._finished) > limit:
+            old = self._finished.popleft()
+            if old in self._sessions and not self._sessions[old].running:
+                del self._sessions[old]
+
+    async def serve(self, conn: FrameStream, req: ExecRequest) -> None:
+        """An EXEC_REQ with ``tty``: start a session, or attach to one."""
+        if req.session_id is not None:
+            session = self.get(req.session_id)
+            if req.rows and req.cols:
+                session.resize(req.rows, req.cols)
+            await self._attach(session, conn, replay=True)
+            return
+        try:
+            session = self.start(req)
+        except OSError as exc:
+            await refuse_start(conn, *spawn_failure(exc, req.cmd[0], self._ctx.exec_cwd(req.cwd)))
+            return
+        except subprocess.SubprocessError as exc:
+            await refuse_start(conn, EXIT_CANNOT_EXECUTE, f"kiln: cannot start a terminal: {exc}\n")
+            return
+        except ValueError as exc:
+            raise RequestError(f"cannot start {req.cmd[0]!r}: {exc}") from exc
+        await self._attach(session, conn, replay=False)
+
+    async def _attach(self, session: Session, conn: FrameStream, *, replay: bool) -> None:
+        self._ctx.touch()
+        attachment = Attachment(conn)
+        if session.running:
+            previous = session.client
+            if previous is not None:
+                previous.end(DETACHED_EXIT)
+            session.client = attachment
+            session.disarm_idle()
+        # Header, scrollback and the switch to live output happen in one step of
+        # the event loop: no output can fall between the snapshot and live frames.
+        conn.write(FrameType.SESSION_INFO, session.info().to_payload())
+        if replay:
+            conn.write(FrameType.STDOUT, session.ring.snapshot())
+        if not session.running:
+            assert session.exit_code is not None
+            await conn.send(FrameType.EXIT, encode_exit(session.exit_code))
+            return
+        try:
+            await conn.writer.drain()
+            await self._relay_input(session, conn)
+        finally:
+            if session.client is attachment:
+                session.client = None
+                session.arm_idle()
+
+    async def _relay_input(self, session: Session, conn: FrameStream) -> None:
+        while True:
+            try:
+                frame = await conn.recv()
+            except ConnectionError:
+                return
+            if frame is None:
+                return  # host disconnected: detach
+            ftype = frame.type
+            if ftype == FrameType.STDIN:
+                self._ctx.touch()
+                await session.write_input(frame.payload)
+            elif ftype == FrameType.RESIZE:
+                session.resize(*decode_resize(frame.payload))
+            elif ftype == FrameType.KILL:
+                session.child.kill_group(signal.SIGTERM)
+            elif ftype == FrameType.AUTH or not frame.known:
+                continue
+            else:
+                raise RequestError(f"unexpected {FrameType(ftype).name} frame in a TTY session")
+
+    async def kill(self, session_id: str) -> None:
+        """EXEC_KILL: SIGKILL the session's group, wait for its end, forget it."""
+        session = self.get(session_id)
+        if session.running:
+            session.child.kill_group(signal.SIGKILL)
+            try:
+                await asyncio.wait_for(session.done.wait(), KILL_WAIT)
+            except TimeoutError:
+                raise RequestError(f"session {session_id!r} did not end after SIGKILL") from None
+        self._sessions.pop(session_id, None)
+        if session_id in self._finished:
+            self._finished.remove(session_id)
+
+    async def aclose(self) -> None:
+        """Kill every running session and wait for the pumps (agent shutdown)."""
+        for session in self._sessions.values():
+            if session.running:
+                session.child.kill_group(signal.SIGKILL)
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
