@@ -1,0 +1,685 @@
+"""The ``kiln`` command tree. Commands parse, call the SDK, and print what :mod:`.format` returns.
+
+Imports of httpx (through :mod:`kiln.sdk`), rich and the server happen inside
+the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from . import args as parse
+from . import format as fmt
+from .output import show, spinner
+
+if TYPE_CHECKING:
+    from kiln.sdk import Kiln, SandboxRef
+
+T = TypeVar("T")
+
+_ALIASES = {"ls": "list", "rm": "destroy", "sh": "shell"}
+
+
+class AliasedGroup(click.Group):
+    """A group with short aliases (``ls``, ``rm``, ``sh``) kept out of the help listing."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, _ALIASES.get(cmd_name, cmd_name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else name), cmd, rest
+
+
+@dataclass
+class State:
+    """Per-invocation state: global options and the lazily made client."""
+
+    url: str | None = None
+    token: str | None = None
+    _kiln: Kiln | None = field(default=None, repr=False)
+
+    def kiln(self) -> Kiln:
+        if self._kiln is None:
+            from kiln.sdk import Kiln  # noqa: PLC0415 - httpx is slow to import
+
+            self._kiln = Kiln(self.url, self.token)
+            click.get_current_context().call_on_close(self._kiln.close)
+        return self._kiln
+
+    def sandbox(self, id_or_name: str) -> SandboxRef:
+        return self.kiln().sandboxes.ref(id_or_name)
+
+
+pass_state = click.make_pass_decorator(State, ensure=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _converter(fn: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback applying a pure parser to one value or to each of many."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            if value is None:
+                return None
+            if isinstance(value, tuple):
+                return [fn(v) for v in value]
+            return fn(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def _env_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    try:
+        return parse.parse_env(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+# -- the group ------------------------------------------------------------------------
+
+
+@click.group(cls=AliasedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    metavar="URL",
+    help="Daemon URL [precedence: flag > ~/.kiln/config.yaml > $KILN_URL > http://127.0.0.1:8080].",
+)
+@click.option(
+    "--token",
+    metavar="KEY",
+    help="API key [flag > ~/.kiln/config.yaml > $KILN_TOKEN].",
+)
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
+    """kiln: self-hosted microVM sandboxes for AI coding agents."""
+    ctx.obj = State(url=url, token=token)
+
+
+@cli.command()
+def version() -> None:
+    """Print the kiln version."""
+    from kiln import __version__  # noqa: PLC0415
+
+    click.echo(f"kiln {__version__}")
+
+
+@cli.command()
+@click.option("--url", "url_opt", metavar="URL", help="Daemon URL (prompted when interactive).")
+@click.option("--token", "token_opt", metavar="KEY", help="API key (prompted, masked).")
+@pass_state
+def setup(state: State, url_opt: str | None, token_opt: str | None) -> None:
+    """Save the daemon URL and API key to ~/.kiln/config.yaml.
+
+    The file is written with mode 0600. The key is checked against the daemon
+    with an authenticated call first; nothing is written when that fails.
+    Without --token the key is asked for (hidden) or, when stdin is not a
+    terminal, read from stdin.
+    """
+    from kiln.sdk import Kiln  # noqa: PLC0415
+    from kiln.sdk.config import load_settings, write_config_file  # noqa: PLC0415
+
+    url = url_opt or state.url
+    token = token_opt or state.token
+    interactive = sys.stdin.isatty()
+    if url is None:
+        current = load_settings().url
+        url = click.prompt("Daemon URL", default=current) if interactive else current
+    if token is None:
+        if interactive:
+            token = click.prompt("API key", hide_input=True)
+        else:
+            token = sys.stdin.readline().strip()
+    if not token:
+        raise click.UsageError("no API key given (use --token, or type it at the prompt)")
+    with spinner(f"Checking the key against {url}"), Kiln(url, token) as k:
+        k.sandboxes.list()  # an authenticated call: a wrong key fails here
+        checked_url = k.url
+    path = write_config_file(checked_url, token)
+    click.echo(f"kiln: key accepted by {checked_url}; saved to {path}")
+
+
+@cli.command()
+@json_option
+@pass_state
+def health(state: State, as_json: bool) -> None:
+    """Show the daemon's status (no key needed)."""
+    k = state.kiln()
+    info = k.health()
+    show(fmt.format_json(info) if as_json else fmt.format_health(info, k.url))
+
+
+# -- sandboxes ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--name", help="Sandbox name (generated when absent).")
+@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs [default: 1].")
+@click.option(
+    "--memory",
+    "memory_mb",
+    metavar="SIZE",
+    callback=_converter(parse.parse_size_mb),
+    help="Memory in MiB or with a unit (512, 2G) [default: 512].",
+)
+@click.option(
+    "-e",
+    "--env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_env_callback,
+    help="Environment variable (repeatable).",
+)
+@click.option(
+    "--secret", "secrets", multiple=True, metavar="NAME", help="Secret to add to env (repeatable)."
+)
+@click.option("--init", metavar="SCRIPT", help="Shell script run as TTY session 'init'.")
+@click.option("--keep-hot", is_flag=True, default=None, help="Never pause or snapshot it.")
+@click.option("--image", help="Image tier [default: the daemon's default].")
+@click.option("--template", metavar="ID", help="Start from a template (id or name).")
+@click.option(
+    "-v",
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="NAME:/MOUNT",
+    callback=_converter(parse.parse_volume),
+    help="Attach an existing volume (repeatable).",
+)
+@click.option(
+    "--new-volume",
+    "new_volumes",
+    multiple=True,
+    metavar="NAME:SIZE:/MOUNT",
+    callback=_converter(parse.parse_new_volume),
+    help="Create and attach a volume (repeatable).",
+)
+@json_option
+@pass_state
+def create(
+    state: State,
+    *,
+    name: str | None,
+    cpus: int | None,
+    memory_mb: int | None,
+    env: dict[str, str],
+    secrets: tuple[str, ...],
+    init: str | None,
+    keep_hot: bool | None,
+    image: str | None,
+    template: str | None,
+    volumes: list[tuple[str, str]],
+    new_volumes: list[tuple[str, int, str]],
+    as_json: bool,
+) -> None:
+    """Create a sandbox and print it."""
+    from kiln.sdk import NewVolume, VolumeMount  # noqa: PLC0415
+
+    k = state.kiln()
+    with spinner("Creating sandbox…"):
+        sb = k.sandboxes.create(
+            name=name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            secrets=list(secrets),
+            init=init,
+            keep_hot=keep_hot,
+            image=image,
+            template=template,
+            volumes=[VolumeMount(n, m) for n, m in volumes],
+            new_volumes=[NewVolume(n, size, m) for n, size, m in new_volumes],
+        )
+    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+
+
+@cli.command("list")
+@json_option
+@click.option("-q", "--quiet", is_flag=True, help="Print names only.")
+@pass_state
+def list_(state: State, as_json: bool, quiet: bool) -> None:
+    """List your sandboxes (alias: ls)."""
+    sandboxes = state.kiln().sandboxes.list()
+    if as_json:
+        show(fmt.format_json(sandboxes))
+    elif quiet:
+        for sb in sandboxes:
+            click.echo(sb.name)
+    else:
+        show(fmt.format_sandbox_table(sandboxes, _now()))
+
+
+@cli.command()
+@click.argument("sandbox")
+@json_option
+@pass_state
+def inspect(state: State, sandbox: str, as_json: bool) -> None:
+    """Show one sandbox (by id or name)."""
+    sb = state.kiln().sandboxes.get(sandbox)
+    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+
+
+@cli.command()
+@click.argument("sandbox")
+@click.option("--name", "new_name", help="New name.")
+@click.option(
+    "--keep-hot/--allow-cold", default=None, help="Pin it hot, or let it pause and snapshot."
+)
+@json_option
+@pass_state
+def edit(
+    state: State, sandbox: str, new_name: str | None, keep_hot: bool | None, as_json: bool
+) -> None:
+    """Rename a sandbox or change whether it stays hot."""
+    if new_name is None and keep_hot is None:
+        raise click.UsageError("nothing to change: give --name and/or --keep-hot/--allow-cold")
+    sb = state.sandbox(sandbox).update(name=new_name, keep_hot=keep_hot)
+    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+
+
+@cli.command()
+@click.argument("sandbox")
+@pass_state
+def stop(state: State, sandbox: str) -> None:
+    """Snapshot a sandbox to disk and stop it."""
+    with spinner(f"Stopping {sandbox}…"):
+        sb = state.sandbox(sandbox).stop()
+    click.echo(f"{sb.name}: {sb.status}")
+
+
+@cli.command()
+@click.argument("sandbox")
+@pass_state
+def start(state: State, sandbox: str) -> None:
+    """Restore a stopped sandbox."""
+    with spinner(f"Starting {sandbox}…"):
+        sb = state.sandbox(sandbox).start()
+    click.echo(f"{sb.name}: {sb.status}")
+
+
+@cli.command()
+@click.argument("sandboxes", nargs=-1, required=True)
+@pass_state
+def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
+    """Destroy sandboxes and free their resources (alias: rm)."""
+    from kiln.sdk import KilnError  # noqa: PLC0415
+
+    failed = 0
+    for ref in sandboxes:
+        try:
+            state.sandbox(ref).delete()
+        except KilnError as exc:
+            failed += 1
+            click.echo(fmt.format_error(f"{ref}: {exc}"), err=True)
+        else:
+            click.echo(f"destroyed {ref}")
+    return 1 if failed else 0
+
+
+# -- exec and shell -------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("sandbox")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "-e",
+    "--env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_env_callback,
+    help="Set a variable.",
+)
+@click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Kill the command after SECONDS (exit code 124).",
+)
+@click.option(
+    "--stdin/--no-stdin",
+    "stdin",
+    default=None,
+    help="Forward stdin [default: when it is a pipe or a file].",
+)
+@pass_state
+def exec(
+    state: State,
+    *,
+    sandbox: str,
+    cmd: tuple[str, ...],
+    env: dict[str, str],
+    cwd: str | None,
+    timeout: float | None,
+    stdin: bool | None,
+) -> int:
+    """Run a command in a sandbox: kiln exec SANDBOX -- CMD [ARGS...]
+
+    Output streams live; stdout and stderr stay apart, byte for byte; kiln
+    exits with the command's exit code. Piped stdin is read to its end, then
+    uploaded to a temporary file in the sandbox that becomes the command's
+    stdin (the HTTP API has no live stdin for exec).
+    """
+    from .execio import forward_stdin_wanted, run_exec  # noqa: PLC0415
+
+    try:
+        argv = parse.parse_session_command(cmd)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return run_exec(
+        state.sandbox(sandbox),
+        argv,
+        env=env,
+        cwd=cwd,
+        timeout_s=timeout,
+        stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
+    )
+
+
+@cli.command()
+@click.argument("sandbox")
+@click.option("--session", "session_id", metavar="ID", help="Reattach to a session (scrollback).")
+@click.option("--cmd", metavar="CMD", help="Command for a new session [default: login shell].")
+@pass_state
+def shell(state: State, sandbox: str, session_id: str | None, cmd: str | None) -> int:
+    """Open an interactive terminal in a sandbox (alias: sh).
+
+    Ctrl+\\ detaches and prints the session id; the session keeps running and
+    `kiln shell SANDBOX --session ID` reattaches, replaying its scrollback.
+    """
+    from .terminal import run_shell  # noqa: PLC0415
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise click.UsageError("kiln shell needs a terminal; use kiln exec for scripts")
+    k = state.kiln()
+    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd)
+
+
+@cli.command()
+@click.argument("sandbox")
+@json_option
+@pass_state
+def ps(state: State, sandbox: str, as_json: bool) -> None:
+    """List a sandbox's sessions."""
+    sessions = state.sandbox(sandbox).sessions.list()
+    show(fmt.format_json(sessions) if as_json else fmt.format_sessions_table(sessions, _now()))
+
+
+@cli.command()
+@click.argument("sandbox")
+@click.argument("session_id")
+@pass_state
+def kill(state: State, sandbox: str, session_id: str) -> None:
+    """Kill a session (SIGKILL to its process group)."""
+    state.sandbox(sandbox).sessions.kill(session_id)
+    click.echo(f"killed {session_id}")
+
+
+@cli.command()
+@click.argument("sandbox", required=False)
+@json_option
+@pass_state
+def ports(state: State, sandbox: str | None, as_json: bool) -> None:
+    """List listening ports and their proxy URLs.
+
+    Of one sandbox, or of all of yours without SANDBOX.
+    """
+    k = state.kiln()
+    found = state.sandbox(sandbox).ports() if sandbox else k.ports()
+    show(fmt.format_json(found) if as_json else fmt.format_ports_table(found, k.url))
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+@cli.group()
+def file() -> None:
+    """Read, write and list files in a sandbox."""
+
+
+@file.command("read")
+@click.argument("sandbox")
+@click.argument("path")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="First line (1-based).")
+@click.option("--limit", type=click.IntRange(min=0), default=0, help="Maximum lines.")
+@click.option("--max-bytes", type=click.IntRange(min=0), default=0, help="Maximum bytes.")
+@pass_state
+def file_read(
+    state: State, *, sandbox: str, path: str, offset: int, limit: int, max_bytes: int
+) -> None:
+    """Write a file's content to stdout (raw bytes)."""
+    content = state.sandbox(sandbox).files.read(
+        path, offset=offset, limit=limit, max_bytes=max_bytes
+    )
+    out = sys.stdout.buffer
+    out.write(content.data)
+    out.flush()
+
+
+@file.command("write")
+@click.argument("sandbox")
+@click.argument("path")
+@click.argument("local", required=False, default="-")
+@click.option("--mode", callback=_converter(parse.parse_mode), help="File mode, octal (0644).")
+@pass_state
+def file_write(state: State, sandbox: str, path: str, local: str, mode: int | None) -> None:
+    """Write LOCAL (a file, or - for stdin) to PATH in the sandbox, atomically."""
+    files = state.sandbox(sandbox).files
+    if local == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("no input: give a LOCAL file or pipe data to stdin")
+        from .execio import spooled_stdin  # noqa: PLC0415
+
+        with spooled_stdin(sys.stdin.buffer) as data:
+            files.write(path, data, mode=mode)
+    else:
+        with open(local, "rb") as data:
+            files.write(path, data, mode=mode)
+
+
+@file.command("ls")
+@click.argument("sandbox")
+@click.argument("path", default="/workspace")
+@json_option
+@pass_state
+def file_ls(state: State, sandbox: str, path: str, as_json: bool) -> None:
+    """List a directory in the sandbox [default: /workspace]."""
+    listing = state.sandbox(sandbox).files.ls(path)
+    if as_json:
+        show(fmt.format_json(list(listing.entries)))
+    else:
+        text = fmt.format_file_listing(listing, _now())
+        if text:
+            click.echo(text)
+
+
+@file.command("stat")
+@click.argument("sandbox")
+@click.argument("path")
+@json_option
+@pass_state
+def file_stat(state: State, sandbox: str, path: str, as_json: bool) -> None:
+    """Show a path's size, mode and type."""
+    info = state.sandbox(sandbox).files.stat(path)
+    show(fmt.format_json(info) if as_json else fmt.format_file_stat(info))
+
+
+# -- secrets, volumes, templates ------------------------------------------------------
+
+
+@cli.group()
+def secret() -> None:
+    """Manage secrets (use them with: kiln create --secret NAME)."""
+
+
+@secret.command("set")
+@click.argument("name")
+@click.option("--value", help="The value on the command line (visible in `ps`; avoid).")
+@pass_state
+def secret_set(state: State, name: str, value: str | None) -> None:
+    """Create or replace a secret; the value comes from stdin or a hidden prompt."""
+    if value is not None:
+        click.echo(
+            "kiln: warning: --value exposes the secret in your shell history and process list",
+            err=True,
+        )
+    elif sys.stdin.isatty():
+        value = click.prompt(f"Value for {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        value = sys.stdin.read()
+        if value.endswith("\n"):  # `echo x | kiln secret set` adds one newline
+            value = value[:-1]
+    if not value:
+        raise click.UsageError("the secret's value is empty")
+    state.kiln().secrets.set(name, value)
+    click.echo(f"secret {name} set")
+
+
+@secret.command("list")
+@json_option
+@pass_state
+def secret_list(state: State, as_json: bool) -> None:
+    """List secret names (values are never shown)."""
+    secrets = state.kiln().secrets.list()
+    show(fmt.format_json(secrets) if as_json else fmt.format_secrets_table(secrets, _now()))
+
+
+@secret.command("delete")
+@click.argument("name")
+@pass_state
+def secret_delete(state: State, name: str) -> None:
+    """Delete a secret."""
+    state.kiln().secrets.delete(name)
+    click.echo(f"secret {name} deleted")
+
+
+@cli.group()
+def volume() -> None:
+    """Manage persistent volumes."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option(
+    "--size",
+    "size_mb",
+    required=True,
+    metavar="SIZE",
+    callback=_converter(parse.parse_size_mb),
+    help="Size in MiB or with a unit (512, 10G).",
+)
+@json_option
+@pass_state
+def volume_create(state: State, name: str, size_mb: int, as_json: bool) -> None:
+    """Create an empty volume."""
+    vol = state.kiln().volumes.create(name, size_mb=size_mb)
+    show(fmt.format_json(vol) if as_json else f"volume {vol.name} created ({vol.size_mb} MiB)")
+
+
+@volume.command("list")
+@json_option
+@pass_state
+def volume_list(state: State, as_json: bool) -> None:
+    """List volumes."""
+    volumes = state.kiln().volumes.list()
+    show(fmt.format_json(volumes) if as_json else fmt.format_volumes_table(volumes, _now()))
+
+
+@volume.command("delete")
+@click.argument("name")
+@pass_state
+def volume_delete(state: State, name: str) -> None:
+    """Delete a volume (refused while a sandbox uses it)."""
+    state.kiln().volumes.delete(name)
+    click.echo(f"volume {name} deleted")
+
+
+@cli.group()
+def template() -> None:
+    """Manage sandbox templates."""
+
+
+@template.command("create")
+@click.argument("name")
+@click.option("--cpus", type=click.IntRange(1, 64))
+@click.option("--memory", "memory_mb", metavar="SIZE", callback=_converter(parse.parse_size_mb))
+@click.option("-e", "--env", multiple=True, metavar="KEY=VALUE", callback=_env_callback)
+@click.option("--init", metavar="SCRIPT")
+@click.option("--image")
+@click.option(
+    "-v",
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="NAME:/MOUNT",
+    callback=_converter(parse.parse_volume),
+)
+@json_option
+@pass_state
+def template_create(
+    state: State,
+    *,
+    name: str,
+    cpus: int | None,
+    memory_mb: int | None,
+    env: dict[str, str],
+    init: str | None,
+    image: str | None,
+    volumes: list[tuple[str, str]],
+    as_json: bool,
+) -> None:
+    """Save a sandbox spec as a template (use: kiln create --template NAME)."""
+    tpl = state.kiln().templates.create(
+        name,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        env=env,
+        init=init,
+        image=image,
+        volumes=dict(volumes),
+    )
+    show(fmt.format_json(tpl) if as_json else f"template {tpl.name} created ({tpl.id})")
+
+
+@template.command("list")
+@json_option
+@pass_state
+def template_list(state: State, as_json: bool) -> None:
+    """List templates."""
+    templates = state.kiln().templates.list()
+    show(fmt.format_json(templates) if as_json else fmt.format_templates_table(templates, _now()))
+
+
+@template.command("delete")
+@click.argument("template_ref", metavar="TEMPLATE")
+@pass_state
+def template_delete(state: State, template_ref: str) -> None:
+    """Delete a template (by id or name)."""
+    state.kiln().templates.delete(template_ref)
+    click.echo(f"template {template_ref} deleted")
+
+
+# -- local administration (data dir) ----------------------------------------------------
+
+from .local import image, serve, user  # noqa: E402 - registered after the group exists
+
+cli.add_command(serve)
+cli.add_command(user)
+cli.add_command(image)

@@ -1,0 +1,81 @@
+"""Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes.
+
+Each raises :class:`ValueError` with a message fit for ``kiln: error: ...``;
+the command layer turns it into a usage error naming the option.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_MIB_PER_UNIT = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
+
+
+def parse_env(pairs: Iterable[str]) -> dict[str, str]:
+    """``["A=1", "B=x=y"]`` → ``{"A": "1", "B": "x=y"}``; a later key wins."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(f"NUL byte in {pair!r}")
+        env[key] = value
+    return env
+
+
+def parse_volume(spec: str) -> tuple[str, str]:
+    """``"data:/mnt/data"`` → ``("data", "/mnt/data")``."""
+    name, sep, mount = spec.partition(":")
+    if not sep or not name or not mount:
+        raise ValueError(f"expected NAME:/MOUNT, got {spec!r}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid volume name {name!r}")
+    if not mount.startswith("/"):
+        raise ValueError(f"mount point must be an absolute path, got {mount!r}")
+    return name, mount
+
+
+def parse_new_volume(spec: str) -> tuple[str, int, str]:
+    """``"cache:1G:/cache"`` → ``("cache", 1024, "/cache")`` (size in MiB, or with a unit)."""
+    name, sep, rest = spec.partition(":")
+    size_text, sep2, mount = rest.partition(":")
+    if not (sep and sep2 and name and size_text and mount):
+        raise ValueError(f"expected NAME:SIZE:/MOUNT, got {spec!r}")
+    parse_volume(f"{name}:{mount}")
+    return name, parse_size_mb(size_text), mount
+
+
+def parse_size_mb(text: str) -> int:
+    """A size in MiB: ``"512"``, ``"512M"``, ``"1G"``, ``"1.5GiB"`` → 512, 512, 1024, 1536."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"invalid size {text!r}: use MiB (512) or a unit (512M, 2G)")
+    mib = float(match.group(1)) * _MIB_PER_UNIT[match.group(2).lower()]
+    if mib < 1 or mib != int(mib):
+        raise ValueError(f"invalid size {text!r}: must be a whole number of MiB")
+    return int(mib)
+
+
+def parse_mode(text: str) -> int:
+    """An octal file mode: ``"644"``, ``"0644"``, ``"0o644"`` → ``0o644``."""
+    digits = text.removeprefix("0o")
+    if not digits or digits.strip("01234567") or len(digits) > 5:
+        raise ValueError(f"invalid file mode {text!r}: expected octal like 0644")
+    mode = int(digits, 8)
+    if mode > 0o7777:
+        raise ValueError(f"invalid file mode {text!r}: out of range")
+    return mode
+
+
+def parse_session_command(argv: Iterable[str]) -> list[str]:
+    """The command after ``SANDBOX [--]``: the separator dropped, never empty."""
+    cmd = list(argv)
+    if cmd[:1] == ["--"]:  # options stop at SANDBOX, so click leaves the "--" in
+        cmd = cmd[1:]
+    if not cmd:
+        raise ValueError("missing the command to run (kiln exec SANDBOX -- CMD [ARGS...])")
+    return cmd

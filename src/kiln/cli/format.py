@@ -1,0 +1,338 @@
+"""Pure formatting for the CLI: values in, text or rich tables out, no printing.
+
+Commands print what these return; tests call them directly. Times are
+formatted relative to a ``now`` passed in, so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from kiln.images import Image
+    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.sdk.models import (
+        FileStat,
+        Health,
+        Port,
+        SandboxInfo,
+        Secret,
+        Template,
+        Volume,
+    )
+    from kiln.store import User
+
+ERROR_PREFIX = "kiln: error: "
+
+
+def format_error(message: str) -> str:
+    """One line: ``kiln: error: <message>`` (newlines in the message folded)."""
+    text = " ".join(str(message).split()) or "unknown error"
+    return ERROR_PREFIX + text
+
+
+def format_json(value: Any) -> str:
+    """Pretty JSON of a model (``to_dict()``), a list of models, or plain data."""
+    return json.dumps(_plain(value), indent=2, sort_keys=False, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "to_json"):  # wire protocol messages
+        return value.to_json()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def format_age(when: datetime | float | None, now: datetime) -> str:
+    """``"42s"``, ``"5m"``, ``"3h"``, ``"2d"`` since ``when``; ``"-"`` when unknown."""
+    if when is None:
+        return "-"
+    if not isinstance(when, datetime):
+        when = datetime.fromtimestamp(when, UTC)
+    return format_duration((now - when).total_seconds())
+
+
+def format_duration(seconds: float) -> str:
+    """The largest whole unit: ``"42s"``, ``"5m"``, ``"3h"``, ``"2d"``."""
+    whole = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def format_bytes(size: int) -> str:
+    """``1536`` → ``"1.5K"``; binary units, like ``ls -h``."""
+    value = float(size)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_mib(mib: int) -> str:
+    """``512`` → ``"512M"``, ``2048`` → ``"2G"``, ``1536`` → ``"1.5G"``."""
+    if mib >= 1024:
+        gib = mib / 1024
+        return f"{gib:g}G"
+    return f"{mib}M"
+
+
+def _table(*headers: str) -> Table:
+    from rich.box import SIMPLE_HEAD  # noqa: PLC0415 - rich is imported only to print tables
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(box=SIMPLE_HEAD, pad_edge=False, show_edge=False, header_style="bold")
+    for header in headers:
+        table.add_column(header, no_wrap=header in ("ID", "NAME"))
+    return table
+
+
+def format_sandbox_table(sandboxes: Iterable[SandboxInfo], now: datetime) -> Table:
+    """``kiln list``: one row per sandbox."""
+    table = _table("NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE")
+    for sb in sandboxes:
+        table.add_row(
+            sb.name,
+            sb.id,
+            sb.status,
+            sb.thermal or "-",
+            sb.ip or "-",
+            str(sb.cpus),
+            format_mib(sb.memory_mb),
+            sb.image or "-",
+            format_age(sb.created_at, now),
+        )
+    return table
+
+
+def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
+    """``kiln inspect`` / ``kiln create``: aligned ``key: value`` lines."""
+    rows: list[tuple[str, str]] = [
+        ("id", sb.id),
+        ("name", sb.name),
+        ("status", sb.status),
+        ("thermal", sb.thermal or "-"),
+        ("ip", sb.ip or "-"),
+        ("cpus", str(sb.cpus)),
+        ("memory", format_mib(sb.memory_mb)),
+        ("keep_hot", "yes" if sb.keep_hot else "no"),
+        ("engine", sb.engine or "-"),
+        ("image", sb.image or "-"),
+        ("created", _when(sb.created_at, now)),
+        ("last active", _when(sb.last_active_at, now)),
+    ]
+    return format_fields(rows)
+
+
+def _when(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "-"
+    return f"{when.isoformat(timespec='seconds')} ({format_age(when, now)} ago)"
+
+
+def format_fields(rows: Sequence[tuple[str, str]]) -> str:
+    """Aligned ``key:  value`` lines."""
+    width = max((len(k) for k, _ in rows), default=0) + 1
+    return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
+
+
+def format_sessions_table(sessions: Iterable[SessionInfo], now: datetime) -> Table:
+    """``kiln ps``: one row per exec/TTY session."""
+    table = _table("SESSION", "COMMAND", "TTY", "STATE", "ATTACHED", "AGE")
+    for s in sessions:
+        if s.running:
+            state = "running"
+        else:
+            state = "exited" if s.exit_code is None else f"exited ({s.exit_code})"
+        table.add_row(
+            s.session_id,
+            s.argv,
+            "yes" if s.tty else "no",
+            state,
+            "yes" if s.attached else "no",
+            format_age(s.created_at, now) if s.created_at else "-",
+        )
+    return table
+
+
+def format_mode_string(mode: str, is_dir: bool) -> str:
+    """``("0755", True)`` → ``"drwxr-xr-x"``."""
+    try:
+        bits = int(mode, 8)
+    except ValueError:
+        return mode
+    return stat.filemode(bits | (stat.S_IFDIR if is_dir else stat.S_IFREG))
+
+
+def format_file_listing(listing: FileListing, now: datetime) -> str:
+    """``kiln file ls``: ``ls -l``-like lines; a last line when the listing was capped."""
+    lines: list[str] = []
+    entries = listing.entries
+    size_width = max((len(str(e.size)) for e in entries), default=1)
+    for e in entries:
+        mtime = datetime.fromtimestamp(e.mtime, UTC) if e.mtime else None
+        stamp = mtime.strftime("%Y-%m-%d %H:%M") if mtime else "-"
+        name = e.name + ("/" if e.is_dir else "")
+        lines.append(
+            f"{format_mode_string(e.mode, e.is_dir)} {e.size:>{size_width}} {stamp} {name}"
+        )
+    if listing.truncated:
+        lines.append(f"... {listing.total - len(entries)} more (listing capped at {len(entries)})")
+    return "\n".join(lines)
+
+
+def format_file_stat(info: FileStat) -> str:
+    """``kiln file stat``."""
+    return format_fields(
+        [
+            ("path", info.path),
+            ("type", "directory" if info.is_dir else "file"),
+            ("size", f"{info.size} ({format_bytes(info.size)})"),
+            ("mode", f"{info.mode} ({format_mode_string(info.mode, info.is_dir)})"),
+        ]
+    )
+
+
+def format_secrets_table(secrets: Iterable[Secret], now: datetime) -> Table:
+    table = _table("NAME", "CREATED", "UPDATED")
+    for s in secrets:
+        table.add_row(s.name, format_age(s.created_at, now), format_age(s.updated_at, now))
+    return table
+
+
+def format_volumes_table(volumes: Iterable[Volume], now: datetime) -> Table:
+    table = _table("NAME", "SIZE", "ATTACHED TO", "AGE")
+    for v in volumes:
+        table.add_row(
+            v.name, format_mib(v.size_mb), v.attached_to or "-", format_age(v.created_at, now)
+        )
+    return table
+
+
+def format_templates_table(templates: Iterable[Template], now: datetime) -> Table:
+    table = _table("NAME", "ID", "CPUS", "MEMORY", "IMAGE", "VOLUMES", "AGE")
+    for t in templates:
+        table.add_row(
+            t.name,
+            t.id,
+            "-" if t.cpus is None else str(t.cpus),
+            "-" if t.memory_mb is None else format_mib(t.memory_mb),
+            t.image or "-",
+            ", ".join(f"{v.name}:{v.mount}" for v in t.volumes) or "-",
+            format_age(t.created_at, now),
+        )
+    return table
+
+
+def format_ports_table(ports: Iterable[Port], base_url: str) -> Table:
+    table = _table("PORT", "URL")
+    for p in ports:
+        url = p.proxy_url if "://" in p.proxy_url else base_url.rstrip("/") + p.proxy_url
+        table.add_row(str(p.port), url)
+    return table
+
+
+def format_health(health: Health, url: str) -> str:
+    return format_fields(
+        [
+            ("daemon", url),
+            ("status", health.status),
+            ("engine", health.engine or "-"),
+            ("sandboxes", str(health.sandboxes)),
+            ("uptime", format_duration(health.uptime_s)),
+        ]
+    )
+
+
+def user_dict(user: User) -> dict[str, Any]:
+    """A store user as JSON-able data (``kiln user list --json``)."""
+    return {
+        "id": user.id,
+        "name": user.name,
+        "admin": user.is_admin,
+        "max_sandboxes": user.quotas.max_sandboxes,
+        "max_cpus": user.quotas.max_cpus,
+        "max_memory_mb": user.quotas.max_memory_mb,
+        "created_at": datetime.fromtimestamp(user.created_at, UTC).isoformat(),
+    }
+
+
+def format_users_table(users: Iterable[User], now: datetime) -> Table:
+    table = _table("NAME", "ID", "ADMIN", "QUOTAS", "AGE")
+    for u in users:
+        q = u.quotas
+        quotas = ", ".join(
+            f"{label} {value}"
+            for label, value in (
+                ("sandboxes", q.max_sandboxes),
+                ("cpus", q.max_cpus),
+                ("memory", None if q.max_memory_mb is None else format_mib(q.max_memory_mb)),
+            )
+            if value is not None
+        )
+        table.add_row(
+            u.name,
+            u.id,
+            "yes" if u.is_admin else "no",
+            quotas or "-",
+            format_age(u.created_at, now),
+        )
+    return table
+
+
+def image_dict(image: Image) -> dict[str, Any]:
+    return {
+        "tier": image.tier,
+        "digest": image.digest,
+        "kernel_version": image.kernel_version,
+        "size_bytes": image.size_bytes,
+        "built_at": image.built_at.isoformat(),
+        "path": str(image.path),
+    }
+
+
+def format_images_table(images: Iterable[Image], now: datetime) -> Table:
+    table = _table("TIER", "DIGEST", "KERNEL", "DISK", "BUILT", "PATH")
+    for i in images:
+        table.add_row(
+            i.tier,
+            i.digest[:12],
+            i.kernel_version,
+            format_bytes(i.size_bytes),
+            format_age(i.built_at, now),
+            str(i.path),
+        )
+    return table
+
+
+def format_key_notice(user: str, key: str) -> str:
+    """The one time an API key is shown."""
+    return (
+        f"API key for {user} (shown once; store it now):\n{key}\n"
+        f"use it with: kiln setup --token ... or KILN_TOKEN=..."
+    )
+
+
+def format_detached(sandbox: str, session_id: str | None) -> str:
+    """What ``kiln shell`` prints after Ctrl+\\ detaches."""
+    if not session_id:
+        return "kiln: detached (the session keeps running; see: kiln ps " + sandbox + ")"
+    return (
+        f"kiln: detached from session {session_id}; reattach with: "
+        f"kiln shell {sandbox} --session {session_id}"
+    )

@@ -1,0 +1,167 @@
+"""The kiln Python SDK: sync :class:`Kiln` and async :class:`AsyncKiln` clients.
+
+::
+
+    from kiln.sdk import Kiln
+
+    with Kiln() as k:                      # URL/key from ~/.kiln/config.yaml or KILN_URL/KILN_TOKEN
+        sb = k.sandboxes.create(name="demo", cpus=2, memory_mb=1024, env={"DEBUG": "1"})
+        result = sb.exec(["python3", "-c", "print(6 * 7)"])
+        print(result.exit_code, result.stdout)
+
+        for event in sb.exec_stream("for i in 1 2 3; do echo $i; sleep 1; done"):
+            if isinstance(event, Stdout):
+                print(event.text, end="")
+
+        sb.files.write("/workspace/app.py", b"print('hi')\\n")
+        print(sb.files.read("/workspace/app.py").text)
+        sb.delete()
+
+Errors are :class:`KilnError` subclasses (see :mod:`kiln.sdk.errors`).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ._async import (
+    AsyncExecStream,
+    AsyncFiles,
+    AsyncKiln,
+    AsyncSandbox,
+    AsyncSandboxes,
+    AsyncSandboxRef,
+    AsyncSecrets,
+    AsyncSessions,
+    AsyncTemplates,
+    AsyncVolumes,
+)
+from ._sync import (
+    ExecStream,
+    Files,
+    Kiln,
+    Sandbox,
+    Sandboxes,
+    SandboxRef,
+    Secrets,
+    Sessions,
+    Templates,
+    Volumes,
+)
+from .config import DEFAULT_URL, Settings, load_settings
+from .errors import (
+    APIError,
+    AuthenticationError,
+    ConfigError,
+    Conflict,
+    ConnectionError,
+    InvalidResponse,
+    KilnError,
+    NotFound,
+    PermissionDenied,
+    ServerError,
+    Timeout,
+    Unavailable,
+    ValidationError,
+)
+from .models import (
+    ExecEvent,
+    ExecResult,
+    Exit,
+    FileContent,
+    FileStat,
+    Health,
+    NewVolume,
+    Port,
+    PublishedPort,
+    SandboxInfo,
+    Secret,
+    Stderr,
+    Stdout,
+    Template,
+    Volume,
+    VolumeMount,
+)
+
+if TYPE_CHECKING:
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+
+    from .shell import AsyncShellSession, ShellSession
+
+#: Loaded on first use: websockets (shells) and kiln.protocol (it imports asyncio)
+#: are slow to import, and most programs, the CLI first, need neither at start-up.
+_LAZY = {
+    "ShellSession": "kiln.sdk.shell",
+    "AsyncShellSession": "kiln.sdk.shell",
+    "FileInfo": "kiln.protocol.messages",
+    "FileListing": "kiln.protocol.messages",
+    "SessionInfo": "kiln.protocol.messages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "DEFAULT_URL",
+    "APIError",
+    "AsyncExecStream",
+    "AsyncFiles",
+    "AsyncKiln",
+    "AsyncSandbox",
+    "AsyncSandboxRef",
+    "AsyncSandboxes",
+    "AsyncSecrets",
+    "AsyncSessions",
+    "AsyncShellSession",
+    "AsyncTemplates",
+    "AsyncVolumes",
+    "AuthenticationError",
+    "ConfigError",
+    "Conflict",
+    "ConnectionError",
+    "ExecEvent",
+    "ExecResult",
+    "ExecStream",
+    "Exit",
+    "FileContent",
+    "FileInfo",
+    "FileListing",
+    "FileStat",
+    "Files",
+    "Health",
+    "InvalidResponse",
+    "Kiln",
+    "KilnError",
+    "NewVolume",
+    "NotFound",
+    "PermissionDenied",
+    "Port",
+    "PublishedPort",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxRef",
+    "Sandboxes",
+    "Secret",
+    "Secrets",
+    "ServerError",
+    "SessionInfo",
+    "Sessions",
+    "Settings",
+    "ShellSession",
+    "Stderr",
+    "Stdout",
+    "Template",
+    "Templates",
+    "Timeout",
+    "Unavailable",
+    "ValidationError",
+    "Volume",
+    "VolumeMount",
+    "Volumes",
+    "load_settings",
+]

@@ -1,0 +1,605 @@
+"""The HTTP API as data: each endpoint is a function returning a :class:`Call`.
+
+A :class:`Call` says what to send and how to read the answer; it does no I/O.
+The sync and async clients both execute the same calls, so the request
+building and response parsing exist once. :class:`map_exceptions` is the one
+place httpx exceptions become :mod:`kiln.sdk.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from . import models
+from .errors import ConnectionError, InvalidResponse, KilnError, Timeout, error_for_status
+from .models import (
+    ExecResult,
+    FileContent,
+    FileStat,
+    Health,
+    NewVolume,
+    Port,
+    PublishedPort,
+    SandboxInfo,
+    Secret,
+    Template,
+    Volume,
+    VolumeMount,
+)
+
+if TYPE_CHECKING:
+    from kiln.protocol.messages import FileListing, SessionInfo
+
+T = TypeVar("T")
+
+#: Read timeout for calls that boot, snapshot or restore a VM (slow under TCG).
+SLOW_TIMEOUT_S = 600.0
+NDJSON = "application/x-ndjson"
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Use the client's default timeout."
+DEFAULT: Any = _Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One HTTP request and the parser of its response."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Mapping[str, str] | None = None
+    json: Any = None
+    headers: Mapping[str, str] | None = None
+    #: Read timeout in seconds; ``None`` waits forever; DEFAULT is the client's.
+    timeout: float | None = DEFAULT
+
+
+# -- exception and status translation ------------------------------------------------
+
+
+@contextmanager
+def map_exceptions(url: str = "") -> Iterator[None]:
+    """Translate httpx exceptions raised in the block into :mod:`kiln.sdk.errors`."""
+    where = f" at {url}" if url else ""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise Timeout(f"the kiln daemon{where} did not answer in time ({exc!r})") from exc
+    except httpx.ConnectError as exc:
+        raise ConnectionError(f"cannot reach the kiln daemon{where}: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise ConnectionError(f"connection to the kiln daemon{where} failed: {exc!r}") from exc
+    except httpx.HTTPError as exc:
+        raise KilnError(f"HTTP error talking to the kiln daemon{where}: {exc}") from exc
+
+
+def error_message(status_code: int, body: bytes, reason: str = "") -> str:
+    """The daemon's ``{"error": ...}`` text, or the best short description of the body."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        if isinstance(data.get("error"), str):
+            return str(data["error"])
+        detail = data.get("detail")  # a framework's own validation error
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list):
+            parts = []
+            for item in detail:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                    parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            if parts:
+                return "; ".join(parts)
+    text = body.decode("utf-8", "replace").strip()
+    if text and len(text) <= 200 and "\n" not in text:
+        return text
+    return f"HTTP {status_code} {reason}".strip()
+
+
+def raise_for_status(resp: httpx.Response) -> None:
+    """Raise the :class:`~kiln.sdk.errors.APIError` for an error response (body already read)."""
+    if resp.status_code >= 400:
+        message = error_message(resp.status_code, resp.content, resp.reason_phrase)
+        raise error_for_status(resp.status_code, message)
+
+
+def _json(resp: httpx.Response) -> Any:
+    raise_for_status(resp)
+    try:
+        return resp.json()
+    except ValueError:
+        raise InvalidResponse(
+            f"{resp.request.method} {resp.request.url.path}: the answer is not JSON"
+        ) from None
+
+
+def _parser(parse: Callable[[Any], T]) -> Callable[[httpx.Response], T]:
+    return lambda resp: parse(_json(resp))
+
+
+def _list_parser(parse: Callable[[Any], T], what: str) -> Callable[[httpx.Response], list[T]]:
+    return lambda resp: models.parse_list(_json(resp), parse, what)
+
+
+def _no_content(resp: httpx.Response) -> None:
+    raise_for_status(resp)
+
+
+def _seg(value: str) -> str:
+    """One path segment, percent-encoded (a name never contains '/', but be safe)."""
+    if not value:
+        raise ValueError("an id or name must not be empty")
+    return quote(value, safe="")
+
+
+def sandbox_path(id_or_name: str, *rest: str) -> str:
+    return "/".join(("/sandboxes", _seg(id_or_name), *rest))
+
+
+# -- health -------------------------------------------------------------------------
+
+
+def health() -> Call[Health]:
+    return Call("GET", "/health", _parser(models.parse_health))
+
+
+# -- sandboxes ----------------------------------------------------------------------
+
+
+def _volume_mounts(volumes: Mapping[str, str] | Sequence[VolumeMount]) -> list[dict[str, str]]:
+    if isinstance(volumes, Mapping):
+        return [{"name": name, "mount": mount} for name, mount in volumes.items()]
+    return [{"name": v.name, "mount": v.mount} for v in volumes]
+
+
+def sandbox_spec(
+    *,
+    name: str | None = None,
+    cpus: int | None = None,
+    memory_mb: int | None = None,
+    env: Mapping[str, str] | None = None,
+    secrets: Sequence[str] | None = None,
+    init: str | None = None,
+    keep_hot: bool | None = None,
+    image: str | None = None,
+    template: str | None = None,
+    volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+    new_volumes: Sequence[NewVolume] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /sandboxes``: only the fields given, so daemon defaults apply."""
+    body: dict[str, Any] = {}
+    for key, value in (
+        ("name", name),
+        ("cpus", cpus),
+        ("memory_mb", memory_mb),
+        ("init", init),
+        ("keep_hot", keep_hot),
+        ("image", image),
+        ("template_id", template),
+    ):
+        if value is not None:
+            body[key] = value
+    if env:
+        body["env"] = dict(env)
+    if secrets:
+        body["secrets"] = list(secrets)
+    if volumes:
+        body["volumes"] = _volume_mounts(volumes)
+    if new_volumes:
+        body["new_volumes"] = [v.to_dict() for v in new_volumes]
+    return body
+
+
+def create_sandbox(spec: Mapping[str, Any]) -> Call[SandboxInfo]:
+    return Call(
+        "POST", "/sandboxes", _parser(models.parse_sandbox), json=spec, timeout=SLOW_TIMEOUT_S
+    )
+
+
+def list_sandboxes() -> Call[list[SandboxInfo]]:
+    return Call("GET", "/sandboxes", _list_parser(models.parse_sandbox, "sandbox list"))
+
+
+def get_sandbox(id_or_name: str) -> Call[SandboxInfo]:
+    return Call("GET", sandbox_path(id_or_name), _parser(models.parse_sandbox))
+
+
+def update_sandbox(
+    id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+) -> Call[SandboxInfo]:
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if keep_hot is not None:
+        body["keep_hot"] = keep_hot
+    return Call("PATCH", sandbox_path(id_or_name), _parser(models.parse_sandbox), json=body)
+
+
+def delete_sandbox(id_or_name: str) -> Call[None]:
+    return Call("DELETE", sandbox_path(id_or_name), _no_content, timeout=SLOW_TIMEOUT_S)
+
+
+def stop_sandbox(id_or_name: str) -> Call[SandboxInfo]:
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "stop"),
+        _parser(models.parse_sandbox),
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+def start_sandbox(id_or_name: str) -> Call[SandboxInfo]:
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "start"),
+        _parser(models.parse_sandbox),
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+# -- exec ---------------------------------------------------------------------------
+
+
+def exec_body(
+    cmd: Sequence[str] | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout_s: float | None = None,
+    encoding: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /sandboxes/{id}/exec``. A string ``cmd`` runs via ``sh -c``."""
+    argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+    if not argv:
+        raise ValueError("cmd must not be empty")
+    body: dict[str, Any] = {"cmd": argv}
+    if env:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    if encoding is not None:
+        body["encoding"] = encoding
+    return body
+
+
+def exec_read_timeout(timeout_s: float | None) -> float | None:
+    """How long to wait for an exec's answer: the command's own timeout plus slack."""
+    return None if timeout_s is None else timeout_s + SLOW_TIMEOUT_S
+
+
+def exec_buffered(id_or_name: str, body: Mapping[str, Any]) -> Call[ExecResult]:
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "exec"),
+        _parser(models.parse_exec_result),
+        json=body,
+        timeout=exec_read_timeout(body.get("timeout_s")),
+    )
+
+
+def exec_streamed(id_or_name: str, body: Mapping[str, Any]) -> Call[None]:
+    """The streamed exec request; the caller reads the NDJSON body itself."""
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "exec"),
+        _no_content,
+        json=body,
+        headers={"Accept": NDJSON},
+        timeout=None,
+    )
+
+
+# -- files --------------------------------------------------------------------------
+
+
+def _int_header(resp: httpx.Response, name: str) -> int:
+    value = resp.headers.get(name)
+    try:
+        return int(value) if value is not None else -1
+    except ValueError:
+        raise InvalidResponse(f"header {name} is not an integer: {value!r}") from None
+
+
+def _file_content(resp: httpx.Response) -> FileContent:
+    raise_for_status(resp)
+    data = resp.content
+    size = _int_header(resp, "X-File-Size")
+    if size < 0:
+        size = len(data)
+    # The contract: Content-Length only when the read was not cut short.
+    truncated = "content-length" not in resp.headers or len(data) < size
+    return FileContent(data=data, size=size, truncated=truncated)
+
+
+def read_file(
+    id_or_name: str, path: str, *, offset: int = 0, limit: int = 0, max_bytes: int = 0
+) -> Call[FileContent]:
+    params = {"path": path}
+    for key, value in (("offset", offset), ("limit", limit), ("max_bytes", max_bytes)):
+        if value < 0:
+            raise ValueError(f"{key} must not be negative")
+        if value:
+            params[key] = str(value)
+    return Call("GET", sandbox_path(id_or_name, "files"), _file_content, params=params)
+
+
+def _file_listing(resp: httpx.Response) -> FileListing:
+    raise_for_status(resp)
+    return models.parse_file_listing(resp.content)
+
+
+def list_files(id_or_name: str, path: str) -> Call[FileListing]:
+    return Call(
+        "GET",
+        sandbox_path(id_or_name, "files"),
+        _file_listing,
+        params={"path": path, "ls": "true"},
+    )
+
+
+def stat_file(id_or_name: str, path: str) -> Call[FileStat]:
+    def parse(resp: httpx.Response) -> FileStat:
+        if resp.status_code == 404:  # HEAD has no body to carry the daemon's message
+            raise error_for_status(404, f"no such file: {path}")
+        raise_for_status(resp)
+        is_dir = resp.headers.get("X-File-IsDir", "false").lower() in ("true", "1", "yes")
+        return FileStat(
+            path=path,
+            size=max(_int_header(resp, "X-File-Size"), 0),
+            mode=resp.headers.get("X-File-Mode", ""),
+            is_dir=is_dir,
+        )
+
+    return Call("HEAD", sandbox_path(id_or_name, "files"), parse, params={"path": path})
+
+
+def file_mode(mode: int | str | None) -> str | None:
+    """``0o644`` or ``"644"`` or ``"0644"`` → ``"0644"``."""
+    if mode is None:
+        return None
+    if isinstance(mode, int):
+        if not 0 <= mode <= 0o7777:
+            raise ValueError(f"file mode {mode:o} is out of range")
+        return f"{mode:04o}"
+    text = mode.removeprefix("0o")
+    if not text or text.strip("01234567") or int(text, 8) > 0o7777:
+        raise ValueError(f"file mode {mode!r} is not an octal number like 0644")
+    return f"{int(text, 8):04o}"
+
+
+def write_file(id_or_name: str, path: str, size: int, mode: int | str | None) -> Call[None]:
+    """``PUT`` of ``size`` bytes; the caller supplies the body."""
+    params = {"path": path}
+    octal = file_mode(mode)
+    if octal is not None:
+        params["mode"] = octal
+    return Call(
+        "PUT",
+        sandbox_path(id_or_name, "files"),
+        _no_content,
+        params=params,
+        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+# -- sessions, ports, publish -----------------------------------------------------
+
+
+def _sessions(resp: httpx.Response) -> list[SessionInfo]:
+    return models.parse_sessions(_json(resp))
+
+
+def list_sessions(id_or_name: str) -> Call[list[SessionInfo]]:
+    return Call("GET", sandbox_path(id_or_name, "sessions"), _sessions)
+
+
+def kill_session(id_or_name: str, session_id: str) -> Call[None]:
+    return Call("DELETE", sandbox_path(id_or_name, "sessions", _seg(session_id)), _no_content)
+
+
+def sandbox_ports(id_or_name: str) -> Call[list[Port]]:
+    return Call("GET", sandbox_path(id_or_name, "ports"), _list_parser(models.parse_port, "ports"))
+
+
+def all_ports() -> Call[list[Port]]:
+    return Call("GET", "/ports", _list_parser(models.parse_port, "ports"))
+
+
+def publish(id_or_name: str, port: int, alias: str | None) -> Call[PublishedPort]:
+    body: dict[str, Any] = {"port": port}
+    if alias is not None:
+        body["alias"] = alias
+    return Call(
+        "POST", sandbox_path(id_or_name, "publish"), _parser(models.parse_published), json=body
+    )
+
+
+def list_published(id_or_name: str) -> Call[list[PublishedPort]]:
+    return Call(
+        "GET",
+        sandbox_path(id_or_name, "publish"),
+        _list_parser(models.parse_published, "published ports"),
+    )
+
+
+def unpublish(id_or_name: str, port: int) -> Call[None]:
+    return Call("DELETE", sandbox_path(id_or_name, "publish", str(port)), _no_content)
+
+
+# -- secrets ------------------------------------------------------------------------
+
+
+def _secret_or_none(resp: httpx.Response) -> Secret | None:
+    raise_for_status(resp)
+    if not resp.content.strip():
+        return None
+    try:
+        return models.parse_secret(resp.json())
+    except (ValueError, InvalidResponse):
+        return None  # the contract does not promise a body here
+
+
+def set_secret(name: str, value: str) -> Call[Secret | None]:
+    return Call("POST", "/secrets", _secret_or_none, json={"name": name, "value": value})
+
+
+def list_secrets() -> Call[list[Secret]]:
+    return Call("GET", "/secrets", _list_parser(models.parse_secret, "secret list"))
+
+
+def delete_secret(name: str) -> Call[None]:
+    return Call("DELETE", f"/secrets/{_seg(name)}", _no_content)
+
+
+# -- volumes ------------------------------------------------------------------------
+
+
+def create_volume(name: str, size_mb: int) -> Call[Volume]:
+    return Call(
+        "POST",
+        "/volumes",
+        _parser(models.parse_volume),
+        json={"name": name, "size_mb": size_mb},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+def list_volumes() -> Call[list[Volume]]:
+    return Call("GET", "/volumes", _list_parser(models.parse_volume, "volume list"))
+
+
+def get_volume(name: str) -> Call[Volume]:
+    return Call("GET", f"/volumes/{_seg(name)}", _parser(models.parse_volume))
+
+
+def delete_volume(name: str) -> Call[None]:
+    return Call("DELETE", f"/volumes/{_seg(name)}", _no_content)
+
+
+# -- templates ----------------------------------------------------------------------
+
+
+def template_spec(
+    *,
+    name: str,
+    cpus: int | None = None,
+    memory_mb: int | None = None,
+    env: Mapping[str, str] | None = None,
+    init: str | None = None,
+    image: str | None = None,
+    volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name}
+    for key, value in (("cpus", cpus), ("memory_mb", memory_mb), ("init", init), ("image", image)):
+        if value is not None:
+            body[key] = value
+    if env:
+        body["env"] = dict(env)
+    if volumes:
+        body["volumes"] = _volume_mounts(volumes)
+    return body
+
+
+def create_template(spec: Mapping[str, Any]) -> Call[Template]:
+    return Call("POST", "/templates", _parser(models.parse_template), json=spec)
+
+
+def list_templates() -> Call[list[Template]]:
+    return Call("GET", "/templates", _list_parser(models.parse_template, "template list"))
+
+
+def get_template(template_id: str) -> Call[Template]:
+    return Call("GET", f"/templates/{_seg(template_id)}", _parser(models.parse_template))
+
+
+def delete_template(template_id: str) -> Call[None]:
+    return Call("DELETE", f"/templates/{_seg(template_id)}", _no_content)
+
+
+# -- shell (WebSocket) --------------------------------------------------------------
+
+
+def shell_url(
+    base_url: str,
+    id_or_name: str,
+    *,
+    session_id: str | None = None,
+    rows: int | None = None,
+    cols: int | None = None,
+    cmd: str | None = None,
+) -> str:
+    """``ws://host/sandboxes/{id}/ws?...`` for the daemon at ``base_url`` (http → ws)."""
+    scheme, rest = base_url.split("://", 1)
+    ws_scheme = "wss" if scheme == "https" else "ws"
+    query = [
+        f"{key}={quote(str(value), safe='')}"
+        for key, value in (("session_id", session_id), ("rows", rows), ("cols", cols), ("cmd", cmd))
+        if value is not None
+    ]
+    url = f"{ws_scheme}://{rest}{sandbox_path(id_or_name, 'ws')}"
+    return f"{url}?{'&'.join(query)}" if query else url
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# -- request bodies for file uploads ------------------------------------------------
+
+UPLOAD_CHUNK = 256 * 1024
+
+
+def remaining_size(stream: IO[bytes]) -> int | None:
+    """Bytes left in a seekable binary stream from its current position; ``None`` if unknown."""
+    try:
+        pos = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(pos)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return max(end - pos, 0)
+
+
+def iter_upload(stream: IO[bytes], size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of ``stream`` in chunks (a file growing meanwhile is cut)."""
+    left = size
+    while left > 0:
+        chunk = stream.read(min(UPLOAD_CHUNK, left))
+        if not chunk:
+            raise ValueError(f"the file ended {left} bytes before its announced size")
+        left -= len(chunk)
+        yield chunk
+
+
+def upload_body(data: bytes | bytearray | memoryview | str | IO[bytes]) -> tuple[int, Any]:
+    """``(size, content)`` for ``files.write``: bytes as they are, a stream chunked."""
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+        return len(raw), raw
+    size = remaining_size(data)
+    if size is None:  # a pipe or socket: the length must be known up front
+        raw = data.read()
+        return len(raw), raw
+    return size, iter_upload(data, size)

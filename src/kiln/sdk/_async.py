@@ -1,0 +1,566 @@
+"""The asyncio client: :class:`AsyncKiln` and the objects it hands out.
+
+The same API as the synchronous :class:`~kiln.sdk.Kiln`, awaited. Both clients
+execute the same :class:`~kiln.sdk._api.Call` descriptions, so requests and
+parsing are defined once.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
+
+import httpx
+
+from . import _api
+from ._api import Call, map_exceptions, raise_for_status
+from .config import load_settings
+from .errors import InvalidResponse
+from .models import (
+    ExecEvent,
+    ExecResult,
+    Exit,
+    FileContent,
+    FileStat,
+    Health,
+    NewVolume,
+    Port,
+    PublishedPort,
+    SandboxInfo,
+    Secret,
+    Template,
+    Volume,
+    VolumeMount,
+    parse_exec_event,
+)
+
+if TYPE_CHECKING:
+    from kiln.protocol.messages import FileListing, SessionInfo
+
+    from .shell import AsyncShellSession
+
+T = TypeVar("T")
+
+
+class AsyncKiln:
+    """An asyncio client for one kiln daemon.
+
+    ``url`` and ``token`` resolve like :class:`~kiln.sdk.Kiln`'s (arguments,
+    ``~/.kiln/config.yaml``, ``KILN_URL``/``KILN_TOKEN``, default). Use it as an
+    async context manager (or ``await close()``)::
+
+        async with AsyncKiln() as k:
+            sb = await k.sandboxes.create(name="demo")
+            print((await sb.exec(["echo", "hi"])).stdout)
+    """
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+    ) -> None:
+        settings = load_settings(url, token)
+        self.url: str = settings.url
+        self._token = settings.token
+        self._http = httpx.AsyncClient(
+            base_url=settings.url,
+            headers=_api.auth_headers(settings.token),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        #: Create, find, change and delete sandboxes.
+        self.sandboxes = AsyncSandboxes(self)
+        #: Secrets (values join a sandbox's environment by name).
+        self.secrets = AsyncSecrets(self)
+        #: Persistent volumes.
+        self.volumes = AsyncVolumes(self)
+        #: Sandbox templates.
+        self.templates = AsyncTemplates(self)
+
+    def __repr__(self) -> str:
+        return f"AsyncKiln(url={self.url!r})"
+
+    async def _call(self, call: Call[T], content: Any = None) -> T:
+        """Send ``call`` and parse its answer; every httpx error becomes a KilnError."""
+        with map_exceptions(self.url):
+            resp = await self._http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=content,
+                headers=call.headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if call.timeout is _api.DEFAULT else call.timeout,
+            )
+        return call.parse(resp)
+
+    async def health(self) -> Health:
+        """``GET /health`` (no key needed): status, sandbox count, uptime and engine."""
+        return await self._call(_api.health())
+
+    async def ports(self) -> list[Port]:
+        """Every listening port in every one of your sandboxes."""
+        return await self._call(_api.all_ports())
+
+    async def close(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class _AsyncSandboxActions:
+    """What can be done to a sandbox: shared by AsyncSandbox and AsyncSandboxRef."""
+
+    __slots__ = ()
+    _kiln: AsyncKiln
+
+    @property
+    def _ref(self) -> str:
+        """The id or name that addresses the sandbox in URLs."""
+        raise NotImplementedError
+
+    async def refresh(self) -> AsyncSandbox:
+        """Fetch the sandbox again (does not wake it)."""
+        return await self._kiln.sandboxes.get(self._ref)
+
+    async def update(
+        self, *, name: str | None = None, keep_hot: bool | None = None
+    ) -> AsyncSandbox:
+        """Rename it and/or pin it hot; running sessions are not disturbed."""
+        return await self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+
+    async def stop(self) -> AsyncSandbox:
+        """Snapshot it to disk and stop it."""
+        return await self._kiln.sandboxes.stop(self._ref)
+
+    async def start(self) -> AsyncSandbox:
+        """Restore it from its snapshot."""
+        return await self._kiln.sandboxes.start(self._ref)
+
+    async def delete(self) -> None:
+        """Destroy it: frees its IP, disks and published ports."""
+        await self._kiln.sandboxes.delete(self._ref)
+
+    async def exec(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
+
+        Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
+        non-zero exit code is not an error.
+        """
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        return await self._kiln._call(_api.exec_buffered(self._ref, body))
+
+    def exec_stream(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncExecStream:
+        """Run ``cmd`` and iterate (``async for``) over its output as it happens.
+
+        Yields :class:`Stdout`/:class:`Stderr` chunks (raw bytes), then one
+        :class:`Exit`. Closing the stream early kills the command::
+
+            async with sb.exec_stream(["make", "test"]) as events:
+                async for event in events:
+                    ...
+        """
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        return AsyncExecStream(self._kiln, _api.exec_streamed(self._ref, body))
+
+    @property
+    def files(self) -> AsyncFiles:
+        """Read, write, stat and list files inside the sandbox."""
+        return AsyncFiles(self._kiln, self._ref)
+
+    @property
+    def sessions(self) -> AsyncSessions:
+        """The sandbox's exec and TTY sessions."""
+        return AsyncSessions(self._kiln, self._ref)
+
+    async def ports(self) -> list[Port]:
+        """TCP ports listening inside the sandbox, with their proxy URLs."""
+        return await self._kiln._call(_api.sandbox_ports(self._ref))
+
+    async def publish(self, port: int, *, alias: str | None = None) -> PublishedPort:
+        """Serve ``port`` without auth at ``<alias>.<publish domain>``."""
+        return await self._kiln._call(_api.publish(self._ref, port, alias))
+
+    async def published(self) -> list[PublishedPort]:
+        """The sandbox's published ports."""
+        return await self._kiln._call(_api.list_published(self._ref))
+
+    async def unpublish(self, port: int) -> None:
+        """Stop publishing ``port``."""
+        await self._kiln._call(_api.unpublish(self._ref, port))
+
+    async def shell(
+        self,
+        *,
+        session_id: str | None = None,
+        rows: int | None = None,
+        cols: int | None = None,
+        cmd: str | None = None,
+    ) -> AsyncShellSession:
+        """Open an interactive terminal (WebSocket); see :meth:`kiln.sdk.Sandbox.shell`."""
+        url = _api.shell_url(
+            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+        )
+        from .shell import AsyncShellSession  # noqa: PLC0415 - websockets is slow to import
+
+        return await AsyncShellSession.connect(url, self._kiln._token)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
+    """A sandbox (async): the daemon's view of it, plus awaitable methods acting on it.
+
+    Fields never change; :meth:`update`, :meth:`stop`, :meth:`start` and
+    :meth:`refresh` return a new object. Methods address the sandbox by ``id``.
+    """
+
+    _kiln: AsyncKiln = field(repr=False, compare=False)
+
+    @classmethod
+    def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo) -> AsyncSandbox:
+        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+
+    @property
+    def _ref(self) -> str:
+        return self.id
+
+
+class AsyncSandboxRef(_AsyncSandboxActions):
+    """A sandbox addressed by id or name, not fetched: ``kiln.sandboxes.ref("demo")``."""
+
+    __slots__ = ("_id_or_name", "_kiln")
+
+    def __init__(self, kiln: AsyncKiln, id_or_name: str) -> None:
+        self._kiln = kiln
+        self._id_or_name = id_or_name
+
+    def __repr__(self) -> str:
+        return f"AsyncSandboxRef({self._id_or_name!r})"
+
+    @property
+    def _ref(self) -> str:
+        return self._id_or_name
+
+
+class AsyncSandboxes:
+    """``kiln.sandboxes`` (async): create, find, change and delete sandboxes."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def create(
+        self,
+        *,
+        name: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        secrets: Sequence[str] | None = None,
+        init: str | None = None,
+        keep_hot: bool | None = None,
+        image: str | None = None,
+        template: str | None = None,
+        volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+        new_volumes: Sequence[NewVolume] | None = None,
+    ) -> AsyncSandbox:
+        """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
+        spec = _api.sandbox_spec(
+            name=name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            secrets=secrets,
+            init=init,
+            keep_hot=keep_hot,
+            image=image,
+            template=template,
+            volumes=volumes,
+            new_volumes=new_volumes,
+        )
+        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.create_sandbox(spec)))
+
+    def ref(self, id_or_name: str) -> AsyncSandboxRef:
+        """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
+        return AsyncSandboxRef(self._kiln, id_or_name)
+
+    async def get(self, id_or_name: str) -> AsyncSandbox:
+        """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
+        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.get_sandbox(id_or_name)))
+
+    async def list(self) -> builtins.list[AsyncSandbox]:
+        """All your sandboxes. Does not wake any of them."""
+        infos = await self._kiln._call(_api.list_sandboxes())
+        return [AsyncSandbox._wrap(self._kiln, i) for i in infos]
+
+    async def update(
+        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+    ) -> AsyncSandbox:
+        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
+        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(call))
+
+    async def delete(self, id_or_name: str) -> None:
+        """Destroy a sandbox and free its resources."""
+        await self._kiln._call(_api.delete_sandbox(id_or_name))
+
+    async def stop(self, id_or_name: str) -> AsyncSandbox:
+        """Snapshot a sandbox to disk and stop it."""
+        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.stop_sandbox(id_or_name)))
+
+    async def start(self, id_or_name: str) -> AsyncSandbox:
+        """Restore a stopped sandbox from its snapshot."""
+        info = await self._kiln._call(_api.start_sandbox(id_or_name))
+        return AsyncSandbox._wrap(self._kiln, info)
+
+
+class AsyncExecStream:
+    """The events of a streamed exec (``async for``), parsed line by line as they arrive.
+
+    The request is sent on first use; ``await close()`` (or leaving an ``async
+    with`` block) before the end kills the command. :attr:`exit_code` is set
+    after the :class:`Exit` event.
+    """
+
+    def __init__(self, kiln: AsyncKiln, call: Call[None]) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._resp: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._closed = False
+        #: The command's exit code, once the :class:`Exit` event was read.
+        self.exit_code: int | None = None
+
+    async def _open(self) -> AsyncIterator[str]:
+        http = self._kiln._http
+        with map_exceptions(self._kiln.url):
+            request = http.build_request(
+                self._call.method,
+                self._call.path,
+                json=self._call.json,
+                headers=self._call.headers,
+                timeout=self._call.timeout,
+            )
+            resp = await http.send(request, stream=True)
+            if resp.status_code >= 400:
+                await resp.aread()
+                await resp.aclose()
+        raise_for_status(resp)
+        self._resp = resp
+        self._lines = resp.aiter_lines()
+        return self._lines
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        lines = self._lines if self._lines is not None else await self._open()
+        while True:
+            with map_exceptions(self._kiln.url):
+                line = await anext(lines, None)
+            if line is None:
+                await self.close()
+                raise InvalidResponse("the exec stream ended without an exit event")
+            event = parse_exec_event(line, "base64")
+            if event is None:
+                continue
+            if isinstance(event, Exit):
+                self.exit_code = event.exit_code
+                await self.close()
+            return event
+
+    async def wait(self) -> int:
+        """Read (and drop) the remaining output; return the exit code."""
+        async for _ in self:
+            pass
+        if self.exit_code is None:
+            raise InvalidResponse("the exec stream ended without an exit event")
+        return self.exit_code
+
+    async def close(self) -> None:
+        """Stop reading; if the command still runs, the daemon kills it."""
+        self._closed = True
+        if self._resp is not None:
+            await self._resp.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    # Local file reads block briefly; an upload is bounded by the network anyway.
+    for chunk in chunks:
+        yield chunk
+
+
+class AsyncFiles:
+    """``sandbox.files`` (async): the sandbox's filesystem."""
+
+    def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    async def read(
+        self, path: str, *, offset: int = 0, limit: int = 0, max_bytes: int = 0
+    ) -> FileContent:
+        """Read a file: ``.data`` (bytes), ``.size`` (whole file), ``.truncated``.
+
+        ``offset`` is a 1-based line number, ``limit`` a number of lines,
+        ``max_bytes`` a number of bytes (0: no limit).
+        """
+        call = _api.read_file(self._id, path, offset=offset, limit=limit, max_bytes=max_bytes)
+        return await self._kiln._call(call)
+
+    async def write(
+        self,
+        path: str,
+        data: bytes | bytearray | memoryview | str | IO[bytes],
+        *,
+        mode: int | str | None = None,
+    ) -> None:
+        """Write ``data`` (bytes, text, or a binary file object) to ``path`` atomically."""
+        size, content = _api.upload_body(data)
+        if not isinstance(content, bytes):
+            content = _aiter(content)
+        await self._kiln._call(_api.write_file(self._id, path, size, mode), content=content)
+
+    async def stat(self, path: str) -> FileStat:
+        """Size, mode and type of ``path`` (:class:`NotFound` if missing)."""
+        return await self._kiln._call(_api.stat_file(self._id, path))
+
+    async def ls(self, path: str) -> FileListing:
+        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000)."""
+        return await self._kiln._call(_api.list_files(self._id, path))
+
+
+class AsyncSessions:
+    """``sandbox.sessions`` (async): exec and TTY sessions inside the sandbox."""
+
+    def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    async def list(self) -> builtins.list[SessionInfo]:
+        """Every session: id, argv, tty, running, attached, exit code."""
+        return await self._kiln._call(_api.list_sessions(self._id))
+
+    async def kill(self, session_id: str) -> None:
+        """SIGKILL a session's process group."""
+        await self._kiln._call(_api.kill_session(self._id, session_id))
+
+
+class AsyncSecrets:
+    """``kiln.secrets`` (async): named values, encrypted at rest, never returned."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def set(self, name: str, value: str) -> None:
+        """Create or replace the secret ``name``."""
+        await self._kiln._call(_api.set_secret(name, value))
+
+    async def list(self) -> builtins.list[Secret]:
+        """Secret names and timestamps (never values)."""
+        return await self._kiln._call(_api.list_secrets())
+
+    async def delete(self, name: str) -> None:
+        """Delete the secret ``name``."""
+        await self._kiln._call(_api.delete_secret(name))
+
+
+class AsyncVolumes:
+    """``kiln.volumes`` (async): ext4 volumes that outlive sandboxes."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def create(self, name: str, *, size_mb: int) -> Volume:
+        """Create an empty volume of ``size_mb`` MiB."""
+        return await self._kiln._call(_api.create_volume(name, size_mb))
+
+    async def list(self) -> builtins.list[Volume]:
+        """All your volumes."""
+        return await self._kiln._call(_api.list_volumes())
+
+    async def get(self, name: str) -> Volume:
+        """The volume ``name``."""
+        return await self._kiln._call(_api.get_volume(name))
+
+    async def delete(self, name: str) -> None:
+        """Delete a volume (:class:`Conflict` while a live sandbox uses it)."""
+        await self._kiln._call(_api.delete_volume(name))
+
+
+class AsyncTemplates:
+    """``kiln.templates`` (async): named sandbox specs."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def create(
+        self,
+        name: str,
+        *,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        init: str | None = None,
+        image: str | None = None,
+        volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+    ) -> Template:
+        """Save a sandbox spec under ``name``."""
+        spec = _api.template_spec(
+            name=name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            init=init,
+            image=image,
+            volumes=volumes,
+        )
+        return await self._kiln._call(_api.create_template(spec))
+
+    async def list(self) -> builtins.list[Template]:
+        """All your templates."""
+        return await self._kiln._call(_api.list_templates())
+
+    async def get(self, template_id: str) -> Template:
+        """The template with this id."""
+        return await self._kiln._call(_api.get_template(template_id))
+
+    async def delete(self, template_id: str) -> None:
+        """Delete a template."""
+        await self._kiln._call(_api.delete_template(template_id))

@@ -1,0 +1,608 @@
+"""The synchronous client: :class:`Kiln` and the objects it hands out."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
+
+import httpx
+
+from . import _api
+from ._api import Call, map_exceptions, raise_for_status
+from .config import load_settings
+from .errors import InvalidResponse
+from .models import (
+    ExecEvent,
+    ExecResult,
+    Exit,
+    FileContent,
+    FileStat,
+    Health,
+    NewVolume,
+    Port,
+    PublishedPort,
+    SandboxInfo,
+    Secret,
+    Template,
+    Volume,
+    VolumeMount,
+    parse_exec_event,
+)
+
+if TYPE_CHECKING:
+    from kiln.protocol.messages import FileListing, SessionInfo
+
+    from .shell import ShellSession
+
+T = TypeVar("T")
+
+
+class Kiln:
+    """A client for one kiln daemon.
+
+    ``url`` and ``token`` fall back to ``~/.kiln/config.yaml``, then to
+    ``KILN_URL``/``KILN_TOKEN``, then to ``http://127.0.0.1:8080``. No network
+    I/O happens until the first call. Use it as a context manager (or call
+    :meth:`close`) to release its connections::
+
+        with Kiln() as k:
+            sb = k.sandboxes.create(name="demo")
+            print(sb.exec(["echo", "hi"]).stdout)
+    """
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+    ) -> None:
+        settings = load_settings(url, token)
+        self.url: str = settings.url
+        self._token = settings.token
+        self._http = httpx.Client(
+            base_url=settings.url,
+            headers=_api.auth_headers(settings.token),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        #: Create, find, change and delete sandboxes.
+        self.sandboxes = Sandboxes(self)
+        #: Secrets (values join a sandbox's environment by name).
+        self.secrets = Secrets(self)
+        #: Persistent volumes.
+        self.volumes = Volumes(self)
+        #: Sandbox templates.
+        self.templates = Templates(self)
+
+    def __repr__(self) -> str:
+        return f"Kiln(url={self.url!r})"
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _call(self, call: Call[T], content: Any = None) -> T:
+        """Send ``call`` and parse its answer; every httpx error becomes a KilnError."""
+        with map_exceptions(self.url):
+            resp = self._http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=content,
+                headers=call.headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if call.timeout is _api.DEFAULT else call.timeout,
+            )
+        return call.parse(resp)
+
+    # -- top level --------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """``GET /health`` (no key needed): status, sandbox count, uptime and engine."""
+        return self._call(_api.health())
+
+    def ports(self) -> list[Port]:
+        """Every listening port in every one of your sandboxes."""
+        return self._call(_api.all_ports())
+
+    def close(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- sandboxes ------------------------------------------------------------------------
+
+
+class _SandboxActions:
+    """What can be done to a sandbox; shared by :class:`Sandbox` and :class:`SandboxRef`."""
+
+    __slots__ = ()
+    _kiln: Kiln
+
+    @property
+    def _ref(self) -> str:
+        """The id or name that addresses the sandbox in URLs."""
+        raise NotImplementedError
+
+    def refresh(self) -> Sandbox:
+        """Fetch the sandbox again (does not wake it)."""
+        return self._kiln.sandboxes.get(self._ref)
+
+    def update(self, *, name: str | None = None, keep_hot: bool | None = None) -> Sandbox:
+        """Rename it and/or pin it hot; running sessions are not disturbed."""
+        return self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+
+    def stop(self) -> Sandbox:
+        """Snapshot it to disk and stop it."""
+        return self._kiln.sandboxes.stop(self._ref)
+
+    def start(self) -> Sandbox:
+        """Restore it from its snapshot."""
+        return self._kiln.sandboxes.start(self._ref)
+
+    def delete(self) -> None:
+        """Destroy it: frees its IP, disks and published ports."""
+        self._kiln.sandboxes.delete(self._ref)
+
+    def exec(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
+
+        Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
+        non-zero exit code is not an error. ``timeout_s`` asks the daemon to
+        kill the command after that many seconds.
+        """
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        return self._kiln._call(_api.exec_buffered(self._ref, body))
+
+    def exec_stream(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecStream:
+        """Run ``cmd`` and iterate over its output as it happens.
+
+        Yields :class:`Stdout` and :class:`Stderr` chunks (raw bytes) and finally
+        one :class:`Exit`. Closing the stream early (leaving the ``with`` block,
+        :meth:`ExecStream.close`) kills the command::
+
+            with sb.exec_stream(["make", "test"]) as events:
+                for event in events:
+                    ...
+        """
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        return ExecStream(self._kiln, _api.exec_streamed(self._ref, body))
+
+    @property
+    def files(self) -> Files:
+        """Read, write, stat and list files inside the sandbox."""
+        return Files(self._kiln, self._ref)
+
+    @property
+    def sessions(self) -> Sessions:
+        """The sandbox's exec and TTY sessions."""
+        return Sessions(self._kiln, self._ref)
+
+    def ports(self) -> list[Port]:
+        """TCP ports listening inside the sandbox, with their proxy URLs."""
+        return self._kiln._call(_api.sandbox_ports(self._ref))
+
+    def publish(self, port: int, *, alias: str | None = None) -> PublishedPort:
+        """Serve ``port`` without auth at ``<alias>.<publish domain>``."""
+        return self._kiln._call(_api.publish(self._ref, port, alias))
+
+    def published(self) -> list[PublishedPort]:
+        """The sandbox's published ports."""
+        return self._kiln._call(_api.list_published(self._ref))
+
+    def unpublish(self, port: int) -> None:
+        """Stop publishing ``port``."""
+        self._kiln._call(_api.unpublish(self._ref, port))
+
+    def shell(
+        self,
+        *,
+        session_id: str | None = None,
+        rows: int | None = None,
+        cols: int | None = None,
+        cmd: str | None = None,
+    ) -> ShellSession:
+        """Open an interactive terminal (WebSocket) in the sandbox.
+
+        Without ``session_id`` a new TTY session starts ``cmd`` (default: the
+        login shell); with it, the existing session is reattached and its
+        scrollback replayed. Closing the :class:`ShellSession` detaches; the
+        session keeps running.
+        """
+        url = _api.shell_url(
+            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+        )
+        from .shell import ShellSession  # noqa: PLC0415 - websockets is slow to import
+
+        return ShellSession.connect(url, self._kiln._token)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sandbox(SandboxInfo, _SandboxActions):
+    """A sandbox: the daemon's view of it when fetched, plus methods acting on it.
+
+    Fields are a snapshot and never change; methods that change the sandbox
+    (:meth:`update`, :meth:`stop`, :meth:`start`, :meth:`refresh`) return a new
+    :class:`Sandbox`. Methods address the sandbox by ``id``, so they keep
+    working after a rename.
+    """
+
+    _kiln: Kiln = field(repr=False, compare=False)
+
+    @classmethod
+    def _wrap(cls, kiln: Kiln, info: SandboxInfo) -> Sandbox:
+        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+
+    @property
+    def _ref(self) -> str:
+        return self.id
+
+
+class SandboxRef(_SandboxActions):
+    """A sandbox addressed by id or name, not fetched: ``kiln.sandboxes.ref("demo")``.
+
+    It has every method of :class:`Sandbox` but none of its fields, and costs
+    no request to make; a missing sandbox shows up as :class:`NotFound` on the
+    first call. Addressed by name, it follows the name (a rename breaks it).
+    """
+
+    __slots__ = ("_id_or_name", "_kiln")
+
+    def __init__(self, kiln: Kiln, id_or_name: str) -> None:
+        self._kiln = kiln
+        self._id_or_name = id_or_name
+
+    def __repr__(self) -> str:
+        return f"SandboxRef({self._id_or_name!r})"
+
+    @property
+    def _ref(self) -> str:
+        return self._id_or_name
+
+
+class Sandboxes:
+    """``kiln.sandboxes``: create, find, change and delete sandboxes."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def create(
+        self,
+        *,
+        name: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        secrets: Sequence[str] | None = None,
+        init: str | None = None,
+        keep_hot: bool | None = None,
+        image: str | None = None,
+        template: str | None = None,
+        volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+        new_volumes: Sequence[NewVolume] | None = None,
+    ) -> Sandbox:
+        """Create a sandbox and return once it is running.
+
+        Every argument is optional; the daemon fills in defaults (1 CPU,
+        512 MiB, a generated name, the default image). ``secrets`` names
+        secrets whose values join ``env``; ``init`` is a shell script run as
+        the TTY session ``init``; ``template`` is a template id to start from;
+        ``volumes`` maps existing volume names to mount points, and
+        ``new_volumes`` creates volumes along with the sandbox.
+        """
+        spec = _api.sandbox_spec(
+            name=name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            secrets=secrets,
+            init=init,
+            keep_hot=keep_hot,
+            image=image,
+            template=template,
+            volumes=volumes,
+            new_volumes=new_volumes,
+        )
+        return Sandbox._wrap(self._kiln, self._kiln._call(_api.create_sandbox(spec)))
+
+    def ref(self, id_or_name: str) -> SandboxRef:
+        """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
+        return SandboxRef(self._kiln, id_or_name)
+
+    def get(self, id_or_name: str) -> Sandbox:
+        """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
+        return Sandbox._wrap(self._kiln, self._kiln._call(_api.get_sandbox(id_or_name)))
+
+    def list(self) -> builtins.list[Sandbox]:
+        """All your sandboxes. Does not wake any of them."""
+        return [Sandbox._wrap(self._kiln, i) for i in self._kiln._call(_api.list_sandboxes())]
+
+    def update(
+        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+    ) -> Sandbox:
+        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
+        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        return Sandbox._wrap(self._kiln, self._kiln._call(call))
+
+    def delete(self, id_or_name: str) -> None:
+        """Destroy a sandbox and free its resources."""
+        self._kiln._call(_api.delete_sandbox(id_or_name))
+
+    def stop(self, id_or_name: str) -> Sandbox:
+        """Snapshot a sandbox to disk and stop it."""
+        return Sandbox._wrap(self._kiln, self._kiln._call(_api.stop_sandbox(id_or_name)))
+
+    def start(self, id_or_name: str) -> Sandbox:
+        """Restore a stopped sandbox from its snapshot."""
+        return Sandbox._wrap(self._kiln, self._kiln._call(_api.start_sandbox(id_or_name)))
+
+
+# -- exec stream ----------------------------------------------------------------------
+
+
+class ExecStream:
+    """The events of a streamed exec, parsed line by line as they arrive.
+
+    Iterate it for :class:`Stdout`/:class:`Stderr`/:class:`Exit` events. The
+    request is sent on first use. :meth:`close` (or leaving a ``with`` block)
+    before the end kills the command. After the :class:`Exit` event,
+    :attr:`exit_code` holds the command's exit code.
+    """
+
+    def __init__(self, kiln: Kiln, call: Call[None]) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._resp: httpx.Response | None = None
+        self._lines: Iterator[str] | None = None
+        self._closed = False
+        #: The command's exit code, once the :class:`Exit` event was read.
+        self.exit_code: int | None = None
+
+    def _open(self) -> Iterator[str]:
+        http = self._kiln._http
+        with map_exceptions(self._kiln.url):
+            request = http.build_request(
+                self._call.method,
+                self._call.path,
+                json=self._call.json,
+                headers=self._call.headers,
+                timeout=self._call.timeout,
+            )
+            resp = http.send(request, stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+                resp.close()
+        raise_for_status(resp)
+        self._resp = resp
+        self._lines = resp.iter_lines()
+        return self._lines
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> ExecEvent:
+        if self._closed:
+            raise StopIteration
+        lines = self._lines if self._lines is not None else self._open()
+        while True:
+            with map_exceptions(self._kiln.url):
+                line = next(lines, None)
+            if line is None:
+                self.close()
+                raise InvalidResponse("the exec stream ended without an exit event")
+            event = parse_exec_event(line, "base64")
+            if event is None:
+                continue
+            if isinstance(event, Exit):
+                self.exit_code = event.exit_code
+                self.close()
+            return event
+
+    def wait(self) -> int:
+        """Read (and drop) the remaining output; return the exit code."""
+        for _ in self:
+            pass
+        if self.exit_code is None:
+            raise InvalidResponse("the exec stream ended without an exit event")
+        return self.exit_code
+
+    def close(self) -> None:
+        """Stop reading; if the command still runs, the daemon kills it."""
+        self._closed = True
+        if self._resp is not None:
+            self._resp.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- files and sessions -------------------------------------------------------------
+
+
+class Files:
+    """``sandbox.files``: the sandbox's filesystem."""
+
+    def __init__(self, kiln: Kiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    def read(
+        self, path: str, *, offset: int = 0, limit: int = 0, max_bytes: int = 0
+    ) -> FileContent:
+        """Read a file: ``.data`` (bytes), ``.size`` (whole file), ``.truncated``.
+
+        ``offset`` is a 1-based line number to start at, ``limit`` a maximum
+        number of lines, ``max_bytes`` a maximum number of bytes (0: no limit).
+        """
+        call = _api.read_file(self._id, path, offset=offset, limit=limit, max_bytes=max_bytes)
+        return self._kiln._call(call)
+
+    def write(
+        self,
+        path: str,
+        data: bytes | bytearray | memoryview | str | IO[bytes],
+        *,
+        mode: int | str | None = None,
+    ) -> None:
+        """Write ``data`` (bytes, text as UTF-8, or a binary file object) to ``path`` atomically.
+
+        Parent directories are created. ``mode`` is ``0o644`` or ``"0644"``.
+        A seekable file object is streamed from its current position.
+        """
+        size, content = _api.upload_body(data)
+        self._kiln._call(_api.write_file(self._id, path, size, mode), content=content)
+
+    def stat(self, path: str) -> FileStat:
+        """Size, mode and type of ``path`` (:class:`NotFound` if missing)."""
+        return self._kiln._call(_api.stat_file(self._id, path))
+
+    def ls(self, path: str) -> FileListing:
+        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000)."""
+        return self._kiln._call(_api.list_files(self._id, path))
+
+
+class Sessions:
+    """``sandbox.sessions``: exec and TTY sessions inside the sandbox."""
+
+    def __init__(self, kiln: Kiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    def list(self) -> builtins.list[SessionInfo]:
+        """Every session: id, argv, tty, running, attached, exit code."""
+        return self._kiln._call(_api.list_sessions(self._id))
+
+    def kill(self, session_id: str) -> None:
+        """SIGKILL a session's process group."""
+        self._kiln._call(_api.kill_session(self._id, session_id))
+
+
+# -- secrets, volumes, templates -------------------------------------------------------
+
+
+class Secrets:
+    """``kiln.secrets``: named values, encrypted at rest, never returned."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def set(self, name: str, value: str) -> None:
+        """Create or replace the secret ``name``."""
+        self._kiln._call(_api.set_secret(name, value))
+
+    def list(self) -> builtins.list[Secret]:
+        """Secret names and timestamps (never values)."""
+        return self._kiln._call(_api.list_secrets())
+
+    def delete(self, name: str) -> None:
+        """Delete the secret ``name``."""
+        self._kiln._call(_api.delete_secret(name))
+
+
+class Volumes:
+    """``kiln.volumes``: ext4 volumes that outlive sandboxes."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def create(self, name: str, *, size_mb: int) -> Volume:
+        """Create an empty volume of ``size_mb`` MiB."""
+        return self._kiln._call(_api.create_volume(name, size_mb))
+
+    def list(self) -> builtins.list[Volume]:
+        """All your volumes."""
+        return self._kiln._call(_api.list_volumes())
+
+    def get(self, name: str) -> Volume:
+        """The volume ``name``."""
+        return self._kiln._call(_api.get_volume(name))
+
+    def delete(self, name: str) -> None:
+        """Delete a volume (:class:`Conflict` while a live sandbox uses it)."""
+        self._kiln._call(_api.delete_volume(name))
+
+
+class Templates:
+    """``kiln.templates``: named sandbox specs."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def create(
+        self,
+        name: str,
+        *,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        env: Mapping[str, str] | None = None,
+        init: str | None = None,
+        image: str | None = None,
+        volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
+    ) -> Template:
+        """Save a sandbox spec under ``name``; pass its id as ``sandboxes.create(template=)``."""
+        spec = _api.template_spec(
+            name=name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            init=init,
+            image=image,
+            volumes=volumes,
+        )
+        return self._kiln._call(_api.create_template(spec))
+
+    def list(self) -> builtins.list[Template]:
+        """All your templates."""
+        return self._kiln._call(_api.list_templates())
+
+    def get(self, template_id: str) -> Template:
+        """The template with this id."""
+        return self._kiln._call(_api.get_template(template_id))
+
+    def delete(self, template_id: str) -> None:
+        """Delete a template."""
+        self._kiln._call(_api.delete_template(template_id))
+
+
+__all__ = [
+    "ExecStream",
+    "Files",
+    "Kiln",
+    "Sandbox",
+    "SandboxRef",
+    "Sandboxes",
+    "Secrets",
+    "Sessions",
+    "Templates",
+    "Volumes",
+]

@@ -1,0 +1,69 @@
+"""Pure parsers behind the CLI options."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.cli.args import (
+    parse_env,
+    parse_mode,
+    parse_new_volume,
+    parse_session_command,
+    parse_size_mb,
+    parse_volume,
+)
+
+
+def test_parse_env() -> None:
+    assert parse_env(["A=1", "B=x=y", "C=", "A=2"]) == {"A": "2", "B": "x=y", "C": ""}
+
+
+@pytest.mark.parametrize("bad", ["A", "=1", "A\x00=1"])
+def test_parse_env_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_env([bad])
+
+
+def test_parse_volume() -> None:
+    assert parse_volume("data:/mnt/data") == ("data", "/mnt/data")
+
+
+@pytest.mark.parametrize("bad", ["data", "data:", ":/x", "data:rel", "bad name:/x"])
+def test_parse_volume_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_volume(bad)
+
+
+def test_parse_new_volume() -> None:
+    assert parse_new_volume("cache:1G:/cache") == ("cache", 1024, "/cache")
+    with pytest.raises(ValueError, match="NAME:SIZE:/MOUNT"):
+        parse_new_volume("cache:/cache")
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"),
+    [("512", 512), ("512M", 512), ("512mb", 512), ("2G", 2048), ("1.5GiB", 1536), ("1T", 1 << 20)],
+)
+def test_parse_size_mb(text: str, mib: int) -> None:
+    assert parse_size_mb(text) == mib
+
+
+@pytest.mark.parametrize("bad", ["", "0", "x", "1.5", "100k", "-5"])
+def test_parse_size_mb_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size_mb(bad)
+
+
+def test_parse_mode() -> None:
+    assert parse_mode("644") == parse_mode("0644") == parse_mode("0o644") == 0o644
+    for bad in ("", "8", "rw", "77777"):
+        with pytest.raises(ValueError):
+            parse_mode(bad)
+
+
+def test_parse_session_command() -> None:
+    assert parse_session_command(("ls", "-l")) == ["ls", "-l"]
+    assert parse_session_command(("--", "ls", "--")) == ["ls", "--"]
+    for empty in ((), ("--",)):
+        with pytest.raises(ValueError, match="missing the command"):
+            parse_session_command(empty)

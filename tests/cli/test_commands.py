@@ -1,0 +1,260 @@
+"""The ``kiln`` CLI as a user runs it: a subprocess talking real HTTP to a real daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+from pathlib import Path
+
+import yaml
+
+from kiln.sdk import Kiln, Sandbox
+from sdk.daemon import Daemon
+
+from .conftest import Cli, unique
+
+
+def assert_one_line_error(proc: object, *fragments: str) -> None:
+    stderr = proc.stderr.decode()  # type: ignore[attr-defined]
+    assert proc.returncode != 0, stderr  # type: ignore[attr-defined]
+    assert stderr.startswith("kiln: error: "), stderr
+    assert stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+def test_version(cli: Cli) -> None:
+    assert cli.ok("version").startswith("kiln ")
+
+
+def test_create_list_exec_destroy_by_name(cli: Cli, kiln: Kiln) -> None:
+    name = unique("life")
+    created = cli.ok("create", "--name", name, "--cpus", "2", "--memory", "256", "-e", "A=1")
+    assert f"name:        {name}" in created
+    sandbox_id = kiln.sandboxes.get(name).id
+    assert sandbox_id in created
+
+    assert name in cli.ok("list")
+    listed = json.loads(cli.ok("ls", "--json"))
+    mine = next(s for s in listed if s["name"] == name)
+    assert (mine["id"], mine["cpus"], mine["memory_mb"]) == (sandbox_id, 2, 256)
+    assert json.loads(cli.ok("inspect", name, "--json"))["id"] == sandbox_id
+    assert name in cli.ok("list", "-q").split()
+
+    assert cli.ok("exec", name, "--", "sh", "-c", "echo $A") == "1\n"
+    assert cli.ok("exec", sandbox_id, "--", "echo", "by-id") == "by-id\n"
+
+    assert cli.ok("rm", name) == f"destroyed {name}\n"
+    assert name not in cli.ok("list")
+
+
+def test_exec_forwards_the_exit_code(cli: Cli, sb: Sandbox) -> None:
+    assert cli("exec", sb.name, "--", "sh", "-c", "exit 7").returncode == 7
+    assert cli("exec", sb.name, "--", "true").returncode == 0
+    assert cli("exec", sb.name, "--", "no-such-command-xyz").returncode == 127
+
+
+def test_exec_keeps_stdout_and_stderr_apart_byte_for_byte(cli: Cli, sb: Sandbox) -> None:
+    script = "printf 'out\\377\\000'; printf 'err\\001' >&2; printf more"
+    proc = cli("exec", sb.name, "--", "sh", "-c", script)
+    assert proc.returncode == 0
+    assert proc.stdout == b"out\xff\x00more"
+    assert proc.stderr == b"err\x01"
+
+
+def test_exec_options_pass_through(cli: Cli, sb: Sandbox, daemon: Daemon) -> None:
+    out = cli.ok("exec", "-e", "X=y", "--cwd", "/", sb.name, "--", "sh", "-c", "echo $X; pwd")
+    assert out == "y\n/\n"
+    # Options after the sandbox belong to the command, not to kiln.
+    assert cli.ok("exec", sb.name, "printf", "%s|", "-e", "--cwd") == "-e|--cwd|"
+    proc = cli("exec", "--timeout", "0.5", sb.name, "--", "sleep", "30")
+    assert proc.returncode == 124
+
+
+def test_exec_forwards_piped_stdin(cli: Cli, sb: Sandbox) -> None:
+    data = bytes(range(256)) * 1000
+    proc = cli("exec", sb.name, "--", "sh", "-c", "wc -c; exit 3", input=data)
+    assert (proc.returncode, proc.stdout.split()) == (3, [b"256000"])
+    assert cli("exec", sb.name, "--", "cat", input=b"\x00binary\xff").stdout == b"\x00binary\xff"
+    assert cli("exec", sb.name, "--", "cat", input=b"").stdout == b""
+    # No stdin file is left behind in the sandbox.
+    assert cli.ok("exec", sb.name, "--", "sh", "-c", "ls -a /tmp | grep -c kiln-stdin || true") == (
+        "0\n"
+    )
+
+
+def test_exec_without_stdin_does_not_wait(cli: Cli, sb: Sandbox) -> None:
+    proc = cli("exec", sb.name, "--", "cat")  # stdin is /dev/null: nothing is forwarded
+    assert (proc.returncode, proc.stdout) == (0, b"")
+
+
+def test_exec_needs_a_command(cli: Cli, sb: Sandbox) -> None:
+    assert_one_line_error(cli("exec", sb.name), "missing the command")
+
+
+def test_unknown_sandbox_is_one_line_and_non_zero(cli: Cli) -> None:
+    for args in (
+        ("exec", "no-such-sandbox", "--", "true"),
+        ("inspect", "no-such-sandbox"),
+        ("file", "ls", "no-such-sandbox"),
+        ("ps", "no-such-sandbox"),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 1
+        assert_one_line_error(proc, "no-such-sandbox")
+
+
+def test_dead_daemon_is_one_line_no_traceback(cli: Cli) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        for args in (("list",), ("exec", "x", "--", "true"), ("health",)):
+            proc = cli("--url", url, *args)
+            assert proc.returncode == 1
+            assert_one_line_error(proc, "cannot reach the kiln daemon", url)
+
+
+def test_wrong_key(cli: Cli) -> None:
+    assert_one_line_error(cli("--token", "kiln_wrong", "list"), "invalid API key")
+
+
+def test_usage_errors_are_one_line(cli: Cli) -> None:
+    proc = cli("create", "--memory", "lots")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--memory")
+    assert_one_line_error(cli("no-such-command"), "No such command")
+
+
+def test_edit_renames(cli: Cli, sb: Sandbox, kiln: Kiln) -> None:
+    new = sb.name + "-new"
+    out = json.loads(cli.ok("edit", sb.name, "--name", new, "--keep-hot", "--json"))
+    assert (out["id"], out["name"], out["keep_hot"]) == (sb.id, new, True)
+    assert kiln.sandboxes.get(sb.id).name == new
+    assert_one_line_error(cli("edit", new), "nothing to change")
+
+
+def test_stop_and_start(cli: Cli, sb: Sandbox) -> None:
+    assert cli.ok("stop", sb.name) == f"{sb.name}: stopped\n"
+    assert cli.ok("start", sb.name) == f"{sb.name}: running\n"
+
+
+def test_file_write_read_ls_stat(cli: Cli, sb: Sandbox, daemon: Daemon, tmp_path: Path) -> None:
+    base = daemon.data_dir / "sandboxes" / sb.id
+    payload = b"\x00\x01\xfe binary\n"
+    cli.ok("file", "write", sb.name, f"{base}/up/piped.bin", "-", input=payload)
+    local = tmp_path / "local.txt"
+    local.write_text("line 1\nline 2\nline 3\n")
+    cli.ok("file", "write", "--mode", "600", sb.name, f"{base}/up/local.txt", str(local))
+
+    assert cli("file", "read", sb.name, f"{base}/up/piped.bin").stdout == payload
+    assert cli.ok("file", "read", sb.name, f"{base}/up/local.txt") == local.read_text()
+    assert cli.ok("file", "read", "--limit", "1", sb.name, f"{base}/up/local.txt") == "line 1\n"
+    assert cli.ok("file", "read", "--offset", "3", sb.name, f"{base}/up/local.txt") == "line 3\n"
+
+    listing = cli.ok("file", "ls", sb.name, f"{base}/up").splitlines()
+    assert [line.split()[-1] for line in listing] == ["local.txt", "piped.bin"]
+    assert listing[0].startswith("-rw------- ")
+    entries = json.loads(cli.ok("file", "ls", "--json", sb.name, f"{base}/up"))
+    assert [(e["name"], e["size"]) for e in entries] == [("local.txt", 21), ("piped.bin", 11)]
+    assert json.loads(cli.ok("file", "stat", "--json", sb.name, f"{base}/up"))["is_dir"] is True
+
+    assert_one_line_error(cli("file", "read", sb.name, f"{base}/missing"), "missing")
+    assert_one_line_error(
+        cli("file", "write", sb.name, f"{base}/x", str(tmp_path / "nope")), "No such file"
+    )
+
+
+def test_ps_lists_the_init_session(cli: Cli, kiln: Kiln) -> None:
+    name = unique("ps")
+    cli.ok("create", "--name", name, "--init", "echo booted; sleep 600")
+    try:
+        sessions = json.loads(cli.ok("ps", name, "--json"))
+        init = next(s for s in sessions if s["session_id"] == "init")
+        assert init["tty"] is True and init["running"] is True
+        assert "init" in cli.ok("ps", name)
+        cli.ok("kill", name, "init")
+    finally:
+        kiln.sandboxes.delete(name)
+
+
+def test_secrets(cli: Cli, kiln: Kiln) -> None:
+    name = "CLI_" + unique("s").replace("-", "_").upper()
+    assert cli.ok("secret", "set", name, input=b"from stdin\n") == f"secret {name} set\n"
+    listed = json.loads(cli.ok("secret", "list", "--json"))
+    assert name in [s["name"] for s in listed]
+    assert "from stdin" not in cli.ok("secret", "list")
+    sandbox = unique()
+    cli.ok("create", "--name", sandbox, "--secret", name)
+    try:
+        assert cli.ok("exec", sandbox, "--", "sh", "-c", f"echo ${name}") == "from stdin\n"
+    finally:
+        kiln.sandboxes.delete(sandbox)
+
+    proc = cli("secret", "set", name, "--value", "v2")
+    assert proc.returncode == 0
+    assert b"warning" in proc.stderr
+    cli.ok("secret", "delete", name)
+    assert name not in cli.ok("secret", "list")
+    assert_one_line_error(cli("secret", "delete", name), name)
+
+
+def test_volumes_and_templates(cli: Cli) -> None:
+    vol = unique("vol")
+    assert "created" in cli.ok("volume", "create", vol, "--size", "16M")
+    assert [
+        v["size_mb"] for v in json.loads(cli.ok("volume", "list", "--json")) if v["name"] == vol
+    ] == [16]
+    cli.ok("volume", "delete", vol)
+    assert vol not in cli.ok("volume", "list")
+
+    tpl = unique("tpl")
+    cli.ok("template", "create", tpl, "--cpus", "2", "-e", "T=1")
+    assert tpl in cli.ok("template", "list")
+    sandbox = unique()
+    out = json.loads(cli.ok("create", "--name", sandbox, "--template", tpl, "--json"))
+    assert out["cpus"] == 2
+    cli.ok("rm", sandbox)
+    cli.ok("template", "delete", tpl)
+    assert tpl not in cli.ok("template", "list")
+
+
+def test_setup_verifies_and_writes_a_private_config(cli: Cli, daemon: Daemon) -> None:
+    no_env = {"KILN_URL": "", "KILN_TOKEN": ""}
+    proc = cli("setup", "--url", daemon.url, "--token", "kiln_wrong", env=no_env)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "invalid API key")
+    config = cli.home / ".kiln" / "config.yaml"
+    assert not config.exists()
+
+    proc = cli("setup", "--url", daemon.url, env=no_env, input=daemon.token.encode() + b"\n")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(config.read_text()) == {"url": daemon.url, "token": daemon.token}
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    # The saved config is enough from now on.
+    assert cli("list", env=no_env).returncode == 0
+
+
+def test_setup_against_a_dead_daemon_fails(cli: Cli) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        proc = cli("setup", "--url", f"127.0.0.1:{s.getsockname()[1]}", "--token", "k")
+    assert_one_line_error(proc, "cannot reach")
+    assert not (cli.home / ".kiln" / "config.yaml").exists()
+
+
+def test_precedence_flag_then_file_then_env(cli: Cli, daemon: Daemon) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        config = cli.home / ".kiln" / "config.yaml"
+        config.parent.mkdir()
+        config.write_text(yaml.safe_dump({"url": dead, "token": daemon.token}))
+        # The file beats KILN_URL ...
+        assert_one_line_error(cli("list"), dead)
+        # ... and --url beats the file.
+        assert cli("--url", daemon.url, "list").returncode == 0
+        config.write_text(yaml.safe_dump({"token": "kiln_wrong"}))
+        assert_one_line_error(cli("list"), "invalid API key")
+        assert cli("--token", daemon.token, "list").returncode == 0

@@ -1,0 +1,172 @@
+"""Pure formatting: text and tables from values, rendered without a terminal."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+
+from rich.console import Console
+
+from kiln.cli import format as fmt
+from kiln.cli.execio import exit_status, stdin_command
+from kiln.cli.terminal import split_detach
+from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+from kiln.sdk.models import FileStat, Health, Port, SandboxInfo, Secret, Template, Volume
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def render(table: object) -> str:
+    out = StringIO()
+    Console(file=out, width=200, color_system=None).print(table)
+    return out.getvalue()
+
+
+def sandbox(**changes: object) -> SandboxInfo:
+    fields: dict[str, object] = {
+        "id": "sb-0123456789ab",
+        "name": "demo",
+        "status": "running",
+        "thermal": "hot",
+        "ip": "10.88.0.2",
+        "cpus": 2,
+        "memory_mb": 1536,
+        "keep_hot": True,
+        "engine": "qemu",
+        "image": "minimal",
+        "created_at": NOW - timedelta(minutes=5),
+        "last_active_at": None,
+    }
+    fields.update(changes)
+    return SandboxInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_format_error_is_one_line() -> None:
+    assert fmt.format_error("sandbox x\nnot found") == "kiln: error: sandbox x not found"
+    assert fmt.format_error("") == "kiln: error: unknown error"
+
+
+def test_format_age_and_duration() -> None:
+    assert fmt.format_age(None, NOW) == "-"
+    assert fmt.format_age(NOW - timedelta(seconds=42), NOW) == "42s"
+    assert fmt.format_age(NOW - timedelta(hours=3, minutes=5), NOW) == "3h"
+    assert fmt.format_age((NOW - timedelta(days=2)).timestamp(), NOW) == "2d"
+    assert fmt.format_age(NOW + timedelta(seconds=5), NOW) == "0s"  # clock skew
+    assert fmt.format_duration(59.9) == "59s"
+
+
+def test_format_sizes() -> None:
+    assert fmt.format_bytes(0) == "0B"
+    assert fmt.format_bytes(1536) == "1.5K"
+    assert fmt.format_mib(512) == "512M"
+    assert fmt.format_mib(2048) == "2G"
+    assert fmt.format_mib(1536) == "1.5G"
+
+
+def test_sandbox_table() -> None:
+    text = render(fmt.format_sandbox_table([sandbox(), sandbox(name="b", ip=None)], NOW))
+    lines = text.strip().splitlines()
+    assert lines[0].split() == [
+        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE"
+    ]  # fmt: skip
+    row = next(line.split() for line in lines if line.startswith("demo"))
+    assert row == ["demo", "sb-0123456789ab", "running", "hot", "10.88.0.2", "2", "1.5G",
+                   "minimal", "5m"]  # fmt: skip
+    assert any(
+        line.split()[:5] == ["b", "sb-0123456789ab", "running", "hot", "-"] for line in lines
+    )
+
+
+def test_sandbox_fields() -> None:
+    text = fmt.format_sandbox(sandbox(), NOW)
+    assert "name:        demo" in text
+    assert "keep_hot:    yes" in text
+    assert "created:     2024-05-01T11:55:00+00:00 (5m ago)" in text
+    assert "last active: -" in text
+
+
+def test_json_of_models_and_lists() -> None:
+    data = json.loads(fmt.format_json([sandbox()]))
+    assert data[0]["name"] == "demo"
+    assert data[0]["created_at"] == "2024-05-01T11:55:00+00:00"
+    sessions = [SessionInfo("s1", "bash", True, True, False, 0.0)]
+    assert json.loads(fmt.format_json(sessions))[0]["session_id"] == "s1"
+
+
+def test_sessions_table() -> None:
+    sessions = [
+        SessionInfo("s1", "bash -l", True, True, True, (NOW - timedelta(seconds=30)).timestamp()),
+        SessionInfo("s2", "make", False, False, False, NOW.timestamp(), exit_code=2),
+    ]
+    text = render(fmt.format_sessions_table(sessions, NOW))
+    assert "s1 " in text and "running" in text and "30s" in text
+    assert "exited (2)" in text
+
+
+def test_file_listing() -> None:
+    when = NOW.timestamp()
+    listing = FileListing(
+        (
+            FileInfo("app.py", 12, "0644", False, when),
+            FileInfo("src", 4096, "0755", True, when),
+        ),
+        truncated=True,
+        total=5,
+    )
+    lines = fmt.format_file_listing(listing, NOW).splitlines()
+    assert lines[0] == "-rw-r--r--   12 2024-05-01 12:00 app.py"
+    assert lines[1] == "drwxr-xr-x 4096 2024-05-01 12:00 src/"
+    assert lines[2] == "... 3 more (listing capped at 2)"
+    assert fmt.format_file_listing(FileListing(()), NOW) == ""
+
+
+def test_file_stat() -> None:
+    text = fmt.format_file_stat(FileStat("/w/a", 2048, "0600", False))
+    assert "type: file" in text and "2048 (2.0K)" in text and "0600 (-rw-------)" in text
+
+
+def test_other_tables() -> None:
+    secrets = render(fmt.format_secrets_table([Secret("TOKEN", NOW, NOW)], NOW))
+    assert "TOKEN" in secrets
+    volumes = render(fmt.format_volumes_table([Volume("data", 1024, NOW, "sb-1")], NOW))
+    assert "data" in volumes and "1G" in volumes and "sb-1" in volumes
+    templates = render(fmt.format_templates_table([Template("t-1", "py", cpus=2)], NOW))
+    assert "py" in templates and "t-1" in templates
+    ports = render(fmt.format_ports_table([Port(3000, "/sandboxes/sb/proxy/3000/")], "http://h:1"))
+    assert "http://h:1/sandboxes/sb/proxy/3000/" in ports
+
+
+def test_health() -> None:
+    text = fmt.format_health(Health("ok", 3, 7260.0, "qemu"), "http://h:1")
+    assert "uptime:    2h" in text and "sandboxes: 3" in text
+
+
+def test_detached_message_names_the_session() -> None:
+    assert fmt.format_detached("demo", "s3") == (
+        "kiln: detached from session s3; reattach with: kiln shell demo --session s3"
+    )
+    assert "kiln ps demo" in fmt.format_detached("demo", None)
+
+
+def test_key_notice() -> None:
+    assert "kiln_abc" in fmt.format_key_notice("alice", "kiln_abc")
+
+
+def test_stdin_wrapper_and_exit_status() -> None:
+    assert stdin_command("/tmp/f", ["cat", "-n"]) == [
+        "sh",
+        "-c",
+        'exec <"$1" && rm -f -- "$1" && shift && exec "$@"',
+        "kiln-stdin",
+        "/tmp/f",
+        "cat",
+        "-n",
+    ]
+    assert [exit_status(c) for c in (0, 7, 255, 256, -1)] == [0, 7, 255, 255, 255]
+
+
+def test_split_detach() -> None:
+    assert split_detach(b"ls\r") == (b"ls\r", False)
+    assert split_detach(b"ab\x1ccd") == (b"ab", True)
+    assert split_detach(b"\x1c") == (b"", True)
