@@ -7,6 +7,7 @@ Both the guest agent and the host client use it; all framing logic stays in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from .errors import MalformedFrame
 from .frames import Frame, FrameDecoder, FrameType, encode_frame
@@ -71,7 +72,5 @@ class FrameStream:
         if writer.is_closing():
             return
         writer.close()
-        try:
+        with contextlib.suppress(OSError):  # ConnectionError is an OSError
             await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

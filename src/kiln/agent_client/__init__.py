@@ -1,0 +1,66 @@
+"""Host-side client of the guest agent (asyncio).
+
+    client = AgentClient(Endpoint.tcp("10.0.0.2"), token)
+    result = await client.exec(["uname", "-a"])
+
+See :mod:`.client` for the operations, :mod:`.transport` for endpoints and
+dialers, and :mod:`.errors` for the exception tree.
+"""
+
+from .client import DEFAULT_SHELL, AgentClient
+from .errors import (
+    AgentConnectError,
+    AgentConnectionLost,
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+    AuthError,
+    ForwardError,
+    RemoteError,
+    RemoteNotFound,
+)
+from .exec import ExecEvent, ExecProcess, ExecResult, Exit, Stderr, Stdout
+from .files import FileContent, FileReader, WriteSource
+from .forward import ForwardStream
+from .transport import (
+    CONTROL_PORT,
+    FORWARD_PORT,
+    Dialer,
+    Endpoint,
+    SocketFactory,
+    tcp_dialer,
+    unix_dialer,
+)
+from .tty import TtySession
+
+__all__ = [
+    "CONTROL_PORT",
+    "DEFAULT_SHELL",
+    "FORWARD_PORT",
+    "AgentClient",
+    "AgentConnectError",
+    "AgentConnectionLost",
+    "AgentError",
+    "AgentProtocolError",
+    "AgentTimeout",
+    "AuthError",
+    "Dialer",
+    "Endpoint",
+    "ExecEvent",
+    "ExecProcess",
+    "ExecResult",
+    "Exit",
+    "FileContent",
+    "FileReader",
+    "ForwardError",
+    "ForwardStream",
+    "RemoteError",
+    "RemoteNotFound",
+    "SocketFactory",
+    "Stderr",
+    "Stdout",
+    "TtySession",
+    "WriteSource",
+    "tcp_dialer",
+    "unix_dialer",
+]
