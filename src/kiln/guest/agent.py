@@ -190,6 +190,7 @@ class Agent:
             conn = FrameStream(reader, writer)
             try:
                 await self._guarded(conn, handler)
+                await _linger(conn)
             finally:
                 self._connections.discard(task)
                 await conn.close()
@@ -237,13 +238,9 @@ class Agent:
             return
         try:
             await asyncio.wait_for(conn.send_error(message), ERROR_LINGER)
-            if writer.can_write_eof():
-                writer.write_eof()
-            async with asyncio.timeout(ERROR_LINGER):
-                while await conn.reader.read(1 << 16):
-                    pass
         except (TimeoutError, OSError):
-            pass
+            return
+        await _linger(conn)
 
     # ---- control connection ------------------------------------------------------
 
@@ -364,3 +361,24 @@ def _listening_unix_socket(path: Path) -> socket.socket:
             temp.unlink()
         raise
     return sock
+
+
+async def _linger(conn: FrameStream) -> None:
+    """Half-close, then read what the host still sends until it closes (bounded).
+
+    Closing a TCP socket with unread input makes Linux send a reset, and a reset
+    can destroy the EXIT or ERROR frame still travelling to the host. The host
+    closes as soon as it has the final frame, so this normally ends at once.
+    """
+    writer = conn.writer
+    if writer.is_closing():
+        return
+    try:
+        await asyncio.wait_for(writer.drain(), ERROR_LINGER)
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(ERROR_LINGER):
+            while await conn.reader.read(1 << 16):
+                pass
+    except (TimeoutError, OSError):
+        pass
