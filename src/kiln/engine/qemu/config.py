@@ -1,0 +1,74 @@
+"""Configuration of the QEMU engine (validated on construction, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from kiln.network import NetworkConfig
+
+from ..errors import EngineUnavailable
+from .accel import ACCEL_SETTINGS
+from .disks import DISK_MODES
+
+DEFAULT_DATA_DIR: Final = Path("/var/lib/kiln/qemu")
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    """Where the QEMU engine keeps its sandboxes and how it runs them.
+
+    ``data_dir``       per-sandbox directories (``sandboxes/<id>``) and pinned image files.
+    ``volumes_dir``    named volume images ``<name>.ext4`` (default ``data_dir/volumes``).
+    ``image_dir``      the image cache of :mod:`kiln.images` (default: its own default).
+    ``network``        the sandbox network (bridge, subnet, optional netns).
+    ``accel``          ``auto`` (KVM when usable, else TCG), ``kvm`` or ``tcg``.
+    ``disk_mode``      ``qcow2``: the root disk is an overlay on the pinned image (≈10 ms);
+                       ``copy``: a full sparse copy (≈0.65 s for the minimal image here).
+    ``boot_timeout``   seconds from QEMU start until the agent must answer.
+    ``qmp_timeout``    bound on every QMP command.
+    ``snapshot_timeout`` bound on saving or loading the device state.
+    """
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    volumes_dir: Path | None = None
+    image_dir: Path | None = None
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    accel: str = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    disk_mode: str = "qcow2"
+    tb_size_mb: int = 64
+    boot_timeout: float = 90.0
+    qmp_timeout: float = 10.0
+    snapshot_timeout: float = 60.0
+    agent_timeout: float = 10.0
+    guest_user: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCEL_SETTINGS:
+            raise EngineUnavailable(
+                f"accel must be one of {', '.join(ACCEL_SETTINGS)}, got {self.accel!r}"
+            )
+        if self.disk_mode not in DISK_MODES:
+            raise EngineUnavailable(
+                f"disk_mode must be one of {', '.join(DISK_MODES)}, got {self.disk_mode!r}"
+            )
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.volumes_dir is not None:
+            object.__setattr__(self, "volumes_dir", Path(self.volumes_dir))
+        for name in ("boot_timeout", "qmp_timeout", "snapshot_timeout", "agent_timeout"):
+            if getattr(self, name) <= 0:
+                raise EngineUnavailable(f"{name} must be positive")
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def bases_dir(self) -> Path:
+        return self.data_dir / "bases"
+
+    @property
+    def effective_volumes_dir(self) -> Path:
+        return self.volumes_dir if self.volumes_dir is not None else self.data_dir / "volumes"

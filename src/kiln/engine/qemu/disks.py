@@ -1,0 +1,129 @@
+"""Disk images of a sandbox: the root filesystem, the config drive and volumes.
+
+- Root filesystem: a per-sandbox copy of the image's ``rootfs.ext4``, either a
+  qcow2 overlay on the (read-only, never rewritten) image or a full sparse copy
+  (``cp --reflink=auto --sparse=always``; a reflink where the filesystem can).
+- Config drive (``/dev/vdb``): a small ext4 made by ``mkfs.ext4 -d`` from a
+  directory holding ``config.json`` -- no mount, no root-only loop devices.
+- Volumes: ext4 images that outlive sandboxes; new ones made by ``mkfs.ext4``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from ..errors import EngineError
+
+DISK_MODES: Final = ("qcow2", "copy")
+_MIB: Final = 1 << 20
+#: The volume's root directory belongs to the guest's default user (uid 1000).
+VOLUME_OWNER: Final = "1000:1000"
+_TOOL_TIMEOUT: Final = 120.0
+
+
+async def run_tool(argv: Sequence[str | os.PathLike[str]], timeout: float = _TOOL_TIMEOUT) -> str:  # noqa: ASYNC109
+    """Run a host command; EngineError with its stderr tail when it fails."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise EngineError(f"cannot run {args[0]}: {exc.strerror}") from exc
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise EngineError(f"{args[0]} timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = " / ".join(err.decode(errors="replace").strip().splitlines()[-4:])
+        raise EngineError(f"{' '.join(args[:3])} ... exited with {proc.returncode}: {tail}")
+    return out.decode(errors="replace")
+
+
+async def make_rootfs(image_rootfs: Path, dest: Path, mode: str) -> str:
+    """Create the sandbox's root disk at ``dest``; returns its QEMU format."""
+    if mode == "qcow2":
+        await run_tool(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_rootfs, dest]
+        )
+        return "qcow2"
+    if mode == "copy":
+        await run_tool(["cp", "--reflink=auto", "--sparse=always", image_rootfs, dest])
+        return "raw"
+    raise EngineError(f"disk mode must be one of {DISK_MODES}, got {mode!r}")
+
+
+def config_drive_size(config_json: bytes) -> int:
+    """Bytes for an ext4 that comfortably holds ``config.json`` (≥ 4 MiB, MiB-aligned)."""
+    need = 2 * len(config_json) + 2 * _MIB
+    return max(4 * _MIB, -(-need // _MIB) * _MIB)
+
+
+async def make_config_drive(dest: Path, config: dict[str, Any]) -> None:
+    """An ext4 image at ``dest`` whose root holds ``config.json`` (mode 0600)."""
+    payload = json.dumps(config, separators=(",", ":")).encode()
+    with tempfile.TemporaryDirectory(prefix="kiln-cfg-", dir=dest.parent) as tmp:
+        tree = Path(tmp) / "root"
+        tree.mkdir(mode=0o700)
+        target = tree / "config.json"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        _make_sparse(dest, config_drive_size(payload))
+        await run_tool(["mkfs.ext4", "-q", "-F", "-L", "kiln-config", "-m", "0", "-d", tree, dest])
+
+
+async def make_volume(dest: Path, size_mb: int, label: str) -> None:
+    """A new, empty ext4 volume image (fails if ``dest`` exists)."""
+    _make_sparse(dest, size_mb * _MIB, exclusive=True)
+    try:
+        await run_tool(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-L",
+                label[:16],
+                "-E",
+                f"root_owner={VOLUME_OWNER}",
+                dest,
+            ]
+        )
+    except BaseException:
+        _unlink_quietly(dest)
+        raise
+
+
+def _make_sparse(path: Path, size: int, *, exclusive: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""The files of one sandbox directory, and its persistent record ``sandbox.json``.
+
+::
+
+    <data_dir>/sandboxes/<id>/
+        sandbox.json     what is needed to rebuild the QEMU command line and to
+                         recover the sandbox (spec, ip, tap, mac, token, disks, accel)
+        rootfs.qcow2     root disk (/dev/vda): overlay on <data_dir>/bases/<digest>/
+                         (or rootfs.img, a full copy, with disk_mode "copy")
+        config.img       config drive (/dev/vdb), ext4 with config.json
+        ram              guest RAM (memory-backend-file, share=on)
+        state.bin        device state of the last stop (snapshot)
+        snapshot.json    snapshot validity and measurements (see .snapshot)
+        qmp.sock         QMP socket
+        qemu.pid         pid of the daemonized QEMU
+        qemu.log         QEMU's own messages
+        console.log      the guest's serial console
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..base import FileSpec, SandboxSpec, VolumeSpec
+from .argv import Drive
+
+RECORD_VERSION: Final = 1
+_HOSTNAME_BAD: Final = re.compile(r"[^A-Za-z0-9.-]")
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    root: Path
+
+    @property
+    def record(self) -> Path:
+        return self.root / "sandbox.json"
+
+    @property
+    def config_drive(self) -> Path:
+        return self.root / "config.img"
+
+    @property
+    def ram(self) -> Path:
+        return self.root / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.bin"
+
+    @property
+    def state_tmp(self) -> Path:
+        return self.root / ".state.bin.tmp"
+
+    @property
+    def snapshot_meta(self) -> Path:
+        return self.root / "snapshot.json"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    def rootfs(self, fmt: str) -> Path:
+        return self.root / ("rootfs.qcow2" if fmt == "qcow2" else "rootfs.img")
+
+    @property
+    def marker(self) -> str:
+        """A string only this sandbox's QEMU has on its command line."""
+        return f"{self.root}/"
+
+
+def spec_to_json(spec: SandboxSpec) -> dict[str, Any]:
+    return {
+        "sandbox_id": spec.sandbox_id,
+        "name": spec.name,
+        "cpus": spec.cpus,
+        "memory_mb": spec.memory_mb,
+        "image": spec.image,
+        "env": dict(spec.env),
+        "files": [
+            {"path": f.path, "content": base64.b64encode(f.content).decode(), "mode": f.mode}
+            for f in spec.files
+        ],
+        "init": spec.init,
+        "volumes": [asdict(v) for v in spec.volumes],
+        "keep_hot": spec.keep_hot,
+    }
+
+
+def spec_from_json(data: dict[str, Any]) -> SandboxSpec:
+    return SandboxSpec(
+        sandbox_id=str(data["sandbox_id"]),
+        name=str(data["name"]),
+        cpus=int(data.get("cpus", 1)),
+        memory_mb=int(data.get("memory_mb", 512)),
+        image=str(data.get("image", "minimal")),
+        env=dict(data.get("env") or {}),
+        files=tuple(
+            FileSpec(f["path"], base64.b64decode(f["content"]), int(f.get("mode", 0o644)))
+            for f in data.get("files") or []
+        ),
+        init=data.get("init"),
+        volumes=tuple(VolumeSpec(**v) for v in data.get("volumes") or []),
+        keep_hot=bool(data.get("keep_hot", False)),
+    )
+
+
+@dataclass(slots=True)
+class Record:
+    """``sandbox.json``: the immutable facts of a sandbox (written once at create)."""
+
+    spec: SandboxSpec
+    dir: str
+    token: str
+    ip: str
+    tap: str
+    mac: str
+    accel: str
+    kernel: str
+    initrd: str
+    image_digest: str
+    drives: tuple[Drive, ...]
+    volume_paths: dict[str, str] = field(default_factory=dict)
+    created_volumes: tuple[str, ...] = ()
+    created_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "spec": spec_to_json(self.spec),
+            "dir": self.dir,
+            "token": self.token,
+            "ip": self.ip,
+            "tap": self.tap,
+            "mac": self.mac,
+            "accel": self.accel,
+            "kernel": self.kernel,
+            "initrd": self.initrd,
+            "image_digest": self.image_digest,
+            "drives": [asdict(d) for d in self.drives],
+            "volume_paths": dict(self.volume_paths),
+            "created_volumes": list(self.created_volumes),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record:
+        return cls(
+            spec=spec_from_json(data["spec"]),
+            dir=str(data["dir"]),
+            token=str(data["token"]),
+            ip=str(data["ip"]),
+            tap=str(data["tap"]),
+            mac=str(data["mac"]),
+            accel=str(data["accel"]),
+            kernel=str(data["kernel"]),
+            initrd=str(data["initrd"]),
+            image_digest=str(data.get("image_digest", "")),
+            drives=tuple(Drive(**d) for d in data["drives"]),
+            volume_paths={str(k): str(v) for k, v in (data.get("volume_paths") or {}).items()},
+            created_volumes=tuple(data.get("created_volumes") or ()),
+            created_at=float(data.get("created_at", 0.0)),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Record:
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def guest_hostname(name: str) -> str:
+    """A valid host name from a sandbox name (which may contain ``_``)."""
+    host = _HOSTNAME_BAD.sub("-", name).strip(".-")[:63]
+    return host or "sandbox"
+
+
+def guest_config(
+    record: Record,
+    network: dict[str, Any],
+    volume_devices: list[tuple[str, str]],
+    user: str | None,
+) -> dict[str, Any]:
+    """The ``config.json`` of the config drive (see :mod:`kiln.guest.config`)."""
+    spec = record.spec
+    config: dict[str, Any] = {
+        "sandbox_id": spec.sandbox_id,
+        "hostname": guest_hostname(spec.name),
+        "token": record.token,
+        "env": dict(spec.env),
+        "files": [
+            {
+                "path": f.path,
+                "content": base64.b64encode(f.content).decode(),
+                "mode": f"{f.mode & 0o7777:04o}",
+            }
+            for f in spec.files
+        ],
+        "volumes": [
+            {"device": device, "mount": mount, "fstype": "ext4"} for device, mount in volume_devices
+        ],
+        "dns": list(network.get("dns", [])),
+        "network": {
+            "address": network["address"],
+            "gateway": network["gateway"],
+            "mac": network["mac"],
+        },
+    }
+    if spec.init:
+        config["init"] = spec.init
+    if user:
+        config["user"] = user
+    return config
