@@ -1,0 +1,294 @@
+"""Daemon configuration: an optional YAML file plus overrides, validated once.
+
+Every key is optional; the file uses the field names of :class:`Config`, with
+``network`` and ``thermal`` as nested mappings::
+
+    data_dir: /var/lib/kiln
+    listen: 127.0.0.1:8080
+    engine: auto            # auto | qemu
+    accel: auto             # auto | kvm | tcg
+    image: minimal          # the default image tier
+    network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
+    thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
+    publish_domain: localhost
+    max_upload_bytes: 104857600
+
+Overrides (from the command line) use the same names, dotted for the nested
+ones (``{"network.netns": "kiln-test"}``). A bad value raises
+:class:`ConfigError` with one line naming the key; nothing else is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.network.config import NetworkConfig
+from kiln.network.errors import NetworkError
+
+ENGINES = ("auto", "qemu")
+ACCELS = ("auto", "kvm", "tcg")
+QEMU_BINARY = "qemu-system-x86_64"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid (the message says which key)."""
+
+
+def default_data_dir() -> Path:
+    """``/var/lib/kiln`` for root, ``$XDG_DATA_HOME/kiln`` (``~/.local/share/kiln``) otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/kiln")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "kiln"
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalSettings:
+    hot_to_warm_s: float = 30.0
+    warm_to_cold_s: float = 1800.0
+    tick_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: str = DEFAULT_LISTEN
+    engine: str = "auto"
+    accel: str = "auto"
+    image: str = "minimal"
+    image_dir: Path | None = None  # None: kiln.images' default ($KILN_IMAGE_DIR or ~/.cache)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    thermal: ThermalSettings = field(default_factory=ThermalSettings)
+    publish_domain: str = "localhost"
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "kiln.db"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.data_dir / "secret.key"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.data_dir / "admin-api-key"
+
+    @property
+    def url(self) -> str:
+        """The URL a local client uses to reach this daemon."""
+        host, port = split_listen(self.listen)
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:8080"`` for IPv6) → ``(host, port)``."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"listen: expected HOST:PORT, got {listen!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(f"listen: expected HOST:PORT, got {listen!r}")
+    return host, port
+
+
+def resolve_engine(config: Config) -> str:
+    """The engine to run: ``auto`` becomes ``qemu`` when QEMU is installed.
+
+    Returns ``""`` when no engine can run here; the daemon then answers 503
+    for every sandbox operation instead of refusing to start.
+    """
+    if config.engine != "auto":
+        return config.engine
+    return "qemu" if shutil.which(QEMU_BINARY) else ""
+
+
+def _validate(cfg: Config) -> None:
+    split_listen(cfg.listen)
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.accel not in ACCELS:
+        raise ConfigError(f"accel: must be one of {', '.join(ACCELS)}, got {cfg.accel!r}")
+    if not cfg.image or "/" in cfg.image:
+        raise ConfigError(f"image: not a valid image tier name: {cfg.image!r}")
+    if cfg.max_upload_bytes < 1:
+        raise ConfigError("max_upload_bytes: must be positive")
+    if not cfg.publish_domain or " " in cfg.publish_domain:
+        raise ConfigError(f"publish_domain: invalid domain {cfg.publish_domain!r}")
+    t = cfg.thermal
+    for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"thermal.{key}: must be positive")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """Check (and lightly convert) one raw value against the field's declared type."""
+    if kind in ("str", "str | None"):
+        if value is None and kind.endswith("None"):
+            return None
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    if kind in ("Path", "Path | None"):
+        if value is None and kind.endswith("None"):
+            return None
+        if isinstance(value, str | os.PathLike):
+            return Path(os.path.expanduser(os.fspath(value)))
+        raise ConfigError(f"{key}: expected a path, got {type(value).__name__}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind in ("int", "float"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind == "float" else int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if kind == "int" and isinstance(value, int):
+            return value
+        if kind == "float" and isinstance(value, int | float):
+            return float(value)
+        raise ConfigError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}")
+    raise AssertionError(f"unhandled config type {kind}")  # pragma: no cover
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        f = known.get(key) if isinstance(key, str) else None
+        if f is None:
+            raise ConfigError(f"unknown configuration key {full!r}")
+        kind = str(f.type)
+        if kind == "NetworkConfig":
+            kwargs[key] = _network(value, full)
+        elif kind == "ThermalSettings":
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full}: expected a mapping")
+            kwargs[key] = _build(ThermalSettings, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, kind)
+    return cls(**kwargs) if cls is not Config else kwargs
+
+
+_NETWORK_KEYS = ("bridge", "subnet", "bridge_mac", "tap_prefix", "netns", "nat", "dns")
+
+
+def _network(value: Any, key: str) -> NetworkConfig:
+    if value is None:
+        return NetworkConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping")
+    kwargs: dict[str, Any] = {}
+    for name, raw in value.items():
+        if name not in _NETWORK_KEYS:
+            raise ConfigError(f"unknown configuration key '{key}.{name}'")
+        item = raw
+        if name == "nat":
+            item = _coerce(f"{key}.nat", raw, "bool")
+        elif name == "dns" and raw is not None:
+            if not isinstance(raw, list | tuple):
+                raise ConfigError(f"{key}.dns: expected a list of IPv4 addresses")
+            item = tuple(raw)
+        elif raw is not None:
+            item = _coerce(f"{key}.{name}", raw, "str")
+        kwargs[name] = item
+    try:
+        return NetworkConfig(**kwargs)
+    except NetworkError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read ``path`` (if given; it must then exist) and apply ``overrides`` on top.
+
+    Overrides whose value is ``None`` are ignored, so a CLI can pass every
+    option it has without knowing which ones the user set.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        head, dot, tail = key.partition(".")
+        if dot:
+            section = raw.get(head)
+            if section is None:
+                section = raw[head] = {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{head}: expected a mapping")
+            section[tail] = value
+        else:
+            raw[key] = value
+    kwargs = _build(Config, raw, "")
+    try:
+        return Config(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def with_overrides(config: Config, **changes: Any) -> Config:
+    """A copy of ``config`` with top-level fields replaced (validated again)."""
+    return replace(config, **changes)

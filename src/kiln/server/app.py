@@ -1,0 +1,219 @@
+"""The FastAPI application: routes, JSON errors and request size limits.
+
+Every error leaves as ``{"error": "<message>"}`` with the contract's status:
+:class:`~kiln.server.errors.ApiError` and the errors of the store, engine,
+agent client and image builder through :func:`~kiln.server.errors.to_api_error`;
+FastAPI's validation errors as 400 (malformed JSON) or 422 (invalid fields);
+Starlette's 404/405 as they are. Anything else is a bug: a 500 with a generic
+message, the traceback in the daemon's log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import kiln
+from kiln.agent_client import AgentError
+from kiln.engine.errors import EngineError
+from kiln.images import ImageError
+from kiln.network.errors import NetworkError
+from kiln.protocol import ProtocolError
+from kiln.store import StoreError
+
+from .errors import ApiError, to_api_error
+from .routes import exec as exec_routes
+from .routes import files, resources, sandboxes, shell
+from .services import Services
+
+log = logging.getLogger("kiln.server")
+
+#: JSON request bodies larger than this are refused with 413 (file uploads have
+#: their own, configurable limit).
+MAX_JSON_BODY = 4 << 20
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    """FastAPI's error list → (status, one readable line)."""
+    errors = list(exc.errors())
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return 400, "request body is not valid JSON"
+    messages = []
+    for err in errors[:5]:
+        where = _field_path(err.get("loc", ()))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid value"))
+        if kind == "missing":
+            msg = "field required"
+        if kind == "model_attributes_type" and not where:
+            messages.append("request body must be a JSON object")
+            continue
+        messages.append(f"{where}: {msg}" if where else msg)
+    in_query = any(err.get("loc", ("",))[0] in ("query", "path") for err in errors)
+    return (400 if in_query else 422), "; ".join(messages) or "invalid request"
+
+
+class BodyLimit:
+    """Refuse request bodies over a limit with 413, before or while they are read;
+    treat every body except a file upload as JSON.
+
+    ``PUT .../files`` gets the upload limit (the route also insists on
+    Content-Length, 411); everything else the small JSON limit.
+    """
+
+    def __init__(self, app: ASGIApp, upload_limit: int, json_limit: int = MAX_JSON_BODY) -> None:
+        self.app = app
+        self.upload_limit = upload_limit
+        self.json_limit = json_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
+        limit = self.upload_limit if upload else self.json_limit
+        length: int | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await error_response(400, "invalid Content-Length")(scope, receive, send)
+                    return
+            if key == b"content-type" and not upload:
+                continue
+            headers.append((key, value))
+        if not upload:
+            # Every other body is JSON whatever the client labelled it (curl -d says
+            # form-urlencoded), so a malformed one is a 400 and a good one is read.
+            headers.append((b"content-type", b"application/json"))
+            scope = dict(scope, headers=headers)
+        if length is not None and length > limit:
+            message = f"request body of {length} bytes exceeds the limit of {limit} bytes"
+            await error_response(413, message)(scope, receive, send)
+            return
+        if length is not None:
+            await self.app(scope, receive, send)
+            return
+
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI passes HTTPException through while reading a body (it
+                    # turns anything else into a 400).
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class CatchAll:
+    """A bug in a route becomes a JSON 500 (traceback to the log only), and the
+    connection stays usable. After the response has started nothing can be sent;
+    the exception then goes on to the server, which drops the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            response = error_response(500, f"internal error ({type(exc).__name__})")
+            await response(scope, receive, send)
+
+
+def create_app(services: Services) -> FastAPI:
+    """The API over ``services`` (see :class:`~kiln.server.services.Services`)."""
+    app = FastAPI(
+        title="kiln",
+        version=kiln.__version__,
+        description="Self-hosted microVM sandboxes: the daemon's HTTP API.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.services = services
+
+    @app.get("/health", tags=["daemon"])
+    async def health() -> dict[str, Any]:
+        """Liveness, without authentication; never wakes a sandbox."""
+        return services.health()
+
+    app.include_router(sandboxes.router)
+    app.include_router(exec_routes.router)
+    app.include_router(files.router)
+    app.include_router(shell.router)
+    app.include_router(resources.router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = validation_message(exc)
+        return error_response(status, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        response = error_response(exc.status_code, message)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return error_response(400, "the client disconnected before the request was complete")
+
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        api = to_api_error(exc)
+        if api is None:  # pragma: no cover - every root class below maps
+            raise exc
+        if api.status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, api.message)
+        return error_response(api.status, api.message)
+
+    for root in (StoreError, EngineError, AgentError, ImageError, NetworkError, ProtocolError):
+        app.add_exception_handler(root, known)
+
+    app.add_middleware(BodyLimit, upload_limit=services.config.max_upload_bytes)
+    app.add_middleware(CatchAll)
+    return app

@@ -1,0 +1,449 @@
+"""The daemon process: ``serve(config)`` (async) and ``run(config)`` (blocking).
+
+Start-up, in order:
+
+1. ``data_dir`` (0700), the database ``kiln.db`` and the secret key
+   ``secret.key`` (0600, created on first start);
+2. the listening socket (a clear error when the address is taken);
+3. on the very first start, the ``admin`` user: its key goes to
+   ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
+   config ``~/.kiln/config.yaml`` as ``{url, token}`` (0600);
+4. the engine (``auto``: QEMU when installed; otherwise every sandbox
+   operation answers 503 while the rest of the API works), then recovery of
+   every live sandbox the store knows, then orphan cleanup;
+5. one :class:`asyncio.TaskGroup` owning the thermal manager and the HTTP
+   server (uvicorn).
+
+SIGTERM or SIGINT shuts down gracefully: the server stops accepting, open
+requests get a few seconds, the thermal manager stops, the engine is closed
+(sandboxes keep running or stay on disk for the next start's recovery; none
+is destroyed) and the store is closed. A second signal skips the wait.
+
+The default image is built on first use (the first sandbox create), with its
+progress in the daemon's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+
+from kiln.agent_client import AgentClient
+from kiln.config import Config, resolve_engine
+from kiln.engine.base import Engine, SandboxInfo, SandboxSpec, Thermal
+from kiln.engine.errors import EngineError, EngineUnavailable, SandboxNotFound
+from kiln.recovery import recover
+from kiln.store import NotFound, SecretBox, Store, StoreError
+from kiln.thermal import ThermalManager, ThermalPolicy
+
+from .app import create_app
+from .services import Services
+
+log = logging.getLogger("kiln.daemon")
+
+ADMIN_USER = "admin"
+#: Seconds open requests (streams, shells) get after a shutdown signal.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (address in use, unusable data directory, ...)."""
+
+
+# ------------------------------------------------------------------ engine
+
+
+class UnavailableEngine:
+    """Stands in when no engine can run here: sandbox operations answer 503."""
+
+    name = "none"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _no(self) -> EngineUnavailable:
+        return EngineUnavailable(self.reason)
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        raise self._no()
+
+    async def destroy(self, sandbox_id: str) -> None:
+        raise self._no()
+
+    async def stop(self, sandbox_id: str) -> SandboxInfo:
+        raise self._no()
+
+    async def start(self, sandbox_id: str) -> SandboxInfo:
+        raise self._no()
+
+    async def pause(self, sandbox_id: str) -> None:
+        raise self._no()
+
+    async def resume(self, sandbox_id: str) -> None:
+        raise self._no()
+
+    async def ensure_hot(self, sandbox_id: str) -> None:
+        raise self._no()
+
+    def thermal(self, sandbox_id: str) -> Thermal:
+        raise SandboxNotFound(sandbox_id)
+
+    def info(self, sandbox_id: str) -> SandboxInfo:
+        raise SandboxNotFound(sandbox_id)
+
+    def list(self) -> list[SandboxInfo]:
+        return []
+
+    async def agent(self, sandbox_id: str) -> AgentClient:
+        raise self._no()
+
+    def export_state(self, sandbox_id: str) -> dict[str, Any]:
+        raise SandboxNotFound(sandbox_id)
+
+    async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
+        raise self._no()
+
+    async def close(self) -> None:
+        return None
+
+
+def build_engine(config: Config) -> Engine:
+    """The engine ``config`` asks for; an :class:`UnavailableEngine` if none can run."""
+    name = resolve_engine(config)
+    if name == "qemu":
+        from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415 -- only when used
+
+        try:
+            qemu_config = QemuConfig(
+                data_dir=config.data_dir / "qemu",
+                volumes_dir=config.data_dir / "volumes",
+                image_dir=config.image_dir,
+                network=config.network,
+                accel=config.accel,
+            )
+        except EngineUnavailable as exc:
+            return UnavailableEngine(f"QEMU engine: {exc}")
+        return QemuEngine(qemu_config)
+    return UnavailableEngine(
+        "no sandbox engine can run here: qemu-system-x86_64 is not installed "
+        "(apt-get install qemu-system-x86)"
+    )
+
+
+class ImageBuilder:
+    """Builds an image tier the first time it is needed, logging its progress."""
+
+    def __init__(self, image_dir: Path | None) -> None:
+        self.image_dir = image_dir
+        self._ready: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, tier: str) -> None:
+        if tier in self._ready:
+            return
+        from kiln.images import ensure_image  # noqa: PLC0415 -- slow import, used once
+
+        async with self._lock:
+            if tier in self._ready:
+                return
+
+            def progress(message: str) -> None:
+                log.info("image %s: %s", tier, message)
+
+            log.info("image %s: checking (built on first use; this can take minutes)", tier)
+            image = await asyncio.to_thread(ensure_image, tier, self.image_dir, progress)
+            log.info("image %s: ready (%s)", tier, getattr(image, "digest", "")[:16])
+            self._ready.add(tier)
+
+
+# ------------------------------------------------------------------ files
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DaemonError(f"cannot create data directory {data_dir}: {exc}") from exc
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DaemonError(f"data directory {data_dir} is not writable")
+
+
+def client_config_path() -> Path:
+    return Path.home() / ".kiln" / "config.yaml"
+
+
+def bootstrap_admin(store: Store, config: Config, url: str) -> str | None:
+    """Create the ``admin`` user on first start; return its key then (None later)."""
+    try:
+        store.user_by_name(ADMIN_USER)
+    except NotFound:
+        pass
+    else:
+        if not config.admin_key_path.exists():
+            log.warning(
+                "user %r exists but %s is missing; its key cannot be recovered",
+                ADMIN_USER,
+                config.admin_key_path,
+            )
+        return None
+    _user, key = store.create_user(ADMIN_USER, admin=True)
+    write_private(config.admin_key_path, key + "\n")
+    log.info("created user %r; its API key is in %s", ADMIN_USER, config.admin_key_path)
+    client_cfg = client_config_path()
+    if not client_cfg.exists():
+        try:
+            client_cfg.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(client_cfg, yaml.safe_dump({"url": url, "token": key}, sort_keys=False))
+            log.info("wrote the client configuration %s", client_cfg)
+        except OSError as exc:
+            log.warning("could not write %s: %s", client_cfg, exc)
+    return key
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise DaemonError(f"cannot resolve listen address {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+# ------------------------------------------------------------------ serving
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _persist_thermal(store: Store, engine: Engine) -> Callable[[str, Thermal], None]:
+    def on_change(sandbox_id: str, thermal: Thermal) -> None:
+        try:
+            state: dict[str, Any] | None = engine.export_state(sandbox_id)
+        except EngineError:
+            state = None
+        try:
+            if state is None:
+                store.update_sandbox(sandbox_id, thermal=thermal)
+            else:
+                store.update_sandbox(sandbox_id, thermal=thermal, engine_state=state)
+        except NotFound:
+            pass
+
+    return on_change
+
+
+async def serve(
+    config: Config,
+    *,
+    engine: Engine | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT. ``engine`` overrides the configured one
+    (tests); ``ready(url)`` is called once the API answers."""
+    prepare_data_dir(config.data_dir)
+    box = SecretBox(config.secret_key_path)
+    try:
+        box.public_key  # noqa: B018 -- create or check the key file now, not on first use
+        store = Store.open(config.db_path, secret_box=box)
+    except StoreError as exc:
+        raise DaemonError(str(exc)) from exc
+    sock: socket.socket | None = None
+    own_engine = engine is None
+    try:
+        sock = bind_socket(config.host, config.port)
+        url = socket_url(sock)
+        bootstrap_admin(store, config, url)
+        if engine is None:
+            engine = build_engine(config)
+        await _recover(store, engine)
+        await _run(
+            config=config,
+            store=store,
+            engine=engine,
+            sock=sock,
+            url=url,
+            ready=ready,
+            build_images=own_engine,
+        )
+    finally:
+        if engine is not None:
+            _save_states(store, engine)
+            try:
+                await engine.close()
+            except EngineError as exc:
+                log.warning("closing the engine: %s", exc)
+        store.close()
+        if sock is not None:
+            sock.close()
+        log.info("daemon stopped")
+
+
+def _save_states(store: Store, engine: Engine) -> None:
+    """Store every sandbox's latest engine state, for the next start's recovery."""
+    if isinstance(engine, UnavailableEngine):
+        return
+    try:
+        rows = store.list_live_sandboxes(engine.name)
+    except StoreError as exc:
+        log.warning("cannot list sandboxes to save their state: %s", exc)
+        return
+    for row in rows:
+        try:
+            store.update_sandbox(row.id, engine_state=engine.export_state(row.id))
+        except (EngineError, StoreError) as exc:
+            log.debug("no state saved for sandbox %s: %s", row.id, exc)
+
+
+async def _recover(store: Store, engine: Engine) -> None:
+    if isinstance(engine, UnavailableEngine):
+        log.warning("engine unavailable: %s", engine.reason)
+        return
+    report = await recover(store, engine, engine_name=engine.name)
+    for failed in report.failed:
+        log.warning("recovery of sandbox %s: %s", failed.sandbox_id, failed.error)
+    cleanup = getattr(engine, "cleanup_orphans", None)
+    if cleanup is not None:
+        try:
+            removed = await cleanup()
+        except EngineError as exc:
+            log.warning("orphan cleanup failed: %s", exc)
+        else:
+            for item in removed:
+                log.info("removed orphan %s", item)
+
+
+async def _run(
+    *,
+    config: Config,
+    store: Store,
+    engine: Engine,
+    sock: socket.socket,
+    url: str,
+    ready: Callable[[str], None] | None,
+    build_images: bool,
+) -> None:
+    available = not isinstance(engine, UnavailableEngine)
+    thermal = None
+    if available:
+        t = config.thermal
+        thermal = ThermalManager(
+            engine,
+            sandboxes=lambda: store.list_live_sandboxes(engine.name),
+            policy=ThermalPolicy(
+                hot_to_warm_s=t.hot_to_warm_s, warm_to_cold_s=t.warm_to_cold_s, tick_s=t.tick_s
+            ),
+            on_change=_persist_thermal(store, engine),
+        )
+    services = Services(
+        store=store,
+        engine=engine,
+        config=config,
+        engine_name=engine.name,
+        thermal=thermal,
+        images=ImageBuilder(config.image_dir) if available and build_images else None,
+    )
+    server = _Server(
+        uvicorn.Config(
+            create_app(services),
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            ws_max_size=16 << 20,
+        )
+    )
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: not waiting for open requests", signal.Signals(signum).name)
+            server.force_exit = True
+        else:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            thermal_task = tg.create_task(thermal.run(), name="thermal") if thermal else None
+            http = tg.create_task(server.serve(sockets=[sock]), name="http")
+            stopper = tg.create_task(stop.wait(), name="stop")
+            while not server.started and not http.done():  # noqa: ASYNC110 -- uvicorn has no event
+                await asyncio.sleep(0.01)
+            if server.started:
+                log.info("kiln daemon listening on %s (engine: %s)", url, engine.name)
+                if ready is not None:
+                    ready(url)
+            await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            server.should_exit = True
+            stopper.cancel()
+            await asyncio.wait({http})
+            if thermal_task is not None:
+                thermal_task.cancel()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def run(config: Config) -> None:
+    """The blocking daemon entry point (``kiln serve``): logging, then :func:`serve`."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    asyncio.run(serve(config))

@@ -1,0 +1,20 @@
+"""Dependencies shared by the route modules (async: FastAPI runs sync ones in threads)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from kiln.store import User
+
+from ..auth import current_user, services_of
+from ..services import Services
+
+
+async def _services(request: Request) -> Services:
+    return services_of(request)
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+AppServices = Annotated[Services, Depends(_services)]

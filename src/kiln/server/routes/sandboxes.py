@@ -1,0 +1,94 @@
+"""Sandbox lifecycle, sessions and ports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Response
+
+from ..models import CreateSandbox, PatchSandbox
+from .deps import AppServices, CurrentUser
+
+router = APIRouter(tags=["sandboxes"])
+
+
+@router.post("/sandboxes", status_code=201)
+async def create_sandbox(
+    user: CurrentUser,
+    services: AppServices,
+    body: Annotated[CreateSandbox | None, Body()] = None,
+) -> dict[str, Any]:
+    """Create (and boot) a sandbox; every field of the body is optional."""
+    return await services.sandboxes.create(user, body or CreateSandbox())
+
+
+@router.get("/sandboxes")
+async def list_sandboxes(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
+    """The user's sandboxes (never wakes one)."""
+    return services.sandboxes.list_for(user)
+
+
+@router.get("/sandboxes/{sandbox}")
+async def get_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
+    """One sandbox by id or name (never wakes it)."""
+    return services.sandboxes.get(user, sandbox)
+
+
+@router.patch("/sandboxes/{sandbox}")
+async def patch_sandbox(
+    sandbox: str, body: PatchSandbox, user: CurrentUser, services: AppServices
+) -> dict[str, Any]:
+    """Rename a sandbox and/or change ``keep_hot``; running sessions are undisturbed."""
+    return services.sandboxes.patch(user, sandbox, body)
+
+
+@router.delete("/sandboxes/{sandbox}", status_code=204)
+async def delete_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> Response:
+    """Destroy a sandbox: frees its IP, TAP, disks and publish rules."""
+    await services.sandboxes.delete(user, sandbox)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox}/stop")
+async def stop_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
+    """Snapshot to disk and stop."""
+    return await services.sandboxes.stop(user, sandbox)
+
+
+@router.post("/sandboxes/{sandbox}/start")
+async def start_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
+    """Restore a stopped sandbox."""
+    return await services.sandboxes.start(user, sandbox)
+
+
+@router.get("/sandboxes/{sandbox}/sessions")
+async def list_sessions(
+    sandbox: str, user: CurrentUser, services: AppServices
+) -> list[dict[str, Any]]:
+    """The sandbox's exec and TTY sessions (SessionInfo objects)."""
+    _, client = await services.sandboxes.agent(user, sandbox)
+    return [s.to_json() for s in await client.list_sessions()]
+
+
+@router.delete("/sandboxes/{sandbox}/sessions/{session_id}", status_code=204)
+async def kill_session(
+    sandbox: str, session_id: str, user: CurrentUser, services: AppServices
+) -> Response:
+    """SIGKILL a session's process group."""
+    _, client = await services.sandboxes.agent(user, sandbox)
+    await client.kill_session(session_id)
+    return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sandbox}/ports")
+async def sandbox_ports(
+    sandbox: str, user: CurrentUser, services: AppServices
+) -> list[dict[str, Any]]:
+    """TCP ports listening inside the sandbox, with their proxy URLs."""
+    return await services.sandboxes.ports(user, sandbox)
+
+
+@router.get("/ports")
+async def all_ports(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
+    """Listening ports of all the user's running (hot or warm) sandboxes."""
+    return await services.sandboxes.all_ports(user)

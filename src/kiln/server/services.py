@@ -1,0 +1,593 @@
+"""The business logic behind the routes, apart from HTTP.
+
+:class:`Services` bundles what the daemon runs on (store, engine, config,
+thermal manager, image builder) and the per-concept services the routes call:
+
+- :class:`SandboxService`: name → id resolution, quotas, templates, secrets →
+  env, volumes, the engine calls with their store updates, and
+  :meth:`SandboxService.agent`, which every route that touches a sandbox goes
+  through: it makes the sandbox hot and records host-side activity.
+- :class:`TemplateService`, :class:`SecretService`, :class:`VolumeService`.
+
+Everything here raises store, engine, agent or :mod:`.errors` exceptions;
+:func:`kiln.server.errors.to_api_error` maps them to statuses. Listing and
+reading sandboxes never wakes one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets as _secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kiln.agent_client import AgentClient, AgentError
+from kiln.config import Config
+from kiln.engine.base import Engine, SandboxSpec, Status, Thermal, VolumeSpec
+from kiln.engine.errors import EngineError, SandboxNotFound
+from kiln.engine.ports import listening_ports
+from kiln.store import (
+    NewVolume,
+    NotFound,
+    SandboxConfig,
+    Store,
+    TemplateSpec,
+    User,
+    VolumeMount,
+    rfc3339,
+)
+from kiln.store import Sandbox as SandboxRow
+from kiln.store import Template as TemplateRow
+from kiln.store import Volume as VolumeRow
+
+from .errors import ConflictError, NotFoundError, Unprocessable
+from .models import (
+    NAME_RE,
+    CreateSandbox,
+    CreateTemplate,
+    CreateVolume,
+    PatchSandbox,
+    PutSecret,
+)
+
+log = logging.getLogger("kiln.server")
+
+#: Host-side activity is written to the store at most this often per sandbox
+#: (the thermal manager has the exact time in memory).
+TOUCH_PERSIST_S = 5.0
+
+
+class ThermalHook(Protocol):
+    """What the services need from :class:`kiln.thermal.ThermalManager`."""
+
+    def touch(self, sandbox_id: str, when: float | None = None) -> None: ...
+
+    def last_touch(self, sandbox_id: str) -> float | None: ...
+
+
+#: Make sure an image tier is built (may take minutes the first time).
+ImageEnsurer = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Services:
+    """Everything the HTTP layer runs on. Cheap to build; does no I/O."""
+
+    store: Store
+    engine: Engine
+    config: Config
+    engine_name: str = ""
+    thermal: ThermalHook | None = None
+    images: ImageEnsurer | None = None
+    clock: Callable[[], float] = time.time
+    started: float = field(default_factory=time.monotonic)
+    sandboxes: SandboxService = field(init=False)
+    templates: TemplateService = field(init=False)
+    secrets: SecretService = field(init=False)
+    volumes: VolumeService = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.engine_name:
+            self.engine_name = getattr(self.engine, "name", "") or "unknown"
+        self.sandboxes = SandboxService(self)
+        self.templates = TemplateService(self)
+        self.secrets = SecretService(self)
+        self.volumes = VolumeService(self)
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.config.data_dir / "volumes"
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "sandboxes": self.store.count_sandboxes(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "engine": self.engine_name,
+        }
+
+
+def new_sandbox_id() -> str:
+    return f"sb-{_secrets.token_hex(6)}"
+
+
+def check_ref(ref: str, what: str) -> str:
+    """A path segment naming a sandbox/template/volume: anything else is unknown (404)."""
+    if not NAME_RE.match(ref):
+        raise NotFoundError(f"{what} {ref!r} not found")
+    return ref
+
+
+# ------------------------------------------------------------------------ sandboxes
+
+
+class SandboxService:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating: set[str] = set()
+        self._active: dict[str, float] = {}
+        self._persisted: dict[str, float] = {}
+
+    # --- helpers ----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return self._s.store
+
+    @property
+    def engine(self) -> Engine:
+        return self._s.engine
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        lock = self._locks.get(sandbox_id)
+        if lock is None:
+            lock = self._locks[sandbox_id] = asyncio.Lock()
+        return lock
+
+    def _forget(self, sandbox_id: str) -> None:
+        self._locks.pop(sandbox_id, None)
+        self._active.pop(sandbox_id, None)
+        self._persisted.pop(sandbox_id, None)
+
+    def find(self, user: User, ref: str) -> SandboxRow:
+        """The user's live sandbox with id or name ``ref`` (404 otherwise, also for others')."""
+        return self.store.find_sandbox(user.id, check_ref(ref, "sandbox"))
+
+    def touch(self, sandbox_id: str) -> None:
+        """Record host-side activity: thermal manager now, the store now and then."""
+        now = self._s.clock()
+        self._active[sandbox_id] = now
+        if self._s.thermal is not None:
+            self._s.thermal.touch(sandbox_id, now)
+        if now - self._persisted.get(sandbox_id, 0.0) >= TOUCH_PERSIST_S:
+            self._persisted[sandbox_id] = now
+            with contextlib.suppress(NotFound):
+                self.store.touch(sandbox_id, now)
+
+    def _persist_engine_state(self, sandbox_id: str, **changes: Any) -> SandboxRow:
+        try:
+            state: dict[str, Any] | None = self.engine.export_state(sandbox_id)
+        except EngineError as exc:
+            log.warning("sandbox %s: cannot export engine state: %s", sandbox_id, exc)
+            state = None
+        if state is None:
+            return self.store.update_sandbox(sandbox_id, **changes)
+        return self.store.update_sandbox(sandbox_id, engine_state=state, **changes)
+
+    # --- views ------------------------------------------------------------------------
+
+    def view(self, sb: SandboxRow) -> dict[str, Any]:
+        """The API's sandbox object. Reads the engine's live state; never wakes anything."""
+        status, thermal, ip = sb.status, sb.thermal, sb.ip
+        lock = self._locks.get(sb.id)
+        # Mid-transition (create, stop, start, wake) the engine's answer is in flux;
+        # the stored state is what the API reports until the transition is done.
+        if sb.id not in self._creating and not (lock is not None and lock.locked()):
+            try:
+                info = self.engine.info(sb.id)
+            except EngineError:
+                pass
+            else:
+                thermal = info.thermal
+                ip = info.ip or ip
+                if info.status in (Status.ERROR, Status.UNKNOWN):
+                    status = info.status
+        last = sb.last_active_at
+        active = self._active.get(sb.id)
+        if active is not None and active > last:
+            last = active
+        return {
+            "id": sb.id,
+            "name": sb.name,
+            "status": str(status),
+            "thermal": str(thermal),
+            "ip": ip,
+            "cpus": sb.cpus,
+            "memory_mb": sb.memory_mb,
+            "keep_hot": sb.keep_hot,
+            "engine": sb.engine,
+            "image": sb.image,
+            "created_at": rfc3339(sb.created_at),
+            "last_active_at": rfc3339(last),
+        }
+
+    def list_for(self, user: User) -> list[dict[str, Any]]:
+        return [self.view(sb) for sb in self.store.list_sandboxes(user.id)]
+
+    def get(self, user: User, ref: str) -> dict[str, Any]:
+        return self.view(self.find(user, ref))
+
+    # --- create -----------------------------------------------------------------------
+
+    async def create(self, user: User, body: CreateSandbox) -> dict[str, Any]:
+        s = self._s
+        tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
+        cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
+        memory_mb = (
+            body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
+        )
+        image = body.image or (tspec.image if tspec and tspec.image else s.config.image)
+        init = body.init if body.init is not None else (tspec.init if tspec else None)
+        env: dict[str, str] = dict(tspec.env) if tspec else {}
+        env.update(body.env or {})
+        secret_names = tuple(dict.fromkeys(body.secrets or ()))
+
+        if body.volumes is not None:
+            mounts = [VolumeMount(v.name, v.mount) for v in body.volumes]
+        else:
+            mounts = list(tspec.volumes) if tspec else []
+        new_volumes = body.new_volumes or []
+        mounts += [VolumeMount(v.name, v.mount) for v in new_volumes]
+        _check_mounts(mounts)
+
+        # Cheap checks first, so nobody waits for an image build to hear "no".
+        self.store.check_quota(user, cpus, memory_mb)
+        name = body.name
+        if name is not None and _exists(lambda: self.store.find_sandbox(user.id, name)):
+            raise ConflictError(f"a sandbox named {name!r} already exists")
+        new_names = {v.name for v in new_volumes}
+        for m in mounts:
+            if m.name in new_names:
+                if _exists(lambda m=m: self.store.get_volume(user.id, m.name)):  # type: ignore[misc]
+                    raise ConflictError(f"a volume named {m.name!r} already exists")
+                continue
+            vol = self.store.get_volume(user.id, m.name)
+            if vol.attached_to is not None:
+                raise ConflictError(f"volume {m.name!r} is attached to sandbox {vol.attached_to}")
+        secret_env = self.store.get_secret_values(user.id, secret_names)
+        if s.images is not None:
+            await s.images(image)
+
+        sandbox_id = new_sandbox_id()
+        row = self.store.create_sandbox(
+            user.id,
+            image=image,
+            engine=s.engine_name,
+            name=body.name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            keep_hot=bool(body.keep_hot),
+            config=SandboxConfig(env=env, init=init, volumes=tuple(mounts), secrets=secret_names),
+            new_volumes=[
+                NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
+            ],
+            status=Status.RUNNING,
+            thermal=Thermal.HOT,
+            sandbox_id=sandbox_id,
+        )
+        attached = {v.name: v for v in self.store.sandbox_volumes(sandbox_id)}
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id,
+            name=row.name,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            image=image,
+            env={**env, **secret_env},
+            init=init,
+            volumes=tuple(s.volumes.engine_spec(attached[m.name], m.mount) for m in mounts),
+            keep_hot=bool(body.keep_hot),
+        )
+        self._creating.add(sandbox_id)
+        try:
+            info = await self.engine.create(spec)
+        except BaseException:
+            await asyncio.shield(self._undo_create(user, sandbox_id, new_names))
+            raise
+        finally:
+            self._creating.discard(sandbox_id)
+        row = self._persist_engine_state(sandbox_id, ip=info.ip, thermal=info.thermal)
+        self.touch(sandbox_id)
+        log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
+        return self.view(row)
+
+    async def _undo_create(self, user: User, sandbox_id: str, new_volumes: set[str]) -> None:
+        try:
+            await self.engine.destroy(sandbox_id)
+        except EngineError as exc:
+            log.warning("sandbox %s: cleanup after a failed create: %s", sandbox_id, exc)
+        with contextlib.suppress(NotFound):
+            self.store.delete_sandbox(sandbox_id)
+        for name in new_volumes:
+            with contextlib.suppress(NotFound):
+                vol = self.store.delete_volume(user.id, name)
+                self._s.volumes.remove_file(vol)
+        self._forget(sandbox_id)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def _usable(self, sb: SandboxRow) -> None:
+        if sb.id in self._creating:
+            raise ConflictError(f"sandbox {sb.name!r} is still being created")
+        if sb.status in (Status.ERROR, Status.UNKNOWN):
+            raise ConflictError(
+                f"sandbox {sb.name!r} is in state {sb.status} and cannot be used; delete it"
+            )
+
+    async def delete(self, user: User, ref: str) -> None:
+        sb = self.find(user, ref)
+        if sb.id in self._creating:
+            raise ConflictError(f"sandbox {sb.name!r} is still being created")
+        async with self._lock(sb.id):
+            sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
+            with contextlib.suppress(SandboxNotFound):
+                await self.engine.destroy(sb.id)
+            self.store.delete_sandbox(sb.id)
+        self._forget(sb.id)
+        log.info("sandbox %s (%s) deleted", sb.id, sb.name)
+
+    async def stop(self, user: User, ref: str) -> dict[str, Any]:
+        sb = self.find(user, ref)
+        self._usable(sb)
+        async with self._lock(sb.id):
+            info = await self.engine.stop(sb.id)
+            row = self._persist_engine_state(sb.id, status=Status.STOPPED, thermal=info.thermal)
+        self.touch(sb.id)
+        return self.view(row)
+
+    async def start(self, user: User, ref: str) -> dict[str, Any]:
+        sb = self.find(user, ref)
+        self._usable(sb)
+        async with self._lock(sb.id):
+            info = await self.engine.start(sb.id)
+            row = self._persist_engine_state(
+                sb.id, status=Status.RUNNING, thermal=info.thermal, ip=info.ip or sb.ip
+            )
+        self.touch(sb.id)
+        return self.view(row)
+
+    def patch(self, user: User, ref: str, body: PatchSandbox) -> dict[str, Any]:
+        sb = self.find(user, ref)
+        if body.name is not None and body.name != sb.name:
+            sb = self.store.rename_sandbox(sb.id, body.name)
+        if body.keep_hot is not None and body.keep_hot != sb.keep_hot:
+            sb = self.store.update_sandbox(sb.id, keep_hot=body.keep_hot)
+        return self.view(sb)
+
+    async def agent(self, user: User, ref: str) -> tuple[SandboxRow, AgentClient]:
+        """Make the sandbox hot (from any state) and return its agent client."""
+        sb = self.find(user, ref)
+        self._usable(sb)
+        self.touch(sb.id)
+        try:
+            hot = sb.status is Status.RUNNING and self.engine.thermal(sb.id) is Thermal.HOT
+        except EngineError:
+            hot = False
+        if hot:
+            return sb, await self.engine.agent(sb.id)
+        async with self._lock(sb.id):
+            client = await self.engine.agent(sb.id)
+            sb = self._persist_engine_state(sb.id, status=Status.RUNNING, thermal=Thermal.HOT)
+        return sb, client
+
+    # --- ports ------------------------------------------------------------------------
+
+    async def ports(self, user: User, ref: str) -> list[dict[str, Any]]:
+        sb, client = await self.agent(user, ref)
+        return [_port_entry(sb, p) for p in await listening_ports(client)]
+
+    async def all_ports(self, user: User) -> list[dict[str, Any]]:
+        """Ports of every running sandbox of the user that is hot or warm (cold ones
+        are not woken just to be asked)."""
+        rows = []
+        for sb in self.store.list_sandboxes(user.id):
+            if sb.status is not Status.RUNNING or sb.id in self._creating:
+                continue
+            try:
+                thermal = self.engine.thermal(sb.id)
+            except EngineError:
+                continue
+            if thermal is not Thermal.COLD:
+                rows.append(sb)
+
+        async def one(sb: SandboxRow) -> list[dict[str, Any]]:
+            try:
+                _, client = await self.agent(user, sb.id)
+                async with asyncio.timeout(10):
+                    return [_port_entry(sb, p) for p in await listening_ports(client)]
+            except (TimeoutError, AgentError, EngineError, NotFound, ConflictError) as exc:
+                log.info("ports of sandbox %s: %s", sb.id, exc)
+                return []
+
+        results = await asyncio.gather(*(one(sb) for sb in rows))
+        return [entry for entries in results for entry in entries]
+
+
+def _port_entry(sb: SandboxRow, port: int) -> dict[str, Any]:
+    return {
+        "port": port,
+        "proxy_url": f"/sandboxes/{sb.id}/proxy/{port}/",
+        "sandbox_id": sb.id,
+        "sandbox_name": sb.name,
+    }
+
+
+def _check_mounts(mounts: Sequence[VolumeMount]) -> None:
+    seen_names: set[str] = set()
+    seen_mounts: set[str] = set()
+    for m in mounts:
+        if m.name in seen_names:
+            raise Unprocessable(f"volume {m.name!r} is listed twice")
+        if m.mount in seen_mounts:
+            raise Unprocessable(f"two volumes mounted at {m.mount}")
+        if m.mount == "/" or ".." in m.mount.split("/"):
+            raise Unprocessable(f"invalid mount point {m.mount!r}")
+        seen_names.add(m.name)
+        seen_mounts.add(m.mount)
+
+
+def _exists(lookup: Callable[[], object]) -> bool:
+    try:
+        lookup()
+    except NotFound:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------ templates
+
+
+class TemplateService:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    def find(self, user: User, ref: str) -> TemplateRow:
+        """By id, else by name; 404 for unknown ones and other users'."""
+        store = self._s.store
+        check_ref(ref, "template")
+        try:
+            return store.get_template(user.id, ref)
+        except NotFound:
+            for tpl in store.list_templates(user.id):
+                if tpl.name == ref:
+                    return tpl
+            raise
+
+    @staticmethod
+    def view(tpl: TemplateRow) -> dict[str, Any]:
+        spec = tpl.spec
+        return {
+            "id": tpl.id,
+            "name": tpl.name,
+            "cpus": spec.cpus,
+            "memory_mb": spec.memory_mb,
+            "env": dict(spec.env),
+            "init": spec.init,
+            "image": spec.image,
+            "volumes": [{"name": v.name, "mount": v.mount} for v in spec.volumes],
+            "created_at": rfc3339(tpl.created_at),
+        }
+
+    def create(self, user: User, body: CreateTemplate) -> dict[str, Any]:
+        mounts = [VolumeMount(v.name, v.mount) for v in body.volumes or ()]
+        _check_mounts(mounts)
+        spec = TemplateSpec(
+            cpus=body.cpus,
+            memory_mb=body.memory_mb,
+            image=body.image,
+            env=dict(body.env or {}),
+            init=body.init,
+            volumes=tuple(mounts),
+        )
+        return self.view(self._s.store.create_template(user.id, body.name, spec))
+
+    def list_for(self, user: User) -> list[dict[str, Any]]:
+        return [self.view(t) for t in self._s.store.list_templates(user.id)]
+
+    def get(self, user: User, ref: str) -> dict[str, Any]:
+        return self.view(self.find(user, ref))
+
+    def delete(self, user: User, ref: str) -> None:
+        self._s.store.delete_template(user.id, self.find(user, ref).id)
+
+
+# ------------------------------------------------------------------------ secrets
+
+
+class SecretService:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    def put(self, user: User, body: PutSecret) -> dict[str, Any]:
+        info = self._s.store.put_secret(user.id, body.name, body.value)
+        return {
+            "name": info.name,
+            "created_at": rfc3339(info.created_at),
+            "updated_at": rfc3339(info.updated_at),
+        }
+
+    def list_for(self, user: User) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": i.name,
+                "created_at": rfc3339(i.created_at),
+                "updated_at": rfc3339(i.updated_at),
+            }
+            for i in self._s.store.list_secrets(user.id)
+        ]
+
+    def delete(self, user: User, name: str) -> None:
+        self._s.store.delete_secret(user.id, name)
+
+
+# ------------------------------------------------------------------------ volumes
+
+
+class VolumeService:
+    """Volume rows and their ext4 files.
+
+    A volume's file is ``<data_dir>/volumes/v-<random>.ext4``; the engine knows
+    it by the file's stem (unique across users, unlike the user-facing name).
+    The file is made by the engine the first time a sandbox attaches the volume
+    (``VolumeSpec.size_mb`` set while the file does not exist yet), and removed
+    here when the volume is deleted.
+    """
+
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    def new_path(self) -> Path:
+        return self._s.volumes_dir / f"v-{_secrets.token_hex(8)}.ext4"
+
+    @staticmethod
+    def engine_spec(vol: VolumeRow, mount: str) -> VolumeSpec:
+        path = Path(vol.path)
+        return VolumeSpec(
+            name=path.stem, mount=mount, size_mb=None if path.exists() else vol.size_mb
+        )
+
+    @staticmethod
+    def view(vol: VolumeRow) -> dict[str, Any]:
+        return {
+            "id": vol.id,
+            "name": vol.name,
+            "size_mb": vol.size_mb,
+            "created_at": rfc3339(vol.created_at),
+            "attached_to": vol.attached_to,
+            "mount": vol.mount,
+        }
+
+    def create(self, user: User, body: CreateVolume) -> dict[str, Any]:
+        vol = self._s.store.create_volume(user.id, body.name, body.size_mb, str(self.new_path()))
+        return self.view(vol)
+
+    def list_for(self, user: User) -> list[dict[str, Any]]:
+        return [self.view(v) for v in self._s.store.list_volumes(user.id)]
+
+    def get(self, user: User, name: str) -> dict[str, Any]:
+        return self.view(self._s.store.get_volume(user.id, check_ref(name, "volume")))
+
+    def delete(self, user: User, name: str) -> None:
+        vol = self._s.store.delete_volume(user.id, check_ref(name, "volume"))
+        self.remove_file(vol)
+
+    @staticmethod
+    def remove_file(vol: VolumeRow) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vol.path)

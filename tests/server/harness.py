@@ -1,0 +1,347 @@
+"""The server test harness: a fake engine with real agents, and the API on real HTTP.
+
+:class:`AgentEngine` is :class:`tests.fakes.engine.FakeEngine` whose ``agent()``
+returns a real :class:`~kiln.agent_client.AgentClient` to a real test-mode
+guest agent subprocess (one per sandbox, with the sandbox's env, init script
+and token), so exec, files, sessions and shells are real; only the VM is
+fake. Like a VM, an agent survives ``close()`` (the daemon going away), and
+``import_state`` re-adopts one that still answers.
+
+:class:`LiveServer` runs :func:`kiln.server.create_app` under uvicorn on an
+ephemeral 127.0.0.1 port in a background thread with its own event loop,
+over a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+
+from fakes.engine import FakeEngine
+from kiln.agent_client import AgentClient, AgentError
+from kiln.config import Config, ThermalSettings
+from kiln.engine.base import SandboxInfo, SandboxSpec, Thermal
+from kiln.server import Services, create_app
+from kiln.server.daemon import bind_socket
+from kiln.store import SecretBox, Store
+
+T = TypeVar("T")
+
+SOCK_ROOT = Path(os.environ.get("KILN_TEST_SOCKDIR", "/tmp"))
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@dataclass
+class _Agent:
+    pid: int  # leader of its own process group (the agent and everything it started)
+    socket_dir: Path
+    token: str
+    workdir: Path
+
+
+def spawn_agent(socket_dir: Path, token: str, config: Path, workdir: Path) -> int:
+    """Start a test-mode agent in its own session; return its pid once it listens."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiln.guest",
+            "--test-mode",
+            "--socket-dir",
+            str(socket_dir),
+            "--token",
+            token,
+            "--config",
+            str(config),
+            "--workdir",
+            str(workdir),
+            "--no-sync",
+            "--log-level",
+            "warning",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(SRC)),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 15
+    while not ((socket_dir / "control.sock").exists() and (socket_dir / "forward.sock").exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("test-mode agent did not start")
+        time.sleep(0.01)
+    _children.append(proc)
+    return proc.pid
+
+
+# Popen objects of agents started by this process, kept so they are reaped.
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def kill_agent(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for proc in list(_children):
+        if proc.pid == pid:
+            proc.wait()
+            _children.remove(proc)
+
+
+class AgentEngine(FakeEngine):
+    """FakeEngine + one real test-mode agent process per sandbox.
+
+    ``lazy``: start a sandbox's agent on its first ``agent()`` call instead of at
+    create (many sandboxes that are only listed cost no processes).
+    """
+
+    def __init__(self, root: Path, *, lazy: bool = False, name: str = "fake") -> None:
+        super().__init__(name)
+        self.root = root
+        self.lazy = lazy
+        self.specs: dict[str, SandboxSpec] = {}
+        self.agents: dict[str, _Agent] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+
+    # --- agents -----------------------------------------------------------------------
+
+    def workdir(self, sandbox_id: str) -> Path:
+        return self.root / "work" / sandbox_id
+
+    async def _start_agent(self, sandbox_id: str) -> _Agent:
+        lock = self._starting.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            existing = self.agents.get(sandbox_id)
+            if existing is not None:
+                return existing
+            spec = self.specs.get(sandbox_id)
+            token = secrets.token_hex(16)
+            sock_dir = SOCK_ROOT / f"ks-{secrets.token_hex(4)}"
+            sock_dir.mkdir()
+            work = self.workdir(sandbox_id)
+            work.mkdir(parents=True, exist_ok=True)
+            config: dict[str, Any] = {"token": token, "env": dict(spec.env) if spec else {}}
+            if spec is not None and spec.init:
+                config["init"] = spec.init
+            cfg_path = work.parent / f"{sandbox_id}.config.json"
+            cfg_path.write_text(json.dumps(config))
+            pid = await asyncio.to_thread(spawn_agent, sock_dir, token, cfg_path, work)
+            with open(self.root / "agents.pids", "a") as f:  # noqa: ASYNC230 -- tiny append
+                f.write(f"{pid}\n")
+            agent = _Agent(pid, sock_dir, token, work)
+            self.agents[sandbox_id] = agent
+            return agent
+
+    def _client(self, agent: _Agent) -> AgentClient:
+        return AgentClient.unix_dir(agent.socket_dir, agent.token, connect_timeout=5)
+
+    def _stop_agent(self, sandbox_id: str) -> None:
+        agent = self.agents.pop(sandbox_id, None)
+        if agent is None:
+            return
+        kill_agent(agent.pid)
+        shutil.rmtree(agent.socket_dir, ignore_errors=True)
+
+    def stop_all_agents(self) -> None:
+        for sandbox_id in list(self.agents):
+            self._stop_agent(sandbox_id)
+
+    # --- the engine -------------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        info = await super().create(spec)
+        self.specs[spec.sandbox_id] = spec
+        if not self.lazy:
+            try:
+                await self._start_agent(spec.sandbox_id)
+            except BaseException:
+                self.boxes.pop(spec.sandbox_id, None)
+                raise
+        return info
+
+    async def destroy(self, sandbox_id: str) -> None:
+        await super().destroy(sandbox_id)
+        self._stop_agent(sandbox_id)
+        self.specs.pop(sandbox_id, None)
+
+    async def agent(self, sandbox_id: str) -> AgentClient:
+        box = self._box("agent", sandbox_id)
+        self._set(box, thermal=Thermal.HOT)
+        return self._client(await self._start_agent(sandbox_id))
+
+    def export_state(self, sandbox_id: str) -> dict[str, Any]:
+        state = super().export_state(sandbox_id)
+        agent = self.agents.get(sandbox_id)
+        spec = self.specs.get(sandbox_id)
+        if agent is not None:
+            state["agent"] = {
+                "pid": agent.pid,
+                "socket_dir": str(agent.socket_dir),
+                "token": agent.token,
+                "workdir": str(agent.workdir),
+            }
+        if spec is not None:
+            state["env"] = dict(spec.env)
+        return state
+
+    async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
+        info = await super().import_state(state)
+        env = state.get("env")
+        if isinstance(env, Mapping):
+            self.specs[info.sandbox_id] = SandboxSpec(
+                sandbox_id=info.sandbox_id, name=info.name, env=dict(env)
+            )
+        raw = state.get("agent")
+        if isinstance(raw, Mapping) and info.sandbox_id in self.boxes:
+            agent = _Agent(
+                int(raw["pid"]),
+                Path(raw["socket_dir"]),
+                str(raw["token"]),
+                Path(raw["workdir"]),
+            )
+            try:
+                await self._client(agent).activity()
+            except AgentError:
+                pass  # the "VM" did not survive; the agent restarts on first use
+            else:
+                self.agents[info.sandbox_id] = agent
+        return info
+
+    async def close(self) -> None:
+        # Like QEMU VMs, the agents outlive the daemon; tests stop them explicitly.
+        await super().close()
+
+
+def kill_recorded_agents(engine_root: Path) -> None:
+    """Kill every agent an :class:`AgentEngine` rooted there ever started (any process)."""
+    pids = engine_root / "agents.pids"
+    if pids.exists():
+        for line in pids.read_text().split():
+            kill_agent(int(line))
+
+
+class TouchRecorder:
+    """Stands in for the thermal manager: records host-side activity."""
+
+    def __init__(self) -> None:
+        self.touched: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def touch(self, sandbox_id: str, when: float | None = None) -> None:
+        self.touched[sandbox_id] = when or 0.0
+        self.count[sandbox_id] = self.count.get(sandbox_id, 0) + 1
+
+    def last_touch(self, sandbox_id: str) -> float | None:
+        return self.touched.get(sandbox_id)
+
+
+@dataclass
+class LiveServer:
+    """The API over real HTTP on 127.0.0.1, in a thread with its own event loop."""
+
+    root: Path
+    lazy_agents: bool = False
+    max_upload_bytes: int = 100 * 1024 * 1024
+    url: str = ""
+    store: Store = field(init=False)
+    #: Builds the engine (default: an :class:`AgentEngine` under ``root/engine``).
+    engine_factory: Callable[[Path], Any] | None = None
+    #: Data dir settings for the engine and the API (``Config`` overrides).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    engine: Any = field(init=False)
+    services: Services = field(init=False)
+    thermal: TouchRecorder = field(default_factory=TouchRecorder)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    def start(self) -> LiveServer:
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = Store.open(data / "kiln.db", secret_box=SecretBox(data / "secret.key"))
+        if self.engine_factory is None:
+            self.engine = AgentEngine(self.root / "engine", lazy=self.lazy_agents)
+        else:
+            self.engine = self.engine_factory(data)
+        config = Config(
+            data_dir=data,
+            thermal=ThermalSettings(),
+            max_upload_bytes=self.max_upload_bytes,
+            **self.config_overrides,
+        )
+        self.services = Services(
+            store=self.store, engine=self.engine, config=config, thermal=self.thermal
+        )
+        self._thread = threading.Thread(target=self._main, name="kiln-test-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("test server did not start")
+        if self._error is not None:
+            raise RuntimeError("test server failed") from self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        sock = bind_socket("127.0.0.1", 0)
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(self.services),
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=2,
+            )
+        )
+        self._server = server
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        try:
+            await task
+        finally:
+            sock.close()
+
+    def call(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30) -> T:
+        """Run a coroutine on the server's loop (where the engine lives) and wait for it."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(factory(), self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if not isinstance(self.engine, AgentEngine) and self._loop is not None:
+            self.call(self.engine.close)  # on its own loop, while that still runs
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+        if isinstance(self.engine, AgentEngine):
+            self.engine.stop_all_agents()
+        self.store.close()
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.url.removeprefix("http")

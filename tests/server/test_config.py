@@ -1,0 +1,127 @@
+"""``kiln.config``: defaults, YAML file, overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.config import (
+    MAX_UPLOAD_BYTES,
+    Config,
+    ConfigError,
+    default_data_dir,
+    load_config,
+    resolve_engine,
+    split_listen,
+)
+
+
+def test_defaults() -> None:
+    c = load_config()
+    assert c.listen == "127.0.0.1:8080" and (c.host, c.port) == ("127.0.0.1", 8080)
+    assert (c.engine, c.accel, c.image) == ("auto", "auto", "minimal")
+    assert c.data_dir == default_data_dir()
+    assert (c.thermal.hot_to_warm_s, c.thermal.warm_to_cold_s, c.thermal.tick_s) == (
+        30.0,
+        1800.0,
+        10.0,
+    )
+    assert c.publish_domain == "localhost"
+    assert c.max_upload_bytes == MAX_UPLOAD_BYTES == 100 * 1024 * 1024
+    assert c.db_path == c.data_dir / "kiln.db"
+    assert c.secret_key_path == c.data_dir / "secret.key"
+    assert c.admin_key_path == c.data_dir / "admin-api-key"
+
+
+def test_default_data_dir_for_non_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert default_data_dir() == tmp_path / ".local" / "share" / "kiln"
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert default_data_dir() == Path("/var/lib/kiln")
+
+
+def test_yaml_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "kiln.yaml"
+    path.write_text(
+        "data_dir: ~/kiln-data\n"
+        "listen: 0.0.0.0:9000\n"
+        "accel: tcg\n"
+        "network:\n  bridge: kb0\n  subnet: 10.213.9.0/24\n  netns: kiln-ns\n  nat: false\n"
+        "thermal:\n  hot_to_warm_s: 5\n"
+        "publish_domain: sandboxes.example.com\n"
+    )
+    c = load_config(path, {"listen": "127.0.0.1:0", "thermal.tick_s": "2.5", "image": None})
+    assert c.data_dir == Path("~/kiln-data").expanduser()
+    assert c.listen == "127.0.0.1:0"  # the override wins
+    assert c.accel == "tcg"
+    assert (c.network.bridge, c.network.subnet, c.network.netns, c.network.nat) == (
+        "kb0",
+        "10.213.9.0/24",
+        "kiln-ns",
+        False,
+    )
+    assert (c.thermal.hot_to_warm_s, c.thermal.tick_s) == (5.0, 2.5)
+    assert c.image == "minimal"  # a None override means "not given"
+    assert c.publish_domain == "sandboxes.example.com"
+    assert c.url == "http://127.0.0.1:0"
+    assert load_config(None, {"listen": "0.0.0.0:80"}).url == "http://127.0.0.1:80"
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config(data_dir=load_config().data_dir)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("listen: 8080\n", "listen"),
+        ("listen: host:port\n", "listen"),
+        ("listen: h:70000\n", "out of range"),
+        ("engine: docker-swarm\n", "engine"),
+        ("accel: fast\n", "accel"),
+        ("bogus: 1\n", "unknown configuration key 'bogus'"),
+        ("network: {subnet: 10.0.0.0/16}\n", "network"),
+        ("network: {subnet: 8.8.8.0/24}\n", "private"),
+        ("network: {colour: red}\n", "network.colour"),
+        ("network: [1]\n", "network"),
+        ("thermal: {tick_s: fast}\n", "thermal.tick_s"),
+        ("thermal: {tick_s: 0}\n", "thermal.tick_s"),
+        ("thermal: {idle: 1}\n", "thermal.idle"),
+        ("max_upload_bytes: 0\n", "max_upload_bytes"),
+        ("max_upload_bytes: yes\n", "max_upload_bytes"),
+        ("image: ../x\n", "image"),
+        ("- a list\n", "mapping"),
+        ("listen: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value).strip() or "YAML" in str(info.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_split_listen_ipv6() -> None:
+    assert split_listen("[::1]:8080") == ("::1", 8080)
+    assert Config(listen="[::1]:8080").url == "http://[::1]:8080"
+
+
+def test_resolve_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_engine(load_config()) == ""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert resolve_engine(load_config()) == "qemu"
+    assert resolve_engine(load_config(None, {"engine": "qemu"})) == "qemu"

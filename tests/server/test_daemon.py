@@ -1,0 +1,236 @@
+"""The daemon process end to end: first start, SIGTERM, SIGKILL, restart.
+
+The deep recovery cases are :mod:`tests.test_recovery`'s; these tests check the
+wiring: a real ``serve()`` in a subprocess (store, key files, admin bootstrap,
+recovery, thermal manager, uvicorn, signals) over the fake engine with real
+agents, which, like VMs, outlive the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from kiln.config import ConfigError, load_config
+from kiln.server.daemon import DaemonError, UnavailableEngine, bind_socket, build_engine
+from kiln.store import Store
+
+from .harness import kill_recorded_agents
+
+MAIN = Path(__file__).with_name("daemon_main.py")
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+class Daemon:
+    def __init__(self, data_dir: Path, home: Path, *extra: str) -> None:
+        env = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
+        self.log = (data_dir.parent / "daemon.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(MAIN), str(data_dir), *extra],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("http://"):
+            self.close()
+            raise AssertionError(f"daemon did not start: {self.log_text(data_dir)}")
+        self.url = line
+        _started.append(self)
+
+    @staticmethod
+    def log_text(data_dir: Path) -> str:
+        return (data_dir.parent / "daemon.log").read_text(errors="replace")
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"})
+
+    def signal(self, signum: int, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.log.close()
+
+
+_started: list[Daemon] = []
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    data, home = tmp_path / "data", tmp_path / "home"
+    home.mkdir()
+    try:
+        yield data, home
+    finally:
+        while _started:
+            _started.pop().close()
+        kill_recorded_agents(data / "engine")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_first_start_bootstraps_admin_and_files(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home)
+    try:
+        key_file = data / "admin-api-key"
+        key = key_file.read_text().strip()
+        assert key.startswith("kiln_") and mode(key_file) == 0o600
+        assert mode(data / "secret.key") == 0o600
+        assert mode(data) == 0o700
+        assert (data / "kiln.db").exists()
+        client_cfg = home / ".kiln" / "config.yaml"
+        assert mode(client_cfg) == 0o600
+        assert yaml.safe_load(client_cfg.read_text()) == {"url": daemon.url, "token": key}
+        health = httpx.get(f"{daemon.url}/health").json()
+        assert health["status"] == "ok" and health["engine"] == "fake"
+        with daemon.client(key) as c:
+            assert c.get("/sandboxes").json() == []
+    finally:
+        assert daemon.signal(signal.SIGTERM) == 0
+
+
+def test_existing_client_config_is_left_alone(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    (home / ".kiln").mkdir()
+    (home / ".kiln" / "config.yaml").write_text("url: http://elsewhere:1\ntoken: mine\n")
+    daemon = Daemon(data, home)
+    daemon.signal(signal.SIGTERM)
+    assert "elsewhere" in (home / ".kiln" / "config.yaml").read_text()
+    assert (data / "admin-api-key").exists()
+
+
+def test_sigterm_then_sigkill_keep_every_committed_row(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home)
+    key = (data / "admin-api-key").read_text().strip()
+    with daemon.client(key) as c:
+        hot = c.post("/sandboxes", json={"name": "hot", "env": {"E": "v"}}).json()
+        assert c.put("/sandboxes/hot/files?path=note", content=b"remember").status_code == 200
+        cold = c.post("/sandboxes", json={"name": "cold"}).json()
+        assert c.post("/sandboxes/cold/stop").json()["status"] == "stopped"
+        gone = c.post("/sandboxes", json={"name": "gone"}).json()
+        assert c.delete("/sandboxes/gone").status_code == 204
+        assert c.post("/secrets", json={"name": "S", "value": "v"}).status_code == 201
+        assert c.post("/templates", json={"name": "t"}).status_code == 201
+        assert c.post("/volumes", json={"name": "vol", "size_mb": 8}).status_code == 201
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert "shutting down" in Daemon.log_text(data)
+
+    def check(d: Daemon) -> None:
+        with d.client(key) as c:  # the same key: no second bootstrap
+            listed = {s["name"]: s for s in c.get("/sandboxes").json()}
+            assert set(listed) == {"hot", "cold"}
+            assert listed["hot"]["id"] == hot["id"] and listed["hot"]["status"] == "running"
+            assert listed["cold"]["id"] == cold["id"] and listed["cold"]["status"] == "stopped"
+            assert c.get(f"/sandboxes/{gone['id']}").status_code == 404
+            out = c.post("/sandboxes/hot/exec", json={"cmd": ["sh", "-c", "echo $E"]}).json()
+            assert out["stdout"] == "v\n"
+            assert c.get("/sandboxes/hot/files?path=note").content == b"remember"
+            assert [s["name"] for s in c.get("/secrets").json()] == ["S"]
+            assert [t["name"] for t in c.get("/templates").json()] == ["t"]
+            assert [v["name"] for v in c.get("/volumes").json()] == ["vol"]
+
+    second = Daemon(data, home)
+    check(second)
+    with second.client(key) as c:
+        extra = c.post("/sandboxes", json={"name": "late"}).json()
+    # A crash: nothing gets to shut down cleanly.
+    assert second.signal(signal.SIGKILL) == -signal.SIGKILL
+
+    third = Daemon(data, home)
+    try:
+        check_names = {"hot", "cold", "late"}
+        with third.client(key) as c:
+            assert {s["name"] for s in c.get("/sandboxes").json()} == check_names
+            assert c.get("/sandboxes/late").json()["id"] == extra["id"]
+            assert c.post("/sandboxes/cold/start").json()["status"] == "running"
+            assert c.post("/sandboxes/late/exec", json={"cmd": ["true"]}).json()["exit_code"] == 0
+    finally:
+        assert third.signal(signal.SIGTERM) == 0
+    with Store.open(data / "kiln.db") as store:
+        assert store.integrity_check() == []
+        assert store.count_sandboxes() == 3
+
+
+def test_sigterm_with_an_open_stream_exits_promptly(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home)
+    key = (data / "admin-api-key").read_text().strip()
+    with daemon.client(key) as c:
+        c.post("/sandboxes", json={"name": "s"})
+        with c.stream(
+            "POST",
+            "/sandboxes/s/exec",
+            json={"cmd": ["sh", "-c", "echo go; sleep 60"]},
+            headers={"Accept": "application/x-ndjson"},
+        ) as r:
+            next(r.iter_lines())
+            start = time.monotonic()
+            assert daemon.signal(signal.SIGTERM, timeout=20) == 0
+    assert time.monotonic() - start < 12
+
+
+def test_without_an_engine_the_api_answers_503(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home, "--unavailable")
+    try:
+        key = (data / "admin-api-key").read_text().strip()
+        assert httpx.get(f"{daemon.url}/health").json()["engine"] == "none"
+        with daemon.client(key) as c:
+            r = c.post("/sandboxes", json={})
+            assert r.status_code == 503
+            assert "no engine" in r.json()["error"]
+            assert c.get("/sandboxes").json() == []
+            assert c.post("/secrets", json={"name": "A", "value": "b"}).status_code == 201
+    finally:
+        daemon.signal(signal.SIGTERM)
+
+
+def test_engine_auto_without_qemu_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on it
+    engine = build_engine(load_config(None, {"data_dir": str(tmp_path)}))
+    assert isinstance(engine, UnavailableEngine)
+    assert "qemu-system-x86_64" in engine.reason
+
+
+def test_address_in_use_is_a_clear_error() -> None:
+    first = bind_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(DaemonError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "kiln.yaml"
+    path.write_text("listen: nowhere\n")
+    with pytest.raises(ConfigError, match="listen"):
+        load_config(path)
