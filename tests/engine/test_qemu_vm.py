@@ -396,6 +396,24 @@ async def test_a_consumed_snapshot_is_not_restored_twice(engine: QemuEngine) -> 
     assert engine.thermal("alpha") is Thermal.HOT
 
 
+async def test_observers_during_a_stop_never_see_a_crash(engine: QemuEngine) -> None:
+    """info/thermal/list/export_state while a snapshot is half done (pid already
+    cleared, not yet cold) must not mistake it for a dead QEMU."""
+    seen: list[Status] = []
+    stop = asyncio.create_task(engine.stop("alpha"))
+    while not stop.done():
+        seen.append(engine.info("alpha").status)
+        engine.thermal("alpha")
+        engine.list()
+        engine.export_state("alpha")
+        await asyncio.sleep(0)
+    await stop
+    assert seen and set(seen) == {Status.RUNNING}
+    assert engine.info("alpha").status is Status.RUNNING
+    await engine.start("alpha")
+    assert engine.thermal("alpha") is Thermal.HOT
+
+
 # ---------------------------------------------------------------------- network
 
 

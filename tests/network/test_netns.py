@@ -20,6 +20,7 @@ from kiln.network import (
     Network,
     NetworkError,
     close_dialer,
+    connect_in,
     netns_exec_argv,
     open_connection_in,
 )
@@ -78,6 +79,23 @@ async def test_open_connection_in_reaches_a_server_on_the_namespaces_loopback(
     # 127.0.0.1 *inside* netns: only a socket created in there can reach it.
     server = serve_in(netns, "127.0.0.1")
     assert await _roundtrip(netns, "127.0.0.1", server.port) == [server.tag, "127.0.0.1"]
+
+
+async def test_connect_in_returns_a_connected_nonblocking_socket(
+    netns: str, serve_in: Callable[[str, str], Server]
+) -> None:
+    server = serve_in(netns, "127.0.0.1")
+    sock = await connect_in(netns, "127.0.0.1", server.port, timeout=5)
+    with sock:
+        assert not sock.getblocking()
+        assert sock.getpeername() == ("127.0.0.1", server.port)
+        loop = asyncio.get_running_loop()
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await loop.sock_recv(sock, 100)
+        assert line.decode().split() == [server.tag, "127.0.0.1"]
+    with pytest.raises(ConnectionRefusedError):
+        await connect_in(netns, "127.0.0.1", 9, timeout=5)
 
 
 async def test_open_connection_in_many_in_parallel(

@@ -448,3 +448,21 @@ def test_clock_set() -> None:
     for bad in ({}, {"unix_ns": -1}, {"unix_ns": "1"}, {"unix_ns": 1.5}, {"unix_ns": True}):
         with pytest.raises(InvalidMessage):
             ClockSet.from_payload(raw(bad))
+
+
+def test_clock_set_seed_round_trips_as_hex() -> None:
+    msg = ClockSet(5, seed=bytes(range(64)))
+    assert msg.to_json() == {"unix_ns": 5, "seed": bytes(range(64)).hex()}
+    assert ClockSet.from_payload(msg.to_payload()) == msg
+    assert ClockSet.from_payload(raw({"unix_ns": 5})).seed is None
+
+
+@pytest.mark.parametrize("seed", ["zz", "abc", 7])
+def test_clock_set_rejects_a_bad_seed(seed: object) -> None:
+    with pytest.raises(InvalidMessage, match="seed"):
+        ClockSet.from_payload(raw({"unix_ns": 1, "seed": seed}))
+
+
+def test_clock_set_rejects_an_oversized_seed() -> None:
+    with pytest.raises(InvalidMessage, match="at most"):
+        ClockSet(1, seed=bytes(4097))

@@ -273,13 +273,17 @@ class AgentClient:
         with translate_errors("reading ACTIVITY_RESP"):
             return ActivityInfo.from_payload(frame.payload)
 
-    async def set_clock(self, unix_ns: int | None = None) -> None:
-        """Set the guest's wall clock (default: the host's now)."""
+    async def set_clock(self, unix_ns: int | None = None, *, seed: bytes | None = None) -> None:
+        """Set the guest's wall clock (default: the host's now).
+
+        ``seed``, host randomness, is mixed into the guest's RNG (sent after a
+        restore, so clones of one snapshot do not share RNG state).
+        """
         if unix_ns is None:
             unix_ns = time.time_ns()
         if unix_ns < 0:
             raise ValueError(f"unix_ns must not be negative, got {unix_ns}")
-        payload = ClockSet(unix_ns).to_payload()
+        payload = ClockSet(unix_ns, seed).to_payload()
         frame = await self._call(FrameType.CLOCK_SET, payload, FrameType.CLOCK_SET_RESP)
         _check_status(frame, "setting the clock")
 

@@ -5,7 +5,8 @@
     NetworkConfig            bridge, /24 subnet, bridge MAC, TAP prefix, netns, nat, dns
     IPPool(subnet)           guest addresses .2-.254 (pure, thread-safe)
     netns_exec_argv          start a process (QEMU) inside the namespace
-    open_connection_in       asyncio connection from inside the namespace (hot path)
+    connect_in               a TCP socket connected from inside the namespace (hot path)
+    open_connection_in       the same as asyncio streams
 
 The whole network can live in a named network namespace (``NetworkConfig.netns``);
 every netlink request, TAP, sysctl and iptables rule then goes there. Errors are
@@ -26,6 +27,7 @@ from .naming import bridge_mac, guest_mac, tap_name
 from .netns import (
     NamespaceWorker,
     close_dialer,
+    connect_in,
     ensure_netns,
     netns_exec_argv,
     netns_exists,
@@ -49,6 +51,7 @@ __all__ = [
     "ToolMissing",
     "bridge_mac",
     "close_dialer",
+    "connect_in",
     "ensure_netns",
     "guest_mac",
     "host_nameservers",

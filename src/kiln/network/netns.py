@@ -318,6 +318,42 @@ def _literal_family(host: str) -> int:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
+async def connect_in(
+    ns: str | None,
+    host: str,
+    port: int,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - part of the engine contract
+) -> socket.socket:
+    """A non-blocking TCP socket connected to ``host:port`` as seen from namespace ``ns``.
+
+    The socket is created inside ``ns`` (``None``: the caller's own namespace)
+    and connected from the event loop; ``timeout`` covers the whole call.
+    Connection failures raise what ``loop.sock_connect`` raises
+    (``ConnectionRefusedError``, ``TimeoutError``, other ``OSError``); a missing
+    namespace raises NamespaceNotFound and a host that is not an IP literal
+    (with ``ns``) InvalidInput.
+    """
+    if ns is not None:
+        validate_netns(ns)
+    family = _literal_family(host) if ns is not None else socket.AF_INET
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        if ns is None:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family = infos[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        else:
+            sock = await _dialer.socket_in(ns, family)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
 async def open_connection_in(
     ns: str | None,
     host: str,
@@ -328,27 +364,17 @@ async def open_connection_in(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """``asyncio.open_connection`` to ``host:port`` as seen from namespace ``ns``.
 
-    ``ns=None`` is the caller's own namespace (a plain ``open_connection``).
-    ``timeout`` covers the whole call. Connection failures raise exactly what
-    ``asyncio.open_connection`` raises (``ConnectionRefusedError``,
-    ``TimeoutError``, other ``OSError``); a missing namespace raises
-    NamespaceNotFound and a host that is not an IP literal (with ``ns``) InvalidInput.
+    Same arguments and errors as :func:`connect_in`.
     """
     if ns is None:
         async with asyncio.timeout(timeout):
             return await asyncio.open_connection(host, port, limit=limit)
-    validate_netns(ns)
-    family = _literal_family(host)
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        sock = await _dialer.socket_in(ns, family)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, (host, port))
-            return await asyncio.open_connection(sock=sock, limit=limit)
-        except BaseException:
-            sock.close()
-            raise
+    sock = await connect_in(ns, host, port, timeout)
+    try:
+        return await asyncio.open_connection(sock=sock, limit=limit)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def close_dialer() -> None:

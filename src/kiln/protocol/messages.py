@@ -21,6 +21,8 @@ T = TypeVar("T")
 INIT_SESSION_ID = "init"
 #: Cap of FILE_LS_RESP entries; past it a sentinel entry says "truncated".
 LS_LIMIT = 10_000
+#: Largest CLOCK_SET seed, in bytes.
+MAX_CLOCK_SEED = 4096
 
 
 def encode_json(obj: Any) -> bytes:
@@ -478,13 +480,37 @@ class ExecKillRequest(_Message):
 
 @dataclass(frozen=True, slots=True)
 class ClockSet(_Message):
+    """CLOCK_SET: the host's wall clock, and optional host randomness for the guest RNG.
+
+    ``seed`` (at most MAX_CLOCK_SEED bytes, hex on the wire) is mixed into the
+    guest's entropy pool, so clones restored from one snapshot stop sharing RNG state.
+    """
+
     unix_ns: int
+    seed: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.unix_ns < 0:
+            raise InvalidMessage(f"field 'unix_ns' must not be negative, got {self.unix_ns}")
+        if self.seed is not None and len(self.seed) > MAX_CLOCK_SEED:
+            raise InvalidMessage(f"field 'seed' must be at most {MAX_CLOCK_SEED} bytes")
 
     def to_json(self) -> dict[str, Any]:
-        return {"unix_ns": self.unix_ns}
+        out: dict[str, Any] = {"unix_ns": self.unix_ns}
+        if self.seed is not None:
+            out["seed"] = self.seed.hex()
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
-        value = _nonneg(_object(data, "ClockSet"), "unix_ns", required=True)
+        obj = _object(data, "ClockSet")
+        value = _nonneg(obj, "unix_ns", required=True)
         assert value is not None
-        return cls(unix_ns=value)
+        seed_hex = _get(obj, "seed", str)
+        seed = None
+        if seed_hex is not None:
+            try:
+                seed = bytes.fromhex(seed_hex)
+            except ValueError:
+                raise InvalidMessage("field 'seed' must be a hex string") from None
+        return cls(unix_ns=value, seed=seed)

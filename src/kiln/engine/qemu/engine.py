@@ -293,21 +293,32 @@ class QemuEngine:
             return True
         return False
 
+    def _observe(self, vm: _VM) -> None:
+        """Death check for the lock-free observers (thermal, info, list).
+
+        While a transition holds the lock, pid and thermal change in steps (a stop
+        clears the pid before the sandbox is cold), so a check from outside would
+        mistake a snapshot in progress for a crash; the transition notices a real
+        death itself.
+        """
+        if not vm.lock.locked():
+            self._notice_death(vm)
+
     def thermal(self, sandbox_id: str) -> Thermal:
         vm = self._get(sandbox_id)
-        self._notice_death(vm)
+        self._observe(vm)
         return vm.thermal
 
     def info(self, sandbox_id: str) -> SandboxInfo:
         vm = self._get(sandbox_id)
-        self._notice_death(vm)
+        self._observe(vm)
         return self._info(vm)
 
     def list(self) -> list[SandboxInfo]:
         out = []
         for vm in list(self._vms.values()):
             if not vm.destroyed:
-                self._notice_death(vm)
+                self._observe(vm)
                 out.append(self._info(vm))
         return out
 
@@ -936,7 +947,7 @@ class QemuEngine:
 
     def export_state(self, sandbox_id: str) -> dict[str, Any]:
         vm = self._get(sandbox_id)
-        self._notice_death(vm)
+        self._observe(vm)
         return {
             "engine": ENGINE_NAME,
             "version": STATE_VERSION,
