@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from kiln.engine.qemu.process import find_processes
+from kiln.images import default_image_dir
 
 from .conftest import Cli, kiln_argv
 
@@ -63,6 +64,8 @@ def vm_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         yaml.safe_dump(
             {
                 "data_dir": str(root / "data"),
+                # HOME is replaced below: keep the shared image cache (built by scripts/test).
+                "image_dir": str(default_image_dir()),
                 "listen": f"127.0.0.1:{port}",
                 "network": {"netns": netns, "bridge": "kc-br0", "subnet": "10.213.9.0/24"},
             }
