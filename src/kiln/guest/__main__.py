@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .agent import CONTROL_PORT, FORWARD_PORT, Agent, ClockSetter, Listen
@@ -162,8 +163,15 @@ def _run_pid1(args: argparse.Namespace) -> int:
 
     mounts: list[str] = []
     try:
+        # CLOCK_MONOTONIC counts from the kernel's start: the boot timeline for free.
+        started = time.monotonic()
         booted = pid1.boot(args.config)
         mounts = booted.mounts
+        log.info(
+            "boot timeline: agent main at %.2f s, boot duties done at %.2f s",
+            started,
+            time.monotonic(),
+        )
         agent = _vm_agent(args, booted.config, reap_orphans=True, clock=pid1.set_clock)
         asyncio.run(agent.run())
     except BaseException:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,10 @@ class Agent:
         if self._init_script:
             self._start_init(self._init_script)
         servers = await self._listen_all()
-        log.info("agent ready (%s)", "test mode" if self.settings.test_mode else "vm")
+        if self.settings.test_mode:
+            log.info("agent ready (test mode)")
+        else:
+            log.info("agent ready (vm) at %.2f s after kernel start", time.monotonic())
         try:
             await self._stopping.wait()
         finally:

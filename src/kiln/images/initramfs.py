@@ -98,8 +98,9 @@ mount -t ext4 -o rw "$root" /newroot || fail "cannot mount $root (ext4) on /newr
 [ -x "/newroot{PYTHON_PATH}" ] || fail "$root has no {PYTHON_PATH}"
 [ -f "/newroot{AGENT_PATH}" ] || fail "$root has no {AGENT_PATH}"
 
+read -r uptime _ < /proc/uptime
 umount /dev && umount /sys && umount /proc || fail "cannot unmount /dev, /sys, /proc"
-echo "{HANDOVER_LINE}: exec {PYTHON_PATH} {AGENT_PATH} as PID 1 (root $root)"
+echo "{HANDOVER_LINE}: exec {PYTHON_PATH} {AGENT_PATH} as PID 1 (root $root) at $uptime s"
 exec switch_root /newroot {PYTHON_PATH} {AGENT_PATH}
 fail "switch_root to $root failed"
 """
