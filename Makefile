@@ -7,8 +7,7 @@ test:   ## set up everything, then run lint, type checks and the whole test suit
 	scripts/test
 
 bench:  ## performance benchmarks (p50/p95/p99 tables)
-	scripts/bootstrap
-	.venv/bin/python -m bench
+	scripts/bench
 
 lint:
 	.venv/bin/ruff check src tests bench && .venv/bin/ruff format --check src tests bench && .venv/bin/mypy
