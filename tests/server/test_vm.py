@@ -202,22 +202,24 @@ def test_volume_outlives_its_sandbox(vm: httpx.Client) -> None:
 # --- the daemon with QEMU: a VM survives the daemon being killed -------------------------
 
 
-def _daemon(data: Path, home: Path, netns: str) -> tuple[subprocess.Popen[bytes], str]:
+def _daemon(
+    data: Path, home: Path, netns: str, extra: dict[str, object] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     # HOME is a temporary one (for ~/.kiln/config.yaml); the image cache stays shared.
     image_dir = default_image_dir()
     code = (
-        "import sys, asyncio, logging\n"
+        "import sys, asyncio, json, logging\n"
         "from kiln.config import load_config\n"
         "from kiln.server import serve\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "cfg = load_config(None, {'data_dir': sys.argv[1], 'listen': '127.0.0.1:0',"
         " 'engine': 'qemu', 'network': {'netns': sys.argv[2], 'bridge': 'kilnsrv1',"
-        " 'subnet': '10.213.43.0/24', 'nat': False}})\n"
+        " 'subnet': '10.213.43.0/24', 'nat': False}, **json.loads(sys.argv[3])})\n"
         "asyncio.run(serve(cfg, ready=lambda url: print(url, flush=True)))\n"
     )
     log = (data.parent / "daemon.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(data), netns],
+        [sys.executable, "-c", code, str(data), netns, json.dumps(extra or {})],
         stdout=subprocess.PIPE,
         stderr=log,
         env=dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC), KILN_IMAGE_DIR=str(image_dir)),
@@ -240,7 +242,9 @@ def own_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
-def test_daemon_with_qemu_recovers_a_running_vm(tmp_path: Path, own_netns: str) -> None:
+def test_daemon_with_qemu_recovers_live_and_cold_vms(tmp_path: Path, own_netns: str) -> None:
+    """kill -9 of the daemon: the running VM is re-adopted (memory and all), the
+    stopped one comes back stopped and restores from its snapshot."""
     netns = own_netns
     data, home = tmp_path / "data", tmp_path / "home"
     home.mkdir()
@@ -249,9 +253,13 @@ def test_daemon_with_qemu_recovers_a_running_vm(tmp_path: Path, own_netns: str) 
     try:
         key = (data / "admin-api-key").read_text().strip()
         with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
-            r = c.post("/sandboxes", json={"name": "survivor"})
-            assert r.status_code == 201, r.text
-            c.post("/sandboxes/survivor/exec", json={"cmd": ["sh", "-c", "echo 1 > /tmp/m"]})
+            for name in ("survivor", "sleeper"):
+                r = c.post("/sandboxes", json={"name": name})
+                assert r.status_code == 201, r.text
+                r = c.post(f"/sandboxes/{name}/exec", json={"cmd": ["sh", "-c", "echo 1 > /tmp/m"]})
+                assert r.json()["exit_code"] == 0, r.text
+            stopped = c.post("/sandboxes/sleeper/stop").json()
+            assert (stopped["status"], stopped["thermal"]) == ("stopped", "cold")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
@@ -262,7 +270,14 @@ def test_daemon_with_qemu_recovers_a_running_vm(tmp_path: Path, own_netns: str) 
             assert (sb["status"], sb["thermal"]) == ("running", "hot")  # QEMU lived on
             out = c.post("/sandboxes/survivor/exec", json={"cmd": ["cat", "/tmp/m"]}).json()
             assert out["stdout"] == "1\n"  # the very same VM, memory and all
-            assert c.delete("/sandboxes/survivor").status_code == 204
+            sb = c.get("/sandboxes/sleeper").json()
+            assert (sb["status"], sb["thermal"]) == ("stopped", "cold")
+            started = c.post("/sandboxes/sleeper/start").json()
+            assert (started["status"], started["thermal"]) == ("running", "hot")
+            out = c.post("/sandboxes/sleeper/exec", json={"cmd": ["cat", "/tmp/m"]}).json()
+            assert out["stdout"] == "1\n"  # /tmp lives in RAM: restored from the snapshot
+            for name in ("survivor", "sleeper"):
+                assert c.delete(f"/sandboxes/{name}").status_code == 204
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -272,3 +287,52 @@ def test_daemon_with_qemu_recovers_a_running_vm(tmp_path: Path, own_netns: str) 
                 p.wait()
             if p.stdout is not None:
                 p.stdout.close()
+
+
+def _wait_thermal(c: httpx.Client, name: str, want: str, within: float) -> float:
+    """Poll GET (which never wakes a sandbox) until ``thermal`` is ``want``."""
+    start = time.monotonic()
+    while True:
+        sb = c.get(f"/sandboxes/{name}").json()
+        if sb["thermal"] == want:
+            return time.monotonic() - start
+        assert time.monotonic() - start < within, f"still {sb['thermal']}, wanted {want}"
+        time.sleep(0.25)
+
+
+def test_thermal_manager_cools_an_idle_vm_and_a_request_wakes_it(
+    tmp_path: Path, own_netns: str
+) -> None:
+    """hot → warm → cold on second-scale timeouts, on a real VM; GETs never wake it,
+    the next exec does (memory intact); keep_hot stops the cooling."""
+    data, home = tmp_path / "data", tmp_path / "home"
+    home.mkdir()
+    thermal = {"thermal": {"hot_to_warm_s": 2, "warm_to_cold_s": 3, "tick_s": 0.5}}
+    proc, url = _daemon(data, home, own_netns, thermal)
+    try:
+        key = (data / "admin-api-key").read_text().strip()
+        with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
+            assert c.post("/sandboxes", json={"name": "idle"}).status_code == 201
+            r = c.post("/sandboxes/idle/exec", json={"cmd": ["sh", "-c", "echo warm > /tmp/t"]})
+            assert r.json()["exit_code"] == 0
+            _wait_thermal(c, "idle", "warm", within=30)
+            _wait_thermal(c, "idle", "cold", within=30)
+            for _ in range(3):  # reads never wake it
+                assert c.get("/sandboxes/idle").json()["thermal"] == "cold"
+                assert c.get("/sandboxes").json()[0]["status"] == "running"
+            out = c.post("/sandboxes/idle/exec", json={"cmd": ["cat", "/tmp/t"]}).json()
+            assert out == {"exit_code": 0, "stdout": "warm\n", "stderr": ""}
+            assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
+
+            assert c.patch("/sandboxes/idle", json={"keep_hot": True}).json()["keep_hot"] is True
+            time.sleep(5)  # more than hot_to_warm_s plus a few ticks
+            assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
+            assert c.delete("/sandboxes/idle").status_code == 204
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
