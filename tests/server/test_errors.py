@@ -93,6 +93,23 @@ def test_unknown_routes_and_methods(api: ApiUser) -> None:
     assert_error(api.http.get("/sandboxes/x/unknown-action"), 404)
 
 
+def test_405_names_every_method_of_the_path(api: ApiUser) -> None:
+    # GET and POST /sandboxes are two route functions; Allow must name both.
+    r = api.http.put("/sandboxes")
+    assert r.headers["allow"] == "GET, POST"
+    r = api.http.post("/sandboxes/some-name")
+    assert r.headers["allow"] == "DELETE, GET, PATCH"
+
+
+def test_openapi_documents_the_json_errors(api: ApiUser) -> None:
+    schema = api.http.get("/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    exec_op = schema["paths"]["/sandboxes/{sandbox}/exec"]["post"]
+    for code in ("400", "401", "404", "422", "503"):
+        assert exec_op["responses"][code]["content"]["application/json"]["schema"] == error
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # never sent
+
+
 def test_huge_json_bodies_are_413(api: ApiUser, server: LiveServer) -> None:
     big = b'{"name": "' + b"x" * (5 << 20) + b'"}'
     assert_error(api.http.post("/sandboxes", content=big), 413)

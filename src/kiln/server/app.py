@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kiln
@@ -29,6 +30,7 @@ from kiln.protocol import ProtocolError
 from kiln.store import StoreError
 
 from .errors import ApiError, to_api_error
+from .models import ERROR_RESPONSES
 from .routes import exec as exec_routes
 from .routes import files, resources, sandboxes, shell
 from .services import Services
@@ -38,6 +40,16 @@ log = logging.getLogger("kiln.server")
 #: JSON request bodies larger than this are refused with 413 (file uploads have
 #: their own, configurable limit).
 MAX_JSON_BODY = 4 << 20
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the API documents for ``path`` (from the OpenAPI schema)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        regex, _, _ = compile_path(template)
+        if regex.match(path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -176,11 +188,9 @@ def create_app(services: Services) -> FastAPI:
         """Liveness, without authentication; never wakes a sandbox."""
         return services.health()
 
-    app.include_router(sandboxes.router)
-    app.include_router(exec_routes.router)
-    app.include_router(files.router)
+    for router in (sandboxes.router, exec_routes.router, files.router, resources.router):
+        app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)
-    app.include_router(resources.router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -197,6 +207,10 @@ def create_app(services: Services) -> FastAPI:
         response = error_response(exc.status_code, message)
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the first route whose path matched; several routes
+            # share a path here (GET and POST /sandboxes are two functions).
+            response.headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return response
 
     @app.exception_handler(ClientDisconnect)

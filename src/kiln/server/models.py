@@ -70,7 +70,7 @@ class ExecBody(_Body):
     cmd: Annotated[list[StrictStr], Field(min_length=1)]
     env: Env | None = None
     cwd: StrictStr | None = None
-    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     encoding: Literal["utf-8", "base64"] | None = None
     stdin: StrictStr | None = None
 
@@ -93,3 +93,27 @@ class PutSecret(_Body):
 class CreateVolume(_Body):
     name: Name
     size_mb: SizeMb
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": "<one line>"}``."""
+
+    error: str
+
+
+_ERROR_CODES = {
+    400: "Bad input (malformed JSON, a bad query value)",
+    401: "Missing or wrong API key",
+    403: "Over quota, or not yours",
+    404: "Unknown sandbox, template, secret, volume or session",
+    409: "Conflict (name taken, volume in use)",
+    413: "Body too large",
+    422: "Invalid fields",
+    503: "No engine can run sandboxes here",
+}
+
+#: Documented on every route, so the OpenAPI schema tells the truth about errors
+#: (and replaces FastAPI's default 422 schema, which kiln never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in _ERROR_CODES.items()
+}
