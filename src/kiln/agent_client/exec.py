@@ -10,7 +10,7 @@ from typing import Final, Self, TypeVar
 
 from kiln.protocol import CHUNK_SIZE, ExecRequest, FrameType, decode_exit
 
-from .errors import AgentConnectionLost, AgentProtocolError, AgentTimeout
+from .errors import AgentProtocolError, AgentTimeout
 from .transport import Connection, translate_errors
 
 T = TypeVar("T")
@@ -198,22 +198,17 @@ class ExecProcess:
     async def __anext__(self) -> ExecEvent:
         if self._exit_code is not None:
             raise StopAsyncIteration
-        conn = self._connection()
-        while True:
-            frame = await self._within_deadline(conn.recv())
-            if frame is None:
-                raise AgentConnectionLost("the agent closed the connection before the exit code")
-            conn.check_error(frame)
-            ftype = frame.type
-            if ftype == FrameType.STDOUT:
-                return Stdout(frame.payload)
-            if ftype == FrameType.STDERR:
-                return Stderr(frame.payload)
-            if ftype == FrameType.EXIT:
-                with translate_errors("reading the exit code"):
-                    self._exit_code = decode_exit(frame.payload)
-                return Exit(self._exit_code)
-            raise AgentProtocolError(f"unexpected {FrameType(ftype).name} frame during exec")
+        frame = await self._within_deadline(self._connection().recv_answer("the exit code"))
+        ftype = frame.type
+        if ftype == FrameType.STDOUT:
+            return Stdout(frame.payload)
+        if ftype == FrameType.STDERR:
+            return Stderr(frame.payload)
+        if ftype == FrameType.EXIT:
+            with translate_errors("reading the exit code"):
+                self._exit_code = decode_exit(frame.payload)
+            return Exit(self._exit_code)
+        raise AgentProtocolError(f"unexpected {FrameType(ftype).name} frame during exec")
 
     async def wait(self) -> ExecResult:
         """Read to the end, collecting the output not consumed yet."""

@@ -16,6 +16,7 @@ from kiln.protocol import (
     FrameType,
     InvalidMessage,
     decode_exit,
+    format_mode,
     parse_mode,
 )
 
@@ -56,7 +57,7 @@ def mode_string(mode: int | str | None) -> str | None:
             raise ValueError(str(exc)) from None
     if not 0 <= mode <= 0o7777:
         raise ValueError(f"mode {mode:o} out of range")
-    return f"{mode:04o}"
+    return format_mode(mode)
 
 
 class FileReader:

@@ -268,8 +268,8 @@ class Connection:
     async def recv(self) -> Frame | None:
         """The next frame of a known type; None at a clean end of stream."""
         decoder = self._decoder
-        while True:
-            with translate_errors("receiving from the agent"):
+        with translate_errors("receiving from the agent"):
+            while True:
                 frame = decoder.next_frame()
                 if frame is None:
                     data = await self._receive()
@@ -278,9 +278,8 @@ class Connection:
                             decoder.check_eof()
                         return None
                     decoder.feed(data)
-                    continue
-            if is_known_type(frame.type):
-                return frame
+                elif is_known_type(frame.type):
+                    return frame
 
     async def _receive(self) -> memoryview:
         if self._closed:
@@ -321,10 +320,6 @@ class Connection:
             raise RuntimeError("connection closed or in use")
         self._closed = True
         return self._sock, self._decoder.take_remaining()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def close(self) -> None:
         """End the connection now; the agent sees EOF (and stops/kills/detaches).

@@ -126,10 +126,7 @@ def _settings(
 def _run_test_mode(args: argparse.Namespace) -> int:
     config = GuestConfig.load(args.config) if args.config else GuestConfig()
     settings = _settings(args, config, test_mode=True, user=UserInfo.current(), workdir=os.getcwd())
-    if args.reap_orphans:
-        from .process import become_subreaper  # noqa: PLC0415
-
-        become_subreaper()
+    _become_subreaper_if_asked(args)
     agent = Agent(
         settings,
         Listen(socket_dir=args.socket_dir),
@@ -138,6 +135,13 @@ def _run_test_mode(args: argparse.Namespace) -> int:
     )
     asyncio.run(agent.run())
     return 0
+
+
+def _become_subreaper_if_asked(args: argparse.Namespace) -> None:
+    if args.reap_orphans:
+        from .process import become_subreaper  # noqa: PLC0415
+
+        become_subreaper()
 
 
 def _run_vm(args: argparse.Namespace) -> int:
@@ -149,10 +153,7 @@ def _run_vm(args: argparse.Namespace) -> int:
         config = GuestConfig.load(Path(CONFIG_MOUNT) / CONFIG_FILE)
     else:
         config = GuestConfig()
-    if args.reap_orphans:
-        from .process import become_subreaper  # noqa: PLC0415
-
-        become_subreaper()
+    _become_subreaper_if_asked(args)
     asyncio.run(_vm_agent(args, config, reap_orphans=args.reap_orphans, clock=None).run())
     return 0
 

@@ -40,7 +40,7 @@ from kiln.protocol import (
 )
 
 from . import files
-from .context import GuestContext, Settings
+from .context import GuestContext, Settings, recv_frame
 from .errors import RequestError
 from .execution import run_piped
 from .forward import serve_forward
@@ -232,15 +232,11 @@ class Agent:
         return True
 
     async def _refuse(self, conn: FrameStream, message: str) -> None:
-        """Best effort: ERROR, half-close, drain the peer briefly (then the caller closes)."""
-        writer = conn.writer
-        if writer.is_closing():
+        """Best effort ERROR; the connection's wrapper then lingers and closes."""
+        if conn.writer.is_closing():
             return
-        try:
+        with contextlib.suppress(TimeoutError, OSError):
             await asyncio.wait_for(conn.send_error(message), ERROR_LINGER)
-        except (TimeoutError, OSError):
-            return
-        await _linger(conn)
 
     # ---- control connection ------------------------------------------------------
 
@@ -251,15 +247,10 @@ class Agent:
 
     @staticmethod
     async def _read_request(conn: FrameStream) -> Frame | None:
-        while True:
-            frame = await conn.recv()
-            if frame is None:
-                return None
-            if frame.type in REQUEST_TYPES:
-                return frame
-            if frame.known and frame.type != FrameType.AUTH:
-                raise RequestError(f"expected a request, got {FrameType(frame.type).name}")
-            # Unknown types (forward compatibility) and AUTH without a token: skipped.
+        frame = await recv_frame(conn)
+        if frame is not None and frame.type not in REQUEST_TYPES:
+            raise RequestError(f"expected a request, got {FrameType(frame.type).name}")
+        return frame
 
     async def _dispatch(self, conn: FrameStream, frame: Frame) -> None:
         ctx, sessions = self._ctx, self._sessions

@@ -1,4 +1,5 @@
-"""What every handler shares: settings, users, the child environment, activity, sync."""
+"""What every handler shares: settings, users, the child environment, activity, sync,
+and the reading of the host's frames."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from kiln.protocol import Frame, FrameStream, FrameType
 
 from .errors import RequestError
 from .process import Child, Children
@@ -105,6 +108,18 @@ class Syncer:
     async def aclose(self) -> None:
         if self._task is not None:
             await asyncio.wait([self._task])
+
+
+async def recv_frame(conn: FrameStream) -> Frame | None:
+    """The next frame a handler acts on; None at the end of the stream.
+
+    Frame types this version does not know are skipped (forward compatibility),
+    and so is AUTH: the token has been checked before the request (or none is set).
+    """
+    while True:
+        frame = await conn.recv()
+        if frame is None or (frame.known and frame.type != FrameType.AUTH):
+            return frame
 
 
 class GuestContext:

@@ -24,7 +24,7 @@ from kiln.protocol import (
     encode_exit,
 )
 
-from .context import GuestContext
+from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .fdio import FdWriter, close_fd, wait_readable
 from .process import Child
@@ -172,7 +172,7 @@ class PipedExec:
         conn = self._conn
         while True:
             try:
-                frame = await conn.recv()
+                frame = await recv_frame(conn)
             except ConnectionError:
                 return
             if frame is None:
@@ -183,7 +183,5 @@ class PipedExec:
                 await self._stdin.put(frame.payload)
             elif ftype == FrameType.KILL:
                 self._child.kill_group(signal.SIGKILL)
-            elif ftype in (FrameType.RESIZE, FrameType.AUTH) or not frame.known:
-                continue  # no terminal to resize; unknown types are skipped
-            else:
+            elif ftype != FrameType.RESIZE:  # no terminal to resize: RESIZE is ignored
                 raise RequestError(f"unexpected {FrameType(ftype).name} frame during exec")

@@ -15,7 +15,8 @@ import os
 QUEUE_DEPTH = 16
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
+def wake(fut: asyncio.Future[None]) -> None:
+    """Resolve ``fut`` unless it is already done (a reader/writer or exit callback)."""
     if not fut.done():
         fut.set_result(None)
 
@@ -23,7 +24,7 @@ def _wake(fut: asyncio.Future[None]) -> None:
 async def wait_readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, _wake, fut)
+    loop.add_reader(fd, wake, fut)
     try:
         await fut
     finally:
@@ -33,7 +34,7 @@ async def wait_readable(fd: int) -> None:
 async def wait_writable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(fd, _wake, fut)
+    loop.add_writer(fd, wake, fut)
     try:
         await fut
     finally:

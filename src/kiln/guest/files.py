@@ -29,7 +29,7 @@ from kiln.protocol import (
     parse_mode,
 )
 
-from .context import GuestContext
+from .context import GuestContext, recv_frame
 from .errors import RequestError
 
 TEMP_PREFIX = ".kiln-tmp-"
@@ -61,10 +61,7 @@ def truncate_blocks(
             if newlines < skip:
                 skip -= newlines
                 continue
-            pos = -1
-            for _ in range(skip):
-                pos = block.index(b"\n", pos + 1)
-            block = block[pos + 1 :]
+            block = block[_past_newlines(block, skip) :]
             skip = 0
             if not block:
                 continue
@@ -72,10 +69,7 @@ def truncate_blocks(
         if limit:
             newlines = block.count(b"\n")
             if newlines >= lines_left:
-                pos = -1
-                for _ in range(lines_left):
-                    pos = block.index(b"\n", pos + 1)
-                block = block[: pos + 1]
+                block = block[: _past_newlines(block, lines_left)]
                 last = True
             else:
                 lines_left -= newlines
@@ -89,6 +83,14 @@ def truncate_blocks(
             yield block
         if last:
             return
+
+
+def _past_newlines(block: bytes, n: int) -> int:
+    """The index just past the ``n``-th newline of ``block`` (which has at least ``n``)."""
+    pos = -1
+    for _ in range(n):
+        pos = block.index(b"\n", pos + 1)
+    return pos + 1
 
 
 def _read_blocks(fd: int) -> Iterator[bytes]:
@@ -167,12 +169,12 @@ def _open_temp(path: str, mode_text: str | None, ctx: GuestContext) -> _PendingW
     """Checks, parent directories and the temporary file of a write."""
     target = os.path.realpath(path) if os.path.islink(path) else path  # write through links
     directory, name = os.path.split(target)
-    if not name or os.path.isdir(target):
-        raise RequestError(f"{target}: is a directory")
     try:
         st: os.stat_result | None = os.stat(target)
     except OSError:
         st = None
+    if not name or (st is not None and stat.S_ISDIR(st.st_mode)):
+        raise RequestError(f"{target}: is a directory")
     if mode_text is not None:
         mode = parse_mode(mode_text)
     else:
@@ -218,23 +220,20 @@ async def write_file(conn: FrameStream, req: FileWriteRequest, ctx: GuestContext
     try:
         remaining = req.size
         while remaining > 0:
-            frame = await conn.recv()
+            frame = await recv_frame(conn)
             if frame is None:
                 raise ConnectionResetError("host closed the connection mid-write")
-            if frame.type == FrameType.STDIN:
-                data = frame.payload
-                if not data:
-                    raise RequestError(
-                        f"stdin closed after {req.size - remaining} of {req.size} bytes"
-                    )
-                if len(data) > remaining:
-                    raise RequestError(f"more than the announced {req.size} bytes")
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                remaining -= len(data)
-            elif frame.known and frame.type != FrameType.AUTH:
+            if frame.type != FrameType.STDIN:
                 raise RequestError(f"unexpected {FrameType(frame.type).name} frame during write")
+            data = frame.payload
+            if not data:
+                raise RequestError(f"stdin closed after {req.size - remaining} of {req.size} bytes")
+            if len(data) > remaining:
+                raise RequestError(f"more than the announced {req.size} bytes")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            remaining -= len(data)
         fd_open = False
         if ctx.settings.durable:
             await asyncio.to_thread(_finish_write, pending, ctx)

@@ -8,7 +8,7 @@ import os
 
 from kiln.protocol import ForwardRequest, FrameStream, FrameType, StatusResponse
 
-from .context import GuestContext
+from .context import GuestContext, recv_frame
 from .errors import RequestError
 
 DIAL_TIMEOUT = 10.0
@@ -17,14 +17,11 @@ RELAY_CHUNK = 256 * 1024
 
 async def serve_forward(conn: FrameStream, ctx: GuestContext) -> None:
     """The forward connection after AUTH: one FWD_REQ, then bytes both ways."""
-    while True:
-        frame = await conn.recv()
-        if frame is None:
-            return
-        if frame.type == FrameType.FWD_REQ:
-            break
-        if frame.known and frame.type != FrameType.AUTH:
-            raise RequestError(f"expected FWD_REQ, got {FrameType(frame.type).name}")
+    frame = await recv_frame(conn)
+    if frame is None:
+        return
+    if frame.type != FrameType.FWD_REQ:
+        raise RequestError(f"expected FWD_REQ, got {FrameType(frame.type).name}")
     req = ForwardRequest.from_payload(frame.payload)
     try:
         target_reader, target_writer = await asyncio.wait_for(

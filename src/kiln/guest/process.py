@@ -56,11 +56,6 @@ class Child:
     def exited(self) -> bool:
         return self._exited.done()
 
-    @property
-    def exit_code(self) -> int | None:
-        """The wire exit code once reaped (128+N for a signal), else None."""
-        return self._exited.result() if self._exited.done() else None
-
     async def wait(self) -> int:
         """The exit code; shielded, so a cancelled waiter does not cancel the others."""
         return await asyncio.shield(self._exited)
@@ -83,9 +78,6 @@ class Children:
         self._managed: dict[int, Child] = {}
         self._scan_pending = False
         self._reaping = False
-
-    def __len__(self) -> int:
-        return len(self._managed)
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> Child:
         """Start ``argv`` (``subprocess.Popen`` arguments) and watch it for exit.

@@ -46,10 +46,10 @@ from kiln.protocol import (
     encode_exit,
 )
 
-from .context import GuestContext
+from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .execution import EXIT_CANNOT_EXECUTE, refuse_start, spawn_failure
-from .fdio import FdWriter, close_fd
+from .fdio import FdWriter, close_fd, wake
 from .process import Child
 from .ringbuffer import RingBuffer
 
@@ -190,7 +190,7 @@ class Session:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._wakeup = fut
-        loop.add_reader(self._master, _wake, fut)
+        loop.add_reader(self._master, wake, fut)
         try:
             await asyncio.wait_for(fut, grace)
         except TimeoutError:
@@ -202,7 +202,7 @@ class Session:
 
     def _on_child_exit(self, _child: Child) -> None:
         if self._wakeup is not None:
-            _wake(self._wakeup)
+            wake(self._wakeup)
 
     # ---- input -------------------------------------------------------------------
 
@@ -240,11 +240,6 @@ class Session:
             self.child.kill_group(signal.SIGKILL)
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class SessionRegistry:
     """Every TTY session of the agent; owns their pump tasks."""
 
@@ -254,9 +249,6 @@ class SessionRegistry:
         self._finished: deque[str] = deque()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
 
     def get(self, session_id: str) -> Session:
         try:
@@ -371,7 +363,7 @@ class SessionRegistry:
     async def _relay_input(self, session: Session, conn: FrameStream) -> None:
         while True:
             try:
-                frame = await conn.recv()
+                frame = await recv_frame(conn)
             except ConnectionError:
                 return
             if frame is None:
@@ -384,8 +376,6 @@ class SessionRegistry:
                 session.resize(*decode_resize(frame.payload))
             elif ftype == FrameType.KILL:
                 session.child.kill_group(signal.SIGTERM)
-            elif ftype == FrameType.AUTH or not frame.known:
-                continue
             else:
                 raise RequestError(f"unexpected {FrameType(ftype).name} frame in a TTY session")
 
