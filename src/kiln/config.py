@@ -88,6 +88,11 @@ class Config:
         return self.data_dir / "kiln.db"
 
     @property
+    def volumes_dir(self) -> Path:
+        """Named volumes' ext4 files (shared by the API and the engine)."""
+        return self.data_dir / "volumes"
+
+    @property
     def secret_key_path(self) -> Path:
         return self.data_dir / "secret.key"
 
@@ -98,14 +103,19 @@ class Config:
     @property
     def url(self) -> str:
         """The URL a local client uses to reach this daemon."""
-        host, port = split_listen(self.listen)
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{port}"
+        return local_url(*split_listen(self.listen))
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a local client uses for a daemon listening on ``host:port``
+    (a wildcard address becomes the loopback one)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def split_listen(listen: str) -> tuple[str, int]:

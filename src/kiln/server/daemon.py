@@ -39,7 +39,7 @@ import uvicorn
 import yaml
 
 from kiln.agent_client import AgentClient
-from kiln.config import Config, resolve_engine
+from kiln.config import Config, local_url, resolve_engine
 from kiln.engine.base import Engine, SandboxInfo, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable, SandboxNotFound
 from kiln.recovery import recover
@@ -47,7 +47,7 @@ from kiln.store import NotFound, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
-from .services import Services
+from .services import Services, persist_engine_state
 
 log = logging.getLogger("kiln.daemon")
 
@@ -126,7 +126,7 @@ def build_engine(config: Config) -> Engine:
         try:
             qemu_config = QemuConfig(
                 data_dir=config.data_dir / "qemu",
-                volumes_dir=config.data_dir / "volumes",
+                volumes_dir=config.volumes_dir,
                 image_dir=config.image_dir,
                 network=config.network,
                 accel=config.accel,
@@ -247,13 +247,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def socket_url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return local_url(host, port)
 
 
 # ------------------------------------------------------------------ serving
@@ -269,17 +263,8 @@ class _Server(uvicorn.Server):
 
 def _persist_thermal(store: Store, engine: Engine) -> Callable[[str, Thermal], None]:
     def on_change(sandbox_id: str, thermal: Thermal) -> None:
-        try:
-            state: dict[str, Any] | None = engine.export_state(sandbox_id)
-        except EngineError:
-            state = None
-        try:
-            if state is None:
-                store.update_sandbox(sandbox_id, thermal=thermal)
-            else:
-                store.update_sandbox(sandbox_id, thermal=thermal, engine_state=state)
-        except NotFound:
-            pass
+        with contextlib.suppress(NotFound):
+            persist_engine_state(store, engine, sandbox_id, thermal=thermal)
 
     return on_change
 
@@ -350,7 +335,7 @@ async def _recover(store: Store, engine: Engine) -> None:
     if isinstance(engine, UnavailableEngine):
         log.warning("engine unavailable: %s", engine.reason)
         return
-    report = await recover(store, engine, engine_name=engine.name)
+    report = await recover(store, engine)
     for failed in report.failed:
         log.warning("recovery of sandbox %s: %s", failed.sandbox_id, failed.error)
     cleanup = getattr(engine, "cleanup_orphans", None)
@@ -390,7 +375,6 @@ async def _run(
         store=store,
         engine=engine,
         config=config,
-        engine_name=engine.name,
         thermal=thermal,
         images=ImageBuilder(config.image_dir) if available and build_images else None,
     )

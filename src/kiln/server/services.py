@@ -36,6 +36,7 @@ from kiln.store import (
     NewVolume,
     NotFound,
     SandboxConfig,
+    SecretInfo,
     Store,
     TemplateSpec,
     User,
@@ -68,8 +69,6 @@ class ThermalHook(Protocol):
 
     def touch(self, sandbox_id: str, when: float | None = None) -> None: ...
 
-    def last_touch(self, sandbox_id: str) -> float | None: ...
-
 
 #: Make sure an image tier is built (may take minutes the first time).
 ImageEnsurer = Callable[[str], Awaitable[None]]
@@ -100,10 +99,6 @@ class Services:
         self.secrets = SecretService(self)
         self.volumes = VolumeService(self)
 
-    @property
-    def volumes_dir(self) -> Path:
-        return self.config.data_dir / "volumes"
-
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -111,6 +106,21 @@ class Services:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "engine": self.engine_name,
         }
+
+
+def persist_engine_state(
+    store: Store, engine: Engine, sandbox_id: str, **changes: Any
+) -> SandboxRow:
+    """Update a sandbox row with ``changes`` and the engine's current state (the stored
+    state is kept if the engine cannot export one)."""
+    try:
+        state: dict[str, Any] | None = engine.export_state(sandbox_id)
+    except EngineError as exc:
+        log.warning("sandbox %s: cannot export engine state: %s", sandbox_id, exc)
+        state = None
+    if state is None:
+        return store.update_sandbox(sandbox_id, **changes)
+    return store.update_sandbox(sandbox_id, engine_state=state, **changes)
 
 
 def new_sandbox_id() -> str:
@@ -172,14 +182,7 @@ class SandboxService:
                 self.store.touch(sandbox_id, now)
 
     def _persist_engine_state(self, sandbox_id: str, **changes: Any) -> SandboxRow:
-        try:
-            state: dict[str, Any] | None = self.engine.export_state(sandbox_id)
-        except EngineError as exc:
-            log.warning("sandbox %s: cannot export engine state: %s", sandbox_id, exc)
-            state = None
-        if state is None:
-            return self.store.update_sandbox(sandbox_id, **changes)
-        return self.store.update_sandbox(sandbox_id, engine_state=state, **changes)
+        return persist_engine_state(self.store, self.engine, sandbox_id, **changes)
 
     # --- views ------------------------------------------------------------------------
 
@@ -459,15 +462,7 @@ class TemplateService:
 
     def find(self, user: User, ref: str) -> TemplateRow:
         """By id, else by name; 404 for unknown ones and other users'."""
-        store = self._s.store
-        check_ref(ref, "template")
-        try:
-            return store.get_template(user.id, ref)
-        except NotFound:
-            for tpl in store.list_templates(user.id):
-                if tpl.name == ref:
-                    return tpl
-            raise
+        return self._s.store.find_template(user.id, check_ref(ref, "template"))
 
     @staticmethod
     def view(tpl: TemplateRow) -> dict[str, Any]:
@@ -514,23 +509,19 @@ class SecretService:
     def __init__(self, services: Services) -> None:
         self._s = services
 
-    def put(self, user: User, body: PutSecret) -> dict[str, Any]:
-        info = self._s.store.put_secret(user.id, body.name, body.value)
+    @staticmethod
+    def view(info: SecretInfo) -> dict[str, Any]:
         return {
             "name": info.name,
             "created_at": rfc3339(info.created_at),
             "updated_at": rfc3339(info.updated_at),
         }
 
+    def put(self, user: User, body: PutSecret) -> dict[str, Any]:
+        return self.view(self._s.store.put_secret(user.id, body.name, body.value))
+
     def list_for(self, user: User) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": i.name,
-                "created_at": rfc3339(i.created_at),
-                "updated_at": rfc3339(i.updated_at),
-            }
-            for i in self._s.store.list_secrets(user.id)
-        ]
+        return [self.view(i) for i in self._s.store.list_secrets(user.id)]
 
     def delete(self, user: User, name: str) -> None:
         self._s.store.delete_secret(user.id, name)
@@ -553,7 +544,7 @@ class VolumeService:
         self._s = services
 
     def new_path(self) -> Path:
-        return self._s.volumes_dir / f"v-{_secrets.token_hex(8)}.ext4"
+        return self._s.config.volumes_dir / f"v-{_secrets.token_hex(8)}.ext4"
 
     @staticmethod
     def engine_spec(vol: VolumeRow, mount: str) -> VolumeSpec:

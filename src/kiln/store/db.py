@@ -538,6 +538,16 @@ class Store:
             )
             return _template(_one(row, f"template {template_id!r}"))
 
+    def find_template(self, user_id: str, id_or_name: str) -> Template:
+        """A template of ``user_id`` by id, else by name."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT id, user_id, name, spec, created_at FROM templates"
+                " WHERE user_id = ? AND (id = ? OR name = ?) ORDER BY id = ? DESC LIMIT 1",
+                (user_id, id_or_name, id_or_name, id_or_name),
+            )
+            return _template(_one(row, f"template {id_or_name!r}"))
+
     def list_templates(self, user_id: str) -> list[Template]:
         with self._read() as conn:
             rows = conn.execute(
