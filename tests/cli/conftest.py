@@ -1,4 +1,4 @@
-"""The real ``kiln`` executable run as a subprocess against a real daemon (see tests/sdk/daemon.py).
+"""The real ``kiln`` executable run as a subprocess against a real daemon (tests/sdk/conftest.py).
 
 Every run gets its own ``HOME`` (no ``~/.kiln/config.yaml`` unless a test writes
 one) and ``KILN_URL``/``KILN_TOKEN`` pointing at the test daemon.
@@ -7,18 +7,17 @@ one) and ``KILN_URL``/``KILN_TOKEN`` pointing at the test daemon.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from kiln.sdk import Kiln, NotFound, Sandbox
-from sdk.daemon import Daemon, running_daemon
+from sdk.conftest import Daemon, kiln, running_daemon, sb, unique
+
+__all__ = ["Cli", "Daemon", "cli", "daemon", "kiln", "kiln_argv", "sb", "unique"]
 
 KILN = Path(sys.executable).with_name("kiln")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -73,21 +72,3 @@ def cli(daemon: Daemon, tmp_path: Path) -> Cli:
     home = tmp_path / "home"
     home.mkdir()
     return Cli(home, {"KILN_URL": daemon.url, "KILN_TOKEN": daemon.token})
-
-
-@pytest.fixture
-def kiln(daemon: Daemon) -> Iterator[Kiln]:
-    with Kiln(daemon.url, daemon.token) as k:
-        yield k
-
-
-def unique(prefix: str = "c") -> str:
-    return f"{prefix}-{secrets.token_hex(4)}"
-
-
-@pytest.fixture
-def sb(kiln: Kiln) -> Iterator[Sandbox]:
-    sandbox = kiln.sandboxes.create(name=unique("sb"))
-    yield sandbox
-    with suppress(NotFound):
-        kiln.sandboxes.delete(sandbox.id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from kiln.sdk import Kiln, Sandbox
-from sdk.daemon import Daemon
+from sdk.conftest import Daemon
 
 from .conftest import Cli, unique
 
@@ -141,7 +141,7 @@ def test_stop_and_start(cli: Cli, sb: Sandbox) -> None:
 
 
 def test_file_write_read_ls_stat(cli: Cli, sb: Sandbox, daemon: Daemon, tmp_path: Path) -> None:
-    base = daemon.data_dir / "sandboxes" / sb.id
+    base = daemon.workdir(sb.id)
     payload = b"\x00\x01\xfe binary\n"
     cli.ok("file", "write", sb.name, f"{base}/up/piped.bin", "-", input=payload)
     local = tmp_path / "local.txt"

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from sdk.daemon import Daemon
+from sdk.conftest import Daemon
 
 from .conftest import Cli, kiln_argv, unique
 from .test_commands import assert_one_line_error

@@ -9,8 +9,7 @@ import pytest
 
 from kiln.sdk import AsyncKiln, Exit, NotFound, Stderr, Stdout
 
-from .conftest import unique
-from .daemon import Daemon
+from .conftest import Daemon, unique
 
 
 async def test_async_lifecycle_exec_files(akiln: AsyncKiln, daemon: Daemon) -> None:
@@ -27,7 +26,7 @@ async def test_async_lifecycle_exec_files(akiln: AsyncKiln, daemon: Daemon) -> N
         assert Stdout(b"o") in events and Stderr(b"e") in events
         assert events[-1] == Exit(0)
 
-        path = f"{daemon.data_dir}/sandboxes/{sb.id}/f.bin"
+        path = f"{daemon.workdir(sb.id)}/f.bin"
         await sb.files.write(path, io.BytesIO(b"\x00" * 70_000), mode="0640")
         content = await sb.files.read(path)
         assert (len(content.data), content.size, content.truncated) == (70_000, 70_000, False)

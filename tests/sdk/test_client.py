@@ -1,4 +1,4 @@
-"""The sync SDK against a real daemon over real HTTP (see daemon.py)."""
+"""The sync SDK against a real daemon over real HTTP (see conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ from kiln.sdk import (
     ValidationError,
 )
 
-from .conftest import unique
-from .daemon import Daemon
+from .conftest import Daemon, unique
 
 
 def workdir(daemon: Daemon, sb: Sandbox) -> Path:
     """The sandbox's working directory (test-mode agents share the host filesystem)."""
-    return daemon.data_dir / "sandboxes" / sb.id
+    return daemon.workdir(sb.id)
 
 
 # -- daemon and errors ----------------------------------------------------------------

@@ -106,12 +106,22 @@ class AgentEngine(FakeEngine):
 
     ``lazy``: start a sandbox's agent on its first ``agent()`` call instead of at
     create (many sandboxes that are only listed cost no processes).
+    ``config_in_workdir``: write the agent's config as ``config.json`` inside the
+    sandbox's work dir (an SDK test lists that dir and expects it) instead of beside it.
     """
 
-    def __init__(self, root: Path, *, lazy: bool = False, name: str = "fake") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        lazy: bool = False,
+        name: str = "fake",
+        config_in_workdir: bool = False,
+    ) -> None:
         super().__init__(name)
         self.root = root
         self.lazy = lazy
+        self.config_in_workdir = config_in_workdir
         self.specs: dict[str, SandboxSpec] = {}
         self.agents: dict[str, _Agent] = {}
         self._starting: dict[str, asyncio.Lock] = {}
@@ -136,7 +146,10 @@ class AgentEngine(FakeEngine):
             config: dict[str, Any] = {"token": token, "env": dict(spec.env) if spec else {}}
             if spec is not None and spec.init:
                 config["init"] = spec.init
-            cfg_path = work.parent / f"{sandbox_id}.config.json"
+            if self.config_in_workdir:
+                cfg_path = work / "config.json"
+            else:
+                cfg_path = work.parent / f"{sandbox_id}.config.json"
             cfg_path.write_text(json.dumps(config))
             pid = await asyncio.to_thread(spawn_agent, sock_dir, token, cfg_path, work)
             with open(self.root / "agents.pids", "a") as f:  # noqa: ASYNC230 -- tiny append
