@@ -33,6 +33,8 @@ FULL: dict[str, Any] = {
     "user": "sandbox",
     "network": {"address": "10.0.0.5/24", "gateway": "10.0.0.1", "mac": "52:54:00:12:34:56"},
     "session_idle_timeout": 600,
+    "clock_ns": 1_795_000_000_000_000_000,
+    "seed": base64.b64encode(b"\x01" * 64).decode(),
 }
 
 
@@ -47,6 +49,7 @@ def test_full_config() -> None:
     assert config.dns == ("10.0.0.1",)
     assert config.network == NetworkSpec("10.0.0.5/24", "10.0.0.1", "52:54:00:12:34:56")
     assert config.session_idle_timeout == 600
+    assert config.clock_ns == 1_795_000_000_000_000_000 and config.seed == b"\x01" * 64
 
 
 def test_defaults() -> None:
@@ -54,6 +57,7 @@ def test_defaults() -> None:
     assert config.user == "sandbox"
     assert config.token is None and config.network is None and config.init is None
     assert config.files == () and config.env == {}
+    assert config.clock_ns is None and config.seed is None
 
 
 @pytest.mark.parametrize(
@@ -71,6 +75,11 @@ def test_defaults() -> None:
         ({"hostname": "-bad"}, "hostname"),
         ({"volumes": [{"device": "/dev/vdc"}]}, "mount"),
         ({"session_idle_timeout": -1}, "session_idle_timeout"),
+        ({"clock_ns": "soon"}, "clock_ns"),
+        ({"clock_ns": -5}, "clock_ns"),
+        ({"clock_ns": True}, "clock_ns"),
+        ({"seed": 7}, "seed"),
+        ({"seed": "not base64!"}, "seed"),
     ],
 )
 def test_invalid_configs(patch: dict[str, Any], message: str) -> None:

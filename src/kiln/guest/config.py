@@ -19,8 +19,14 @@ session).
       "dns": ["10.0.0.1"],
       "user": "sandbox",
       "network": {"address": "10.0.0.5/24", "gateway": "10.0.0.1", "mac": "52:54:..."},
-      "session_idle_timeout": 3600
+      "session_idle_timeout": 3600,
+      "clock_ns": 1763700000000000000,
+      "seed": "<base64>"
     }
+
+``clock_ns`` (the host's time when it wrote the drive) and ``seed`` (random
+bytes for the kernel RNG) matter to a sandbox restored from a template snapshot:
+its clock is as old as the template and its RNG state is every other clone's.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ DEFAULT_UID = 1000
 DEFAULT_CONFIG_DEVICE = "/dev/vdb"
 CONFIG_MOUNT = "/run/kiln/config"
 CONFIG_FILE = "config.json"
+#: The first bytes of a template's placeholder config drive (an ext4's first
+#: 1024 bytes are zeros, so a real drive never starts with them); see pid1.
+TEMPLATE_MAGIC = b"KILN-TEMPLATE-WAIT\n"
+#: What the console shows once a template boot waits for its config drive.
+TEMPLATE_READY_LINE = "template: waiting for a config drive"
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
@@ -87,6 +98,8 @@ class GuestConfig:
     user: str = DEFAULT_USER
     network: NetworkSpec | None = None
     session_idle_timeout: float | None = None
+    clock_ns: int | None = None
+    seed: bytes | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> GuestConfig:
@@ -115,6 +128,8 @@ class GuestConfig:
             user=user,
             network=_network(data.get("network")),
             session_idle_timeout=float(timeout) if timeout else None,
+            clock_ns=_clock_ns(data.get("clock_ns")),
+            seed=_seed(data.get("seed")),
         )
 
     @classmethod
@@ -161,6 +176,25 @@ def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"config {key!r} must be a string, got {type(value).__name__}")
     return value
+
+
+def _clock_ns(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError("config 'clock_ns' must be a positive integer (ns since the epoch)")
+    return value
+
+
+def _seed(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("config 'seed' must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True) or None
+    except binascii.Error as exc:
+        raise ConfigError(f"config 'seed' is not valid base64: {exc}") from None
 
 
 def _list(data: Mapping[str, Any], key: str) -> list[Any]:

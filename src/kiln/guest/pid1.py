@@ -9,7 +9,11 @@ Boot (:func:`boot`), before the agent starts serving:
 3. read the configuration: the config drive (``kiln.config=`` on the kernel
    command line, default /dev/vdb: an ext4 disk mounted read-only at
    /run/kiln/config, holding config.json) or, without one, the ``kiln.*``
-   kernel parameters;
+   kernel parameters. A drive that starts with :data:`TEMPLATE_MAGIC` instead
+   means this boot makes a *template*: the host snapshots the machine while it
+   waits here, and every sandbox restored from that snapshot finds its own
+   config drive in the same slot and carries on from this point -- all of the
+   agent's start-up (imports, above all) already done;
 4. apply it: the sandbox user, hostname, /etc/resolv.conf, eth0 (static address
    and default route, with ``ip``), volumes (mounted, root chowned to the user),
    files (owned by the user), /workspace.
@@ -49,6 +53,8 @@ from .config import (
     CONFIG_MOUNT,
     DEFAULT_CONFIG_DEVICE,
     DEFAULT_UID,
+    TEMPLATE_MAGIC,
+    TEMPLATE_READY_LINE,
     GuestConfig,
     NetworkSpec,
     VolumeSpec,
@@ -72,6 +78,9 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 KILL_GRACE = 2.0
 NOFILE_LIMIT = 65536
+BLKFLSBUF = 0x1261  # drop a block device's buffer cache
+RNDRESEEDCRNG = 0x5207  # reseed the kernel CRNG from its input pool now
+_TEMPLATE_POLL = 0.01
 
 
 class _Timespec(ctypes.Structure):
@@ -120,10 +129,31 @@ def set_clock(unix_ns: int, seed: bytes | None) -> None:
     ts = _Timespec(unix_ns // 1_000_000_000, unix_ns % 1_000_000_000)
     _check(_libc().clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
     if seed:
-        # Writing to /dev/urandom mixes the bytes into the pool (without crediting
-        # entropy): enough to make restored clones diverge.
-        with open("/dev/urandom", "wb", buffering=0) as f:
-            f.write(seed)
+        mix_seed(seed)
+
+
+def mix_seed(seed: bytes) -> None:
+    """Mix ``seed`` into the kernel's entropy pool and reseed the CRNG from it at once.
+
+    Clones restored from one snapshot share the CRNG state; a write alone would
+    only reach the CRNG at its next periodic reseed (up to a minute later).
+    """
+    import fcntl  # noqa: PLC0415
+
+    with open("/dev/urandom", "wb", buffering=0) as f:
+        f.write(seed)
+        try:
+            fcntl.ioctl(f, RNDRESEEDCRNG)
+        except OSError as exc:  # ENODATA: the CRNG is not initialised yet
+            log.debug("CRNG reseed: %s", exc)
+
+
+def catch_up_clock(config: GuestConfig) -> None:
+    """Apply the drive's seed, and its clock if ours is behind it (a restored template)."""
+    if config.seed:
+        _step("RNG seed", mix_seed, config.seed)
+    if config.clock_ns and time.time_ns() < config.clock_ns:
+        _step("clock", set_clock, config.clock_ns, None)
 
 
 # ---- boot ------------------------------------------------------------------------
@@ -245,6 +275,7 @@ def load_config(cmdline: dict[str, str], mounts: list[str]) -> GuestConfig:
         elif os.path.isfile(location):
             config = GuestConfig.load(Path(location))
         elif os.path.exists(location) and stat.S_ISBLK(os.stat(location).st_mode):
+            wait_while_template(location)
             os.makedirs(CONFIG_MOUNT, exist_ok=True)
             mount(location, CONFIG_MOUNT, "ext4", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
             mounts.append(CONFIG_MOUNT)
@@ -259,7 +290,33 @@ def load_config(cmdline: dict[str, str], mounts: list[str]) -> GuestConfig:
         return fallback
     if config.token is None and fallback.token is not None:
         config = replace(config, token=fallback.token)
+    catch_up_clock(config)
     return config
+
+
+def wait_while_template(device: str) -> None:
+    """Block while ``device`` holds the template placeholder (see the module docs).
+
+    Polls rather than waits for an event: the host swaps the drive's backing
+    file under a snapshot, which no guest-side event announces.
+    """
+    import fcntl  # noqa: PLC0415
+
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.pread(fd, len(TEMPLATE_MAGIC), 0) != TEMPLATE_MAGIC:
+            return
+        log.info("%s", TEMPLATE_READY_LINE)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        while True:
+            time.sleep(_TEMPLATE_POLL)
+            fcntl.ioctl(fd, BLKFLSBUF)  # read the disk, not what we cached of it
+            if os.pread(fd, len(TEMPLATE_MAGIC), 0) != TEMPLATE_MAGIC:
+                break
+        log.info("template: config drive arrived")
+    finally:
+        os.close(fd)
 
 
 def apply_config(config: GuestConfig, mounts: list[str]) -> None:

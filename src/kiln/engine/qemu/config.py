@@ -26,6 +26,8 @@ class QemuConfig:
     ``accel``          ``auto`` (KVM when usable, else TCG), ``kvm`` or ``tcg``.
     ``disk_mode``      ``qcow2``: the root disk is an overlay on the pinned image (≈10 ms);
                        ``copy``: a full sparse copy (≈0.65 s for the minimal image here).
+    ``templates``      create sandboxes by restoring a per-shape template snapshot (boot once,
+                       then ~1 s per create) instead of booting each; see :mod:`.templates`.
     ``boot_timeout``   seconds from QEMU start until the agent must answer.
     ``qmp_timeout``    bound on every QMP command.
     ``snapshot_timeout`` bound on saving or loading the device state.
@@ -38,6 +40,7 @@ class QemuConfig:
     accel: str = "auto"
     qemu_binary: str = "qemu-system-x86_64"
     disk_mode: str = "qcow2"
+    templates: bool = True
     tb_size_mb: int = 64
     boot_timeout: float = 90.0
     qmp_timeout: float = 10.0
@@ -64,6 +67,10 @@ class QemuConfig:
     @property
     def sandboxes_dir(self) -> Path:
         return self.data_dir / "sandboxes"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.data_dir / "templates"
 
     @property
     def bases_dir(self) -> Path:

@@ -63,20 +63,29 @@ async def make_rootfs(image_rootfs: Path, dest: Path, mode: str) -> str:
         )
         return "qcow2"
     if mode == "copy":
-        await run_tool(["cp", "--reflink=auto", "--sparse=always", image_rootfs, dest])
+        await copy_sparse(image_rootfs, dest)
         return "raw"
     raise EngineError(f"disk mode must be one of {DISK_MODES}, got {mode!r}")
 
 
-def config_drive_size(config_json: bytes) -> int:
-    """Bytes for an ext4 that comfortably holds ``config.json`` (≥ 4 MiB, MiB-aligned)."""
-    need = 2 * len(config_json) + 2 * _MIB
+async def copy_sparse(src: Path, dest: Path) -> None:
+    """A copy that keeps holes (a reflink where the filesystem can)."""
+    await run_tool(["cp", "--reflink=auto", "--sparse=always", src, dest])
+
+
+def config_drive_size(config_json_bytes: int) -> int:
+    """Bytes for an ext4 that comfortably holds a config.json this big (≥ 4 MiB, MiB-aligned)."""
+    need = 2 * config_json_bytes + 2 * _MIB
     return max(4 * _MIB, -(-need // _MIB) * _MIB)
 
 
-async def make_config_drive(dest: Path, config: dict[str, Any]) -> None:
-    """An ext4 image at ``dest`` whose root holds ``config.json`` (mode 0600)."""
+async def make_config_drive(dest: Path, config: dict[str, Any], size: int | None = None) -> None:
+    """An ext4 image at ``dest`` whose root holds ``config.json`` (mode 0600), of
+    ``size`` bytes if given (EngineError if that is too small)."""
     payload = json.dumps(config, separators=(",", ":")).encode()
+    need = config_drive_size(len(payload))
+    if size is not None and need > size:
+        raise EngineError(f"the config drive needs {need} bytes, more than {size}")
     with tempfile.TemporaryDirectory(prefix="kiln-cfg-", dir=dest.parent) as tmp:
         tree = Path(tmp) / "root"
         tree.mkdir(mode=0o700)
@@ -84,7 +93,7 @@ async def make_config_drive(dest: Path, config: dict[str, Any]) -> None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        _make_sparse(dest, config_drive_size(payload))
+        _make_sparse(dest, size if size is not None else need)
         await run_tool(["mkfs.ext4", "-q", "-F", "-L", "kiln-config", "-m", "0", "-d", tree, dest])
 
 

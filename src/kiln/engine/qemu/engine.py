@@ -15,6 +15,7 @@ After every resume or restore the guest clock is set through the agent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import logging
@@ -53,7 +54,7 @@ from ..errors import (
     SandboxNotFound,
 )
 from ..ports import listening_ports
-from . import disks, process, snapshot
+from . import disks, process, snapshot, templates
 from .accel import Accel, AccelDecision, decide_accel, host_facts, probe_boot
 from .argv import Drive, NetDevice, VMConfig, build_argv, build_probe_argv, host_tsc_khz
 from .clock import set_clock
@@ -72,6 +73,12 @@ _SNAPSHOT_FD: Final = "kiln-snapshot"
 _MIGRATE_POLL: Final = 0.002
 _BOOT_POLL: Final = 0.02
 _BOOT_CONNECT_TIMEOUT: Final = 0.1
+#: Bound on a sandbox restored from a template configuring itself (normally < 1 s).
+_CLONE_TIMEOUT: Final = 30.0
+#: Random bytes for the guest RNG on the config drive.
+_SEED_BYTES: Final = 64
+#: The address of a template, which never configures its network.
+_NO_IP: Final = "0.0.0.0"
 #: Console and QEMU logs are rotated (one old generation kept) past this size.
 _LOG_LIMIT: Final = 8 << 20
 #: QEMU's default migration bandwidth cap (128 MiB/s) applies even to a stopped VM;
@@ -158,6 +165,7 @@ class QemuEngine:
         self._images: dict[str, Image] = {}
         self._image_lock = asyncio.Lock()
         self._accel: AccelDecision | None = None
+        self._template_locks: dict[str, asyncio.Lock] = {}
         self._tsc_khz: int | None = None
         self._closed = False
 
@@ -393,31 +401,190 @@ class QemuEngine:
         await self._ensure_ready(image)
         self._check_spec(spec)  # again: the awaits above let others in
         assert self._accel is not None
+        accel = self._accel.accel
         sid = spec.sandbox_id
         self._creating.add(sid)
-        undo = _Undo()
-        phases = _Phases()
         try:
-            with _os_errors(f"creating sandbox {sid}"):
-                vm = await self._build(spec, image, self._accel.accel, undo)
-                phases.mark("disks")
-                await self._boot(vm, incoming=False)
-                phases.mark("qemu")
-                undo.push("stop QEMU", lambda: self._kill(vm))
-                await self._wait_agent(vm)
-                phases.mark("boot+agent")
-        except BaseException:
-            await undo.run()
-            raise
+            template = await self._template_for(spec, image, accel)
+            try:
+                vm = await self._create_vm(spec, image, accel, template)
+            except (InvalidState, InvalidSpec):
+                raise
+            except EngineError as exc:
+                if template is None:
+                    raise
+                # The template may be what is broken: boot this one, rebuild it next time.
+                log.warning(
+                    "creating %s from template %s failed (%s); booting it instead",
+                    sid,
+                    template.key[:12],
+                    exc,
+                )
+                await asyncio.to_thread(disks.remove_tree, template.paths.root)
+                vm = await self._create_vm(spec, image, accel, None)
         finally:
             self._creating.discard(sid)
         self._vms[sid] = vm
-        vm.phases = phases.done()
         log.debug("sandbox %s created: %s", sid, vm.phases)
         return self._info(vm)
 
-    async def _build(self, spec: SandboxSpec, image: Image, accel: Accel, undo: _Undo) -> _VM:
-        """Allocate the IP and TAP, make the directory, disks and RAM file."""
+    async def _create_vm(
+        self, spec: SandboxSpec, image: Image, accel: Accel, template: templates.Template | None
+    ) -> _VM:
+        """Disks, then QEMU (booted, or restored from ``template``), until the agent answers."""
+        undo = _Undo()
+        phases = _Phases()
+        try:
+            with _os_errors(f"creating sandbox {spec.sandbox_id}"):
+                vm = await self._build(spec, image, accel, undo, template)
+                phases.mark("disks")
+                undo.push("stop QEMU", lambda: self._kill(vm))
+                if template is None:
+                    await self._boot(vm, incoming=False)
+                    phases.mark("qemu")
+                    await self._wait_agent(vm, self.config.boot_timeout)
+                    phases.mark("boot+agent")
+                else:
+                    await self._restore(vm)
+                    phases.mark("restore")
+                    await self._wait_agent(vm, min(self.config.boot_timeout, _CLONE_TIMEOUT))
+                    phases.mark("configure+agent")
+                    # The drive carried the host's time as of a moment ago: make it exact.
+                    await self._set_clock(vm)
+                    phases.mark("clock")
+        except BaseException:
+            await undo.run()
+            raise
+        vm.phases = phases.done()
+        return vm
+
+    # ------------------------------------------------------------------ templates
+
+    def _template_shape(self, image: Image, spec: SandboxSpec, accel: Accel) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "image": image.digest,
+            "cpus": spec.cpus,
+            "memory_mb": spec.memory_mb,
+            "accel": str(accel),
+            "disk_mode": cfg.disk_mode,
+            "qemu": templates.qemu_identity(shutil.which(cfg.qemu_binary) or cfg.qemu_binary),
+            "tsc_khz": self._tsc_khz,
+            "tb_size_mb": cfg.tb_size_mb,
+            "kernel_args": list(kernel_cmdline_defaults(cpu_khz=0)),
+        }
+
+    async def _template_for(
+        self, spec: SandboxSpec, image: Image, accel: Accel
+    ) -> templates.Template | None:
+        """The template to restore ``spec`` from (built now if missing); None: boot it."""
+        if not self.config.templates or spec.volumes or not templates.config_fits(spec):
+            return None
+        key = templates.template_key(self._template_shape(image, spec, accel))
+        lock = self._template_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            tpl = await asyncio.to_thread(templates.load, self.config.templates_dir, key)
+            if tpl is not None:
+                return tpl
+            try:
+                return await self._build_template(key, spec, image, accel)
+            except (InvalidState, InvalidSpec):
+                raise
+            except EngineError as exc:
+                # Booting may still work (and will say what is wrong if it does not).
+                log.warning("cannot build template %s: %s; booting instead", key[:12], exc)
+                return None
+
+    async def _build_template(
+        self, key: str, spec: SandboxSpec, image: Image, accel: Accel
+    ) -> templates.Template:
+        """Boot the shape with a placeholder config drive and stop it where it waits."""
+        started = time.perf_counter()
+        root = templates.template_dir(self.config.templates_dir, key)
+        tid = f"template-{key[:12]}"
+        log.info(
+            "building template %s (%s, %d vCPU, %d MB)", tid, image.tier, spec.cpus, spec.memory_mb
+        )
+        undo = _Undo()
+        try:
+            with _os_errors(f"building template {tid}"):
+                await asyncio.to_thread(disks.remove_tree, root)  # unfinished or stale
+                root.mkdir(parents=True, mode=0o700)
+                undo.push("remove the template", lambda: asyncio.to_thread(disks.remove_tree, root))
+                paths = Paths(root)
+                kernel, initrd, base_rootfs = await asyncio.to_thread(self._pin_image, image)
+                fmt = await disks.make_rootfs(
+                    base_rootfs, paths.rootfs(self._rootfs_format()), self.config.disk_mode
+                )
+                await asyncio.to_thread(templates.write_placeholder_drive, paths.config_drive)
+                tap = await self._create_tap(tid)
+                undo.push("delete the template's TAP", lambda: self._delete_tap(tap))
+                record = Record(
+                    spec=SandboxSpec(
+                        sandbox_id=tid,
+                        name=tid,
+                        cpus=spec.cpus,
+                        memory_mb=spec.memory_mb,
+                        image=spec.image,
+                    ),
+                    dir=str(root),
+                    token="",
+                    ip=_NO_IP,
+                    tap=tap,
+                    mac=self._network.mac_for(tid),
+                    accel=str(accel),
+                    kernel=str(kernel),
+                    initrd=str(initrd),
+                    image_digest=image.digest,
+                    drives=(Drive(str(paths.rootfs(fmt)), fmt), Drive(str(paths.config_drive))),
+                    created_at=time.time(),
+                )
+                meta = await asyncio.to_thread(_write_initial_files, paths, record)
+                vm = _VM(
+                    record=record,
+                    paths=paths,
+                    client=self._client_for(record),
+                    status=Status.RUNNING,
+                    thermal=Thermal.HOT,
+                    meta=meta,
+                )
+                await self._boot(vm, incoming=False)
+                undo.push("stop the template's QEMU", lambda: self._kill(vm))
+                await templates.wait_ready(
+                    paths.console_log,
+                    lambda: process.pid_alive(vm.pid, paths.marker),
+                    self.config.boot_timeout,
+                    lambda: self._console_tail(vm),
+                )
+                await self._snapshot(vm)
+                await self._delete_tap(tap)
+                elapsed = (time.perf_counter() - started) * 1000
+                tpl = await asyncio.to_thread(templates.finish, paths, key, fmt, elapsed)
+        except BaseException:
+            await undo.run()
+            raise
+        log.info("template %s ready in %.1f s", tid, elapsed / 1000)
+        return tpl
+
+    def _rootfs_format(self) -> str:
+        return "qcow2" if self.config.disk_mode == "qcow2" else "raw"
+
+    async def _create_tap(self, sid: str) -> str:
+        try:
+            return await asyncio.to_thread(self._network.create_tap, sid)
+        except NetworkError as exc:
+            raise EngineError(f"cannot create the TAP of {sid}: {exc}") from exc
+
+    async def _build(
+        self,
+        spec: SandboxSpec,
+        image: Image,
+        accel: Accel,
+        undo: _Undo,
+        template: templates.Template | None,
+    ) -> _VM:
+        """Allocate the IP and TAP, make the directory, disks and RAM file; from
+        ``template``, copy its disk and RAM and leave a cold snapshot to restore."""
         sid = spec.sandbox_id
         cfg = self.config
         try:
@@ -425,10 +592,7 @@ class QemuEngine:
         except NetworkError as exc:
             raise EngineError(f"no guest address for {sid}: {exc}") from exc
         undo.push("release IP", lambda: self._release_ip(ip))
-        try:
-            tap = await asyncio.to_thread(self._network.create_tap, sid)
-        except NetworkError as exc:
-            raise EngineError(f"cannot create the TAP of {sid}: {exc}") from exc
+        tap = await self._create_tap(sid)
         undo.push("delete TAP", lambda: self._delete_tap(tap))
         await self._pin_neighbour(ip, self._network.mac_for(sid))
         root = cfg.sandboxes_dir / sid
@@ -442,9 +606,14 @@ class QemuEngine:
         paths = Paths(root)
 
         kernel, initrd, base_rootfs = await asyncio.to_thread(self._pin_image, image)
-        rootfs_fmt = "qcow2" if cfg.disk_mode == "qcow2" else "raw"
-        rootfs = paths.rootfs(rootfs_fmt)
-        await disks.make_rootfs(base_rootfs, rootfs, cfg.disk_mode)
+        if template is None:
+            rootfs_fmt = self._rootfs_format()
+            rootfs = paths.rootfs(rootfs_fmt)
+            await disks.make_rootfs(base_rootfs, rootfs, cfg.disk_mode)
+        else:
+            rootfs_fmt = template.rootfs_format
+            rootfs = paths.rootfs(rootfs_fmt)
+            await disks.copy_sparse(template.rootfs, rootfs)
 
         drives = [Drive(str(rootfs), rootfs_fmt), Drive(str(paths.config_drive))]
         volume_paths: dict[str, str] = {}
@@ -478,15 +647,23 @@ class QemuEngine:
         )
         net = dict(self._network.guest_network(ip, sid))
         config = guest_config(record, net, devices, cfg.guest_user)
-        await disks.make_config_drive(paths.config_drive, config)
+        # A guest restored from a template has the template's clock and RNG state.
+        config["clock_ns"] = time.time_ns()
+        config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
+        drive_size = None if template is None else templates.DRIVE_SIZE
+        await disks.make_config_drive(paths.config_drive, config, drive_size)
 
-        meta = await asyncio.to_thread(_write_initial_files, paths, record)
+        if template is None:
+            meta = await asyncio.to_thread(_write_initial_files, paths, record)
+        else:
+            await disks.copy_sparse(template.paths.ram, paths.ram)
+            meta = await asyncio.to_thread(_write_clone_files, paths, record, template)
         return _VM(
             record=record,
             paths=paths,
             client=self._client_for(record),
             status=Status.RUNNING,
-            thermal=Thermal.HOT,
+            thermal=Thermal.HOT if template is None else Thermal.COLD,
             meta=meta,
         )
 
@@ -536,10 +713,10 @@ class QemuEngine:
             await self._kill(vm)
             raise
 
-    async def _wait_agent(self, vm: _VM) -> None:
+    async def _wait_agent(self, vm: _VM, timeout: float) -> None:  # noqa: ASYNC109
         """Poll the agent until it answers; SandboxCrashed if QEMU dies meanwhile."""
         probe = self._client_for(vm.record, _BOOT_CONNECT_TIMEOUT)
-        deadline = time.monotonic() + self.config.boot_timeout
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 await probe.activity()
@@ -552,7 +729,7 @@ class QemuEngine:
                 if time.monotonic() > deadline:
                     raise SandboxCrashed(
                         f"the agent of {vm.sandbox_id} did not answer within "
-                        f"{self.config.boot_timeout:.0f} s: {self._console_tail(vm)}"
+                        f"{timeout:.0f} s: {self._console_tail(vm)}"
                     ) from exc
             except AgentError as exc:
                 raise EngineError(f"the agent of {vm.sandbox_id} refused us: {exc}") from exc
@@ -1093,6 +1270,18 @@ def _write_initial_files(paths: Paths, record: Record) -> snapshot.SnapshotMeta:
     """Blocking: the empty RAM file, snapshot.json (no snapshot yet), sandbox.json."""
     meta = snapshot.SnapshotMeta()
     meta.ram_inode = snapshot.create_ram_file(paths.ram, record.spec.memory_mb << 20)
+    snapshot.save_meta(paths.snapshot_meta, meta)
+    snapshot.write_json_atomic(paths.record, record.to_json())
+    return meta
+
+
+def _write_clone_files(
+    paths: Paths, record: Record, template: templates.Template
+) -> snapshot.SnapshotMeta:
+    """Blocking: the template's device state, a snapshot.json vouching for it and
+    the RAM file (copied already), sandbox.json: a cold sandbox ready to restore."""
+    shutil.copyfile(template.paths.state, paths.state)
+    meta = snapshot.SnapshotMeta(valid=True, ram_inode=snapshot.ram_inode(paths.ram))
     snapshot.save_meta(paths.snapshot_meta, meta)
     snapshot.write_json_atomic(paths.record, record.to_json())
     return meta

@@ -1,0 +1,148 @@
+"""Sandboxes restored from a template snapshot (real TCG microVMs).
+
+Each must come out as its own machine -- hostname, address, MAC, token, env,
+files, init, clock and kernel RNG -- although all of them continue one
+snapshot; and anything the template path cannot serve (volumes, a broken
+template) must still be created, by booting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+
+from kiln.agent_client import AgentClient, AuthError
+from kiln.engine import FileSpec, SandboxSpec, VolumeSpec
+from kiln.engine.qemu import QemuEngine
+from kiln.engine.qemu.templates import TEMPLATE_FILE
+
+from .guest_scripts import PING
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(600),
+]
+
+
+def clone_spec(n: int) -> SandboxSpec:
+    return SandboxSpec(
+        sandbox_id=f"clone{n}",
+        name=f"clone_{n}",
+        memory_mb=256,
+        env={"WHO": f"clone {n}"},
+        files=(FileSpec("/etc/clone.txt", f"I am {n}\n".encode(), 0o600),),
+        init=f"echo init {n} > /tmp/init.txt",
+    )
+
+
+def template_files(engine: QemuEngine) -> list[dict[str, object]]:
+    found = []
+    for path in sorted(engine.config.templates_dir.glob(f"*/{TEMPLATE_FILE}")):
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+async def sh(client: AgentClient, script: str, user: str | None = None) -> str:
+    result = await client.exec(["sh", "-c", script], timeout=60, user=user)
+    assert result.exit_code == 0, (script, result)
+    return result.stdout.decode()
+
+
+async def until_file(client: AgentClient, path: str, timeout: float = 30) -> bytes:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return (await client.read_file(path)).data
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+async def test_clones_are_separate_machines(engine: QemuEngine) -> None:
+    first = await engine.create(clone_spec(1))
+    built = template_files(engine)
+    second = await engine.create(clone_spec(2))
+    assert len(built) == 1 and template_files(engine) == built  # built once, then reused
+    for info in (first, second):
+        assert "restore" in engine.last_phases(info.sandbox_id)  # not a boot
+
+    uuids = set()
+    for n, info in ((1, first), (2, second)):
+        sid = info.sandbox_id
+        client = await engine.agent(sid)
+        assert (await sh(client, "hostname")).strip() == f"clone-{n}"
+        assert await sh(client, 'printf %s "$WHO"') == f"clone {n}"
+        assert await sh(client, "id -un") == "sandbox\n"
+        file = await client.read_file("/etc/clone.txt")
+        assert file.data == f"I am {n}\n".encode() and file.mode == "0600"
+        assert await until_file(client, "/tmp/init.txt") == f"init {n}\n".encode()
+        link = await sh(client, "cat /sys/class/net/eth0/address")
+        assert link.strip() == engine.network.mac_for(sid)
+        addresses = await sh(client, "ip -o -4 addr show dev eth0")
+        assert f" {info.ip}/" in addresses
+        # The template's clock is long gone: the drive and CLOCK_SET made it now.
+        guest_time = float(await sh(client, "date +%s.%N"))
+        assert abs(guest_time - time.time()) < 5
+        # Every clone starts from the template's RNG state; the seed must fork it.
+        uuids.add(uuid.UUID((await sh(client, "cat /proc/sys/kernel/random/uuid")).strip()))
+    assert len(uuids) == 2
+
+    # Each agent takes only its own sandbox's token.
+    other = AgentClient(engine.client("clone1").endpoint, engine.client("clone2").token)
+    with pytest.raises(AuthError):
+        await other.activity()
+
+    # Their NICs (distinct MACs now) reach each other.
+    client = await engine.agent("clone1")
+    await client.write_file("/tmp/ping.py", PING.encode())
+    assert second.ip is not None
+    result = await client.exec(["python3", "/tmp/ping.py", second.ip], user="root", timeout=30)
+    assert result.exit_code == 0, result
+
+
+async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -> None:
+    client = await engine.agent("clone1")
+    await sh(client, "echo kept > /home/sandbox/kept")
+    await engine.stop("clone1")
+    last = engine.snapshot_info("clone1").last
+    assert last is not None and last.kind == "full"  # its RAM file was a fresh copy
+    await engine.start("clone1")
+    client = await engine.agent("clone1")
+    assert await sh(client, "cat /home/sandbox/kept /tmp/init.txt") == "kept\ninit 1\n"
+
+
+async def test_volumes_need_a_boot(engine: QemuEngine) -> None:
+    spec = SandboxSpec(
+        sandbox_id="withvol",
+        name="withvol",
+        memory_mb=256,
+        volumes=(VolumeSpec(name="tplvol", mount="/mnt/v", size_mb=16),),
+    )
+    await engine.create(spec)
+    assert "boot+agent" in engine.last_phases("withvol")
+    client = await engine.agent("withvol")
+    assert " /mnt/v ext4 " in await sh(client, "cat /proc/mounts")
+    await engine.destroy("withvol")
+
+
+async def test_a_broken_template_falls_back_to_a_boot_and_is_rebuilt(engine: QemuEngine) -> None:
+    (tpl,) = template_files(engine)
+    tpl_dir = next(engine.config.templates_dir.iterdir())
+    await asyncio.to_thread((tpl_dir / "state.bin").write_bytes, b"not a QEMU migration stream")
+    await engine.create(clone_spec(3))
+    assert "boot+agent" in engine.last_phases("clone3")
+    assert (await sh(await engine.agent("clone3"), "hostname")).strip() == "clone-3"
+    assert template_files(engine) == []  # the broken one is gone...
+    await engine.destroy("clone3")
+
+    await engine.create(clone_spec(4))  # ...and the next create builds a new one
+    assert "restore" in engine.last_phases("clone4")
+    (rebuilt,) = template_files(engine)
+    assert rebuilt["key"] == tpl["key"] and rebuilt["created_at"] != tpl["created_at"]
+    await engine.destroy("clone4")
