@@ -42,6 +42,7 @@ class FakeEngine:
         self.activity_info: dict[str, ActivityInfo] = {}
         self.failures: dict[tuple[str, str], EngineError] = {}
         self.closed = False
+        self.prepared: list[SandboxSpec] = []
 
     # --- test controls ----------------------------------------------------------------
 
@@ -235,6 +236,10 @@ class FakeEngine:
         if alive or has_snapshot:
             self.boxes[sandbox_id] = _Box(info)
         return info
+
+    async def prepare(self, spec: SandboxSpec) -> None:
+        spec.validate()
+        self.prepared.append(spec)
 
     async def close(self) -> None:
         self.closed = True

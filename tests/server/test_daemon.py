@@ -8,6 +8,7 @@ agents, which, like VMs, outlive the daemon.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -16,13 +17,23 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import httpx
 import pytest
 import yaml
 
+from fakes.engine import FakeEngine
 from kiln.config import ConfigError, load_config
-from kiln.server.daemon import DaemonError, UnavailableEngine, bind_socket, build_engine
+from kiln.server.daemon import (
+    DaemonError,
+    UnavailableEngine,
+    _warm_up,
+    bind_socket,
+    build_engine,
+)
+from kiln.server.services import Services
 from kiln.store import Store
 
 from .harness import kill_recorded_agents
@@ -234,3 +245,25 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("listen: nowhere\n")
     with pytest.raises(ConfigError, match="listen"):
         load_config(path)
+
+
+def _warm_up_services(engine: FakeEngine, built: list[str], fail: Exception | None) -> Services:
+    async def images(tier: str) -> None:
+        built.append(tier)
+        if fail is not None:
+            raise fail
+
+    return cast(Services, SimpleNamespace(images=images, engine=engine))
+
+
+def test_warm_up_prepares_the_default_shape() -> None:
+    engine, built = FakeEngine(), []
+    asyncio.run(_warm_up(_warm_up_services(engine, built, None)))
+    assert built == ["minimal"]
+    assert [(s.image, s.cpus, s.memory_mb) for s in engine.prepared] == [("minimal", 1, 512)]
+
+
+def test_a_failed_warm_up_is_only_logged(caplog: pytest.LogCaptureFixture) -> None:
+    engine, built = FakeEngine(), []
+    asyncio.run(_warm_up(_warm_up_services(engine, built, OSError("disk full"))))
+    assert engine.prepared == [] and "warm-up failed" in caplog.text and "disk full" in caplog.text

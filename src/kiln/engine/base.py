@@ -167,6 +167,11 @@ class Engine(Protocol):
         """Re-adopt a sandbox from exported state (daemon recovery)."""
         ...
 
+    async def prepare(self, spec: SandboxSpec) -> None:
+        """Do ahead of time what the first :meth:`create` of this shape would wait for
+        (images, network, a template snapshot); creates nothing visible."""
+        ...
+
     async def close(self) -> None:
         """Release engine-wide resources; sandboxes keep their on-disk state."""
         ...

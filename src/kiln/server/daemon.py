@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,9 @@ class UnavailableEngine:
 
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         raise self._no()
+
+    async def prepare(self, spec: SandboxSpec) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -406,6 +410,9 @@ async def _run(
         async with asyncio.TaskGroup() as tg:
             thermal_task = tg.create_task(thermal.run(), name="thermal") if thermal else None
             http = tg.create_task(server.serve(sockets=[sock]), name="http")
+            warm_up = (
+                tg.create_task(_warm_up(services), name="warm-up") if services.images else None
+            )
             stopper = tg.create_task(stop.wait(), name="stop")
             while not server.started and not http.done():  # noqa: ASYNC110 -- uvicorn has no event
                 await asyncio.sleep(0.01)
@@ -419,9 +426,25 @@ async def _run(
             await asyncio.wait({http})
             if thermal_task is not None:
                 thermal_task.cancel()
+            if warm_up is not None:
+                warm_up.cancel()
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+async def _warm_up(services: Services) -> None:
+    """Build the default image and its template snapshot in the background, so the
+    first create is as fast as the ones after it (a create meanwhile just waits)."""
+    assert services.images is not None
+    spec = SandboxSpec(sandbox_id="warm-up", name="warm-up")
+    try:
+        await services.images(spec.image)
+        started = time.perf_counter()
+        await services.engine.prepare(spec)
+        log.info("default sandbox shape ready (%.1f s)", time.perf_counter() - started)
+    except Exception as exc:  # a warm-up failure must not stop the daemon
+        log.warning("warm-up failed (creates will do the work themselves): %s", exc)
 
 
 def run(config: Config) -> None:

@@ -428,6 +428,15 @@ class QemuEngine:
         log.debug("sandbox %s created: %s", sid, vm.phases)
         return self._info(vm)
 
+    async def prepare(self, spec: SandboxSpec) -> None:
+        """Image, network and the template of ``spec``'s shape, so that the first
+        create of that shape is as fast as the next ones."""
+        spec.validate()
+        image = await self._image(spec.image)
+        await self._ensure_ready(image)
+        assert self._accel is not None
+        await self._template_for(spec, image, self._accel.accel)
+
     async def _create_vm(
         self, spec: SandboxSpec, image: Image, accel: Accel, template: templates.Template | None
     ) -> _VM:
