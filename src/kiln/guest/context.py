@@ -133,6 +133,8 @@ class GuestContext:
         #: Piped execs in flight (host connected, process running).
         self.running_execs: set[Child] = set()
         self._is_root = os.geteuid() == 0
+        self._user_kwargs: dict[UserInfo, dict[str, Any]] = {}
+        self._user_db_stamp: tuple[tuple[int, int, int] | None, ...] = ()
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -172,8 +174,18 @@ class GuestContext:
         """Popen arguments that drop to ``user`` (nothing when we already are it)."""
         if user.uid == os.geteuid():
             return {}
-        groups = os.getgrouplist(user.name, user.gid) if _has_group_db(user) else [user.gid]
-        return {"user": user.uid, "group": user.gid, "extra_groups": groups}
+        # getgrouplist parses /etc/group at every call: reuse its answer until the
+        # user database changes (groupadd, usermod, ... replace the files).
+        stamp = _file_stamp("/etc/group"), _file_stamp("/etc/passwd")
+        if stamp != self._user_db_stamp:
+            self._user_kwargs.clear()
+            self._user_db_stamp = stamp
+        kwargs = self._user_kwargs.get(user)
+        if kwargs is None:
+            groups = os.getgrouplist(user.name, user.gid) if _has_group_db(user) else [user.gid]
+            kwargs = {"user": user.uid, "group": user.gid, "extra_groups": groups}
+            self._user_kwargs[user] = kwargs
+        return dict(kwargs)
 
     def give_to_user(self, path: str | int, owner: tuple[int, int] | None = None) -> None:
         """chown a file the agent created (as root) to ``owner`` (uid, gid), by default
@@ -187,6 +199,14 @@ class GuestContext:
             os.fchown(path, uid, gid)
         else:
             os.chown(path, uid, gid)
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _has_group_db(user: UserInfo) -> bool:
