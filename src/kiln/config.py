@@ -8,6 +8,7 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     engine: auto            # auto | qemu
     accel: auto             # auto | kvm | tcg
     image: minimal          # the default image tier
+    templates: true         # create by restoring a per-shape template snapshot
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
     publish_domain: localhost
@@ -67,6 +68,7 @@ class Config:
     accel: str = "auto"
     image: str = "minimal"
     image_dir: Path | None = None  # None: kiln.images' default ($KILN_IMAGE_DIR or ~/.cache)
+    templates: bool = True
     network: NetworkConfig = field(default_factory=NetworkConfig)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
     publish_domain: str = "localhost"

@@ -7,6 +7,7 @@ survives. One VM is booted for the whole module.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -142,12 +143,19 @@ async def test_a_dead_vm_without_a_valid_snapshot_is_unknown_and_destroyable(
 
 
 async def test_orphans_are_cleaned_up(vm_env: VMEnv) -> None:
-    """A sandbox the store no longer knows: its QEMU, TAP and directory go."""
+    """A sandbox the store no longer knows: its QEMU, TAP and directory go; so do a
+    template build's leftovers (its QEMU, a directory it never finished)."""
     engine = QemuEngine(vm_env.config())
+    builder: asyncio.subprocess.Process | None = None
     try:
         await engine.create(SandboxSpec(sandbox_id="orphan", name="orphan", memory_mb=256))
         tap = engine.network.tap_name("orphan")
         root = engine.paths("orphan").root
+        (finished,) = engine.config.templates_dir.iterdir()
+        half_built = engine.config.templates_dir / "half-built"
+        half_built.mkdir()
+        # Stands in for a template QEMU whose daemon died mid-build.
+        builder = await asyncio.create_subprocess_exec("sh", "-c", "sleep 600", f"{half_built}/q")
         await engine.close()  # crash; the store lost the row
         engine = QemuEngine(vm_env.config())
         removed = await engine.cleanup_orphans()
@@ -155,5 +163,10 @@ async def test_orphans_are_cleaned_up(vm_env: VMEnv) -> None:
         assert not find_processes(f"{root}/")
         assert not link_exists(vm_env.netns, tap)
         assert not root.exists()
+        assert await asyncio.wait_for(builder.wait(), 10) != 0 and not half_built.exists()
+        assert finished.is_dir()  # a finished template is no leftover
     finally:
+        if builder is not None and builder.returncode is None:
+            builder.kill()
+            await builder.wait()
         await engine.close()

@@ -64,9 +64,32 @@ def test_only_finished_matching_templates_load(tmp_path: Path) -> None:
     for path in (paths.rootfs("qcow2"), paths.ram, paths.state):
         path.write_bytes(b"x")
     assert templates.load(tmp_path, key) is None  # unfinished: no template.json
-    templates.finish(paths, key, "qcow2", 1234.5)
+    templates.finish(paths, key, "qcow2", 1234.5, {"tier": "minimal"})
     loaded = templates.load(tmp_path, key)
     assert loaded is not None and loaded.rootfs == paths.rootfs("qcow2")
     assert templates.load(tmp_path, templates.template_key({**SHAPE, "cpus": 2})) is None
     paths.state.unlink()
     assert templates.load(tmp_path, key) is None  # a file went missing
+
+
+def _finished(root: Path, shape: dict[str, object]) -> templates.Template:
+    key = templates.template_key(shape)
+    paths = Paths(templates.template_dir(root, key))
+    paths.root.mkdir()
+    return templates.finish(paths, key, "qcow2", 1.0, shape)
+
+
+def test_a_new_template_supersedes_the_old_one_of_its_shape(tmp_path: Path) -> None:
+    shape = {"tier": "minimal", "cpus": 1, "memory_mb": 512}
+    old = _finished(tmp_path, shape)
+    other = _finished(tmp_path, {**shape, "cpus": 2})
+    (tmp_path / "half-built").mkdir()
+    old_key_dir = old.paths.root
+    # The same shape built again under a new key (say the image was rebuilt).
+    new_paths = Paths(tmp_path / "newkey")
+    new_paths.root.mkdir()
+    new = templates.finish(new_paths, "newkey", "qcow2", 1.0, shape)
+    assert templates.superseded(tmp_path, new) == [old_key_dir]
+    assert other.paths.root not in templates.superseded(tmp_path, new)
+    assert templates.unfinished(tmp_path) == [tmp_path / "half-built"]
+    assert templates.unfinished(tmp_path / "missing") == []

@@ -20,7 +20,7 @@ from kiln.config import (
 def test_defaults() -> None:
     c = load_config()
     assert c.listen == "127.0.0.1:8080" and (c.host, c.port) == ("127.0.0.1", 8080)
-    assert (c.engine, c.accel, c.image) == ("auto", "auto", "minimal")
+    assert (c.engine, c.accel, c.image, c.templates) == ("auto", "auto", "minimal", True)
     assert c.data_dir == default_data_dir()
     assert (c.thermal.hot_to_warm_s, c.thermal.warm_to_cold_s, c.thermal.tick_s) == (
         30.0,
@@ -52,6 +52,7 @@ def test_yaml_file_and_overrides(tmp_path: Path) -> None:
         "network:\n  bridge: kb0\n  subnet: 10.213.9.0/24\n  netns: kiln-ns\n  nat: false\n"
         "thermal:\n  hot_to_warm_s: 5\n"
         "publish_domain: sandboxes.example.com\n"
+        "templates: false\n"
     )
     c = load_config(path, {"listen": "127.0.0.1:0", "thermal.tick_s": "2.5", "image": None})
     assert c.data_dir == Path("~/kiln-data").expanduser()
@@ -66,6 +67,7 @@ def test_yaml_file_and_overrides(tmp_path: Path) -> None:
     assert (c.thermal.hot_to_warm_s, c.thermal.tick_s) == (5.0, 2.5)
     assert c.image == "minimal"  # a None override means "not given"
     assert c.publish_domain == "sandboxes.example.com"
+    assert c.templates is False
     assert c.url == "http://127.0.0.1:0"
     assert load_config(None, {"listen": "0.0.0.0:80"}).url == "http://127.0.0.1:80"
 

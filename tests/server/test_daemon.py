@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -26,6 +27,7 @@ import yaml
 
 from fakes.engine import FakeEngine
 from kiln.config import ConfigError, load_config
+from kiln.engine.qemu import QemuEngine
 from kiln.server.daemon import (
     DaemonError,
     UnavailableEngine,
@@ -253,7 +255,8 @@ def _warm_up_services(engine: FakeEngine, built: list[str], fail: Exception | No
         if fail is not None:
             raise fail
 
-    return cast(Services, SimpleNamespace(images=images, engine=engine))
+    config = SimpleNamespace(image="minimal")
+    return cast(Services, SimpleNamespace(images=images, engine=engine, config=config))
 
 
 def test_warm_up_prepares_the_default_shape() -> None:
@@ -267,3 +270,13 @@ def test_a_failed_warm_up_is_only_logged(caplog: pytest.LogCaptureFixture) -> No
     engine, built = FakeEngine(), []
     asyncio.run(_warm_up(_warm_up_services(engine, built, OSError("disk full"))))
     assert engine.prepared == [] and "warm-up failed" in caplog.text and "disk full" in caplog.text
+
+
+def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    for templates in (True, False):
+        config = load_config(None, {"data_dir": str(tmp_path), "templates": templates})
+        engine = build_engine(config)
+        assert isinstance(engine, QemuEngine)
+        assert engine.config.templates is templates

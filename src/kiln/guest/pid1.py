@@ -314,7 +314,7 @@ def wait_while_template(device: str) -> None:
             fcntl.ioctl(fd, BLKFLSBUF)  # read the disk, not what we cached of it
             if os.pread(fd, len(TEMPLATE_MAGIC), 0) != TEMPLATE_MAGIC:
                 break
-        log.info("template: config drive arrived")
+        log.info("template: config drive arrived at %.2f s", time.monotonic())
     finally:
         os.close(fd)
 

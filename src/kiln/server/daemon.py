@@ -134,6 +134,7 @@ def build_engine(config: Config) -> Engine:
                 image_dir=config.image_dir,
                 network=config.network,
                 accel=config.accel,
+                templates=config.templates,
             )
         except EngineUnavailable as exc:
             return UnavailableEngine(f"QEMU engine: {exc}")
@@ -437,7 +438,7 @@ async def _warm_up(services: Services) -> None:
     """Build the default image and its template snapshot in the background, so the
     first create is as fast as the ones after it (a create meanwhile just waits)."""
     assert services.images is not None
-    spec = SandboxSpec(sandbox_id="warm-up", name="warm-up")
+    spec = SandboxSpec(sandbox_id="warm-up", name="warm-up", image=services.config.image)
     try:
         await services.images(spec.image)
         started = time.perf_counter()

@@ -518,6 +518,8 @@ class QemuEngine:
         undo = _Undo()
         try:
             with _os_errors(f"building template {tid}"):
+                for pid in process.find_processes(f"{root}/"):  # a build that crashed
+                    await process.terminate(pid, f"{root}/")
                 await asyncio.to_thread(disks.remove_tree, root)  # unfinished or stale
                 root.mkdir(parents=True, mode=0o700)
                 undo.push("remove the template", lambda: asyncio.to_thread(disks.remove_tree, root))
@@ -569,11 +571,15 @@ class QemuEngine:
                 await self._snapshot(vm)
                 await self._delete_tap(tap)
                 elapsed = (time.perf_counter() - started) * 1000
-                tpl = await asyncio.to_thread(templates.finish, paths, key, fmt, elapsed)
+                shape = {"tier": image.tier, "cpus": spec.cpus, "memory_mb": spec.memory_mb}
+                tpl = await asyncio.to_thread(templates.finish, paths, key, fmt, elapsed, shape)
         except BaseException:
             await undo.run()
             raise
         log.info("template %s ready in %.1f s", tid, elapsed / 1000)
+        for old in await asyncio.to_thread(templates.superseded, self.config.templates_dir, tpl):
+            log.info("removing superseded template %s", old.name)
+            await asyncio.to_thread(disks.remove_tree, old)
         return tpl
 
     def _rootfs_format(self) -> str:
@@ -1243,6 +1249,16 @@ class QemuEngine:
             if owner is None:
                 await process.terminate(pid, marker)
                 removed.append(f"qemu pid {pid}")
+        if not any(lock.locked() for lock in self._template_locks.values()):
+            # No build of ours runs: a template QEMU or half-built directory is a
+            # leftover of a daemon that died mid-build.
+            tpl_marker = f"{self.config.templates_dir}/"
+            for pid in process.find_processes(tpl_marker):
+                await process.terminate(pid, tpl_marker)
+                removed.append(f"template qemu pid {pid}")
+            for entry in await asyncio.to_thread(templates.unfinished, self.config.templates_dir):
+                await asyncio.to_thread(disks.remove_tree, entry)
+                removed.append(f"unfinished template {entry.name}")
         taps = {self._vms[sid].record.tap for sid in known}
         try:
             gone = await asyncio.to_thread(self._network.cleanup_orphans, taps)

@@ -110,8 +110,11 @@ def load(templates_dir: Path, key: str) -> Template | None:
     return tpl
 
 
-def finish(paths: Paths, key: str, rootfs_format: str, build_ms: float) -> Template:
-    """Mark a built template directory usable (its last step)."""
+def finish(
+    paths: Paths, key: str, rootfs_format: str, build_ms: float, shape: Mapping[str, Any]
+) -> Template:
+    """Mark a built template directory usable (its last step). ``shape`` is what
+    :func:`superseded` compares: tier, cpus and memory_mb."""
     write_json_atomic(
         paths.root / TEMPLATE_FILE,
         {
@@ -120,9 +123,37 @@ def finish(paths: Paths, key: str, rootfs_format: str, build_ms: float) -> Templ
             "rootfs_format": rootfs_format,
             "created_at": time.time(),
             "build_ms": round(build_ms, 1),
+            "shape": dict(shape),
         },
     )
     return Template(key, paths, rootfs_format)
+
+
+def superseded(templates_dir: Path, current: Template) -> list[Path]:
+    """Finished templates of ``current``'s shape under another key (an older image
+    or QEMU): nothing will restore them again."""
+    try:
+        mine = json.loads((current.paths.root / TEMPLATE_FILE).read_text())["shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    found = []
+    for entry in sorted(templates_dir.iterdir()):
+        if entry == current.paths.root or not entry.is_dir():
+            continue
+        try:
+            data = json.loads((entry / TEMPLATE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("shape") == mine:
+            found.append(entry)
+    return found
+
+
+def unfinished(templates_dir: Path) -> list[Path]:
+    """Template directories a build left behind without finishing them."""
+    if not templates_dir.is_dir():
+        return []
+    return [d for d in sorted(templates_dir.iterdir()) if not (d / TEMPLATE_FILE).exists()]
 
 
 def write_placeholder_drive(path: Path) -> None:
