@@ -19,7 +19,7 @@ from kiln.guest.config import (
     parse_cmdline,
 )
 from kiln.guest.errors import ConfigError
-from kiln.guest.pid1 import load_config, network_commands, write_owned
+from kiln.guest.pid1 import load_config, write_owned
 
 FULL: dict[str, Any] = {
     "sandbox_id": "sbx-1",
@@ -123,20 +123,6 @@ def test_write_owned_creates_parents_and_applies_mode(tmp_path: Path) -> None:
     write_owned(str(target), b"content", 0o640, os.getuid(), os.getgid())
     assert target.read_bytes() == b"content"
     assert target.stat().st_mode & 0o7777 == 0o640
-
-
-def test_network_commands() -> None:
-    spec = NetworkSpec("10.0.0.5/24", "10.0.0.1", "52:54:00:12:34:56")
-    assert network_commands(spec) == [
-        "link set dev eth0 address 52:54:00:12:34:56",
-        "addr add 10.0.0.5/24 dev eth0",
-        "link set dev eth0 up",
-        "route add default via 10.0.0.1 dev eth0",
-    ]
-    assert network_commands(NetworkSpec("10.0.0.5/24")) == [
-        "addr add 10.0.0.5/24 dev eth0",
-        "link set dev eth0 up",
-    ]
 
 
 def test_load_config_sources(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ Modules, one concept each:
 - ``fdio``: asyncio over raw pipe/pty descriptors
 - ``context``: what every handler shares (settings, users, environment, activity)
 - ``config``: the config drive / kernel command line model
-- ``pid1``: mounts, network, hostname, power off (VM mode only)
+- ``pid1``: mounts, config drive (and the template wait), hostname, power off (VM mode only)
+- ``netconf``: eth0's address, MAC and default route by ioctl
 - ``build``: the zipapp builder
 - ``errors``: the exception tree (root: :class:`GuestError`)
 

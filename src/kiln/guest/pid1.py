@@ -15,7 +15,7 @@ Boot (:func:`boot`), before the agent starts serving:
    config drive in the same slot and carries on from this point -- all of the
    agent's start-up (imports, above all) already done;
 4. apply it: the sandbox user, hostname, /etc/resolv.conf, eth0 (static address
-   and default route, with ``ip``), volumes (mounted, root chowned to the user),
+   and default route, by ioctl: see netconf), volumes (mounted, root chowned to the user),
    files (owned by the user), /workspace.
 
 Every step logs its failure and the boot goes on: an agent that answers with a
@@ -37,7 +37,6 @@ import logging
 import os
 import pwd
 import resource
-import shutil
 import signal
 import socket
 import stat
@@ -48,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import netconf
 from .config import (
     CONFIG_FILE,
     CONFIG_MOUNT,
@@ -56,7 +56,6 @@ from .config import (
     TEMPLATE_MAGIC,
     TEMPLATE_READY_LINE,
     GuestConfig,
-    NetworkSpec,
     VolumeSpec,
     config_from_cmdline,
     parse_cmdline,
@@ -331,7 +330,7 @@ def apply_config(config: GuestConfig, mounts: list[str]) -> None:
     if config.dns:
         _step("resolv.conf", write_resolv_conf, config.dns)
     if config.network is not None:
-        _step("network", configure_network, config.network)
+        _step("network", netconf.configure, config.network)
     for volume in config.volumes:
         _step(f"volume {volume.mount}", mount_volume, volume, uid, gid, mounts)
     for file in config.files:
@@ -384,35 +383,6 @@ def write_resolv_conf(servers: tuple[str, ...]) -> None:
     if path.is_symlink():
         path.unlink()  # e.g. into systemd-resolved's runtime dir, which does not run here
     path.write_text("".join(f"nameserver {s}\n" for s in servers))
-
-
-def network_commands(network: NetworkSpec) -> list[str]:
-    """The ``ip -batch`` lines for a static address and a default route."""
-    dev = network.interface
-    commands = []
-    if network.mac:
-        commands.append(f"link set dev {dev} address {network.mac}")
-    commands.append(f"addr add {network.address} dev {dev}")
-    commands.append(f"link set dev {dev} up")
-    if network.gateway:
-        commands.append(f"route add default via {network.gateway} dev {dev}")
-    return commands
-
-
-def configure_network(network: NetworkSpec) -> None:
-    """Static address and default route with one ``ip -batch`` run."""
-    commands = network_commands(network)
-    ip = shutil.which("ip") or "/sbin/ip"
-    proc = subprocess.run(
-        [ip, "-batch", "-"],
-        input="\n".join(commands) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SetupError(f"ip: {proc.stderr.strip() or proc.returncode}")
 
 
 def mount_volume(volume: VolumeSpec, uid: int, gid: int, mounts: list[str]) -> None:
