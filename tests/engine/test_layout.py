@@ -56,7 +56,9 @@ def test_record_round_trips_through_json() -> None:
 
 def test_guest_config_matches_what_the_agent_reads() -> None:
     net = {"address": "10.213.0.7/24", "gateway": "10.213.0.1", "dns": ["9.9.9.9"], "mac": "02:x"}
-    cfg = guest_config(RECORD, net, [("/dev/vdc", "/data"), ("/dev/vdd", "/new")], None)
+    cfg = guest_config(
+        RECORD, net, [("/dev/vdc", "/data", 1 << 20), ("/dev/vdd", "/new", 64 << 20)], None
+    )
     assert cfg["sandbox_id"] == "sb-1"
     assert cfg["hostname"] == "my-box"
     assert cfg["token"] == RECORD.token
@@ -69,8 +71,8 @@ def test_guest_config_matches_what_the_agent_reads() -> None:
         }
     ]
     assert cfg["volumes"] == [
-        {"device": "/dev/vdc", "mount": "/data", "fstype": "ext4"},
-        {"device": "/dev/vdd", "mount": "/new", "fstype": "ext4"},
+        {"device": "/dev/vdc", "mount": "/data", "fstype": "ext4", "size": 1 << 20},
+        {"device": "/dev/vdd", "mount": "/new", "fstype": "ext4", "size": 64 << 20},
     ]
     assert cfg["init"] == "echo hi > /tmp/init"
     assert cfg["dns"] == ["9.9.9.9"]
@@ -88,7 +90,7 @@ def test_the_config_is_accepted_by_the_guest_parser() -> None:
         "dns": [],
         "mac": "02:00:00:00:00:01",
     }
-    parsed = GuestConfig.from_json(guest_config(RECORD, net, [("/dev/vdc", "/data")], None))
+    parsed = GuestConfig.from_json(guest_config(RECORD, net, [("/dev/vdc", "/data", 4096)], None))
     assert parsed.hostname == "my-box"
     assert parsed.files[0].content == b"\x00hello\xff" and parsed.files[0].mode == 0o600
     assert parsed.network is not None and parsed.network.address == "10.213.0.7/24"

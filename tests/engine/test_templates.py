@@ -17,7 +17,7 @@ import pytest
 
 from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import FileSpec, SandboxSpec, VolumeSpec
-from kiln.engine.qemu import QemuEngine
+from kiln.engine.qemu import QemuEngine, templates
 from kiln.engine.qemu.templates import TEMPLATE_FILE
 
 from .guest_scripts import PING
@@ -117,18 +117,55 @@ async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -
     assert await sh(client, "cat /home/sandbox/kept /tmp/init.txt") == "kept\ninit 1\n"
 
 
-async def test_volumes_need_a_boot(engine: QemuEngine) -> None:
-    spec = SandboxSpec(
-        sandbox_id="withvol",
-        name="withvol",
+async def test_volumes_take_the_template_disk_slots(engine: QemuEngine) -> None:
+    """A new and an existing volume, of sizes the template never saw, in its slots."""
+    first = SandboxSpec(
+        sandbox_id="vols1",
+        name="vols1",
         memory_mb=256,
-        volumes=(VolumeSpec(name="tplvol", mount="/mnt/v", size_mb=16),),
+        volumes=(VolumeSpec(name="tplvol", mount="/mnt/v", size_mb=40),),
+    )
+    await engine.create(first)
+    assert "restore" in engine.last_phases("vols1")
+    client = await engine.agent("vols1")
+    await sh(client, "echo persisted > /mnt/v/data && sync")
+    await engine.destroy("vols1")
+
+    again = SandboxSpec(
+        sandbox_id="vols2",
+        name="vols2",
+        memory_mb=256,
+        volumes=(
+            VolumeSpec(name="tplvol2", mount="/mnt/w", size_mb=24),
+            VolumeSpec(name="tplvol", mount="/mnt/v"),  # existing: keeps its data
+        ),
+    )
+    await engine.create(again)
+    assert "restore" in engine.last_phases("vols2")
+    client = await engine.agent("vols2")
+    assert await sh(client, "cat /mnt/v/data") == "persisted\n"
+    sizes = await sh(client, "cat /sys/block/vdc/size /sys/block/vdd/size")
+    assert [int(n) * 512 for n in sizes.split()] == [24 << 20, 40 << 20]
+    mounts = await sh(client, "cat /proc/mounts")
+    assert " /mnt/v ext4 " in mounts and " /mnt/w ext4 " in mounts
+    assert await sh(client, "touch /mnt/w/mine && stat -c %U /mnt/w/mine") == "sandbox\n"
+    await engine.destroy("vols2")
+
+
+async def test_more_volumes_than_slots_boot(engine: QemuEngine) -> None:
+    count = templates.VOLUME_SLOTS + 1
+    spec = SandboxSpec(
+        sandbox_id="manyvols",
+        name="manyvols",
+        memory_mb=256,
+        volumes=tuple(VolumeSpec(f"many{i}", f"/mnt/m{i}", 8) for i in range(count)),
     )
     await engine.create(spec)
-    assert "boot+agent" in engine.last_phases("withvol")
-    client = await engine.agent("withvol")
-    assert " /mnt/v ext4 " in await sh(client, "cat /proc/mounts")
-    await engine.destroy("withvol")
+    assert "boot+agent" in engine.last_phases("manyvols")
+    client = await engine.agent("manyvols")
+    mounts = await sh(client, "cat /proc/mounts")
+    assert all(f" /mnt/m{i} ext4 " in mounts for i in range(count))
+    await engine.destroy("manyvols")
 
 
 async def test_a_broken_template_falls_back_to_a_boot_and_is_rebuilt(engine: QemuEngine) -> None:

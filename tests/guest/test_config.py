@@ -27,7 +27,7 @@ FULL: dict[str, Any] = {
     "token": "ab" * 16,
     "env": {"API_KEY": "secret"},
     "files": [{"path": "/etc/motd", "content": base64.b64encode(b"hi\n").decode(), "mode": "0600"}],
-    "volumes": [{"device": "/dev/vdc", "mount": "/data", "fstype": "ext4"}],
+    "volumes": [{"device": "/dev/vdc", "mount": "/data", "fstype": "ext4", "size": 4096}],
     "init": "echo started",
     "dns": ["10.0.0.1"],
     "user": "sandbox",
@@ -44,7 +44,7 @@ def test_full_config() -> None:
     assert config.token == "ab" * 16
     assert config.env == {"API_KEY": "secret"}
     assert config.files == (FileSpec("/etc/motd", b"hi\n", 0o600),)
-    assert config.volumes == (VolumeSpec("/dev/vdc", "/data", "ext4"),)
+    assert config.volumes == (VolumeSpec("/dev/vdc", "/data", "ext4", 4096),)
     assert config.init == "echo started"
     assert config.dns == ("10.0.0.1",)
     assert config.network == NetworkSpec("10.0.0.5/24", "10.0.0.1", "52:54:00:12:34:56")
@@ -74,6 +74,7 @@ def test_defaults() -> None:
         ({"user": "Bad User"}, "user"),
         ({"hostname": "-bad"}, "hostname"),
         ({"volumes": [{"device": "/dev/vdc"}]}, "mount"),
+        ({"volumes": [{"device": "/dev/vdc", "mount": "/d", "size": "big"}]}, "size"),
         ({"session_idle_timeout": -1}, "session_idle_timeout"),
         ({"clock_ns": "soon"}, "clock_ns"),
         ({"clock_ns": -5}, "clock_ns"),

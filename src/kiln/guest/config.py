@@ -14,7 +14,7 @@ session).
       "token": "hex",
       "env": {"KEY": "value"},
       "files": [{"path": "/etc/x", "content": "<base64>", "mode": "0644"}],
-      "volumes": [{"device": "/dev/vdc", "mount": "/data", "fstype": "ext4"}],
+      "volumes": [{"device": "/dev/vdc", "mount": "/data", "fstype": "ext4", "size": 1048576}],
       "init": "shell script, run as the TTY session 'init'",
       "dns": ["10.0.0.1"],
       "user": "sandbox",
@@ -75,6 +75,9 @@ class VolumeSpec:
     device: str
     mount: str
     fstype: str = "ext4"
+    #: The disk's size in bytes, if known: a template-restored guest learns a
+    #: volume's real size only when the host's capacity change reaches it.
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,10 +264,14 @@ def _volume(index: int, item: Any) -> VolumeSpec:
     fstype = item.get("fstype") or "ext4"
     if not isinstance(fstype, str):
         raise ConfigError(f"config {where}.fstype must be a string")
+    size = item.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ConfigError(f"config {where}.size must be a number of bytes")
     return VolumeSpec(
         device=_abs_path(f"{where}.device", item.get("device")),
         mount=_abs_path(f"{where}.mount", item.get("mount")),
         fstype=fstype,
+        size=size,
     )
 
 

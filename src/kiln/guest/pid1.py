@@ -386,10 +386,30 @@ def write_resolv_conf(servers: tuple[str, ...]) -> None:
 
 
 def mount_volume(volume: VolumeSpec, uid: int, gid: int, mounts: list[str]) -> None:
+    if volume.size is not None:
+        wait_for_capacity(volume.device, volume.size)
     os.makedirs(volume.mount, exist_ok=True)
     mount(volume.device, volume.mount, volume.fstype, MS_NOSUID | MS_NODEV)
     mounts.append(volume.mount)
     os.chown(volume.mount, uid, gid)
+
+
+def wait_for_capacity(device: str, size: int, timeout: float = 10.0) -> None:
+    """Until the kernel sees ``device`` with ``size`` bytes (SetupError after ``timeout``).
+
+    A sandbox restored from a template has its volumes in disk slots the
+    template saw as tiny placeholders; the host's resize notification updates
+    the size, possibly a moment after the config drive arrived.
+    """
+    sysfs = f"/sys/block/{os.path.basename(device)}/size"
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = int(_read_text(sysfs) or 0) * 512
+        if seen == size:
+            return
+        if time.monotonic() > deadline:
+            raise SetupError(f"{device} has {seen} bytes, expected {size}")
+        time.sleep(0.005)
 
 
 def write_owned(path: str, content: bytes, mode: int, uid: int, gid: int) -> None:

@@ -456,6 +456,7 @@ class QemuEngine:
                     phases.mark("boot+agent")
                 else:
                     await self._restore(vm)
+                    await self._announce_volume_sizes(vm)
                     phases.mark("restore")
                     await self._wait_agent(vm, min(self.config.boot_timeout, _CLONE_TIMEOUT))
                     phases.mark("configure+agent")
@@ -467,6 +468,14 @@ class QemuEngine:
             raise
         vm.phases = phases.done()
         return vm
+
+    async def _announce_volume_sizes(self, vm: _VM) -> None:
+        """Tell a template-restored guest its volumes' sizes: the slots held tiny
+        placeholders when the template booted. A ``block_resize`` to the current
+        size changes nothing on disk but sends the guest a capacity change."""
+        for i, vol in enumerate(vm.record.spec.volumes):
+            size = await asyncio.to_thread(os.path.getsize, vm.record.volume_paths[vol.name])
+            await self._qmp(vm, "block_resize", {"device": f"disk{2 + i}", "size": size})
 
     # ------------------------------------------------------------------ templates
 
@@ -482,13 +491,18 @@ class QemuEngine:
             "tsc_khz": self._tsc_khz,
             "tb_size_mb": cfg.tb_size_mb,
             "kernel_args": list(kernel_cmdline_defaults(cpu_khz=0)),
+            "volume_slots": templates.VOLUME_SLOTS,
         }
 
     async def _template_for(
         self, spec: SandboxSpec, image: Image, accel: Accel
     ) -> templates.Template | None:
         """The template to restore ``spec`` from (built now if missing); None: boot it."""
-        if not self.config.templates or spec.volumes or not templates.config_fits(spec):
+        if (
+            not self.config.templates
+            or len(spec.volumes) > templates.VOLUME_SLOTS
+            or not templates.config_fits(spec)
+        ):
             return None
         key = templates.template_key(self._template_shape(image, spec, accel))
         lock = self._template_locks.setdefault(key, asyncio.Lock())
@@ -529,6 +543,9 @@ class QemuEngine:
                     base_rootfs, paths.rootfs(self._rootfs_format()), self.config.disk_mode
                 )
                 await asyncio.to_thread(templates.write_placeholder_drive, paths.config_drive)
+                slots = [paths.root / f"slot{i}.img" for i in range(templates.VOLUME_SLOTS)]
+                for slot in slots:
+                    await asyncio.to_thread(templates.write_slot_placeholder, slot)
                 tap = await self._create_tap(tid)
                 undo.push("delete the template's TAP", lambda: self._delete_tap(tap))
                 record = Record(
@@ -548,7 +565,11 @@ class QemuEngine:
                     kernel=str(kernel),
                     initrd=str(initrd),
                     image_digest=image.digest,
-                    drives=(Drive(str(paths.rootfs(fmt)), fmt), Drive(str(paths.config_drive))),
+                    drives=(
+                        Drive(str(paths.rootfs(fmt)), fmt),
+                        Drive(str(paths.config_drive)),
+                        *(Drive(str(slot)) for slot in slots),
+                    ),
                     created_at=time.time(),
                 )
                 meta = await asyncio.to_thread(_write_initial_files, paths, record)
@@ -634,7 +655,7 @@ class QemuEngine:
         drives = [Drive(str(rootfs), rootfs_fmt), Drive(str(paths.config_drive))]
         volume_paths: dict[str, str] = {}
         created: list[str] = []
-        devices: list[tuple[str, str]] = []
+        devices: list[tuple[str, str, int]] = []
         for i, vol in enumerate(spec.volumes):
             path = self._volume_path(vol.name)
             if vol.size_mb is not None:
@@ -643,7 +664,13 @@ class QemuEngine:
                 undo.push(f"remove new volume {vol.name}", _unlinker(path))
             volume_paths[vol.name] = str(path)
             drives.append(Drive(str(path)))
-            devices.append((f"/dev/vd{chr(ord('c') + i)}", vol.mount))
+            devices.append((f"/dev/vd{chr(ord('c') + i)}", vol.mount, path.stat().st_size))
+        if template is not None:
+            # The template's disk slots the spec leaves unused keep a placeholder.
+            for slot in range(len(spec.volumes), templates.VOLUME_SLOTS):
+                placeholder = paths.root / f"slot{slot}.img"
+                await asyncio.to_thread(templates.write_slot_placeholder, placeholder)
+                drives.append(Drive(str(placeholder)))
 
         record = Record(
             spec=spec,

@@ -193,7 +193,7 @@ def guest_hostname(name: str) -> str:
 def guest_config(
     record: Record,
     network: dict[str, Any],
-    volume_devices: list[tuple[str, str]],
+    volume_devices: list[tuple[str, str, int]],
     user: str | None,
 ) -> dict[str, Any]:
     """The ``config.json`` of the config drive (see :mod:`kiln.guest.config`)."""
@@ -212,7 +212,8 @@ def guest_config(
             for f in spec.files
         ],
         "volumes": [
-            {"device": device, "mount": mount, "fstype": "ext4"} for device, mount in volume_devices
+            {"device": device, "mount": mount, "fstype": "ext4", "size": size}
+            for device, mount, size in volume_devices
         ],
         "dns": list(network.get("dns", [])),
         "network": {

@@ -16,11 +16,15 @@ the RNG from it (every clone starts from one RNG state), configures hostname,
 network (including the sandbox's own MAC: the NIC's MAC is device state, so a
 clone starts with the template's), user, files and init, and answers.
 
-A restore needs exactly the devices of the snapshot, so a spec with volumes
-(extra disks; microvm has no hotplug) or a config too big for the placeholder
-boots normally. The key covers everything that shapes the machine or its
-snapshot: image, vCPUs, memory, accelerator, disk mode, the QEMU binary and
-the argv settings; a template whose key no longer matches is simply not found,
+A restore needs exactly the devices of the snapshot, and microvm has no disk
+hotplug: a template boots with :data:`VOLUME_SLOTS` placeholder disks, and a
+sandbox's volumes take those slots (the engine then resizes each to its
+current size, which sends the guest the capacity change it waits for). A spec
+with more volumes, or a config too big for the placeholder drive, boots.
+
+The key covers everything that shapes the machine or its snapshot: image,
+vCPUs, memory, accelerator, disk mode, the QEMU binary, the argv settings and
+the slot count; a template whose key no longer matches is simply not found,
 and a build replaces a broken one.
 """
 
@@ -49,6 +53,11 @@ TEMPLATE_VERSION: Final = 1
 #: config.json of about 3 MiB (files, init, env); larger ones boot normally.
 DRIVE_SIZE: Final = 8 << 20
 TEMPLATE_FILE: Final = "template.json"
+#: Disk slots (vdc…) a template boots with, for the volumes of the sandboxes made
+#: from it (microvm has no disk hotplug); a spec with more volumes boots.
+VOLUME_SLOTS: Final = 4
+#: What a slot holds until a volume takes it: a small sparse file.
+SLOT_PLACEHOLDER_SIZE: Final = 1 << 20
 _READY_POLL: Final = 0.02
 
 
@@ -162,6 +171,14 @@ def write_placeholder_drive(path: Path) -> None:
     try:
         os.ftruncate(fd, DRIVE_SIZE)
         os.pwrite(fd, TEMPLATE_MAGIC, 0)
+    finally:
+        os.close(fd)
+
+
+def write_slot_placeholder(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, SLOT_PLACEHOLDER_SIZE)
     finally:
         os.close(fd)
 
