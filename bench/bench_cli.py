@@ -60,15 +60,17 @@ def target() -> Iterator[tuple[str, str, str]]:
             yield k.url, k._token or "", existing
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    from sdk.daemon import running_daemon  # noqa: PLC0415 - a test helper, on demand
+    from server.harness import LiveServer  # noqa: PLC0415 - the test harness, on demand
 
-    with (
-        tempfile.TemporaryDirectory(prefix="kiln-bench-cli-") as tmp,
-        running_daemon(Path(tmp)) as daemon,
-        Kiln(daemon.url, daemon.token) as k,
-    ):
-        sb = k.sandboxes.create(name="bench-cli")
-        yield daemon.url, daemon.token, sb.name
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-cli-") as tmp:
+        server = LiveServer(Path(tmp)).start()
+        try:
+            _, token = server.store.create_user("bench-cli")
+            with Kiln(server.url, token) as k:
+                sb = k.sandboxes.create(name="bench-cli")
+                yield server.url, token, sb.name
+        finally:
+            server.stop()
 
 
 def timed(fn: Callable[[], bool], n: int, warmup: int = 2) -> tuple[list[float], int]:

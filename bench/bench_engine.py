@@ -4,7 +4,7 @@
 
 Runs in a network namespace of its own (``kb-<random>``, deleted at the end)
 with a temporary data directory; builds one template, then creates CREATES sandboxes from it
-and boots BOOTS (a spec with a volume cannot use a template), one after another.
+and boots BOOTS (a spec with more volumes than template disk slots), one after another.
 Numbers include everything a daemon would pay: the agent client, the netns
 dialer, QMP and the guest.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 from kiln.agent_client import AgentClient, Stdout
 from kiln.engine import SandboxSpec, VolumeSpec
 from kiln.engine.qemu import QemuConfig, QemuEngine
+from kiln.engine.qemu.templates import VOLUME_SLOTS
 from kiln.engine.qemu.process import find_processes
 from kiln.network import NetworkConfig
 
@@ -105,15 +106,17 @@ async def run(data_dir: Path, netns: str) -> None:
             await engine.destroy(spec.sandbox_id)
             destroy_ms.append((time.perf_counter() - start) * 1000)
         for i in range(BOOTS):
-            spec = SandboxSpec(
-                sandbox_id=f"b{i}", name=f"b{i}", volumes=(VolumeSpec(f"bv{i}", "/mnt/v", 16),)
+            # More volumes than a template has disk slots: this create boots.
+            volumes = tuple(
+                VolumeSpec(f"bv{i}-{n}", f"/mnt/v{n}", 8) for n in range(VOLUME_SLOTS + 1)
             )
+            spec = SandboxSpec(sandbox_id=f"b{i}", name=f"b{i}", volumes=volumes)
             start = time.perf_counter()
             await engine.create(spec)
             boot_ms.append((time.perf_counter() - start) * 1000)
             await engine.destroy(spec.sandbox_id)
         rows.append(Row("create → agent ready (from template)", create_ms, "≤ 3500"))
-        rows.append(Row("create → agent ready (boot: has a volume)", boot_ms))
+        rows.append(Row("create → agent ready (boot: 5 volumes)", boot_ms))
 
         # -- one sandbox for everything else ------------------------------------------
         sid = "bench"
