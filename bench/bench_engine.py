@@ -26,8 +26,8 @@ from pathlib import Path
 from kiln.agent_client import AgentClient, Stdout
 from kiln.engine import SandboxSpec, VolumeSpec
 from kiln.engine.qemu import QemuConfig, QemuEngine
-from kiln.engine.qemu.templates import VOLUME_SLOTS
 from kiln.engine.qemu.process import find_processes
+from kiln.engine.qemu.templates import VOLUME_SLOTS
 from kiln.network import NetworkConfig
 
 from ._stats import Row, print_table, print_values
