@@ -9,6 +9,7 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     accel: auto             # auto | kvm | tcg
     image: minimal          # the default image tier
     templates: true         # create by restoring a per-shape template snapshot
+    guest_aslr: auto        # auto (on under KVM, off under TCG) | on | off
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
     publish_domain: localhost
@@ -69,6 +70,7 @@ class Config:
     image: str = "minimal"
     image_dir: Path | None = None  # None: kiln.images' default ($KILN_IMAGE_DIR or ~/.cache)
     templates: bool = True
+    guest_aslr: str = "auto"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
     publish_domain: str = "localhost"
@@ -152,6 +154,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     if cfg.accel not in ACCELS:
         raise ConfigError(f"accel: must be one of {', '.join(ACCELS)}, got {cfg.accel!r}")
+    if cfg.guest_aslr not in ("auto", "on", "off"):
+        raise ConfigError(f"guest_aslr: must be auto, on or off, got {cfg.guest_aslr!r}")
     if not cfg.image or "/" in cfg.image:
         raise ConfigError(f"image: not a valid image tier name: {cfg.image!r}")
     if cfg.max_upload_bytes < 1:

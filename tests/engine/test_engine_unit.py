@@ -26,6 +26,7 @@ def test_the_engine_satisfies_the_interface_and_its_constructor_does_no_io(
         ({"accel": "hvf"}, "accel"),
         ({"disk_mode": "zfs"}, "disk_mode"),
         ({"boot_timeout": 0}, "boot_timeout"),
+        ({"guest_aslr": "sometimes"}, "guest_aslr"),
     ],
 )
 def test_bad_config_is_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:

@@ -18,6 +18,7 @@ import pytest
 from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import FileSpec, SandboxSpec, VolumeSpec
 from kiln.engine.qemu import QemuEngine, templates
+from kiln.engine.qemu.accel import Accel
 from kiln.engine.qemu.templates import TEMPLATE_FILE
 
 from .guest_scripts import PING
@@ -104,6 +105,14 @@ async def test_clones_are_separate_machines(engine: QemuEngine) -> None:
     assert second.ip is not None
     result = await client.exec(["python3", "/tmp/ping.py", second.ip], user="root", timeout=30)
     assert result.exit_code == 0, result
+
+
+async def test_guest_aslr_follows_the_accelerator(engine: QemuEngine) -> None:
+    """auto: off under TCG (each exec would retranslate ld.so and libc), on under KVM."""
+    assert engine.accel is not None
+    expected = "2" if engine.accel.accel is Accel.KVM else "0"
+    client = await engine.agent("clone1")
+    assert (await sh(client, "cat /proc/sys/kernel/randomize_va_space")).strip() == expected
 
 
 async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -> None:

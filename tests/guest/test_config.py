@@ -35,6 +35,7 @@ FULL: dict[str, Any] = {
     "session_idle_timeout": 600,
     "clock_ns": 1_795_000_000_000_000_000,
     "seed": base64.b64encode(b"\x01" * 64).decode(),
+    "aslr": False,
 }
 
 
@@ -50,6 +51,7 @@ def test_full_config() -> None:
     assert config.network == NetworkSpec("10.0.0.5/24", "10.0.0.1", "52:54:00:12:34:56")
     assert config.session_idle_timeout == 600
     assert config.clock_ns == 1_795_000_000_000_000_000 and config.seed == b"\x01" * 64
+    assert config.aslr is False
 
 
 def test_defaults() -> None:
@@ -57,7 +59,7 @@ def test_defaults() -> None:
     assert config.user == "sandbox"
     assert config.token is None and config.network is None and config.init is None
     assert config.files == () and config.env == {}
-    assert config.clock_ns is None and config.seed is None
+    assert config.clock_ns is None and config.seed is None and config.aslr is None
 
 
 @pytest.mark.parametrize(
@@ -80,6 +82,7 @@ def test_defaults() -> None:
         ({"clock_ns": -5}, "clock_ns"),
         ({"clock_ns": True}, "clock_ns"),
         ({"seed": 7}, "seed"),
+        ({"aslr": "no"}, "aslr"),
         ({"seed": "not base64!"}, "seed"),
     ],
 )

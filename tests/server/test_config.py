@@ -53,6 +53,7 @@ def test_yaml_file_and_overrides(tmp_path: Path) -> None:
         "thermal:\n  hot_to_warm_s: 5\n"
         "publish_domain: sandboxes.example.com\n"
         "templates: false\n"
+        "guest_aslr: 'on'\n"
     )
     c = load_config(path, {"listen": "127.0.0.1:0", "thermal.tick_s": "2.5", "image": None})
     assert c.data_dir == Path("~/kiln-data").expanduser()
@@ -67,7 +68,7 @@ def test_yaml_file_and_overrides(tmp_path: Path) -> None:
     assert (c.thermal.hot_to_warm_s, c.thermal.tick_s) == (5.0, 2.5)
     assert c.image == "minimal"  # a None override means "not given"
     assert c.publish_domain == "sandboxes.example.com"
-    assert c.templates is False
+    assert c.templates is False and c.guest_aslr == "on"
     assert c.url == "http://127.0.0.1:0"
     assert load_config(None, {"listen": "0.0.0.0:80"}).url == "http://127.0.0.1:80"
 
@@ -86,6 +87,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("listen: h:70000\n", "out of range"),
         ("engine: docker-swarm\n", "engine"),
         ("accel: fast\n", "accel"),
+        ("guest_aslr: maybe\n", "guest_aslr"),
         ("bogus: 1\n", "unknown configuration key 'bogus'"),
         ("network: {subnet: 10.0.0.0/16}\n", "network"),
         ("network: {subnet: 8.8.8.0/24}\n", "private"),

@@ -275,8 +275,8 @@ def test_a_failed_warm_up_is_only_logged(caplog: pytest.LogCaptureFixture) -> No
 def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    for templates in (True, False):
-        config = load_config(None, {"data_dir": str(tmp_path), "templates": templates})
-        engine = build_engine(config)
+    for templates, aslr in ((True, "auto"), (False, "off")):
+        overrides = {"data_dir": str(tmp_path), "templates": templates, "guest_aslr": aslr}
+        engine = build_engine(load_config(None, overrides))
         assert isinstance(engine, QemuEngine)
-        assert engine.config.templates is templates
+        assert (engine.config.templates, engine.config.guest_aslr) == (templates, aslr)

@@ -20,6 +20,7 @@ session).
       "user": "sandbox",
       "network": {"address": "10.0.0.5/24", "gateway": "10.0.0.1", "mac": "52:54:..."},
       "session_idle_timeout": 3600,
+      "aslr": false,
       "clock_ns": 1763700000000000000,
       "seed": "<base64>"
     }
@@ -103,6 +104,8 @@ class GuestConfig:
     session_idle_timeout: float | None = None
     clock_ns: int | None = None
     seed: bytes | None = None
+    #: Address space randomization for the guest's processes (None: kernel default).
+    aslr: bool | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> GuestConfig:
@@ -133,6 +136,7 @@ class GuestConfig:
             session_idle_timeout=float(timeout) if timeout else None,
             clock_ns=_clock_ns(data.get("clock_ns")),
             seed=_seed(data.get("seed")),
+            aslr=_opt_bool(data, "aslr"),
         )
 
     @classmethod
@@ -178,6 +182,13 @@ def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"config {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _opt_bool(data: Mapping[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"config {key!r} must be true or false")
     return value
 
 

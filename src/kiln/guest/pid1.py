@@ -325,6 +325,8 @@ def apply_config(config: GuestConfig, mounts: list[str]) -> None:
     except (OSError, SetupError) as exc:
         log.error("boot: user %s: %s", config.user, exc)
     uid, gid = (user.pw_uid, user.pw_gid) if user else (DEFAULT_UID, DEFAULT_UID)
+    if config.aslr is not None:
+        _step("ASLR", set_aslr, config.aslr)
     if config.hostname:
         _step("hostname", set_hostname, config.hostname)
     if config.dns:
@@ -365,6 +367,11 @@ def ensure_user(name: str) -> pwd.struct_passwd:
 def _own_dir(path: str, uid: int, gid: int) -> None:
     os.makedirs(path, exist_ok=True)
     os.chown(path, uid, gid)
+
+
+def set_aslr(enabled: bool) -> None:
+    """kernel.randomize_va_space: 2 (full) or 0 (off), for processes started from now."""
+    Path("/proc/sys/kernel/randomize_va_space").write_text("2\n" if enabled else "0\n")
 
 
 def set_hostname(name: str) -> None:

@@ -135,6 +135,7 @@ def build_engine(config: Config) -> Engine:
                 network=config.network,
                 accel=config.accel,
                 templates=config.templates,
+                guest_aslr=config.guest_aslr,
             )
         except EngineUnavailable as exc:
             return UnavailableEngine(f"QEMU engine: {exc}")

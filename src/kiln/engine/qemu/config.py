@@ -13,6 +13,7 @@ from .accel import ACCEL_SETTINGS
 from .disks import DISK_MODES
 
 DEFAULT_DATA_DIR: Final = Path("/var/lib/kiln/qemu")
+GUEST_ASLR: Final = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,11 @@ class QemuConfig:
                        ``copy``: a full sparse copy (≈0.65 s for the minimal image here).
     ``templates``      create sandboxes by restoring a per-shape template snapshot (boot once,
                        then ~1 s per create) instead of booting each; see :mod:`.templates`.
+    ``guest_aslr``     address space randomization inside guests: ``on``, ``off``, or
+                       ``auto``: on under KVM, off under TCG, where every exec otherwise
+                       translates the dynamic loader and libc anew at their random
+                       addresses (exec ``true`` 45 → 32 ms, and no translation-cache
+                       flush every ~80 execs). The VM, not ASLR, is the sandbox boundary.
     ``boot_timeout``   seconds from QEMU start until the agent must answer.
     ``qmp_timeout``    bound on every QMP command.
     ``snapshot_timeout`` bound on saving or loading the device state.
@@ -47,6 +53,7 @@ class QemuConfig:
     snapshot_timeout: float = 60.0
     agent_timeout: float = 10.0
     guest_user: str | None = None
+    guest_aslr: str = "auto"
 
     def __post_init__(self) -> None:
         if self.accel not in ACCEL_SETTINGS:
@@ -56,6 +63,10 @@ class QemuConfig:
         if self.disk_mode not in DISK_MODES:
             raise EngineUnavailable(
                 f"disk_mode must be one of {', '.join(DISK_MODES)}, got {self.disk_mode!r}"
+            )
+        if self.guest_aslr not in GUEST_ASLR:
+            raise EngineUnavailable(
+                f"guest_aslr must be one of {', '.join(GUEST_ASLR)}, got {self.guest_aslr!r}"
             )
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.volumes_dir is not None:

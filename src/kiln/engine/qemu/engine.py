@@ -603,6 +603,11 @@ class QemuEngine:
             await asyncio.to_thread(disks.remove_tree, old)
         return tpl
 
+    def _guest_aslr(self, accel: Accel) -> bool:
+        if self.config.guest_aslr == "auto":
+            return accel is Accel.KVM
+        return self.config.guest_aslr == "on"
+
     def _rootfs_format(self) -> str:
         return "qcow2" if self.config.disk_mode == "qcow2" else "raw"
 
@@ -690,6 +695,7 @@ class QemuEngine:
         )
         net = dict(self._network.guest_network(ip, sid))
         config = guest_config(record, net, devices, cfg.guest_user)
+        config["aslr"] = self._guest_aslr(accel)
         # A guest restored from a template has the template's clock and RNG state.
         config["clock_ns"] = time.time_ns()
         config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
