@@ -543,7 +543,7 @@ class QemuEngine:
                     base_rootfs, paths.rootfs(self._rootfs_format()), self.config.disk_mode
                 )
                 await asyncio.to_thread(templates.write_placeholder_drive, paths.config_drive)
-                slots = [paths.root / f"slot{i}.img" for i in range(templates.VOLUME_SLOTS)]
+                slots = [paths.slot(i) for i in range(templates.VOLUME_SLOTS)]
                 for slot in slots:
                     await asyncio.to_thread(templates.write_slot_placeholder, slot)
                 tap = await self._create_tap(tid)
@@ -673,7 +673,7 @@ class QemuEngine:
         if template is not None:
             # The template's disk slots the spec leaves unused keep a placeholder.
             for slot in range(len(spec.volumes), templates.VOLUME_SLOTS):
-                placeholder = paths.root / f"slot{slot}.img"
+                placeholder = paths.slot(slot)
                 await asyncio.to_thread(templates.write_slot_placeholder, placeholder)
                 drives.append(Drive(str(placeholder)))
 
@@ -1042,10 +1042,7 @@ class QemuEngine:
         why = self._snapshot_usable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        try:
-            await asyncio.to_thread(self._network.create_tap, vm.sandbox_id)
-        except NetworkError as exc:
-            raise EngineError(f"cannot create the TAP of {vm.sandbox_id}: {exc}") from exc
+        await self._create_tap(vm.sandbox_id)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = _Phases()

@@ -8,6 +8,7 @@
         rootfs.qcow2     root disk (/dev/vda): overlay on <data_dir>/bases/<digest>/
                          (or rootfs.img, a full copy, with disk_mode "copy")
         config.img       config drive (/dev/vdb), ext4 with config.json
+        slotN.img        placeholder of a template's spare volume slot nobody uses
         ram              guest RAM (memory-backend-file, share=on)
         state.bin        device state of the last stop (snapshot)
         snapshot.json    snapshot validity and measurements (see .snapshot)
@@ -76,6 +77,10 @@ class Paths:
     @property
     def console_log(self) -> Path:
         return self.root / "console.log"
+
+    def slot(self, index: int) -> Path:
+        """Placeholder disk of a template's spare volume slot ``index`` (see .templates)."""
+        return self.root / f"slot{index}.img"
 
     def rootfs(self, fmt: str) -> Path:
         return self.root / ("rootfs.qcow2" if fmt == "qcow2" else "rootfs.img")
