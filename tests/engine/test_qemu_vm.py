@@ -435,6 +435,17 @@ async def test_two_vms_ping_each_other(
         assert f"reply from {dst}".encode() in result.stdout
 
 
+async def test_the_sandbox_network_is_ipv4_only(engine: QemuEngine, alpha: SandboxInfo) -> None:
+    client = await client_of(engine, "alpha")
+    flags = await sh(
+        client,
+        "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6 /proc/sys/net/ipv6/conf/lo/disable_ipv6",
+    )
+    assert flags.split() == ["1", "0"]  # eth0 without IPv6, loopback keeps ::1
+    probe = "import socket; s = socket.socket(socket.AF_INET6); s.bind(('::1', 0)); print('ok')"
+    assert (await sh(client, f'python3 -c "{probe}"')).strip() == "ok"
+
+
 async def test_bridge_setup_is_idempotent(engine: QemuEngine, vm_env: VMEnv) -> None:
     await asyncio.to_thread(engine.network.setup)
     await asyncio.to_thread(engine.network.setup)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.guest.netconf import default_route, hwaddr, ifreq, sockaddr_in
+from kiln.guest.netconf import default_route, disable_ipv6, hwaddr, ifreq, sockaddr_in
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -26,7 +26,10 @@ configure(spec)
 configure(spec)  # again: nothing changes, nothing fails
 def ip(*args):
     return json.loads(subprocess.run(["ip", "-j", *args], check=True, capture_output=True).stdout)
-print(json.dumps({"link": ip("addr", "show", "dev", "eth0"), "routes": ip("route", "show")}))
+with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6") as f:
+    ipv6_off = f.read().strip() == "1"
+print(json.dumps({"link": ip("addr", "show", "dev", "eth0"), "routes": ip("route", "show"),
+                  "ipv6_off": ipv6_off}))
 """
 
 
@@ -61,6 +64,9 @@ def test_configure_a_real_interface(gateway: str | None) -> None:
     (link,) = state["link"]
     assert link["address"] == "52:54:00:12:34:ab"
     assert "UP" in link["flags"]
+    # IPv4 only: no link-local IPv6 address, no router solicitations.
+    assert state["ipv6_off"] is True
+    assert [a["family"] for a in link["addr_info"]] == ["inet"]
     (addr,) = [a for a in link["addr_info"] if a["family"] == "inet"]
     assert (addr["local"], addr["prefixlen"], addr["broadcast"]) == (
         "10.213.5.7",
@@ -73,3 +79,13 @@ def test_configure_a_real_interface(gateway: str | None) -> None:
     else:
         # "linkdown": nothing reads the TAP, so it has no carrier.
         assert [(r["gateway"], r["dev"]) for r in defaults] == [(gateway, "eth0")]
+
+
+def test_disable_ipv6_without_ipv6_is_a_no_op(tmp_path: Path) -> None:
+    disable_ipv6("eth0", proc_sys=str(tmp_path / "missing"))  # a kernel without IPv6
+
+
+def test_disable_ipv6_writes_the_switch(tmp_path: Path) -> None:
+    (tmp_path / "eth0").mkdir()
+    disable_ipv6("eth0", proc_sys=str(tmp_path))
+    assert (tmp_path / "eth0" / "disable_ipv6").read_text() == "1"
