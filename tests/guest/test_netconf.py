@@ -89,3 +89,8 @@ def test_disable_ipv6_writes_the_switch(tmp_path: Path) -> None:
     (tmp_path / "eth0").mkdir()
     disable_ipv6("eth0", proc_sys=str(tmp_path))
     assert (tmp_path / "eth0" / "disable_ipv6").read_text() == "1"
+
+
+def test_disable_ipv6_that_cannot_write_leaves_the_network_alone(tmp_path: Path) -> None:
+    (tmp_path / "eth0" / "disable_ipv6").mkdir(parents=True)  # unwritable: EISDIR
+    disable_ipv6("eth0", proc_sys=str(tmp_path))  # no exception: best effort
