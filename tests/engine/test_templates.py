@@ -107,6 +107,24 @@ async def test_clones_are_separate_machines(engine: QemuEngine) -> None:
     assert result.exit_code == 0, result
 
 
+async def test_clones_inherit_the_spawner_forked_before_the_snapshot(engine: QemuEngine) -> None:
+    """The sandbox user's commands start from a spawner (vfork, not a fork of the
+    agent) that the template forked before its snapshot: every clone has it at
+    the same pid, so no clone pays for that fork. Root's start from PID 1."""
+    spawners = set()
+    for sid in ("clone1", "clone2"):
+        client = await engine.agent(sid)
+        parent = (await sh(client, "echo $PPID")).strip()
+        assert await sh(client, f"cat /proc/{parent}/comm") == "kiln-spawner\n"
+        uids = await sh(client, f"grep ^Uid: /proc/{parent}/status")
+        assert uids.split()[1:] == ["1000"] * 4
+        assert (await sh(client, "echo $PPID", user="root")).strip() == "1"
+        listed = await sh(client, "ps -e -o pid=,comm= | grep -c kiln-spawner")
+        assert listed.strip() == "1"
+        spawners.add(parent)
+    assert len(spawners) == 1
+
+
 async def test_guest_aslr_follows_the_accelerator(engine: QemuEngine) -> None:
     """auto: off under TCG (each exec would retranslate ld.so and libc), on under KVM."""
     assert engine.accel is not None

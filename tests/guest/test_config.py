@@ -19,7 +19,7 @@ from kiln.guest.config import (
     parse_cmdline,
 )
 from kiln.guest.errors import ConfigError
-from kiln.guest.pid1 import load_config, write_owned
+from kiln.guest.pid1 import BootResult, load_config, write_owned
 
 FULL: dict[str, Any] = {
     "sandbox_id": "sbx-1",
@@ -133,15 +133,15 @@ def test_load_config_sources(tmp_path: Path) -> None:
     """The config location logic of PID 1, without mounting anything."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hostname": "from-file"}))
-    mounts: list[str] = []
+    boot = BootResult(GuestConfig())
     # kiln.config= naming a file: read it; the command line's token fills a gap.
-    config = load_config({"config": str(path), "token": "cmdline-token"}, mounts)
+    config = load_config({"config": str(path), "token": "cmdline-token"}, boot)
     assert (config.hostname, config.token) == ("from-file", "cmdline-token")
     # No drive (or kiln.config=none): the kernel command line alone.
-    config = load_config({"config": str(tmp_path / "absent"), "ip": "10.0.0.9/24"}, mounts)
+    config = load_config({"config": str(tmp_path / "absent"), "ip": "10.0.0.9/24"}, boot)
     assert config.network == NetworkSpec("10.0.0.9/24")
-    assert load_config({"config": "none", "token": "t"}, mounts).token == "t"
+    assert load_config({"config": "none", "token": "t"}, boot).token == "t"
     # A broken drive: logged, and the command line is used instead.
     path.write_text("{broken")
-    assert load_config({"config": str(path), "token": "t"}, mounts) == GuestConfig(token="t")
-    assert mounts == []
+    assert load_config({"config": str(path), "token": "t"}, boot) == GuestConfig(token="t")
+    assert (boot.mounts, boot.spawner) == ([], None)

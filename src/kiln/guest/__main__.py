@@ -27,6 +27,7 @@ from .agent import CONTROL_PORT, FORWARD_PORT, Agent, ClockSetter, Listen
 from .config import CONFIG_FILE, CONFIG_MOUNT, GuestConfig
 from .context import VM_WORKDIR, Settings, UserInfo
 from .errors import GuestError, RequestError
+from .spawner import ForkedSpawner
 
 log = logging.getLogger("kiln.guest")
 
@@ -173,7 +174,9 @@ def _run_pid1(args: argparse.Namespace) -> int:
             started,
             time.monotonic(),
         )
-        agent = _vm_agent(args, booted.config, reap_orphans=True, clock=pid1.set_clock)
+        agent = _vm_agent(
+            args, booted.config, reap_orphans=True, clock=pid1.set_clock, spawner=booted.spawner
+        )
         asyncio.run(agent.run())
     except BaseException:
         log.exception("agent failed; powering off")
@@ -186,7 +189,12 @@ def _run_pid1(args: argparse.Namespace) -> int:
 
 
 def _vm_agent(
-    args: argparse.Namespace, config: GuestConfig, *, reap_orphans: bool, clock: ClockSetter | None
+    args: argparse.Namespace,
+    config: GuestConfig,
+    *,
+    reap_orphans: bool,
+    clock: ClockSetter | None,
+    spawner: ForkedSpawner | None = None,
 ) -> Agent:
     try:
         user = UserInfo.lookup(config.user)
@@ -198,7 +206,14 @@ def _vm_agent(
     listen = Listen(
         host=args.listen_host, control_port=args.control_port, forward_port=args.forward_port
     )
-    return Agent(settings, listen, init_script=config.init, reap_orphans=reap_orphans, clock=clock)
+    return Agent(
+        settings,
+        listen,
+        init_script=config.init,
+        reap_orphans=reap_orphans,
+        clock=clock,
+        spawner=spawner,
+    )
 
 
 if __name__ == "__main__":

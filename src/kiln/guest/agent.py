@@ -46,6 +46,7 @@ from .execution import run_piped
 from .forward import serve_forward
 from .process import Children
 from .sessions import SessionRegistry
+from .spawner import ForkedSpawner
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ class Agent:
         init_script: str | None = None,
         reap_orphans: bool = False,
         clock: ClockSetter | None = None,
+        spawner: ForkedSpawner | None = None,
     ) -> None:
         self.settings = settings
+        self._spawner = spawner
         self._listen = listen
         self._init_script = init_script
         self._reap_orphans = reap_orphans
@@ -125,6 +128,7 @@ class Agent:
             loop.add_signal_handler(sig, self.stop)
         if self._init_script:
             self._start_init(self._init_script)
+        ctx.prepare_spawner(self.settings.user, self._spawner)
         servers = await self._listen_all()
         if self.settings.test_mode:
             log.info("agent ready (test mode)")
@@ -141,6 +145,8 @@ class Agent:
             if self._connections:
                 await asyncio.wait(self._connections)
             await sessions.aclose()
+            if ctx.spawners is not None:
+                ctx.spawners.close()
             await ctx.syncer.aclose()
             children.close()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,18 +4,20 @@ and the reading of the host's frames."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import os
 import pwd
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.protocol import Frame, FrameStream, FrameType
 
-from .errors import RequestError
+from .errors import RequestError, SpawnerUnavailable
 from .process import Child, Children
+from .spawner import Credentials, ForkedSpawner, Spawners
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VM_WORKDIR = "/workspace"
@@ -133,6 +135,8 @@ class GuestContext:
         #: Piped execs in flight (host connected, process running).
         self.running_execs: set[Child] = set()
         self._is_root = os.geteuid() == 0
+        #: Helpers that start commands as other users without forking the agent.
+        self.spawners = Spawners(children) if self._is_root else None
         self._user_kwargs: dict[UserInfo, dict[str, Any]] = {}
         self._user_db_stamp: tuple[tuple[int, int, int] | None, ...] = ()
 
@@ -182,10 +186,64 @@ class GuestContext:
             self._user_db_stamp = stamp
         kwargs = self._user_kwargs.get(user)
         if kwargs is None:
-            groups = os.getgrouplist(user.name, user.gid) if _has_group_db(user) else [user.gid]
-            kwargs = {"user": user.uid, "group": user.gid, "extra_groups": groups}
+            creds = user_credentials(user)
+            kwargs = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
             self._user_kwargs[user] = kwargs
         return dict(kwargs)
+
+    async def start_command(
+        self,
+        argv: Sequence[str],
+        user: UserInfo,
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        cwd: str,
+        env: Mapping[str, str],
+    ) -> Child:
+        """Start a piped command as ``user`` in its own process group.
+
+        Raises OSError (cannot start: see ``spawn_failure``), ValueError (bad
+        arguments), RequestError (the outcome is unknown).
+        """
+        kwargs = self.user_kwargs(user)
+        if kwargs and self.spawners is not None:
+            creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
+            try:
+                return await self.spawners.get(creds).spawn(
+                    argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env
+                )
+            except SpawnerUnavailable:
+                pass  # nothing was started: do it ourselves
+        return self.children.spawn(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            close_fds=True,
+            process_group=0,
+            **kwargs,
+        )
+
+    def prepare_spawner(self, user: UserInfo, forked: ForkedSpawner | None = None) -> None:
+        """Have ``user``'s spawner ready before its first command: ``forked`` (made
+        before a template snapshot) if its credentials are still the user's, else a new one."""
+        kwargs = self.user_kwargs(user)
+        if not kwargs or self.spawners is None:
+            if forked is not None:
+                forked.sock.close()  # it exits; the reaper collects it
+            return
+        creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
+        if forked is not None and forked.creds == creds:
+            self.spawners.add(forked)
+            return
+        if forked is not None:
+            forked.sock.close()
+        with contextlib.suppress(SpawnerUnavailable):
+            self.spawners.get(creds)
 
     def give_to_user(self, path: str | int, owner: tuple[int, int] | None = None) -> None:
         """chown a file the agent created (as root) to ``owner`` (uid, gid), by default
@@ -207,6 +265,12 @@ def _file_stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def user_credentials(user: UserInfo) -> Credentials:
+    """uid, gid and supplementary groups (from the group database, if there is one)."""
+    groups = os.getgrouplist(user.name, user.gid) if _has_group_db(user) else [user.gid]
+    return Credentials(user.uid, user.gid, tuple(groups))
 
 
 def _has_group_db(user: UserInfo) -> bool:

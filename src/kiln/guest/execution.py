@@ -64,16 +64,8 @@ async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> N
         raise RequestError(f"cannot create pipes: {exc.strerror}") from exc
     in_r, in_w, out_r, out_w, err_r, err_w = fds
     try:
-        child = ctx.children.spawn(
-            req.cmd,
-            stdin=in_r,
-            stdout=out_w,
-            stderr=err_w,
-            cwd=cwd,
-            env=env,
-            close_fds=True,
-            process_group=0,
-            **ctx.user_kwargs(user),
+        child = await ctx.start_command(
+            req.cmd, user, stdin=in_r, stdout=out_w, stderr=err_w, cwd=cwd, env=env
         )
     except OSError as exc:
         for fd in (in_w, out_r, err_r):
@@ -84,6 +76,10 @@ async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> N
         for fd in (in_w, out_r, err_r):
             close_fd(fd)
         raise RequestError(f"cannot start {req.cmd[0]!r}: {exc}") from exc
+    except BaseException:  # RequestError, or cancelled while a spawner starts it
+        for fd in (in_w, out_r, err_r):
+            close_fd(fd)
+        raise
     finally:
         for fd in (in_r, out_w, err_w):
             close_fd(fd)

@@ -18,6 +18,12 @@ event-loop callback (SIGCHLD goes through the loop's wakeup fd), so it cannot
 run between fork and registration. The invariant that makes this hold: while
 the reaper is active, every fork goes through :meth:`Children.spawn` on the
 event-loop thread (boot-time helpers such as ``ip`` run before it starts).
+
+Commands started by a spawner (:mod:`kiln.guest.spawner`) are the spawner's
+children, reaped by it, which reports their exit codes. They are managed too
+(:meth:`Children.expect`), from the moment their pid is known: should their
+spawner die, they become our orphans, and the reaper leaves them to
+:meth:`Children.adopt`, which collects their status through a pidfd.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Exit code of a child whose status nobody could collect.
+UNKNOWN_EXIT = 255
 
 
 def exit_status(returncode: int) -> int:
@@ -42,13 +50,16 @@ def exit_status(returncode: int) -> int:
 
 
 class Child:
-    """A process started by :meth:`Children.spawn`."""
+    """A process the agent started, directly (:meth:`Children.spawn`) or through a
+    spawner helper (:meth:`Children.expect`)."""
 
-    __slots__ = ("_exited", "_pidfd", "pid", "popen")
+    __slots__ = ("_exited", "_pidfd", "_popen", "pid")
 
-    def __init__(self, popen: subprocess.Popen[bytes], exited: asyncio.Future[int]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
+    def __init__(
+        self, pid: int, exited: asyncio.Future[int], popen: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        self.pid = pid
+        self._popen = popen
         self._exited = exited
         self._pidfd = -1
 
@@ -88,30 +99,67 @@ class Children:
         """
         loop = asyncio.get_running_loop()
         popen: subprocess.Popen[bytes] = subprocess.Popen(list(argv), **popen_kwargs)
-        child = Child(popen, loop.create_future())
+        child = Child(popen.pid, loop.create_future(), popen)
         self._managed[popen.pid] = child
         try:
-            pidfd = os.pidfd_open(popen.pid)
+            self._watch(child)
         except OSError:
             # Out of fds: we cannot watch it, so do not leave it running unwatched.
             popen.kill()
             popen.wait()
             del self._managed[popen.pid]
             raise
-        child._pidfd = pidfd
-        loop.add_reader(pidfd, self._on_exit, child)
         return child
 
+    def expect(self, pid: int) -> Child:
+        """A process another process (a spawner) started for us and reports the exit of.
+
+        It is managed from here on: should its parent die first, it becomes our
+        orphan and the reaper leaves it to :meth:`adopt`.
+        """
+        child = Child(pid, asyncio.get_running_loop().create_future())
+        self._managed[pid] = child
+        return child
+
+    def reported_exit(self, child: Child, code: int) -> None:
+        """The exit code of an :meth:`expect`-ed child, from the process that reaped it."""
+        if self._managed.get(child.pid) is child:
+            del self._managed[child.pid]
+        if not child._exited.done():
+            child._exited.set_result(code)
+
+    def adopt(self, child: Child) -> None:
+        """An :meth:`expect`-ed child whose parent died: watch it ourselves.
+
+        Its exit status comes from ``waitpid`` if it became our child (we are PID 1
+        or a subreaper), else it is unknown (255)."""
+        if child.exited:
+            return
+        try:
+            self._watch(child)
+        except OSError:  # already gone, and reaped by its parent before it died
+            log.warning("lost the exit status of pid %d", child.pid)
+            self.reported_exit(child, UNKNOWN_EXIT)
+
+    def _watch(self, child: Child) -> None:
+        pidfd = os.pidfd_open(child.pid)
+        child._pidfd = pidfd
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit, child)
+
     def _on_exit(self, child: Child) -> None:
-        returncode = child.popen.poll()  # waitpid(child.pid, WNOHANG)
-        if returncode is None:
-            return  # cannot happen for a readable pidfd; wait for the next wakeup
+        if child._popen is not None:
+            returncode = child._popen.poll()  # waitpid(child.pid, WNOHANG)
+            if returncode is None:
+                return  # cannot happen for a readable pidfd; wait for the next wakeup
+            code = exit_status(returncode)
+        else:
+            code = _reap_adopted(child.pid)
         loop = asyncio.get_running_loop()
         loop.remove_reader(child._pidfd)
         os.close(child._pidfd)
         child._pidfd = -1
         del self._managed[child.pid]
-        child._exited.set_result(exit_status(returncode))
+        child._exited.set_result(code)
 
     def close(self) -> None:
         """Stop watching (at agent exit); running children are not touched."""
@@ -156,6 +204,18 @@ class Children:
         if reaped:
             log.debug("reaped orphans %s", reaped)
         return reaped
+
+
+def _reap_adopted(pid: int) -> int:
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its status went to someone else
+        log.warning("lost the exit status of pid %d", pid)
+        return UNKNOWN_EXIT
+    if not done:  # pragma: no cover - the pidfd said it exited
+        log.warning("pid %d reported as exited but is not a zombie", pid)
+        return UNKNOWN_EXIT
+    return exit_status(os.waitstatus_to_exitcode(status))
 
 
 def zombie_children(parent: int | None = None) -> list[int]:
