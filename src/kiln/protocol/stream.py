@@ -63,6 +63,11 @@ class FrameStream:
     async def send_error(self, message: str) -> None:
         await self.send(FrameType.ERROR, message.encode("utf-8", "replace")[:65536])
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received past the last frame returned, not yet decoded."""
+        return self._decoder.buffered
+
     def take_remaining(self) -> bytes:
         """Bytes received past the last frame (for switching to a raw relay)."""
         return self._decoder.take_remaining()
