@@ -62,7 +62,7 @@ async def test_async_shell(akiln: AsyncKiln) -> None:
             assert shell.session_id
             await shell.send(b"echo $((40 + 2)); exit 5\n")
             seen = b"".join([chunk async for chunk in shell])
-        assert b"42" in seen
+        assert b"42" in seen, (seen, shell.error, shell.exit_code)
         assert shell.exit_code == 5
         sessions = await sb.sessions.list()
         assert any(s.session_id == shell.session_id and not s.running for s in sessions)
