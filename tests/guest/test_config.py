@@ -144,4 +144,4 @@ def test_load_config_sources(tmp_path: Path) -> None:
     # A broken drive: logged, and the command line is used instead.
     path.write_text("{broken")
     assert load_config({"config": str(path), "token": "t"}, boot) == GuestConfig(token="t")
-    assert (boot.mounts, boot.spawner) == ([], None)
+    assert (boot.mounts, boot.prepared) == ([], None)

@@ -27,7 +27,7 @@ from .agent import CONTROL_PORT, FORWARD_PORT, Agent, ClockSetter, Listen
 from .config import CONFIG_FILE, CONFIG_MOUNT, GuestConfig
 from .context import VM_WORKDIR, Settings, UserInfo
 from .errors import GuestError, RequestError
-from .spawner import ForkedSpawner
+from .prepared import Prepared
 
 log = logging.getLogger("kiln.guest")
 
@@ -175,7 +175,7 @@ def _run_pid1(args: argparse.Namespace) -> int:
             time.monotonic(),
         )
         agent = _vm_agent(
-            args, booted.config, reap_orphans=True, clock=pid1.set_clock, spawner=booted.spawner
+            args, booted.config, reap_orphans=True, clock=pid1.set_clock, prepared=booted.prepared
         )
         asyncio.run(agent.run())
     except BaseException:
@@ -194,7 +194,7 @@ def _vm_agent(
     *,
     reap_orphans: bool,
     clock: ClockSetter | None,
-    spawner: ForkedSpawner | None = None,
+    prepared: Prepared | None = None,
 ) -> Agent:
     try:
         user = UserInfo.lookup(config.user)
@@ -212,7 +212,7 @@ def _vm_agent(
         init_script=config.init,
         reap_orphans=reap_orphans,
         clock=clock,
-        spawner=spawner,
+        prepared=prepared,
     )
 
 

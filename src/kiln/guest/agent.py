@@ -44,9 +44,9 @@ from .context import GuestContext, Settings, recv_frame
 from .errors import RequestError
 from .execution import run_piped
 from .forward import serve_forward
+from .prepared import Prepared
 from .process import Children
 from .sessions import SessionRegistry
-from .spawner import ForkedSpawner
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ class Agent:
         init_script: str | None = None,
         reap_orphans: bool = False,
         clock: ClockSetter | None = None,
-        spawner: ForkedSpawner | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         self.settings = settings
-        self._spawner = spawner
+        self._prepared = prepared or Prepared()
         self._listen = listen
         self._init_script = init_script
         self._reap_orphans = reap_orphans
@@ -128,7 +128,9 @@ class Agent:
             loop.add_signal_handler(sig, self.stop)
         if self._init_script:
             self._start_init(self._init_script)
-        ctx.prepare_spawner(self.settings.user, self._spawner)
+        if self._prepared.executor is not None:
+            loop.set_default_executor(self._prepared.executor)
+        ctx.prepare_spawner(self.settings.user, self._prepared.spawner)
         servers = await self._listen_all()
         if self.settings.test_mode:
             log.info("agent ready (test mode)")

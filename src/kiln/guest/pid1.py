@@ -53,7 +53,6 @@ from .config import (
     CONFIG_MOUNT,
     DEFAULT_CONFIG_DEVICE,
     DEFAULT_UID,
-    DEFAULT_USER,
     TEMPLATE_MAGIC,
     TEMPLATE_READY_LINE,
     GuestConfig,
@@ -61,9 +60,8 @@ from .config import (
     config_from_cmdline,
     parse_cmdline,
 )
-from .context import UserInfo, user_credentials
 from .errors import ConfigError, SetupError
-from .spawner import ForkedSpawner, fork_spawner
+from .prepared import Prepared, prepare_template
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +170,8 @@ class BootResult:
     config: GuestConfig
     #: Mount points made at boot that power_off must unmount (innermost last).
     mounts: list[str] = field(default_factory=list)
-    #: The image user's spawner, forked before a template snapshot (see wait_while_template).
-    spawner: ForkedSpawner | None = None
+    #: What a template made ready before its snapshot (see wait_while_template).
+    prepared: Prepared | None = None
 
 
 def boot(config_override: Path | None = None) -> BootResult:
@@ -275,7 +273,7 @@ def load_config(cmdline: dict[str, str], result: BootResult) -> GuestConfig:
         elif os.path.isfile(location):
             config = GuestConfig.load(Path(location))
         elif os.path.exists(location) and stat.S_ISBLK(os.stat(location).st_mode):
-            result.spawner = wait_while_template(location)
+            result.prepared = wait_while_template(location)
             os.makedirs(CONFIG_MOUNT, exist_ok=True)
             mount(location, CONFIG_MOUNT, "ext4", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
             mounts.append(CONFIG_MOUNT)
@@ -294,14 +292,13 @@ def load_config(cmdline: dict[str, str], result: BootResult) -> GuestConfig:
     return config
 
 
-def wait_while_template(device: str) -> ForkedSpawner | None:
+def wait_while_template(device: str) -> Prepared | None:
     """Block while ``device`` holds the template placeholder (see the module docs).
 
     Polls rather than waits for an event: the host swaps the drive's backing
     file under a snapshot, which no guest-side event announces. A template
-    forks the image user's spawner first, so that no sandbox made from it pays
-    for that fork (~60-100 ms under TCG); the agent keeps it if that user's
-    credentials are still the sandbox user's.
+    first makes ready what every sandbox would otherwise do after its restore
+    (see :mod:`kiln.guest.prepared`).
     """
     import fcntl  # noqa: PLC0415
 
@@ -309,7 +306,7 @@ def wait_while_template(device: str) -> ForkedSpawner | None:
     try:
         if os.pread(fd, len(TEMPLATE_MAGIC), 0) != TEMPLATE_MAGIC:
             return None
-        spawner = _fork_image_user_spawner()
+        prepared = prepare_template()
         log.info("%s", TEMPLATE_READY_LINE)
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -319,23 +316,9 @@ def wait_while_template(device: str) -> ForkedSpawner | None:
             if os.pread(fd, len(TEMPLATE_MAGIC), 0) != TEMPLATE_MAGIC:
                 break
         log.info("template: config drive arrived at %.2f s", time.monotonic())
-        return spawner
+        return prepared
     finally:
         os.close(fd)
-
-
-def _fork_image_user_spawner() -> ForkedSpawner | None:
-    try:
-        user = UserInfo.from_pwd(pwd.getpwnam(DEFAULT_USER))
-    except KeyError:
-        return None
-    creds = user_credentials(user)
-    try:
-        pid, sock = fork_spawner(creds)
-    except OSError as exc:
-        log.error("boot: cannot fork a spawner for %s: %s", user.name, exc)
-        return None
-    return ForkedSpawner(pid, sock, creds)
 
 
 def apply_config(config: GuestConfig, mounts: list[str]) -> None:

@@ -58,6 +58,7 @@ MAX_START_FAILURES = 3
 _RECV_SIZE = MAX_MESSAGE + 4096
 _FDS_PER_REQUEST = 3
 _COMM = b"kiln-spawner"
+_MAX_FD = 0x7FFFFFFF
 #: Signals Python ignores at start that a command must get back (as Popen's restore_signals).
 _RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -316,7 +317,7 @@ def _child_main(
         parent_sock.detach()  # closed below with every other inherited fd
         keep = sock.fileno()
         os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 20)
+        os.closerange(keep + 1, _MAX_FD)  # close_range(2): cheap whatever the bound
         os.setsid()  # out of the agent's process group: no group signal meant for it
         # Named while still root: once non-dumpable, its /proc files belong to root.
         with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as f:
