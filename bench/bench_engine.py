@@ -94,7 +94,7 @@ async def run(data_dir: Path, netns: str) -> None:
                 "",
             )
         )
-        create_ms, boot_ms, destroy_ms = [], [], []
+        create_ms, first_exec_ms, boot_ms, destroy_ms = [], [], [], []
         create_phases: list[dict[str, float]] = []
         for i in range(CREATES):
             spec = SandboxSpec(sandbox_id=f"c{i}", name=f"c{i}")
@@ -102,6 +102,11 @@ async def run(data_dir: Path, netns: str) -> None:
             await engine.create(spec)
             create_ms.append((time.perf_counter() - start) * 1000)
             create_phases.append(engine.last_phases(spec.sandbox_id))
+            # What a user waits for next: the new guest still translates everything
+            # it runs for the first time (TCG).
+            start = time.perf_counter()
+            await (await engine.agent(spec.sandbox_id)).exec(["true"])
+            first_exec_ms.append((time.perf_counter() - start) * 1000)
             start = time.perf_counter()
             await engine.destroy(spec.sandbox_id)
             destroy_ms.append((time.perf_counter() - start) * 1000)
@@ -116,6 +121,7 @@ async def run(data_dir: Path, netns: str) -> None:
             boot_ms.append((time.perf_counter() - start) * 1000)
             await engine.destroy(spec.sandbox_id)
         rows.append(Row("create → agent ready (from template)", create_ms, "≤ 3500"))
+        rows.append(Row("  then its first exec true", first_exec_ms))
         rows.append(Row("create → agent ready (boot: 5 volumes)", boot_ms))
 
         # -- one sandbox for everything else ------------------------------------------
@@ -128,11 +134,27 @@ async def run(data_dir: Path, netns: str) -> None:
 
         payload = secrets.token_bytes(1024)
 
-        async def write_read() -> None:
-            await client.write_file("/tmp/bench-1k", payload)
-            assert (await client.read_file("/tmp/bench-1k")).data == payload
+        def write_read(path: str) -> Callable[[], Awaitable[None]]:
+            async def cycle() -> None:
+                await client.write_file(path, payload)
+                assert (await client.read_file(path)).data == payload
 
-        rows.append(Row("1 KB write + read x50", await timed(write_read, 50, 5), "≤ 15"))
+            return cycle
+
+        rows.append(
+            Row(
+                "1 KB write + read x50 (/tmp)",
+                await timed(write_read("/tmp/bench-1k"), 50, 5),
+                "≤ 15",
+            )
+        )
+        # On the ext4 disk the write's two fsyncs (file, directory) are real work.
+        rows.append(
+            Row(
+                "1 KB write + read x50 (/workspace, fsynced)",
+                await timed(write_read("/workspace/bench-1k"), 50, 5),
+            )
+        )
 
         async def parallel_reads() -> None:
             await asyncio.gather(*(client.read_file("/tmp/bench-1k") for _ in range(5)))
