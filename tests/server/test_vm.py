@@ -8,6 +8,7 @@ it. Needs root, QEMU and a buildable ``minimal`` image.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from kiln.engine.qemu import QemuConfig, QemuEngine
+from kiln.engine.qemu.process import find_processes
 from kiln.images import default_image_dir
 from kiln.network import NetworkConfig
 
@@ -71,9 +73,8 @@ def vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[
             QemuConfig(data_dir=data / "qemu", volumes_dir=data / "volumes", network=net)
         )
 
-    server = LiveServer(
-        tmp_path_factory.mktemp("vm"), engine_factory=factory, config_overrides={"network": net}
-    ).start()
+    root = tmp_path_factory.mktemp("vm")
+    server = LiveServer(root, engine_factory=factory, config_overrides={"network": net}).start()
     _, key = server.store.create_user("vm-tester")
     server.key = key  # type: ignore[attr-defined]
     try:
@@ -83,6 +84,7 @@ def vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[
             for sb in c.get("/sandboxes").json():
                 c.delete(f"/sandboxes/{sb['id']}")
         server.stop()
+        _kill_vms(root)
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -231,6 +233,13 @@ def _daemon(
     return proc, url
 
 
+def _kill_vms(data: Path) -> None:
+    """The VMs a daemon started outlive it by design: a failed test must not leave them."""
+    for pid in find_processes(f"{data}/"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def own_netns() -> Iterator[str]:
     """A namespace of its own: the daemon's orphan cleanup must not see other tests' TAPs."""
@@ -287,6 +296,7 @@ def test_daemon_with_qemu_recovers_live_and_cold_vms(tmp_path: Path, own_netns: 
                 p.wait()
             if p.stdout is not None:
                 p.stdout.close()
+        _kill_vms(data)
 
 
 def _wait_thermal(c: httpx.Client, name: str, want: str, within: float) -> float:
@@ -336,3 +346,4 @@ def test_thermal_manager_cools_an_idle_vm_and_a_request_wakes_it(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        _kill_vms(data)
