@@ -21,7 +21,7 @@ from kiln.guest.process import Children
 from kiln.guest.spawner import Credentials, Spawners
 from kiln.protocol import FrameType, decode_exit
 
-from ._wire import Conn, exec_req, run, wait_for
+from ._wire import Conn, collect, exec_req, run, wait_for
 from .conftest import Guest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -66,6 +66,28 @@ async def test_a_user_command_is_a_child_of_that_users_spawner(
     # Root's own commands still start from the agent itself (vfork, no helper needed).
     as_root = await run(agent, ["sh", "-c", "echo $PPID"])
     assert int(as_root.stdout) == agent.pid
+
+
+async def test_a_user_terminal_session_starts_from_the_spawner(
+    make_agent: Callable[..., Guest],
+) -> None:
+    """A TTY session as the user: a new session led by the command, whose controlling
+    terminal is the pty (so /dev/tty opens and job control works), started by the spawner."""
+    agent = make_agent(extra=["--reap-orphans"])
+    script = (
+        'cat /proc/$PPID/comm; id -u; echo "sid=$(ps -o sid= -p $$) pid=$$"; '
+        "ps -o tty= -p $$; echo via-dev-tty > /dev/tty; exit 3"
+    )
+    async with await Conn.open(agent.control, agent.token) as conn:
+        await conn.send(FrameType.EXEC_REQ, exec_req(["sh", "-c", script], tty=True, user="nobody"))
+        result = await collect(conn)
+    lines = result.stdout.decode().replace("\r", "").splitlines()
+    comm, uid, ids, tty, via = lines[-5:]
+    assert (comm, int(uid), result.code) == ("kiln-spawner", nobody().pw_uid, 3)
+    sid, pid = (int(part.split("=")[1]) for part in ids.split())
+    assert sid == pid  # the session leader
+    assert tty.strip().startswith("pts/")
+    assert via == "via-dev-tty"
 
 
 async def test_the_user_cannot_inspect_its_spawner(make_agent: Callable[..., Guest]) -> None:

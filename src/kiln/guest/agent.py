@@ -126,11 +126,11 @@ class Agent:
             children.start_reaping_orphans()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        if self._init_script:
-            self._start_init(self._init_script)
         if self._prepared.executor is not None:
             loop.set_default_executor(self._prepared.executor)
         ctx.prepare_spawner(self.settings.user, self._prepared.spawner)
+        if self._init_script:
+            await self._start_init(self._init_script)
         servers = await self._listen_all()
         if self.settings.test_mode:
             log.info("agent ready (test mode)")
@@ -158,11 +158,11 @@ class Agent:
                     with contextlib.suppress(FileNotFoundError):
                         (self._listen.socket_dir / name).unlink()
 
-    def _start_init(self, script: str) -> None:
+    async def _start_init(self, script: str) -> None:
         assert self._sessions is not None
         req = ExecRequest(cmd=("/bin/sh", "-c", script), tty=True)
         try:
-            self._sessions.start(req, session_id=INIT_SESSION_ID)
+            await self._sessions.start(req, session_id=INIT_SESSION_ID)
         except Exception:
             log.exception("cannot start the init session")
 

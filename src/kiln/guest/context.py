@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import grp
 import os
 import pwd
+import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +230,36 @@ class GuestContext:
             **kwargs,
         )
 
+    async def start_on_terminal(
+        self, argv: Sequence[str], user: UserInfo, *, slave: int, cwd: str, env: Mapping[str, str]
+    ) -> Child:
+        """Start a command as ``user``, leader of a new session whose controlling
+        terminal is the pty ``slave``. Raises as :meth:`start_command`."""
+        kwargs = self.user_kwargs(user)
+        if kwargs and self.spawners is not None:
+            creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
+            try:
+                tty: str | None = os.ttyname(slave)  # the spawner's child opens it by name
+            except OSError:
+                tty = None
+            if tty is not None:
+                with contextlib.suppress(SpawnerUnavailable):  # else: do it ourselves
+                    return await self.spawners.get(creds).spawn_on_terminal(
+                        argv, tty=tty, cwd=cwd, env=env
+                    )
+        return self.children.spawn(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=_take_controlling_tty,
+            **kwargs,
+        )
+
     def prepare_spawner(self, user: UserInfo, forked: ForkedSpawner | None = None) -> None:
         """Have ``user``'s spawner ready before its first command: ``forked`` (made
         before a template snapshot) if its credentials are still the user's, else a new one."""
@@ -265,6 +297,11 @@ def _file_stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child between fork and exec, after setsid(): stdin is the pty slave.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def user_credentials(user: UserInfo) -> Credentials:

@@ -71,11 +71,6 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _take_controlling_tty() -> None:
-    # Runs in the child between fork and exec, after setsid(): stdin is the pty slave.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 class Attachment:
     """The host connection attached to a session."""
 
@@ -265,30 +260,18 @@ class SessionRegistry:
         running = sum(1 for s in self._sessions.values() if s.running)
         return attached, running
 
-    def start(self, req: ExecRequest, *, session_id: str | None = None) -> Session:
+    async def start(self, req: ExecRequest, *, session_id: str | None = None) -> Session:
         """Start a command on a new pty. Raises OSError/SubprocessError if it cannot start."""
         ctx = self._ctx
         user = ctx.exec_user(req.user)
         env = ctx.exec_env(req.env, user, tty=True)
         cwd = ctx.exec_cwd(req.cwd)
-        user_kwargs = ctx.user_kwargs(user)
         master, slave = os.openpty()
         try:
             _set_winsize(slave, req.rows or DEFAULT_ROWS, req.cols or DEFAULT_COLS)
-            if user_kwargs:
-                os.fchown(slave, user.uid, -1)  # so it can reopen /dev/tty
-            child = ctx.children.spawn(
-                req.cmd,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=_take_controlling_tty,
-                **user_kwargs,
-            )
+            if user.uid != os.geteuid():
+                os.fchown(slave, user.uid, -1)  # so it can open it, and reopen /dev/tty
+            child = await ctx.start_on_terminal(req.cmd, user, slave=slave, cwd=cwd, env=env)
         except BaseException:
             close_fd(master)
             raise
@@ -323,7 +306,7 @@ class SessionRegistry:
             await self._attach(session, conn, replay=True)
             return
         try:
-            session = self.start(req)
+            session = await self.start(req)
         except OSError as exc:
             await refuse_start(conn, *spawn_failure(exc, req.cmd[0], self._ctx.exec_cwd(req.cwd)))
             return

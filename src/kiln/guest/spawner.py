@@ -15,8 +15,13 @@ Conversation over a ``SOCK_SEQPACKET`` socket pair (one JSON message each)::
 
     spawner → agent   {"ready": true}               (once, after switching user)
     agent → spawner   {"argv": [...], "env": {...}, "cwd": "..."} + stdin/stdout/stderr fds
+    agent → spawner   {"argv": ..., "env": ..., "cwd": ..., "tty": "/dev/pts/N"}  (no fds)
     spawner → agent   {"pid": N} | {"errno": E, "strerror": S, "filename": F} | {"invalid": S}
     spawner → agent   {"exit": N, "code": C}        (whenever one of its children ends)
+
+A command with ``tty`` starts a session of its own (setsid) and opens the
+terminal as stdin/stdout/stderr, which makes it its controlling terminal: what
+a TTY session needs, without the preexec_fn that makes subprocess fork.
 
 Answers come in request order. The spawner reaps its own children and reports
 their exit codes; should it die (it runs as the sandbox user, who may kill it),
@@ -150,14 +155,27 @@ class Spawner:
         SpawnerUnavailable: nothing was sent, the caller may start it another way.
         RequestError: the spawner died with the request, whose fate is unknown.
         """
+        request = {"argv": list(argv), "env": dict(env), "cwd": cwd}
+        return await self._request(request, [stdin, stdout, stderr])
+
+    async def spawn_on_terminal(
+        self, argv: Sequence[str], *, tty: str, cwd: str, env: Mapping[str, str]
+    ) -> Child:
+        """Start ``argv`` as the leader of a new session whose controlling terminal
+        is the pty slave ``tty`` (a path). Errors as :meth:`spawn`."""
+        return await self._request(
+            {"argv": list(argv), "env": dict(env), "cwd": cwd, "tty": tty}, []
+        )
+
+    async def _request(self, request: dict[str, Any], fds: list[int]) -> Child:
         if not self.usable:
             raise SpawnerUnavailable
         # ensure_ascii: lone surrogates (undecodable bytes) travel as escapes.
-        message = json.dumps({"argv": list(argv), "env": dict(env), "cwd": cwd}).encode()
+        message = json.dumps(request).encode()
         if len(message) > MAX_MESSAGE:
             raise SpawnerUnavailable
         try:
-            socket.send_fds(self._sock, [message], [stdin, stdout, stderr])
+            socket.send_fds(self._sock, [message], fds)
         except OSError as exc:  # full (BlockingIOError) or gone (EPIPE): not sent
             if not isinstance(exc, BlockingIOError):
                 self._die()
@@ -375,10 +393,12 @@ def _handle_request(sock: socket.socket) -> bool:  # pragma: no cover - child
     if not data:
         return False
     try:
-        if len(fds) != _FDS_PER_REQUEST:
-            reply: dict[str, Any] = {"invalid": f"expected 3 descriptors, got {len(fds)}"}
+        request = json.loads(data)
+        expected = 0 if "tty" in request else _FDS_PER_REQUEST
+        if len(fds) != expected:
+            reply: dict[str, Any] = {"invalid": f"expected {expected} descriptors, got {len(fds)}"}
         else:
-            reply = _start(json.loads(data), fds)
+            reply = _start(request, fds)
     finally:
         for fd in fds:
             os.close(fd)
@@ -394,7 +414,20 @@ def _start(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:  # pragma
         os.chdir(cwd)
     except OSError as exc:
         return _os_error(exc, cwd)
-    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+    tty: str | None = request.get("tty")
+    actions: list[tuple[Any, ...]]
+    if tty is None:
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        group: dict[str, Any] = {"setpgroup": 0}
+    else:
+        # glibc runs setsid() before the file actions: opening the terminal
+        # (without O_NOCTTY) then makes it the new session's controlling one.
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, tty, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+        group = {"setsid": True}
     first_error: OSError | None = None
     try:
         for path in _candidates(argv[0], env):
@@ -404,8 +437,8 @@ def _start(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:  # pragma
                     argv,
                     env,
                     file_actions=actions,
-                    setpgroup=0,
                     setsigdef=_RESTORED_SIGNALS,
+                    **group,
                 )
             except OSError as exc:
                 # As execvp: a missing file means "try the next directory".
