@@ -75,7 +75,7 @@ async def test_a_user_terminal_session_starts_from_the_spawner(
     terminal is the pty (so /dev/tty opens and job control works), started by the spawner."""
     agent = make_agent(extra=["--reap-orphans"])
     script = (
-        'cat /proc/$PPID/comm; id -u; echo "sid=$(ps -o sid= -p $$) pid=$$"; '
+        'cat /proc/$PPID/comm; id -u; echo "sid=$(ps -o sid= -p $$ | tr -d " ") pid=$$"; '
         "ps -o tty= -p $$; echo via-dev-tty > /dev/tty; exit 3"
     )
     async with await Conn.open(agent.control, agent.token) as conn:
