@@ -19,7 +19,7 @@ from kiln.protocol import Frame, FrameStream, FrameType
 
 from .errors import RequestError, SpawnerUnavailable
 from .process import Child, Children
-from .spawner import Credentials, ForkedSpawner, Spawners
+from .spawner import Credentials, ForkedSpawner, Spawner, Spawners
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VM_WORKDIR = "/workspace"
@@ -139,7 +139,7 @@ class GuestContext:
         self._is_root = os.geteuid() == 0
         #: Helpers that start commands as other users without forking the agent.
         self.spawners = Spawners(children) if self._is_root else None
-        self._user_kwargs: dict[UserInfo, dict[str, Any]] = {}
+        self._credentials: dict[UserInfo, Credentials] = {}
         self._user_db_stamp: tuple[tuple[int, int, int] | None, ...] = ()
 
     def touch(self) -> None:
@@ -176,22 +176,29 @@ class GuestContext:
     def exec_cwd(self, cwd: str | None) -> str:
         return self.resolve_path(cwd) if cwd else self.settings.workdir
 
-    def user_kwargs(self, user: UserInfo) -> dict[str, Any]:
-        """Popen arguments that drop to ``user`` (nothing when we already are it)."""
+    def credentials(self, user: UserInfo) -> Credentials | None:
+        """What running as ``user`` takes (None: we already are it)."""
         if user.uid == os.geteuid():
-            return {}
+            return None
         # getgrouplist parses /etc/group at every call: reuse its answer until the
         # user database changes (groupadd, usermod, ... replace the files).
         stamp = _file_stamp("/etc/group"), _file_stamp("/etc/passwd")
         if stamp != self._user_db_stamp:
-            self._user_kwargs.clear()
+            self._credentials.clear()
             self._user_db_stamp = stamp
-        kwargs = self._user_kwargs.get(user)
-        if kwargs is None:
-            creds = user_credentials(user)
-            kwargs = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
-            self._user_kwargs[user] = kwargs
-        return dict(kwargs)
+        creds = self._credentials.get(user)
+        if creds is None:
+            creds = self._credentials[user] = user_credentials(user)
+        return creds
+
+    def _spawner(self, creds: Credentials | None) -> Spawner | None:
+        """The spawner for ``creds``; None when we start the command ourselves."""
+        if creds is None or self.spawners is None:
+            return None  # no change of user: subprocess uses vfork anyway
+        try:
+            return self.spawners.get(creds)
+        except SpawnerUnavailable:
+            return None
 
     async def start_command(
         self,
@@ -209,15 +216,13 @@ class GuestContext:
         Raises OSError (cannot start: see ``spawn_failure``), ValueError (bad
         arguments), RequestError (the outcome is unknown).
         """
-        kwargs = self.user_kwargs(user)
-        if kwargs and self.spawners is not None:
-            creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
-            try:
-                return await self.spawners.get(creds).spawn(
+        creds = self.credentials(user)
+        spawner = self._spawner(creds)
+        if spawner is not None:
+            with contextlib.suppress(SpawnerUnavailable):  # nothing started: do it ourselves
+                return await spawner.spawn(
                     argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env
                 )
-            except SpawnerUnavailable:
-                pass  # nothing was started: do it ourselves
         return self.children.spawn(
             argv,
             stdin=stdin,
@@ -227,7 +232,7 @@ class GuestContext:
             env=env,
             close_fds=True,
             process_group=0,
-            **kwargs,
+            **_popen_user(creds),
         )
 
     async def start_on_terminal(
@@ -235,18 +240,16 @@ class GuestContext:
     ) -> Child:
         """Start a command as ``user``, leader of a new session whose controlling
         terminal is the pty ``slave``. Raises as :meth:`start_command`."""
-        kwargs = self.user_kwargs(user)
-        if kwargs and self.spawners is not None:
-            creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
+        creds = self.credentials(user)
+        spawner = self._spawner(creds)
+        if spawner is not None:
             try:
                 tty: str | None = os.ttyname(slave)  # the spawner's child opens it by name
             except OSError:
                 tty = None
             if tty is not None:
-                with contextlib.suppress(SpawnerUnavailable):  # else: do it ourselves
-                    return await self.spawners.get(creds).spawn_on_terminal(
-                        argv, tty=tty, cwd=cwd, env=env
-                    )
+                with contextlib.suppress(SpawnerUnavailable):  # nothing started: do it ourselves
+                    return await spawner.spawn_on_terminal(argv, tty=tty, cwd=cwd, env=env)
         return self.children.spawn(
             argv,
             stdin=slave,
@@ -257,25 +260,19 @@ class GuestContext:
             close_fds=True,
             start_new_session=True,
             preexec_fn=_take_controlling_tty,
-            **kwargs,
+            **_popen_user(creds),
         )
 
     def prepare_spawner(self, user: UserInfo, forked: ForkedSpawner | None = None) -> None:
         """Have ``user``'s spawner ready before its first command: ``forked`` (made
         before a template snapshot) if its credentials are still the user's, else a new one."""
-        kwargs = self.user_kwargs(user)
-        if not kwargs or self.spawners is None:
-            if forked is not None:
-                forked.sock.close()  # it exits; the reaper collects it
-            return
-        creds = Credentials(kwargs["user"], kwargs["group"], tuple(kwargs["extra_groups"]))
-        if forked is not None and forked.creds == creds:
-            self.spawners.add(forked)
-            return
+        creds = self.credentials(user)
         if forked is not None:
-            forked.sock.close()
-        with contextlib.suppress(SpawnerUnavailable):
-            self.spawners.get(creds)
+            if creds is not None and self.spawners is not None and forked.creds == creds:
+                self.spawners.add(forked)
+                return
+            forked.sock.close()  # it exits; the reaper collects it
+        self._spawner(creds)
 
     def give_to_user(self, path: str | int, owner: tuple[int, int] | None = None) -> None:
         """chown a file the agent created (as root) to ``owner`` (uid, gid), by default
@@ -297,6 +294,13 @@ def _file_stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _popen_user(creds: Credentials | None) -> dict[str, Any]:
+    """subprocess.Popen arguments that drop to ``creds``."""
+    if creds is None:
+        return {}
+    return {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
 
 
 def _take_controlling_tty() -> None:
