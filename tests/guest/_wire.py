@@ -174,7 +174,16 @@ def process_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def zombie_children(pid: int) -> list[int]:
+@dataclass(frozen=True)
+class ProcEntry:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+
+
+def processes() -> list[ProcEntry]:
+    """Every process, from /proc/PID/stat (those that vanish meanwhile are skipped)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -184,10 +193,15 @@ def zombie_children(pid: int) -> list[int]:
                 data = f.read()
         except OSError:
             continue
+        # The command name may contain spaces and parentheses: split at the last ')'.
+        comm = data[data.index(b"(") + 1 : data.rindex(b")")].decode(errors="replace")
         fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z" and int(fields[1]) == pid:
-            out.append(int(name))
+        out.append(ProcEntry(int(name), comm, fields[0].decode(), int(fields[1])))
     return out
+
+
+def zombie_children(pid: int) -> list[int]:
+    return [p.pid for p in processes() if p.state == "Z" and p.ppid == pid]
 
 
 def raw_frame(ftype: int, payload: bytes = b"") -> bytes:

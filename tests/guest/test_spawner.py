@@ -21,7 +21,7 @@ from kiln.guest.process import Children
 from kiln.guest.spawner import Credentials, Spawners
 from kiln.protocol import FrameType, decode_exit
 
-from ._wire import Conn, collect, exec_req, run, wait_for
+from ._wire import Conn, collect, exec_req, processes, run, wait_for
 from .conftest import Guest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -33,18 +33,7 @@ def nobody() -> pwd.struct_passwd:
 
 def spawners_of(agent_pid: int) -> list[int]:
     """The agent's children named kiln-spawner."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            comm = Path(f"/proc/{name}/comm").read_text().strip()
-            ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if comm == "kiln-spawner" and ppid == agent_pid:
-            found.append(int(name))
-    return found
+    return [p.pid for p in processes() if p.comm == "kiln-spawner" and p.ppid == agent_pid]
 
 
 def real_uid(pid: int) -> int:
