@@ -269,7 +269,7 @@ class SessionRegistry:
         master, slave = os.openpty()
         try:
             _set_winsize(slave, req.rows or DEFAULT_ROWS, req.cols or DEFAULT_COLS)
-            if user.uid != os.geteuid():
+            if ctx.credentials(user) is not None:
                 os.fchown(slave, user.uid, -1)  # so it can open it, and reopen /dev/tty
             child = await ctx.start_on_terminal(req.cmd, user, slave=slave, cwd=cwd, env=env)
         except BaseException:

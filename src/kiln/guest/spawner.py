@@ -45,7 +45,7 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -453,15 +453,16 @@ def _start(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:  # pragma
     return _os_error(OSError(errno.ENOENT, os.strerror(errno.ENOENT)), argv[0])
 
 
-def _candidates(name: str, env: Mapping[str, str]) -> list[str]:  # pragma: no cover
-    if not name:
-        return [name]
-    if "/" in name:
-        return [name]
-    paths = [os.path.join(d, name) for d in os.get_exec_path(dict(env))]
-    # Skip the directories it is not in without a clone() each (execvp's loop).
-    found = [p for p in paths if os.path.exists(p)]
-    return found or paths[:1]
+def _candidates(name: str, env: Mapping[str, str]) -> Iterator[str]:  # pragma: no cover
+    """Where ``name`` may be, in PATH order; a directory it is not in costs a
+    stat() rather than a clone() (none found: the caller answers ENOENT)."""
+    if not name or "/" in name:
+        yield name
+        return
+    for directory in os.get_exec_path(dict(env)):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            yield path
 
 
 def _os_error(exc: OSError, filename: str) -> dict[str, Any]:  # pragma: no cover - child
