@@ -34,6 +34,7 @@ not ptrace it or reach its socket.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -385,9 +386,7 @@ def _report_exits(sock: socket.socket) -> None:  # pragma: no cover - child
 def _handle_request(sock: socket.socket) -> bool:  # pragma: no cover - child
     """Serve one request; False when the agent hung up."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(
-            sock, _RECV_SIZE, _FDS_PER_REQUEST, socket.MSG_CMSG_CLOEXEC
-        )
+        data, fds = _recv_fds(sock)
     except InterruptedError:
         return True
     if not data:
@@ -404,6 +403,26 @@ def _handle_request(sock: socket.socket) -> bool:  # pragma: no cover - child
             os.close(fd)
     sock.send(json.dumps(reply).encode())
     return True
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:  # pragma: no cover - child
+    """One message and the descriptors that came with it, each close-on-exec.
+
+    Not ``socket.recv_fds``: CPython 3.11's drops its ``flags`` argument,
+    so MSG_CMSG_CLOEXEC never reached the kernel and every descriptor received
+    stayed inheritable. posix_spawn closes only close-on-exec descriptors, so
+    each command got a second copy of its own pipes above fd 2, and a background
+    child that redirected its output (``nohup srv >/dev/null 2>&1 &``) still
+    held the exec's stdout and stderr open: the exec never saw EOF and hung.
+    """
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        _RECV_SIZE, socket.CMSG_SPACE(_FDS_PER_REQUEST * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 def _start(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:  # pragma: no cover
