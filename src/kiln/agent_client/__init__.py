@@ -15,13 +15,17 @@ from .errors import (
     AgentProtocolError,
     AgentTimeout,
     AuthError,
+    CannotStart,
     ForwardError,
+    ProcessFinished,
+    ProcessNotFound,
     RemoteError,
     RemoteNotFound,
 )
 from .exec import ExecEvent, ExecProcess, ExecResult, Exit, Stderr, Stdout
 from .files import FileContent, FileReader, WriteSource
 from .forward import ForwardStream
+from .processes import ProcessOutput
 from .transport import (
     CONTROL_PORT,
     FORWARD_PORT,
@@ -44,6 +48,7 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AuthError",
+    "CannotStart",
     "Dialer",
     "Endpoint",
     "ExecEvent",
@@ -54,6 +59,9 @@ __all__ = [
     "FileReader",
     "ForwardError",
     "ForwardStream",
+    "ProcessFinished",
+    "ProcessNotFound",
+    "ProcessOutput",
     "RemoteError",
     "RemoteNotFound",
     "SocketFactory",

@@ -34,9 +34,15 @@ from kiln.protocol import (
     FrameType,
     InvalidMessage,
     PathRequest,
+    ProcessAttach,
+    ProcessInfo,
+    ProcessInput,
+    ProcessSignal,
+    ProcessStart,
     SessionInfo,
     StatusResponse,
     decode_exit,
+    process_list_from_payload,
     session_list_from_payload,
 )
 
@@ -48,9 +54,10 @@ from .errors import (
     ForwardError,
     RemoteError,
 )
-from .exec import ExecProcess, ExecResult
+from .exec import ExecProcess, ExecResult, send_chunked
 from .files import FileContent, FileReader, WriteSource, mode_string, send_content, source_size
 from .forward import ForwardStream
+from .processes import ProcessOutput, check_status, process_info
 from .transport import Connection, Endpoint, dial, translate_errors
 from .tty import TtySession
 
@@ -265,6 +272,73 @@ class AgentClient:
                     code = decode_exit(frame.payload)
                 if code != 0:
                     raise RemoteError(f"killing session {session_id!r} failed ({code})")
+
+    # -- background processes -------------------------------------------------------------
+
+    async def start_process(
+        self,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> ProcessInfo:
+        """Start a command detached from any connection; its table entry.
+
+        CannotStart when it cannot be started (``exit_code`` 127/126 as an exec)."""
+        with _misuse():
+            payload = ProcessStart(_argv(cmd), dict(env or {}), cwd, user).to_payload()
+        async with await self._open() as conn:
+            await conn.send(FrameType.PROC_START, payload)
+            return process_info(await self._first_answer(conn, "PROC_INFO"), None)
+
+    async def list_processes(self) -> list[ProcessInfo]:
+        """The agent's process table: background processes and TTY sessions,
+        running and recently finished."""
+        frame = await self._call(FrameType.PROC_LIST_REQ, b"", FrameType.PROC_LIST_RESP)
+        with translate_errors("reading PROC_LIST_RESP"):
+            return process_list_from_payload(frame.payload)
+
+    async def get_process(self, pid: int) -> ProcessInfo:
+        """One entry of the process table (ProcessNotFound if absent)."""
+        return await self._attach_info(pid)
+
+    async def _attach_info(self, pid: int) -> ProcessInfo:
+        # PROC_ATTACH without replay answers PROC_INFO first: the cheapest single lookup.
+        async with self.process_output(pid, replay=False) as reader:
+            assert reader.info is not None
+            return reader.info
+
+    def process_output(self, pid: int, *, replay: bool = True) -> ProcessOutput:
+        """Read a process's output: ``async with client.process_output(pid) as out``,
+        then ``out.info`` and ``async for event in out`` (kept output when
+        ``replay``, then live output, then Exit). Leaving only detaches."""
+        with _misuse():
+            request = ProcessAttach(pid, replay)
+        return ProcessOutput(self._open, request, self.auth_timeout)
+
+    async def process_input(self, pid: int, data: bytes, *, close: bool = False) -> None:
+        """Write to a process's stdin (and close it after, with ``close``).
+
+        ProcessFinished once it has exited; ProcessNotFound for an unknown pid."""
+        with _misuse():
+            request = ProcessInput(pid, len(data), close)
+        async with await self._open() as conn:
+            await conn.send(FrameType.PROC_INPUT, request.to_payload())
+            await send_chunked(conn, FrameType.STDIN, data)
+            frame = await conn.recv_answer("PROC_STATUS")
+            if frame.type != FrameType.PROC_STATUS:
+                raise AgentProtocolError(f"expected PROC_STATUS, got {FrameType(frame.type).name}")
+            check_status(frame, pid)
+
+    async def signal_process(self, pid: int, signal: str) -> None:
+        """Send ``signal`` ("TERM", "KILL", ... or "SIGTERM") to the process's group.
+
+        ValueError for an unknown signal name; ProcessFinished once it has exited."""
+        with _misuse():
+            payload = ProcessSignal(pid, signal).to_payload()
+        frame = await self._call(FrameType.PROC_SIGNAL, payload, FrameType.PROC_STATUS)
+        check_status(frame, pid)
 
     # -- small requests -----------------------------------------------------------------
 

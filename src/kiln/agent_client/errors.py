@@ -7,6 +7,9 @@
     ├── AuthError                 the agent refused our token
     ├── RemoteError               the agent answered ERROR; ``.message`` is its text
     │   ├── RemoteNotFound        ... about a path or session that does not exist
+    │   │   └── ProcessNotFound   no process with that pid in the agent's table
+    │   ├── ProcessFinished       the process has exited (no more stdin or signals)
+    │   ├── CannotStart           a background command could not be started
     │   └── ForwardError          FWD_RESP said error (nothing listens on the port, ...)
     └── AgentProtocolError        the agent broke the wire protocol (bad frame, unexpected
                                   frame, closed before answering); chained ``from`` the
@@ -51,6 +54,32 @@ class RemoteError(AgentError):
 
 class RemoteNotFound(RemoteError):
     """The path or session named in the request does not exist in the sandbox."""
+
+
+class ProcessNotFound(RemoteNotFound):
+    """No process with that pid is in the agent's process table."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class ProcessFinished(RemoteError):
+    """The process has exited: it takes no more input or signals."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class CannotStart(RemoteError):
+    """A background command could not be started (not found, not executable, bad cwd).
+
+    ``exit_code`` is what an exec of it would have exited with (127 or 126)."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ForwardError(RemoteError):

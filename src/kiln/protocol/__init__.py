@@ -44,6 +44,20 @@ from .messages import (
     session_list_from_payload,
     session_list_to_payload,
 )
+from .processes import (
+    OUTPUT_KEPT,
+    SIGNAL_NAMES,
+    ProcessAttach,
+    ProcessInfo,
+    ProcessInput,
+    ProcessSignal,
+    ProcessStart,
+    ProcessStatus,
+    Reason,
+    process_list_from_payload,
+    process_list_to_payload,
+    signal_name,
+)
 from .stream import FrameStream
 
 __all__ = [
@@ -53,6 +67,8 @@ __all__ = [
     "LS_LIMIT",
     "MAX_FRAME",
     "MAX_PAYLOAD",
+    "OUTPUT_KEPT",
+    "SIGNAL_NAMES",
     "ActivityInfo",
     "ClockSet",
     "ExecKillRequest",
@@ -71,7 +87,14 @@ __all__ = [
     "InvalidMessage",
     "MalformedFrame",
     "PathRequest",
+    "ProcessAttach",
+    "ProcessInfo",
+    "ProcessInput",
+    "ProcessSignal",
+    "ProcessStart",
+    "ProcessStatus",
     "ProtocolError",
+    "Reason",
     "SessionInfo",
     "StatusResponse",
     "decode_exit",
@@ -84,6 +107,9 @@ __all__ = [
     "format_mode",
     "is_known_type",
     "parse_mode",
+    "process_list_from_payload",
+    "process_list_to_payload",
     "session_list_from_payload",
     "session_list_to_payload",
+    "signal_name",
 ]
