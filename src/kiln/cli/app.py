@@ -359,6 +359,13 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
     default=None,
     help="Forward stdin [default: when it is a pipe or a file].",
 )
+@click.option(
+    "-d",
+    "--detach",
+    is_flag=True,
+    help="Run it in the background and print its pid (see: kiln ps, logs, kill).",
+)
+@click.option("--json", "as_json", is_flag=True, help="With -d: print the process as JSON.")
 @pass_state
 def exec(
     state: State,
@@ -369,6 +376,8 @@ def exec(
     cwd: str | None,
     timeout: float | None,
     stdin: bool | None,
+    detach: bool,
+    as_json: bool,
 ) -> int:
     """Run a command in a sandbox: kiln exec SANDBOX -- CMD [ARGS...]
 
@@ -376,6 +385,10 @@ def exec(
     exits with the command's exit code. Piped stdin is read to its end, then
     uploaded to a temporary file in the sandbox that becomes the command's
     stdin (the HTTP API has no live stdin for exec).
+
+    With -d the command runs in the background, detached from kiln: its pid is
+    printed and kiln exits at once; piped stdin is sent to it and then closed.
+    Its output is kept (last 1 MiB of each stream): kiln logs SANDBOX PID [-f].
     """
     from .execio import forward_stdin_wanted, run_exec  # noqa: PLC0415
 
@@ -383,14 +396,25 @@ def exec(
         argv = parse.parse_session_command(cmd)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    return run_exec(
-        state.sandbox(sandbox),
-        argv,
-        env=env,
-        cwd=cwd,
-        timeout_s=timeout,
-        stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
-    )
+    if not detach:
+        if as_json:
+            raise click.UsageError("--json goes with -d (a foreground exec prints its output)")
+        return run_exec(
+            state.sandbox(sandbox),
+            argv,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout,
+            stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
+        )
+    if timeout is not None:
+        raise click.UsageError("--timeout does not go with -d (stop it with: kiln kill)")
+    processes = state.sandbox(sandbox).processes
+    proc = processes.start(argv, env=env, cwd=cwd)
+    if forward_stdin_wanted(stdin):
+        processes.stdin(proc.pid, sys.stdin.buffer.read(), close=True)
+    show(fmt.format_json(proc) if as_json else str(proc.pid))
+    return 0
 
 
 @cli.command()
@@ -417,19 +441,66 @@ def shell(state: State, sandbox: str, session_id: str | None, cmd: str | None) -
 @json_option
 @pass_state
 def ps(state: State, sandbox: str, as_json: bool) -> None:
-    """List a sandbox's sessions."""
-    sessions = state.sandbox(sandbox).sessions.list()
-    show(fmt.format_json(sessions) if as_json else fmt.format_sessions_table(sessions, _now()))
+    """List a sandbox's background processes and TTY sessions.
+
+    Running and recently finished ones: PID, SESSION (TTY sessions only),
+    STATUS (running, exited N), STARTED and COMMAND.
+    """
+    procs = state.sandbox(sandbox).processes.list()
+    infos = [p.info for p in procs]
+    show(fmt.format_json(infos) if as_json else fmt.format_processes_table(infos, _now()))
 
 
 @cli.command()
 @click.argument("sandbox")
-@click.argument("session_id")
+@click.argument("pid", type=click.IntRange(min=1))
+@click.option("-f", "--follow", is_flag=True, help="Follow live output until the process exits.")
 @pass_state
-def kill(state: State, sandbox: str, session_id: str) -> None:
-    """Kill a session (SIGKILL to its process group)."""
-    state.sandbox(sandbox).sessions.kill(session_id)
-    click.echo(f"killed {session_id}")
+def logs(state: State, sandbox: str, pid: int, follow: bool) -> int:
+    """Print a background process's output (-f: follow it until it exits).
+
+    Stdout goes to stdout, stderr to stderr, byte for byte. Without -f: the
+    output kept so far (the last 1 MiB of each stream), exit status 0. With -f:
+    then live output until the process exits, and kiln exits with the process's
+    exit code.
+    """
+    from .procio import run_logs  # noqa: PLC0415
+
+    return run_logs(state.sandbox(sandbox), pid, follow=follow)
+
+
+@cli.command()
+@click.argument("sandbox")
+@click.argument("target", metavar="PID|SESSION")
+@click.option(
+    "-s",
+    "--signal",
+    "signal_name",
+    metavar="SIGNAL",
+    help="TERM, KILL, INT, HUP, QUIT, USR1 or USR2 [default: TERM for a pid].",
+)
+@pass_state
+def kill(state: State, sandbox: str, target: str, signal_name: str | None) -> None:
+    """Signal a background process (by pid), or kill a session (by id).
+
+    A pid gets SIGTERM unless -s says otherwise; the signal goes to its whole
+    process group. A session id (such as init or s1, from kiln ps or kiln
+    shell) gets SIGKILL, as before, or with -s that signal.
+    """
+    ref = state.sandbox(sandbox)
+    if target.isdigit():
+        ref.processes.signal(int(target), signal_name or "TERM")
+        click.echo(f"sent {(signal_name or 'TERM').upper()} to {target}")
+        return
+    if signal_name is None:
+        ref.sessions.kill(target)
+        click.echo(f"killed {target}")
+        return
+    pids = [p.pid for p in ref.processes.list() if p.session_id == target and p.running]
+    if not pids:
+        raise click.ClickException(f"no running session {target!r} in {sandbox}")
+    ref.processes.signal(pids[0], signal_name)
+    click.echo(f"sent {signal_name.upper()} to session {target} (pid {pids[0]})")
 
 
 @cli.command()

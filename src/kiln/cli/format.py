@@ -7,6 +7,7 @@ formatted relative to a ``now`` passed in, so output is deterministic.
 from __future__ import annotations
 
 import json
+import shlex
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
         FileStat,
         Health,
         Port,
+        ProcessInfo,
         SandboxInfo,
         Secret,
         Template,
@@ -166,6 +168,27 @@ def format_sessions_table(sessions: Iterable[SessionInfo], now: datetime) -> Tab
             state,
             "yes" if s.attached else "no",
             format_age(s.created_at, now) if s.created_at else "-",
+        )
+    return table
+
+
+def format_process_status(running: bool, exit_code: int | None) -> str:
+    """``"running"``, ``"exited 0"``, or ``"exited"`` when the code is unknown."""
+    if running:
+        return "running"
+    return "exited" if exit_code is None else f"exited {exit_code}"
+
+
+def format_processes_table(processes: Iterable[ProcessInfo], now: datetime) -> Table:
+    """``kiln ps``: one row per background process or TTY session."""
+    table = _table("PID", "SESSION", "STATUS", "STARTED", "COMMAND")
+    for p in processes:
+        table.add_row(
+            str(p.pid),
+            p.session_id or "-",
+            format_process_status(p.running, p.exit_code),
+            f"{format_age(p.started_at, now)} ago" if p.started_at else "-",
+            shlex.join(p.cmd),
         )
     return table
 

@@ -13,6 +13,11 @@
             if isinstance(event, Stdout):
                 print(event.text, end="")
 
+        server = sb.processes.start("python3 -m http.server 8000")   # in the background
+        print([p.pid for p in sb.processes.list()])
+        server.kill()
+        print(server.wait())                                          # 137
+
         sb.files.write("/workspace/app.py", b"print('hi')\\n")
         print(sb.files.read("/workspace/app.py").text)
         sb.delete()
@@ -26,6 +31,9 @@ from ._async import (
     AsyncExecStream,
     AsyncFiles,
     AsyncKiln,
+    AsyncOutputStream,
+    AsyncProcess,
+    AsyncProcesses,
     AsyncSandbox,
     AsyncSandboxes,
     AsyncSandboxRef,
@@ -38,6 +46,9 @@ from ._sync import (
     ExecStream,
     Files,
     Kiln,
+    OutputStream,
+    Process,
+    Processes,
     Sandbox,
     Sandboxes,
     SandboxRef,
@@ -71,6 +82,7 @@ from .models import (
     Health,
     NewVolume,
     Port,
+    ProcessInfo,
     PublishedPort,
     SandboxInfo,
     Secret,
@@ -112,6 +124,9 @@ __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
     "AsyncKiln",
+    "AsyncOutputStream",
+    "AsyncProcess",
+    "AsyncProcesses",
     "AsyncSandbox",
     "AsyncSandboxRef",
     "AsyncSandboxes",
@@ -139,8 +154,12 @@ __all__ = [
     "KilnError",
     "NewVolume",
     "NotFound",
+    "OutputStream",
     "PermissionDenied",
     "Port",
+    "Process",
+    "ProcessInfo",
+    "Processes",
     "PublishedPort",
     "Sandbox",
     "SandboxInfo",

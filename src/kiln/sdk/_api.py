@@ -27,6 +27,7 @@ from .models import (
     Health,
     NewVolume,
     Port,
+    ProcessInfo,
     PublishedPort,
     SandboxInfo,
     Secret,
@@ -306,6 +307,88 @@ def exec_streamed(id_or_name: str, body: Mapping[str, Any]) -> Call[None]:
         headers={"Accept": NDJSON},
         timeout=None,
     )
+
+
+# -- background processes -----------------------------------------------------------
+
+
+def process_body(
+    cmd: Sequence[str] | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    user: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /sandboxes/{id}/processes``. A string ``cmd`` runs via ``sh -c``."""
+    body = exec_body(cmd, env=env, cwd=cwd)
+    if user is not None:
+        body["user"] = user
+    return body
+
+
+def _pid(pid: int) -> str:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise ValueError(f"a pid is a positive integer, got {pid!r}")
+    return str(pid)
+
+
+def process_path(id_or_name: str, pid: int, *rest: str) -> str:
+    return sandbox_path(id_or_name, "processes", _pid(pid), *rest)
+
+
+def start_process(id_or_name: str, body: Mapping[str, Any]) -> Call[ProcessInfo]:
+    return Call(
+        "POST", sandbox_path(id_or_name, "processes"), _parser(models.parse_process), json=body
+    )
+
+
+def list_processes(id_or_name: str) -> Call[list[ProcessInfo]]:
+    return Call(
+        "GET",
+        sandbox_path(id_or_name, "processes"),
+        _list_parser(models.parse_process, "process list"),
+    )
+
+
+def get_process(id_or_name: str, pid: int) -> Call[ProcessInfo]:
+    return Call("GET", process_path(id_or_name, pid), _parser(models.parse_process))
+
+
+def process_output(
+    id_or_name: str, pid: int, *, follow: bool = True, timeout: float | None = None
+) -> Call[None]:
+    """The output stream request (NDJSON, base64 chunks); the caller reads the body.
+
+    ``timeout`` bounds each wait for the next line (``None``: forever)."""
+    params = {"encoding": "base64"}
+    if not follow:
+        params["follow"] = "false"
+    return Call(
+        "GET", process_path(id_or_name, pid, "output"), _no_content, params=params, timeout=timeout
+    )
+
+
+def process_stdin(id_or_name: str, pid: int, *, close: bool = False) -> Call[None]:
+    """Raw bytes to the process's stdin; the caller supplies the body."""
+    return Call(
+        "POST",
+        process_path(id_or_name, pid, "stdin"),
+        _no_content,
+        params={"close": "true"} if close else None,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+
+
+def signal_process(id_or_name: str, pid: int, signal: str) -> Call[None]:
+    if not isinstance(signal, str) or not signal:
+        raise ValueError(f"a signal is a name such as 'TERM', got {signal!r}")
+    return Call(
+        "POST", process_path(id_or_name, pid, "signal"), _no_content, json={"signal": signal}
+    )
+
+
+def stdin_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
 
 
 # -- files --------------------------------------------------------------------------

@@ -7,9 +7,11 @@ parsing are defined once.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
@@ -18,7 +20,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse
+from .errors import InvalidResponse, KilnError, Timeout
 from .models import (
     ExecEvent,
     ExecResult,
@@ -28,6 +30,7 @@ from .models import (
     Health,
     NewVolume,
     Port,
+    ProcessInfo,
     PublishedPort,
     SandboxInfo,
     Secret,
@@ -193,6 +196,11 @@ class _AsyncSandboxActions:
         return AsyncFiles(self._kiln, self._ref)
 
     @property
+    def processes(self) -> AsyncProcesses:
+        """Background commands: start, list, read output, stdin, signals."""
+        return AsyncProcesses(self._kiln, self._ref)
+
+    @property
     def sessions(self) -> AsyncSessions:
         """The sandbox's exec and TTY sessions."""
         return AsyncSessions(self._kiln, self._ref)
@@ -345,9 +353,10 @@ class AsyncExecStream:
     after the :class:`Exit` event.
     """
 
-    def __init__(self, kiln: AsyncKiln, call: Call[None]) -> None:
+    def __init__(self, kiln: AsyncKiln, call: Call[None], *, exit_required: bool = True) -> None:
         self._kiln = kiln
         self._call = call
+        self._exit_required = exit_required
         self._resp: httpx.Response | None = None
         self._lines: AsyncIterator[str] | None = None
         self._closed = False
@@ -360,6 +369,7 @@ class AsyncExecStream:
             request = http.build_request(
                 self._call.method,
                 self._call.path,
+                params=self._call.params,
                 json=self._call.json,
                 headers=self._call.headers,
                 timeout=self._call.timeout,
@@ -385,6 +395,8 @@ class AsyncExecStream:
                 line = await anext(lines, None)
             if line is None:
                 await self.close()
+                if not self._exit_required:
+                    raise StopAsyncIteration
                 raise InvalidResponse("the exec stream ended without an exit event")
             event = parse_exec_event(line, "base64")
             if event is None:
@@ -418,6 +430,173 @@ class AsyncExecStream:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class AsyncOutputStream(AsyncExecStream):
+    """A background process's output (``async for``): the kept output, then live
+    output, then one :class:`Exit`. Unlike an exec stream, closing it early only
+    detaches this reader; the process keeps running. Without ``follow`` it ends
+    after the output kept so far (with an :class:`Exit` only if the process has
+    already exited)."""
+
+
+class AsyncProcess:
+    """A background process in a sandbox (async); see :class:`kiln.sdk.Process`.
+
+    ``async for event in proc`` reads its output; :meth:`wait` awaits its exit.
+    """
+
+    def __init__(self, kiln: AsyncKiln, sandbox: str, info: ProcessInfo) -> None:
+        self._kiln = kiln
+        self._sandbox = sandbox
+        self._info = info
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self.exit_code}"
+        return f"AsyncProcess(pid={self.pid}, cmd={list(self.cmd)!r}, {state})"
+
+    @property
+    def info(self) -> ProcessInfo:
+        """The process as last seen (:meth:`refresh`, :meth:`wait` update it)."""
+        return self._info
+
+    @property
+    def pid(self) -> int:
+        return self._info.pid
+
+    @property
+    def cmd(self) -> tuple[str, ...]:
+        return self._info.cmd
+
+    @property
+    def running(self) -> bool:
+        return self._info.running
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._info.exit_code
+
+    @property
+    def started_at(self) -> datetime | None:
+        return self._info.started_at
+
+    @property
+    def finished_at(self) -> datetime | None:
+        return self._info.finished_at
+
+    @property
+    def tty(self) -> bool:
+        return self._info.tty
+
+    @property
+    def session_id(self) -> str | None:
+        """The TTY session's id (``None`` for a background process)."""
+        return self._info.session_id
+
+    @property
+    def user(self) -> str | None:
+        return self._info.user
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._info.to_dict()
+
+    async def refresh(self) -> Self:
+        """Fetch the process's state again; returns this handle."""
+        self._info = await self._kiln._call(_api.get_process(self._sandbox, self.pid))
+        return self
+
+    def output(self, *, follow: bool = True) -> AsyncOutputStream:
+        """Its output: the kept output, then (with ``follow``) live output and the exit."""
+        return AsyncProcesses(self._kiln, self._sandbox).output(self.pid, follow=follow)
+
+    async def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        async with self.output() as events:
+            async for event in events:
+                if isinstance(event, Exit):
+                    await self._exited(event.exit_code)
+                yield event
+
+    async def wait(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - as the sync one
+        """Read its output to the end; its exit code. :class:`Timeout` after ``timeout`` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in self:
+                    if isinstance(event, Exit):
+                        return event.exit_code
+        except TimeoutError:
+            raise Timeout(f"process {self.pid} still runs after {timeout} s") from None
+        raise InvalidResponse("the output stream ended without an exit event")
+
+    async def _exited(self, code: int) -> None:
+        try:
+            await self.refresh()  # finished_at, as the sandbox saw it
+        except KilnError:
+            self._info = replace(self._info, running=False, exit_code=code)
+
+    async def stdin(
+        self, data: bytes | bytearray | memoryview | str, *, close: bool = False
+    ) -> None:
+        """Write ``data`` to its stdin (then close stdin, with ``close``)."""
+        await AsyncProcesses(self._kiln, self._sandbox).stdin(self.pid, data, close=close)
+
+    async def signal(self, signal: str = "TERM") -> None:
+        """Send ``signal`` (TERM, KILL, INT, HUP, QUIT, USR1, USR2) to its process group."""
+        await AsyncProcesses(self._kiln, self._sandbox).signal(self.pid, signal)
+
+    async def kill(self) -> None:
+        """SIGKILL its process group."""
+        await self.signal("KILL")
+
+
+class AsyncProcesses:
+    """``sandbox.processes`` (async): background commands; see :class:`kiln.sdk.Processes`."""
+
+    def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    async def start(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> AsyncProcess:
+        """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background."""
+        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        info = await self._kiln._call(_api.start_process(self._id, body))
+        return AsyncProcess(self._kiln, self._id, info)
+
+    async def list(self) -> builtins.list[AsyncProcess]:
+        """Background processes and TTY sessions, running and recently finished."""
+        infos = await self._kiln._call(_api.list_processes(self._id))
+        return [AsyncProcess(self._kiln, self._id, i) for i in infos]
+
+    async def get(self, pid: int) -> AsyncProcess:
+        """The process ``pid`` (:class:`NotFound` if the sandbox has none such)."""
+        info = await self._kiln._call(_api.get_process(self._id, pid))
+        return AsyncProcess(self._kiln, self._id, info)
+
+    def output(self, pid: int, *, follow: bool = True) -> AsyncOutputStream:
+        """Its output events: kept output, then (with ``follow``) live output and Exit."""
+        call = _api.process_output(self._id, pid, follow=follow)
+        return AsyncOutputStream(self._kiln, call, exit_required=follow)
+
+    async def stdin(
+        self, pid: int, data: bytes | bytearray | memoryview | str, *, close: bool = False
+    ) -> None:
+        """Write to its stdin (:class:`Conflict` once it has finished)."""
+        call = _api.process_stdin(self._id, pid, close=close)
+        await self._kiln._call(call, content=_api.stdin_bytes(data))
+
+    async def signal(self, pid: int, signal: str = "TERM") -> None:
+        """Send a signal by name (:class:`Conflict` once it has finished)."""
+        await self._kiln._call(_api.signal_process(self._id, pid, signal))
+
+    async def kill(self, pid: int) -> None:
+        """SIGKILL its process group."""
+        await self.signal(pid, "KILL")
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

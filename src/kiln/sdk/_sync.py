@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
@@ -13,7 +15,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse
+from .errors import InvalidResponse, KilnError, Timeout
 from .models import (
     ExecEvent,
     ExecResult,
@@ -23,6 +25,7 @@ from .models import (
     Health,
     NewVolume,
     Port,
+    ProcessInfo,
     PublishedPort,
     SandboxInfo,
     Secret,
@@ -194,6 +197,11 @@ class _SandboxActions:
     def files(self) -> Files:
         """Read, write, stat and list files inside the sandbox."""
         return Files(self._kiln, self._ref)
+
+    @property
+    def processes(self) -> Processes:
+        """Background commands: start, list, read output, stdin, signals."""
+        return Processes(self._kiln, self._ref)
 
     @property
     def sessions(self) -> Sessions:
@@ -371,9 +379,10 @@ class ExecStream:
     :attr:`exit_code` holds the command's exit code.
     """
 
-    def __init__(self, kiln: Kiln, call: Call[None]) -> None:
+    def __init__(self, kiln: Kiln, call: Call[None], *, exit_required: bool = True) -> None:
         self._kiln = kiln
         self._call = call
+        self._exit_required = exit_required
         self._resp: httpx.Response | None = None
         self._lines: Iterator[str] | None = None
         self._closed = False
@@ -386,6 +395,7 @@ class ExecStream:
             request = http.build_request(
                 self._call.method,
                 self._call.path,
+                params=self._call.params,
                 json=self._call.json,
                 headers=self._call.headers,
                 timeout=self._call.timeout,
@@ -411,6 +421,8 @@ class ExecStream:
                 line = next(lines, None)
             if line is None:
                 self.close()
+                if not self._exit_required:
+                    raise StopIteration
                 raise InvalidResponse("the exec stream ended without an exit event")
             event = parse_exec_event(line, "base64")
             if event is None:
@@ -444,6 +456,194 @@ class ExecStream:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# -- background processes -----------------------------------------------------------
+
+
+class OutputStream(ExecStream):
+    """A background process's output: the kept output, then live output, then one
+    :class:`Exit`. Unlike an exec stream, closing it early only detaches this
+    reader; the process keeps running. Without ``follow`` it ends after the
+    output kept so far (with an :class:`Exit` only if the process has already
+    exited)."""
+
+
+class Process:
+    """A background process in a sandbox, by its guest pid.
+
+    The fields (:attr:`running`, :attr:`exit_code`, ...) are as last seen;
+    :meth:`refresh` fetches them again and :meth:`wait` updates them. Iterating
+    the handle reads its output (kept output first, then live, then
+    :class:`Exit`); leaving early only detaches::
+
+        proc = sb.processes.start("python3 -m http.server 8000")
+        for event in proc:
+            print(event)
+        proc.kill()
+    """
+
+    def __init__(self, kiln: Kiln, sandbox: str, info: ProcessInfo) -> None:
+        self._kiln = kiln
+        self._sandbox = sandbox
+        self._info = info
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self.exit_code}"
+        return f"Process(pid={self.pid}, cmd={list(self.cmd)!r}, {state})"
+
+    @property
+    def info(self) -> ProcessInfo:
+        """The process as last seen (:meth:`refresh`, :meth:`wait` update it)."""
+        return self._info
+
+    @property
+    def pid(self) -> int:
+        return self._info.pid
+
+    @property
+    def cmd(self) -> tuple[str, ...]:
+        return self._info.cmd
+
+    @property
+    def running(self) -> bool:
+        return self._info.running
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._info.exit_code
+
+    @property
+    def started_at(self) -> datetime | None:
+        return self._info.started_at
+
+    @property
+    def finished_at(self) -> datetime | None:
+        return self._info.finished_at
+
+    @property
+    def tty(self) -> bool:
+        return self._info.tty
+
+    @property
+    def session_id(self) -> str | None:
+        """The TTY session's id (``None`` for a background process)."""
+        return self._info.session_id
+
+    @property
+    def user(self) -> str | None:
+        return self._info.user
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._info.to_dict()
+
+    def refresh(self) -> Self:
+        """Fetch the process's state again; returns this handle."""
+        self._info = self._kiln._call(_api.get_process(self._sandbox, self.pid))
+        return self
+
+    def output(self, *, follow: bool = True) -> OutputStream:
+        """Its output: the kept output, then (with ``follow``) live output and the exit."""
+        return Processes(self._kiln, self._sandbox).output(self.pid, follow=follow)
+
+    def __iter__(self) -> Iterator[ExecEvent]:
+        with self.output() as events:
+            for event in events:
+                if isinstance(event, Exit):
+                    self._exited(event.exit_code)
+                yield event
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Read its output to the end; its exit code. :class:`Timeout` after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = _api.process_output(self._sandbox, self.pid, timeout=timeout)
+        try:
+            with OutputStream(self._kiln, call) as events:
+                for event in events:
+                    if isinstance(event, Exit):
+                        self._exited(event.exit_code)
+                        return event.exit_code
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+        except Timeout:
+            pass  # no output within the timeout
+        else:
+            if deadline is None:
+                raise InvalidResponse("the output stream ended without an exit event")
+        raise Timeout(f"process {self.pid} still runs after {timeout} s")
+
+    def _exited(self, code: int) -> None:
+        try:
+            self.refresh()  # finished_at, as the sandbox saw it
+        except KilnError:
+            self._info = replace(self._info, running=False, exit_code=code)
+
+    def stdin(self, data: bytes | bytearray | memoryview | str, *, close: bool = False) -> None:
+        """Write ``data`` to its stdin (then close stdin, with ``close``)."""
+        Processes(self._kiln, self._sandbox).stdin(self.pid, data, close=close)
+
+    def signal(self, signal: str = "TERM") -> None:
+        """Send ``signal`` (TERM, KILL, INT, HUP, QUIT, USR1, USR2) to its process group."""
+        Processes(self._kiln, self._sandbox).signal(self.pid, signal)
+
+    def kill(self) -> None:
+        """SIGKILL its process group."""
+        self.signal("KILL")
+
+
+class Processes:
+    """``sandbox.processes``: commands that run in the background, detached from any
+    connection, with their last 1 MiB of stdout and of stderr kept for readers."""
+
+    def __init__(self, kiln: Kiln, sandbox_id: str) -> None:
+        self._kiln = kiln
+        self._id = sandbox_id
+
+    def start(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> Process:
+        """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background.
+
+        ``user`` is ``"root"`` or the sandbox user (the default). A command that
+        cannot start (not found, not executable, bad ``cwd``) raises
+        :class:`ValidationError`.
+        """
+        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        return Process(self._kiln, self._id, self._kiln._call(_api.start_process(self._id, body)))
+
+    def list(self) -> builtins.list[Process]:
+        """Background processes and TTY sessions, running and recently finished."""
+        infos = self._kiln._call(_api.list_processes(self._id))
+        return [Process(self._kiln, self._id, i) for i in infos]
+
+    def get(self, pid: int) -> Process:
+        """The process ``pid`` (:class:`NotFound` if the sandbox has none such)."""
+        return Process(self._kiln, self._id, self._kiln._call(_api.get_process(self._id, pid)))
+
+    def output(self, pid: int, *, follow: bool = True) -> OutputStream:
+        """Its output events: kept output, then (with ``follow``) live output and Exit."""
+        call = _api.process_output(self._id, pid, follow=follow)
+        return OutputStream(self._kiln, call, exit_required=follow)
+
+    def stdin(
+        self, pid: int, data: bytes | bytearray | memoryview | str, *, close: bool = False
+    ) -> None:
+        """Write to its stdin (:class:`Conflict` once it has finished)."""
+        call = _api.process_stdin(self._id, pid, close=close)
+        self._kiln._call(call, content=_api.stdin_bytes(data))
+
+    def signal(self, pid: int, signal: str = "TERM") -> None:
+        """Send a signal by name (:class:`Conflict` once it has finished)."""
+        self._kiln._call(_api.signal_process(self._id, pid, signal))
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL its process group."""
+        self.signal(pid, "KILL")
 
 
 # -- files and sessions -------------------------------------------------------------
@@ -598,6 +798,9 @@ __all__ = [
     "ExecStream",
     "Files",
     "Kiln",
+    "OutputStream",
+    "Process",
+    "Processes",
     "Sandbox",
     "SandboxRef",
     "Sandboxes",

@@ -265,6 +265,51 @@ def parse_exec_event(line: str | bytes, encoding: str | None = None) -> ExecEven
     return None  # a newer daemon's event type: skip it
 
 
+# -- background processes ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessInfo(_Model):
+    """An entry of a sandbox's process table: a background process or a TTY session.
+
+    ``exit_code`` and ``finished_at`` are ``None`` while it runs; TTY sessions
+    have ``tty`` true and their ``session_id``.
+    """
+
+    pid: int
+    cmd: tuple[str, ...]
+    running: bool
+    exit_code: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    tty: bool = False
+    session_id: str | None = None
+    user: str | None = None
+
+
+def parse_process(data: Any) -> ProcessInfo:
+    """A process object of ``/sandboxes/{id}/processes`` → :class:`ProcessInfo`."""
+    what = "process"
+    obj = _obj(data, what)
+    cmd = _list(obj.get("cmd") or [], "process cmd")
+    if not all(isinstance(a, str) for a in cmd):
+        raise InvalidResponse("process: field 'cmd' must be a list of strings")
+    pid = _opt_int(obj, "pid", what)
+    if pid is None:
+        raise InvalidResponse("process: field 'pid' is missing")
+    return ProcessInfo(
+        pid=pid,
+        cmd=tuple(cmd),
+        running=_field(obj, "running", bool, what, False),
+        exit_code=_opt_int(obj, "exit_code", what),
+        started_at=parse_time(obj.get("started_at"), "process started_at"),
+        finished_at=parse_time(obj.get("finished_at"), "process finished_at"),
+        tty=_field(obj, "tty", bool, what, False),
+        session_id=_opt_str(obj, "session_id", what),
+        user=_opt_str(obj, "user", what),
+    )
+
+
 # -- files --------------------------------------------------------------------------
 
 

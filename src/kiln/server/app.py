@@ -32,7 +32,7 @@ from kiln.store import StoreError
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .routes import exec as exec_routes
-from .routes import files, resources, sandboxes, shell
+from .routes import files, processes, resources, sandboxes, shell
 from .services import Services
 
 log = logging.getLogger("kiln.server")
@@ -188,7 +188,13 @@ def create_app(services: Services) -> FastAPI:
         """Liveness, without authentication; never wakes a sandbox."""
         return services.health()
 
-    for router in (sandboxes.router, exec_routes.router, files.router, resources.router):
+    for router in (
+        sandboxes.router,
+        exec_routes.router,
+        processes.router,
+        files.router,
+        resources.router,
+    ):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)
 

@@ -5,7 +5,8 @@
     ├── Unauthorized             401 missing or wrong API key
     ├── Forbidden                403 over quota
     ├── NotFoundError            404 unknown sandbox/template/secret/volume/session/file
-    ├── ConflictError            409 name taken, volume in use, wrong sandbox state
+    ├── ConflictError            409 name taken, volume in use, wrong sandbox state,
+    │                                process finished
     ├── LengthRequired           411 upload without Content-Length
     ├── PayloadTooLarge          413 body over the limit
     ├── Unprocessable            422 fields that parse but are invalid
@@ -115,6 +116,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         # agent
         case ac.RemoteNotFound():
             return NotFoundError(msg)
+        case ac.ProcessFinished():
+            return ConflictError(msg)
         case ac.ForwardError():
             return BadGateway(msg)
         case ac.RemoteError():

@@ -75,6 +75,23 @@ class ExecBody(_Body):
     stdin: StrictStr | None = None
 
 
+class _StrictBody(_Body):
+    """A body whose unknown fields are refused (422 naming the field), not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StartProcess(_StrictBody):
+    cmd: Annotated[list[StrictStr], Field(min_length=1)]
+    env: Env | None = None
+    cwd: StrictStr | None = None
+    user: StrictStr | None = None
+
+
+class SignalProcess(_StrictBody):
+    signal: StrictStr
+
+
 class CreateTemplate(_Body):
     name: Name
     cpus: Cpus = 1
@@ -106,7 +123,7 @@ _ERROR_CODES = {
     401: "Missing or wrong API key",
     403: "Over quota, or not yours",
     404: "Unknown sandbox, template, secret, volume or session",
-    409: "Conflict (name taken, volume in use)",
+    409: "Conflict (name taken, volume in use, process finished)",
     413: "Body too large",
     422: "Invalid fields",
     503: "No engine can run sandboxes here",
