@@ -9,7 +9,8 @@ Modules, one concept each:
 - ``agent``: listeners, authentication, dispatch of control/forward connections
 - ``execution``: piped exec (pipes, process group, STDIN/KILL, sync before EXIT)
 - ``sessions``: TTY sessions (pty, scrollback, attach/detach, idle timer)
-- ``ringbuffer``: the scrollback ring buffer
+- ``processes``: the process table: background processes and TTY sessions by pid
+- ``output``: the kept output (stdout/stderr log) every reader attaches to
 - ``files``: read/write/stat/ls
 - ``forward``: TCP port forwarding
 - ``process``: spawning children, pidfd exit watching, the orphan reaper
