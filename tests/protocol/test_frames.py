@@ -85,7 +85,12 @@ def test_frame_type_values_match_spec() -> None:
         "FILE_WRITE_RESP": 0x53, "FILE_STAT_REQ": 0x54, "FILE_STAT_RESP": 0x55,
         "FILE_LS_REQ": 0x56, "FILE_LS_RESP": 0x57, "CLOCK_SET": 0x60, "CLOCK_SET_RESP": 0x61,
     }  # fmt: skip
-    assert {t.name: t.value for t in FrameType} == spec
+    # kiln's extension (kiln.protocol.processes): the process table.
+    processes = {
+        "PROC_START": 0x34, "PROC_INFO": 0x35, "PROC_LIST_REQ": 0x36, "PROC_LIST_RESP": 0x37,
+        "PROC_ATTACH": 0x38, "PROC_INPUT": 0x39, "PROC_SIGNAL": 0x3A, "PROC_STATUS": 0x3B,
+    }  # fmt: skip
+    assert {t.name: t.value for t in FrameType} == spec | processes
 
 
 # -- EOF -------------------------------------------------------------------------

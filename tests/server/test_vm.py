@@ -347,3 +347,37 @@ def test_thermal_manager_cools_an_idle_vm_and_a_request_wakes_it(
         if proc.stdout is not None:
             proc.stdout.close()
         _kill_vms(data)
+
+
+BACKGROUND_SCRIPTS = [
+    "nohup sleep 1000 >/dev/null 2>&1 & echo $!",
+    "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!",
+    "(sleep 1000 </dev/null >/dev/null 2>&1 & echo $!)",
+    "sleep 1000 >/tmp/bg.log 2>&1 & echo $!",
+]
+
+
+def test_exec_returns_while_background_children_run(vm: httpx.Client) -> None:
+    """The regression: the sandbox user's commands start from a spawner, and a
+    background child with redirected output used to hold the exec forever."""
+    assert vm.post("/sandboxes", json={"name": "bg"}).status_code == 201
+    try:
+        pids = []
+        for script in BACKGROUND_SCRIPTS:
+            started = time.monotonic()
+            r = vm.post("/sandboxes/bg/exec", json={"cmd": ["sh", "-c", script]}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["exit_code"] == 0
+            assert time.monotonic() - started < 10, script
+            pids.append(r.json()["stdout"].strip())
+        alive = vm.post(
+            "/sandboxes/bg/exec", json={"cmd": ["ps", "-o", "pid=", "-p", ",".join(pids)]}
+        )
+        assert sorted(alive.json()["stdout"].split()) == sorted(pids)
+        # `X &` without redirects shares stdout: the exec ends when X does, with its output.
+        r = vm.post(
+            "/sandboxes/bg/exec", json={"cmd": ["sh", "-c", "(sleep 1; echo late) & echo early"]}
+        )
+        assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
+    finally:
+        vm.delete("/sandboxes/bg")

@@ -9,7 +9,8 @@ Modules, one concept each:
 - ``agent``: listeners, authentication, dispatch of control/forward connections
 - ``execution``: piped exec (pipes, process group, STDIN/KILL, sync before EXIT)
 - ``sessions``: TTY sessions (pty, scrollback, attach/detach, idle timer)
-- ``ringbuffer``: the scrollback ring buffer
+- ``processes``: the process table: background processes and TTY sessions by pid
+- ``output``: the kept output (stdout/stderr log) every reader attaches to
 - ``files``: read/write/stat/ls
 - ``forward``: TCP port forwarding
 - ``process``: spawning children, pidfd exit watching, the orphan reaper
@@ -31,7 +32,10 @@ Wire choices the protocol leaves open (documented where implemented):
   kernel RNG; in test mode CLOCK_SET is only acknowledged;
 - a command that cannot start gets STDERR + EXIT 127 (not found) or 126
   (not executable, bad cwd, E2BIG, ...);
-- ACTIVITY counts piped execs in flight as attached and running;
+- ACTIVITY counts piped execs in flight, and readers of a process's output
+  (PROC_ATTACH), as attached and running;
+- PROC_INPUT is written only once all ``size`` bytes arrived (a dropped
+  connection writes nothing); closing a TTY session's input sends Ctrl-D;
 - the durability barriers (sync() before a piped EXIT, fsync of written files)
   are on in a VM and off in test mode (``--sync`` turns them on there).
 """

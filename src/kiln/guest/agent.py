@@ -33,6 +33,10 @@ from kiln.protocol import (
     FrameStream,
     FrameType,
     PathRequest,
+    ProcessAttach,
+    ProcessInput,
+    ProcessSignal,
+    ProcessStart,
     ProtocolError,
     StatusResponse,
     encode_exit,
@@ -46,6 +50,7 @@ from .execution import run_piped
 from .forward import serve_forward
 from .prepared import Prepared
 from .process import Children
+from .processes import ProcessTable
 from .sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -72,8 +77,17 @@ REQUEST_TYPES = frozenset(
         FrameType.FILE_STAT_REQ,
         FrameType.FILE_LS_REQ,
         FrameType.CLOCK_SET,
+        FrameType.PROC_START,
+        FrameType.PROC_LIST_REQ,
+        FrameType.PROC_ATTACH,
+        FrameType.PROC_INPUT,
+        FrameType.PROC_SIGNAL,
     }
 )
+
+#: Requests after which the host may still be sending (stdin, or nothing but a
+#: close to end a reader): the connection lingers instead of closing at once.
+_STREAMING_REQUESTS = frozenset({FrameType.EXEC_REQ, FrameType.PROC_ATTACH})
 
 #: Sets the wall clock (ns since the epoch) and mixes an optional seed into the
 #: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
@@ -112,6 +126,7 @@ class Agent:
         # Created in run(), inside the event loop.
         self._ctx: GuestContext | None = None
         self._sessions: SessionRegistry | None = None
+        self._processes: ProcessTable | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -121,7 +136,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         children = Children()
         ctx = self._ctx = GuestContext(self.settings, children)
-        sessions = self._sessions = SessionRegistry(ctx)
+        processes = self._processes = ProcessTable(ctx)
+        sessions = self._sessions = SessionRegistry(ctx, processes)
         if self._reap_orphans:
             children.start_reaping_orphans()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,6 +163,7 @@ class Agent:
             if self._connections:
                 await asyncio.wait(self._connections)
             await sessions.aclose()
+            await processes.aclose()
             if ctx.spawners is not None:
                 ctx.spawners.close()
             await ctx.syncer.aclose()
@@ -261,7 +278,7 @@ class Agent:
         if frame is None:
             return False
         await self._dispatch(conn, frame)
-        return frame.type != FrameType.EXEC_REQ and not conn.buffered
+        return frame.type not in _STREAMING_REQUESTS and not conn.buffered
 
     @staticmethod
     async def _read_request(conn: FrameStream) -> Frame | None:
@@ -271,8 +288,8 @@ class Agent:
         return frame
 
     async def _dispatch(self, conn: FrameStream, frame: Frame) -> None:
-        ctx, sessions = self._ctx, self._sessions
-        assert ctx is not None and sessions is not None
+        ctx, sessions, processes = self._ctx, self._sessions, self._processes
+        assert ctx is not None and sessions is not None and processes is not None
         ftype, payload = frame.type, frame.payload
         if ftype == FrameType.EXEC_REQ:
             req = ExecRequest.from_payload(payload)
@@ -302,6 +319,16 @@ class Agent:
             await conn.send(FrameType.FILE_LS_RESP, listing)
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
+        elif ftype == FrameType.PROC_START:
+            await processes.start(conn, ProcessStart.from_payload(payload))
+        elif ftype == FrameType.PROC_LIST_REQ:
+            await processes.send_list(conn)
+        elif ftype == FrameType.PROC_ATTACH:
+            await processes.attach(conn, ProcessAttach.from_payload(payload))
+        elif ftype == FrameType.PROC_INPUT:
+            await processes.write_input(conn, ProcessInput.from_payload(payload))
+        elif ftype == FrameType.PROC_SIGNAL:
+            await processes.send_signal(conn, ProcessSignal.from_payload(payload))
         else:  # pragma: no cover - REQUEST_TYPES and this chain list the same types
             raise RequestError(f"unsupported request {FrameType(ftype).name}")
 
@@ -309,8 +336,10 @@ class Agent:
         """Piped execs in flight count as attached and running: a host is connected to
         each one and it keeps the sandbox busy."""
         assert self._ctx is not None and self._sessions is not None
+        assert self._processes is not None
         attached, running = self._sessions.counts()
-        in_flight = len(self._ctx.running_execs)
+        # Output readers count as attached: someone is watching.
+        in_flight = len(self._ctx.running_execs) + self._processes.readers
         return ActivityInfo(
             last_activity_unix=self._ctx.last_activity,
             attached_sessions=attached + in_flight,

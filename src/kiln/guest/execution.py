@@ -15,6 +15,7 @@ import asyncio
 import errno
 import os
 import signal
+from collections.abc import Mapping, Sequence
 
 from kiln.protocol import (
     CHUNK_SIZE,
@@ -24,7 +25,7 @@ from kiln.protocol import (
     encode_exit,
 )
 
-from .context import GuestContext, recv_frame
+from .context import GuestContext, UserInfo, recv_frame
 from .errors import RequestError
 from .fdio import FdWriter, close_fd, wait_readable
 from .process import Child
@@ -48,12 +49,20 @@ async def refuse_start(conn: FrameStream, code: int, message: str) -> None:
     await conn.send(FrameType.EXIT, encode_exit(code))
 
 
-async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> None:
-    user = ctx.exec_user(req.user)
-    env = ctx.exec_env(req.env, user, tty=False)
-    cwd = ctx.exec_cwd(req.cwd)
-    ctx.touch()
-    # Our own pipes: the parent ends are raw non-blocking fds, no file objects.
+async def start_piped(
+    ctx: GuestContext,
+    cmd: Sequence[str],
+    user: UserInfo,
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+) -> tuple[Child, int, int, int]:
+    """Start ``cmd`` in its own process group on fresh pipes.
+
+    Returns the child and our ends of its stdin, stdout and stderr (raw
+    non-blocking fds, ours to close). Raises OSError (cannot start: see
+    :func:`spawn_failure`), ValueError (bad arguments), RequestError.
+    """
     fds: list[int] = []
     try:
         for _ in range(3):
@@ -65,18 +74,9 @@ async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> N
     in_r, in_w, out_r, out_w, err_r, err_w = fds
     try:
         child = await ctx.start_command(
-            req.cmd, user, stdin=in_r, stdout=out_w, stderr=err_w, cwd=cwd, env=env
+            cmd, user, stdin=in_r, stdout=out_w, stderr=err_w, cwd=cwd, env=env
         )
-    except OSError as exc:
-        for fd in (in_w, out_r, err_r):
-            close_fd(fd)
-        await refuse_start(conn, *spawn_failure(exc, req.cmd[0], cwd))
-        return
-    except ValueError as exc:  # NUL byte in an argument, '=' in an env name, ...
-        for fd in (in_w, out_r, err_r):
-            close_fd(fd)
-        raise RequestError(f"cannot start {req.cmd[0]!r}: {exc}") from exc
-    except BaseException:  # RequestError, or cancelled while a spawner starts it
+    except BaseException:  # cannot start, or cancelled while a spawner starts it
         for fd in (in_w, out_r, err_r):
             close_fd(fd)
         raise
@@ -85,9 +85,24 @@ async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> N
             close_fd(fd)
     for fd in (in_w, out_r, err_r):
         os.set_blocking(fd, False)
+    return child, in_w, out_r, err_r
+
+
+async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> None:
+    user = ctx.exec_user(req.user)
+    env = ctx.exec_env(req.env, user, tty=False)
+    cwd = ctx.exec_cwd(req.cwd)
+    ctx.touch()
+    try:
+        child, stdin, stdout, stderr = await start_piped(ctx, req.cmd, user, cwd=cwd, env=env)
+    except OSError as exc:
+        await refuse_start(conn, *spawn_failure(exc, req.cmd[0], cwd))
+        return
+    except ValueError as exc:  # NUL byte in an argument, '=' in an env name, ...
+        raise RequestError(f"cannot start {req.cmd[0]!r}: {exc}") from exc
     ctx.running_execs.add(child)
     try:
-        await PipedExec(conn, child, ctx, stdin=in_w, stdout=out_r, stderr=err_r).run()
+        await PipedExec(conn, child, ctx, stdin=stdin, stdout=stdout, stderr=stderr).run()
     finally:
         ctx.running_execs.discard(child)
 

@@ -1,9 +1,9 @@
 """TTY sessions: a command on a pty that outlives its host connections.
 
 Each session has an id (``s1``, ``s2``, … or ``init``), a pty, a scrollback
-:class:`RingBuffer` and at most one attached host connection. One pump task per
+:class:`OutputLog` (stdout only) and at most one attached host connection. One pump task per
 session reads the pty master all the time, attached or not: output goes into
-the ring and, when a client is attached, out as STDOUT frames.
+the scrollback and, when a client is attached, out as STDOUT frames.
 
 - Host disconnect = detach; the idle timer (if configured) starts.
 - Attach (``session_id``): SESSION_INFO, the scrollback as one STDOUT frame
@@ -34,6 +34,7 @@ import subprocess
 import termios
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from kiln.protocol import (
     CHUNK_SIZE,
@@ -41,6 +42,7 @@ from kiln.protocol import (
     ExecRequest,
     FrameStream,
     FrameType,
+    ProcessInfo,
     SessionInfo,
     decode_resize,
     encode_exit,
@@ -50,8 +52,9 @@ from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .execution import EXIT_CANNOT_EXECUTE, refuse_start, spawn_failure
 from .fdio import FdWriter, close_fd, wake
+from .output import OutputLog
 from .process import Child
-from .ringbuffer import RingBuffer
+from .processes import ProcessTable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,10 @@ CLIENT_HIGH_WATER = 1 << 20
 #: How long EXEC_KILL waits for a SIGKILLed session to end.
 KILL_WAIT = 5.0
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+#: Scrollback kept per session.
+SCROLLBACK = 64 * 1024
+#: What closing a terminal's input means: end-of-file (Ctrl-D) at the line discipline.
+EOF_CHAR = b"\x04"
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -104,16 +111,22 @@ class Session:
     def __init__(
         self,
         session_id: str,
-        argv: str,
+        cmd: Sequence[str],
         child: Child,
         master: int,
+        *,
+        user: str,
         idle_timeout: float | None,
     ) -> None:
         self.id = session_id
-        self.argv = argv
+        self.cmd = tuple(cmd)
+        self.argv = shlex.join(cmd)
+        self.user = user
         self.created_at = time.time()
+        self.finished_at: float | None = None
         self.child = child
-        self.ring = RingBuffer()
+        #: The scrollback, also read by PROC_ATTACH readers (the process table).
+        self.output = OutputLog(SCROLLBACK)
         self.client: Attachment | None = None
         self.exit_code: int | None = None
         self.done = asyncio.Event()
@@ -127,6 +140,26 @@ class Session:
     @property
     def running(self) -> bool:
         return self.exit_code is None
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def process_info(self) -> ProcessInfo:
+        return ProcessInfo(
+            pid=self.pid,
+            cmd=self.cmd,
+            running=self.running,
+            started_at=self.created_at,
+            exit_code=self.exit_code,
+            finished_at=self.finished_at,
+            tty=True,
+            session_id=self.id,
+            user=self.user,
+        )
+
+    def signal(self, sig: int) -> None:
+        self.child.kill_group(sig)
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -152,6 +185,8 @@ class Session:
             self._master = -1
             self.disarm_idle()
         self.exit_code = code
+        self.finished_at = time.time()
+        self.output.end()
         client, self.client = self.client, None
         if client is not None:
             client.end(code)
@@ -175,7 +210,7 @@ class Session:
                 return  # EIO: every slave fd is closed
             if not data:
                 return
-            self.ring.write(data)
+            self.output.append(FrameType.STDOUT, data)
             client = self.client
             if client is not None:
                 await client.send_output(data)
@@ -204,6 +239,9 @@ class Session:
     async def write_input(self, data: bytes) -> None:
         if data and self.running:
             await self._input.put(data)
+
+    async def close_input(self) -> None:
+        await self.write_input(EOF_CHAR)
 
     def resize(self, rows: int, cols: int) -> None:
         if self._master >= 0:
@@ -238,8 +276,9 @@ class Session:
 class SessionRegistry:
     """Every TTY session of the agent; owns their pump tasks."""
 
-    def __init__(self, ctx: GuestContext) -> None:
+    def __init__(self, ctx: GuestContext, table: ProcessTable) -> None:
         self._ctx = ctx
+        self._table = table
         self._sessions: dict[str, Session] = {}
         self._finished: deque[str] = deque()
         self._ids = itertools.count(1)
@@ -280,9 +319,15 @@ class SessionRegistry:
         os.set_blocking(master, False)
         sid = session_id if session_id is not None else f"s{next(self._ids)}"
         session = Session(
-            sid, shlex.join(req.cmd), child, master, ctx.settings.session_idle_timeout
+            sid,
+            req.cmd,
+            child,
+            master,
+            user=user.name,
+            idle_timeout=ctx.settings.session_idle_timeout,
         )
         self._sessions[sid] = session
+        self._table.add(session)
         task = asyncio.create_task(self._run(session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -295,7 +340,7 @@ class SessionRegistry:
         while len(self._finished) > limit:
             old = self._finished.popleft()
             if old in self._sessions and not self._sessions[old].running:
-                del self._sessions[old]
+                self._table.remove(self._sessions.pop(old))
 
     async def serve(self, conn: FrameStream, req: ExecRequest) -> None:
         """An EXEC_REQ with ``tty``: start a session, or attach to one."""
@@ -330,7 +375,7 @@ class SessionRegistry:
         # the event loop: no output can fall between the snapshot and live frames.
         conn.write(FrameType.SESSION_INFO, session.info().to_payload())
         if replay:
-            conn.write(FrameType.STDOUT, session.ring.snapshot())
+            conn.write(FrameType.STDOUT, session.output.snapshot(FrameType.STDOUT))
         if not session.running:
             assert session.exit_code is not None
             await conn.send(FrameType.EXIT, encode_exit(session.exit_code))
@@ -372,6 +417,7 @@ class SessionRegistry:
             except TimeoutError:
                 raise RequestError(f"session {session_id!r} did not end after SIGKILL") from None
         self._sessions.pop(session_id, None)
+        self._table.remove(session)
         if session_id in self._finished:
             self._finished.remove(session_id)
 

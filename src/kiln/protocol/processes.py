@@ -30,8 +30,10 @@ from .messages import _get, _int, _Message, _nonneg, _object, _str_map, decode_j
 OUTPUT_KEPT: Final = 1 << 20
 #: Signals a process may be sent by name (as ``kill -s``), without the SIG prefix.
 SIGNAL_NAMES: Final = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2")
-#: Largest PROC_INPUT ``size``: stdin is a stream, sent in bounded pieces.
-MAX_INPUT: Final = 64 << 20
+#: Largest PROC_INPUT ``size``. The agent holds it whole before writing (so input
+#: cut short by a dropped connection writes nothing): bounded well below a
+#: small sandbox's memory. More input is more requests.
+MAX_INPUT: Final = 16 << 20
 
 
 class Reason(StrEnum):

@@ -1,0 +1,204 @@
+"""Background processes through the client against a real test-mode agent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import time
+
+import pytest
+
+from kiln.agent_client import (
+    AgentClient,
+    CannotStart,
+    Exit,
+    ProcessFinished,
+    ProcessNotFound,
+    ProcessOutput,
+    Stderr,
+    Stdout,
+)
+from kiln.protocol import OUTPUT_KEPT
+
+from .helpers import wait_dead
+
+
+async def collect(reader: ProcessOutput, within: float = 10) -> tuple[bytes, bytes, int | None]:
+    out, err = bytearray(), bytearray()
+    code = None
+    async with asyncio.timeout(within):
+        async for event in reader:
+            if isinstance(event, Stdout):
+                out += event.data
+            elif isinstance(event, Stderr):
+                err += event.data
+            else:
+                code = event.code
+    return bytes(out), bytes(err), code
+
+
+async def read_all(
+    client: AgentClient, pid: int, *, replay: bool = True
+) -> tuple[bytes, bytes, int | None]:
+    async with client.process_output(pid, replay=replay) as reader:
+        return await collect(reader)
+
+
+async def test_start_runs_detached_and_reports_exit(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert info.pid > 0 and info.cmd == ("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert info.started_at == pytest.approx(time.time(), abs=5)
+    out, err, code = await read_all(client, info.pid)
+    assert (out, err, code) == (b"out\n", b"err\n", 3)
+    done = await client.get_process(info.pid)
+    assert (done.running, done.exit_code) == (False, 3)
+    assert done.finished_at is not None and done.finished_at >= done.started_at
+
+
+async def test_output_outlives_the_connection_and_replays_in_order(client: AgentClient) -> None:
+    script = "for i in 1 2 3; do echo o$i; echo e$i >&2; sleep 0.05; done"
+    info = await client.start_process(["sh", "-c", script])
+    first = await read_all(client, info.pid)
+    again = await read_all(client, info.pid)
+    assert first == again == (b"o1\no2\no3\n", b"e1\ne2\ne3\n", 0)
+    # Interleaving is kept: events alternate as they were written.
+    async with client.process_output(info.pid) as reader:
+        kinds = [type(e).__name__ for e in [e async for e in reader]]
+    assert kinds == ["Stdout", "Stderr"] * 3 + ["Exit"]
+
+
+async def test_two_readers_live_and_a_reader_leaving_does_not_stop_it(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "read x; echo got $x; sleep 0.2; echo bye"])
+    # One reader leaves early.
+    async with client.process_output(info.pid) as reader:
+        assert reader.info is not None and reader.info.running
+    readers = [asyncio.create_task(read_all(client, info.pid)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    await client.process_input(info.pid, b"hello\n")
+    results = await asyncio.gather(*readers)
+    assert results == [(b"got hello\nbye\n", b"", 0)] * 2
+
+
+async def test_live_only_reader_skips_what_was_kept(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "echo early; read x; echo late"])
+    await wait_output(client, info.pid, b"early\n")
+    task = asyncio.create_task(read_all(client, info.pid, replay=False))
+    await asyncio.sleep(0.1)
+    await client.process_input(info.pid, b"\n", close=True)
+    assert await task == (b"late\n", b"", 0)
+
+
+async def wait_output(client: AgentClient, pid: int, expected: bytes) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            async with client.process_output(pid) as reader:
+                seen = bytearray()
+                async for event in reader:
+                    if isinstance(event, Stdout):
+                        seen += event.data
+                    if seen.startswith(expected):
+                        return
+                    if isinstance(event, Exit):
+                        break
+            await asyncio.sleep(0.02)
+
+
+async def test_stdin_close_ends_cat(client: AgentClient) -> None:
+    info = await client.start_process(["cat"])
+    await client.process_input(info.pid, b"one\n")
+    await client.process_input(info.pid, b"two\n", close=True)
+    assert await read_all(client, info.pid) == (b"one\ntwo\n", b"", 0)
+    with pytest.raises(ProcessFinished):
+        await client.process_input(info.pid, b"late")
+
+
+async def test_signals_reach_the_process_group(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "sleep 30 & echo $!; wait"])
+    out, _err, _code = b"", b"", None
+    async with client.process_output(info.pid) as reader:
+        async for event in reader:
+            if isinstance(event, Stdout):
+                out = event.data
+                break
+    grandchild = int(out)
+    await client.signal_process(info.pid, "TERM")
+    assert (await read_all(client, info.pid))[2] == 128 + 15
+    await wait_dead(grandchild)  # the whole group got it
+    with pytest.raises(ProcessFinished):
+        await client.signal_process(info.pid, "KILL")
+
+
+async def test_kill_by_name_forms(client: AgentClient) -> None:
+    info = await client.start_process(["sleep", "30"])
+    await client.signal_process(info.pid, "sigkill")
+    assert (await read_all(client, info.pid))[2] == 128 + 9
+
+
+async def test_bad_requests(client: AgentClient) -> None:
+    with pytest.raises(ProcessNotFound):
+        await client.get_process(999_999_999)
+    with pytest.raises(ProcessNotFound):
+        await client.signal_process(999_999_999, "TERM")
+    with pytest.raises(ProcessNotFound):
+        await client.process_input(999_999_999, b"x")
+    with pytest.raises(ValueError, match="unknown signal 'BOGUS'"):
+        await client.signal_process(1, "BOGUS")
+    with pytest.raises(CannotStart) as info:
+        await client.start_process(["kiln-no-such-command"])
+    assert info.value.exit_code == 127
+    assert "command not found" in info.value.message
+
+
+async def test_list_has_processes_and_sessions(client: AgentClient) -> None:
+    proc = await client.start_process(["sleep", "30"])
+    async with client.attach(["sleep", "30"]) as tty:
+        session_id = tty.session_id
+    listing = {p.pid: p for p in await client.list_processes()}
+    assert listing[proc.pid].tty is False and listing[proc.pid].running
+    sessions = [p for p in listing.values() if p.tty]
+    assert [s.session_id for s in sessions] == [session_id]
+    session_pid = sessions[0].pid
+    # A session is an entry like any other: signal it by pid, read its output.
+    await client.signal_process(session_pid, "KILL")
+    await client.signal_process(proc.pid, "KILL")
+    assert (await read_all(client, session_pid))[2] == 128 + 9
+
+
+async def test_background_child_holding_the_pipe_does_not_hold_readers(
+    client: AgentClient,
+) -> None:
+    """The process exits, its own background child keeps stdout: readers get EXIT,
+    the child keeps running and its later output is still kept."""
+    info = await client.start_process(["sh", "-c", "(sleep 0.5; echo later) & echo now"])
+    started = time.monotonic()
+    assert await read_all(client, info.pid) == (b"now\n", b"", 0)
+    assert time.monotonic() - started < 0.45
+    await asyncio.sleep(0.8)
+    assert (await read_all(client, info.pid))[0] == b"now\nlater\n"
+
+
+async def test_keeps_the_last_mebibyte_of_each_stream(client: AgentClient) -> None:
+    total = OUTPUT_KEPT + 300_000
+    script = f"head -c {total} /dev/zero | tr '\\0' o; head -c 1000 /dev/zero | tr '\\0' e >&2"
+    info = await client.start_process(["sh", "-c", script])
+    assert (await read_all(client, info.pid, replay=False))[2] == 0  # until it exits
+    out, err, code = await read_all(client, info.pid)  # a reader that comes later
+    assert (len(out), err, code) == (OUTPUT_KEPT, b"e" * 1000, 0)
+    assert set(out) == {ord("o")}
+
+
+async def test_finished_entries_are_kept_then_evicted_oldest_first(client: AgentClient) -> None:
+    first = await client.start_process(["true"])
+    await read_all(client, first.pid)
+    for _ in range(64):
+        info = await client.start_process(["true"])
+        await read_all(client, info.pid)
+    with pytest.raises(ProcessNotFound):
+        await client.get_process(first.pid)
+    assert (await client.get_process(info.pid)).exit_code == 0
+
+
+async def test_user_is_reported(client: AgentClient) -> None:
+    info = await client.start_process(["true"])
+    assert info.user == pwd.getpwuid(os.geteuid()).pw_name
