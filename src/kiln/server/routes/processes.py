@@ -30,9 +30,11 @@ log = logging.getLogger("kiln.server")
 
 #: Pids the guest kernel can hand out (pid_max is at most 2^22; any int32 is safe to ask).
 MAX_PID = (1 << 31) - 1
-#: ``follow=false``: the kept output arrives from the agent as one burst at attach; a
-#: silence this long after it (seconds) means what follows would be live output.
-QUIET_S = 0.15
+#: ``follow=false`` on a running process: the agent sends the kept output as one burst
+#: at attach, and the protocol marks no end to it. A silence this long (seconds) ends
+#: the burst; a process that never pauses is cut after MAX_S or 2 MiB (what is kept).
+QUIET_S = 0.25
+MAX_S = 2.0
 #: The agent's errors also answer 502, 503 and 504; documented with the usual body.
 _AGENT_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"description": "The sandbox's agent failed or is unreachable"},
@@ -112,7 +114,8 @@ async def process_output(
     ``{"type":"exit","exit_code":N}``. Leaving only detaches this reader.
 
     ``follow=false`` stops after the output kept so far (with the exit line only
-    if the process has already exited)."""
+    if the process has already exited). For a running process that end is where
+    the output first pauses (250 ms), at most 2 s or 2 MiB after attaching."""
     sb, client = await services.sandboxes.agent(user, sandbox)
     reader = client.process_output(_pid(pid), replay=True)
     # Attached here, so an unknown pid is a proper 404 rather than a broken stream.
@@ -185,12 +188,15 @@ async def _output_lines(
 
     # Without follow, a finished process's stream is complete anyway; a running one's
     # kept output ends at the first silence, or at the most the agent keeps.
-    wait = None if follow or (reader.info is not None and not reader.info.running) else QUIET_S
+    bounded = not follow and (reader.info is None or reader.info.running)
     budget = 2 * OUTPUT_KEPT
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MAX_S
     events = aiter(reader)
     async with keep_active(touch):
         try:
             while True:
+                wait = min(QUIET_S, max(deadline - loop.time(), 0)) if bounded else None
                 try:
                     async with asyncio.timeout(wait):
                         event = await anext(events)
@@ -204,7 +210,7 @@ async def _output_lines(
                     if text:
                         yield _line({"type": kind, "data": text, **extra})
                     budget -= len(event.data)
-                    if wait is not None and budget <= 0:
+                    if bounded and budget <= 0:
                         for line in tails():
                             yield line
                         return
