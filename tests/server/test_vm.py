@@ -17,8 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -381,3 +382,97 @@ def test_exec_returns_while_background_children_run(vm: httpx.Client) -> None:
         assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
     finally:
         vm.delete("/sandboxes/bg")
+
+
+def _ndjson_until(r: httpx.Response, done: Callable[[list[dict[str, Any]]], bool]) -> list[Any]:
+    events: list[dict[str, Any]] = []
+    for line in r.iter_lines():
+        if line:
+            events.append(json.loads(line))
+            if done(events):
+                break
+    return events
+
+
+def _text(events: list[dict[str, Any]], kind: str) -> str:
+    return "".join(e["data"] for e in events if e["type"] == kind)
+
+
+def test_background_process_survives_stop_and_start(
+    vm: httpx.Client, vm_server: LiveServer
+) -> None:
+    """A background server in a real VM: started, listed, read by two readers at once,
+    still the same running process after a snapshot to disk and a restore, then killed."""
+    assert vm.post("/sandboxes", json={"name": "procs"}).status_code == 201
+    try:
+        cmd = ["python3", "-u", "-m", "http.server", "8000"]
+        r = vm.post("/sandboxes/procs/processes", json={"cmd": cmd, "cwd": "/tmp"})
+        assert r.status_code == 201, r.text
+        proc = r.json()
+        pid = proc["pid"]
+        assert (proc["cmd"], proc["running"], proc["exit_code"]) == (cmd, True, None)
+        listed = vm.get("/sandboxes/procs/processes").json()
+        assert [p["pid"] for p in listed if not p["tty"]] == [pid]
+
+        # It serves: a request through exec shows up in its log (stderr).
+        fetch = (
+            "python3 -c 'import urllib.request as u;"
+            ' print(u.urlopen("http://127.0.0.1:8000/").status)\''
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            out = vm.post("/sandboxes/procs/exec", json={"cmd": ["sh", "-c", fetch]}).json()
+            if out["exit_code"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert out["stdout"] == "200\n", out
+
+        key: str = vm_server.key  # type: ignore[attr-defined]
+        url = f"/sandboxes/procs/processes/{pid}/output"
+
+        def served(events: list[dict[str, Any]]) -> bool:
+            return '"GET / HTTP/1.1" 200' in _text(events, "stderr")
+
+        with (
+            httpx.Client(base_url=vm_server.url, headers=_auth(key), timeout=60) as other,
+            vm.stream("GET", url) as first,
+            other.stream("GET", url) as second,
+        ):
+            assert first.status_code == second.status_code == 200
+            seen = [_ndjson_until(first, served), _ndjson_until(second, served)]
+        assert _text(seen[0], "stdout") == _text(seen[1], "stdout")
+        assert "Serving HTTP on" in _text(seen[0], "stdout")
+        assert get_running(vm, pid)  # the readers left; the server did not
+
+        r = vm.post("/sandboxes/procs/stop")
+        assert r.json()["status"] == "stopped", r.text
+        assert vm.post("/sandboxes/procs/start").json()["status"] == "running"
+        after = vm.get(f"/sandboxes/procs/processes/{pid}").json()
+        assert (after["pid"], after["running"], after["started_at"]) == (
+            pid,
+            True,
+            proc["started_at"],
+        )
+        with vm.stream("GET", url) as r:
+            replay = _ndjson_until(r, served)  # the kept output survived the restore
+        assert "Serving HTTP on" in _text(replay, "stdout")
+
+        r = vm.post(f"/sandboxes/procs/processes/{pid}/signal", json={"signal": "TERM"})
+        assert r.status_code == 204, r.text
+        with vm.stream("GET", url) as r:
+            events = _ndjson_until(r, lambda ev: ev[-1]["type"] == "exit")
+        assert events[-1] == {"type": "exit", "exit_code": 143}
+        done = vm.get(f"/sandboxes/procs/processes/{pid}").json()
+        assert (done["running"], done["exit_code"]) == (False, 143)
+        assert done["finished_at"] is not None
+        r = vm.post(f"/sandboxes/procs/processes/{pid}/signal", json={"signal": "KILL"})
+        assert r.status_code == 409
+    finally:
+        vm.delete("/sandboxes/procs")
+
+
+def get_running(vm: httpx.Client, pid: int) -> bool:
+    r = vm.get(f"/sandboxes/procs/processes/{pid}")
+    assert r.status_code == 200, r.text
+    running: bool = r.json()["running"]
+    return running
