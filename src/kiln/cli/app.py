@@ -348,6 +348,12 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
 )
 @click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
 @click.option(
+    "-u",
+    "--user",
+    metavar="USER",
+    help="Run as USER: root, or sandbox (the default, who may also sudo).",
+)
+@click.option(
     "--timeout",
     metavar="SECONDS",
     type=click.FloatRange(min=0, min_open=True),
@@ -367,15 +373,17 @@ def exec(
     cmd: tuple[str, ...],
     env: dict[str, str],
     cwd: str | None,
+    user: str | None,
     timeout: float | None,
     stdin: bool | None,
 ) -> int:
-    """Run a command in a sandbox: kiln exec SANDBOX -- CMD [ARGS...]
+    """Run a command in a sandbox: kiln exec [-u root] SANDBOX -- CMD [ARGS...]
 
     Output streams live; stdout and stderr stay apart, byte for byte; kiln
     exits with the command's exit code. Piped stdin is read to its end, then
     uploaded to a temporary file in the sandbox that becomes the command's
-    stdin (the HTTP API has no live stdin for exec).
+    stdin (the HTTP API has no live stdin for exec). Commands run as the
+    sandbox user, who may also use sudo; -u root runs them as root.
     """
     from .execio import forward_stdin_wanted, run_exec  # noqa: PLC0415
 
@@ -389,6 +397,7 @@ def exec(
         env=env,
         cwd=cwd,
         timeout_s=timeout,
+        user=user,
         stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
     )
 
@@ -397,19 +406,28 @@ def exec(
 @click.argument("sandbox")
 @click.option("--session", "session_id", metavar="ID", help="Reattach to a session (scrollback).")
 @click.option("--cmd", metavar="CMD", help="Command for a new session [default: login shell].")
+@click.option(
+    "-u",
+    "--user",
+    metavar="USER",
+    help="Start the new session as USER: root, or sandbox (the default).",
+)
 @pass_state
-def shell(state: State, sandbox: str, session_id: str | None, cmd: str | None) -> int:
+def shell(
+    state: State, sandbox: str, session_id: str | None, cmd: str | None, user: str | None
+) -> int:
     """Open an interactive terminal in a sandbox (alias: sh).
 
     Ctrl+\\ detaches and prints the session id; the session keeps running and
     `kiln shell SANDBOX --session ID` reattaches, replaying its scrollback.
+    `kiln shell -u root SANDBOX` opens a root shell.
     """
     from .terminal import run_shell  # noqa: PLC0415
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.UsageError("kiln shell needs a terminal; use kiln exec for scripts")
     k = state.kiln()
-    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd)
+    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user)
 
 
 @cli.command()

@@ -264,8 +264,13 @@ def exec_body(
     cwd: str | None = None,
     timeout_s: float | None = None,
     encoding: str | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /sandboxes/{id}/exec``. A string ``cmd`` runs via ``sh -c``."""
+    """The JSON body of ``POST /sandboxes/{id}/exec``. A string ``cmd`` runs via ``sh -c``.
+
+    ``user``: ``"root"``, or None for the sandbox user (sent only when given,
+    so a daemon without the field still takes a body that does not use it).
+    """
     argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     if not argv:
         raise ValueError("cmd must not be empty")
@@ -278,6 +283,8 @@ def exec_body(
         body["timeout_s"] = timeout_s
     if encoding is not None:
         body["encoding"] = encoding
+    if user is not None:
+        body["user"] = user
     return body
 
 
@@ -547,15 +554,19 @@ def shell_url(
     rows: int | None = None,
     cols: int | None = None,
     cmd: str | None = None,
+    user: str | None = None,
 ) -> str:
     """``ws://host/sandboxes/{id}/ws?...`` for the daemon at ``base_url`` (http → ws)."""
     scheme, rest = base_url.split("://", 1)
     ws_scheme = "wss" if scheme == "https" else "ws"
-    query = [
-        f"{key}={quote(str(value), safe='')}"
-        for key, value in (("session_id", session_id), ("rows", rows), ("cols", cols), ("cmd", cmd))
-        if value is not None
-    ]
+    params = (
+        ("session_id", session_id),
+        ("rows", rows),
+        ("cols", cols),
+        ("cmd", cmd),
+        ("user", user),
+    )
+    query = [f"{key}={quote(str(value), safe='')}" for key, value in params if value is not None]
     url = f"{ws_scheme}://{rest}{sandbox_path(id_or_name, 'ws')}"
     return f"{url}?{'&'.join(query)}" if query else url
 

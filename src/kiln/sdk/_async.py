@@ -158,13 +158,15 @@ class _AsyncSandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
 
         Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
-        non-zero exit code is not an error.
+        non-zero exit code is not an error. ``user="root"`` runs it as root
+        instead of the sandbox user (who can also ``sudo``).
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user)
         return await self._kiln._call(_api.exec_buffered(self._ref, body))
 
     def exec_stream(
@@ -174,17 +176,21 @@ class _AsyncSandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> AsyncExecStream:
         """Run ``cmd`` and iterate (``async for``) over its output as it happens.
 
         Yields :class:`Stdout`/:class:`Stderr` chunks (raw bytes), then one
-        :class:`Exit`. Closing the stream early kills the command::
+        :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
+        kills the command::
 
             async with sb.exec_stream(["make", "test"]) as events:
                 async for event in events:
                     ...
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        body = _api.exec_body(
+            cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64", user=user
+        )
         return AsyncExecStream(self._kiln, _api.exec_streamed(self._ref, body))
 
     @property
@@ -220,10 +226,17 @@ class _AsyncSandboxActions:
         rows: int | None = None,
         cols: int | None = None,
         cmd: str | None = None,
+        user: str | None = None,
     ) -> AsyncShellSession:
         """Open an interactive terminal (WebSocket); see :meth:`kiln.sdk.Sandbox.shell`."""
         url = _api.shell_url(
-            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+            self._kiln.url,
+            self._ref,
+            session_id=session_id,
+            rows=rows,
+            cols=cols,
+            cmd=cmd,
+            user=user,
         )
         from .shell import AsyncShellSession  # noqa: PLC0415 - websockets is slow to import
 

@@ -159,14 +159,16 @@ class _SandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
 
         Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
         non-zero exit code is not an error. ``timeout_s`` asks the daemon to
-        kill the command after that many seconds.
+        kill the command after that many seconds. ``user="root"`` runs it as
+        root instead of the sandbox user (who can also ``sudo``).
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user)
         return self._kiln._call(_api.exec_buffered(self._ref, body))
 
     def exec_stream(
@@ -176,18 +178,21 @@ class _SandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecStream:
         """Run ``cmd`` and iterate over its output as it happens.
 
         Yields :class:`Stdout` and :class:`Stderr` chunks (raw bytes) and finally
-        one :class:`Exit`. Closing the stream early (leaving the ``with`` block,
-        :meth:`ExecStream.close`) kills the command::
+        one :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
+        (leaving the ``with`` block, :meth:`ExecStream.close`) kills the command::
 
             with sb.exec_stream(["make", "test"]) as events:
                 for event in events:
                     ...
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        body = _api.exec_body(
+            cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64", user=user
+        )
         return ExecStream(self._kiln, _api.exec_streamed(self._ref, body))
 
     @property
@@ -223,16 +228,23 @@ class _SandboxActions:
         rows: int | None = None,
         cols: int | None = None,
         cmd: str | None = None,
+        user: str | None = None,
     ) -> ShellSession:
         """Open an interactive terminal (WebSocket) in the sandbox.
 
         Without ``session_id`` a new TTY session starts ``cmd`` (default: the
-        login shell); with it, the existing session is reattached and its
-        scrollback replayed. Closing the :class:`ShellSession` detaches; the
-        session keeps running.
+        login shell), as root with ``user="root"``; with it, the existing
+        session is reattached and its scrollback replayed. Closing the
+        :class:`ShellSession` detaches; the session keeps running.
         """
         url = _api.shell_url(
-            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+            self._kiln.url,
+            self._ref,
+            session_id=session_id,
+            rows=rows,
+            cols=cols,
+            cmd=cmd,
+            user=user,
         )
         from .shell import ShellSession  # noqa: PLC0415 - websockets is slow to import
 
