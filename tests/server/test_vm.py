@@ -429,3 +429,43 @@ def test_exec_returns_while_background_children_run(vm: httpx.Client) -> None:
         assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
     finally:
         vm.delete("/sandboxes/bg")
+
+
+def test_daemon_expires_real_vms_by_destroying_or_stopping_them(
+    tmp_path: Path, own_netns: str
+) -> None:
+    """ttl_s on real VMs: on_expire destroy frees the VM, stop snapshots it and keeps it."""
+    data, home = tmp_path / "data", tmp_path / "home"
+    home.mkdir()
+    proc, url = _daemon(data, home, own_netns)
+    try:
+        key = (data / "admin-api-key").read_text().strip()
+        with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
+            r = c.post("/sandboxes", json={"name": "brief", "ttl_s": 1})
+            assert r.status_code == 201, r.text
+            r = c.post("/sandboxes", json={"name": "nap", "ttl_s": 1, "on_expire": "stop"})
+            assert r.status_code == 201, r.text
+            deadline = time.monotonic() + 30
+            while c.get("/sandboxes/brief").status_code != 404:
+                assert time.monotonic() < deadline, "not destroyed"
+                time.sleep(0.2)
+            while (nap := c.get("/sandboxes/nap").json())["status"] != "stopped":
+                assert time.monotonic() < deadline, f"not stopped: {nap}"
+                time.sleep(0.2)
+            assert (nap["thermal"], nap["expires_at"]) == ("cold", None)
+            assert [s["name"] for s in c.get("/sandboxes").json()] == ["nap"]
+            assert len(find_processes(f"{data}/")) == 0  # neither VM runs any more
+            out = c.post("/sandboxes/nap/exec", json={"cmd": ["true"]}).json()
+            assert out["exit_code"] == 0  # stopped, not lost: it restores
+            assert c.delete("/sandboxes/nap").status_code == 204
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        _kill_vms(data)
+    log = (data.parent / "daemon.log").read_text()
+    assert "(brief) expired: destroyed" in log and "(nap) expired: stopped" in log

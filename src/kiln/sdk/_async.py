@@ -18,7 +18,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse
+from .errors import InvalidResponse, KilnError, NotFound
 from .models import (
     ExecEvent,
     ExecResult,
@@ -134,10 +134,25 @@ class _AsyncSandboxActions:
         return await self._kiln.sandboxes.get(self._ref)
 
     async def update(
-        self, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> AsyncSandbox:
-        """Rename it and/or pin it hot; running sessions are not disturbed."""
-        return await self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+        """Change what is given: rename, pin hot, replace the labels, restart the ttl
+        from now (``ttl_s=None``: never expire), change ``on_expire``. Running
+        sessions are not disturbed."""
+        return await self._kiln.sandboxes.update(
+            self._ref,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
 
     async def stop(self) -> AsyncSandbox:
         """Snapshot it to disk and stop it."""
@@ -249,17 +264,41 @@ class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
 
     Fields never change; :meth:`update`, :meth:`stop`, :meth:`start` and
     :meth:`refresh` return a new object. Methods address the sandbox by ``id``.
+    ``async with`` deletes it on exit unless it was created with ``keep=True``.
     """
 
     _kiln: AsyncKiln = field(repr=False, compare=False)
+    _keep: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
-    def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo) -> AsyncSandbox:
-        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+    def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo, *, keep: bool = False) -> AsyncSandbox:
+        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
+        return cls(_kiln=kiln, _keep=keep, **values)
 
     @property
     def _ref(self) -> str:
         return self.id
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._keep:
+            return
+        try:
+            await self.delete()
+        except NotFound:
+            pass
+        except KilnError as error:
+            if exc is None:
+                raise
+            # The block's own error matters more; this one rides along on it.
+            exc.add_note(f"kiln: deleting sandbox {self.name} failed too: {error}")
 
 
 class AsyncSandboxRef(_AsyncSandboxActions):
@@ -299,6 +338,10 @@ class AsyncSandboxes:
         template: str | None = None,
         volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
         new_volumes: Sequence[NewVolume] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        on_expire: str | None = None,
+        keep: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
         spec = _api.sandbox_spec(
@@ -313,8 +356,12 @@ class AsyncSandboxes:
             template=template,
             volumes=volumes,
             new_volumes=new_volumes,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
         )
-        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.create_sandbox(spec)))
+        info = await self._kiln._call(_api.create_sandbox(spec))
+        return AsyncSandbox._wrap(self._kiln, info, keep=keep)
 
     def ref(self, id_or_name: str) -> AsyncSandboxRef:
         """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
@@ -324,16 +371,31 @@ class AsyncSandboxes:
         """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.get_sandbox(id_or_name)))
 
-    async def list(self) -> builtins.list[AsyncSandbox]:
-        """All your sandboxes. Does not wake any of them."""
-        infos = await self._kiln._call(_api.list_sandboxes())
+    async def list(self, *, labels: Mapping[str, str] | None = None) -> builtins.list[AsyncSandbox]:
+        """All your sandboxes, or those carrying every one of ``labels``. Wakes none."""
+        infos = await self._kiln._call(_api.list_sandboxes(labels))
         return [AsyncSandbox._wrap(self._kiln, i) for i in infos]
 
     async def update(
-        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        id_or_name: str,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> AsyncSandbox:
-        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
-        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        """Change what is given (see :meth:`AsyncSandbox.update`); :class:`Conflict` if
+        the new name is taken."""
+        call = _api.update_sandbox(
+            id_or_name,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(call))
 
     async def delete(self, id_or_name: str) -> None:

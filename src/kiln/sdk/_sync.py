@@ -13,7 +13,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse
+from .errors import InvalidResponse, KilnError, NotFound
 from .models import (
     ExecEvent,
     ExecResult,
@@ -136,9 +136,26 @@ class _SandboxActions:
         """Fetch the sandbox again (does not wake it)."""
         return self._kiln.sandboxes.get(self._ref)
 
-    def update(self, *, name: str | None = None, keep_hot: bool | None = None) -> Sandbox:
-        """Rename it and/or pin it hot; running sessions are not disturbed."""
-        return self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+    def update(
+        self,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
+    ) -> Sandbox:
+        """Change what is given: rename, pin hot, replace the labels, restart the ttl
+        from now (``ttl_s=None``: never expire), change ``on_expire``. Running
+        sessions are not disturbed."""
+        return self._kiln.sandboxes.update(
+            self._ref,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
 
     def stop(self) -> Sandbox:
         """Snapshot it to disk and stop it."""
@@ -259,17 +276,46 @@ class Sandbox(SandboxInfo, _SandboxActions):
     (:meth:`update`, :meth:`stop`, :meth:`start`, :meth:`refresh`) return a new
     :class:`Sandbox`. Methods address the sandbox by ``id``, so they keep
     working after a rename.
+
+    As a context manager it deletes the sandbox on exit, unless it was created
+    with ``keep=True``; a sandbox already gone by then is fine::
+
+        with k.sandboxes.create() as sb:
+            sb.exec("make test")
     """
 
     _kiln: Kiln = field(repr=False, compare=False)
+    _keep: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
-    def _wrap(cls, kiln: Kiln, info: SandboxInfo) -> Sandbox:
-        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+    def _wrap(cls, kiln: Kiln, info: SandboxInfo, *, keep: bool = False) -> Sandbox:
+        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
+        return cls(_kiln=kiln, _keep=keep, **values)
 
     @property
     def _ref(self) -> str:
         return self.id
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._keep:
+            return
+        try:
+            self.delete()
+        except NotFound:
+            pass
+        except KilnError as error:
+            if exc is None:
+                raise
+            # The block's own error matters more; this one rides along on it.
+            exc.add_note(f"kiln: deleting sandbox {self.name} failed too: {error}")
 
 
 class SandboxRef(_SandboxActions):
@@ -314,6 +360,10 @@ class Sandboxes:
         template: str | None = None,
         volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
         new_volumes: Sequence[NewVolume] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        on_expire: str | None = None,
+        keep: bool = False,
     ) -> Sandbox:
         """Create a sandbox and return once it is running.
 
@@ -322,7 +372,10 @@ class Sandboxes:
         secrets whose values join ``env``; ``init`` is a shell script run as
         the TTY session ``init``; ``template`` is a template id to start from;
         ``volumes`` maps existing volume names to mount points, and
-        ``new_volumes`` creates volumes along with the sandbox.
+        ``new_volumes`` creates volumes along with the sandbox. ``labels`` are
+        string pairs to find it by (``list(labels=...)``); after ``ttl_s``
+        seconds the daemon destroys it, or stops it with ``on_expire="stop"``.
+        ``keep=True``: leaving a ``with`` block does not delete it.
         """
         spec = _api.sandbox_spec(
             name=name,
@@ -336,8 +389,12 @@ class Sandboxes:
             template=template,
             volumes=volumes,
             new_volumes=new_volumes,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
         )
-        return Sandbox._wrap(self._kiln, self._kiln._call(_api.create_sandbox(spec)))
+        info = self._kiln._call(_api.create_sandbox(spec))
+        return Sandbox._wrap(self._kiln, info, keep=keep)
 
     def ref(self, id_or_name: str) -> SandboxRef:
         """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
@@ -347,15 +404,31 @@ class Sandboxes:
         """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
         return Sandbox._wrap(self._kiln, self._kiln._call(_api.get_sandbox(id_or_name)))
 
-    def list(self) -> builtins.list[Sandbox]:
-        """All your sandboxes. Does not wake any of them."""
-        return [Sandbox._wrap(self._kiln, i) for i in self._kiln._call(_api.list_sandboxes())]
+    def list(self, *, labels: Mapping[str, str] | None = None) -> builtins.list[Sandbox]:
+        """All your sandboxes, or those carrying every one of ``labels``. Wakes none."""
+        infos = self._kiln._call(_api.list_sandboxes(labels))
+        return [Sandbox._wrap(self._kiln, i) for i in infos]
 
     def update(
-        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        id_or_name: str,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> Sandbox:
-        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
-        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        """Change what is given (see :meth:`Sandbox.update`); :class:`Conflict` if the
+        new name is taken."""
+        call = _api.update_sandbox(
+            id_or_name,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
         return Sandbox._wrap(self._kiln, self._kiln._call(call))
 
     def delete(self, id_or_name: str) -> None:

@@ -40,6 +40,7 @@ SECRET_NAME_RE = re.compile(SECRET_NAME_PATTERN)
 MAX_MEMORY_MB = 1 << 20  # 1 TiB
 MAX_VOLUME_MB = 1 << 22  # 4 TiB
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_TTL_S = 10 * 366 * 24 * 3600.0  # ten years: "forever" is null, not a huge number
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
 Cpus = Annotated[StrictInt, Field(ge=1, le=MAX_CPUS)]
@@ -47,6 +48,10 @@ MemoryMb = Annotated[StrictInt, Field(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
 SizeMb = Annotated[StrictInt, Field(ge=1, le=MAX_VOLUME_MB)]
 MountPoint = Annotated[StrictStr, Field(pattern=r"^/[^\x00]*[^/\x00]$", max_length=4096)]
 Env = dict[Annotated[StrictStr, Field(min_length=1, pattern=r"^[^=\x00]+$")], StrictStr]
+# Types only here; key and value rules live in kiln.store.check_labels (one message style).
+Labels = dict[StrictStr, StrictStr]
+TtlS = Annotated[StrictFloat, Field(gt=0, le=MAX_TTL_S)]
+OnExpireName = Literal["destroy", "stop"]
 
 
 #: Who a command may run as: root, or the image's sandbox user (the default).
@@ -137,11 +142,20 @@ class CreateSandbox(_Body):
     image: Name | None = None
     volumes: list[VolumeMountBody] | None = None
     new_volumes: list[NewVolumeBody] | None = None
+    labels: Labels | None = None
+    ttl_s: TtlS | None = None  # None: no expiry
+    on_expire: OnExpireName | None = None  # None: destroy
 
 
 class PatchSandbox(_Body):
+    """Absent fields are left alone; ``"ttl_s": null`` removes the expiry (see
+    ``model_fields_set``), ``"labels"`` replaces the whole label set."""
+
     name: Name | None = None
     keep_hot: StrictBool | None = None
+    labels: Labels | None = None
+    ttl_s: TtlS | None = None
+    on_expire: OnExpireName | None = None
 
 
 class ExecBody(_Body):
