@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from kiln.cli.args import (
+    parse_duration,
     parse_env,
+    parse_labels,
     parse_mode,
     parse_new_volume,
     parse_session_command,
     parse_size_mb,
+    parse_ttl,
     parse_volume,
 )
 
@@ -67,3 +70,43 @@ def test_parse_session_command() -> None:
     for empty in ((), ("--",)):
         with pytest.raises(ValueError, match="missing the command"):
             parse_session_command(empty)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("30m", 1800),
+        ("1h", 3600),
+        ("2d", 172800),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        (" 2D ", 172800),
+        ("0.5", 0.5),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "-5", "0", "1x", "1h 2m", "nan", "inf", "1e400"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_parse_ttl_can_mean_no_expiry() -> None:
+    assert parse_ttl("none") is parse_ttl("never") is parse_ttl("0") is None
+    assert parse_ttl("1m") == 60
+
+
+def test_parse_labels() -> None:
+    assert parse_labels(["team=ml", "note=a=b", "flag="]) == {
+        "team": "ml",
+        "note": "a=b",
+        "flag": "",
+    }
+    for bad in ("team", "=ml"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_labels([bad])

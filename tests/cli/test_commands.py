@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kiln.sdk import Kiln, Sandbox
@@ -71,6 +73,23 @@ def test_exec_options_pass_through(cli: Cli, sb: Sandbox, daemon: Daemon) -> Non
     assert cli.ok("exec", sb.name, "printf", "%s|", "-e", "--cwd") == "-e|--cwd|"
     proc = cli("exec", "--timeout", "0.5", sb.name, "--", "sleep", "30")
     assert proc.returncode == 124
+
+
+def test_exec_as_root(cli: Cli, sb: Sandbox) -> None:
+    me = f"{os.geteuid()}\n"  # a test-mode agent's sandbox user is whoever runs it
+    assert cli.ok("exec", sb.name, "--", "id", "-u") == me
+    assert cli.ok("exec", "--user", "sandbox", sb.name, "--", "id", "-u") == me
+    assert_one_line_error(
+        cli("exec", "-u", "nobody", sb.name, "--", "id"), "user", "'root' or 'sandbox'"
+    )
+    if os.geteuid() != 0:
+        pytest.skip("only a root agent can run commands as root")
+    assert cli.ok("exec", "-u", "root", sb.name, "--", "id", "-u") == "0\n"
+    # Options after the sandbox still belong to the command; piped stdin reaches root too.
+    assert cli.ok("exec", "-u", "root", sb.name, "--", "sh", "-c", "id -un; cat", input=b"in") == (
+        "root\nin"
+    )
+    assert cli.ok("exec", sb.name, "echo", "-u", "root") == "-u root\n"
 
 
 def test_exec_forwards_piped_stdin(cli: Cli, sb: Sandbox) -> None:

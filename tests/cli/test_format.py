@@ -65,17 +65,26 @@ def test_format_sizes() -> None:
 
 
 def test_sandbox_table() -> None:
-    text = render(fmt.format_sandbox_table([sandbox(), sandbox(name="b", ip=None)], NOW))
+    expiring = sandbox(name="b", ip=None, expires_at=NOW + timedelta(hours=1, seconds=-30))
+    text = render(fmt.format_sandbox_table([sandbox(), expiring], NOW))
     lines = text.strip().splitlines()
     assert lines[0].split() == [
-        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE"
+        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE", "EXPIRES"
     ]  # fmt: skip
     row = next(line.split() for line in lines if line.startswith("demo"))
     assert row == ["demo", "sb-0123456789ab", "running", "hot", "10.88.0.2", "2", "1.5G",
-                   "minimal", "5m"]  # fmt: skip
-    assert any(
-        line.split()[:5] == ["b", "sb-0123456789ab", "running", "hot", "-"] for line in lines
-    )
+                   "minimal", "5m", "-"]  # fmt: skip
+    row = next(line.split() for line in lines if line.startswith("b "))
+    assert row[:5] == ["b", "sb-0123456789ab", "running", "hot", "-"]
+    assert row[-2:] == ["in", "59m"]
+
+
+def test_format_expires() -> None:
+    assert fmt.format_expires(None, NOW) == "-"
+    assert fmt.format_expires(NOW + timedelta(seconds=90), NOW) == "in 1m"
+    assert fmt.format_expires(NOW + timedelta(days=2, hours=3), NOW) == "in 2d"
+    assert fmt.format_expires(NOW + timedelta(seconds=0.5), NOW) == "now"
+    assert fmt.format_expires(NOW - timedelta(seconds=5), NOW) == "now"
 
 
 def test_sandbox_fields() -> None:
@@ -84,6 +93,18 @@ def test_sandbox_fields() -> None:
     assert "keep_hot:    yes" in text
     assert "created:     2024-05-01T11:55:00+00:00 (5m ago)" in text
     assert "last active: -" in text
+    assert "labels:      -" in text
+    assert "expires:     never" in text
+    text = fmt.format_sandbox(
+        sandbox(
+            labels={"team": "ml", "env": "dev"},
+            expires_at=NOW + timedelta(minutes=30),
+            on_expire="stop",
+        ),
+        NOW,
+    )
+    assert "labels:      env=dev,team=ml" in text
+    assert "expires:     2024-05-01T12:30:00+00:00 (in 30m, then stop)" in text
 
 
 def test_json_of_models_and_lists() -> None:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from kiln.sdk import Sandbox
 
 from .conftest import Cli, kiln_argv
@@ -119,3 +121,16 @@ def test_shell_unknown_sandbox_is_one_line(cli: Cli) -> None:
         assert run.wait() == 1
         assert run.seen.startswith(b"kiln: error: ") and b"no-such-sandbox" in run.seen
         assert b"Traceback" not in run.seen
+
+
+def test_shell_as_root(cli: Cli, sb: Sandbox) -> None:
+    with pty_run(cli, "shell", "-u", "nobody", sb.name) as refused:
+        assert refused.wait() == 1
+        assert refused.seen.startswith(b"kiln: error: ") and b"'root' or 'sandbox'" in refused.seen
+    if os.geteuid() != 0:
+        pytest.skip("only a root agent can run commands as root")
+    with pty_run(cli, "shell", "-u", "root", sb.name, "--cmd", "sh") as run:
+        run.expect(PROMPT)
+        run.write(b"echo uid=$(id -u)=; exit 4\n")
+        run.expect(b"uid=0=")
+        assert run.wait() == 4

@@ -119,5 +119,9 @@ def test_cli_on_a_real_microvm(vm_cli: Cli) -> None:
         assert vm_cli.ok("file", "read", name, "/workspace/hello.txt") == "hi from the host\n"
         assert "hello.txt" in vm_cli.ok("file", "ls", name, "/workspace")
         assert vm_cli.ok("exec", name, "--", "cat", "/workspace/hello.txt") == "hi from the host\n"
+        assert vm_cli.ok("exec", name, "--", "id", "-un") == "sandbox\n"
+        assert vm_cli.ok("exec", "-u", "root", name, "--", "id", "-un") == "root\n"
+        # Piped stdin is uploaded as the sandbox user's file; root reads it all the same.
+        assert vm_cli.ok("exec", "--user", "root", name, "--", "wc", "-c", input=b"12345") == "5\n"
     finally:
         vm_cli.ok("rm", name)

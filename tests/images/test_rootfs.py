@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 
 from kiln.images import Image
 from kiln.images.rootfs import (
+    SUDOERS_FILE,
     AptSource,
     BaseSpec,
     GiB,
     MiB,
+    allow_sudo,
     ext4_size,
     host_debian_sources,
     make_ext4,
@@ -158,3 +161,23 @@ def test_real_rootfs_contents(image: Image) -> None:
     assert "nameserver" not in debugfs("cat /etc/resolv.conf")  # not the build host's
     for path in ("/usr/bin/python3", "/usr/bin/git", "/usr/bin/curl", "/usr/lib/kiln/agent.pyz"):
         assert "Inode:" in debugfs(f"stat {path}"), path
+    # sudo for the sandbox user: setuid root, and a sudoers.d file sudo accepts (0440, root).
+    assert re.search(r"Mode:\s+04755", debugfs("stat /usr/bin/sudo"))
+    sudoers = debugfs(f"stat {SUDOERS_FILE}")
+    assert re.search(r"Mode:\s+0440", sudoers)
+    assert re.search(r"User:\s+0\s+Group:\s+0\s", sudoers)
+    assert debugfs(f"cat {SUDOERS_FILE}") == "sandbox ALL=(ALL:ALL) NOPASSWD: ALL\n"
+    # pip, and the wheels `python3 -m venv` seeds a new venv with.
+    assert "Inode:" in debugfs("stat /usr/lib/python3/dist-packages/pip/__init__.py")
+    wheels = debugfs("ls /usr/share/python-wheels")
+    assert "pip-" in wheels and "setuptools-" in wheels
+    # Recommends stay out (pip recommends a compiler and python3-dev).
+    assert "Inode:" not in debugfs("stat /usr/bin/gcc")
+
+
+def test_allow_sudo_writes_a_sudoers_file_only_root_can_change(tmp_path: Path) -> None:
+    (tmp_path / "etc/sudoers.d").mkdir(parents=True)
+    allow_sudo(tmp_path)  # no visudo in this tree: written without the check
+    path = tmp_path / SUDOERS_FILE.lstrip("/")
+    assert path.read_text() == "sandbox ALL=(ALL:ALL) NOPASSWD: ALL\n"
+    assert path.stat().st_mode & 0o7777 == 0o440

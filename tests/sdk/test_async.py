@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 
 import pytest
 
-from kiln.sdk import AsyncKiln, Exit, NotFound, Stderr, Stdout
+from kiln.sdk import AsyncKiln, Exit, NotFound, Stderr, Stdout, ValidationError
 
 from .conftest import Daemon, unique
 
@@ -76,3 +77,23 @@ async def test_async_unknown_sandbox(akiln: AsyncKiln) -> None:
         await ref.exec(["true"])
     with pytest.raises(NotFound):
         await ref.shell()
+
+
+async def test_async_exec_and_shell_as_root(akiln: AsyncKiln) -> None:
+    sb = await akiln.sandboxes.create(name=unique("asroot"))
+    try:
+        with pytest.raises(ValidationError, match="'root' or 'sandbox'"):
+            await sb.exec(["true"], user="nobody")
+        me = f"{os.geteuid()}\n"
+        assert (await sb.exec(["id", "-u"], user="sandbox")).stdout == me
+        if os.geteuid() != 0:
+            pytest.skip("only a root agent can run commands as root")
+        assert (await sb.exec(["id", "-u"], user="root")).stdout == "0\n"
+        async with sb.exec_stream(["id", "-un"], user="root") as events:
+            assert [e async for e in events] == [Stdout(b"root\n"), Exit(0)]
+        async with await sb.shell(cmd="sh", user="root") as shell:
+            await shell.send(b"echo uid=$(id -u)=; exit\n")
+            seen = b"".join([chunk async for chunk in shell])
+        assert b"uid=0=" in seen, seen
+    finally:
+        await sb.delete()

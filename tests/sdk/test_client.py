@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from kiln.sdk import (
     FileContent,
     Kiln,
     KilnError,
+    NewVolume,
     NotFound,
     Sandbox,
     Stderr,
@@ -126,6 +129,82 @@ def test_exec_env_cwd_and_shell_string(daemon: Daemon, sb: Sandbox) -> None:
     (workdir(daemon, sb) / "sub").mkdir()
     result = sb.exec("echo $GREETING; pwd", env={"GREETING": "hello"}, cwd="sub")
     assert result.stdout.splitlines() == ["hello", str(workdir(daemon, sb) / "sub")]
+
+
+def test_exec_and_shell_as_root_or_the_sandbox_user(sb: Sandbox) -> None:
+    # Test-mode agents run commands as whoever started them: that is the sandbox user here.
+    me = f"{os.geteuid()}\n"
+    assert sb.exec(["id", "-u"]).stdout == me
+    assert sb.exec(["id", "-u"], user="sandbox").stdout == me
+    with sb.exec_stream(["id", "-u"], user="sandbox") as events:
+        assert list(events) == [Stdout(me.encode()), Exit(0)]
+    if os.geteuid() != 0:
+        pytest.skip("only a root agent can run commands as root")
+    assert sb.exec(["id", "-u"], user="root").stdout == "0\n"
+    with sb.exec_stream(["id", "-un"], user="root") as events:
+        assert list(events) == [Stdout(b"root\n"), Exit(0)]
+    with sb.shell(cmd="sh", user="root") as shell:
+        shell.send("echo uid=$(id -u)=\n")
+        _read_until(shell, b"uid=0=")
+
+
+def test_exec_as_an_unknown_user_is_a_validation_error(sb: Sandbox) -> None:
+    for run in (
+        lambda: sb.exec(["true"], user="nobody"),
+        lambda: list(sb.exec_stream(["true"], user="nobody")),
+    ):
+        with pytest.raises(ValidationError) as info:
+            run()
+        assert info.value.status_code == 422
+        assert "'root' or 'sandbox'" in info.value.message
+    with pytest.raises(KilnError, match="'root' or 'sandbox'") as refused:
+        sb.shell(user="nobody")
+    assert getattr(refused.value, "status_code", None) == 400
+
+
+def test_every_option_is_a_field_the_daemon_knows(kiln: Kiln) -> None:
+    # The daemon refuses a body field it does not know (422), so every option the
+    # SDK offers must become one it knows: set them all once, end to end.
+    secret = f"OPT_{secrets.token_hex(4)}"
+    kiln.secrets.set(secret, "from-secret")
+    vol = kiln.volumes.create(unique("optvol"), size_mb=16)
+    tpl = kiln.templates.create(
+        unique("opttpl"),
+        cpus=1,
+        memory_mb=256,
+        env={"T": "1"},
+        init="true",
+        image="minimal",
+        volumes={vol.name: "/tpl"},
+    )
+    new_vol = unique("optnew")
+    sb = kiln.sandboxes.create(
+        name=unique("opt"),
+        cpus=1,
+        memory_mb=256,
+        env={"E": "1"},
+        secrets=[secret],
+        init="true",
+        keep_hot=True,
+        image="minimal",
+        volumes={vol.name: "/data"},
+        new_volumes=[NewVolume(name=new_vol, size_mb=16, mount="/new")],
+    )
+    try:
+        sb = sb.update(name=unique("renamed"), keep_hot=False)
+        options = {"env": {"R": "2"}, "cwd": ".", "timeout_s": 30.0, "user": "sandbox"}
+        result = sb.exec(["sh", "-c", "echo $E$R$" + secret], **options)
+        assert (result.exit_code, result.stdout) == (0, "12from-secret\n")
+        with sb.exec_stream(["sh", "-c", "echo $R"], **options) as events:
+            assert list(events) == [Stdout(b"2\n"), Exit(0)]
+    finally:
+        sb.delete()
+    from_template = kiln.sandboxes.create(template=tpl.id)
+    from_template.delete()
+    kiln.templates.delete(tpl.id)
+    kiln.volumes.delete(vol.name)
+    kiln.volumes.delete(new_vol)
+    kiln.secrets.delete(secret)
 
 
 def test_exec_timeout(sb: Sandbox) -> None:

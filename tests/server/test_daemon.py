@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -205,6 +205,66 @@ def test_sigterm_with_an_open_stream_exits_promptly(dirs: tuple[Path, Path]) -> 
             start = time.monotonic()
             assert daemon.signal(signal.SIGTERM, timeout=20) == 0
     assert time.monotonic() - start < 12
+
+
+def _wait_for(check: Callable[[], bool], within: float, what: str) -> float:
+    """Poll ``check`` until true; return how long it took."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < within, f"{what}: not within {within} s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_expired_sandboxes_are_destroyed_or_stopped(dirs: tuple[Path, Path]) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home)
+    try:
+        key = (data / "admin-api-key").read_text().strip()
+        with daemon.client(key) as c:
+            doomed = c.post("/sandboxes", json={"name": "doomed", "ttl_s": 1}).json()
+            c.post("/sandboxes", json={"name": "nap", "ttl_s": 1, "on_expire": "stop"})
+            c.post("/sandboxes", json={"name": "stays", "ttl_s": 3600})
+            _wait_for(lambda: c.get("/sandboxes/doomed").status_code == 404, 8, "destroy")
+            _wait_for(lambda: c.get("/sandboxes/nap").json()["status"] == "stopped", 8, "stop")
+            nap = c.get("/sandboxes/nap").json()
+            assert nap["expires_at"] is None  # stopped, still listed, no longer expiring
+            assert {s["name"] for s in c.get("/sandboxes").json()} == {"nap", "stays"}
+            # The stopped one is a normal sandbox again: it starts and runs.
+            assert c.post("/sandboxes/nap/start").json()["status"] == "running"
+            assert c.post("/sandboxes/nap/exec", json={"cmd": ["true"]}).json()["exit_code"] == 0
+    finally:
+        assert daemon.signal(signal.SIGTERM) == 0
+    log = Daemon.log_text(data)
+    assert f"sandbox {doomed['id']} (doomed) expired: destroyed" in log
+    assert "(nap) expired: stopped" in log
+
+
+def test_a_sandbox_that_expired_while_the_daemon_was_down_goes_at_start(
+    dirs: tuple[Path, Path],
+) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home)
+    key = (data / "admin-api-key").read_text().strip()
+    with daemon.client(key) as c:
+        gone = c.post("/sandboxes", json={"name": "gone", "ttl_s": 4}).json()
+        c.post("/sandboxes", json={"name": "nap", "ttl_s": 4, "on_expire": "stop"})
+    assert daemon.signal(signal.SIGTERM) == 0
+    with Store.open(data / "kiln.db") as store:
+        rows = store.list_expiring()
+        assert [r.name for r in rows] == ["gone", "nap"]  # not yet expired when it stopped
+        deadline = max(r.expires_at or 0.0 for r in rows)
+    time.sleep(max(0.0, deadline - time.time()) + 0.2)
+
+    second = Daemon(data, home)
+    try:
+        with second.client(key) as c:
+            _wait_for(lambda: c.get("/sandboxes/gone").status_code == 404, 5, "destroy at start")
+            _wait_for(lambda: c.get("/sandboxes/nap").json()["status"] == "stopped", 5, "stop")
+            assert c.get("/sandboxes/nap").json()["expires_at"] is None
+    finally:
+        assert second.signal(signal.SIGTERM) == 0
+    assert f"sandbox {gone['id']} (gone) expired: destroyed" in Daemon.log_text(data)
 
 
 def test_without_an_engine_the_api_answers_503(dirs: tuple[Path, Path]) -> None:

@@ -173,3 +173,47 @@ def test_unexpected_errors_are_a_json_500(api: ApiUser, server: LiveServer) -> N
         server.engine.stop = original  # type: ignore[method-assign]
     message = assert_error(r, 500)
     assert "a bug" not in message  # no internals leak to the client
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("POST", "/sandboxes", {"memory": 1024}, "memory", "memory_mb"),
+        ("POST", "/sandboxes", {"name": "x", "cpu": 2}, "cpu", "cpus"),
+        ("POST", "/sandboxes", {"volumes": [{"name": "v", "mnt": "/v"}]}, "mnt", "mount"),
+        ("PATCH", "/sandboxes/typo", {"keephot": True}, "keephot", "keep_hot"),
+        ("POST", "/sandboxes/typo/exec", {"cmd": ["true"], "timeout": 5}, "timeout", "timeout_s"),
+        ("POST", "/sandboxes/typo/exec", {"cmd": ["true"], "tty": True}, "tty", None),
+        ("POST", "/templates", {"name": "t", "memory": 512}, "memory", "memory_mb"),
+        ("POST", "/secrets", {"name": "A", "value": "b", "user": "root"}, "user", None),
+        ("POST", "/volumes", {"name": "v", "size": 10}, "size", "size_mb"),
+    ],
+)
+def test_unknown_fields_are_422_naming_the_field(
+    api: ApiUser, case: tuple[str, str, dict[str, object], str, str | None]
+) -> None:
+    method, path, body, unknown, hint = case
+    api.sandbox(name="typo")
+    before = api.http.get("/sandboxes").json()
+    error = assert_error(api.http.request(method, path, json=body), 422)
+    assert f"unknown field {unknown!r}" in error, error
+    if hint is not None:
+        assert f"did you mean {hint!r}" in error, error
+    # Refused means not done, not done without the unknown part.
+    assert api.http.get("/sandboxes").json() == before
+    assert api.http.get("/templates").json() == []
+    assert api.http.get("/secrets").json() == []
+    assert api.http.get("/volumes").json() == []
+
+
+def test_several_unknown_fields_are_all_named(api: ApiUser) -> None:
+    error = assert_error(api.http.post("/sandboxes", json={"cpus": 1, "ram": 1, "disk": 2}), 422)
+    assert "unknown fields 'ram', 'disk'" in error, error
+    assert "known fields: name, cpus, memory_mb" in error, error
+
+
+def test_openapi_forbids_additional_properties(api: ApiUser) -> None:
+    schemas = api.http.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("CreateSandbox", "PatchSandbox", "ExecBody", "PutSecret", "CreateVolume"):
+        assert schemas[name]["additionalProperties"] is False, name
+    assert schemas["ExecBody"]["properties"]["user"]["anyOf"][0]["enum"] == ["root", "sandbox"]

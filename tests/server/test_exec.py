@@ -212,3 +212,43 @@ def test_unreachable_agent_is_a_502_before_any_stream(api: ApiUser, server: Live
         r = api.http.post("/sandboxes/dead/exec", json={"cmd": ["true"]}, headers=headers)
         assert r.status_code == 502, r.text
         assert "agent" in r.json()["error"]
+
+
+def test_user_root_or_the_sandbox_user(api: ApiUser) -> None:
+    # A test-mode agent's "sandbox user" is whoever started it (this test
+    # process), so "sandbox" must reach it as the default and not as a name to
+    # look up: this host has no such account, and the exec would fail.
+    api.sandbox(name="who")
+    me = str(os.geteuid())
+    assert api.exec("who", "id", "-u")["stdout"] == f"{me}\n"
+    assert api.exec("who", "id", "-u", user="sandbox")["stdout"] == f"{me}\n"
+    assert api.exec("who", "id", "-u", user=None)["stdout"] == f"{me}\n"
+    if os.geteuid() == 0:
+        assert api.exec("who", "id", "-u", user="root") == {
+            "exit_code": 0,
+            "stdout": "0\n",
+            "stderr": "",
+        }
+        streamed = api.http.post(
+            "/sandboxes/who/exec", json={"cmd": ["id", "-un"], "user": "root"}, headers=NDJSON
+        )
+        lines = [json.loads(line) for line in streamed.text.splitlines()]
+        assert lines == [{"type": "stdout", "data": "root\n"}, {"type": "exit", "exit_code": 0}]
+    else:
+        # A non-root agent cannot switch users; the agent says so (never a 500).
+        r = api.http.post("/sandboxes/who/exec", json={"cmd": ["id"], "user": "root"})
+        assert r.status_code == 400 and "not root" in r.json()["error"], r.text
+
+
+def test_user_must_be_root_or_the_sandbox_user(api: ApiUser) -> None:
+    api.sandbox(name="whom")
+    for user in ("nobody", 5, "", "ROOT", "sandbox ", ["root"], True):
+        for headers in ({}, NDJSON):
+            r = api.http.post(
+                "/sandboxes/whom/exec", json={"cmd": ["true"], "user": user}, headers=headers
+            )
+            assert r.status_code == 422, (user, r.text)
+            error = r.json()["error"]
+            assert error.startswith("user: ") and "'root'" in error and "'sandbox'" in error, error
+    r = api.http.post("/sandboxes/whom/exec", json={"cmd": ["true"], "user": "nobody"})
+    assert r.json() == {"error": "user: must be 'root' or 'sandbox' (the default), got 'nobody'"}

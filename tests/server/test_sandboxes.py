@@ -28,6 +28,9 @@ SANDBOX_FIELDS = {
     "image",
     "created_at",
     "last_active_at",
+    "labels",
+    "expires_at",
+    "on_expire",
 }
 
 

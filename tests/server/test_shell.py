@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from urllib.parse import urlencode
 
@@ -164,3 +165,33 @@ async def test_init_script_runs_as_session_init(api: ApiUser, server: LiveServer
     assert any(s["session_id"] == "init" for s in sessions)
     async with connect(ws_url(server, "booted", token=api.key, session_id="init")) as ws:
         await read_until(ws, b"from-init")
+
+
+async def test_user_root_for_a_new_session(api: ApiUser, server: LiveServer) -> None:
+    api.sandbox(name="rooted")
+    url = ws_url(server, "rooted", token=api.key, cmd="/bin/sh", user="root")
+    async with connect(url) as ws:
+        await ws.send(b"echo uid-$(id -u)-\n")
+        expected = b"uid-0-" if os.geteuid() == 0 else b"not root"
+        await read_until(ws, expected)
+    # The sandbox user by name is the default user (in test mode: whoever runs the agent).
+    url = ws_url(server, "rooted", token=api.key, cmd="/bin/sh", user="sandbox")
+    async with connect(url) as ws:
+        await ws.send(b"echo uid-$(id -u)-\n")
+        await read_until(ws, f"uid-{os.geteuid()}-".encode())
+
+
+async def test_bad_user_is_refused_before_the_upgrade(api: ApiUser, server: LiveServer) -> None:
+    api.sandbox(name="whoever")
+    for params in ({"user": "nobody"}, {"user": "0"}, {"session_id": "s1", "user": "root"}):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws_url(server, "whoever", token=api.key, **params)):
+                pass
+        response = info.value.response
+        assert response.status_code == 400, params
+        error = json.loads(response.body or b"{}")["error"]
+        assert "user" in error, error
+        if params.get("session_id") is None:
+            assert "'root' or 'sandbox'" in error, error
+    sessions = api.http.get("/sandboxes/whoever/sessions").json()
+    assert sessions == []  # nothing was started for a refused request

@@ -183,6 +183,54 @@ async def test_shell_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
         assert b"40 120" in seen
 
 
+def test_root_sudo_pip_and_venv_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
+    r = vm.post("/sandboxes", json={"name": "tools"})
+    assert r.status_code == 201, r.text
+
+    def run(script: str, **extra: object) -> dict[str, object]:
+        r = vm.post("/sandboxes/tools/exec", json={"cmd": ["sh", "-c", script], **extra})
+        assert r.status_code == 200, r.text
+        out: dict[str, object] = r.json()
+        return out
+
+    me = "id -un; id -u; echo $HOME"
+    assert run(me) == {"exit_code": 0, "stdout": "sandbox\n1000\n/home/sandbox\n", "stderr": ""}
+    assert run(me, user="sandbox")["stdout"] == "sandbox\n1000\n/home/sandbox\n"
+    assert run(me, user="root") == {"exit_code": 0, "stdout": "root\n0\n/root\n", "stderr": ""}
+    r = vm.post("/sandboxes/tools/exec", json={"cmd": ["id"], "user": "nobody"})
+    assert r.status_code == 422 and "'root' or 'sandbox'" in r.json()["error"], r.text
+
+    # Passwordless sudo for the sandbox user, without a warning on stderr.
+    assert run("sudo -n id -u") == {"exit_code": 0, "stdout": "0\n", "stderr": ""}
+
+    pip = run("python3 -m pip --version")
+    assert pip["exit_code"] == 0 and str(pip["stdout"]).startswith("pip "), pip
+    # A venv with its own pip (ensurepip installs it from the bundled wheels, offline).
+    venv = run(
+        "python3 -m venv /tmp/v && /tmp/v/bin/python -c 'import sys; print(sys.prefix)'"
+        " && /tmp/v/bin/python -m pip --version",
+        timeout_s=240.0,
+    )
+    assert venv["exit_code"] == 0, venv
+    lines = str(venv["stdout"]).splitlines()
+    assert lines[0] == "/tmp/v" and lines[1].startswith("pip "), venv
+
+    async def root_shell() -> bytes:
+        key: str = vm_server.key  # type: ignore[attr-defined]
+        url = vm_server.ws_url + "/sandboxes/tools/ws?cmd=/bin/sh&user=root"
+        seen = b""
+        async with connect(url, additional_headers=_auth(key)) as ws:
+            await ws.send(b"echo uid=$(id -u)=\n")
+            async with asyncio.timeout(30):
+                while b"uid=0=" not in seen:
+                    message = await ws.recv()
+                    assert isinstance(message, bytes)
+                    seen += message
+        return seen
+
+    assert b"uid=0=" in asyncio.run(root_shell())
+
+
 def test_volume_outlives_its_sandbox(vm: httpx.Client) -> None:
     assert vm.post("/volumes", json={"name": "keep", "size_mb": 16}).status_code == 201
     r = vm.post(
@@ -382,6 +430,46 @@ def test_exec_returns_while_background_children_run(vm: httpx.Client) -> None:
         assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
     finally:
         vm.delete("/sandboxes/bg")
+
+
+def test_daemon_expires_real_vms_by_destroying_or_stopping_them(
+    tmp_path: Path, own_netns: str
+) -> None:
+    """ttl_s on real VMs: on_expire destroy frees the VM, stop snapshots it and keeps it."""
+    data, home = tmp_path / "data", tmp_path / "home"
+    home.mkdir()
+    proc, url = _daemon(data, home, own_netns)
+    try:
+        key = (data / "admin-api-key").read_text().strip()
+        with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
+            r = c.post("/sandboxes", json={"name": "brief", "ttl_s": 1})
+            assert r.status_code == 201, r.text
+            r = c.post("/sandboxes", json={"name": "nap", "ttl_s": 1, "on_expire": "stop"})
+            assert r.status_code == 201, r.text
+            deadline = time.monotonic() + 30
+            while c.get("/sandboxes/brief").status_code != 404:
+                assert time.monotonic() < deadline, "not destroyed"
+                time.sleep(0.2)
+            while (nap := c.get("/sandboxes/nap").json())["status"] != "stopped":
+                assert time.monotonic() < deadline, f"not stopped: {nap}"
+                time.sleep(0.2)
+            assert (nap["thermal"], nap["expires_at"]) == ("cold", None)
+            assert [s["name"] for s in c.get("/sandboxes").json()] == ["nap"]
+            assert len(find_processes(f"{data}/")) == 0  # neither VM runs any more
+            out = c.post("/sandboxes/nap/exec", json={"cmd": ["true"]}).json()
+            assert out["exit_code"] == 0  # stopped, not lost: it restores
+            assert c.delete("/sandboxes/nap").status_code == 204
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        _kill_vms(data)
+    log = (data.parent / "daemon.log").read_text()
+    assert "(brief) expired: destroyed" in log and "(nap) expired: stopped" in log
 
 
 def _ndjson_until(r: httpx.Response, done: Callable[[list[dict[str, Any]]], bool]) -> list[Any]:

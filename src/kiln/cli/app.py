@@ -89,7 +89,35 @@ def _env_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+def _labels_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    try:
+        return parse.parse_labels(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+label_option = click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_labels_callback,
+    help="Label (repeatable).",
+)
+ttl_option = click.option(
+    "--ttl",
+    "ttl_s",
+    metavar="DURATION",
+    callback=_converter(parse.parse_duration),
+    help="Lifetime: 90s, 30m, 1h, 2d or seconds; then --on-expire happens [default: none].",
+)
+on_expire_option = click.option(
+    "--on-expire",
+    type=click.Choice(["destroy", "stop"]),
+    help="What the daemon does when the ttl is up [default: destroy].",
+)
 
 
 # -- the group ------------------------------------------------------------------------
@@ -210,6 +238,9 @@ def health(state: State, as_json: bool) -> None:
     callback=_converter(parse.parse_new_volume),
     help="Create and attach a volume (repeatable).",
 )
+@label_option
+@ttl_option
+@on_expire_option
 @json_option
 @pass_state
 def create(
@@ -226,9 +257,17 @@ def create(
     template: str | None,
     volumes: list[tuple[str, str]],
     new_volumes: list[tuple[str, int, str]],
+    labels: dict[str, str],
+    ttl_s: float | None,
+    on_expire: str | None,
     as_json: bool,
 ) -> None:
-    """Create a sandbox and print it."""
+    """Create a sandbox and print it.
+
+    With --ttl the daemon destroys it (or stops it: --on-expire stop) once the
+    time is up, even if the daemon was down meanwhile; `kiln edit --ttl`
+    restarts or removes the countdown.
+    """
     from kiln.sdk import NewVolume, VolumeMount  # noqa: PLC0415
 
     k = state.kiln()
@@ -245,6 +284,9 @@ def create(
             template=template,
             volumes=[VolumeMount(n, m) for n, m in volumes],
             new_volumes=[NewVolume(n, size, m) for n, size, m in new_volumes],
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
         )
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
 
@@ -252,10 +294,23 @@ def create(
 @cli.command("list")
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print names only.")
+@click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_labels_callback,
+    help="Only sandboxes with this label (repeatable: all must match).",
+)
 @pass_state
-def list_(state: State, as_json: bool, quiet: bool) -> None:
-    """List your sandboxes (alias: ls)."""
-    sandboxes = state.kiln().sandboxes.list()
+def list_(state: State, as_json: bool, quiet: bool, labels: dict[str, str]) -> None:
+    """List your sandboxes (alias: ls).
+
+    EXPIRES is when a sandbox's --ttl runs out ("-": never); --label keeps only
+    the sandboxes carrying every label given.
+    """
+    sandboxes = state.kiln().sandboxes.list(labels=labels)
     if as_json:
         show(fmt.format_json(sandboxes))
     elif quiet:
@@ -281,15 +336,58 @@ def inspect(state: State, sandbox: str, as_json: bool) -> None:
 @click.option(
     "--keep-hot/--allow-cold", default=None, help="Pin it hot, or let it pause and snapshot."
 )
+@click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_labels_callback,
+    help="Replace the labels with these (repeatable).",
+)
+@click.option("--clear-labels", is_flag=True, help="Remove every label.")
+@click.option(
+    "--ttl",
+    "ttl",
+    metavar="DURATION",
+    help="Expire DURATION from now (90s, 30m, 1h, 2d); 'none' never expires.",
+)
+@on_expire_option
 @json_option
 @pass_state
 def edit(
-    state: State, sandbox: str, new_name: str | None, keep_hot: bool | None, as_json: bool
+    state: State,
+    *,
+    sandbox: str,
+    new_name: str | None,
+    keep_hot: bool | None,
+    labels: dict[str, str],
+    clear_labels: bool,
+    ttl: str | None,
+    on_expire: str | None,
+    as_json: bool,
 ) -> None:
-    """Rename a sandbox or change whether it stays hot."""
-    if new_name is None and keep_hot is None:
-        raise click.UsageError("nothing to change: give --name and/or --keep-hot/--allow-cold")
-    sb = state.sandbox(sandbox).update(name=new_name, keep_hot=keep_hot)
+    """Change a sandbox: name, keep-hot, labels, expiry."""
+    from kiln.sdk._api import UNCHANGED  # noqa: PLC0415
+
+    if labels and clear_labels:
+        raise click.UsageError("--label and --clear-labels do not go together")
+    if not (new_name or keep_hot is not None or labels or clear_labels or ttl or on_expire):
+        raise click.UsageError(
+            "nothing to change: give --name, --keep-hot/--allow-cold, --label, --clear-labels,"
+            " --ttl or --on-expire"
+        )
+    try:
+        ttl_s = UNCHANGED if ttl is None else parse.parse_ttl(ttl)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--ttl'") from None
+    sb = state.sandbox(sandbox).update(
+        name=new_name,
+        keep_hot=keep_hot,
+        labels={} if clear_labels else (labels or None),
+        ttl_s=ttl_s,
+        on_expire=on_expire,
+    )
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
 
 
@@ -332,6 +430,97 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
     return 1 if failed else 0
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--rm", is_flag=True, help="Destroy the sandbox afterwards (also on Ctrl+C).")
+@click.option("--name", help="Sandbox name (generated when absent).")
+@click.option("--image", help="Image tier [default: the daemon's default].")
+@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs [default: 1].")
+@click.option(
+    "--memory",
+    "memory_mb",
+    metavar="SIZE",
+    callback=_converter(parse.parse_size_mb),
+    help="Memory in MiB or with a unit (512, 2G) [default: 512].",
+)
+@click.option(
+    "-e",
+    "--env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_env_callback,
+    help="Environment variable of the sandbox (repeatable).",
+)
+@label_option
+@ttl_option
+@on_expire_option
+@click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Kill the command after SECONDS (exit code 124).",
+)
+@click.option(
+    "--stdin/--no-stdin",
+    "stdin",
+    default=None,
+    help="Forward stdin [default: when it is a pipe or a file].",
+)
+@pass_state
+def run(
+    state: State,
+    *,
+    cmd: tuple[str, ...],
+    rm: bool,
+    name: str | None,
+    image: str | None,
+    cpus: int | None,
+    memory_mb: int | None,
+    env: dict[str, str],
+    labels: dict[str, str],
+    ttl_s: float | None,
+    on_expire: str | None,
+    cwd: str | None,
+    timeout: float | None,
+    stdin: bool | None,
+) -> int:
+    """Run a command in a new sandbox (--rm: destroyed afterwards).
+
+    kiln run [--rm] [OPTIONS] -- CMD [ARGS...]
+
+    Output streams live and kiln exits with the command's exit code. With --rm
+    the sandbox is destroyed afterwards, however the command ends (exit, error,
+    Ctrl+C); without it the sandbox stays and its name is printed on stderr.
+    """
+    from .execio import forward_stdin_wanted  # noqa: PLC0415
+    from .run import run_in_new_sandbox  # noqa: PLC0415
+
+    argv = list(cmd[1:] if cmd[:1] == ("--",) else cmd)
+    if not argv:
+        raise click.UsageError("missing the command to run (kiln run [--rm] -- CMD [ARGS...])")
+    spec = {
+        "name": name,
+        "image": image,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "env": env,
+        "labels": labels,
+        "ttl_s": ttl_s,
+        "on_expire": on_expire,
+    }
+    return run_in_new_sandbox(
+        state.kiln(),
+        argv,
+        spec=spec,
+        rm=rm,
+        cwd=cwd,
+        timeout_s=timeout,
+        stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
+        announce=lambda sandbox_name: click.echo(f"kiln: sandbox {sandbox_name}", err=True),
+    )
+
+
 # -- exec and shell -------------------------------------------------------------------
 
 
@@ -347,6 +536,12 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
     help="Set a variable.",
 )
 @click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "-u",
+    "--user",
+    metavar="USER",
+    help="Run as USER: root, or sandbox (the default, who may also sudo).",
+)
 @click.option(
     "--timeout",
     metavar="SECONDS",
@@ -374,17 +569,19 @@ def exec(
     cmd: tuple[str, ...],
     env: dict[str, str],
     cwd: str | None,
+    user: str | None,
     timeout: float | None,
     stdin: bool | None,
     detach: bool,
     as_json: bool,
 ) -> int:
-    """Run a command in a sandbox: kiln exec SANDBOX -- CMD [ARGS...]
+    """Run a command in a sandbox: kiln exec [-u root] SANDBOX -- CMD [ARGS...]
 
     Output streams live; stdout and stderr stay apart, byte for byte; kiln
     exits with the command's exit code. Piped stdin is read to its end, then
     uploaded to a temporary file in the sandbox that becomes the command's
-    stdin (the HTTP API has no live stdin for exec).
+    stdin (the HTTP API has no live stdin for exec). Commands run as the
+    sandbox user, who may also use sudo; -u root runs them as root.
 
     With -d the command runs in the background, detached from kiln: its pid is
     printed and kiln exits at once; piped stdin is sent to it and then closed.
@@ -405,12 +602,13 @@ def exec(
             env=env,
             cwd=cwd,
             timeout_s=timeout,
+            user=user,
             stdin=sys.stdin.buffer if forward_stdin_wanted(stdin) else None,
         )
     if timeout is not None:
         raise click.UsageError("--timeout does not go with -d (stop it with: kiln kill)")
     processes = state.sandbox(sandbox).processes
-    proc = processes.start(argv, env=env, cwd=cwd)
+    proc = processes.start(argv, env=env, cwd=cwd, user=user)
     if forward_stdin_wanted(stdin):
         processes.stdin(proc.pid, sys.stdin.buffer.read(), close=True)
     show(fmt.format_json(proc) if as_json else str(proc.pid))
@@ -421,19 +619,28 @@ def exec(
 @click.argument("sandbox")
 @click.option("--session", "session_id", metavar="ID", help="Reattach to a session (scrollback).")
 @click.option("--cmd", metavar="CMD", help="Command for a new session [default: login shell].")
+@click.option(
+    "-u",
+    "--user",
+    metavar="USER",
+    help="Start the new session as USER: root, or sandbox (the default).",
+)
 @pass_state
-def shell(state: State, sandbox: str, session_id: str | None, cmd: str | None) -> int:
+def shell(
+    state: State, sandbox: str, session_id: str | None, cmd: str | None, user: str | None
+) -> int:
     """Open an interactive terminal in a sandbox (alias: sh).
 
     Ctrl+\\ detaches and prints the session id; the session keeps running and
     `kiln shell SANDBOX --session ID` reattaches, replaying its scrollback.
+    `kiln shell -u root SANDBOX` opens a root shell.
     """
     from .terminal import run_shell  # noqa: PLC0415
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.UsageError("kiln shell needs a terminal; use kiln exec for scripts")
     k = state.kiln()
-    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd)
+    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user)
 
 
 @cli.command()

@@ -1,4 +1,4 @@
-"""Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes.
+"""Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes, durations.
 
 Each raises :class:`ValueError` with a message fit for ``kiln: error: ...``;
 the command layer turns it into a usage error naming the option.
@@ -12,6 +12,10 @@ from collections.abc import Iterable
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _MIB_PER_UNIT = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: What ``--ttl`` accepts to mean "no expiry" (``kiln edit``).
+NO_TTL = ("none", "never", "0")
 
 
 def parse_env(pairs: Iterable[str]) -> dict[str, str]:
@@ -25,6 +29,44 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
             raise ValueError(f"NUL byte in {pair!r}")
         env[key] = value
     return env
+
+
+def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
+    """``["team=ml", "note=a=b", "flag="]`` → ``{"team": "ml", "note": "a=b", "flag": ""}``.
+
+    The daemon checks lengths and characters; here only the shape.
+    """
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90"``, ``"90s"``, ``"30m"``, ``"1h"``, ``"2d"``, ``"1h30m"``, ``"1.5h"``."""
+    compact = text.strip().lower()
+    try:
+        seconds = float(compact)
+    except ValueError:
+        parts = _DURATION_PART_RE.findall(compact)
+        if not parts or "".join(n + u for n, u in parts) != compact:
+            raise ValueError(
+                f"invalid duration {text!r}: use seconds (90) or units (90s, 30m, 1h, 2d)"
+            ) from None
+        seconds = sum(float(n) * _SECONDS_PER_UNIT[u] for n, u in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"invalid duration {text!r}: must be more than 0 seconds")
+    return seconds
+
+
+def parse_ttl(text: str) -> float | None:
+    """A duration, or None for ``none``/``never``/``0`` (remove the expiry)."""
+    if text.strip().lower() in NO_TTL:
+        return None
+    return parse_duration(text)
 
 
 def parse_volume(spec: str) -> tuple[str, str]:

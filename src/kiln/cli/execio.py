@@ -74,6 +74,7 @@ def run_exec(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     timeout_s: float | None = None,
+    user: str | None = None,
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
     stderr: BinaryIO | None = None,
@@ -89,7 +90,7 @@ def run_exec(
         with spooled_stdin(stdin) as data:
             sandbox.files.write(remote, data, mode=0o600)
         cmd = stdin_command(remote, cmd)
-    with sandbox.exec_stream(cmd, env=env, cwd=cwd, timeout_s=timeout_s) as events:
+    with sandbox.exec_stream(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user) as events:
         for event in events:
             if isinstance(event, Stdout):
                 out.write(event.data)

@@ -76,6 +76,20 @@ def format_duration(seconds: float) -> str:
     return f"{whole}s"
 
 
+def format_expires(when: datetime | None, now: datetime) -> str:
+    """``"in 59m"`` until ``when``; ``"now"`` once it has passed (the daemon acts within
+    a second or so); ``"-"`` for no expiry."""
+    if when is None:
+        return "-"
+    left = (when - now).total_seconds()
+    return f"in {format_duration(left)}" if left >= 1 else "now"
+
+
+def format_labels(labels: Mapping[str, str]) -> str:
+    """``{"team": "ml", "env": "dev"}`` → ``"env=dev,team=ml"``; ``"-"`` for none."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
 def format_bytes(size: int) -> str:
     """``1536`` → ``"1.5K"``; binary units, like ``ls -h``."""
     value = float(size)
@@ -106,7 +120,9 @@ def _table(*headers: str) -> Table:
 
 def format_sandbox_table(sandboxes: Iterable[SandboxInfo], now: datetime) -> Table:
     """``kiln list``: one row per sandbox."""
-    table = _table("NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE")
+    table = _table(
+        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE", "EXPIRES"
+    )
     for sb in sandboxes:
         table.add_row(
             sb.name,
@@ -118,6 +134,7 @@ def format_sandbox_table(sandboxes: Iterable[SandboxInfo], now: datetime) -> Tab
             format_mib(sb.memory_mb),
             sb.image or "-",
             format_age(sb.created_at, now),
+            format_expires(sb.expires_at, now),
         )
     return table
 
@@ -137,8 +154,16 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("image", sb.image or "-"),
         ("created", _when(sb.created_at, now)),
         ("last active", _when(sb.last_active_at, now)),
+        ("labels", format_labels(sb.labels)),
+        ("expires", _expiry(sb.expires_at, sb.on_expire, now)),
     ]
     return format_fields(rows)
+
+
+def _expiry(when: datetime | None, on_expire: str, now: datetime) -> str:
+    if when is None:
+        return "never"
+    return f"{when.isoformat(timespec='seconds')} ({format_expires(when, now)}, then {on_expire})"
 
 
 def _when(when: datetime | None, now: datetime) -> str:

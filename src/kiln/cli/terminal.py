@@ -113,7 +113,13 @@ async def relay(session: AsyncShellSession, fd_in: int, fd_out: int) -> bool:
 
 
 async def _shell(
-    url: str, token: str | None, sandbox: str, session_id: str | None, cmd: str | None
+    url: str,
+    token: str | None,
+    sandbox: str,
+    *,
+    session_id: str | None,
+    cmd: str | None,
+    user: str | None,
 ) -> int:
     from kiln.sdk import AsyncKiln  # noqa: PLC0415
 
@@ -121,7 +127,7 @@ async def _shell(
     rows, cols = terminal_size(fd_out)
     async with AsyncKiln(url, token) as k:
         ref = k.sandboxes.ref(sandbox)
-        session = await ref.shell(session_id=session_id, rows=rows, cols=cols, cmd=cmd)
+        session = await ref.shell(session_id=session_id, rows=rows, cols=cols, cmd=cmd, user=user)
         try:
             with raw_mode(fd_in):
                 detached = await relay(session, fd_in, fd_out)
@@ -141,6 +147,7 @@ def run_shell(
     *,
     session_id: str | None = None,
     cmd: str | None = None,
+    user: str | None = None,
 ) -> int:
     """Attach the local terminal to a (new or existing) session; the exit status for kiln."""
-    return asyncio.run(_shell(url, token, sandbox, session_id, cmd))
+    return asyncio.run(_shell(url, token, sandbox, session_id=session_id, cmd=cmd, user=user))

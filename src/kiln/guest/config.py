@@ -42,12 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.protocol import InvalidMessage, parse_mode
+from kiln.protocol import SANDBOX_USER, InvalidMessage, parse_mode
 
 from .errors import ConfigError
 
-DEFAULT_USER = "sandbox"
-DEFAULT_UID = 1000
 #: Where PID 1 looks for the config drive unless ``kiln.config=`` says otherwise.
 DEFAULT_CONFIG_DEVICE = "/dev/vdb"
 CONFIG_MOUNT = "/run/kiln/config"
@@ -99,7 +97,7 @@ class GuestConfig:
     volumes: tuple[VolumeSpec, ...] = ()
     init: str | None = None
     dns: tuple[str, ...] = ()
-    user: str = DEFAULT_USER
+    user: str = SANDBOX_USER
     network: NetworkSpec | None = None
     session_idle_timeout: float | None = None
     clock_ns: int | None = None
@@ -111,7 +109,7 @@ class GuestConfig:
     def from_json(cls, data: Any) -> GuestConfig:
         if not isinstance(data, dict):
             raise ConfigError("config must be a JSON object")
-        user = _opt_str(data, "user") or DEFAULT_USER
+        user = _opt_str(data, "user") or SANDBOX_USER
         if not _USERNAME.match(user):
             raise ConfigError(f"config 'user': {user!r} is not a valid user name")
         hostname = _opt_str(data, "hostname")

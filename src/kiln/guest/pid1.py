@@ -47,12 +47,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kiln.protocol import SANDBOX_UID
+
 from . import netconf
 from .config import (
     CONFIG_FILE,
     CONFIG_MOUNT,
     DEFAULT_CONFIG_DEVICE,
-    DEFAULT_UID,
     TEMPLATE_MAGIC,
     TEMPLATE_READY_LINE,
     GuestConfig,
@@ -335,7 +336,7 @@ def apply_config(config: GuestConfig, mounts: list[str]) -> None:
         user = ensure_user(config.user)
     except (OSError, SetupError) as exc:
         log.error("boot: user %s: %s", config.user, exc)
-    uid, gid = (user.pw_uid, user.pw_gid) if user else (DEFAULT_UID, DEFAULT_UID)
+    uid, gid = (user.pw_uid, user.pw_gid) if user else (SANDBOX_UID, SANDBOX_UID)
     if config.aslr is not None:
         _step("ASLR", set_aslr, config.aslr)
     if config.hostname:
@@ -356,7 +357,7 @@ def ensure_user(name: str) -> pwd.struct_passwd:
     with contextlib.suppress(KeyError):
         return pwd.getpwnam(name)
     used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-    uid = DEFAULT_UID
+    uid = SANDBOX_UID
     while uid in used:
         uid += 1
     home = f"/home/{name}"

@@ -15,7 +15,8 @@ import pwd
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .config import DEFAULT_USER
+from kiln.protocol import SANDBOX_USER
+
 from .context import UserInfo, user_credentials
 from .spawner import ForkedSpawner, fork_spawner
 
@@ -40,7 +41,7 @@ def prepare_template() -> Prepared:
 
 def _fork_image_user_spawner() -> ForkedSpawner | None:
     try:
-        user = UserInfo.from_pwd(pwd.getpwnam(DEFAULT_USER))
+        user = UserInfo.from_pwd(pwd.getpwnam(SANDBOX_USER))
     except KeyError:
         return None
     creds = user_credentials(user)

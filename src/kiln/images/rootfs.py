@@ -21,15 +21,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.protocol import SANDBOX_UID, SANDBOX_USER
+
 from ._run import run
 from .errors import ImageError
 
 # Bump when customize() or the mmdebstrap options change what the base contains.
-CUSTOMIZE_VERSION = 1
+CUSTOMIZE_VERSION = 2
 
-SANDBOX_USER = "sandbox"
-SANDBOX_UID = 1000
 HOSTNAME = "kiln"
+SUDOERS_FILE = "/etc/sudoers.d/kiln-sandbox"
 LABEL = "kiln-root"
 MiB = 1 << 20
 GiB = 1 << 30
@@ -203,6 +204,21 @@ def customize(root: Path) -> None:
     # mmdebstrap copied the build host's resolver config in; the agent writes the real one.
     _write(root / "etc/resolv.conf", "# written by the kiln guest agent at boot\n")
     _write(root / "etc/machine-id", "")
+    if (root / "etc/sudoers.d").is_dir():
+        allow_sudo(root)
+
+
+def allow_sudo(root: Path) -> None:
+    """Passwordless sudo for the sandbox user (the VM, not its users, is the boundary).
+
+    sudo ignores a sudoers.d file that is writable by anyone but root, and one
+    with a syntax error breaks sudo for everybody: 0440, and checked by visudo
+    where the image has it.
+    """
+    path = root / SUDOERS_FILE.lstrip("/")
+    _write(path, f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n", mode=0o440)
+    if (root / "usr/sbin/visudo").exists():
+        run(["chroot", root, "/usr/sbin/visudo", "-cf", SUDOERS_FILE], timeout=60)
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

@@ -45,6 +45,12 @@ TIERS: Mapping[str, Tier] = MappingProxyType(
                     "less",
                     "git",
                     "curl",
+                    # Agents install what they need: root via sudo, Python
+                    # packages into a venv (pip's Recommends, a compiler and
+                    # headers, stay out; mmdebstrap never installs Recommends).
+                    "sudo",
+                    "python3-pip",
+                    "python3-venv",
                 ),
             ),
             kernel_metapackage="linux-image-cloud-amd64",

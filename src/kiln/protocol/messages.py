@@ -21,6 +21,13 @@ T = TypeVar("T")
 INIT_SESSION_ID = "init"
 #: Cap of FILE_LS_RESP entries; past it a sentinel entry says "truncated".
 LS_LIMIT = 10_000
+#: The image's unprivileged user (uid and gid 1000): commands run as it unless an
+#: ExecRequest names another. Defined here because the image builder, the guest
+#: agent and the daemon (which lets clients pick it or root) must all agree on it.
+SANDBOX_USER = "sandbox"
+SANDBOX_UID = 1000
+#: The only other user a client of the daemon may ask for.
+ROOT_USER = "root"
 #: Largest CLOCK_SET seed, in bytes.
 MAX_CLOCK_SEED = 4096
 

@@ -55,6 +55,18 @@ class _Unset:
 DEFAULT: Any = _Unset()
 
 
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: "Leave this field as it is" where ``None`` means something (``ttl_s=None``: no expiry).
+UNCHANGED: Any = _Unchanged()
+
+#: Query parameters: pairs when a key repeats (``?label=a=1&label=b=2``).
+Params = Mapping[str, str] | tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One HTTP request and the parser of its response."""
@@ -62,7 +74,7 @@ class Call(Generic[T]):
     method: str
     path: str
     parse: Callable[[httpx.Response], T]
-    params: Mapping[str, str] | None = None
+    params: Params | None = None
     json: Any = None
     headers: Mapping[str, str] | None = None
     #: Read timeout in seconds; ``None`` waits forever; DEFAULT is the client's.
@@ -183,6 +195,9 @@ def sandbox_spec(
     template: str | None = None,
     volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
     new_volumes: Sequence[NewVolume] | None = None,
+    labels: Mapping[str, str] | None = None,
+    ttl_s: float | None = None,
+    on_expire: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes``: only the fields given, so daemon defaults apply."""
     body: dict[str, Any] = {}
@@ -194,9 +209,13 @@ def sandbox_spec(
         ("keep_hot", keep_hot),
         ("image", image),
         ("template_id", template),
+        ("ttl_s", ttl_s),
+        ("on_expire", on_expire),
     ):
         if value is not None:
             body[key] = value
+    if labels:
+        body["labels"] = dict(labels)
     if env:
         body["env"] = dict(env)
     if secrets:
@@ -214,8 +233,15 @@ def create_sandbox(spec: Mapping[str, Any]) -> Call[SandboxInfo]:
     )
 
 
-def list_sandboxes() -> Call[list[SandboxInfo]]:
-    return Call("GET", "/sandboxes", _list_parser(models.parse_sandbox, "sandbox list"))
+def list_sandboxes(labels: Mapping[str, str] | None = None) -> Call[list[SandboxInfo]]:
+    """Every sandbox, or those carrying all of ``labels`` (``?label=k=v`` per label)."""
+    params = tuple(("label", f"{k}={v}") for k, v in (labels or {}).items())
+    return Call(
+        "GET",
+        "/sandboxes",
+        _list_parser(models.parse_sandbox, "sandbox list"),
+        params=params or None,
+    )
 
 
 def get_sandbox(id_or_name: str) -> Call[SandboxInfo]:
@@ -223,13 +249,24 @@ def get_sandbox(id_or_name: str) -> Call[SandboxInfo]:
 
 
 def update_sandbox(
-    id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+    id_or_name: str,
+    *,
+    name: str | None = None,
+    keep_hot: bool | None = None,
+    labels: Mapping[str, str] | None = None,
+    ttl_s: float | None = UNCHANGED,
+    on_expire: str | None = None,
 ) -> Call[SandboxInfo]:
+    """``PATCH``: only what is given; ``labels`` replaces the set, ``ttl_s=None`` removes
+    the expiry (and any other ``ttl_s`` counts from now)."""
     body: dict[str, Any] = {}
-    if name is not None:
-        body["name"] = name
-    if keep_hot is not None:
-        body["keep_hot"] = keep_hot
+    for key, value in (("name", name), ("keep_hot", keep_hot), ("on_expire", on_expire)):
+        if value is not None:
+            body[key] = value
+    if labels is not None:
+        body["labels"] = dict(labels)
+    if ttl_s is not UNCHANGED:
+        body["ttl_s"] = ttl_s
     return Call("PATCH", sandbox_path(id_or_name), _parser(models.parse_sandbox), json=body)
 
 
@@ -265,8 +302,13 @@ def exec_body(
     cwd: str | None = None,
     timeout_s: float | None = None,
     encoding: str | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /sandboxes/{id}/exec``. A string ``cmd`` runs via ``sh -c``."""
+    """The JSON body of ``POST /sandboxes/{id}/exec``. A string ``cmd`` runs via ``sh -c``.
+
+    ``user``: ``"root"``, or None for the sandbox user (sent only when given,
+    so a daemon without the field still takes a body that does not use it).
+    """
     argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     if not argv:
         raise ValueError("cmd must not be empty")
@@ -279,6 +321,8 @@ def exec_body(
         body["timeout_s"] = timeout_s
     if encoding is not None:
         body["encoding"] = encoding
+    if user is not None:
+        body["user"] = user
     return body
 
 
@@ -319,11 +363,9 @@ def process_body(
     cwd: str | None = None,
     user: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /sandboxes/{id}/processes``. A string ``cmd`` runs via ``sh -c``."""
-    body = exec_body(cmd, env=env, cwd=cwd)
-    if user is not None:
-        body["user"] = user
-    return body
+    """The JSON body of ``POST /sandboxes/{id}/processes``: an exec's, without its
+    timeout or encoding (a background process has neither)."""
+    return exec_body(cmd, env=env, cwd=cwd, user=user)
 
 
 def _pid(pid: int) -> str:
@@ -630,15 +672,19 @@ def shell_url(
     rows: int | None = None,
     cols: int | None = None,
     cmd: str | None = None,
+    user: str | None = None,
 ) -> str:
     """``ws://host/sandboxes/{id}/ws?...`` for the daemon at ``base_url`` (http → ws)."""
     scheme, rest = base_url.split("://", 1)
     ws_scheme = "wss" if scheme == "https" else "ws"
-    query = [
-        f"{key}={quote(str(value), safe='')}"
-        for key, value in (("session_id", session_id), ("rows", rows), ("cols", cols), ("cmd", cmd))
-        if value is not None
-    ]
+    params = (
+        ("session_id", session_id),
+        ("rows", rows),
+        ("cols", cols),
+        ("cmd", cmd),
+        ("user", user),
+    )
+    query = [f"{key}={quote(str(value), safe='')}" for key, value in params if value is not None]
     url = f"{ws_scheme}://{rest}{sandbox_path(id_or_name, 'ws')}"
     return f"{url}?{'&'.join(query)}" if query else url
 

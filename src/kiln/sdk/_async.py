@@ -20,7 +20,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse, KilnError, Timeout
+from .errors import InvalidResponse, KilnError, NotFound, Timeout
 from .models import (
     ExecEvent,
     ExecResult,
@@ -137,10 +137,25 @@ class _AsyncSandboxActions:
         return await self._kiln.sandboxes.get(self._ref)
 
     async def update(
-        self, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> AsyncSandbox:
-        """Rename it and/or pin it hot; running sessions are not disturbed."""
-        return await self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+        """Change what is given: rename, pin hot, replace the labels, restart the ttl
+        from now (``ttl_s=None``: never expire), change ``on_expire``. Running
+        sessions are not disturbed."""
+        return await self._kiln.sandboxes.update(
+            self._ref,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
 
     async def stop(self) -> AsyncSandbox:
         """Snapshot it to disk and stop it."""
@@ -161,13 +176,15 @@ class _AsyncSandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
 
         Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
-        non-zero exit code is not an error.
+        non-zero exit code is not an error. ``user="root"`` runs it as root
+        instead of the sandbox user (who can also ``sudo``).
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user)
         return await self._kiln._call(_api.exec_buffered(self._ref, body))
 
     def exec_stream(
@@ -177,17 +194,21 @@ class _AsyncSandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> AsyncExecStream:
         """Run ``cmd`` and iterate (``async for``) over its output as it happens.
 
         Yields :class:`Stdout`/:class:`Stderr` chunks (raw bytes), then one
-        :class:`Exit`. Closing the stream early kills the command::
+        :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
+        kills the command::
 
             async with sb.exec_stream(["make", "test"]) as events:
                 async for event in events:
                     ...
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        body = _api.exec_body(
+            cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64", user=user
+        )
         return AsyncExecStream(self._kiln, _api.exec_streamed(self._ref, body))
 
     @property
@@ -228,10 +249,17 @@ class _AsyncSandboxActions:
         rows: int | None = None,
         cols: int | None = None,
         cmd: str | None = None,
+        user: str | None = None,
     ) -> AsyncShellSession:
         """Open an interactive terminal (WebSocket); see :meth:`kiln.sdk.Sandbox.shell`."""
         url = _api.shell_url(
-            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+            self._kiln.url,
+            self._ref,
+            session_id=session_id,
+            rows=rows,
+            cols=cols,
+            cmd=cmd,
+            user=user,
         )
         from .shell import AsyncShellSession  # noqa: PLC0415 - websockets is slow to import
 
@@ -244,17 +272,41 @@ class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
 
     Fields never change; :meth:`update`, :meth:`stop`, :meth:`start` and
     :meth:`refresh` return a new object. Methods address the sandbox by ``id``.
+    ``async with`` deletes it on exit unless it was created with ``keep=True``.
     """
 
     _kiln: AsyncKiln = field(repr=False, compare=False)
+    _keep: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
-    def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo) -> AsyncSandbox:
-        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+    def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo, *, keep: bool = False) -> AsyncSandbox:
+        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
+        return cls(_kiln=kiln, _keep=keep, **values)
 
     @property
     def _ref(self) -> str:
         return self.id
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._keep:
+            return
+        try:
+            await self.delete()
+        except NotFound:
+            pass
+        except KilnError as error:
+            if exc is None:
+                raise
+            # The block's own error matters more; this one rides along on it.
+            exc.add_note(f"kiln: deleting sandbox {self.name} failed too: {error}")
 
 
 class AsyncSandboxRef(_AsyncSandboxActions):
@@ -294,6 +346,10 @@ class AsyncSandboxes:
         template: str | None = None,
         volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
         new_volumes: Sequence[NewVolume] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        on_expire: str | None = None,
+        keep: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
         spec = _api.sandbox_spec(
@@ -308,8 +364,12 @@ class AsyncSandboxes:
             template=template,
             volumes=volumes,
             new_volumes=new_volumes,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
         )
-        return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.create_sandbox(spec)))
+        info = await self._kiln._call(_api.create_sandbox(spec))
+        return AsyncSandbox._wrap(self._kiln, info, keep=keep)
 
     def ref(self, id_or_name: str) -> AsyncSandboxRef:
         """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
@@ -319,16 +379,31 @@ class AsyncSandboxes:
         """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.get_sandbox(id_or_name)))
 
-    async def list(self) -> builtins.list[AsyncSandbox]:
-        """All your sandboxes. Does not wake any of them."""
-        infos = await self._kiln._call(_api.list_sandboxes())
+    async def list(self, *, labels: Mapping[str, str] | None = None) -> builtins.list[AsyncSandbox]:
+        """All your sandboxes, or those carrying every one of ``labels``. Wakes none."""
+        infos = await self._kiln._call(_api.list_sandboxes(labels))
         return [AsyncSandbox._wrap(self._kiln, i) for i in infos]
 
     async def update(
-        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        id_or_name: str,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> AsyncSandbox:
-        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
-        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        """Change what is given (see :meth:`AsyncSandbox.update`); :class:`Conflict` if
+        the new name is taken."""
+        call = _api.update_sandbox(
+            id_or_name,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(call))
 
     async def delete(self, id_or_name: str) -> None:

@@ -15,7 +15,7 @@ import httpx
 from . import _api
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
-from .errors import InvalidResponse, KilnError, Timeout
+from .errors import InvalidResponse, KilnError, NotFound, Timeout
 from .models import (
     ExecEvent,
     ExecResult,
@@ -139,9 +139,26 @@ class _SandboxActions:
         """Fetch the sandbox again (does not wake it)."""
         return self._kiln.sandboxes.get(self._ref)
 
-    def update(self, *, name: str | None = None, keep_hot: bool | None = None) -> Sandbox:
-        """Rename it and/or pin it hot; running sessions are not disturbed."""
-        return self._kiln.sandboxes.update(self._ref, name=name, keep_hot=keep_hot)
+    def update(
+        self,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
+    ) -> Sandbox:
+        """Change what is given: rename, pin hot, replace the labels, restart the ttl
+        from now (``ttl_s=None``: never expire), change ``on_expire``. Running
+        sessions are not disturbed."""
+        return self._kiln.sandboxes.update(
+            self._ref,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
 
     def stop(self) -> Sandbox:
         """Snapshot it to disk and stop it."""
@@ -162,14 +179,16 @@ class _SandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
 
         Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
         non-zero exit code is not an error. ``timeout_s`` asks the daemon to
-        kill the command after that many seconds.
+        kill the command after that many seconds. ``user="root"`` runs it as
+        root instead of the sandbox user (who can also ``sudo``).
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s)
+        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user)
         return self._kiln._call(_api.exec_buffered(self._ref, body))
 
     def exec_stream(
@@ -179,18 +198,21 @@ class _SandboxActions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecStream:
         """Run ``cmd`` and iterate over its output as it happens.
 
         Yields :class:`Stdout` and :class:`Stderr` chunks (raw bytes) and finally
-        one :class:`Exit`. Closing the stream early (leaving the ``with`` block,
-        :meth:`ExecStream.close`) kills the command::
+        one :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
+        (leaving the ``with`` block, :meth:`ExecStream.close`) kills the command::
 
             with sb.exec_stream(["make", "test"]) as events:
                 for event in events:
                     ...
         """
-        body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64")
+        body = _api.exec_body(
+            cmd, env=env, cwd=cwd, timeout_s=timeout_s, encoding="base64", user=user
+        )
         return ExecStream(self._kiln, _api.exec_streamed(self._ref, body))
 
     @property
@@ -231,16 +253,23 @@ class _SandboxActions:
         rows: int | None = None,
         cols: int | None = None,
         cmd: str | None = None,
+        user: str | None = None,
     ) -> ShellSession:
         """Open an interactive terminal (WebSocket) in the sandbox.
 
         Without ``session_id`` a new TTY session starts ``cmd`` (default: the
-        login shell); with it, the existing session is reattached and its
-        scrollback replayed. Closing the :class:`ShellSession` detaches; the
-        session keeps running.
+        login shell), as root with ``user="root"``; with it, the existing
+        session is reattached and its scrollback replayed. Closing the
+        :class:`ShellSession` detaches; the session keeps running.
         """
         url = _api.shell_url(
-            self._kiln.url, self._ref, session_id=session_id, rows=rows, cols=cols, cmd=cmd
+            self._kiln.url,
+            self._ref,
+            session_id=session_id,
+            rows=rows,
+            cols=cols,
+            cmd=cmd,
+            user=user,
         )
         from .shell import ShellSession  # noqa: PLC0415 - websockets is slow to import
 
@@ -255,17 +284,46 @@ class Sandbox(SandboxInfo, _SandboxActions):
     (:meth:`update`, :meth:`stop`, :meth:`start`, :meth:`refresh`) return a new
     :class:`Sandbox`. Methods address the sandbox by ``id``, so they keep
     working after a rename.
+
+    As a context manager it deletes the sandbox on exit, unless it was created
+    with ``keep=True``; a sandbox already gone by then is fine::
+
+        with k.sandboxes.create() as sb:
+            sb.exec("make test")
     """
 
     _kiln: Kiln = field(repr=False, compare=False)
+    _keep: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
-    def _wrap(cls, kiln: Kiln, info: SandboxInfo) -> Sandbox:
-        return cls(_kiln=kiln, **{f.name: getattr(info, f.name) for f in fields(SandboxInfo)})
+    def _wrap(cls, kiln: Kiln, info: SandboxInfo, *, keep: bool = False) -> Sandbox:
+        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
+        return cls(_kiln=kiln, _keep=keep, **values)
 
     @property
     def _ref(self) -> str:
         return self.id
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._keep:
+            return
+        try:
+            self.delete()
+        except NotFound:
+            pass
+        except KilnError as error:
+            if exc is None:
+                raise
+            # The block's own error matters more; this one rides along on it.
+            exc.add_note(f"kiln: deleting sandbox {self.name} failed too: {error}")
 
 
 class SandboxRef(_SandboxActions):
@@ -310,6 +368,10 @@ class Sandboxes:
         template: str | None = None,
         volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
         new_volumes: Sequence[NewVolume] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        on_expire: str | None = None,
+        keep: bool = False,
     ) -> Sandbox:
         """Create a sandbox and return once it is running.
 
@@ -318,7 +380,10 @@ class Sandboxes:
         secrets whose values join ``env``; ``init`` is a shell script run as
         the TTY session ``init``; ``template`` is a template id to start from;
         ``volumes`` maps existing volume names to mount points, and
-        ``new_volumes`` creates volumes along with the sandbox.
+        ``new_volumes`` creates volumes along with the sandbox. ``labels`` are
+        string pairs to find it by (``list(labels=...)``); after ``ttl_s``
+        seconds the daemon destroys it, or stops it with ``on_expire="stop"``.
+        ``keep=True``: leaving a ``with`` block does not delete it.
         """
         spec = _api.sandbox_spec(
             name=name,
@@ -332,8 +397,12 @@ class Sandboxes:
             template=template,
             volumes=volumes,
             new_volumes=new_volumes,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
         )
-        return Sandbox._wrap(self._kiln, self._kiln._call(_api.create_sandbox(spec)))
+        info = self._kiln._call(_api.create_sandbox(spec))
+        return Sandbox._wrap(self._kiln, info, keep=keep)
 
     def ref(self, id_or_name: str) -> SandboxRef:
         """A handle on the sandbox ``id_or_name`` without fetching it (no request)."""
@@ -343,15 +412,31 @@ class Sandboxes:
         """The sandbox with this id or name (:class:`NotFound` otherwise). Does not wake it."""
         return Sandbox._wrap(self._kiln, self._kiln._call(_api.get_sandbox(id_or_name)))
 
-    def list(self) -> builtins.list[Sandbox]:
-        """All your sandboxes. Does not wake any of them."""
-        return [Sandbox._wrap(self._kiln, i) for i in self._kiln._call(_api.list_sandboxes())]
+    def list(self, *, labels: Mapping[str, str] | None = None) -> builtins.list[Sandbox]:
+        """All your sandboxes, or those carrying every one of ``labels``. Wakes none."""
+        infos = self._kiln._call(_api.list_sandboxes(labels))
+        return [Sandbox._wrap(self._kiln, i) for i in infos]
 
     def update(
-        self, id_or_name: str, *, name: str | None = None, keep_hot: bool | None = None
+        self,
+        id_or_name: str,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = _api.UNCHANGED,
+        on_expire: str | None = None,
     ) -> Sandbox:
-        """Rename a sandbox and/or pin it hot (:class:`Conflict` if the name is taken)."""
-        call = _api.update_sandbox(id_or_name, name=name, keep_hot=keep_hot)
+        """Change what is given (see :meth:`Sandbox.update`); :class:`Conflict` if the
+        new name is taken."""
+        call = _api.update_sandbox(
+            id_or_name,
+            name=name,
+            keep_hot=keep_hot,
+            labels=labels,
+            ttl_s=ttl_s,
+            on_expire=on_expire,
+        )
         return Sandbox._wrap(self._kiln, self._kiln._call(call))
 
     def delete(self, id_or_name: str) -> None:

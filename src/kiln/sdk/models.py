@@ -119,6 +119,8 @@ class SandboxInfo(_Model):
 
     ``status`` is ``running`` (whatever the thermal state), ``stopped`` after an
     explicit stop, or ``error``; ``thermal`` is ``hot``, ``warm`` or ``cold``.
+    ``expires_at`` is when the daemon will ``on_expire`` it (``destroy`` or
+    ``stop``); ``None`` means never.
     """
 
     id: str
@@ -133,6 +135,20 @@ class SandboxInfo(_Model):
     image: str
     created_at: datetime | None
     last_active_at: datetime | None
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    expires_at: datetime | None = None
+    on_expire: str = "destroy"
+
+
+def _labels(obj: Mapping[str, Any], what: str) -> dict[str, str]:
+    value = obj.get("labels")
+    if value is None:
+        return {}  # a daemon from before labels
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidResponse(f"{what}: field 'labels' must be an object of strings")
+    return dict(value)
 
 
 def parse_sandbox(data: Any) -> SandboxInfo:
@@ -152,6 +168,9 @@ def parse_sandbox(data: Any) -> SandboxInfo:
         image=_field(obj, "image", str, what, ""),
         created_at=parse_time(obj.get("created_at"), "sandbox created_at"),
         last_active_at=parse_time(obj.get("last_active_at"), "sandbox last_active_at"),
+        labels=_labels(obj, what),
+        expires_at=parse_time(obj.get("expires_at"), "sandbox expires_at"),
+        on_expire=_field(obj, "on_expire", str, what, "destroy"),
     )
 
 

@@ -11,11 +11,13 @@ Start-up, in order:
 4. the engine (``auto``: QEMU when installed; otherwise every sandbox
    operation answers 503 while the rest of the API works), then recovery of
    every live sandbox the store knows, then orphan cleanup;
-5. one :class:`asyncio.TaskGroup` owning the thermal manager and the HTTP
-   server (uvicorn).
+5. one :class:`asyncio.TaskGroup` owning the thermal manager, the expiry
+   reaper (its first tick, right after recovery, handles the sandboxes that
+   expired while the daemon was down) and the HTTP server (uvicorn).
 
 SIGTERM or SIGINT shuts down gracefully: the server stops accepting, open
-requests get a few seconds, the thermal manager stops, the engine is closed
+requests get a few seconds, the thermal manager stops, the expiry reaper
+finishes the destroy or stop it may be in the middle of, the engine is closed
 (sandboxes keep running or stay on disk for the next start's recovery; none
 is destroyed) and the store is closed. A second signal skips the wait.
 
@@ -48,6 +50,7 @@ from kiln.store import NotFound, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
+from .expiry import ExpiryReaper
 from .services import Services, persist_engine_state
 
 log = logging.getLogger("kiln.daemon")
@@ -384,6 +387,7 @@ async def _run(
         thermal=thermal,
         images=ImageBuilder(config.image_dir) if available and build_images else None,
     )
+    expiry = ExpiryReaper(services.sandboxes) if available else None
     server = _Server(
         uvicorn.Config(
             create_app(services),
@@ -411,6 +415,8 @@ async def _run(
     try:
         async with asyncio.TaskGroup() as tg:
             thermal_task = tg.create_task(thermal.run(), name="thermal") if thermal else None
+            if expiry is not None:
+                tg.create_task(expiry.run(), name="expiry")
             http = tg.create_task(server.serve(sockets=[sock]), name="http")
             warm_up = (
                 tg.create_task(_warm_up(services), name="warm-up") if services.images else None
@@ -428,6 +434,8 @@ async def _run(
             await asyncio.wait({http})
             if thermal_task is not None:
                 thermal_task.cancel()
+            if expiry is not None:
+                expiry.stop()  # not cancel: a destroy or snapshot in progress completes
             if warm_up is not None:
                 warm_up.cancel()
     finally:

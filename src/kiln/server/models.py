@@ -1,18 +1,35 @@
 """Request bodies of the HTTP API (pydantic, strict), and the shared name rules.
 
 Types are strict: ``"cpus": "2"`` or ``"keep_hot": 1`` is a 422, not silently
-coerced. Unknown fields are ignored, so an older daemon accepts a newer
-client's extra options. Responses are plain dicts built in :mod:`.views`.
+coerced. So is a field the route does not know: a typo (``"memory"`` for
+``"memory_mb"``) or an option this daemon lacks must fail loudly rather than be
+ignored and leave the client believing it took effect. Responses are plain
+dicts built in :mod:`.views`.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Annotated, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from kiln.engine.base import MAX_CPUS, MIN_MEMORY_MB
+from kiln.protocol import ROOT_USER, SANDBOX_USER
 
 #: Sandbox, template and volume names (and what a path segment may hold).
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"
@@ -23,6 +40,7 @@ SECRET_NAME_RE = re.compile(SECRET_NAME_PATTERN)
 MAX_MEMORY_MB = 1 << 20  # 1 TiB
 MAX_VOLUME_MB = 1 << 22  # 4 TiB
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_TTL_S = 10 * 366 * 24 * 3600.0  # ten years: "forever" is null, not a huge number
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
 Cpus = Annotated[StrictInt, Field(ge=1, le=MAX_CPUS)]
@@ -30,10 +48,75 @@ MemoryMb = Annotated[StrictInt, Field(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
 SizeMb = Annotated[StrictInt, Field(ge=1, le=MAX_VOLUME_MB)]
 MountPoint = Annotated[StrictStr, Field(pattern=r"^/[^\x00]*[^/\x00]$", max_length=4096)]
 Env = dict[Annotated[StrictStr, Field(min_length=1, pattern=r"^[^=\x00]+$")], StrictStr]
+# Types only here; key and value rules live in kiln.store.check_labels (one message style).
+Labels = dict[StrictStr, StrictStr]
+TtlS = Annotated[StrictFloat, Field(gt=0, le=MAX_TTL_S)]
+OnExpireName = Literal["destroy", "stop"]
+
+
+#: Who a command may run as: root, or the image's sandbox user (the default).
+EXEC_USERS = (ROOT_USER, SANDBOX_USER)
+
+
+def exec_user_error(value: object) -> str | None:
+    """Why ``value`` is not a user a command may run as; None when it is one."""
+    if isinstance(value, str) and value in EXEC_USERS:
+        return None
+    return f"must be {ROOT_USER!r} or {SANDBOX_USER!r} (the default), got {value!r}"
+
+
+def _exec_user(value: object) -> str:
+    error = exec_user_error(value)
+    if error is not None:
+        # A custom error type: pydantic would prefix a ValueError's text with "Value error, ".
+        raise PydanticCustomError("exec_user", "{error}", {"error": error})
+    assert isinstance(value, str)
+    return value
+
+
+ExecUser = Annotated[
+    str,
+    PlainValidator(_exec_user),
+    WithJsonSchema({"type": "string", "enum": list(EXEC_USERS)}),
+]
+
+
+def agent_user(user: str | None) -> str | None:
+    """The ExecRequest ``user`` for a validated :data:`ExecUser`.
+
+    The sandbox user is sent as None, the agent's own default: that is the user
+    the sandbox was configured with, whatever the agent is told its name is
+    (a test-mode agent runs as whoever started it).
+    """
+    return ROOT_USER if user == ROOT_USER else None
+
+
+def unknown_fields_message(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """``unknown field 'memory' (did you mean 'memory_mb'?); known fields: ...``."""
+    known = list(known)
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    noun = "field" if len(parts) == 1 else "fields"
+    return f"unknown {noun} {', '.join(parts)}; known fields: {', '.join(known)}"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # "forbid" also puts additionalProperties: false in the OpenAPI schema; the
+    # check below runs first and gives the clearer message.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [str(key) for key in data if key not in cls.model_fields]
+            if unknown:
+                message = unknown_fields_message(unknown, cls.model_fields)
+                raise PydanticCustomError("extra_forbidden", "{message}", {"message": message})
+        return data
 
 
 class VolumeMountBody(_Body):
@@ -59,11 +142,20 @@ class CreateSandbox(_Body):
     image: Name | None = None
     volumes: list[VolumeMountBody] | None = None
     new_volumes: list[NewVolumeBody] | None = None
+    labels: Labels | None = None
+    ttl_s: TtlS | None = None  # None: no expiry
+    on_expire: OnExpireName | None = None  # None: destroy
 
 
 class PatchSandbox(_Body):
+    """Absent fields are left alone; ``"ttl_s": null`` removes the expiry (see
+    ``model_fields_set``), ``"labels"`` replaces the whole label set."""
+
     name: Name | None = None
     keep_hot: StrictBool | None = None
+    labels: Labels | None = None
+    ttl_s: TtlS | None = None
+    on_expire: OnExpireName | None = None
 
 
 class ExecBody(_Body):
@@ -73,23 +165,22 @@ class ExecBody(_Body):
     timeout_s: Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     encoding: Literal["utf-8", "base64"] | None = None
     stdin: StrictStr | None = None
+    user: ExecUser | None = Field(
+        default=None, description=f"{ROOT_USER!r}, or {SANDBOX_USER!r} (the default)"
+    )
 
 
-class _StrictBody(_Body):
-    """A body whose unknown fields are refused (422 naming the field), not ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StartProcess(_StrictBody):
+class StartProcess(_Body):
     cmd: Annotated[list[StrictStr], Field(min_length=1)]
     env: Env | None = None
     cwd: StrictStr | None = None
-    user: StrictStr | None = None
+    user: ExecUser | None = Field(
+        default=None, description=f"{ROOT_USER!r}, or {SANDBOX_USER!r} (the default)"
+    )
 
 
-class SignalProcess(_StrictBody):
-    signal: StrictStr
+class SignalProcess(_Body):
+    signal: StrictStr = Field(description="TERM, KILL, INT, HUP, QUIT, USR1 or USR2")
 
 
 class CreateTemplate(_Body):

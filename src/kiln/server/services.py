@@ -35,12 +35,14 @@ from kiln.engine.ports import listening_ports
 from kiln.store import (
     NewVolume,
     NotFound,
+    OnExpire,
     SandboxConfig,
     SecretInfo,
     Store,
     TemplateSpec,
     User,
     VolumeMount,
+    check_labels,
     rfc3339,
 )
 from kiln.store import Sandbox as SandboxRow
@@ -48,6 +50,7 @@ from kiln.store import Template as TemplateRow
 from kiln.store import Volume as VolumeRow
 
 from .errors import ConflictError, NotFoundError, Unprocessable
+from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
 from .models import (
     NAME_RE,
     CreateSandbox,
@@ -166,6 +169,11 @@ class SandboxService:
         self._active.pop(sandbox_id, None)
         self._persisted.pop(sandbox_id, None)
 
+    @property
+    def creating(self) -> frozenset[str]:
+        """Ids of the sandboxes whose create is in progress."""
+        return frozenset(self._creating)
+
     def find(self, user: User, ref: str) -> SandboxRow:
         """The user's live sandbox with id or name ``ref`` (404 otherwise, also for others')."""
         return self.store.find_sandbox(user.id, check_ref(ref, "sandbox"))
@@ -219,10 +227,16 @@ class SandboxService:
             "image": sb.image,
             "created_at": rfc3339(sb.created_at),
             "last_active_at": rfc3339(last),
+            "labels": dict(sb.labels),
+            "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
+            "on_expire": str(sb.on_expire),
         }
 
-    def list_for(self, user: User) -> list[dict[str, Any]]:
-        return [self.view(sb) for sb in self.store.list_sandboxes(user.id)]
+    def list_for(self, user: User, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        return [self.view(sb) for sb in self.store.list_sandboxes(user.id, labels=labels)]
+
+    def _expires_at(self, ttl_s: float | None) -> float | None:
+        return None if ttl_s is None else self._s.clock() + ttl_s
 
     def get(self, user: User, ref: str) -> dict[str, Any]:
         return self.view(self.find(user, ref))
@@ -241,6 +255,7 @@ class SandboxService:
         env: dict[str, str] = dict(tspec.env) if tspec else {}
         env.update(body.env or {})
         secret_names = tuple(dict.fromkeys(body.secrets or ()))
+        labels = check_labels(body.labels or {})
 
         if body.volumes is not None:
             mounts = [VolumeMount(v.name, v.mount) for v in body.volumes]
@@ -284,6 +299,9 @@ class SandboxService:
             status=Status.RUNNING,
             thermal=Thermal.HOT,
             sandbox_id=sandbox_id,
+            labels=labels,
+            expires_at=self._expires_at(body.ttl_s),
+            on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
         )
         attached = {v.name: v for v in self.store.sandbox_volumes(sandbox_id)}
         spec = SandboxSpec(
@@ -339,20 +357,62 @@ class SandboxService:
             raise ConflictError(f"sandbox {sb.name!r} is still being created")
         async with self._lock(sb.id):
             sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
-            with contextlib.suppress(SandboxNotFound):
-                await self.engine.destroy(sb.id)
-            self.store.delete_sandbox(sb.id)
+            await self._destroy_locked(sb.id)
         self._forget(sb.id)
         log.info("sandbox %s (%s) deleted", sb.id, sb.name)
+
+    async def _destroy_locked(self, sandbox_id: str) -> None:
+        with contextlib.suppress(SandboxNotFound):
+            await self.engine.destroy(sandbox_id)
+        self.store.delete_sandbox(sandbox_id)
 
     async def stop(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
         self._usable(sb)
         async with self._lock(sb.id):
-            info = await self.engine.stop(sb.id)
-            row = self._persist_engine_state(sb.id, status=Status.STOPPED, thermal=info.thermal)
+            row = await self._stop_locked(sb.id)
         self.touch(sb.id)
         return self.view(row)
+
+    async def _stop_locked(self, sandbox_id: str, **changes: Any) -> SandboxRow:
+        info = await self.engine.stop(sandbox_id)
+        return self._persist_engine_state(
+            sandbox_id, status=Status.STOPPED, thermal=info.thermal, **changes
+        )
+
+    async def expire(self, sandbox_id: str, now: float) -> ExpiryAction | None:
+        """Carry out a sandbox's expiry if it is still due at ``now``; return what was done.
+
+        Decided again under the sandbox's lock: a delete, or a PATCH moving the
+        expiry, that got there first wins (None). Expiry is not activity: the
+        thermal state is not refreshed.
+        """
+        if sandbox_id in self._creating:
+            return None
+        async with self._lock(sandbox_id):
+            try:
+                sb = self.store.get_sandbox(sandbox_id)
+            except NotFound:
+                return None
+            if not is_due(now, sb):
+                return None
+            action = action_for(sb)
+            match action:
+                case Destroy():
+                    await self._destroy_locked(sb.id)
+                case Stop():
+                    await self._stop_locked(sb.id, expires_at=None)
+                case Disarm():
+                    self.store.update_sandbox(sb.id, expires_at=None)
+        if isinstance(action, Destroy):
+            self._forget(sb.id)
+        log.info(
+            "sandbox %s (%s) expired: %s",
+            sb.id,
+            sb.name,
+            {Destroy: "destroyed", Stop: "stopped", Disarm: f"already {sb.status}"}[type(action)],
+        )
+        return action
 
     async def start(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
@@ -367,10 +427,20 @@ class SandboxService:
 
     def patch(self, user: User, ref: str, body: PatchSandbox) -> dict[str, Any]:
         sb = self.find(user, ref)
+        labels = None if body.labels is None else check_labels(body.labels)
         if body.name is not None and body.name != sb.name:
             sb = self.store.rename_sandbox(sb.id, body.name)
+        changes: dict[str, Any] = {}
         if body.keep_hot is not None and body.keep_hot != sb.keep_hot:
-            sb = self.store.update_sandbox(sb.id, keep_hot=body.keep_hot)
+            changes["keep_hot"] = body.keep_hot
+        if labels is not None:
+            changes["labels"] = labels
+        if "ttl_s" in body.model_fields_set:  # an explicit null removes the expiry
+            changes["expires_at"] = self._expires_at(body.ttl_s)
+        if body.on_expire is not None:
+            changes["on_expire"] = OnExpire(body.on_expire)
+        if changes:
+            sb = self.store.update_sandbox(sb.id, **changes)
         return self.view(sb)
 
     async def agent(self, user: User, ref: str) -> tuple[SandboxRow, AgentClient]:

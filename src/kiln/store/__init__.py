@@ -18,6 +18,7 @@ from .errors import (
 )
 from .records import (
     NewVolume,
+    OnExpire,
     PublishRule,
     Quotas,
     Sandbox,
@@ -28,6 +29,7 @@ from .records import (
     User,
     Volume,
     VolumeMount,
+    check_labels,
     rfc3339,
 )
 from .schema import LATEST_VERSION, MIGRATIONS, migrate
@@ -43,6 +45,7 @@ __all__ = [
     "NameTaken",
     "NewVolume",
     "NotFound",
+    "OnExpire",
     "PublishRule",
     "QuotaExceeded",
     "Quotas",
@@ -61,6 +64,7 @@ __all__ = [
     "Volume",
     "VolumeInUse",
     "VolumeMount",
+    "check_labels",
     "hash_api_key",
     "migrate",
     "new_api_key",

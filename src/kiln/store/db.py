@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import secrets
 import sqlite3
@@ -40,6 +41,7 @@ from .errors import (
 )
 from .records import (
     NewVolume,
+    OnExpire,
     PublishRule,
     Quotas,
     Sandbox,
@@ -56,6 +58,9 @@ from .records import (
     config_to_json,
     engine_state_from_json,
     engine_state_to_json,
+    labels_from_json,
+    labels_match,
+    labels_to_json,
     template_spec_from_json,
     template_spec_to_json,
 )
@@ -90,7 +95,7 @@ def _new_id(prefix: str) -> str:
 _USER_COLS = "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at"
 _SANDBOX_COLS = (
     "id, user_id, name, cpus, memory_mb, image, keep_hot, status, thermal, ip, engine,"
-    " engine_state, spec, created_at, last_active_at, deleted_at"
+    " engine_state, spec, created_at, last_active_at, deleted_at, labels, expires_at, on_expire"
 )
 _VOLUME_SELECT = (
     "SELECT v.id, v.user_id, v.name, v.size_mb, v.path, v.created_at, a.sandbox_id, a.mount"
@@ -333,6 +338,9 @@ class Store:
         engine_state: Mapping[str, Any] | None = None,
         sandbox_id: str | None = None,
         enforce_quota: bool = True,
+        labels: Mapping[str, str] | None = None,
+        expires_at: float | None = None,
+        on_expire: OnExpire = OnExpire.DESTROY,
     ) -> Sandbox:
         """Insert a sandbox row, in one transaction with everything it needs.
 
@@ -351,6 +359,7 @@ class Store:
         cpus, memory_mb = as_int(cpus, "cpus"), as_int(memory_mb, "memory_mb")
         spec_json = config_to_json(config)
         state_json = engine_state_to_json(engine_state)
+        labels_json = labels_to_json(labels or {})
         now = self._now()
         with self._write() as conn:
             user = _user(_one(_select_user(conn, user_id), f"user {user_id!r}"))
@@ -360,7 +369,7 @@ class Store:
                 raise NameTaken(f"a sandbox named {name!r} already exists")
             conn.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
                 (
                     sandbox_id,
                     user_id,
@@ -377,6 +386,9 @@ class Store:
                     spec_json,
                     now,
                     now,
+                    labels_json,
+                    _opt_float(expires_at, "expires_at"),
+                    OnExpire(on_expire).value,
                 ),
             )
             for vol in new_volumes:
@@ -402,13 +414,28 @@ class Store:
             ).fetchone() or _live_sandbox_named(conn, user_id, id_or_name)
             return _sandbox(_one_row(row, f"sandbox {id_or_name!r}"))
 
-    def list_sandboxes(self, user_id: str) -> list[Sandbox]:
-        """A user's live sandboxes, oldest first."""
+    def list_sandboxes(
+        self, user_id: str, *, labels: Mapping[str, str] | None = None
+    ) -> list[Sandbox]:
+        """A user's live sandboxes, oldest first; with ``labels``, only those carrying
+        every one of them (a user has few sandboxes: filtered here, not in SQL)."""
         with self._read() as conn:
             rows = conn.execute(
                 f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE user_id = ? AND deleted_at IS NULL"
                 " ORDER BY created_at, id",
                 (user_id,),
+            )
+            found = [_sandbox(r) for r in rows]
+        if labels:
+            found = [sb for sb in found if labels_match(sb.labels, labels)]
+        return found
+
+    def list_expiring(self) -> list[Sandbox]:
+        """Every live sandbox that has an expiry, soonest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_SANDBOX_COLS} FROM sandboxes"
+                " WHERE deleted_at IS NULL AND expires_at IS NOT NULL ORDER BY expires_at, id"
             )
             return [_sandbox(r) for r in rows]
 
@@ -439,8 +466,14 @@ class Store:
         keep_hot: bool | None = None,
         ip: str | _Unset | None = UNSET,
         engine_state: Mapping[str, Any] | _Unset | None = UNSET,
+        labels: Mapping[str, str] | None = None,
+        expires_at: float | _Unset | None = UNSET,
+        on_expire: OnExpire | None = None,
     ) -> Sandbox:
-        """Change the given fields of a live sandbox; return the updated record."""
+        """Change the given fields of a live sandbox; return the updated record.
+
+        ``labels`` replaces the whole label set; ``expires_at=None`` removes the expiry.
+        """
         sets: list[str] = []
         args: list[object] = []
         if status is not None:
@@ -458,6 +491,15 @@ class Store:
         if not isinstance(engine_state, _Unset):
             sets.append("engine_state = ?")
             args.append(engine_state_to_json(engine_state))
+        if labels is not None:
+            sets.append("labels = ?")
+            args.append(labels_to_json(labels))
+        if not isinstance(expires_at, _Unset):
+            sets.append("expires_at = ?")
+            args.append(_opt_float(expires_at, "expires_at"))
+        if on_expire is not None:
+            sets.append("on_expire = ?")
+            args.append(OnExpire(on_expire).value)
         with self._write() as conn:
             if sets:
                 conn.execute(
@@ -793,6 +835,15 @@ def _check_quota(
         raise QuotaExceeded(f"you already have {live} of at most {quotas.max_sandboxes} sandboxes")
 
 
+def _opt_float(value: object, what: str) -> float | None:
+    """A time for a ``REAL`` column: a finite number or None (NaN would never expire)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidValue(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _checked_quotas(quotas: Quotas) -> Quotas:
     checked = Quotas(
         as_opt_int(quotas.max_sandboxes, "max_sandboxes"),
@@ -894,6 +945,9 @@ def _sandbox(row: sqlite3.Row) -> Sandbox:
             created_at=float(row["created_at"]),
             last_active_at=float(row["last_active_at"]),
             deleted_at=None if row["deleted_at"] is None else float(row["deleted_at"]),
+            labels=labels_from_json(row["labels"]),
+            expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
+            on_expire=OnExpire(row["on_expire"]),
         )
 
 

@@ -14,7 +14,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Final
 
 from kiln.engine.base import Status, Thermal
 
@@ -24,6 +25,53 @@ from .errors import InvalidValue
 def rfc3339(ts: float) -> str:
     """``1700000000.5`` → ``"2023-11-14T22:13:20.500000Z"``."""
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class OnExpire(StrEnum):
+    """What happens to a sandbox when its ``expires_at`` passes."""
+
+    DESTROY = "destroy"
+    STOP = "stop"
+
+
+#: Label limits: generous for real use, small enough that a sandbox row stays small.
+MAX_LABELS: Final = 64
+MAX_LABEL_KEY: Final = 128
+MAX_LABEL_VALUE: Final = 256
+
+
+def check_labels(value: object, what: str = "labels") -> dict[str, str]:
+    """Validated labels: an object of at most :data:`MAX_LABELS` string → string pairs.
+
+    A key is 1..128 printable characters without ``=`` (the list filter is
+    ``label=KEY=VALUE``, split at the first ``=``); a value is 0..256 printable
+    characters. Raises :class:`InvalidValue` naming the offending label.
+    """
+    if not isinstance(value, Mapping):
+        raise InvalidValue(f"{what} must be an object of strings, got {value!r}")
+    if len(value) > MAX_LABELS:
+        raise InvalidValue(f"{what}: at most {MAX_LABELS} labels, got {len(value)}")
+    out: dict[str, str] = {}
+    for key, val in value.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidValue(f"{what}: a label key must be a non-empty string, got {key!r}")
+        if len(key) > MAX_LABEL_KEY:
+            raise InvalidValue(f"{what}: label key {key[:20]!r}… is over {MAX_LABEL_KEY} chars")
+        if "=" in key or not key.isprintable():
+            raise InvalidValue(f"{what}: label key {key!r} must be printable and without '='")
+        if not isinstance(val, str):
+            raise InvalidValue(f"{what}[{key!r}] must be a string, got {val!r}")
+        if len(val) > MAX_LABEL_VALUE:
+            raise InvalidValue(f"{what}[{key!r}] is over {MAX_LABEL_VALUE} characters")
+        if not val.isprintable():
+            raise InvalidValue(f"{what}[{key!r}] must be printable")
+        out[key] = val
+    return out
+
+
+def labels_match(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    """Whether every ``wanted`` label is present with that exact value."""
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +137,9 @@ class Sandbox:
     created_at: float
     last_active_at: float
     deleted_at: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    expires_at: float | None = None  # unix s; None: lives until deleted
+    on_expire: OnExpire = OnExpire.DESTROY
 
     @property
     def live(self) -> bool:
@@ -275,6 +326,14 @@ def template_spec_from_json(text: str) -> TemplateSpec:
         init=_as_opt_str(data.get("init"), "init"),
         volumes=_mounts_from_json(data.get("volumes", []), "volumes"),
     )
+
+
+def labels_to_json(labels: Mapping[str, str]) -> str:
+    return dump_json(check_labels(labels), "labels")
+
+
+def labels_from_json(text: str) -> dict[str, str]:
+    return check_labels(load_json(text, "labels"))
 
 
 def engine_state_to_json(state: Mapping[str, Any] | None) -> str | None:

@@ -116,7 +116,23 @@ def _v2_publish_rules(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_publish_rules)
+def _v3_lifecycle(conn: sqlite3.Connection) -> None:
+    # Existing sandboxes get no labels and no expiry: exactly what they had.
+    _run(
+        conn,
+        [
+            "ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE sandboxes ADD COLUMN expires_at REAL",
+            """ALTER TABLE sandboxes ADD COLUMN on_expire TEXT NOT NULL DEFAULT 'destroy'
+                CHECK (on_expire IN ('destroy', 'stop'))""",
+            # The expiry loop asks for this every second: only live rows with an expiry.
+            """CREATE INDEX sandboxes_live_expiry ON sandboxes(expires_at)
+                WHERE deleted_at IS NULL AND expires_at IS NOT NULL""",
+        ],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_publish_rules, _v3_lifecycle)
 LATEST_VERSION = len(MIGRATIONS)
 
 

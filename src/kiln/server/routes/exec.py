@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from kiln.agent_client import AgentClient, AgentError, ExecProcess, Exit, Stderr, Stdout
 
 from ..errors import to_api_error
-from ..models import ExecBody
+from ..models import ExecBody, agent_user
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 
@@ -140,7 +140,9 @@ async def _guard(request: Request, touch: Callable[[], None]) -> None:
 def _process(client: AgentClient, body: ExecBody) -> ExecProcess:
     """The command, with the request's ``stdin`` (if any) fed and then closed."""
     stdin = body.stdin.encode() if body.stdin is not None else b""
-    return client.exec_stream(body.cmd, env=body.env, cwd=body.cwd, stdin=stdin)
+    return client.exec_stream(
+        body.cmd, env=body.env, cwd=body.cwd, stdin=stdin, user=agent_user(body.user)
+    )
 
 
 async def _buffered(client: AgentClient, body: ExecBody) -> dict[str, Any]:

@@ -19,8 +19,7 @@ from kiln.protocol import OUTPUT_KEPT, InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
-from ..models import SignalProcess, StartProcess
-from ..runas import check_user, sandbox_user
+from ..models import SignalProcess, StartProcess, agent_user
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 from .exec import NDJSON, _Decoder, _line, keep_active
@@ -72,8 +71,8 @@ async def start_process(
 ) -> dict[str, Any]:
     """Start a command detached from this request; 400 when it cannot start
     (not found, not executable, bad cwd)."""
-    run_as = check_user(body.user, sandbox_user(services.engine))
     sb, client = await services.sandboxes.agent(user, sandbox)
+    run_as = agent_user(body.user)
     info = await client.start_process(body.cmd, env=body.env, cwd=body.cwd, user=run_as)
     services.sandboxes.touch(sb.id)
     return process_view(info)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Query, Response
 
+from ..errors import BadRequest
 from ..models import CreateSandbox, PatchSandbox
 from .deps import AppServices, CurrentUser
 
@@ -23,9 +24,32 @@ async def create_sandbox(
 
 
 @router.get("/sandboxes")
-async def list_sandboxes(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
-    """The user's sandboxes (never wakes one)."""
-    return services.sandboxes.list_for(user)
+async def list_sandboxes(
+    user: CurrentUser,
+    services: AppServices,
+    label: Annotated[
+        list[str] | None,
+        Query(description="KEY=VALUE; repeatable, a sandbox must carry all of them"),
+    ] = None,
+) -> list[dict[str, Any]]:
+    """The user's sandboxes (never wakes one), optionally only those with given labels."""
+    wanted = label_filter(label or [])
+    if wanted is None:
+        return []
+    return services.sandboxes.list_for(user, labels=wanted)
+
+
+def label_filter(values: list[str]) -> dict[str, str] | None:
+    """``["team=ml", "env=dev"]`` → ``{"team": "ml", "env": "dev"}``; None when two
+    filters ask one key for different values (nothing can match both)."""
+    wanted: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"label filter must be KEY=VALUE, got {item!r}")
+        if wanted.setdefault(key, value) != value:
+            return None
+    return wanted
 
 
 @router.get("/sandboxes/{sandbox}")

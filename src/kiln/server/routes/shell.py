@@ -4,7 +4,8 @@ Binary messages both ways are terminal bytes; a text message
 ``{"type":"resize","rows":R,"cols":C}`` resizes. Closing the socket detaches
 (the session keeps running). The session id is sent in the upgrade response's
 ``X-Kiln-Session-Id`` header; when the process exits the socket is closed with
-code 1000 and the reason ``exit <code>``.
+code 1000 and the reason ``exit <code>``. ``?user=root`` starts the new session
+as root instead of the sandbox user.
 
 A request that cannot become a terminal (no or wrong key, unknown sandbox or
 session, bad parameters) is refused before the upgrade with the usual JSON
@@ -27,6 +28,7 @@ from kiln.agent_client import AgentError, TtySession
 
 from ..auth import authenticate, bearer_token
 from ..errors import ApiError, BadRequest, to_api_error
+from ..models import agent_user, exec_user_error
 from ..services import Services
 from .exec import keep_active
 
@@ -45,6 +47,19 @@ def _dimension(value: str | None, name: str) -> int | None:
     if not value.isdigit() or not 1 <= int(value) <= 0xFFFF:
         raise BadRequest(f"{name} must be an integer within 1..65535, got {value!r}")
     return int(value)
+
+
+def _user(value: str | None, *, reattach: bool) -> str | None:
+    """``?user=``: the ExecRequest user for a new session (checked before any upgrade)."""
+    if value is None or value == "":
+        return None
+    error = exec_user_error(value)
+    if error is not None:
+        raise BadRequest(f"user: {error}")
+    if reattach:
+        # The session keeps the user it was started as; saying otherwise would mislead.
+        raise BadRequest("user applies to a new session, not to a reattach (session_id)")
+    return agent_user(value)
 
 
 def command_argv(cmd: str | None) -> list[str] | None:
@@ -77,8 +92,9 @@ async def shell(ws: WebSocket, sandbox: str) -> None:
         argv = command_argv(params.get("cmd"))
         if session_id is not None and argv is not None:
             raise BadRequest("give either cmd (a new session) or session_id (reattach)")
+        as_user = _user(params.get("user"), reattach=session_id is not None)
         sb, client = await services.sandboxes.agent(user, sandbox)
-        tty = client.attach(argv, session_id=session_id, rows=rows, cols=cols)
+        tty = client.attach(argv, session_id=session_id, rows=rows, cols=cols, user=as_user)
         await tty.__aenter__()
     except Exception as exc:
         api = to_api_error(exc)
