@@ -19,7 +19,7 @@ from kiln.protocol import OUTPUT_KEPT, InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
-from ..models import SignalProcess, StartProcess, agent_user
+from ..models import ErrorBody, SignalProcess, StartProcess, agent_user
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 from .exec import NDJSON, _Decoder, _line, keep_active
@@ -34,10 +34,10 @@ MAX_PID = (1 << 31) - 1
 #: the burst; a process that never pauses is cut after MAX_S or 2 MiB (what is kept).
 QUIET_S = 0.25
 MAX_S = 2.0
-#: The agent's errors also answer 502, 503 and 504; documented with the usual body.
+#: Besides the usual errors, the agent's own failures answer 502 and 504.
 _AGENT_ERRORS: dict[int | str, dict[str, Any]] = {
-    502: {"description": "The sandbox's agent failed or is unreachable"},
-    504: {"description": "The sandbox's agent did not answer in time"},
+    502: {"model": ErrorBody, "description": "The sandbox's agent failed or is unreachable"},
+    504: {"model": ErrorBody, "description": "The sandbox's agent did not answer in time"},
 }
 
 PidPath = Annotated[int, Path(description="The guest pid of the process")]
