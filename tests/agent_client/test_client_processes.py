@@ -202,3 +202,14 @@ async def test_finished_entries_are_kept_then_evicted_oldest_first(client: Agent
 async def test_user_is_reported(client: AgentClient) -> None:
     info = await client.start_process(["true"])
     assert info.user == pwd.getpwuid(os.geteuid()).pw_name
+
+
+async def test_without_follow_a_reader_gets_what_is_kept_then_ends(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "echo kept; echo err >&2; sleep 30"])
+    await wait_output(client, info.pid, b"kept\n")
+    async with client.process_output(info.pid, follow=False) as reader:
+        out, err, code = await collect(reader, within=2)
+    assert (out, err, code) == (b"kept\n", b"err\n", None)
+    await client.signal_process(info.pid, "KILL")
+    async with client.process_output(info.pid, follow=False) as reader:
+        assert (await collect(reader))[2] == 128 + 9  # finished: the exit code too

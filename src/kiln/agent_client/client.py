@@ -305,16 +305,19 @@ class AgentClient:
 
     async def _attach_info(self, pid: int) -> ProcessInfo:
         # PROC_ATTACH without replay answers PROC_INFO first: the cheapest single lookup.
-        async with self.process_output(pid, replay=False) as reader:
+        async with self.process_output(pid, replay=False, follow=False) as reader:
             assert reader.info is not None
             return reader.info
 
-    def process_output(self, pid: int, *, replay: bool = True) -> ProcessOutput:
+    def process_output(
+        self, pid: int, *, replay: bool = True, follow: bool = True
+    ) -> ProcessOutput:
         """Read a process's output: ``async with client.process_output(pid) as out``,
         then ``out.info`` and ``async for event in out`` (kept output when
-        ``replay``, then live output, then Exit). Leaving only detaches."""
+        ``replay``, then live output while ``follow``, then Exit). Leaving only
+        detaches."""
         with _misuse():
-            request = ProcessAttach(pid, replay)
+            request = ProcessAttach(pid, replay, follow)
         return ProcessOutput(self._open, request, self.auth_timeout)
 
     async def process_input(self, pid: int, data: bytes, *, close: bool = False) -> None:

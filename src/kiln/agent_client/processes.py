@@ -68,11 +68,12 @@ class ProcessOutput:
     """A reader of a background process's output, as an async context manager.
 
     Iterate it for :class:`Stdout`/:class:`Stderr` events (the output kept so
-    far, then live output) and a final :class:`Exit`. Leaving early only
-    detaches this reader: the process keeps running.
+    far, then live output) and a final :class:`Exit`. Without ``follow`` the
+    iteration ends after what is kept (with an Exit only if the process had
+    finished). Leaving early only detaches this reader: the process keeps running.
     """
 
-    __slots__ = ("_conn", "_exit_code", "_opener", "_request", "_timeout", "info")
+    __slots__ = ("_conn", "_done", "_exit_code", "_opener", "_request", "_timeout", "info")
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class ProcessOutput:
         self._timeout = first_answer_timeout
         self._conn: Connection | None = None
         self._exit_code: int | None = None
+        self._done = False
         #: The process as it was when this reader attached.
         self.info: ProcessInfo | None = None
 
@@ -123,12 +125,16 @@ class ProcessOutput:
         return self
 
     async def __anext__(self) -> ExecEvent:
-        if self._exit_code is not None:
+        if self._exit_code is not None or self._done:
             raise StopAsyncIteration
         if self._conn is None:
             raise RuntimeError("use the reader inside 'async with'")
         frame = await self._conn.recv_answer("the exit code")
         ftype = frame.type
+        if ftype == FrameType.PROC_STATUS and not self._request.follow:
+            check_status(frame, self._request.pid)
+            self._done = True  # all that was kept; the process runs on
+            raise StopAsyncIteration
         if ftype == FrameType.STDOUT:
             return Stdout(frame.payload)
         if ftype == FrameType.STDERR:

@@ -287,6 +287,9 @@ class ProcessTable:
                     code = entry.exit_code
                     await conn.send(FrameType.EXIT, encode_exit(-1 if code is None else code))
                     return
+                if not req.follow:  # what is kept, and the mark that this is all
+                    await conn.send(FrameType.PROC_STATUS, ProcessStatus().to_payload())
+                    return
                 await conn.writer.drain()
                 changed = asyncio.ensure_future(output.changed())
                 await asyncio.wait((changed, host), return_when=asyncio.FIRST_COMPLETED)

@@ -8,9 +8,12 @@ Frames (each request on its own control connection)::
 
     PROC_START   {"cmd","env"?,"cwd"?,"user"?}      → PROC_INFO | PROC_STATUS error
     PROC_LIST_REQ                                   → PROC_LIST_RESP [ProcessInfo...]
-    PROC_ATTACH  {"pid","replay"?}                  → PROC_INFO, STDOUT/STDERR..., EXIT
+    PROC_ATTACH  {"pid","replay"?,"follow"?}        → PROC_INFO, STDOUT/STDERR..., EXIT
     PROC_INPUT   {"pid","size","close"?} + STDIN...  → PROC_STATUS
     PROC_SIGNAL  {"pid","signal"}                   → PROC_STATUS
+
+Without ``follow`` a reader gets only what is kept now, then EXIT if the process
+has finished, else PROC_STATUS ok as the end mark.
 
 PROC_STATUS errors carry a machine-readable ``reason`` (:class:`Reason`) so the
 host can answer 404, 409 or 422 without parsing prose.
@@ -154,19 +157,26 @@ def process_list_from_payload(payload: bytes) -> list[ProcessInfo]:
 
 @dataclass(frozen=True, slots=True)
 class ProcessAttach(_Message):
-    """Read a process's output: what is kept (``replay``), then live, then EXIT."""
+    """Read a process's output: what is kept (``replay``), then live (``follow``),
+    then EXIT."""
 
     pid: int
     replay: bool = True
+    follow: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "replay": self.replay}
+        return {"pid": self.pid, "replay": self.replay, "follow": self.follow}
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
         obj = _object(data, "ProcessAttach")
         replay = _get(obj, "replay", bool)
-        return cls(pid=_pid(obj), replay=True if replay is None else replay)
+        follow = _get(obj, "follow", bool)
+        return cls(
+            pid=_pid(obj),
+            replay=True if replay is None else replay,
+            follow=True if follow is None else follow,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ readers that come later. Every call wakes the sandbox first (like exec).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Any, Literal
@@ -15,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from kiln.agent_client import AgentError, ProcessOutput, Stderr, Stdout
-from kiln.protocol import OUTPUT_KEPT, InvalidMessage, ProcessInfo, signal_name
+from kiln.protocol import InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
@@ -29,11 +28,6 @@ log = logging.getLogger("kiln.server")
 
 #: Pids the guest kernel can hand out (pid_max is at most 2^22; any int32 is safe to ask).
 MAX_PID = (1 << 31) - 1
-#: ``follow=false`` on a running process: the agent sends the kept output as one burst
-#: at attach, and the protocol marks no end to it. A silence this long (seconds) ends
-#: the burst; a process that never pauses is cut after MAX_S or 2 MiB (what is kept).
-QUIET_S = 0.25
-MAX_S = 2.0
 #: Besides the usual errors, the agent's own failures answer 502 and 504.
 _AGENT_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"model": ErrorBody, "description": "The sandbox's agent failed or is unreachable"},
@@ -113,10 +107,9 @@ async def process_output(
     ``{"type":"exit","exit_code":N}``. Leaving only detaches this reader.
 
     ``follow=false`` stops after the output kept so far (with the exit line only
-    if the process has already exited). For a running process that end is where
-    the output first pauses (250 ms), at most 2 s or 2 MiB after attaching."""
+    if the process has already exited)."""
     sb, client = await services.sandboxes.agent(user, sandbox)
-    reader = client.process_output(_pid(pid), replay=True)
+    reader = client.process_output(_pid(pid), replay=True, follow=follow)
     # Attached here, so an unknown pid is a proper 404 rather than a broken stream.
     await reader.__aenter__()
 
@@ -127,7 +120,7 @@ async def process_output(
         await reader.__aexit__(None, None, None)
 
     return LiveStream(
-        _output_lines(reader, encoding == "base64", touch, follow),
+        _output_lines(reader, encoding == "base64", touch),
         media_type=NDJSON,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         on_close=detach,
@@ -172,7 +165,7 @@ async def signal_process(
 
 
 async def _output_lines(
-    reader: ProcessOutput, b64: bool, touch: Callable[[], None], follow: bool
+    reader: ProcessOutput, b64: bool, touch: Callable[[], None]
 ) -> AsyncGenerator[bytes, None]:
     decoders = {"stdout": _Decoder(b64), "stderr": _Decoder(b64)}
     extra = {"encoding": "base64"} if b64 else {}
@@ -185,39 +178,21 @@ async def _output_lines(
                 out.append(_line({"type": kind, "data": tail}))
         return out
 
-    # Without follow, a finished process's stream is complete anyway; a running one's
-    # kept output ends at the first silence, or at the most the agent keeps.
-    bounded = not follow and (reader.info is None or reader.info.running)
-    budget = 2 * OUTPUT_KEPT
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + MAX_S
-    events = aiter(reader)
     async with keep_active(touch):
         try:
-            while True:
-                wait = min(QUIET_S, max(deadline - loop.time(), 0)) if bounded else None
-                try:
-                    async with asyncio.timeout(wait):
-                        event = await anext(events)
-                except (TimeoutError, StopAsyncIteration):
-                    for line in tails():
-                        yield line
-                    return
+            async for event in reader:
                 if isinstance(event, Stdout | Stderr):
                     kind = "stdout" if isinstance(event, Stdout) else "stderr"
                     text = decoders[kind].text(event.data)
                     if text:
                         yield _line({"type": kind, "data": text, **extra})
-                    budget -= len(event.data)
-                    if bounded and budget <= 0:
-                        for line in tails():
-                            yield line
-                        return
                     continue
                 for line in tails():
                     yield line
                 yield _line({"type": "exit", "exit_code": event.code})
                 return
+            for line in tails():  # follow=false on a running process: all that is kept
+                yield line
         except AgentError as exc:
             api = to_api_error(exc)
             message = api.message if api is not None else str(exc)
