@@ -206,9 +206,13 @@ async def test_user_is_reported(client: AgentClient) -> None:
 
 async def test_without_follow_a_reader_gets_what_is_kept_then_ends(client: AgentClient) -> None:
     info = await client.start_process(["sh", "-c", "echo kept; echo err >&2; sleep 30"])
-    await wait_output(client, info.pid, b"kept\n")
-    async with client.process_output(info.pid, follow=False) as reader:
-        out, err, code = await collect(reader, within=2)
+    async with asyncio.timeout(5):
+        while True:  # until both pipes have been read
+            async with client.process_output(info.pid, follow=False) as reader:
+                out, err, code = await collect(reader, within=2)
+            if err:
+                break
+            await asyncio.sleep(0.02)
     assert (out, err, code) == (b"kept\n", b"err\n", None)
     await client.signal_process(info.pid, "KILL")
     async with client.process_output(info.pid, follow=False) as reader:
