@@ -19,6 +19,7 @@ from kiln.agent_client import (
     Stderr,
     Stdout,
 )
+from kiln.guest.processes import FINISHED_WITH_OUTPUT
 from kiln.protocol import OUTPUT_KEPT
 
 from .helpers import wait_dead
@@ -217,3 +218,51 @@ async def test_without_follow_a_reader_gets_what_is_kept_then_ends(client: Agent
     await client.signal_process(info.pid, "KILL")
     async with client.process_output(info.pid, follow=False) as reader:
         assert (await collect(reader))[2] == 128 + 9  # finished: the exit code too
+
+
+async def test_a_slow_reader_still_gets_the_end_and_the_exit(client: AgentClient) -> None:
+    """The agent waits on the host (a slow reader) while the process ends: the
+    wakeup for the end must not be lost meanwhile."""
+    script = "sleep 0.3; head -c 3000000 /dev/zero; sleep 0.3; echo END"
+    info = await client.start_process(["sh", "-c", script])
+    async with client.process_output(info.pid, replay=False) as reader:
+        await asyncio.sleep(2)  # not reading: the agent's writes back up
+        out, _err, code = await collect(reader, within=5)
+    assert out.endswith(b"END\n") and code == 0
+
+
+async def test_input_for_a_process_that_exits_without_reading_it_is_answered(
+    client: AgentClient,
+) -> None:
+    # The background sleep keeps stdin open, so writes block instead of failing.
+    info = await client.start_process(["sh", "-c", "exec 3<&0; sleep 30 & sleep 0.5"])
+    async with asyncio.timeout(5):
+        with pytest.raises(ProcessFinished, match="exited before reading"):
+            for _ in range(20):
+                await client.process_input(info.pid, b"x" * (1 << 20))
+    # Its leftover still holds the pipes: it can still be signalled, then it is over.
+    await client.signal_process(info.pid, "KILL")
+    await asyncio.sleep(0.3)
+    with pytest.raises(ProcessFinished):
+        await client.signal_process(info.pid, "KILL")
+
+
+async def test_looking_up_a_process_is_not_activity(client: AgentClient) -> None:
+    info = await client.start_process(["sleep", "30"])
+    before = (await client.activity()).last_activity_unix
+    await asyncio.sleep(0.05)
+    assert (await client.get_process(info.pid)).running
+    assert (await client.activity()).last_activity_unix == before
+    await client.signal_process(info.pid, "KILL")
+
+
+async def test_only_the_most_recent_finished_processes_keep_their_output(
+    client: AgentClient,
+) -> None:
+    first = await client.start_process(["echo", "first"])
+    assert await read_all(client, first.pid) == (b"first\n", b"", 0)
+    for _ in range(FINISHED_WITH_OUTPUT):
+        info = await client.start_process(["echo", "later"])
+        await read_all(client, info.pid)
+    assert await read_all(client, first.pid) == (b"", b"", 0)  # listed, output freed
+    assert await read_all(client, info.pid) == (b"later\n", b"", 0)

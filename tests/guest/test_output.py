@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
 
-from kiln.guest.output import OutputLog
+from kiln.guest.output import MAX_CHUNKS, OutputLog
 from kiln.protocol import FrameType
 
 OUT, ERR = int(FrameType.STDOUT), int(FrameType.STDERR)
@@ -92,14 +91,32 @@ def test_random_appends_match_a_reference() -> None:
         assert log.snapshot(s) == bytes(written[s][-300:])
 
 
-async def test_changed_wakes_every_waiter_on_append_and_end() -> None:
+async def test_a_waiter_taken_before_reading_sees_what_comes_after() -> None:
     log = OutputLog(10)
-    waiters = [asyncio.create_task(log.changed()) for _ in range(3)]
-    await asyncio.sleep(0)
-    log.append(OUT, b"x")
-    await asyncio.wait_for(asyncio.gather(*waiters), 1)
-    waiter = asyncio.create_task(log.changed())
-    await asyncio.sleep(0)
+    cursor = log.cursor(replay=True)
+    waiter = log.waiter()
+    assert log.read(cursor) == []
+    log.append(OUT, b"x")  # while the reader was busy elsewhere
+    assert waiter.done()
+    assert log.waiter() is not waiter  # a fresh one for the next turn
+    again = log.waiter()
+    assert log.read(cursor) == [(OUT, b"x")]
     log.end()
-    await asyncio.wait_for(waiter, 1)
-    assert log.ended
+    assert again.done() and log.ended
+
+
+def test_discard_frees_and_keeps_nothing_more() -> None:
+    log = OutputLog(10)
+    log.append(OUT, b"abc")
+    log.discard()
+    log.append(OUT, b"def")
+    assert (log.snapshot(OUT), log.held(OUT), log.ended) == (b"", 0, True)
+
+
+def test_alternating_tiny_writes_keep_a_bounded_number_of_chunks() -> None:
+    log = OutputLog(1 << 20)
+    for _ in range(MAX_CHUNKS * 2):
+        log.append(OUT, b"o")
+        log.append(ERR, b"e")
+    assert log.held(OUT) == log.held(ERR) == MAX_CHUNKS
+    assert log.snapshot(ERR) == b"e" * MAX_CHUNKS

@@ -52,6 +52,7 @@ from .errors import (
     AgentProtocolError,
     AgentTimeout,
     ForwardError,
+    ProcessNotFound,
     RemoteError,
 )
 from .exec import ExecProcess, ExecResult, send_chunked
@@ -300,14 +301,13 @@ class AgentClient:
             return process_list_from_payload(frame.payload)
 
     async def get_process(self, pid: int) -> ProcessInfo:
-        """One entry of the process table (ProcessNotFound if absent)."""
-        return await self._attach_info(pid)
+        """One entry of the process table (ProcessNotFound if absent).
 
-    async def _attach_info(self, pid: int) -> ProcessInfo:
-        # PROC_ATTACH without replay answers PROC_INFO first: the cheapest single lookup.
-        async with self.process_output(pid, replay=False, follow=False) as reader:
-            assert reader.info is not None
-            return reader.info
+        From the listing, not a PROC_ATTACH: looking does not count as activity."""
+        for info in await self.list_processes():
+            if info.pid == pid:
+                return info
+        raise ProcessNotFound(f"no process {pid}", pid)
 
     def process_output(
         self, pid: int, *, replay: bool = True, follow: bool = True

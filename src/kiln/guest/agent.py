@@ -343,7 +343,7 @@ class Agent:
         return ActivityInfo(
             last_activity_unix=self._ctx.last_activity,
             attached_sessions=attached + in_flight,
-            running_sessions=running + in_flight,
+            running_sessions=running + in_flight + self._processes.running_background(),
         )
 
     def _set_clock(self, payload: bytes) -> StatusResponse:

@@ -56,7 +56,7 @@ class FdWriter:
     ``put(b"")`` closes the fd when the writer owns it (stdin EOF).
     """
 
-    __slots__ = ("_broken", "_closed", "_fd", "_owns_fd", "_queue", "_task")
+    __slots__ = ("_broken", "_closed", "_fd", "_owns_fd", "_queue", "_stopped", "_task")
 
     def __init__(self, fd: int, *, owns_fd: bool) -> None:
         self._fd = fd
@@ -65,10 +65,11 @@ class FdWriter:
         self._task: asyncio.Task[None] | None = None
         self._broken = False
         self._closed = False
+        self._stopped = False
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._broken
+        return self._closed or self._broken or self._stopped
 
     async def put(self, data: bytes) -> None:
         if self.closed:
@@ -102,11 +103,14 @@ class FdWriter:
 
     def _fail(self) -> None:
         self._broken = True
-        # Unblock a reader waiting in put(); later input is dropped.
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._drop_pending()
         if self._owns_fd:
             self._close_fd()
+
+    def _drop_pending(self) -> None:
+        # Unblocks whoever waits in put() for room; their input is dropped too.
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
     def _close_fd(self) -> None:
         if not self._closed:
@@ -115,10 +119,13 @@ class FdWriter:
 
     async def aclose(self) -> None:
         """Stop writing (pending input is dropped) and close the fd if owned."""
+        # Stopped first: a put() while we wait below must not start a new writer.
+        self._stopped = True
         task, self._task = self._task, None
+        self._drop_pending()
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+        self._drop_pending()
         if self._owns_fd:
             self._close_fd()
-        self._closed = True

@@ -11,6 +11,11 @@ falls more than the capacity behind simply skips what was dropped.
 
 Small writes are appended to the last chunk while it is short, so a process
 that prints one line at a time costs a few chunks per 64 KiB, not one each.
+Writes that alternate between stdout and stderr cannot be merged, and each
+chunk costs ~160 bytes of bookkeeping however small it is: so a stream also
+keeps at most :data:`MAX_CHUNKS` chunks, which bounds the memory of a log at
+about twice its capacity whatever the write pattern (the kept bytes then fall
+below the capacity).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Final
 from kiln.protocol import CHUNK_SIZE, OUTPUT_KEPT, FrameType
 
 STREAMS: Final[tuple[int, int]] = (int(FrameType.STDOUT), int(FrameType.STDERR))
+#: Chunks kept per stream (see the module docstring).
+MAX_CHUNKS: Final = 4096
 
 
 class _Chunk:
@@ -49,6 +56,7 @@ class OutputLog:
     __slots__ = (
         "_capacity",
         "_chunks",
+        "_discarding",
         "_ended",
         "_held",
         "_last",
@@ -67,6 +75,7 @@ class OutputLog:
         self._last: _Chunk | None = None
         self._next_seq = 0
         self._ended = False
+        self._discarding = False
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -90,7 +99,7 @@ class OutputLog:
 
     def append(self, stream: int, data: bytes) -> None:
         n = len(data)
-        if not n:
+        if not n or self._discarding:
             return
         last = self._last
         if last is not None and last.stream == stream and len(last.data) < CHUNK_SIZE:
@@ -108,6 +117,9 @@ class OutputLog:
     def _trim(self, stream: int) -> None:
         excess = self._held[stream] - self._capacity
         chunks = self._chunks[stream]
+        if len(chunks) > MAX_CHUNKS:
+            # Drop the oldest chunk whole: at least its bytes are over.
+            excess = max(excess, len(chunks[0].data))
         while excess > 0:
             first = chunks[0]
             size = len(first.data)
@@ -128,6 +140,15 @@ class OutputLog:
         Output appended later is still kept for readers that come after."""
         self._ended = True
         self._wake()
+
+    def discard(self) -> None:
+        """Free what is kept and keep nothing more (nobody can read this log any more)."""
+        self._discarding = True
+        for stream, chunks in self._chunks.items():
+            chunks.clear()
+            self._held[stream] = 0
+        self._last = None
+        self.end()
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -174,8 +195,13 @@ class OutputLog:
         """Everything kept of one stream, oldest byte first."""
         return b"".join(bytes(c.data) for c in self._chunks[stream])
 
-    async def changed(self) -> None:
-        """Wait for the next append or :meth:`end`."""
-        if self._waiter is None:
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved by the next append or :meth:`end`.
+
+        Take it *before* reading: whatever comes after that read then resolves
+        it, so a reader that was busy meanwhile (writing to a slow host) cannot
+        miss a wakeup. Shared by every reader: never cancel it.
+        """
+        if self._waiter is None or self._waiter.done():
             self._waiter = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._waiter)
+        return self._waiter

@@ -16,7 +16,14 @@ A background process:
   EXIT once the outputs are at EOF or, if something it left behind holds them,
   after :data:`EXIT_GRACE`;
 - stays listed when finished, with its exit code and times, until more than
-  ``max_finished`` finished entries push it out (oldest first).
+  ``max_finished`` finished entries push it out (oldest first); only the
+  :data:`FINISHED_WITH_OUTPUT` most recent finished ones keep their output, so
+  the agent's memory stays bounded whatever the processes print;
+- takes signals to its process group while it runs and while something it
+  left behind still holds its pipes (that group still exists then);
+- takes input (PROC_INPUT) written straight into its stdin pipe: "ok" means
+  the bytes are in the pipe; a process that exits before reading them gets
+  FINISHED instead.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from kiln.protocol import (
     ProcessSignal,
     ProcessStart,
     ProcessStatus,
+    ProtocolError,
     Reason,
     encode_exit,
     process_list_to_payload,
@@ -49,7 +57,7 @@ from kiln.protocol import (
 from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .execution import spawn_failure, start_piped
-from .fdio import FdWriter, close_fd, wait_readable
+from .fdio import close_fd, wait_readable, wake
 from .output import OutputLog
 from .process import Child
 
@@ -60,6 +68,8 @@ log = logging.getLogger(__name__)
 EXIT_GRACE = 0.2
 #: Finished background processes kept listed (oldest evicted first).
 MAX_FINISHED = 64
+#: Of those, how many keep their output (up to 2 x OUTPUT_KEPT each).
+FINISHED_WITH_OUTPUT = 16
 #: A reader's unsent output above which it waits for the host (flow control).
 READER_HIGH_WATER = 1 << 20
 
@@ -78,6 +88,9 @@ class Entry(Protocol):
 
     @property
     def output(self) -> OutputLog: ...
+
+    @property
+    def accepts_signals(self) -> bool: ...
 
     def process_info(self) -> ProcessInfo: ...
 
@@ -108,7 +121,9 @@ class BackgroundProcess:
         self.finished_at: float | None = None
         self.exit_code: int | None = None
         self.output = OutputLog()
-        self._stdin = FdWriter(stdin, owns_fd=True)
+        self._stdin = stdin
+        self._input_lock = asyncio.Lock()
+        self._exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._fds = (stdout, stderr)
         self._pumps: list[asyncio.Task[None]] = []
 
@@ -142,7 +157,8 @@ class BackgroundProcess:
         try:
             self.exit_code = await self.child.wait()
             self.finished_at = time.time()
-            await self._stdin.aclose()
+            self._exited.set_result(None)
+            self._close_stdin()
             # Output still in the pipes comes first; something the process left
             # behind may hold them open for longer: readers do not wait for that.
             await asyncio.wait(self._pumps, timeout=EXIT_GRACE)
@@ -161,7 +177,7 @@ class BackgroundProcess:
             await asyncio.wait(self._pumps)
         for fd in self._fds:
             close_fd(fd)
-        await self._stdin.aclose()
+        self._close_stdin()
         self.output.end()
 
     async def _pump(self, fd: int, stream: int) -> None:
@@ -178,14 +194,53 @@ class BackgroundProcess:
                 return
             output.append(stream, data)
 
+    @property
+    def accepts_signals(self) -> bool:
+        # After its exit its group lives on while something it left holds the pipes.
+        return self.running or not all(task.done() for task in self._pumps)
+
     async def write_input(self, data: bytes) -> None:
-        await self._stdin.put(data)
+        """Write ``data`` into its stdin; ProcessGone if it exits (or closes stdin) first."""
+        async with self._input_lock:  # one request at a time: inputs never interleave
+            view = memoryview(data)
+            while view:
+                fd = self._stdin  # again each time: the process may have exited meanwhile
+                if fd < 0:
+                    raise ProcessGone("its stdin is closed")
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await self._writable_or_exit(fd)
+                except OSError as exc:  # EPIPE: nobody reads it any more
+                    raise ProcessGone(f"its stdin is closed ({exc.strerror})") from None
+
+    async def _writable_or_exit(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, wake, writable)
+        try:
+            await asyncio.wait((writable, self._exited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_writer(fd)
+            writable.cancel()
+        if not writable.done() or writable.cancelled():
+            raise ProcessGone("it exited before reading its input")
 
     async def close_input(self) -> None:
-        await self._stdin.put(b"")
+        async with self._input_lock:
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        fd, self._stdin = self._stdin, -1
+        if fd >= 0:
+            close_fd(fd)
 
     def signal(self, sig: int) -> None:
         self.child.kill_group(sig)
+
+
+class ProcessGone(Exception):
+    """Input for a process that has exited or closed its stdin."""
 
 
 class ProcessTable:
@@ -197,6 +252,8 @@ class ProcessTable:
         self._finished: deque[BackgroundProcess] = deque()
         self._max_finished = max_finished
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Background processes whose pipes are still open (listed or not).
+        self._pumping: set[BackgroundProcess] = set()
         #: Connections reading some entry's output now.
         self.readers = 0
 
@@ -204,6 +261,9 @@ class ProcessTable:
 
     def add(self, entry: Entry) -> None:
         """Register an entry; a finished one with a recycled pid gives way."""
+        old = self._entries.get(entry.pid)
+        if isinstance(old, BackgroundProcess) and old in self._finished:
+            self._finished.remove(old)
         self._entries[entry.pid] = entry
 
     def remove(self, entry: Entry) -> None:
@@ -217,6 +277,7 @@ class ProcessTable:
         return [entry.process_info() for entry in self._entries.values()]
 
     def running_background(self) -> int:
+        """Background processes that run now (ACTIVITY counts them as running)."""
         return sum(
             1 for e in self._entries.values() if isinstance(e, BackgroundProcess) and e.running
         )
@@ -252,13 +313,17 @@ class ProcessTable:
 
     async def _run(self, process: BackgroundProcess) -> None:
         process.start_pumps()
+        self._pumping.add(process)
         try:
             await process.finish()
             self._finished.append(process)
+            if len(self._finished) > FINISHED_WITH_OUTPUT:
+                self._finished[-FINISHED_WITH_OUTPUT - 1].output.discard()
             while len(self._finished) > self._max_finished:
                 self.remove(self._finished.popleft())
             await process.drain()
         finally:
+            self._pumping.discard(process)
             await process.close()
 
     async def send_list(self, conn: FrameStream) -> None:
@@ -277,7 +342,9 @@ class ProcessTable:
         self.readers += 1
         try:
             while True:
-                ended = output.ended  # before reading: what comes after is for the next turn
+                # Both before reading: what comes after is for the next turn.
+                wakeup = output.waiter()
+                ended = output.ended
                 for stream, data in output.read(cursor):
                     for start in range(0, len(data), CHUNK_SIZE):
                         conn.write(stream, data[start : start + CHUNK_SIZE])
@@ -291,9 +358,8 @@ class ProcessTable:
                     await conn.send(FrameType.PROC_STATUS, ProcessStatus().to_payload())
                     return
                 await conn.writer.drain()
-                changed = asyncio.ensure_future(output.changed())
-                await asyncio.wait((changed, host), return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
+                if not wakeup.done():
+                    await asyncio.wait((wakeup, host), return_when=asyncio.FIRST_COMPLETED)
                 if host.done():
                     return  # the reader left; the process goes on
         finally:
@@ -314,28 +380,31 @@ class ProcessTable:
             data += frame.payload
         if len(data) != req.size:
             raise RequestError(f"got {len(data)} bytes of input, announced {req.size}")
-        status = self._refusal(entry, req.pid)
+        status = self._refusal(entry, req.pid, entry is not None and entry.running)
         if entry is not None and status is None:
             self._ctx.touch()
-            if data:
-                await entry.write_input(bytes(data))
-            if req.close:
-                await entry.close_input()
+            try:
+                if data:
+                    await entry.write_input(bytes(data))
+                if req.close:
+                    await entry.close_input()
+            except ProcessGone as exc:
+                status = ProcessStatus.error(Reason.FINISHED, f"process {req.pid}: {exc}")
         await conn.send(FrameType.PROC_STATUS, (status or ProcessStatus()).to_payload())
 
     async def send_signal(self, conn: FrameStream, req: ProcessSignal) -> None:
         entry = self.get(req.pid)
-        status = self._refusal(entry, req.pid)
+        status = self._refusal(entry, req.pid, entry is not None and entry.accepts_signals)
         if entry is not None and status is None:
             self._ctx.touch()
             entry.signal(signal.Signals[f"SIG{req.signal}"])
         await conn.send(FrameType.PROC_STATUS, (status or ProcessStatus()).to_payload())
 
     @staticmethod
-    def _refusal(entry: Entry | None, pid: int) -> ProcessStatus | None:
+    def _refusal(entry: Entry | None, pid: int, acceptable: bool) -> ProcessStatus | None:
         if entry is None:
             return ProcessStatus.error(Reason.NOT_FOUND, f"no process {pid}")
-        if not entry.running:
+        if not acceptable:
             return ProcessStatus.error(
                 Reason.FINISHED, f"process {pid} has exited with {entry.exit_code}"
             )
@@ -349,10 +418,10 @@ class ProcessTable:
         return entry
 
     async def aclose(self) -> None:
-        """Kill every running background process and wait for them (agent shutdown)."""
-        for entry in self._entries.values():
-            if isinstance(entry, BackgroundProcess) and entry.running:
-                entry.signal(signal.SIGKILL)
+        """Kill every background process's group and wait for them (agent shutdown),
+        those that still run and those whose leftovers still hold their pipes."""
+        for process in self._pumping:
+            process.signal(signal.SIGKILL)
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=2.0)
             for task in pending:
@@ -362,7 +431,8 @@ class ProcessTable:
 
 
 async def _until_host_leaves(conn: FrameStream) -> None:
-    """Read (and ignore) what the host sends until it closes the connection."""
-    with contextlib.suppress(ConnectionError):
+    """Read (and ignore) what the host sends until it closes the connection
+    (or breaks the protocol: this reader is over either way)."""
+    with contextlib.suppress(ConnectionError, ProtocolError):
         while await recv_frame(conn) is not None:
             pass

@@ -158,6 +158,11 @@ class Session:
             user=self.user,
         )
 
+    @property
+    def accepts_signals(self) -> bool:
+        # Not after the leader is reaped: its pid (the group's id) may be reused.
+        return self.running and not self.child.exited
+
     def signal(self, sig: int) -> None:
         self.child.kill_group(sig)
 
@@ -241,6 +246,8 @@ class Session:
             await self._input.put(data)
 
     async def close_input(self) -> None:
+        """Ctrl-D: end-of-file for a program reading the terminal at the start of a line
+        (in the middle of one it only pushes the line so far)."""
         await self.write_input(EOF_CHAR)
 
     def resize(self, rows: int, cols: int) -> None:
