@@ -37,12 +37,14 @@ def _batch_ms(log: OutputLog, chunks: list[tuple[int, bytes]]) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _measure(label: str, capacity: int, chunks: list[tuple[int, bytes]]) -> tuple[Row, float]:
+def _measure(
+    label: str, capacity: int, chunks: list[tuple[int, bytes]], target: str
+) -> tuple[Row, float]:
     log = OutputLog(capacity)
     for _ in range(3):
         _batch_ms(log, chunks)  # warm up
     samples = [_batch_ms(log, chunks) for _ in range(SAMPLES)]
-    row = Row(label, samples, f"≥ {TARGET_GIB_S:g} GiB/s")
+    row = Row(label, samples, target)
     gib_s = sum(len(c) for _s, c in chunks) / GIB / (row.pct(50) / 1000)
     return row, gib_s
 
@@ -59,18 +61,21 @@ def _replay_ms(log: OutputLog) -> list[float]:
 def main() -> None:
     out, err = int(FrameType.STDOUT), int(FrameType.STDERR)
     stdout_only = [(out, bytes([i % 256]) * CHUNK) for i in range(BATCH)]
-    # Small lines on both streams: the coalescing path, every line a separate append.
+    # Small lines on both streams, every line a separate append: the worst case of
+    # per-call overhead (a pump reads up to 64 KiB at once, so it only happens when
+    # a process prints slowly). Shown for scale, no target.
     mixed = [(out if i % 4 else err, b"x" * 99 + b"\n") for i in range(BATCH * 8)]
+    fast = f"≥ {TARGET_GIB_S:g} GiB/s"
     cases = (
-        ("session log 64 KiB: 4 KiB x 4096", SCROLLBACK, stdout_only),
-        ("process log 1 MiB: 4 KiB x 4096", OUTPUT_KEPT, stdout_only),
-        ("process log 1 MiB: 100 B x 32768, 2 streams", OUTPUT_KEPT, mixed),
+        ("session log 64 KiB: 4 KiB x 4096", SCROLLBACK, stdout_only, fast),
+        ("process log 1 MiB: 4 KiB x 4096", OUTPUT_KEPT, stdout_only, fast),
+        ("process log 1 MiB: 100 B x 32768, 2 streams", OUTPUT_KEPT, mixed, ""),
     )
     rows, rates = [], []
-    for label, capacity, chunks in cases:
-        row, rate = _measure(label, capacity, chunks)
+    for label, capacity, chunks, target in cases:
+        row, rate = _measure(label, capacity, chunks, target)
         rows.append(row)
-        rates.append((label, f"{rate:.2f} GiB/s", f"≥ {TARGET_GIB_S:g} GiB/s"))
+        rates.append((label, f"{rate:.2f} GiB/s", target))
     full = OutputLog()
     _batch_ms(full, stdout_only)
     rows.append(Row("replay 1 MiB to a new reader (read)", _replay_ms(full)))
