@@ -18,7 +18,6 @@ import signal
 from collections.abc import Mapping, Sequence
 
 from kiln.protocol import (
-    CHUNK_SIZE,
     ExecRequest,
     FrameStream,
     FrameType,
@@ -27,7 +26,7 @@ from kiln.protocol import (
 
 from .context import GuestContext, UserInfo, recv_frame
 from .errors import RequestError
-from .fdio import FdWriter, close_fd, wait_readable
+from .fdio import FdWriter, close_fd, read_chunks
 from .process import Child
 
 EXIT_NOT_FOUND = 127
@@ -165,16 +164,7 @@ class PipedExec:
 
     async def _pump(self, fd: int, ftype: FrameType) -> None:
         conn = self._conn
-        while True:
-            try:
-                data = os.read(fd, CHUNK_SIZE)
-            except BlockingIOError:
-                await wait_readable(fd)
-                continue
-            except OSError:
-                return
-            if not data:
-                return
+        async for data in read_chunks(fd):
             conn.write(ftype, data)
             await conn.writer.drain()
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
+
+from kiln.protocol import CHUNK_SIZE
 
 #: Input chunks queued for a slow reader before the connection stops being read.
 QUEUE_DEPTH = 16
@@ -39,6 +42,22 @@ async def wait_writable(fd: int) -> None:
         await fut
     finally:
         loop.remove_writer(fd)
+
+
+async def read_chunks(fd: int) -> AsyncIterator[bytes]:
+    """What a non-blocking pipe gives, in reads of up to CHUNK_SIZE, until EOF
+    (or a read error, which ends it the same way)."""
+    while True:
+        try:
+            data = os.read(fd, CHUNK_SIZE)
+        except BlockingIOError:
+            await wait_readable(fd)
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        yield data
 
 
 def close_fd(fd: int) -> None:

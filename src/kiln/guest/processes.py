@@ -57,7 +57,7 @@ from kiln.protocol import (
 from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .execution import spawn_failure, start_piped
-from .fdio import close_fd, wait_readable, wake
+from .fdio import close_fd, read_chunks, wake
 from .output import OutputLog
 from .process import Child
 
@@ -181,18 +181,9 @@ class BackgroundProcess:
         self.output.end()
 
     async def _pump(self, fd: int, stream: int) -> None:
-        output = self.output
-        while True:
-            try:
-                data = os.read(fd, CHUNK_SIZE)
-            except BlockingIOError:
-                await wait_readable(fd)
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            output.append(stream, data)
+        append = self.output.append
+        async for data in read_chunks(fd):
+            append(stream, data)
 
     @property
     def accepts_signals(self) -> bool:
