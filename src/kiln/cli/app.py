@@ -118,6 +118,25 @@ on_expire_option = click.option(
     type=click.Choice(["destroy", "stop"]),
     help="What the daemon does when the ttl is up [default: destroy].",
 )
+# The sandbox spec options `create` and `run` share.
+name_option = click.option("--name", help="Sandbox name (generated when absent).")
+cpus_option = click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs [default: 1].")
+memory_option = click.option(
+    "--memory",
+    "memory_mb",
+    metavar="SIZE",
+    callback=_converter(parse.parse_size_mb),
+    help="Memory in MiB or with a unit (512, 2G) [default: 512].",
+)
+env_option = click.option(
+    "-e",
+    "--env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_env_callback,
+    help="Environment variable of the sandbox (repeatable).",
+)
+image_option = click.option("--image", help="Image tier [default: the daemon's default].")
 
 
 # -- the group ------------------------------------------------------------------------
@@ -197,29 +216,16 @@ def health(state: State, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--name", help="Sandbox name (generated when absent).")
-@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs [default: 1].")
-@click.option(
-    "--memory",
-    "memory_mb",
-    metavar="SIZE",
-    callback=_converter(parse.parse_size_mb),
-    help="Memory in MiB or with a unit (512, 2G) [default: 512].",
-)
-@click.option(
-    "-e",
-    "--env",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_env_callback,
-    help="Environment variable (repeatable).",
-)
+@name_option
+@cpus_option
+@memory_option
+@env_option
 @click.option(
     "--secret", "secrets", multiple=True, metavar="NAME", help="Secret to add to env (repeatable)."
 )
 @click.option("--init", metavar="SCRIPT", help="Shell script run as TTY session 'init'.")
 @click.option("--keep-hot", is_flag=True, default=None, help="Never pause or snapshot it.")
-@click.option("--image", help="Image tier [default: the daemon's default].")
+@image_option
 @click.option("--template", metavar="ID", help="Start from a template (id or name).")
 @click.option(
     "-v",
@@ -433,24 +439,11 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--rm", is_flag=True, help="Destroy the sandbox afterwards (also on Ctrl+C).")
-@click.option("--name", help="Sandbox name (generated when absent).")
-@click.option("--image", help="Image tier [default: the daemon's default].")
-@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs [default: 1].")
-@click.option(
-    "--memory",
-    "memory_mb",
-    metavar="SIZE",
-    callback=_converter(parse.parse_size_mb),
-    help="Memory in MiB or with a unit (512, 2G) [default: 512].",
-)
-@click.option(
-    "-e",
-    "--env",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_env_callback,
-    help="Environment variable of the sandbox (repeatable).",
-)
+@name_option
+@image_option
+@cpus_option
+@memory_option
+@env_option
 @label_option
 @ttl_option
 @on_expire_option
