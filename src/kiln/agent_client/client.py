@@ -133,11 +133,7 @@ class AgentClient:
         return Connection(sock, self.token)
 
     async def _first_answer(self, conn: Connection, what: str) -> Frame:
-        try:
-            async with asyncio.timeout(self.auth_timeout):
-                return await conn.recv_answer(what)
-        except TimeoutError:
-            raise AgentTimeout(f"no {what} from the agent within {self.auth_timeout} s") from None
+        return await conn.first_answer(what, self.auth_timeout)
 
     async def _call(self, ftype: FrameType, payload: bytes, expect: FrameType) -> Frame:
         """One request, one answer of type ``expect``."""

@@ -20,7 +20,7 @@ from kiln.protocol import (
     parse_mode,
 )
 
-from .errors import AgentConnectionLost, AgentProtocolError, AgentTimeout, RemoteError
+from .errors import AgentConnectionLost, AgentProtocolError, RemoteError
 from .exec import chunks
 from .transport import Connection, translate_errors
 
@@ -99,11 +99,7 @@ class FileReader:
         self._conn = conn
         try:
             await conn.send(FrameType.FILE_READ_REQ, self._request.to_payload())
-            try:
-                async with asyncio.timeout(self._auth_timeout):
-                    frame = await conn.recv_answer("FILE_READ_RESP")
-            except TimeoutError:
-                raise AgentTimeout("the agent did not answer the read request") from None
+            frame = await conn.first_answer("FILE_READ_RESP", self._auth_timeout)
             if frame.type != FrameType.FILE_READ_RESP:
                 raise AgentProtocolError(
                     f"expected FILE_READ_RESP, got {FrameType(frame.type).name}"

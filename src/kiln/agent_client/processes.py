@@ -6,7 +6,6 @@ A background process runs detached from every connection (see
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -23,7 +22,6 @@ from kiln.protocol import (
 
 from .errors import (
     AgentProtocolError,
-    AgentTimeout,
     CannotStart,
     ProcessFinished,
     ProcessNotFound,
@@ -95,13 +93,7 @@ class ProcessOutput:
         self._conn = conn
         try:
             await conn.send(FrameType.PROC_ATTACH, self._request.to_payload())
-            try:
-                async with asyncio.timeout(self._timeout):
-                    frame = await conn.recv_answer("PROC_INFO")
-            except TimeoutError:
-                raise AgentTimeout(
-                    f"no PROC_INFO from the agent within {self._timeout} s"
-                ) from None
+            frame = await conn.first_answer("PROC_INFO", self._timeout)
             self.info = process_info(frame, self._request.pid)
         except BaseException:
             conn.close()

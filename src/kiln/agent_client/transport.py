@@ -50,6 +50,7 @@ from .errors import (
     AgentConnectionLost,
     AgentError,
     AgentProtocolError,
+    AgentTimeout,
     AuthError,
     RemoteError,
     RemoteNotFound,
@@ -303,6 +304,15 @@ class Connection:
             raise AgentConnectionLost(f"the agent closed the connection before {what}")
         self.check_error(frame)
         return frame
+
+    async def first_answer(self, what: str, within: float | None) -> Frame:
+        """:meth:`recv_answer` for the answer the agent sends at once, within
+        ``within`` seconds (a wrong token shows here too); AgentTimeout otherwise."""
+        try:
+            async with asyncio.timeout(within):
+                return await self.recv_answer(what)
+        except TimeoutError:
+            raise AgentTimeout(f"no {what} from the agent within {within} s") from None
 
     def check_error(self, frame: Frame) -> None:
         """Raise for an ERROR frame; otherwise note that the agent has answered."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -16,7 +15,7 @@ from kiln.protocol import (
     encode_resize,
 )
 
-from .errors import AgentConnectionLost, AgentProtocolError, AgentTimeout
+from .errors import AgentConnectionLost, AgentProtocolError
 from .exec import send_chunked
 from .transport import Connection, translate_errors
 
@@ -76,11 +75,7 @@ class TtySession:
             await conn.send(FrameType.EXEC_REQ, self._request.to_payload())
             # The agent answers SESSION_INFO first (new session or reattach), ERROR
             # for an unknown id, or STDERR + EXIT for a command that cannot start.
-            try:
-                async with asyncio.timeout(self._auth_timeout):
-                    frame = await conn.recv_answer("SESSION_INFO")
-            except TimeoutError:
-                raise AgentTimeout("the agent did not answer the terminal request") from None
+            frame = await conn.first_answer("SESSION_INFO", self._auth_timeout)
             if frame.type == FrameType.SESSION_INFO:
                 with translate_errors("reading SESSION_INFO"):
                     self.info = SessionInfo.from_payload(frame.payload)
