@@ -137,6 +137,22 @@ env_option = click.option(
     help="Environment variable of the sandbox (repeatable).",
 )
 image_option = click.option("--image", help="Image tier [default: the daemon's default].")
+# The command options `exec` and `run` share.
+cwd_option = click.option(
+    "-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace]."
+)
+timeout_option = click.option(
+    "--timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Kill the command after SECONDS (exit code 124).",
+)
+stdin_option = click.option(
+    "--stdin/--no-stdin",
+    "stdin",
+    default=None,
+    help="Forward stdin [default: when it is a pipe or a file].",
+)
 
 
 # -- the group ------------------------------------------------------------------------
@@ -447,19 +463,9 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
 @label_option
 @ttl_option
 @on_expire_option
-@click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
-@click.option(
-    "--timeout",
-    metavar="SECONDS",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Kill the command after SECONDS (exit code 124).",
-)
-@click.option(
-    "--stdin/--no-stdin",
-    "stdin",
-    default=None,
-    help="Forward stdin [default: when it is a pipe or a file].",
-)
+@cwd_option
+@timeout_option
+@stdin_option
 @pass_state
 def run(
     state: State,
@@ -528,25 +534,15 @@ def run(
     callback=_env_callback,
     help="Set a variable.",
 )
-@click.option("-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace].")
+@cwd_option
 @click.option(
     "-u",
     "--user",
     metavar="USER",
     help="Run as USER: root, or sandbox (the default, who may also sudo).",
 )
-@click.option(
-    "--timeout",
-    metavar="SECONDS",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Kill the command after SECONDS (exit code 124).",
-)
-@click.option(
-    "--stdin/--no-stdin",
-    "stdin",
-    default=None,
-    help="Forward stdin [default: when it is a pipe or a file].",
-)
+@timeout_option
+@stdin_option
 @click.option(
     "-d",
     "--detach",
