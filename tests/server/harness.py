@@ -327,6 +327,7 @@ class LiveServer:
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=2,
+                server_header=False,
             )
         )
         self._server = server

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -455,6 +456,12 @@ class AgentClient:
         ForwardError when the agent cannot connect there. Close the stream
         (``aclose`` or ``async with``) when done.
         """
+        sock, leftover = await self.forward_socket(port)
+        return await ForwardStream.over(sock, leftover)
+
+    async def forward_socket(self, port: int) -> tuple[socket.socket, bytes]:
+        """Like :meth:`forward`, but the bare non-blocking socket (the caller owns it)
+        and the bytes the service already sent, for relays with their own I/O loop."""
         with _misuse():
             payload = ForwardRequest(port).to_payload()
         conn = await self._open_forward()
@@ -471,7 +478,8 @@ class AgentClient:
         except BaseException:
             conn.close()
             raise
-        return await ForwardStream.over(sock, leftover)
+        sock.setblocking(False)
+        return sock, leftover
 
 
 def _check_status(frame: Frame, what: str) -> None:

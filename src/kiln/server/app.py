@@ -31,8 +31,9 @@ from kiln.store import StoreError
 
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
+from .proxy import ProxyFront
 from .routes import exec as exec_routes
-from .routes import files, processes, resources, sandboxes, shell
+from .routes import files, processes, publish, resources, sandboxes, shell
 from .services import Services
 
 log = logging.getLogger("kiln.server")
@@ -193,6 +194,7 @@ def create_app(services: Services) -> FastAPI:
         exec_routes.router,
         processes.router,
         files.router,
+        publish.router,
         resources.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
@@ -235,5 +237,7 @@ def create_app(services: Services) -> FastAPI:
         app.add_exception_handler(root, known)
 
     app.add_middleware(BodyLimit, upload_limit=services.config.max_upload_bytes)
+    # Before the body limit: proxied bodies stream through whatever their size.
+    app.add_middleware(ProxyFront, services=services)
     app.add_middleware(CatchAll)
     return app

@@ -396,6 +396,7 @@ async def _run(
             log_level="warning",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             ws_max_size=16 << 20,
+            server_header=False,  # proxied answers carry the service's own
         )
     )
     stop = asyncio.Event()

@@ -203,6 +203,20 @@ class CreateVolume(_Body):
     size_mb: SizeMb
 
 
+#: A published port's alias: one DNS label (it becomes ``<alias>.<publish domain>``).
+ALIAS_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+ALIAS_RE = re.compile(ALIAS_PATTERN)
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class PublishPort(_Body):
+    port: Port
+    alias: Annotated[StrictStr, Field(pattern=ALIAS_PATTERN)] | None = Field(
+        default=None,
+        description="a lowercase DNS label; generated from the sandbox name when absent",
+    )
+
+
 class ErrorBody(BaseModel):
     """Every error answer: ``{"error": "<one line>"}``."""
 

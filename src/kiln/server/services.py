@@ -59,6 +59,7 @@ from .models import (
     PatchSandbox,
     PutSecret,
 )
+from .publishing import Origin, PublishService
 
 log = logging.getLogger("kiln.server")
 
@@ -93,6 +94,7 @@ class Services:
     templates: TemplateService = field(init=False)
     secrets: SecretService = field(init=False)
     volumes: VolumeService = field(init=False)
+    publishing: PublishService = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.engine_name:
@@ -101,6 +103,7 @@ class Services:
         self.templates = TemplateService(self)
         self.secrets = SecretService(self)
         self.volumes = VolumeService(self)
+        self.publishing = PublishService(self)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -147,6 +150,7 @@ class SandboxService:
         self._creating: set[str] = set()
         self._active: dict[str, float] = {}
         self._persisted: dict[str, float] = {}
+        self._reset_hooks: list[Callable[[str], Awaitable[None]]] = []
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -359,6 +363,7 @@ class SandboxService:
             sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
             await self._destroy_locked(sb.id)
         self._forget(sb.id)
+        await self._reset(sb.id)
         log.info("sandbox %s (%s) deleted", sb.id, sb.name)
 
     async def _destroy_locked(self, sandbox_id: str) -> None:
@@ -371,6 +376,7 @@ class SandboxService:
         self._usable(sb)
         async with self._lock(sb.id):
             row = await self._stop_locked(sb.id)
+        await self._reset(sb.id)
         self.touch(sb.id)
         return self.view(row)
 
@@ -404,6 +410,8 @@ class SandboxService:
                     await self._stop_locked(sb.id, expires_at=None)
                 case Disarm():
                     self.store.update_sandbox(sb.id, expires_at=None)
+        if isinstance(action, Destroy | Stop):
+            await self._reset(sb.id)
         if isinstance(action, Destroy):
             self._forget(sb.id)
         log.info(
@@ -418,6 +426,7 @@ class SandboxService:
         sb = self.find(user, ref)
         self._usable(sb)
         async with self._lock(sb.id):
+            await self._reset(sb.id)
             info = await self.engine.start(sb.id)
             row = self._persist_engine_state(
                 sb.id, status=Status.RUNNING, thermal=info.thermal, ip=info.ip or sb.ip
@@ -445,7 +454,14 @@ class SandboxService:
 
     async def agent(self, user: User, ref: str) -> tuple[SandboxRow, AgentClient]:
         """Make the sandbox hot (from any state) and return its agent client."""
-        sb = self.find(user, ref)
+        return await self.wake(self.find(user, ref))
+
+    async def wake(self, sb: SandboxRow) -> tuple[SandboxRow, AgentClient]:
+        """Make ``sb`` hot (from any state) and return its agent client.
+
+        Concurrent callers that find it cold share one restore: the first does it
+        under the sandbox's lock, the others then find it hot.
+        """
         self._usable(sb)
         self.touch(sb.id)
         try:
@@ -455,17 +471,44 @@ class SandboxService:
         if hot:
             return sb, await self.engine.agent(sb.id)
         async with self._lock(sb.id):
+            sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
+            try:
+                thermal: Thermal | None = self.engine.thermal(sb.id)
+            except EngineError:
+                thermal = None
+            restore = sb.status is not Status.RUNNING or thermal is not Thermal.HOT
+            restore = restore and thermal is not Thermal.WARM
+            if restore:
+                # Whatever was connected to the sandbox before is gone with its memory.
+                await self._reset(sb.id)
+            started = time.perf_counter()
             client = await self.engine.agent(sb.id)
+            if restore:
+                took = (time.perf_counter() - started) * 1000
+                log.info("sandbox %s woken from %s in %.0f ms", sb.id, thermal or sb.status, took)
             sb = self._persist_engine_state(sb.id, status=Status.RUNNING, thermal=Thermal.HOT)
         return sb, client
 
+    def on_reset(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``hook(sandbox_id)`` whenever connections into a sandbox stop being
+        usable: it was deleted, stopped, started, or is woken from cold."""
+        self._reset_hooks.append(hook)
+
+    async def _reset(self, sandbox_id: str) -> None:
+        for hook in self._reset_hooks:
+            try:
+                await hook(sandbox_id)
+            except Exception:
+                log.exception("reset hook for sandbox %s failed", sandbox_id)
+
     # --- ports ------------------------------------------------------------------------
 
-    async def ports(self, user: User, ref: str) -> list[dict[str, Any]]:
+    async def ports(self, user: User, ref: str, origin: Origin) -> list[dict[str, Any]]:
         sb, client = await self.agent(user, ref)
-        return [_port_entry(sb, p) for p in await listening_ports(client)]
+        urls = self._s.publishing.urls(sb.id, origin)
+        return [_port_entry(sb, p, urls) for p in await listening_ports(client)]
 
-    async def all_ports(self, user: User) -> list[dict[str, Any]]:
+    async def all_ports(self, user: User, origin: Origin) -> list[dict[str, Any]]:
         """Ports of every running sandbox of the user that is hot or warm (cold ones
         are not woken just to be asked)."""
         rows = []
@@ -482,8 +525,9 @@ class SandboxService:
         async def one(sb: SandboxRow) -> list[dict[str, Any]]:
             try:
                 _, client = await self.agent(user, sb.id)
+                urls = self._s.publishing.urls(sb.id, origin)
                 async with asyncio.timeout(10):
-                    return [_port_entry(sb, p) for p in await listening_ports(client)]
+                    return [_port_entry(sb, p, urls) for p in await listening_ports(client)]
             except (TimeoutError, AgentError, EngineError, NotFound, ConflictError) as exc:
                 log.info("ports of sandbox %s: %s", sb.id, exc)
                 return []
@@ -492,10 +536,11 @@ class SandboxService:
         return [entry for entries in results for entry in entries]
 
 
-def _port_entry(sb: SandboxRow, port: int) -> dict[str, Any]:
+def _port_entry(sb: SandboxRow, port: int, published: dict[int, str]) -> dict[str, Any]:
     return {
         "port": port,
         "proxy_url": f"/sandboxes/{sb.id}/proxy/{port}/",
+        "published_url": published.get(port),
         "sandbox_id": sb.id,
         "sandbox_name": sb.name,
     }

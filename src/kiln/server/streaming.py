@@ -12,7 +12,8 @@ released at once; ``on_close`` runs last, whatever happened.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -75,3 +76,27 @@ class LiveStream(Response):
         # after the response started can only be logged (the server does that).
         if exc is not None and not isinstance(exc, OSError):
             raise exc
+
+
+#: While a command runs, host-side activity is recorded this often (seconds), so the
+#: thermal manager never pauses a sandbox in the middle of a silent command.
+KEEPALIVE_S = 5.0
+
+
+@asynccontextmanager
+async def keep_active(touch: Callable[[], None], every: float = KEEPALIVE_S) -> AsyncIterator[None]:
+    """Call ``touch`` now and every ``every`` seconds until the block ends."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every)
+            touch()
+
+    touch()
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        touch()

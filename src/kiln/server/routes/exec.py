@@ -7,8 +7,7 @@ import base64
 import codecs
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -18,7 +17,7 @@ from kiln.agent_client import AgentClient, AgentError, ExecProcess, Exit, Stderr
 
 from ..errors import to_api_error
 from ..models import ExecBody, agent_user
-from ..streaming import LiveStream
+from ..streaming import KEEPALIVE_S, LiveStream, keep_active
 from .deps import AppServices, CurrentUser
 
 router = APIRouter(tags=["exec"])
@@ -27,28 +26,6 @@ log = logging.getLogger("kiln.server")
 NDJSON = "application/x-ndjson"
 #: Exit code reported when ``timeout_s`` expired and the command was killed (as timeout(1)).
 TIMEOUT_EXIT = 124
-#: While a command runs, host-side activity is recorded this often (seconds), so the
-#: thermal manager never pauses a sandbox in the middle of a silent command.
-KEEPALIVE_S = 5.0
-
-
-@asynccontextmanager
-async def keep_active(touch: Callable[[], None], every: float = KEEPALIVE_S) -> AsyncIterator[None]:
-    """Call ``touch`` now and every ``every`` seconds until the block ends."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every)
-            touch()
-
-    touch()
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        touch()
 
 
 class _Decoder:

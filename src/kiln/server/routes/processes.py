@@ -19,9 +19,9 @@ from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
 from ..models import ErrorBody, SignalProcess, StartProcess, agent_user
-from ..streaming import LiveStream
+from ..streaming import LiveStream, keep_active
 from .deps import AppServices, CurrentUser
-from .exec import NDJSON, _Decoder, _line, keep_active
+from .exec import NDJSON, _Decoder, _line
 
 router = APIRouter(tags=["processes"])
 log = logging.getLogger("kiln.server")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 
 from ..errors import BadRequest
 from ..models import CreateSandbox, PatchSandbox
-from .deps import AppServices, CurrentUser
+from .deps import AppServices, CurrentUser, origin_of
 
 router = APIRouter(tags=["sandboxes"])
 
@@ -106,13 +106,16 @@ async def kill_session(
 
 @router.get("/sandboxes/{sandbox}/ports")
 async def sandbox_ports(
-    sandbox: str, user: CurrentUser, services: AppServices
+    sandbox: str, request: Request, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:
-    """TCP ports listening inside the sandbox, with their proxy URLs."""
-    return await services.sandboxes.ports(user, sandbox)
+    """TCP ports listening inside the sandbox (wakes it), with their proxy URLs and
+    published URLs (``published_url``, null when the port is not published)."""
+    return await services.sandboxes.ports(user, sandbox, origin_of(request))
 
 
 @router.get("/ports")
-async def all_ports(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
+async def all_ports(
+    request: Request, user: CurrentUser, services: AppServices
+) -> list[dict[str, Any]]:
     """Listening ports of all the user's running (hot or warm) sandboxes."""
-    return await services.sandboxes.all_ports(user)
+    return await services.sandboxes.all_ports(user, origin_of(request))

@@ -30,7 +30,7 @@ from ..auth import authenticate, bearer_token
 from ..errors import ApiError, BadRequest, to_api_error
 from ..models import agent_user, exec_user_error
 from ..services import Services
-from .exec import keep_active
+from ..streaming import keep_active
 
 router = APIRouter(tags=["shell"])
 log = logging.getLogger("kiln.server")
