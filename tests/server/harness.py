@@ -328,6 +328,7 @@ class LiveServer:
                 access_log=False,
                 timeout_graceful_shutdown=2,
                 server_header=False,
+                proxy_headers=False,
             )
         )
         self._server = server

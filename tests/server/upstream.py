@@ -18,6 +18,7 @@ import hashlib
 import json
 import threading
 from typing import Any
+from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -48,7 +49,7 @@ class Upstream:
             return
         self.requests += 1
         path = scope["path"]
-        query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
+        query = dict(parse_qsl(scope["query_string"].decode()))
         if path.startswith("/echo"):
             body = b""
             while True:
@@ -78,7 +79,7 @@ class Upstream:
                     break
             await _json(send, {"sha256": digest.hexdigest(), "size": size, "chunks": chunks})
         elif path == "/redirect":
-            location = query.get("to", "/").replace("%2F", "/").replace("%3A", ":")
+            location = query.get("to", "/")
             await send(
                 {
                     "type": "http.response.start",
@@ -171,7 +172,9 @@ class Upstream:
         self.port = sock.getsockname()[1]
         self._loop = asyncio.get_running_loop()
         server = uvicorn.Server(
-            uvicorn.Config(self, lifespan="off", log_level="warning", access_log=False)
+            uvicorn.Config(
+                self, lifespan="off", log_level="warning", access_log=False, proxy_headers=False
+            )
         )
         self._server = server
         task = asyncio.create_task(server.serve(sockets=[sock]))

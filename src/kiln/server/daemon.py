@@ -397,6 +397,9 @@ async def _run(
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             ws_max_size=16 << 20,
             server_header=False,  # proxied answers carry the service's own
+            # The proxy adds X-Forwarded-For itself: a local client must not be
+            # able to choose the address the daemon records for it.
+            proxy_headers=False,
         )
     )
     stop = asyncio.Event()

@@ -59,6 +59,11 @@ async def _await_disconnect(receive: Receive) -> None:
             return
 
 
+def _content_length(headers: Headers) -> int | None:
+    value = header(headers, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def _has_body(headers: Headers) -> bool:
     return header(headers, b"content-length") not in (None, b"0") or (
         header(headers, b"transfer-encoding") is not None
@@ -125,14 +130,25 @@ async def relay_http(
 async def _stream_body(response: httpcore.Response, receive: Receive, send: Send) -> None:
     """The response body to the client, until the end or until the client leaves."""
 
+    length = _content_length(response.headers)
+
     async def pump() -> None:
         stream = response.stream
         assert isinstance(stream, AsyncIterable)  # an async pool's response
+        sent, last = 0, b""
         async for chunk in stream:
+            sent += len(chunk)
+            if length is not None and sent >= length:
+                # The body is complete and its end follows at once (h11 needs no more
+                # input): hold the last piece until the connection is back in the
+                # pool, or the client's next request would find it still busy.
+                last = chunk
+                continue
             if chunk:
                 message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
                 await send(message)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await response.aclose()
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
     pumping = asyncio.create_task(pump())
     watching = asyncio.create_task(_await_disconnect(receive))

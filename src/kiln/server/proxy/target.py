@@ -97,6 +97,8 @@ def forwarded_request_headers(scope: Scope, target: Target, *, websocket: bool =
             continue
         if name in (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix"):
             continue  # ours replace whatever the client claimed
+        if name == b"expect":
+            continue  # "100-continue" was the daemon's to answer, and it has
         if name == b"authorization" and _carries(value, target.api_key):
             continue
         if websocket and name.startswith(b"sec-websocket-"):

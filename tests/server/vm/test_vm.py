@@ -8,11 +8,9 @@ it. Needs root, QEMU and a buildable ``minimal`` image.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,78 +23,15 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from kiln.engine.qemu import QemuConfig, QemuEngine
 from kiln.engine.qemu.process import find_processes
 from kiln.images import default_image_dir
-from kiln.network import NetworkConfig
 
-from .harness import LiveServer
+from ..harness import LiveServer
+from .conftest import _auth, _kill_vms, vm_marks
 
-pytestmark = [pytest.mark.vm, pytest.mark.netns]
+pytestmark = [pytest.mark.vm, pytest.mark.netns, *vm_marks]
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (TAP devices, network namespaces)"
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed"
-    if shutil.which("ip") is None:
-        return "iproute2 is not installed"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
-    pytestmark.append(pytest.mark.skip(reason=_reason))
-
-
-@pytest.fixture(scope="module")
-def netns() -> Iterator[str]:
-    name = f"kiln-srv-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def network(netns: str) -> NetworkConfig:
-    return NetworkConfig(netns=netns, bridge="kilnsrv0", subnet="10.213.42.0/24", nat=False)
-
-
-@pytest.fixture(scope="module")
-def vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[LiveServer]:
-    net = network(netns)
-
-    def factory(data: Path) -> QemuEngine:
-        return QemuEngine(
-            QemuConfig(data_dir=data / "qemu", volumes_dir=data / "volumes", network=net)
-        )
-
-    root = tmp_path_factory.mktemp("vm")
-    server = LiveServer(root, engine_factory=factory, config_overrides={"network": net}).start()
-    _, key = server.store.create_user("vm-tester")
-    server.key = key  # type: ignore[attr-defined]
-    try:
-        yield server
-    finally:
-        with httpx.Client(base_url=server.url, headers=_auth(key), timeout=120) as c:
-            for sb in c.get("/sandboxes").json():
-                c.delete(f"/sandboxes/{sb['id']}")
-        server.stop()
-        _kill_vms(root)
-
-
-def _auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def vm(vm_server: LiveServer) -> Iterator[httpx.Client]:
-    key: str = vm_server.key  # type: ignore[attr-defined]
-    with httpx.Client(base_url=vm_server.url, headers=_auth(key), timeout=300) as client:
-        yield client
+SRC = Path(__file__).resolve().parents[3] / "src"
 
 
 def test_lifecycle_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
@@ -280,13 +215,6 @@ def _daemon(
     url = proc.stdout.readline().decode().strip()
     assert url.startswith("http://"), (data.parent / "daemon.log").read_text()
     return proc, url
-
-
-def _kill_vms(data: Path) -> None:
-    """The VMs a daemon started outlive it by design: a failed test must not leave them."""
-    for pid in find_processes(f"{data}/"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
