@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,20 +21,6 @@ from kiln.sdk import AsyncKiln, Conflict, Kiln, NotFound, Port, Sandbox, Validat
 from server.upstream import Upstream
 
 from .conftest import Daemon, unique
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    service = Upstream().start()
-    yield service
-    service.stop()
-
-
-def get_as_host(daemon: Daemon, url: str, path: str = "/") -> httpx.Response:
-    """GET ``path`` on the daemon's own address with ``url``'s host in ``Host``
-    (what a browser does for ``*.localhost``), without an API key."""
-    with httpx.Client(base_url=daemon.url, timeout=30) as anonymous:
-        return anonymous.get(path, headers={"Host": urlsplit(url).netloc})
 
 
 def test_publish_returns_the_alias_url_and_it_needs_no_key(
@@ -51,7 +36,7 @@ def test_publish_returns_the_alias_url_and_it_needs_no_key(
         daemon_port,
         "/",
     )
-    resp = get_as_host(daemon, url, "/echo/hi?q=1")
+    resp = daemon.visit(url, "/echo/hi?q=1")
     assert resp.status_code == 200, resp.text
     seen = resp.json()
     assert (seen["method"], seen["raw_path"], seen["query"]) == ("GET", "/echo/hi", "q=1")
@@ -70,7 +55,7 @@ def test_an_explicit_alias(daemon: Daemon, sb: Sandbox, upstream: Upstream) -> N
     alias = unique("app")
     url = sb.publish(upstream.port, alias=alias)
     assert urlsplit(url).hostname == f"{alias}.localhost"
-    assert get_as_host(daemon, url, "/echo/a").json()["raw_path"] == "/echo/a"
+    assert daemon.visit(url, "/echo/a").json()["raw_path"] == "/echo/a"
 
 
 def test_url_is_the_proxy_path_and_needs_the_key(
@@ -101,10 +86,10 @@ def test_unpublish_makes_the_host_answer_404(
     daemon: Daemon, sb: Sandbox, upstream: Upstream
 ) -> None:
     url = sb.publish(upstream.port)
-    assert get_as_host(daemon, url, "/echo/").status_code == 200
+    assert daemon.visit(url, "/echo/").status_code == 200
 
     sb.unpublish(upstream.port)
-    resp = get_as_host(daemon, url, "/echo/")
+    resp = daemon.visit(url, "/echo/")
     assert resp.status_code == 404
     assert "nothing is published" in resp.json()["error"]
     assert sb.published() == []
@@ -165,7 +150,7 @@ def test_a_request_to_a_published_url_wakes_a_stopped_sandbox(
 ) -> None:
     url = sb.publish(upstream.port)
     assert sb.stop().status == "stopped"
-    resp = get_as_host(daemon, url, "/echo/woken")
+    resp = daemon.visit(url, "/echo/woken")
     assert resp.status_code == 200, resp.text
     assert resp.json()["raw_path"] == "/echo/woken"
     assert sb.refresh().status == "running"
