@@ -72,6 +72,7 @@ def test_url_is_the_proxy_path_and_needs_the_key(
             resp = keyed.get(target + "echo/x")
         assert resp.status_code == 200, resp.text
         assert resp.json()["raw_path"] == "/echo/x"
+        assert "authorization" not in dict(resp.json()["headers"])  # the key stays out
     assert httpx.get(url + "echo/x").status_code == 401
     assert httpx.get(url + f"echo/x?token={daemon.token}").json()["query"] == ""
 
@@ -143,6 +144,17 @@ def test_a_published_websocket(daemon: Daemon, sb: Sandbox, upstream: Upstream) 
         assert hello["hello"]["host"] == urlsplit(url).netloc
         ws.send("ping")
         assert ws.recv(timeout=10) == "ping"
+
+
+def test_a_websocket_through_the_proxy_url(daemon: Daemon, sb: Sandbox, upstream: Upstream) -> None:
+    ws_url = sb.url(upstream.port).replace("http://", "ws://", 1) + "ws"
+    key = {"Authorization": f"Bearer {daemon.token}"}
+    with connect(ws_url, additional_headers=key, open_timeout=10) as ws:
+        hello = json.loads(ws.recv(timeout=10))
+        assert hello["path"] == "/ws"
+        assert "authorization" not in hello["hello"]
+        ws.send(b"\x00bin")
+        assert ws.recv(timeout=10) == b"\x00bin"
 
 
 def test_a_request_to_a_published_url_wakes_a_stopped_sandbox(
