@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sdk.conftest import Daemon, kiln, running_daemon, sb, unique
+from sdk.conftest import Daemon, kiln, running_daemon, sb, unique, upstream
 
-__all__ = ["Cli", "Daemon", "cli", "daemon", "kiln", "kiln_argv", "sb", "unique"]
+__all__ = ["Cli", "Daemon", "cli", "daemon", "kiln", "kiln_argv", "sb", "unique", "upstream"]
 
 KILN = Path(sys.executable).with_name("kiln")
 SRC = Path(__file__).resolve().parents[2] / "src"

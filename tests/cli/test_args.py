@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kiln.cli.args import (
+    ALIAS_PATTERN,
+    parse_alias,
     parse_duration,
     parse_env,
     parse_labels,
@@ -15,6 +17,16 @@ from kiln.cli.args import (
     parse_ttl,
     parse_volume,
 )
+from kiln.server.models import ALIAS_PATTERN as DAEMONS_ALIAS_PATTERN
+
+
+def test_parse_alias_is_the_daemons_rule() -> None:
+    assert ALIAS_PATTERN == DAEMONS_ALIAS_PATTERN
+    for good in ("web", "my-app-3000", "0", "a" * 63):
+        assert parse_alias(good) == good
+    for bad in ("", "Web", "my_app", "-web", "web-", "a.b", "a" * 64):
+        with pytest.raises(ValueError, match="invalid alias"):
+            parse_alias(bad)
 
 
 def test_parse_env() -> None:

@@ -12,7 +12,16 @@ from kiln.cli import format as fmt
 from kiln.cli.execio import exit_status, stdin_command
 from kiln.cli.terminal import split_detach
 from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
-from kiln.sdk.models import FileStat, Health, Port, SandboxInfo, Secret, Template, Volume
+from kiln.sdk.models import (
+    FileStat,
+    Health,
+    Port,
+    PublishedPort,
+    SandboxInfo,
+    Secret,
+    Template,
+    Volume,
+)
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -156,6 +165,45 @@ def test_other_tables() -> None:
     assert "py" in templates and "t-1" in templates
     ports = render(fmt.format_ports_table([Port(3000, "/sandboxes/sb/proxy/3000/")], "http://h:1"))
     assert "http://h:1/sandboxes/sb/proxy/3000/" in ports
+
+
+def test_ports_table_and_json() -> None:
+    published = Port(3000, "/sandboxes/sb-1/proxy/3000/", "sb-1", "web", "http://web-3000.l:1/")
+    plain = Port(8000, "/sandboxes/sb-1/proxy/8000/", "sb-1", "web")
+    lines = [
+        line.split()
+        for line in render(fmt.format_ports_table([published, plain], "http://h:1/")).splitlines()
+    ]
+    assert lines[0] == ["PORT", "URL", "PUBLIC"]
+    assert ["3000", "http://h:1/sandboxes/sb-1/proxy/3000/", "http://web-3000.l:1/"] in lines
+    assert ["8000", "http://h:1/sandboxes/sb-1/proxy/8000/", "-"] in lines
+    every = render(
+        fmt.format_ports_table([plain, Port(22, "/p/", "sb-2")], "http://h:1", with_sandbox=True)
+    )
+    rows = [line.split() for line in every.splitlines()]
+    assert rows[0] == ["SANDBOX", "PORT", "URL", "PUBLIC"]
+    assert ["web", "8000", "http://h:1/sandboxes/sb-1/proxy/8000/", "-"] in rows
+    assert ["sb-2", "22", "http://h:1/p/", "-"] in rows  # no name: the id
+    [entry] = fmt.port_dicts([published], "http://h:1")
+    assert entry["url"] == "http://h:1/sandboxes/sb-1/proxy/3000/"
+    assert entry["proxy_url"] == "/sandboxes/sb-1/proxy/3000/"
+    assert entry["published_url"] == "http://web-3000.l:1/"
+
+
+def test_publish_errors_name_the_port_and_the_sandbox() -> None:
+    rule = PublishedPort("pub-1", "sb-1", 3000, "web-3000", "http://web-3000.l:1/", NOW)
+    daemon_says = "port 3000 is already published"
+    assert fmt.format_publish_conflict("web", 3000, None, [rule], daemon_says) == (
+        "port 3000 of web is already published as web-3000 (http://web-3000.l:1/)"
+    )
+    taken = "alias 'x' is already in use"
+    assert fmt.format_publish_conflict("web", 8000, "x", [rule], taken) == (
+        "alias 'x' is already in use; choose another with --alias"
+    )
+    assert fmt.format_not_published("web", 8000, []) == "port 8000 of web is not published"
+    assert fmt.format_not_published("web", 8000, [rule]) == (
+        "port 8000 of web is not published (published: 3000)"
+    )
 
 
 def test_health() -> None:

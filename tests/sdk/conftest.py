@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from kiln.sdk import AsyncKiln, Kiln, NotFound, Sandbox
 from server.harness import AgentEngine, LiveServer
+from server.upstream import Upstream
 
 
 @dataclass
@@ -35,6 +38,13 @@ class Daemon:
     def data_dir(self) -> Path:
         """The daemon's data dir (``kiln.db``), for the CLI's local commands."""
         return self.server.services.config.data_dir
+
+    def visit(self, url: str, path: str = "/") -> httpx.Response:
+        """GET ``path`` at a published ``url`` as a browser on this host would: to
+        the daemon's own address, with ``url``'s host in ``Host`` (``*.localhost``
+        is this host) and no API key."""
+        with httpx.Client(base_url=self.url, timeout=30) as anonymous:
+            return anonymous.get(path, headers={"Host": urlsplit(url).netloc})
 
     def workdir(self, sandbox_id: str) -> Path:
         """The sandbox's working directory (test-mode agents share the host filesystem)."""
@@ -60,6 +70,15 @@ def running_daemon(root: Path) -> Iterator[Daemon]:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with running_daemon(tmp_path_factory.mktemp("sdk-daemon")) as d:
         yield d
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    """A real web service on a loopback port: a port "inside" every sandbox, since
+    test-mode agents share the test's network (routes in tests/server/upstream.py)."""
+    service = Upstream().start()
+    yield service
+    service.stop()
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ from kiln.sdk.models import (
     Stdout,
     VolumeMount,
     parse_exec_event,
+    parse_port,
+    parse_published,
     parse_sandbox,
     parse_template,
     parse_time,
@@ -231,6 +233,33 @@ def test_shell_url() -> None:
         _api.shell_url("https://h", "sb", session_id="s1", rows=24, cols=80, cmd="top -d 1")
         == "wss://h/sandboxes/sb/ws?session_id=s1&rows=24&cols=80&cmd=top%20-d%201"
     )
+
+
+def test_proxy_url() -> None:
+    assert _api.proxy_url("http://h:1", "sb-1", 3000) == "http://h:1/sandboxes/sb-1/proxy/3000/"
+    assert _api.proxy_url("https://h/", "a b", 80) == "https://h/sandboxes/a%20b/proxy/80/"
+    for bad in (0, 65536, True, "80"):
+        with pytest.raises(ValueError, match="invalid port"):
+            _api.proxy_url("http://h", "sb", bad)  # type: ignore[arg-type]
+
+
+def test_port_and_published_parsers() -> None:
+    entry = {
+        "port": 3000,
+        "proxy_url": "/sandboxes/sb-1/proxy/3000/",
+        "published_url": "http://web-3000.localhost:8080/",
+        "sandbox_id": "sb-1",
+        "sandbox_name": "web",
+    }
+    port = parse_port(entry)
+    assert (port.published_url, port.sandbox_name) == ("http://web-3000.localhost:8080/", "web")
+    assert parse_port({**entry, "published_url": None}).published_url is None
+    with pytest.raises(InvalidResponse, match="published_url"):
+        parse_port({**entry, "published_url": 1})
+    rule = {"id": "pub-1", "sandbox_id": "sb-1", "port": 3000, "alias": "web-3000"}
+    assert parse_published({**rule, "url": "http://x/"}).url == "http://x/"
+    with pytest.raises(InvalidResponse, match="'url' is missing"):
+        parse_published(rule)
 
 
 def test_upload_body_sizes() -> None:

@@ -699,18 +699,106 @@ def kill(state: State, sandbox: str, target: str, signal_name: str | None) -> No
     click.echo(f"sent {signal_name.upper()} to session {target} (pid {pids[0]})")
 
 
-@cli.command()
+# -- ports ----------------------------------------------------------------------------
+
+port_argument = click.argument("port_number", metavar="PORT", type=click.IntRange(1, 65535))
+
+
+@cli.group(cls=AliasedGroup)
+def port() -> None:
+    """List, publish and unpublish the ports sandboxes listen on.
+
+    Every listening port is reachable through the daemon at its proxy URL,
+    with the API key. A published port also gets a public URL,
+    http://ALIAS.localhost:8080/ by default, that needs no key: open it in a
+    browser. Requests to either wake the sandbox; WebSockets work too.
+    """
+
+
+def _list_ports(state: State, sandbox: str | None, as_json: bool) -> None:
+    k = state.kiln()
+    found = state.sandbox(sandbox).ports() if sandbox else k.ports()
+    if as_json:
+        show(fmt.format_json(fmt.port_dicts(found, k.url)))
+    else:
+        show(fmt.format_ports_table(found, k.url, with_sandbox=sandbox is None))
+
+
+@port.command("list")
+@click.argument("sandbox", required=False)
+@json_option
+@pass_state
+def port_list(state: State, sandbox: str | None, as_json: bool) -> None:
+    """List listening ports (alias: ls).
+
+    PORT; URL, the proxy URL (needs the API key); PUBLIC, the published URL
+    (no key) or - . Of one sandbox (waking it), or without SANDBOX of all
+    your hot or warm ones, with a SANDBOX column.
+    """
+    _list_ports(state, sandbox, as_json)
+
+
+@port.command("publish")
+@click.argument("sandbox")
+@port_argument
+@click.option(
+    "--alias",
+    metavar="ALIAS",
+    callback=_converter(parse.parse_alias),
+    help="Host name label, lowercase [default: SANDBOX-PORT].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the published port as JSON.")
+@pass_state
+def port_publish(
+    state: State, sandbox: str, port_number: int, alias: str | None, as_json: bool
+) -> None:
+    """Publish PORT of SANDBOX at a URL that needs no API key, and print the URL.
+
+    Anyone who can reach the daemon can use it. Nothing needs to listen on
+    PORT yet; kiln port unpublish takes it back.
+    """
+    from kiln.sdk import Conflict  # noqa: PLC0415 - the SDK is imported by state.kiln()
+
+    ref = state.sandbox(sandbox)
+    try:
+        url = ref.publish(port_number, alias=alias)
+    except Conflict as exc:
+        published = ref.published()
+        message = fmt.format_publish_conflict(sandbox, port_number, alias, published, exc.message)
+        raise click.ClickException(message) from None
+    if as_json:
+        # The whole rule (id, alias, created_at); just the URL if it is already gone again.
+        rule = next((r for r in ref.published() if r.port == port_number), None)
+        show(fmt.format_json(rule or {"port": port_number, "url": url}))
+    else:
+        click.echo(url)
+
+
+@port.command("unpublish")
+@click.argument("sandbox")
+@port_argument
+@pass_state
+def port_unpublish(state: State, sandbox: str, port_number: int) -> None:
+    """Stop publishing PORT of SANDBOX: its public URL answers 404 from now on."""
+    from kiln.sdk import NotFound  # noqa: PLC0415 - the SDK is imported by state.kiln()
+
+    ref = state.sandbox(sandbox)
+    try:
+        ref.unpublish(port_number)
+    except NotFound:
+        # The sandbox exists (or this raises its own NotFound): the port is not published.
+        message = fmt.format_not_published(sandbox, port_number, ref.published())
+        raise click.ClickException(message) from None
+    click.echo(f"unpublished port {port_number} of {sandbox}")
+
+
+@cli.command(hidden=True)
 @click.argument("sandbox", required=False)
 @json_option
 @pass_state
 def ports(state: State, sandbox: str | None, as_json: bool) -> None:
-    """List listening ports and their proxy URLs.
-
-    Of one sandbox, or of all of yours without SANDBOX.
-    """
-    k = state.kiln()
-    found = state.sandbox(sandbox).ports() if sandbox else k.ports()
-    show(fmt.format_json(found) if as_json else fmt.format_ports_table(found, k.url))
+    """Same as kiln port list (kept for scripts)."""
+    _list_ports(state, sandbox, as_json)
 
 
 # -- files ----------------------------------------------------------------------------

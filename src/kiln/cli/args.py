@@ -1,4 +1,5 @@
-"""Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes, durations.
+"""Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes, durations,
+published-port aliases.
 
 Each raises :class:`ValueError` with a message fit for ``kiln: error: ...``;
 the command layer turns it into a usage error naming the option.
@@ -14,6 +15,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNOREC
 _MIB_PER_UNIT = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The daemon's ``ALIAS_PATTERN`` (kiln.server.models; a test keeps them equal),
+#: checked here to say what is wrong instead of echoing the daemon's regex.
+ALIAS_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_ALIAS_RE = re.compile(ALIAS_PATTERN)
 #: What ``--ttl`` accepts to mean "no expiry" (``kiln edit``).
 NO_TTL = ("none", "never", "0")
 
@@ -111,6 +116,16 @@ def parse_mode(text: str) -> int:
     if mode > 0o7777:
         raise ValueError(f"invalid file mode {text!r}: out of range")
     return mode
+
+
+def parse_alias(text: str) -> str:
+    """A published port's alias: one lowercase DNS label (``web``, ``my-app-3000``)."""
+    if not _ALIAS_RE.match(text):
+        raise ValueError(
+            f"invalid alias {text!r}: use 1 to 63 lowercase letters, digits and '-',"
+            " not starting or ending with '-'"
+        )
+    return text
 
 
 def parse_session_command(argv: Iterable[str]) -> list[str]:

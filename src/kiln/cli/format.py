@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Health,
         Port,
         ProcessInfo,
+        PublishedPort,
         SandboxInfo,
         Secret,
         Template,
@@ -287,12 +288,48 @@ def format_templates_table(templates: Iterable[Template], now: datetime) -> Tabl
     return table
 
 
-def format_ports_table(ports: Iterable[Port], base_url: str) -> Table:
-    table = _table("PORT", "URL")
+def absolute_url(url: str, base_url: str) -> str:
+    """A daemon-relative path (``/sandboxes/…/proxy/3000/``) joined to the daemon's URL."""
+    return url if "://" in url else base_url.rstrip("/") + url
+
+
+def port_dicts(ports: Iterable[Port], base_url: str) -> list[dict[str, Any]]:
+    """``kiln port list --json``: each port as the daemon says, plus ``url``, the
+    absolute proxy URL the table shows."""
+    return [{**p.to_dict(), "url": absolute_url(p.proxy_url, base_url)} for p in ports]
+
+
+def format_ports_table(
+    ports: Iterable[Port], base_url: str, *, with_sandbox: bool = False
+) -> Table:
+    """``kiln port list``: PORT, URL (proxy URL, needs the key), PUBLIC (published URL
+    or ``-``); SANDBOX first when the ports of every sandbox are listed."""
+    table = _table(*(("SANDBOX",) if with_sandbox else ()), "PORT", "URL", "PUBLIC")
     for p in ports:
-        url = p.proxy_url if "://" in p.proxy_url else base_url.rstrip("/") + p.proxy_url
-        table.add_row(str(p.port), url)
+        cells = [str(p.port), absolute_url(p.proxy_url, base_url), p.published_url or "-"]
+        if with_sandbox:
+            cells.insert(0, p.sandbox_name or p.sandbox_id or "-")
+        table.add_row(*cells)
     return table
+
+
+def format_publish_conflict(
+    sandbox: str, port: int, alias: str | None, published: Iterable[PublishedPort], message: str
+) -> str:
+    """Why ``kiln port publish`` got a 409 (``message``, the daemon's words): the
+    port's alias and URL when it is already published, else the alias is taken."""
+    for rule in published:
+        if rule.port == port:
+            return f"port {port} of {sandbox} is already published as {rule.alias} ({rule.url})"
+    return f"{message}; choose another with --alias" if alias is not None else message
+
+
+def format_not_published(sandbox: str, port: int, published: Iterable[PublishedPort]) -> str:
+    """``kiln port unpublish`` of a port that is not published: say which ones are."""
+    ports = ", ".join(str(rule.port) for rule in published)
+    return f"port {port} of {sandbox} is not published" + (
+        f" (published: {ports})" if ports else ""
+    )
 
 
 def format_health(health: Health, url: str) -> str:

@@ -15,6 +15,7 @@
 
         server = sb.processes.start("python3 -m http.server 8000")   # in the background
         print([p.pid for p in sb.processes.list()])
+        print(sb.publish(8000))             # http://demo-8000.localhost:8080/, no key needed
         server.kill()
         print(server.wait())                                          # 137
 

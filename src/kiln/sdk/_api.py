@@ -550,13 +550,24 @@ def all_ports() -> Call[list[Port]]:
     return Call("GET", "/ports", _list_parser(models.parse_port, "ports"))
 
 
-def publish(id_or_name: str, port: int, alias: str | None) -> Call[PublishedPort]:
+def proxy_url(base_url: str, id_or_name: str, port: int) -> str:
+    """``<base_url>/sandboxes/{id}/proxy/{port}/``: the path the daemon relays to
+    ``port`` inside the sandbox (pure; the request needs the API key)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}: expected an integer in 1..65535")
+    return base_url.rstrip("/") + sandbox_path(id_or_name, "proxy", str(port), "")
+
+
+def _published_url(resp: httpx.Response) -> str:
+    return models.parse_published(_json(resp)).url
+
+
+def publish(id_or_name: str, port: int, alias: str | None) -> Call[str]:
+    """``POST .../publish`` → the published URL."""
     body: dict[str, Any] = {"port": port}
     if alias is not None:
         body["alias"] = alias
-    return Call(
-        "POST", sandbox_path(id_or_name, "publish"), _parser(models.parse_published), json=body
-    )
+    return Call("POST", sandbox_path(id_or_name, "publish"), _published_url, json=body)
 
 
 def list_published(id_or_name: str) -> Call[list[PublishedPort]]:

@@ -102,7 +102,8 @@ class AsyncKiln:
         return await self._call(_api.health())
 
     async def ports(self) -> list[Port]:
-        """Every listening port in every one of your sandboxes."""
+        """Listening ports of all your running sandboxes that are hot or warm (cold
+        ones are not woken to be asked), with their sandbox and published URL."""
         return await self._call(_api.all_ports())
 
     async def close(self) -> None:
@@ -227,19 +228,40 @@ class _AsyncSandboxActions:
         return AsyncSessions(self._kiln, self._ref)
 
     async def ports(self) -> list[Port]:
-        """TCP ports listening inside the sandbox, with their proxy URLs."""
+        """TCP ports listening inside the sandbox (wakes it), each with its proxy path
+        and, when published, its public URL (``published_url``)."""
         return await self._kiln._call(_api.sandbox_ports(self._ref))
 
-    async def publish(self, port: int, *, alias: str | None = None) -> PublishedPort:
-        """Serve ``port`` without auth at ``<alias>.<publish domain>``."""
+    def url(self, port: int) -> str:
+        """The proxy URL of ``port``: ``<daemon URL>/sandboxes/<id>/proxy/<port>/``.
+
+        Built here, without a request. The daemon relays HTTP and WebSockets
+        (``ws://`` with the same path) to ``127.0.0.1:<port>`` inside the
+        sandbox, waking it first; every request needs the API key
+        (``Authorization: Bearer <key>``, or ``?token=<key>`` where no header can
+        be set). For a URL that works without a key, :meth:`publish` the port.
+        """
+        return _api.proxy_url(self._kiln.url, self._ref, port)
+
+    async def publish(self, port: int, *, alias: str | None = None) -> str:
+        """Serve ``port`` without an API key at ``<alias>.<publish domain>``; return
+        that URL (``http://demo-3000.localhost:8080/`` with the default domain).
+
+        ``alias`` is a lowercase DNS label; by default ``<sandbox name>-<port>``.
+        Anyone who can reach the daemon can use the URL, and a request to it wakes
+        the sandbox. Nothing needs to listen on the port yet. Raises
+        :class:`Conflict` when the port is already published or the alias is
+        taken, :class:`ValidationError` for a bad port or alias.
+        """
         return await self._kiln._call(_api.publish(self._ref, port, alias))
 
     async def published(self) -> list[PublishedPort]:
-        """The sandbox's published ports."""
+        """The sandbox's published ports (port, alias, URL), by port."""
         return await self._kiln._call(_api.list_published(self._ref))
 
     async def unpublish(self, port: int) -> None:
-        """Stop publishing ``port``."""
+        """Stop publishing ``port``: its URL answers 404 from now on (:class:`NotFound`
+        when it is not published)."""
         await self._kiln._call(_api.unpublish(self._ref, port))
 
     async def shell(

@@ -391,21 +391,30 @@ def parse_sessions(data: Any) -> list[SessionInfo]:
 
 @dataclass(frozen=True, slots=True)
 class Port(_Model):
-    """A TCP port listening inside a sandbox, reachable through ``proxy_url``."""
+    """A TCP port listening inside a sandbox.
+
+    ``proxy_url`` is the daemon-relative path that relays to it (it needs the
+    API key); ``published_url`` is its public URL when it is published (no key
+    needed), else ``None``.
+    """
 
     port: int
     proxy_url: str
     sandbox_id: str | None = None
+    sandbox_name: str | None = None
+    published_url: str | None = None
 
 
 def parse_port(data: Any) -> Port:
-    """A port object of ``GET /sandboxes/{id}/ports`` → :class:`Port`."""
+    """A port object of ``GET /sandboxes/{id}/ports`` or ``GET /ports`` → :class:`Port`."""
     what = "port"
     obj = _obj(data, what)
     return Port(
         port=_field(obj, "port", int, what),
         proxy_url=_field(obj, "proxy_url", str, what, ""),
         sandbox_id=_opt_str(obj, "sandbox_id", what),
+        sandbox_name=_opt_str(obj, "sandbox_name", what),
+        published_url=_opt_str(obj, "published_url", what),
     )
 
 
@@ -430,7 +439,7 @@ def parse_published(data: Any) -> PublishedPort:
         sandbox_id=_field(obj, "sandbox_id", str, what, ""),
         port=_field(obj, "port", int, what),
         alias=_field(obj, "alias", str, what, ""),
-        url=_field(obj, "url", str, what, ""),
+        url=_field(obj, "url", str, what),  # the point of publishing: required
         created_at=parse_time(obj.get("created_at"), "published port created_at"),
     )
 
