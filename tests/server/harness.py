@@ -71,6 +71,9 @@ def spawn_agent(socket_dir: Path, token: str, config: Path, workdir: Path) -> in
             "--workdir",
             str(workdir),
             "--no-sync",
+            # Orphans (setsid X &) stay below the agent, as in a VM, so that
+            # kill_agent finds them.
+            "--reap-orphans",
             "--log-level",
             "warning",
         ],
@@ -92,9 +95,36 @@ def spawn_agent(socket_dir: Path, token: str, config: Path, workdir: Path) -> in
 _children: list[subprocess.Popen[bytes]] = []
 
 
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc's parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        children = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= children
+        frontier = children
+    return found
+
+
 def kill_agent(pid: int) -> None:
+    """Kill an agent and everything it started: its process group, and the background
+    processes that have sessions of their own (a VM's destroy takes those too)."""
+    below = descendants(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
     for proc in list(_children):
         if proc.pid == pid:
             proc.wait()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 
 from kiln.protocol import ForwardRequest, FrameStream, FrameType, StatusResponse
 
 from .context import GuestContext, recv_frame
 from .errors import RequestError
 
+#: Linux only (the guest's kernel; a test-mode agent on another OS goes without).
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 DIAL_TIMEOUT = 10.0
 RELAY_CHUNK = 256 * 1024
 
@@ -59,7 +62,8 @@ async def relay(
     """Copy both ways; EOF on one side half-closes the other; ends when both are done
     or either fails."""
     up = asyncio.create_task(_copy(host_reader, target_writer, ctx))
-    down = asyncio.create_task(_copy(target_reader, host_writer, ctx))
+    service = target_writer.get_extra_info("socket")
+    down = asyncio.create_task(_copy(target_reader, host_writer, ctx, quickack=service))
     try:
         await asyncio.wait((up, down), return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -72,9 +76,19 @@ async def relay(
 
 
 async def _copy(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: GuestContext
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    ctx: GuestContext,
+    quickack: socket.socket | None = None,
 ) -> None:
     while data := await reader.read(RELAY_CHUNK):
+        if quickack is not None and _QUICKACK is not None:
+            # A service with Nagle on (python's http.server, many others) sends its
+            # headers and body in two writes and waits for the first one's ACK before
+            # sending the second; Linux delays that ACK by up to 40 ms. Acknowledge at
+            # once (the flag wears off after each read, so set it every time).
+            with contextlib.suppress(OSError):
+                quickack.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         ctx.touch()
         writer.write(data)
         await writer.drain()

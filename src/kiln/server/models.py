@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -209,9 +210,23 @@ ALIAS_RE = re.compile(ALIAS_PATTERN)
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
+def _check_alias(value: str) -> str:
+    if not ALIAS_RE.match(value):
+        raise PydanticCustomError(
+            "alias",
+            "must be one lowercase DNS label: 1 to 63 of a-z, 0-9 and '-', "
+            "not starting or ending with '-' (got {value!r})",
+            {"value": value},
+        )
+    return value
+
+
+Alias = Annotated[StrictStr, AfterValidator(_check_alias)]
+
+
 class PublishPort(_Body):
     port: Port
-    alias: Annotated[StrictStr, Field(pattern=ALIAS_PATTERN)] | None = Field(
+    alias: Alias | None = Field(
         default=None,
         description="a lowercase DNS label; generated from the sandbox name when absent",
     )

@@ -727,10 +727,12 @@ class Store:
         rule = PublishRule(_new_id("pub"), sandbox_id, port, alias, self._now())
         with self._write() as conn:
             _live(_select_sandbox(conn, sandbox_id), sandbox_id)
-            if conn.execute(
-                "SELECT 1 FROM publish_rules WHERE sandbox_id = ? AND port = ?", (sandbox_id, port)
-            ).fetchone():
-                raise NameTaken(f"port {port} is already published")
+            taken = conn.execute(
+                "SELECT alias FROM publish_rules WHERE sandbox_id = ? AND port = ?",
+                (sandbox_id, port),
+            ).fetchone()
+            if taken:
+                raise NameTaken(f"port {port} is already published as {taken[0]!r}")
             if conn.execute("SELECT 1 FROM publish_rules WHERE alias = ?", (alias,)).fetchone():
                 raise NameTaken(f"alias {alias!r} is already in use")
             conn.execute(

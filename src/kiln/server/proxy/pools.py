@@ -16,10 +16,13 @@ from kiln.agent_client import AgentClient
 from .backend import SandboxBackend
 
 #: Connections to one sandbox, over all its ports. Each is one forward through
-#: the agent; more requests than this wait for a free one.
-MAX_CONNECTIONS = 256
-#: Idle connections kept for reuse, and for how long.
-MAX_IDLE = 32
+#: the agent; more requests than this wait for a free one. (httpcore 1.0's pool
+#: does work quadratic in its connections per request: keep this modest.)
+MAX_CONNECTIONS = 64
+#: Idle connections kept for reuse, and for how long. Equal to the maximum: httpcore
+#: 1.0 compares its *total* connections with this, so a lower value closes every
+#: connection that is freed while more than that many are open.
+MAX_IDLE = MAX_CONNECTIONS
 IDLE_EXPIRY_S = 30.0
 
 
