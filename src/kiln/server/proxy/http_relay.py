@@ -16,6 +16,7 @@ import httpcore
 from starlette.types import Message, Receive, Scope, Send
 
 from ..streaming import keep_active
+from .pools import Lease, SandboxPool
 from .target import Headers, Target, forwarded_request_headers, forwarded_response_headers, header
 
 log = logging.getLogger("kiln.server.proxy")
@@ -23,8 +24,6 @@ log = logging.getLogger("kiln.server.proxy")
 #: Opening a forward to the service; reading and writing have no limit (an SSE
 #: stream may be silent for minutes, a client may upload slowly).
 CONNECT_TIMEOUT_S = 10.0
-#: Waiting for a free connection of the sandbox's pool.
-POOL_TIMEOUT_S = 30.0
 
 
 class ClientGone(Exception):
@@ -75,59 +74,86 @@ async def relay_http(
     receive: Receive,
     send: Send,
     *,
-    pool: httpcore.AsyncConnectionPool,
+    pool: SandboxPool,
     target: Target,
     touch: Callable[[], None],
 ) -> None:
     """Send the request in ``scope`` to ``target`` through ``pool`` and stream the
     answer to ``send``. RelayFailed before anything was sent to the client."""
     headers = forwarded_request_headers(scope, target)
+    has_body = _has_body(headers)
     request = httpcore.Request(
         scope["method"],
         httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=target.port, target=target.target),
         headers=headers,
-        content=_request_body(receive) if _has_body(headers) else None,
-        extensions={
-            "timeout": {
-                "connect": CONNECT_TIMEOUT_S,
-                "read": None,
-                "write": None,
-                "pool": POOL_TIMEOUT_S,
-            }
-        },
+        content=_request_body(receive) if has_body else None,
+        extensions={"timeout": {"connect": CONNECT_TIMEOUT_S, "read": None, "write": None}},
+    )
+    for attempt in (1, 2):
+        try:
+            async with pool.connection(target.port, CONNECT_TIMEOUT_S) as lease:
+                try:
+                    response = await lease.conn.handle_async_request(request)
+                except (httpcore.RemoteProtocolError, httpcore.ReadError):
+                    # A kept connection the service closed just as it was taken: once
+                    # more on a new one, if the request can be sent again.
+                    if lease.reused and not has_body and attempt == 1:
+                        continue
+                    raise
+                try:
+                    await _respond(
+                        scope, receive, send, response, lease=lease, target=target, touch=touch
+                    )
+                finally:
+                    await response.aclose()
+                return
+        except ClientGone:
+            return
+        except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+            raise RelayFailed(502, str(exc)) from exc
+        except httpcore.UnsupportedProtocol as exc:
+            raise RelayFailed(502, str(exc)) from exc
+        except _Answered:
+            raise
+        except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException) as exc:
+            raise RelayFailed(
+                502, f"the service on port {target.port} in {target.label} failed to answer: {exc}"
+            ) from exc
+
+
+class _Answered(Exception):
+    """The response had started when the relay failed: nothing more can be said."""
+
+
+async def _respond(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    response: httpcore.Response,
+    *,
+    lease: Lease,
+    target: Target,
+    touch: Callable[[], None],
+) -> None:
+    host = (header(scope["headers"], b"host") or b"").decode("latin-1")
+    scheme = str(scope.get("scheme", "http"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": forwarded_response_headers(response.headers, target, scheme, host),
+        }
     )
     try:
-        response = await pool.handle_async_request(request)
-    except ClientGone:
-        return
-    except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-        raise RelayFailed(502, str(exc)) from exc
-    except httpcore.PoolTimeout as exc:
-        raise RelayFailed(503, f"too many open requests to {target.label}") from exc
-    except httpcore.UnsupportedProtocol as exc:
-        raise RelayFailed(502, str(exc)) from exc
-    except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException) as exc:
-        raise RelayFailed(
-            502, f"the service on port {target.port} in {target.label} failed to answer: {exc}"
-        ) from exc
-
-    try:
-        host = (header(scope["headers"], b"host") or b"").decode("latin-1")
-        scheme = str(scope.get("scheme", "http"))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": forwarded_response_headers(response.headers, target, scheme, host),
-            }
-        )
         async with keep_active(touch):
-            await _stream_body(response, receive, send)
-    finally:
-        await response.aclose()
+            await _stream_body(response, receive, send, lease)
+    except Exception as exc:
+        raise _Answered(f"the response from {target.label} broke off: {exc}") from exc
 
 
-async def _stream_body(response: httpcore.Response, receive: Receive, send: Send) -> None:
+async def _stream_body(
+    response: httpcore.Response, receive: Receive, send: Send, lease: Lease
+) -> None:
     """The response body to the client, until the end or until the client leaves."""
 
     length = _content_length(response.headers)
@@ -148,6 +174,7 @@ async def _stream_body(response: httpcore.Response, receive: Receive, send: Send
                 message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
                 await send(message)
         await response.aclose()
+        await lease.release()
         await send({"type": "http.response.body", "body": last, "more_body": False})
 
     pumping = asyncio.create_task(pump())
