@@ -216,6 +216,9 @@ async def test_without_follow_a_reader_gets_what_is_kept_then_ends(client: Agent
             await asyncio.sleep(0.02)
     assert (out, err, code) == (b"kept\n", b"err\n", None)
     await client.signal_process(info.pid, "KILL")
+    async with asyncio.timeout(5):  # the signal is sent; the agent reaps a moment later
+        while (await client.get_process(info.pid)).running:
+            await asyncio.sleep(0.02)
     async with client.process_output(info.pid, follow=False) as reader:
         assert (await collect(reader))[2] == 128 + 9  # finished: the exit code too
 
