@@ -217,7 +217,7 @@ async def test_without_follow_a_reader_gets_what_is_kept_then_ends(client: Agent
     assert (out, err, code) == (b"kept\n", b"err\n", None)
     await client.signal_process(info.pid, "KILL")
     async with asyncio.timeout(5):  # the signal is sent; the agent reaps a moment later
-        while (await client.get_process(info.pid)).running:
+        while (await client.get_process(info.pid)).running:  # noqa: ASYNC110 -- polled state
             await asyncio.sleep(0.02)
     async with client.process_output(info.pid, follow=False) as reader:
         assert (await collect(reader))[2] == 128 + 9  # finished: the exit code too

@@ -118,14 +118,37 @@ def test_header_forwarding(api: ApiUser, web: str, upstream: Upstream) -> None:
     assert r.headers.get_list("date") and len(r.headers.get_list("date")) == 1
 
 
-def test_other_authorization_is_forwarded(api: ApiUser, web: str, upstream: Upstream) -> None:
-    """Only the daemon's own key is kept out: an app's own auth header passes, with
-    the key given as ?token= instead."""
-    url = f"{api.http.base_url}{proxy(upstream)}/echo?token={api.key}&x=1"
-    r = httpx.get(url, headers={"Authorization": "Basic dTpw"})
-    data = echo(r)
-    assert headers_of(data)["authorization"] == ["Basic dTpw"]
-    assert data["query"] == "x=1"
+def test_key_in_the_url_is_refused_for_plain_http(
+    api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    """``?token=`` is for WebSockets: in a page's URL the key would travel on to the
+    sandbox in Referer headers and be readable by the page's scripts."""
+    url = f"{api.http.base_url}{proxy(upstream)}/echo?token={api.key}"
+    r = httpx.get(url)
+    assert r.status_code == 401
+    assert api.key not in r.text
+
+
+def test_query_is_relayed_byte_for_byte(
+    server: LiveServer, api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    data = echo(api.http.get(f"{proxy(upstream)}/echo?a=x%20y&flag&b=%E9&token=other"))
+    assert data["query"] == "a=x%20y&flag&b=%E9&token=other"  # not the daemon's key: kept
+
+
+def test_daemon_keys_never_reach_a_published_app(
+    server: LiveServer, api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    api.http.post("/sandboxes/web/publish", json={"port": upstream.port, "alias": "keys"})
+    host = f"keys.localhost:{server.url.rsplit(':', 1)[1]}"
+    # An app's own credentials pass ...
+    r = httpx.get(f"{server.url}/echo", headers={"Host": host, "Authorization": "Bearer app"})
+    assert headers_of(echo(r))["authorization"] == ["Bearer app"]
+    # ... a daemon key (a user who has the API open, or anyone's) does not.
+    r = httpx.get(
+        f"{server.url}/echo", headers={"Host": host, "Authorization": f"Bearer {api.key}"}
+    )
+    assert "authorization" not in headers_of(echo(r))
 
 
 def test_post_streams_a_10_mb_body(api: ApiUser, web: str, upstream: Upstream) -> None:
@@ -354,3 +377,78 @@ def test_concurrent_requests(api: ApiUser, web: str, upstream: Upstream) -> None
         return [r.status_code for r in rs]
 
     assert asyncio.run(main()) == [200] * 100
+
+
+# --- review regressions ----------------------------------------------------------------
+
+
+def test_client_leaving_before_the_answer_ends_the_upstream_request(
+    api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    upstream.hold_gone.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        api.http.get(f"{proxy(upstream)}/hold", timeout=0.5)
+    assert upstream.hold_gone.wait(10)
+
+
+def test_bodyless_answers_drop_their_content_length(
+    api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    for code in (204, 304):
+        r = api.http.get(f"{proxy(upstream)}/status", params={"code": code, "length": 10})
+        assert r.status_code == code
+        assert r.content == b""
+
+
+def test_cookies_stay_with_their_app(api: ApiUser, web: str, upstream: Upstream) -> None:
+    cookies = "a=1; Path=/; Domain=localhost; HttpOnly|b=2|c=3; path=/app"
+    r = api.http.get(f"{proxy(upstream)}/status", params={"cookies": cookies})
+    assert r.headers.get_list("set-cookie") == [
+        f"a=1; Path={proxy(upstream)}/; HttpOnly",
+        f"b=2; Path={proxy(upstream)}/",
+        f"c=3; Path={proxy(upstream)}/app",
+    ]
+
+
+def test_redirect_to_the_host_it_was_sent_gets_the_prefix(
+    api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    host = api.http.base_url.netloc.decode()
+    r = api.http.get(f"{proxy(upstream)}/redirect", params={"to": f"http://{host}/items/"})
+    assert r.headers["location"] == f"http://{host}{proxy(upstream)}/items/"
+
+
+@pytest.mark.parametrize("port", ["%C2%B2", "%D9%A3%D9%A0", "00000003000"])
+def test_non_ascii_or_long_ports_are_400(api: ApiUser, web: str, port: str) -> None:
+    assert api.http.get(f"/sandboxes/web/proxy/{port}/").status_code == 400
+    assert api.http.delete(f"/sandboxes/web/publish/{port}").status_code == 404
+
+
+def test_credentials_are_checked_before_the_port(anon: httpx.Client) -> None:
+    assert anon.get("/sandboxes/web/proxy/x/").status_code == 401
+
+
+def test_connection_header_cannot_remove_host(api: ApiUser, web: str, upstream: Upstream) -> None:
+    r = api.http.get(f"{proxy(upstream)}/echo", headers={"Connection": "host, content-length"})
+    assert headers_of(echo(r))["host"] == [api.http.base_url.netloc.decode()]
+
+
+def test_websocket_under_load_both_ways(
+    server: LiveServer, api: ApiUser, web: str, upstream: Upstream
+) -> None:
+    """The service writes back while we keep writing: neither side may wait on the other."""
+    blob = os.urandom(1 << 20)
+    with connect(ws_url(server, f"{proxy(upstream)}/ws", api.key), max_size=None) as ws:
+        ws.recv()  # hello
+        received: list[int] = []
+
+        def reader() -> None:
+            for _ in range(40):
+                received.append(len(ws.recv(timeout=30)))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        for _ in range(40):
+            ws.send(blob)
+        t.join(60)
+    assert received == [1 << 20] * 40

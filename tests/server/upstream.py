@@ -33,6 +33,7 @@ class Upstream:
         self.port = 0
         self.release = threading.Event()  # lets /sse finish
         self.sse_done = threading.Event()
+        self.hold_gone = threading.Event()  # /hold saw its client disconnect
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
@@ -87,6 +88,19 @@ class Upstream:
                     "headers": [(b"location", location.encode())],
                 }
             )
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/hold":
+            # Answers nothing until the client goes away.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.hold_gone.set()
+        elif path == "/status":
+            code = int(query.get("code", "200"))
+            headers = [(b"content-length", query.get("length", "0").encode())]
+            headers += [
+                (b"set-cookie", c.encode()) for c in query.get("cookies", "").split("|") if c
+            ]
+            await send({"type": "http.response.start", "status": code, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
         elif path == "/sse":
             await self._sse(send, int(query.get("n", "3")))

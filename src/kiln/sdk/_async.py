@@ -238,8 +238,9 @@ class _AsyncSandboxActions:
         Built here, without a request. The daemon relays HTTP and WebSockets
         (``ws://`` with the same path) to ``127.0.0.1:<port>`` inside the
         sandbox, waking it first; every request needs the API key
-        (``Authorization: Bearer <key>``, or ``?token=<key>`` where no header can
-        be set). For a URL that works without a key, :meth:`publish` the port.
+        (``Authorization: Bearer <key>``; a WebSocket may send ``?token=<key>``
+        instead). For a URL that works without a key, such as one to open in a
+        browser, :meth:`publish` the port.
         """
         return _api.proxy_url(self._kiln.url, self._ref, port)
 

@@ -215,7 +215,7 @@ def _check_alias(value: str) -> str:
         raise PydanticCustomError(
             "alias",
             "must be one lowercase DNS label: 1 to 63 of a-z, 0-9 and '-', "
-            "not starting or ending with '-' (got {value!r})",
+            "not starting or ending with '-' (got '{value}')",
             {"value": value},
         )
     return value

@@ -10,8 +10,6 @@ uses a well-kept HTTP client unchanged and no HTTP is parsed by hand.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import select
 import socket
 import ssl
 from collections.abc import Iterable
@@ -67,14 +65,9 @@ class ForwardStream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore asks before reusing an idle pooled connection: readable means
-            # the service closed it (or sent junk), so it must not be reused.
-            if self._pending:
-                return True
-            if self._sock.fileno() < 0:
-                return True
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            return bool(readable)
+            # httpcore asks before reusing an idle connection: readable means the
+            # service closed it (or sent junk), so it must not be reused.
+            return bool(self._pending) or _readable(self._sock)
         if info == "socket":
             return self._sock
         return None
@@ -131,6 +124,13 @@ class SandboxBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def close_quietly(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()
+def _readable(sock: socket.socket) -> bool:
+    """Whether a read would not block (data or EOF), without reading; any fd number
+    (``select`` fails above 1023)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # closed or broken: certainly not reusable
+    return True

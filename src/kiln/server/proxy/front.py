@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -28,13 +27,14 @@ from kiln.store import NotFound, User
 from ..auth import authenticate, bearer_token
 from ..errors import BadRequest, NotFoundError, to_api_error
 from ..services import Services
-from .http_relay import RelayFailed, relay_http
+from .http_relay import RelayFailed, ResponseBrokeOff, relay_http
 from .pools import Pools
-from .target import Target, strip_query_token
+from .target import Target, query_token, strip_query_token
 from .websocket_relay import relay_websocket
 
 log = logging.getLogger("kiln.server.proxy")
 
+_PORT = re.compile(r"[0-9]{1,5}")
 _PROXY_PATH = re.compile(r"^/sandboxes/([^/]+)/proxy(?:/([^/]*))?(/.*)?$")
 
 
@@ -65,6 +65,10 @@ class ProxyFront:
                 await self._proxied(match, scope, receive, send)
         except RelayFailed as exc:
             await deny(scope, send, exc.status, exc.message)
+        except ResponseBrokeOff as exc:
+            # The answer had started: the client sees it cut short. One line in the
+            # log (a dev server restarting mid-response is nothing to shout about).
+            log.info("%s %s: %s", scope.get("method", "WS"), scope.get("path"), exc)
         except Exception as exc:
             api = to_api_error(exc)
             if api is None:
@@ -80,13 +84,18 @@ class ProxyFront:
             self.services.store.get_sandbox(rule.sandbox_id)
         )
         path = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string", b"")
+        # Anyone may send these; a daemon key among them (a user who also has the
+        # API open) must still not reach the sandbox.
+        keys = frozenset(t for t in self._tokens(scope, query) if self._user_of(t) is not None)
         target = Target(
             sandbox_id=sb.id,
-            label=f"sandbox {sb.name}",
+            label=repr(alias),  # anonymous visitors learn no sandbox names
             port=rule.port,
             path=path,
-            query=scope.get("query_string", b""),
+            query=strip_query_token(query, keys),
             prefix="",
+            api_keys=keys,
         )
         await self._relay(target, client, scope, receive, send)
 
@@ -94,11 +103,11 @@ class ProxyFront:
         self, match: re.Match[str], scope: Scope, receive: Receive, send: Send
     ) -> None:
         ref, port_text, rest = match.group(1), match.group(2), match.group(3)
-        if port_text is None or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise BadRequest(f"invalid port {port_text or ''!r}: expected a number in 1..65535")
-        port = int(port_text)
         query = scope.get("query_string", b"")
         user, key = self._user(scope, query)
+        if port_text is None or not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            raise BadRequest(f"invalid port {port_text or ''!r}: expected a number in 1..65535")
+        port = int(port_text)
         sb = self.services.sandboxes.find(user, ref)
         prefix = f"/sandboxes/{ref}/proxy/{port}"
         if rest is None and scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
@@ -112,17 +121,40 @@ class ProxyFront:
             label=f"sandbox {sb.name}",
             port=port,
             path=_raw_rest(scope),
-            query=strip_query_token(query, key),
+            query=strip_query_token(query, frozenset({key})),
             prefix=prefix,
-            api_key=key,
+            api_keys=frozenset({key}),
         )
         await self._relay(target, client, scope, receive, send)
 
-    def _user(self, scope: Scope, query: bytes) -> tuple[User, str | None]:
-        token = bearer_token(Headers(scope=scope))
-        if token is None and b"token=" in query:
-            token = dict(parse_qsl(query.decode("latin-1"))).get("token")
-        return authenticate(self.services, token), token
+    @staticmethod
+    def _tokens(scope: Scope, query: bytes) -> list[str]:
+        """Candidate API keys: the Bearer header; for a WebSocket also ``?token=``
+        (browsers cannot set its headers). Plain HTTP takes no key in the URL: it
+        would travel on in ``Referer`` and be readable by the page."""
+        tokens = []
+        header = bearer_token(Headers(scope=scope))
+        if header is not None:
+            tokens.append(header)
+        if scope["type"] == "websocket":
+            token = query_token(query)
+            if token:
+                tokens.append(token)
+        return tokens
+
+    def _user_of(self, token: str) -> User | None:
+        return self.services.store.user_by_key(token)
+
+    def _user(self, scope: Scope, query: bytes) -> tuple[User, str]:
+        """The owner of the first candidate key that is one (an app's own Bearer
+        header may sit beside a WebSocket's ``?token=``); 401 otherwise."""
+        tokens = self._tokens(scope, query)
+        for token in tokens:
+            user = self._user_of(token)
+            if user is not None:
+                return user, token
+        authenticate(self.services, tokens[0] if tokens else None)  # raises the 401
+        raise AssertionError("unreachable")
 
     async def _relay(
         self, target: Target, client: AgentClient, scope: Scope, receive: Receive, send: Send

@@ -3,12 +3,14 @@
 The request body goes to the service as the client sends it (a 10 MB upload
 never sits whole in the daemon) and the response comes back chunk by chunk
 (server-sent events arrive as they are sent). While the response streams, the
-sandbox counts as active, and a client that goes away ends the upstream request.
+sandbox counts as active. A client that goes away, at any point after its
+request arrived, ends the exchange with the service at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
@@ -16,7 +18,7 @@ import httpcore
 from starlette.types import Message, Receive, Scope, Send
 
 from ..streaming import keep_active
-from .pools import Lease, SandboxPool
+from .pools import Lease, PoolBusy, SandboxPool
 from .target import Headers, Target, forwarded_request_headers, forwarded_response_headers, header
 
 log = logging.getLogger("kiln.server.proxy")
@@ -24,10 +26,9 @@ log = logging.getLogger("kiln.server.proxy")
 #: Opening a forward to the service; reading and writing have no limit (an SSE
 #: stream may be silent for minutes, a client may upload slowly).
 CONNECT_TIMEOUT_S = 10.0
-
-
-class ClientGone(Exception):
-    """The client disconnected; nothing more can be sent to it."""
+#: Requests that may be sent again on a new connection when a kept one turns out
+#: to have been closed by the service just as it was taken (RFC 9110 §9.2.2).
+_REPEATABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
 class RelayFailed(Exception):
@@ -39,23 +40,50 @@ class RelayFailed(Exception):
         self.message = message
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        body = message.get("body", b"")
-        if body:
-            yield body
-        if not message.get("more_body", False):
-            return
+class ResponseBrokeOff(Exception):
+    """The response had started when the relay failed: the client sees it cut short."""
 
 
-async def _await_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+class _ClientGone(Exception):
+    pass
+
+
+class _Client:
+    """The client's half of ASGI ``receive``: the request body, then a watch for
+    ``http.disconnect`` (``gone``) from the moment the body is in."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.gone.set()
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.watch()
+                return
+
+    def watch(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._until_disconnect())
+
+    async def _until_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone.set()
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -79,55 +107,82 @@ async def relay_http(
     touch: Callable[[], None],
 ) -> None:
     """Send the request in ``scope`` to ``target`` through ``pool`` and stream the
-    answer to ``send``. RelayFailed before anything was sent to the client."""
+    answer to ``send``. RelayFailed before anything was sent to the client,
+    ResponseBrokeOff after."""
+    client = _Client(receive)
+    exchange = asyncio.create_task(
+        _exchange(scope, client, send, pool=pool, target=target, touch=touch)
+    )
+    gone = asyncio.create_task(client.gone.wait())
+    try:
+        await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not exchange.done():
+            exchange.cancel()
+        await asyncio.gather(exchange, gone, return_exceptions=True)
+        await client.aclose()
+    if exchange.cancelled():
+        log.debug("%s: the client went away", target.label)
+        return
+    error = exchange.exception()
+    if isinstance(error, _ClientGone):
+        return
+    if error is not None:
+        raise error
+
+
+async def _exchange(
+    scope: Scope,
+    client: _Client,
+    send: Send,
+    *,
+    pool: SandboxPool,
+    target: Target,
+    touch: Callable[[], None],
+) -> None:
     headers = forwarded_request_headers(scope, target)
     has_body = _has_body(headers)
+    if not has_body:
+        client.watch()
     request = httpcore.Request(
         scope["method"],
         httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=target.port, target=target.target),
         headers=headers,
-        content=_request_body(receive) if has_body else None,
+        content=client.body() if has_body else None,
         extensions={"timeout": {"connect": CONNECT_TIMEOUT_S, "read": None, "write": None}},
     )
+    repeatable = not has_body and scope["method"] in _REPEATABLE
     for attempt in (1, 2):
         try:
             async with pool.connection(target.port, CONNECT_TIMEOUT_S) as lease:
                 try:
                     response = await lease.conn.handle_async_request(request)
                 except (httpcore.RemoteProtocolError, httpcore.ReadError):
-                    # A kept connection the service closed just as it was taken: once
-                    # more on a new one, if the request can be sent again.
-                    if lease.reused and not has_body and attempt == 1:
+                    if lease.reused and repeatable and attempt == 1:
                         continue
                     raise
                 try:
-                    await _respond(
-                        scope, receive, send, response, lease=lease, target=target, touch=touch
-                    )
+                    await _respond(scope, send, response, lease=lease, target=target, touch=touch)
                 finally:
                     await response.aclose()
                 return
-        except ClientGone:
-            return
-        except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+        except PoolBusy as exc:
+            raise RelayFailed(503, str(exc)) from exc
+        except (
+            httpcore.ConnectError,
+            httpcore.ConnectTimeout,
+            httpcore.UnsupportedProtocol,
+        ) as exc:
             raise RelayFailed(502, str(exc)) from exc
-        except httpcore.UnsupportedProtocol as exc:
-            raise RelayFailed(502, str(exc)) from exc
-        except _Answered:
-            raise
         except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException) as exc:
             raise RelayFailed(
                 502, f"the service on port {target.port} in {target.label} failed to answer: {exc}"
             ) from exc
 
 
-class _Answered(Exception):
-    """The response had started when the relay failed: nothing more can be said."""
-
-
 async def _respond(
     scope: Scope,
-    receive: Receive,
     send: Send,
     response: httpcore.Response,
     *,
@@ -137,58 +192,31 @@ async def _respond(
 ) -> None:
     host = (header(scope["headers"], b"host") or b"").decode("latin-1")
     scheme = str(scope.get("scheme", "http"))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": forwarded_response_headers(response.headers, target, scheme, host),
-        }
-    )
+    headers = forwarded_response_headers(response.status, response.headers, target, scheme, host)
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
     try:
         async with keep_active(touch):
-            await _stream_body(response, receive, send, lease)
+            await _stream_body(response, send, lease)
     except Exception as exc:
-        raise _Answered(f"the response from {target.label} broke off: {exc}") from exc
+        raise ResponseBrokeOff(f"the response from {target.label} broke off: {exc}") from exc
 
 
-async def _stream_body(
-    response: httpcore.Response, receive: Receive, send: Send, lease: Lease
-) -> None:
-    """The response body to the client, until the end or until the client leaves."""
-
+async def _stream_body(response: httpcore.Response, send: Send, lease: Lease) -> None:
     length = _content_length(response.headers)
-
-    async def pump() -> None:
-        stream = response.stream
-        assert isinstance(stream, AsyncIterable)  # an async pool's response
-        sent, last = 0, b""
-        async for chunk in stream:
-            sent += len(chunk)
-            if length is not None and sent >= length:
-                # The body is complete and its end follows at once (h11 needs no more
-                # input): hold the last piece until the connection is back in the
-                # pool, or the client's next request would find it still busy.
-                last = chunk
-                continue
-            if chunk:
-                message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
-                await send(message)
-        await response.aclose()
-        await lease.release()
-        await send({"type": "http.response.body", "body": last, "more_body": False})
-
-    pumping = asyncio.create_task(pump())
-    watching = asyncio.create_task(_await_disconnect(receive))
-    try:
-        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (pumping, watching):
-            task.cancel()
-        await asyncio.gather(pumping, watching, return_exceptions=True)
-    if pumping.cancelled():
-        log.debug("the client went away while the response streamed")
-        return
-    error = pumping.exception()
-    if error is not None:
-        # The response has started: all that can be told to the client is a cut.
-        raise error
+    stream = response.stream
+    assert isinstance(stream, AsyncIterable)  # an async connection's response
+    sent, last = 0, b""
+    async for chunk in stream:
+        sent += len(chunk)
+        if length is not None and sent >= length:
+            # The body is complete and its end follows at once (h11 needs no more
+            # input): hold the last piece until the connection is back in the
+            # pool, or the client's next request would find it still busy.
+            last = chunk
+            continue
+        if chunk:
+            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            await send(message)
+    await response.aclose()
+    await lease.release()
+    await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -25,11 +25,18 @@ from kiln.agent_client import AgentClient
 from .backend import SandboxBackend
 
 #: Requests in flight to one sandbox at once (each holds one forward through its
-#: agent); more wait for one to finish.
+#: agent); more wait for one to finish, this long at most (then 503).
 MAX_ACTIVE = 512
-#: Idle connections kept per port, and for how long.
+WAIT_S = 30.0
+#: Idle connections kept per port, and for how long: less than the keep-alive
+#: timeouts servers commonly use (uvicorn and Node 5 s), so a kept connection is
+#: rarely one the service is closing just then.
 MAX_IDLE_PER_PORT = 32
-IDLE_EXPIRY_S = 30.0
+IDLE_EXPIRY_S = 4.0
+
+
+class PoolBusy(Exception):
+    """No connection into the sandbox came free in time."""
 
 
 class Lease:
@@ -64,20 +71,36 @@ class SandboxPool:
         self._closed = False
 
     async def _take_idle(self, port: int) -> httpcore.AsyncHTTP11Connection | None:
+        await self._sweep(port)
         idle = self._idle.get(port)
-        while idle:
-            conn = idle.pop()
-            # Expired, or readable while idle (the service closed it): not reusable.
+        return idle.pop() if idle else None
+
+    async def _sweep(self, port: int) -> None:
+        """Close the port's idle connections that expired or that the service closed
+        (readable while idle), oldest first; keep the rest in order."""
+        idle = self._idle.get(port)
+        if not idle:
+            return
+        keep = []
+        for conn in idle:
             if conn.is_idle() and not conn.has_expired():
-                return conn
-            await conn.aclose()
-        return None
+                keep.append(conn)
+            else:
+                await conn.aclose()
+        self._idle[port] = keep
 
     @contextlib.asynccontextmanager
     async def connection(self, port: int, connect_timeout: float) -> AsyncIterator[Lease]:
         """A connection to ``port``, given back (or closed) when the block ends, or
         earlier by :meth:`Lease.release` once its response is closed."""
-        async with self._slots:
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PoolBusy(
+                f"{MAX_ACTIVE} requests to {self.backend.label} are open; try again later"
+            ) from None
+        try:
             conn = await self._take_idle(port)
             reused = conn is not None
             if conn is None:
@@ -92,8 +115,11 @@ class SandboxPool:
                 await conn.aclose()
                 raise
             await lease.release()
+        finally:
+            self._slots.release()
 
     async def _give_back(self, port: int, conn: httpcore.AsyncHTTP11Connection) -> None:
+        await self._sweep(port)
         idle = self._idle.setdefault(port, [])
         if conn.is_idle() and not self._closed and len(idle) < MAX_IDLE_PER_PORT:
             idle.append(conn)

@@ -11,7 +11,7 @@ correct links; for the others, ``Location`` is rewritten on the way back).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 from starlette.types import Scope
 
@@ -32,6 +32,11 @@ HOP_BY_HOP = frozenset(
 #: Host names by which a service in the sandbox refers to itself in ``Location``.
 _SELF_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1"})
 
+#: Headers no ``Connection`` token may remove (HTTP/1.1 needs them end to end).
+_ESSENTIAL = frozenset({"host", "content-length", "content-type"})
+#: Answers that have no body whatever their Content-Length says.
+_BODYLESS = frozenset({204, 304})
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -45,7 +50,9 @@ class Target:
     path: bytes  # raw (still percent-encoded) path inside the sandbox, from "/"
     query: bytes
     prefix: str  # "/sandboxes/<ref>/proxy/<port>", or "" for a published port
-    api_key: str | None = None  # the daemon key that authenticated it, kept out
+    #: Daemon API keys the request carried (its own, or any on a published host):
+    #: never passed into the sandbox.
+    api_keys: frozenset[str] = frozenset()
 
     @property
     def target(self) -> bytes:
@@ -63,8 +70,9 @@ def connection_tokens(headers: Headers) -> set[str]:
 
 
 def end_to_end(headers: Headers) -> Headers:
-    """``headers`` without the hop-by-hop ones."""
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    """``headers`` without the hop-by-hop ones (``Connection`` cannot take the
+    headers a message cannot do without)."""
+    drop = HOP_BY_HOP | (connection_tokens(headers) - _ESSENTIAL)
     return [(k, v) for k, v in headers if k.decode("latin-1").lower() not in drop]
 
 
@@ -99,7 +107,7 @@ def forwarded_request_headers(scope: Scope, target: Target, *, websocket: bool =
             continue  # ours replace whatever the client claimed
         if name == b"expect":
             continue  # "100-continue" was the daemon's to answer, and it has
-        if name == b"authorization" and _carries(value, target.api_key):
+        if name == b"authorization" and _carries(value, target.api_keys):
             continue
         if websocket and name.startswith(b"sec-websocket-"):
             continue  # the relay's own handshake with the service sets these
@@ -129,21 +137,32 @@ def forwarded_request_headers(scope: Scope, target: Target, *, websocket: bool =
     return out
 
 
-def _carries(authorization: bytes, api_key: str | None) -> bool:
-    """Whether an ``Authorization`` value is the daemon's key (kept from the service)."""
+def _carries(authorization: bytes, api_keys: frozenset[str]) -> bool:
+    """Whether an ``Authorization`` value holds a daemon key (kept from the service)."""
     token = authorization.decode("latin-1").strip().partition(" ")[2].strip()
-    return api_key is not None and token == api_key
+    return token in api_keys
 
 
-def strip_query_token(query: bytes, api_key: str | None) -> bytes:
-    """The query without ``token=<the daemon key>`` (a WebSocket's way to authenticate)."""
-    if not query or api_key is None or b"token=" not in query:
+def query_token(query: bytes) -> str | None:
+    """The value of ``token=`` in a query string (a WebSocket's way to send its key)."""
+    for segment in query.split(b"&"):
+        name, _, value = segment.partition(b"=")
+        if name == b"token":
+            return unquote_to_bytes(value).decode("latin-1")
+    return None
+
+
+def strip_query_token(query: bytes, api_keys: frozenset[str]) -> bytes:
+    """The query without ``token=<a daemon key>``, the rest byte for byte as sent."""
+    if not api_keys or b"token=" not in query:
         return query
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if not (k == "token" and v == api_key)]
-    if len(kept) == len(pairs):
-        return query
-    return urlencode(kept).encode("latin-1")
+    kept = []
+    for segment in query.split(b"&"):
+        name, _, value = segment.partition(b"=")
+        if name == b"token" and unquote_to_bytes(value).decode("latin-1") in api_keys:
+            continue
+        kept.append(segment)
+    return b"&".join(kept)
 
 
 def rewrite_location(value: str, target: Target, scheme: str, host: str) -> str:
@@ -166,7 +185,10 @@ def rewrite_location(value: str, target: Target, scheme: str, host: str) -> str:
         port = parts.port or default_port
     except ValueError:
         return value
-    if (parts.hostname or "") not in _SELF_HOSTS or port != target.port:
+    # Back to the service itself, or to the Host it was sent (Rails, FastAPI's
+    # slash redirects): both mean "this app", which lives under the prefix.
+    itself = (parts.hostname or "") in _SELF_HOSTS and port == target.port
+    if not itself and parts.netloc.lower() != host.lower():
         return value
     path = parts.path or "/"
     if target.prefix and not (path == target.prefix or path.startswith(target.prefix + "/")):
@@ -174,15 +196,46 @@ def rewrite_location(value: str, target: Target, scheme: str, host: str) -> str:
     return urlunsplit((scheme, host, path, parts.query, parts.fragment))
 
 
-def forwarded_response_headers(headers: Headers, target: Target, scheme: str, host: str) -> Headers:
+def rewrite_cookie(value: str, target: Target) -> str:
+    """A ``Set-Cookie`` confined to where the app is served: without ``Domain`` (a
+    cookie for the whole publish domain would reach every other published app,
+    other users' too), and under the proxy prefix (a ``Path=/`` cookie would be
+    sent to every sandbox of the daemon's origin)."""
+    parts = [p.strip() for p in value.split(";")]
+    out = [parts[0]]
+    has_path = False
+    for attr in parts[1:]:
+        name, _, val = attr.partition("=")
+        key = name.strip().lower()
+        if key == "domain":
+            continue
+        if key == "path":
+            has_path = True
+            under = val == target.prefix or val.startswith(target.prefix + "/")
+            if target.prefix and val.startswith("/") and not under:
+                out.append(f"Path={target.prefix}{val}")
+                continue
+        out.append(attr)
+    if target.prefix and not has_path:
+        out.append(f"Path={target.prefix}/")
+    return "; ".join(out)
+
+
+def forwarded_response_headers(
+    status: int, headers: Headers, target: Target, scheme: str, host: str
+) -> Headers:
     out: Headers = []
     for key, value in end_to_end(headers):
         name = key.lower()
         if name == b"date":
             continue  # the daemon's HTTP server sends its own
+        if name == b"content-length" and (status in _BODYLESS or status < 200):
+            continue  # no body follows, whatever length it names
         if name in (b"location", b"content-location"):
             text = rewrite_location(value.decode("latin-1"), target, scheme, host)
             out.append((name, text.encode("latin-1")))
+        elif name == b"set-cookie":
+            out.append((name, rewrite_cookie(value.decode("latin-1"), target).encode("latin-1")))
         else:
             out.append((name, value))
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable
 
 from starlette.types import Message, Receive, Scope, Send
@@ -28,10 +27,10 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from kiln.agent_client import AgentClient, AgentError, ForwardError
+from kiln.agent_client import AgentClient, AgentError, ForwardError, ForwardStream
 
 from ..streaming import keep_active
-from .http_relay import CONNECT_TIMEOUT_S, RelayFailed
+from .http_relay import CONNECT_TIMEOUT_S, RelayFailed, ResponseBrokeOff
 from .target import Target, end_to_end, forwarded_request_headers
 
 log = logging.getLogger("kiln.server.proxy")
@@ -45,31 +44,38 @@ _RESERVED_CODES = frozenset({1005, 1006, 1015})
 
 
 class _Upstream:
-    """The service's side: a socket, the protocol state, and ordered writes."""
+    """The service's side: the forwarded stream and the protocol state.
 
-    def __init__(self, sock: socket.socket, protocol: ClientProtocol) -> None:
-        self.sock = sock
+    Writes never block the reading side: what the protocol answers by itself
+    (pongs, the reply to a close) is queued on the transport, and only the
+    client-to-service direction waits for the buffer to drain, so a service
+    that is busy writing to us is always read.
+    """
+
+    def __init__(self, stream: ForwardStream, protocol: ClientProtocol) -> None:
+        self.stream = stream
         self.protocol = protocol
-        self._loop = asyncio.get_running_loop()
-        self._write_lock = asyncio.Lock()
+
+    def push(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.stream.write(data)
+            elif not self.stream.writer.is_closing():  # "half-close now"
+                with contextlib.suppress(OSError, AgentError):
+                    self.stream.write_eof()
 
     async def flush(self) -> None:
-        async with self._write_lock:
-            for data in self.protocol.data_to_send():
-                if data:
-                    await self._loop.sock_sendall(self.sock, data)
-                else:  # the protocol's way of saying "half-close now"
-                    with contextlib.suppress(OSError):
-                        self.sock.shutdown(socket.SHUT_WR)
+        self.push()
+        await self.stream.drain()
 
     async def receive(self) -> bool:
         """Feed the protocol what the service sent; False at EOF."""
-        data = await self._loop.sock_recv(self.sock, 1 << 16)
+        data = await self.stream.read(1 << 16)
         if data:
             self.protocol.receive_data(data)
         else:
             self.protocol.receive_eof()
-        await self.flush()  # pongs and close replies
+        self.push()
         return bool(data)
 
 
@@ -78,7 +84,7 @@ async def _handshake(
 ) -> tuple[_Upstream, Response, list[Frame]]:
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            sock, leftover = await client.forward_socket(target.port)
+            stream = await client.forward(target.port)
     except ForwardError as exc:
         raise RelayFailed(
             502, f"nothing is listening on port {target.port} in {target.label}"
@@ -99,16 +105,20 @@ async def _handshake(
                 del request.headers["Host"]
             request.headers[name] = value.decode("latin-1")
         protocol.send_request(request)
-        upstream = _Upstream(sock, protocol)
-        if leftover:
-            protocol.receive_data(leftover)
-        await upstream.flush()
-        events: list[object] = list(protocol.events_received())
-        while not events:
-            if not await upstream.receive():
-                events = list(protocol.events_received())
-                break
-            events = list(protocol.events_received())
+        upstream = _Upstream(stream, protocol)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await upstream.flush()
+                events: list[object] = []
+                while not events:
+                    more = await upstream.receive()
+                    events = list(protocol.events_received())
+                    if not more:
+                        break
+        except TimeoutError as exc:
+            raise RelayFailed(
+                504, f"the service on port {target.port} did not answer the WebSocket handshake"
+            ) from exc
         response = events[0] if events else None
         if not isinstance(response, Response):
             raise RelayFailed(
@@ -117,7 +127,7 @@ async def _handshake(
         frames = [e for e in events[1:] if isinstance(e, Frame)]
         return upstream, response, frames
     except BaseException:
-        sock.close()
+        stream.abort()
         raise
 
 
@@ -151,7 +161,7 @@ async def relay_websocket(
         async with keep_active(touch):
             await _relay(upstream, receive, send, early)
     finally:
-        upstream.sock.close()
+        upstream.stream.abort()
 
 
 def _end_to_end(headers: WsHeaders) -> list[tuple[str, str]]:
@@ -174,6 +184,16 @@ async def _refuse(send: Send, response: Response) -> None:
         }
     )
     await send({"type": "websocket.http.response.body", "body": response.body or b""})
+
+
+def _close_for_client(protocol: ClientProtocol) -> tuple[int, str]:
+    """The close the client gets when the service's side ended: the service's own
+    close, else the one the protocol sent it (1009 for a message too big, say),
+    else 1011 (the connection just ended: 1006 cannot be sent)."""
+    for close in (protocol.close_rcvd, protocol.close_sent):
+        if close is not None and close.code not in _RESERVED_CODES:
+            return close.code, close.reason
+    return 1011, "the service closed the connection"
 
 
 async def _relay(upstream: _Upstream, receive: Receive, send: Send, early: list[Frame]) -> None:
@@ -210,9 +230,7 @@ async def _relay(upstream: _Upstream, receive: Receive, send: Send, early: list[
             if not more:
                 break
         if not client_closed.is_set():
-            close = protocol.close_rcvd
-            code = 1000 if close is None or close.code in _RESERVED_CODES else close.code
-            reason = "" if close is None else close.reason
+            code, reason = _close_for_client(protocol)
             with contextlib.suppress(Exception):  # the client may be gone already
                 await send({"type": "websocket.close", "code": code, "reason": reason})
 
@@ -251,7 +269,7 @@ async def _relay(upstream: _Upstream, receive: Receive, send: Send, early: list[
             task.cancel()
         results = await asyncio.gather(service, clientward, return_exceptions=True)
     for result in results:
-        if isinstance(result, OSError):
+        if isinstance(result, OSError | AgentError):
             log.debug("WebSocket relay ended by a connection error: %s", result)
         elif isinstance(result, Exception):
-            raise result
+            raise ResponseBrokeOff(f"WebSocket relay failed: {result}") from result

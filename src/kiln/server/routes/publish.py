@@ -31,7 +31,7 @@ async def list_published(
 
 @router.delete("/sandboxes/{sandbox}/publish/{port}", status_code=204)
 async def unpublish(sandbox: str, port: str, user: CurrentUser, services: AppServices) -> Response:
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):
         raise NotFoundError(f"port {port!r} is not published")
     services.publishing.unpublish(user, sandbox, int(port))
     return Response(status_code=204)
