@@ -17,8 +17,6 @@ creates and deletes.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import secrets
 import shutil
 import subprocess
@@ -33,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from ._harness import agent_skip_reason, ms_since, vm_skip_reason
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "the guest agent in --test-mode; for part 2 root, QEMU, a built image"
@@ -45,15 +44,7 @@ WARMUP = 30
 
 
 def skip_reason() -> str | None:
-    if importlib.util.find_spec("kiln.guest.__main__") is None:
-        return "kiln.guest has no __main__ (the agent is not built yet)"
-    if not (ROOT / "tests" / "server" / "harness.py").exists():
-        return "tests/server/harness.py is missing"
-    return None
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
+    return agent_skip_reason()
 
 
 def timed(fn: Callable[[], object], n: int = N, warmup: int = WARMUP) -> list[float]:
@@ -63,7 +54,7 @@ def timed(fn: Callable[[], object], n: int = N, warmup: int = WARMUP) -> list[fl
     for _ in range(n):
         start = time.perf_counter()
         fn()
-        samples.append(_ms(start))
+        samples.append(ms_since(start))
     return samples
 
 
@@ -78,12 +69,12 @@ def exec_pair_samples(
     async def direct_once() -> float:
         start = time.perf_counter()
         await client.exec(["true"])
-        return _ms(start)
+        return ms_since(start)
 
     def api_once() -> float:
         start = time.perf_counter()
         r = http.post(f"/sandboxes/{sandbox_id}/exec", json={"cmd": ["true"]})
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
         return elapsed
 
@@ -110,13 +101,13 @@ def concurrent_execs(url: str, key: str, sandbox: str, rounds: int = 20) -> tupl
                 start = time.perf_counter()
                 r = await c.post(f"/sandboxes/{sandbox}/exec", json={"cmd": ["true"]})
                 assert r.status_code == 200, r.text
-                return _ms(start)
+                return ms_since(start)
 
             for i in range(rounds + 3):
                 start = time.perf_counter()
                 results = await asyncio.gather(*(one() for _ in range(10)))
                 if i >= 3:  # warm-up rounds
-                    per_round.append(_ms(start))
+                    per_round.append(ms_since(start))
                     per_request.extend(results)
         return per_request, per_round
 
@@ -221,18 +212,6 @@ def part1() -> None:
 # ------------------------------------------------------------------ part 2: real VMs
 
 
-def vm_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "not root"
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("ip") is None:
-        return "qemu-system-x86_64 or ip is missing"
-    try:
-        import kiln.engine.qemu  # noqa: F401, PLC0415
-    except ImportError as exc:
-        return f"the QEMU engine does not import: {exc}"
-    return None
-
-
 def part2() -> None:
     from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415
     from kiln.images import ensure_image  # noqa: PLC0415
@@ -259,7 +238,7 @@ def part2() -> None:
         )
         t = time.perf_counter()
         sb = http.post("/sandboxes", json={"name": "vm"}).json()
-        create_ms = _ms(t)
+        create_ms = ms_since(t)
         direct, via_api = exec_pair_samples(server, http, sb["id"], n=60, warmup=5)
         idle_list = timed(lambda: http.get("/sandboxes"), n=200)
 
@@ -280,7 +259,7 @@ def part2() -> None:
         while booting.is_alive():
             start = time.perf_counter()
             list_client.get("/sandboxes")
-            during_boot.append(_ms(start))
+            during_boot.append(ms_since(start))
             time.sleep(0.005)
         booting.join()
 
@@ -291,10 +270,10 @@ def part2() -> None:
         while stopping.is_alive():
             start = time.perf_counter()
             list_client.get("/sandboxes")
-            during_stop.append(_ms(start))
+            during_stop.append(ms_since(start))
             time.sleep(0.002)
         stopping.join()
-        stop_ms = _ms(t)
+        stop_ms = ms_since(t)
         for name in ("vm", "booting"):
             http.delete(f"/sandboxes/{name}")
         http.close()

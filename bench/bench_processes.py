@@ -19,7 +19,6 @@ printed beside its reference:
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from ._harness import agent_skip_reason, ms_since
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "the guest agent in --test-mode"
@@ -43,15 +43,7 @@ MIB = 1 << 20
 
 
 def skip_reason() -> str | None:
-    if importlib.util.find_spec("kiln.guest.__main__") is None:
-        return "kiln.guest has no __main__ (the agent is not built yet)"
-    if not (ROOT / "tests" / "server" / "harness.py").exists():
-        return "tests/server/harness.py is missing"
-    return None
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
+    return agent_skip_reason()
 
 
 def alternate(
@@ -74,7 +66,7 @@ def first_line_samples(http: httpx.Client, sb: str) -> tuple[list[float], list[f
     def exec_once() -> float:
         start = time.perf_counter()
         r = http.post(f"/sandboxes/{sb}/exec", json={"cmd": cmd})
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert r.json()["stdout"] == "ready\n", r.text
         return elapsed
 
@@ -84,7 +76,7 @@ def first_line_samples(http: httpx.Client, sb: str) -> tuple[list[float], list[f
         assert r.status_code == 201, r.text
         with http.stream("GET", f"/sandboxes/{sb}/processes/{r.json()['pid']}/output") as out:
             line = next(out.iter_lines())
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert line == '{"type":"stdout","data":"ready\\n"}', line
         return elapsed
 
@@ -106,7 +98,7 @@ def replay_samples(server: Any, http: httpx.Client, sb: str) -> tuple[list[float
         async with client.process_output(pid) as events:
             async for event in events:
                 size += len(getattr(event, "data", b""))
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert size == MIB, size
         return elapsed
 
@@ -117,7 +109,7 @@ def replay_samples(server: Any, http: httpx.Client, sb: str) -> tuple[list[float
             for line in out.iter_lines():
                 if line.startswith('{"type":"stdout"'):
                     size += len(line) - len('{"type":"stdout","data":""}')
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert size == MIB, size
         return elapsed
 
@@ -133,14 +125,14 @@ def list_samples(server: Any, http: httpx.Client, sb: str) -> tuple[list[float],
     async def direct() -> float:
         start = time.perf_counter()
         listed = await client.list_processes()
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert len(listed) == 100, len(listed)
         return elapsed
 
     def via_api() -> float:
         start = time.perf_counter()
         r = http.get(f"/sandboxes/{sb}/processes")
-        elapsed = _ms(start)
+        elapsed = ms_since(start)
         assert len(r.json()) == 100, r.text[:200]
         return elapsed
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
-import importlib.util
 import io
 import json
 import os
@@ -58,6 +57,7 @@ from typing import Any
 
 import httpx
 
+from ._harness import agent_skip_reason, ms_since, vm_skip_reason
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "the guest agent in --test-mode; for part 2 root, QEMU, a built image"
@@ -101,15 +101,7 @@ Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 
 
 def skip_reason() -> str | None:
-    if importlib.util.find_spec("kiln.guest.__main__") is None:
-        return "kiln.guest has no __main__ (the agent is not built yet)"
-    if not (ROOT / "tests" / "server" / "harness.py").exists():
-        return "tests/server/harness.py is missing"
-    return None
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
+    return agent_skip_reason()
 
 
 def free_port() -> int:
@@ -237,7 +229,7 @@ def client_main() -> None:
 def _client_get(http: httpx.Client, path: str) -> dict[str, Any]:
     start = time.perf_counter()
     r = http.get(path)
-    elapsed = _ms(start)
+    elapsed = ms_since(start)
     if r.status_code != 200:
         return {"error": f"{r.status_code}: {r.text[:200]}"}
     return {"ms": elapsed, "size": len(r.content)}
@@ -288,13 +280,13 @@ async def _client_burst(url: str, key: str, path: str, size: int | None, rounds:
         if status != 200 or size not in (None, length):
             out.errors.append(f"status {status}, {length} bytes")
             return None
-        return _ms(start)
+        return ms_since(start)
 
     try:
         for r in range(rounds + 1):
             start = time.perf_counter()
             results = await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
-            total = _ms(start)
+            total = ms_since(start)
             if r > 0:
                 out.totals.append(total)
                 out.latencies.extend(x for x in results if x is not None)
@@ -328,7 +320,7 @@ class Sandbox:
             start = time.perf_counter()
             async with await self.client.forward(self.port) as stream:
                 size = await forward_get(stream, self.port, path)
-            elapsed = _ms(start)
+            elapsed = ms_since(start)
             assert size == SMALL_BYTES, size
             return elapsed
 
@@ -340,7 +332,7 @@ class Sandbox:
                 self.kept = await self.client.forward(self.port)
             start = time.perf_counter()
             size = await forward_get(self.kept, self.port, path)
-            elapsed = _ms(start)
+            elapsed = ms_since(start)
             assert size == SMALL_BYTES, size
             return elapsed
 
@@ -376,12 +368,12 @@ class Sandbox:
             except Exception as exc:
                 out.errors.append(f"{type(exc).__name__}: {exc}")
                 return None
-            return _ms(start)
+            return ms_since(start)
 
         async def gather() -> tuple[float, list[float | None]]:
             start = time.perf_counter()
             results = await asyncio.gather(*(one() for _ in range(CONCURRENT)))
-            return _ms(start), list(results)
+            return ms_since(start), list(results)
 
         for i in range(rounds + 1):
             total, results = self.server.call(gather, timeout=600)
@@ -688,18 +680,6 @@ def part1() -> None:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def vm_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "not root"
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("ip") is None:
-        return "qemu-system-x86_64 or ip is missing"
-    try:
-        import kiln.engine.qemu  # noqa: F401, PLC0415
-    except ImportError as exc:
-        return f"the QEMU engine does not import: {exc}"
-    return None
 
 
 def part2() -> None:

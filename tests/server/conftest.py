@@ -12,6 +12,7 @@ import pytest
 from kiln.store import Quotas, User
 
 from .harness import LiveServer
+from .upstream import Upstream
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,13 @@ def api(make_user: Callable[..., ApiUser]) -> ApiUser:
 def anon(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    """A real web service on loopback: inside the sandbox for test-mode agents."""
+    service = Upstream().start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -26,15 +26,6 @@ from .harness import LiveServer
 from .upstream import Upstream
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    service = Upstream().start()
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 @pytest.fixture
 def web(api: ApiUser) -> str:
     api.sandbox(name="web")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -12,15 +12,6 @@ import pytest
 from .conftest import ApiUser
 from .harness import LiveServer
 from .upstream import Upstream
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    service = Upstream().start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 def daemon_port(server: LiveServer) -> int:
