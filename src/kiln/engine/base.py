@@ -7,7 +7,8 @@ sandbox it has made hot, instead of re-declaring the agent's API.
 
 Thermal states: ``hot`` (running) → ``warm`` (vCPUs paused) → ``cold``
 (snapshot on disk, no process). ``ensure_hot`` brings a sandbox back from any
-of them; callers never need to know which state it was in.
+of them; callers never need to know which state it was in. Which operation is
+allowed in which state, and what it leads to, is :mod:`.states`' table.
 """
 
 from __future__ import annotations
@@ -15,31 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from kiln.agent_client import AgentClient
 
 from .errors import InvalidSpec
+from .states import State, Status, Thermal
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
-
-
-class Thermal(StrEnum):
-    HOT = "hot"
-    WARM = "warm"
-    COLD = "cold"
-
-
-class Status(StrEnum):
-    """Lifecycle as the API reports it; thermal states are all ``running``."""
-
-    RUNNING = "running"
-    STOPPED = "stopped"  # explicitly stopped by the user (snapshot on disk)
-    ERROR = "error"
-    UNKNOWN = "unknown"  # recovered without a usable snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +100,10 @@ class SandboxInfo:
     keep_hot: bool = False
     has_snapshot: bool = False
 
+    @property
+    def state(self) -> State:
+        return State(self.status, self.thermal)
+
 
 @runtime_checkable
 class Engine(Protocol):
@@ -130,11 +120,14 @@ class Engine(Protocol):
         ...
 
     async def stop(self, sandbox_id: str) -> SandboxInfo:
-        """Snapshot to disk and release its memory (thermal ``cold``)."""
+        """Snapshot to disk and release its memory (thermal ``cold``; ``Op.COOL``).
+
+        The user's stop and the thermal manager's cold step both call this; that a
+        user stopped it is the store's to record (``Op.STOP``)."""
         ...
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
-        """Restore from the snapshot (thermal ``hot``)."""
+        """Restore from the snapshot (thermal ``hot``; ``Op.START``)."""
         ...
 
     async def pause(self, sandbox_id: str) -> None:
@@ -175,3 +168,17 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release engine-wide resources; sandboxes keep their on-disk state."""
         ...
+
+
+__all__ = [
+    "MAX_CPUS",
+    "MIN_MEMORY_MB",
+    "NAME_RE",
+    "Engine",
+    "FileSpec",
+    "SandboxInfo",
+    "SandboxSpec",
+    "Status",
+    "Thermal",
+    "VolumeSpec",
+]
