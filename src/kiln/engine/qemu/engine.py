@@ -5,11 +5,13 @@ One QEMU process per sandbox, started with ``-daemonize`` in its own session
 :meth:`QemuEngine.import_state` can re-adopt it. Everything inside the guest
 goes through the guest agent over TCP on the sandbox's TAP network.
 
-Thermal states (see :mod:`.states` for the table, :mod:`.snapshot` for how a
-stop works): hot ↔ warm is QMP ``stop``/``cont``; cold is a snapshot on disk and
-no process. Each sandbox has an asyncio lock held only while its state is
-checked or changed (QMP calls, snapshot, restore) -- never across an agent call.
-After every resume or restore the guest clock is set through the agent.
+States: every transition is planned by :mod:`kiln.engine.states` and only its
+``next`` state is ever assigned (:meth:`QemuEngine._apply`). The actions, here:
+hot ↔ warm is QMP ``stop``/``cont``; cold is a snapshot on disk and no process
+(see :mod:`.snapshot` for how a stop works). Each sandbox has an asyncio lock
+held only while its state is checked or changed (QMP calls, snapshot, restore)
+-- never across an agent call. After every resume or restore the guest clock is
+set through the agent.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from kiln.agent_client import (
 from kiln.images import Image, ImageError, UnknownTier, ensure_image, kernel_cmdline_defaults
 from kiln.network import IPPool, Network, NetworkError, netns_exec_argv
 
-from ..base import SandboxInfo, SandboxSpec, Status, Thermal
+from ..base import SandboxInfo, SandboxSpec, Thermal
 from ..errors import (
     EngineError,
     EngineUnavailable,
@@ -55,6 +57,7 @@ from ..errors import (
     SandboxNotFound,
 )
 from ..ports import listening_ports
+from ..states import ADOPTED, CREATED, Action, Found, Op, State, Transition, plan
 from . import disks, process, snapshot, templates
 from .accel import Accel, AccelDecision, decide_accel, host_facts, probe_boot
 from .argv import Drive, NetDevice, VMConfig, build_argv, build_probe_argv, host_tsc_khz
@@ -63,7 +66,6 @@ from .config import QemuConfig
 from .dial import agent_dialer
 from .layout import Paths, Record, guest_config
 from .qmp import QMP
-from .states import Action, Op, plan
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,7 @@ class _VM:
     record: Record
     paths: Paths
     client: AgentClient
-    status: Status
-    thermal: Thermal
+    state: State
     meta: snapshot.SnapshotMeta
     pid: int | None = None
     qmp: QMP | None = None
@@ -283,8 +284,8 @@ class QemuEngine:
             name=spec.name,
             engine=ENGINE_NAME,
             image=spec.image,
-            status=vm.status,
-            thermal=vm.thermal,
+            status=vm.state.status,
+            thermal=vm.state.thermal,
             ip=vm.record.ip,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
@@ -294,13 +295,22 @@ class QemuEngine:
 
     def _notice_death(self, vm: _VM) -> bool:
         """Mark a sandbox whose QEMU vanished as crashed; True if it did."""
-        live = vm.status is Status.RUNNING and vm.thermal in (Thermal.HOT, Thermal.WARM)
-        if live and not process.pid_alive(vm.pid, vm.paths.marker):
+        if vm.state.live and not process.pid_alive(vm.pid, vm.paths.marker):
             log.warning("QEMU of sandbox %s (pid %s) is gone", vm.sandbox_id, vm.pid)
-            vm.status = Status.ERROR
+            # The crash's kill: the process is gone already, the QMP connection is
+            # dropped by the next transition (this runs in lock-free observers too).
             vm.pid = None
+            self._apply(vm, plan(Op.CRASH, vm.state, vm.sandbox_id))
             return True
         return False
+
+    @staticmethod
+    def _apply(vm: _VM, step: Transition) -> None:
+        """Where a sandbox's state changes: to a planned transition's ``next``.
+
+        (Its first state is :data:`CREATED` or :data:`ADOPTED`'s; a restore that
+        fails before the guest ran puts back the state it started from.)"""
+        vm.state = step.next
 
     def _observe(self, vm: _VM) -> None:
         """Death check for the lock-free observers (thermal, info, list).
@@ -316,7 +326,7 @@ class QemuEngine:
     def thermal(self, sandbox_id: str) -> Thermal:
         vm = self._get(sandbox_id)
         self._observe(vm)
-        return vm.thermal
+        return vm.state.thermal
 
     def info(self, sandbox_id: str) -> SandboxInfo:
         vm = self._get(sandbox_id)
@@ -577,8 +587,7 @@ class QemuEngine:
                     record=record,
                     paths=paths,
                     client=self._client_for(record),
-                    status=Status.RUNNING,
-                    thermal=Thermal.HOT,
+                    state=CREATED.next,
                     meta=meta,
                 )
                 await self._boot(vm, incoming=False)
@@ -707,12 +716,13 @@ class QemuEngine:
         else:
             await disks.copy_sparse(template.paths.ram, paths.ram)
             meta = await asyncio.to_thread(_write_clone_files, paths, record, template)
+        # Booted, or restored from the template's snapshot: either way, the state
+        # its create leads to (nobody sees it before the create returns).
         return _VM(
             record=record,
             paths=paths,
             client=self._client_for(record),
-            status=Status.RUNNING,
-            thermal=Thermal.HOT if template is None else Thermal.COLD,
+            state=CREATED.next,
             meta=meta,
         )
 
@@ -805,7 +815,9 @@ class QemuEngine:
         await self._transition(sandbox_id, Op.ENSURE_HOT)
 
     async def stop(self, sandbox_id: str) -> SandboxInfo:
-        vm = await self._transition(sandbox_id, Op.STOP)
+        # The cold step: the engine cannot tell the user's stop from the thermal
+        # manager's, and never records "stopped" (the store does).
+        vm = await self._transition(sandbox_id, Op.COOL)
         return self._info(vm)
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
@@ -834,20 +846,25 @@ class QemuEngine:
                 raise SandboxNotFound(f"sandbox {sandbox_id!r} was destroyed")
             if self._notice_death(vm):
                 await self._drop_qmp(vm)
-            action = plan(op, vm.status, vm.thermal, sandbox_id)
+            step = plan(op, vm.state, sandbox_id)
+            action = step.action
             if action in (Action.PAUSE, Action.SNAPSHOT):
                 await self._cancel_clock(vm)  # the next wake-up sets it again
             with _os_errors(f"{op} of sandbox {sandbox_id}"):
-                if action is Action.PAUSE:
-                    await self._qmp(vm, "stop")
-                    vm.thermal = Thermal.WARM
-                elif action is Action.RESUME:
-                    await self._qmp(vm, "cont")
-                    vm.thermal = Thermal.HOT
-                elif action is Action.SNAPSHOT:
-                    await self._snapshot(vm)
-                elif action is Action.RESTORE:
-                    await self._restore(vm)
+                match action:
+                    case Action.NOTHING:
+                        pass
+                    case Action.PAUSE:
+                        await self._qmp(vm, "stop")
+                    case Action.RESUME:
+                        await self._qmp(vm, "cont")
+                    case Action.SNAPSHOT:
+                        await self._snapshot(vm)
+                    case Action.RESTORE:
+                        await self._restore(vm)
+                    case _:  # BOOT, SHUTDOWN, KILL: not planned for these ops with snapshots
+                        raise AssertionError(f"{op} planned {action}")
+            self._apply(vm, step)
             if action in (Action.RESUME, Action.RESTORE):
                 # The guest's clock stood still: set it (and reseed its RNG) through the
                 # agent -- outside the lock, as a task that ensure_hot/agent wait for.
@@ -895,8 +912,8 @@ class QemuEngine:
 
     async def _crashed(self, vm: _VM, why: str) -> SandboxCrashed:
         log.warning("sandbox %s crashed: %s", vm.sandbox_id, why)
-        vm.status = Status.ERROR
         await self._kill(vm)
+        self._apply(vm, plan(Op.CRASH, vm.state, vm.sandbox_id))
         return SandboxCrashed(f"sandbox {vm.sandbox_id} crashed: {why}")
 
     async def _drop_qmp(self, vm: _VM) -> None:
@@ -932,7 +949,7 @@ class QemuEngine:
         """hot/warm → cold: device state to state.bin, QEMU exits, RAM file synced."""
         p = vm.paths
         started = time.perf_counter()
-        was_hot = vm.thermal is Thermal.HOT
+        was_hot = vm.state.thermal is Thermal.HOT
         if was_hot:
             await self._qmp(vm, "stop")
         # The RAM file is the base of the snapshot; if it vanished or was replaced
@@ -959,7 +976,7 @@ class QemuEngine:
             raise
         except BaseException:
             # Roll back to where we were: the guest keeps running as if nothing happened.
-            if was_hot and vm.qmp is not None and vm.status is Status.RUNNING:
+            if was_hot and vm.qmp is not None and vm.state.live:
                 with contextlib.suppress(EngineError):
                     await self._qmp(vm, "cont")
             p.state_tmp.unlink(missing_ok=True)
@@ -976,7 +993,7 @@ class QemuEngine:
         except BaseException:
             # QEMU is (being) gone but the snapshot is not durable: nothing to resume.
             await self._kill(vm)
-            vm.status, vm.thermal = Status.ERROR, Thermal.COLD
+            self._apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
             raise
         meta = vm.meta
         rec = snapshot.SnapshotRecord(
@@ -994,7 +1011,6 @@ class QemuEngine:
         meta.record(rec)
         meta.valid = True
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
-        vm.thermal = Thermal.COLD
         log.info(
             "sandbox %s cold: %s snapshot, %d B state, %s B RAM written, %.1f ms",
             vm.sandbox_id,
@@ -1037,8 +1053,12 @@ class QemuEngine:
         return None
 
     async def _restore(self, vm: _VM) -> None:
-        """cold → hot: a new QEMU maps the same RAM file and loads state.bin."""
+        """cold → hot: a new QEMU maps the same RAM file and loads state.bin.
+
+        The caller applies the transition; a failure here leaves the sandbox in the
+        state it started from if the guest never ran, else LOST."""
         p = vm.paths
+        before = vm.state
         why = self._snapshot_usable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
@@ -1077,18 +1097,18 @@ class QemuEngine:
         except BaseException:
             await self._kill(vm)
             if guest_ran:
-                vm.status = Status.ERROR
+                self._apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
             else:
                 # The guest never ran: RAM file and disks are untouched, the snapshot
-                # is still good and the sandbox stays cold (a later start may work).
-                vm.status, vm.thermal = Status.RUNNING, Thermal.COLD
+                # is still good and the sandbox stays as it was, cold (a later start
+                # may work), even if a QMP failure on the way marked it crashed.
+                vm.state = before
                 meta.valid = True
                 await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
             raise
         if ram_in_state:
             meta.ram_in_state = False  # the RAM now lives in the file, all of it unsynced
             meta.ram_synced = False
-        vm.thermal = Thermal.HOT
         vm.phases = phases.done()
         log.debug("sandbox %s restored: %s", vm.sandbox_id, vm.phases)
 
@@ -1180,8 +1200,8 @@ class QemuEngine:
             "sandbox_id": vm.sandbox_id,
             "record": vm.record.to_json(),
             "pid": vm.pid,
-            "status": str(vm.status),
-            "thermal": str(vm.thermal),
+            "status": str(vm.state.status),
+            "thermal": str(vm.state.thermal),
             "snapshot_valid": vm.meta.valid,
         }
 
@@ -1201,25 +1221,23 @@ class QemuEngine:
             record=record,
             paths=paths,
             client=self._client_for(record),
-            status=Status.RUNNING,
-            thermal=Thermal.COLD,
+            state=ADOPTED[Found.NOTHING],  # until _adopt vouches for more
             meta=meta,
         )
         try:
             self._pool.mark_in_use(record.ip, sid)
         except NetworkError as exc:
             log.error("cannot re-mark %s for %s: %s", record.ip, sid, exc)
-            vm.status = Status.UNKNOWN
             self._vms[sid] = vm
             return self._info(vm)
-        if not paths.root.is_dir():
-            vm.status = Status.UNKNOWN
-        else:
-            await self._adopt(vm, state.get("pid"))
+        if paths.root.is_dir():
+            vm.state = ADOPTED[await self._adopt(vm, state.get("pid"))]
         self._vms[sid] = vm
         return self._info(vm)
 
-    async def _adopt(self, vm: _VM, pid_hint: object) -> None:
+    async def _adopt(self, vm: _VM, pid_hint: object) -> Found:
+        """What survived of the sandbox: its QEMU (running or paused), else a usable
+        snapshot (its TAP re-created), else nothing."""
         paths = vm.paths
         pid = process.read_pid(paths.pidfile)
         if pid is None and isinstance(pid_hint, int):
@@ -1236,25 +1254,22 @@ class QemuEngine:
             else:
                 runstate = status.get("status")
                 if status.get("running"):
-                    vm.thermal, vm.status = Thermal.HOT, Status.RUNNING
-                    return
+                    return Found.RUNNING
                 if runstate in _PAUSED_RUNSTATES:
-                    vm.thermal, vm.status = Thermal.WARM, Status.RUNNING
-                    return
+                    return Found.PAUSED
                 log.warning("QEMU of %s is in state %s; killing it", vm.sandbox_id, runstate)
                 await self._kill(vm)
         # No live QEMU: a valid snapshot makes it cold, otherwise nothing can be vouched for.
-        vm.thermal = Thermal.COLD
         why = self._snapshot_usable(vm)
         if why is not None:
             log.warning("sandbox %s cannot be recovered: %s", vm.sandbox_id, why)
-            vm.status = Status.UNKNOWN
-            return
+            return Found.NOTHING
         try:
             await asyncio.to_thread(self._network.create_tap, vm.sandbox_id)
         except NetworkError as exc:
             log.warning("cannot re-create the TAP of %s: %s", vm.sandbox_id, exc)
         await self._pin_neighbour(vm.record.ip, vm.record.mac)  # gone after a host reboot
+        return Found.SNAPSHOT
 
     async def cleanup_orphans(self) -> builtins.list[str]:
         """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories.
