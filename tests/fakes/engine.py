@@ -1,9 +1,11 @@
 """An in-memory :class:`~kiln.engine.base.Engine` for testing the layers above the engine.
 
-It keeps sandboxes in a dict, follows the thermal state machine, records every
-call, lets a test inject failures and set what each "guest agent" reports as
-activity. It is not an engine to test engine behaviour with: the engine
-conformance suite runs against real engines.
+It keeps sandboxes in a dict, plans every state change with
+:mod:`kiln.engine.states` as the real engines do (so it refuses and allows the
+same operations, with the same errors), records every call, lets a test inject
+failures and set what each "guest agent" reports as activity. It is not an
+engine to test engine behaviour with: the engine conformance suite runs
+against real engines.
 
 Exported state is a plain dict; :meth:`FakeEngine.import_state` models what a
 daemon restart found, from the keys a test puts there:
@@ -25,6 +27,7 @@ from typing import Any
 from kiln.agent_client import AgentClient
 from kiln.engine.base import SandboxInfo, SandboxSpec, Status, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable, InvalidState, SandboxNotFound
+from kiln.engine.states import ADOPTED, CREATED, Action, Found, Op, Transition, plan
 from kiln.protocol import ActivityInfo
 
 
@@ -65,8 +68,10 @@ class FakeEngine:
         thermal: Thermal = Thermal.HOT,
         status: Status = Status.RUNNING,
         keep_hot: bool = False,
+        has_snapshot: bool | None = None,
     ) -> SandboxInfo:
-        """Put a sandbox in a given state directly (no create call recorded)."""
+        """Put a sandbox in a given state directly (no create call recorded): a test's
+        starting point, not a transition."""
         info = SandboxInfo(
             sandbox_id=sandbox_id,
             name=sandbox_id,
@@ -78,7 +83,7 @@ class FakeEngine:
             cpus=1,
             memory_mb=512,
             keep_hot=keep_hot,
-            has_snapshot=thermal is Thermal.COLD,
+            has_snapshot=thermal is Thermal.COLD if has_snapshot is None else has_snapshot,
         )
         self.boxes[sandbox_id] = _Box(info)
         return info
@@ -106,6 +111,24 @@ class FakeEngine:
         box.info = replace(box.info, **changes)
         return box.info
 
+    def _transition(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
+        """Plan ``op`` as the real engines do, "carry out" its action, apply its next state."""
+        box = self._box(method, sandbox_id)
+        step = plan(op, box.info.state, sandbox_id)
+        return self._apply(box, step)
+
+    def _apply(self, box: _Box, step: Transition) -> SandboxInfo:
+        has_snapshot = box.info.has_snapshot
+        if step.action is Action.SNAPSHOT:
+            has_snapshot = True
+        elif step.action is Action.RESTORE:
+            if not has_snapshot:
+                raise InvalidState(f"cannot restore {box.info.sandbox_id}: no valid snapshot")
+            has_snapshot = False  # spent, as in QEMU: the restored machine moves on
+        return self._set(
+            box, status=step.next.status, thermal=step.next.thermal, has_snapshot=has_snapshot
+        )
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         spec.validate()
         if self._enter("create", spec.sandbox_id) is not None:
@@ -116,8 +139,8 @@ class FakeEngine:
             name=spec.name,
             engine=self.name,
             image=spec.image,
-            status=Status.RUNNING,
-            thermal=Thermal.HOT,
+            status=CREATED.next.status,
+            thermal=CREATED.next.thermal,
             ip=f"10.99.0.{n}",
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
@@ -131,30 +154,23 @@ class FakeEngine:
         self.boxes.pop(sandbox_id, None)
 
     async def stop(self, sandbox_id: str) -> SandboxInfo:
-        box = self._box("stop", sandbox_id)
-        return self._set(box, thermal=Thermal.COLD, has_snapshot=True)
+        return self._transition("stop", sandbox_id, Op.COOL)
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
-        box = self._box("start", sandbox_id)
-        if box.info.thermal is Thermal.COLD and not box.info.has_snapshot:
-            raise InvalidState(f"sandbox {sandbox_id} has no snapshot")
-        return self._set(box, thermal=Thermal.HOT, status=Status.RUNNING)
+        return self._transition("start", sandbox_id, Op.START)
 
     async def pause(self, sandbox_id: str) -> None:
-        box = self._box("pause", sandbox_id)
-        if box.info.thermal is not Thermal.HOT:
-            raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}, not hot")
-        self._set(box, thermal=Thermal.WARM)
+        self._transition("pause", sandbox_id, Op.PAUSE)
 
     async def resume(self, sandbox_id: str) -> None:
-        box = self._box("resume", sandbox_id)
-        if box.info.thermal is not Thermal.WARM:
-            raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}, not warm")
-        self._set(box, thermal=Thermal.HOT)
+        self._transition("resume", sandbox_id, Op.RESUME)
 
     async def ensure_hot(self, sandbox_id: str) -> None:
-        box = self._box("ensure_hot", sandbox_id)
-        self._set(box, thermal=Thermal.HOT)
+        self._transition("ensure_hot", sandbox_id, Op.ENSURE_HOT)
+
+    def crash(self, sandbox_id: str) -> SandboxInfo:
+        """The sandbox's machine dies underneath us (a test control)."""
+        return self._transition("crash", sandbox_id, Op.CRASH)
 
     def thermal(self, sandbox_id: str) -> Thermal:
         box = self.boxes.get(sandbox_id)
@@ -219,14 +235,18 @@ class FakeEngine:
                 raise InvalidState(f"{key} must be a bool, got {state.get(key)!r}")
         alive = state.get("alive")
         has_snapshot = bool(state.get("has_snapshot", False))
-        thermal = Thermal(alive) if alive else Thermal.COLD
+        if alive:
+            found = Found.RUNNING if Thermal(alive) is Thermal.HOT else Found.PAUSED
+        else:
+            found = Found.SNAPSHOT if has_snapshot else Found.NOTHING
+        adopted = ADOPTED[found]
         info = SandboxInfo(
             sandbox_id=sandbox_id,
             name=str(state.get("name", sandbox_id)),
             engine=self.name,
             image=str(state.get("image", "minimal")),
-            status=Status.RUNNING if alive or has_snapshot else Status.UNKNOWN,
-            thermal=thermal,
+            status=adopted.status,
+            thermal=adopted.thermal,
             ip=state.get("ip") if alive else None,
             cpus=int(state.get("cpus", 1)),
             memory_mb=int(state.get("memory_mb", 512)),

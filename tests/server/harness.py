@@ -35,7 +35,8 @@ import uvicorn
 from fakes.engine import FakeEngine
 from kiln.agent_client import AgentClient, AgentError
 from kiln.config import Config, ThermalSettings
-from kiln.engine.base import SandboxInfo, SandboxSpec, Thermal
+from kiln.engine.base import SandboxInfo, SandboxSpec
+from kiln.engine.states import Op
 from kiln.server import Services, create_app
 from kiln.server.daemon import bind_socket
 from kiln.store import SecretBox, Store
@@ -221,8 +222,7 @@ class AgentEngine(FakeEngine):
         self.specs.pop(sandbox_id, None)
 
     async def agent(self, sandbox_id: str) -> AgentClient:
-        box = self._box("agent", sandbox_id)
-        self._set(box, thermal=Thermal.HOT)
+        self._transition("agent", sandbox_id, Op.ENSURE_HOT)
         return self._client(await self._start_agent(sandbox_id))
 
     def export_state(self, sandbox_id: str) -> dict[str, Any]:
