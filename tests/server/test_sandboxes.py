@@ -157,6 +157,26 @@ def test_using_a_stopped_sandbox_restores_it(api: ApiUser) -> None:
     assert api.http.get("/sandboxes/woken").json()["status"] == "running"
 
 
+def test_a_crashed_sandbox_can_only_be_deleted(api: ApiUser, server: LiveServer) -> None:
+    sid = str(api.sandbox(name="broken")["id"])
+
+    async def crash() -> None:
+        server.engine.crash(sid)
+
+    server.call(crash)
+    assert api.http.get("/sandboxes/broken").json()["status"] == "error"
+    for method, suffix, body in (
+        ("POST", "/stop", None),
+        ("POST", "/start", None),
+        ("POST", "/exec", {"cmd": ["true"]}),
+    ):
+        r = api.http.request(method, f"/sandboxes/broken{suffix}", json=body)
+        assert r.status_code == 409, (suffix, r.text)
+        assert "crashed; it can only be deleted" in r.json()["error"]
+    assert server.store.get_sandbox(sid).status == "running"  # the store was not touched
+    assert api.http.delete("/sandboxes/broken").status_code == 204
+
+
 def test_patch_rename_and_keep_hot(api: ApiUser) -> None:
     sb = api.sandbox(name="before")
     api.sandbox(name="other")

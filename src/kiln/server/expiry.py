@@ -6,10 +6,12 @@ A sandbox created or patched with ``ttl_s`` has an ``expires_at`` in the store.
 Once it has passed:
 
 - ``on_expire: destroy`` → :class:`Destroy` (as ``DELETE /sandboxes/{id}``);
-- ``on_expire: stop`` and running → :class:`Stop` (snapshot to disk, as
-  ``POST .../stop``), and the expiry is cleared: a stopped sandbox stays listed;
-- ``on_expire: stop`` and already stopped, errored or unknown → :class:`Disarm`:
-  there is nothing to stop, only the expiry to clear.
+- ``on_expire: stop`` and a state the user's stop changes (running) →
+  :class:`Stop` (snapshot to disk, as ``POST .../stop``), and the expiry is
+  cleared: a stopped sandbox stays listed;
+- ``on_expire: stop`` and a state it does not change or does not allow
+  (already stopped, errored or unknown; :mod:`kiln.engine.states` says which)
+  → :class:`Disarm`: there is nothing to stop, only the expiry to clear.
 
 The store is the only source of truth, so a sandbox that expired while the
 daemon was down is handled by the first tick after start (right after recovery).
@@ -26,7 +28,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from kiln.engine.base import Status
+from kiln.engine.base import Status, Thermal
+from kiln.engine.states import Op, State, lookup
 from kiln.store import OnExpire, StoreError
 from kiln.thermal.clock import Clock, SystemClock
 
@@ -48,6 +51,8 @@ class Expiring(Protocol):
     def id(self) -> str: ...
     @property
     def status(self) -> Status: ...
+    @property
+    def thermal(self) -> Thermal: ...
     @property
     def expires_at(self) -> float | None: ...
     @property
@@ -82,7 +87,9 @@ def action_for(sb: Expiring) -> ExpiryAction:
     """What expiring ``sb`` means (whether it is due is :func:`is_due`'s question)."""
     if sb.on_expire is OnExpire.DESTROY:
         return Destroy(sb.id)
-    if sb.status is Status.RUNNING:
+    state = State(sb.status, sb.thermal)
+    stop = lookup(Op.STOP, state)
+    if stop is not None and stop.next != state:
         return Stop(sb.id)
     return Disarm(sb.id)
 

@@ -29,9 +29,19 @@ from typing import Any, Protocol
 
 from kiln.agent_client import AgentClient, AgentError
 from kiln.config import Config
-from kiln.engine.base import Engine, SandboxSpec, Status, Thermal, VolumeSpec
+from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
 from kiln.engine.errors import EngineError, SandboxNotFound
 from kiln.engine.ports import listening_ports
+from kiln.engine.states import (
+    CREATED,
+    Action,
+    Op,
+    State,
+    Transition,
+    lookup,
+    observed,
+    plan,
+)
 from kiln.store import (
     NewVolume,
     NotFound,
@@ -198,9 +208,21 @@ class SandboxService:
 
     # --- views ------------------------------------------------------------------------
 
+    def _state(self, sb: SandboxRow) -> State:
+        """The sandbox's state now: the stored one, updated by what the engine sees."""
+        try:
+            info = self.engine.info(sb.id)
+        except EngineError:
+            return _stored(sb)
+        return observed(_stored(sb), info.state)
+
+    def _plan(self, op: Op, sb: SandboxRow) -> Transition:
+        """``op``'s transition from the sandbox's state now; raises if it is not allowed."""
+        return plan(op, self._state(sb), sb.name)
+
     def view(self, sb: SandboxRow) -> dict[str, Any]:
         """The API's sandbox object. Reads the engine's live state; never wakes anything."""
-        status, thermal, ip = sb.status, sb.thermal, sb.ip
+        state, ip = _stored(sb), sb.ip
         lock = self._locks.get(sb.id)
         # Mid-transition (create, stop, start, wake) the engine's answer is in flux;
         # the stored state is what the API reports until the transition is done.
@@ -210,10 +232,8 @@ class SandboxService:
             except EngineError:
                 pass
             else:
-                thermal = info.thermal
+                state = observed(state, info.state)
                 ip = info.ip or ip
-                if info.status in (Status.ERROR, Status.UNKNOWN):
-                    status = info.status
         last = sb.last_active_at
         active = self._active.get(sb.id)
         if active is not None and active > last:
@@ -221,8 +241,8 @@ class SandboxService:
         return {
             "id": sb.id,
             "name": sb.name,
-            "status": str(status),
-            "thermal": str(thermal),
+            "status": str(state.status),
+            "thermal": str(state.thermal),
             "ip": ip,
             "cpus": sb.cpus,
             "memory_mb": sb.memory_mb,
@@ -300,8 +320,8 @@ class SandboxService:
             new_volumes=[
                 NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
             ],
-            status=Status.RUNNING,
-            thermal=Thermal.HOT,
+            status=CREATED.next.status,
+            thermal=CREATED.next.thermal,
             sandbox_id=sandbox_id,
             labels=labels,
             expires_at=self._expires_at(body.ttl_s),
@@ -327,7 +347,7 @@ class SandboxService:
             raise
         finally:
             self._creating.discard(sandbox_id)
-        row = self._persist_engine_state(sandbox_id, ip=info.ip, thermal=info.thermal)
+        row = self._persist_engine_state(sandbox_id, ip=info.ip)
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return self.view(row)
@@ -347,13 +367,9 @@ class SandboxService:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def _usable(self, sb: SandboxRow) -> None:
+    def _created(self, sb: SandboxRow) -> None:
         if sb.id in self._creating:
             raise ConflictError(f"sandbox {sb.name!r} is still being created")
-        if sb.status in (Status.ERROR, Status.UNKNOWN):
-            raise ConflictError(
-                f"sandbox {sb.name!r} is in state {sb.status} and cannot be used; delete it"
-            )
 
     async def delete(self, user: User, ref: str) -> None:
         sb = self.find(user, ref)
@@ -373,7 +389,7 @@ class SandboxService:
 
     async def stop(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
-        self._usable(sb)
+        self._created(sb)
         async with self._lock(sb.id):
             row = await self._stop_locked(sb.id)
         await self._reset(sb.id)
@@ -381,10 +397,9 @@ class SandboxService:
         return self.view(row)
 
     async def _stop_locked(self, sandbox_id: str, **changes: Any) -> SandboxRow:
-        info = await self.engine.stop(sandbox_id)
-        return self._persist_engine_state(
-            sandbox_id, status=Status.STOPPED, thermal=info.thermal, **changes
-        )
+        step = self._plan(Op.STOP, self.store.get_sandbox(sandbox_id))
+        await self.engine.stop(sandbox_id)  # the engine plans its own action: it knows the VM
+        return self._persist_engine_state(sandbox_id, **_next(step), **changes)
 
     async def expire(self, sandbox_id: str, now: float) -> ExpiryAction | None:
         """Carry out a sandbox's expiry if it is still due at ``now``; return what was done.
@@ -424,13 +439,13 @@ class SandboxService:
 
     async def start(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
-        self._usable(sb)
+        self._created(sb)
         async with self._lock(sb.id):
+            sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
+            step = self._plan(Op.START, sb)
             await self._reset(sb.id)
             info = await self.engine.start(sb.id)
-            row = self._persist_engine_state(
-                sb.id, status=Status.RUNNING, thermal=info.thermal, ip=info.ip or sb.ip
-            )
+            row = self._persist_engine_state(sb.id, **_next(step), ip=info.ip or sb.ip)
         self.touch(sb.id)
         return self.view(row)
 
@@ -462,31 +477,24 @@ class SandboxService:
         Concurrent callers that find it cold share one restore: the first does it
         under the sandbox's lock, the others then find it hot.
         """
-        self._usable(sb)
+        self._created(sb)
         self.touch(sb.id)
-        try:
-            hot = sb.status is Status.RUNNING and self.engine.thermal(sb.id) is Thermal.HOT
-        except EngineError:
-            hot = False
-        if hot:
+        step = self._plan(Op.ENSURE_HOT, sb)
+        if step.action is Action.NOTHING and step.next == _stored(sb):  # hot, and stored so
             return sb, await self.engine.agent(sb.id)
         async with self._lock(sb.id):
             sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
-            try:
-                thermal: Thermal | None = self.engine.thermal(sb.id)
-            except EngineError:
-                thermal = None
-            restore = sb.status is not Status.RUNNING or thermal is not Thermal.HOT
-            restore = restore and thermal is not Thermal.WARM
-            if restore:
+            before = self._state(sb)
+            step = plan(Op.ENSURE_HOT, before, sb.name)
+            if step.action.new_machine:
                 # Whatever was connected to the sandbox before is gone with its memory.
                 await self._reset(sb.id)
             started = time.perf_counter()
             client = await self.engine.agent(sb.id)
-            if restore:
+            if step.action.new_machine:
                 took = (time.perf_counter() - started) * 1000
-                log.info("sandbox %s woken from %s in %.0f ms", sb.id, thermal or sb.status, took)
-            sb = self._persist_engine_state(sb.id, status=Status.RUNNING, thermal=Thermal.HOT)
+                log.info("sandbox %s woken from %s in %.0f ms", sb.id, before, took)
+            sb = self._persist_engine_state(sb.id, **_next(step))
         return sb, client
 
     def on_reset(self, hook: Callable[[str], Awaitable[None]]) -> None:
@@ -513,13 +521,14 @@ class SandboxService:
         are not woken just to be asked)."""
         rows = []
         for sb in self.store.list_sandboxes(user.id):
-            if sb.status is not Status.RUNNING or sb.id in self._creating:
+            if sb.id in self._creating:
                 continue
             try:
-                thermal = self.engine.thermal(sb.id)
+                info = self.engine.info(sb.id)
             except EngineError:
                 continue
-            if thermal is not Thermal.COLD:
+            wake = lookup(Op.ENSURE_HOT, observed(_stored(sb), info.state))
+            if wake is not None and not wake.action.new_machine:
                 rows.append(sb)
 
         async def one(sb: SandboxRow) -> list[dict[str, Any]]:
@@ -534,6 +543,15 @@ class SandboxService:
 
         results = await asyncio.gather(*(one(sb) for sb in rows))
         return [entry for entries in results for entry in entries]
+
+
+def _stored(sb: SandboxRow) -> State:
+    return State(sb.status, sb.thermal)
+
+
+def _next(step: Transition) -> dict[str, Any]:
+    """The store columns of a transition's next state."""
+    return {"status": step.next.status, "thermal": step.next.thermal}
 
 
 def _port_entry(sb: SandboxRow, port: int, published: dict[int, str]) -> dict[str, Any]:

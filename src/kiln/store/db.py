@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 from kiln.engine.base import Status, Thermal
+from kiln.engine.states import CREATED
 
 from .errors import (
     InvalidValue,
@@ -332,8 +333,8 @@ class Store:
         keep_hot: bool = False,
         config: SandboxConfig | None = None,
         new_volumes: Sequence[NewVolume] = (),
-        status: Status = Status.RUNNING,
-        thermal: Thermal = Thermal.HOT,
+        status: Status = CREATED.next.status,
+        thermal: Thermal = CREATED.next.thermal,
         ip: str | None = None,
         engine_state: Mapping[str, Any] | None = None,
         sandbox_id: str | None = None,
