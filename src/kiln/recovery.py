@@ -1,25 +1,17 @@
 """Daemon start-up recovery: re-adopt every live sandbox the store knows.
 
 For each live sandbox row of this engine, ``engine.import_state(row.engine_state)``
-tells what survived the previous daemon, and the row is updated to match:
+tells what survived the previous daemon (the engine's side of that is
+:data:`kiln.engine.states.ADOPTED`), and the row is updated to the state
+:func:`kiln.engine.states.recovered` gives (no state saved, or an import that
+failed, count as nothing found: ``unknown``). In short: a live VM stays
+running; a snapshot makes it stopped, unless it was already running cold; a
+sandbox that was running hot when the daemon died and whose VM did not survive
+is *stopped* rather than silently restored: its snapshot is older than the
+state it was in, and the user should choose to start it.
 
-=====================  =========================  ===============================
-engine reports          stored row                 result (status, thermal)
-=====================  =========================  ===============================
-VM alive (hot/warm)     any                        running, as the engine says
-cold, snapshot          running and already cold   running, cold (nothing lost)
-cold, snapshot          running hot/warm, stopped  stopped, cold (restorable)
-cold, no snapshot       any                        unknown
-error / unknown         any                        as the engine says
-(no state, or import    any                        unknown
- failed)
-=====================  =========================  ===============================
-
-A sandbox that was running hot when the daemon died and whose VM did not
-survive is *stopped* rather than silently restored: its snapshot is older than
-the state it was in, and the user should choose to start it. Deleted sandboxes
-and sandboxes of other engines are left alone. One sandbox's failure never
-stops the others; the report lists it.
+Deleted sandboxes and sandboxes of other engines are left alone. One sandbox's
+failure never stops the others; the report lists it.
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from kiln.engine.base import Engine, SandboxInfo, Status, Thermal
+from kiln.engine.states import State, recovered
 from kiln.store import Sandbox, Store
 
 log = logging.getLogger("kiln.recovery")
@@ -75,19 +68,12 @@ class RecoveryReport:
         raise KeyError(sandbox_id)
 
 
-def recovered_state(row: Sandbox, info: SandboxInfo | None) -> tuple[Status, Thermal]:
-    """The status and thermal state a sandbox gets after recovery (see the module table)."""
+def recovered_state(row: Sandbox, info: SandboxInfo | None) -> State:
+    """The state a sandbox gets after recovery (:func:`kiln.engine.states.recovered`)."""
+    stored = State(row.status, row.thermal)
     if info is None:
-        return Status.UNKNOWN, Thermal.COLD
-    if info.status in (Status.ERROR, Status.UNKNOWN):
-        return info.status, info.thermal
-    if info.thermal in (Thermal.HOT, Thermal.WARM):
-        return Status.RUNNING, info.thermal
-    if not info.has_snapshot:
-        return Status.UNKNOWN, Thermal.COLD
-    if row.status is Status.RUNNING and row.thermal is Thermal.COLD:
-        return Status.RUNNING, Thermal.COLD
-    return Status.STOPPED, Thermal.COLD
+        return recovered(stored, None, has_snapshot=False)
+    return recovered(stored, info.state, has_snapshot=info.has_snapshot)
 
 
 async def recover(
