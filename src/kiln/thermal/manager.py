@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import NoReturn, Protocol, Self
 
 from kiln.engine.base import Engine, Status, Thermal
+from kiln.engine.states import Op, State, plan
 from kiln.protocol import ActivityInfo
 
 from .clock import Clock, SystemClock
@@ -143,9 +144,10 @@ class ThermalManager:
         now = self._clock.now()
         views = await self._views(now)
         actions = decide(now, views, self.policy)
+        seen = {v.id: State(v.status, v.thermal) for v in views}
         done: list[Action] = []
         for action in actions:
-            if await self._act(action, decided_at=now):
+            if await self._act(action, seen[action.id], decided_at=now):
                 done.append(action)
         return done
 
@@ -207,18 +209,14 @@ class ThermalManager:
             log.warning("thermal: sandbox %s: agent activity query failed: %s", sandbox_id, exc)
         return None
 
-    async def _act(self, action: Action, *, decided_at: float) -> bool:
+    async def _act(self, action: Action, decided_on: State, *, decided_at: float) -> bool:
         sandbox_id = action.id
         if self._touched.get(sandbox_id, float("-inf")) > decided_at:
             return False  # used while we were deciding: not idle after all
-        expected, target = (
-            (Thermal.HOT, Thermal.WARM)
-            if isinstance(action, Pause)
-            else (Thermal.WARM, Thermal.COLD)
-        )
         try:
-            if self.engine.thermal(sandbox_id) is not expected:
+            if self.engine.thermal(sandbox_id) is not decided_on.thermal:
                 return False  # woken (or already moved) by someone else meanwhile
+            step = plan(_OPS[type(action)], decided_on, sandbox_id)
             match action:
                 case Pause():
                     await self.engine.pause(sandbox_id)
@@ -227,14 +225,20 @@ class ThermalManager:
         except Exception as exc:
             log.warning("thermal: %s of sandbox %s failed: %s", _verb(action), sandbox_id, exc)
             return False
+        target = step.next.thermal
         self._seen[sandbox_id] = (target, self._clock.now())
-        log.info("thermal: sandbox %s %s → %s", sandbox_id, expected, target)
+        log.info("thermal: sandbox %s %s → %s", sandbox_id, decided_on.thermal, target)
         if self._on_change is not None:
             try:
                 self._on_change(sandbox_id, target)
             except Exception:
                 log.exception("thermal: on_change callback failed for sandbox %s", sandbox_id)
         return True
+
+
+#: The transition each decision asks of the table: the cold step keeps the sandbox
+#: running (unlike the user's stop).
+_OPS: dict[type[Action], Op] = {Pause: Op.PAUSE, Stop: Op.COOL}
 
 
 def _verb(action: Action) -> str:
