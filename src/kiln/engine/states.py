@@ -57,7 +57,7 @@ from .errors import InvalidState, SandboxCrashed
 class Thermal(StrEnum):
     HOT = "hot"  # running
     WARM = "warm"  # paused: memory kept, vCPUs/processes stopped
-    COLD = "cold"  # no machine: saved to disk (or, for a stopped sandbox, files only)
+    COLD = "cold"  # no machine running: a snapshot on disk (without snapshots: files only)
 
 
 class Status(StrEnum):
