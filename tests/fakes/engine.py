@@ -261,5 +261,12 @@ class FakeEngine:
         spec.validate()
         self.prepared.append(spec)
 
+    async def cleanup_orphans(self) -> list[str]:
+        self.calls.append(("cleanup_orphans", ""))
+        return []
+
+    async def delete_volume(self, volume_id: str) -> None:
+        self.calls.append(("delete_volume", volume_id))
+
     async def close(self) -> None:
         self.closed = True

@@ -13,6 +13,7 @@ allowed in which state, and what it leads to, is :mod:`.states`' table.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ class SandboxSpec:
     init: str | None = None
     volumes: tuple[VolumeSpec, ...] = ()
     keep_hot: bool = False
+    #: Which engine runs it (a :class:`~kiln.engine.router.Engines` picks by this; None:
+    #: the default). An engine given a spec for another engine refuses it.
+    engine: str | None = None
+    #: The engine's variant, where it has several (Docker: ``runc`` or ``runsc``); None:
+    #: the engine's default.
+    runtime: str | None = None
 
     def validate(self) -> None:
         """Reject a bad spec with a clear message before any resource is touched."""
@@ -87,6 +94,30 @@ class SandboxSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an engine can do with a sandbox; the layers above ask this, never an engine's name.
+
+    It is per sandbox, because one engine can run sandboxes of different kinds
+    (Docker on runc cannot checkpoint, on runsc it can).
+    """
+
+    #: hot → warm: stop its CPUs/processes and keep its memory (resumes in ms).
+    pause: bool = True
+    #: cold keeps the running processes (a memory snapshot or checkpoint). Without it the
+    #: thermal manager never takes the sandbox cold, and the user's stop keeps its files
+    #: but ends its processes (see :mod:`.states`, ``snapshots=False``).
+    snapshots: bool = True
+    #: ``fork``: a running copy of it (disk, memory and processes).
+    fork: bool = False
+    #: ``save`` can keep its memory in the new image, not only its disk.
+    save_memory: bool = False
+
+
+#: A VM engine: everything (QEMU, whose fork and memory images come later).
+VM_CAPABILITIES = Capabilities(pause=True, snapshots=True)
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxInfo:
     sandbox_id: str
     name: str
@@ -99,6 +130,8 @@ class SandboxInfo:
     memory_mb: int
     keep_hot: bool = False
     has_snapshot: bool = False
+    capabilities: Capabilities = VM_CAPABILITIES
+    runtime: str | None = None
 
     @property
     def state(self) -> State:
@@ -165,6 +198,16 @@ class Engine(Protocol):
         (images, network, a template snapshot); creates nothing visible."""
         ...
 
+    async def cleanup_orphans(self) -> builtins.list[str]:
+        """Remove what a crashed daemon left and no known sandbox owns (machines,
+        network devices, files); return a line per thing removed. Call after recovery."""
+        ...
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete the volume the engine knows as ``volume_id`` (``VolumeSpec.name``), made
+        the first time a sandbox attached it. Idempotent; refuses one that is attached."""
+        ...
+
     async def close(self) -> None:
         """Release engine-wide resources; sandboxes keep their on-disk state."""
         ...
@@ -174,6 +217,8 @@ __all__ = [
     "MAX_CPUS",
     "MIN_MEMORY_MB",
     "NAME_RE",
+    "VM_CAPABILITIES",
+    "Capabilities",
     "Engine",
     "FileSpec",
     "SandboxInfo",

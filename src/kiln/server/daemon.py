@@ -28,6 +28,7 @@ progress in the daemon's log.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -119,6 +120,12 @@ class UnavailableEngine:
 
     async def prepare(self, spec: SandboxSpec) -> None:
         return None
+
+    async def cleanup_orphans(self) -> builtins.list[str]:
+        return []
+
+    async def delete_volume(self, volume_id: str) -> None:
+        raise self._no()
 
     async def close(self) -> None:
         return None
@@ -347,15 +354,13 @@ async def _recover(store: Store, engine: Engine) -> None:
     report = await recover(store, engine)
     for failed in report.failed:
         log.warning("recovery of sandbox %s: %s", failed.sandbox_id, failed.error)
-    cleanup = getattr(engine, "cleanup_orphans", None)
-    if cleanup is not None:
-        try:
-            removed = await cleanup()
-        except EngineError as exc:
-            log.warning("orphan cleanup failed: %s", exc)
-        else:
-            for item in removed:
-                log.info("removed orphan %s", item)
+    try:
+        removed = await engine.cleanup_orphans()
+    except EngineError as exc:
+        log.warning("orphan cleanup failed: %s", exc)
+    else:
+        for item in removed:
+            log.info("removed orphan %s", item)
 
 
 async def _run(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets as _secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -362,7 +361,7 @@ class SandboxService:
         for name in new_volumes:
             with contextlib.suppress(NotFound):
                 vol = self.store.delete_volume(user.id, name)
-                self._s.volumes.remove_file(vol)
+                await self._s.volumes.remove_data(vol)
         self._forget(sandbox_id)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -707,11 +706,13 @@ class VolumeService:
     def get(self, user: User, name: str) -> dict[str, Any]:
         return self.view(self._s.store.get_volume(user.id, check_ref(name, "volume")))
 
-    def delete(self, user: User, name: str) -> None:
+    async def delete(self, user: User, name: str) -> None:
         vol = self._s.store.delete_volume(user.id, check_ref(name, "volume"))
-        self.remove_file(vol)
+        await self.remove_data(vol)
 
-    @staticmethod
-    def remove_file(vol: VolumeRow) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(vol.path)
+    async def remove_data(self, vol: VolumeRow) -> None:
+        """The engine deletes what it made for the volume (a file, a Docker volume)."""
+        try:
+            await self._s.engine.delete_volume(Path(vol.path).stem)
+        except EngineError as exc:
+            log.warning("volume %s: deleting its data: %s", vol.name, exc)

@@ -1313,6 +1313,14 @@ class QemuEngine:
         removed += [f"tap {t}" for t in gone]
         return removed
 
+    async def delete_volume(self, volume_id: str) -> None:
+        """Remove the volume's ext4 file (``<volumes_dir>/<id>.ext4``)."""
+        for vm in self._vms.values():
+            if not vm.destroyed and volume_id in vm.record.volume_paths:
+                raise InvalidState(f"volume {volume_id} is attached to {vm.sandbox_id}")
+        with _os_errors(f"delete volume {volume_id}"), contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self._volume_path(volume_id))
+
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:

@@ -88,5 +88,5 @@ async def get_volume(name: str, user: CurrentUser, services: AppServices) -> dic
 @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
 async def delete_volume(name: str, user: CurrentUser, services: AppServices) -> Response:
     """409 while the volume is attached to a live sandbox."""
-    services.volumes.delete(user, name)
+    await services.volumes.delete(user, name)
     return Response(status_code=204)
