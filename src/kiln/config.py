@@ -5,13 +5,14 @@ Every key is optional; the file uses the field names of :class:`Config`, with
 
     data_dir: /var/lib/kiln
     listen: 127.0.0.1:8080
-    engine: auto            # auto | qemu
+    engine: auto            # the default engine: auto (qemu) | qemu | docker
     accel: auto             # auto | kvm | tcg
     image: minimal          # the default image tier
     templates: true         # create by restoring a per-shape template snapshot
     guest_aslr: auto        # auto (on under KVM, off under TCG) | on | off
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
+    docker: {runtime: runc, bridge: kilnd0, subnet: 10.213.1.0/24, root: null}
     publish_domain: localhost
     max_upload_bytes: 104857600
 
@@ -34,7 +35,8 @@ import yaml
 from kiln.network.config import NetworkConfig
 from kiln.network.errors import NetworkError
 
-ENGINES = ("auto", "qemu")
+ENGINES = ("auto", "qemu", "docker")
+RUNTIMES = ("runc", "runsc")
 ACCELS = ("auto", "kvm", "tcg")
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -62,6 +64,17 @@ class ThermalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DockerSettings:
+    """The Docker engine: its default runtime, its own bridge and subnet (not the VMs'),
+    and where its private dockerd keeps everything (None: ``<data_dir>/docker``)."""
+
+    runtime: str = "runc"
+    bridge: str = "kilnd0"
+    subnet: str = "10.213.1.0/24"
+    root: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = DEFAULT_LISTEN
@@ -73,6 +86,7 @@ class Config:
     guest_aslr: str = "auto"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
     publish_domain: str = "localhost"
     max_upload_bytes: int = MAX_UPLOAD_BYTES
 
@@ -95,6 +109,20 @@ class Config:
     def volumes_dir(self) -> Path:
         """Named volumes' ext4 files (shared by the API and the engine)."""
         return self.data_dir / "volumes"
+
+    @property
+    def docker_root(self) -> Path:
+        return self.docker.root or self.data_dir / "docker"
+
+    def docker_network(self) -> NetworkConfig:
+        """The Docker engine's network: its own bridge and subnet, the rest as the VMs'."""
+        return replace(
+            self.network,
+            bridge=self.docker.bridge,
+            subnet=self.docker.subnet,
+            bridge_mac=None,
+            tap_prefix="kdtap",
+        )
 
     @property
     def secret_key_path(self) -> Path:
@@ -138,14 +166,17 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def resolve_engine(config: Config) -> str:
-    """The engine to run: ``auto`` becomes ``qemu`` when QEMU is installed.
-
-    Returns ``""`` when no engine can run here; the daemon then answers 503
-    for every sandbox operation instead of refusing to start.
-    """
+    """The default engine: ``auto`` is ``qemu`` (with KVM where usable, else TCG)."""
     if config.engine != "auto":
         return config.engine
-    return "qemu" if shutil.which(QEMU_BINARY) else ""
+    return "qemu"
+
+
+def qemu_missing() -> str | None:
+    """Why the QEMU engine cannot run here (None: it can)."""
+    if shutil.which(QEMU_BINARY) is None:
+        return f"{QEMU_BINARY} is not installed (apt-get install qemu-system-x86)"
+    return None
 
 
 def _validate(cfg: Config) -> None:
@@ -162,6 +193,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("max_upload_bytes: must be positive")
     if not cfg.publish_domain or " " in cfg.publish_domain:
         raise ConfigError(f"publish_domain: invalid domain {cfg.publish_domain!r}")
+    d = cfg.docker
+    if d.runtime not in RUNTIMES:
+        raise ConfigError(
+            f"docker.runtime: must be one of {', '.join(RUNTIMES)}, got {d.runtime!r}"
+        )
+    try:
+        cfg.docker_network()
+    except NetworkError as exc:
+        raise ConfigError(f"docker: {exc}") from None
     t = cfg.thermal
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
@@ -226,6 +266,12 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
             kwargs[key] = _build(ThermalSettings, value, f"{full}.")
+        elif kind == "DockerSettings":
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full}: expected a mapping")
+            kwargs[key] = _build(DockerSettings, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, kind)
     return cls(**kwargs) if cls is not Config else kwargs

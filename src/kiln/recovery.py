@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from kiln.engine.base import Engine, SandboxInfo, Status, Thermal
+from kiln.engine.router import ENGINE_KEY
 from kiln.engine.states import State, recovered
 from kiln.store import Sandbox, Store
 
@@ -81,13 +83,17 @@ async def recover(
     engine: Engine,
     *,
     engine_name: str | None = None,
+    engine_names: Collection[str] | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> RecoveryReport:
-    """Re-adopt every live sandbox of ``engine_name`` (default ``engine.name``)."""
-    name = engine.name if engine_name is None else engine_name
+    """Re-adopt every live sandbox of ``engine_names`` (default: ``engine_name``, else
+    ``engine.name``); an engine router takes them all."""
+    if engine_names is None:
+        engine_names = (engine.name if engine_name is None else engine_name,)
+    names = set(engine_names)
     rows = store.list_live_sandboxes()
-    mine = [r for r in rows if r.engine == name]
-    skipped = tuple(r.id for r in rows if r.engine != name)
+    mine = [r for r in rows if r.engine in names]
+    skipped = tuple(r.id for r in rows if r.engine not in names)
     limit = asyncio.Semaphore(max(1, concurrency))
 
     async def one(row: Sandbox) -> Recovered:
@@ -116,7 +122,8 @@ async def _recover_one(store: Store, engine: Engine, row: Sandbox) -> Recovered:
         error = "no engine state was saved"
     else:
         try:
-            info = await engine.import_state(row.engine_state)
+            # States saved before engines were routed do not name theirs; the row does.
+            info = await engine.import_state({ENGINE_KEY: row.engine, **row.engine_state})
             if info.sandbox_id != row.id:
                 raise ValueError(f"engine re-adopted {info.sandbox_id!r} instead")
         except Exception as exc:

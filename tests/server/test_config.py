@@ -12,6 +12,7 @@ from kiln.config import (
     ConfigError,
     default_data_dir,
     load_config,
+    qemu_missing,
     resolve_engine,
     split_listen,
 )
@@ -123,9 +124,26 @@ def test_split_listen_ipv6() -> None:
 
 def test_resolve_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert resolve_engine(load_config()) == ""
+    assert qemu_missing() is not None and "qemu-system-x86_64" in qemu_missing()  # type: ignore[operator]
+    assert resolve_engine(load_config()) == "qemu"  # auto keeps today's default
     fake = tmp_path / "qemu-system-x86_64"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
+    assert qemu_missing() is None
     assert resolve_engine(load_config()) == "qemu"
-    assert resolve_engine(load_config(None, {"engine": "qemu"})) == "qemu"
+    assert resolve_engine(load_config(None, {"engine": "docker"})) == "docker"
+
+
+def test_docker_settings(tmp_path: Path) -> None:
+    config = load_config(None, {"data_dir": str(tmp_path), "docker.runtime": "runsc"})
+    assert config.docker.runtime == "runsc"
+    assert config.docker_root == tmp_path / "docker"
+    net = config.docker_network()
+    assert (net.bridge, net.subnet) == ("kilnd0", "10.213.1.0/24")
+    assert net.netns == config.network.netns
+    with pytest.raises(ConfigError, match="docker.runtime: must be one of runc, runsc"):
+        load_config(None, {"docker.runtime": "kata"})
+    with pytest.raises(ConfigError, match="docker"):
+        load_config(None, {"docker.subnet": "not-a-subnet"})
+    with pytest.raises(ConfigError, match="unknown configuration key 'docker.bridges'"):
+        load_config(None, {"docker.bridges": "x"})

@@ -286,10 +286,13 @@ def test_without_an_engine_the_api_answers_503(dirs: tuple[Path, Path]) -> None:
 def test_engine_auto_without_qemu_is_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on it
-    engine = build_engine(load_config(None, {"data_dir": str(tmp_path)}))
-    assert isinstance(engine, UnavailableEngine)
-    assert "qemu-system-x86_64" in engine.reason
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 (nor dockerd) on it
+    engines = build_engine(load_config(None, {"data_dir": str(tmp_path)}))
+    assert engines.name == "qemu"
+    available = engines.available()
+    assert "qemu-system-x86_64" in (available["qemu"] or "")
+    assert "dockerd is not installed" in (available["docker"] or "")
+    assert isinstance(engines.get("qemu"), UnavailableEngine)
 
 
 def test_address_in_use_is_a_clear_error() -> None:
@@ -337,6 +340,6 @@ def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
         pytest.skip("qemu-system-x86_64 is not installed")
     for templates, aslr in ((True, "auto"), (False, "off")):
         overrides = {"data_dir": str(tmp_path), "templates": templates, "guest_aslr": aslr}
-        engine = build_engine(load_config(None, overrides))
+        engine = build_engine(load_config(None, overrides)).get("qemu")
         assert isinstance(engine, QemuEngine)
         assert (engine.config.templates, engine.config.guest_aslr) == (templates, aslr)

@@ -25,6 +25,8 @@ SANDBOX_FIELDS = {
     "memory_mb",
     "keep_hot",
     "engine",
+    "runtime",
+    "capabilities",
     "image",
     "created_at",
     "last_active_at",
@@ -63,6 +65,8 @@ def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     assert (created["cpus"], created["memory_mb"], created["keep_hot"]) == (2, 256, True)
     assert created["engine"] == "fake" and created["image"] == "minimal"
     assert created["ip"]
+    assert created["runtime"] is None
+    assert created["capabilities"] == {"pause": True, "snapshots": True}
     for key in ("created_at", "last_active_at"):
         assert datetime.fromisoformat(str(created[key])).tzinfo is not None
 

@@ -230,7 +230,13 @@ def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
     conn = sqlite3.connect(store.path)
     (spec,) = conn.execute("SELECT spec FROM sandboxes WHERE id = ?", (sb.id,)).fetchone()
     conn.close()
-    assert json.loads(spec) == {"env": {"K": "V"}, "init": None, "volumes": [], "secrets": ["S"]}
+    assert json.loads(spec) == {
+        "env": {"K": "V"},
+        "init": None,
+        "volumes": [],
+        "secrets": ["S"],
+        "runtime": None,
+    }
 
 
 def test_closed_store_raises(tmp_path: Path) -> None:

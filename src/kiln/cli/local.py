@@ -46,10 +46,33 @@ def _config(config_path: Path | None, **overrides: object) -> Config:
 @click.command()
 @data_dir_option
 @click.option("--listen", metavar="HOST:PORT", help="Address to listen on [127.0.0.1:8080].")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "qemu", "docker"]),
+    help="The default engine for new sandboxes [auto: qemu]; both run side by side.",
+)
+@click.option(
+    "--runtime",
+    "docker_runtime",
+    type=click.Choice(["runc", "runsc"]),
+    help="The Docker engine's default runtime [runc].",
+)
 @config_option
-def serve(data_dir: Path | None, listen: str | None, config_path: Path | None) -> None:
+def serve(
+    data_dir: Path | None,
+    listen: str | None,
+    engine: str | None,
+    docker_runtime: str | None,
+    config_path: Path | None,
+) -> None:
     """Run the kiln daemon in the foreground."""
-    config = _config(config_path, data_dir=data_dir, listen=listen)
+    config = _config(
+        config_path,
+        data_dir=data_dir,
+        listen=listen,
+        engine=engine,
+        **{"docker.runtime": docker_runtime},
+    )
     from kiln.server import run  # noqa: PLC0415 - FastAPI is slow to import
 
     run(config)

@@ -13,10 +13,11 @@ allowed in which state, and what it leads to, is :mod:`.states`' table.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiln.agent_client import AgentClient
@@ -25,8 +26,15 @@ from .errors import InvalidSpec
 from .states import State, Status, Thermal
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+_HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9.-]")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
+
+
+def guest_hostname(name: str) -> str:
+    """A valid host name from a sandbox name (which may contain ``_``)."""
+    host = _HOSTNAME_BAD.sub("-", name).strip(".-")[:63]
+    return host or "sandbox"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,46 @@ class SandboxSpec:
     #: The engine's variant, where it has several (Docker: ``runc`` or ``runsc``); None:
     #: the engine's default.
     runtime: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able, for an engine's own records (:meth:`from_json` reads it back)."""
+        return {
+            "sandbox_id": self.sandbox_id,
+            "name": self.name,
+            "cpus": self.cpus,
+            "memory_mb": self.memory_mb,
+            "image": self.image,
+            "env": dict(self.env),
+            "files": [
+                {"path": f.path, "content": base64.b64encode(f.content).decode(), "mode": f.mode}
+                for f in self.files
+            ],
+            "init": self.init,
+            "volumes": [asdict(v) for v in self.volumes],
+            "keep_hot": self.keep_hot,
+            "engine": self.engine,
+            "runtime": self.runtime,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SandboxSpec:
+        return cls(
+            sandbox_id=str(data["sandbox_id"]),
+            name=str(data["name"]),
+            cpus=int(data.get("cpus", 1)),
+            memory_mb=int(data.get("memory_mb", 512)),
+            image=str(data.get("image", "minimal")),
+            env=dict(data.get("env") or {}),
+            files=tuple(
+                FileSpec(f["path"], base64.b64decode(f["content"]), int(f.get("mode", 0o644)))
+                for f in data.get("files") or []
+            ),
+            init=data.get("init"),
+            volumes=tuple(VolumeSpec(**v) for v in data.get("volumes") or []),
+            keep_hot=bool(data.get("keep_hot", False)),
+            engine=data.get("engine"),
+            runtime=data.get("runtime"),
+        )
 
     def validate(self) -> None:
         """Reject a bad spec with a clear message before any resource is touched."""

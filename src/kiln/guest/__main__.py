@@ -7,6 +7,12 @@ process's writes too, measured at 16 ms per exec on a busy shared host)::
 
     python -m kiln.guest --test-mode --socket-dir DIR [--token TOKEN] [--config JSON]
 
+Container mode (``--container``, the Docker engine): PID 1 of a container whose
+runtime did the machine's set-up; TCP 1024/1025 like a VM, config from
+``--config``, no power-off (see :mod:`kiln.guest.container`)::
+
+    python3 /usr/lib/kiln/agent.pyz --container --config /run/kiln/config.json
+
 VM mode (the default): TCP 1024 (control) and 1025 (forward) on 0.0.0.0; as
 PID 1 it first does the boot duties of :mod:`kiln.guest.pid1` and powers the
 machine off when it stops.
@@ -21,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .agent import CONTROL_PORT, FORWARD_PORT, Agent, ClockSetter, Listen
@@ -38,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-mode",
         action="store_true",
         help="serve Unix sockets in --socket-dir as a plain process (no PID 1 duties)",
+    )
+    p.add_argument(
+        "--container",
+        action="store_true",
+        help="PID 1 of a container: serve TCP, set up the user and files, no VM duties",
     )
     p.add_argument("--socket-dir", type=Path, help="test mode: where control.sock/forward.sock go")
     p.add_argument("--token", help="require AUTH with this token (default: the config's token)")
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.test_mode:
             return _run_test_mode(args)
+        if args.container:
+            return _run_container(args)
         return _run_vm(args)
     except GuestError as exc:
         log.error("%s", exc)
@@ -143,6 +157,24 @@ def _become_subreaper_if_asked(args: argparse.Namespace) -> None:
         from .process import become_subreaper  # noqa: PLC0415
 
         become_subreaper()
+
+
+def _run_container(args: argparse.Namespace) -> int:
+    from . import container  # noqa: PLC0415
+
+    config = GuestConfig.load(args.config) if args.config else GuestConfig()
+    first = container.first_start()
+    container.boot(config, first=first)
+    if not first:
+        config = replace(config, init=None)  # ran at the first start; its files are kept
+    # Writes land in the host's page cache the moment they are made: nothing
+    # snapshots a disk under us, and sync() here would flush the whole host.
+    if args.sync is None:
+        args.sync = False
+    agent = _vm_agent(args, config, reap_orphans=True, clock=None, host_closes_first=True)
+    container.mark_started()
+    asyncio.run(agent.run())
+    return 0
 
 
 def _run_vm(args: argparse.Namespace) -> int:
@@ -195,6 +227,7 @@ def _vm_agent(
     reap_orphans: bool,
     clock: ClockSetter | None,
     prepared: Prepared | None = None,
+    host_closes_first: bool = False,
 ) -> Agent:
     try:
         user = UserInfo.lookup(config.user)
@@ -203,6 +236,7 @@ def _vm_agent(
         user = UserInfo.current()
     workdir = VM_WORKDIR if os.path.isdir(VM_WORKDIR) else os.getcwd()
     settings = _settings(args, config, test_mode=False, user=user, workdir=workdir)
+    settings = replace(settings, host_closes_first=host_closes_first)
     listen = Listen(
         host=args.listen_host, control_port=args.control_port, forward_port=args.forward_port
     )

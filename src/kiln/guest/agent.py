@@ -214,7 +214,10 @@ class Agent:
             self._connections.add(task)
             conn = FrameStream(reader, writer)
             try:
-                if not await self._guarded(conn, handler):
+                at_once = await self._guarded(conn, handler)
+                if self.settings.host_closes_first:
+                    await _await_host_close(conn)
+                elif not at_once:
                     await _linger(conn)
             finally:
                 self._connections.discard(task)
@@ -388,6 +391,21 @@ def _listening_unix_socket(path: Path) -> socket.socket:
             temp.unlink()
         raise
     return sock
+
+
+async def _await_host_close(conn: FrameStream) -> None:
+    """Read (and drop) what the host still sends until it closes, bounded: the host
+    closes as soon as it has the final frame, so its FIN comes before ours."""
+    writer = conn.writer
+    if writer.is_closing():
+        return
+    try:
+        async with asyncio.timeout(ERROR_LINGER):
+            await writer.drain()
+            while await conn.reader.read(1 << 16):
+                pass
+    except (TimeoutError, OSError):
+        pass
 
 
 async def _linger(conn: FrameStream) -> None:

@@ -22,7 +22,8 @@ session).
       "session_idle_timeout": 3600,
       "aslr": false,
       "clock_ns": 1763700000000000000,
-      "seed": "<base64>"
+      "seed": "<base64>",
+      "user_dirs": ["/data"]
     }
 
 ``clock_ns`` (the host's time when it wrote the drive) and ``seed`` (random
@@ -104,6 +105,8 @@ class GuestConfig:
     seed: bytes | None = None
     #: Address space randomization for the guest's processes (None: kernel default).
     aslr: bool | None = None
+    #: Directories the sandbox user owns, made at every start (a container's volumes).
+    user_dirs: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any) -> GuestConfig:
@@ -135,6 +138,9 @@ class GuestConfig:
             clock_ns=_clock_ns(data.get("clock_ns")),
             seed=_seed(data.get("seed")),
             aslr=_opt_bool(data, "aslr"),
+            user_dirs=tuple(
+                _abs_path(f"user_dirs[{i}]", d) for i, d in enumerate(_list(data, "user_dirs"))
+            ),
         )
 
     @classmethod

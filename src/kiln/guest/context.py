@@ -74,6 +74,10 @@ class Settings:
     #: written file and its directory. What a host snapshot right after needs;
     #: off in test mode, where nothing snapshots the disk.
     durable: bool = True
+    #: Close a connection only after the host has closed its side, so the TCP
+    #: TIME_WAIT is the host's, never ours. gVisor (2022) refuses to checkpoint a
+    #: sandbox with any connection in TIME_WAIT, for 60 s after each request.
+    host_closes_first: bool = False
 
 
 class Syncer:

@@ -28,24 +28,22 @@ progress in the daemon's log.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 import yaml
 
-from kiln.agent_client import AgentClient
-from kiln.config import Config, local_url, resolve_engine
-from kiln.engine.base import Engine, SandboxInfo, SandboxSpec, Thermal
-from kiln.engine.errors import EngineError, EngineUnavailable, SandboxNotFound
+from kiln.config import Config, local_url, qemu_missing, resolve_engine
+from kiln.engine.base import Engine, SandboxSpec, Thermal
+from kiln.engine.errors import EngineError, EngineUnavailable
+from kiln.engine.router import Engines, Unavailable
 from kiln.recovery import recover
 from kiln.store import NotFound, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
@@ -68,91 +66,60 @@ class DaemonError(Exception):
 # ------------------------------------------------------------------ engine
 
 
-class UnavailableEngine:
-    """Stands in when no engine can run here: sandbox operations answer 503."""
-
-    name = "none"
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def _no(self) -> EngineUnavailable:
-        return EngineUnavailable(self.reason)
-
-    async def create(self, spec: SandboxSpec) -> SandboxInfo:
-        raise self._no()
-
-    async def destroy(self, sandbox_id: str) -> None:
-        raise self._no()
-
-    async def stop(self, sandbox_id: str) -> SandboxInfo:
-        raise self._no()
-
-    async def start(self, sandbox_id: str) -> SandboxInfo:
-        raise self._no()
-
-    async def pause(self, sandbox_id: str) -> None:
-        raise self._no()
-
-    async def resume(self, sandbox_id: str) -> None:
-        raise self._no()
-
-    async def ensure_hot(self, sandbox_id: str) -> None:
-        raise self._no()
-
-    def thermal(self, sandbox_id: str) -> Thermal:
-        raise SandboxNotFound(sandbox_id)
-
-    def info(self, sandbox_id: str) -> SandboxInfo:
-        raise SandboxNotFound(sandbox_id)
-
-    def list(self) -> list[SandboxInfo]:
-        return []
-
-    async def agent(self, sandbox_id: str) -> AgentClient:
-        raise self._no()
-
-    def export_state(self, sandbox_id: str) -> dict[str, Any]:
-        raise SandboxNotFound(sandbox_id)
-
-    async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
-        raise self._no()
-
-    async def prepare(self, spec: SandboxSpec) -> None:
-        return None
-
-    async def cleanup_orphans(self) -> builtins.list[str]:
-        return []
-
-    async def delete_volume(self, volume_id: str) -> None:
-        raise self._no()
-
-    async def close(self) -> None:
-        return None
+#: Stands in when an engine cannot run here: its sandbox operations answer 503.
+UnavailableEngine = Unavailable
 
 
-def build_engine(config: Config) -> Engine:
-    """The engine ``config`` asks for; an :class:`UnavailableEngine` if none can run."""
-    name = resolve_engine(config)
-    if name == "qemu":
-        from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415 -- only when used
+def build_engine(config: Config) -> Engines:
+    """Every engine kiln has, each one either ready to use or :class:`Unavailable` with
+    the reason; creates go to ``config``'s default unless they name another."""
+    return Engines({"qemu": _qemu(config), "docker": _docker(config)}, resolve_engine(config))
 
-        try:
-            qemu_config = QemuConfig(
-                data_dir=config.data_dir / "qemu",
-                volumes_dir=config.volumes_dir,
-                image_dir=config.image_dir,
-                network=config.network,
-                accel=config.accel,
-                templates=config.templates,
-                guest_aslr=config.guest_aslr,
-            )
-        except EngineUnavailable as exc:
-            return UnavailableEngine(f"QEMU engine: {exc}")
-        return QemuEngine(qemu_config)
-    return UnavailableEngine(
-        "no sandbox engine can run here: qemu-system-x86_64 is not installed "
-        "(apt-get install qemu-system-x86)"
+
+def _qemu(config: Config) -> Engine:
+    missing = qemu_missing()
+    if missing is not None:
+        return Unavailable(f"no QEMU engine here: {missing}", "qemu")
+    from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415 -- only when used
+
+    try:
+        qemu_config = QemuConfig(
+            data_dir=config.data_dir / "qemu",
+            volumes_dir=config.volumes_dir,
+            image_dir=config.image_dir,
+            network=config.network,
+            accel=config.accel,
+            templates=config.templates,
+            guest_aslr=config.guest_aslr,
+        )
+    except EngineUnavailable as exc:
+        return Unavailable(f"QEMU engine: {exc}", "qemu")
+    return QemuEngine(qemu_config)
+
+
+def _docker(config: Config) -> Engine:
+    from kiln.engine.docker import DockerdConfig  # noqa: PLC0415 -- only when used
+    from kiln.engine.docker.engine import (  # noqa: PLC0415
+        DockerEngine,
+        DockerEngineConfig,
+        unavailable_reason,
+    )
+
+    missing = unavailable_reason()
+    if missing is not None:
+        return Unavailable(f"no Docker engine here: {missing}", "docker")
+    try:
+        dockerd = DockerdConfig(root=config.docker_root, netns=config.network.netns)
+    except ValueError as exc:
+        return Unavailable(f"Docker engine: {exc} (set docker.root)", "docker")
+    return DockerEngine(
+        DockerEngineConfig(
+            state_dir=config.data_dir / "docker-engine",
+            dockerd=dockerd,
+            network=config.docker_network(),
+            runtime=config.docker.runtime,
+            image_dir=config.image_dir,
+        )
     )
 
 
@@ -308,6 +275,7 @@ async def serve(
         bootstrap_admin(store, config, url)
         if engine is None:
             engine = build_engine(config)
+            await _check_default_engine(engine)
         await _recover(store, engine)
         await _run(
             config=config,
@@ -331,12 +299,32 @@ async def serve(
         log.info("daemon stopped")
 
 
+async def _check_default_engine(engines: Engines) -> None:
+    """Refuse to start when the default engine cannot run (``kiln serve`` says why)."""
+    default = engines.get(engines.name)
+    if isinstance(default, Unavailable):
+        if engines.name == "qemu":
+            return  # today's default: the daemon still serves everything else (503s)
+        raise DaemonError(default.reason)
+    from kiln.engine.docker.engine import DockerEngine  # noqa: PLC0415
+
+    if isinstance(default, DockerEngine):
+        try:
+            await default.ready()
+        except EngineError as exc:
+            raise DaemonError(
+                f"{exc}\nThe Docker engine needs dockerd and containerd (Debian: apt-get install"
+                " docker.io, which scripts/bootstrap does); kiln starts its own private dockerd"
+                f" under {default.config.dockerd.root}. Or run with --engine qemu."
+            ) from exc
+
+
 def _save_states(store: Store, engine: Engine) -> None:
     """Store every sandbox's latest engine state, for the next start's recovery."""
-    if isinstance(engine, UnavailableEngine):
+    if isinstance(engine, Unavailable):
         return
     try:
-        rows = store.list_live_sandboxes(engine.name)
+        rows = store.list_live_sandboxes()
     except StoreError as exc:
         log.warning("cannot list sandboxes to save their state: %s", exc)
         return
@@ -348,10 +336,15 @@ def _save_states(store: Store, engine: Engine) -> None:
 
 
 async def _recover(store: Store, engine: Engine) -> None:
-    if isinstance(engine, UnavailableEngine):
+    if isinstance(engine, Unavailable):
         log.warning("engine unavailable: %s", engine.reason)
         return
-    report = await recover(store, engine)
+    names = engine.names if isinstance(engine, Engines) else (engine.name,)
+    if isinstance(engine, Engines):
+        for reason in engine.available().values():
+            if reason is not None:
+                log.warning("%s", reason)
+    report = await recover(store, engine, engine_names=names)
     for failed in report.failed:
         log.warning("recovery of sandbox %s: %s", failed.sandbox_id, failed.error)
     try:
@@ -373,13 +366,16 @@ async def _run(
     ready: Callable[[str], None] | None,
     build_images: bool,
 ) -> None:
-    available = not isinstance(engine, UnavailableEngine)
+    if isinstance(engine, Engines):
+        available = any(reason is None for reason in engine.available().values())
+    else:
+        available = not isinstance(engine, Unavailable)
     thermal = None
     if available:
         t = config.thermal
         thermal = ThermalManager(
             engine,
-            sandboxes=lambda: store.list_live_sandboxes(engine.name),
+            sandboxes=store.list_live_sandboxes,
             policy=ThermalPolicy(
                 hot_to_warm_s=t.hot_to_warm_s, warm_to_cold_s=t.warm_to_cold_s, tick_s=t.tick_s
             ),

@@ -146,6 +146,8 @@ class CreateSandbox(_Body):
     labels: Labels | None = None
     ttl_s: TtlS | None = None  # None: no expiry
     on_expire: OnExpireName | None = None  # None: destroy
+    engine: Literal["qemu", "docker"] | None = None  # None: the daemon's default
+    runtime: Literal["runc", "runsc"] | None = None  # docker only; None: its default
 
 
 class PatchSandbox(_Body):

@@ -31,6 +31,7 @@ from kiln.config import Config
 from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
 from kiln.engine.errors import EngineError, SandboxNotFound
 from kiln.engine.ports import listening_ports
+from kiln.engine.router import Engines
 from kiln.engine.states import (
     CREATED,
     Action,
@@ -115,11 +116,14 @@ class Services:
         self.publishing = PublishService(self)
 
     def health(self) -> dict[str, Any]:
+        engines = self.engine.available() if isinstance(self.engine, Engines) else {}
         return {
             "status": "ok",
             "sandboxes": self.store.count_sandboxes(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "engine": self.engine_name,
+            # Each engine: "ok", or why it cannot run here.
+            "engines": {name: reason or "ok" for name, reason in engines.items()},
         }
 
 
@@ -215,13 +219,21 @@ class SandboxService:
             return _stored(sb)
         return observed(_stored(sb), info.state)
 
+    def _snapshots(self, sb: SandboxRow) -> bool:
+        """Whether its engine can snapshot it (else a stop keeps files, not processes)."""
+        try:
+            return self.engine.info(sb.id).capabilities.snapshots
+        except EngineError:
+            return True
+
     def _plan(self, op: Op, sb: SandboxRow) -> Transition:
         """``op``'s transition from the sandbox's state now; raises if it is not allowed."""
-        return plan(op, self._state(sb), sb.name)
+        return plan(op, self._state(sb), sb.name, snapshots=self._snapshots(sb))
 
     def view(self, sb: SandboxRow) -> dict[str, Any]:
         """The API's sandbox object. Reads the engine's live state; never wakes anything."""
         state, ip = _stored(sb), sb.ip
+        runtime, capabilities = sb.config.runtime, None
         lock = self._locks.get(sb.id)
         # Mid-transition (create, stop, start, wake) the engine's answer is in flux;
         # the stored state is what the API reports until the transition is done.
@@ -233,6 +245,11 @@ class SandboxService:
             else:
                 state = observed(state, info.state)
                 ip = info.ip or ip
+                runtime = info.runtime or runtime
+                capabilities = {
+                    "pause": info.capabilities.pause,
+                    "snapshots": info.capabilities.snapshots,
+                }
         last = sb.last_active_at
         active = self._active.get(sb.id)
         if active is not None and active > last:
@@ -247,6 +264,9 @@ class SandboxService:
             "memory_mb": sb.memory_mb,
             "keep_hot": sb.keep_hot,
             "engine": sb.engine,
+            "runtime": runtime,
+            # What its engine can do: without snapshots a stop keeps files, not processes.
+            "capabilities": capabilities,
             "image": sb.image,
             "created_at": rfc3339(sb.created_at),
             "last_active_at": rfc3339(last),
@@ -288,6 +308,11 @@ class SandboxService:
         mounts += [VolumeMount(v.name, v.mount) for v in new_volumes]
         _check_mounts(mounts)
 
+        engine = body.engine or s.engine_name
+        if body.runtime is not None and engine != "docker":
+            raise Unprocessable(
+                f"runtime: only the docker engine has runtimes (this sandbox's engine is {engine})"
+            )
         # Cheap checks first, so nobody waits for an image build to hear "no".
         self.store.check_quota(user, cpus, memory_mb)
         name = body.name
@@ -310,12 +335,18 @@ class SandboxService:
         row = self.store.create_sandbox(
             user.id,
             image=image,
-            engine=s.engine_name,
+            engine=engine,
             name=body.name,
             cpus=cpus,
             memory_mb=memory_mb,
             keep_hot=bool(body.keep_hot),
-            config=SandboxConfig(env=env, init=init, volumes=tuple(mounts), secrets=secret_names),
+            config=SandboxConfig(
+                env=env,
+                init=init,
+                volumes=tuple(mounts),
+                secrets=secret_names,
+                runtime=body.runtime,
+            ),
             new_volumes=[
                 NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
             ],
@@ -337,6 +368,8 @@ class SandboxService:
             init=init,
             volumes=tuple(s.volumes.engine_spec(attached[m.name], m.mount) for m in mounts),
             keep_hot=bool(body.keep_hot),
+            engine=engine,
+            runtime=body.runtime,
         )
         self._creating.add(sandbox_id)
         try:
@@ -484,7 +517,7 @@ class SandboxService:
         async with self._lock(sb.id):
             sb = self.store.get_sandbox(sb.id)  # 404 if deleted while we waited
             before = self._state(sb)
-            step = plan(Op.ENSURE_HOT, before, sb.name)
+            step = plan(Op.ENSURE_HOT, before, sb.name, snapshots=self._snapshots(sb))
             if step.action.new_machine:
                 # Whatever was connected to the sandbox before is gone with its memory.
                 await self._reset(sb.id)

@@ -117,6 +117,7 @@ class SandboxConfig:
     init: str | None = None
     volumes: tuple[VolumeMount, ...] = ()
     secrets: tuple[str, ...] = ()  # names only; values are looked up at boot
+    runtime: str | None = None  # the engine's variant (Docker: runc or runsc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +284,7 @@ def config_to_json(config: SandboxConfig) -> str:
             "init": _as_opt_str(config.init, "init"),
             "volumes": _mounts_to_json(config.volumes),
             "secrets": [_as_str(s, "secrets") for s in config.secrets],
+            "runtime": _as_opt_str(config.runtime, "runtime"),
         },
         "sandbox config",
     )
@@ -297,6 +299,7 @@ def config_from_json(text: str) -> SandboxConfig:
         init=_as_opt_str(data.get("init"), "init"),
         volumes=_mounts_from_json(data.get("volumes", []), "volumes"),
         secrets=tuple(_as_str(s, "secrets") for s in _as_list(data.get("secrets", []), "secrets")),
+        runtime=_as_opt_str(data.get("runtime"), "runtime"),
     )
 
 

@@ -169,13 +169,14 @@ class ThermalManager:
             if row.status is not Status.RUNNING:
                 continue  # stopped, errored, unknown: never the manager's business
             try:
-                thermal = self.engine.thermal(row.id)
+                info = self.engine.info(row.id)
             except Exception as exc:  # EngineError, or an engine bug: this sandbox only
                 if row.id not in self._unavailable:  # once, not every tick
                     log.warning("thermal: no state for sandbox %s: %s", row.id, exc)
                     self._unavailable.add(row.id)
                 continue
             self._unavailable.discard(row.id)
+            thermal = info.thermal
             seen = self._seen.get(row.id)
             if seen is None or seen[0] is not thermal:
                 seen = self._seen[row.id] = (thermal, now)
@@ -188,6 +189,7 @@ class ThermalManager:
                     keep_hot=row.keep_hot,
                     state_since=seen[1],
                     host_activity=host,
+                    capabilities=info.capabilities,
                 )
             )
 

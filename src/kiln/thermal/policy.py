@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.engine.base import Status, Thermal
+from kiln.engine.base import VM_CAPABILITIES, Capabilities, Status, Thermal
 from kiln.protocol import ActivityInfo
 
 
@@ -62,6 +62,9 @@ class SandboxView:
     state_since: float  # when it was seen entering its current thermal state
     host_activity: float | None = None  # last host-side API activity (unix s)
     agent: ActivityInfo | None = None  # the agent's report from this tick, if asked
+    #: What its engine can do with it: no warm step without pause, no cold step
+    #: without snapshots (e.g. a container: its processes would end).
+    capabilities: Capabilities = VM_CAPABILITIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +98,9 @@ def idle_since(view: SandboxView) -> float:
 
 
 def needs_agent_query(now: float, view: SandboxView, policy: ThermalPolicy) -> bool:
-    """Ask the agent only about hot sandboxes (never wake one to ask) not recently used."""
-    if not eligible(view) or view.thermal is not Thermal.HOT:
+    """Ask the agent only about hot sandboxes (never wake one to ask) not recently used,
+    and only if it can be paused."""
+    if not eligible(view) or view.thermal is not Thermal.HOT or not view.capabilities.pause:
         return False
     host_side = view.state_since
     if view.host_activity is not None:
@@ -113,8 +117,12 @@ def decide(now: float, views: list[SandboxView], policy: ThermalPolicy) -> list[
         if view.thermal is Thermal.HOT:
             if view.agent is None or view.agent.attached_sessions > 0:
                 continue
-            if idle >= policy.hot_to_warm_s:
+            if idle >= policy.hot_to_warm_s and view.capabilities.pause:
                 actions.append(Pause(view.id))
-        elif view.thermal is Thermal.WARM and idle >= policy.warm_to_cold_s:
+        elif (
+            view.thermal is Thermal.WARM
+            and idle >= policy.warm_to_cold_s
+            and view.capabilities.snapshots
+        ):
             actions.append(Stop(view.id))
     return actions

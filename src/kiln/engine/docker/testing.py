@@ -28,18 +28,15 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker.errors
-
 from kiln.network import Network, NetworkConfig
 
+from . import checkpoints
 from .config import DockerdConfig
 from .daemon import Dockerd
-from .runsc import clear_checkpointed_state, runsc_root
 
 #: The default bridge and subnet of :func:`private_dockerd` (inside its own namespace).
 BRIDGE = "kd-br0"
@@ -118,39 +115,14 @@ def import_rootfs(client: Any, tar: bytes, tag: str) -> str:
     return tag
 
 
-def _post(client: Any, path: str, **kwargs: Any) -> None:
-    """POST to an Engine API path the SDK has no method for; APIError on failure."""
-    url = f"{client.api.base_url}/v{client.api.api_version}{path}"
-    response = client.api.post(url, **kwargs)
-    if response.status_code >= 400:
-        raise docker.errors.APIError(
-            f"{response.status_code} {response.reason} for POST {path}",
-            response=response,
-            explanation=response.text.strip(),
-        )
-
-
 def checkpoint(client: Any, dockerd: Dockerd, container_id: str, name: str) -> None:
-    """``docker checkpoint create`` (experimental daemons; runsc) and wait until the
-    container has exited; then clear runsc's stale state so it can be restored
-    again (see :func:`~.runsc.clear_checkpointed_state`)."""
-    # "Exit" defaults to false in the API (the CLI sends true); leaving a runsc
-    # sandbox running panics runsc 2022 ("invalid state transition: paused => stopped").
-    body = {"CheckpointID": name, "Exit": True}
-    _post(client, f"/containers/{container_id}/checkpoints", json=body)
-    deadline = time.monotonic() + 30
-    while client.api.inspect_container(container_id)["State"]["Running"]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"container {container_id} still runs after its checkpoint")
-        time.sleep(0.005)  # the exit event may trail the API's answer
-    runsc = None if dockerd.config.runsc is None else shutil.which(dockerd.config.runsc)
-    if runsc is not None:
-        clear_checkpointed_state(runsc, runsc_root(dockerd.config.exec_root), container_id)
+    """``docker checkpoint create`` (experimental daemons; runsc), made repeatable."""
+    checkpoints.checkpoint(client, dockerd.config, container_id, name)
 
 
 def start_from_checkpoint(client: Any, container_id: str, name: str) -> None:
     """``docker start --checkpoint NAME``."""
-    _post(client, f"/containers/{container_id}/start", params={"checkpoint": name})
+    checkpoints.start_from_checkpoint(client, container_id, name)
 
 
 def _ip(*args: str) -> None:

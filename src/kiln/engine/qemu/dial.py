@@ -1,19 +1,5 @@
-"""Dialing a guest agent from the daemon's namespace into the sandbox network's."""
+"""Dialing a guest agent: engine-neutral, in :mod:`kiln.engine.dial`."""
 
-from __future__ import annotations
+from kiln.engine.dial import agent_dialer
 
-import socket
-
-from kiln.agent_client import Dialer, tcp_dialer
-from kiln.network import connect_in
-
-
-def agent_dialer(netns: str | None, host: str, port: int, timeout: float) -> Dialer:
-    """A :data:`~kiln.agent_client.Dialer` for ``host:port`` as seen from ``netns``."""
-    if netns is None:
-        return tcp_dialer(host, port)
-
-    async def dial() -> socket.socket:
-        return await connect_in(netns, host, port, timeout)
-
-    return dial
+__all__ = ["agent_dialer"]

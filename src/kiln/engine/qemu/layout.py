@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..base import FileSpec, SandboxSpec, VolumeSpec
+from ..base import SandboxSpec, guest_hostname
 from .argv import Drive
 
 RECORD_VERSION: Final = 1
-_HOSTNAME_BAD: Final = re.compile(r"[^A-Za-z0-9.-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,39 +90,11 @@ class Paths:
 
 
 def spec_to_json(spec: SandboxSpec) -> dict[str, Any]:
-    return {
-        "sandbox_id": spec.sandbox_id,
-        "name": spec.name,
-        "cpus": spec.cpus,
-        "memory_mb": spec.memory_mb,
-        "image": spec.image,
-        "env": dict(spec.env),
-        "files": [
-            {"path": f.path, "content": base64.b64encode(f.content).decode(), "mode": f.mode}
-            for f in spec.files
-        ],
-        "init": spec.init,
-        "volumes": [asdict(v) for v in spec.volumes],
-        "keep_hot": spec.keep_hot,
-    }
+    return spec.to_json()
 
 
 def spec_from_json(data: dict[str, Any]) -> SandboxSpec:
-    return SandboxSpec(
-        sandbox_id=str(data["sandbox_id"]),
-        name=str(data["name"]),
-        cpus=int(data.get("cpus", 1)),
-        memory_mb=int(data.get("memory_mb", 512)),
-        image=str(data.get("image", "minimal")),
-        env=dict(data.get("env") or {}),
-        files=tuple(
-            FileSpec(f["path"], base64.b64decode(f["content"]), int(f.get("mode", 0o644)))
-            for f in data.get("files") or []
-        ),
-        init=data.get("init"),
-        volumes=tuple(VolumeSpec(**v) for v in data.get("volumes") or []),
-        keep_hot=bool(data.get("keep_hot", False)),
-    )
+    return SandboxSpec.from_json(data)
 
 
 @dataclass(slots=True)
@@ -187,12 +157,6 @@ class Record:
     @classmethod
     def load(cls, path: Path) -> Record:
         return cls.from_json(json.loads(path.read_text()))
-
-
-def guest_hostname(name: str) -> str:
-    """A valid host name from a sandbox name (which may contain ``_``)."""
-    host = _HOSTNAME_BAD.sub("-", name).strip(".-")[:63]
-    return host or "sandbox"
 
 
 def guest_config(
