@@ -141,9 +141,9 @@ def test_docker_settings(tmp_path: Path) -> None:
     net = config.docker_network()
     assert (net.bridge, net.subnet) == ("kilnd0", "10.213.1.0/24")
     assert net.netns == config.network.netns
-    with pytest.raises(ConfigError, match="docker.runtime: must be one of runc, runsc"):
+    with pytest.raises(ConfigError, match=r"docker\.runtime: must be one of runc, runsc"):
         load_config(None, {"docker.runtime": "kata"})
     with pytest.raises(ConfigError, match="docker"):
         load_config(None, {"docker.subnet": "not-a-subnet"})
-    with pytest.raises(ConfigError, match="unknown configuration key 'docker.bridges'"):
+    with pytest.raises(ConfigError, match=r"unknown configuration key 'docker\.bridges'"):
         load_config(None, {"docker.bridges": "x"})
