@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -77,7 +78,7 @@ from kiln.network import IPPool, Network, NetworkConfig, NetworkError
 
 from . import images
 from .config import DockerdConfig
-from .daemon import Dockerd
+from .daemon import Dockerd, probe, sdk_client
 from .errors import DockerdError
 from .host import is_zombie
 from .record import (
@@ -85,6 +86,7 @@ from .record import (
     GUEST_AGENT,
     GUEST_CONFIG,
     LABEL,
+    OWNER_LABEL,
     VOLUME_LABEL,
     Record,
     container_name,
@@ -97,8 +99,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "docker"
 RUNTIMES = ("runc", "runsc")
-#: The Docker network (a bridge network on kiln's own bridge) every sandbox joins.
-NETWORK_NAME = "kiln"
 #: What each runtime can do (see the module docstring).
 CAPABILITIES = {
     "runc": Capabilities(pause=True, snapshots=False),
@@ -139,6 +139,16 @@ class DockerEngineConfig:
     @property
     def sandboxes_dir(self) -> Path:
         return self.state_dir / "sandboxes"
+
+    @property
+    def network_name(self) -> str:
+        """The Docker network (a bridge network on kiln's own bridge) its sandboxes join."""
+        return f"kiln-{self.network.bridge}"
+
+    @property
+    def owner(self) -> str:
+        """Labels what this engine made, so another kiln sharing the dockerd keeps its own."""
+        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
 
 
 @dataclass(eq=False)
@@ -233,6 +243,27 @@ class DockerEngine:
         create; EngineUnavailable says why it cannot run."""
         await self._ensure_ready()
 
+    async def docker_client(self) -> Any:
+        """The docker SDK client of the engine's dockerd (started if need be)."""
+        return await self._ensure_ready()
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        """``docker inspect`` of the sandbox's container."""
+        box = self._get(sandbox_id)
+        client = await self._ensure_ready()
+        with _docker_errors(f"inspecting the container of {sandbox_id}"):
+            attrs: dict[str, Any] = await asyncio.to_thread(
+                client.api.inspect_container, box.record.container
+            )
+        return attrs
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop the sandbox from memory only, its container and files left as they are:
+        what a daemon crash loses (for recovery and orphan tests)."""
+        box = self._boxes.pop(sandbox_id, None)
+        if box is not None:
+            self._pool.release(box.record.ip)
+
     def _never_used(self) -> bool:
         """No dockerd of ours has ever run here: it holds nothing to clean up or delete."""
         return self._client is None and not self.config.dockerd.data_root.exists()
@@ -254,11 +285,11 @@ class DockerEngine:
             if self.config.start_dockerd:
                 info = self._dockerd.start()
                 client = self._dockerd.client()
+                how = "adopted" if self._dockerd.adopted else "started"
             else:
-                from .daemon import probe, sdk_client  # noqa: PLC0415
-
                 info = probe(self.config.dockerd.url)
                 client = sdk_client(self.config.dockerd.url)
+                how = "shared"
         except DockerdError as exc:
             raise EngineUnavailable(f"Docker engine: {exc}") from exc
         self._runtimes = tuple(r for r in RUNTIMES if r in info.runtimes)
@@ -267,7 +298,7 @@ class DockerEngine:
         log.info(
             "Docker engine ready: dockerd %s (%s), runtimes %s",
             info.version,
-            "adopted" if self._dockerd.adopted else "started",
+            how,
             ", ".join(self._runtimes),
         )
         return client
@@ -277,16 +308,17 @@ class DockerEngine:
         net = self.config.network
         subnet = str(self._pool.subnet)
         gateway = str(next(self._pool.subnet.hosts()))
-        for existing in client.networks.list(names=[NETWORK_NAME]):
+        name = self.config.network_name
+        for existing in client.networks.list(names=[name]):
             attrs = existing.attrs
             pools = (attrs.get("IPAM") or {}).get("Config") or []
             bridge = (attrs.get("Options") or {}).get("com.docker.network.bridge.name")
             if bridge == net.bridge and any(p.get("Subnet") == subnet for p in pools):
                 return
-            log.info("Docker network %s is for another bridge or subnet: re-creating", NETWORK_NAME)
+            log.info("Docker network %s is for another bridge or subnet: re-creating", name)
             existing.remove()
         client.networks.create(
-            NETWORK_NAME,
+            name,
             driver="bridge",
             options={"com.docker.network.bridge.name": net.bridge},
             ipam=docker.types.IPAMConfig(
@@ -514,9 +546,9 @@ class DockerEngine:
             command=["/usr/bin/python3", GUEST_AGENT, "--container", "--config", GUEST_CONFIG],
             name=record.container,
             hostname=guest_hostname(spec.name),
-            labels={LABEL: record.sandbox_id},
+            labels={LABEL: record.sandbox_id, OWNER_LABEL: self.config.owner},
             host_config=host_config,
-            networking_config=api.create_networking_config({NETWORK_NAME: endpoint}),
+            networking_config=api.create_networking_config({self.config.network_name: endpoint}),
             stop_signal="SIGTERM",
         )
 
@@ -750,7 +782,9 @@ class DockerEngine:
         removed: builtins.list[str] = []
         with _docker_errors("listing containers"):
             containers = await asyncio.to_thread(
-                client.api.containers, all=True, filters={"label": LABEL}
+                client.api.containers,
+                all=True,
+                filters={"label": [LABEL, f"{OWNER_LABEL}={self.config.owner}"]},
             )
         for c in containers:
             sid = (c.get("Labels") or {}).get(LABEL, "")

@@ -35,14 +35,13 @@ def ensure_image(
         pass
     if not base.is_dir():
         raise DockerdError(f"no base tree at {base}: run python -m kiln.images ensure")
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         ["tar", "--numeric-owner", "--xattrs", "-C", str(base), "-cf", "-", "."],
         stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    repo, _, tag = ref.partition(":")
-    client.api.import_image(src=proc.stdout, repository=repo, tag=tag)
-    proc.wait()
+    ) as proc:
+        assert proc.stdout is not None
+        repo, _, tag = ref.partition(":")
+        client.api.import_image(src=proc.stdout, repository=repo, tag=tag)
     return ref
 
 

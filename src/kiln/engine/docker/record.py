@@ -26,6 +26,7 @@ GUEST_CONFIG = "/run/kiln/config.json"
 GUEST_AGENT = "/usr/lib/kiln/agent.pyz"
 #: Label on everything the engine makes in its dockerd (containers, volumes).
 LABEL = "io.kiln.sandbox"
+OWNER_LABEL = "io.kiln.owner"
 VOLUME_LABEL = "io.kiln.volume"
 
 

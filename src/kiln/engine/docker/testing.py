@@ -6,6 +6,7 @@
                                      it torn down afterwards whatever happened
     busybox_rootfs_tar()             a rootfs tarball made from the host's static busybox
     import_rootfs(client, tar, tag)  ``docker import`` of a rootfs tarball
+    engine_config(state, dockerd, ...) a Docker engine on such a dockerd, with its own bridge
     checkpoint(client, dockerd, id, name)  ``docker checkpoint create``, made repeatable (runsc)
     start_from_checkpoint(...)       ``docker start --checkpoint`` (the SDK has neither)
 
@@ -37,6 +38,7 @@ from kiln.network import Network, NetworkConfig
 from . import checkpoints
 from .config import DockerdConfig
 from .daemon import Dockerd
+from .engine import DockerEngineConfig
 
 #: The default bridge and subnet of :func:`private_dockerd` (inside its own namespace).
 BRIDGE = "kd-br0"
@@ -167,3 +169,25 @@ def private_dockerd(
                 dockerd.stop()
         finally:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+
+
+def engine_config(
+    state_dir: Path,
+    dockerd: Dockerd,
+    *,
+    bridge: str,
+    subnet: str,
+    runtime: str = "runc",
+) -> DockerEngineConfig:
+    """A Docker engine on a dockerd the caller runs (``private_dockerd``), with a bridge
+    of its own in that dockerd's namespace: several engines may share one dockerd."""
+    network = NetworkConfig(
+        bridge=bridge, subnet=subnet, netns=dockerd.config.netns, nat=False, dns=()
+    )
+    return DockerEngineConfig(
+        state_dir=state_dir,
+        dockerd=dockerd.config,
+        network=network,
+        runtime=runtime,
+        start_dockerd=False,
+    )
