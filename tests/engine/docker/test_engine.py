@@ -130,7 +130,8 @@ async def test_the_spec_is_applied(engine: DockerEngine, box: str) -> None:
 
 CGROUP_LIMITS = (
     # cgroup v2, else v1 (these hosts): memory limit, CPU quota and period (µs).
-    "if [ -f /sys/fs/cgroup/memory.max ]; then cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max;"
+    "if [ -f /sys/fs/cgroup/memory.max ];"
+    " then cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max;"
     " else cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us"
     " /sys/fs/cgroup/cpu/cpu.cfs_period_us; fi"
 )
