@@ -26,10 +26,12 @@ from __future__ import annotations
 
 from .boot import kernel_cmdline_defaults
 from .builder import (
+    BaseTree,
     Image,
     Progress,
     build_image,
     ensure_image,
+    find_base,
     find_image,
     list_images,
     prune_images,
@@ -40,6 +42,7 @@ from .tiers import TIERS, Tier
 
 __all__ = [
     "TIERS",
+    "BaseTree",
     "Image",
     "ImageError",
     "Progress",
@@ -50,6 +53,7 @@ __all__ = [
     "build_image",
     "default_image_dir",
     "ensure_image",
+    "find_base",
     "find_image",
     "kernel_cmdline_defaults",
     "list_images",

@@ -216,6 +216,31 @@ def _load_image(path: Path) -> Image | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class BaseTree:
+    """A cached base tree (the slow step): ``root`` is the mmdebstrap'd, customised
+    Debian tree, without the guest agent. Read-only by convention: other engines
+    copy or archive it, never write into it."""
+
+    tier: str
+    key: str
+    root: Path
+
+
+def find_base(tier: str = "minimal", image_dir: Path | None = None) -> BaseTree | None:
+    """The cached base tree of ``tier``'s current base spec, or None if it is not built.
+
+    Never builds and needs neither apt nor the kernel: for engines that use the
+    tree itself (Docker imports it) rather than the VM image made from it.
+    """
+    spec = _tier(tier)
+    key = spec.base.key()
+    path = (image_dir or cache.default_image_dir()) / "base" / key
+    if cache.read_manifest(path / BASE_MANIFEST) is None:
+        return None
+    return BaseTree(tier=spec.name, key=key, root=path / "root")
+
+
 def find_image(tier: str = "minimal", image_dir: Path | None = None) -> Image | None:
     """The cached image built from the *current* inputs of ``tier``, or None.
 
