@@ -30,6 +30,8 @@ from ..base import SandboxSpec, guest_hostname
 from .argv import Drive
 
 RECORD_VERSION: Final = 1
+#: A sandbox id names its directory: nothing that could leave ``sandboxes/``.
+SANDBOX_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)

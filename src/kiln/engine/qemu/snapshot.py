@@ -2,7 +2,7 @@
 
 QEMU maps ``<sandbox>/ram`` with ``memory-backend-file,share=on``: every page
 the guest touches is a page of that file's page cache. Stopping a sandbox
-(see :class:`kiln.engine.qemu.engine.QemuEngine`) is:
+(see :meth:`kiln.engine.qemu.thermal.ThermalControl.snapshot`) is:
 
 1. QMP ``stop`` (vCPUs halt; QEMU flushes the disks);
 2. migrate with the ``x-ignore-shared`` capability into ``state.bin``: only

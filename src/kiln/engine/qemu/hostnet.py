@@ -1,0 +1,83 @@
+"""The host side of a sandbox's network: its guest address, its TAP device and
+the host's pinned ARP entry for it.
+
+Taking one raises :class:`~kiln.engine.errors.EngineError`; giving one back
+only logs a failure, so that a destroy or an undo carries on with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kiln.network import IPPool, Network, NetworkConfig, NetworkError
+
+from ..errors import EngineError
+from . import disks
+
+log = logging.getLogger(__name__)
+
+
+class HostNet:
+    def __init__(self, config: NetworkConfig) -> None:
+        self._config = config
+        self.network = Network(config)
+        self.pool = IPPool(config.subnet)
+
+    def allocate_ip(self, sid: str) -> str:
+        try:
+            return self.pool.allocate(sid)
+        except NetworkError as exc:
+            raise EngineError(f"no guest address for {sid}: {exc}") from exc
+
+    async def release_ip(self, ip: str) -> None:
+        await self.forget_neighbour(ip)
+        try:
+            self.pool.release(ip)
+        except NetworkError as exc:
+            log.warning("could not release %s: %s", ip, exc)
+
+    async def create_tap(self, sid: str) -> str:
+        try:
+            return await asyncio.to_thread(self.network.create_tap, sid)
+        except NetworkError as exc:
+            raise EngineError(f"cannot create the TAP of {sid}: {exc}") from exc
+
+    async def recreate_tap(self, sid: str) -> None:
+        """The TAP of a recovered cold sandbox (gone after a host reboot). A failure
+        is only logged: recovery goes on, and the restore will say what is wrong."""
+        try:
+            await asyncio.to_thread(self.network.create_tap, sid)
+        except NetworkError as exc:
+            log.warning("cannot re-create the TAP of %s: %s", sid, exc)
+
+    async def delete_tap(self, tap: str) -> None:
+        try:
+            await asyncio.to_thread(self.network.delete_tap, tap)
+        except NetworkError as exc:
+            log.warning("could not delete TAP %s: %s", tap, exc)
+
+    # The host's ARP entry for a guest is pinned (PERMANENT, the guest's fixed MAC)
+    # while the sandbox exists, and removed with it. Without the pin, connecting
+    # while the guest boots leaves the entry INCOMPLETE and the kernel re-asks only
+    # once a second, adding up to ~1 s before the agent is seen; and when an address
+    # is reused by a new sandbox (another MAC) a stale entry sends its packets to the
+    # old MAC for up to ~45 s. (``ip neigh`` for one address: ~5 ms.)
+
+    async def pin_neighbour(self, ip: str, mac: str) -> None:
+        bridge = self._config.bridge
+        await self._ip_neigh("replace", ip, "lladdr", mac, "dev", bridge, "nud", "permanent")
+
+    async def forget_neighbour(self, ip: str) -> None:
+        await self._ip_neigh("flush", "to", ip, "nud", "all")
+
+    async def _ip_neigh(self, *args: str) -> None:
+        ns = self._config.netns
+        argv = ["ip", *(["-n", ns] if ns else []), "neigh", *args]
+        try:
+            await disks.run_tool(argv, timeout=10)
+        except EngineError as exc:
+            log.warning("ip neigh %s failed: %s", " ".join(args), exc)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.network.close)

@@ -1,0 +1,190 @@
+"""Surviving a daemon restart. QEMU runs daemonized in its own session, so it
+outlives the daemon: the state the daemon stores per sandbox
+(:func:`export_state`) is enough to re-adopt its live QEMU, else its valid
+snapshot; and whatever no known sandbox owns is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from kiln.network import NetworkError
+
+from ..errors import EngineError, InvalidState
+from ..states import ADOPTED, Found
+from . import disks, machine, process, snapshot, templates
+from .config import QemuConfig
+from .host import Host
+from .hostnet import HostNet
+from .layout import SANDBOX_ID_RE, Paths, Record
+from .machine import ENGINE_NAME, VM
+from .qmp import QMP
+from .thermal import why_unrestorable
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION: Final = 1
+#: QMP runstates of a QEMU whose vCPUs are stopped but which can ``cont``.
+_PAUSED_RUNSTATES: Final = frozenset({"paused", "postmigrate", "finish-migrate", "prelaunch"})
+
+
+def export_state(vm: VM) -> dict[str, Any]:
+    return {
+        "engine": ENGINE_NAME,
+        "version": STATE_VERSION,
+        "sandbox_id": vm.sandbox_id,
+        "record": vm.record.to_json(),
+        "pid": vm.pid,
+        "status": str(vm.state.status),
+        "thermal": str(vm.state.thermal),
+        "snapshot_valid": vm.meta.valid,
+    }
+
+
+def record_from_state(state: Mapping[str, Any]) -> Record:
+    try:
+        return Record.from_json(dict(state["record"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidState(f"not a QEMU sandbox state: {exc!r}") from exc
+
+
+class Recovery:
+    """``vms`` is the engine's (read only here); ``building_templates`` says whether a
+    template build of this engine is under way (its files are not orphans then)."""
+
+    def __init__(
+        self,
+        config: QemuConfig,
+        host: Host,
+        net: HostNet,
+        vms: Mapping[str, VM],
+        building_templates: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self._host = host
+        self._net = net
+        self._vms = vms
+        self._building_templates = building_templates
+
+    async def adopt(self, record: Record, pid_hint: object) -> VM:
+        """The sandbox of ``record`` in whatever state survived; UNKNOWN if nothing did.
+        The caller adds it to ``vms``."""
+        sid = record.spec.sandbox_id
+        await self._host.ensure_ready(None)
+        paths = Paths(Path(record.dir))
+        meta = snapshot.load_meta(paths.snapshot_meta)
+        vm = VM(
+            record=record,
+            paths=paths,
+            client=machine.client_for(record, self.config),
+            state=ADOPTED[Found.NOTHING],  # until _survivor vouches for more
+            meta=meta,
+        )
+        try:
+            self._net.pool.mark_in_use(record.ip, sid)
+        except NetworkError as exc:
+            log.error("cannot re-mark %s for %s: %s", record.ip, sid, exc)
+            return vm
+        if paths.root.is_dir():
+            vm.state = ADOPTED[await self._survivor(vm, pid_hint)]
+        return vm
+
+    async def _survivor(self, vm: VM, pid_hint: object) -> Found:
+        """What survived of the sandbox: its QEMU (running or paused), else a usable
+        snapshot (its TAP re-created), else nothing."""
+        paths = vm.paths
+        pid = process.read_pid(paths.pidfile)
+        if pid is None and isinstance(pid_hint, int):
+            pid = pid_hint
+        if process.pid_alive(pid, paths.marker):
+            vm.pid = pid
+            vm.qmp = QMP(vm.sandbox_id, paths.qmp_socket, self.config.qmp_timeout)
+            try:
+                await vm.qmp.connect()
+                status = await vm.qmp.execute("query-status")
+            except EngineError as exc:
+                log.warning("QEMU of %s does not answer QMP (%s); killing it", vm.sandbox_id, exc)
+                await machine.kill(vm)
+            else:
+                runstate = status.get("status")
+                if status.get("running"):
+                    return Found.RUNNING
+                if runstate in _PAUSED_RUNSTATES:
+                    return Found.PAUSED
+                log.warning("QEMU of %s is in state %s; killing it", vm.sandbox_id, runstate)
+                await machine.kill(vm)
+        # No live QEMU: a valid snapshot makes it cold, otherwise nothing can be vouched for.
+        why = why_unrestorable(vm)
+        if why is not None:
+            log.warning("sandbox %s cannot be recovered: %s", vm.sandbox_id, why)
+            return Found.NOTHING
+        await self._net.recreate_tap(vm.sandbox_id)
+        await self._net.pin_neighbour(vm.record.ip, vm.record.mac)  # gone after a host reboot
+        return Found.SNAPSHOT
+
+    async def cleanup_orphans(self) -> list[str]:
+        """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories.
+
+        Call after every import of a recovery. Returns what was removed.
+        """
+        await self._host.ensure_ready(None)
+        vms = self._vms
+        known = {sid for sid, vm in vms.items() if not vm.destroyed}
+        removed: list[str] = []
+        sandboxes = self.config.sandboxes_dir
+        for entry in sorted(sandboxes.iterdir()) if sandboxes.is_dir() else []:
+            if entry.name in known or not entry.is_dir():
+                continue
+            await self.destroy_leftovers(entry.name)
+            removed.append(f"sandbox dir {entry.name}")
+        marker = f"{sandboxes}/"
+        for pid in process.find_processes(marker):
+            owner = next(
+                (sid for sid in known if process.pid_alive(pid, vms[sid].paths.marker)),
+                None,
+            )
+            if owner is None:
+                await process.terminate(pid, marker)
+                removed.append(f"qemu pid {pid}")
+        if not self._building_templates():
+            # No build of ours runs: a template QEMU or half-built directory is a
+            # leftover of a daemon that died mid-build.
+            tpl_marker = f"{self.config.templates_dir}/"
+            for pid in process.find_processes(tpl_marker):
+                await process.terminate(pid, tpl_marker)
+                removed.append(f"template qemu pid {pid}")
+            for entry in await asyncio.to_thread(templates.unfinished, self.config.templates_dir):
+                await asyncio.to_thread(disks.remove_tree, entry)
+                removed.append(f"unfinished template {entry.name}")
+        taps = {vms[sid].record.tap for sid in known}
+        try:
+            gone = await asyncio.to_thread(self._net.network.cleanup_orphans, taps)
+        except NetworkError as exc:
+            log.warning("orphan TAP cleanup failed: %s", exc)
+            gone = []
+        removed += [f"tap {t}" for t in gone]
+        return removed
+
+    async def destroy_leftovers(self, sandbox_id: str) -> None:
+        """Destroy of an id we do not hold: clean whatever a previous run left on disk."""
+        if not SANDBOX_ID_RE.match(sandbox_id):
+            return
+        root = self.config.sandboxes_dir / sandbox_id
+        if not root.is_dir():
+            return
+        paths = Paths(root)
+        for pid in process.find_processes(paths.marker):
+            await process.terminate(pid, paths.marker)
+        try:
+            record = Record.load(paths.record)
+        except (OSError, ValueError, KeyError, TypeError):
+            record = None
+        if record is not None:
+            await self._net.delete_tap(record.tap)
+            if self._net.pool.owner_of(record.ip) == sandbox_id:
+                await self._net.release_ip(record.ip)
+        await asyncio.to_thread(disks.remove_tree, root)

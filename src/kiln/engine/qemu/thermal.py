@@ -1,0 +1,284 @@
+"""Thermal transitions of a sandbox: hot ↔ warm is QMP ``stop``/``cont``; cold is
+a snapshot on disk and no process (the file side, and why it is fast, in
+:mod:`.snapshot`).
+
+:meth:`ThermalControl.transition` plans each operation with
+:func:`kiln.engine.states.plan`, carries out its action and applies its
+``next`` state, holding the sandbox's lock only for that -- never across an
+agent call. After every resume or restore the guest clock is set through the
+agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from kiln.agent_client import AgentError
+
+from ..base import Thermal
+from ..errors import EngineError, InvalidState, SandboxCrashed, SandboxNotFound
+from ..states import Action, Op, plan
+from . import machine, process, snapshot
+from .clock import set_clock
+from .config import QemuConfig
+from .host import Host
+from .hostnet import HostNet
+from .machine import VM, Phases
+
+log = logging.getLogger(__name__)
+
+_SNAPSHOT_FD: Final = "kiln-snapshot"
+_MIGRATE_POLL: Final = 0.002
+#: QEMU's default migration bandwidth cap (128 MiB/s) applies even to a stopped VM;
+#: it only matters for the full fallback, where RAM goes into the stream.
+_MAX_BANDWIDTH: Final = 1 << 40
+
+
+class ThermalControl:
+    def __init__(self, config: QemuConfig, host: Host, net: HostNet) -> None:
+        self.config = config
+        self._host = host
+        self._net = net
+
+    async def transition(self, vm: VM, op: Op) -> VM:
+        async with vm.lock:
+            if vm.destroyed:
+                raise SandboxNotFound(f"sandbox {vm.sandbox_id!r} was destroyed")
+            if machine.notice_death(vm):
+                await machine.drop_qmp(vm)
+            step = plan(op, vm.state, vm.sandbox_id)
+            action = step.action
+            if action in (Action.PAUSE, Action.SNAPSHOT):
+                await machine.cancel_clock(vm)  # the next wake-up sets it again
+            with machine.os_errors(f"{op} of sandbox {vm.sandbox_id}"):
+                match action:
+                    case Action.NOTHING:
+                        pass
+                    case Action.PAUSE:
+                        await machine.qmp(vm, "stop")
+                    case Action.RESUME:
+                        await machine.qmp(vm, "cont")
+                    case Action.SNAPSHOT:
+                        await self.snapshot(vm)
+                    case Action.RESTORE:
+                        await self.restore(vm)
+                    case _:  # BOOT, SHUTDOWN, KILL: not planned for these ops with snapshots
+                        raise AssertionError(f"{op} planned {action}")
+            machine.apply(vm, step)
+            if action in (Action.RESUME, Action.RESTORE):
+                # The guest's clock stood still: set it (and reseed its RNG) through the
+                # agent -- outside the lock, as a task that ensure_hot/agent wait for.
+                vm.clock_task = asyncio.create_task(
+                    self.set_clock(vm), name=f"kiln-clock-{vm.sandbox_id}"
+                )
+        task = vm.clock_task
+        if op in (Op.ENSURE_HOT, Op.START) and task is not None and not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we were cancelled, not just the clock task
+                # A pause, stop or destroy cancelled the clock task: nothing to wait for.
+        return vm
+
+    async def set_clock(self, vm: VM) -> None:
+        try:
+            await set_clock(vm.client, timeout=self.config.agent_timeout)
+        except AgentError as exc:
+            log.warning("could not set the clock of %s: %s", vm.sandbox_id, exc)
+
+    # ------------------------------------------------------------------ snapshot
+
+    async def snapshot(self, vm: VM) -> None:
+        """hot/warm → cold: device state to state.bin, QEMU exits, RAM file synced."""
+        p = vm.paths
+        started = time.perf_counter()
+        was_hot = vm.state.thermal is Thermal.HOT
+        if was_hot:
+            await machine.qmp(vm, "stop")
+        # The RAM file is the base of the snapshot; if it vanished or was replaced
+        # while QEMU ran, fall back to a full snapshot with RAM in the stream.
+        base_ok = vm.meta.ram_inode is not None and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
+        try:
+            await machine.qmp(
+                vm,
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": base_ok}]},
+            )
+            await machine.qmp(vm, "migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+            fd = os.open(p.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                assert vm.qmp is not None
+                await vm.qmp.send_fd(fd, _SNAPSHOT_FD)
+            finally:
+                os.close(fd)
+            migrate_start = time.perf_counter()
+            await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
+            await self._migration_done(vm, "saving the device state")
+            migrate_ms = (time.perf_counter() - migrate_start) * 1000
+        except SandboxCrashed:
+            raise
+        except BaseException:
+            # Roll back to where we were: the guest keeps running as if nothing happened.
+            if was_hot and vm.qmp is not None and vm.state.live:
+                with contextlib.suppress(EngineError):
+                    await machine.qmp(vm, "cont")
+            p.state_tmp.unlink(missing_ok=True)
+            raise
+        full = not (base_ok and vm.meta.ram_synced)
+        try:
+            assert vm.qmp is not None
+            await vm.qmp.quit(timeout=self.config.qmp_timeout)
+            vm.qmp = None
+            if not await process.wait_gone(vm.pid or 0, p.marker, self.config.qmp_timeout):
+                await process.terminate(vm.pid, p.marker)
+            vm.pid = None
+            stats = await asyncio.to_thread(_make_durable, vm, base_ok)
+        except BaseException:
+            # QEMU is (being) gone but the snapshot is not durable: nothing to resume.
+            await machine.kill(vm)
+            machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
+            raise
+        meta = vm.meta
+        rec = snapshot.SnapshotRecord(
+            generation=meta.generation + 1,
+            kind="full" if full else "diff",
+            created_at=time.time(),
+            state_bytes=p.state.stat().st_size,
+            ram_written_bytes=stats.dirty_bytes,
+            ram_allocated_bytes=stats.allocated_bytes,
+            total_ms=(time.perf_counter() - started) * 1000,
+            migrate_ms=migrate_ms,
+            sync_ms=stats.sync_ms,
+            ram_in_state=not base_ok,
+        )
+        meta.record(rec)
+        meta.valid = True
+        await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        log.info(
+            "sandbox %s cold: %s snapshot, %d B state, %s B RAM written, %.1f ms",
+            vm.sandbox_id,
+            rec.kind,
+            rec.state_bytes,
+            rec.ram_written_bytes,
+            rec.total_ms,
+        )
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(self, vm: VM) -> None:
+        """cold → hot: a new QEMU maps the same RAM file and loads state.bin.
+
+        The caller applies the transition; a failure here leaves the sandbox in the
+        state it started from if the guest never ran, else LOST."""
+        p = vm.paths
+        before = vm.state
+        why = why_unrestorable(vm)
+        if why is not None:
+            raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
+        await self._net.create_tap(vm.sandbox_id)
+        meta = vm.meta
+        ram_in_state = meta.ram_in_state
+        phases = Phases()
+        # From here on the new QEMU may write into the RAM file: the snapshot is spent.
+        meta.valid = False
+        await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        phases.mark("tap+meta")
+        threading.Thread(
+            target=snapshot.prefetch_ram, args=(p.ram,), name="kiln-prefetch", daemon=True
+        ).start()
+        guest_ran = False
+        try:
+            await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
+            phases.mark("qemu")
+            await machine.qmp(
+                vm,
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": not ram_in_state}]},
+            )
+            fd = os.open(p.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                assert vm.qmp is not None
+                await vm.qmp.send_fd(fd, _SNAPSHOT_FD)
+            finally:
+                os.close(fd)
+            await machine.qmp(vm, "migrate-incoming", {"uri": f"fd:{_SNAPSHOT_FD}"})
+            await self._migration_done(vm, "loading the device state")
+            phases.mark("load state")
+            guest_ran = True
+            await machine.qmp(vm, "cont")
+            phases.mark("cont")
+        except BaseException:
+            await machine.kill(vm)
+            if guest_ran:
+                machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
+            else:
+                # The guest never ran: RAM file and disks are untouched, the snapshot
+                # is still good and the sandbox stays as it was, cold (a later start
+                # may work), even if a QMP failure on the way marked it crashed.
+                vm.state = before
+                meta.valid = True
+                await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+            raise
+        if ram_in_state:
+            meta.ram_in_state = False  # the RAM now lives in the file, all of it unsynced
+            meta.ram_synced = False
+        vm.phases = phases.done()
+        log.debug("sandbox %s restored: %s", vm.sandbox_id, vm.phases)
+
+    async def _migration_done(self, vm: VM, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.config.snapshot_timeout
+        while True:
+            status: dict[str, Any] = await machine.qmp(vm, "query-migrate")
+            state = status.get("status")
+            if state == "completed":
+                return status
+            if state in ("failed", "cancelled"):
+                raise EngineError(
+                    f"{what} of {vm.sandbox_id} failed: {status.get('error-desc', state)}"
+                )
+            if time.monotonic() > deadline:
+                raise EngineError(f"{what} of {vm.sandbox_id} did not finish in time")
+            await asyncio.sleep(_MIGRATE_POLL)
+
+
+def why_unrestorable(vm: VM) -> str | None:
+    """Why the snapshot cannot be restored, or None if it can."""
+    p = vm.paths
+    if not vm.meta.valid:
+        return "no valid snapshot (it was never taken or a restore consumed it)"
+    if not p.state.exists():
+        return f"snapshot state {p.state} is missing"
+    if not p.ram.exists():
+        return f"snapshot RAM file {p.ram} is missing"
+    if not vm.meta.ram_in_state and snapshot.ram_inode(p.ram) != vm.meta.ram_inode:
+        return "the RAM file was replaced since the snapshot"
+    return None
+
+
+def _make_durable(vm: VM, base_ok: bool) -> snapshot.SyncStats:
+    """Blocking: state.bin, RAM file and disks on stable storage; page cache freed."""
+    p = vm.paths
+    snapshot.fsync_path(p.state_tmp)
+    os.replace(p.state_tmp, p.state)
+    if base_ok:
+        stats = snapshot.sync_ram_file(p.ram)
+        vm.meta.ram_synced = True
+    else:
+        # RAM is in state.bin; the restore loads it into a fresh file.
+        p.ram.unlink(missing_ok=True)
+        vm.meta.ram_inode = snapshot.create_ram_file(p.ram, vm.record.spec.memory_mb << 20)
+        vm.meta.ram_synced = False
+        stats = snapshot.SyncStats(None, 0, 0.0)
+    for drive in vm.record.drives:
+        snapshot.fsync_path(Path(drive.path))
+    snapshot.fsync_dir(p.root)
+    return stats
