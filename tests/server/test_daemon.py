@@ -343,3 +343,21 @@ def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
         engine = build_engine(load_config(None, overrides)).get("qemu")
         assert isinstance(engine, QemuEngine)
         assert (engine.config.templates, engine.config.guest_aslr) == (templates, aslr)
+
+
+def test_serve_with_docker_as_default_and_no_dockerd_says_how_to_get_one(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"  # a PATH with python and nothing else: no dockerd
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = dict(os.environ, HOME=str(tmp_path), PATH=str(bin_dir), PYTHONPATH=str(SRC))
+    argv = ["serve", "--engine", "docker", "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *argv, "--listen", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "dockerd is not installed" in done.stderr
+    assert "apt-get install docker.io" in done.stderr
