@@ -357,6 +357,7 @@ def test_serve_with_docker_as_default_and_no_dockerd_says_how_to_get_one(tmp_pat
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert done.returncode == 1
     assert "dockerd is not installed" in done.stderr

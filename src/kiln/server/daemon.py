@@ -98,12 +98,12 @@ def _qemu(config: Config) -> Engine:
 
 
 def _docker(config: Config) -> Engine:
-    from kiln.engine.docker import DockerdConfig  # noqa: PLC0415 -- only when used
-    from kiln.engine.docker.engine import (  # noqa: PLC0415
+    from kiln.engine.docker import (  # noqa: PLC0415 -- only when used
+        DockerdConfig,
         DockerEngine,
         DockerEngineConfig,
-        unavailable_reason,
     )
+    from kiln.engine.docker.engine import unavailable_reason  # noqa: PLC0415
 
     missing = unavailable_reason()
     if missing is not None:

@@ -1,4 +1,8 @@
-"""The Docker engine's groundwork: a private dockerd that kiln starts, probes and stops.
+"""The Docker engine: sandboxes as containers of a private dockerd kiln starts itself.
+
+    DockerEngine(DockerEngineConfig(...))  the engine (.engine): containers running the
+                                        guest agent as PID 1, runc or runsc per sandbox
+    containers, images, record          its Docker API calls, rootfs import, on-disk record
 
     DockerdConfig(root=...)             one private dockerd: paths, bridge, runtimes (.config)
     Dockerd(config)                     start() (or adopt) / stop() / client()     (.daemon)
@@ -7,18 +11,19 @@
     runsc_wrapper, ...                  gVisor's runsc and this host's workaround (.runsc)
     processes, mounts, cgroups          the /proc and cgroupfs side of cleaning up (.host)
 
-The engine itself (sandboxes as containers running the guest agent, runc or
-gVisor's runsc per sandbox) comes later and builds on this. Test and benchmark
-helpers (a dockerd in a network namespace of its own, a busybox image made
-without a registry) are in :mod:`.testing`.
+Test and benchmark helpers (a dockerd in a network namespace of its own, a
+busybox image made without a registry, an engine on it) are in :mod:`.testing`.
 """
 
-from .config import DockerdConfig
+from .config import DockerdConfig, DockerEngineConfig
 from .daemon import DaemonInfo, Dockerd, Leftovers, cleanup_leftovers, probe
+from .engine import DockerEngine
 from .errors import DockerdError, DockerdNotInstalled, DockerdStartFailed, DockerdUnavailable
 
 __all__ = [
     "DaemonInfo",
+    "DockerEngine",
+    "DockerEngineConfig",
     "Dockerd",
     "DockerdConfig",
     "DockerdError",

@@ -22,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from kiln.network.config import NetworkConfig
 from kiln.network.errors import InvalidInput
 from kiln.network.naming import validate_ifname, validate_netns
 
@@ -161,3 +162,49 @@ class DockerdConfig:
     @property
     def containerd_pidfile(self) -> Path:
         return self.containerd_dir / "containerd.pid"
+
+
+#: The runtimes the Docker engine knows (each sandbox picks one).
+RUNTIMES: Final = ("runc", "runsc")
+
+
+@dataclass(frozen=True, slots=True)
+class DockerEngineConfig:
+    """``state_dir``   records, guest configs and agent zipapps (``STATE/sandboxes/<id>``)
+    ``dockerd``       the private dockerd to start or adopt
+    ``network``       kiln's bridge for containers (its own, not the VMs')
+    ``runtime``       the default runtime
+    ``image_dir``     kiln.images' cache (None: its default)
+    ``start_dockerd`` False: use a dockerd already answering at ``dockerd.socket``
+    """
+
+    state_dir: Path
+    dockerd: DockerdConfig
+    network: NetworkConfig = field(
+        default_factory=lambda: NetworkConfig(
+            bridge="kilnd0", subnet="10.213.1.0/24", tap_prefix="kdtap"
+        )
+    )
+    runtime: str = "runc"
+    image_dir: Path | None = None
+    start_dockerd: bool = True
+    agent_timeout: float = 10.0
+    boot_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+    @property
+    def network_name(self) -> str:
+        """The Docker network (a bridge network on kiln's own bridge) its sandboxes join."""
+        return f"kiln-{self.network.bridge}"
+
+    @property
+    def owner(self) -> str:
+        """Labels what this engine made, so another kiln sharing the dockerd keeps its own."""
+        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]

@@ -26,21 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
-import hashlib
 import json
 import logging
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import docker.errors
-import docker.types
-import requests.exceptions
 
 from kiln.agent_client import (
     CONTROL_PORT,
@@ -52,7 +46,7 @@ from kiln.agent_client import (
     AgentTimeout,
     Endpoint,
 )
-from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec, guest_hostname
+from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec
 from kiln.engine.dial import agent_dialer
 from kiln.engine.errors import (
     EngineError,
@@ -74,20 +68,17 @@ from kiln.engine.states import (
     Transition,
     plan,
 )
-from kiln.network import IPPool, Network, NetworkConfig, NetworkError
+from kiln.network import IPPool, Network, NetworkError
 
-from . import images
-from .config import DockerdConfig
+from ..undo import Undo
+from . import containers, images
+from .config import RUNTIMES, DockerEngineConfig
+from .containers import docker_errors
 from .daemon import Dockerd, probe, sdk_client
 from .errors import DockerdError
 from .host import is_zombie
 from .record import (
     CONFIG_FILE,
-    GUEST_AGENT,
-    GUEST_CONFIG,
-    LABEL,
-    OWNER_LABEL,
-    VOLUME_LABEL,
     Record,
     container_name,
     guest_config,
@@ -98,7 +89,6 @@ from .record import (
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "docker"
-RUNTIMES = ("runc", "runsc")
 #: What each runtime can do (see the module docstring).
 CAPABILITIES = {
     "runc": Capabilities(pause=True, snapshots=False),
@@ -107,48 +97,6 @@ CAPABILITIES = {
 _BOOT_POLL = 0.01
 _BOOT_CONNECT_TIMEOUT = 0.5
 _STOP_TIMEOUT = 5  # seconds the agent gets to end its processes on a stop
-
-
-@dataclass(frozen=True, slots=True)
-class DockerEngineConfig:
-    """``state_dir``   records, guest configs and agent zipapps (``STATE/sandboxes/<id>``)
-    ``dockerd``       the private dockerd to start or adopt
-    ``network``       kiln's bridge for containers (its own, not the VMs')
-    ``runtime``       the default runtime
-    ``image_dir``     kiln.images' cache (None: its default)
-    ``start_dockerd`` False: use a dockerd already answering at ``dockerd.socket``
-    """
-
-    state_dir: Path
-    dockerd: DockerdConfig
-    network: NetworkConfig = field(
-        default_factory=lambda: NetworkConfig(
-            bridge="kilnd0", subnet="10.213.1.0/24", tap_prefix="kdtap"
-        )
-    )
-    runtime: str = "runc"
-    image_dir: Path | None = None
-    start_dockerd: bool = True
-    agent_timeout: float = 10.0
-    boot_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-
-    @property
-    def sandboxes_dir(self) -> Path:
-        return self.state_dir / "sandboxes"
-
-    @property
-    def network_name(self) -> str:
-        """The Docker network (a bridge network on kiln's own bridge) its sandboxes join."""
-        return f"kiln-{self.network.bridge}"
-
-    @property
-    def owner(self) -> str:
-        """Labels what this engine made, so another kiln sharing the dockerd keeps its own."""
-        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
 
 
 @dataclass(eq=False)
@@ -172,42 +120,6 @@ class _Box:
 
 def pid_alive(pid: int | None) -> bool:
     return pid is not None and not is_zombie(pid)
-
-
-class _Undo:
-    """Steps that take back a half-done create, run last-in first-out."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-
-    def push(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        self._steps.append((what, step))
-
-    async def run(self) -> None:
-        for what, step in reversed(self._steps):
-            try:
-                await step()
-            except Exception as exc:
-                log.warning("undo %s: %s", what, exc)
-
-
-@contextlib.contextmanager
-def _docker_errors(what: str) -> Iterator[None]:
-    """The Docker SDK's and the host's errors as EngineErrors, once, where the call is."""
-    try:
-        yield
-    except docker.errors.NotFound as exc:
-        raise SandboxCrashed(f"{what}: {_explain(exc)}") from exc
-    except docker.errors.APIError as exc:
-        raise EngineError(f"{what}: {_explain(exc)}") from exc
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise EngineUnavailable(f"{what}: dockerd does not answer: {exc}") from exc
-    except (OSError, TimeoutError) as exc:
-        raise EngineError(f"{what}: {exc}") from exc
-
-
-def _explain(exc: docker.errors.APIError) -> str:
-    return str(exc.explanation or exc)
 
 
 class DockerEngine:
@@ -251,7 +163,7 @@ class DockerEngine:
         """``docker inspect`` of the sandbox's container."""
         box = self._get(sandbox_id)
         client = await self._ensure_ready()
-        with _docker_errors(f"inspecting the container of {sandbox_id}"):
+        with docker_errors(f"inspecting the container of {sandbox_id}"):
             attrs: dict[str, Any] = await asyncio.to_thread(
                 client.api.inspect_container, box.record.container
             )
@@ -293,8 +205,8 @@ class DockerEngine:
         except DockerdError as exc:
             raise EngineUnavailable(f"Docker engine: {exc}") from exc
         self._runtimes = tuple(r for r in RUNTIMES if r in info.runtimes)
-        with _docker_errors("setting up the Docker network"):
-            self._ensure_network(client)
+        with docker_errors("setting up the Docker network"):
+            containers.ensure_network(client, self.config, self._pool.subnet)
         log.info(
             "Docker engine ready: dockerd %s (%s), runtimes %s",
             info.version,
@@ -302,29 +214,6 @@ class DockerEngine:
             ", ".join(self._runtimes),
         )
         return client
-
-    def _ensure_network(self, client: Any) -> None:
-        """A bridge network on kiln's bridge, so the addresses are kiln's pool's."""
-        net = self.config.network
-        subnet = str(self._pool.subnet)
-        gateway = str(next(self._pool.subnet.hosts()))
-        name = self.config.network_name
-        for existing in client.networks.list(names=[name]):
-            attrs = existing.attrs
-            pools = (attrs.get("IPAM") or {}).get("Config") or []
-            bridge = (attrs.get("Options") or {}).get("com.docker.network.bridge.name")
-            if bridge == net.bridge and any(p.get("Subnet") == subnet for p in pools):
-                return
-            log.info("Docker network %s is for another bridge or subnet: re-creating", name)
-            existing.remove()
-        client.networks.create(
-            name,
-            driver="bridge",
-            options={"com.docker.network.bridge.name": net.bridge},
-            ipam=docker.types.IPAMConfig(
-                pool_configs=[docker.types.IPAMPool(subnet=subnet, gateway=gateway)]
-            ),
-        )
 
     async def _image(self, tier: str) -> str:
         ref = self._images.get(tier)
@@ -335,7 +224,7 @@ class DockerEngine:
         async with lock:
             ref = self._images.get(tier)
             if ref is None:
-                with _docker_errors(f"importing the {tier} image"):
+                with docker_errors(f"importing the {tier} image"):
                     try:
                         ref = await asyncio.to_thread(
                             images.ensure_image,
@@ -457,7 +346,7 @@ class DockerEngine:
         image = await self._image(spec.image)
         agent = await asyncio.to_thread(images.agent_zipapp, self.config.state_dir)
         sid = spec.sandbox_id
-        undo = _Undo()
+        undo = Undo()
         try:
             try:
                 ip = self._pool.allocate(sid)
@@ -476,13 +365,20 @@ class DockerEngine:
                 agent=str(agent),
                 created_at=time.time(),
             )
-            created = await asyncio.to_thread(self._make_volumes, client, spec)
+            created = await asyncio.to_thread(containers.make_volumes, client, spec)
             for volume in created:
                 undo.push(f"remove volume {volume}", self._volume_remover(client, volume))
             record.created_volumes = tuple(created)
             await asyncio.to_thread(self._write_files, record, directory)
-            with _docker_errors(f"creating the container of {sid}"):
-                await asyncio.to_thread(self._create_container, client, record, directory)
+            with docker_errors(f"creating the container of {sid}"):
+                await asyncio.to_thread(
+                    containers.create_container,
+                    client,
+                    self.config,
+                    record,
+                    directory,
+                    self._network.dns_servers(),
+                )
             undo.push("remove the container", self._container_remover(client, record.container))
             box = _Box(record, directory, CREATED.next, self._client_for(record))
             self._boxes[sid] = box
@@ -495,73 +391,17 @@ class DockerEngine:
         log.info("sandbox %s created (docker, %s) at %s", sid, runtime, record.ip)
         return self._info(box)
 
-    def _make_volumes(self, client: Any, spec: SandboxSpec) -> builtins.list[str]:
-        """Docker volumes for the spec's volumes that do not exist yet; their names."""
-        made = []
-        for vol in spec.volumes:
-            name = volume_name(vol.name)
-            with _docker_errors(f"volume {vol.name}"):
-                try:
-                    client.volumes.get(name)
-                    continue
-                except docker.errors.NotFound:
-                    pass
-                client.volumes.create(name, labels={VOLUME_LABEL: vol.name})
-            made.append(name)
-        return made
-
     def _write_files(self, record: Record, directory: Path) -> None:
         record.save(directory)
         write_atomic(directory / CONFIG_FILE, json.dumps(guest_config(record)), mode=0o644)
-
-    def _create_container(self, client: Any, record: Record, directory: Path) -> None:
-        spec = record.spec
-        api = client.api
-        mounts = [
-            docker.types.Mount(GUEST_AGENT, record.agent, type="bind", read_only=True),
-            docker.types.Mount(
-                GUEST_CONFIG, str(directory / CONFIG_FILE), type="bind", read_only=True
-            ),
-            *(
-                docker.types.Mount(v.mount, volume_name(v.name), type="volume")
-                for v in spec.volumes
-            ),
-        ]
-        dns = self._network.dns_servers()
-        memory = f"{spec.memory_mb}m"
-        host_config = api.create_host_config(
-            runtime=record.runtime,
-            nano_cpus=spec.cpus * 1_000_000_000,
-            mem_limit=memory,
-            memswap_limit=memory,  # no swap: memory_mb is what it gets, as in a VM
-            mounts=mounts,
-            dns=dns or None,
-            log_config=docker.types.LogConfig(
-                type="json-file", config={"max-size": "1m", "max-file": "1"}
-            ),
-        )
-        endpoint = api.create_endpoint_config(ipv4_address=record.ip)
-        api.create_container(
-            image=record.image,
-            command=["/usr/bin/python3", GUEST_AGENT, "--container", "--config", GUEST_CONFIG],
-            name=record.container,
-            hostname=guest_hostname(spec.name),
-            labels={LABEL: record.sandbox_id, OWNER_LABEL: self.config.owner},
-            host_config=host_config,
-            networking_config=api.create_networking_config({self.config.network_name: endpoint}),
-            stop_signal="SIGTERM",
-        )
 
     # ------------------------------------------------------------------ boot, wait
 
     async def _boot(self, box: _Box, client: Any) -> None:
         """Start the container and wait for the agent; the caller holds the lock and
         applies the state."""
-        name = box.record.container
-        with _docker_errors(f"starting the container of {box.sandbox_id}"):
-            await asyncio.to_thread(client.api.start, name)
-            attrs = await asyncio.to_thread(client.api.inspect_container, name)
-        box.pid = int(attrs["State"].get("Pid") or 0) or None
+        with docker_errors(f"starting the container of {box.sandbox_id}"):
+            box.pid = await asyncio.to_thread(containers.start, client, box.record.container)
         await self._wait_agent(box, client, self.config.boot_timeout)
 
     async def _wait_agent(self, box: _Box, client: Any, timeout: float) -> None:  # noqa: ASYNC109
@@ -573,12 +413,16 @@ class DockerEngine:
                 return
             except (AgentConnectError, AgentConnectionLost, AgentTimeout) as exc:
                 if not pid_alive(box.pid):
-                    logs = await self._logs_tail(client, box)
+                    logs = await asyncio.to_thread(
+                        containers.logs_tail, client, box.record.container
+                    )
                     raise SandboxCrashed(
                         f"sandbox {box.sandbox_id} exited while starting: {logs}"
                     ) from exc
                 if time.monotonic() > deadline:
-                    logs = await self._logs_tail(client, box)
+                    logs = await asyncio.to_thread(
+                        containers.logs_tail, client, box.record.container
+                    )
                     raise SandboxCrashed(
                         f"the agent of {box.sandbox_id} did not answer within {timeout:.0f} s:"
                         f" {logs}"
@@ -586,14 +430,6 @@ class DockerEngine:
             except AgentError as exc:
                 raise EngineError(f"the agent of {box.sandbox_id} refused us: {exc}") from exc
             await asyncio.sleep(_BOOT_POLL)
-
-    async def _logs_tail(self, client: Any, box: _Box, lines: int = 6) -> str:
-        try:
-            raw = await asyncio.to_thread(client.api.logs, box.record.container, tail=lines)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            return f"(no container output: {exc})"
-        text = raw.decode(errors="replace").strip()
-        return " | ".join(text.splitlines()[-lines:]) or "(no container output)"
 
     # ------------------------------------------------------------------ thermal
 
@@ -636,13 +472,13 @@ class DockerEngine:
         what = f"{action} of sandbox {box.sandbox_id}"
         match action:
             case Action.PAUSE:
-                with _docker_errors(what):
+                with docker_errors(what):
                     await asyncio.to_thread(client.api.pause, name)
             case Action.RESUME:
-                with _docker_errors(what):
+                with docker_errors(what):
                     await asyncio.to_thread(client.api.unpause, name)
             case Action.SHUTDOWN:
-                with _docker_errors(what):
+                with docker_errors(what):
                     await asyncio.to_thread(client.api.stop, name, timeout=_STOP_TIMEOUT)
                 box.pid = None
             case Action.BOOT:
@@ -660,22 +496,13 @@ class DockerEngine:
             if self._boxes.get(sandbox_id) is not box:
                 return  # destroyed while we waited for the lock
             client = await self._ensure_ready()
-            await self._remove_container(client, box.record.container)
+            await asyncio.to_thread(containers.remove_container, client, box.record.container)
             box.destroyed = True
             box.pid = None
             self._pool.release(box.record.ip)
             await asyncio.to_thread(shutil.rmtree, box.dir, ignore_errors=True)
             self._boxes.pop(sandbox_id, None)
         log.info("sandbox %s destroyed (docker)", sandbox_id)
-
-    async def _remove_container(self, client: Any, name: str) -> None:
-        with _docker_errors(f"removing container {name}"):
-            # Unpause first: a paused runsc sandbox can hang a forced remove. (Not
-            # paused, or gone: an APIError.)
-            with contextlib.suppress(docker.errors.APIError):
-                await asyncio.to_thread(client.api.unpause, name)
-            with contextlib.suppress(docker.errors.NotFound):
-                await asyncio.to_thread(client.api.remove_container, name, force=True)
 
     def _releaser(self, ip: str) -> Callable[[], Awaitable[None]]:
         async def release() -> None:
@@ -691,14 +518,13 @@ class DockerEngine:
 
     def _container_remover(self, client: Any, name: str) -> Callable[[], Awaitable[None]]:
         async def remove() -> None:
-            await self._remove_container(client, name)
+            await asyncio.to_thread(containers.remove_container, client, name)
 
         return remove
 
     def _volume_remover(self, client: Any, name: str) -> Callable[[], Awaitable[None]]:
         async def remove() -> None:
-            with contextlib.suppress(docker.errors.NotFound):
-                await asyncio.to_thread(lambda: client.volumes.get(name).remove(force=True))
+            await asyncio.to_thread(containers.remove_volume, client, name)
 
         return remove
 
@@ -714,18 +540,7 @@ class DockerEngine:
         if self._never_used():
             return
         client = await self._ensure_ready()
-        name = volume_name(volume_id)
-        with _docker_errors(f"deleting volume {volume_id}"):
-            try:
-                volume = await asyncio.to_thread(client.volumes.get, name)
-            except docker.errors.NotFound:
-                return
-            try:
-                await asyncio.to_thread(volume.remove)
-            except docker.errors.APIError as exc:
-                if exc.status_code == 409:
-                    raise InvalidState(f"volume {volume_id} is in use by a container") from exc
-                raise
+        await asyncio.to_thread(containers.remove_volume, client, volume_name(volume_id))
 
     # ------------------------------------------------------------------ recovery
 
@@ -749,7 +564,7 @@ class DockerEngine:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SandboxNotFound(f"no record of sandbox {sandbox_id}: {exc}") from exc
         client = await self._ensure_ready()
-        found, pid = await self._find(client, record)
+        found, pid = await asyncio.to_thread(containers.find, client, record.container)
         # An exited container (SNAPSHOT): its files, no processes -- stopped.
         adopted = State(Status.STOPPED, Thermal.COLD) if found is Found.SNAPSHOT else ADOPTED[found]
         box = _Box(record, directory, adopted, self._client_for(record), pid=pid)
@@ -761,18 +576,6 @@ class DockerEngine:
         log.info("sandbox %s re-adopted (docker, %s): %s", sandbox_id, record.runtime, adopted)
         return self._info(box)
 
-    async def _find(self, client: Any, record: Record) -> tuple[Found, int | None]:
-        try:
-            attrs = await asyncio.to_thread(client.api.inspect_container, record.container)
-        except docker.errors.NotFound:
-            return Found.NOTHING, None
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise EngineUnavailable(f"dockerd does not answer: {exc}") from exc
-        st = attrs["State"]
-        if st.get("Running"):
-            return (Found.PAUSED if st.get("Paused") else Found.RUNNING), int(st["Pid"]) or None
-        return Found.SNAPSHOT, None  # an exited container: its files, to boot again
-
     async def cleanup_orphans(self) -> builtins.list[str]:
         """Remove containers and sandbox directories no known sandbox owns."""
         if self._never_used():
@@ -780,19 +583,13 @@ class DockerEngine:
         client = await self._ensure_ready()
         known = {sid for sid, box in self._boxes.items() if not box.destroyed}
         removed: builtins.list[str] = []
-        with _docker_errors("listing containers"):
-            containers = await asyncio.to_thread(
-                client.api.containers,
-                all=True,
-                filters={"label": [LABEL, f"{OWNER_LABEL}={self.config.owner}"]},
-            )
-        for c in containers:
-            sid = (c.get("Labels") or {}).get(LABEL, "")
+        for container_id, sid in await asyncio.to_thread(
+            containers.own_containers, client, self.config
+        ):
             if sid in known:
                 continue
-            name = container_name(sid) if sid else c["Id"]
-            await self._remove_container(client, c["Id"])
-            removed.append(f"container {name}")
+            await asyncio.to_thread(containers.remove_container, client, container_id)
+            removed.append(f"container {container_name(sid) if sid else container_id}")
         sandboxes = self.config.sandboxes_dir
         entries = sorted(sandboxes.iterdir()) if sandboxes.is_dir() else []
         for entry in entries:
@@ -814,7 +611,7 @@ class DockerEngine:
         """:meth:`close`, then stop the private dockerd (its containers with it)."""
         await self.close()
         if self.config.start_dockerd:
-            with _docker_errors("stopping dockerd"):
+            with docker_errors("stopping dockerd"):
                 await asyncio.to_thread(self._dockerd.stop)
 
 

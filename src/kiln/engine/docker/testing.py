@@ -36,9 +36,8 @@ from typing import Any
 from kiln.network import Network, NetworkConfig
 
 from . import checkpoints
-from .config import DockerdConfig
+from .config import DockerdConfig, DockerEngineConfig
 from .daemon import Dockerd
-from .engine import DockerEngineConfig
 
 #: The default bridge and subnet of :func:`private_dockerd` (inside its own namespace).
 BRIDGE = "kd-br0"

@@ -22,6 +22,7 @@ from kiln.images import Image, kernel_cmdline_defaults
 from ..base import SandboxSpec
 from ..errors import EngineError, InvalidSpec, InvalidState
 from ..states import CREATED
+from ..undo import Undo
 from . import disks, machine, process, snapshot, templates
 from .accel import Accel
 from .argv import Drive
@@ -40,24 +41,6 @@ _CLONE_TIMEOUT: Final = 30.0
 _SEED_BYTES: Final = 64
 #: The address of a template, which never configures its network.
 _NO_IP: Final = "0.0.0.0"
-
-
-class Undo:
-    """Cleanup steps of a half-done create, run in reverse order on failure."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-
-    def push(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        self._steps.append((what, step))
-
-    async def run(self) -> None:
-        for what, step in reversed(self._steps):
-            try:
-                await step()
-            except Exception:
-                log.exception("cleanup after a failed create: %s failed", what)
-        self._steps.clear()
 
 
 def volume_path(config: QemuConfig, name: str) -> Path:
