@@ -26,6 +26,8 @@ from .errors import InvalidSpec
 from .states import State, Status, Thermal
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+#: A sandbox id names its directory and its machine: nothing that could leave them.
+SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9.-]")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
@@ -119,6 +121,10 @@ class SandboxSpec:
 
     def validate(self) -> None:
         """Reject a bad spec with a clear message before any resource is touched."""
+        if not SANDBOX_ID_RE.match(self.sandbox_id):
+            raise InvalidSpec(
+                f"invalid sandbox id {self.sandbox_id!r} (letters, digits, '.', '_', '-')"
+            )
         if not NAME_RE.match(self.name):
             raise InvalidSpec(f"invalid sandbox name {self.name!r}")
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -265,6 +271,7 @@ __all__ = [
     "MAX_CPUS",
     "MIN_MEMORY_MB",
     "NAME_RE",
+    "SANDBOX_ID_RE",
     "VM_CAPABILITIES",
     "Capabilities",
     "Engine",

@@ -327,7 +327,7 @@ class DockerEngine:
         if len({v.name for v in spec.volumes}) != len(spec.volumes):
             raise InvalidSpec("a volume is listed twice")
         if spec.sandbox_id in self._boxes and not self._boxes[spec.sandbox_id].destroyed:
-            raise InvalidSpec(f"sandbox {spec.sandbox_id} exists already")
+            raise InvalidState(f"sandbox {spec.sandbox_id!r} already exists")
         return runtime
 
     async def prepare(self, spec: SandboxSpec) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -31,8 +30,6 @@ from ..base import SandboxSpec, guest_hostname
 from .argv import Drive
 
 RECORD_VERSION: Final = 1
-#: A sandbox id names its directory: nothing that could leave ``sandboxes/``.
-SANDBOX_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)

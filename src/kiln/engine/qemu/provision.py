@@ -29,8 +29,8 @@ from .argv import Drive
 from .config import QemuConfig
 from .host import Host
 from .hostnet import HostNet
-from .layout import SANDBOX_ID_RE, Paths, Record, guest_config
-from .machine import VM, Phases
+from .layout import Paths, Record, guest_config
+from .machine import ENGINE_NAME, VM, Phases
 from .thermal import ThermalControl
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,8 @@ class Provisioner:
 
     def _check_spec(self, spec: SandboxSpec) -> None:
         spec.validate()
-        if not SANDBOX_ID_RE.match(spec.sandbox_id):
-            raise InvalidSpec(
-                f"invalid sandbox id {spec.sandbox_id!r} (letters, digits, '.', '_', '-')"
-            )
+        if spec.engine not in (None, ENGINE_NAME):
+            raise InvalidSpec(f"the QEMU engine cannot run a {spec.engine} sandbox")
         if spec.sandbox_id in self._vms or spec.sandbox_id in self._creating:
             raise InvalidState(f"sandbox {spec.sandbox_id!r} already exists")
         in_use = {

@@ -14,13 +14,14 @@ from typing import Any, Final
 
 from kiln.network import NetworkError
 
+from ..base import SANDBOX_ID_RE
 from ..errors import EngineError, InvalidState
 from ..states import ADOPTED, Found
 from . import disks, machine, process, snapshot, templates
 from .config import QemuConfig
 from .host import Host
 from .hostnet import HostNet
-from .layout import SANDBOX_ID_RE, Paths, Record
+from .layout import Paths, Record
 from .machine import ENGINE_NAME, VM
 from .qmp import QMP
 from .thermal import why_unrestorable
