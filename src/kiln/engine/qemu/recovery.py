@@ -186,6 +186,11 @@ class Recovery:
             record = None
         if record is not None:
             await self._net.delete_tap(record.tap)
-            if self._net.pool.owner_of(record.ip) == sandbox_id:
+            owner = self._net.pool.owner_of(record.ip)
+            if owner == sandbox_id:
                 await self._net.release_ip(record.ip)
+            elif owner is None:
+                # A previous run's sandbox: nobody holds its address now, but its
+                # pinned ARP entry outlived that run. (Another owner's pin stays.)
+                await self._net.forget_neighbour(record.ip)
         await asyncio.to_thread(disks.remove_tree, root)
