@@ -26,7 +26,13 @@ from typing import Any
 
 from kiln.agent_client import AgentClient
 from kiln.engine.base import SandboxInfo, SandboxSpec, Status, Thermal
-from kiln.engine.errors import EngineError, EngineUnavailable, InvalidState, SandboxNotFound
+from kiln.engine.errors import (
+    EngineError,
+    EngineUnavailable,
+    InvalidSpec,
+    InvalidState,
+    SandboxNotFound,
+)
 from kiln.engine.states import ADOPTED, CREATED, Action, Found, Op, Transition, plan
 from kiln.protocol import ActivityInfo
 
@@ -131,6 +137,8 @@ class FakeEngine:
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         spec.validate()
+        if spec.engine is not None and spec.engine != self.name:
+            raise InvalidSpec(f"spec for engine {spec.engine!r} given to {self.name!r}")
         if self._enter("create", spec.sandbox_id) is not None:
             raise InvalidState(f"sandbox {spec.sandbox_id} exists")
         n = len(self.boxes) + 2
@@ -145,6 +153,7 @@ class FakeEngine:
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
             keep_hot=spec.keep_hot,
+            runtime=spec.runtime,
         )
         self.boxes[spec.sandbox_id] = _Box(info)
         return info
