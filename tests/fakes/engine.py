@@ -3,9 +3,7 @@
 It keeps sandboxes in a dict, plans every state change with
 :mod:`kiln.engine.states` as the real engines do (so it refuses and allows the
 same operations, with the same errors), records every call, lets a test inject
-failures and set what each "guest agent" reports as activity. It is not an
-engine to test engine behaviour with: the engine conformance suite runs
-against real engines.
+failures and set what each "guest agent" reports as activity.
 
 Exported state is a plain dict; :meth:`FakeEngine.import_state` models what a
 daemon restart found, from the keys a test puts there:
@@ -16,28 +14,60 @@ daemon restart found, from the keys a test puts there:
 
 It is strict about types: ``cpus``/``memory_mb`` must arrive as ``int`` and
 flags as ``bool``, as they would from a correct JSON round trip.
+
+With ``agents=ROOT`` (opt in) every sandbox is a real test-mode guest agent
+process (:mod:`fakes.agents`): ``agent()`` hands out a client to it, pause is
+SIGSTOP and resume SIGCONT of all its processes, and it has no snapshots
+(``Capabilities(snapshots=False)``: a stop kills its processes and keeps its
+files, a start boots a new agent), so the states follow the table without
+snapshots. It keeps everything under ROOT, and a second engine over the same
+ROOT re-adopts what the first exported (``import_state``, which then looks at
+what it finds under ROOT rather than at the keys above) or removes it
+(``cleanup_orphans``). In this mode it passes the engine conformance suite
+(``tests/engine/test_conformance_fake.py``); spec files must lie inside the
+sandbox's working directory (:meth:`FakeEngine.workdir`: the sandboxes share
+the host's file system) and there are no volumes and no addresses (``ip`` None).
+The test controls (``fail``, ``calls``, ``crash``, ...) work in both modes.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from kiln.agent_client import AgentClient
-from kiln.engine.base import SandboxInfo, SandboxSpec, Status, Thermal
-from kiln.engine.errors import EngineError, EngineUnavailable, InvalidState, SandboxNotFound
-from kiln.engine.states import ADOPTED, CREATED, Action, Found, Op, Transition, plan
+from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec, Status, Thermal
+from kiln.engine.errors import (
+    EngineError,
+    EngineUnavailable,
+    InvalidSpec,
+    InvalidState,
+    SandboxNotFound,
+)
+from kiln.engine.states import ADOPTED, CREATED, Action, Found, Op, State, Transition, plan
 from kiln.protocol import ActivityInfo
+
+from . import agents
+
+#: What a sandbox of ``FakeEngine(agents=...)`` can do: pause, but no snapshots.
+AGENT_CAPABILITIES = Capabilities(pause=True, snapshots=False)
+#: A sandbox found with its files but no machine (no snapshots: a stopped one).
+FILES_ONLY = State(Status.STOPPED, Thermal.COLD)
 
 
 @dataclass
 class _Box:
     info: SandboxInfo
+    #: Its agent process (``agents`` mode only).
+    machine: agents.Machine | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class FakeEngine:
-    def __init__(self, name: str = "fake") -> None:
+    def __init__(self, name: str = "fake", *, agents: Path | None = None) -> None:
         self.name = name
         self.boxes: dict[str, _Box] = {}
         self.calls: list[tuple[str, str]] = []  # (method, sandbox_id)
@@ -46,6 +76,9 @@ class FakeEngine:
         self.failures: dict[tuple[str, str], EngineError] = {}
         self.closed = False
         self.prepared: list[SandboxSpec] = []
+        #: Where the sandboxes' agents live (None: no agents, states only).
+        self.agents_root = agents
+        self.snapshots = agents is None
 
     # --- test controls ----------------------------------------------------------------
 
@@ -92,6 +125,19 @@ class FakeEngine:
         """Sandbox ids ``method`` was called for, in order."""
         return [sid for m, sid in self.calls if m == method]
 
+    def workdir(self, sandbox_id: str) -> Path:
+        """``agents`` mode: the sandbox's working directory (its files), also before
+        it is created."""
+        if self.agents_root is None:
+            raise EngineUnavailable("the fake engine has sandbox directories only with agents")
+        return agents.sandbox_dir(self.agents_root, sandbox_id) / "work"
+
+    def machine_marker(self, sandbox_id: str) -> str:
+        """``agents`` mode: KILN_FAKE_SANDBOX of every process of the sandbox."""
+        if self.agents_root is None:
+            raise EngineUnavailable("the fake engine has processes only with agents")
+        return agents.marker_of(self.agents_root, sandbox_id)
+
     # --- the Engine interface ---------------------------------------------------------
 
     def _enter(self, method: str, sandbox_id: str) -> _Box | None:
@@ -114,7 +160,7 @@ class FakeEngine:
     def _transition(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
         """Plan ``op`` as the real engines do, "carry out" its action, apply its next state."""
         box = self._box(method, sandbox_id)
-        step = plan(op, box.info.state, sandbox_id)
+        step = plan(op, box.info.state, sandbox_id, snapshots=self.snapshots)
         return self._apply(box, step)
 
     def _apply(self, box: _Box, step: Transition) -> SandboxInfo:
@@ -129,8 +175,71 @@ class FakeEngine:
             box, status=step.next.status, thermal=step.next.thermal, has_snapshot=has_snapshot
         )
 
+    async def _act(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
+        """A transition: in ``agents`` mode carried out on the agent's processes."""
+        if self.agents_root is None:
+            return self._transition(method, sandbox_id, op)
+        box = self._box(method, sandbox_id)
+        async with box.lock:
+            if self.boxes.get(sandbox_id) is not box:
+                raise SandboxNotFound(f"sandbox {sandbox_id} was destroyed")
+            if self._notice_death(box):
+                await self._carry_out(box, Action.KILL)
+            step = plan(op, box.info.state, sandbox_id, snapshots=False)
+            await self._carry_out(box, step.action)
+            return self._apply(box, step)
+
+    async def _carry_out(self, box: _Box, action: Action) -> None:
+        machine = box.machine
+        assert machine is not None
+        match action:
+            case Action.NOTHING:
+                pass
+            case Action.PAUSE:
+                await asyncio.to_thread(agents.freeze, machine.marker, _pid(machine))
+            case Action.RESUME:
+                await asyncio.to_thread(agents.thaw, machine.marker, _pid(machine))
+            case Action.BOOT:
+                await self._boot(machine)
+            case Action.SHUTDOWN | Action.KILL:
+                await asyncio.to_thread(agents.shutdown, machine)
+            case _:  # SNAPSHOT, RESTORE: never planned without snapshots
+                raise AssertionError(f"{action} planned for a sandbox without snapshots")
+
+    async def _boot(self, machine: agents.Machine) -> None:
+        try:
+            await asyncio.to_thread(agents.boot, machine)
+        except RuntimeError as exc:
+            raise EngineError(str(exc)) from exc
+
+    def _notice_death(self, box: _Box) -> bool:
+        """``agents`` mode: a sandbox whose agent is gone crashed; True if it just did."""
+        machine = box.machine
+        if machine is None or not box.info.state.live or machine.running:
+            return False
+        self._apply(box, plan(Op.CRASH, box.info.state, box.info.sandbox_id, snapshots=False))
+        return True
+
+    def _check_agent_spec(self, spec: SandboxSpec) -> None:
+        if spec.volumes:
+            raise InvalidSpec("the fake engine with agents has no volumes")
+        if not agents.sandbox_id_ok(spec.sandbox_id):
+            raise InvalidSpec(f"invalid sandbox id {spec.sandbox_id!r}")
+        workdir = self.workdir(spec.sandbox_id)
+        for spec_file in spec.files:
+            path = Path(spec_file.path)
+            if not path.is_absolute() or not path.resolve().is_relative_to(workdir):
+                raise InvalidSpec(
+                    f"file {spec_file.path}: the fake engine writes spec files only "
+                    f"inside the sandbox's working directory {workdir}"
+                )
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         spec.validate()
+        if spec.engine is not None and spec.engine != self.name:
+            raise InvalidSpec(f"spec for engine {spec.engine!r} given to {self.name!r}")
+        if self.agents_root is not None:
+            self._check_agent_spec(spec)
         if self._enter("create", spec.sandbox_id) is not None:
             raise InvalidState(f"sandbox {spec.sandbox_id} exists")
         n = len(self.boxes) + 2
@@ -141,36 +250,72 @@ class FakeEngine:
             image=spec.image,
             status=CREATED.next.status,
             thermal=CREATED.next.thermal,
-            ip=f"10.99.0.{n}",
+            ip=f"10.99.0.{n}" if self.agents_root is None else None,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
             keep_hot=spec.keep_hot,
+            runtime=spec.runtime,
         )
-        self.boxes[spec.sandbox_id] = _Box(info)
+        if self.agents_root is None:
+            self.boxes[spec.sandbox_id] = _Box(info)
+            return info
+        info = replace(info, capabilities=AGENT_CAPABILITIES)
+        box = self.boxes[spec.sandbox_id] = _Box(info)
+        try:
+            async with box.lock:
+                try:
+                    machine = await asyncio.to_thread(agents.create, self.agents_root, spec)
+                except FileExistsError:
+                    raise InvalidState(
+                        f"sandbox {spec.sandbox_id} is left over from an earlier run; "
+                        "destroy it first"
+                    ) from None
+                box.machine = machine
+                await self._boot(machine)
+        except BaseException:
+            self.boxes.pop(spec.sandbox_id, None)
+            if box.machine is not None:
+                await asyncio.to_thread(agents.remove, self.agents_root, spec.sandbox_id)
+            raise
         return info
 
     async def destroy(self, sandbox_id: str) -> None:
-        self._enter("destroy", sandbox_id)
+        box = self._enter("destroy", sandbox_id)
         self.boxes.pop(sandbox_id, None)
+        if self.agents_root is None:
+            return
+        if box is not None:
+            async with box.lock:
+                await asyncio.to_thread(agents.remove, self.agents_root, sandbox_id)
+        elif agents.sandbox_id_ok(sandbox_id):
+            # One this engine does not hold: what an earlier run left of it.
+            await asyncio.to_thread(agents.remove, self.agents_root, sandbox_id)
 
     async def stop(self, sandbox_id: str) -> SandboxInfo:
-        return self._transition("stop", sandbox_id, Op.COOL)
+        # Without snapshots the engine's stop can only be the user's (states: COOL is
+        # refused, STOP ends the processes and keeps the files).
+        return await self._act("stop", sandbox_id, Op.COOL if self.snapshots else Op.STOP)
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
-        return self._transition("start", sandbox_id, Op.START)
+        return await self._act("start", sandbox_id, Op.START)
 
     async def pause(self, sandbox_id: str) -> None:
-        self._transition("pause", sandbox_id, Op.PAUSE)
+        await self._act("pause", sandbox_id, Op.PAUSE)
 
     async def resume(self, sandbox_id: str) -> None:
-        self._transition("resume", sandbox_id, Op.RESUME)
+        await self._act("resume", sandbox_id, Op.RESUME)
 
     async def ensure_hot(self, sandbox_id: str) -> None:
-        self._transition("ensure_hot", sandbox_id, Op.ENSURE_HOT)
+        await self._act("ensure_hot", sandbox_id, Op.ENSURE_HOT)
 
     def crash(self, sandbox_id: str) -> SandboxInfo:
         """The sandbox's machine dies underneath us (a test control)."""
         return self._transition("crash", sandbox_id, Op.CRASH)
+
+    def _observe(self, box: _Box) -> SandboxInfo:
+        if not box.lock.locked():  # a transition in progress notices a death itself
+            self._notice_death(box)
+        return box.info
 
     def thermal(self, sandbox_id: str) -> Thermal:
         box = self.boxes.get(sandbox_id)
@@ -179,35 +324,47 @@ class FakeEngine:
         error = self.failures.get(("thermal", sandbox_id))
         if error is not None:
             raise error
-        return box.info.thermal
+        return self._observe(box).thermal
 
     def info(self, sandbox_id: str) -> SandboxInfo:
         box = self.boxes.get(sandbox_id)
         if box is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
-        return box.info
+        return self._observe(box)
 
     def list(self) -> list[SandboxInfo]:
-        return [box.info for box in self.boxes.values()]
+        return [self._observe(box) for box in list(self.boxes.values())]
 
     async def agent(self, sandbox_id: str) -> AgentClient:
-        self._box("agent", sandbox_id)
-        raise EngineUnavailable("the fake engine has no guest agent; use activity()")
+        if self.agents_root is None:
+            self._box("agent", sandbox_id)
+            raise EngineUnavailable("the fake engine has no guest agent; use activity()")
+        await self._act("agent", sandbox_id, Op.ENSURE_HOT)
+        return self._client(self.boxes[sandbox_id])
+
+    @staticmethod
+    def _client(box: _Box) -> AgentClient:
+        machine = box.machine
+        assert machine is not None
+        return AgentClient.unix_dir(machine.socket_dir, machine.token, connect_timeout=5)
 
     async def activity(self, sandbox_id: str) -> ActivityInfo:
         """What the sandbox's agent would answer; an activity source for the thermal manager.
 
-        Refuses a sandbox that is not hot: asking would have to wake it.
+        Refuses a sandbox that is not hot: asking would have to wake it. In ``agents``
+        mode the agent answers, unless a test set the answer.
         """
         self.activity_queries.append(sandbox_id)
         box = self._box("activity", sandbox_id)
         if box.info.thermal is not Thermal.HOT:
             raise InvalidState(f"sandbox {sandbox_id} is {box.info.thermal}: asking would wake it")
+        if sandbox_id not in self.activity_info and box.machine is not None:
+            return await self._client(box).activity()
         return self.activity_info.get(sandbox_id, ActivityInfo(0.0))
 
     def export_state(self, sandbox_id: str) -> dict[str, Any]:
         box = self._box("export_state", sandbox_id)
-        i = box.info
+        i = self._observe(box)
         alive = None if i.thermal is Thermal.COLD else i.thermal.value
         return {
             "sandbox_id": i.sandbox_id,
@@ -226,6 +383,10 @@ class FakeEngine:
         if not isinstance(sandbox_id, str):
             raise InvalidState(f"state without a sandbox_id: {state!r}")
         self._enter("import_state", sandbox_id)
+        if self.agents_root is not None:
+            if not agents.sandbox_id_ok(sandbox_id):
+                raise InvalidState(f"not a sandbox id: {sandbox_id!r}")
+            return await self._adopt(sandbox_id)
         for key in ("cpus", "memory_mb"):
             value = state.get(key, 1)
             if type(value) is not int:
@@ -257,16 +418,69 @@ class FakeEngine:
             self.boxes[sandbox_id] = _Box(info)
         return info
 
+    async def _adopt(self, sandbox_id: str) -> SandboxInfo:
+        """``agents`` mode: what is left of the sandbox under our root, looked at afresh."""
+        existing = self.boxes.get(sandbox_id)
+        if existing is not None:
+            return self._observe(existing)
+        assert self.agents_root is not None
+        root = agents.sandbox_dir(self.agents_root, sandbox_id)
+        machine = await asyncio.to_thread(agents.Machine.load, root)
+        if machine is None:
+            spec = SandboxSpec(sandbox_id=sandbox_id, name=sandbox_id)
+            state = ADOPTED[Found.NOTHING]
+        else:
+            spec = machine.spec
+            if machine.running:
+                paused = agents.stopped(_pid(machine))
+                state = ADOPTED[Found.PAUSED if paused else Found.RUNNING]
+            else:
+                await asyncio.to_thread(agents.shutdown, machine)  # stray processes
+                state = FILES_ONLY
+        info = SandboxInfo(
+            sandbox_id=sandbox_id,
+            name=spec.name,
+            engine=self.name,
+            image=spec.image,
+            status=state.status,
+            thermal=state.thermal,
+            ip=None,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            keep_hot=spec.keep_hot,
+            capabilities=AGENT_CAPABILITIES,
+            runtime=spec.runtime,
+        )
+        self.boxes[sandbox_id] = _Box(info, machine)
+        return info
+
     async def prepare(self, spec: SandboxSpec) -> None:
         spec.validate()
         self.prepared.append(spec)
 
     async def cleanup_orphans(self) -> list[str]:
         self.calls.append(("cleanup_orphans", ""))
-        return []
+        if self.agents_root is None:
+            return []
+        removed: list[str] = []
+        for sandbox_id in await asyncio.to_thread(_list_ids, self.agents_root):
+            if sandbox_id not in self.boxes:
+                removed += await asyncio.to_thread(agents.remove, self.agents_root, sandbox_id)
+        return removed
 
     async def delete_volume(self, volume_id: str) -> None:
         self.calls.append(("delete_volume", volume_id))
 
     async def close(self) -> None:
+        # Like QEMU VMs, agents outlive the engine: the next one re-adopts them.
         self.closed = True
+
+
+def _pid(machine: agents.Machine) -> int:
+    if machine.pid is None:
+        raise InvalidState(f"sandbox {machine.spec.sandbox_id} has no running agent")
+    return machine.pid
+
+
+def _list_ids(root: Path) -> list[str]:
+    return list(agents.sandbox_ids(root))
