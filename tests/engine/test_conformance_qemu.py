@@ -39,17 +39,7 @@ def _qemu(engine: Engine) -> QemuEngine:
 
 class QemuKit:
     has_ip = True
-    known_failures: dict[str, str] = {
-        "test_a_spec_for_another_engine_is_refused": (
-            "QemuEngine._check_spec ignores SandboxSpec.engine: a spec for another engine "
-            "boots a VM (base.py: an engine given a spec for another engine refuses it)"
-        ),
-        "test_cleanup_orphans_removes_what_no_engine_knows": (
-            "QemuEngine._destroy_leftovers forgets the orphan's pinned ARP entry only when "
-            "its pool owns the address, which a restarted engine's pool never does: the "
-            "PERMANENT neighbour entry stays behind"
-        ),
-    }
+    known_failures: dict[str, str] = {}
 
     def __init__(self, main: VMEnv, scratch: Path) -> None:
         self._envs = {MAIN_HOME: main}

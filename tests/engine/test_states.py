@@ -229,6 +229,9 @@ def test_adopted() -> None:
         (State(S, COLD), State(R, COLD), True, State(S, COLD)),
         (State(U, COLD), State(R, COLD), True, State(S, COLD)),
         (State(R, COLD), State(R, COLD), False, State(U, COLD)),
+        # Without snapshots the engine finds a stopped machine's files: it boots again.
+        (State(R, HOT), State(S, COLD), False, State(S, COLD)),
+        (State(S, COLD), State(S, COLD), False, State(S, COLD)),
     ],
 )
 def test_recovered(

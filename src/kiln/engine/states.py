@@ -263,6 +263,7 @@ def recovered(stored: State, engine: State | None, has_snapshot: bool) -> State:
     =====================  =========================  ===============================
     error / unknown         any                        as the engine says
     live (hot/warm)         any                        running, as the engine says
+    stopped (no snapshots)  any                        stopped, cold (its files)
     cold, snapshot          running and already cold   running, cold (nothing lost)
     cold, snapshot          anything else              stopped, cold (restorable)
     cold, no snapshot       any                        unknown
@@ -279,6 +280,8 @@ def recovered(stored: State, engine: State | None, has_snapshot: bool) -> State:
         return engine
     if engine.thermal is not _COLD:
         return State(_R, engine.thermal)
+    if engine.status is _S:
+        return engine  # no snapshots: its files survived, and it boots again from them
     if not has_snapshot:
         return ADOPTED[Found.NOTHING]
     if stored == State(_R, _COLD):

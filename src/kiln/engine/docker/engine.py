@@ -146,6 +146,10 @@ class DockerEngine:
         return self._dockerd
 
     @property
+    def pool(self) -> IPPool:
+        return self._pool
+
+    @property
     def runtimes(self) -> tuple[str, ...]:
         """The runtimes this engine can use (known once it is ready)."""
         return self._runtimes
@@ -259,8 +263,7 @@ class DockerEngine:
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
             keep_hot=spec.keep_hot,
-            # Without snapshots: whether it can come back (its files are kept).
-            has_snapshot=box.state.thermal is Thermal.COLD,
+            has_snapshot=False,  # its stop keeps files, never memory
             capabilities=box.capabilities,
             runtime=box.record.runtime,
         )
@@ -479,6 +482,11 @@ class DockerEngine:
                     await asyncio.to_thread(client.api.unpause, name)
             case Action.SHUTDOWN:
                 with docker_errors(what):
+                    if box.state.thermal is Thermal.WARM:
+                        # A paused agent cannot end its processes; and runsc, stopped
+                        # while paused, keeps the container "paused" in its state, so
+                        # the next start fails with "id already in use".
+                        await asyncio.to_thread(client.api.unpause, name)
                     await asyncio.to_thread(client.api.stop, name, timeout=_STOP_TIMEOUT)
                 box.pid = None
             case Action.BOOT:
