@@ -119,6 +119,26 @@ class SandboxSpec:
             runtime=data.get("runtime"),
         )
 
+    def guest_config(self, token: str) -> dict[str, Any]:
+        """What every engine's guest agent config (:mod:`kiln.guest.config`) holds of the
+        spec; each engine adds its own machine's keys (network, volumes, ...)."""
+        config: dict[str, Any] = {
+            "sandbox_id": self.sandbox_id,
+            "token": token,
+            "env": dict(self.env),
+            "files": [
+                {
+                    "path": f.path,
+                    "content": base64.b64encode(f.content).decode(),
+                    "mode": f"{f.mode & 0o7777:04o}",
+                }
+                for f in self.files
+            ],
+        }
+        if self.init:
+            config["init"] = self.init
+        return config
+
     def validate(self) -> None:
         """Reject a bad spec with a clear message before any resource is touched."""
         if not SANDBOX_ID_RE.match(self.sandbox_id):
@@ -190,6 +210,25 @@ class SandboxInfo:
     @property
     def state(self) -> State:
         return State(self.status, self.thermal)
+
+    @classmethod
+    def of(
+        cls, spec: SandboxSpec, engine: str, state: State, ip: str | None, **more: Any
+    ) -> SandboxInfo:
+        """The info of a sandbox made from ``spec``, in ``state``."""
+        return cls(
+            sandbox_id=spec.sandbox_id,
+            name=spec.name,
+            engine=engine,
+            image=spec.image,
+            status=state.status,
+            thermal=state.thermal,
+            ip=ip,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            keep_hot=spec.keep_hot,
+            **more,
+        )
 
 
 @runtime_checkable

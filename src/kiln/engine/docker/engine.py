@@ -251,18 +251,11 @@ class DockerEngine:
         return box
 
     def _info(self, box: _Box) -> SandboxInfo:
-        spec = box.record.spec
-        return SandboxInfo(
-            sandbox_id=spec.sandbox_id,
-            name=spec.name,
-            engine=ENGINE_NAME,
-            image=spec.image,
-            status=box.state.status,
-            thermal=box.state.thermal,
-            ip=box.record.ip,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            keep_hot=spec.keep_hot,
+        return SandboxInfo.of(
+            box.record.spec,
+            ENGINE_NAME,
+            box.state,
+            box.record.ip,
             has_snapshot=False,  # its stop keeps files, never memory
             capabilities=box.capabilities,
             runtime=box.record.runtime,

@@ -9,7 +9,6 @@ is what lets a restarted daemon find it again by name.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from dataclasses import dataclass
@@ -91,28 +90,11 @@ class Record:
         return cls.from_json(json.loads((directory / RECORD_FILE).read_text()))
 
 
-def guest_config(record: Record, user: str | None = None) -> dict[str, Any]:
+def guest_config(record: Record) -> dict[str, Any]:
     """The agent's ``config.json`` (see :mod:`kiln.guest.config`). The runtime does the
-    network, host name and DNS, so none of them are in it."""
-    spec = record.spec
-    config: dict[str, Any] = {
-        "sandbox_id": spec.sandbox_id,
-        "token": record.token,
-        "env": dict(spec.env),
-        "files": [
-            {
-                "path": f.path,
-                "content": base64.b64encode(f.content).decode(),
-                "mode": f"{f.mode & 0o7777:04o}",
-            }
-            for f in spec.files
-        ],
-        "user_dirs": [v.mount for v in spec.volumes],
-    }
-    if spec.init:
-        config["init"] = spec.init
-    if user:
-        config["user"] = user
+    network, host name and DNS; the volumes' roots must become the user's."""
+    config = record.spec.guest_config(record.token)
+    config["user_dirs"] = [v.mount for v in record.spec.volumes]
     return config
 
 

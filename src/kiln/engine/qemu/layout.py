@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,32 +166,18 @@ def guest_config(
 ) -> dict[str, Any]:
     """The ``config.json`` of the config drive (see :mod:`kiln.guest.config`)."""
     spec = record.spec
-    config: dict[str, Any] = {
-        "sandbox_id": spec.sandbox_id,
-        "hostname": guest_hostname(spec.name),
-        "token": record.token,
-        "env": dict(spec.env),
-        "files": [
-            {
-                "path": f.path,
-                "content": base64.b64encode(f.content).decode(),
-                "mode": f"{f.mode & 0o7777:04o}",
-            }
-            for f in spec.files
-        ],
-        "volumes": [
-            {"device": device, "mount": mount, "fstype": "ext4", "size": size}
-            for device, mount, size in volume_devices
-        ],
-        "dns": list(network.get("dns", [])),
-        "network": {
-            "address": network["address"],
-            "gateway": network["gateway"],
-            "mac": network["mac"],
-        },
+    config = spec.guest_config(record.token)
+    config["hostname"] = guest_hostname(spec.name)
+    config["volumes"] = [
+        {"device": device, "mount": mount, "fstype": "ext4", "size": size}
+        for device, mount, size in volume_devices
+    ]
+    config["dns"] = list(network.get("dns", []))
+    config["network"] = {
+        "address": network["address"],
+        "gateway": network["gateway"],
+        "mac": network["mac"],
     }
-    if spec.init:
-        config["init"] = spec.init
     if user:
         config["user"] = user
     return config

@@ -88,19 +88,8 @@ class Phases:
 
 
 def sandbox_info(vm: VM) -> SandboxInfo:
-    spec = vm.record.spec
-    return SandboxInfo(
-        sandbox_id=spec.sandbox_id,
-        name=spec.name,
-        engine=ENGINE_NAME,
-        image=spec.image,
-        status=vm.state.status,
-        thermal=vm.state.thermal,
-        ip=vm.record.ip,
-        cpus=spec.cpus,
-        memory_mb=spec.memory_mb,
-        keep_hot=spec.keep_hot,
-        has_snapshot=vm.meta.valid,
+    return SandboxInfo.of(
+        vm.record.spec, ENGINE_NAME, vm.state, vm.record.ip, has_snapshot=vm.meta.valid
     )
 
 
