@@ -15,9 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from sdk.conftest import Daemon, kiln, running_daemon, sb, unique, upstream
+from sdk.conftest import (
+    NO_DOCKER,
+    Daemon,
+    kiln,
+    no_docker_daemon,
+    running_daemon,
+    sb,
+    two_engine_daemon,
+    unique,
+    upstream,
+)
 
-__all__ = ["Cli", "Daemon", "cli", "daemon", "kiln", "kiln_argv", "sb", "unique", "upstream"]
+__all__ = [
+    "NO_DOCKER",
+    "Cli",
+    "Daemon",
+    "cli",
+    "daemon",
+    "kiln",
+    "kiln_argv",
+    "no_docker_daemon",
+    "sb",
+    "two_engine_daemon",
+    "unique",
+    "upstream",
+]
 
 KILN = Path(sys.executable).with_name("kiln")
 SRC = Path(__file__).resolve().parents[2] / "src"

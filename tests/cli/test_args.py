@@ -6,6 +6,7 @@ import pytest
 
 from kiln.cli.args import (
     ALIAS_PATTERN,
+    engine_for,
     parse_alias,
     parse_duration,
     parse_env,
@@ -122,3 +123,10 @@ def test_parse_labels() -> None:
     for bad in ("team", "=ml"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             parse_labels([bad])
+
+
+def test_engine_for_a_runtime_alone_is_docker() -> None:
+    assert engine_for(None, None) is None  # the daemon's default
+    assert engine_for("qemu", None) == "qemu"
+    assert engine_for(None, "runsc") == "docker"
+    assert engine_for("qemu", "runsc") == "qemu"  # the daemon says no, not the CLI

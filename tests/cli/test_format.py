@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import StringIO
 
@@ -13,6 +14,7 @@ from kiln.cli.execio import exit_status, stdin_command
 from kiln.cli.terminal import split_detach
 from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 from kiln.sdk.models import (
+    Capabilities,
     FileStat,
     Health,
     Port,
@@ -78,14 +80,53 @@ def test_sandbox_table() -> None:
     text = render(fmt.format_sandbox_table([sandbox(), expiring], NOW))
     lines = text.strip().splitlines()
     assert lines[0].split() == [
-        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE", "EXPIRES"
+        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "ENGINE", "IMAGE", "AGE",
+        "EXPIRES",
     ]  # fmt: skip
     row = next(line.split() for line in lines if line.startswith("demo"))
     assert row == ["demo", "sb-0123456789ab", "running", "hot", "10.88.0.2", "2", "1.5G",
-                   "minimal", "5m", "-"]  # fmt: skip
+                   "qemu", "minimal", "5m", "-"]  # fmt: skip
     row = next(line.split() for line in lines if line.startswith("b "))
     assert row[:5] == ["b", "sb-0123456789ab", "running", "hot", "-"]
     assert row[-2:] == ["in", "59m"]
+
+
+def test_engine_column() -> None:
+    assert fmt.format_engine(sandbox()) == "qemu"
+    assert fmt.format_engine(sandbox(engine="docker", runtime="runc")) == "docker/runc"
+    assert fmt.format_engine(sandbox(engine="docker", runtime="runsc")) == "docker/runsc"
+    assert fmt.format_engine(sandbox(engine="")) == "-"
+    rows = render(fmt.format_sandbox_table([sandbox(engine="docker", runtime="runsc")], NOW))
+    assert "docker/runsc" in rows.splitlines()[-1].split()
+
+
+def test_sandbox_fields_engine_runtime_capabilities() -> None:
+    text = fmt.format_sandbox(sandbox(capabilities=Capabilities()), NOW)
+    assert "engine:      qemu\n" in text
+    assert "runtime:     -\n" in text
+    assert "pause:       yes\n" in text
+    assert "snapshots:   yes (cold and stopped keep its memory and processes)\n" in text
+    text = fmt.format_sandbox(
+        sandbox(engine="docker", runtime="runsc", capabilities=Capabilities(snapshots=False)),
+        NOW,
+    )
+    assert "engine:      docker\nruntime:     runsc\n" in text
+    assert "snapshots:   no (never cold; a stop keeps its files but ends its processes)" in text
+    unknown = fmt.format_sandbox(sandbox(), NOW)  # an older daemon, or mid-transition
+    assert "pause:       -\nsnapshots:   -\n" in unknown
+
+
+def test_stopped_message_follows_the_capabilities() -> None:
+    stopped = sandbox(status="stopped", thermal="cold")
+    assert fmt.format_stopped(stopped) == "demo: stopped"
+    assert fmt.format_stopped(replace(stopped, capabilities=Capabilities())) == "demo: stopped"
+    # The capabilities decide, not the engine's name.
+    for engine in ("docker", "qemu"):
+        without = replace(stopped, engine=engine, capabilities=Capabilities(snapshots=False))
+        assert fmt.format_stopped(without) == (
+            "demo: stopped; its files are kept but its processes were ended (its engine has"
+            " no snapshots); kiln start demo boots it again"
+        )
 
 
 def test_format_expires() -> None:
@@ -209,6 +250,17 @@ def test_publish_errors_name_the_port_and_the_sandbox() -> None:
 def test_health() -> None:
     text = fmt.format_health(Health("ok", 3, 7260.0, "qemu"), "http://h:1")
     assert "uptime:    2h" in text and "sandboxes: 3" in text
+    assert "engine:    qemu\n" in text  # an older daemon: one engine, nothing more to say
+
+
+def test_health_shows_each_engine() -> None:
+    engines = {"qemu": "ok", "docker": "no Docker engine here: dockerd is not installed"}
+    text = fmt.format_health(Health("ok", 0, 5.0, "qemu", engines), "http://h:1")
+    assert text.splitlines()[2:5] == [
+        "engine:    qemu (default for new sandboxes)",
+        "docker:    unavailable: no Docker engine here: dockerd is not installed",
+        "qemu:      ok",
+    ]
 
 
 def test_detached_message_names_the_session() -> None:

@@ -18,9 +18,17 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from kiln.engine.base import Capabilities, Engine
+from kiln.engine.router import Engines, Unavailable
 from kiln.sdk import AsyncKiln, Kiln, NotFound, Sandbox
-from server.harness import AgentEngine, LiveServer
+from server.harness import AgentEngine, LiveServer, kill_recorded_agents
 from server.upstream import Upstream
+
+#: What the Docker engine's sandboxes can do (and the two-engine daemon's ``docker``).
+CONTAINER_CAPABILITIES = Capabilities(pause=True, snapshots=False)
+#: Why the ``docker`` engine of :func:`running_two_engine_daemon` without Docker
+#: cannot run (as ``/health`` says).
+NO_DOCKER = "no Docker engine here: dockerd is not installed"
 
 
 @dataclass
@@ -48,7 +56,10 @@ class Daemon:
 
     def workdir(self, sandbox_id: str) -> Path:
         """The sandbox's working directory (test-mode agents share the host filesystem)."""
-        engine: AgentEngine = self.server.engine
+        engine = self.server.engine
+        if isinstance(engine, Engines):
+            engine = engine.engine_of(sandbox_id)
+        assert isinstance(engine, AgentEngine)
         return engine.workdir(sandbox_id)
 
 
@@ -66,9 +77,47 @@ def running_daemon(root: Path) -> Iterator[Daemon]:
         server.stop()
 
 
+@contextmanager
+def running_two_engine_daemon(root: Path, *, docker: bool = True) -> Iterator[Daemon]:
+    """The API over the daemon's real engine router (:class:`~kiln.engine.router.Engines`):
+    ``qemu`` (the default) an :class:`AgentEngine` with snapshots, ``docker`` one without
+    (:data:`CONTAINER_CAPABILITIES`), or with ``docker=False`` unavailable, as on a host
+    without Docker. Each engine gets only the sandboxes whose spec names it."""
+    engine_root = root / "engine"
+
+    def engines(data: Path) -> Engines:
+        qemu = AgentEngine(engine_root, name="qemu", lazy=True)
+        other: Engine = Unavailable(NO_DOCKER, "docker")
+        if docker:
+            other = AgentEngine(
+                engine_root, name="docker", lazy=True, capabilities=CONTAINER_CAPABILITIES
+            )
+        return Engines({"qemu": qemu, "docker": other}, "qemu")
+
+    server = LiveServer(root, engine_factory=engines).start()
+    try:
+        _, token = server.store.create_user("tester")
+        yield Daemon(server, token)
+    finally:
+        server.stop()
+        kill_recorded_agents(engine_root)  # they outlive the engine's close, as VMs do
+
+
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with running_daemon(tmp_path_factory.mktemp("sdk-daemon")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def two_engine_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_two_engine_daemon(tmp_path_factory.mktemp("two-engines")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def no_docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_two_engine_daemon(tmp_path_factory.mktemp("no-docker"), docker=False) as d:
         yield d
 
 

@@ -23,12 +23,14 @@ from kiln.sdk.errors import (
     error_for_status,
 )
 from kiln.sdk.models import (
+    Capabilities,
     Exit,
     NewVolume,
     Stderr,
     Stdout,
     VolumeMount,
     parse_exec_event,
+    parse_health,
     parse_port,
     parse_published,
     parse_sandbox,
@@ -187,6 +189,51 @@ def test_sandbox_spec_only_sends_what_is_given() -> None:
     assert _api.sandbox_spec(volumes=[VolumeMount("v", "/v")])["volumes"] == [
         {"name": "v", "mount": "/v"}
     ]
+    assert _api.sandbox_spec(engine="docker", runtime="runsc") == {
+        "engine": "docker",
+        "runtime": "runsc",
+    }
+
+
+def test_parse_sandbox_engine_runtime_capabilities() -> None:
+    old = parse_sandbox(SANDBOX)  # a daemon from before runtimes and capabilities
+    assert (old.engine, old.runtime, old.capabilities) == ("qemu", None, None)
+    assert parse_sandbox({**SANDBOX, "capabilities": None}).capabilities is None  # mid-stop
+    sb = parse_sandbox(
+        {
+            **SANDBOX,
+            "engine": "docker",
+            "runtime": "runsc",
+            "capabilities": {"pause": True, "snapshots": False, "later": 1},
+        }
+    )
+    assert (sb.engine, sb.runtime) == ("docker", "runsc")
+    assert sb.capabilities == Capabilities(pause=True, snapshots=False)
+    assert sb.to_dict()["capabilities"] == {"pause": True, "snapshots": False}
+    assert parse_sandbox({**SANDBOX, "capabilities": {}}).capabilities == Capabilities()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"runtime": 1}, "'runtime' must be a string"),
+        ({"capabilities": ["pause"]}, "capabilities: expected a JSON object"),
+        ({"capabilities": {"snapshots": "no"}}, "'snapshots' must be bool"),
+    ],
+)
+def test_parse_sandbox_rejects_bad_engine_fields(change: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidResponse, match=message):
+        parse_sandbox({**SANDBOX, **change})
+
+
+def test_parse_health_engines() -> None:
+    base = {"status": "ok", "sandboxes": 2, "uptime_s": 1.5, "engine": "qemu"}
+    assert parse_health(base).engines == {}  # a daemon with one engine
+    health = parse_health({**base, "engines": {"qemu": "ok", "docker": "no dockerd"}})
+    assert health.engines == {"qemu": "ok", "docker": "no dockerd"}
+    assert health.to_dict()["engines"] == {"qemu": "ok", "docker": "no dockerd"}
+    with pytest.raises(InvalidResponse, match="engines"):
+        parse_health({**base, "engines": {"qemu": True}})
 
 
 def test_exec_body() -> None:

@@ -35,8 +35,8 @@ import uvicorn
 from fakes.engine import FakeEngine
 from kiln.agent_client import AgentClient, AgentError
 from kiln.config import Config, ThermalSettings
-from kiln.engine.base import SandboxInfo, SandboxSpec
-from kiln.engine.states import Op
+from kiln.engine.base import VM_CAPABILITIES, Capabilities, SandboxInfo, SandboxSpec
+from kiln.engine.states import Op, plan
 from kiln.server import Services, create_app
 from kiln.server.daemon import bind_socket
 from kiln.store import SecretBox, Store
@@ -139,6 +139,9 @@ class AgentEngine(FakeEngine):
     create (many sandboxes that are only listed cost no processes).
     ``config_in_workdir``: write the agent's config as ``config.json`` inside the
     sandbox's work dir (an SDK test lists that dir and expects it) instead of beside it.
+    ``capabilities``: what every sandbox reports; without snapshots (as the Docker
+    engine's) the states follow the table without snapshots, and a stop ends the
+    sandbox's agent and everything it started but keeps its work dir.
     """
 
     def __init__(
@@ -148,8 +151,10 @@ class AgentEngine(FakeEngine):
         lazy: bool = False,
         name: str = "fake",
         config_in_workdir: bool = False,
+        capabilities: Capabilities = VM_CAPABILITIES,
     ) -> None:
         super().__init__(name)
+        self.capabilities = capabilities
         self.root = root
         self.lazy = lazy
         self.config_in_workdir = config_in_workdir
@@ -205,8 +210,14 @@ class AgentEngine(FakeEngine):
 
     # --- the engine -------------------------------------------------------------------
 
+    def _transition(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
+        box = self._box(method, sandbox_id)
+        snapshots = self.capabilities.snapshots
+        return self._apply(box, plan(op, box.info.state, sandbox_id, snapshots=snapshots))
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         info = await super().create(spec)
+        info = self._set(self.boxes[spec.sandbox_id], capabilities=self.capabilities)
         self.specs[spec.sandbox_id] = spec
         if not self.lazy:
             try:
@@ -214,6 +225,15 @@ class AgentEngine(FakeEngine):
             except BaseException:
                 self.boxes.pop(spec.sandbox_id, None)
                 raise
+        return info
+
+    async def stop(self, sandbox_id: str) -> SandboxInfo:
+        if self.capabilities.snapshots:
+            return await super().stop(sandbox_id)
+        # No cold step without snapshots, only the user's stop (as in the Docker engine):
+        # its processes end, its work dir (its files) stays.
+        info = self._transition("stop", sandbox_id, Op.STOP)
+        self._stop_agent(sandbox_id)
         return info
 
     async def destroy(self, sandbox_id: str) -> None:
@@ -242,6 +262,8 @@ class AgentEngine(FakeEngine):
 
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         info = await super().import_state(state)
+        if info.sandbox_id in self.boxes:
+            info = self._set(self.boxes[info.sandbox_id], capabilities=self.capabilities)
         env = state.get("env")
         if isinstance(env, Mapping):
             self.specs[info.sandbox_id] = SandboxSpec(

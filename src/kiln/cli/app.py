@@ -137,6 +137,17 @@ env_option = click.option(
     help="Environment variable of the sandbox (repeatable).",
 )
 image_option = click.option("--image", help="Image tier [default: the daemon's default].")
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["qemu", "docker"]),
+    help="qemu: a microVM with its own kernel; docker: a container [default: the daemon's].",
+)
+runtime_option = click.option(
+    "--runtime",
+    type=click.Choice(["runc", "runsc"]),
+    help="Docker runtime: runc, or runsc (gVisor); implies --engine docker"
+    " [default: the daemon's].",
+)
 # The command options `exec` and `run` share.
 cwd_option = click.option(
     "-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace]."
@@ -242,6 +253,8 @@ def health(state: State, as_json: bool) -> None:
 @click.option("--init", metavar="SCRIPT", help="Shell script run as TTY session 'init'.")
 @click.option("--keep-hot", is_flag=True, default=None, help="Never pause or snapshot it.")
 @image_option
+@engine_option
+@runtime_option
 @click.option("--template", metavar="ID", help="Start from a template (id or name).")
 @click.option(
     "-v",
@@ -276,6 +289,8 @@ def create(
     init: str | None,
     keep_hot: bool | None,
     image: str | None,
+    engine: str | None,
+    runtime: str | None,
     template: str | None,
     volumes: list[tuple[str, str]],
     new_volumes: list[tuple[str, int, str]],
@@ -285,6 +300,11 @@ def create(
     as_json: bool,
 ) -> None:
     """Create a sandbox and print it.
+
+    --engine qemu makes a microVM (its own kernel, snapshots: it can go cold
+    and a stop keeps its memory); --engine docker a container (host speed,
+    no snapshots: a stop keeps its files but ends its processes), on runc or
+    on runsc (gVisor) with --runtime.
 
     With --ttl the daemon destroys it (or stops it: --on-expire stop) once the
     time is up, even if the daemon was down meanwhile; `kiln edit --ttl`
@@ -309,6 +329,8 @@ def create(
             labels=labels,
             ttl_s=ttl_s,
             on_expire=on_expire,
+            engine=parse.engine_for(engine, runtime),
+            runtime=runtime,
         )
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
 
@@ -329,8 +351,8 @@ def create(
 def list_(state: State, as_json: bool, quiet: bool, labels: dict[str, str]) -> None:
     """List your sandboxes (alias: ls).
 
-    EXPIRES is when a sandbox's --ttl runs out ("-": never); --label keeps only
-    the sandboxes carrying every label given.
+    ENGINE is qemu, or docker/RUNTIME; EXPIRES is when a sandbox's --ttl runs
+    out ("-": never); --label keeps only the sandboxes carrying every label given.
     """
     sandboxes = state.kiln().sandboxes.list(labels=labels)
     if as_json:
@@ -417,17 +439,22 @@ def edit(
 @click.argument("sandbox")
 @pass_state
 def stop(state: State, sandbox: str) -> None:
-    """Snapshot a sandbox to disk and stop it."""
+    """Stop a sandbox.
+
+    A sandbox with snapshots (QEMU) is saved to disk, memory and processes
+    included, and `kiln start` restores it as it was. One without (Docker)
+    keeps its files but its processes end; `kiln start` boots it again.
+    """
     with spinner(f"Stopping {sandbox}…"):
         sb = state.sandbox(sandbox).stop()
-    click.echo(f"{sb.name}: {sb.status}")
+    click.echo(fmt.format_stopped(sb))
 
 
 @cli.command()
 @click.argument("sandbox")
 @pass_state
 def start(state: State, sandbox: str) -> None:
-    """Restore a stopped sandbox."""
+    """Start a stopped sandbox: restored from its snapshot, or booted again."""
     with spinner(f"Starting {sandbox}…"):
         sb = state.sandbox(sandbox).start()
     click.echo(f"{sb.name}: {sb.status}")
@@ -457,6 +484,8 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
 @click.option("--rm", is_flag=True, help="Destroy the sandbox afterwards (also on Ctrl+C).")
 @name_option
 @image_option
+@engine_option
+@runtime_option
 @cpus_option
 @memory_option
 @env_option
@@ -474,6 +503,8 @@ def run(
     rm: bool,
     name: str | None,
     image: str | None,
+    engine: str | None,
+    runtime: str | None,
     cpus: int | None,
     memory_mb: int | None,
     env: dict[str, str],
@@ -507,6 +538,8 @@ def run(
         "labels": labels,
         "ttl_s": ttl_s,
         "on_expire": on_expire,
+        "engine": parse.engine_for(engine, runtime),
+        "runtime": runtime,
     }
     return run_in_new_sandbox(
         state.kiln(),

@@ -1,5 +1,5 @@
 """Pure parsers for command-line values: ``K=V``, ``NAME:/mount``, sizes, modes, durations,
-published-port aliases.
+published-port aliases, the engine of a new sandbox.
 
 Each raises :class:`ValueError` with a message fit for ``kiln: error: ...``;
 the command layer turns it into a usage error naming the option.
@@ -126,6 +126,17 @@ def parse_alias(text: str) -> str:
             " not starting or ending with '-'"
         )
     return text
+
+
+def engine_for(engine: str | None, runtime: str | None) -> str | None:
+    """The engine a create asks for: ``--engine`` as given; a ``--runtime`` alone means
+    Docker (only Docker has runtimes); neither leaves it to the daemon (``None``).
+
+    ``--engine qemu --runtime runsc`` goes to the daemon as it is, which refuses it.
+    """
+    if engine is None and runtime is not None:
+        return "docker"
+    return engine
 
 
 def parse_session_command(argv: Iterable[str]) -> list[str]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kiln.images import Image
     from kiln.protocol.messages import FileListing, SessionInfo
     from kiln.sdk.models import (
+        Capabilities,
         FileStat,
         Health,
         Port,
@@ -119,11 +120,20 @@ def _table(*headers: str) -> Table:
     return table
 
 
+def format_engine(sb: SandboxInfo) -> str:
+    """``kiln list``'s ENGINE: ``qemu``, ``docker/runc``, ``docker/runsc``; ``-`` when the
+    daemon did not say."""
+    if not sb.engine:
+        return "-"
+    return f"{sb.engine}/{sb.runtime}" if sb.runtime else sb.engine
+
+
 def format_sandbox_table(sandboxes: Iterable[SandboxInfo], now: datetime) -> Table:
     """``kiln list``: one row per sandbox."""
     table = _table(
-        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "IMAGE", "AGE", "EXPIRES"
-    )
+        "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "ENGINE", "IMAGE", "AGE",
+        "EXPIRES",
+    )  # fmt: skip
     for sb in sandboxes:
         table.add_row(
             sb.name,
@@ -133,6 +143,7 @@ def format_sandbox_table(sandboxes: Iterable[SandboxInfo], now: datetime) -> Tab
             sb.ip or "-",
             str(sb.cpus),
             format_mib(sb.memory_mb),
+            format_engine(sb),
             sb.image or "-",
             format_age(sb.created_at, now),
             format_expires(sb.expires_at, now),
@@ -152,6 +163,8 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("memory", format_mib(sb.memory_mb)),
         ("keep_hot", "yes" if sb.keep_hot else "no"),
         ("engine", sb.engine or "-"),
+        ("runtime", sb.runtime or "-"),
+        *_capability_rows(sb.capabilities),
         ("image", sb.image or "-"),
         ("created", _when(sb.created_at, now)),
         ("last active", _when(sb.last_active_at, now)),
@@ -159,6 +172,32 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("expires", _expiry(sb.expires_at, sb.on_expire, now)),
     ]
     return format_fields(rows)
+
+
+def _capability_rows(caps: Capabilities | None) -> list[tuple[str, str]]:
+    """What the sandbox's engine can do with it (``-``: the daemon did not say)."""
+    if caps is None:
+        return [("pause", "-"), ("snapshots", "-")]
+    return [
+        ("pause", "yes" if caps.pause else "no (it never goes warm)"),
+        (
+            "snapshots",
+            "yes (cold and stopped keep its memory and processes)"
+            if caps.snapshots
+            else "no (never cold; a stop keeps its files but ends its processes)",
+        ),
+    ]
+
+
+def format_stopped(sb: SandboxInfo) -> str:
+    """``kiln stop``: the new status, and what a stop without snapshots did to it."""
+    line = f"{sb.name}: {sb.status}"
+    if sb.capabilities is not None and not sb.capabilities.snapshots:
+        line += (
+            "; its files are kept but its processes were ended (its engine has no"
+            f" snapshots); kiln start {sb.name} boots it again"
+        )
+    return line
 
 
 def _expiry(when: datetime | None, on_expire: str, now: datetime) -> str:
@@ -333,15 +372,25 @@ def format_not_published(sandbox: str, port: int, published: Iterable[PublishedP
 
 
 def format_health(health: Health, url: str) -> str:
+    """``kiln health``: the daemon, its default engine, and whether each engine can run
+    sandboxes here (``ok``, or why not)."""
+    default = health.engine or "-"
+    if health.engines and health.engine:
+        default += " (default for new sandboxes)"
     return format_fields(
         [
             ("daemon", url),
             ("status", health.status),
-            ("engine", health.engine or "-"),
+            ("engine", default),
+            *((name, _availability(why)) for name, why in sorted(health.engines.items())),
             ("sandboxes", str(health.sandboxes)),
             ("uptime", format_duration(health.uptime_s)),
         ]
     )
+
+
+def _availability(why: str) -> str:
+    return why if why == "ok" else f"unavailable: {why}"
 
 
 def user_dict(user: User) -> dict[str, Any]:

@@ -75,6 +75,7 @@ from .errors import (
     ValidationError,
 )
 from .models import (
+    Capabilities,
     ExecEvent,
     ExecResult,
     Exit,
@@ -137,6 +138,7 @@ __all__ = [
     "AsyncTemplates",
     "AsyncVolumes",
     "AuthenticationError",
+    "Capabilities",
     "ConfigError",
     "Conflict",
     "ConnectionError",

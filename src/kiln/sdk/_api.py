@@ -198,6 +198,8 @@ def sandbox_spec(
     labels: Mapping[str, str] | None = None,
     ttl_s: float | None = None,
     on_expire: str | None = None,
+    engine: str | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes``: only the fields given, so daemon defaults apply."""
     body: dict[str, Any] = {}
@@ -211,6 +213,8 @@ def sandbox_spec(
         ("template_id", template),
         ("ttl_s", ttl_s),
         ("on_expire", on_expire),
+        ("engine", engine),
+        ("runtime", runtime),
     ):
         if value is not None:
             body[key] = value

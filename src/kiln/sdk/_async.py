@@ -98,7 +98,8 @@ class AsyncKiln:
         return call.parse(resp)
 
     async def health(self) -> Health:
-        """``GET /health`` (no key needed): status, sandbox count, uptime and engine."""
+        """``GET /health`` (no key needed): status, sandbox count, uptime, the default
+        engine and whether each engine can run here."""
         return await self._call(_api.health())
 
     async def ports(self) -> list[Port]:
@@ -159,11 +160,14 @@ class _AsyncSandboxActions:
         )
 
     async def stop(self) -> AsyncSandbox:
-        """Snapshot it to disk and stop it."""
+        """Stop it. With ``capabilities.snapshots`` its memory and processes are saved
+        to disk and :meth:`start` restores them; without (Docker), its files are kept
+        but its processes end, and :meth:`start` boots it again."""
         return await self._kiln.sandboxes.stop(self._ref)
 
     async def start(self) -> AsyncSandbox:
-        """Restore it from its snapshot."""
+        """Start it again: restored from its snapshot, or booted again (init not re-run)
+        when its engine has no snapshots."""
         return await self._kiln.sandboxes.start(self._ref)
 
     async def delete(self) -> None:
@@ -372,6 +376,8 @@ class AsyncSandboxes:
         labels: Mapping[str, str] | None = None,
         ttl_s: float | None = None,
         on_expire: str | None = None,
+        engine: str | None = None,
+        runtime: str | None = None,
         keep: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
@@ -390,6 +396,8 @@ class AsyncSandboxes:
             labels=labels,
             ttl_s=ttl_s,
             on_expire=on_expire,
+            engine=engine,
+            runtime=runtime,
         )
         info = await self._kiln._call(_api.create_sandbox(spec))
         return AsyncSandbox._wrap(self._kiln, info, keep=keep)
@@ -434,11 +442,12 @@ class AsyncSandboxes:
         await self._kiln._call(_api.delete_sandbox(id_or_name))
 
     async def stop(self, id_or_name: str) -> AsyncSandbox:
-        """Snapshot a sandbox to disk and stop it."""
+        """Stop a sandbox: snapshotted to disk, or without ``capabilities.snapshots``
+        its processes ended and its files kept (see :meth:`AsyncSandbox.stop`)."""
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.stop_sandbox(id_or_name)))
 
     async def start(self, id_or_name: str) -> AsyncSandbox:
-        """Restore a stopped sandbox from its snapshot."""
+        """Start a stopped sandbox: restored from its snapshot, or booted again."""
         info = await self._kiln._call(_api.start_sandbox(id_or_name))
         return AsyncSandbox._wrap(self._kiln, info)
 

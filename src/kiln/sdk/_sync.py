@@ -98,7 +98,8 @@ class Kiln:
     # -- top level --------------------------------------------------------------------
 
     def health(self) -> Health:
-        """``GET /health`` (no key needed): status, sandbox count, uptime and engine."""
+        """``GET /health`` (no key needed): status, sandbox count, uptime, the default
+        engine and whether each engine can run here."""
         return self._call(_api.health())
 
     def ports(self) -> list[Port]:
@@ -162,11 +163,14 @@ class _SandboxActions:
         )
 
     def stop(self) -> Sandbox:
-        """Snapshot it to disk and stop it."""
+        """Stop it. With ``capabilities.snapshots`` its memory and processes are saved
+        to disk and :meth:`start` restores them; without (Docker), its files are kept
+        but its processes end, and :meth:`start` boots it again."""
         return self._kiln.sandboxes.stop(self._ref)
 
     def start(self) -> Sandbox:
-        """Restore it from its snapshot."""
+        """Start it again: restored from its snapshot, or booted again (init not re-run)
+        when its engine has no snapshots."""
         return self._kiln.sandboxes.start(self._ref)
 
     def delete(self) -> None:
@@ -394,6 +398,8 @@ class Sandboxes:
         labels: Mapping[str, str] | None = None,
         ttl_s: float | None = None,
         on_expire: str | None = None,
+        engine: str | None = None,
+        runtime: str | None = None,
         keep: bool = False,
     ) -> Sandbox:
         """Create a sandbox and return once it is running.
@@ -406,7 +412,11 @@ class Sandboxes:
         ``new_volumes`` creates volumes along with the sandbox. ``labels`` are
         string pairs to find it by (``list(labels=...)``); after ``ttl_s``
         seconds the daemon destroys it, or stops it with ``on_expire="stop"``.
-        ``keep=True``: leaving a ``with`` block does not delete it.
+        ``engine`` is ``"qemu"`` (a microVM with its own kernel) or ``"docker"`` (a
+        container); ``runtime``, for Docker only, ``"runc"`` or ``"runsc"`` (gVisor).
+        Both default to the daemon's choice; a ``runtime`` with the QEMU engine is a
+        :class:`ValidationError`. ``keep=True``: leaving a ``with`` block does not
+        delete it.
         """
         spec = _api.sandbox_spec(
             name=name,
@@ -423,6 +433,8 @@ class Sandboxes:
             labels=labels,
             ttl_s=ttl_s,
             on_expire=on_expire,
+            engine=engine,
+            runtime=runtime,
         )
         info = self._kiln._call(_api.create_sandbox(spec))
         return Sandbox._wrap(self._kiln, info, keep=keep)
@@ -467,11 +479,12 @@ class Sandboxes:
         self._kiln._call(_api.delete_sandbox(id_or_name))
 
     def stop(self, id_or_name: str) -> Sandbox:
-        """Snapshot a sandbox to disk and stop it."""
+        """Stop a sandbox: snapshotted to disk, or without ``capabilities.snapshots``
+        its processes ended and its files kept (see :meth:`Sandbox.stop`)."""
         return Sandbox._wrap(self._kiln, self._kiln._call(_api.stop_sandbox(id_or_name)))
 
     def start(self, id_or_name: str) -> Sandbox:
-        """Restore a stopped sandbox from its snapshot."""
+        """Start a stopped sandbox: restored from its snapshot, or booted again."""
         return Sandbox._wrap(self._kiln, self._kiln._call(_api.start_sandbox(id_or_name)))
 
 

@@ -113,6 +113,20 @@ class _Model:
 # -- sandboxes ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities(_Model):
+    """What a sandbox's engine can do with it (ask this, not the engine's name).
+
+    ``pause``: it can go warm (processes frozen, memory kept; resumes in
+    milliseconds). ``snapshots``: its running state can be saved to disk, so it
+    can go cold and a stop keeps its processes and memory; without snapshots a
+    stop keeps its files but ends its processes, and a start boots it again.
+    """
+
+    pause: bool = True
+    snapshots: bool = True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxInfo(_Model):
     """A sandbox as the daemon reports it.
@@ -121,6 +135,12 @@ class SandboxInfo(_Model):
     explicit stop, or ``error``; ``thermal`` is ``hot``, ``warm`` or ``cold``.
     ``expires_at`` is when the daemon will ``on_expire`` it (``destroy`` or
     ``stop``); ``None`` means never.
+
+    ``engine`` is ``qemu`` (a microVM) or ``docker`` (a container), and
+    ``runtime`` the Docker runtime (``runc`` or ``runsc``; ``None`` for QEMU).
+    ``capabilities`` is ``None`` when the daemon did not say: one from before
+    engines had capabilities, or a sandbox caught in the middle of a create,
+    stop or start.
     """
 
     id: str
@@ -138,6 +158,20 @@ class SandboxInfo(_Model):
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     expires_at: datetime | None = None
     on_expire: str = "destroy"
+    runtime: str | None = None
+    capabilities: Capabilities | None = None
+
+
+def parse_capabilities(data: Any) -> Capabilities | None:
+    """A sandbox's ``capabilities`` object → :class:`Capabilities`; ``None`` stays."""
+    if data is None:
+        return None
+    what = "sandbox capabilities"
+    obj = _obj(data, what)
+    return Capabilities(
+        pause=_field(obj, "pause", bool, what, True),
+        snapshots=_field(obj, "snapshots", bool, what, True),
+    )
 
 
 def _labels(obj: Mapping[str, Any], what: str) -> dict[str, str]:
@@ -171,6 +205,8 @@ def parse_sandbox(data: Any) -> SandboxInfo:
         labels=_labels(obj, what),
         expires_at=parse_time(obj.get("expires_at"), "sandbox expires_at"),
         on_expire=_field(obj, "on_expire", str, what, "destroy"),
+        runtime=_opt_str(obj, "runtime", what),
+        capabilities=parse_capabilities(obj.get("capabilities")),
     )
 
 
@@ -563,12 +599,18 @@ def parse_template(data: Any) -> Template:
 
 @dataclass(frozen=True, slots=True)
 class Health(_Model):
-    """``GET /health``: daemon status, number of sandboxes, uptime and engine."""
+    """``GET /health``: daemon status, number of sandboxes, uptime and engines.
+
+    ``engine`` is the default engine for new sandboxes; ``engines`` maps every
+    engine the daemon knows (``qemu``, ``docker``) to ``"ok"`` when it can run
+    sandboxes here, else to the reason it cannot (empty from an older daemon).
+    """
 
     status: str
     sandboxes: int
     uptime_s: float
     engine: str
+    engines: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 def parse_health(data: Any) -> Health:
@@ -583,7 +625,18 @@ def parse_health(data: Any) -> Health:
         sandboxes=_opt_int(obj, "sandboxes", what) or 0,
         uptime_s=float(uptime),
         engine=_field(obj, "engine", str, what, ""),
+        engines=_engines(obj.get("engines")),
     )
+
+
+def _engines(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}  # a daemon from before several engines
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidResponse("health: field 'engines' must be an object of strings")
+    return dict(value)
 
 
 def parse_list(data: Any, parse: Callable[[Any], T], what: str) -> list[T]:
