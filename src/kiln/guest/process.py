@@ -19,6 +19,10 @@ run between fork and registration. The invariant that makes this hold: while
 the reaper is active, every fork goes through :meth:`Children.spawn` on the
 event-loop thread (boot-time helpers such as ``ip`` run before it starts).
 
+Where the kernel has no ``pidfd_open`` (gVisor's 2022 runsc answers ENOSYS), a
+child is checked on every SIGCHLD instead, still with ``waitpid`` for its own
+pid only (:meth:`Children._poll_children`).
+
 Commands started by a spawner (:mod:`kiln.guest.spawner`) are the spawner's
 children, reaped by it, which reports their exit codes. They are managed too
 (:meth:`Children.expect`), from the moment their pid is known: should their
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -87,8 +92,11 @@ class Children:
 
     def __init__(self) -> None:
         self._managed: dict[int, Child] = {}
+        #: Children watched without a pidfd (none on this kernel): checked on SIGCHLD.
+        self._polled: dict[int, Child] = {}
         self._scan_pending = False
-        self._reaping = False
+        self._sigchld = False  # our SIGCHLD handler is installed
+        self._reaping = False  # we reap orphans (PID 1, a subreaper)
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> Child:
         """Start ``argv`` (``subprocess.Popen`` arguments) and watch it for exit.
@@ -142,7 +150,15 @@ class Children:
             self.reported_exit(child, UNKNOWN_EXIT)
 
     def _watch(self, child: Child) -> None:
-        pidfd = os.pidfd_open(child.pid)
+        try:
+            pidfd = os.pidfd_open(child.pid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            self._polled[child.pid] = child
+            self._handle_sigchld()
+            asyncio.get_running_loop().call_soon(self._poll_children)  # it may be gone already
+            return
         child._pidfd = pidfd
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, child)
 
@@ -161,20 +177,51 @@ class Children:
         del self._managed[child.pid]
         child._exited.set_result(code)
 
+    def _poll_children(self) -> None:
+        """Reap the children watched without a pidfd that have exited, each by its pid."""
+        for pid, child in list(self._polled.items()):
+            if child._popen is not None:
+                returncode = child._popen.poll()  # waitpid(child.pid, WNOHANG)
+                if returncode is None:
+                    continue
+                code = exit_status(returncode)
+            else:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # not ours: only /proc can tell it is gone
+                    if os.path.exists(f"/proc/{pid}"):
+                        continue
+                    log.warning("lost the exit status of pid %d", pid)
+                    done, status = pid, -1
+                if not done:
+                    continue
+                code = (
+                    UNKNOWN_EXIT if status == -1 else exit_status(os.waitstatus_to_exitcode(status))
+                )
+            del self._polled[pid]
+            if self._managed.get(pid) is child:
+                del self._managed[pid]
+            if not child._exited.done():
+                child._exited.set_result(code)
+
     def close(self) -> None:
         """Stop watching (at agent exit); running children are not touched."""
-        if self._reaping:
+        if self._sigchld:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
-            self._reaping = False
+            self._sigchld = self._reaping = False
 
     # ---- orphans -----------------------------------------------------------------
 
     def start_reaping_orphans(self) -> None:
         """Reap orphans on every SIGCHLD (PID 1, or a subreaper)."""
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGCHLD, self._schedule_scan)
         self._reaping = True
+        self._handle_sigchld()
         self._schedule_scan()
+
+    def _handle_sigchld(self) -> None:
+        if not self._sigchld:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, self._schedule_scan)
+            self._sigchld = True
 
     def _schedule_scan(self) -> None:
         # A burst of SIGCHLDs needs one scan, not one each.
@@ -185,7 +232,9 @@ class Children:
     def _scan(self) -> None:
         self._scan_pending = False
         try:
-            self.reap_orphans()
+            self._poll_children()
+            if self._reaping:
+                self.reap_orphans()
         except Exception:  # the reaper must never take the agent down
             log.exception("orphan reaper failed")
 

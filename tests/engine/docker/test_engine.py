@@ -219,6 +219,7 @@ async def test_a_volume_outlives_its_sandbox(engine: DockerEngine) -> None:
 
 
 async def test_runsc_sandbox(engine: DockerEngine) -> None:
+    await engine.ready()
     if "runsc" not in engine.runtimes:
         pytest.skip("runsc is not registered in this dockerd")
     spec = new_spec("gvisor", runtime="runsc")
@@ -226,6 +227,16 @@ async def test_runsc_sandbox(engine: DockerEngine) -> None:
     assert info.runtime == "runsc" and not info.capabilities.snapshots
     code, out = await run(engine, spec.sandbox_id, "dmesg")
     assert code == 0 and "gVisor" in out  # a user-space kernel, not the host's
+    # gVisor (2022) has no pidfd_open: the agent watches its own children on SIGCHLD.
+    assert await run(engine, spec.sandbox_id, "id", "-u", user="root") == (0, "0\n")
+    assert await run(engine, spec.sandbox_id, "sh", "-c", "exit 7", user="root") == (7, "")
+    client = await engine.agent(spec.sandbox_id)
+    proc = await client.start_process(["sh", "-c", "sleep 0.2; exit 5"], user="root")
+    for _ in range(100):
+        if (await client.get_process(proc.pid)).exit_code is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.get_process(proc.pid)).exit_code == 5
     await engine.pause(spec.sandbox_id)
     assert await run(engine, spec.sandbox_id, "true") == (0, "")
     await engine.destroy(spec.sandbox_id)

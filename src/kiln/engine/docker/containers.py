@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -35,6 +36,8 @@ from .record import (
 
 log = logging.getLogger(__name__)
 
+#: How long a pause or unpause refused as a conflict (state not caught up) is retried.
+CONFLICT_PATIENCE = 2.0
 #: The SDK's failures that mean "dockerd did not answer" rather than "it said no".
 UNREACHABLE = (docker.errors.DockerException, requests.exceptions.RequestException)
 
@@ -135,7 +138,8 @@ def create_container(
     endpoint = api.create_endpoint_config(ipv4_address=record.ip)
     api.create_container(
         image=record.image,
-        command=["/usr/bin/python3", GUEST_AGENT, "--container", "--config", GUEST_CONFIG],
+        # -S: the agent is stdlib-only, and site's start-up is time before it answers.
+        command=["/usr/bin/python3", "-S", GUEST_AGENT, "--container", "--config", GUEST_CONFIG],
         name=record.container,
         hostname=guest_hostname(spec.name),
         labels={LABEL: record.sandbox_id, OWNER_LABEL: config.owner},
@@ -143,6 +147,23 @@ def create_container(
         networking_config=api.create_networking_config({config.network_name: endpoint}),
         stop_signal="SIGTERM",
     )
+
+
+def pause(client: Any, name: str, *, resume: bool = False) -> None:
+    """``docker pause`` (or unpause), retried while dockerd's state trails the last one.
+
+    dockerd 20.10 records a pause when containerd's event arrives, after its
+    answer: an unpause right after a pause can hear "is not paused" (409)."""
+    call = client.api.unpause if resume else client.api.pause
+    deadline = time.monotonic() + CONFLICT_PATIENCE
+    while True:
+        try:
+            call(name)
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
 
 
 def start(client: Any, name: str) -> int | None:

@@ -138,6 +138,8 @@ class DockerEngine:
         self._ready_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._images: dict[str, str] = {}
+        self._agent: Path | None = None
+        self._agent_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ set-up
 
@@ -242,6 +244,14 @@ class DockerEngine:
                 self._images[tier] = ref
         return ref
 
+    async def _agent_zipapp(self) -> Path:
+        """The guest agent's zipapp, built once per engine: finding its digest means
+        building it (50-100 ms), and the agent's code cannot change under a daemon."""
+        async with self._agent_lock:
+            if self._agent is None:
+                self._agent = await asyncio.to_thread(images.agent_zipapp, self.config.state_dir)
+        return self._agent
+
     # ------------------------------------------------------------------ lookup, info
 
     def _get(self, sandbox_id: str) -> _Box:
@@ -329,7 +339,7 @@ class DockerEngine:
     async def prepare(self, spec: SandboxSpec) -> None:
         self._check_spec(spec)
         await self._image(spec.image)
-        await asyncio.to_thread(images.agent_zipapp, self.config.state_dir)
+        await self._agent_zipapp()
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         runtime = self._check_spec(spec)
@@ -340,7 +350,7 @@ class DockerEngine:
                 f"{', '.join(self._runtimes) or 'none'}); install gVisor (apt-get install runsc)"
             )
         image = await self._image(spec.image)
-        agent = await asyncio.to_thread(images.agent_zipapp, self.config.state_dir)
+        agent = await self._agent_zipapp()
         sid = spec.sandbox_id
         undo = Undo()
         try:
@@ -469,17 +479,17 @@ class DockerEngine:
         match action:
             case Action.PAUSE:
                 with docker_errors(what):
-                    await asyncio.to_thread(client.api.pause, name)
+                    await asyncio.to_thread(containers.pause, client, name)
             case Action.RESUME:
                 with docker_errors(what):
-                    await asyncio.to_thread(client.api.unpause, name)
+                    await asyncio.to_thread(containers.pause, client, name, resume=True)
             case Action.SHUTDOWN:
                 with docker_errors(what):
                     if box.state.thermal is Thermal.WARM:
                         # A paused agent cannot end its processes; and runsc, stopped
                         # while paused, keeps the container "paused" in its state, so
                         # the next start fails with "id already in use".
-                        await asyncio.to_thread(client.api.unpause, name)
+                        await asyncio.to_thread(containers.pause, client, name, resume=True)
                     await asyncio.to_thread(client.api.stop, name, timeout=_STOP_TIMEOUT)
                 box.pid = None
             case Action.BOOT:
