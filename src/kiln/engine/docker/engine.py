@@ -95,7 +95,12 @@ CAPABILITIES = {
     "runsc": Capabilities(pause=True, snapshots=False),
 }
 _BOOT_POLL = 0.01
-_BOOT_CONNECT_TIMEOUT = 0.5
+#: A connect made before the container's interface is up goes unanswered (no RST)
+#: until it times out, so attempts are short (measured: runsc creates 0.3 s sooner
+#: than with 0.5 s); after a few seconds, for a host too loaded to answer that fast,
+#: longer.
+_BOOT_CONNECT_TIMEOUT = 0.05
+_BOOT_CONNECT_PATIENT = (3.0, 0.5)
 _STOP_TIMEOUT = 5  # seconds the agent gets to end its processes on a stop
 
 
@@ -411,11 +416,13 @@ class DockerEngine:
         await self._wait_agent(box, client, self.config.boot_timeout)
 
     async def _wait_agent(self, box: _Box, client: Any, timeout: float) -> None:  # noqa: ASYNC109
-        probe = self._client_for(box.record, _BOOT_CONNECT_TIMEOUT)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        after, patient = _BOOT_CONNECT_PATIENT
         while True:
+            wait = _BOOT_CONNECT_TIMEOUT if time.monotonic() - started < after else patient
             try:
-                await probe.activity()
+                await self._client_for(box.record, wait).activity()
                 return
             except (AgentConnectError, AgentConnectionLost, AgentTimeout) as exc:
                 if not pid_alive(box.pid):
