@@ -13,6 +13,9 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
     docker: {runtime: runc, bridge: kilnd0, subnet: 10.213.1.0/24, root: null}
+    firewall: {enabled: true, egress: allow, allow: [], deny: [],
+               blocked: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10],
+               refresh_s: 60}
     publish_domain: localhost
     max_upload_bytes: 104857600
 
@@ -34,6 +37,8 @@ import yaml
 
 from kiln.network.config import NetworkConfig
 from kiln.network.errors import NetworkError
+from kiln.network.firewall import PRIVATE_RANGES
+from kiln.network.policy import NetworkPolicy, is_domain, parse_target
 
 ENGINES = ("auto", "qemu", "docker")
 RUNTIMES = ("runc", "runsc")
@@ -75,6 +80,28 @@ class DockerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FirewallSettings:
+    """Sandbox isolation (:mod:`kiln.network.firewall`), on unless ``enabled: false``.
+
+    ``egress``, ``allow``, ``deny``: the policy of a sandbox created without one.
+    ``blocked``: CIDRs no sandbox reaches whatever its policy (default: the private
+    ranges a LAN or VPC uses; the resolvers guests are given stay reachable on port 53).
+    ``refresh_s``: how often domain names in policies are resolved again.
+    """
+
+    enabled: bool = True
+    egress: str = "allow"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = PRIVATE_RANGES
+    refresh_s: float = 60.0
+
+    @property
+    def default_policy(self) -> NetworkPolicy:
+        return NetworkPolicy(self.egress, self.allow, self.deny)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = DEFAULT_LISTEN
@@ -87,6 +114,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
+    firewall: FirewallSettings = field(default_factory=FirewallSettings)
     publish_domain: str = "localhost"
     max_upload_bytes: int = MAX_UPLOAD_BYTES
 
@@ -202,6 +230,15 @@ def _validate(cfg: Config) -> None:
         cfg.docker_network()
     except NetworkError as exc:
         raise ConfigError(f"docker: {exc}") from None
+    f = cfg.firewall
+    try:
+        f.default_policy  # noqa: B018 -- validates egress, allow and deny
+        if any(is_domain(parse_target(b)) for b in f.blocked):
+            raise NetworkError("blocked holds CIDRs only, not domain names")
+    except NetworkError as exc:
+        raise ConfigError(f"firewall: {exc}") from None
+    if f.refresh_s <= 0:
+        raise ConfigError("firewall.refresh_s: must be positive")
     t = cfg.thermal
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
@@ -246,6 +283,10 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
         if kind == "float" and isinstance(value, int | float):
             return float(value)
         raise ConfigError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}")
+    if kind == "tuple[str, ...]":
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected a list of strings")
     raise AssertionError(f"unhandled config type {kind}")  # pragma: no cover
 
 
@@ -266,12 +307,13 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
             kwargs[key] = _build(ThermalSettings, value, f"{full}.")
-        elif kind == "DockerSettings":
+        elif kind in ("DockerSettings", "FirewallSettings"):
             if value is None:
                 continue
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
-            kwargs[key] = _build(DockerSettings, value, f"{full}.")
+            section = DockerSettings if kind == "DockerSettings" else FirewallSettings
+            kwargs[key] = _build(section, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, kind)
     return cls(**kwargs) if cls is not Config else kwargs

@@ -28,12 +28,14 @@ import yaml
 from fakes.engine import FakeEngine
 from kiln.config import ConfigError, load_config
 from kiln.engine.qemu import QemuEngine
+from kiln.network import netns
 from kiln.server.daemon import (
     DaemonError,
     UnavailableEngine,
     _warm_up,
     bind_socket,
     build_engine,
+    build_firewall,
 )
 from kiln.server.services import Services
 from kiln.store import Store
@@ -345,20 +347,48 @@ def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
         assert (engine.config.templates, engine.config.guest_aslr) == (templates, aslr)
 
 
-def test_serve_with_docker_as_default_and_no_dockerd_says_how_to_get_one(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"  # a PATH with python and nothing else: no dockerd
+def _serve_with_bare_path(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``kiln serve`` with a PATH holding python and nothing else (no dockerd, no nft)."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = dict(os.environ, HOME=str(tmp_path), PATH=str(bin_dir), PYTHONPATH=str(SRC))
-    argv = ["serve", "--engine", "docker", "--data-dir", str(tmp_path / "data")]
-    done = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", *argv, "--listen", "127.0.0.1:0"],
+    argv = ["serve", "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0", *extra]
+    return subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *argv],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_serve_with_docker_as_default_and_no_dockerd_says_how_to_get_one(tmp_path: Path) -> None:
+    config = tmp_path / "kiln.yaml"
+    config.write_text("firewall: {enabled: false}\n")
+    done = _serve_with_bare_path(tmp_path, "--engine", "docker", "--config", str(config))
     assert done.returncode == 1
     assert "dockerd is not installed" in done.stderr
     assert "apt-get install docker.io" in done.stderr
+    assert "firewall.enabled is false" in done.stderr, "the daemon warns about that"
+
+
+def test_without_nft_the_daemon_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(netns, "SBIN_DIRS", ())
+    config = load_config(None, {"data_dir": str(tmp_path)})
+    with pytest.raises(DaemonError) as caught:
+        build_firewall(config)
+    message = str(caught.value)
+    assert "cannot install the sandbox firewall" in message
+    assert "apt-get install nftables" in message and "firewall.enabled: false" in message
+
+
+def test_admin_tools_are_found_outside_a_users_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path("/usr/sbin/nft").exists():
+        pytest.skip("nft is not installed in /usr/sbin")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a user's shell, a minimal service
+    assert netns.find_tool("nft") == "/usr/sbin/nft"

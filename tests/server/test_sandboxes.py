@@ -33,6 +33,7 @@ SANDBOX_FIELDS = {
     "labels",
     "expires_at",
     "on_expire",
+    "network",
 }
 
 

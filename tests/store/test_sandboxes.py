@@ -236,6 +236,7 @@ def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
         "volumes": [],
         "secrets": ["S"],
         "runtime": None,
+        "network": None,
     }
 
 

@@ -148,6 +148,36 @@ runtime_option = click.option(
     help="Docker runtime: runc, or runsc (gVisor); implies --engine docker"
     " [default: the daemon's].",
 )
+egress_option = click.option(
+    "--egress",
+    type=click.Choice(["allow", "deny"]),
+    help="Connections outside kiln not matched by --allow/--deny [default: the daemon's, allow].",
+)
+allow_option = click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="CIDR|DOMAIN",
+    help="Always reachable, e.g. --egress deny --allow pypi.org (repeatable).",
+)
+deny_option = click.option(
+    "--deny",
+    "deny",
+    multiple=True,
+    metavar="CIDR|DOMAIN",
+    help="Never reachable, unless also in --allow (repeatable).",
+)
+
+
+def _network(egress: str | None, allow: tuple[str, ...], deny: tuple[str, ...]) -> Any:
+    """The egress policy the options ask for; None (the daemon's default) when none is given."""
+    if egress is None and not allow and not deny:
+        return None
+    from kiln.sdk import NetworkPolicy  # noqa: PLC0415
+
+    return NetworkPolicy(egress or "allow", allow, deny)
+
+
 # The command options `exec` and `run` share.
 cwd_option = click.option(
     "-w", "--cwd", metavar="DIR", help="Working directory [default: /workspace]."
@@ -255,6 +285,9 @@ def health(state: State, as_json: bool) -> None:
 @image_option
 @engine_option
 @runtime_option
+@egress_option
+@allow_option
+@deny_option
 @click.option("--template", metavar="ID", help="Start from a template (id or name).")
 @click.option(
     "-v",
@@ -291,6 +324,9 @@ def create(
     image: str | None,
     engine: str | None,
     runtime: str | None,
+    egress: str | None,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
     template: str | None,
     volumes: list[tuple[str, str]],
     new_volumes: list[tuple[str, int, str]],
@@ -305,6 +341,9 @@ def create(
     and a stop keeps its memory); --engine docker a container (host speed,
     no snapshots: a stop keeps its files but ends its processes), on runc or
     on runsc (gVisor) with --runtime.
+
+    --egress, --allow and --deny set where it may connect outside kiln; it never
+    reaches the host, cloud metadata or other users' sandboxes whatever they say.
 
     With --ttl the daemon destroys it (or stops it: --on-expire stop) once the
     time is up, even if the daemon was down meanwhile; `kiln edit --ttl`
@@ -331,6 +370,7 @@ def create(
             on_expire=on_expire,
             engine=parse.engine_for(engine, runtime),
             runtime=runtime,
+            network=_network(egress, allow, deny),
         )
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
 
@@ -486,6 +526,9 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
 @image_option
 @engine_option
 @runtime_option
+@egress_option
+@allow_option
+@deny_option
 @cpus_option
 @memory_option
 @env_option
@@ -505,6 +548,9 @@ def run(
     image: str | None,
     engine: str | None,
     runtime: str | None,
+    egress: str | None,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
     cpus: int | None,
     memory_mb: int | None,
     env: dict[str, str],
@@ -540,6 +586,7 @@ def run(
         "on_expire": on_expire,
         "engine": parse.engine_for(engine, runtime),
         "runtime": runtime,
+        "network": _network(egress, allow, deny),
     }
     return run_in_new_sandbox(
         state.kiln(),

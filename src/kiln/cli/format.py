@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         Capabilities,
         FileStat,
         Health,
+        NetworkPolicy,
         Port,
         ProcessInfo,
         PublishedPort,
@@ -165,6 +166,7 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("engine", sb.engine or "-"),
         ("runtime", sb.runtime or "-"),
         *_capability_rows(sb.capabilities),
+        ("network", format_network(sb.network)),
         ("image", sb.image or "-"),
         ("created", _when(sb.created_at, now)),
         ("last active", _when(sb.last_active_at, now)),
@@ -172,6 +174,17 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("expires", _expiry(sb.expires_at, sb.on_expire, now)),
     ]
     return format_fields(rows)
+
+
+def format_network(policy: NetworkPolicy | None) -> str:
+    """An egress policy on one line: ``egress deny; allow pypi.org, 1.2.3.4/32``."""
+    if policy is None:
+        return "-"
+    parts = [f"egress {policy.egress}"]
+    for word, targets in (("allow", policy.allow), ("deny", policy.deny)):
+        if targets:
+            parts.append(f"{word} {', '.join(targets)}")
+    return "; ".join(parts)
 
 
 def _capability_rows(caps: Capabilities | None) -> list[tuple[str, str]]:

@@ -92,15 +92,18 @@ def run_in_new_sandbox(
             return run_exec(ref, argv, cwd=cwd, timeout_s=timeout_s, stdin=stdin)
         finally:
             if rm:
-                _remove(sb)
+                _remove(kiln, sb)
 
 
-def _remove(sb: Sandbox) -> None:
+def _remove(kiln: Kiln, sb: Sandbox) -> None:
     from kiln.sdk import KilnError, NotFound  # noqa: PLC0415 - httpx is slow to import
 
     with held_signals():
+        # A fresh client: the Ctrl+C that brought us here may have interrupted the
+        # old one anywhere, even while it held its connection pool's lock.
         try:
-            sb.delete()
+            with kiln.copy() as fresh:
+                fresh.sandboxes.delete(sb.id)
         except NotFound:
             pass
         except KilnError as exc:

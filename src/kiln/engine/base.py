@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiln.agent_client import AgentClient
+from kiln.network.policy import NetworkPolicy
 
 from .errors import InvalidSpec
 from .states import State, Status, Thermal
@@ -78,6 +79,10 @@ class SandboxSpec:
     #: The engine's variant, where it has several (Docker: ``runc`` or ``runsc``); None:
     #: the engine's default.
     runtime: str | None = None
+    #: Whose sandbox it is: sandboxes of one owner may reach each other, no others.
+    owner: str = ""
+    #: Where it may connect outside kiln; None: the daemon's default policy.
+    network: NetworkPolicy | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able, for an engine's own records (:meth:`from_json` reads it back)."""
@@ -97,6 +102,8 @@ class SandboxSpec:
             "keep_hot": self.keep_hot,
             "engine": self.engine,
             "runtime": self.runtime,
+            "owner": self.owner,
+            "network": None if self.network is None else self.network.to_json(),
         }
 
     @classmethod
@@ -117,6 +124,10 @@ class SandboxSpec:
             keep_hot=bool(data.get("keep_hot", False)),
             engine=data.get("engine"),
             runtime=data.get("runtime"),
+            owner=str(data.get("owner") or ""),
+            network=None
+            if data.get("network") is None
+            else NetworkPolicy.from_json(data["network"]),
         )
 
     def guest_config(self, token: str) -> dict[str, Any]:

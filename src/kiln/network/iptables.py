@@ -9,12 +9,11 @@ rule someone else wrote is never removed by accident.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass
 
 from .errors import OperationFailed, ToolMissing
-from .netns import netns_exec_argv
+from .netns import find_tool, netns_exec_argv
 
 COMMAND_TIMEOUT = 30.0
 XTABLES_LOCK_WAIT = "5"  # seconds; the legacy backend serializes on a lock file
@@ -53,12 +52,12 @@ class Iptables:
 
     @staticmethod
     def available() -> bool:
-        return shutil.which("iptables") is not None
+        return find_tool("iptables") is not None
 
     @staticmethod
     def require() -> str:
         """The path of ``iptables``, or ToolMissing with what to do about it."""
-        exe = shutil.which("iptables")
+        exe = find_tool("iptables")
         if exe is None:
             raise ToolMissing(
                 "the 'iptables' program is not on PATH; install the iptables package "

@@ -72,8 +72,19 @@ def _open_netns(name: str) -> int:
         raise OperationFailed(f"cannot open network namespace {name!r}: {exc}") from exc
 
 
+#: Where Debian keeps administration tools (nft, iptables, ip); searched after PATH,
+#: since a daemon started from a user's shell or a minimal service PATH lacks them.
+SBIN_DIRS = ("/usr/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of the program ``name``: on PATH, else in :data:`SBIN_DIRS`."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    return shutil.which(name, path=path)
+
+
 def _ip_tool() -> str:
-    ip = shutil.which("ip")
+    ip = find_tool("ip")
     if ip is None:
         raise ToolMissing("the 'ip' program (package iproute2) is not on PATH")
     return ip

@@ -25,6 +25,7 @@ from .models import (
     FileContent,
     FileStat,
     Health,
+    NetworkPolicy,
     NewVolume,
     Port,
     ProcessInfo,
@@ -200,6 +201,7 @@ def sandbox_spec(
     on_expire: str | None = None,
     engine: str | None = None,
     runtime: str | None = None,
+    network: NetworkPolicy | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes``: only the fields given, so daemon defaults apply."""
     body: dict[str, Any] = {}
@@ -228,6 +230,8 @@ def sandbox_spec(
         body["volumes"] = _volume_mounts(volumes)
     if new_volumes:
         body["new_volumes"] = [v.to_dict() for v in new_volumes]
+    if network is not None:
+        body["network"] = network.to_dict() if isinstance(network, NetworkPolicy) else dict(network)
     return body
 
 

@@ -28,6 +28,7 @@ from .models import (
     FileContent,
     FileStat,
     Health,
+    NetworkPolicy,
     NewVolume,
     Port,
     ProcessInfo,
@@ -378,6 +379,7 @@ class AsyncSandboxes:
         on_expire: str | None = None,
         engine: str | None = None,
         runtime: str | None = None,
+        network: NetworkPolicy | Mapping[str, Any] | None = None,
         keep: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
@@ -398,6 +400,7 @@ class AsyncSandboxes:
             on_expire=on_expire,
             engine=engine,
             runtime=runtime,
+            network=network,
         )
         info = await self._kiln._call(_api.create_sandbox(spec))
         return AsyncSandbox._wrap(self._kiln, info, keep=keep)

@@ -23,6 +23,7 @@ from .models import (
     FileContent,
     FileStat,
     Health,
+    NetworkPolicy,
     NewVolume,
     Port,
     ProcessInfo,
@@ -110,6 +111,12 @@ class Kiln:
     def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
         self._http.close()
+
+    def copy(self) -> Kiln:
+        """A new client for the same daemon and key, with connections of its own: for
+        another thread, or after a call cut short by Ctrl+C left this one's pool in an
+        unknown state (a KeyboardInterrupt can land anywhere, even inside its locks)."""
+        return Kiln(self.url, self._token, timeout=self._http.timeout.read or 60.0)
 
     def __enter__(self) -> Self:
         return self
@@ -400,6 +407,7 @@ class Sandboxes:
         on_expire: str | None = None,
         engine: str | None = None,
         runtime: str | None = None,
+        network: NetworkPolicy | Mapping[str, Any] | None = None,
         keep: bool = False,
     ) -> Sandbox:
         """Create a sandbox and return once it is running.
@@ -415,8 +423,9 @@ class Sandboxes:
         ``engine`` is ``"qemu"`` (a microVM with its own kernel) or ``"docker"`` (a
         container); ``runtime``, for Docker only, ``"runc"`` or ``"runsc"`` (gVisor).
         Both default to the daemon's choice; a ``runtime`` with the QEMU engine is a
-        :class:`ValidationError`. ``keep=True``: leaving a ``with`` block does not
-        delete it.
+        :class:`ValidationError`. ``network`` is its egress policy (a
+        :class:`NetworkPolicy`, or its dict); the daemon's default when absent.
+        ``keep=True``: leaving a ``with`` block does not delete it.
         """
         spec = _api.sandbox_spec(
             name=name,
@@ -435,6 +444,7 @@ class Sandboxes:
             on_expire=on_expire,
             engine=engine,
             runtime=runtime,
+            network=network,
         )
         info = self._kiln._call(_api.create_sandbox(spec))
         return Sandbox._wrap(self._kiln, info, keep=keep)

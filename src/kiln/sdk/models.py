@@ -127,6 +127,26 @@ class Capabilities(_Model):
     snapshots: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class NetworkPolicy(_Model):
+    """Where a sandbox may connect outside kiln (its *egress*).
+
+    ``allow`` and ``deny`` list IPv4 CIDRs or domain names; the first match
+    decides, in the order ``allow``, ``deny``, then ``egress`` (``"allow"`` or
+    ``"deny"``). ``NetworkPolicy("deny", allow=["pypi.org"])`` reaches PyPI and
+    nothing else. Whatever the policy, a sandbox never reaches the host, cloud
+    metadata (169.254.0.0/16), other users' sandboxes or agent ports; the daemon
+    may block more (its ``firewall.blocked`` ranges, by default the private ones).
+    """
+
+    egress: str = "allow"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"egress": self.egress, "allow": list(self.allow), "deny": list(self.deny)}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxInfo(_Model):
     """A sandbox as the daemon reports it.
@@ -140,7 +160,8 @@ class SandboxInfo(_Model):
     ``runtime`` the Docker runtime (``runc`` or ``runsc``; ``None`` for QEMU).
     ``capabilities`` is ``None`` when the daemon did not say: one from before
     engines had capabilities, or a sandbox caught in the middle of a create,
-    stop or start.
+    stop or start. ``network`` is its egress policy (``None`` from a daemon from
+    before policies).
     """
 
     id: str
@@ -160,6 +181,22 @@ class SandboxInfo(_Model):
     on_expire: str = "destroy"
     runtime: str | None = None
     capabilities: Capabilities | None = None
+    network: NetworkPolicy | None = None
+
+
+def parse_network(data: Any) -> NetworkPolicy | None:
+    """A sandbox's ``network`` object → :class:`NetworkPolicy`; ``None`` stays."""
+    if data is None:
+        return None
+    what = "sandbox network"
+    obj = _obj(data, what)
+    lists = {}
+    for key in ("allow", "deny"):
+        value = obj.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidResponse(f"{what}: field {key!r} must be a list of strings")
+        lists[key] = tuple(value)
+    return NetworkPolicy(_field(obj, "egress", str, what, "allow"), lists["allow"], lists["deny"])
 
 
 def parse_capabilities(data: Any) -> Capabilities | None:
@@ -207,6 +244,7 @@ def parse_sandbox(data: Any) -> SandboxInfo:
         on_expire=_field(obj, "on_expire", str, what, "destroy"),
         runtime=_opt_str(obj, "runtime", what),
         capabilities=parse_capabilities(obj.get("capabilities")),
+        network=parse_network(obj.get("network")),
     )
 
 

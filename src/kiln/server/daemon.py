@@ -44,6 +44,8 @@ from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
 from kiln.engine.router import Engines, Unavailable
+from kiln.network import Network, NetworkError
+from kiln.network.firewall import Firewall, FirewallConfig, table_name
 from kiln.recovery import recover
 from kiln.store import NotFound, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
@@ -70,13 +72,57 @@ class DaemonError(Exception):
 UnavailableEngine = Unavailable
 
 
-def build_engine(config: Config) -> Engines:
+def build_engine(config: Config, firewall: Firewall | None = None) -> Engines:
     """Every engine kiln has, each one either ready to use or :class:`Unavailable` with
     the reason; creates go to ``config``'s default unless they name another."""
-    return Engines({"qemu": _qemu(config), "docker": _docker(config)}, resolve_engine(config))
+    return Engines(
+        {"qemu": _qemu(config, firewall), "docker": _docker(config, firewall)},
+        resolve_engine(config),
+    )
 
 
-def _qemu(config: Config) -> Engine:
+def build_firewall(config: Config) -> Firewall | None:
+    """The host firewall every engine's sandboxes are admitted to (None when turned
+    off); its rules are installed, for no sandbox yet, before anything else runs."""
+    settings = config.firewall
+    if not settings.enabled:
+        log.warning(
+            "firewall.enabled is false: sandboxes reach the host, each other and the "
+            "host's networks without restriction"
+        )
+        return None
+    with Network(config.network) as network:
+        dns = tuple(network.dns_servers())
+    firewall = Firewall(
+        FirewallConfig(
+            table=table_name(config.network.bridge),
+            bridges=(config.network.bridge, config.docker.bridge),
+            netns=config.network.netns,
+            dns=dns,
+            blocked=settings.blocked,
+            default=settings.default_policy,
+            refresh_s=settings.refresh_s,
+        )
+    )
+    try:
+        firewall.setup()
+    except NetworkError as exc:
+        raise DaemonError(f"cannot install the sandbox firewall: {exc}") from exc
+    return firewall
+
+
+async def _refresh_firewall(firewall: Firewall) -> None:
+    """Resolve the domain names of sandbox policies again, now and then."""
+    while True:
+        await asyncio.sleep(firewall.config.refresh_s)
+        try:
+            if await asyncio.to_thread(firewall.refresh):
+                log.info("firewall: policy domain names resolve to new addresses; rules updated")
+        except NetworkError as exc:
+            log.warning("firewall: refreshing the rules failed: %s", exc)
+
+
+def _qemu(config: Config, firewall: Firewall | None) -> Engine:
     missing = qemu_missing()
     if missing is not None:
         return Unavailable(f"no QEMU engine here: {missing}", "qemu")
@@ -94,10 +140,10 @@ def _qemu(config: Config) -> Engine:
         )
     except EngineUnavailable as exc:
         return Unavailable(f"QEMU engine: {exc}", "qemu")
-    return QemuEngine(qemu_config)
+    return QemuEngine(qemu_config, firewall)
 
 
-def _docker(config: Config) -> Engine:
+def _docker(config: Config, firewall: Firewall | None) -> Engine:
     from kiln.engine.docker import (  # noqa: PLC0415 -- only when used
         DockerdConfig,
         DockerEngine,
@@ -119,7 +165,8 @@ def _docker(config: Config) -> Engine:
             network=config.docker_network(),
             runtime=config.docker.runtime,
             image_dir=config.image_dir,
-        )
+        ),
+        firewall,
     )
 
 
@@ -269,12 +316,14 @@ async def serve(
         raise DaemonError(str(exc)) from exc
     sock: socket.socket | None = None
     own_engine = engine is None
+    firewall: Firewall | None = None
     try:
         sock = bind_socket(config.host, config.port)
         url = socket_url(sock)
         bootstrap_admin(store, config, url)
         if engine is None:
-            engine = build_engine(config)
+            firewall = await asyncio.to_thread(build_firewall, config)
+            engine = build_engine(config, firewall)
             await _check_default_engine(engine)
         await _recover(store, engine)
         await _run(
@@ -285,6 +334,7 @@ async def serve(
             url=url,
             ready=ready,
             build_images=own_engine,
+            firewall=firewall,
         )
     finally:
         if engine is not None:
@@ -365,6 +415,7 @@ async def _run(
     url: str,
     ready: Callable[[str], None] | None,
     build_images: bool,
+    firewall: Firewall | None = None,
 ) -> None:
     if isinstance(engine, Engines):
         available = any(reason is None for reason in engine.available().values())
@@ -426,6 +477,11 @@ async def _run(
             warm_up = (
                 tg.create_task(_warm_up(services), name="warm-up") if services.images else None
             )
+            refresher = (
+                tg.create_task(_refresh_firewall(firewall), name="firewall")
+                if firewall is not None
+                else None
+            )
             stopper = tg.create_task(stop.wait(), name="stop")
             while not server.started and not http.done():  # noqa: ASYNC110 -- uvicorn has no event
                 await asyncio.sleep(0.01)
@@ -443,6 +499,8 @@ async def _run(
                 expiry.stop()  # not cancel: a destroy or snapshot in progress completes
             if warm_up is not None:
                 warm_up.cancel()
+            if refresher is not None:
+                refresher.cancel()  # its rules stay: sandboxes outlive the daemon
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)

@@ -120,6 +120,18 @@ class _Body(BaseModel):
         return data
 
 
+NetworkTarget = Annotated[StrictStr, Field(min_length=1, max_length=253)]
+
+
+class NetworkBody(_Body):
+    """A sandbox's egress policy (:mod:`kiln.network.policy`): ``allow`` wins over
+    ``deny``, both over ``egress``. Entries are IPv4 CIDRs or domain names."""
+
+    egress: Literal["allow", "deny"] | None = None
+    allow: Annotated[list[NetworkTarget], Field(max_length=256)] | None = None
+    deny: Annotated[list[NetworkTarget], Field(max_length=256)] | None = None
+
+
 class VolumeMountBody(_Body):
     name: Name
     mount: MountPoint
@@ -148,6 +160,7 @@ class CreateSandbox(_Body):
     on_expire: OnExpireName | None = None  # None: destroy
     engine: Literal["qemu", "docker"] | None = None  # None: the daemon's default
     runtime: Literal["runc", "runsc"] | None = None  # docker only; None: its default
+    network: NetworkBody | None = None  # None: the daemon's default policy
 
 
 class PatchSandbox(_Body):

@@ -42,6 +42,8 @@ from kiln.engine.states import (
     observed,
     plan,
 )
+from kiln.network.errors import NetworkError
+from kiln.network.policy import NetworkPolicy
 from kiln.store import (
     NewVolume,
     NotFound,
@@ -66,6 +68,7 @@ from .models import (
     CreateSandbox,
     CreateTemplate,
     CreateVolume,
+    NetworkBody,
     PatchSandbox,
     PutSecret,
 )
@@ -271,6 +274,8 @@ class SandboxService:
             "created_at": rfc3339(sb.created_at),
             "last_active_at": rfc3339(last),
             "labels": dict(sb.labels),
+            # What it may reach outside kiln (the daemon's default unless it was given one).
+            "network": self._network_view(sb),
             "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
             "on_expire": str(sb.on_expire),
         }
@@ -308,6 +313,7 @@ class SandboxService:
         mounts += [VolumeMount(v.name, v.mount) for v in new_volumes]
         _check_mounts(mounts)
 
+        network = _network_policy(body.network)
         engine = body.engine or s.engine_name
         if body.runtime is not None and engine != "docker":
             raise Unprocessable(
@@ -346,6 +352,7 @@ class SandboxService:
                 volumes=tuple(mounts),
                 secrets=secret_names,
                 runtime=body.runtime,
+                network=None if network is None else network.to_json(),
             ),
             new_volumes=[
                 NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
@@ -370,6 +377,8 @@ class SandboxService:
             keep_hot=bool(body.keep_hot),
             engine=engine,
             runtime=body.runtime,
+            owner=user.id,
+            network=network,
         )
         self._creating.add(sandbox_id)
         try:
@@ -383,6 +392,14 @@ class SandboxService:
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return self.view(row)
+
+    def _network_view(self, sb: SandboxRow) -> dict[str, Any]:
+        if sb.config.network is not None:
+            try:
+                return NetworkPolicy.from_json(sb.config.network).to_json()
+            except NetworkError:
+                pass  # stored by a newer kiln: show the default rather than fail
+        return self._s.config.firewall.default_policy.to_json()
 
     async def _undo_create(self, user: User, sandbox_id: str, new_volumes: set[str]) -> None:
         try:
@@ -749,3 +766,15 @@ class VolumeService:
             await self._s.engine.delete_volume(Path(vol.path).stem)
         except EngineError as exc:
             log.warning("volume %s: deleting its data: %s", vol.name, exc)
+
+
+def _network_policy(body: NetworkBody | None) -> NetworkPolicy | None:
+    """The policy a create asked for (None: the daemon's default), or 422 saying why."""
+    if body is None:
+        return None
+    try:
+        return NetworkPolicy(
+            body.egress or "allow", tuple(body.allow or ()), tuple(body.deny or ())
+        )
+    except NetworkError as exc:
+        raise Unprocessable(f"network: {exc}") from None

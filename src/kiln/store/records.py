@@ -118,6 +118,9 @@ class SandboxConfig:
     volumes: tuple[VolumeMount, ...] = ()
     secrets: tuple[str, ...] = ()  # names only; values are looked up at boot
     runtime: str | None = None  # the engine's variant (Docker: runc or runsc)
+    #: The egress policy asked for at create (kiln.network.policy JSON); None: the
+    #: daemon's default.
+    network: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +232,12 @@ def _as_str(value: object, what: str) -> str:
     return value
 
 
+def _as_opt_mapping(value: object, what: str) -> Mapping[str, Any] | None:
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise InvalidValue(f"{what} must be an object or null, got {value!r}")
+
+
 def _as_opt_str(value: object, what: str) -> str | None:
     return None if value is None else _as_str(value, what)
 
@@ -285,6 +294,7 @@ def config_to_json(config: SandboxConfig) -> str:
             "volumes": _mounts_to_json(config.volumes),
             "secrets": [_as_str(s, "secrets") for s in config.secrets],
             "runtime": _as_opt_str(config.runtime, "runtime"),
+            "network": None if config.network is None else dict(config.network),
         },
         "sandbox config",
     )
@@ -300,6 +310,7 @@ def config_from_json(text: str) -> SandboxConfig:
         volumes=_mounts_from_json(data.get("volumes", []), "volumes"),
         secrets=tuple(_as_str(s, "secrets") for s in _as_list(data.get("secrets", []), "secrets")),
         runtime=_as_opt_str(data.get("runtime"), "runtime"),
+        network=_as_opt_mapping(data.get("network"), "network"),
     )
 
 

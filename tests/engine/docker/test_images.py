@@ -117,7 +117,10 @@ def imports_since(client: Any, since: float, base: BaseTree) -> int:
         filters={"type": "image", "event": "import", "label": f"kiln.base-key={base.key}"},
         decode=True,
     )
-    return len(list(events))
+    try:
+        return len(list(events))
+    finally:
+        events.close()  # a drained stream still holds its socket until closed
 
 
 # -- the real base tree in the session's dockerd ---------------------------------------------

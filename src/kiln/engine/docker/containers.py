@@ -131,6 +131,9 @@ def create_container(
         memswap_limit=memory,  # no swap: memory_mb is what it gets, as in a VM
         mounts=mounts,
         dns=dns or None,
+        # Docker's default set keeps NET_RAW (so root could forge addresses past the
+        # host firewall); ping still works through ICMP sockets (ping_group_range).
+        cap_drop=["NET_RAW"],
         log_config=docker.types.LogConfig(
             type="json-file", config={"max-size": "1m", "max-file": "1"}
         ),

@@ -69,7 +69,9 @@ from kiln.engine.states import (
     plan,
 )
 from kiln.network import IPPool, Network, NetworkError
+from kiln.network.firewall import Firewall
 
+from ..guard import Guard
 from ..undo import Undo
 from . import containers, images
 from .config import RUNTIMES, DockerEngineConfig
@@ -132,8 +134,9 @@ class DockerEngine:
 
     name = ENGINE_NAME
 
-    def __init__(self, config: DockerEngineConfig) -> None:
+    def __init__(self, config: DockerEngineConfig, firewall: Firewall | None = None) -> None:
         self.config = config
+        self._guard = Guard(firewall)
         self._network = Network(config.network)
         self._pool = IPPool(config.network.subnet)
         self._dockerd = Dockerd(config.dockerd)
@@ -364,6 +367,10 @@ class DockerEngine:
             except NetworkError as exc:
                 raise EngineError(f"no address for sandbox {sid}: {exc}") from exc
             undo.push("release the address", self._releaser(ip))
+            # A container has no port of its own to pin: it cannot forge its address
+            # or MAC without CAP_NET_ADMIN / CAP_NET_RAW, which it does not get.
+            await self._guard.admit(spec, ip)
+            undo.push("remove the firewall rules", self._rules_remover(sid))
             directory = self.config.sandboxes_dir / sid
             await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=False)
             undo.push("remove the sandbox directory", self._remover(directory))
@@ -517,6 +524,7 @@ class DockerEngine:
             await asyncio.to_thread(containers.remove_container, client, box.record.container)
             box.destroyed = True
             box.pid = None
+            await self._guard.release(sandbox_id)
             self._pool.release(box.record.ip)
             await asyncio.to_thread(shutil.rmtree, box.dir, ignore_errors=True)
             self._boxes.pop(sandbox_id, None)
@@ -527,6 +535,12 @@ class DockerEngine:
             self._pool.release(ip)
 
         return release
+
+    def _rules_remover(self, sandbox_id: str) -> Callable[[], Awaitable[None]]:
+        async def remove() -> None:
+            await self._guard.release(sandbox_id)
+
+        return remove
 
     def _remover(self, directory: Path) -> Callable[[], Awaitable[None]]:
         async def remove() -> None:
@@ -591,6 +605,10 @@ class DockerEngine:
             self._pool.mark_in_use(record.ip, sandbox_id)
         except NetworkError as exc:
             log.warning("sandbox %s: its address %s: %s", sandbox_id, record.ip, exc)
+        try:
+            await self._guard.admit(record.spec, record.ip)
+        except EngineError as exc:
+            log.error("sandbox %s: %s", sandbox_id, exc)
         log.info("sandbox %s re-adopted (docker, %s): %s", sandbox_id, record.runtime, adopted)
         return self._info(box)
 

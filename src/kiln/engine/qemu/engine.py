@@ -31,6 +31,7 @@ from typing import Any
 
 from kiln.agent_client import AgentClient, ForwardStream
 from kiln.network import IPPool, Network
+from kiln.network.firewall import Firewall
 
 from ..base import SandboxInfo, SandboxSpec, Thermal
 from ..errors import InvalidState, SandboxNotFound
@@ -59,9 +60,9 @@ class QemuEngine:
 
     name = ENGINE_NAME
 
-    def __init__(self, config: QemuConfig | None = None) -> None:
+    def __init__(self, config: QemuConfig | None = None, firewall: Firewall | None = None) -> None:
         self.config = config if config is not None else QemuConfig()
-        self._net = HostNet(self.config.network)
+        self._net = HostNet(self.config.network, firewall)
         self._host = Host(self.config, self._net.network)
         # Only this class adds and removes sandboxes; the helpers read it.
         self._vms: dict[str, VM] = {}
@@ -155,6 +156,7 @@ class QemuEngine:
                 for pid in process.find_processes(vm.paths.marker):
                     await process.terminate(pid, vm.paths.marker)
             finally:
+                await self._net.guard.release(sandbox_id)
                 await self._net.delete_tap(vm.record.tap)
                 await self._net.release_ip(vm.record.ip)
                 await asyncio.to_thread(disks.remove_tree, vm.paths.root)

@@ -1,5 +1,5 @@
-"""The host side of a sandbox's network: its guest address, its TAP device and
-the host's pinned ARP entry for it.
+"""The host side of a sandbox's network: its guest address, its TAP device, the
+host's pinned ARP entry for it and its firewall rules.
 
 Taking one raises :class:`~kiln.engine.errors.EngineError`; giving one back
 only logs a failure, so that a destroy or an undo carries on with the rest.
@@ -11,18 +11,26 @@ import asyncio
 import logging
 
 from kiln.network import IPPool, Network, NetworkConfig, NetworkError
+from kiln.network.firewall import Firewall
 
+from ..base import SandboxSpec
 from ..errors import EngineError
+from ..guard import Guard
 from . import disks
 
 log = logging.getLogger(__name__)
 
 
 class HostNet:
-    def __init__(self, config: NetworkConfig) -> None:
+    def __init__(self, config: NetworkConfig, firewall: Firewall | None = None) -> None:
         self._config = config
         self.network = Network(config)
         self.pool = IPPool(config.subnet)
+        self.guard = Guard(firewall)
+
+    async def admit(self, spec: SandboxSpec, ip: str, tap: str) -> None:
+        """The sandbox's firewall rules, its TAP pinned to its MAC and address."""
+        await self.guard.admit(spec, ip, port=tap, mac=self.network.mac_for(spec.sandbox_id))
 
     def allocate_ip(self, sid: str) -> str:
         try:

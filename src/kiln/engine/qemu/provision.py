@@ -201,6 +201,8 @@ class Provisioner:
         tap = await net.create_tap(sid)
         undo.push("delete TAP", lambda: net.delete_tap(tap))
         await net.pin_neighbour(ip, net.network.mac_for(sid))
+        await net.admit(spec, ip, tap)
+        undo.push("remove the firewall rules", lambda: net.guard.release(sid))
         root = cfg.sandboxes_dir / sid
         try:
             root.mkdir(mode=0o700)

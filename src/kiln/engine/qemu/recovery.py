@@ -90,6 +90,10 @@ class Recovery:
         except NetworkError as exc:
             log.error("cannot re-mark %s for %s: %s", record.ip, sid, exc)
             return vm
+        try:
+            await self._net.admit(record.spec, record.ip, record.tap)
+        except EngineError as exc:
+            log.error("sandbox %s: %s", sid, exc)
         if paths.root.is_dir():
             vm.state = ADOPTED[await self._survivor(vm, pid_hint)]
         return vm

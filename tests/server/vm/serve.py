@@ -1,0 +1,59 @@
+"""``kiln serve`` as a real subprocess, for tests of the whole daemon."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[3] / "src"
+
+
+class Serve:
+    """``kiln serve`` in a subprocess; its URL read from its log."""
+
+    def __init__(self, config: Path, home: Path, log: Path) -> None:
+        env = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
+        env.pop("KILN_URL", None)
+        self.log_path = log
+        self._start = log.stat().st_size if log.exists() else 0
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.url = self._wait_url()
+
+    def _wait_url(self) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[self._start :].decode(errors="replace")
+            urls = re.findall(r"kiln daemon listening on (http://\S+)", text)
+            if urls:
+                return str(urls[0])
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kiln serve exited: {text[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"kiln serve did not listen: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self._log.close()
+
+
+def client(serve: Serve, data: Path, key: str | None = None) -> httpx.Client:
+    """An API client of ``serve`` with ``key`` (default: the admin's, from the data dir)."""
+    key = key or (data / "admin-api-key").read_text().strip()
+    return httpx.Client(base_url=serve.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
