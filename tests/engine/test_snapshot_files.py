@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from pathlib import Path
 
 from kiln.engine.qemu.snapshot import (
+    Prefetcher,
     SnapshotMeta,
     SnapshotRecord,
     cachestat,
@@ -92,3 +94,28 @@ def test_prefetch_reads_only_the_data(tmp_path: Path) -> None:
     # Whole filesystem blocks of data, never the 64 MiB of holes.
     assert 3 * 4096 <= read < 8 << 20
     assert prefetch_ram(tmp_path / "missing") == 0
+
+
+def test_prefetch_stops_when_asked(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.write(b"x" * (8 << 20))
+    stop = threading.Event()
+    assert prefetch_ram(ram, chunk=1 << 20, stop=stop) == 8 << 20
+    stop.set()
+    assert prefetch_ram(ram, chunk=1 << 20, stop=stop) == 0
+
+
+def test_prefetcher_owns_its_threads(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.write(b"x" * (16 << 20))
+    prefetcher = Prefetcher()
+    before = set(threading.enumerate())
+    for _ in range(3):
+        prefetcher.start(ram)
+    prefetcher.close()
+    assert prefetcher.running == 0
+    assert set(threading.enumerate()) == before  # joined, none left behind
+    prefetcher.start(ram)  # closed: a restore goes without
+    assert prefetcher.running == 0 and set(threading.enumerate()) == before

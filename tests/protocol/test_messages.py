@@ -23,6 +23,8 @@ from kiln.protocol import (
     ForwardRequest,
     InvalidMessage,
     PathRequest,
+    ProcessInfo,
+    ProcessStatus,
     ProtocolError,
     SessionInfo,
     StatusResponse,
@@ -466,3 +468,28 @@ def test_clock_set_rejects_a_bad_seed(seed: object) -> None:
 def test_clock_set_rejects_an_oversized_seed() -> None:
     with pytest.raises(InvalidMessage, match="at most"):
         ClockSet(1, seed=bytes(4097))
+
+
+# -- found by tests/protocol/test_fuzz.py ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "doc"),
+    [
+        (SessionInfo, {"session_id": "s", "created_at": 10**400}),
+        (ActivityInfo, {"last_activity_unix": -(10**400)}),
+        (FileInfo, {"name": "a", "size": 1, "mode": "0644", "mtime": 10**400}),
+        (ProcessInfo, {"pid": 1, "cmd": ["x"], "started_at": 10**400}),
+        (ProcessInfo, {"pid": 1, "cmd": ["x"], "started_at": 1, "finished_at": 10**400}),
+    ],
+)
+def test_a_time_no_float_can_hold_is_an_invalid_message(cls: Any, doc: dict[str, Any]) -> None:
+    # It used to escape as OverflowError, which callers do not expect from a peer's bytes.
+    with pytest.raises(InvalidMessage, match="out of range"):
+        cls.from_json(doc)
+
+
+def test_a_process_error_without_a_message_round_trips() -> None:
+    status = ProcessStatus.from_json({"status": "error", "reason": "not_found"})
+    assert status.message == "not_found"  # what to_json writes for it
+    assert ProcessStatus.from_payload(status.to_payload()) == status

@@ -3,15 +3,20 @@
 Used by scripts that must build the image *before* entering a network namespace
 (the build downloads Debian packages; tests then run offline)::
 
-    python -m kiln.images ensure [--tier minimal] [--image-dir DIR]
+    python -m kiln.images ensure [--tier minimal] [--image-dir DIR] [--json]
     python -m kiln.images build [--force]
     python -m kiln.images find | list | cmdline
     python -m kiln.images prune [--keep 3]
+
+``--json`` prints the image as one JSON object instead of a line of text: the
+daemon runs ``ensure --json`` as a child process it can stop
+(:mod:`kiln.images.child`) and reads the image's directory from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +40,17 @@ def format_image(image: Image) -> str:
     )
 
 
+def image_json(image: Image) -> str:
+    return json.dumps(
+        {
+            "tier": image.tier,
+            "digest": image.digest,
+            "path": str(image.path),
+            "kernel_version": image.kernel_version,
+        }
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kiln.images", description=__doc__.split("\n")[0]
@@ -44,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-dir", type=Path, default=None)
     parser.add_argument("--force", action="store_true", help="build: rebuild every step")
     parser.add_argument("--keep", type=int, default=3, help="prune: images of the tier to keep")
+    parser.add_argument("--json", action="store_true", help="ensure, build: print JSON")
     args = parser.parse_args(argv)
     try:
         if args.command == "cmdline":
@@ -60,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no current {args.tier} image", file=sys.stderr)
                 return 1
             print(format_image(found))
-        elif args.command == "build":
-            print(format_image(build_image(args.tier, args.image_dir, force=args.force)))
         else:
-            print(format_image(ensure_image(args.tier, args.image_dir)))
+            if args.command == "build":
+                image = build_image(args.tier, args.image_dir, force=args.force)
+            else:
+                image = ensure_image(args.tier, args.image_dir)
+            print(image_json(image) if args.json else format_image(image))
     except ImageError as exc:
         print(f"kiln images: error: {exc}", file=sys.stderr)
         return 1

@@ -196,7 +196,8 @@ def _image_dir_name(tier: str, digest: str) -> str:
     return f"{tier}-{digest[:16]}"
 
 
-def _load_image(path: Path) -> Image | None:
+def load_image(path: Path) -> Image | None:
+    """The finished image in ``path`` (its manifest is written last), or None."""
     doc = cache.read_manifest(path / IMAGE_MANIFEST)
     if doc is None:
         return None
@@ -251,7 +252,7 @@ def find_image(tier: str = "minimal", image_dir: Path | None = None) -> Image | 
     inputs = resolve_inputs(tier, root)
     if inputs is None:
         return None
-    return _load_image(root / "images" / _image_dir_name(tier, inputs.digest))
+    return load_image(root / "images" / _image_dir_name(tier, inputs.digest))
 
 
 def resolve_inputs(tier: str = "minimal", image_dir: Path | None = None) -> Inputs | None:
@@ -274,7 +275,7 @@ def list_images(image_dir: Path | None = None) -> list[Image]:
         image
         for entry in sorted(parent.iterdir())
         if not entry.name.startswith((cache.TMP_PREFIX, cache.OLD_PREFIX))
-        and (image := _load_image(entry)) is not None
+        and (image := load_image(entry)) is not None
     ]
     return sorted(found, key=lambda i: i.built_at)
 
@@ -333,7 +334,7 @@ def build_image(
             report(f"removed leftover of an interrupted build: {stale}")
         inputs = _inputs(spec, root, report)
         final = root / "images" / _image_dir_name(tier, inputs.digest)
-        if not force and (image := _load_image(final)) is not None:
+        if not force and (image := load_image(final)) is not None:
             report(f"cached: {tier} image {image.digest[:16]} ({image.path})")
             return image
         kernel_dir = _ensure_kernel(spec, inputs, root, report, force)
@@ -490,7 +491,7 @@ def _build_final(
         )
         final = image_dir / "images" / name
         cache.publish(tmp, final)
-    image = _load_image(final)
+    image = load_image(final)
     if image is None:
         raise ImageError(f"published image {final} cannot be read back")
     return image

@@ -97,6 +97,16 @@ def _int(data: Mapping[str, Any], key: str, *, required: bool = False) -> int | 
     return value
 
 
+def _float(data: Mapping[str, Any], key: str, *, required: bool = False) -> float | None:
+    value: int | float | None = _get(data, key, (int, float), required=required)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer of 309 digits or more
+        raise InvalidMessage(f"field {key!r} is out of range") from None
+
+
 def _nonneg(data: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
     value = _int(data, key, required=required)
     if value is not None and value < 0:
@@ -233,7 +243,7 @@ class SessionInfo(_Message):
             tty=bool(_get(obj, "tty", bool)),
             running=bool(_get(obj, "running", bool)),
             attached=bool(_get(obj, "attached", bool)),
-            created_at=float(_get(obj, "created_at", (int, float)) or 0),
+            created_at=_float(obj, "created_at") or 0.0,
             exit_code=_int(obj, "exit_code"),
         )
 
@@ -255,7 +265,7 @@ class ActivityInfo(_Message):
     def from_json(cls, data: Any) -> Self:
         obj = _object(data, "ActivityInfo")
         return cls(
-            last_activity_unix=float(_get(obj, "last_activity_unix", (int, float), required=True)),
+            last_activity_unix=_float(obj, "last_activity_unix", required=True) or 0.0,
             attached_sessions=_nonneg(obj, "attached_sessions") or 0,
             running_sessions=_nonneg(obj, "running_sessions") or 0,
         )
@@ -290,7 +300,7 @@ class FileInfo(_Message):
             size=_nonneg(obj, "size", required=True) or 0,
             mode=_get(obj, "mode", str, required=True),
             is_dir=bool(_get(obj, "is_dir", bool)),
-            mtime=float(_get(obj, "mtime", (int, float)) or 0),
+            mtime=_float(obj, "mtime") or 0.0,
             path=_get(obj, "path", str),
         )
 

@@ -27,7 +27,17 @@ from enum import StrEnum
 from typing import Any, Final, Self
 
 from .errors import InvalidMessage
-from .messages import _get, _int, _Message, _nonneg, _object, _str_map, decode_json, encode_json
+from .messages import (
+    _float,
+    _get,
+    _int,
+    _Message,
+    _nonneg,
+    _object,
+    _str_map,
+    decode_json,
+    encode_json,
+)
 
 #: Bytes of stdout, and of stderr, a background process keeps for later readers.
 OUTPUT_KEPT: Final = 1 << 20
@@ -130,14 +140,13 @@ class ProcessInfo(_Message):
     @classmethod
     def from_json(cls, data: Any) -> Self:
         obj = _object(data, "ProcessInfo")
-        finished_at = _get(obj, "finished_at", (int, float))
         return cls(
             pid=_pid(obj),
             cmd=_cmd(obj),
             running=bool(_get(obj, "running", bool)),
-            started_at=float(_get(obj, "started_at", (int, float), required=True)),
+            started_at=_float(obj, "started_at", required=True) or 0.0,
             exit_code=_int(obj, "exit_code"),
-            finished_at=None if finished_at is None else float(finished_at),
+            finished_at=_float(obj, "finished_at"),
             tty=bool(_get(obj, "tty", bool)),
             session_id=_get(obj, "session_id", str),
             user=_get(obj, "user", str),
@@ -260,7 +269,9 @@ class ProcessStatus(_Message):
             reason = Reason(reason_text)
         except ValueError:
             reason = Reason.INVALID  # a newer agent's reason: still an error
-        return cls(reason, _get(obj, "message", str), _int(obj, "exit_code"))
+        # As to_json writes it: an error without a message carries its reason.
+        message = _get(obj, "message", str) or reason.value
+        return cls(reason, message, _int(obj, "exit_code"))
 
 
 __all__ = [

@@ -15,14 +15,16 @@ Start-up, in order:
    reaper (its first tick, right after recovery, handles the sandboxes that
    expired while the daemon was down) and the HTTP server (uvicorn).
 
-SIGTERM or SIGINT shuts down gracefully: the server stops accepting, open
-requests get a few seconds, the thermal manager stops, the expiry reaper
+SIGTERM or SIGINT shuts down gracefully, within seconds whatever is going on:
+the server stops accepting, open requests get a few seconds, an image build in
+progress is stopped (its process group gets SIGTERM, then SIGKILL; the next
+start builds again), the thermal manager stops, the expiry reaper
 finishes the destroy or stop it may be in the middle of, the engine is closed
 (sandboxes keep running or stay on disk for the next start's recovery; none
 is destroyed) and the store is closed. A second signal skips the wait.
 
-The default image is built on first use (the first sandbox create), with its
-progress in the daemon's log.
+The default image is built right after start (or by the first create that
+needs it), in a child process, with its progress in the daemon's log.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +47,9 @@ from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
 from kiln.engine.router import Engines, Unavailable
-from kiln.network import Network, NetworkError
+from kiln.images import ImageError
+from kiln.images.child import ensure_image_in_child
+from kiln.network import Network, NetworkError, close_dialer
 from kiln.network.firewall import Firewall, FirewallConfig, table_name
 from kiln.recovery import recover
 from kiln.store import NotFound, SecretBox, Store, StoreError
@@ -171,29 +176,57 @@ def _docker(config: Config, firewall: Firewall | None) -> Engine:
 
 
 class ImageBuilder:
-    """Builds an image tier the first time it is needed, logging its progress."""
+    """Builds an image tier the first time it is needed, logging its progress.
+
+    A build runs in a child process (:func:`kiln.images.child.ensure_image_in_child`)
+    driven by a task this object owns: a request that stops waiting does not stop
+    a build others wait for, and :meth:`close` stops every build (the child's
+    process group gets SIGTERM, then SIGKILL) before the daemon exits.
+    """
 
     def __init__(self, image_dir: Path | None) -> None:
         self.image_dir = image_dir
         self._ready: set[str] = set()
-        self._lock = asyncio.Lock()
+        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
 
     async def __call__(self, tier: str) -> None:
         if tier in self._ready:
             return
-        from kiln.images import ensure_image  # noqa: PLC0415 -- slow import, used once
+        if self._closed:
+            raise ImageError("the daemon is shutting down")
+        build = self._builds.get(tier)
+        if build is None or build.done():  # a failed build is tried again
+            build = asyncio.create_task(self._build(tier), name=f"image-{tier}")
+            self._builds[tier] = build
+        try:
+            await asyncio.shield(build)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if build.cancelled() and current is not None and not current.cancelling():
+                raise ImageError(
+                    "the image build was stopped: the daemon is shutting down"
+                ) from None
+            raise
 
-        async with self._lock:
-            if tier in self._ready:
-                return
+    async def _build(self, tier: str) -> None:
+        def progress(message: str) -> None:
+            log.info("image %s: %s", tier, message)
 
-            def progress(message: str) -> None:
-                log.info("image %s: %s", tier, message)
+        log.info("image %s: checking (built on first use; this can take minutes)", tier)
+        image = await ensure_image_in_child(tier, self.image_dir, progress)
+        log.info("image %s: ready (%s)", tier, image.digest[:16])
+        self._ready.add(tier)
 
-            log.info("image %s: checking (built on first use; this can take minutes)", tier)
-            image = await asyncio.to_thread(ensure_image, tier, self.image_dir, progress)
-            log.info("image %s: ready (%s)", tier, getattr(image, "digest", "")[:16])
-            self._ready.add(tier)
+    async def close(self) -> None:
+        """Stop the builds in progress and wait until their processes are gone."""
+        self._closed = True
+        running = [b for b in self._builds.values() if not b.done()]
+        for build in running:
+            build.cancel()
+        if running:
+            log.info("stopping the image build")
+            await asyncio.wait(running)
 
 
 # ------------------------------------------------------------------ files
@@ -299,6 +332,55 @@ def _persist_thermal(store: Store, engine: Engine) -> Callable[[str, Thermal], N
     return on_change
 
 
+class _Signals:
+    """SIGTERM and SIGINT for the daemon's whole life. During start-up they cancel it
+    (serve's clean-up still runs); while it serves they start the graceful shutdown,
+    and a second one stops waiting for open requests; during the clean-up after
+    that they are only logged (it is bounded; SIGKILL is for the impatient)."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._starting = asyncio.current_task()
+        self.startup_cancelled = False
+        self._server: uvicorn.Server | None = None
+
+    def __enter__(self) -> _Signals:
+        for sig in self.HANDLED:
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in self.HANDLED:
+            self._loop.remove_signal_handler(sig)
+
+    def serving(self, server: uvicorn.Server) -> None:
+        self._starting = None
+        self._server = server
+
+    def stopping(self) -> None:
+        self._server = None
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._starting is not None:
+            log.info("%s during start-up: stopping", name)
+            self.stop.set()
+            self.startup_cancelled = True
+            self._starting.cancel()
+            self._starting = None
+        elif self._server is not None and not self.stop.is_set():
+            log.info("%s: shutting down", name)
+            self.stop.set()
+        elif self._server is not None:
+            log.warning("second %s: not waiting for open requests", name)
+            self._server.force_exit = True
+        else:
+            log.info("%s: already stopping", name)
+
+
 async def serve(
     config: Config,
     *,
@@ -317,35 +399,46 @@ async def serve(
     sock: socket.socket | None = None
     own_engine = engine is None
     firewall: Firewall | None = None
+    signals = _Signals()
     try:
-        sock = bind_socket(config.host, config.port)
-        url = socket_url(sock)
-        bootstrap_admin(store, config, url)
-        if engine is None:
-            firewall = await asyncio.to_thread(build_firewall, config)
-            engine = build_engine(config, firewall)
-            await _check_default_engine(engine)
-        await _recover(store, engine)
-        await _run(
-            config=config,
-            store=store,
-            engine=engine,
-            sock=sock,
-            url=url,
-            ready=ready,
-            build_images=own_engine,
-            firewall=firewall,
-        )
-    finally:
-        if engine is not None:
-            _save_states(store, engine)
+        with signals:
             try:
-                await engine.close()
-            except EngineError as exc:
-                log.warning("closing the engine: %s", exc)
+                sock = bind_socket(config.host, config.port)
+                url = socket_url(sock)
+                bootstrap_admin(store, config, url)
+                if engine is None:
+                    firewall = await asyncio.to_thread(build_firewall, config)
+                    engine = build_engine(config, firewall)
+                    await _check_default_engine(engine)
+                await _recover(store, engine)
+                await _run(
+                    config=config,
+                    store=store,
+                    engine=engine,
+                    sock=sock,
+                    url=url,
+                    ready=ready,
+                    build_images=own_engine,
+                    signals=signals,
+                    firewall=firewall,
+                )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not signals.startup_cancelled or task is None or task.uncancel() > 0:
+                    raise
+            finally:
+                signals.stopping()
+                if engine is not None:
+                    _save_states(store, engine)
+                    try:
+                        await engine.close()
+                    except EngineError as exc:
+                        log.warning("closing the engine: %s", exc)
+    finally:
         store.close()
         if sock is not None:
             sock.close()
+        close_dialer()
         log.info("daemon stopped")
 
 
@@ -415,6 +508,7 @@ async def _run(
     url: str,
     ready: Callable[[str], None] | None,
     build_images: bool,
+    signals: _Signals,
     firewall: Firewall | None = None,
 ) -> None:
     if isinstance(engine, Engines):
@@ -432,13 +526,8 @@ async def _run(
             ),
             on_change=_persist_thermal(store, engine),
         )
-    services = Services(
-        store=store,
-        engine=engine,
-        config=config,
-        thermal=thermal,
-        images=ImageBuilder(config.image_dir) if available and build_images else None,
-    )
+    images = ImageBuilder(config.image_dir) if available and build_images else None
+    services = Services(store=store, engine=engine, config=config, thermal=thermal, images=images)
     expiry = ExpiryReaper(services.sandboxes) if available else None
     server = _Server(
         uvicorn.Config(
@@ -454,20 +543,7 @@ async def _run(
             proxy_headers=False,
         )
     )
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s: not waiting for open requests", signal.Signals(signum).name)
-            server.force_exit = True
-        else:
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            stop.set()
-
-    loop = asyncio.get_running_loop()
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for sig in handled:
-        loop.add_signal_handler(sig, on_signal, sig)
+    signals.serving(server)
     try:
         async with asyncio.TaskGroup() as tg:
             thermal_task = tg.create_task(thermal.run(), name="thermal") if thermal else None
@@ -482,7 +558,7 @@ async def _run(
                 if firewall is not None
                 else None
             )
-            stopper = tg.create_task(stop.wait(), name="stop")
+            stopper = tg.create_task(signals.stop.wait(), name="stop")
             while not server.started and not http.done():  # noqa: ASYNC110 -- uvicorn has no event
                 await asyncio.sleep(0.01)
             if server.started:
@@ -492,18 +568,21 @@ async def _run(
             await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             stopper.cancel()
-            await asyncio.wait({http})
+            if warm_up is not None:
+                warm_up.cancel()
+            # An image build would take minutes: it stops while open requests finish.
+            closing = {http}
+            if images is not None:
+                closing.add(tg.create_task(images.close(), name="image-builds"))
+            await asyncio.wait(closing)
             if thermal_task is not None:
                 thermal_task.cancel()
             if expiry is not None:
                 expiry.stop()  # not cancel: a destroy or snapshot in progress completes
-            if warm_up is not None:
-                warm_up.cancel()
             if refresher is not None:
                 refresher.cancel()  # its rules stay: sandboxes outlive the daemon
     finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
+        signals.stopping()
 
 
 async def _warm_up(services: Services) -> None:
@@ -527,3 +606,8 @@ def run(config: Config) -> None:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     asyncio.run(serve(config))
+    # Every thread of the daemon is joined or owned by something its shutdown closes;
+    # one still running here would hold up the exit or die in the middle of its work.
+    others = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+    if others:
+        log.warning("threads still running at exit: %s", ", ".join(others))

@@ -238,11 +238,13 @@ class QemuEngine:
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
-        """Drop QMP connections and the network worker; QEMU processes keep running."""
+        """Drop QMP connections, the network worker and the RAM pre-reads; QEMU
+        processes keep running."""
         self._host.closed = True
         for vm in list(self._vms.values()):
             await machine.cancel_clock(vm)
             await machine.drop_qmp(vm)
+        await self._thermal.close()
         await self._net.close()
 
 

@@ -12,7 +12,8 @@ import secrets
 import shutil
 from pathlib import Path
 
-from kiln.images import Image, ImageError, UnknownTier, ensure_image
+from kiln.images import Image, ImageError, UnknownTier
+from kiln.images.child import ensure_image_in_child
 from kiln.network import Network, NetworkError
 
 from ..errors import EngineUnavailable, ImageNotFound
@@ -84,7 +85,8 @@ class Host:
             if image is not None and image.kernel.exists():
                 return image
             try:
-                image = await asyncio.to_thread(ensure_image, tier, self.config.image_dir)
+                # A build runs in a child process, stopped if this is cancelled.
+                image = await ensure_image_in_child(tier, self.config.image_dir)
             except UnknownTier as exc:
                 raise ImageNotFound(str(exc)) from exc
             except ImageError as exc:

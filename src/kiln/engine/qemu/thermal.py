@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -46,6 +45,11 @@ class ThermalControl:
         self.config = config
         self._host = host
         self._net = net
+        self._prefetch = snapshot.Prefetcher()
+
+    async def close(self) -> None:
+        """Stop the RAM pre-reads still running and wait for their threads."""
+        await asyncio.to_thread(self._prefetch.close)
 
     async def transition(self, vm: VM, op: Op) -> VM:
         async with vm.lock:
@@ -192,9 +196,7 @@ class ThermalControl:
         meta.valid = False
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
         phases.mark("tap+meta")
-        threading.Thread(
-            target=snapshot.prefetch_ram, args=(p.ram,), name="kiln-prefetch", daemon=True
-        ).start()
+        self._prefetch.start(p.ram)
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
