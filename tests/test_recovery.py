@@ -30,8 +30,11 @@ def engine() -> FakeEngine:
     return FakeEngine("qemu")
 
 
-def state(sid: str, *, alive: str | None = None, snapshot: bool = False) -> dict[str, Any]:
+def state(
+    sid: str, *, alive: str | None = None, snapshot: bool = False, disk: str | None = None
+) -> dict[str, Any]:
     return {
+        "disk": disk,
         "sandbox_id": sid,
         "name": sid,
         "cpus": 2,
@@ -54,6 +57,7 @@ def row(
     snapshot: bool = False,
     engine: str = "qemu",
     with_state: bool = True,
+    disk: str | None = None,
 ) -> Sandbox:
     sid = f"sb-{name}"
     return store.create_sandbox(
@@ -67,7 +71,7 @@ def row(
         status=status,
         thermal=thermal,
         ip="10.0.0.9",
-        engine_state=state(sid, alive=alive, snapshot=snapshot) if with_state else None,
+        engine_state=state(sid, alive=alive, snapshot=snapshot, disk=disk) if with_state else None,
     )
 
 
@@ -125,6 +129,44 @@ async def test_running_without_snapshot_is_unknown(
     report = await recover(store, engine)
     assert after(store, sb) == (Status.UNKNOWN, Thermal.COLD)
     assert report.unknown == [sb.id]
+
+
+@pytest.mark.parametrize("thermal", [Thermal.HOT, Thermal.WARM, Thermal.COLD])
+async def test_running_with_only_its_disk_is_rebooted_on_next_use(
+    store: Store, user: User, engine: FakeEngine, thermal: Thermal
+) -> None:
+    """Its machine gone without a snapshot (a host reboot): running and cold, and its
+    next use boots it from its disk."""
+    sb = row(store, user, "a", thermal=thermal, disk="intact")
+    report = await recover(store, engine)
+    assert after(store, sb) == (Status.RUNNING, Thermal.COLD)
+    assert report.rebooted == [sb.id] and report.running == [sb.id]
+    assert report.failed == [] and report.outcome(sb.id).rebooted
+    await engine.ensure_hot(sb.id)
+    info = engine.info(sb.id)
+    assert info.thermal is Thermal.HOT
+    assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+
+
+async def test_stopped_with_only_its_disk_stays_stopped_and_its_start_boots(
+    store: Store, user: User, engine: FakeEngine
+) -> None:
+    sb = row(store, user, "a", status=Status.STOPPED, thermal=Thermal.COLD, disk="intact")
+    report = await recover(store, engine)
+    assert after(store, sb) == (Status.STOPPED, Thermal.COLD)
+    assert report.stopped == [sb.id] and report.rebooted == []
+    assert (await engine.start(sb.id)).thermal is Thermal.HOT
+
+
+async def test_a_sandbox_whose_disk_is_gone_is_in_error_and_says_why(
+    store: Store, user: User, engine: FakeEngine
+) -> None:
+    sb = row(store, user, "a", disk="gone")
+    report = await recover(store, engine)
+    assert after(store, sb) == (Status.ERROR, Thermal.COLD)
+    (failed,) = report.failed
+    assert failed.sandbox_id == sb.id and failed.error == "its disk /fake/rootfs is missing"
+    assert report.rebooted == []
 
 
 async def test_vm_that_survived_the_daemon_is_readopted(
@@ -326,10 +368,17 @@ def _info(thermal: Thermal, *, snapshot: bool, status: Status = Status.RUNNING) 
             _info(Thermal.COLD, snapshot=True),
             (Status.STOPPED, Thermal.COLD),
         ),
+        # Cold without a snapshot: its disks (Found.DISK). Stopped stays stopped (a
+        # start boots it); anything else is running and boots on next use.
         (
             (Status.STOPPED, Thermal.COLD),
             _info(Thermal.COLD, snapshot=False),
-            (Status.UNKNOWN, Thermal.COLD),
+            (Status.STOPPED, Thermal.COLD),
+        ),
+        (
+            (Status.RUNNING, Thermal.HOT),
+            _info(Thermal.COLD, snapshot=False),
+            (Status.RUNNING, Thermal.COLD),
         ),
         (
             (Status.RUNNING, Thermal.HOT),

@@ -10,6 +10,16 @@ sandbox that was running hot when the daemon died and whose VM did not survive
 is *stopped* rather than silently restored: its snapshot is older than the
 state it was in, and the user should choose to start it.
 
+A sandbox whose machine is gone without a usable snapshot but whose disks are
+intact (a host reboot killed its QEMU, or dockerd's containers) is *rebooted*:
+running and cold, and its next use -- an exec, a file read, a start -- boots
+it again from its own disks, like a machine after a power cut: its files are
+kept, its processes are lost, and its ``last_boot`` then says ``rebooted``.
+It is booted on next use rather than here so that a daemon with many such
+sandboxes serves at once, and boots only the ones somebody uses (a boot takes
+seconds under TCG). Only a sandbox whose disks are gone is ``error``, with the
+reason in the report and in the error its next use gets.
+
 Deleted sandboxes and sandboxes of other engines are left alone. One sandbox's
 failure never stops the others; the report lists it.
 """
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 
 from kiln.engine.base import Engine, SandboxInfo, Status, Thermal
 from kiln.engine.router import ENGINE_KEY
-from kiln.engine.states import State, recovered
+from kiln.engine.states import State, rebooted, recovered
 from kiln.store import Sandbox, Store
 
 log = logging.getLogger("kiln.recovery")
@@ -40,6 +50,8 @@ class Recovered:
     status: Status
     thermal: Thermal
     error: str | None = None  # why it could not be re-adopted
+    #: Its machine was gone but its disks were not: its next use boots it from them.
+    rebooted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +66,10 @@ class RecoveryReport:
     @property
     def stopped(self) -> list[str]:
         return [o.sandbox_id for o in self.outcomes if o.status is Status.STOPPED]
+
+    @property
+    def rebooted(self) -> list[str]:
+        return [o.sandbox_id for o in self.outcomes if o.rebooted]
 
     @property
     def unknown(self) -> list[str]:
@@ -104,8 +120,10 @@ async def recover(
         tasks = [tg.create_task(one(row)) for row in mine]
     report = RecoveryReport(tuple(t.result() for t in tasks), skipped)
     log.info(
-        "recovery: %d running, %d stopped, %d unknown, %d failed, %d of other engines",
+        "recovery: %d running (%d rebooted), %d stopped, %d unknown, %d failed,"
+        " %d of other engines",
         len(report.running),
+        len(report.rebooted),
         len(report.stopped),
         len(report.unknown),
         len(report.failed),
@@ -128,7 +146,14 @@ async def _recover_one(store: Store, engine: Engine, row: Sandbox) -> Recovered:
                 raise ValueError(f"engine re-adopted {info.sandbox_id!r} instead")
         except Exception as exc:
             info, error = None, f"{type(exc).__name__}: {exc}"
+    if info is not None and info.problem is not None:
+        error = info.problem
     status, thermal = recovered_state(row, info)
+    boots = (
+        info is not None
+        and status is Status.RUNNING
+        and rebooted(info.state, has_snapshot=info.has_snapshot)
+    )
     try:
         if info is None:
             store.update_sandbox(row.id, status=status, thermal=thermal)
@@ -145,9 +170,18 @@ async def _recover_one(store: Store, engine: Engine, row: Sandbox) -> Recovered:
         error = error or f"{type(exc).__name__}: {exc}"
     if error is not None:
         log.warning("recovery: sandbox %s is %s: %s", row.id, status, error)
+    elif boots:
+        log.info(
+            "recovery: sandbox %s: %s/%s → %s/%s, rebooted: its machine is gone, its disks"
+            " are not; its next use boots it from them (files kept, processes lost)",
+            row.id,
+            *previous,
+            status,
+            thermal,
+        )
     else:
         log.info("recovery: sandbox %s: %s/%s → %s/%s", row.id, *previous, status, thermal)
-    return Recovered(row.id, previous, status, thermal, error)
+    return Recovered(row.id, previous, status, thermal, error, rebooted=boots)
 
 
 def _export(engine: Engine, row: Sandbox) -> dict[str, object] | None:

@@ -17,6 +17,7 @@ from kiln.sdk.models import (
     Capabilities,
     FileStat,
     Health,
+    LastBoot,
     Port,
     PublishedPort,
     SandboxInfo,
@@ -114,6 +115,20 @@ def test_sandbox_fields_engine_runtime_capabilities() -> None:
     assert "snapshots:   no (never cold; a stop keeps its files but ends its processes)" in text
     unknown = fmt.format_sandbox(sandbox(), NOW)  # an older daemon, or mid-transition
     assert "pause:       -\nsnapshots:   -\n" in unknown
+
+
+def test_inspect_shows_the_last_boot() -> None:
+    assert "last boot:   -\n" in fmt.format_sandbox(sandbox(), NOW)  # an older daemon
+    rebooted = LastBoot("rebooted", NOW - timedelta(minutes=2))
+    text = fmt.format_sandbox(sandbox(last_boot=rebooted), NOW)
+    assert (
+        "last boot:   rebooted (its machine was lost: booted from its disk, files kept,"
+        " processes lost), 2024-05-01T11:58:00+00:00 (2m ago)\n"
+    ) in text
+    created = fmt.format_last_boot(LastBoot("created", NOW - timedelta(seconds=5)), NOW)
+    assert created == "created, 2024-05-01T11:59:55+00:00 (5s ago)"
+    restored = fmt.format_last_boot(LastBoot("restored", NOW), NOW)
+    assert restored.startswith("restored (from its snapshot: processes kept), ")
 
 
 def test_stopped_message_follows_the_capabilities() -> None:

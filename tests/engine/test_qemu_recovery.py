@@ -11,13 +11,14 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from kiln.engine import InvalidState, SandboxSpec, Status, Thermal
+from kiln.engine import SandboxCrashed, SandboxSpec, Status, Thermal
 from kiln.engine.qemu import QemuEngine
 from kiln.engine.qemu.process import find_processes, pid_alive
 
@@ -120,19 +121,56 @@ async def test_a_cold_vm_is_readopted_from_its_snapshot(
         await engine.close()
 
 
-async def test_a_dead_vm_without_a_valid_snapshot_is_unknown_and_destroyable(
+async def test_a_dead_vm_without_a_valid_snapshot_boots_again_from_its_disk(
     vm_env: VMEnv, first: dict[str, Any]
 ) -> None:
     state = first["hot_again"]
-    # The snapshot was spent by the restore, and now QEMU dies with the daemon.
+    # The snapshot was spent by the restore, and now QEMU dies with the daemon (and the
+    # host's network with it: a reboot).
     os.kill(state["pid"], signal.SIGKILL)
     paths_marker = f"{state['record']['dir']}/"
     await wait_until(lambda: not pid_alive(state["pid"], paths_marker))
+    tap = state["record"]["tap"]
+    await asyncio.to_thread(
+        subprocess.run, ["ip", "-n", vm_env.netns, "link", "del", tap], check=True
+    )
     engine = await reopen(vm_env, state)
     try:
         info = engine.info(SID)
-        assert info.status is Status.UNKNOWN and not info.has_snapshot
-        with pytest.raises(InvalidState):
+        assert (info.status, info.thermal, info.has_snapshot) == (
+            Status.RUNNING,
+            Thermal.COLD,
+            False,
+        )
+        assert info.last_boot is not None and info.last_boot.reason == "restored"
+        assert link_exists(vm_env.netns, tap)  # re-created for the boot to come
+        client = await engine.agent(SID)  # its next use boots it
+        assert (await client.exec(["cat", "/home/sandbox/mark"])).stdout == b"survived\n"
+        info = engine.info(SID)
+        assert (info.status, info.thermal) == (Status.RUNNING, Thermal.HOT)
+        assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+        assert info.ip == "10.213.7.2" and engine.pool.owner_of(info.ip) == SID
+        first["rebooted"] = roundtrip(engine.export_state(SID))
+        assert first["rebooted"]["last_boot"]["reason"] == "rebooted"
+    finally:
+        await engine.close()
+
+
+async def test_a_vm_whose_disk_is_gone_is_in_error_and_destroyable(
+    vm_env: VMEnv, first: dict[str, Any]
+) -> None:
+    state = first["rebooted"]
+    os.kill(state["pid"], signal.SIGKILL)
+    paths_marker = f"{state['record']['dir']}/"
+    await wait_until(lambda: not pid_alive(state["pid"], paths_marker))
+    rootfs = state["record"]["drives"][0]["path"]
+    os.unlink(rootfs)
+    engine = await reopen(vm_env, state)
+    try:
+        info = engine.info(SID)
+        assert (info.status, info.thermal) == (Status.ERROR, Thermal.COLD)
+        assert info.problem == f"its disk {rootfs} is missing"
+        with pytest.raises(SandboxCrashed):
             await engine.ensure_hot(SID)
         await engine.destroy(SID)
         assert not link_exists(vm_env.netns, state["record"]["tap"])

@@ -21,9 +21,11 @@ from kiln.engine.states import (
     State,
     Status,
     Thermal,
+    from_disk,
     lookup,
     observed,
     plan,
+    rebooted,
     recovered,
     table,
 )
@@ -66,15 +68,31 @@ WITH_SNAPSHOTS: dict[Op, tuple[str, str, str, str]] = {
     Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", NO),
 }
 
+# Running and cold without snapshots: only recovery leaves it (machine gone, files kept).
 WITHOUT_SNAPSHOTS: dict[Op, tuple[str, str, str, str]] = {
     Op.PAUSE: ("pause → running/warm", "nothing → running/warm", NO, NO),
     Op.RESUME: ("nothing → running/hot", "resume → running/hot", NO, NO),
     Op.COOL: (NO, NO, NO, NO),
-    Op.STOP: ("shutdown → stopped/cold", "shutdown → stopped/cold", NO, "nothing → stopped/cold"),
-    Op.START: ("nothing → running/hot", "resume → running/hot", NO, "boot → running/hot"),
-    Op.ENSURE_HOT: ("nothing → running/hot", "resume → running/hot", NO, "boot → running/hot"),
-    Op.CRASH: ("kill → error/hot", "kill → error/warm", NO, NO),
-    Op.LOST: ("kill → error/cold", "kill → error/cold", NO, NO),
+    Op.STOP: (
+        "shutdown → stopped/cold",
+        "shutdown → stopped/cold",
+        "nothing → stopped/cold",
+        "nothing → stopped/cold",
+    ),
+    Op.START: (
+        "nothing → running/hot",
+        "resume → running/hot",
+        "boot → running/hot",
+        "boot → running/hot",
+    ),
+    Op.ENSURE_HOT: (
+        "nothing → running/hot",
+        "resume → running/hot",
+        "boot → running/hot",
+        "boot → running/hot",
+    ),
+    Op.CRASH: ("kill → error/hot", "kill → error/warm", "kill → error/cold", NO),
+    Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", NO),
 }
 
 
@@ -210,9 +228,33 @@ def test_adopted() -> None:
         Found.RUNNING: State(R, HOT),
         Found.PAUSED: State(R, WARM),
         Found.SNAPSHOT: State(R, COLD),
+        Found.DISK: State(R, COLD),
+        Found.GONE: State(E, COLD),
         Found.NOTHING: State(U, COLD),
     }
     assert expected == ADOPTED
+
+
+@pytest.mark.parametrize("state", [State(R, COLD), State(S, COLD)])
+@pytest.mark.parametrize("op", [Op.START, Op.ENSURE_HOT])
+def test_without_a_snapshot_a_restore_is_a_boot_from_disk(op: Op, state: State) -> None:
+    step = plan(op, state, "sb1")
+    assert step.action is Action.RESTORE
+    assert from_disk(step) == step._replace(action=Action.BOOT)
+
+
+@pytest.mark.parametrize("op", [Op.STOP, Op.COOL, Op.CRASH, Op.LOST])
+def test_from_disk_changes_nothing_else(op: Op) -> None:
+    step = plan(op, State(R, COLD), "sb1")
+    assert from_disk(step) == step
+
+
+def test_rebooted_is_running_cold_without_a_snapshot() -> None:
+    assert rebooted(State(R, COLD), has_snapshot=False)
+    assert not rebooted(State(R, COLD), has_snapshot=True)
+    assert not rebooted(State(S, COLD), has_snapshot=False)
+    assert not rebooted(State(R, HOT), has_snapshot=False)
+    assert not rebooted(None, has_snapshot=False)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +270,12 @@ def test_adopted() -> None:
         (State(R, WARM), State(R, COLD), True, State(S, COLD)),
         (State(S, COLD), State(R, COLD), True, State(S, COLD)),
         (State(U, COLD), State(R, COLD), True, State(S, COLD)),
-        (State(R, COLD), State(R, COLD), False, State(U, COLD)),
+        # No snapshot but its disks (Found.DISK): its next use boots it; stopped stays so.
+        (State(R, COLD), State(R, COLD), False, State(R, COLD)),
+        (State(R, HOT), State(R, COLD), False, State(R, COLD)),
+        (State(R, WARM), State(R, COLD), False, State(R, COLD)),
+        (State(S, COLD), State(R, COLD), False, State(S, COLD)),
+        (State(R, HOT), State(E, COLD), False, State(E, COLD)),  # its disks are gone
         # Without snapshots the engine finds a stopped machine's files: it boots again.
         (State(R, HOT), State(S, COLD), False, State(S, COLD)),
         (State(S, COLD), State(S, COLD), False, State(S, COLD)),

@@ -40,6 +40,7 @@ from typing import Any
 
 from kiln.agent_client import AgentClient
 from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec, Status, Thermal
+from kiln.engine.boots import BootReason, LastBoot, boot_reason
 from kiln.engine.errors import (
     EngineError,
     EngineUnavailable,
@@ -47,7 +48,17 @@ from kiln.engine.errors import (
     InvalidState,
     SandboxNotFound,
 )
-from kiln.engine.states import ADOPTED, CREATED, Action, Found, Op, State, Transition, plan
+from kiln.engine.states import (
+    ADOPTED,
+    CREATED,
+    Action,
+    Found,
+    Op,
+    State,
+    Transition,
+    from_disk,
+    plan,
+)
 from kiln.protocol import ActivityInfo
 
 from . import agents
@@ -64,6 +75,8 @@ class _Box:
     #: Its agent process (``agents`` mode only).
     machine: agents.Machine | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Re-adopted from its disk alone (``"disk": "intact"``): its next restore boots.
+    reboot: bool = False
 
 
 class FakeEngine:
@@ -161,6 +174,9 @@ class FakeEngine:
         """Plan ``op`` as the real engines do, "carry out" its action, apply its next state."""
         box = self._box(method, sandbox_id)
         step = plan(op, box.info.state, sandbox_id, snapshots=self.snapshots)
+        if box.reboot:
+            step = from_disk(step)
+            box.reboot = step.action is not Action.BOOT
         return self._apply(box, step)
 
     def _apply(self, box: _Box, step: Transition) -> SandboxInfo:
@@ -171,8 +187,14 @@ class FakeEngine:
             if not has_snapshot:
                 raise InvalidState(f"cannot restore {box.info.sandbox_id}: no valid snapshot")
             has_snapshot = False  # spent, as in QEMU: the restored machine moves on
+        reason = boot_reason(step.action, box.info.state, snapshots=self.snapshots)
+        last_boot = box.info.last_boot if reason is None else LastBoot.now(reason)
         return self._set(
-            box, status=step.next.status, thermal=step.next.thermal, has_snapshot=has_snapshot
+            box,
+            status=step.next.status,
+            thermal=step.next.thermal,
+            has_snapshot=has_snapshot,
+            last_boot=last_boot,
         )
 
     async def _act(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
@@ -255,6 +277,7 @@ class FakeEngine:
             memory_mb=spec.memory_mb,
             keep_hot=spec.keep_hot,
             runtime=spec.runtime,
+            last_boot=LastBoot.now(BootReason.CREATED),
         )
         if self.agents_root is None:
             self.boxes[spec.sandbox_id] = _Box(info)
@@ -396,10 +419,18 @@ class FakeEngine:
                 raise InvalidState(f"{key} must be a bool, got {state.get(key)!r}")
         alive = state.get("alive")
         has_snapshot = bool(state.get("has_snapshot", False))
+        disk = state.get("disk")  # "intact" or "gone": what a real engine checks on disk
+        problem = None
         if alive:
             found = Found.RUNNING if Thermal(alive) is Thermal.HOT else Found.PAUSED
+        elif has_snapshot:
+            found = Found.SNAPSHOT
+        elif disk == "intact":
+            found = Found.DISK
+        elif disk == "gone":
+            found, problem = Found.GONE, "its disk /fake/rootfs is missing"
         else:
-            found = Found.SNAPSHOT if has_snapshot else Found.NOTHING
+            found = Found.NOTHING
         adopted = ADOPTED[found]
         info = SandboxInfo(
             sandbox_id=sandbox_id,
@@ -413,9 +444,11 @@ class FakeEngine:
             memory_mb=int(state.get("memory_mb", 512)),
             keep_hot=bool(state.get("keep_hot", False)),
             has_snapshot=has_snapshot,
+            last_boot=LastBoot.from_json(state.get("last_boot")),
+            problem=problem,
         )
-        if alive or has_snapshot:
-            self.boxes[sandbox_id] = _Box(info)
+        if alive or has_snapshot or disk:
+            self.boxes[sandbox_id] = _Box(info, reboot=found is Found.DISK)
         return info
 
     async def _adopt(self, sandbox_id: str) -> SandboxInfo:

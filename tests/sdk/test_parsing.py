@@ -25,6 +25,7 @@ from kiln.sdk.errors import (
 from kiln.sdk.models import (
     Capabilities,
     Exit,
+    LastBoot,
     NewVolume,
     Stderr,
     Stdout,
@@ -193,6 +194,25 @@ def test_sandbox_spec_only_sends_what_is_given() -> None:
         "engine": "docker",
         "runtime": "runsc",
     }
+
+
+def test_parse_sandbox_last_boot() -> None:
+    assert parse_sandbox(SANDBOX).last_boot is None  # a daemon from before last_boot
+    assert parse_sandbox({**SANDBOX, "last_boot": None}).last_boot is None
+    at = "2024-05-01T10:05:00.250000Z"
+    sb = parse_sandbox({**SANDBOX, "last_boot": {"reason": "rebooted", "at": at, "later": 1}})
+    assert sb.last_boot == LastBoot("rebooted", datetime(2024, 5, 1, 10, 5, 0, 250000, tzinfo=UTC))
+    assert sb.to_dict()["last_boot"] == {
+        "reason": "rebooted",
+        "at": "2024-05-01T10:05:00.250000+00:00",
+    }
+    for bad, message in (
+        ("rebooted", "last_boot: expected a JSON object"),
+        ({"at": at}, "'reason' is missing"),
+        ({"reason": "created", "at": "soon"}, "RFC 3339"),
+    ):
+        with pytest.raises(InvalidResponse, match=message):
+            parse_sandbox({**SANDBOX, "last_boot": bad})
 
 
 def test_parse_sandbox_engine_runtime_capabilities() -> None:

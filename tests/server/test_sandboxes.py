@@ -34,6 +34,7 @@ SANDBOX_FIELDS = {
     "expires_at",
     "on_expire",
     "network",
+    "last_boot",
 }
 
 
@@ -70,6 +71,8 @@ def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     assert created["capabilities"] == {"pause": True, "snapshots": True}
     for key in ("created_at", "last_active_at"):
         assert datetime.fromisoformat(str(created[key])).tzinfo is not None
+    assert created["last_boot"]["reason"] == "created"
+    assert datetime.fromisoformat(created["last_boot"]["at"]).tzinfo is not None
 
     listed = api.http.get("/sandboxes").json()
     assert [s["id"] for s in listed] == [created["id"]]
@@ -83,6 +86,15 @@ def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     assert api.http.get("/sandboxes").json() == []
     assert created["id"] not in server.engine.boxes  # the engine freed it
     assert server.store.get_sandbox(str(created["id"]), include_deleted=True).deleted_at
+
+
+def test_last_boot_follows_stop_and_start(api: ApiUser) -> None:
+    """A stop does not boot anything; the start's restore from the snapshot says so."""
+    api.sandbox(name="boots")
+    assert api.http.post("/sandboxes/boots/stop").json()["last_boot"]["reason"] == "created"
+    started = api.http.post("/sandboxes/boots/start").json()
+    assert started["last_boot"]["reason"] == "restored"
+    assert api.http.get("/sandboxes/boots").json()["last_boot"] == started["last_boot"]
 
 
 def test_defaults_and_generated_name(api: ApiUser) -> None:

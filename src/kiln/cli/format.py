@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         Capabilities,
         FileStat,
         Health,
+        LastBoot,
         NetworkPolicy,
         Port,
         ProcessInfo,
@@ -170,6 +171,7 @@ def format_sandbox(sb: SandboxInfo, now: datetime) -> str:
         ("image", sb.image or "-"),
         ("created", _when(sb.created_at, now)),
         ("last active", _when(sb.last_active_at, now)),
+        ("last boot", format_last_boot(sb.last_boot, now)),
         ("labels", format_labels(sb.labels)),
         ("expires", _expiry(sb.expires_at, sb.on_expire, now)),
     ]
@@ -185,6 +187,22 @@ def format_network(policy: NetworkPolicy | None) -> str:
         if targets:
             parts.append(f"{word} {', '.join(targets)}")
     return "; ".join(parts)
+
+
+#: What each ``last_boot`` reason means for the user's processes.
+_BOOT_NOTES = {
+    "created": "",
+    "restored": " (from its snapshot: processes kept)",
+    "started": " (by a start: its stop had ended its processes)",
+    "rebooted": " (its machine was lost: booted from its disk, files kept, processes lost)",
+}
+
+
+def format_last_boot(boot: LastBoot | None, now: datetime) -> str:
+    """``kiln inspect``'s last boot: reason, what it means, when (``-``: not said)."""
+    if boot is None:
+        return "-"
+    return f"{boot.reason}{_BOOT_NOTES.get(boot.reason, '')}, {_when(boot.at, now)}"
 
 
 def _capability_rows(caps: Capabilities | None) -> list[tuple[str, str]]:

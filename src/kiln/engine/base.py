@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from kiln.agent_client import AgentClient
 from kiln.network.policy import NetworkPolicy
 
+from .boots import LastBoot
 from .errors import InvalidSpec
 from .states import State, Status, Thermal
 
@@ -217,6 +218,10 @@ class SandboxInfo:
     has_snapshot: bool = False
     capabilities: Capabilities = VM_CAPABILITIES
     runtime: str | None = None
+    #: How its current (or, when cold, its last) machine was brought up.
+    last_boot: LastBoot | None = None
+    #: Why it is in error or unknown, when the engine knows (e.g. its disk is gone).
+    problem: str | None = None
 
     @property
     def state(self) -> State:

@@ -8,9 +8,10 @@ API reports it, thermal how much of it is awake::
                └──── start / ensure_hot ◀─────┘
     stopped   cold: the user's stop (any running state ──stop──▶ stopped);
               start or ensure_hot makes it running and hot again
-    error     the machine died underneath us (crash), or a snapshot or restore
-              failed half-way (lost); only destroy
-    unknown   recovered with nothing usable (no live machine, no snapshot); only destroy
+    error     the machine died underneath us (crash), a snapshot or restore
+              failed half-way (lost), or recovery found its disks gone; only destroy
+    unknown   recovered, but what is left of it could not be checked (its engine
+              could not re-adopt it); only destroy
 
 :data:`TABLE` maps each state and :class:`Op` to a :class:`Transition`: the
 :class:`Action` to carry out and the state it leads to. A missing entry is an
@@ -36,14 +37,22 @@ Who asks for what:
 - Recovery maps what survived a daemon restart: :data:`ADOPTED` (engine side)
   and :func:`recovered` (store side).
 
+Reboot: a sandbox whose machine is gone without a usable snapshot (a host
+reboot, or the machine killed) but whose disks are intact is *running and
+cold* with no snapshot (:data:`Found.DISK`): its next use boots it again from
+its disks, like a machine that rebooted -- files kept, processes lost. On an
+engine with snapshots the RESTORE of such a sandbox is a BOOT
+(:func:`from_disk`); without snapshots every restore is one anyway.
+
 An action that fails before its point of no return leaves the state it started
 from (an engine puts it back if it noticed a crash on the way); one that fails
 after it is LOST.
 
 Capabilities: with ``snapshots=False`` (an engine that cannot save a running
-sandbox to disk, e.g. a container runtime without checkpoints) nothing is ever
-running and cold: COOL is refused, the user's stop ends the processes and keeps
-the files (SHUTDOWN) and a start boots it again (BOOT).
+sandbox to disk, e.g. a container runtime without checkpoints) COOL is refused,
+the user's stop ends the processes and keeps the files (SHUTDOWN) and a start
+boots it again (BOOT); only recovery makes such a sandbox running and cold
+(its machine gone, its files kept: the next use boots it).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from .errors import InvalidState, SandboxCrashed
 class Thermal(StrEnum):
     HOT = "hot"  # running
     WARM = "warm"  # paused: memory kept, vCPUs/processes stopped
-    COLD = "cold"  # no machine running: a snapshot on disk (without snapshots: files only)
+    COLD = "cold"  # no machine running: a snapshot on disk (or, without one, its files only)
 
 
 class Status(StrEnum):
@@ -67,7 +76,7 @@ class Status(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"  # explicitly stopped by the user
     ERROR = "error"  # crashed
-    UNKNOWN = "unknown"  # recovered without a usable machine or snapshot
+    UNKNOWN = "unknown"  # recovered, but its engine could not tell what is left of it
 
 
 class State(NamedTuple):
@@ -182,8 +191,15 @@ TABLE: Table = {
 _NO_SNAPSHOT_ACTION = {Action.SNAPSHOT: Action.SHUTDOWN, Action.RESTORE: Action.BOOT}
 
 
+def from_disk(step: Transition) -> Transition:
+    """``step`` for a cold sandbox without a usable snapshot: a restore boots it from
+    its disks (:data:`Found.DISK`)."""
+    return step._replace(action=Action.BOOT) if step.action is Action.RESTORE else step
+
+
 def _without_snapshots(full: Table) -> Table:
-    """The table for an engine that cannot save a running sandbox to disk."""
+    """The table for an engine that cannot save a running sandbox to disk. (Running
+    and cold is only ever what recovery leaves: a machine gone, its files kept.)"""
     return {
         state: {
             op: step._replace(action=_NO_SNAPSHOT_ACTION.get(step.action, step.action))
@@ -191,7 +207,6 @@ def _without_snapshots(full: Table) -> Table:
             if op is not Op.COOL
         }
         for state, row in full.items()
-        if state != State(_R, _COLD)  # only a snapshot makes a running sandbox cold
     }
 
 
@@ -242,7 +257,9 @@ class Found(StrEnum):
     RUNNING = "running"  # a live machine whose CPUs run
     PAUSED = "paused"  # a live machine, paused
     SNAPSHOT = "snapshot"  # no machine, a usable snapshot
-    NOTHING = "nothing"  # neither: nothing can be vouched for
+    DISK = "disk"  # no machine, no usable snapshot, its disks intact: it boots from them
+    GONE = "gone"  # no machine, no snapshot, and its disks are missing or unreadable
+    NOTHING = "nothing"  # what is left could not be checked
 
 
 #: The engine's state of a re-adopted sandbox.
@@ -250,6 +267,8 @@ ADOPTED: dict[Found, State] = {
     Found.RUNNING: State(_R, _HOT),
     Found.PAUSED: State(_R, _WARM),
     Found.SNAPSHOT: State(_R, _COLD),
+    Found.DISK: State(_R, _COLD),  # info.has_snapshot tells it from SNAPSHOT
+    Found.GONE: State(_E, _COLD),
     Found.NOTHING: State(_U, _COLD),
 }
 
@@ -266,13 +285,17 @@ def recovered(stored: State, engine: State | None, has_snapshot: bool) -> State:
     stopped (no snapshots)  any                        stopped, cold (its files)
     cold, snapshot          running and already cold   running, cold (nothing lost)
     cold, snapshot          anything else              stopped, cold (restorable)
-    cold, no snapshot       any                        unknown
+    cold, no snapshot       stopped                    stopped, cold (start boots it)
+    cold, no snapshot       anything else              running, cold (rebooted: the
+                                                       next use boots it from its disks)
     nothing (None)          any                        unknown
     =====================  =========================  ===============================
 
-    A sandbox that was running hot and whose machine did not survive is *stopped*
-    rather than silently restored: its snapshot is older than the state it was in,
-    and the user should choose to start it.
+    A sandbox that was running hot when its machine died but which has an older
+    snapshot is *stopped* rather than silently restored: its snapshot is older
+    than the state it was in, and the user should choose to start it. One
+    without a snapshot has nothing to choose between: it boots from its disks,
+    as a machine does after a power cut.
     """
     if engine is None:
         return ADOPTED[Found.NOTHING]
@@ -283,10 +306,15 @@ def recovered(stored: State, engine: State | None, has_snapshot: bool) -> State:
     if engine.status is _S:
         return engine  # no snapshots: its files survived, and it boots again from them
     if not has_snapshot:
-        return ADOPTED[Found.NOTHING]
+        return State(_S, _COLD) if stored.status is _S else State(_R, _COLD)
     if stored == State(_R, _COLD):
         return stored
     return State(_S, _COLD)
+
+
+def rebooted(engine: State | None, has_snapshot: bool) -> bool:
+    """Whether what the engine re-adopted is a sandbox that boots from its disks."""
+    return engine == ADOPTED[Found.DISK] and not has_snapshot
 
 
 def observed(stored: State, engine: State | None) -> State:
@@ -321,9 +349,11 @@ __all__ = [
     "Status",
     "Thermal",
     "Transition",
+    "from_disk",
     "lookup",
     "observed",
     "plan",
+    "rebooted",
     "recovered",
     "table",
 ]

@@ -194,6 +194,7 @@ def _run_vm(args: argparse.Namespace) -> int:
 def _run_pid1(args: argparse.Namespace) -> int:
     """PID 1: boot duties, serve, power off. Never returns: if PID 1 exits, the kernel panics."""
     from . import pid1  # noqa: PLC0415 - only PID 1 needs ctypes and the boot code
+    from .started import mark_started  # noqa: PLC0415
 
     mounts: list[str] = []
     try:
@@ -201,13 +202,21 @@ def _run_pid1(args: argparse.Namespace) -> int:
         started = time.monotonic()
         booted = pid1.boot(args.config)
         mounts = booted.mounts
+        config = booted.config
+        if booted.first:
+            # Durable: the files are written and the init is about to run; a reboot
+            # of this disk must redo neither.
+            mark_started(durable=True)
+        else:
+            log.info("boot: booted again from a disk set up before: no files, no init")
+            config = replace(config, init=None)
         log.info(
             "boot timeline: agent main at %.2f s, boot duties done at %.2f s",
             started,
             time.monotonic(),
         )
         agent = _vm_agent(
-            args, booted.config, reap_orphans=True, clock=pid1.set_clock, prepared=booted.prepared
+            args, config, reap_orphans=True, clock=pid1.set_clock, prepared=booted.prepared
         )
         asyncio.run(agent.run())
     except BaseException:

@@ -23,30 +23,12 @@ from kiln.protocol import SANDBOX_UID
 
 from .config import GuestConfig
 from .errors import SetupError
+from .started import STARTED_MARKER, first_start, mark_started
 
 log = logging.getLogger(__name__)
 
 NOFILE_LIMIT = 65536
 WORKSPACE = "/workspace"
-
-
-#: In the container's own file system: it has been set up once. A container that
-#: starts again (after a stop that kept its files) must not have the spec's files
-#: written over what the user changed since, nor its init script run a second time.
-STARTED_MARKER = "/var/lib/kiln/started"
-
-
-def first_start() -> bool:
-    return not os.path.exists(STARTED_MARKER)
-
-
-def mark_started() -> None:
-    try:
-        os.makedirs(os.path.dirname(STARTED_MARKER), exist_ok=True)
-        with open(STARTED_MARKER, "w"):
-            pass
-    except OSError as exc:
-        log.error("start: %s: %s", STARTED_MARKER, exc)
 
 
 def boot(config: GuestConfig, *, first: bool) -> None:
@@ -74,6 +56,9 @@ def boot(config: GuestConfig, *, first: bool) -> None:
             pid1.write_owned(file.path, file.content, file.mode, uid, gid)
         except OSError as exc:
             log.error("start: file %s: %s", file.path, exc)
+
+
+__all__ = ["STARTED_MARKER", "boot", "first_start", "mark_started"]
 
 
 def _raise_nofile() -> None:

@@ -16,7 +16,7 @@ Boot (:func:`boot`), before the agent starts serving:
    agent's start-up (imports, above all) already done;
 4. apply it: the sandbox user, hostname, /etc/resolv.conf, eth0 (static address
    and default route, by ioctl: see netconf), volumes (mounted, root chowned to the user),
-   files (owned by the user), /workspace.
+   files (owned by the user, on the first boot only: see :mod:`.started`), /workspace.
 
 Every step logs its failure and the boot goes on: an agent that answers with a
 half-configured machine is more useful than a VM that never comes up.
@@ -63,6 +63,7 @@ from .config import (
 )
 from .errors import ConfigError, SetupError
 from .prepared import Prepared, prepare_template
+from .started import first_start
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,9 @@ class BootResult:
     mounts: list[str] = field(default_factory=list)
     #: What a template made ready before its snapshot (see wait_while_template).
     prepared: Prepared | None = None
+    #: The disk's first boot: its files were written now and its init is to run.
+    #: False when the machine boots again from a disk set up before (a reboot).
+    first: bool = True
 
 
 def boot(config_override: Path | None = None) -> BootResult:
@@ -201,7 +205,9 @@ def boot(config_override: Path | None = None) -> BootResult:
             log.error("%s", exc)
     else:
         result.config = load_config(cmdline, result)
-    apply_config(result.config, result.mounts)
+    # After load_config: a template waits in there, and its disk must not be marked.
+    result.first = first_start()
+    apply_config(result.config, result.mounts, first=result.first)
     return result
 
 
@@ -330,7 +336,7 @@ def wait_while_template(device: str) -> Prepared | None:
         os.close(fd)
 
 
-def apply_config(config: GuestConfig, mounts: list[str]) -> None:
+def apply_config(config: GuestConfig, mounts: list[str], *, first: bool = True) -> None:
     user: pwd.struct_passwd | None = None
     try:
         user = ensure_user(config.user)
@@ -347,7 +353,7 @@ def apply_config(config: GuestConfig, mounts: list[str]) -> None:
         _step("network", netconf.configure, config.network)
     for volume in config.volumes:
         _step(f"volume {volume.mount}", mount_volume, volume, uid, gid, mounts)
-    for file in config.files:
+    for file in config.files if first else ():
         _step(f"file {file.path}", write_owned, file.path, file.content, file.mode, uid, gid)
     _step("/workspace", _own_dir, "/workspace", uid, gid)
 

@@ -147,6 +147,32 @@ class NetworkPolicy(_Model):
         return {"egress": self.egress, "allow": list(self.allow), "deny": list(self.deny)}
 
 
+@dataclass(frozen=True, slots=True)
+class LastBoot(_Model):
+    """How a sandbox's machine came up last, and when.
+
+    ``reason`` is ``created`` (its create), ``restored`` (from its snapshot: its
+    processes and memory kept), ``started`` (booted by a start after a stop that
+    ended its processes) or ``rebooted`` (its machine was lost without a snapshot,
+    e.g. by a host reboot, and it booted again from its disks: files kept,
+    processes lost).
+    """
+
+    reason: str
+    at: datetime | None
+
+
+def parse_last_boot(data: Any) -> LastBoot | None:
+    """A sandbox's ``last_boot`` object → :class:`LastBoot`; ``None`` stays."""
+    if data is None:
+        return None
+    what = "sandbox last_boot"
+    obj = _obj(data, what)
+    return LastBoot(
+        reason=_field(obj, "reason", str, what), at=parse_time(obj.get("at"), f"{what} at")
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxInfo(_Model):
     """A sandbox as the daemon reports it.
@@ -161,7 +187,8 @@ class SandboxInfo(_Model):
     ``capabilities`` is ``None`` when the daemon did not say: one from before
     engines had capabilities, or a sandbox caught in the middle of a create,
     stop or start. ``network`` is its egress policy (``None`` from a daemon from
-    before policies).
+    before policies). ``last_boot`` (:class:`LastBoot`) is how its machine came
+    up last; ``None`` from a daemon that does not say.
     """
 
     id: str
@@ -182,6 +209,7 @@ class SandboxInfo(_Model):
     runtime: str | None = None
     capabilities: Capabilities | None = None
     network: NetworkPolicy | None = None
+    last_boot: LastBoot | None = None
 
 
 def parse_network(data: Any) -> NetworkPolicy | None:
@@ -245,6 +273,7 @@ def parse_sandbox(data: Any) -> SandboxInfo:
         runtime=_opt_str(obj, "runtime", what),
         capabilities=parse_capabilities(obj.get("capabilities")),
         network=parse_network(obj.get("network")),
+        last_boot=parse_last_boot(obj.get("last_boot")),
     )
 
 

@@ -29,7 +29,8 @@ from typing import Any, Protocol
 from kiln.agent_client import AgentClient, AgentError
 from kiln.config import Config
 from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
-from kiln.engine.errors import EngineError, SandboxNotFound
+from kiln.engine.boots import STATE_KEY, LastBoot
+from kiln.engine.errors import EngineError, SandboxCrashed, SandboxNotFound
 from kiln.engine.ports import listening_ports
 from kiln.engine.router import Engines
 from kiln.engine.states import (
@@ -231,12 +232,27 @@ class SandboxService:
 
     def _plan(self, op: Op, sb: SandboxRow) -> Transition:
         """``op``'s transition from the sandbox's state now; raises if it is not allowed."""
-        return plan(op, self._state(sb), sb.name, snapshots=self._snapshots(sb))
+        try:
+            return plan(op, self._state(sb), sb.name, snapshots=self._snapshots(sb))
+        except SandboxCrashed as exc:
+            problem = self._problem(sb)
+            if problem is None:
+                raise
+            raise SandboxCrashed(
+                f"sandbox {sb.name} is in error: {problem}; it can only be deleted"
+            ) from exc
+
+    def _problem(self, sb: SandboxRow) -> str | None:
+        try:
+            return self.engine.info(sb.id).problem
+        except EngineError:
+            return None
 
     def view(self, sb: SandboxRow) -> dict[str, Any]:
         """The API's sandbox object. Reads the engine's live state; never wakes anything."""
         state, ip = _stored(sb), sb.ip
         runtime, capabilities = sb.config.runtime, None
+        last_boot = LastBoot.from_json((sb.engine_state or {}).get(STATE_KEY))
         lock = self._locks.get(sb.id)
         # Mid-transition (create, stop, start, wake) the engine's answer is in flux;
         # the stored state is what the API reports until the transition is done.
@@ -253,6 +269,7 @@ class SandboxService:
                     "pause": info.capabilities.pause,
                     "snapshots": info.capabilities.snapshots,
                 }
+                last_boot = info.last_boot or last_boot
         last = sb.last_active_at
         active = self._active.get(sb.id)
         if active is not None and active > last:
@@ -278,6 +295,10 @@ class SandboxService:
             "network": self._network_view(sb),
             "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
             "on_expire": str(sb.on_expire),
+            # How its machine came up last: a "rebooted" one lost its processes.
+            "last_boot": None
+            if last_boot is None
+            else {"reason": str(last_boot.reason), "at": rfc3339(last_boot.at)},
         }
 
     def list_for(self, user: User, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:

@@ -331,6 +331,57 @@ async def test_recovery_re_adopts_running_paused_and_stopped(
         await again.close()
 
 
+async def test_recovery_reboots_a_killed_container_and_errs_on_a_removed_one(
+    engine: DockerEngine,
+) -> None:
+    """A host reboot, as the Docker engine sees it: the daemon's state survives, the
+    containers' processes do not (one container even vanished with dockerd's data)."""
+    killed, removed = (
+        new_spec("r-killed", init="echo ran >> /workspace/init-runs"),
+        new_spec("r-removed"),
+    )
+    for spec in (killed, removed):
+        await engine.create(spec)
+    sid = killed.sandbox_id
+    script = "echo kept > /workspace/f; sleep 1000 >/dev/null 2>&1 & echo started"
+    assert await run(engine, sid, "sh", "-c", script) == (0, "started\n")
+    states = [engine.export_state(s.sandbox_id) for s in (killed, removed)]
+    assert states[0]["last_boot"]["reason"] == "created"
+    client = await engine.docker_client()
+    attrs = await engine.inspect(sid)
+    os.kill(attrs["State"]["Pid"], signal.SIGKILL)
+    for _ in range(200):
+        if not (await engine.inspect(sid))["State"]["Running"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(
+        client.api.remove_container, container_name(removed.sandbox_id), force=True
+    )
+    for spec in (killed, removed):
+        engine.forget(spec.sandbox_id)  # the daemon crashed with the host
+    again = DockerEngine(engine.config)
+    try:
+        k, r = [await again.import_state(state) for state in states]
+        assert (k.status, k.thermal, k.has_snapshot) == (Status.RUNNING, Thermal.COLD, False)
+        assert (r.status, r.thermal) == (Status.ERROR, Thermal.COLD)
+        assert r.problem is not None and "is gone" in r.problem
+        with pytest.raises(SandboxCrashed):
+            await again.agent(removed.sandbox_id)
+        # Its next use boots it: files kept, processes lost, init not run again.
+        code, out = await run(
+            again, sid, "sh", "-c", "cat /workspace/f /workspace/init-runs; pgrep sleep || true"
+        )
+        assert (code, out) == (0, "kept\nran\n")
+        info = again.info(sid)
+        assert (info.status, info.thermal) == (Status.RUNNING, Thermal.HOT)
+        assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+        assert info.ip == k.ip
+    finally:
+        for spec in (killed, removed):
+            await again.destroy(spec.sandbox_id)
+        await again.close()
+
+
 async def test_cleanup_orphans_removes_only_its_own_leftovers(engine: DockerEngine) -> None:
     spec = new_spec("orphan")
     await engine.create(spec)

@@ -19,7 +19,12 @@ a stop ends its processes and keeps its files (:mod:`kiln.engine.states`,
 
 The dockerd is kiln's private one (:class:`~.daemon.Dockerd`), started on first
 use or adopted when it still runs; like QEMU processes, containers outlive a
-daemon restart and are re-adopted (:meth:`DockerEngine.import_state`).
+daemon restart and are re-adopted (:meth:`DockerEngine.import_state`). A
+container that exited while its sandbox was running (a host reboot, dockerd
+killed) still holds its files in its writable layer: the sandbox is running
+and cold, and its next use starts the container again (a reboot: its files
+kept, its processes lost). One whose container is gone altogether lost its
+files with it: it is in error.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from kiln.agent_client import (
     Endpoint,
 )
 from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec
+from kiln.engine.boots import STATE_KEY, BootReason, LastBoot, boot_reason
 from kiln.engine.dial import agent_dialer
 from kiln.engine.errors import (
     EngineError,
@@ -115,6 +121,8 @@ class _Box:
     pid: int | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
+    last_boot: LastBoot | None = None
+    problem: str | None = None  # why it is in error, when recovery found out
 
     @property
     def sandbox_id(self) -> str:
@@ -277,6 +285,8 @@ class DockerEngine:
             has_snapshot=False,  # its stop keeps files, never memory
             capabilities=box.capabilities,
             runtime=box.record.runtime,
+            last_boot=box.last_boot,
+            problem=box.problem,
         )
 
     def _plan(self, op: Op, box: _Box) -> Transition:
@@ -403,6 +413,7 @@ class DockerEngine:
             undo.push("forget the sandbox", self._forgetter(sid))
             async with box.lock:
                 await self._boot(box, client)
+                box.last_boot = LastBoot.now(BootReason.CREATED)
         except BaseException:
             await asyncio.shield(undo.run())
             raise
@@ -480,11 +491,15 @@ class DockerEngine:
             if box.destroyed:
                 raise SandboxNotFound(f"sandbox {sandbox_id!r} was destroyed")
             self._notice_death(box)
+            before = box.state
             step = self._plan(op, box)
             if step.action is not Action.NOTHING:
                 client = await self._ensure_ready()
                 await self._carry_out(box, client, step.action)
             box.state = step.next
+            reason = boot_reason(step.action, before, snapshots=box.capabilities.snapshots)
+            if reason is not None:
+                box.last_boot = LastBoot.now(reason)
         return box
 
     async def _carry_out(self, box: _Box, client: Any, action: Action) -> None:
@@ -584,6 +599,7 @@ class DockerEngine:
             "dir": str(box.dir),
             "runtime": box.record.runtime,
             "state": [box.state.status.value, box.state.thermal.value],
+            STATE_KEY: None if box.last_boot is None else box.last_boot.to_json(),
         }
 
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
@@ -597,9 +613,28 @@ class DockerEngine:
             raise SandboxNotFound(f"no record of sandbox {sandbox_id}: {exc}") from exc
         client = await self._ensure_ready()
         found, pid = await asyncio.to_thread(containers.find, client, record.container)
-        # An exited container (SNAPSHOT): its files, no processes -- stopped.
+        problem = None
+        if found is Found.SNAPSHOT:
+            # An exited container: its files, no processes. Stopped if the user stopped
+            # it; otherwise it died under a running sandbox, which boots on next use.
+            found = Found.SNAPSHOT if _was_stopped(state) else Found.DISK
+        elif found is Found.NOTHING:
+            found = Found.GONE
+            problem = (
+                f"its container {record.container} is gone, and the files in it with it"
+                " (was dockerd's data directory lost?)"
+            )
+            log.error("sandbox %s cannot be recovered: %s", sandbox_id, problem)
         adopted = State(Status.STOPPED, Thermal.COLD) if found is Found.SNAPSHOT else ADOPTED[found]
-        box = _Box(record, directory, adopted, self._client_for(record), pid=pid)
+        box = _Box(
+            record,
+            directory,
+            adopted,
+            self._client_for(record),
+            pid=pid,
+            last_boot=LastBoot.from_json(state.get(STATE_KEY)),
+            problem=problem,
+        )
         self._boxes[sandbox_id] = box
         try:
             self._pool.mark_in_use(record.ip, sandbox_id)
@@ -649,6 +684,12 @@ class DockerEngine:
         if self.config.start_dockerd:
             with docker_errors("stopping dockerd"):
                 await asyncio.to_thread(self._dockerd.stop)
+
+
+def _was_stopped(state: Mapping[str, Any]) -> bool:
+    """Whether the exported ``state`` is of a sandbox the user had stopped."""
+    saved = state.get("state")
+    return isinstance(saved, list | tuple) and bool(saved) and saved[0] == Status.STOPPED.value
 
 
 def unavailable_reason() -> str | None:

@@ -120,6 +120,35 @@ async def make_volume(dest: Path, size_mb: int, label: str) -> None:
         raise
 
 
+_QCOW2_MAGIC: Final = b"QFI\xfb"
+
+
+def unreadable(path: Path) -> str | None:
+    """Blocking: what keeps QEMU from using the disk (or kernel) at ``path`` -- missing,
+    unreadable, empty, or a qcow2 overlay whose backing file is -- or None."""
+    backing: Path | None = None
+    try:
+        with open(path, "rb") as f:
+            header = f.read(512)
+            if header[:4] == _QCOW2_MAGIC and len(header) >= 20:
+                offset = int.from_bytes(header[8:16], "big")
+                size = int.from_bytes(header[16:20], "big")
+                if offset and size:
+                    f.seek(offset)
+                    backing = Path(f.read(size).decode(errors="replace"))
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not header:
+        return "is empty"
+    if backing is not None:
+        problem = unreadable(path.parent / backing)  # an absolute one stays absolute
+        if problem is not None:
+            return f"has a backing file {backing} that {problem}"
+    return None
+
+
 def _make_sparse(path: Path, size: int, *, exclusive: bool = False) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)

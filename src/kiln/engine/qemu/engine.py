@@ -34,6 +34,7 @@ from kiln.network import IPPool, Network
 from kiln.network.firewall import Firewall
 
 from ..base import SandboxInfo, SandboxSpec, Thermal
+from ..boots import STATE_KEY
 from ..errors import InvalidState, SandboxNotFound
 from ..ports import listening_ports
 from ..states import Op
@@ -219,12 +220,13 @@ class QemuEngine:
         return recovery.export_state(vm)
 
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
-        """Re-adopt a sandbox: its live QEMU, else its valid snapshot, else UNKNOWN."""
+        """Re-adopt a sandbox: its live QEMU, else its valid snapshot, else its disks
+        (its next use boots it: a reboot), else it is in error (its disks are gone)."""
         record = recovery.record_from_state(state)
         sid = record.spec.sandbox_id
         if sid in self._vms and not self._vms[sid].destroyed:
             return self.info(sid)
-        vm = await self._recovery.adopt(record, state.get("pid"))
+        vm = await self._recovery.adopt(record, state.get("pid"), state.get(STATE_KEY))
         self._vms[sid] = vm
         return machine.sandbox_info(vm)
 

@@ -31,6 +31,7 @@ from kiln.images import kernel_cmdline_defaults
 from kiln.network import netns_exec_argv
 
 from ..base import SandboxInfo
+from ..boots import LastBoot
 from ..errors import EngineError, SandboxCrashed
 from ..states import Op, State, Transition, plan
 from . import process, snapshot
@@ -64,6 +65,12 @@ class VM:
     clock_task: asyncio.Task[None] | None = None
     #: Milliseconds per phase of the last create or restore (for benchmarks, logs).
     phases: dict[str, float] = field(default_factory=dict)
+    last_boot: LastBoot | None = None
+    #: No machine and no usable snapshot, its disks intact: its next restore is a
+    #: boot from them (a reboot; set by recovery, see :mod:`kiln.engine.states`).
+    reboot: bool = False
+    #: Why it is in error, when recovery found out (its disk is gone).
+    problem: str | None = None
 
     @property
     def sandbox_id(self) -> str:
@@ -89,7 +96,13 @@ class Phases:
 
 def sandbox_info(vm: VM) -> SandboxInfo:
     return SandboxInfo.of(
-        vm.record.spec, ENGINE_NAME, vm.state, vm.record.ip, has_snapshot=vm.meta.valid
+        vm.record.spec,
+        ENGINE_NAME,
+        vm.state,
+        vm.record.ip,
+        has_snapshot=vm.meta.valid,
+        last_boot=vm.last_boot,
+        problem=vm.problem,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 from kiln.images import Image, kernel_cmdline_defaults
 
 from ..base import SandboxSpec
+from ..boots import BootReason, LastBoot
 from ..errors import EngineError, InvalidSpec, InvalidState
 from ..states import CREATED
 from ..undo import Undo
@@ -165,6 +166,7 @@ class Provisioner:
             await undo.run()
             raise
         vm.phases = phases.done()
+        vm.last_boot = LastBoot.now(BootReason.CREATED)
         return vm
 
     async def _announce_volume_sizes(self, vm: VM) -> None:

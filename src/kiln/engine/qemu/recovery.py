@@ -1,7 +1,10 @@
 """Surviving a daemon restart. QEMU runs daemonized in its own session, so it
 outlives the daemon: the state the daemon stores per sandbox
 (:func:`export_state`) is enough to re-adopt its live QEMU, else its valid
-snapshot; and whatever no known sandbox owns is removed afterwards.
+snapshot, else -- its QEMU gone with its memory, as after a host reboot -- its
+disks, from which its next use boots it again (:data:`Found.DISK`; only a
+sandbox whose disks are gone is in error); and whatever no known sandbox owns
+is removed afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Final
 from kiln.network import NetworkError
 
 from ..base import SANDBOX_ID_RE
+from ..boots import STATE_KEY, LastBoot
 from ..errors import EngineError, InvalidState
 from ..states import ADOPTED, Found
 from . import disks, machine, process, snapshot, templates
@@ -24,7 +28,7 @@ from .hostnet import HostNet
 from .layout import Paths, Record
 from .machine import ENGINE_NAME, VM
 from .qmp import QMP
-from .thermal import why_unrestorable
+from .thermal import why_unbootable, why_unrestorable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ def export_state(vm: VM) -> dict[str, Any]:
         "status": str(vm.state.status),
         "thermal": str(vm.state.thermal),
         "snapshot_valid": vm.meta.valid,
+        STATE_KEY: None if vm.last_boot is None else vm.last_boot.to_json(),
     }
 
 
@@ -71,9 +76,9 @@ class Recovery:
         self._vms = vms
         self._building_templates = building_templates
 
-    async def adopt(self, record: Record, pid_hint: object) -> VM:
-        """The sandbox of ``record`` in whatever state survived; UNKNOWN if nothing did.
-        The caller adds it to ``vms``."""
+    async def adopt(self, record: Record, pid_hint: object, last_boot: object = None) -> VM:
+        """The sandbox of ``record`` in whatever state survived (``last_boot``: as
+        exported). The caller adds it to ``vms``."""
         sid = record.spec.sandbox_id
         await self._host.ensure_ready(None)
         paths = Paths(Path(record.dir))
@@ -84,6 +89,7 @@ class Recovery:
             client=machine.client_for(record, self.config),
             state=ADOPTED[Found.NOTHING],  # until _survivor vouches for more
             meta=meta,
+            last_boot=LastBoot.from_json(last_boot),
         )
         try:
             self._net.pool.mark_in_use(record.ip, sid)
@@ -96,11 +102,15 @@ class Recovery:
             log.error("sandbox %s: %s", sid, exc)
         if paths.root.is_dir():
             vm.state = ADOPTED[await self._survivor(vm, pid_hint)]
+        else:
+            vm.problem = f"its directory {paths.root} is gone, and its disks with it"
+            log.error("sandbox %s cannot be recovered: %s", sid, vm.problem)
+            vm.state = ADOPTED[Found.GONE]
         return vm
 
     async def _survivor(self, vm: VM, pid_hint: object) -> Found:
         """What survived of the sandbox: its QEMU (running or paused), else a usable
-        snapshot (its TAP re-created), else nothing."""
+        snapshot, else its disks (either way its TAP re-created), else nothing."""
         paths = vm.paths
         pid = process.read_pid(paths.pidfile)
         if pid is None and isinstance(pid_hint, int):
@@ -122,14 +132,27 @@ class Recovery:
                     return Found.PAUSED
                 log.warning("QEMU of %s is in state %s; killing it", vm.sandbox_id, runstate)
                 await machine.kill(vm)
-        # No live QEMU: a valid snapshot makes it cold, otherwise nothing can be vouched for.
+        # No live QEMU: a valid snapshot makes it cold; without one, its disks do (a
+        # machine that lost power boots again from them), and without those it is lost.
+        found = Found.SNAPSHOT
         why = why_unrestorable(vm)
         if why is not None:
-            log.warning("sandbox %s cannot be recovered: %s", vm.sandbox_id, why)
-            return Found.NOTHING
+            missing = await asyncio.to_thread(why_unbootable, vm)
+            if missing is not None:
+                vm.problem = missing
+                log.error("sandbox %s cannot be recovered: %s", vm.sandbox_id, missing)
+                return Found.GONE
+            log.warning(
+                "sandbox %s: its QEMU is gone and it has %s; it boots again from its disks"
+                " on its next use (rebooted: files kept, processes lost)",
+                vm.sandbox_id,
+                why,
+            )
+            vm.reboot = True
+            found = Found.DISK
         await self._net.recreate_tap(vm.sandbox_id)
         await self._net.pin_neighbour(vm.record.ip, vm.record.mac)  # gone after a host reboot
-        return Found.SNAPSHOT
+        return found
 
     async def cleanup_orphans(self) -> list[str]:
         """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories.

@@ -1,6 +1,8 @@
 """Thermal transitions of a sandbox: hot ↔ warm is QMP ``stop``/``cont``; cold is
 a snapshot on disk and no process (the file side, and why it is fast, in
-:mod:`.snapshot`).
+:mod:`.snapshot`). A cold sandbox without a usable snapshot (recovery found its
+QEMU gone, :attr:`.machine.VM.reboot`) boots from its own disks instead: a
+reboot, files kept and processes lost.
 
 :meth:`ThermalControl.transition` plans each operation with
 :func:`kiln.engine.states.plan`, carries out its action and applies its
@@ -22,9 +24,10 @@ from typing import Any, Final
 from kiln.agent_client import AgentError
 
 from ..base import Thermal
+from ..boots import LastBoot, boot_reason
 from ..errors import EngineError, InvalidState, SandboxCrashed, SandboxNotFound
-from ..states import Action, Op, plan
-from . import machine, process, snapshot
+from ..states import Action, Op, from_disk, plan
+from . import disks, machine, process, snapshot
 from .clock import set_clock
 from .config import QemuConfig
 from .host import Host
@@ -57,7 +60,10 @@ class ThermalControl:
                 raise SandboxNotFound(f"sandbox {vm.sandbox_id!r} was destroyed")
             if machine.notice_death(vm):
                 await machine.drop_qmp(vm)
-            step = plan(op, vm.state, vm.sandbox_id)
+            before = vm.state
+            step = plan(op, before, vm.sandbox_id)
+            if vm.reboot:
+                step = from_disk(step)
             action = step.action
             if action in (Action.PAUSE, Action.SNAPSHOT):
                 await machine.cancel_clock(vm)  # the next wake-up sets it again
@@ -73,9 +79,14 @@ class ThermalControl:
                         await self.snapshot(vm)
                     case Action.RESTORE:
                         await self.restore(vm)
-                    case _:  # BOOT, SHUTDOWN, KILL: not planned for these ops with snapshots
+                    case Action.BOOT:
+                        await self.reboot(vm)
+                    case _:  # SHUTDOWN, KILL: not planned for these ops with snapshots
                         raise AssertionError(f"{op} planned {action}")
             machine.apply(vm, step)
+            reason = boot_reason(action, before)
+            if reason is not None:
+                vm.last_boot = LastBoot.now(reason)
             if action in (Action.RESUME, Action.RESTORE):
                 # The guest's clock stood still: set it (and reseed its RNG) through the
                 # agent -- outside the lock, as a task that ensure_hot/agent wait for.
@@ -236,6 +247,44 @@ class ThermalControl:
         vm.phases = phases.done()
         log.debug("sandbox %s restored: %s", vm.sandbox_id, vm.phases)
 
+    # ------------------------------------------------------------------ reboot
+
+    async def reboot(self, vm: VM) -> None:
+        """cold, no usable snapshot → hot: a new QEMU boots from the sandbox's own disks.
+
+        Its address, MAC, TAP, token, config drive and volumes are the ones it had;
+        the guest sees a disk it set up before and does not provision it again
+        (:mod:`kiln.guest.started`). A failure leaves it as it was (the next use
+        tries again), unless its disks turn out to be gone: then it is in error."""
+        p = vm.paths
+        started = time.perf_counter()
+        missing = await asyncio.to_thread(why_unbootable, vm)
+        if missing is not None:
+            vm.problem = missing
+            machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
+            raise SandboxCrashed(f"sandbox {vm.sandbox_id} cannot boot again: {missing}")
+        await self._net.create_tap(vm.sandbox_id)
+        await self._net.pin_neighbour(vm.record.ip, vm.record.mac)
+        # A fresh machine starts from zeroed memory: the old RAM (garbage to the new
+        # kernel) is dropped, and the stale snapshot with it.
+        meta = vm.meta
+        meta.valid = False
+        meta.ram_in_state = False
+        meta.ram_synced = False
+        meta.ram_inode = await asyncio.to_thread(
+            snapshot.create_ram_file, p.ram, vm.record.spec.memory_mb << 20
+        )
+        await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        try:
+            await machine.boot(vm, self.config, self._host.tsc_khz, incoming=False)
+            await machine.wait_agent(vm, self.config, self.config.boot_timeout)
+        except BaseException:
+            await machine.kill(vm)
+            raise
+        vm.reboot = False
+        vm.phases = {"total": round((time.perf_counter() - started) * 1000, 2)}
+        log.info("sandbox %s rebooted from its disks in %.0f ms", vm.sandbox_id, vm.phases["total"])
+
     async def _migration_done(self, vm: VM, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.config.snapshot_timeout
         while True:
@@ -263,6 +312,19 @@ def why_unrestorable(vm: VM) -> str | None:
         return f"snapshot RAM file {p.ram} is missing"
     if not vm.meta.ram_in_state and snapshot.ram_inode(p.ram) != vm.meta.ram_inode:
         return "the RAM file was replaced since the snapshot"
+    return None
+
+
+def why_unbootable(vm: VM) -> str | None:
+    """Blocking: why the sandbox cannot boot from its disks (one is missing or
+    unreadable), or None if it can."""
+    rec = vm.record
+    wanted = [(Path(d.path), "disk") for d in rec.drives]
+    wanted += [(Path(rec.kernel), "kernel"), (Path(rec.initrd), "initramfs")]
+    for path, what in wanted:
+        problem = disks.unreadable(path)
+        if problem is not None:
+            return f"its {what} {path} {problem}"
     return None
 
 
