@@ -30,7 +30,11 @@ class Serve:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        self.url = self._wait_url()
+        try:
+            self.url = self._wait_url()
+        except BaseException:
+            self.stop(signal.SIGKILL)  # a daemon that never listened leaves nothing open
+            raise
 
     def _wait_url(self) -> str:
         deadline = time.monotonic() + 120
