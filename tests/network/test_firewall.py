@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kiln.network import Network, NetworkConfig
+from kiln.network import Network, NetworkConfig, OperationFailed
 from kiln.network.firewall import Firewall, FirewallConfig, Member, Nft
 from kiln.network.policy import NetworkPolicy
 
@@ -273,3 +273,17 @@ def test_rules_are_idempotent_and_go_with_teardown(world: World) -> None:
     tables = in_ns(world.host, "nft", "list", "tables").stdout
     assert "kiln_test" not in tables
     assert world.reaches("c", world.outside, PUBLIC, 443), "no rules: nothing filtered"
+
+
+def test_a_refused_update_changes_nothing(netns_factory: Callable[[], str]) -> None:
+    ns = netns_factory()
+    firewall = Firewall(FirewallConfig(table="kiln_test", bridges=("kb0",), netns=ns))
+    firewall.setup()
+    kept = Member("a", "10.213.77.10", "alice")
+    firewall.admit(kept)
+    ip("netns", "delete", ns)  # nft has nowhere to run now
+    with pytest.raises(OperationFailed):
+        firewall.admit(Member("b", "10.213.77.11", "alice"))
+    with pytest.raises(OperationFailed):
+        firewall.admit(Member("a", "10.213.77.10", "alice", NetworkPolicy("deny")))
+    assert firewall.members() == {"a": kept}, "neither the new one nor the change is kept"

@@ -367,11 +367,15 @@ class Firewall:
         found = self._lookup(missing)
         with self._lock:
             self._resolved.update(found)
+            before = self._members.get(member.sandbox_id)
             self._members[member.sandbox_id] = member
             try:
                 self._apply_locked()
             except BaseException:
-                del self._members[member.sandbox_id]
+                if before is None:
+                    del self._members[member.sandbox_id]
+                else:
+                    self._members[member.sandbox_id] = before
                 raise
 
     def release(self, sandbox_id: str) -> None:
