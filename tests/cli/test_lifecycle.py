@@ -95,6 +95,7 @@ def test_run_without_rm_keeps_the_sandbox_and_names_it(cli: Cli, kiln: Kiln) -> 
 def test_run_rm_removes_the_sandbox_on_ctrl_c(cli: Cli, kiln: Kiln) -> None:
     tag = unique("int")
     env = {**os.environ, "HOME": str(cli.home), **cli.env, "PYTHONPATH": str(SRC)}
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack: see below
     proc = subprocess.Popen(
         [*kiln_argv(), "run", "--rm", "-l", f"t={tag}", "--", "sh", "-c", "echo ready; sleep 60"],
         stdin=subprocess.DEVNULL,
@@ -108,7 +109,14 @@ def test_run_rm_removes_the_sandbox_on_ctrl_c(cli: Cli, kiln: Kiln) -> None:
         assert len(kiln.sandboxes.list(labels={"t": tag})) == 1
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(
+                f"kiln run hung after Ctrl+C; where it was:\n{err.decode()}"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()

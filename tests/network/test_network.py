@@ -17,6 +17,7 @@ from kiln.network import (
     ToolMissing,
     bridge_mac,
     guest_mac,
+    netns,
     netns_exists,
 )
 
@@ -162,6 +163,7 @@ def test_missing_iptables_is_reported_before_anything_changes(
     assert ip_tool is not None
     (tmp_path / "ip").symlink_to(ip_tool)
     monkeypatch.setenv("PATH", str(tmp_path))  # `ip` but no `iptables`
+    monkeypatch.setattr(netns, "SBIN_DIRS", ())  # ... not even in /usr/sbin
     with Network(net_config) as net, pytest.raises(ToolMissing, match="'iptables' program"):
         net.setup()
     assert link(net_config.netns, net_config.bridge) is None
