@@ -40,6 +40,7 @@ from pathlib import Path
 import uvicorn
 import yaml
 
+from kiln import faults
 from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
@@ -260,6 +261,7 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT. ``engine`` overrides the configured one
     (tests); ``ready(url)`` is called once the API answers."""
+    faults.arm()  # crash points, for tests only (kiln.faults)
     prepare_data_dir(config.data_dir)
     box = SecretBox(config.secret_key_path)
     try:

@@ -42,6 +42,7 @@ from kiln.engine.states import (
     observed,
     plan,
 )
+from kiln.faults import crash_point
 from kiln.store import (
     NewVolume,
     NotFound,
@@ -357,6 +358,7 @@ class SandboxService:
             expires_at=self._expires_at(body.ttl_s),
             on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
         )
+        crash_point("create.row_written")
         attached = {v.name: v for v in self.store.sandbox_volumes(sandbox_id)}
         spec = SandboxSpec(
             sandbox_id=sandbox_id,
@@ -379,7 +381,9 @@ class SandboxService:
             raise
         finally:
             self._creating.discard(sandbox_id)
+        crash_point("create.engine_done")
         row = self._persist_engine_state(sandbox_id, ip=info.ip)
+        crash_point("create.persisted")
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return self.view(row)
@@ -417,6 +421,7 @@ class SandboxService:
     async def _destroy_locked(self, sandbox_id: str) -> None:
         with contextlib.suppress(SandboxNotFound):
             await self.engine.destroy(sandbox_id)
+        crash_point("destroy.engine_done")
         self.store.delete_sandbox(sandbox_id)
 
     async def stop(self, user: User, ref: str) -> dict[str, Any]:
@@ -431,6 +436,7 @@ class SandboxService:
     async def _stop_locked(self, sandbox_id: str, **changes: Any) -> SandboxRow:
         step = self._plan(Op.STOP, self.store.get_sandbox(sandbox_id))
         await self.engine.stop(sandbox_id)  # the engine plans its own action: it knows the VM
+        crash_point("stop.engine_done")
         return self._persist_engine_state(sandbox_id, **_next(step), **changes)
 
     async def expire(self, sandbox_id: str, now: float) -> ExpiryAction | None:
@@ -477,6 +483,7 @@ class SandboxService:
             step = self._plan(Op.START, sb)
             await self._reset(sb.id)
             info = await self.engine.start(sb.id)
+            crash_point("start.engine_done")
             row = self._persist_engine_state(sb.id, **_next(step), ip=info.ip or sb.ip)
         self.touch(sb.id)
         return self.view(row)
@@ -731,6 +738,7 @@ class VolumeService:
 
     def create(self, user: User, body: CreateVolume) -> dict[str, Any]:
         vol = self._s.store.create_volume(user.id, body.name, body.size_mb, str(self.new_path()))
+        crash_point("volume.create.row_written")
         return self.view(vol)
 
     def list_for(self, user: User) -> list[dict[str, Any]]:

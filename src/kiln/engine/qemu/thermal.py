@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from kiln.agent_client import AgentError
+from kiln.faults import crash_point
 
 from ..base import Thermal
 from ..errors import EngineError, InvalidState, SandboxCrashed, SandboxNotFound
@@ -104,6 +105,7 @@ class ThermalControl:
         was_hot = vm.state.thermal is Thermal.HOT
         if was_hot:
             await machine.qmp(vm, "stop")
+        crash_point("qemu.snapshot.paused")
         # The RAM file is the base of the snapshot; if it vanished or was replaced
         # while QEMU ran, fall back to a full snapshot with RAM in the stream.
         base_ok = vm.meta.ram_inode is not None and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
@@ -123,6 +125,7 @@ class ThermalControl:
             migrate_start = time.perf_counter()
             await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
             await self._migration_done(vm, "saving the device state")
+            crash_point("qemu.snapshot.written")
             migrate_ms = (time.perf_counter() - migrate_start) * 1000
         except SandboxCrashed:
             raise
@@ -141,6 +144,7 @@ class ThermalControl:
             if not await process.wait_gone(vm.pid or 0, p.marker, self.config.qmp_timeout):
                 await process.terminate(vm.pid, p.marker)
             vm.pid = None
+            crash_point("qemu.snapshot.qemu_quit")
             stats = await asyncio.to_thread(_make_durable, vm, base_ok)
         except BaseException:
             # QEMU is (being) gone but the snapshot is not durable: nothing to resume.
@@ -163,6 +167,7 @@ class ThermalControl:
         meta.record(rec)
         meta.valid = True
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        crash_point("qemu.snapshot.valid")
         log.info(
             "sandbox %s cold: %s snapshot, %d B state, %s B RAM written, %.1f ms",
             vm.sandbox_id,
@@ -191,6 +196,7 @@ class ThermalControl:
         # From here on the new QEMU may write into the RAM file: the snapshot is spent.
         meta.valid = False
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        crash_point("qemu.restore.spent")
         phases.mark("tap+meta")
         threading.Thread(
             target=snapshot.prefetch_ram, args=(p.ram,), name="kiln-prefetch", daemon=True
@@ -198,6 +204,7 @@ class ThermalControl:
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
+            crash_point("qemu.restore.qemu_started")
             phases.mark("qemu")
             await machine.qmp(
                 vm,
@@ -212,6 +219,7 @@ class ThermalControl:
                 os.close(fd)
             await machine.qmp(vm, "migrate-incoming", {"uri": f"fd:{_SNAPSHOT_FD}"})
             await self._migration_done(vm, "loading the device state")
+            crash_point("qemu.restore.loaded")
             phases.mark("load state")
             guest_ran = True
             await machine.qmp(vm, "cont")
