@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,54 +28,15 @@ from kiln.engine.qemu.process import find_processes
 from kiln.images.cache import default_image_dir
 
 from .conftest import vm_marks
+from .serve import Serve
 
 pytestmark = [*vm_marks, pytest.mark.timeout(600)]
-
-SRC = Path(__file__).resolve().parents[3] / "src"
 
 
 def _skip() -> None:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-
-
-class Serve:
-    """``kiln serve`` in a subprocess; its URL read from its log."""
-
-    def __init__(self, config: Path, home: Path, log: Path) -> None:
-        env = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
-        env.pop("KILN_URL", None)
-        self.log_path = log
-        self._start = log.stat().st_size if log.exists() else 0
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.url = self._wait_url()
-
-    def _wait_url(self) -> str:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[self._start :].decode(errors="replace")
-            urls = re.findall(r"kiln daemon listening on (http://\S+)", text)
-            if urls:
-                return str(urls[0])
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kiln serve exited: {text[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"kiln serve did not listen: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(60)
-        finally:
-            self._log.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""``kiln serve`` as a subprocess: the real CLI daemon, its URL read from its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[3] / "src"
+
+
+class Serve:
+    """``kiln serve --config CONFIG`` with ``HOME=home``, output appended to ``log``;
+    ``env`` adds to (or, with None values, removes from) the daemon's environment."""
+
+    def __init__(
+        self,
+        config: Path,
+        home: Path,
+        log: Path,
+        env: Mapping[str, str | None] | None = None,
+    ) -> None:
+        full = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
+        full.pop("KILN_URL", None)
+        for key, value in (env or {}).items():
+            if value is None:
+                full.pop(key, None)
+            else:
+                full[key] = value
+        self.log_path = log
+        self._start = log.stat().st_size if log.exists() else 0
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full,
+        )
+        self.url = self._wait_url()
+
+    def output(self) -> str:
+        """What this daemon wrote to the log so far."""
+        return self.log_path.read_bytes()[self._start :].decode(errors="replace")
+
+    def _wait_url(self) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = self.output()
+            urls = re.findall(r"kiln daemon listening on (http://\S+)", text)
+            if urls:
+                return str(urls[0])
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kiln serve exited: {text[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"kiln serve did not listen: {self.log_path.read_text()[-3000:]}")
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait()
