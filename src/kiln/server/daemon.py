@@ -51,6 +51,7 @@ from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
 from .expiry import ExpiryReaper
+from .intents import finish_at_start
 from .services import Services, persist_engine_state
 
 log = logging.getLogger("kiln.daemon")
@@ -279,6 +280,7 @@ async def serve(
             engine = build_engine(config)
             await _check_default_engine(engine)
         await _recover(store, engine)
+        await finish_at_start(store, engine, config.data_dir)  # interrupted creates, destroys
         await _run(
             config=config,
             store=store,

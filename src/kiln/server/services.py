@@ -62,6 +62,7 @@ from kiln.store import Volume as VolumeRow
 
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
+from .intents import INTENTS_DIR, Intent, Intents
 from .models import (
     NAME_RE,
     CreateSandbox,
@@ -165,6 +166,7 @@ class SandboxService:
         self._active: dict[str, float] = {}
         self._persisted: dict[str, float] = {}
         self._reset_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self.intents = Intents(services.config.data_dir / INTENTS_DIR)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -333,31 +335,37 @@ class SandboxService:
             await s.images(image)
 
         sandbox_id = new_sandbox_id()
-        row = self.store.create_sandbox(
-            user.id,
-            image=image,
-            engine=engine,
-            name=body.name,
-            cpus=cpus,
-            memory_mb=memory_mb,
-            keep_hot=bool(body.keep_hot),
-            config=SandboxConfig(
-                env=env,
-                init=init,
-                volumes=tuple(mounts),
-                secrets=secret_names,
-                runtime=body.runtime,
-            ),
-            new_volumes=[
-                NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
-            ],
-            status=CREATED.next.status,
-            thermal=CREATED.next.thermal,
-            sandbox_id=sandbox_id,
-            labels=labels,
-            expires_at=self._expires_at(body.ttl_s),
-            on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
-        )
+        # Before the row: a crash from here on leaves a create to undo at the next start.
+        self.intents.begin(Intent(sandbox_id, "create", user.id, tuple(sorted(new_names))))
+        try:
+            row = self.store.create_sandbox(
+                user.id,
+                image=image,
+                engine=engine,
+                name=body.name,
+                cpus=cpus,
+                memory_mb=memory_mb,
+                keep_hot=bool(body.keep_hot),
+                config=SandboxConfig(
+                    env=env,
+                    init=init,
+                    volumes=tuple(mounts),
+                    secrets=secret_names,
+                    runtime=body.runtime,
+                ),
+                new_volumes=[
+                    NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
+                ],
+                status=CREATED.next.status,
+                thermal=CREATED.next.thermal,
+                sandbox_id=sandbox_id,
+                labels=labels,
+                expires_at=self._expires_at(body.ttl_s),
+                on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
+            )
+        except BaseException:
+            self.intents.end(sandbox_id)
+            raise
         crash_point("create.row_written")
         attached = {v.name: v for v in self.store.sandbox_volumes(sandbox_id)}
         spec = SandboxSpec(
@@ -378,12 +386,14 @@ class SandboxService:
             info = await self.engine.create(spec)
         except BaseException:
             await asyncio.shield(self._undo_create(user, sandbox_id, new_names))
+            self.intents.end(sandbox_id)
             raise
         finally:
             self._creating.discard(sandbox_id)
         crash_point("create.engine_done")
         row = self._persist_engine_state(sandbox_id, ip=info.ip)
         crash_point("create.persisted")
+        self.intents.end(sandbox_id)
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return self.view(row)
@@ -419,10 +429,20 @@ class SandboxService:
         log.info("sandbox %s (%s) deleted", sb.id, sb.name)
 
     async def _destroy_locked(self, sandbox_id: str) -> None:
-        with contextlib.suppress(SandboxNotFound):
+        # A crash from here on leaves a destroy to complete at the next start.
+        self.intents.begin(
+            Intent(sandbox_id, "destroy", self.store.get_sandbox(sandbox_id).user_id)
+        )
+        try:
             await self.engine.destroy(sandbox_id)
+        except SandboxNotFound:
+            pass
+        except Exception:
+            self.intents.end(sandbox_id)  # reported; the sandbox stays as the engine left it
+            raise
         crash_point("destroy.engine_done")
         self.store.delete_sandbox(sandbox_id)
+        self.intents.end(sandbox_id)
 
     async def stop(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
