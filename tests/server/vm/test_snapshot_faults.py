@@ -130,11 +130,12 @@ def test_qemu_killed_during_the_snapshot_write(tmp_path: Path, netns: str) -> No
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1.2 GB ext4 file system (no blocks reserved for root), loop-mounted."""
+    """A 2.5 GB ext4 file system (no blocks reserved for root), loop-mounted: room for
+    the pinned image (its rootfs copied in full) and one sandbox."""
     image, mnt = tmp_path / "disk.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(image, "wb") as f:
-        f.truncate(1200 << 20)
+        f.truncate(2500 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
@@ -150,6 +151,11 @@ def _fill(directory: Path) -> Path:
     chunk = b"\xa5" * (1 << 20)
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        st = os.statvfs(directory)
+        ahead = st.f_bavail * st.f_frsize - (8 << 20)
+        if ahead > 0:  # most of it without writing it
+            os.posix_fallocate(fd, 0, ahead)
+            os.lseek(fd, ahead, os.SEEK_SET)
         while True:
             try:
                 os.write(fd, chunk)
