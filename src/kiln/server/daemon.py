@@ -43,6 +43,7 @@ from pathlib import Path
 import uvicorn
 import yaml
 
+from kiln import faults
 from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
@@ -57,6 +58,7 @@ from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
 from .expiry import ExpiryReaper
+from .intents import finish_at_start
 from .services import Services, persist_engine_state
 
 log = logging.getLogger("kiln.daemon")
@@ -389,6 +391,7 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT. ``engine`` overrides the configured one
     (tests); ``ready(url)`` is called once the API answers."""
+    faults.arm()  # crash points, for tests only (kiln.faults)
     prepare_data_dir(config.data_dir)
     box = SecretBox(config.secret_key_path)
     try:
@@ -411,6 +414,7 @@ async def serve(
                     engine = build_engine(config, firewall)
                     await _check_default_engine(engine)
                 await _recover(store, engine)
+                await finish_at_start(store, engine, config.data_dir)  # cut-off creates, destroys
                 await _run(
                     config=config,
                     store=store,

@@ -43,6 +43,7 @@ from kiln.engine.states import (
     observed,
     plan,
 )
+from kiln.faults import crash_point
 from kiln.network.errors import NetworkError
 from kiln.network.policy import NetworkPolicy
 from kiln.store import (
@@ -64,6 +65,7 @@ from kiln.store import Volume as VolumeRow
 
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
+from .intents import INTENTS_DIR, Intent, Intents
 from .models import (
     NAME_RE,
     CreateSandbox,
@@ -168,6 +170,7 @@ class SandboxService:
         self._active: dict[str, float] = {}
         self._persisted: dict[str, float] = {}
         self._reset_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self.intents = Intents(services.config.data_dir / INTENTS_DIR)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -359,32 +362,39 @@ class SandboxService:
             await s.images(image)
 
         sandbox_id = new_sandbox_id()
-        row = self.store.create_sandbox(
-            user.id,
-            image=image,
-            engine=engine,
-            name=body.name,
-            cpus=cpus,
-            memory_mb=memory_mb,
-            keep_hot=bool(body.keep_hot),
-            config=SandboxConfig(
-                env=env,
-                init=init,
-                volumes=tuple(mounts),
-                secrets=secret_names,
-                runtime=body.runtime,
-                network=None if network is None else network.to_json(),
-            ),
-            new_volumes=[
-                NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
-            ],
-            status=CREATED.next.status,
-            thermal=CREATED.next.thermal,
-            sandbox_id=sandbox_id,
-            labels=labels,
-            expires_at=self._expires_at(body.ttl_s),
-            on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
-        )
+        # Before the row: a crash from here on leaves a create to undo at the next start.
+        self.intents.begin(Intent(sandbox_id, "create", user.id, tuple(sorted(new_names))))
+        try:
+            row = self.store.create_sandbox(
+                user.id,
+                image=image,
+                engine=engine,
+                name=body.name,
+                cpus=cpus,
+                memory_mb=memory_mb,
+                keep_hot=bool(body.keep_hot),
+                config=SandboxConfig(
+                    env=env,
+                    init=init,
+                    volumes=tuple(mounts),
+                    secrets=secret_names,
+                    runtime=body.runtime,
+                    network=None if network is None else network.to_json(),
+                ),
+                new_volumes=[
+                    NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
+                ],
+                status=CREATED.next.status,
+                thermal=CREATED.next.thermal,
+                sandbox_id=sandbox_id,
+                labels=labels,
+                expires_at=self._expires_at(body.ttl_s),
+                on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
+            )
+        except BaseException:
+            self.intents.end(sandbox_id)
+            raise
+        crash_point("create.row_written")
         attached = {v.name: v for v in self.store.sandbox_volumes(sandbox_id)}
         spec = SandboxSpec(
             sandbox_id=sandbox_id,
@@ -406,10 +416,14 @@ class SandboxService:
             info = await self.engine.create(spec)
         except BaseException:
             await asyncio.shield(self._undo_create(user, sandbox_id, new_names))
+            self.intents.end(sandbox_id)
             raise
         finally:
             self._creating.discard(sandbox_id)
+        crash_point("create.engine_done")
         row = self._persist_engine_state(sandbox_id, ip=info.ip)
+        crash_point("create.persisted")
+        self.intents.end(sandbox_id)
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return self.view(row)
@@ -453,9 +467,20 @@ class SandboxService:
         log.info("sandbox %s (%s) deleted", sb.id, sb.name)
 
     async def _destroy_locked(self, sandbox_id: str) -> None:
-        with contextlib.suppress(SandboxNotFound):
+        # A crash from here on leaves a destroy to complete at the next start.
+        self.intents.begin(
+            Intent(sandbox_id, "destroy", self.store.get_sandbox(sandbox_id).user_id)
+        )
+        try:
             await self.engine.destroy(sandbox_id)
+        except SandboxNotFound:
+            pass
+        except Exception:
+            self.intents.end(sandbox_id)  # reported; the sandbox stays as the engine left it
+            raise
+        crash_point("destroy.engine_done")
         self.store.delete_sandbox(sandbox_id)
+        self.intents.end(sandbox_id)
 
     async def stop(self, user: User, ref: str) -> dict[str, Any]:
         sb = self.find(user, ref)
@@ -469,6 +494,7 @@ class SandboxService:
     async def _stop_locked(self, sandbox_id: str, **changes: Any) -> SandboxRow:
         step = self._plan(Op.STOP, self.store.get_sandbox(sandbox_id))
         await self.engine.stop(sandbox_id)  # the engine plans its own action: it knows the VM
+        crash_point("stop.engine_done")
         return self._persist_engine_state(sandbox_id, **_next(step), **changes)
 
     async def expire(self, sandbox_id: str, now: float) -> ExpiryAction | None:
@@ -515,6 +541,7 @@ class SandboxService:
             step = self._plan(Op.START, sb)
             await self._reset(sb.id)
             info = await self.engine.start(sb.id)
+            crash_point("start.engine_done")
             row = self._persist_engine_state(sb.id, **_next(step), ip=info.ip or sb.ip)
         self.touch(sb.id)
         return self.view(row)
@@ -769,6 +796,7 @@ class VolumeService:
 
     def create(self, user: User, body: CreateVolume) -> dict[str, Any]:
         vol = self._s.store.create_volume(user.id, body.name, body.size_mb, str(self.new_path()))
+        crash_point("volume.create.row_written")
         return self.view(vol)
 
     def list_for(self, user: User) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""``kiln serve`` as a real subprocess, for tests of the whole daemon."""
+"""``kiln serve`` as a subprocess: the real CLI daemon, its URL read from its log."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -16,11 +17,23 @@ SRC = Path(__file__).resolve().parents[3] / "src"
 
 
 class Serve:
-    """``kiln serve`` in a subprocess; its URL read from its log."""
+    """``kiln serve --config CONFIG`` with ``HOME=home``, output appended to ``log``;
+    ``env`` adds to (or, with None values, removes from) the daemon's environment."""
 
-    def __init__(self, config: Path, home: Path, log: Path) -> None:
-        env = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
-        env.pop("KILN_URL", None)
+    def __init__(
+        self,
+        config: Path,
+        home: Path,
+        log: Path,
+        env: Mapping[str, str | None] | None = None,
+    ) -> None:
+        full = dict(os.environ, HOME=str(home), PYTHONPATH=str(SRC))
+        full.pop("KILN_URL", None)
+        for key, value in (env or {}).items():
+            if value is None:
+                full.pop(key, None)
+            else:
+                full[key] = value
         self.log_path = log
         self._start = log.stat().st_size if log.exists() else 0
         self._log = log.open("ab")
@@ -28,7 +41,7 @@ class Serve:
             [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=full,
         )
         try:
             self.url = self._wait_url()
@@ -36,10 +49,14 @@ class Serve:
             self.stop(signal.SIGKILL)  # a daemon that never listened leaves nothing open
             raise
 
+    def output(self) -> str:
+        """What this daemon wrote to the log so far."""
+        return self.log_path.read_bytes()[self._start :].decode(errors="replace")
+
     def _wait_url(self) -> str:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[self._start :].decode(errors="replace")
+            text = self.output()
             urls = re.findall(r"kiln daemon listening on (http://\S+)", text)
             if urls:
                 return str(urls[0])
@@ -48,13 +65,16 @@ class Serve:
             time.sleep(0.1)
         raise AssertionError(f"kiln serve did not listen: {self.log_path.read_text()[-3000:]}")
 
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(60)
-        finally:
-            self._log.close()
+        return self.wait()
 
 
 def client(serve: Serve, data: Path, key: str | None = None) -> httpx.Client:

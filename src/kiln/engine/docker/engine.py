@@ -74,6 +74,7 @@ from kiln.engine.states import (
     Transition,
     plan,
 )
+from kiln.faults import crash_point
 from kiln.network import IPPool, Network, NetworkError
 from kiln.network.firewall import Firewall
 
@@ -408,6 +409,7 @@ class DockerEngine:
                     self._network.dns_servers(),
                 )
             undo.push("remove the container", self._container_remover(client, record.container))
+            crash_point("docker.create.container")
             box = _Box(record, directory, CREATED.next, self._client_for(record))
             self._boxes[sid] = box
             undo.push("forget the sandbox", self._forgetter(sid))
@@ -520,6 +522,7 @@ class DockerEngine:
                         # the next start fails with "id already in use".
                         await asyncio.to_thread(containers.pause, client, name, resume=True)
                     await asyncio.to_thread(client.api.stop, name, timeout=_STOP_TIMEOUT)
+                crash_point("docker.stop.container_stopped")
                 box.pid = None
             case Action.BOOT:
                 await self._boot(box, client)
@@ -537,6 +540,7 @@ class DockerEngine:
                 return  # destroyed while we waited for the lock
             client = await self._ensure_ready()
             await asyncio.to_thread(containers.remove_container, client, box.record.container)
+            crash_point("docker.destroy.container_removed")
             box.destroyed = True
             box.pid = None
             await self._guard.release(sandbox_id)

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kiln.agent_client import AgentClient, ForwardStream
+from kiln.faults import crash_point
 from kiln.network import IPPool, Network
 from kiln.network.firewall import Firewall
 
@@ -156,11 +157,14 @@ class QemuEngine:
                 await machine.kill(vm)
                 for pid in process.find_processes(vm.paths.marker):
                     await process.terminate(pid, vm.paths.marker)
+                crash_point("qemu.destroy.killed")
             finally:
                 await self._net.guard.release(sandbox_id)
                 await self._net.delete_tap(vm.record.tap)
                 await self._net.release_ip(vm.record.ip)
+                crash_point("qemu.destroy.net")
                 await asyncio.to_thread(disks.remove_tree, vm.paths.root)
+                crash_point("qemu.destroy.disks")
                 self._vms.pop(sandbox_id, None)
 
     async def delete_volume(self, volume_id: str) -> None:

@@ -8,7 +8,10 @@ only logs a failure, so that a destroy or an undo carries on with the rest.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import Mapping, Set
+from typing import Any
 
 from kiln.network import IPPool, Network, NetworkConfig, NetworkError
 from kiln.network.firewall import Firewall
@@ -19,6 +22,11 @@ from ..guard import Guard
 from . import disks
 
 log = logging.getLogger(__name__)
+
+
+def known_ips(vms: Mapping[str, Any], sandbox_ids: Set[str]) -> set[str]:
+    """The guest addresses of ``sandbox_ids`` (VMs of ``vms``)."""
+    return {vms[sid].record.ip for sid in sandbox_ids}
 
 
 class HostNet:
@@ -78,6 +86,23 @@ class HostNet:
 
     async def forget_neighbour(self, ip: str) -> None:
         await self._ip_neigh("flush", "to", ip, "nud", "all")
+
+    async def forget_stale_pins(self, known_ips: Set[str]) -> list[str]:
+        """Remove the pinned entries of addresses no known sandbox holds: a daemon that
+        died between pinning a new sandbox's address and writing its record left
+        one that nothing else names. Returns the addresses unpinned."""
+        ns = self._config.netns
+        argv = ["ip", *(["-n", ns] if ns else []), "-j", "neigh", "show"]
+        try:
+            out = await disks.run_tool([*argv, "dev", self._config.bridge, "nud", "permanent"])
+            entries = json.loads(out or "[]")
+        except (EngineError, ValueError) as exc:
+            log.warning("cannot list the pinned guest addresses: %s", exc)
+            return []
+        stale = sorted({e["dst"] for e in entries if "dst" in e} - set(known_ips))
+        for ip in stale:
+            await self.forget_neighbour(ip)
+        return stale
 
     async def _ip_neigh(self, *args: str) -> None:
         ns = self._config.netns

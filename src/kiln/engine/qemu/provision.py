@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from kiln.faults import crash_point
 from kiln.images import Image, kernel_cmdline_defaults
 
 from ..base import SandboxSpec
@@ -124,6 +125,7 @@ class Provisioner:
         finally:
             self._creating.discard(sid)
         log.debug("sandbox %s created: %s", sid, vm.phases)
+        crash_point("qemu.create.ready")
         return vm
 
     async def prepare(self, spec: SandboxSpec) -> None:
@@ -148,11 +150,13 @@ class Provisioner:
                 undo.push("stop QEMU", lambda: machine.kill(vm))
                 if template is None:
                     await machine.boot(vm, self.config, self._host.tsc_khz, incoming=False)
+                    crash_point("qemu.create.qemu_started")
                     phases.mark("qemu")
                     await machine.wait_agent(vm, self.config, self.config.boot_timeout)
                     phases.mark("boot+agent")
                 else:
                     await self._thermal.restore(vm)
+                    crash_point("qemu.create.qemu_started")
                     await self._announce_volume_sizes(vm)
                     phases.mark("restore")
                     await machine.wait_agent(
@@ -205,6 +209,7 @@ class Provisioner:
         await net.pin_neighbour(ip, net.network.mac_for(sid))
         await net.admit(spec, ip, tap)
         undo.push("remove the firewall rules", lambda: net.guard.release(sid))
+        crash_point("qemu.create.net")
         root = cfg.sandboxes_dir / sid
         try:
             root.mkdir(mode=0o700)
@@ -235,6 +240,7 @@ class Provisioner:
                 await disks.make_volume(path, vol.size_mb, vol.name)
                 created.append(vol.name)
                 undo.push(f"remove new volume {vol.name}", _unlinker(path))
+                crash_point("qemu.create.volume_file")
             volume_paths[vol.name] = str(path)
             drives.append(Drive(str(path)))
             devices.append((f"/dev/vd{chr(ord('c') + i)}", vol.mount, path.stat().st_size))
@@ -275,6 +281,7 @@ class Provisioner:
         else:
             await disks.copy_sparse(template.paths.ram, paths.ram)
             meta = await asyncio.to_thread(_write_clone_files, paths, record, template)
+        crash_point("qemu.create.disks")
         # Booted, or restored from the template's snapshot: either way, the state
         # its create leads to (nobody sees it before the create returns).
         return VM(

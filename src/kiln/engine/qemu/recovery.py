@@ -24,7 +24,7 @@ from ..states import ADOPTED, Found
 from . import disks, machine, process, snapshot, templates
 from .config import QemuConfig
 from .host import Host
-from .hostnet import HostNet
+from .hostnet import HostNet, known_ips
 from .layout import Paths, Record
 from .machine import ENGINE_NAME, VM
 from .qmp import QMP
@@ -195,6 +195,7 @@ class Recovery:
             log.warning("orphan TAP cleanup failed: %s", exc)
             gone = []
         removed += [f"tap {t}" for t in gone]
+        removed += [f"pin {ip}" for ip in await self._net.forget_stale_pins(known_ips(vms, known))]
         return removed
 
     async def destroy_leftovers(self, sandbox_id: str) -> None:

@@ -24,7 +24,9 @@ whole RAM goes into the migration stream (65 MB, ~0.5 s for an idle 256 MB
 guest) and the file itself stays empty. With ``share=on`` a restored guest
 writes into the file, so a snapshot is valid only between a completed stop
 and the next restore; ``snapshot.json`` records that (``valid``), and a
-restore clears it *before* the new QEMU starts.
+restore clears it right before the restored guest runs (QEMU itself does not
+write into the RAM of an incoming VM: a restore that dies before that leaves
+the snapshot as good as it was).
 
 If the RAM file is gone or was replaced while the VM ran (the "base" of the
 diff is missing), the stop falls back to a *full* snapshot: RAM is migrated

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from kiln.agent_client import AgentError
+from kiln.faults import crash_point
 
 from ..base import Thermal
 from ..boots import LastBoot, boot_reason
@@ -74,6 +76,8 @@ class ThermalControl:
                     case Action.PAUSE:
                         await machine.qmp(vm, "stop")
                     case Action.RESUME:
+                        # A QEMU re-adopted between loading a snapshot and running it.
+                        await self.spend_snapshot(vm)
                         await machine.qmp(vm, "cont")
                     case Action.SNAPSHOT:
                         await self.snapshot(vm)
@@ -119,6 +123,7 @@ class ThermalControl:
         was_hot = vm.state.thermal is Thermal.HOT
         if was_hot:
             await machine.qmp(vm, "stop")
+        crash_point("qemu.snapshot.paused")
         # The RAM file is the base of the snapshot; if it vanished or was replaced
         # while QEMU ran, fall back to a full snapshot with RAM in the stream.
         base_ok = vm.meta.ram_inode is not None and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
@@ -137,16 +142,25 @@ class ThermalControl:
                 os.close(fd)
             migrate_start = time.perf_counter()
             await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
+            crash_point("qemu.snapshot.writing", qemu=vm.pid)
             await self._migration_done(vm, "saving the device state")
+            crash_point("qemu.snapshot.written")
             migrate_ms = (time.perf_counter() - migrate_start) * 1000
-        except SandboxCrashed:
-            raise
-        except BaseException:
+        except SandboxCrashed as exc:
+            p.state_tmp.unlink(missing_ok=True)
+            raise SandboxCrashed(
+                f"the QEMU of sandbox {vm.sandbox_id} died while its snapshot was being"
+                f" written: its memory is lost, its disks are kept ({exc})"
+            ) from exc
+        except BaseException as exc:
             # Roll back to where we were: the guest keeps running as if nothing happened.
             if was_hot and vm.qmp is not None and vm.state.live:
                 with contextlib.suppress(EngineError):
                     await machine.qmp(vm, "cont")
             p.state_tmp.unlink(missing_ok=True)
+            no_space = disk_full_error(vm, exc)
+            if no_space is not None:
+                raise no_space from exc
             raise
         full = not (base_ok and vm.meta.ram_synced)
         try:
@@ -156,11 +170,15 @@ class ThermalControl:
             if not await process.wait_gone(vm.pid or 0, p.marker, self.config.qmp_timeout):
                 await process.terminate(vm.pid, p.marker)
             vm.pid = None
+            crash_point("qemu.snapshot.qemu_quit")
             stats = await asyncio.to_thread(_make_durable, vm, base_ok)
-        except BaseException:
+        except BaseException as exc:
             # QEMU is (being) gone but the snapshot is not durable: nothing to resume.
             await machine.kill(vm)
             machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
+            no_space = disk_full_error(vm, exc)
+            if no_space is not None:
+                raise no_space from exc
             raise
         meta = vm.meta
         rec = snapshot.SnapshotRecord(
@@ -178,6 +196,7 @@ class ThermalControl:
         meta.record(rec)
         meta.valid = True
         await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
+        crash_point("qemu.snapshot.valid")
         log.info(
             "sandbox %s cold: %s snapshot, %d B state, %s B RAM written, %.1f ms",
             vm.sandbox_id,
@@ -203,14 +222,13 @@ class ThermalControl:
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()
-        # From here on the new QEMU may write into the RAM file: the snapshot is spent.
-        meta.valid = False
-        await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
-        phases.mark("tap+meta")
+        crash_point("qemu.restore.tap")
+        phases.mark("tap")
         self._prefetch.start(p.ram)
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
+            crash_point("qemu.restore.qemu_started")
             phases.mark("qemu")
             await machine.qmp(
                 vm,
@@ -225,8 +243,14 @@ class ThermalControl:
                 os.close(fd)
             await machine.qmp(vm, "migrate-incoming", {"uri": f"fd:{_SNAPSHOT_FD}"})
             await self._migration_done(vm, "loading the device state")
+            crash_point("qemu.restore.loaded")
             phases.mark("load state")
+            # Only a running guest writes into the RAM file (QEMU loads no ROMs into
+            # the RAM of an incoming VM): up to here the snapshot is intact, and a
+            # crash leaves it restorable. From the ``cont`` on it is spent.
             guest_ran = True
+            await self.spend_snapshot(vm)
+            crash_point("qemu.restore.spent")
             await machine.qmp(vm, "cont")
             phases.mark("cont")
         except BaseException:
@@ -238,8 +262,6 @@ class ThermalControl:
                 # is still good and the sandbox stays as it was, cold (a later start
                 # may work), even if a QMP failure on the way marked it crashed.
                 vm.state = before
-                meta.valid = True
-                await asyncio.to_thread(snapshot.save_meta, p.snapshot_meta, meta)
             raise
         if ram_in_state:
             meta.ram_in_state = False  # the RAM now lives in the file, all of it unsynced
@@ -285,6 +307,13 @@ class ThermalControl:
         vm.phases = {"total": round((time.perf_counter() - started) * 1000, 2)}
         log.info("sandbox %s rebooted from its disks in %.0f ms", vm.sandbox_id, vm.phases["total"])
 
+    async def spend_snapshot(self, vm: VM) -> None:
+        """Record that the snapshot is no longer valid: the guest is about to run and
+        write into the RAM file it shares with it."""
+        if vm.meta.valid:
+            vm.meta.valid = False
+            await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
+
     async def _migration_done(self, vm: VM, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.config.snapshot_timeout
         while True:
@@ -299,6 +328,28 @@ class ThermalControl:
             if time.monotonic() > deadline:
                 raise EngineError(f"{what} of {vm.sandbox_id} did not finish in time")
             await asyncio.sleep(_MIGRATE_POLL)
+
+
+#: Below this much free space on the sandbox's file system a failed snapshot write is
+#: put down to a full disk (QEMU reports a failed migration without the errno).
+_FULL_BYTES: Final = 4 << 20
+
+
+def disk_full_error(vm: VM, exc: BaseException) -> EngineError | None:
+    """A clear error for a snapshot that failed because the disk is full; else None."""
+    if not isinstance(exc, Exception):
+        return None
+    nospace = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    try:
+        st = os.statvfs(vm.paths.root)
+    except OSError:
+        return None
+    if not nospace and st.f_bavail * st.f_frsize >= _FULL_BYTES:
+        return None
+    return EngineError(
+        f"cannot snapshot sandbox {vm.sandbox_id}: the disk holding {vm.paths.root} is full"
+        f" ({st.f_bavail * st.f_frsize >> 20} MiB free; {exc})"
+    )
 
 
 def why_unrestorable(vm: VM) -> str | None:
