@@ -242,7 +242,10 @@ class Lab:
             problems.append(f"containers {containers} != listed {set(cts)}")
         for sid, s in cts.items():
             running = containers.get(sid) in ("running", "paused")
-            if running != (s["status"] == "running"):
+            # Running and cold with its container exited: it boots on next use (a
+            # stop cut short before it was recorded leaves exactly that).
+            rebooting = s["status"] == "running" and s["thermal"] == "cold"
+            if running != (s["status"] == "running" and not rebooting):
                 problems.append(f"container of {s['name']} is {containers.get(sid)}: {s['status']}")
         rows = self.db("SELECT path FROM volumes")
         files = {p for (p,) in rows if Path(p).exists()}
