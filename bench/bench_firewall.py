@@ -10,7 +10,8 @@
    Docker engines (runc) on two bridges of one namespace, one admitted to a
    firewall holding 100 other sandboxes, one with no firewall at all, taking turns
    iteration by iteration. Exec ``true`` (host → agent over the bridge, the path
-   a rule would slow) and create → first exec done. The engine without a
+   a rule would slow) and create → first exec done (the rules are written while
+   the container is made: only what is left of it counts). The engine without a
    firewall is the reference: the target is "no measurable difference".
 
 Skipped without root, nft, or what the Docker engine needs. About a minute.

@@ -379,9 +379,10 @@ class DockerEngine:
                 raise EngineError(f"no address for sandbox {sid}: {exc}") from exc
             undo.push("release the address", self._releaser(ip))
             # A container has no port of its own to pin: it cannot forge its address
-            # or MAC without CAP_NET_ADMIN / CAP_NET_RAW, which it does not get.
-            await self._guard.admit(spec, ip)
-            undo.push("remove the firewall rules", self._rules_remover(sid))
+            # or MAC without CAP_NET_ADMIN / CAP_NET_RAW, which it does not get. The
+            # rules are written while the container is made; it starts after them.
+            admission = self._guard.admit_soon(spec, ip)
+            undo.push("remove the firewall rules", admission.undo)
             directory = self.config.sandboxes_dir / sid
             await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=False)
             undo.push("remove the sandbox directory", self._remover(directory))
@@ -414,6 +415,7 @@ class DockerEngine:
             self._boxes[sid] = box
             undo.push("forget the sandbox", self._forgetter(sid))
             async with box.lock:
+                await admission.wait()
                 await self._boot(box, client)
                 box.last_boot = LastBoot.now(BootReason.CREATED)
         except BaseException:
@@ -554,12 +556,6 @@ class DockerEngine:
             self._pool.release(ip)
 
         return release
-
-    def _rules_remover(self, sandbox_id: str) -> Callable[[], Awaitable[None]]:
-        async def remove() -> None:
-            await self._guard.release(sandbox_id)
-
-        return remove
 
     def _remover(self, directory: Path) -> Callable[[], Awaitable[None]]:
         async def remove() -> None:

@@ -23,6 +23,7 @@ from kiln.images import Image, kernel_cmdline_defaults
 from ..base import SandboxSpec
 from ..boots import BootReason, LastBoot
 from ..errors import EngineError, InvalidSpec, InvalidState
+from ..guard import Admission
 from ..states import CREATED
 from ..undo import Undo
 from . import disks, machine, process, snapshot, templates
@@ -145,8 +146,10 @@ class Provisioner:
         phases = Phases()
         try:
             with machine.os_errors(f"creating sandbox {spec.sandbox_id}"):
-                vm = await self._build(spec, image, accel, undo, template)
+                vm, admission = await self._build(spec, image, accel, undo, template)
                 phases.mark("disks")
+                await admission.wait()  # before the guest runs anything
+                phases.mark("rules")
                 undo.push("stop QEMU", lambda: machine.kill(vm))
                 if template is None:
                     await machine.boot(vm, self.config, self._host.tsc_khz, incoming=False)
@@ -196,9 +199,10 @@ class Provisioner:
         accel: Accel,
         undo: Undo,
         template: templates.Template | None,
-    ) -> VM:
+    ) -> tuple[VM, Admission]:
         """Allocate the IP and TAP, make the directory, disks and RAM file; from
-        ``template``, copy its disk and RAM and leave a cold snapshot to restore."""
+        ``template``, copy its disk and RAM and leave a cold snapshot to restore.
+        The firewall rules are still being written: wait for the admission."""
         sid = spec.sandbox_id
         cfg = self.config
         net = self._net
@@ -207,8 +211,9 @@ class Provisioner:
         tap = await net.create_tap(sid)
         undo.push("delete TAP", lambda: net.delete_tap(tap))
         await net.pin_neighbour(ip, net.network.mac_for(sid))
-        await net.admit(spec, ip, tap)
-        undo.push("remove the firewall rules", lambda: net.guard.release(sid))
+        # The rules are written while the disks are made; the guest waits for them.
+        admission = net.guard.admit_soon(spec, ip, port=tap, mac=net.network.mac_for(sid))
+        undo.push("remove the firewall rules", admission.undo)
         crash_point("qemu.create.net")
         root = cfg.sandboxes_dir / sid
         try:
@@ -284,13 +289,14 @@ class Provisioner:
         crash_point("qemu.create.disks")
         # Booted, or restored from the template's snapshot: either way, the state
         # its create leads to (nobody sees it before the create returns).
-        return VM(
+        vm = VM(
             record=record,
             paths=paths,
             client=machine.client_for(record, cfg),
             state=CREATED.next,
             meta=meta,
         )
+        return vm, admission
 
     # ------------------------------------------------------------------ templates
 
