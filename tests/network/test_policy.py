@@ -48,6 +48,21 @@ def test_bad_targets_are_refused_with_a_message(raw: object) -> None:
         parse_target(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("https://pypi.org/simple", "is a URL; give the domain name alone ('pypi.org')"),
+        ("http://files.example:8080", "('files.example')"),
+        ("2001:db8::/32", "IPv6"),
+        ("pypi.org:443", "neither an IPv4 CIDR nor a domain name"),
+    ],
+)
+def test_the_message_says_what_to_give_instead(raw: str, says: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_target(raw)
+    assert says in str(caught.value)
+
+
 def test_policy_validation() -> None:
     assert NetworkPolicy() == NetworkPolicy("allow", (), ())
     policy = NetworkPolicy("deny", allow=("pypi.org", "1.2.3.4", "pypi.org"))

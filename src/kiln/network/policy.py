@@ -36,6 +36,9 @@ def parse_target(raw: object) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidInput(f"{raw!r} is neither an IPv4 CIDR nor a domain name")
     text = raw.strip().lower()
+    if "://" in text:
+        host = text.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
+        raise InvalidInput(f"{raw!r} is a URL; give the domain name alone ({host!r})")
     if text[0].isdigit() and not _DOMAIN_RE.match(text):
         try:
             net = ipaddress.ip_network(text, strict=False)
@@ -45,6 +48,10 @@ def parse_target(raw: object) -> str:
             raise InvalidInput(f"{raw!r} is IPv6; sandboxes have IPv4 only")
         return str(net)
     if ":" in text:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise InvalidInput(f"{raw!r} is neither an IPv4 CIDR nor a domain name") from None
         raise InvalidInput(f"{raw!r} is IPv6; sandboxes have IPv4 only")
     if len(text) > 253 or not _DOMAIN_RE.match(text):
         raise InvalidInput(f"{raw!r} is neither an IPv4 CIDR nor a domain name")

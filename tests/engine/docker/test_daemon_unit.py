@@ -12,6 +12,7 @@ import pytest
 
 from kiln.engine import EngineUnavailable
 from kiln.engine.docker import DockerdConfig, DockerdError, DockerdUnavailable
+from kiln.engine.docker.daemon import _hint as daemon_hint
 from kiln.engine.docker.daemon import _why, containerd_argv, containerd_toml, dockerd_argv
 from kiln.engine.docker.host import mentions, parse_mountinfo
 from kiln.engine.docker.runsc import (
@@ -256,3 +257,10 @@ def test_busybox_rootfs_tar_lists_the_applets() -> None:
     assert members["bin/sh"].issym() and members["bin/sh"].linkname == "busybox"
     assert members["tmp"].mode == 0o1777
     assert "bin/ls" not in members
+
+
+def test_a_start_failure_for_missing_cgroups_says_what_to_do() -> None:
+    tail = 'level=warning msg="Unable to find pids cgroup in mounts" failed to start daemon: '
+    hint = daemon_hint(tail + "Devices cgroup isn't mounted")
+    assert "`ip netns exec`" in hint and "nsenter --net=/run/netns/NAME" in hint
+    assert daemon_hint(tail + "something else") == ""

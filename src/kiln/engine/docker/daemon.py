@@ -585,9 +585,10 @@ class Dockerd:
         while True:
             code = proc.poll()
             if code is not None:
+                tail = self.log_tail() or "(nothing)"
                 raise DockerdStartFailed(
                     f"{name} exited with status {code} while starting; "
-                    f"{self._config.log_path} ends with:\n{self.log_tail() or '(nothing)'}"
+                    f"{self._config.log_path} ends with:\n{tail}{_hint(tail)}"
                 )
             result = ready()
             if result is not None:
@@ -655,3 +656,15 @@ class Dockerd:
 def _log_line(log: BinaryIO, line: str) -> None:
     log.write(f"{line}\n".encode())
     log.flush()
+
+
+def _hint(log_tail: str) -> str:
+    """What to do about a start failure whose cause the log names but does not explain."""
+    if "cgroup isn't mounted" in log_tail or "cgroup not mounted" in log_tail:
+        return (
+            "\nThe cgroup file systems are not mounted where kiln runs. `ip netns exec`"
+            " mounts a fresh /sys without them: run kiln in the host's mounts (for a"
+            " network namespace of its own, `nsenter --net=/run/netns/NAME` or"
+            " network.netns in kiln's config)."
+        )
+    return ""
