@@ -1,4 +1,5 @@
-"""``kiln serve`` as a subprocess: the real CLI daemon, its URL read from its log."""
+"""``kiln serve`` as a subprocess: the real CLI daemon, its URL read from its log; an API
+client of it, and exec through that client."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -81,3 +83,16 @@ def client(serve: Serve, data: Path, key: str | None = None) -> httpx.Client:
     """An API client of ``serve`` with ``key`` (default: the admin's, from the data dir)."""
     key = key or (data / "admin-api-key").read_text().strip()
     return httpx.Client(base_url=serve.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+
+
+def exec_ok(c: httpx.Client, name: str, *cmd: str, timeout_s: float | None = None) -> str:
+    """The stdout of ``cmd`` run in sandbox ``name``, which must exit 0; ``timeout_s``
+    bounds it in the daemon (None: no bound, as the API's default)."""
+    body: dict[str, Any] = {"cmd": list(cmd)}
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    r = c.post(f"/sandboxes/{name}/exec", json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["exit_code"] == 0, result
+    return str(result["stdout"])

@@ -21,9 +21,7 @@ depends on the engine's recovery, on real QEMU microVMs.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import signal
 import sqlite3
@@ -35,18 +33,15 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from kiln.engine.docker import Dockerd, DockerdConfig
 from kiln.engine.docker.containers import LABEL
 from kiln.engine.docker.daemon import sdk_client
-from kiln.engine.docker.testing import unavailable_reason
 from kiln.engine.qemu.process import find_processes
-from kiln.images.cache import default_image_dir
 from kiln.network.naming import tap_name
 
 from .conftest import vm_marks
-from .serve import Serve
+from .host import Bridge, Host, daemon_host
+from .serve import Serve, client, exec_ok
 
 pytestmark = [*vm_marks, pytest.mark.timeout(300)]
 
@@ -101,50 +96,15 @@ CASES = [
 
 
 class Lab:
-    """One data directory, its config and the checks of what exists on the host."""
+    """One daemon host (one data directory) and the checks of what exists on it."""
 
-    def __init__(self, root: Path, netns: str) -> None:
-        self.root = root
-        self.netns = netns
-        self.data = root / "data"
-        self.home = root / "home"
-        self.home.mkdir()
-        self.docker_root = root / "d"
-        self.log = root / "serve.log"
-        self.bridge = "kcrq0"
-        self.config = root / "kiln.yaml"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "data_dir": str(self.data),
-                    "listen": "127.0.0.1:0",
-                    "image_dir": str(default_image_dir()),
-                    # Nothing goes warm or cold by itself: only the test's operations
-                    # reach the snapshot steps.
-                    "thermal": {"hot_to_warm_s": 3600, "warm_to_cold_s": 7200},
-                    "network": {
-                        "netns": netns,
-                        "bridge": self.bridge,
-                        "subnet": "10.213.45.0/24",
-                        "nat": False,
-                    },
-                    "docker": {
-                        "bridge": "kcrd0",
-                        "subnet": "10.213.46.0/24",
-                        "root": str(self.docker_root),
-                    },
-                }
-            )
-        )
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.data = host.data
+        self.netns = host.netns
 
     def serve(self, crash_at: str | None = None) -> Serve:
-        return Serve(self.config, self.home, self.log, env={"KILN_CRASH_AT": crash_at})
-
-    def client(self, serve: Serve) -> httpx.Client:
-        key = (self.data / "admin-api-key").read_text().strip()
-        return httpx.Client(
-            base_url=serve.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
-        )
+        return self.host.serve(env={"KILN_CRASH_AT": crash_at})
 
     # --- what exists -------------------------------------------------------------------
 
@@ -167,14 +127,14 @@ class Lab:
 
     def containers(self) -> dict[str, str]:
         """Sandbox id → state of every container kiln made."""
-        config = DockerdConfig(root=self.docker_root, netns=self.netns)
+        config = self.host.dockerd
         if not config.socket_path.exists():
             return {}
-        client = sdk_client(config.url)
+        docker = sdk_client(config.url)
         try:
-            found = client.api.containers(all=True, filters={"label": [LABEL]})
+            found = docker.api.containers(all=True, filters={"label": [LABEL]})
         finally:
-            client.close()
+            docker.close()
         return {(c.get("Labels") or {})[LABEL]: c["State"] for c in found}
 
     def _ip(self, *args: str) -> Any:
@@ -192,7 +152,7 @@ class Lab:
         """Addresses with a PERMANENT ARP entry on the VMs' bridge."""
         return {
             n["dst"]
-            for n in self._ip("neigh", "show", "dev", self.bridge)
+            for n in self._ip("neigh", "show", "dev", self.host.vm.name)
             if "PERMANENT" in n.get("state", [])
         }
 
@@ -258,19 +218,21 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    netns = f"kiln-crash-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    lab = Lab(tmp_path_factory.mktemp("crash"), netns)
-    try:
+    with daemon_host(
+        tmp_path_factory.mktemp("crash"),
+        "kiln-crash",
+        vm=Bridge("kcrq0", "10.213.45.0/24"),
+        docker=Bridge("kcrd0", "10.213.46.0/24"),
+        # Nothing goes warm or cold by itself: only the test's operations reach the
+        # snapshot steps.
+        extra={"thermal": {"hot_to_warm_s": 3600, "warm_to_cold_s": 7200}},
+    ) as host:
+        lab = Lab(host)
         # Warm up once: the QEMU template and the Docker image, so that no case
         # builds them (a template build takes snapshots: it would reach those steps).
         serve = lab.serve()
         try:
-            with lab.client(serve) as c:
+            with client(serve, lab.data) as c:
                 for engine in ("qemu", "docker"):
                     r = c.post("/sandboxes", json={"name": f"warm-{engine}", "engine": engine})
                     assert r.status_code == 201, r.text
@@ -278,31 +240,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         finally:
             assert serve.stop() == 0
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            Dockerd(DockerdConfig(root=lab.docker_root, netns=netns)).stop()
-        for pid in find_processes(f"{lab.data}/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
-
-
-def _exec(c: httpx.Client, name: str, *cmd: str) -> str:
-    r = c.post(f"/sandboxes/{name}/exec", json={"cmd": list(cmd)})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["exit_code"] == 0, body
-    return str(body["stdout"])
 
 
 def _stage(lab: Lab, case: Case, name: str, content: str) -> None:
     """The sandbox the operation needs: created, a file written, stopped for a start."""
     serve = lab.serve()
     try:
-        with lab.client(serve) as c:
+        with client(serve, lab.data) as c:
             r = c.post("/sandboxes", json={"name": name, "engine": case.engine})
             assert r.status_code == 201, r.text
-            _exec(c, name, "sh", "-c", f"echo {content} > {KEPT} && sync")
+            exec_ok(c, name, "sh", "-c", f"echo {content} > {KEPT} && sync")
             if case.op == "start":
                 r = c.post(f"/sandboxes/{name}/stop")
                 assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
@@ -340,7 +287,7 @@ def test_crash_point_ends_consistent(lab: Lab, case: Case) -> None:
 
     crashing = lab.serve(crash_at=case.step)
     try:
-        with lab.client(crashing) as c, pytest.raises(httpx.TransportError):
+        with client(crashing, lab.data) as c, pytest.raises(httpx.TransportError):
             r = _operate(c, case, name)
             pytest.fail(f"the operation answered {r.status_code} {r.text}: no crash")
         assert crashing.wait() == -signal.SIGKILL
@@ -350,7 +297,7 @@ def test_crash_point_ends_consistent(lab: Lab, case: Case) -> None:
 
     serve = lab.serve()
     try:
-        with lab.client(serve) as c:
+        with client(serve, lab.data) as c:
             listed = c.get("/sandboxes").json()
             problems = lab.agrees(listed)
             mine = next((s for s in listed if s["name"] == name), None)

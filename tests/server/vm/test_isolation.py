@@ -12,29 +12,21 @@ was meant answered with its name.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
-
-from kiln.engine.docker import Dockerd, DockerdConfig
-from kiln.engine.docker.testing import unavailable_reason
-from kiln.engine.qemu.process import find_processes
-from kiln.images.cache import default_image_dir
 
 from .conftest import vm_marks
-from .serve import SRC, Serve, client
+from .host import Bridge, Host, daemon_host, namespace
+from .serve import SRC, client, exec_ok
 
 pytestmark = [*vm_marks, pytest.mark.timeout(900)]
 
@@ -89,12 +81,7 @@ def _ip(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("isolation")
-    netns, outside = (f"kiln-iso-{secrets.token_hex(3)}" for _ in range(2))
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def greet(ns: str, address: str, port: int, tag: str) -> None:
@@ -103,60 +90,51 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         procs.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
 
-    data, home, docker_root = root / "data", root / "home", root / "d"
-    home.mkdir()
-    config = root / "kiln.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data_dir": str(data),
-                "listen": "127.0.0.1:0",
-                "image_dir": str(default_image_dir()),
-                "network": {
-                    "netns": netns,
-                    "bridge": "kisoq0",
-                    "subnet": f"{VM_NET}.0/24",
-                    "dns": [DNS],
-                },
-                "docker": {
-                    "bridge": "kisod0",
-                    "subnet": f"{CT_NET}.0/24",
-                    "root": str(docker_root),
-                },
-            }
-        )
-    )
-    try:
-        for ns in (netns, outside):
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", netns, "link", "add", "kout", "type", "veth", "peer", "eth0", "netns", outside)
-        _ip("-n", netns, "addr", "add", f"{LINK[0]}/24", "dev", "kout")
-        _ip("-n", netns, "link", "set", "kout", "up")
-        _ip("-n", outside, "addr", "add", f"{LINK[1]}/24", "dev", "eth0")
-        _ip("-n", outside, "link", "set", "eth0", "up")
-        for address in (DNS, PUBLIC, PUBLIC_2, LAN, METADATA):
-            _ip("-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
-            _ip("-n", netns, "route", "add", f"{address}/32", "via", LINK[1])
-        greet(outside, DNS, 53, "dns")
-        for address, tag in ((PUBLIC, "public"), (PUBLIC_2, "public2"), (LAN, "lan")):
-            greet(outside, address, 443, tag)
-        greet(outside, METADATA, 80, "metadata")
-        greet(netns, "0.0.0.0", 8080, "host")  # every address of the daemon's namespace
-        yield {"config": config, "home": home, "data": data, "root": root, "netns": netns}
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-        with contextlib.suppress(Exception):
-            Dockerd(DockerdConfig(root=docker_root, netns=netns)).stop()
-        for pid in find_processes(f"{data}/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for ns in (netns, outside):
-            subprocess.run(["ip", "netns", "delete", ns], check=False)
+    with (
+        daemon_host(
+            tmp_path_factory.mktemp("isolation"),
+            "kiln-iso",
+            vm=Bridge("kisoq0", f"{VM_NET}.0/24"),
+            docker=Bridge("kisod0", f"{CT_NET}.0/24"),
+            nat=True,
+            dns=[DNS],
+        ) as host,
+        namespace("kiln-iso") as outside,
+    ):
+        inside = host.netns
+        try:
+            _ip(
+                "-n",
+                inside,
+                "link",
+                "add",
+                "kout",
+                "type",
+                "veth",
+                "peer",
+                "eth0",
+                "netns",
+                outside,
+            )
+            _ip("-n", inside, "addr", "add", f"{LINK[0]}/24", "dev", "kout")
+            _ip("-n", inside, "link", "set", "kout", "up")
+            _ip("-n", outside, "addr", "add", f"{LINK[1]}/24", "dev", "eth0")
+            _ip("-n", outside, "link", "set", "eth0", "up")
+            for address in (DNS, PUBLIC, PUBLIC_2, LAN, METADATA):
+                _ip("-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
+                _ip("-n", inside, "route", "add", f"{address}/32", "via", LINK[1])
+            greet(outside, DNS, 53, "dns")
+            for address, tag in ((PUBLIC, "public"), (PUBLIC_2, "public2"), (LAN, "lan")):
+                greet(outside, address, 443, tag)
+            greet(outside, METADATA, 80, "metadata")
+            greet(inside, "0.0.0.0", 8080, "host")  # every address of the daemon's namespace
+            yield host
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
 
 
 def _new_user(config: Path, home: Path, name: str) -> str:
@@ -174,10 +152,8 @@ def _new_user(config: Path, home: Path, name: str) -> str:
 
 
 def _exec(c: httpx.Client, name: str, *cmd: str) -> str:
-    r = c.post(f"/sandboxes/{name}/exec", json={"cmd": list(cmd), "timeout_s": 120})
-    assert r.status_code == 200, r.text
-    assert r.json()["exit_code"] == 0, r.json()
-    return str(r.json()["stdout"])
+    # Bounded: a probe or greeter that hangs fails here, not at the module's timeout.
+    return exec_ok(c, name, *cmd, timeout_s=120)
 
 
 def _serve_in(c: httpx.Client, name: str, port: int) -> None:
@@ -207,13 +183,12 @@ class Prober:
         assert ok, f"{name} -> {address}:{port}: got {got!r}, want {want or 'no answer'}"
 
 
-def test_sandboxes_reach_only_what_they_should(world: dict[str, Any]) -> None:
-    log = world["root"] / "serve.log"
-    serve = Serve(world["config"], world["home"], log)
-    bob_key = _new_user(world["config"], world["home"], "bob")
+def test_sandboxes_reach_only_what_they_should(world: Host) -> None:
+    serve = world.serve()
+    bob_key = _new_user(world.config, world.home, "bob")
     p = Prober()
     try:
-        with client(serve, world["data"]) as alice, client(serve, world["data"], bob_key) as bob:
+        with client(serve, world.data) as alice, client(serve, world.data, bob_key) as bob:
             specs = (
                 (alice, {"name": "avm"}),
                 (alice, {"name": "act", "engine": "docker"}),
@@ -272,8 +247,8 @@ def test_sandboxes_reach_only_what_they_should(world: dict[str, Any]) -> None:
 
         # After a restart the rules are back before anything runs.
         assert serve.stop() == 0
-        serve = Serve(world["config"], world["home"], log)
-        with client(serve, world["data"]) as alice:
+        serve = world.serve()
+        with client(serve, world.data) as alice:
             p.check(alice, "avm", PUBLIC, 443, "public")
             p.check(alice, "avm", ips["act"], 8000, "act")
             p.check(alice, "avm", ips["bct"], 8000, None)
@@ -281,7 +256,7 @@ def test_sandboxes_reach_only_what_they_should(world: dict[str, Any]) -> None:
             for name in ("act", "adeny"):
                 assert alice.delete(f"/sandboxes/{name}").status_code == 204
             rules = subprocess.run(
-                ["ip", "netns", "exec", world["netns"], "nft", "list", "ruleset"],
+                ["ip", "netns", "exec", world.netns, "nft", "list", "ruleset"],
                 capture_output=True,
                 text=True,
                 check=True,

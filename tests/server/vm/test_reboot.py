@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from kiln.engine.docker import Dockerd, DockerdConfig
 from kiln.engine.docker.daemon import sdk_client
 from kiln.engine.docker.record import container_name
-from kiln.engine.docker.testing import unavailable_reason
 from kiln.engine.qemu.process import find_processes
-from kiln.images.cache import default_image_dir
 
 from .conftest import vm_marks
-from .serve import Serve
+from .host import Bridge, Host, daemon_host, kill_vms
+from .serve import client, exec_ok
 
 pytestmark = [*vm_marks, pytest.mark.timeout(900)]
 
@@ -43,63 +38,18 @@ INIT = "echo ran >> /workspace/init-runs"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("reboot")
-    netns = f"kiln-rb-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    data, home, docker_root = root / "data", root / "home", root / "d"
-    home.mkdir()
-    config = root / "kiln.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data_dir": str(data),
-                "listen": "127.0.0.1:0",
-                "image_dir": str(default_image_dir()),
-                "network": {
-                    "netns": netns,
-                    "bridge": BRIDGE,
-                    "subnet": "10.213.45.0/24",
-                    "nat": False,
-                },
-                "docker": {"bridge": "krbd0", "subnet": "10.213.46.0/24", "root": str(docker_root)},
-            }
-        )
-    )
-    dockerd = DockerdConfig(root=docker_root, netns=netns)
-    try:
-        yield {"config": config, "home": home, "data": data, "root": root, "netns": netns,
-               "dockerd": dockerd}  # fmt: skip
-    finally:
-        with contextlib.suppress(Exception):
-            Dockerd(dockerd).stop()
-        _kill_qemus(data)
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    with daemon_host(
+        tmp_path_factory.mktemp("reboot"),
+        "kiln-rb",
+        vm=Bridge(BRIDGE, "10.213.45.0/24"),
+        docker=Bridge("krbd0", "10.213.46.0/24"),
+    ) as host:
+        yield host
 
 
-def _kill_qemus(data: Path) -> list[int]:
-    pids = find_processes(f"{data}/")
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-def _client(serve: Serve, data: Path) -> httpx.Client:
-    key = (data / "admin-api-key").read_text().strip()
-    return httpx.Client(base_url=serve.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
-
-
-def _exec(c: httpx.Client, name: str, script: str) -> str:
-    r = c.post(f"/sandboxes/{name}/exec", json={"cmd": ["sh", "-c", script]})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["exit_code"] == 0, body
-    return str(body["stdout"])
+def _sh(c: httpx.Client, name: str, script: str) -> str:
+    return exec_ok(c, name, "sh", "-c", script)
 
 
 def _links(netns: str) -> list[str]:
@@ -132,12 +82,11 @@ WORK = (
 )
 
 
-def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: dict[str, Any]) -> None:
-    data, netns = setup["data"], setup["netns"]
-    log = setup["root"] / "serve.log"
-    serve = Serve(setup["config"], setup["home"], log)
+def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: Host) -> None:
+    data, netns, log = setup.data, setup.netns, setup.log
+    serve = setup.serve()
     try:
-        with _client(serve, data) as c:
+        with client(serve, data) as c:
             vm = c.post(
                 "/sandboxes",
                 json={
@@ -156,9 +105,9 @@ def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: dict[str, 
                 r = c.post("/sandboxes", json=body)
                 assert r.status_code == 201, r.text
             for name in ("vm", "ct"):
-                assert _exec(c, name, WORK) == "ok\n"
-                assert _exec(c, name, "pgrep -c sleep") == "1\n"
-            _exec(c, "vm", "echo on-the-volume > /data/v.txt")
+                assert _sh(c, name, WORK) == "ok\n"
+                assert _sh(c, name, "pgrep -c sleep") == "1\n"
+            _sh(c, "vm", "echo on-the-volume > /data/v.txt")
             before = {s["name"]: s for s in c.get("/sandboxes").json()}
             assert before["vm"]["status"] == "running" and before["vm"]["thermal"] == "hot"
             vm_id, vmgone_id = before["vm"]["id"], before["vmgone"]["id"]
@@ -166,11 +115,11 @@ def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: dict[str, 
 
         # ---- the host "reboots": nothing shuts down cleanly.
         assert serve.stop(signal.SIGKILL) == -signal.SIGKILL
-        killed = _kill_qemus(data)
+        killed = kill_vms(data)
         assert len(killed) == 2
         _wait_gone(killed)
         _lose_the_host_network(netns)
-        with contextlib.closing(sdk_client(setup["dockerd"].url)) as docker:
+        with contextlib.closing(sdk_client(setup.dockerd.url)) as docker:
             pid = docker.api.inspect_container(container_name(ct_id))["State"]["Pid"]
             os.kill(pid, signal.SIGKILL)
             docker.api.remove_container(container_name(ctgone_id), force=True)
@@ -178,9 +127,9 @@ def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: dict[str, 
         (data / "qemu" / "sandboxes" / vmgone_id / "rootfs.qcow2").unlink()
 
         restarted = time.perf_counter()
-        again = Serve(setup["config"], setup["home"], log)
+        again = setup.serve()
         try:
-            with _client(again, data) as c:
+            with client(again, data) as c:
                 served = time.perf_counter()
                 after = {s["name"]: s for s in c.get("/sandboxes").json()}
                 state = {n: (s["status"], s["thermal"]) for n, s in after.items()}
@@ -191,20 +140,20 @@ def test_a_host_reboot_keeps_every_sandbox_whose_disk_survived(setup: dict[str, 
                     "ctgone": ("error", "cold"),
                 }
                 # The first use boots it: files and volume kept, processes and init not.
-                assert _exec(c, "vm", "cat /workspace/notes.txt") == "precious\n"
+                assert _sh(c, "vm", "cat /workspace/notes.txt") == "precious\n"
                 vm_ready = time.perf_counter()
-                assert _exec(c, "ct", "cat /workspace/notes.txt") == "precious\n"
+                assert _sh(c, "ct", "cat /workspace/notes.txt") == "precious\n"
                 ct_ready = time.perf_counter()
                 for name in ("vm", "ct"):
                     sb = c.get(f"/sandboxes/{name}").json()
                     assert (sb["status"], sb["thermal"]) == ("running", "hot")
                     assert sb["last_boot"]["reason"] == "rebooted", sb
                     assert sb["ip"] == before[name]["ip"]
-                    assert _exec(c, name, "cat /workspace/src/app.py") == "print(42)\n"
-                    assert _exec(c, name, "pgrep -c sleep || true") == "0\n"
-                    assert _exec(c, name, "cat /workspace/init-runs") == "ran\n"
-                    assert _exec(c, name, "echo new > /workspace/after && cat after") == "new\n"
-                assert _exec(c, "vm", "cat /data/v.txt") == "on-the-volume\n"
+                    assert _sh(c, name, "cat /workspace/src/app.py") == "print(42)\n"
+                    assert _sh(c, name, "pgrep -c sleep || true") == "0\n"
+                    assert _sh(c, name, "cat /workspace/init-runs") == "ran\n"
+                    assert _sh(c, name, "echo new > /workspace/after && cat after") == "new\n"
+                assert _sh(c, "vm", "cat /data/v.txt") == "on-the-volume\n"
                 assert any(link.startswith("ktap") for link in _links(netns))
 
                 for name, why in (("vmgone", "rootfs.qcow2 is missing"), ("ctgone", "is gone")):

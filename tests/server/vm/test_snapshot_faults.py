@@ -14,100 +14,57 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
 
 from kiln.engine.qemu.process import find_processes
-from kiln.images.cache import default_image_dir
 
 from .conftest import vm_marks
-from .serve import Serve
+from .host import Bridge, Host, daemon_host, kill_vms
+from .serve import client, exec_ok
 
 pytestmark = [*vm_marks, pytest.mark.timeout(300)]
 
 KEPT = "/workspace/kept"
 
 
-def _config(root: Path, data: Path, netns: str) -> Path:
-    config = root / "kiln.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data_dir": str(data),
-                "listen": "127.0.0.1:0",
-                "image_dir": str(default_image_dir()),
-                "templates": False,  # a boot needs less disk than a template
-                "thermal": {"hot_to_warm_s": 3600, "warm_to_cold_s": 7200},
-                "network": {
-                    "netns": netns,
-                    "bridge": "ksnf0",
-                    "subnet": "10.213.47.0/24",
-                    "nat": False,
-                },
-            }
-        )
+def _host(root: Path, data: Path | None = None) -> contextlib.AbstractContextManager[Host]:
+    return daemon_host(
+        root,
+        "kiln-snf",
+        vm=Bridge("ksnf0", "10.213.47.0/24"),
+        data=data,
+        extra={
+            "templates": False,  # a boot needs less disk than a template
+            "thermal": {"hot_to_warm_s": 3600, "warm_to_cold_s": 7200},
+        },
     )
-    return config
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"kiln-snf-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def _client(serve: Serve, data: Path) -> httpx.Client:
-    key = (data / "admin-api-key").read_text().strip()
-    return httpx.Client(base_url=serve.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
-
-
-def _exec(c: httpx.Client, name: str, *cmd: str) -> str:
-    r = c.post(f"/sandboxes/{name}/exec", json={"cmd": list(cmd)})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["exit_code"] == 0, body
-    return str(body["stdout"])
+def host(tmp_path: Path) -> Iterator[Host]:
+    with _host(tmp_path) as h:
+        yield h
 
 
 def _meta(data: Path, sid: str) -> dict[str, Any]:
     return dict(json.loads((data / "qemu" / "sandboxes" / sid / "snapshot.json").read_text()))
 
 
-def _kill_vms(data: Path) -> None:
-    for pid in find_processes(f"{data}/"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def test_qemu_killed_during_the_snapshot_write(tmp_path: Path, netns: str) -> None:
-    data = tmp_path / "data"
-    (tmp_path / "home").mkdir()
-    config = _config(tmp_path, data, netns)
-    serve = Serve(
-        config,
-        tmp_path / "home",
-        tmp_path / "serve.log",
-        env={"KILN_CRASH_AT": "qemu.snapshot.writing:qemu"},
-    )
+def test_qemu_killed_during_the_snapshot_write(host: Host) -> None:
+    data = host.data
+    serve = host.serve(env={"KILN_CRASH_AT": "qemu.snapshot.writing:qemu"})
     try:
-        with _client(serve, data) as c:
+        with client(serve, data) as c:
             sb = c.post("/sandboxes", json={"name": "k", "memory_mb": 256})
             assert sb.status_code == 201, sb.text
             sid = sb.json()["id"]
-            _exec(c, "k", "sh", "-c", f"echo kept > {KEPT} && sync")
+            exec_ok(c, "k", "sh", "-c", f"echo kept > {KEPT} && sync")
             r = c.post("/sandboxes/k/stop")
             assert "crash point qemu.snapshot.writing reached: SIGKILL qemu" in serve.output()
             assert r.status_code >= 400, r.text
@@ -125,7 +82,6 @@ def test_qemu_killed_during_the_snapshot_write(tmp_path: Path, netns: str) -> No
         assert serve.stop() == 0
     finally:
         serve.stop(signal.SIGKILL)
-        _kill_vms(data)
 
 
 @pytest.fixture
@@ -141,7 +97,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        _kill_vms(mnt)
+        kill_vms(mnt)  # a VM holding a file open there would keep the file system busy
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
@@ -171,21 +127,26 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def test_disk_full_during_the_snapshot(tmp_path: Path, netns: str, small_disk: Path) -> None:
-    data = small_disk / "data"
-    (tmp_path / "home").mkdir()
-    config = _config(tmp_path, data, netns)
-    serve = Serve(config, tmp_path / "home", tmp_path / "serve.log")
+@pytest.fixture
+def host_on_small_disk(tmp_path: Path, small_disk: Path) -> Iterator[Host]:
+    """A host whose data directory is on ``small_disk``."""
+    with _host(tmp_path, data=small_disk / "data") as h:
+        yield h
+
+
+def test_disk_full_during_the_snapshot(host_on_small_disk: Host, small_disk: Path) -> None:
+    data = host_on_small_disk.data
+    serve = host_on_small_disk.serve()
     try:
-        with _client(serve, data) as c:
+        with client(serve, data) as c:
             sb = c.post("/sandboxes", json={"name": "f", "memory_mb": 256})
             assert sb.status_code == 201, sb.text
             sid = sb.json()["id"]
-            _exec(c, "f", "sh", "-c", f"echo before > {KEPT} && sync")
+            exec_ok(c, "f", "sh", "-c", f"echo before > {KEPT} && sync")
             # A first stop and start: a snapshot taken, then spent by the restore.
             assert c.post("/sandboxes/f/stop").json()["status"] == "stopped"
             assert c.post("/sandboxes/f/start").json()["status"] == "running"
-            _exec(c, "f", "sh", "-c", f"echo told > {KEPT} && sync")
+            exec_ok(c, "f", "sh", "-c", f"echo told > {KEPT} && sync")
             state = (data / "qemu" / "sandboxes" / sid / "state.bin").read_bytes()
 
             filler = _fill(small_disk)
@@ -199,7 +160,7 @@ def test_disk_full_during_the_snapshot(tmp_path: Path, netns: str, small_disk: P
             listed = c.get("/sandboxes/f").json()
             if listed["status"] == "running":
                 assert _meta(data, sid)["valid"] is False
-                assert _exec(c, "f", "cat", KEPT) == "told\n"  # still usable
+                assert exec_ok(c, "f", "cat", KEPT) == "told\n"  # still usable
             else:
                 assert listed["status"] == "stopped", listed
 
@@ -207,7 +168,7 @@ def test_disk_full_during_the_snapshot(tmp_path: Path, netns: str, small_disk: P
             r = c.post("/sandboxes/f/stop")
             assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
             assert c.post("/sandboxes/f/start").json()["status"] == "running"
-            assert _exec(c, "f", "cat", KEPT) == "told\n"
+            assert exec_ok(c, "f", "cat", KEPT) == "told\n"
             assert c.delete("/sandboxes/f").status_code == 204
         assert serve.stop() == 0
     finally:
