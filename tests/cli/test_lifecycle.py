@@ -96,8 +96,21 @@ def test_run_rm_removes_the_sandbox_on_ctrl_c(cli: Cli, kiln: Kiln) -> None:
     tag = unique("int")
     env = {**os.environ, "HOME": str(cli.home), **cli.env, "PYTHONPATH": str(SRC)}
     env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack: see below
+    command = ["sh", "-c", "echo ready; sleep 60"]
     proc = subprocess.Popen(
-        [*kiln_argv(), "run", "--rm", "-l", f"t={tag}", "--", "sh", "-c", "echo ready; sleep 60"],
+        # SIGINT as a terminal has it: a test run started in the background (`make
+        # test &`, nohup) ignores it, and the CLI rightly keeps an ignored SIGINT ignored.
+        [
+            "env",
+            "--default-signal=INT",
+            *kiln_argv(),
+            "run",
+            "--rm",
+            "-l",
+            f"t={tag}",
+            "--",
+            *command,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
