@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ class FakeKit:
 
     async def kill_machine(self, engine: Engine, sandbox_id: str) -> None:
         await asyncio.to_thread(agents.kill_all, _fake(engine).machine_marker(sandbox_id))
+
+    async def lose_disk(self, engine: Engine, sandbox_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, _fake(engine).workdir(sandbox_id))
 
     async def leftovers(self, engine: Engine, sandbox_id: str) -> list[str]:
         root = _fake(engine).agents_root

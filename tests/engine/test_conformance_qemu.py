@@ -86,6 +86,10 @@ class QemuKit:
         marker = f"{qemu.paths(sandbox_id).root}/"
         await wait_until(lambda: pid not in find_processes(marker))
 
+    async def lose_disk(self, engine: Engine, sandbox_id: str) -> None:
+        rootfs = engine.export_state(sandbox_id)["record"]["drives"][0]["path"]
+        await asyncio.to_thread(os.unlink, rootfs)
+
     async def leftovers(self, engine: Engine, sandbox_id: str) -> list[str]:
         qemu = _qemu(engine)
         root = qemu.config.sandboxes_dir / sandbox_id

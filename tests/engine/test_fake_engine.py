@@ -54,9 +54,22 @@ async def test_a_cold_sandbox_without_a_snapshot_cannot_be_restored() -> None:
     assert state(engine) == State(Status.RUNNING, Thermal.COLD)
 
 
-async def test_a_crashed_sandbox_refuses_everything_but_destroy(engine: FakeEngine) -> None:
+async def test_a_crashed_sandbox_boots_from_its_disk_on_next_use(engine: FakeEngine) -> None:
     engine.crash("a")
-    assert state(engine) == State(Status.ERROR, Thermal.HOT)
+    assert state(engine) == State(Status.RUNNING, Thermal.COLD)
+    assert not engine.info("a").has_snapshot
+    await engine.ensure_hot("a")
+    info = engine.info("a")
+    assert info.state == State(Status.RUNNING, Thermal.HOT)
+    assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+
+
+async def test_a_crash_without_its_disk_refuses_everything_but_destroy(
+    engine: FakeEngine,
+) -> None:
+    engine.crash("a", disk_gone=True)
+    assert state(engine) == State(Status.ERROR, Thermal.COLD)
+    assert engine.info("a").problem
     for op in (engine.pause, engine.resume, engine.stop, engine.start, engine.ensure_hot):
         with pytest.raises(SandboxCrashed):
             await op("a")

@@ -472,7 +472,7 @@ async def test_ip_allocation_release_and_reuse(
     assert gamma.ip == "10.213.7.3"  # the lowest free address, reused
 
 
-async def test_a_killed_qemu_is_detected_and_destroy_still_cleans_up(
+async def test_a_killed_qemu_boots_again_and_destroy_still_cleans_up(
     engine: QemuEngine, vm_env: VMEnv
 ) -> None:
     pid = engine.pid("gamma")
@@ -480,7 +480,20 @@ async def test_a_killed_qemu_is_detected_and_destroy_still_cleans_up(
     paths = engine.paths("gamma")
     tap = engine.network.tap_name("gamma")
     os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: engine.info("gamma").thermal is Thermal.COLD)
+    info = engine.info("gamma")
+    assert (info.status, info.has_snapshot, engine.pid("gamma")) == (Status.RUNNING, False, None)
+    client = await engine.agent("gamma")  # booted again from its disks
+    assert (await client.exec(["true"])).exit_code == 0
+    info = engine.info("gamma")
+    assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+    assert engine.pid("gamma") not in (None, pid)
+    # Killed again, now with its disk gone: in error, only destroy is left.
+    os.kill(engine.pid("gamma") or 0, signal.SIGKILL)
+    rootfs = engine.export_state("gamma")["record"]["drives"][0]["path"]
+    os.unlink(rootfs)
     await wait_until(lambda: engine.info("gamma").status is Status.ERROR)
+    assert engine.info("gamma").problem == f"its disk {rootfs} is missing"
     with pytest.raises(SandboxCrashed):
         await engine.agent("gamma")
     with pytest.raises(SandboxCrashed):

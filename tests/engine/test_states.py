@@ -64,11 +64,18 @@ WITH_SNAPSHOTS: dict[Op, tuple[str, str, str, str]] = {
         "restore → running/hot",
         "restore → running/hot",
     ),
-    Op.CRASH: ("kill → error/hot", "kill → error/warm", "kill → error/cold", NO),
-    Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", NO),
+    # The machine died, its disks intact: its next use boots it from them.
+    Op.CRASH: (
+        "kill → running/cold",
+        "kill → running/cold",
+        "kill → running/cold",
+        "kill → stopped/cold",
+    ),
+    Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", "kill → error/cold"),
 }
 
-# Running and cold without snapshots: only recovery leaves it (machine gone, files kept).
+# Running and cold without snapshots: only recovery or a crash leaves it (machine gone,
+# files kept).
 WITHOUT_SNAPSHOTS: dict[Op, tuple[str, str, str, str]] = {
     Op.PAUSE: ("pause → running/warm", "nothing → running/warm", NO, NO),
     Op.RESUME: ("nothing → running/hot", "resume → running/hot", NO, NO),
@@ -91,8 +98,14 @@ WITHOUT_SNAPSHOTS: dict[Op, tuple[str, str, str, str]] = {
         "boot → running/hot",
         "boot → running/hot",
     ),
-    Op.CRASH: ("kill → error/hot", "kill → error/warm", "kill → error/cold", NO),
-    Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", NO),
+    # The machine died, its disks intact: its next use boots it from them.
+    Op.CRASH: (
+        "kill → running/cold",
+        "kill → running/cold",
+        "kill → running/cold",
+        "kill → stopped/cold",
+    ),
+    Op.LOST: ("kill → error/cold", "kill → error/cold", "kill → error/cold", "kill → error/cold"),
 }
 
 

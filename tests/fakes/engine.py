@@ -40,12 +40,13 @@ from typing import Any
 
 from kiln.agent_client import AgentClient
 from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec, Status, Thermal
-from kiln.engine.boots import BootReason, LastBoot, boot_reason
+from kiln.engine.boots import STATE_KEY, BootReason, LastBoot, boot_reason
 from kiln.engine.errors import (
     EngineError,
     EngineUnavailable,
     InvalidSpec,
     InvalidState,
+    SandboxCrashed,
     SandboxNotFound,
 )
 from kiln.engine.states import (
@@ -75,7 +76,8 @@ class _Box:
     #: Its agent process (``agents`` mode only).
     machine: agents.Machine | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: Re-adopted from its disk alone (``"disk": "intact"``): its next restore boots.
+    #: Re-adopted from its disk alone (``"disk": "intact"``), or its machine crashed:
+    #: its next restore boots.
     reboot: bool = False
 
 
@@ -222,6 +224,11 @@ class FakeEngine:
             case Action.RESUME:
                 await asyncio.to_thread(agents.thaw, machine.marker, _pid(machine))
             case Action.BOOT:
+                problem = self._disk_gone(box)
+                if problem is not None:
+                    raise SandboxCrashed(
+                        f"sandbox {box.info.sandbox_id} cannot boot again: {problem}"
+                    )
                 await self._boot(machine)
             case Action.SHUTDOWN | Action.KILL:
                 await asyncio.to_thread(agents.shutdown, machine)
@@ -235,12 +242,27 @@ class FakeEngine:
             raise EngineError(str(exc)) from exc
 
     def _notice_death(self, box: _Box) -> bool:
-        """``agents`` mode: a sandbox whose agent is gone crashed; True if it just did."""
+        """``agents`` mode: apply the death of a sandbox whose agent is gone; True if it
+        just died. With its files (``work/``, its "disk") it is running and cold and its
+        next use boots it; without them it is in error."""
         machine = box.machine
         if machine is None or not box.info.state.live or machine.running:
             return False
-        self._apply(box, plan(Op.CRASH, box.info.state, box.info.sandbox_id, snapshots=False))
+        if self._disk_gone(box) is None:
+            self._apply(box, plan(Op.CRASH, box.info.state, box.info.sandbox_id, snapshots=False))
         return True
+
+    def _disk_gone(self, box: _Box) -> str | None:
+        """``agents`` mode: if the sandbox's files are gone, put it in error (LOST) and
+        say why; else None."""
+        machine = box.machine
+        assert machine is not None
+        if machine.workdir.is_dir():
+            return None
+        problem = f"its files {machine.workdir} are gone"
+        self._apply(box, plan(Op.LOST, box.info.state, box.info.sandbox_id, snapshots=False))
+        self._set(box, problem=problem)
+        return problem
 
     def _check_agent_spec(self, spec: SandboxSpec) -> None:
         if spec.volumes:
@@ -331,9 +353,17 @@ class FakeEngine:
     async def ensure_hot(self, sandbox_id: str) -> None:
         await self._act("ensure_hot", sandbox_id, Op.ENSURE_HOT)
 
-    def crash(self, sandbox_id: str) -> SandboxInfo:
-        """The sandbox's machine dies underneath us (a test control)."""
-        return self._transition("crash", sandbox_id, Op.CRASH)
+    def crash(self, sandbox_id: str, *, disk_gone: bool = False) -> SandboxInfo:
+        """The sandbox's machine dies underneath us (a test control): with its disk
+        intact it is running and cold, and its next use boots it from its disk (a
+        reboot); with ``disk_gone`` it is in error."""
+        if disk_gone:
+            info = self._transition("crash", sandbox_id, Op.LOST)
+            return self._set(self.boxes[sandbox_id], problem="its disk /fake/rootfs is missing")
+        info = self._transition("crash", sandbox_id, Op.CRASH)
+        box = self.boxes[sandbox_id]
+        box.reboot = info.state.status is Status.RUNNING  # not one in error already
+        return self._set(box, has_snapshot=False)
 
     def _observe(self, box: _Box) -> SandboxInfo:
         if not box.lock.locked():  # a transition in progress notices a death itself
@@ -399,6 +429,7 @@ class FakeEngine:
             "ip": i.ip,
             "alive": alive,
             "has_snapshot": i.has_snapshot,
+            STATE_KEY: None if i.last_boot is None else i.last_boot.to_json(),
         }
 
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:

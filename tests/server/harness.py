@@ -36,7 +36,7 @@ from fakes.engine import FakeEngine
 from kiln.agent_client import AgentClient, AgentError
 from kiln.config import Config, ThermalSettings
 from kiln.engine.base import VM_CAPABILITIES, Capabilities, SandboxInfo, SandboxSpec
-from kiln.engine.states import Op, plan
+from kiln.engine.states import Action, Op, from_disk, plan
 from kiln.server import Services, create_app
 from kiln.server.daemon import bind_socket
 from kiln.store import SecretBox, Store
@@ -213,7 +213,18 @@ class AgentEngine(FakeEngine):
     def _transition(self, method: str, sandbox_id: str, op: Op) -> SandboxInfo:
         box = self._box(method, sandbox_id)
         snapshots = self.capabilities.snapshots
-        return self._apply(box, plan(op, box.info.state, sandbox_id, snapshots=snapshots))
+        step = plan(op, box.info.state, sandbox_id, snapshots=snapshots)
+        if box.reboot:
+            step = from_disk(step)
+            box.reboot = step.action is not Action.BOOT
+        return self._apply(box, step)
+
+    def crash(self, sandbox_id: str, *, disk_gone: bool = False) -> SandboxInfo:
+        """The "VM" dies: its agent and everything it started with it; its work dir
+        (its files) stays unless ``disk_gone``."""
+        info = super().crash(sandbox_id, disk_gone=disk_gone)
+        self._stop_agent(sandbox_id)
+        return info
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         info = await super().create(spec)

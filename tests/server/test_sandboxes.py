@@ -174,11 +174,35 @@ def test_using_a_stopped_sandbox_restores_it(api: ApiUser) -> None:
     assert api.http.get("/sandboxes/woken").json()["status"] == "running"
 
 
-def test_a_crashed_sandbox_can_only_be_deleted(api: ApiUser, server: LiveServer) -> None:
-    sid = str(api.sandbox(name="broken")["id"])
+def test_a_sandbox_whose_machine_died_boots_again_on_next_use(
+    api: ApiUser, server: LiveServer
+) -> None:
+    sid = str(api.sandbox(name="phoenix")["id"])
+    api.exec("phoenix", "sh", "-c", "echo kept > kept.txt")
 
     async def crash() -> None:
         server.engine.crash(sid)
+
+    server.call(crash)
+    view = api.http.get("/sandboxes/phoenix").json()
+    assert (view["status"], view["thermal"]) == ("running", "cold")
+    assert api.exec("phoenix", "cat", "kept.txt")["stdout"] == "kept\n"
+    view = api.http.get("/sandboxes/phoenix").json()
+    assert (view["status"], view["thermal"]) == ("running", "hot")
+    assert view["last_boot"]["reason"] == "rebooted"
+    row = server.store.get_sandbox(sid)
+    assert row.status == "running" and row.thermal == "hot"
+    assert row.engine_state is not None
+    assert row.engine_state["last_boot"]["reason"] == "rebooted"
+
+
+def test_a_sandbox_whose_machine_died_with_its_disk_can_only_be_deleted(
+    api: ApiUser, server: LiveServer
+) -> None:
+    sid = str(api.sandbox(name="broken")["id"])
+
+    async def crash() -> None:
+        server.engine.crash(sid, disk_gone=True)
 
     server.call(crash)
     assert api.http.get("/sandboxes/broken").json()["status"] == "error"
@@ -189,7 +213,7 @@ def test_a_crashed_sandbox_can_only_be_deleted(api: ApiUser, server: LiveServer)
     ):
         r = api.http.request(method, f"/sandboxes/broken{suffix}", json=body)
         assert r.status_code == 409, (suffix, r.text)
-        assert "crashed; it can only be deleted" in r.json()["error"]
+        assert "its disk /fake/rootfs is missing; it can only be deleted" in r.json()["error"]
     assert server.store.get_sandbox(sid).status == "running"  # the store was not touched
     assert api.http.delete("/sandboxes/broken").status_code == 204
 

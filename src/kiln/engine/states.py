@@ -8,8 +8,8 @@ API reports it, thermal how much of it is awake::
                └──── start / ensure_hot ◀─────┘
     stopped   cold: the user's stop (any running state ──stop──▶ stopped);
               start or ensure_hot makes it running and hot again
-    error     the machine died underneath us (crash), a snapshot or restore
-              failed half-way (lost), or recovery found its disks gone; only destroy
+    error     a snapshot or restore failed half-way (lost), or its machine is gone
+              and its disks with it (lost; recovery: gone); only destroy
     unknown   recovered, but what is left of it could not be checked (its engine
               could not re-adopt it); only destroy
 
@@ -25,7 +25,8 @@ Who asks for what:
 
 - Engines plan their own methods: ``pause`` (PAUSE), ``resume`` (RESUME),
   ``stop`` (COOL), ``start`` (START), ``ensure_hot``/``agent`` (ENSURE_HOT),
-  and the events they observe (CRASH, LOST). An engine cannot tell the user's
+  and the events they observe (CRASH: the machine died, its disks are intact;
+  LOST: nothing left to run it from). An engine cannot tell the user's
   stop from the thermal manager's cold step (``Engine.stop`` serves both, and
   with snapshots they are the same action), so it never records ``stopped``:
   that is the store's. ``create`` and ``destroy`` are not in the table:
@@ -37,12 +38,15 @@ Who asks for what:
 - Recovery maps what survived a daemon restart: :data:`ADOPTED` (engine side)
   and :func:`recovered` (store side).
 
-Reboot: a sandbox whose machine is gone without a usable snapshot (a host
-reboot, or the machine killed) but whose disks are intact is *running and
-cold* with no snapshot (:data:`Found.DISK`): its next use boots it again from
-its disks, like a machine that rebooted -- files kept, processes lost. On an
-engine with snapshots the RESTORE of such a sandbox is a BOOT
-(:func:`from_disk`); without snapshots every restore is one anyway.
+Reboot: a sandbox whose machine is gone without a usable snapshot but whose
+disks are intact is *running and cold* with no snapshot: its next use boots it
+again from its disks, like a machine that rebooted -- files kept, processes
+lost. That is what recovery makes of one found so after a daemon restart (a
+host reboot: :data:`Found.DISK`), and what CRASH makes of one whose machine
+dies (killed, crashed, hung and killed) while the daemon runs. On an engine
+with snapshots the RESTORE of such a sandbox is a BOOT (:func:`from_disk`);
+without snapshots every restore is one anyway. Only a sandbox whose disks are
+gone too is in error (LOST).
 
 An action that fails before its point of no return leaves the state it started
 from (an engine puts it back if it noticed a crash on the way); one that fails
@@ -51,7 +55,7 @@ after it is LOST.
 Capabilities: with ``snapshots=False`` (an engine that cannot save a running
 sandbox to disk, e.g. a container runtime without checkpoints) COOL is refused,
 the user's stop ends the processes and keeps the files (SHUTDOWN) and a start
-boots it again (BOOT); only recovery makes such a sandbox running and cold
+boots it again (BOOT); only recovery or a crash makes such a sandbox running and cold
 (its machine gone, its files kept: the next use boots it).
 """
 
@@ -101,8 +105,12 @@ class Op(StrEnum):
     STOP = "stop"  # the user's stop: → stopped
     START = "start"  # the user's start: → running and hot
     ENSURE_HOT = "ensure_hot"  # → hot from any usable state: anything that uses it
-    CRASH = "crash"  # the machine died or stopped answering
-    LOST = "lost"  # a snapshot or restore failed half-way: no machine, no snapshot
+    #: The machine died or stopped answering (and was killed); its disks are intact:
+    #: running and cold, its next use boots it from them (a reboot).
+    CRASH = "crash"
+    #: Nothing to run it from: a snapshot or restore failed half-way (no machine, no
+    #: snapshot), or its machine is gone and its disks with it.
+    LOST = "lost"
 
 
 class Action(StrEnum):
@@ -151,7 +159,7 @@ TABLE: Table = {
         Op.STOP: _to(_A.SNAPSHOT, _S, _COLD),
         Op.START: _to(_A.NOTHING, _R, _HOT),
         Op.ENSURE_HOT: _to(_A.NOTHING, _R, _HOT),
-        Op.CRASH: _to(_A.KILL, _E, _HOT),
+        Op.CRASH: _to(_A.KILL, _R, _COLD),
         Op.LOST: _to(_A.KILL, _E, _COLD),
     },
     State(_R, _WARM): {
@@ -161,7 +169,7 @@ TABLE: Table = {
         Op.STOP: _to(_A.SNAPSHOT, _S, _COLD),
         Op.START: _to(_A.RESUME, _R, _HOT),
         Op.ENSURE_HOT: _to(_A.RESUME, _R, _HOT),
-        Op.CRASH: _to(_A.KILL, _E, _WARM),
+        Op.CRASH: _to(_A.KILL, _R, _COLD),
         Op.LOST: _to(_A.KILL, _E, _COLD),
     },
     State(_R, _COLD): {
@@ -169,16 +177,17 @@ TABLE: Table = {
         Op.STOP: _to(_A.NOTHING, _S, _COLD),
         Op.START: _to(_A.RESTORE, _R, _HOT),
         Op.ENSURE_HOT: _to(_A.RESTORE, _R, _HOT),
-        Op.CRASH: _to(_A.KILL, _E, _COLD),  # its restore crashed
+        Op.CRASH: _to(_A.KILL, _R, _COLD),  # its restore or boot crashed
         Op.LOST: _to(_A.KILL, _E, _COLD),
     },
     State(_S, _COLD): {
         Op.STOP: _to(_A.NOTHING, _S, _COLD),
         Op.START: _to(_A.RESTORE, _R, _HOT),
         Op.ENSURE_HOT: _to(_A.RESTORE, _R, _HOT),
+        Op.CRASH: _to(_A.KILL, _S, _COLD),  # its start crashed: still stopped
+        Op.LOST: _to(_A.KILL, _E, _COLD),
     },
-    # A crashed sandbox keeps the thermal state it was last seen in; noticing the
-    # crash again changes nothing.
+    # A sandbox in error stays in it: a crash noticed again changes nothing.
     **{
         State(_E, t): {Op.CRASH: _to(_A.NOTHING, _E, t), Op.LOST: _to(_A.KILL, _E, _COLD)}
         for t in Thermal
@@ -199,7 +208,7 @@ def from_disk(step: Transition) -> Transition:
 
 def _without_snapshots(full: Table) -> Table:
     """The table for an engine that cannot save a running sandbox to disk. (Running
-    and cold is only ever what recovery leaves: a machine gone, its files kept.)"""
+    and cold is only ever what recovery or a crash leaves: a machine gone, its files kept.)"""
     return {
         state: {
             op: step._replace(action=_NO_SNAPSHOT_ACTION.get(step.action, step.action))

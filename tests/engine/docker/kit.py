@@ -81,6 +81,11 @@ class DockerKit:
             await asyncio.sleep(0.025)
         raise AssertionError(f"the container of {sandbox_id} still runs after SIGKILL")
 
+    async def lose_disk(self, engine: Engine, sandbox_id: str) -> None:
+        # A container's files live in its writable layer: gone with the container.
+        client = await _docker(engine).docker_client()
+        await asyncio.to_thread(client.api.remove_container, container_name(sandbox_id), force=True)
+
     async def leftovers(self, engine: Engine, sandbox_id: str) -> list[str]:
         docker = _docker(engine)
         client = await docker.docker_client()

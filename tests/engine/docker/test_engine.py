@@ -242,19 +242,40 @@ async def test_runsc_sandbox(engine: DockerEngine) -> None:
     await engine.destroy(spec.sandbox_id)
 
 
-async def test_a_killed_container_is_a_crash(engine: DockerEngine) -> None:
-    spec = new_spec("crashy")
-    await engine.create(spec)
-    attrs = await engine.inspect(spec.sandbox_id)
+async def _kill(engine: DockerEngine, sid: str) -> None:
+    attrs = await engine.inspect(sid)
     os.kill(attrs["State"]["Pid"], signal.SIGKILL)
     for _ in range(100):
-        if engine.info(spec.sandbox_id).status is Status.ERROR:
-            break
+        if engine.info(sid).thermal is Thermal.COLD:
+            return
         await asyncio.sleep(0.05)
-    assert engine.info(spec.sandbox_id).status is Status.ERROR
+    raise AssertionError(f"the death of {sid}'s container went unnoticed")
+
+
+async def test_a_killed_container_boots_again_on_next_use(engine: DockerEngine) -> None:
+    spec = new_spec("crashy")
+    sid = spec.sandbox_id
+    await engine.create(spec)
+    assert await run(engine, sid, "sh", "-c", "echo kept > /workspace/f") == (0, "")
+    await _kill(engine, sid)
+    info = engine.info(sid)
+    assert (info.status, info.has_snapshot, info.problem) == (Status.RUNNING, False, None)
+    assert await run(engine, sid, "cat", "/workspace/f") == (0, "kept\n")
+    info = engine.info(sid)
+    assert (info.status, info.thermal) == (Status.RUNNING, Thermal.HOT)
+    assert info.last_boot is not None and info.last_boot.reason == "rebooted"
+    # Killed again and its container removed: its files are gone, it is in error.
+    await _kill(engine, sid)
+    client = await engine.docker_client()
+    await asyncio.to_thread(client.api.remove_container, container_name(sid), force=True)
+    with pytest.raises(SandboxCrashed, match="is gone"):
+        await engine.agent(sid)
+    info = engine.info(sid)
+    assert (info.status, info.thermal) == (Status.ERROR, Thermal.COLD)
+    assert info.problem is not None and "is gone" in info.problem
     with pytest.raises(SandboxCrashed):
-        await engine.agent(spec.sandbox_id)
-    await engine.destroy(spec.sandbox_id)
+        await engine.agent(sid)
+    await engine.destroy(sid)
 
 
 async def test_destroy_frees_everything(engine: DockerEngine) -> None:

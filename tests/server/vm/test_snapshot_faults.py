@@ -74,9 +74,16 @@ def test_qemu_killed_during_the_snapshot_write(host: Host) -> None:
             assert _meta(data, sid)["valid"] is False
             assert not (data / "qemu" / "sandboxes" / sid / "state.bin.tmp").exists()
             assert find_processes(f"{data}/qemu/sandboxes/{sid}/") == []
-            # The API does not call it running; it can be deleted, leaving nothing.
+            # Its memory is lost, its disk is not: it is running and cold, and its
+            # next use boots it again from its disk (files kept, processes lost).
             listed = c.get("/sandboxes/k").json()
-            assert listed["status"] != "running" or listed["thermal"] == "cold", listed
+            assert (listed["status"], listed["thermal"]) == ("running", "cold"), listed
+            assert "boots again" in error, error
+            assert _exec(c, "k", "cat", KEPT) == "kept\n"
+            listed = c.get("/sandboxes/k").json()
+            assert (listed["status"], listed["thermal"]) == ("running", "hot"), listed
+            assert listed["last_boot"]["reason"] == "rebooted", listed
+            # It can be deleted, leaving nothing.
             assert c.delete("/sandboxes/k").status_code == 204
             assert list((data / "qemu" / "sandboxes").iterdir()) == []
         assert serve.stop() == 0

@@ -23,7 +23,8 @@ daemon restart and are re-adopted (:meth:`DockerEngine.import_state`). A
 container that exited while its sandbox was running (a host reboot, dockerd
 killed) still holds its files in its writable layer: the sandbox is running
 and cold, and its next use starts the container again (a reboot: its files
-kept, its processes lost). One whose container is gone altogether lost its
+kept, its processes lost); so is one whose container's PID 1 exits or is
+killed while the daemon runs. One whose container is gone altogether lost its
 files with it: it is in error.
 """
 
@@ -123,7 +124,7 @@ class _Box:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
     last_boot: LastBoot | None = None
-    problem: str | None = None  # why it is in error, when recovery found out
+    problem: str | None = None  # why it is in error: its container is gone
 
     @property
     def sandbox_id(self) -> str:
@@ -294,9 +295,17 @@ class DockerEngine:
         return plan(op, box.state, box.sandbox_id, snapshots=box.capabilities.snapshots)
 
     def _notice_death(self, box: _Box) -> bool:
-        """Mark a sandbox whose container's process vanished as crashed; True if it did."""
+        """Apply the death of a sandbox whose container's process vanished; True if it
+        had. Its files are in the container's writable layer: it is running and cold,
+        and its next use starts the container again (a reboot: files kept, processes
+        lost). Whether the container is still there is checked by that boot (this
+        runs in the lock-free observers too, which cannot ask dockerd)."""
         if box.state.live and not pid_alive(box.pid):
-            log.warning("container of sandbox %s (pid %s) is gone", box.sandbox_id, box.pid)
+            log.warning(
+                "container of sandbox %s (pid %s) is gone; it boots again on its next use",
+                box.sandbox_id,
+                box.pid,
+            )
             box.pid = None
             box.state = self._plan(Op.CRASH, box).next
             return True
@@ -494,9 +503,18 @@ class DockerEngine:
         async with box.lock:
             if box.destroyed:
                 raise SandboxNotFound(f"sandbox {sandbox_id!r} was destroyed")
-            self._notice_death(box)
+            died = self._notice_death(box)
             before = box.state
-            step = self._plan(op, box)
+            try:
+                step = self._plan(op, box)
+            except InvalidState as exc:
+                if not died:
+                    raise
+                # (A pause or resume of a container that just died.)
+                raise SandboxCrashed(
+                    f"sandbox {box.sandbox_id} crashed: its container exited; it boots again"
+                    " on its next use (files kept, processes lost)"
+                ) from exc
             if step.action is not Action.NOTHING:
                 client = await self._ensure_ready()
                 await self._carry_out(box, client, step.action)
@@ -527,9 +545,23 @@ class DockerEngine:
                 crash_point("docker.stop.container_stopped")
                 box.pid = None
             case Action.BOOT:
+                await self._gone_is_lost(box, client)
                 await self._boot(box, client)
             case _:
                 raise AssertionError(f"unplanned action {action}")
+
+    async def _gone_is_lost(self, box: _Box, client: Any) -> None:
+        """Before a boot: a sandbox whose container is gone lost its files with it (it
+        was removed behind our back): it is in error, and this says so."""
+        found, _ = await asyncio.to_thread(containers.find, client, box.record.container)
+        if found is not Found.NOTHING:
+            return
+        box.problem = f"its container {box.record.container} is gone, and the files in it with it"
+        box.state = self._plan(Op.LOST, box).next
+        log.error("sandbox %s cannot boot again: %s", box.sandbox_id, box.problem)
+        raise SandboxCrashed(
+            f"sandbox {box.sandbox_id} cannot boot again: {box.problem}; it can only be deleted"
+        )
 
     # ------------------------------------------------------------------ destroy
 

@@ -34,7 +34,7 @@ from ..base import SandboxInfo
 from ..boots import LastBoot
 from ..errors import EngineError, SandboxCrashed
 from ..states import Op, State, Transition, plan
-from . import process, snapshot
+from . import disks, process, snapshot
 from .accel import Accel
 from .argv import NetDevice, VMConfig, build_argv
 from .config import QemuConfig
@@ -67,9 +67,10 @@ class VM:
     phases: dict[str, float] = field(default_factory=dict)
     last_boot: LastBoot | None = None
     #: No machine and no usable snapshot, its disks intact: its next restore is a
-    #: boot from them (a reboot; set by recovery, see :mod:`kiln.engine.states`).
+    #: boot from them (a reboot; set by recovery and by a crash, see
+    #: :mod:`kiln.engine.states`).
     reboot: bool = False
-    #: Why it is in error, when recovery found out (its disk is gone).
+    #: Why it is in error, when recovery or a crash found out (its disk is gone).
     problem: str | None = None
 
     @property
@@ -119,15 +120,49 @@ def apply(vm: VM, step: Transition) -> None:
 
 
 def notice_death(vm: VM) -> bool:
-    """Mark a sandbox whose QEMU vanished as crashed; True if it did."""
+    """Apply the death of a sandbox whose QEMU vanished (see :func:`died`); True if it
+    had."""
     if vm.state.live and not process.pid_alive(vm.pid, vm.paths.marker):
         log.warning("QEMU of sandbox %s (pid %s) is gone", vm.sandbox_id, vm.pid)
         # The crash's kill: the process is gone already, the QMP connection is
         # dropped by the next transition (this runs in lock-free observers too).
         vm.pid = None
-        apply(vm, plan(Op.CRASH, vm.state, vm.sandbox_id))
+        died(vm)
         return True
     return False
+
+
+def died(vm: VM) -> str:
+    """Apply the death of the sandbox's QEMU (gone, or killed by us): with its disks
+    intact it is running and cold, and its next use boots it from them (CRASH, a
+    reboot: files kept, processes lost); without them it is in error (LOST). What
+    became of it, for a message.
+
+    (Checking the disks blocks, briefly: a few opens and reads of headers, once per
+    death, also in the lock-free observers -- which have no loop to hand it to.)
+    """
+    missing = why_unbootable(vm)
+    if missing is None:
+        apply(vm, plan(Op.CRASH, vm.state, vm.sandbox_id))
+        vm.reboot = True
+        return "it boots again from its disks on its next use (files kept, processes lost)"
+    vm.problem = missing
+    apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
+    log.error("sandbox %s cannot boot again: %s", vm.sandbox_id, missing)
+    return f"it cannot boot again: {missing}; it can only be deleted"
+
+
+def why_unbootable(vm: VM) -> str | None:
+    """Blocking: why the sandbox cannot boot from its disks (one is missing or
+    unreadable), or None if it can."""
+    rec = vm.record
+    wanted = [(Path(d.path), "disk") for d in rec.drives]
+    wanted += [(Path(rec.kernel), "kernel"), (Path(rec.initrd), "initramfs")]
+    for path, what in wanted:
+        problem = disks.unreadable(path)
+        if problem is not None:
+            return f"its {what} {path} {problem}"
+    return None
 
 
 def observe(vm: VM) -> None:
@@ -163,8 +198,8 @@ async def qmp(
 async def _crashed(vm: VM, why: str) -> SandboxCrashed:
     log.warning("sandbox %s crashed: %s", vm.sandbox_id, why)
     await kill(vm)
-    apply(vm, plan(Op.CRASH, vm.state, vm.sandbox_id))
-    return SandboxCrashed(f"sandbox {vm.sandbox_id} crashed: {why}")
+    became = died(vm)
+    return SandboxCrashed(f"sandbox {vm.sandbox_id} crashed: {why}; {became}")
 
 
 async def drop_qmp(vm: VM) -> None:

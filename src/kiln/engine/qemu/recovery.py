@@ -26,9 +26,9 @@ from .config import QemuConfig
 from .host import Host
 from .hostnet import HostNet, known_ips
 from .layout import Paths, Record
-from .machine import ENGINE_NAME, VM
+from .machine import ENGINE_NAME, VM, why_unbootable
 from .qmp import QMP
-from .thermal import why_unbootable, why_unrestorable
+from .thermal import why_unrestorable
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Thermal transitions of a sandbox: hot ↔ warm is QMP ``stop``/``cont``; cold is
 a snapshot on disk and no process (the file side, and why it is fast, in
-:mod:`.snapshot`). A cold sandbox without a usable snapshot (recovery found its
-QEMU gone, :attr:`.machine.VM.reboot`) boots from its own disks instead: a
-reboot, files kept and processes lost.
+:mod:`.snapshot`). A cold sandbox without a usable snapshot (its QEMU died, or
+recovery found it gone: :attr:`.machine.VM.reboot`) boots from its own disks
+instead: a reboot, files kept and processes lost.
 
 :meth:`ThermalControl.transition` plans each operation with
 :func:`kiln.engine.states.plan`, carries out its action and applies its
@@ -29,12 +29,12 @@ from ..base import Thermal
 from ..boots import LastBoot, boot_reason
 from ..errors import EngineError, InvalidState, SandboxCrashed, SandboxNotFound
 from ..states import Action, Op, from_disk, plan
-from . import disks, machine, process, snapshot
+from . import machine, process, snapshot
 from .clock import set_clock
 from .config import QemuConfig
 from .host import Host
 from .hostnet import HostNet
-from .machine import VM, Phases
+from .machine import VM, Phases, why_unbootable
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,22 @@ class ThermalControl:
         async with vm.lock:
             if vm.destroyed:
                 raise SandboxNotFound(f"sandbox {vm.sandbox_id!r} was destroyed")
-            if machine.notice_death(vm):
+            died = machine.notice_death(vm)
+            if not vm.state.live:
+                # No QEMU to talk to: a death noticed here or by an observer left its
+                # QMP connection open.
                 await machine.drop_qmp(vm)
             before = vm.state
-            step = plan(op, before, vm.sandbox_id)
+            try:
+                step = plan(op, before, vm.sandbox_id)
+            except InvalidState as exc:
+                if not died:
+                    raise
+                # (A pause or resume of a machine that just died.)
+                raise SandboxCrashed(
+                    f"sandbox {vm.sandbox_id} crashed: its QEMU is gone; it boots again"
+                    " from its disks on its next use (files kept, processes lost)"
+                ) from exc
             if vm.reboot:
                 step = from_disk(step)
             action = step.action
@@ -262,6 +274,7 @@ class ThermalControl:
                 # is still good and the sandbox stays as it was, cold (a later start
                 # may work), even if a QMP failure on the way marked it crashed.
                 vm.state = before
+                vm.reboot = False
             raise
         if ram_in_state:
             meta.ram_in_state = False  # the RAM now lives in the file, all of it unsynced
@@ -363,19 +376,6 @@ def why_unrestorable(vm: VM) -> str | None:
         return f"snapshot RAM file {p.ram} is missing"
     if not vm.meta.ram_in_state and snapshot.ram_inode(p.ram) != vm.meta.ram_inode:
         return "the RAM file was replaced since the snapshot"
-    return None
-
-
-def why_unbootable(vm: VM) -> str | None:
-    """Blocking: why the sandbox cannot boot from its disks (one is missing or
-    unreadable), or None if it can."""
-    rec = vm.record
-    wanted = [(Path(d.path), "disk") for d in rec.drives]
-    wanted += [(Path(rec.kernel), "kernel"), (Path(rec.initrd), "initramfs")]
-    for path, what in wanted:
-        problem = disks.unreadable(path)
-        if problem is not None:
-            return f"its {what} {path} {problem}"
     return None
 
 

@@ -26,6 +26,7 @@ Plugging an engine in takes a test module with a ``kit`` fixture and a subclass:
             return "/workspace"
 
         async def kill_machine(self, engine, sandbox_id): ...   # docker kill, from outside
+        async def lose_disk(self, engine, sandbox_id): ...      # docker rm, from outside
         async def leftovers(self, engine, sandbox_id): ...      # containers, veths, dirs
 
     @pytest.fixture(scope="module")

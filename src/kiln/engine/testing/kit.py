@@ -70,6 +70,12 @@ class EngineKit(Protocol):
         ``docker kill`` its container); return once it is dead. Do not tell the engine."""
         ...
 
+    async def lose_disk(self, engine: Engine, sandbox_id: str) -> None:
+        """After :meth:`kill_machine`: make the sandbox's disk unusable from outside, as
+        a lost disk would (delete its root file system image, its container, the
+        directory of its files). Do not tell the engine."""
+        ...
+
     async def leftovers(self, engine: Engine, sandbox_id: str) -> list[str] | None:
         """What of the sandbox exists on the host, one line each (processes, network
         devices, directories, containers, its address still allocated); ``[]``: nothing.

@@ -57,6 +57,7 @@ from ..base import (
     SandboxSpec,
     VolumeSpec,
 )
+from ..boots import BootReason
 from ..errors import EngineError, InvalidSpec, InvalidState, SandboxCrashed, SandboxNotFound
 from ..states import ADOPTED, CREATED, Found, Op, State, Status, Thermal, lookup, plan
 from .guest import ECHO_SERVER, PIDS_OF
@@ -220,6 +221,7 @@ KIT_MEMBERS: Final = (
     "spec",
     "workdir",
     "kill_machine",
+    "lose_disk",
     "leftovers",
 )
 
@@ -770,25 +772,72 @@ class EngineConformance:
         await engine.destroy(sid)  # idempotent: nothing to destroy is no error
         assert sid not in ids(engine)
 
-    async def test_a_crash_is_detected_and_only_destroy_is_left(
+    async def test_a_machine_that_dies_boots_again_from_its_disks(
         self, kit: EngineKit, engine: Engine
     ) -> None:
+        """A machine that dies while the engine runs, its disks intact, leaves the
+        sandbox running and cold: its next use boots it again from its disks, like a
+        machine that rebooted (files kept, processes lost)."""
         sid = new_id("crash")
+        await engine.create(kit.spec(sid))
+        try:
+            client = await engine.agent(sid)
+            mark = secrets.token_hex(8).encode()
+            await client.write_file("kc-crash.txt", mark)
+            # A crash loses what only the guest's page cache held, as a power cut does.
+            await sh(client, "sync")
+            argv = sleep_argv()
+            await client.start_process(argv)
+            assert len(await pids_of(client, argv)) == 1
+            await kit.kill_machine(engine, sid)
+
+            # An engine notices at once (info) or at the latest on the next operation.
+            async def noticed() -> bool:
+                return engine.info(sid).state == ADOPTED[Found.DISK]
+
+            with contextlib.suppress(AssertionError):
+                await eventually(noticed, "info shows the sandbox cold", within=5)
+            if await noticed():
+                info = engine.info(sid)
+                assert not info.has_snapshot and info.problem is None, info
+            try:
+                await exec_works(engine, sid)  # the next use boots it ...
+            except SandboxCrashed as exc:
+                # ... or, if it is the one that notices, may fail saying that it will.
+                assert "next use" in str(exc), exc
+                await exec_works(engine, sid)
+            info = engine.info(sid)
+            assert info.state == State(Status.RUNNING, Thermal.HOT)
+            assert info.last_boot is not None and info.last_boot.reason is BootReason.REBOOTED
+            client = await engine.agent(sid)
+            assert (await client.read_file("kc-crash.txt")).data == mark
+            assert await pids_of(client, argv) == []
+            # It is an ordinary sandbox again.
+            caps = info.capabilities
+            stopped = await engine.stop(sid)
+            assert stopped.state == after(stop_op(caps), info.state, caps)
+            await exec_works(engine, sid)
+        finally:
+            await engine.destroy(sid)
+        with pytest.raises(SandboxNotFound):
+            engine.info(sid)
+        await no_leftovers(kit, engine, sid)
+
+    async def test_a_machine_that_dies_with_its_disk_leaves_only_destroy(
+        self, kit: EngineKit, engine: Engine
+    ) -> None:
+        sid = new_id("lost")
         await engine.create(kit.spec(sid))
         await exec_works(engine, sid)
         await kit.kill_machine(engine, sid)
+        await kit.lose_disk(engine, sid)
 
-        # An engine notices at once (info) or at the latest on the next operation.
-        async def noticed() -> bool:
-            return engine.info(sid).status is Status.ERROR
-
-        with contextlib.suppress(AssertionError):
-            await eventually(noticed, "info shows the crash", within=5)
-        if not await noticed():
-            with pytest.raises(SandboxCrashed):
-                await engine.ensure_hot(sid)
-        crashed = engine.info(sid).state
-        assert crashed.status is Status.ERROR
+        # Noticed at once (info) or by the next use, which cannot boot it.
+        with contextlib.suppress(SandboxCrashed):
+            await engine.ensure_hot(sid)
+        crashed = engine.info(sid)
+        assert crashed.status is Status.ERROR, crashed
+        assert crashed.problem, "an engine says why a sandbox is in error"
         calls: list[Callable[[str], Awaitable[object]]] = [
             engine.pause,
             engine.resume,
@@ -800,7 +849,7 @@ class EngineConformance:
         for call in calls:
             with pytest.raises(SandboxCrashed):
                 await call(sid)
-        assert engine.info(sid).state == crashed
+        assert engine.info(sid).state == crashed.state
         await engine.destroy(sid)
         with pytest.raises(SandboxNotFound):
             engine.info(sid)
