@@ -79,7 +79,7 @@ def test_qemu_killed_during_the_snapshot_write(host: Host) -> None:
             listed = c.get("/sandboxes/k").json()
             assert (listed["status"], listed["thermal"]) == ("running", "cold"), listed
             assert "boots again" in error, error
-            assert _exec(c, "k", "cat", KEPT) == "kept\n"
+            assert exec_ok(c, "k", "cat", KEPT) == "kept\n"
             listed = c.get("/sandboxes/k").json()
             assert (listed["status"], listed["thermal"]) == ("running", "hot"), listed
             assert listed["last_boot"]["reason"] == "rebooted", listed
