@@ -151,3 +151,28 @@ class Guest:
     ns: str
     ip: str
     host_side: str
+
+
+# -- the outside world of the firewall tests --------------------------------------------
+
+#: Addresses an "outside" namespace plays, routed from the sandboxes' host namespace:
+#: the resolver guests are given, the internet, the host's LAN, a cloud metadata service.
+DNS = "192.0.2.53"
+PUBLIC = "203.0.113.10"
+PUBLIC_2 = "203.0.113.20"
+LAN = "192.168.50.1"
+METADATA = "169.254.169.254"
+OUTSIDE_LINK = ("198.51.100.1", "198.51.100.2")  # the host's side, the outside's
+
+
+def route_outside(host: str, outside: str) -> None:
+    """Join ``outside`` to ``host`` with a veth (``kout``) and route every address the
+    outside plays to it; the outside answers on all of them (on its ``lo``)."""
+    ip("-n", host, "link", "add", "kout", "type", "veth", "peer", "eth0", "netns", outside)
+    ip("-n", host, "addr", "add", f"{OUTSIDE_LINK[0]}/24", "dev", "kout")
+    ip("-n", host, "link", "set", "kout", "up")
+    ip("-n", outside, "addr", "add", f"{OUTSIDE_LINK[1]}/24", "dev", "eth0")
+    ip("-n", outside, "link", "set", "eth0", "up")
+    for address in (DNS, PUBLIC, PUBLIC_2, LAN, METADATA):
+        ip("-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
+        ip("-n", host, "route", "add", f"{address}/32", "via", OUTSIDE_LINK[1])

@@ -23,19 +23,27 @@ from kiln.network import Network, NetworkConfig, OperationFailed
 from kiln.network.firewall import Firewall, FirewallConfig, Member, Nft
 from kiln.network.policy import NetworkPolicy
 
-from ._nsutil import SERVER, TEST_SUBNET, Guest, in_ns, ip, link
+from ._nsutil import (
+    DNS,
+    LAN,
+    METADATA,
+    OUTSIDE_LINK,
+    PUBLIC,
+    PUBLIC_2,
+    SERVER,
+    TEST_SUBNET,
+    Guest,
+    in_ns,
+    ip,
+    link,
+    route_outside,
+)
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "nft"], capture_output=True, check=False).returncode != 0,
     reason="nft is not installed (scripts/bootstrap installs nftables)",
 )
 
-DNS = "192.0.2.53"
-PUBLIC = "203.0.113.10"
-PUBLIC_2 = "203.0.113.20"
-LAN = "192.168.50.1"
-METADATA = "169.254.169.254"
-OUTSIDE_LINK = ("198.51.100.1", "198.51.100.2")  # host side, outside side
 PROBE_TIMEOUT = 0.8
 
 CONNECT = textwrap.dedent(
@@ -120,15 +128,7 @@ def world(
     try:
         network.setup()
         firewall.setup()
-        # The outside: routed from the host, answering on every address it plays.
-        ip("-n", host, "link", "add", "kout", "type", "veth", "peer", "eth0", "netns", outside)
-        ip("-n", host, "addr", "add", f"{OUTSIDE_LINK[0]}/24", "dev", "kout")
-        ip("-n", host, "link", "set", "kout", "up")
-        ip("-n", outside, "addr", "add", f"{OUTSIDE_LINK[1]}/24", "dev", "eth0")
-        ip("-n", outside, "link", "set", "eth0", "up")
-        for address in (DNS, PUBLIC, PUBLIC_2, LAN, METADATA):
-            ip("-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
-            ip("-n", host, "route", "add", f"{address}/32", "via", OUTSIDE_LINK[1])
+        route_outside(host, outside)
         serve(outside, DNS, 53)
         for address in (PUBLIC, PUBLIC_2, LAN):
             serve(outside, address, 443)

@@ -24,18 +24,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from network._nsutil import DNS, LAN, METADATA, OUTSIDE_LINK, PUBLIC, PUBLIC_2, route_outside
+
 from .conftest import vm_marks
 from .host import Bridge, Host, daemon_host, namespace
 from .serve import SRC, client, exec_ok
 
 pytestmark = [*vm_marks, pytest.mark.timeout(900)]
 
-DNS = "192.0.2.53"
-PUBLIC = "203.0.113.10"
-PUBLIC_2 = "203.0.113.20"
-LAN = "192.168.50.1"
-METADATA = "169.254.169.254"
-LINK = ("198.51.100.1", "198.51.100.2")  # the daemon namespace's side, the outside's
+LINK = OUTSIDE_LINK  # the daemon namespace's side, the outside's
 VM_NET, CT_NET = "10.213.45", "10.213.46"
 
 GREETER = textwrap.dedent(
@@ -76,10 +73,6 @@ ICMP_ECHO = textwrap.dedent(
 )
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -103,26 +96,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     ):
         inside = host.netns
         try:
-            _ip(
-                "-n",
-                inside,
-                "link",
-                "add",
-                "kout",
-                "type",
-                "veth",
-                "peer",
-                "eth0",
-                "netns",
-                outside,
-            )
-            _ip("-n", inside, "addr", "add", f"{LINK[0]}/24", "dev", "kout")
-            _ip("-n", inside, "link", "set", "kout", "up")
-            _ip("-n", outside, "addr", "add", f"{LINK[1]}/24", "dev", "eth0")
-            _ip("-n", outside, "link", "set", "eth0", "up")
-            for address in (DNS, PUBLIC, PUBLIC_2, LAN, METADATA):
-                _ip("-n", outside, "addr", "add", f"{address}/32", "dev", "lo")
-                _ip("-n", inside, "route", "add", f"{address}/32", "via", LINK[1])
+            route_outside(inside, outside)
             greet(outside, DNS, 53, "dns")
             for address, tag in ((PUBLIC, "public"), (PUBLIC_2, "public2"), (LAN, "lan")):
                 greet(outside, address, 443, tag)
