@@ -488,10 +488,11 @@ async def test_a_killed_qemu_boots_again_and_destroy_still_cleans_up(
     info = engine.info("gamma")
     assert info.last_boot is not None and info.last_boot.reason == "rebooted"
     assert engine.pid("gamma") not in (None, pid)
-    # Killed again, now with its disk gone: in error, only destroy is left.
-    os.kill(engine.pid("gamma") or 0, signal.SIGKILL)
+    # Killed again, now with its disk gone: in error, only destroy is left. (The disk
+    # goes first: a death noticed in between would rightly leave it to reboot.)
     rootfs = engine.export_state("gamma")["record"]["drives"][0]["path"]
     os.unlink(rootfs)
+    os.kill(engine.pid("gamma") or 0, signal.SIGKILL)
     await wait_until(lambda: engine.info("gamma").status is Status.ERROR)
     assert engine.info("gamma").problem == f"its disk {rootfs} is missing"
     with pytest.raises(SandboxCrashed):
