@@ -287,3 +287,14 @@ def test_a_refused_update_changes_nothing(netns_factory: Callable[[], str]) -> N
     with pytest.raises(OperationFailed):
         firewall.admit(Member("a", "10.213.77.10", "alice", NetworkPolicy("deny")))
     assert firewall.members() == {"a": kept}, "neither the new one nor the change is kept"
+
+
+def test_a_batch_writes_the_rules_once_on_the_way_out(world: World) -> None:
+    nft = Nft(world.host)
+    with world.firewall.batch():
+        world.admit("a", "alice")
+        world.admit("b", "alice")
+        assert world.guests["a"].ip not in nft.list_table("inet", "kiln_test"), "not yet"
+    rules = nft.list_table("inet", "kiln_test")
+    assert world.guests["a"].ip in rules and world.guests["b"].ip in rules
+    assert world.reaches("a", *_g(world, "b"), 8000)

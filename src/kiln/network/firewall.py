@@ -34,13 +34,14 @@ by address, not by bridge: the addresses are kiln's own.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -339,6 +340,7 @@ class Firewall:
         self._members: dict[str, Member] = {}
         self._resolved: dict[str, tuple[str, ...]] = {}
         self._applied: str | None = None
+        self._held = False
 
     def members(self) -> dict[str, Member]:
         with self._lock:
@@ -360,6 +362,25 @@ class Firewall:
         with self._lock:
             self._nft.apply(removal(self.config.table))
             self._applied = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Admits and releases in the block change what the firewall knows; the rules
+        are written once, on the way out (one ``nft`` run instead of one per sandbox,
+        for a daemon start that re-admits every sandbox it recovers)."""
+        with self._lock:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held = False
+                try:
+                    self._apply_locked()
+                except OperationFailed as exc:
+                    # Fail closed: who is not in the rules reaches nothing; the next
+                    # change writes them all again.
+                    log.error("firewall: writing the rules failed: %s", exc)
 
     def admit(self, member: Member) -> None:
         """Rules for ``member`` (replacing any earlier ones of that sandbox)."""
@@ -408,6 +429,8 @@ class Firewall:
         return results
 
     def _apply_locked(self) -> None:
+        if self._held:
+            return
         script = render(self.config, self._members.values(), self._resolved)
         if script != self._applied:
             self._nft.apply(script)

@@ -413,7 +413,9 @@ async def serve(
                     firewall = await asyncio.to_thread(build_firewall, config)
                     engine = build_engine(config, firewall)
                     await _check_default_engine(engine)
-                await _recover(store, engine)
+                # One firewall update for every sandbox recovered, not one each.
+                with firewall.batch() if firewall is not None else contextlib.nullcontext():
+                    await _recover(store, engine)
                 await finish_at_start(store, engine, config.data_dir)  # cut-off creates, destroys
                 await _run(
                     config=config,
