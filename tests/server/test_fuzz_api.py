@@ -42,6 +42,14 @@ from .harness import LiveServer
 
 #: Cases per operation (there are ~36): the whole module runs in well under a minute.
 EXAMPLES = 25
+#: The same cases every run, within the budget, whatever the host's speed.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def _served_schema() -> dict[str, Any]:
@@ -87,13 +95,7 @@ def http(fuzz_server: tuple[LiveServer, str]) -> Iterator[Any]:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
+@FUZZ
 def test_no_request_gets_a_server_error(
     case: Any, fuzz_server: tuple[LiveServer, str], http: Any
 ) -> None:
@@ -130,13 +132,7 @@ def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
 
 
 @lifecycle.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
+@FUZZ
 def test_no_request_on_a_real_sandbox_gets_a_server_error(
     case: Any, lifecycle_server: tuple[LiveServer, str], http: Any
 ) -> None:
