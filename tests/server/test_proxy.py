@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect as asyncio_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -427,19 +428,25 @@ def test_connection_header_cannot_remove_host(api: ApiUser, web: str, upstream: 
 def test_websocket_under_load_both_ways(
     server: LiveServer, api: ApiUser, web: str, upstream: Upstream
 ) -> None:
-    """The service writes back while we keep writing: neither side may wait on the other."""
+    """The service writes back while we keep writing: neither side may wait on the other.
+
+    The asyncio client, because the sync one holds its protocol lock while blocked in
+    ``sendall``, so its own reader stalls and the test would measure the client.
+    """
     blob = os.urandom(1 << 20)
-    with connect(ws_url(server, f"{proxy(upstream)}/ws", api.key), max_size=None) as ws:
-        ws.recv()  # hello
-        received: list[int] = []
+    url = ws_url(server, f"{proxy(upstream)}/ws", api.key)
 
-        def reader() -> None:
+    async def both_ways() -> list[int]:
+        async with asyncio_connect(url, max_size=None) as ws:
+            await ws.recv()  # hello
+
+            async def reader() -> list[int]:
+                return [len(await ws.recv()) for _ in range(40)]
+
+            reading = asyncio.create_task(reader())
             for _ in range(40):
-                received.append(len(ws.recv(timeout=30)))
+                await ws.send(blob)
+            async with asyncio.timeout(60):
+                return await reading
 
-        t = threading.Thread(target=reader)
-        t.start()
-        for _ in range(40):
-            ws.send(blob)
-        t.join(60)
-    assert received == [1 << 20] * 40
+    assert asyncio.run(both_ways()) == [1 << 20] * 40
