@@ -69,10 +69,30 @@ def test_exec_keeps_stdout_and_stderr_apart_byte_for_byte(cli: Cli, sb: Sandbox)
 def test_exec_options_pass_through(cli: Cli, sb: Sandbox, daemon: Daemon) -> None:
     out = cli.ok("exec", "-e", "X=y", "--cwd", "/", sb.name, "--", "sh", "-c", "echo $X; pwd")
     assert out == "y\n/\n"
-    # Options after the sandbox belong to the command, not to kiln.
+    # Once the command has started, options belong to it, "--" included.
     assert cli.ok("exec", sb.name, "printf", "%s|", "-e", "--cwd") == "-e|--cwd|"
+    assert cli.ok("exec", sb.name, "printf", "%s|", "a", "--", "b") == "a|--|b|"
     proc = cli("exec", "--timeout", "0.5", sb.name, "--", "sleep", "30")
     assert proc.returncode == 124
+
+
+def test_exec_options_after_the_sandbox_before_the_command(cli: Cli, sb: Sandbox) -> None:
+    assert cli.ok("exec", sb.name, "--cwd", "/", "-e", "X=y", "--", "sh", "-c", "echo $X; pwd") == (
+        "y\n/\n"
+    )
+    assert cli.ok("exec", sb.name, "-w/", "pwd") == "/\n"
+    assert cli.ok("exec", sb.name, "--cwd=/", "--", "pwd") == "/\n"
+
+
+def test_exec_unknown_option_is_an_error_not_the_command(cli: Cli, sb: Sandbox) -> None:
+    for argv in (
+        ("exec", sb.name, "--cwdd", "/", "--", "pwd"),
+        ("exec", "--bogus", sb.name, "--", "pwd"),
+    ):
+        proc = cli(*argv)
+        assert proc.returncode == 2, proc
+        assert "No such option" in proc.stderr.decode()
+        assert proc.stdout == b""
 
 
 def test_exec_as_root(cli: Cli, sb: Sandbox) -> None:

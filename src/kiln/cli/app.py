@@ -16,6 +16,7 @@ import click
 
 from . import args as parse
 from . import format as fmt
+from .commandline import CommandLineCommand
 from .output import show, spinner
 
 if TYPE_CHECKING:
@@ -563,7 +564,7 @@ def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
     return 1 if failed else 0
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(cls=CommandLineCommand)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--rm", is_flag=True, help="Destroy the sandbox afterwards (also on Ctrl+C).")
 @name_option
@@ -616,7 +617,7 @@ def run(
     from .execio import forward_stdin_wanted  # noqa: PLC0415
     from .run import run_in_new_sandbox  # noqa: PLC0415
 
-    argv = list(cmd[1:] if cmd[:1] == ("--",) else cmd)
+    argv = list(cmd)
     if not argv:
         raise click.UsageError("missing the command to run (kiln run [--rm] -- CMD [ARGS...])")
     spec = {
@@ -647,7 +648,7 @@ def run(
 # -- exec and shell -------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(cls=CommandLineCommand)
 @click.argument("sandbox")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.option(
@@ -688,7 +689,10 @@ def exec(
     detach: bool,
     as_json: bool,
 ) -> int:
-    """Run a command in a sandbox: kiln exec [-u root] SANDBOX -- CMD [ARGS...]
+    """Run a command in a sandbox: kiln exec [OPTIONS] SANDBOX [OPTIONS] [--] CMD [ARGS...]
+
+    kiln's options go anywhere before the command; the command starts at "--"
+    or at its first word, and everything after that is passed on verbatim.
 
     Output streams live; stdout and stderr stay apart, byte for byte; kiln
     exits with the command's exit code. Piped stdin is read to its end, then
