@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kiln.cli import EXIT_CODES
 from kiln.sdk import Kiln, Sandbox
 from sdk.conftest import Daemon
 
@@ -141,7 +142,7 @@ def test_unknown_sandbox_is_one_line_and_non_zero(cli: Cli) -> None:
         ("ps", "no-such-sandbox"),
     ):
         proc = cli(*args)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_CODES["not found"]
         assert_one_line_error(proc, "no-such-sandbox")
 
 
@@ -151,12 +152,31 @@ def test_dead_daemon_is_one_line_no_traceback(cli: Cli) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         for args in (("list",), ("exec", "x", "--", "true"), ("health",)):
             proc = cli("--url", url, *args)
-            assert proc.returncode == 1
+            assert proc.returncode == EXIT_CODES["unreachable"]
             assert_one_line_error(proc, "cannot reach the kiln daemon", url)
 
 
 def test_wrong_key(cli: Cli) -> None:
-    assert_one_line_error(cli("--token", "kiln_wrong", "list"), "invalid API key")
+    proc = cli("--token", "kiln_wrong", "list")
+    assert_one_line_error(proc, "invalid API key")
+    assert proc.returncode == EXIT_CODES["unauthorized"]
+
+
+def test_a_taken_name_is_a_conflict(cli: Cli, sb: Sandbox) -> None:
+    proc = cli("create", "--name", sb.name)
+    assert_one_line_error(proc, sb.name)
+    assert proc.returncode == EXIT_CODES["conflict"]
+
+
+def test_every_group_answers_to_ls_and_rm(cli: Cli) -> None:
+    name = unique("vol")
+    cli.ok("volume", "create", name, "--size", "16")
+    assert name in cli.ok("volume", "ls")
+    assert name in cli.ok("volume", "list")
+    cli.ok("volume", "rm", name)
+    assert name not in cli.ok("volume", "ls")
+    for group in ("secret", "template", "port"):
+        assert cli(group, "ls").returncode == 0, group
 
 
 def test_usage_errors_are_one_line(cli: Cli) -> None:
@@ -262,7 +282,7 @@ def test_volumes_and_templates(cli: Cli) -> None:
 def test_setup_verifies_and_writes_a_private_config(cli: Cli, daemon: Daemon) -> None:
     no_env = {"KILN_URL": "", "KILN_TOKEN": ""}
     proc = cli("setup", "--url", daemon.url, "--token", "kiln_wrong", env=no_env)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_CODES["unauthorized"]
     assert_one_line_error(proc, "invalid API key")
     config = cli.home / ".kiln" / "config.yaml"
     assert not config.exists()

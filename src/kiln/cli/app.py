@@ -14,30 +14,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from . import Failure
 from . import args as parse
 from . import format as fmt
 from .commandline import CommandLineCommand
+from .groups import AliasedGroup
 from .output import show, spinner
 
 if TYPE_CHECKING:
     from kiln.sdk import Kiln, SandboxRef
 
 T = TypeVar("T")
-
-_ALIASES = {"ls": "list", "rm": "destroy", "sh": "shell"}
-
-
-class AliasedGroup(click.Group):
-    """A group with short aliases (``ls``, ``rm``, ``sh``) kept out of the help listing."""
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, _ALIASES.get(cmd_name, cmd_name))
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        name, cmd, rest = super().resolve_command(ctx, args)
-        return (cmd.name if cmd else name), cmd, rest
 
 
 @dataclass
@@ -260,7 +247,7 @@ def setup(state: State, url_opt: str | None, token_opt: str | None) -> None:
     click.echo(f"kiln: key accepted by {checked_url}; saved to {path}")
 
 
-@cli.group("config")
+@cli.group("config", cls=AliasedGroup)
 def config_group() -> None:
     """The client's own settings: which daemon and key it uses."""
 
@@ -822,7 +809,7 @@ def kill(state: State, sandbox: str, target: str, signal_name: str | None) -> No
         return
     pids = [p.pid for p in ref.processes.list() if p.session_id == target and p.running]
     if not pids:
-        raise click.ClickException(f"no running session {target!r} in {sandbox}")
+        raise Failure(f"no running session {target!r} in {sandbox}", "not found")
     ref.processes.signal(pids[0], signal_name)
     click.echo(f"sent {signal_name.upper()} to session {target} (pid {pids[0]})")
 
@@ -893,7 +880,7 @@ def port_publish(
     except Conflict as exc:
         published = ref.published()
         message = fmt.format_publish_conflict(sandbox, port_number, alias, published, exc.message)
-        raise click.ClickException(message) from None
+        raise Failure(message, "conflict") from None
     if as_json:
         # The whole rule (id, alias, created_at); just the URL if it is already gone again.
         rule = next((r for r in ref.published() if r.port == port_number), None)
@@ -916,7 +903,7 @@ def port_unpublish(state: State, sandbox: str, port_number: int) -> None:
     except NotFound:
         # The sandbox exists (or this raises its own NotFound): the port is not published.
         message = fmt.format_not_published(sandbox, port_number, ref.published())
-        raise click.ClickException(message) from None
+        raise Failure(message, "not found") from None
     click.echo(f"unpublished port {port_number} of {sandbox}")
 
 
@@ -932,7 +919,7 @@ def ports(state: State, sandbox: str | None, as_json: bool) -> None:
 # -- files ----------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def file() -> None:
     """Read, write and list files in a sandbox."""
 
@@ -1007,7 +994,7 @@ def file_stat(state: State, sandbox: str, path: str, as_json: bool) -> None:
 # -- secrets, volumes, templates ------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def secret() -> None:
     """Manage secrets (use them with: kiln create --secret NAME)."""
 
@@ -1053,7 +1040,7 @@ def secret_delete(state: State, name: str) -> None:
     click.echo(f"secret {name} deleted")
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def volume() -> None:
     """Manage persistent volumes."""
 
@@ -1094,7 +1081,7 @@ def volume_delete(state: State, name: str) -> None:
     click.echo(f"volume {name} deleted")
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def template() -> None:
     """Manage sandbox templates."""
 

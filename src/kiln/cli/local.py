@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import format as fmt
+from .groups import AliasedGroup
 from .output import console, show
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def serve(
 # -- users ----------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=AliasedGroup)
 def user() -> None:
     """Manage users and API keys (local data dir).
 
@@ -178,7 +179,7 @@ def _image_dir(image_dir: Path | None, config_path: Path | None) -> Path | None:
     return _config(config_path).image_dir
 
 
-@click.group()
+@click.group(cls=AliasedGroup)
 def image() -> None:
     """Build and list VM images (local)."""
 
