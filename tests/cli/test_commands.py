@@ -44,7 +44,7 @@ def test_create_list_exec_destroy_by_name(cli: Cli, kiln: Kiln) -> None:
     mine = next(s for s in listed if s["name"] == name)
     assert (mine["id"], mine["cpus"], mine["memory_mb"]) == (sandbox_id, 2, 256)
     assert json.loads(cli.ok("inspect", name, "--json"))["id"] == sandbox_id
-    assert name in cli.ok("list", "-q").split()
+    assert sandbox_id in cli.ok("list", "-q").split()
 
     assert cli.ok("exec", name, "--", "sh", "-c", "echo $A") == "1\n"
     assert cli.ok("exec", sandbox_id, "--", "echo", "by-id") == "by-id\n"
@@ -197,6 +197,31 @@ def test_edit_renames(cli: Cli, sb: Sandbox, kiln: Kiln) -> None:
 def test_stop_and_start(cli: Cli, sb: Sandbox) -> None:
     assert cli.ok("stop", sb.name) == f"{sb.name}: stopped\n"
     assert cli.ok("start", sb.name) == f"{sb.name}: running\n"
+
+
+def test_several_sandboxes_at_once_and_json_from_write_commands(cli: Cli, kiln: Kiln) -> None:
+    a, b = unique("many"), unique("many")
+    ids = [json.loads(cli.ok("create", "--name", n, "--json"))["id"] for n in (a, b)]
+    stopped = json.loads(cli.ok("stop", a, b, "--json"))
+    assert [(s["id"], s["status"]) for s in stopped] == [(ids[0], "stopped"), (ids[1], "stopped")]
+    assert cli.ok("start", a, ids[1]) == f"{a}: running\n{b}: running\n"
+    shown = json.loads(cli.ok("inspect", a, b, "--json"))
+    assert [s["name"] for s in shown] == [a, b]
+    # A missing one is reported and the others still acted on; the status says why.
+    proc = cli("inspect", a, "no-such-sandbox", "--json")
+    assert proc.returncode == EXIT_CODES["not found"]
+    assert [s["name"] for s in json.loads(proc.stdout)] == [a]
+    assert_one_line_error(proc, "no-such-sandbox")
+    proc = cli("rm", a, "no-such-sandbox", b, "--json")
+    assert proc.returncode == EXIT_CODES["not found"]
+    assert json.loads(proc.stdout) == [{"deleted": a}, {"deleted": b}]
+    assert not {a, b} & {s.name for s in kiln.sandboxes.list()}
+
+    volume = unique("vol")
+    cli.ok("volume", "create", volume, "--size", "16")
+    assert json.loads(cli.ok("volume", "rm", volume, "--json")) == {"deleted": volume}
+    assert json.loads(cli.ok("secret", "set", "S1", "--value", "v", "--json")) == {"name": "S1"}
+    assert json.loads(cli.ok("secret", "rm", "S1", "--json")) == {"deleted": "S1"}
 
 
 def test_file_write_read_ls_stat(cli: Cli, sb: Sandbox, daemon: Daemon, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import Failure
+from . import Failure, exit_code_of
 from . import args as parse
 from . import format as fmt
 from .commandline import CommandLineCommand
@@ -23,6 +23,7 @@ from .output import show, spinner
 
 if TYPE_CHECKING:
     from kiln.sdk import Kiln, SandboxRef
+    from kiln.sdk.models import SandboxInfo
 
 T = TypeVar("T")
 
@@ -409,7 +410,7 @@ def create(
 
 @cli.command("list")
 @json_option
-@click.option("-q", "--quiet", is_flag=True, help="Print names only.")
+@click.option("-q", "--quiet", is_flag=True, help="Print ids only.")
 @click.option(
     "-l",
     "--label",
@@ -431,19 +432,23 @@ def list_(state: State, as_json: bool, quiet: bool, labels: dict[str, str]) -> N
         show(fmt.format_json(sandboxes))
     elif quiet:
         for sb in sandboxes:
-            click.echo(sb.name)
+            click.echo(sb.id)
     else:
         show(fmt.format_sandbox_table(sandboxes, _now()))
 
 
 @cli.command()
-@click.argument("sandbox")
+@click.argument("sandboxes", nargs=-1, required=True)
 @json_option
 @pass_state
-def inspect(state: State, sandbox: str, as_json: bool) -> None:
-    """Show one sandbox (by id or name)."""
-    sb = state.kiln().sandboxes.get(sandbox)
-    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+def inspect(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Show sandboxes (by id or name); --json: an object for one, an array for several."""
+    found, status = for_each(sandboxes, state.kiln().sandboxes.get)
+    if as_json:
+        show(fmt.format_json(found[0] if len(sandboxes) == 1 and found else found))
+    else:
+        show("\n\n".join(fmt.format_sandbox(sb, _now()) for sb in found))
+    return status
 
 
 @cli.command()
@@ -508,47 +513,85 @@ def edit(
 
 
 @cli.command()
-@click.argument("sandbox")
+@click.argument("sandboxes", nargs=-1, required=True)
+@json_option
 @pass_state
-def stop(state: State, sandbox: str) -> None:
-    """Stop a sandbox.
+def stop(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Stop sandboxes.
 
     A sandbox with snapshots (QEMU) is saved to disk, memory and processes
     included, and `kiln start` restores it as it was. One without (Docker)
     keeps its files but its processes end; `kiln start` boots it again.
     """
-    with spinner(f"Stopping {sandbox}…"):
-        sb = state.sandbox(sandbox).stop()
-    click.echo(fmt.format_stopped(sb))
 
+    def one(ref: str) -> SandboxInfo:
+        with spinner(f"Stopping {ref}…"):
+            sb = state.sandbox(ref).stop()
+        if not as_json:
+            click.echo(fmt.format_stopped(sb))
+        return sb
 
-@cli.command()
-@click.argument("sandbox")
-@pass_state
-def start(state: State, sandbox: str) -> None:
-    """Start a stopped sandbox: restored from its snapshot, or booted again."""
-    with spinner(f"Starting {sandbox}…"):
-        sb = state.sandbox(sandbox).start()
-    click.echo(f"{sb.name}: {sb.status}")
+    stopped, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json(stopped))
+    return status
 
 
 @cli.command()
 @click.argument("sandboxes", nargs=-1, required=True)
+@json_option
 @pass_state
-def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
+def start(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Start stopped sandboxes: restored from their snapshots, or booted again."""
+
+    def one(ref: str) -> SandboxInfo:
+        with spinner(f"Starting {ref}…"):
+            sb = state.sandbox(ref).start()
+        if not as_json:
+            click.echo(f"{sb.name}: {sb.status}")
+        return sb
+
+    started, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json(started))
+    return status
+
+
+@cli.command()
+@click.argument("sandboxes", nargs=-1, required=True)
+@json_option
+@pass_state
+def destroy(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
     """Destroy sandboxes and free their resources (alias: rm)."""
+
+    def one(ref: str) -> str:
+        state.sandbox(ref).delete()
+        if not as_json:
+            click.echo(f"destroyed {ref}")
+        return ref
+
+    destroyed, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json([{"deleted": ref} for ref in destroyed]))
+    return status
+
+
+def for_each(refs: tuple[str, ...], action: Callable[[str], T]) -> tuple[list[T], int]:
+    """Apply ``action`` to every sandbox, going on past failures (one line each on stderr).
+
+    Returns the results and the exit status: 0, or that of the last failure.
+    """
     from kiln.sdk import KilnError  # noqa: PLC0415
 
-    failed = 0
-    for ref in sandboxes:
+    results: list[T] = []
+    status = 0
+    for ref in refs:
         try:
-            state.sandbox(ref).delete()
+            results.append(action(ref))
         except KilnError as exc:
-            failed += 1
+            status = exit_code_of(exc)
             click.echo(fmt.format_error(f"{ref}: {exc}"), err=True)
-        else:
-            click.echo(f"destroyed {ref}")
-    return 1 if failed else 0
+    return results, status
 
 
 @cli.command(cls=CommandLineCommand)
@@ -1002,8 +1045,9 @@ def secret() -> None:
 @secret.command("set")
 @click.argument("name")
 @click.option("--value", help="The value on the command line (visible in `ps`; avoid).")
+@json_option
 @pass_state
-def secret_set(state: State, name: str, value: str | None) -> None:
+def secret_set(state: State, name: str, value: str | None, as_json: bool) -> None:
     """Create or replace a secret; the value comes from stdin or a hidden prompt."""
     if value is not None:
         click.echo(
@@ -1019,7 +1063,7 @@ def secret_set(state: State, name: str, value: str | None) -> None:
     if not value:
         raise click.UsageError("the secret's value is empty")
     state.kiln().secrets.set(name, value)
-    click.echo(f"secret {name} set")
+    click.echo(fmt.format_json({"name": name}) if as_json else f"secret {name} set")
 
 
 @secret.command("list")
@@ -1033,11 +1077,12 @@ def secret_list(state: State, as_json: bool) -> None:
 
 @secret.command("delete")
 @click.argument("name")
+@json_option
 @pass_state
-def secret_delete(state: State, name: str) -> None:
+def secret_delete(state: State, name: str, as_json: bool) -> None:
     """Delete a secret."""
     state.kiln().secrets.delete(name)
-    click.echo(f"secret {name} deleted")
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"secret {name} deleted")
 
 
 @cli.group(cls=AliasedGroup)
@@ -1074,11 +1119,12 @@ def volume_list(state: State, as_json: bool) -> None:
 
 @volume.command("delete")
 @click.argument("name")
+@json_option
 @pass_state
-def volume_delete(state: State, name: str) -> None:
+def volume_delete(state: State, name: str, as_json: bool) -> None:
     """Delete a volume (refused while a sandbox uses it)."""
     state.kiln().volumes.delete(name)
-    click.echo(f"volume {name} deleted")
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"volume {name} deleted")
 
 
 @cli.group(cls=AliasedGroup)
@@ -1139,11 +1185,15 @@ def template_list(state: State, as_json: bool) -> None:
 
 @template.command("delete")
 @click.argument("template_ref", metavar="TEMPLATE")
+@json_option
 @pass_state
-def template_delete(state: State, template_ref: str) -> None:
+def template_delete(state: State, template_ref: str, as_json: bool) -> None:
     """Delete a template (by id or name)."""
     state.kiln().templates.delete(template_ref)
-    click.echo(f"template {template_ref} deleted")
+    if as_json:
+        click.echo(fmt.format_json({"deleted": template_ref}))
+    else:
+        click.echo(f"template {template_ref} deleted")
 
 
 # -- local administration (data dir) ----------------------------------------------------
