@@ -365,3 +365,17 @@ def test_config_show_names_the_winning_source(cli: Cli, daemon: Daemon) -> None:
     assert str(config) in text
     shown = json.loads(cli.ok("--url", "127.0.0.1:9", "config", "show", "--json"))
     assert (shown["url"], shown["url_source"]) == ("http://127.0.0.1:9", "argument")
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_script_and_what_it_completes(cli: Cli, shell: str) -> None:
+    script = cli.ok("completion", shell)
+    assert "_KILN_COMPLETE" in script
+    # What the script asks the CLI for when the user presses tab after "kiln vol"
+    # (fish passes the word being completed, bash and zsh its index).
+    cword = "vol" if shell == "fish" else "1"
+    proc = cli(
+        env={"_KILN_COMPLETE": f"{shell}_complete", "COMP_WORDS": "kiln vol", "COMP_CWORD": cword}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "volume" in proc.stdout.decode()

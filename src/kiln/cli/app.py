@@ -293,6 +293,23 @@ def mask_key(token: str | None) -> str | None:
 
 
 @cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(kiln completion bash)"      (e.g. in ~/.bashrc)
+    zsh:   eval "$(kiln completion zsh)"       (e.g. in ~/.zshrc)
+    fish:  kiln completion fish > ~/.config/fish/completions/kiln.fish
+    """
+    from click.shell_completion import get_completion_class  # noqa: PLC0415
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # click ships all three
+    click.echo(completer(cli, {}, "kiln", "_KILN_COMPLETE").source())
+
+
+@cli.command()
 @json_option
 @pass_state
 def health(state: State, as_json: bool) -> None:
