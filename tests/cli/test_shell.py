@@ -91,6 +91,19 @@ def pty_run(cli: Cli, *args: str) -> Iterator[PtyRun]:
         run.close()
 
 
+def test_shell_detach_key_is_configurable(cli: Cli, sb: Sandbox) -> None:
+    with pty_run(cli, "shell", sb.name, "--cmd", "sh", "--detach-key", "ctrl-q") as run:
+        run.expect(PROMPT)
+        run.write(b"\x1cecho still-here\n")  # Ctrl+\\ is just a byte for the shell now
+        run.expect(b"still-here")
+        run.write(b"\x11")  # Ctrl+Q
+        run.expect(rb"detached from session (\S+)")
+        assert run.wait() == 0
+    proc = cli("shell", sb.name, env={"KILN_DETACH_KEY": "f1"})
+    assert proc.returncode == 2
+    assert b"invalid detach key 'f1'" in proc.stderr
+
+
 def test_shell_detach_and_reattach(cli: Cli, sb: Sandbox) -> None:
     with pty_run(cli, "shell", sb.name, "--cmd", "sh") as first:
         first.expect(PROMPT)

@@ -789,13 +789,29 @@ def exec(
     metavar="USER",
     help="Start the new session as USER: root, or sandbox (the default).",
 )
+@click.option(
+    "--detach-key",
+    "detach_key",
+    metavar="KEY",
+    envvar="KILN_DETACH_KEY",
+    default="ctrl-\\",
+    show_default=True,
+    callback=_converter(parse.parse_detach_key),
+    help="The key that detaches: ctrl-<letter>, ctrl-], ... [env: KILN_DETACH_KEY]",
+)
 @pass_state
 def shell(
-    state: State, sandbox: str, session_id: str | None, cmd: str | None, user: str | None
+    state: State,
+    *,
+    sandbox: str,
+    session_id: str | None,
+    cmd: str | None,
+    user: str | None,
+    detach_key: bytes,
 ) -> int:
     """Open an interactive terminal in a sandbox (alias: sh).
 
-    Ctrl+\\ detaches and prints the session id; the session keeps running and
+    Ctrl+\\ (or --detach-key) detaches and prints the session id; the session keeps running and
     `kiln shell SANDBOX --session ID` reattaches, replaying its scrollback.
     `kiln shell -u root SANDBOX` opens a root shell.
     """
@@ -804,7 +820,9 @@ def shell(
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.UsageError("kiln shell needs a terminal; use kiln exec for scripts")
     k = state.kiln()
-    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user)
+    return run_shell(
+        k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user, detach_key=detach_key
+    )
 
 
 @cli.command()
