@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.conftest import SRC, kiln_argv
 from kiln.sdk import Kiln, NotFound, Sandbox
 
 from .conftest import Daemon, McpClient, mcp_client, unique
@@ -365,3 +368,30 @@ def test_wrong_key_is_a_tool_error(daemon: Daemon, tmp_path: Path) -> None:
     env = {"KILN_URL": daemon.url, "KILN_TOKEN": "kiln_wrong"}
     with mcp_client(env, tmp_path) as client:
         assert client.error("list_sandboxes")
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def test_ends_quietly_when_the_client_closes_stdin(tmp_path: Path) -> None:
+    proc = _kiln_mcp(tmp_path, input=b"")
+    assert (proc.returncode, proc.stdout) == (0, b""), proc.stderr.decode()
+
+
+def test_an_unusable_daemon_url_fails_before_serving(tmp_path: Path) -> None:
+    proc = _kiln_mcp(tmp_path, "--url", "ftp://example", input=b"")
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+    assert proc.stderr.decode().startswith("kiln: error: invalid daemon URL 'ftp://example'")
+
+
+def _kiln_mcp(home: Path, *options: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
+    env = {"HOME": str(home), "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(SRC)}
+    return subprocess.run(
+        [*kiln_argv(), *options, "mcp"],
+        input=input,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
