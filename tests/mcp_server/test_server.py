@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -395,3 +396,21 @@ def _kiln_mcp(home: Path, *options: str, input: bytes) -> subprocess.CompletedPr
         timeout=60,
         check=False,
     )
+
+
+def test_the_cli_does_not_import_the_mcp_sdk_until_kiln_mcp_runs() -> None:
+    # The MCP SDK takes seconds to import; `kiln --help` and every other command must
+    # not pay for it.
+    probe = (
+        "import sys\n"
+        "from kiln.cli import run\n"
+        "assert run(['--help']) == 0\n"
+        "assert run(['mcp', '--help']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types')"
+        " or m.startswith('kiln.mcp_server')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, env=env, timeout=60, check=True
+    )
+    assert proc.stdout.decode().splitlines()[-1] == "[]"

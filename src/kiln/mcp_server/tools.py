@@ -20,7 +20,7 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from kiln import __version__
 from kiln.sdk import AsyncKiln, Exit, KilnError
@@ -86,6 +86,8 @@ def kiln_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
         except KilnError as exc:
             raise ToolError(str(exc)) from exc
+        except ValidationError:
+            raise  # a bug here, not the agent's input: reported as a crash
         except ValueError as exc:  # the SDK's own argument checks
             raise ToolError(str(exc)) from exc
 
@@ -248,7 +250,8 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
             Field(
                 ge=0,
                 le=300,
-                description="Wait up to this many seconds for the process to exit first.",
+                description="Wait up to this many seconds for the process to exit first"
+                " (returns sooner once max_bytes of output are there).",
             ),
         ] = 0,
         max_bytes: Annotated[
@@ -432,7 +435,8 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
 
     @tool(_READ_ONLY)
     async def list_ports(sandbox: SandboxRef) -> results.Ports:
-        """A sandbox's listening TCP ports and its published ports with their URLs."""
+        """A sandbox's listening TCP ports (wakes it) and its published ports with their
+        URLs."""
         ref = kiln.sandboxes.ref(sandbox)
         listening = await ref.ports()
         published = await ref.published()
