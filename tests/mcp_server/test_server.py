@@ -114,6 +114,22 @@ def test_unknown_sandbox_is_a_tool_error_with_kilns_message(mcp: McpClient) -> N
     mcp.ok("list_sandboxes")  # the server still serves
 
 
+def test_input_the_daemon_refuses_is_a_tool_error_with_its_message(
+    mcp: McpClient, sb: Sandbox
+) -> None:
+    assert "name: String should match pattern" in mcp.error("create_sandbox", {"name": "Bad Name!"})
+    assert f"a sandbox named '{sb.name}' already exists" in mcp.error(
+        "create_sandbox", {"name": sb.name}
+    )
+    assert "is a directory" in mcp.error("read_file", {"sandbox": sb.id, "path": "/"})
+    assert "No such file or directory" in mcp.error(
+        "list_files", {"sandbox": sb.id, "path": "/nonexistent"}
+    )
+    assert "command not found" in mcp.error(
+        "start_process", {"sandbox": sb.id, "command": ["/no/such/binary"]}
+    )
+
+
 # -- exec -------------------------------------------------------------------------------
 
 
@@ -365,10 +381,15 @@ def test_unreachable_daemon_is_a_tool_error_not_a_crash(tmp_path: Path) -> None:
         assert "cannot reach" in client.error("exec", {"sandbox": "a", "command": "true"})
 
 
-def test_wrong_key_is_a_tool_error(daemon: Daemon, tmp_path: Path) -> None:
-    env = {"KILN_URL": daemon.url, "KILN_TOKEN": "kiln_wrong"}
-    with mcp_client(env, tmp_path) as client:
-        assert client.error("list_sandboxes")
+def test_finds_the_daemon_through_the_config_file_and_reports_a_wrong_key(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    config = tmp_path / ".kiln" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(f"url: {daemon.url}\ntoken: kiln_wrong\n")
+    with mcp_client({}, tmp_path) as client:  # no KILN_URL/KILN_TOKEN
+        # The daemon named in the file answered, and refused the key.
+        assert "invalid API key" in client.error("list_sandboxes")
 
 
 # -- the command ------------------------------------------------------------------------

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 def serve(url: str | None = None, token: str | None = None) -> None:
     """Serve MCP on stdin/stdout until the client closes stdin."""
+    from kiln.sdk.config import load_settings  # noqa: PLC0415
+
+    # A broken URL or config file fails here, before seconds of importing the MCP SDK.
+    settings = load_settings(url, token)
+
     import anyio  # noqa: PLC0415 - see the module docstring
 
     from kiln.sdk import AsyncKiln  # noqa: PLC0415
-    from kiln.sdk.config import load_settings  # noqa: PLC0415
 
     from .tools import build_server  # noqa: PLC0415
-
-    settings = load_settings(url, token)  # a broken config fails here, before serving
 
     async def main() -> None:
         async with AsyncKiln(settings.url, settings.token) as kiln:
