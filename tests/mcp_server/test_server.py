@@ -217,9 +217,14 @@ def test_process_start_read_input_kill(mcp: McpClient, sb: Sandbox) -> None:
     assert started["running"] is True
     assert any(p["pid"] == pid for p in mcp.ok("list_processes", {"sandbox": sb.id})["processes"])
 
-    first = _read_until(mcp, sb.id, pid, "ready\n")
+    # It waits for input: the wait for its exit runs out, with what it printed so far.
+    started_at = time.monotonic()
+    first = mcp.ok("read_process_output", {"sandbox": sb.id, "pid": pid, "wait_s": 1})
+    assert time.monotonic() - started_at >= 1
+    assert first["output"] == "ready\n"
     assert first["offset"] == 0
     assert first["running"] is True
+    assert first["exit_code"] is None
 
     sent = mcp.ok("send_process_input", {"sandbox": sb.id, "pid": pid, "data": "ping\n"})
     assert sent == {"pid": pid, "bytes_sent": 5, "stdin_closed": False}

@@ -265,8 +265,9 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
         window = bytearray()
         dropped = 0  # bytes dropped from window's front to bound memory while waiting
         want = None if tail_lines is not None else offset + max_bytes + 1
-        with anyio.move_on_after(wait_s if wait_s > 0 else None):
-            async with processes.output(pid, follow=wait_s > 0) as events:
+        async with processes.output(pid, follow=wait_s > 0) as events:
+            # Inside the stream's block: closing it (detaching) must not be cancelled too.
+            with anyio.move_on_after(wait_s if wait_s > 0 else None):
                 async for event in events:
                     if isinstance(event, Exit):
                         break
