@@ -5,7 +5,7 @@
 Starts the test daemon of ``bench_cli`` (real HTTP, real SQLite, a test-mode
 guest agent, no VM) and one ``kiln mcp`` subprocess driven by the ``mcp`` SDK's
 stdio client. The reference row is ``AsyncKiln`` calling the daemon directly in
-the same run; the difference is JSON-RPC over two pipes plus the server's
+the same run, the two taking turns; the difference is JSON-RPC over two pipes plus the server's
 argument validation and result conversion. Also: how long ``kiln mcp`` takes
 to answer ``initialize`` (the MCP SDK's import dominates), and ``kiln --help``,
 which must not import the MCP SDK.
@@ -43,14 +43,19 @@ def skip_reason() -> str | None:
     return cli_skip_reason()
 
 
-async def _sample(fn: Callable[[], Awaitable[object]], n: int, warmup: int = 5) -> list[float]:
+async def _alternate(
+    fns: dict[str, Callable[[], Awaitable[object]]], n: int, warmup: int = 5
+) -> dict[str, list[float]]:
+    """``n`` timed calls of each of ``fns``, taking turns, so that both see the same load."""
     for _ in range(warmup):
-        await fn()
-    out = []
+        for fn in fns.values():
+            await fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        out.append((time.perf_counter() - t0) * 1000)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            await fn()
+            out[name].append((time.perf_counter() - t0) * 1000)
     return out
 
 
@@ -71,24 +76,24 @@ async def _measure(url: str, token: str, sandbox: str, home: str) -> dict[str, l
             await session.initialize()
             results["start"].append((time.perf_counter() - t0) * 1000)
 
-    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(read, write) as session,
+        AsyncKiln(url, token) as k,
+    ):
         await session.initialize()
         arguments = {"sandbox": sandbox, "command": ["true"]}
+        ref = k.sandboxes.ref(sandbox)
 
         async def via_mcp() -> None:
             result = await session.call_tool("exec", arguments)
             assert not result.is_error and result.structured_content, result
             assert result.structured_content["exit_code"] == 0
 
-        results["mcp"] = await _sample(via_mcp, CALLS)
-
-    async with AsyncKiln(url, token) as k:
-        ref = k.sandboxes.ref(sandbox)
-
         async def via_sdk() -> None:
             assert (await ref.exec(["true"])).exit_code == 0
 
-        results["sdk"] = await _sample(via_sdk, CALLS)
+        results.update(await _alternate({"sdk": via_sdk, "mcp": via_mcp}, CALLS))
     return results
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -440,3 +442,17 @@ def test_the_cli_does_not_import_the_mcp_sdk_until_kiln_mcp_runs() -> None:
         [sys.executable, "-c", probe], capture_output=True, env=env, timeout=60, check=True
     )
     assert proc.stdout.decode().splitlines()[-1] == "[]"
+
+
+# -- the README -------------------------------------------------------------------------
+
+
+def test_the_readme_section_matches_the_server(mcp: McpClient) -> None:
+    readme = (SRC.parent / "README.md").read_text()
+    section = readme.split("## Using kiln from an MCP client", 1)[1].split("\n## ", 1)[0]
+    snippet = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    server = snippet["mcpServers"]["kiln"]
+    assert (server["command"], server["args"]) == ("kiln", ["mcp"])
+    assert set(server["env"]) == {"KILN_URL", "KILN_TOKEN"}
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
+    assert documented == set(mcp.tools()) == TOOLS
