@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from kiln.cli import EXIT_CODES
 from kiln.sdk import Sandbox
 
 from .conftest import Cli, kiln_argv
@@ -118,7 +119,7 @@ def test_shell_needs_a_terminal(cli: Cli, sb: Sandbox) -> None:
 
 def test_shell_unknown_sandbox_is_one_line(cli: Cli) -> None:
     with pty_run(cli, "shell", "no-such-sandbox") as run:
-        assert run.wait() == 1
+        assert run.wait() == EXIT_CODES["not found"]
         assert run.seen.startswith(b"kiln: error: ") and b"no-such-sandbox" in run.seen
         assert b"Traceback" not in run.seen
 

@@ -140,10 +140,8 @@ def engine_for(engine: str | None, runtime: str | None) -> str | None:
 
 
 def parse_session_command(argv: Iterable[str]) -> list[str]:
-    """The command after ``SANDBOX [--]``: the separator dropped, never empty."""
+    """The command after ``SANDBOX [--]`` (the separator already taken out), never empty."""
     cmd = list(argv)
-    if cmd[:1] == ["--"]:  # options stop at SANDBOX, so click leaves the "--" in
-        cmd = cmd[1:]
     if not cmd:
         raise ValueError("missing the command to run (kiln exec SANDBOX -- CMD [ARGS...])")
     return cmd
