@@ -319,6 +319,22 @@ def health(state: State, as_json: bool) -> None:
     show(fmt.format_json(info) if as_json else fmt.format_health(info, k.url))
 
 
+@cli.command()
+@pass_state
+def mcp(state: State) -> None:
+    """Serve kiln's tools to an AI agent over MCP (stdio).
+
+    An MCP client starts this command and speaks JSON-RPC on its stdin and
+    stdout: tools to create, list and destroy sandboxes, run commands, start
+    and read background processes, read, write and list files, and publish
+    ports. It talks to the daemon --url/--token name (or $KILN_URL/$KILN_TOKEN,
+    ~/.kiln/config.yaml) and ends when the client closes stdin.
+    """
+    from kiln.mcp_server import serve  # noqa: PLC0415 - the MCP SDK is slow to import
+
+    serve(state.url, state.token)
+
+
 # -- sandboxes ------------------------------------------------------------------------
 
 
