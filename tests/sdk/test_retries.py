@@ -44,6 +44,9 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.read(length)
         status, headers, body, delay = self.server.script.pop(0)
         time.sleep(delay)
+        if status == HANG_UP:
+            self.close_connection = True
+            return
         data = json.dumps(body).encode()
         self.send_response(status)
         for key, value in {"content-type": "application/json", **headers}.items():
@@ -75,6 +78,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: A "status" for closing the connection without an answer.
+HANG_UP = 0
+DISCONNECTED = (HANG_UP, {}, None, 0.0)
 UNAVAILABLE = (503, {"retry-after": "0"}, {"error": "engine restarting"}, 0.0)
 OK = (200, {}, HEALTH, 0.0)
 
@@ -93,6 +99,15 @@ def test_retries_run_out_and_the_503_is_raised() -> None:
         assert info.value.status_code == 503
         assert info.value.message == "engine restarting"
         assert len(server.seen) == 3
+
+
+def test_a_dropped_connection_is_retried_for_idempotent_calls_only() -> None:
+    for server in serving(Scripted([DISCONNECTED, OK, DISCONNECTED])):
+        with Kiln(server.url, "k") as k:
+            assert k.health().status == "ok"
+            with pytest.raises(ConnectionError):
+                k.sandboxes.create(name="once")
+        assert server.seen == ["GET /health", "GET /health", "POST /sandboxes"]
 
 
 def test_a_create_is_never_sent_twice() -> None:

@@ -101,6 +101,17 @@ def never_sent(exc: KilnError) -> bool:
     return isinstance(exc.__cause__, httpx.ConnectError)
 
 
+def retry_failure(method: str, exc: KilnError) -> bool:
+    """Whether a failed request may be sent again: one that never reached the daemon,
+    or an idempotent one whose connection closed before any answer (a kept-alive
+    connection the server was closing just then)."""
+    if never_sent(exc):
+        return True
+    return method.upper() in IDEMPOTENT_METHODS and isinstance(
+        exc.__cause__, httpx.RemoteProtocolError
+    )
+
+
 def retry_status(method: str, status_code: int) -> bool:
     return method.upper() in IDEMPOTENT_METHODS and status_code in RETRY_STATUSES
 

@@ -119,7 +119,7 @@ class AsyncKiln:
                         timeout=httpx.USE_CLIENT_DEFAULT if timeout is _api.DEFAULT else timeout,
                     )
             except KilnError as exc:
-                if attempt >= self._retries or not _api.never_sent(exc):
+                if attempt >= self._retries or not _api.retry_failure(call.method, exc):
                     raise
                 await asyncio.sleep(_api.backoff_s(attempt))
                 attempt += 1

@@ -66,6 +66,11 @@ log = logging.getLogger("kiln.daemon")
 ADMIN_USER = "admin"
 #: Seconds open requests (streams, shells) get after a shutdown signal.
 GRACEFUL_SHUTDOWN_S = 5
+#: How long an idle client connection stays open. Longer than clients keep idle
+#: connections (httpx: 5 s), so a client always closes first: with both at 5 s a
+#: request sent on a connection the server was closing at that instant failed
+#: with "server disconnected without sending a response".
+KEEP_ALIVE_S = 75
 
 
 class DaemonError(Exception):
@@ -542,6 +547,7 @@ async def _run(
             access_log=False,
             log_level="warning",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_keep_alive=KEEP_ALIVE_S,
             ws_max_size=16 << 20,
             server_header=False,  # proxied answers carry the service's own
             # The proxy adds X-Forwarded-For itself: a local client must not be
