@@ -20,7 +20,8 @@ import pytest
 
 from ..harness import LiveServer
 
-pytestmark = [pytest.mark.vm, pytest.mark.netns]
+# A README block runs several VM operations in a row (~40 s quiet, minutes when busy).
+pytestmark = [pytest.mark.vm, pytest.mark.netns, pytest.mark.timeout(600)]
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 KILN = Path(sys.executable).with_name("kiln")
