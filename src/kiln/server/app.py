@@ -179,8 +179,11 @@ def create_app(services: Services) -> FastAPI:
         title="kiln",
         version=kiln.__version__,
         description="Self-hosted microVM sandboxes: the daemon's HTTP API.",
-        docs_url=None,
-        redoc_url=None,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        # Operation ids are the route functions' names (create_sandbox, not
+        # create_sandbox_sandboxes_post): what generated clients call their methods.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.services = services
 
