@@ -165,7 +165,7 @@ def test_features_kiln_lacks_are_refused_clearly(pair: tuple[Any, Any]) -> None:
     a, _ = pair
     with pytest.raises(SandboxException, match="fork: not supported") as err:
         a.fork()
-    assert err.value.status_code == 501
+    assert err.value.status_code == 400
     with pytest.raises(SandboxException, match="filesystem-only pause"):
         a.pause(mode="filesystem")
     assert a.get_metrics() == []
