@@ -139,6 +139,11 @@ def test_routes_kiln_lacks_say_so(c: httpx.Client) -> None:
         ("POST", "/sandboxes/x/snapshots"),
         ("PUT", "/sandboxes/x/network"),
         ("GET", "/v2/sandboxes/x/logs"),
+        ("POST", "/v3/templates"),
+        ("GET", "/templates/base/tags"),
+        ("DELETE", "/volumes/v1"),
+        ("GET", "/secrets"),
+        ("GET", "/snapshots"),
     ]:
         _error(c.request(method, path, json={}), 400, "not supported by kiln")
 

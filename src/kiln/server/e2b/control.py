@@ -586,8 +586,18 @@ _UNSUPPORTED = {
     ("POST", "/sandboxes/{sandbox}/refreshes"): "refreshes",
     ("GET", "/sandboxes/{sandbox}/logs"): "sandbox logs",
     ("GET", "/v2/sandboxes/{sandbox}/logs"): "sandbox logs",
-    ("GET", "/snapshots"): "snapshots",
 }
+#: E2B's other APIs, whole: kiln's templates, volumes and secrets have their own API.
+_UNSUPPORTED_TREES = {
+    "/templates": "template builds and E2B templates",
+    "/v2/templates": "template builds and E2B templates",
+    "/v3/templates": "template builds and E2B templates",
+    "/default-templates": "E2B templates",
+    "/volumes": "E2B volumes (kiln volumes are mounted by name with volumeMounts)",
+    "/secrets": "E2B secrets",
+    "/snapshots": "snapshots",
+}
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def _unsupported(what: str) -> Any:
@@ -598,10 +608,9 @@ def _unsupported(what: str) -> Any:
 
 
 for (_method, _path), _what in _UNSUPPORTED.items():
-    router.add_api_route(
-        _path,
-        _unsupported(_what),
-        methods=[_method],
-        include_in_schema=False,
-        name=f"unsupported {_method} {_path}",
-    )
+    router.add_api_route(_path, _unsupported(_what), methods=[_method], include_in_schema=False)
+for _path, _what in _UNSUPPORTED_TREES.items():
+    for _route in (_path, _path + "/{rest:path}"):
+        router.add_api_route(
+            _route, _unsupported(_what), methods=_ALL_METHODS, include_in_schema=False
+        )
