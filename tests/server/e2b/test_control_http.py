@@ -193,6 +193,7 @@ def test_pause_resume_and_connect_statuses(c: httpx.Client) -> None:
     _error(c.post(f"/sandboxes/{sid}/pause", json={}), 409, "already paused")
     detail = c.get(f"/sandboxes/{sid}").json()
     assert (detail["state"], detail["pauseMode"]) == ("paused", "full")
+    assert detail["endAt"] == "9999-01-01T00:00:00Z"  # paused: no timeout until a connect
     assert detail["lifecycle"] == {"autoResume": False, "onTimeout": "pause"}
     _error(c.post(f"/v2/sandboxes/{sid}/connect", json={"memory": False}), 400, "cold boot")
     assert c.post(f"/v2/sandboxes/{sid}/connect", json={}).status_code == 201

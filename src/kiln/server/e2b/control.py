@@ -482,7 +482,9 @@ async def pause_sandbox(
     body: Annotated[PauseSandbox | None, Body()] = None,
 ) -> Response:
     """kiln's stop: on QEMU the memory and processes are kept and a connect restores
-    them; a Docker sandbox keeps its files only. 409 when already paused."""
+    them; a Docker sandbox keeps its files only. 409 when already paused. As on E2B,
+    a paused sandbox has no timeout: it stays until a connect (which sets a new
+    one) or a kill."""
     pause = body or PauseSandbox()
     if pause.memory is False:
         raise NotSupported(
@@ -493,6 +495,7 @@ async def pause_sandbox(
     if services.sandboxes.view(sb)["status"] == Status.STOPPED:
         raise ConflictError(f"sandbox {sandbox!r} is already paused")
     await services.sandboxes.stop(user, sb.id)
+    services.sandboxes.patch(user, sb.id, PatchSandbox.model_validate({"ttl_s": None}))
     return Response(status_code=204)
 
 
