@@ -255,3 +255,29 @@ def test_errors_outside_e2b_keep_kiln_s_shape(
 
 def test_the_key_file_is_in_the_data_dir(live: LiveServer) -> None:
     assert (Path(live.services.config.data_dir) / "e2b-envd.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_templates_are_kiln_images_or_kiln_templates(
+    c: httpx.Client, live: LiveServer, keys: tuple[str, str]
+) -> None:
+    kiln = httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {keys[0]}"})
+    with kiln:
+        r = kiln.post("/templates", json={"name": "big", "cpus": 2, "memory_mb": 1024})
+        assert r.status_code == 201, r.text
+        tid = r.json()["id"]
+        for template in ("big", tid):
+            body = _create(c, templateID=template)
+            assert body["templateID"] == template
+            detail = c.get(f"/sandboxes/{body['sandboxID']}").json()
+            assert (detail["cpuCount"], detail["memoryMB"], detail["templateID"]) == (
+                2,
+                1024,
+                template,
+            )
+            assert c.delete(f"/sandboxes/{body['sandboxID']}").status_code == 204
+        minimal = _create(c, templateID="minimal")
+        assert live.store.get_sandbox(minimal["sandboxID"]).image == "minimal"
+        assert c.delete(f"/sandboxes/{minimal['sandboxID']}").status_code == 204
+    # Another user's template is not theirs to use.
+    with httpx.Client(base_url=live.url + E2B, headers={"X-API-KEY": keys[1]}) as other:
+        _error(other.post("/v2/sandboxes", json={"templateID": "big"}), 404, "not found")
