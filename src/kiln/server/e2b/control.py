@@ -20,8 +20,9 @@ user's is 404, as an unknown one. Errors are E2B's ``{"code", "message"}``
 the statuses the SDK maps to its exceptions: 401 → ``AuthenticationException``,
 404 → ``NotFoundException`` / ``SandboxNotFoundException`` (or ``kill()`` →
 False), 409 on pause → ``pause()`` → False. The SDK's features kiln lacks
-(snapshots, fork, network updates, MCP, IAM, logs) answer 400 saying so rather
-than 404, which the SDK would report as a missing sandbox.
+(snapshots, fork, network updates, MCP, IAM, logs, and E2B's template, volume
+and secret APIs) answer 400 saying so rather than 404, which the SDK would
+report as a missing sandbox.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ MAX_PAGE = 100
 
 def error_response(status: int, message: str) -> JSONResponse:
     """An E2B error (the statuses are kiln's: 400 malformed, 422 invalid fields, ...);
-    a 5xx tells the SDK's retry logic not to retry (none of kiln's is transient)."""
+    a 5xx tells the SDK's retry logic not to retry: kiln's (no engine, an agent
+    that does not answer) do not pass in the SDK's few seconds of back-off."""
     headers = {"Should-Retry": "false"} if status >= 500 else None
     return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
 
