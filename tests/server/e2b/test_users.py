@@ -41,6 +41,7 @@ def test_the_e2b_user_on_docker(docker_daemon: E2bDaemon, monkeypatch: pytest.Mo
             assert kiln["engine"] == "docker"
             script = 'echo "$WHO $(id -un) $HOME $(stat -c %U /home/user) $(pwd)"'
             assert kiln_exec(api, sb.sandbox_id, script) == "ct user /home/user user /workspace\n"
+            assert kiln_exec(api, sb.sandbox_id, "sudo -n id -un") == "root\n"
             # kiln's own sandboxes on this daemon keep kiln's user.
             r = api.post("/sandboxes", json={})
             assert r.status_code == 201, r.text

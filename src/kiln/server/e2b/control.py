@@ -35,7 +35,7 @@ import json
 import re
 import urllib.parse
 import weakref
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
@@ -370,7 +370,7 @@ def _states(value: str | None) -> set[str]:
     return states
 
 
-def _started_after(value: str | None) -> float | None:
+def _started_after(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
@@ -379,7 +379,13 @@ def _started_after(value: str | None) -> float | None:
         raise BadRequest(f"startedAfter: not an RFC 3339 time: {value!r}") from None
     if when.tzinfo is None:
         raise BadRequest(f"startedAfter: {value!r} has no time zone")
-    return when.timestamp()
+    return when
+
+
+def _started(sb: SandboxRow) -> datetime:
+    """``startedAt`` as answered (to the microsecond): a client's ``startedAfter`` of
+    a sandbox's own ``startedAt`` includes it."""
+    return datetime.fromtimestamp(sb.created_at, UTC)
 
 
 def _encode_token(sb: SandboxRow) -> str:
@@ -429,7 +435,7 @@ def _page(
         key = (sb.created_at, sb.id)
         if cursor is not None and (key <= cursor if not descending else key >= cursor):
             continue
-        if after is not None and sb.created_at < after:
+        if after is not None and _started(sb) < after:
             continue
         if template is not None and template != _template_of(sb):
             continue
