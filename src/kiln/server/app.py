@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
@@ -60,6 +61,11 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 ERROR_FORMATS: tuple[tuple[str, Callable[[int, str], JSONResponse]], ...] = (
     (e2b_control.PREFIX, e2b_control.error_response),
 )
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route function's name; E2B's routes, which reuse kiln's verbs, prefixed."""
+    return f"e2b_{route.name}" if route.path.startswith("/e2b") else route.name
 
 
 def error_response(status: int, message: str, path: str = "") -> JSONResponse:
@@ -198,7 +204,7 @@ def create_app(services: Services) -> FastAPI:
         redoc_url="/redoc",
         # Operation ids are the route functions' names (create_sandbox, not
         # create_sandbox_sandboxes_post): what generated clients call their methods.
-        generate_unique_id_function=lambda route: route.name,
+        generate_unique_id_function=operation_id,
     )
     app.state.services = services
 
