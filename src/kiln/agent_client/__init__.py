@@ -20,7 +20,10 @@ from .errors import (
     ProcessFinished,
     ProcessNotFound,
     RemoteError,
+    RemoteExists,
+    RemoteNotADirectory,
     RemoteNotFound,
+    RemotePermissionDenied,
 )
 from .exec import ExecEvent, ExecProcess, ExecResult, Exit, Stderr, Stdout
 from .files import FileContent, FileReader, WriteSource
@@ -36,6 +39,7 @@ from .transport import (
     unix_dialer,
 )
 from .tty import TtySession
+from .watch import DirWatch
 
 __all__ = [
     "CONTROL_PORT",
@@ -50,6 +54,7 @@ __all__ = [
     "AuthError",
     "CannotStart",
     "Dialer",
+    "DirWatch",
     "Endpoint",
     "ExecEvent",
     "ExecProcess",
@@ -63,7 +68,10 @@ __all__ = [
     "ProcessNotFound",
     "ProcessOutput",
     "RemoteError",
+    "RemoteExists",
+    "RemoteNotADirectory",
     "RemoteNotFound",
+    "RemotePermissionDenied",
     "SocketFactory",
     "Stderr",
     "Stdout",

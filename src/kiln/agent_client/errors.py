@@ -8,6 +8,9 @@
     ├── RemoteError               the agent answered ERROR; ``.message`` is its text
     │   ├── RemoteNotFound        ... about a path or session that does not exist
     │   │   └── ProcessNotFound   no process with that pid in the agent's table
+    │   ├── RemoteExists          the path to create (mkdir, move) exists already
+    │   ├── RemotePermissionDenied  the acting user may not do that to the path
+    │   ├── RemoteNotADirectory   a directory was expected (ls, watch, a path's parent)
     │   ├── ProcessFinished       the process has exited (no more stdin or signals)
     │   ├── CannotStart           a background command could not be started
     │   └── ForwardError          FWD_RESP said error (nothing listens on the port, ...)
@@ -54,6 +57,18 @@ class RemoteError(AgentError):
 
 class RemoteNotFound(RemoteError):
     """The path or session named in the request does not exist in the sandbox."""
+
+
+class RemoteExists(RemoteError):
+    """The path a request would create exists already."""
+
+
+class RemotePermissionDenied(RemoteError):
+    """The acting user lacks the permission (EACCES, EPERM)."""
+
+
+class RemoteNotADirectory(RemoteError):
+    """A path that must be a directory is not one."""
 
 
 class ProcessNotFound(RemoteNotFound):

@@ -32,18 +32,22 @@ from kiln.protocol import (
     Frame,
     FrameStream,
     FrameType,
+    MkdirRequest,
+    MoveRequest,
     PathRequest,
     ProcessAttach,
     ProcessInput,
     ProcessSignal,
     ProcessStart,
     ProtocolError,
+    RemoveRequest,
     StatusResponse,
+    WatchRequest,
     encode_exit,
     session_list_to_payload,
 )
 
-from . import files
+from . import files, fsops, watch
 from .context import GuestContext, Settings, recv_frame
 from .errors import RequestError
 from .execution import run_piped
@@ -76,6 +80,10 @@ REQUEST_TYPES = frozenset(
         FrameType.FILE_WRITE_REQ,
         FrameType.FILE_STAT_REQ,
         FrameType.FILE_LS_REQ,
+        FrameType.FILE_MKDIR_REQ,
+        FrameType.FILE_MOVE_REQ,
+        FrameType.FILE_REMOVE_REQ,
+        FrameType.FILE_WATCH_REQ,
         FrameType.CLOCK_SET,
         FrameType.PROC_START,
         FrameType.PROC_LIST_REQ,
@@ -87,7 +95,9 @@ REQUEST_TYPES = frozenset(
 
 #: Requests after which the host may still be sending (stdin, or nothing but a
 #: close to end a reader): the connection lingers instead of closing at once.
-_STREAMING_REQUESTS = frozenset({FrameType.EXEC_REQ, FrameType.PROC_ATTACH})
+_STREAMING_REQUESTS = frozenset(
+    {FrameType.EXEC_REQ, FrameType.PROC_ATTACH, FrameType.FILE_WATCH_REQ}
+)
 
 #: Sets the wall clock (ns since the epoch) and mixes an optional seed into the
 #: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
@@ -312,7 +322,11 @@ class Agent:
         elif ftype == FrameType.FILE_WRITE_REQ:
             await files.write_file(conn, FileWriteRequest.from_payload(payload), ctx)
         elif ftype == FrameType.FILE_STAT_REQ:
-            info = files.stat_path(PathRequest.from_payload(payload), ctx)
+            req_stat = PathRequest.from_payload(payload)
+            if req_stat.user is None:
+                info = files.stat_path(req_stat, ctx)
+            else:  # switching identity happens in a worker thread
+                info = await asyncio.to_thread(files.stat_path, req_stat, ctx)
             ctx.touch()
             await conn.send(FrameType.FILE_STAT_RESP, info.to_payload())
         elif ftype == FrameType.FILE_LS_REQ:
@@ -320,6 +334,20 @@ class Agent:
             listing = await asyncio.to_thread(files.list_dir, req_ls, ctx)
             ctx.touch()
             await conn.send(FrameType.FILE_LS_RESP, listing)
+        elif ftype == FrameType.FILE_MKDIR_REQ:
+            made = await fsops.make_dir(MkdirRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_MKDIR_RESP, made.to_payload())
+        elif ftype == FrameType.FILE_MOVE_REQ:
+            moved = await fsops.move(MoveRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_MOVE_RESP, moved.to_payload())
+        elif ftype == FrameType.FILE_REMOVE_REQ:
+            await fsops.remove(RemoveRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_REMOVE_RESP, StatusResponse("ok").to_payload())
+        elif ftype == FrameType.FILE_WATCH_REQ:
+            await watch.watch_dir(conn, WatchRequest.from_payload(payload), ctx)
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
         elif ftype == FrameType.PROC_START:

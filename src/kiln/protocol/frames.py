@@ -62,8 +62,17 @@ class FrameType(IntEnum):
     FILE_STAT_RESP = 0x55
     FILE_LS_REQ = 0x56
     FILE_LS_RESP = 0x57
+    FILE_MKDIR_REQ = 0x58
+    FILE_MKDIR_RESP = 0x59
+    FILE_MOVE_REQ = 0x5A
+    FILE_MOVE_RESP = 0x5B
+    FILE_REMOVE_REQ = 0x5C
+    FILE_REMOVE_RESP = 0x5D
     CLOCK_SET = 0x60
     CLOCK_SET_RESP = 0x61
+    FILE_WATCH_REQ = 0x70
+    FILE_WATCH_RESP = 0x71
+    FILE_EVENT = 0x72
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)

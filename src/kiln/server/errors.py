@@ -116,6 +116,10 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         # agent
         case ac.RemoteNotFound():
             return NotFoundError(msg)
+        case ac.RemoteExists():
+            return ConflictError(msg)
+        case ac.RemotePermissionDenied():
+            return Forbidden(msg)
         case ac.ProcessFinished():
             return ConflictError(msg)
         case ac.ForwardError():
