@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets as _secrets
 import time
@@ -63,6 +64,7 @@ from kiln.store import Sandbox as SandboxRow
 from kiln.store import Template as TemplateRow
 from kiln.store import Volume as VolumeRow
 
+from .e2b.tokens import EnvdTokens
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
 from .intents import INTENTS_DIR, Intent, Intents
@@ -79,6 +81,8 @@ from .publishing import Origin, PublishService
 
 log = logging.getLogger("kiln.server")
 
+#: The daemon's key for E2B envd access tokens, under the data dir.
+ENVD_KEY_FILE = "e2b-envd-key"
 #: Host-side activity is written to the store at most this often per sandbox
 #: (the thermal manager has the exact time in memory).
 TOUCH_PERSIST_S = 5.0
@@ -120,6 +124,11 @@ class Services:
         self.secrets = SecretService(self)
         self.volumes = VolumeService(self)
         self.publishing = PublishService(self)
+
+    @functools.cached_property
+    def envd_tokens(self) -> EnvdTokens:
+        """The per-sandbox tokens of the E2B envd API (key made on first use)."""
+        return EnvdTokens.load(self.config.data_dir / ENVD_KEY_FILE)
 
     def health(self) -> dict[str, Any]:
         engines = self.engine.available() if isinstance(self.engine, Engines) else {}
