@@ -31,7 +31,8 @@ from kiln.protocol import ProtocolError
 from kiln.store import StoreError
 
 from .e2b import control as e2b_control
-from .e2b import envd, process
+from .e2b import envd, filesystem, process
+from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .proxy import ProxyFront
@@ -222,8 +223,9 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(shell.router)
     app.include_router(e2b_control.router)
     app.include_router(envd.router)
+    app.include_router(e2b_files.router)
     # After every route of its own: the Connect services take the rest of /e2b/envd.
-    app.mount(envd.PREFIX, envd.envd_app(services, [process.service]))
+    app.mount(envd.PREFIX, envd.envd_app(services, [process.service, filesystem.service]))
 
     @app.exception_handler(envd.EnvdHttpError)
     async def envd_http_error(request: Request, exc: envd.EnvdHttpError) -> JSONResponse:
