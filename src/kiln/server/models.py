@@ -174,6 +174,27 @@ class PatchSandbox(_Body):
     on_expire: OnExpireName | None = None
 
 
+SandboxPath = Annotated[StrictStr, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+
+
+class MkdirBody(_Body):
+    """``POST /sandboxes/{id}/files/mkdir``: a directory (and, with ``parents``, the
+    missing ones above it); ``mode`` an octal string such as ``"0755"``."""
+
+    path: SandboxPath
+    parents: StrictBool = True
+    mode: Annotated[StrictStr, Field(pattern=r"^0?[0-7]{1,4}$")] | None = None
+
+
+class MoveBody(_Body):
+    """``POST /sandboxes/{id}/files/move``: rename ``source`` to ``destination``
+    (across directories; an existing destination only with ``overwrite``)."""
+
+    source: SandboxPath
+    destination: SandboxPath
+    overwrite: StrictBool = False
+
+
 class ExecBody(_Body):
     cmd: Annotated[list[StrictStr], Field(min_length=1)]
     env: Env | None = None
