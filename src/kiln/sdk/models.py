@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import InvalidResponse, ServerError
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.fsops import FileEvent
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
 T = TypeVar("T")
 
@@ -477,6 +478,28 @@ def parse_file_listing(body: bytes) -> FileListing:
         return FileListing.from_payload(body)
     except InvalidMessage as exc:
         raise InvalidResponse(f"file listing: {exc}") from exc
+
+
+def parse_file_info(data: Any) -> FileInfo:
+    """One FileInfo object."""
+    from kiln.protocol import FileInfo, InvalidMessage  # noqa: PLC0415 - see above
+
+    try:
+        return FileInfo.from_json(data)
+    except InvalidMessage as exc:
+        raise InvalidResponse(f"file info: {exc}") from exc
+
+
+def parse_file_event(line: str) -> FileEvent | None:
+    """One line of a watch stream (None for a blank one)."""
+    from kiln.protocol import FileEvent, InvalidMessage  # noqa: PLC0415 - see above
+
+    if not line.strip():
+        return None
+    try:
+        return FileEvent.from_payload(line.encode())
+    except InvalidMessage as exc:
+        raise InvalidResponse(f"watch event: {exc}") from exc
 
 
 def parse_sessions(data: Any) -> list[SessionInfo]:
