@@ -116,6 +116,12 @@ def test_list_filters_by_metadata_and_pages(pair: tuple[Any, Any]) -> None:
     assert paused.next_items() == []
     assert not Sandbox.list(query=SandboxQuery(metadata={"suite": "nobody"})).next_items()
 
+    since_b = SandboxQuery(metadata={"suite": SUITE}, started_after=b.get_info().started_at)
+    assert [s.sandbox_id for s in Sandbox.list(query=since_b).next_items()] == [b.sandbox_id]
+    base = SandboxQuery(metadata={"suite": SUITE}, template="base")
+    assert len(Sandbox.list(query=base).next_items()) == 2
+    assert not Sandbox.list(query=SandboxQuery(template="minimal-x")).next_items()
+
 
 def test_connect_to_a_running_sandbox_only_extends_its_timeout(pair: tuple[Any, Any]) -> None:
     _, b = pair
@@ -165,7 +171,7 @@ def test_features_kiln_lacks_are_refused_clearly(pair: tuple[Any, Any]) -> None:
     a, _ = pair
     with pytest.raises(SandboxException, match="fork: not supported") as err:
         a.fork()
-    assert err.value.status_code == 501
+    assert err.value.status_code == 400
     with pytest.raises(SandboxException, match="filesystem-only pause"):
         a.pause(mode="filesystem")
     assert a.get_metrics() == []
