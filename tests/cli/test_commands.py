@@ -263,17 +263,40 @@ def test_setup_against_a_dead_daemon_fails(cli: Cli) -> None:
     assert not (cli.home / ".kiln" / "config.yaml").exists()
 
 
-def test_precedence_flag_then_file_then_env(cli: Cli, daemon: Daemon) -> None:
+def test_precedence_flag_then_env_then_file(cli: Cli, daemon: Daemon) -> None:
+    no_env = {"KILN_URL": "", "KILN_TOKEN": ""}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
         config = cli.home / ".kiln" / "config.yaml"
         config.parent.mkdir()
-        config.write_text(yaml.safe_dump({"url": dead, "token": daemon.token}))
-        # The file beats KILN_URL ...
-        assert_one_line_error(cli("list"), dead)
-        # ... and --url beats the file.
-        assert cli("--url", daemon.url, "list").returncode == 0
-        config.write_text(yaml.safe_dump({"token": "kiln_wrong"}))
-        assert_one_line_error(cli("list"), "invalid API key")
-        assert cli("--token", daemon.token, "list").returncode == 0
+        # The config file names a daemon that is gone; KILN_URL names the live one.
+        config.write_text(yaml.safe_dump({"url": dead, "token": "kiln_wrong"}))
+        assert cli("list").returncode == 0
+        # Without the environment the file is used ...
+        assert_one_line_error(cli("list", env=no_env), dead)
+        # ... and a flag beats both.
+        assert cli("--url", daemon.url, "--token", daemon.token, "list", env=no_env).returncode == 0
+        assert_one_line_error(cli("--url", dead, "list"), dead)
+        assert_one_line_error(cli("list", env={"KILN_TOKEN": ""}), "invalid API key")
+
+
+def test_config_show_names_the_winning_source(cli: Cli, daemon: Daemon) -> None:
+    shown = json.loads(cli.ok("config", "show", "--json"))
+    assert shown["url"] == daemon.url
+    assert (shown["url_source"], shown["token_source"]) == ("KILN_URL", "KILN_TOKEN")
+    assert daemon.token not in json.dumps(shown)  # masked
+    assert shown["config_file_exists"] is False
+
+    config = cli.home / ".kiln" / "config.yaml"
+    config.parent.mkdir()
+    file = {"url": "http://file.example:1", "token": "kiln_file_token_0123"}
+    config.write_text(yaml.safe_dump(file))
+    proc = cli("config", "show", env={"KILN_URL": ""})
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode()
+    assert "http://file.example:1  [config file]" in text
+    assert "[KILN_TOKEN]" in text
+    assert str(config) in text
+    shown = json.loads(cli.ok("--url", "127.0.0.1:9", "config", "show", "--json"))
+    assert (shown["url"], shown["url_source"]) == ("http://127.0.0.1:9", "argument")

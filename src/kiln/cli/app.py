@@ -203,12 +203,12 @@ stdin_option = click.option(
 @click.option(
     "--url",
     metavar="URL",
-    help="Daemon URL [precedence: flag > ~/.kiln/config.yaml > $KILN_URL > http://127.0.0.1:8080].",
+    help="Daemon URL [precedence: flag > $KILN_URL > ~/.kiln/config.yaml > http://127.0.0.1:8080].",
 )
 @click.option(
     "--token",
     metavar="KEY",
-    help="API key [flag > ~/.kiln/config.yaml > $KILN_TOKEN].",
+    help="API key [flag > $KILN_TOKEN > ~/.kiln/config.yaml].",
 )
 @click.pass_context
 def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
@@ -257,6 +257,50 @@ def setup(state: State, url_opt: str | None, token_opt: str | None) -> None:
         checked_url = k.url
     path = write_config_file(checked_url, token)
     click.echo(f"kiln: key accepted by {checked_url}; saved to {path}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """The client's own settings: which daemon and key it uses."""
+
+
+@config_group.command("show")
+@json_option
+@pass_state
+def config_show(state: State, as_json: bool) -> None:
+    """Print the daemon URL and key the CLI would use, and where each came from.
+
+    Precedence: --url/--token, then $KILN_URL/$KILN_TOKEN, then
+    ~/.kiln/config.yaml, then http://127.0.0.1:8080. The key is shown masked.
+    """
+    from kiln.sdk.config import config_path, load_settings  # noqa: PLC0415
+
+    settings = load_settings(state.url, state.token)
+    path = config_path()
+    info = {
+        "url": settings.url,
+        "url_source": settings.url_source,
+        "token": mask_key(settings.token),
+        "token_source": settings.token_source,
+        "config_file": str(path),
+        "config_file_exists": path.is_file(),
+    }
+    if as_json:
+        show(fmt.format_json(info))
+        return
+    file_note = "" if info["config_file_exists"] else " (not present)"
+    show(
+        f"url:          {settings.url}  [{settings.url_source}]\n"
+        f"token:        {info['token'] or '-'}  [{settings.token_source or 'none'}]\n"
+        f"config file:  {path}{file_note}"
+    )
+
+
+def mask_key(token: str | None) -> str | None:
+    """Enough of a key to tell two apart, not enough to use it."""
+    if token is None:
+        return None
+    return token[:9] + "…" + token[-4:] if len(token) > 16 else "…"
 
 
 @cli.command()

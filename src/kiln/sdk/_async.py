@@ -53,7 +53,7 @@ class AsyncKiln:
     """An asyncio client for one kiln daemon.
 
     ``url`` and ``token`` resolve like :class:`~kiln.sdk.Kiln`'s (arguments,
-    ``~/.kiln/config.yaml``, ``KILN_URL``/``KILN_TOKEN``, default). Use it as an
+    ``KILN_URL``/``KILN_TOKEN``, ``~/.kiln/config.yaml``, default). Use it as an
     async context manager (or ``await close()``)::
 
         async with AsyncKiln() as k:

@@ -47,8 +47,8 @@ T = TypeVar("T")
 class Kiln:
     """A client for one kiln daemon.
 
-    ``url`` and ``token`` fall back to ``~/.kiln/config.yaml``, then to
-    ``KILN_URL``/``KILN_TOKEN``, then to ``http://127.0.0.1:8080``. No network
+    ``url`` and ``token`` fall back to ``KILN_URL``/``KILN_TOKEN``, then to
+    ``~/.kiln/config.yaml``, then to ``http://127.0.0.1:8080``. No network
     I/O happens until the first call. Use it as a context manager (or call
     :meth:`close`) to release its connections::
 

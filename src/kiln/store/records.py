@@ -121,6 +121,11 @@ class SandboxConfig:
     #: The egress policy asked for at create (kiln.network.policy JSON); None: the
     #: daemon's default.
     network: Mapping[str, Any] | None = None
+    #: The guest's default user; None: the image's sandbox user.
+    user: str | None = None
+    #: The template it was created from, as the client named it (a kiln template, or
+    #: an E2B ``templateID``); None: none.
+    template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +300,8 @@ def config_to_json(config: SandboxConfig) -> str:
             "secrets": [_as_str(s, "secrets") for s in config.secrets],
             "runtime": _as_opt_str(config.runtime, "runtime"),
             "network": None if config.network is None else dict(config.network),
+            "user": _as_opt_str(config.user, "user"),
+            "template": _as_opt_str(config.template, "template"),
         },
         "sandbox config",
     )
@@ -311,6 +318,8 @@ def config_from_json(text: str) -> SandboxConfig:
         secrets=tuple(_as_str(s, "secrets") for s in _as_list(data.get("secrets", []), "secrets")),
         runtime=_as_opt_str(data.get("runtime"), "runtime"),
         network=_as_opt_mapping(data.get("network"), "network"),
+        user=_as_opt_str(data.get("user"), "user"),
+        template=_as_opt_str(data.get("template"), "template"),
     )
 
 
