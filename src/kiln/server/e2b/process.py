@@ -109,22 +109,29 @@ def _keepalive_interval(call: EnvdCall) -> float:
 
 
 class Deadlines:
-    """Kills processes whose stream deadline has passed; owns those timers."""
+    """Kills processes whose stream deadline has passed; owns those timers.
+
+    A timer is cancelled when its stream sees the process end; one whose stream
+    went away first checks, before it kills, that the pid still names the same
+    process (same start time, still running): pids are reused."""
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def kill_at(self, agent: AgentClient, pid: int, delay_s: float) -> None:
-        task = asyncio.create_task(self._kill(agent, pid, delay_s))
+    def kill_at(self, agent: AgentClient, info: ProcessInfo, delay_s: float) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._kill(agent, info, delay_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
-    async def _kill(agent: AgentClient, pid: int, delay_s: float) -> None:
+    async def _kill(agent: AgentClient, info: ProcessInfo, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         with contextlib.suppress(AgentError):  # gone already, or the sandbox with it
-            await agent.signal_process(pid, "KILL")
-            log.info("e2b process %d killed: its timeout passed", pid)
+            now = await agent.get_process(info.pid)
+            if now.running and now.started_at == info.started_at:
+                await agent.signal_process(info.pid, "KILL")
+                log.info("e2b process %d killed: its timeout passed", info.pid)
 
 
 deadlines = Deadlines()
@@ -200,12 +207,15 @@ async def start(call: EnvdCall, request: Message) -> AsyncIterator[Message]:
         cols=cols or None,
     )
     call.touch()
+    timer = None
     if call.deadline_s is not None:
-        deadlines.kill_at(call.agent, info.pid, call.deadline_s)
+        timer = deadlines.kill_at(call.agent, info, call.deadline_s)
     yield _event(start={"pid": info.pid})
     # All it printed so far (it has only just started) and then live output.
     async with call.agent.process_output(info.pid, replay=True) as reader:
         async for event in _stream(call, reader, info.tty):
+            if timer is not None and "end" in event["event"]:
+                timer.cancel()  # it ended in time
             yield event
 
 
