@@ -89,6 +89,7 @@ def test_frame_type_values_match_spec() -> None:
     processes = {
         "PROC_START": 0x34, "PROC_INFO": 0x35, "PROC_LIST_REQ": 0x36, "PROC_LIST_RESP": 0x37,
         "PROC_ATTACH": 0x38, "PROC_INPUT": 0x39, "PROC_SIGNAL": 0x3A, "PROC_STATUS": 0x3B,
+        "PROC_RESIZE": 0x3C,
     }  # fmt: skip
     # kiln's extension (kiln.protocol.fsops): mkdir, move, remove, watch.
     fsops = {

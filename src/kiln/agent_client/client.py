@@ -41,6 +41,7 @@ from kiln.protocol import (
     ProcessAttach,
     ProcessInfo,
     ProcessInput,
+    ProcessResize,
     ProcessSignal,
     ProcessStart,
     RemoveRequest,
@@ -286,12 +287,29 @@ class AgentClient:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> ProcessInfo:
         """Start a command detached from any connection; its table entry.
 
+        ``stdin`` False: its stdin is at end-of-file from the start. ``tty``: on a
+        terminal of ``rows`` x ``cols`` (a TTY session, output all stdout).
         CannotStart when it cannot be started (``exit_code`` 127/126 as an exec)."""
         with _misuse():
-            payload = ProcessStart(_argv(cmd), dict(env or {}), cwd, user).to_payload()
+            payload = ProcessStart(
+                _argv(cmd),
+                dict(env or {}),
+                cwd,
+                user,
+                stdin=stdin,
+                tag=tag,
+                tty=tty,
+                rows=rows,
+                cols=cols,
+            ).to_payload()
         async with await self._open() as conn:
             await conn.send(FrameType.PROC_START, payload)
             return process_info(await self._first_answer(conn, "PROC_INFO"), None)
@@ -344,6 +362,15 @@ class AgentClient:
         with _misuse():
             payload = ProcessSignal(pid, signal).to_payload()
         frame = await self._call(FrameType.PROC_SIGNAL, payload, FrameType.PROC_STATUS)
+        check_status(frame, pid)
+
+    async def resize_process(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty``.
+
+        NoTerminal for a piped one; ProcessFinished once it has exited."""
+        with _misuse():
+            payload = ProcessResize(pid, rows, cols).to_payload()
+        frame = await self._call(FrameType.PROC_RESIZE, payload, FrameType.PROC_STATUS)
         check_status(frame, pid)
 
     # -- small requests -----------------------------------------------------------------

@@ -12,6 +12,7 @@
     │   ├── RemotePermissionDenied  the acting user may not do that to the path
     │   ├── RemoteNotADirectory   a directory was expected (ls, watch, a path's parent)
     │   ├── ProcessFinished       the process has exited (no more stdin or signals)
+    │   ├── NoTerminal            a resize for a process that has no terminal
     │   ├── CannotStart           a background command could not be started
     │   └── ForwardError          FWD_RESP said error (nothing listens on the port, ...)
     └── AgentProtocolError        the agent broke the wire protocol (bad frame, unexpected
@@ -81,6 +82,14 @@ class ProcessNotFound(RemoteNotFound):
 
 class ProcessFinished(RemoteError):
     """The process has exited: it takes no more input or signals."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class NoTerminal(RemoteError):
+    """A terminal resize for a process started without one."""
 
     def __init__(self, message: str, pid: int | None = None) -> None:
         super().__init__(message)

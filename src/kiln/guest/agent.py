@@ -37,6 +37,7 @@ from kiln.protocol import (
     PathRequest,
     ProcessAttach,
     ProcessInput,
+    ProcessResize,
     ProcessSignal,
     ProcessStart,
     ProtocolError,
@@ -90,6 +91,7 @@ REQUEST_TYPES = frozenset(
         FrameType.PROC_ATTACH,
         FrameType.PROC_INPUT,
         FrameType.PROC_SIGNAL,
+        FrameType.PROC_RESIZE,
     }
 )
 
@@ -351,7 +353,11 @@ class Agent:
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
         elif ftype == FrameType.PROC_START:
-            await processes.start(conn, ProcessStart.from_payload(payload))
+            start = ProcessStart.from_payload(payload)
+            if start.tty:
+                await sessions.start_detached(conn, start)
+            else:
+                await processes.start(conn, start)
         elif ftype == FrameType.PROC_LIST_REQ:
             await processes.send_list(conn)
         elif ftype == FrameType.PROC_ATTACH:
@@ -360,6 +366,8 @@ class Agent:
             await processes.write_input(conn, ProcessInput.from_payload(payload))
         elif ftype == FrameType.PROC_SIGNAL:
             await processes.send_signal(conn, ProcessSignal.from_payload(payload))
+        elif ftype == FrameType.PROC_RESIZE:
+            await processes.resize(conn, ProcessResize.from_payload(payload))
         else:  # pragma: no cover - REQUEST_TYPES and this chain list the same types
             raise RequestError(f"unsupported request {FrameType(ftype).name}")
 

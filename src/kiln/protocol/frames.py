@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     PROC_INPUT = 0x39
     PROC_SIGNAL = 0x3A
     PROC_STATUS = 0x3B
+    PROC_RESIZE = 0x3C
     ACTIVITY_REQ = 0x40
     ACTIVITY_RESP = 0x41
     FILE_READ_REQ = 0x50

@@ -370,10 +370,27 @@ def process_body(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     user: str | None = None,
+    stdin: bool = True,
+    tag: str | None = None,
+    tty: bool = False,
+    rows: int | None = None,
+    cols: int | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes/{id}/processes``: an exec's, without its
-    timeout or encoding (a background process has neither)."""
-    return exec_body(cmd, env=env, cwd=cwd, user=user)
+    timeout or encoding (a background process has neither), with its own options
+    (sent only when not the default)."""
+    body = exec_body(cmd, env=env, cwd=cwd, user=user)
+    if not stdin:
+        body["stdin"] = False
+    if tag is not None:
+        body["tag"] = tag
+    if tty:
+        body["tty"] = True
+    if rows is not None:
+        body["rows"] = rows
+    if cols is not None:
+        body["cols"] = cols
+    return body
 
 
 def _pid(pid: int) -> str:
@@ -434,6 +451,15 @@ def signal_process(id_or_name: str, pid: int, signal: str) -> Call[None]:
         raise ValueError(f"a signal is a name such as 'TERM', got {signal!r}")
     return Call(
         "POST", process_path(id_or_name, pid, "signal"), _no_content, json={"signal": signal}
+    )
+
+
+def resize_process(id_or_name: str, pid: int, rows: int, cols: int) -> Call[None]:
+    return Call(
+        "POST",
+        process_path(id_or_name, pid, "resize"),
+        _no_content,
+        json={"rows": rows, "cols": cols},
     )
 
 

@@ -658,6 +658,14 @@ class AsyncProcess:
         """SIGKILL its process group."""
         await self.signal("KILL")
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set its terminal's size (it must have been started with ``tty``)."""
+        await AsyncProcesses(self._kiln, self._sandbox).resize(self.pid, rows, cols)
+
+    @property
+    def tag(self) -> str | None:
+        return self._info.tag
+
 
 class AsyncProcesses:
     """``sandbox.processes`` (async): background commands; see :class:`kiln.sdk.Processes`."""
@@ -673,9 +681,24 @@ class AsyncProcesses:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> AsyncProcess:
         """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background."""
-        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        body = _api.process_body(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            tag=tag,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+        )
         info = await self._kiln._call(_api.start_process(self._id, body))
         return AsyncProcess(self._kiln, self._id, info)
 
@@ -708,6 +731,11 @@ class AsyncProcesses:
     async def kill(self, pid: int) -> None:
         """SIGKILL its process group."""
         await self.signal(pid, "KILL")
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty`` (:class:`Conflict`
+        for one without a terminal, or once it has finished)."""
+        await self._kiln._call(_api.resize_process(self._id, pid, rows, cols))
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -722,6 +722,14 @@ class Process:
         """SIGKILL its process group."""
         self.signal("KILL")
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Set its terminal's size (it must have been started with ``tty``)."""
+        Processes(self._kiln, self._sandbox).resize(self.pid, rows, cols)
+
+    @property
+    def tag(self) -> str | None:
+        return self._info.tag
+
 
 class Processes:
     """``sandbox.processes``: commands that run in the background, detached from any
@@ -738,6 +746,11 @@ class Processes:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> Process:
         """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background.
 
@@ -745,7 +758,17 @@ class Processes:
         cannot start (not found, not executable, bad ``cwd``) raises
         :class:`ValidationError`.
         """
-        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        body = _api.process_body(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            tag=tag,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+        )
         return Process(self._kiln, self._id, self._kiln._call(_api.start_process(self._id, body)))
 
     def list(self) -> builtins.list[Process]:
@@ -776,6 +799,11 @@ class Processes:
     def kill(self, pid: int) -> None:
         """SIGKILL its process group."""
         self.signal(pid, "KILL")
+
+    def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty`` (:class:`Conflict`
+        for one without a terminal, or once it has finished)."""
+        self._kiln._call(_api.resize_process(self._id, pid, rows, cols))
 
 
 # -- files and sessions -------------------------------------------------------------

@@ -396,7 +396,8 @@ class ProcessInfo(_Model):
     """An entry of a sandbox's process table: a background process or a TTY session.
 
     ``exit_code`` and ``finished_at`` are ``None`` while it runs; TTY sessions
-    have ``tty`` true and their ``session_id``.
+    have ``tty`` true and their ``session_id``; ``tag`` and ``cwd`` are as the
+    process was started with them.
     """
 
     pid: int
@@ -408,6 +409,8 @@ class ProcessInfo(_Model):
     tty: bool = False
     session_id: str | None = None
     user: str | None = None
+    tag: str | None = None
+    cwd: str | None = None
 
 
 def parse_process(data: Any) -> ProcessInfo:
@@ -430,6 +433,8 @@ def parse_process(data: Any) -> ProcessInfo:
         tty=_field(obj, "tty", bool, what, False),
         session_id=_opt_str(obj, "session_id", what),
         user=_opt_str(obj, "user", what),
+        tag=_opt_str(obj, "tag", what),
+        cwd=_opt_str(obj, "cwd", what),
     )
 
 

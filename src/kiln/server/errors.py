@@ -6,7 +6,7 @@
     ├── Forbidden                403 over quota
     ├── NotFoundError            404 unknown sandbox/template/secret/volume/session/file
     ├── ConflictError            409 name taken, volume in use, wrong sandbox state,
-    │                                process finished
+    │                                process finished, resize without a terminal
     ├── LengthRequired           411 upload without Content-Length
     ├── PayloadTooLarge          413 body over the limit
     ├── Unprocessable            422 fields that parse but are invalid
@@ -120,7 +120,7 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return ConflictError(msg)
         case ac.RemotePermissionDenied():
             return Forbidden(msg)
-        case ac.ProcessFinished():
+        case ac.ProcessFinished() | ac.NoTerminal():
             return ConflictError(msg)
         case ac.ForwardError():
             return BadGateway(msg)

@@ -4,6 +4,8 @@ token, user, health; and the error codes the SDK maps to its exceptions."""
 from __future__ import annotations
 
 import base64
+import json
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -96,3 +98,16 @@ def test_health(anon: httpx.Client, sandbox: dict[str, Any], api: ApiUser) -> No
 def test_kiln_routes_are_untouched(api: ApiUser) -> None:
     r = api.http.post("/sandboxes", content=b"{bad", headers={"content-type": "text/plain"})
     assert r.status_code == 400  # still read as JSON by the body limit
+
+
+def test_stream_errors_come_in_the_end_message(anon: httpx.Client) -> None:
+    body = json.dumps({"process": {"pid": 1}}).encode()
+    r = anon.post(
+        "/e2b/envd/process.Process/Connect",
+        content=struct.pack(">BI", 0, len(body)) + body,
+        headers={"content-type": "application/connect+json", "E2b-Sandbox-Id": "nope"},
+    )
+    assert r.status_code == 200
+    end = json.loads(r.content[5:])
+    assert r.content[0] == 2
+    assert end["error"]["code"] == "unavailable"

@@ -72,6 +72,8 @@ class EnvdCall:
     #: The agent's user: None for the sandbox's unprivileged user, or "root".
     user: str | None
     headers: Mapping[str, str]
+    #: Seconds left of the call's deadline (``connect-timeout-ms``), when it has one.
+    deadline_s: float | None = None
 
     def touch(self) -> None:
         """Record activity, so the sandbox is not paused under a running call."""
@@ -142,14 +144,16 @@ def user_of(headers: Mapping[str, str]) -> str | None:
     )
 
 
-async def resolve(services: Services, headers: Mapping[str, str]) -> EnvdCall:
+async def resolve(
+    services: Services, headers: Mapping[str, str], deadline_s: float | None = None
+) -> EnvdCall:
     user = user_of(headers)
     sb = find_sandbox(services, headers)
     try:
         sb, client = await services.sandboxes.wake(sb)
     except NotFound:
         raise _not_found(sb.id) from None
-    return EnvdCall(services, sb, client, user, headers)
+    return EnvdCall(services, sb, client, user, headers, deadline_s)
 
 
 # ---------------------------------------------------------------- Connect services
@@ -159,7 +163,8 @@ def envd_app(services: Services, rpc_services: list[Service[EnvdCall]]) -> Conne
     """The ASGI app of the envd Connect services (mounted at :data:`PREFIX`)."""
 
     async def bind(ctx: RequestContext[Any, Any]) -> EnvdCall:
-        return await resolve(services, ctx.request_headers)
+        ms = ctx.timeout_ms
+        return await resolve(services, ctx.request_headers, None if ms is None else ms / 1000)
 
     return ConnectApp(rpc_services, bind)
 
