@@ -420,3 +420,22 @@ async def test_watch_errors(guest: Guest, workdir: Path) -> None:
         async with await Conn.open(guest.control, guest.token) as conn:
             await conn.send_json(FrameType.FILE_WATCH_REQ, {"path": str(path)})
             assert reason in await conn.expect_error()
+
+
+async def test_a_watch_keeps_the_sandbox_active(guest: Guest, workdir: Path) -> None:
+    async def attached() -> int:
+        frame = await request(guest, FrameType.ACTIVITY_REQ)
+        assert frame.type == FrameType.ACTIVITY_RESP
+        return int(json.loads(frame.payload)["attached_sessions"])
+
+    before = await attached()
+    watcher = await Watcher.start(guest, workdir)
+    try:
+        assert await attached() == before + 1
+    finally:
+        await watcher.conn.close()
+    for _ in range(100):
+        if await attached() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert await attached() == before

@@ -378,7 +378,8 @@ class Agent:
         assert self._processes is not None
         attached, running = self._sessions.counts()
         # Output readers count as attached: someone is watching.
-        in_flight = len(self._ctx.running_execs) + self._processes.readers
+        # So do directory watches: someone waits for the sandbox's changes.
+        in_flight = len(self._ctx.running_execs) + self._processes.readers + self._ctx.watches
         return ActivityInfo(
             last_activity_unix=self._ctx.last_activity,
             attached_sessions=attached + in_flight,

@@ -244,7 +244,12 @@ async def watch_dir(conn: FrameStream, req: WatchRequest, ctx: GuestContext) -> 
         await asyncio.to_thread(watch.seed)
         ctx.touch()
         await conn.send(FrameType.FILE_WATCH_RESP, StatusResponse("ok").to_payload())
-        await _pump(conn, watch)
+        ctx.watches += 1
+        try:
+            await _pump(conn, watch)
+        finally:
+            ctx.watches -= 1
+            ctx.touch()
     finally:
         ino.close()
 

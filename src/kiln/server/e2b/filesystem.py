@@ -260,6 +260,8 @@ MAX_EVENTS: Final = 10_000
 MAX_WATCHERS: Final = 64
 #: A watcher nobody asked for events for this long is dropped.
 WATCHER_IDLE_S: Final = 600.0
+#: ... and one whose watch has ended, after this long.
+ENDED_KEPT_S: Final = 60.0
 
 
 @dataclass
@@ -342,7 +344,10 @@ class Watchers:
     async def _sweep(self) -> None:
         now = time.monotonic()
         for watcher_id, watcher in list(self._watchers.items()):
-            if now - watcher.last_used > WATCHER_IDLE_S:
+            idle = now - watcher.last_used
+            # One whose watch has ended (its directory or its sandbox is gone) goes
+            # sooner: its last events have had a minute to be collected.
+            if idle > WATCHER_IDLE_S or (watcher.ended and idle > ENDED_KEPT_S):
                 await self._drop(watcher_id)
 
     async def aclose(self) -> None:
