@@ -226,9 +226,7 @@ def _events_until(handle: Any, wanted: set[tuple[str, Any]], within: float = 20)
     raise AssertionError(f"wanted {wanted}, saw {[(e.name, e.type) for e in seen]}")
 
 
-def test_watch_dir_reports_files_writes_and_commands(
-    sandbox: Sandbox, base: str, kiln_api: httpx.Client
-) -> None:
+def test_watch_dir_reports_files_writes_and_commands(sandbox: Sandbox, base: str) -> None:
     sandbox.files.make_dir(base)
     handle = sandbox.files.watch_dir(base)
     try:
@@ -240,8 +238,8 @@ def test_watch_dir_reports_files_writes_and_commands(
                 ("from-files.txt", FilesystemEventType.WRITE),
             },
         )
-        sh(kiln_api, sandbox, f"cd {HOME}/{base} && echo hi > cmd.txt && chmod 600 cmd.txt")
-        sh(kiln_api, sandbox, f"cd {HOME}/{base} && mv cmd.txt moved.txt && rm moved.txt")
+        script = "echo hi > cmd.txt && chmod 600 cmd.txt && mv cmd.txt moved.txt && rm moved.txt"
+        assert sandbox.commands.run(script, cwd=f"{HOME}/{base}").exit_code == 0
         _events_until(
             handle,
             {
