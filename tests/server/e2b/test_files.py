@@ -66,6 +66,7 @@ def test_write_and_read_every_kind_of_data(
     sandbox.files.write(f"{base}/binary-io", io.BytesIO(b"from a binary file object"))
     sandbox.files.write(f"{base}/text-io", io.StringIO("from a text file object"))
     sandbox.files.write(f"{base}/iterable", iter([b"chunk one, ", b"chunk two"]))
+    sandbox.files.write(f"{base}/zipped.txt", "squeeze me " * 1000, gzip=True)
     big = secrets.token_bytes(3 * 1024 * 1024 + 17)
     sandbox.files.write(f"{base}/big", io.BytesIO(big))
 
@@ -74,6 +75,7 @@ def test_write_and_read_every_kind_of_data(
     assert sandbox.files.read(f"{base}/binary-io") == "from a binary file object"
     assert sandbox.files.read(f"{base}/text-io") == "from a text file object"
     assert sandbox.files.read(f"{base}/iterable") == "chunk one, chunk two"
+    assert sandbox.files.read(f"{base}/zipped.txt", gzip=True) == "squeeze me " * 1000
     with sandbox.files.read(f"{base}/big", format="stream") as stream:
         assert b"".join(stream) == big
     # Absolute paths too, and the files are the default user's.
