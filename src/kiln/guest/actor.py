@@ -13,13 +13,18 @@ every thread of the process. The thread gets its identity back before it
 returns to the pool.
 
 A request without a user keeps the original behaviour: the agent acts as
-itself and gives what it creates to the sandbox user.
+itself and gives what it creates to the sandbox user. Where the identity cannot
+be switched (a kernel or sandbox runtime without setfsuid, such as some gVisor
+releases), a request with a user falls back to that too, giving what it creates
+to the user: ownership stays right, permissions are not enforced (logged once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
+import logging
 import os
 import platform
 from collections.abc import Callable
@@ -31,6 +36,7 @@ from .errors import RequestError
 from .spawner import Credentials
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: setgroups(2) by architecture (the raw syscall is per thread).
 _SYS_SETGROUPS: Final = {"x86_64": 116, "aarch64": 159, "i686": 81, "riscv64": 159}
@@ -83,6 +89,22 @@ def run_with_fs_identity(creds: Credentials, fn: Callable[[], T]) -> T:
         _setgroups(own_groups)
 
 
+@functools.cache
+def identity_switching() -> bool:
+    """Whether this system lets a thread take another filesystem identity (probed
+    once, by switching to nobody's ids and back)."""
+    try:
+        run_with_fs_identity(Credentials(65534, 65534, ()), lambda: None)
+    except (OSError, RequestError) as exc:
+        log.warning(
+            "file operations cannot act as other users here (%s): the agent "
+            "performs them itself and gives what it creates to the user",
+            exc,
+        )
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     """Who a file request acts as.
@@ -95,6 +117,8 @@ class Actor:
     ctx: GuestContext
     user: UserInfo | None
     creds: Credentials | None
+    #: Without an identity switch for another user: who gets what is created.
+    owner: tuple[int, int] | None = None
 
     def resolve(self, path: str) -> str:
         """Relative paths (and ``~``) start at the user's home, else at the workdir."""
@@ -113,8 +137,11 @@ class Actor:
         user, or ``existing`` (the owner of the file it replaces) when known."""
         if self.user is None:
             self.ctx.give_to_user(target, existing)
-        elif self.creds is None and existing is not None and os.geteuid() == 0:
-            uid, gid = existing
+        elif self.creds is None and os.geteuid() == 0:
+            owner = existing or self.owner
+            if owner is None:
+                return
+            uid, gid = owner
             if isinstance(target, int):
                 os.fchown(target, uid, gid)
             else:
@@ -140,4 +167,6 @@ def actor_for(ctx: GuestContext, name: str | None) -> Actor:
         return Actor(ctx, user, None)
     if os.geteuid() != 0:
         raise RequestError(f"cannot act as {name!r}: the agent is not root")
+    if not identity_switching():
+        return Actor(ctx, user, None, (user.uid, user.gid))
     return Actor(ctx, user, ctx.credentials(user))
