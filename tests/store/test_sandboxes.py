@@ -239,6 +239,7 @@ def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
         "network": None,
         "user": None,
         "template": None,
+        "idempotency": None,
     }
 
 

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets as _secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -339,11 +339,13 @@ class SandboxService:
         *,
         guest_user: str | None = None,
         template_name: str | None = None,
+        idempotency: Mapping[str, str] | None = None,
     ) -> SandboxRow:
         """Create and boot a sandbox; its row. ``guest_user``: the guest's default user
         when not the image's (created at boot: the E2B API's ``user``);
         ``template_name``: the template as the client named it, when not a kiln
-        template (an E2B ``templateID``), recorded in its config."""
+        template (an E2B ``templateID``); ``idempotency``: the key a retried create
+        finds it by. The last two are recorded in its config."""
         s = self._s
         tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
         cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
@@ -410,6 +412,7 @@ class SandboxService:
                     network=None if network is None else network.to_json(),
                     user=guest_user,
                     template=template_name or body.template_id,
+                    idempotency=idempotency,
                 ),
                 new_volumes=[
                     NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes

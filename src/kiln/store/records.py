@@ -126,6 +126,9 @@ class SandboxConfig:
     #: The template it was created from, as the client named it (a kiln template, or
     #: an E2B ``templateID``); None: none.
     template: str | None = None
+    #: The create's idempotency key and a digest of its request (E2B's
+    #: ``Idempotency-Key``): a retry with the same key gets this sandbox.
+    idempotency: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,7 @@ def config_to_json(config: SandboxConfig) -> str:
             "network": None if config.network is None else dict(config.network),
             "user": _as_opt_str(config.user, "user"),
             "template": _as_opt_str(config.template, "template"),
+            "idempotency": None if config.idempotency is None else dict(config.idempotency),
         },
         "sandbox config",
     )
@@ -320,6 +324,7 @@ def config_from_json(text: str) -> SandboxConfig:
         network=_as_opt_mapping(data.get("network"), "network"),
         user=_as_opt_str(data.get("user"), "user"),
         template=_as_opt_str(data.get("template"), "template"),
+        idempotency=_as_opt_mapping(data.get("idempotency"), "idempotency"),
     )
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from e2b import (
     AuthenticationException,
+    ConnectionConfig,
     NotFoundException,
     Sandbox,
     SandboxException,
@@ -56,8 +57,17 @@ def _near(when: datetime, seconds: float, slack: float = 30) -> bool:
     return abs((when - datetime.now(UTC)).total_seconds() - seconds) < slack
 
 
+def test_the_sdk_takes_kiln_from_its_environment(e2b_env: E2bDaemon) -> None:
+    # The three variables are all a user sets: every call of the SDK then goes to kiln.
+    config = ConnectionConfig()
+    assert config.api_url == e2b_env.url + "/e2b"
+    assert config.api_key == e2b_env.key
+    assert config.get_sandbox_url("sb-x", "") == e2b_env.url + "/e2b/envd"
+
+
 def test_create_with_envs_and_metadata(pair: tuple[Any, Any], kiln_api: httpx.Client) -> None:
     a, _ = pair
+    assert a.connection_config.get_sandbox_url(a.sandbox_id, "").endswith("/e2b/envd")
     info = a.get_info()
     assert info.sandbox_id == a.sandbox_id
     assert info.template_id == "base"

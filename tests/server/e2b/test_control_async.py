@@ -29,9 +29,12 @@ def _seconds_left(when: datetime) -> float:
 
 async def test_an_async_sandbox_s_lifecycle(e2b_daemon: E2bDaemon, kiln_api: httpx.Client) -> None:
     tag = f"async-{secrets.token_hex(3)}"
-    sb = await AsyncSandbox.create(envs={"WHO": "async"}, metadata={"suite": tag}, timeout=600)
+    create = {"envs": {"WHO": "async"}, "metadata": {"suite": tag}, "timeout": 600}
+    sb = await AsyncSandbox.create(**create, idempotency_key=tag)
     sid = sb.sandbox_id
     try:
+        # A retry with the same key gets the same sandbox, not a second one.
+        assert (await AsyncSandbox.create(**create, idempotency_key=tag)).sandbox_id == sid
         info = await sb.get_info()
         assert (info.template_id, info.metadata, info.state) == (
             "base",

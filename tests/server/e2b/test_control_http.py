@@ -6,6 +6,7 @@ real VMs is ``test_control.py``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,34 @@ def test_templates_are_kiln_images_or_kiln_templates(
     # Another user's template is not theirs to use.
     with httpx.Client(base_url=live.url + E2B, headers={"X-API-KEY": keys[1]}) as other:
         _error(other.post("/v2/sandboxes", json={"templateID": "big"}), 404, "not found")
+
+
+def test_an_idempotency_key_makes_a_retry_get_the_same_sandbox(
+    c: httpx.Client, live: LiveServer, keys: tuple[str, str]
+) -> None:
+    body = {"templateID": "base", "metadata": {"idem": "1"}}
+    key = {"Idempotency-Key": "retry-1"}
+
+    # Concurrent retries too: the second waits for the first and gets its sandbox.
+    def post(_: int) -> httpx.Response:
+        return c.post("/v2/sandboxes", json=body, headers=key)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(post, range(3)))
+    assert [r.status_code for r in answers] == [201, 201, 201]
+    ids = {r.json()["sandboxID"] for r in answers}
+    assert len(ids) == 1
+    (sid,) = ids
+    assert len(c.get("/v2/sandboxes", params={"metadata": "idem=1"}).json()) == 1
+    other_body = {**body, "timeout": 60}
+    _error(c.post("/v2/sandboxes", json=other_body, headers=key), 409, "another request")
+    _error(c.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "Not OK"}), 400)
+    with httpx.Client(base_url=live.url + E2B, headers={"X-API-KEY": keys[1]}) as other:
+        theirs = other.post("/v2/sandboxes", json=body, headers=key)
+        assert theirs.status_code == 201 and theirs.json()["sandboxID"] != sid
+        assert other.delete(f"/sandboxes/{theirs.json()['sandboxID']}").status_code == 204
+    assert c.delete(f"/sandboxes/{sid}").status_code == 204
+    # Once that sandbox is gone, the key makes a new one.
+    again = c.post("/v2/sandboxes", json=body, headers=key)
+    assert again.status_code == 201 and again.json()["sandboxID"] != sid
+    assert c.delete(f"/sandboxes/{again.json()['sandboxID']}").status_code == 204

@@ -20,20 +20,25 @@ user's is 404, as an unknown one. Errors are E2B's ``{"code", "message"}``
 the statuses the SDK maps to its exceptions: 401 → ``AuthenticationException``,
 404 → ``NotFoundException`` / ``SandboxNotFoundException`` (or ``kill()`` →
 False), 409 on pause → ``pause()`` → False. The SDK's features kiln lacks
-(snapshots, fork, network updates, MCP, IAM, logs) answer 400 saying so rather
-than 404, which the SDK would report as a missing sandbox.
+(snapshots, fork, network updates, MCP, IAM, logs, and E2B's template, volume
+and secret APIs) answer 400 saying so rather than 404, which the SDK would
+report as a missing sandbox.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
+import re
 import urllib.parse
+import weakref
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -90,7 +95,8 @@ MAX_PAGE = 100
 
 def error_response(status: int, message: str) -> JSONResponse:
     """An E2B error (the statuses are kiln's: 400 malformed, 422 invalid fields, ...);
-    a 5xx tells the SDK's retry logic not to retry (none of kiln's is transient)."""
+    a 5xx tells the SDK's retry logic not to retry: kiln's (no engine, an agent
+    that does not answer) do not pass in the SDK's few seconds of back-off."""
     headers = {"Should-Retry": "false"} if status >= 500 else None
     return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
 
@@ -283,13 +289,60 @@ def _network(body: NewSandbox) -> dict[str, Any] | None:
     return {"egress": egress or "allow", "allow": allow, "deny": deny}
 
 
+#: An ``Idempotency-Key`` as the SDK accepts one.
+IDEMPOTENCY_KEY_RE = re.compile(r"^[a-z0-9-]{1,255}$")
+#: One lock per (user, key) while a create with that key runs: a retry waits for
+#: it and then finds its sandbox instead of making a second one.
+_creating: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+    weakref.WeakValueDictionary()
+)
+
+
 @router.post("/v2/sandboxes", status_code=201)
 @router.post("/sandboxes", status_code=201, include_in_schema=False)
-async def create_sandbox(new: NewSandbox, user: E2bUser, services: AppServices) -> dict[str, Any]:
-    """Create a sandbox (E2B ``NewSandbox``) → E2B ``Sandbox``, with its envd token."""
-    row = await services.sandboxes.create_row(
-        user, _kiln_create(user, services, new), guest_user=E2B_USER, template_name=new.template_id
-    )
+async def create_sandbox(
+    new: NewSandbox,
+    user: E2bUser,
+    services: AppServices,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="a retry with it gets the same sandbox"),
+    ] = None,
+) -> dict[str, Any]:
+    """Create a sandbox (E2B ``NewSandbox``) → E2B ``Sandbox``, with its envd token.
+
+    With an ``Idempotency-Key``, a create repeated with the same key and request
+    answers the sandbox the first one made while that sandbox lives (409 if the
+    key comes with another request)."""
+    create = _kiln_create(user, services, new)
+    if idempotency_key is None:
+        row = await services.sandboxes.create_row(
+            user, create, guest_user=E2B_USER, template_name=new.template_id
+        )
+        return created(row, services.envd_tokens.issue(row.id))
+    if not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+        raise BadRequest("Idempotency-Key: 1 to 255 lowercase letters, digits or '-'")
+    request = json.dumps(new.model_dump(mode="json", by_alias=True), sort_keys=True)
+    digest = hashlib.sha256(request.encode()).hexdigest()
+    lock = _creating.get((user.id, idempotency_key))
+    if lock is None:
+        lock = _creating[(user.id, idempotency_key)] = asyncio.Lock()
+    async with lock:
+        for sb in services.store.list_sandboxes(user.id):
+            earlier = sb.config.idempotency
+            if earlier is not None and earlier.get("key") == idempotency_key:
+                if earlier.get("digest") != digest:
+                    raise ConflictError(
+                        f"Idempotency-Key {idempotency_key!r} was used for another request"
+                    )
+                return created(sb, services.envd_tokens.issue(sb.id))
+        row = await services.sandboxes.create_row(
+            user,
+            create,
+            guest_user=E2B_USER,
+            template_name=new.template_id,
+            idempotency={"key": idempotency_key, "digest": digest},
+        )
     return created(row, services.envd_tokens.issue(row.id))
 
 
