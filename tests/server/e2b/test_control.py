@@ -18,6 +18,7 @@ import httpx
 import pytest
 from e2b import (
     AuthenticationException,
+    ConnectionConfig,
     NotFoundException,
     Sandbox,
     SandboxException,
@@ -56,8 +57,17 @@ def _near(when: datetime, seconds: float, slack: float = 30) -> bool:
     return abs((when - datetime.now(UTC)).total_seconds() - seconds) < slack
 
 
+def test_the_sdk_takes_kiln_from_its_environment(e2b_env: E2bDaemon) -> None:
+    # The three variables are all a user sets: every call of the SDK then goes to kiln.
+    config = ConnectionConfig()
+    assert config.api_url == e2b_env.url + "/e2b"
+    assert config.api_key == e2b_env.key
+    assert config.get_sandbox_url("sb-x", "") == e2b_env.url + "/e2b/envd"
+
+
 def test_create_with_envs_and_metadata(pair: tuple[Any, Any], kiln_api: httpx.Client) -> None:
     a, _ = pair
+    assert a.connection_config.get_sandbox_url(a.sandbox_id, "").endswith("/e2b/envd")
     info = a.get_info()
     assert info.sandbox_id == a.sandbox_id
     assert info.template_id == "base"
@@ -116,6 +126,12 @@ def test_list_filters_by_metadata_and_pages(pair: tuple[Any, Any]) -> None:
     assert paused.next_items() == []
     assert not Sandbox.list(query=SandboxQuery(metadata={"suite": "nobody"})).next_items()
 
+    since_b = SandboxQuery(metadata={"suite": SUITE}, started_after=b.get_info().started_at)
+    assert [s.sandbox_id for s in Sandbox.list(query=since_b).next_items()] == [b.sandbox_id]
+    base = SandboxQuery(metadata={"suite": SUITE}, template="base")
+    assert len(Sandbox.list(query=base).next_items()) == 2
+    assert not Sandbox.list(query=SandboxQuery(template="minimal-x")).next_items()
+
 
 def test_connect_to_a_running_sandbox_only_extends_its_timeout(pair: tuple[Any, Any]) -> None:
     _, b = pair
@@ -165,7 +181,7 @@ def test_features_kiln_lacks_are_refused_clearly(pair: tuple[Any, Any]) -> None:
     a, _ = pair
     with pytest.raises(SandboxException, match="fork: not supported") as err:
         a.fork()
-    assert err.value.status_code == 501
+    assert err.value.status_code == 400
     with pytest.raises(SandboxException, match="filesystem-only pause"):
         a.pause(mode="filesystem")
     assert a.get_metrics() == []

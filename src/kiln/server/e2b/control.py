@@ -20,8 +20,9 @@ user's is 404, as an unknown one. Errors are E2B's ``{"code", "message"}``
 the statuses the SDK maps to its exceptions: 401 → ``AuthenticationException``,
 404 → ``NotFoundException`` / ``SandboxNotFoundException`` (or ``kill()`` →
 False), 409 on pause → ``pause()`` → False. The SDK's features kiln lacks
-(snapshots, fork, network updates, MCP, IAM, logs) answer 501 saying so rather
-than 404, which the SDK would report as a missing sandbox.
+(snapshots, fork, network updates, MCP, IAM, logs, and E2B's template, volume
+and secret APIs) answer 400 saying so rather than 404, which the SDK would
+report as a missing sandbox.
 """
 
 from __future__ import annotations
@@ -90,16 +91,19 @@ MAX_PAGE = 100
 
 def error_response(status: int, message: str) -> JSONResponse:
     """An E2B error (the statuses are kiln's: 400 malformed, 422 invalid fields, ...);
-    a 5xx tells the SDK's retry logic not to retry (none of kiln's is transient)."""
+    a 5xx tells the SDK's retry logic not to retry: kiln's (no engine, an agent
+    that does not answer) do not pass in the SDK's few seconds of back-off."""
     headers = {"Should-Retry": "false"} if status >= 500 else None
     return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
 
 
 class NotSupported(ApiError):
-    """A feature of E2B's API kiln does not have (the SDK names the status in its
-    exception: ``SandboxException("501: ...")``)."""
+    """A feature of E2B's API kiln does not have: a 400 (asking for it is bad input
+    here, and no 5xx answers bad input), which the SDK raises as
+    ``SandboxException("400: ... not supported ...")``; a 404 would read as a
+    missing sandbox, a 501 as a server fault its callers might retry."""
 
-    status = 501
+    status = 400
 
 
 # ------------------------------------------------------------------------ auth
@@ -203,7 +207,7 @@ def created(sb: SandboxRow, token: str) -> dict[str, Any]:
 
 
 def _kiln_create(user: User, services: Services, body: NewSandbox) -> CreateSandbox:
-    """The kiln create an E2B create asks for; 400/404/501 for what kiln cannot do."""
+    """The kiln create an E2B create asks for; 400 or 404 for what kiln cannot do."""
     fields: dict[str, Any] = {}
     template = body.template_id
     if template == DEFAULT_TEMPLATE:
@@ -457,45 +461,48 @@ def _find(services: Services, user: User, sandbox_id: str) -> SandboxRow:
     return row
 
 
-@router.get("/sandboxes/{sandbox_id}")
-async def get_sandbox(sandbox_id: str, user: E2bUser, services: AppServices) -> dict[str, Any]:
+@router.get("/sandboxes/{sandbox}")
+async def get_sandbox(sandbox: str, user: E2bUser, services: AppServices) -> dict[str, Any]:
     """E2B ``SandboxDetail`` (never wakes the sandbox)."""
-    sb = _find(services, user, sandbox_id)
+    sb = _find(services, user, sandbox)
     return detail(sb, services.sandboxes.view(sb), services.envd_tokens.issue(sb.id))
 
 
-@router.delete("/sandboxes/{sandbox_id}", status_code=204)
-async def kill_sandbox(sandbox_id: str, user: E2bUser, services: AppServices) -> Response:
+@router.delete("/sandboxes/{sandbox}", status_code=204)
+async def kill_sandbox(sandbox: str, user: E2bUser, services: AppServices) -> Response:
     """Destroy it (404 once it is gone: the SDK's ``kill()`` is then False)."""
-    sb = _find(services, user, sandbox_id)
+    sb = _find(services, user, sandbox)
     await services.sandboxes.delete(user, sb.id)
     return Response(status_code=204)
 
 
-@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
+@router.post("/sandboxes/{sandbox}/pause", status_code=204)
 async def pause_sandbox(
-    sandbox_id: str,
+    sandbox: str,
     user: E2bUser,
     services: AppServices,
     body: Annotated[PauseSandbox | None, Body()] = None,
 ) -> Response:
     """kiln's stop: on QEMU the memory and processes are kept and a connect restores
-    them; a Docker sandbox keeps its files only. 409 when already paused."""
+    them; a Docker sandbox keeps its files only. 409 when already paused. As on E2B,
+    a paused sandbox has no timeout: it stays until a connect (which sets a new
+    one) or a kill."""
     pause = body or PauseSandbox()
     if pause.memory is False:
         raise NotSupported(
             "memory false (a filesystem-only pause) is not supported by kiln:"
             " a pause keeps the memory where the engine can"
         )
-    sb = _find(services, user, sandbox_id)
+    sb = _find(services, user, sandbox)
     if services.sandboxes.view(sb)["status"] == Status.STOPPED:
-        raise ConflictError(f"sandbox {sandbox_id!r} is already paused")
+        raise ConflictError(f"sandbox {sandbox!r} is already paused")
     await services.sandboxes.stop(user, sb.id)
+    services.sandboxes.patch(user, sb.id, PatchSandbox.model_validate({"ttl_s": None}))
     return Response(status_code=204)
 
 
 async def _resume(
-    services: Services, user: User, sandbox_id: str, body: ConnectSandbox, *, legacy: bool
+    services: Services, user: User, sandbox: str, body: ConnectSandbox, *, legacy: bool
 ) -> tuple[SandboxRow, bool]:
     """Start the sandbox if it is paused; set its expiry. (row, whether it was resumed)."""
     if body.memory is False:
@@ -503,7 +510,7 @@ async def _resume(
             "memory false (resume by a cold boot from disk) is not supported by kiln:"
             " a resume restores the sandbox as it was paused"
         )
-    sb = _find(services, user, sandbox_id)
+    sb = _find(services, user, sandbox)
     timeout = float(body.timeout if body.timeout is not None else DEFAULT_TIMEOUT_S)
     status = services.sandboxes.view(sb)["status"]
     if status == Status.STOPPED:
@@ -514,9 +521,9 @@ async def _resume(
         services.sandboxes.patch(user, sb.id, PatchSandbox.model_validate(patch))
         return services.sandboxes.find(user, sb.id), True
     if legacy:
-        raise ConflictError(f"sandbox {sandbox_id!r} is already running")
+        raise ConflictError(f"sandbox {sandbox!r} is already running")
     if status == Status.ERROR:
-        raise ConflictError(f"sandbox {sandbox_id!r} is in error; it can only be killed")
+        raise ConflictError(f"sandbox {sandbox!r} is in error; it can only be killed")
     # A running sandbox's expiry only ever moves later on connect (E2B's rule).
     end = services.clock() + timeout
     if sb.expires_at is not None and sb.expires_at < end:
@@ -524,39 +531,39 @@ async def _resume(
     return services.sandboxes.find(user, sb.id), False
 
 
-@router.post("/v2/sandboxes/{sandbox_id}/connect")
-@router.post("/sandboxes/{sandbox_id}/connect", include_in_schema=False)
+@router.post("/v2/sandboxes/{sandbox}/connect")
+@router.post("/sandboxes/{sandbox}/connect", include_in_schema=False)
 async def connect_sandbox(
-    sandbox_id: str,
+    sandbox: str,
     user: E2bUser,
     services: AppServices,
     body: Annotated[ConnectSandbox | None, Body()] = None,
 ) -> JSONResponse:
     """Resume a paused sandbox (201) or keep a running one (200) → E2B ``Sandbox``."""
-    sb, resumed = await _resume(services, user, sandbox_id, body or ConnectSandbox(), legacy=False)
+    sb, resumed = await _resume(services, user, sandbox, body or ConnectSandbox(), legacy=False)
     content = created(sb, services.envd_tokens.issue(sb.id))
     return JSONResponse(content, status_code=201 if resumed else 200)
 
 
-@router.post("/sandboxes/{sandbox_id}/resume", status_code=201)
+@router.post("/sandboxes/{sandbox}/resume", status_code=201)
 async def resume_sandbox(
-    sandbox_id: str,
+    sandbox: str,
     user: E2bUser,
     services: AppServices,
     body: Annotated[ConnectSandbox | None, Body()] = None,
 ) -> dict[str, Any]:
     """Older SDKs' resume: 409 when it is not paused."""
-    sb, _ = await _resume(services, user, sandbox_id, body or ConnectSandbox(), legacy=True)
+    sb, _ = await _resume(services, user, sandbox, body or ConnectSandbox(), legacy=True)
     return created(sb, services.envd_tokens.issue(sb.id))
 
 
-@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
+@router.post("/sandboxes/{sandbox}/timeout", status_code=204)
 async def set_timeout(
-    sandbox_id: str, req: SetTimeout, user: E2bUser, services: AppServices
+    sandbox: str, req: SetTimeout, user: E2bUser, services: AppServices
 ) -> Response:
     """The sandbox now expires ``timeout`` seconds from now (killed, or paused with
     autoPause), sooner or later than before."""
-    sb = _find(services, user, sandbox_id)
+    sb = _find(services, user, sandbox)
     # 0 is "now": kiln's own ttl_s is positive, so the smallest one stands for it.
     services.sandboxes.patch(
         user, sb.id, PatchSandbox.model_validate({"ttl_s": float(max(req.timeout, 1e-3))})
@@ -564,28 +571,38 @@ async def set_timeout(
     return Response(status_code=204)
 
 
-@router.get("/sandboxes/{sandbox_id}/metrics")
+@router.get("/sandboxes/{sandbox}/metrics")
 async def sandbox_metrics(
-    sandbox_id: str,
+    sandbox: str,
     user: E2bUser,
     services: AppServices,
     start: Annotated[int | None, Query(ge=0)] = None,
     end: Annotated[int | None, Query(ge=0)] = None,
 ) -> list[dict[str, Any]]:
     """No samples: kiln records no metrics history (the SDK's ``get_metrics()`` → [])."""
-    _find(services, user, sandbox_id)
+    _find(services, user, sandbox)
     return []
 
 
 _UNSUPPORTED = {
-    ("POST", "/sandboxes/{sandbox_id}/fork"): "fork",
-    ("POST", "/sandboxes/{sandbox_id}/snapshots"): "snapshots",
-    ("PUT", "/sandboxes/{sandbox_id}/network"): "network updates",
-    ("POST", "/sandboxes/{sandbox_id}/refreshes"): "refreshes",
-    ("GET", "/sandboxes/{sandbox_id}/logs"): "sandbox logs",
-    ("GET", "/v2/sandboxes/{sandbox_id}/logs"): "sandbox logs",
-    ("GET", "/snapshots"): "snapshots",
+    ("POST", "/sandboxes/{sandbox}/fork"): "fork",
+    ("POST", "/sandboxes/{sandbox}/snapshots"): "snapshots",
+    ("PUT", "/sandboxes/{sandbox}/network"): "network updates",
+    ("POST", "/sandboxes/{sandbox}/refreshes"): "refreshes",
+    ("GET", "/sandboxes/{sandbox}/logs"): "sandbox logs",
+    ("GET", "/v2/sandboxes/{sandbox}/logs"): "sandbox logs",
 }
+#: E2B's other APIs, whole: kiln's templates, volumes and secrets have their own API.
+_UNSUPPORTED_TREES = {
+    "/templates": "template builds and E2B templates",
+    "/v2/templates": "template builds and E2B templates",
+    "/v3/templates": "template builds and E2B templates",
+    "/default-templates": "E2B templates",
+    "/volumes": "E2B volumes (kiln volumes are mounted by name with volumeMounts)",
+    "/secrets": "E2B secrets",
+    "/snapshots": "snapshots",
+}
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def _unsupported(what: str) -> Any:
@@ -596,10 +613,9 @@ def _unsupported(what: str) -> Any:
 
 
 for (_method, _path), _what in _UNSUPPORTED.items():
-    router.add_api_route(
-        _path,
-        _unsupported(_what),
-        methods=[_method],
-        include_in_schema=False,
-        name=f"unsupported {_method} {_path}",
-    )
+    router.add_api_route(_path, _unsupported(_what), methods=[_method], include_in_schema=False)
+for _path, _what in _UNSUPPORTED_TREES.items():
+    for _route in (_path, _path + "/{rest:path}"):
+        router.add_api_route(
+            _route, _unsupported(_what), methods=_ALL_METHODS, include_in_schema=False
+        )

@@ -4,7 +4,7 @@ Request bodies are strict, like kiln's own: a wrong type is a 422, and so is a
 field kiln does not know (malformed JSON is a 400). Fields the SDK sends for
 features kiln lacks are accepted only with values that ask for nothing
 (``mcp: null``, ``autoResume: {"enabled": false}``, ...); anything else is
-refused by :mod:`.control` (501) with a message saying what is not
+refused by :mod:`.control` (400) with a message saying what is not
 supported, never ignored.
 """
 
@@ -122,13 +122,12 @@ class E2bError(BaseModel):
 
 
 _ERROR_TEXT = {
-    400: "Bad request (invalid or unsupported fields)",
+    400: "Bad request: malformed, or a feature kiln does not have",
     401: "Missing or invalid API key",
     403: "Over quota",
     404: "Unknown sandbox or template (or another user's sandbox)",
     409: "Conflict (already paused, still being created)",
     422: "Invalid fields (wrong types, unknown fields, values out of range)",
-    501: "A feature of E2B's API kiln does not have",
     503: "No engine can run sandboxes here",
 }
 
