@@ -18,6 +18,7 @@ from e2b import (
     CommandExitException,
     NotFoundException,
     PtySize,
+    SandboxException,
     TimeoutException,
 )
 
@@ -165,6 +166,13 @@ def test_handle_kill_and_disconnect(sb: Any) -> None:
     assert handle.pid in {p.pid for p in sb.commands.list()}
     assert handle.kill() is True
     wait_until(lambda: handle.pid not in {p.pid for p in sb.commands.list()})
+
+
+def test_input_for_a_command_without_stdin(sb: Any) -> None:
+    handle = sb.commands.run("sleep 300", background=True)  # stdin=False, the default
+    with pytest.raises(SandboxException, match="stdin is closed"):
+        sb.commands.send_stdin(handle.pid, "x")
+    assert handle.kill() is True
 
 
 def test_unknown_pid(sb: Any) -> None:

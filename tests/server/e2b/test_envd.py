@@ -111,3 +111,111 @@ def test_stream_errors_come_in_the_end_message(anon: httpx.Client) -> None:
     end = json.loads(r.content[5:])
     assert r.content[0] == 2
     assert end["error"]["code"] == "unavailable"
+
+
+def envelope(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">BI", 0, len(body)) + body
+
+
+def envelopes(data: bytes) -> list[tuple[int, dict[str, Any]]]:
+    out = []
+    while data:
+        flags, length = struct.unpack(">BI", data[:5])
+        out.append((flags, json.loads(data[5 : 5 + length])))
+        data = data[5 + length :]
+    return out
+
+
+def start_events(
+    anon: httpx.Client, sb: dict[str, Any], request: dict[str, Any], **extra: str
+) -> list[tuple[int, dict[str, Any]]]:
+    r = anon.post(
+        "/e2b/envd/process.Process/Start",
+        content=envelope(request),
+        headers=headers(sb, **{"content-type": "application/connect+json", **extra}),
+    )
+    assert r.status_code == 200, r.text
+    return envelopes(r.content)
+
+
+def test_start_stream_in_proto3_json(anon: httpx.Client, sandbox: dict[str, Any]) -> None:
+    request = {
+        "process": {"cmd": "sh", "args": ["-c", "printf 'a\\377'; echo e >&2; exit 5"]},
+        "stdin": False,
+        "tag": "t1",
+    }
+    events = start_events(anon, sandbox, request)
+    assert all(flags == 0 for flags, _ in events[:-1])
+    assert events[-1] == (2, {})  # a clean end of stream
+    messages = [e["event"] for _, e in events[:-1]]
+    assert set(messages[0]) == {"start"}
+    assert isinstance(messages[0]["start"]["pid"], int)
+    data = [m["data"] for m in messages if "data" in m]
+    stdout = b"".join(base64.b64decode(d["stdout"]) for d in data if "stdout" in d)
+    stderr = b"".join(base64.b64decode(d["stderr"]) for d in data if "stderr" in d)
+    assert (stdout, stderr) == (b"a\xff", b"e\n")
+    assert messages[-1] == {
+        "end": {"exitCode": 5, "exited": True, "status": "exit status 5", "error": "exit status 5"}
+    }
+
+
+def test_quiet_streams_get_keepalives(anon: httpx.Client, sandbox: dict[str, Any]) -> None:
+    request = {"process": {"cmd": "sleep", "args": ["2.5"]}}
+    events = start_events(anon, sandbox, request, **{"Keepalive-Ping-Interval": "1"})
+    kinds = [next(iter(e["event"])) for _, e in events[:-1]]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("keepalive") >= 2
+    assert events[-2][1]["event"]["end"] == {"exited": True, "status": "exit status 0"}
+
+
+def test_start_refusals(anon: httpx.Client, sandbox: dict[str, Any]) -> None:
+    for request, code in (
+        ({}, "invalid_argument"),  # no process
+        ({"process": {"cmd": "true", "args": "nope"}}, "invalid_argument"),
+        ({"process": {"cmd": "/no/such/program"}}, "invalid_argument"),
+        ({"process": {"cmd": "true"}, "pty": {"size": {"rows": -1}}}, "invalid_argument"),
+    ):
+        events = start_events(anon, sandbox, request)
+        assert events[-1][0] == 2
+        assert events[-1][1]["error"]["code"] == code, (request, events)
+
+
+def test_unary_refusals(anon: httpx.Client, sandbox: dict[str, Any]) -> None:
+    base = "/e2b/envd/process.Process/"
+    for method, body, code in (
+        ("SendSignal", {"process": {"pid": 1}, "signal": "SIGNAL_SIGSTOP"}, "invalid_argument"),
+        ("SendSignal", {"process": {"pid": 999999}, "signal": "SIGNAL_SIGKILL"}, "not_found"),
+        ("SendSignal", {"process": {}, "signal": 9}, "invalid_argument"),
+        ("SendInput", {"process": {"tag": "nobody"}, "input": {"stdin": "eA=="}}, "not_found"),
+        ("Update", {"process": {"pid": "x"}}, "invalid_argument"),
+    ):
+        r = anon.post(base + method, json=body, headers=headers(sandbox))
+        assert r.status_code in (400, 404), (method, body, r.text)
+        assert r.json()["code"] == code, (method, body, r.text)
+
+
+def test_tags_select_processes(anon: httpx.Client, sandbox: dict[str, Any], api: ApiUser) -> None:
+    base = "/e2b/envd/process.Process/"
+    # Started through kiln's own API with a tag: E2B lists it and finds it by that tag.
+    r = api.http.post(
+        f"/sandboxes/{sandbox['id']}/processes",
+        json={"cmd": ["sleep", "60"], "tag": "sleeper", "env": {"K": "v"}, "cwd": "/tmp"},
+    )
+    assert r.status_code == 201, r.text
+    pid = r.json()["pid"]
+    listed = anon.post(base + "List", json={}, headers=headers(sandbox)).json()
+    assert listed == {
+        "processes": [
+            {
+                "pid": pid,
+                "tag": "sleeper",
+                "config": {"cmd": "sleep", "args": ["60"], "envs": {"K": "v"}, "cwd": "/tmp"},
+            }
+        ]
+    }
+    body = {"process": {"tag": "sleeper"}, "signal": "SIGNAL_SIGKILL"}
+    r = anon.post(base + "SendSignal", json=body, headers=headers(sandbox))
+    assert r.status_code == 200 and r.json() == {}
+    r = api.http.get(f"/sandboxes/{sandbox['id']}/processes/{pid}/output")
+    assert r.text.strip().splitlines()[-1] == '{"type":"exit","exit_code":137}'

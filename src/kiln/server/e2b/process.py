@@ -92,11 +92,15 @@ async def _running(call: EnvdCall, selector: Message | None) -> ProcessInfo:
     return running[0]
 
 
-async def _exists(pid: int, action: Awaitable[None]) -> None:
-    """Await ``action`` on a process; one that has just exited is not found, as in envd."""
+async def _exists(call: EnvdCall, pid: int, action: Awaitable[None]) -> None:
+    """Await ``action`` on a process; one that has just exited is not found, as in
+    envd; one that runs on but refused (its stdin is closed) fails its precondition."""
     try:
         await action
     except ProcessFinished as exc:
+        with contextlib.suppress(AgentError):
+            if (await call.agent.get_process(pid)).running:
+                raise ConnectError(Code.FAILED_PRECONDITION, exc.message) from exc
         raise _not_found(str(pid)) from exc
 
 
@@ -253,7 +257,7 @@ def _input(request: Message) -> bytes:
 async def send_input(call: EnvdCall, request: Message) -> Message:
     info = await _running(call, m.message(request, "process"))
     data = _input(request)
-    await _exists(info.pid, call.agent.process_input(info.pid, data))
+    await _exists(call, info.pid, call.agent.process_input(info.pid, data))
     call.touch()
     return {}
 
@@ -272,7 +276,7 @@ async def stream_input(call: EnvdCall, requests: AsyncIterator[Message]) -> Mess
         if pid is None:
             raise m.invalid("the first message of StreamInput must be 'start'")
         data = _input(m.message(request, "data") or {})
-        await _exists(pid, call.agent.process_input(pid, data))
+        await _exists(call, pid, call.agent.process_input(pid, data))
         call.touch()
     return {}
 
@@ -283,7 +287,7 @@ async def send_signal(call: EnvdCall, request: Message) -> Message:
     if signal not in _AGENT_SIGNALS:
         raise m.invalid("field 'signal' must be SIGNAL_SIGTERM or SIGNAL_SIGKILL")
     info = await _running(call, m.message(request, "process"))
-    await _exists(info.pid, call.agent.signal_process(info.pid, _AGENT_SIGNALS[signal]))
+    await _exists(call, info.pid, call.agent.signal_process(info.pid, _AGENT_SIGNALS[signal]))
     return {}
 
 
@@ -294,7 +298,7 @@ async def close_stdin(call: EnvdCall, request: Message) -> Message:
         raise ConnectError(
             Code.FAILED_PRECONDITION, "a terminal has no stdin to close: send Ctrl-D (0x04)"
         )
-    await _exists(info.pid, call.agent.process_input(info.pid, b"", close=True))
+    await _exists(call, info.pid, call.agent.process_input(info.pid, b"", close=True))
     return {}
 
 
@@ -308,5 +312,5 @@ async def update(call: EnvdCall, request: Message) -> Message:
     rows, cols = m.uint32(size, "rows"), m.uint32(size, "cols")
     if not rows or not cols:
         raise m.invalid("field 'pty.size' needs rows and cols above 0")
-    await _exists(info.pid, call.agent.resize_process(info.pid, rows, cols))
+    await _exists(call, info.pid, call.agent.resize_process(info.pid, rows, cols))
     return {}
