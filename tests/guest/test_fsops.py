@@ -439,3 +439,22 @@ async def test_a_watch_keeps_the_sandbox_active(guest: Guest, workdir: Path) -> 
             break
         await asyncio.sleep(0.02)
     assert await attached() == before
+
+
+@needs_root
+async def test_a_users_recursive_watch_skips_what_they_may_not_read(
+    guest: Guest, workdir: Path
+) -> None:
+    (workdir / "open").mkdir()
+    (workdir / "private").mkdir(mode=0o700)
+    for path in (workdir, workdir / "open"):
+        path.chmod(0o755)
+    open_to(workdir)
+    watcher = await Watcher.start(guest, workdir, recursive=True, user=NOBODY)
+    try:
+        (workdir / "private" / "secret").write_text("x")
+        (workdir / "open" / "seen").write_text("x")
+        events = await watcher.until(("open/seen", "write"))
+        assert all(not name.startswith("private/") for name, _ in events)
+    finally:
+        await watcher.conn.close()

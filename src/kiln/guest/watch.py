@@ -25,6 +25,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterator
+from functools import partial
 from typing import Final
 
 from kiln.protocol import (
@@ -37,7 +38,7 @@ from kiln.protocol import (
     encode_frame,
 )
 
-from .actor import actor_for
+from .actor import Actor, actor_for
 from .context import GuestContext, recv_frame
 from .errors import RequestError
 from .files import TEMP_PREFIX
@@ -122,11 +123,19 @@ class Inotify:
         os.close(self.fd)
 
 
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return list(it)
+
+
 class Watch:
     """The state of one watch: pure bookkeeping over inotify's raw events."""
 
-    def __init__(self, ino: Inotify, root: str, recursive: bool) -> None:
+    def __init__(self, ino: Inotify, root: str, recursive: bool, actor: Actor) -> None:
         self.ino = ino
+        #: Watches are added as the user (inotify wants read access): a recursive
+        #: watch never covers a directory its user may not read.
+        self.actor = actor
         self.root = root
         self.recursive = recursive
         self.dirs: dict[int, str] = {}  # wd → path relative to root ("" for root)
@@ -136,7 +145,8 @@ class Watch:
         self.ended = False
 
     def _add(self, rel: str) -> int:
-        wd = self.ino.add(os.path.join(self.root, rel) if rel else self.root)
+        path = os.path.join(self.root, rel) if rel else self.root
+        wd = self.actor.call(lambda: self.ino.add(path))
         self.dirs[wd] = rel
         return wd
 
@@ -150,8 +160,7 @@ class Watch:
         while todo:
             current = todo.pop()
             try:
-                with os.scandir(os.path.join(self.root, current)) as it:
-                    entries = list(it)
+                entries = self.actor.call(partial(_entries, os.path.join(self.root, current)))
             except OSError:
                 continue
             for entry in entries:
@@ -238,7 +247,7 @@ async def watch_dir(conn: FrameStream, req: WatchRequest, ctx: GuestContext) -> 
         raise RequestError(f"{root}: {exc.strerror or exc}") from exc
     try:
         try:
-            watch = Watch(ino, root, req.recursive)
+            watch = Watch(ino, root, req.recursive, actor)
         except OSError as exc:
             raise RequestError(f"{root}: {exc.strerror or exc}") from exc
         await asyncio.to_thread(watch.seed)

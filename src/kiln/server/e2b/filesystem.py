@@ -152,14 +152,7 @@ async def make_dir(call: EnvdCall, request: Message) -> Message:
         raise fs_error(exc) from exc
     if not made.created:
         raise ConnectError(Code.ALREADY_EXISTS, f"directory {made.info.path} already exists")
-    return {"entry": entry_info(await _details(call, made.info))}
-
-
-async def _details(call: EnvdCall, info: FileInfo) -> FileInfo:
-    try:
-        return await call.agent.stat(info.path or info.name, user=acting_user(call), details=True)
-    except AgentError as exc:
-        raise fs_error(exc) from exc
+    return {"entry": entry_info(made.info)}  # the agent's answer has the details
 
 
 @service.unary("Move")
@@ -172,7 +165,7 @@ async def move(call: EnvdCall, request: Message) -> Message:
         moved = await call.agent.move(source, destination, overwrite=True, user=user)
     except AgentError as exc:
         raise fs_error(exc) from exc
-    return {"entry": entry_info(await _details(call, moved))}
+    return {"entry": entry_info(moved)}
 
 
 @service.unary("Remove")
