@@ -13,6 +13,7 @@ from kiln.agent_client import (
     AgentClient,
     CannotStart,
     Exit,
+    NoTerminal,
     ProcessFinished,
     ProcessNotFound,
     ProcessOutput,
@@ -269,3 +270,83 @@ async def test_only_the_most_recent_finished_processes_keep_their_output(
         await read_all(client, info.pid)
     assert await read_all(client, first.pid) == (b"", b"", 0)  # listed, output freed
     assert await read_all(client, info.pid) == (b"later\n", b"", 0)
+
+
+# ---- stdin, tag, terminals (what E2B's process service needs) ----------------------
+
+
+async def test_stdin_false_is_end_of_file_from_the_start(client: AgentClient) -> None:
+    info = await client.start_process(["sh", "-c", "cat; echo done"], stdin=False)
+    assert await read_all(client, info.pid) == (b"done\n", b"", 0)
+    # With stdin (the default) the same command waits for its input.
+    info = await client.start_process(["sh", "-c", "cat; echo done"])
+    await client.process_input(info.pid, b"in\n", close=True)
+    assert await read_all(client, info.pid) == (b"in\ndone\n", b"", 0)
+
+
+async def test_tag_env_and_cwd_are_listed(client: AgentClient, tmp_path: object) -> None:
+    info = await client.start_process(
+        ["sh", "-c", "pwd; echo $GREETING; sleep 30"],
+        env={"GREETING": "hi"},
+        cwd="/tmp",
+        tag="web",
+    )
+    try:
+        assert (info.tag, info.cwd, dict(info.env)) == ("web", "/tmp", {"GREETING": "hi"})
+        listed = {p.pid: p for p in await client.list_processes()}[info.pid]
+        assert (listed.tag, listed.cwd, dict(listed.env)) == ("web", "/tmp", {"GREETING": "hi"})
+        async with client.process_output(info.pid) as reader:
+            async for event in reader:
+                assert isinstance(event, Stdout)
+                assert event.data.startswith(b"/tmp\n")
+                break
+    finally:
+        await client.signal_process(info.pid, "KILL")
+
+
+async def test_tty_process_by_pid(client: AgentClient) -> None:
+    info = await client.start_process(
+        ["sh", "-c", "stty size; read line; stty size; echo got-$line"],
+        tty=True,
+        rows=30,
+        cols=100,
+        tag="term",
+    )
+    assert info.tty and info.session_id is not None and info.tag == "term"
+    async with client.process_output(info.pid) as reader:
+        seen = bytearray()
+        async with asyncio.timeout(10):
+            async for event in reader:
+                assert isinstance(event, Stdout | Exit)  # a terminal has one stream
+                if isinstance(event, Stdout):
+                    seen += event.data
+                if b"30 100" in seen:
+                    break
+    await client.resize_process(info.pid, 40, 120)
+    await client.process_input(info.pid, b"x\n")
+    out, err, code = await read_all(client, info.pid)
+    assert b"40 120" in out and b"got-x" in out
+    assert (err, code) == (b"", 0)
+
+
+async def test_resize_refusals(client: AgentClient) -> None:
+    piped = await client.start_process(["sleep", "30"])
+    try:
+        with pytest.raises(NoTerminal):
+            await client.resize_process(piped.pid, 24, 80)
+    finally:
+        await client.signal_process(piped.pid, "KILL")
+    with pytest.raises(ProcessNotFound):
+        await client.resize_process(999_999, 24, 80)
+    done = await client.start_process(["true"], tty=True)
+    await read_all(client, done.pid)
+    with pytest.raises(ProcessFinished):
+        await client.resize_process(done.pid, 24, 80)
+    with pytest.raises(ValueError):
+        await client.resize_process(done.pid, 0, 80)
+
+
+async def test_tty_start_failure(client: AgentClient) -> None:
+    with pytest.raises(CannotStart) as info:
+        await client.start_process(["/no/such/program"], tty=True)
+    assert info.value.exit_code == 127

@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from kiln.cli import EXIT_CODES
 from kiln.sdk import Kiln, Sandbox
 from sdk.conftest import Daemon
 
-from .conftest import Cli, unique
+from .conftest import SRC, Cli, kiln_argv, unique
 
 
 def assert_one_line_error(proc: object, *fragments: str) -> None:
@@ -248,6 +250,62 @@ def test_file_write_read_ls_stat(cli: Cli, sb: Sandbox, daemon: Daemon, tmp_path
     assert_one_line_error(
         cli("file", "write", sb.name, f"{base}/x", str(tmp_path / "nope")), "No such file"
     )
+
+
+def test_file_mkdir_mv_rm_and_ls_depth(cli: Cli, sb: Sandbox, daemon: Daemon) -> None:
+    base = daemon.workdir(sb.id)
+    assert cli.ok("file", "mkdir", "--mode", "750", sb.name, f"{base}/d/e") == ""
+    assert cli("file", "mkdir", sb.name, f"{base}/d/e").stderr.decode().endswith("already exists\n")
+    cli.ok("file", "write", sb.name, f"{base}/d/e/f.txt", "-", input=b"x")
+    listing = cli.ok("file", "ls", "--depth", "3", sb.name, f"{base}/d").splitlines()
+    assert [line.split()[-1] for line in listing] == ["e/", "e/f.txt"]
+    assert listing[0].startswith("drwxr-x--- ")
+    cli.ok("file", "mv", sb.name, f"{base}/d/e/f.txt", f"{base}/g.txt")
+    assert (base / "g.txt").read_text() == "x"
+    cli.ok("file", "write", sb.name, f"{base}/h.txt", "-", input=b"y")
+    assert_one_line_error(cli("file", "mv", sb.name, f"{base}/h.txt", f"{base}/g.txt"), "exists")
+    cli.ok("file", "mv", "-f", sb.name, f"{base}/h.txt", f"{base}/g.txt")
+    assert (base / "g.txt").read_text() == "y"
+    assert_one_line_error(cli("file", "rm", sb.name, f"{base}/d"), "not empty")
+    cli.ok("file", "rm", "-r", sb.name, f"{base}/d", f"{base}/g.txt")
+    assert not (base / "d").exists() and not (base / "g.txt").exists()
+    assert_one_line_error(cli("file", "rm", sb.name, f"{base}/d"), "No such file")
+
+
+def test_file_watch_prints_changes(cli: Cli, sb: Sandbox, daemon: Daemon, kiln: Kiln) -> None:
+    base = daemon.workdir(sb.id)
+    sb.files.mkdir(f"{base}/w")
+    env = {**os.environ, "HOME": str(cli.home), **cli.env, "PYTHONPATH": str(SRC)}
+    args = [*kiln_argv(), "file", "watch", "--json", sb.name, f"{base}/w"]
+    seen = threading.Event()
+
+    def probe() -> None:  # until the watch is on (when, the CLI does not say)
+        while not seen.wait(0.2):
+            sb.files.write(f"{base}/w/probe", b"p")
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        writer = threading.Thread(target=probe)
+        writer.start()
+        try:
+            first = json.loads(proc.stdout.readline())
+        finally:
+            seen.set()
+            writer.join()
+        # "create" if the watch began before the first probe, else "write".
+        assert first["name"] == "probe" and first["type"] in ("create", "write")
+        sb.files.remove(f"{base}/w", recursive=True)
+        rest = [json.loads(line) for line in proc.stdout]  # ends with the directory
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert rest[-1] == {"name": "probe", "type": "remove"}
+    assert {e["type"] for e in rest[:-1]} <= {"create", "write"}
 
 
 def test_ps_lists_the_init_session(cli: Cli, kiln: Kiln) -> None:

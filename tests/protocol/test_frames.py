@@ -89,8 +89,15 @@ def test_frame_type_values_match_spec() -> None:
     processes = {
         "PROC_START": 0x34, "PROC_INFO": 0x35, "PROC_LIST_REQ": 0x36, "PROC_LIST_RESP": 0x37,
         "PROC_ATTACH": 0x38, "PROC_INPUT": 0x39, "PROC_SIGNAL": 0x3A, "PROC_STATUS": 0x3B,
+        "PROC_RESIZE": 0x3C,
     }  # fmt: skip
-    assert {t.name: t.value for t in FrameType} == spec | processes
+    # kiln's extension (kiln.protocol.fsops): mkdir, move, remove, watch.
+    fsops = {
+        "FILE_MKDIR_REQ": 0x58, "FILE_MKDIR_RESP": 0x59, "FILE_MOVE_REQ": 0x5A,
+        "FILE_MOVE_RESP": 0x5B, "FILE_REMOVE_REQ": 0x5C, "FILE_REMOVE_RESP": 0x5D,
+        "FILE_WATCH_REQ": 0x70, "FILE_WATCH_RESP": 0x71, "FILE_EVENT": 0x72,
+    }  # fmt: skip
+    assert {t.name: t.value for t in FrameType} == spec | processes | fsops
 
 
 # -- EOF -------------------------------------------------------------------------

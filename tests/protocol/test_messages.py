@@ -24,6 +24,8 @@ from kiln.protocol import (
     InvalidMessage,
     PathRequest,
     ProcessInfo,
+    ProcessResize,
+    ProcessStart,
     ProcessStatus,
     ProtocolError,
     SessionInfo,
@@ -493,3 +495,44 @@ def test_a_process_error_without_a_message_round_trips() -> None:
     status = ProcessStatus.from_json({"status": "error", "reason": "not_found"})
     assert status.message == "not_found"  # what to_json writes for it
     assert ProcessStatus.from_payload(status.to_payload()) == status
+
+
+# -- what E2B's process service needs ---------------------------------------------------
+
+
+def test_process_start_options_round_trip() -> None:
+    start = ProcessStart(("sh",), stdin=False, tag="t", tty=True, rows=24, cols=80)
+    assert ProcessStart.from_payload(start.to_payload()) == start
+    plain = ProcessStart(("sh",))
+    assert plain.to_json() == {"cmd": ["sh"]}  # defaults stay off the wire
+    assert ProcessStart.from_json({"cmd": ["sh"]}).stdin is True
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"cmd": ["sh"], "rows": 24},  # a size without a terminal
+        {"cmd": ["sh"], "tty": True, "rows": 0},
+        {"cmd": ["sh"], "tty": True, "cols": 65536},
+        {"cmd": ["sh"], "stdin": "no"},
+        {"cmd": ["sh"], "tag": 5},
+    ],
+)
+def test_process_start_refuses(doc: dict[str, Any]) -> None:
+    with pytest.raises(InvalidMessage):
+        ProcessStart.from_json(doc)
+
+
+def test_process_resize() -> None:
+    resize = ProcessResize(7, 24, 80)
+    assert ProcessResize.from_payload(resize.to_payload()) == resize
+    bad = [{"pid": 7, "rows": 0, "cols": 80}, {"pid": 7, "rows": 24}, {"pid": 0, "rows": 1}]
+    for doc in bad:
+        with pytest.raises(InvalidMessage):
+            ProcessResize.from_json(doc)
+
+
+def test_process_info_without_the_new_fields() -> None:
+    # From an agent older than tag/cwd/env.
+    info = ProcessInfo.from_json({"pid": 1, "cmd": ["x"], "running": True, "started_at": 1})
+    assert (info.tag, info.cwd, dict(info.env)) == (None, None, {})

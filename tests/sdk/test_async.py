@@ -97,3 +97,27 @@ async def test_async_exec_and_shell_as_root(akiln: AsyncKiln) -> None:
         assert b"uid=0=" in seen, seen
     finally:
         await sb.delete()
+
+
+async def test_async_file_operations(akiln: AsyncKiln, daemon: Daemon) -> None:
+    sb = await akiln.sandboxes.create(name=unique("afs"))
+    try:
+        base = str(daemon.workdir(sb.id))
+        assert await sb.files.mkdir(f"{base}/d") is True
+        async with sb.files.watch(f"{base}/d") as watch:
+            await sb.files.write(f"{base}/d/x", b"1")
+            moved = await sb.files.move(f"{base}/d/x", f"{base}/d/y")
+            assert moved.path == f"{base}/d/y"
+            events = []
+            async for event in watch:
+                events.append((event.name, event.type))
+                if event.name == "y":
+                    break
+        assert events == [("x", "create"), ("x", "write"), ("x", "rename"), ("y", "create")]
+        listing = await sb.files.ls(base, depth=2)
+        assert f"{base}/d/y" in [e.path for e in listing.entries]
+        await sb.files.remove(f"{base}/d", recursive=True)
+        with pytest.raises(NotFound):
+            await sb.files.remove(f"{base}/d")
+    finally:
+        await sb.delete()

@@ -290,6 +290,42 @@ def test_missing_file_is_not_found(daemon: Daemon, sb: Sandbox) -> None:
         sb.files.stat(f"{workdir(daemon, sb)}/missing")
 
 
+def test_mkdir_move_remove_and_depth(daemon: Daemon, sb: Sandbox) -> None:
+    base = workdir(daemon, sb)
+    assert sb.files.mkdir(f"{base}/tree/sub", mode=0o750) is True
+    assert sb.files.mkdir(f"{base}/tree/sub") is False
+    sb.files.write(f"{base}/tree/sub/f.txt", "x")
+    listing = sb.files.ls(f"{base}/tree", depth=2)
+    assert [e.path for e in listing.entries] == [f"{base}/tree/sub", f"{base}/tree/sub/f.txt"]
+    info = sb.files.move(f"{base}/tree/sub/f.txt", f"{base}/moved/g.txt")
+    assert (info.name, info.path, info.size) == ("g.txt", f"{base}/moved/g.txt", 1)
+    sb.files.write(f"{base}/other", "y")
+    with pytest.raises(Conflict):
+        sb.files.move(f"{base}/other", f"{base}/moved/g.txt")
+    sb.files.move(f"{base}/other", f"{base}/moved/g.txt", overwrite=True)
+    assert sb.files.read(f"{base}/moved/g.txt").data == b"y"
+    with pytest.raises(Conflict):
+        sb.files.mkdir(f"{base}/moved/g.txt")
+    with pytest.raises(ValidationError):
+        sb.files.remove(f"{base}/tree")  # not empty
+    sb.files.remove(f"{base}/tree", recursive=True)
+    with pytest.raises(NotFound):
+        sb.files.remove(f"{base}/tree")
+    assert not (base / "tree").exists()
+
+
+def test_watch(daemon: Daemon, sb: Sandbox) -> None:
+    base = workdir(daemon, sb)
+    sb.files.mkdir(f"{base}/watched")
+    with sb.files.watch(f"{base}/watched", recursive=True) as watch:
+        sb.files.write(f"{base}/watched/a.txt", "a")
+        sb.files.remove(f"{base}/watched", recursive=True)
+        events = [(e.name, e.type) for e in watch]  # ends with the directory
+    assert events == [("a.txt", "create"), ("a.txt", "write"), ("a.txt", "remove")]
+    with pytest.raises(NotFound):
+        sb.files.watch(f"{base}/watched").start()
+
+
 # -- sessions and shells ----------------------------------------------------------------
 
 

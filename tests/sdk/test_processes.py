@@ -127,3 +127,17 @@ async def test_async_processes(akiln: AsyncKiln) -> None:
             await sb.processes.get(4_000_000)
     finally:
         await sb.delete()
+
+
+def test_tag_tty_and_resize(sb: Sandbox) -> None:
+    proc = sb.processes.start("stty size; read x; stty size", tty=True, rows=10, cols=40, tag="t")
+    assert proc.tty and proc.tag == "t"
+    proc.resize(12, 44)
+    proc.stdin("\n")
+    out = b"".join(e.data for e in proc if isinstance(e, Stdout))
+    assert b"10 40" in out and b"12 44" in out
+    assert proc.exit_code == 0
+    piped = sb.processes.start(["cat"], stdin=False, cwd="/tmp")
+    assert piped.wait(timeout=10) == 0 and piped.info.cwd == "/tmp"
+    with pytest.raises(Conflict):
+        piped.resize(10, 10)

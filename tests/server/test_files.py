@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -210,3 +211,78 @@ def test_paths_are_inside_the_sandbox_not_the_api(api: ApiUser, box: tuple[str, 
     assert (work / "b.txt").read_bytes() == b"b"
     r = api.http.get(f"/sandboxes/{name}/files", params={"path": "x\x00y"})
     assert r.status_code == 400
+
+
+def test_mkdir_move_remove(api: ApiUser, box: tuple[str, Path]) -> None:
+    name, work = box
+    url = f"/sandboxes/{name}/files"
+    r = api.http.post(f"{url}/mkdir", json={"path": "a/b", "mode": "0750"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"path": str(work / "a/b"), "created": True}
+    assert stat.S_IMODE((work / "a/b").stat().st_mode) == 0o750
+    assert api.http.post(f"{url}/mkdir", json={"path": "a/b"}).json()["created"] is False
+    (work / "file").write_text("x")
+    assert api.http.post(f"{url}/mkdir", json={"path": "file"}).status_code == 409
+    missing_parent = api.http.post(f"{url}/mkdir", json={"path": "no/such", "parents": False})
+    assert missing_parent.status_code == 404
+
+    (work / "other").write_text("y")
+    r = api.http.post(f"{url}/move", json={"source": "file", "destination": "other"})
+    assert r.status_code == 409, r.text
+    assert (work / "other").read_text() == "y"
+    move = {"source": "file", "destination": "a/b/moved", "overwrite": False}
+    r = api.http.post(f"{url}/move", json=move)
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["path"], r.json()["size"]) == (
+        "moved",
+        str(work / "a/b/moved"),
+        1,
+    )
+    r = api.http.post(f"{url}/move", json={"source": "gone", "destination": "x"})
+    assert r.status_code == 404
+
+    assert api.http.delete(url, params={"path": "a"}).status_code == 400  # not empty
+    assert api.http.delete(url, params={"path": "a", "recursive": "true"}).status_code == 204
+    assert not (work / "a").exists()
+    assert api.http.delete(url, params={"path": "a"}).status_code == 404
+    bad = api.http.post(f"{url}/move", json={"source": "other", "destination": "z", "x": 1})
+    assert bad.status_code == 422
+
+
+def test_ls_depth(api: ApiUser, box: tuple[str, Path]) -> None:
+    name, work = box
+    (work / "d/e").mkdir(parents=True)
+    (work / "d/e/f").write_text("x")
+    params = {"path": "d", "ls": "true", "depth": "2"}
+    r = api.http.get(f"/sandboxes/{name}/files", params=params)
+    assert r.status_code == 200, r.text
+    assert [(e["name"], e["path"]) for e in r.json()] == [
+        ("e", str(work / "d/e")),
+        ("f", str(work / "d/e/f")),
+    ]
+    r = api.http.get(f"/sandboxes/{name}/files", params={"path": "d", "depth": "2"})
+    assert r.status_code == 400
+
+
+def test_watch_streams_ndjson(api: ApiUser, box: tuple[str, Path]) -> None:
+    name, work = box
+    (work / "w").mkdir()
+    params = {"path": "w", "recursive": "true"}
+    with api.http.stream("GET", f"/sandboxes/{name}/files/watch", params=params) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/x-ndjson"
+        put = api.http.put(f"/sandboxes/{name}/files", params={"path": "w/new"}, content=b"1")
+        assert put.status_code == 200
+        lines = r.iter_lines()
+        assert json.loads(next(lines)) == {"name": "new", "type": "create"}
+        assert json.loads(next(lines)) == {"name": "new", "type": "write"}
+        assert (
+            api.http.delete(
+                f"/sandboxes/{name}/files", params={"path": "w", "recursive": "true"}
+            ).status_code
+            == 204
+        )
+        rest = [json.loads(line) for line in lines]  # ends with the directory
+    assert rest == [{"name": "new", "type": "remove"}]
+    missing = api.http.get(f"/sandboxes/{name}/files/watch", params={"path": "none"})
+    assert missing.status_code == 404

@@ -273,3 +273,45 @@ def test_a_reader_counts_as_activity(api: ApiUser, server: LiveServer) -> None:
         assert time.monotonic() < deadline, "no activity recorded when the reader left"
         time.sleep(0.02)
     assert get(api, "active", proc["pid"])["running"] is True
+
+
+def test_tag_stdin_false_and_cwd_are_kept(api: ApiUser) -> None:
+    sb = api.sandbox()["id"]
+    info = start(api, sb, "sh", "-c", "cat; echo eof", stdin=False, tag="job-1", cwd="/tmp")
+    assert (info["tag"], info["cwd"]) == ("job-1", "/tmp")
+    events = output(api, sb, info["pid"])
+    assert joined(events, "stdout") == "eof\n"  # cat saw end-of-file at once
+    assert events[-1] == {"type": "exit", "exit_code": 0}
+    assert get(api, sb, info["pid"])["tag"] == "job-1"
+
+
+def test_tty_process_and_resize(api: ApiUser) -> None:
+    sb = api.sandbox()["id"]
+    script = "stty size; read x; stty size"
+    info = start(api, sb, "sh", "-c", script, tty=True, rows=20, cols=70)
+    pid = info["pid"]
+    assert info["tty"] is True and info["session_id"]
+    r = api.http.post(f"/sandboxes/{sb}/processes/{pid}/resize", json={"rows": 30, "cols": 90})
+    assert r.status_code == 204, r.text
+    api.http.post(f"/sandboxes/{sb}/processes/{pid}/stdin", content=b"\n")
+    events = output(api, sb, pid)
+    text = joined(events, "stdout")
+    assert "20 70" in text and "30 90" in text
+    assert not joined(events, "stderr")
+    assert events[-1] == {"type": "exit", "exit_code": 0}
+
+
+def test_resize_refusals(api: ApiUser) -> None:
+    sb = api.sandbox()["id"]
+    piped = start(api, sb, "sleep", "30")["pid"]
+    url = f"/sandboxes/{sb}/processes/{piped}/resize"
+    r = api.http.post(url, json={"rows": 30, "cols": 90})
+    assert r.status_code == 409
+    assert "no terminal" in r.json()["error"]
+    for body in ({"rows": 0, "cols": 90}, {"rows": 30}, {"rows": 30, "cols": 90, "x": 1}):
+        assert api.http.post(url, json=body).status_code == 422, body
+    r = api.http.post(f"/sandboxes/{sb}/processes/999999/resize", json={"rows": 1, "cols": 1})
+    assert r.status_code == 404
+    r = api.http.post(f"/sandboxes/{sb}/processes", json={"cmd": ["sh"], "rows": 5})
+    assert r.status_code == 422
+    assert "tty" in r.json()["error"]

@@ -17,10 +17,14 @@ from .errors import (
     AuthError,
     CannotStart,
     ForwardError,
+    NoTerminal,
     ProcessFinished,
     ProcessNotFound,
     RemoteError,
+    RemoteExists,
+    RemoteNotADirectory,
     RemoteNotFound,
+    RemotePermissionDenied,
 )
 from .exec import ExecEvent, ExecProcess, ExecResult, Exit, Stderr, Stdout
 from .files import FileContent, FileReader, WriteSource
@@ -36,6 +40,7 @@ from .transport import (
     unix_dialer,
 )
 from .tty import TtySession
+from .watch import DirWatch
 
 __all__ = [
     "CONTROL_PORT",
@@ -50,6 +55,7 @@ __all__ = [
     "AuthError",
     "CannotStart",
     "Dialer",
+    "DirWatch",
     "Endpoint",
     "ExecEvent",
     "ExecProcess",
@@ -59,11 +65,15 @@ __all__ = [
     "FileReader",
     "ForwardError",
     "ForwardStream",
+    "NoTerminal",
     "ProcessFinished",
     "ProcessNotFound",
     "ProcessOutput",
     "RemoteError",
+    "RemoteExists",
+    "RemoteNotADirectory",
     "RemoteNotFound",
+    "RemotePermissionDenied",
     "SocketFactory",
     "Stderr",
     "Stdout",

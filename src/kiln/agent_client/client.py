@@ -34,14 +34,20 @@ from kiln.protocol import (
     Frame,
     FrameType,
     InvalidMessage,
+    MkdirRequest,
+    MkdirResponse,
+    MoveRequest,
     PathRequest,
     ProcessAttach,
     ProcessInfo,
     ProcessInput,
+    ProcessResize,
     ProcessSignal,
     ProcessStart,
+    RemoveRequest,
     SessionInfo,
     StatusResponse,
+    WatchRequest,
     decode_exit,
     process_list_from_payload,
     session_list_from_payload,
@@ -62,6 +68,7 @@ from .forward import ForwardStream
 from .processes import ProcessOutput, check_status, process_info
 from .transport import Connection, Endpoint, dial, translate_errors
 from .tty import TtySession
+from .watch import DirWatch
 
 #: What ``attach`` runs when neither a command nor a session id is given.
 DEFAULT_SHELL: Final = ("/bin/bash", "-l")
@@ -280,12 +287,29 @@ class AgentClient:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> ProcessInfo:
         """Start a command detached from any connection; its table entry.
 
+        ``stdin`` False: its stdin is at end-of-file from the start. ``tty``: on a
+        terminal of ``rows`` x ``cols`` (a TTY session, output all stdout).
         CannotStart when it cannot be started (``exit_code`` 127/126 as an exec)."""
         with _misuse():
-            payload = ProcessStart(_argv(cmd), dict(env or {}), cwd, user).to_payload()
+            payload = ProcessStart(
+                _argv(cmd),
+                dict(env or {}),
+                cwd,
+                user,
+                stdin=stdin,
+                tag=tag,
+                tty=tty,
+                rows=rows,
+                cols=cols,
+            ).to_payload()
         async with await self._open() as conn:
             await conn.send(FrameType.PROC_START, payload)
             return process_info(await self._first_answer(conn, "PROC_INFO"), None)
@@ -340,6 +364,15 @@ class AgentClient:
         frame = await self._call(FrameType.PROC_SIGNAL, payload, FrameType.PROC_STATUS)
         check_status(frame, pid)
 
+    async def resize_process(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty``.
+
+        NoTerminal for a piped one; ProcessFinished once it has exited."""
+        with _misuse():
+            payload = ProcessResize(pid, rows, cols).to_payload()
+        frame = await self._call(FrameType.PROC_RESIZE, payload, FrameType.PROC_STATUS)
+        check_status(frame, pid)
+
     # -- small requests -----------------------------------------------------------------
 
     async def activity(self) -> ActivityInfo:
@@ -364,7 +397,13 @@ class AgentClient:
     # -- files --------------------------------------------------------------------------
 
     def read_file_stream(
-        self, path: str, *, offset: int = 0, limit: int = 0, max_bytes: int = 0
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        limit: int = 0,
+        max_bytes: int = 0,
+        user: str | None = None,
     ) -> FileReader:
         """Stream a file: ``async with client.read_file_stream(p) as f`` then
         ``f.size``/``f.mode`` and ``async for chunk in f``.
@@ -374,7 +413,10 @@ class AgentClient:
         """
         if min(offset, limit, max_bytes) < 0:
             raise ValueError("offset, limit and max_bytes must not be negative")
-        request = FileReadRequest(path, offset=offset, limit=limit, max_bytes=max_bytes)
+        with _misuse():
+            request = FileReadRequest(
+                path, offset=offset, limit=limit, max_bytes=max_bytes, user=user
+            )
         return FileReader(self._open, request, self.auth_timeout)
 
     async def read_file(
@@ -384,13 +426,14 @@ class AgentClient:
         offset: int = 0,
         limit: int = 0,
         max_bytes: int = 0,
+        user: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 -- kills the operation on expiry
     ) -> FileContent:
         """Read a file (or part of it, see :meth:`read_file_stream`) into memory."""
         try:
             async with asyncio.timeout(timeout):
                 reader = self.read_file_stream(
-                    path, offset=offset, limit=limit, max_bytes=max_bytes
+                    path, offset=offset, limit=limit, max_bytes=max_bytes, user=user
                 )
                 async with reader:
                     data = await reader.read_all()
@@ -405,6 +448,7 @@ class AgentClient:
         *,
         mode: int | str | None = None,
         size: int | None = None,
+        user: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 -- kills the operation on expiry
     ) -> None:
         """Write a file atomically (the agent renames a complete temporary file).
@@ -412,10 +456,11 @@ class AgentClient:
         ``data`` is bytes, a local file (``pathlib.Path``) streamed from disk, or
         an async iterable of bytes (then ``size`` is required). ``mode`` is an
         int (``0o644``) or an octal string. Parent directories are created.
+        ``user``: as that user (their permissions; what is created is theirs).
         """
         total = source_size(data, size)
         with _misuse():
-            request = FileWriteRequest(path, total, mode_string(mode))
+            request = FileWriteRequest(path, total, mode_string(mode), user)
         try:
             async with asyncio.timeout(timeout):
                 await self._write_file(request, data)
@@ -434,19 +479,75 @@ class AgentClient:
                 )
             _check_status(frame, f"writing {request.path}")
 
-    async def stat(self, path: str) -> FileInfo:
-        """FileInfo of a path (RemoteNotFound when it does not exist)."""
-        payload = PathRequest(path).to_payload()
+    async def stat(self, path: str, *, user: str | None = None, details: bool = False) -> FileInfo:
+        """FileInfo of a path (RemoteNotFound when it does not exist).
+
+        ``user``: as that user (their permissions; relative paths from their
+        home). ``details``: with type, owner, group, permissions, symlink target.
+        """
+        with _misuse():
+            payload = PathRequest(path, user=user, details=details).to_payload()
         frame = await self._call(FrameType.FILE_STAT_REQ, payload, FrameType.FILE_STAT_RESP)
         with translate_errors("reading FILE_STAT_RESP"):
             return FileInfo.from_payload(frame.payload)
 
-    async def ls(self, path: str) -> FileListing:
-        """A directory's entries sorted by name (capped; see ``FileListing.truncated``)."""
-        payload = PathRequest(path).to_payload()
+    async def ls(
+        self,
+        path: str,
+        *,
+        depth: int | None = None,
+        user: str | None = None,
+        details: bool = False,
+    ) -> FileListing:
+        """A directory's entries sorted by name (capped; see ``FileListing.truncated``).
+
+        ``depth`` 2 and more also lists subdirectories (entries then carry ``path``).
+        """
+        with _misuse():
+            payload = PathRequest(path, user=user, depth=depth, details=details).to_payload()
         frame = await self._call(FrameType.FILE_LS_REQ, payload, FrameType.FILE_LS_RESP)
         with translate_errors("reading FILE_LS_RESP"):
             return FileListing.from_payload(frame.payload)
+
+    async def mkdir(
+        self,
+        path: str,
+        *,
+        parents: bool = True,
+        mode: int | str | None = None,
+        user: str | None = None,
+    ) -> MkdirResponse:
+        """Create a directory (with ``parents``, missing parents too). An existing
+        directory is fine: the answer's ``created`` is then False."""
+        with _misuse():
+            payload = MkdirRequest(path, parents, mode_string(mode), user).to_payload()
+        frame = await self._call(FrameType.FILE_MKDIR_REQ, payload, FrameType.FILE_MKDIR_RESP)
+        with translate_errors("reading FILE_MKDIR_RESP"):
+            return MkdirResponse.from_payload(frame.payload)
+
+    async def move(
+        self, source: str, destination: str, *, overwrite: bool = False, user: str | None = None
+    ) -> FileInfo:
+        """Rename ``source`` to ``destination``: RemoteExists if it exists, unless
+        ``overwrite``. Returns the destination's FileInfo (with ``path``)."""
+        with _misuse():
+            payload = MoveRequest(source, destination, overwrite, user).to_payload()
+        frame = await self._call(FrameType.FILE_MOVE_REQ, payload, FrameType.FILE_MOVE_RESP)
+        with translate_errors("reading FILE_MOVE_RESP"):
+            return FileInfo.from_payload(frame.payload)
+
+    async def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        """Remove a file, symlink or empty directory; ``recursive``: any directory tree."""
+        with _misuse():
+            payload = RemoveRequest(path, recursive, user).to_payload()
+        frame = await self._call(FrameType.FILE_REMOVE_REQ, payload, FrameType.FILE_REMOVE_RESP)
+        _check_status(frame, f"removing {path}")
+
+    def watch_dir(self, path: str, *, recursive: bool = False, user: str | None = None) -> DirWatch:
+        """Watch a directory: ``async with client.watch_dir(p) as w: async for ev in w``."""
+        with _misuse():
+            request = WatchRequest(path, recursive, user)
+        return DirWatch(self._open, request, self.auth_timeout)
 
     # -- port forwarding ----------------------------------------------------------------
 

@@ -8,7 +8,11 @@
     ├── RemoteError               the agent answered ERROR; ``.message`` is its text
     │   ├── RemoteNotFound        ... about a path or session that does not exist
     │   │   └── ProcessNotFound   no process with that pid in the agent's table
+    │   ├── RemoteExists          the path to create (mkdir, move) exists already
+    │   ├── RemotePermissionDenied  the acting user may not do that to the path
+    │   ├── RemoteNotADirectory   a directory was expected (ls, watch, a path's parent)
     │   ├── ProcessFinished       the process has exited (no more stdin or signals)
+    │   ├── NoTerminal            a resize for a process that has no terminal
     │   ├── CannotStart           a background command could not be started
     │   └── ForwardError          FWD_RESP said error (nothing listens on the port, ...)
     └── AgentProtocolError        the agent broke the wire protocol (bad frame, unexpected
@@ -56,6 +60,18 @@ class RemoteNotFound(RemoteError):
     """The path or session named in the request does not exist in the sandbox."""
 
 
+class RemoteExists(RemoteError):
+    """The path a request would create exists already."""
+
+
+class RemotePermissionDenied(RemoteError):
+    """The acting user lacks the permission (EACCES, EPERM)."""
+
+
+class RemoteNotADirectory(RemoteError):
+    """A path that must be a directory is not one."""
+
+
 class ProcessNotFound(RemoteNotFound):
     """No process with that pid is in the agent's process table."""
 
@@ -66,6 +82,14 @@ class ProcessNotFound(RemoteNotFound):
 
 class ProcessFinished(RemoteError):
     """The process has exited: it takes no more input or signals."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class NoTerminal(RemoteError):
+    """A terminal resize for a process started without one."""
 
     def __init__(self, message: str, pid: int | None = None) -> None:
         super().__init__(message)

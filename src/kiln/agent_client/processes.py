@@ -23,6 +23,7 @@ from kiln.protocol import (
 from .errors import (
     AgentProtocolError,
     CannotStart,
+    NoTerminal,
     ProcessFinished,
     ProcessNotFound,
     RemoteError,
@@ -38,6 +39,8 @@ def status_error(status: ProcessStatus, pid: int | None) -> RemoteError:
         return ProcessNotFound(message, pid)
     if status.reason == Reason.FINISHED:
         return ProcessFinished(message, pid)
+    if status.reason == Reason.NO_TERMINAL:
+        return NoTerminal(message, pid)
     if status.reason == Reason.CANNOT_START:
         return CannotStart(message, status.exit_code)
     return RemoteError(message)

@@ -53,7 +53,10 @@ from .errors import (
     AgentTimeout,
     AuthError,
     RemoteError,
+    RemoteExists,
+    RemoteNotADirectory,
     RemoteNotFound,
+    RemotePermissionDenied,
 )
 
 #: The agent's TCP ports inside a sandbox.
@@ -153,6 +156,9 @@ _NOT_FOUND_RE: Final = re.compile(
     r"no such (file|session|directory)|not found|does not exist|unknown session|no session",
     re.I,
 )
+_EXISTS_RE: Final = re.compile(r"file exists", re.I)
+_PERMISSION_RE: Final = re.compile(r"permission denied|operation not permitted", re.I)
+_NOT_A_DIRECTORY_RE: Final = re.compile(r"not a directory", re.I)
 
 
 def remote_error(message: str, *, first_answer: bool) -> AgentError:
@@ -161,6 +167,12 @@ def remote_error(message: str, *, first_answer: bool) -> AgentError:
         return AuthError(message)
     if _NOT_FOUND_RE.search(message):
         return RemoteNotFound(message)
+    if _EXISTS_RE.search(message):
+        return RemoteExists(message)
+    if _PERMISSION_RE.search(message):
+        return RemotePermissionDenied(message)
+    if _NOT_A_DIRECTORY_RE.search(message):
+        return RemoteNotADirectory(message)
     return RemoteError(message)
 
 

@@ -1015,7 +1015,7 @@ def ports(state: State, sandbox: str | None, as_json: bool) -> None:
 
 @cli.group(cls=AliasedGroup)
 def file() -> None:
-    """Read, write and list files in a sandbox."""
+    """Read, write, list, move, remove and watch files in a sandbox."""
 
 
 @file.command("read")
@@ -1061,15 +1061,22 @@ def file_write(state: State, sandbox: str, path: str, local: str, mode: int | No
 @file.command("ls")
 @click.argument("sandbox")
 @click.argument("path", default="/workspace")
+@click.option(
+    "--depth",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Also list subdirectories, down to this many levels.",
+)
 @json_option
 @pass_state
-def file_ls(state: State, sandbox: str, path: str, as_json: bool) -> None:
+def file_ls(state: State, sandbox: str, path: str, depth: int | None, as_json: bool) -> None:
     """List a directory in the sandbox [default: /workspace]."""
-    listing = state.sandbox(sandbox).files.ls(path)
+    listing = state.sandbox(sandbox).files.ls(path, depth=depth)
     if as_json:
         show(fmt.format_json(list(listing.entries)))
     else:
-        text = fmt.format_file_listing(listing, _now())
+        base = path if depth is not None else None
+        text = fmt.format_file_listing(listing, _now(), base)
         if text:
             click.echo(text)
 
@@ -1083,6 +1090,56 @@ def file_stat(state: State, sandbox: str, path: str, as_json: bool) -> None:
     """Show a path's size, mode and type."""
     info = state.sandbox(sandbox).files.stat(path)
     show(fmt.format_json(info) if as_json else fmt.format_file_stat(info))
+
+
+@file.command("mkdir")
+@click.argument("sandbox")
+@click.argument("path")
+@click.option("--mode", callback=_converter(parse.parse_mode), help="Mode, octal (0755).")
+@click.option("--no-parents", is_flag=True, help="Fail when the parent does not exist.")
+@pass_state
+def file_mkdir(state: State, sandbox: str, path: str, mode: int | None, no_parents: bool) -> None:
+    """Create a directory (and its missing parents); an existing one is fine."""
+    created = state.sandbox(sandbox).files.mkdir(path, parents=not no_parents, mode=mode)
+    if not created:
+        click.echo(f"{path}: already exists", err=True)
+
+
+@file.command("mv")
+@click.argument("sandbox")
+@click.argument("source")
+@click.argument("destination")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing destination.")
+@pass_state
+def file_mv(state: State, sandbox: str, source: str, destination: str, force: bool) -> None:
+    """Move or rename SOURCE to DESTINATION (missing parents are created)."""
+    state.sandbox(sandbox).files.move(source, destination, overwrite=force)
+
+
+@file.command("rm")
+@click.argument("sandbox")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Remove directories and their content.")
+@pass_state
+def file_rm(state: State, sandbox: str, paths: tuple[str, ...], recursive: bool) -> None:
+    """Remove files (and with -r directory trees)."""
+    files = state.sandbox(sandbox).files
+    for path in paths:
+        files.remove(path, recursive=recursive)
+
+
+@file.command("watch")
+@click.argument("sandbox")
+@click.argument("path")
+@click.option("-r", "--recursive", is_flag=True, help="Also watch subdirectories.")
+@json_option
+@pass_state
+def file_watch(state: State, sandbox: str, path: str, recursive: bool, as_json: bool) -> None:
+    """Print a directory's changes as they happen, until interrupted or it is removed."""
+    with state.sandbox(sandbox).files.watch(path, recursive=recursive) as watch:
+        for event in watch:
+            line = fmt.format_json_line(event) if as_json else fmt.format_file_event(event)
+            click.echo(line)
 
 
 # -- secrets, volumes, templates ------------------------------------------------------

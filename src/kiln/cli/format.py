@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from kiln.images import Image
+    from kiln.protocol.fsops import FileEvent
     from kiln.protocol.messages import FileListing, SessionInfo
     from kiln.sdk.models import (
         Capabilities,
@@ -46,6 +47,11 @@ def format_error(message: str) -> str:
 def format_json(value: Any) -> str:
     """Pretty JSON of a model (``to_dict()``), a list of models, or plain data."""
     return json.dumps(_plain(value), indent=2, sort_keys=False, ensure_ascii=False)
+
+
+def format_json_line(value: Any) -> str:
+    """Compact one-line JSON (for streams: one event per line)."""
+    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False)
 
 
 def _plain(value: Any) -> Any:
@@ -298,21 +304,30 @@ def format_mode_string(mode: str, is_dir: bool) -> str:
     return stat.filemode(bits | (stat.S_IFDIR if is_dir else stat.S_IFREG))
 
 
-def format_file_listing(listing: FileListing, now: datetime) -> str:
-    """``kiln file ls``: ``ls -l``-like lines; a last line when the listing was capped."""
+def format_file_listing(listing: FileListing, now: datetime, base: str | None = None) -> str:
+    """``kiln file ls``: ``ls -l``-like lines; a last line when the listing was capped.
+
+    Entries that carry a path (``--depth``) are named relative to ``base``."""
     lines: list[str] = []
+    prefix = base.rstrip("/") + "/" if base else None
     entries = listing.entries
     size_width = max((len(str(e.size)) for e in entries), default=1)
     for e in entries:
         mtime = datetime.fromtimestamp(e.mtime, UTC) if e.mtime else None
         stamp = mtime.strftime("%Y-%m-%d %H:%M") if mtime else "-"
-        name = e.name + ("/" if e.is_dir else "")
+        shown = e.path.removeprefix(prefix) if prefix and e.path else e.name
+        name = shown + ("/" if e.is_dir else "")
         lines.append(
             f"{format_mode_string(e.mode, e.is_dir)} {e.size:>{size_width}} {stamp} {name}"
         )
     if listing.truncated:
         lines.append(f"... {listing.total - len(entries)} more (listing capped at {len(entries)})")
     return "\n".join(lines)
+
+
+def format_file_event(event: FileEvent) -> str:
+    """``kiln file watch``: one line per change (``create  dir/name``)."""
+    return f"{event.type:<7} {event.name}"
 
 
 def format_file_stat(info: FileStat) -> str:

@@ -32,18 +32,23 @@ from kiln.protocol import (
     Frame,
     FrameStream,
     FrameType,
+    MkdirRequest,
+    MoveRequest,
     PathRequest,
     ProcessAttach,
     ProcessInput,
+    ProcessResize,
     ProcessSignal,
     ProcessStart,
     ProtocolError,
+    RemoveRequest,
     StatusResponse,
+    WatchRequest,
     encode_exit,
     session_list_to_payload,
 )
 
-from . import files
+from . import files, fsops, watch
 from .context import GuestContext, Settings, recv_frame
 from .errors import RequestError
 from .execution import run_piped
@@ -76,18 +81,25 @@ REQUEST_TYPES = frozenset(
         FrameType.FILE_WRITE_REQ,
         FrameType.FILE_STAT_REQ,
         FrameType.FILE_LS_REQ,
+        FrameType.FILE_MKDIR_REQ,
+        FrameType.FILE_MOVE_REQ,
+        FrameType.FILE_REMOVE_REQ,
+        FrameType.FILE_WATCH_REQ,
         FrameType.CLOCK_SET,
         FrameType.PROC_START,
         FrameType.PROC_LIST_REQ,
         FrameType.PROC_ATTACH,
         FrameType.PROC_INPUT,
         FrameType.PROC_SIGNAL,
+        FrameType.PROC_RESIZE,
     }
 )
 
 #: Requests after which the host may still be sending (stdin, or nothing but a
 #: close to end a reader): the connection lingers instead of closing at once.
-_STREAMING_REQUESTS = frozenset({FrameType.EXEC_REQ, FrameType.PROC_ATTACH})
+_STREAMING_REQUESTS = frozenset(
+    {FrameType.EXEC_REQ, FrameType.PROC_ATTACH, FrameType.FILE_WATCH_REQ}
+)
 
 #: Sets the wall clock (ns since the epoch) and mixes an optional seed into the
 #: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
@@ -312,7 +324,11 @@ class Agent:
         elif ftype == FrameType.FILE_WRITE_REQ:
             await files.write_file(conn, FileWriteRequest.from_payload(payload), ctx)
         elif ftype == FrameType.FILE_STAT_REQ:
-            info = files.stat_path(PathRequest.from_payload(payload), ctx)
+            req_stat = PathRequest.from_payload(payload)
+            if req_stat.user is None:
+                info = files.stat_path(req_stat, ctx)
+            else:  # switching identity happens in a worker thread
+                info = await asyncio.to_thread(files.stat_path, req_stat, ctx)
             ctx.touch()
             await conn.send(FrameType.FILE_STAT_RESP, info.to_payload())
         elif ftype == FrameType.FILE_LS_REQ:
@@ -320,10 +336,28 @@ class Agent:
             listing = await asyncio.to_thread(files.list_dir, req_ls, ctx)
             ctx.touch()
             await conn.send(FrameType.FILE_LS_RESP, listing)
+        elif ftype == FrameType.FILE_MKDIR_REQ:
+            made = await fsops.make_dir(MkdirRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_MKDIR_RESP, made.to_payload())
+        elif ftype == FrameType.FILE_MOVE_REQ:
+            moved = await fsops.move(MoveRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_MOVE_RESP, moved.to_payload())
+        elif ftype == FrameType.FILE_REMOVE_REQ:
+            await fsops.remove(RemoveRequest.from_payload(payload), ctx)
+            ctx.touch()
+            await conn.send(FrameType.FILE_REMOVE_RESP, StatusResponse("ok").to_payload())
+        elif ftype == FrameType.FILE_WATCH_REQ:
+            await watch.watch_dir(conn, WatchRequest.from_payload(payload), ctx)
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
         elif ftype == FrameType.PROC_START:
-            await processes.start(conn, ProcessStart.from_payload(payload))
+            start = ProcessStart.from_payload(payload)
+            if start.tty:
+                await sessions.start_detached(conn, start)
+            else:
+                await processes.start(conn, start)
         elif ftype == FrameType.PROC_LIST_REQ:
             await processes.send_list(conn)
         elif ftype == FrameType.PROC_ATTACH:
@@ -332,6 +366,8 @@ class Agent:
             await processes.write_input(conn, ProcessInput.from_payload(payload))
         elif ftype == FrameType.PROC_SIGNAL:
             await processes.send_signal(conn, ProcessSignal.from_payload(payload))
+        elif ftype == FrameType.PROC_RESIZE:
+            await processes.resize(conn, ProcessResize.from_payload(payload))
         else:  # pragma: no cover - REQUEST_TYPES and this chain list the same types
             raise RequestError(f"unsupported request {FrameType(ftype).name}")
 
@@ -342,7 +378,8 @@ class Agent:
         assert self._processes is not None
         attached, running = self._sessions.counts()
         # Output readers count as attached: someone is watching.
-        in_flight = len(self._ctx.running_execs) + self._processes.readers
+        # So do directory watches: someone waits for the sandbox's changes.
+        in_flight = len(self._ctx.running_execs) + self._processes.readers + self._ctx.watches
         return ActivityInfo(
             last_activity_unix=self._ctx.last_activity,
             attached_sessions=attached + in_flight,

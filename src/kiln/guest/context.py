@@ -140,6 +140,8 @@ class GuestContext:
         self.last_activity = time.time()
         #: Piped execs in flight (host connected, process running).
         self.running_execs: set[Child] = set()
+        #: Directory watches with a host connected (they keep the sandbox active).
+        self.watches = 0
         self._is_root = os.geteuid() == 0
         #: Helpers that start commands as other users without forking the agent.
         self.spawners = Spawners(children) if self._is_root else None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import grp
 import heapq
 import os
+import pwd
 import secrets
 import stat
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from kiln.protocol import (
     parse_mode,
 )
 
+from .actor import Actor, actor_for
 from .context import GuestContext, recv_frame
 from .errors import RequestError
 
@@ -101,10 +103,12 @@ def _read_blocks(fd: int) -> Iterator[bytes]:
 
 
 async def read_file(conn: FrameStream, req: FileReadRequest, ctx: GuestContext) -> None:
-    path = ctx.resolve_path(req.path)
+    actor = actor_for(ctx, req.user)
+    path = actor.resolve(req.path)
     try:
         # O_NONBLOCK: opening a FIFO must not hang the agent (it is refused below).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Only the open needs the user's identity: the fd then reads as anyone.
+        fd = actor.call(lambda: os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as exc:
         raise _fail(path, exc) from exc
     try:
@@ -150,8 +154,8 @@ async def read_file(conn: FrameStream, req: FileReadRequest, ctx: GuestContext) 
 # ---- write -----------------------------------------------------------------------
 
 
-def _make_parents(directory: str, ctx: GuestContext) -> None:
-    """``mkdir -p``; directories we create belong to the sandbox user."""
+def make_parents(directory: str, actor: Actor) -> None:
+    """``mkdir -p``; directories we create belong to the acting (or sandbox) user."""
     missing = []
     current = directory
     while current and not os.path.isdir(current):
@@ -167,7 +171,7 @@ def _make_parents(directory: str, ctx: GuestContext) -> None:
             if not os.path.isdir(path):
                 raise
             continue
-        ctx.give_to_user(path)
+        actor.own(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +184,7 @@ class _PendingWrite:
     owner: tuple[int, int] | None
 
 
-def _open_temp(path: str, mode_text: str | None, ctx: GuestContext) -> _PendingWrite:
+def _open_temp(path: str, mode_text: str | None, actor: Actor) -> _PendingWrite:
     """Checks, parent directories and the temporary file of a write."""
     target = os.path.realpath(path) if os.path.islink(path) else path  # write through links
     directory, name = os.path.split(target)
@@ -194,8 +198,15 @@ def _open_temp(path: str, mode_text: str | None, ctx: GuestContext) -> _PendingW
         mode = parse_mode(mode_text)
     else:
         mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
+    if st is not None and actor.creds is not None and stat.S_ISREG(st.st_mode):
+        # Replacing by rename needs only the directory's permission; a user must
+        # also be allowed to write the file itself, as with an in-place write.
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            raise _fail(target, exc) from exc
     try:
-        _make_parents(directory, ctx)
+        make_parents(directory, actor)
         temp = os.path.join(directory, TEMP_PREFIX + secrets.token_hex(8))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -204,17 +215,17 @@ def _open_temp(path: str, mode_text: str | None, ctx: GuestContext) -> _PendingW
     return _PendingWrite(fd, temp, target, mode, owner)
 
 
-def _finish_write(pending: _PendingWrite, ctx: GuestContext) -> None:
+def _finish_write(pending: _PendingWrite, actor: Actor) -> None:
     """Mode, owner, (fsync,) rename, (fsync the directory). Runs in a worker thread:
     fsync may take a while. The rename is what makes the write atomic for readers;
     the fsyncs make it durable, for a host that snapshots the disk right after."""
     fd = pending.fd
-    durable = ctx.settings.durable
+    durable = actor.ctx.settings.durable
     try:
         if durable:
             os.fsync(fd)
         os.fchmod(fd, pending.mode)
-        ctx.give_to_user(fd, pending.owner)
+        actor.own(fd, pending.owner)
     finally:
         os.close(fd)
     os.rename(pending.temp, pending.target)
@@ -228,7 +239,9 @@ def _finish_write(pending: _PendingWrite, ctx: GuestContext) -> None:
 
 
 async def write_file(conn: FrameStream, req: FileWriteRequest, ctx: GuestContext) -> None:
-    pending = _open_temp(ctx.resolve_path(req.path), req.mode, ctx)
+    actor = actor_for(ctx, req.user)
+    path = actor.resolve(req.path)
+    pending = actor.call(lambda: _open_temp(path, req.mode, actor))
     fd, temp, target = pending.fd, pending.temp, pending.target
     ctx.touch()
     fd_open = True
@@ -250,10 +263,10 @@ async def write_file(conn: FrameStream, req: FileWriteRequest, ctx: GuestContext
                 view = view[os.write(fd, view) :]
             remaining -= len(data)
         fd_open = False
-        if ctx.settings.durable:
-            await asyncio.to_thread(_finish_write, pending, ctx)
+        if ctx.settings.durable or actor.creds is not None:
+            await actor.run(lambda: _finish_write(pending, actor))
         else:
-            _finish_write(pending, ctx)  # no fsync: nothing here can block for long
+            _finish_write(pending, actor)  # no fsync: nothing here can block for long
     except BaseException as exc:
         if fd_open:
             os.close(fd)
@@ -268,55 +281,117 @@ async def write_file(conn: FrameStream, req: FileWriteRequest, ctx: GuestContext
 # ---- stat / ls -------------------------------------------------------------------
 
 
-def _info(name: str, st: os.stat_result, path: str | None = None) -> FileInfo:
+class Names:
+    """uid/gid → name, looked up once per request (the databases may change between)."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+    def group(self, gid: int) -> str:
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = str(gid)
+            self._groups[gid] = name
+        return name
+
+
+def _type_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def describe(
+    name: str,
+    path: str,
+    names: Names | None,
+    *,
+    with_path: bool = True,
+    lst: os.stat_result | None = None,
+) -> FileInfo:
+    """FileInfo of ``path``; with ``names``, every extension field. A symlink is
+    described by its target (``symlink`` true, ``target`` set); a dangling one by
+    itself (type ``symlink``). Raises OSError when ``path`` does not exist."""
+    if lst is None:
+        lst = os.lstat(path)
+    st, target, is_link = lst, None, stat.S_ISLNK(lst.st_mode)
+    if is_link:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+    if names is None:
+        return FileInfo(
+            name=name,
+            size=st.st_size,
+            mode=format_mode(st.st_mode),
+            is_dir=stat.S_ISDIR(st.st_mode),
+            mtime=st.st_mtime,
+            path=path if with_path else None,
+        )
+    if is_link:
+        target = os.path.realpath(path)
     return FileInfo(
         name=name,
         size=st.st_size,
         mode=format_mode(st.st_mode),
         is_dir=stat.S_ISDIR(st.st_mode),
         mtime=st.st_mtime,
-        path=path,
+        path=path if with_path else None,
+        type=_type_of(st.st_mode),
+        symlink=is_link,
+        target=target,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        owner=names.user(st.st_uid),
+        group=names.group(st.st_gid),
+        permissions=stat.filemode(st.st_mode),
     )
 
 
+def base_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)) or "/"
+
+
 def stat_path(req: PathRequest, ctx: GuestContext) -> FileInfo:
-    path = ctx.resolve_path(req.path)
+    actor = actor_for(ctx, req.user)
+    path = actor.resolve(req.path)
+
+    def run() -> FileInfo:
+        os.stat(path)  # a dangling symlink is "not found", as it always was
+        return describe(base_name(path), path, Names() if req.details else None)
+
     try:
-        st = os.stat(path)
+        return actor.call(run)
     except OSError as exc:
         raise _fail(path, exc) from exc
-    name = os.path.basename(os.path.normpath(path)) or "/"
-    return _info(name, st, path)
 
 
 def list_dir(req: PathRequest, ctx: GuestContext) -> bytes:
     """The FILE_LS_RESP payload: sorted, capped at LS_LIMIT, and always within one frame."""
-    path = ctx.resolve_path(req.path)
-    total = 0
-
-    def counted(entries: Iterator[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
-        nonlocal total
-        for entry in entries:
-            total += 1
-            yield entry
-
+    actor = actor_for(ctx, req.user)
+    path = actor.resolve(req.path)
     try:
-        with os.scandir(path) as it:
-            # The first LS_LIMIT names, sorted, without holding a huge directory in memory.
-            entries = heapq.nsmallest(LS_LIMIT, counted(it), key=lambda e: e.name)
+        infos, total = actor.call(lambda: _collect(path, req.depth, req.details))
     except OSError as exc:
         raise _fail(path, exc) from exc
-    infos = []
-    for entry in entries:
-        try:
-            st = entry.stat()
-        except OSError:
-            try:
-                st = entry.stat(follow_symlinks=False)  # a dangling symlink
-            except OSError:
-                continue  # removed while we list
-        infos.append(_info(entry.name, st))
-    truncated = total > LS_LIMIT
+    truncated = total > len(infos)
     while True:
         payload = FileListing(tuple(infos), truncated, total).to_payload()
         if len(payload) <= MAX_PAYLOAD:
@@ -325,3 +400,59 @@ def list_dir(req: PathRequest, ctx: GuestContext) -> bytes:
         keep = int(len(infos) * MAX_PAYLOAD / len(payload) * 0.95)
         infos = infos[:keep]
         truncated = True
+
+
+def _sorted_entries(path: str, cap: int) -> tuple[list[os.DirEntry[str]], int]:
+    """The first ``cap`` entries of a directory by name, and how many it has, without
+    holding a huge directory in memory."""
+    total = 0
+
+    def counted(entries: Iterator[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
+        nonlocal total
+        for entry in entries:
+            total += 1
+            yield entry
+
+    with os.scandir(path) as it:
+        entries = heapq.nsmallest(cap, counted(it), key=lambda e: e.name)
+    entries.reverse()  # consumed with pop()
+    return entries, total
+
+
+def _collect(path: str, depth: int | None, details: bool) -> tuple[list[FileInfo], int]:
+    """Entries (depth-first, each directory's sorted by name) down to ``depth`` levels,
+    at most LS_LIMIT of them, and the number seen. Symlinked directories are listed,
+    not entered. Without ``depth``: one level, the original answer (no ``path``)."""
+    names = Names() if details else None
+    infos: list[FileInfo] = []
+    entries, total = _sorted_entries(path, LS_LIMIT)
+    stack: list[tuple[int, list[os.DirEntry[str]]]] = [(1, entries)]
+    while stack:
+        level, pending = stack[-1]
+        if not pending:
+            stack.pop()
+            continue
+        entry = pending.pop()
+        if len(infos) >= LS_LIMIT:
+            continue
+        try:
+            info = describe(
+                entry.name,
+                entry.path,
+                names,
+                with_path=depth is not None,
+                lst=entry.stat(follow_symlinks=False),
+            )
+        except OSError:
+            total -= 1  # removed while we list
+            continue
+        infos.append(info)
+        entered = info.is_dir and not entry.is_symlink()
+        if depth is not None and level < depth and entered:
+            try:
+                children, count = _sorted_entries(entry.path, LS_LIMIT - len(infos))
+            except OSError:
+                continue  # unreadable or gone: listed, not entered
+            total += count
+            stack.append((level + 1, children))
+    return infos, total

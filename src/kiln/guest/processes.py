@@ -45,6 +45,7 @@ from kiln.protocol import (
     ProcessAttach,
     ProcessInfo,
     ProcessInput,
+    ProcessResize,
     ProcessSignal,
     ProcessStart,
     ProcessStatus,
@@ -100,6 +101,10 @@ class Entry(Protocol):
 
     def signal(self, sig: int) -> None: ...
 
+    def resize(self, rows: int, cols: int) -> bool:
+        """Set its terminal's size; False if it has no terminal."""
+        ...
+
 
 class BackgroundProcess:
     """A piped command detached from every connection."""
@@ -113,10 +118,13 @@ class BackgroundProcess:
         stdin: int,
         stdout: int,
         stderr: int,
+        request: ProcessStart | None = None,
     ) -> None:
         self.child = child
         self.cmd = tuple(cmd)
         self.user = user
+        #: What it was started with (its tag, env and cwd are listed with it).
+        self.request = request
         self.started_at = time.time()
         self.finished_at: float | None = None
         self.exit_code: int | None = None
@@ -136,6 +144,7 @@ class BackgroundProcess:
         return self.exit_code is None
 
     def process_info(self) -> ProcessInfo:
+        req = self.request
         return ProcessInfo(
             pid=self.pid,
             cmd=self.cmd,
@@ -144,6 +153,9 @@ class BackgroundProcess:
             exit_code=self.exit_code,
             finished_at=self.finished_at,
             user=self.user,
+            tag=None if req is None else req.tag,
+            cwd=None if req is None else req.cwd,
+            env={} if req is None else req.env,
         )
 
     def start_pumps(self) -> None:
@@ -229,6 +241,9 @@ class BackgroundProcess:
     def signal(self, sig: int) -> None:
         self.child.kill_group(sig)
 
+    def resize(self, rows: int, cols: int) -> bool:
+        return False  # pipes, no terminal
+
 
 class ProcessGone(Exception):
     """Input for a process that has exited or closed its stdin."""
@@ -293,8 +308,10 @@ class ProcessTable:
             await conn.send(FrameType.PROC_STATUS, status.to_payload())
             return
         process = BackgroundProcess(
-            child, req.cmd, user.name, stdin=stdin, stdout=stdout, stderr=stderr
+            child, req.cmd, user.name, stdin=stdin, stdout=stdout, stderr=stderr, request=req
         )
+        if not req.stdin:
+            await process.close_input()  # end-of-file before it can read anything
         self.add(process)
         task = asyncio.create_task(self._run(process))
         self._tasks.add(task)
@@ -389,6 +406,16 @@ class ProcessTable:
         if entry is not None and status is None:
             self._ctx.touch()
             entry.signal(signal.Signals[f"SIG{req.signal}"])
+        await conn.send(FrameType.PROC_STATUS, (status or ProcessStatus()).to_payload())
+
+    async def resize(self, conn: FrameStream, req: ProcessResize) -> None:
+        """PROC_RESIZE: a new size for a process's terminal, then PROC_STATUS."""
+        entry = self.get(req.pid)
+        status = self._refusal(entry, req.pid, entry is not None and entry.running)
+        if entry is not None and status is None and not entry.resize(req.rows, req.cols):
+            status = ProcessStatus.error(
+                Reason.NO_TERMINAL, f"process {req.pid} has no terminal to resize"
+            )
         await conn.send(FrameType.PROC_STATUS, (status or ProcessStatus()).to_payload())
 
     @staticmethod

@@ -43,6 +43,9 @@ from kiln.protocol import (
     FrameStream,
     FrameType,
     ProcessInfo,
+    ProcessStart,
+    ProcessStatus,
+    Reason,
     SessionInfo,
     decode_resize,
     encode_exit,
@@ -117,8 +120,11 @@ class Session:
         *,
         user: str,
         idle_timeout: float | None,
+        request: ProcessStart | None = None,
     ) -> None:
         self.id = session_id
+        #: The PROC_START that started it detached (None for an EXEC_REQ).
+        self.request = request
         self.cmd = tuple(cmd)
         self.argv = shlex.join(cmd)
         self.user = user
@@ -156,6 +162,9 @@ class Session:
             tty=True,
             session_id=self.id,
             user=self.user,
+            tag=None if self.request is None else self.request.tag,
+            cwd=None if self.request is None else self.request.cwd,
+            env={} if self.request is None else self.request.env,
         )
 
     @property
@@ -250,10 +259,11 @@ class Session:
         (in the middle of one it only pushes the line so far)."""
         await self.write_input(EOF_CHAR)
 
-    def resize(self, rows: int, cols: int) -> None:
+    def resize(self, rows: int, cols: int) -> bool:
         if self._master >= 0:
             with contextlib.suppress(OSError):  # the pty is going away
                 _set_winsize(self._master, rows, cols)
+        return True
 
     # ---- idle timer --------------------------------------------------------------
 
@@ -306,7 +316,13 @@ class SessionRegistry:
         running = sum(1 for s in self._sessions.values() if s.running)
         return attached, running
 
-    async def start(self, req: ExecRequest, *, session_id: str | None = None) -> Session:
+    async def start(
+        self,
+        req: ExecRequest,
+        *,
+        session_id: str | None = None,
+        request: ProcessStart | None = None,
+    ) -> Session:
         """Start a command on a new pty. Raises OSError/SubprocessError if it cannot start."""
         ctx = self._ctx
         user = ctx.exec_user(req.user)
@@ -332,6 +348,7 @@ class SessionRegistry:
             master,
             user=user.name,
             idle_timeout=ctx.settings.session_idle_timeout,
+            request=request,
         )
         self._sessions[sid] = session
         self._table.add(session)
@@ -368,6 +385,34 @@ class SessionRegistry:
         except ValueError as exc:
             raise RequestError(f"cannot start {req.cmd[0]!r}: {exc}") from exc
         await self._attach(session, conn, replay=False)
+
+    async def start_detached(self, conn: FrameStream, req: ProcessStart) -> None:
+        """PROC_START with ``tty``: a session nobody is attached to; PROC_INFO.
+
+        No idle timer: like a background process it runs until it ends or is
+        killed (readers come and go by pid)."""
+        exec_req = ExecRequest(
+            cmd=req.cmd,
+            env=req.env,
+            cwd=req.cwd,
+            tty=True,
+            rows=req.rows,
+            cols=req.cols,
+            user=req.user,
+        )
+        try:
+            session = await self.start(exec_req, request=req)
+        except OSError as exc:
+            code, message = spawn_failure(exc, req.cmd[0], self._ctx.exec_cwd(req.cwd))
+            status = ProcessStatus.error(Reason.CANNOT_START, message.strip(), code)
+            await conn.send(FrameType.PROC_STATUS, status.to_payload())
+            return
+        except (subprocess.SubprocessError, ValueError) as exc:
+            status = ProcessStatus.error(Reason.INVALID, f"cannot start {req.cmd[0]!r}: {exc}")
+            await conn.send(FrameType.PROC_STATUS, status.to_payload())
+            return
+        self._ctx.touch()
+        await conn.send(FrameType.PROC_INFO, session.process_info().to_payload())
 
     async def _attach(self, session: Session, conn: FrameStream, *, replay: bool) -> None:
         self._ctx.touch()

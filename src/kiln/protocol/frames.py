@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     PROC_INPUT = 0x39
     PROC_SIGNAL = 0x3A
     PROC_STATUS = 0x3B
+    PROC_RESIZE = 0x3C
     ACTIVITY_REQ = 0x40
     ACTIVITY_RESP = 0x41
     FILE_READ_REQ = 0x50
@@ -62,8 +63,17 @@ class FrameType(IntEnum):
     FILE_STAT_RESP = 0x55
     FILE_LS_REQ = 0x56
     FILE_LS_RESP = 0x57
+    FILE_MKDIR_REQ = 0x58
+    FILE_MKDIR_RESP = 0x59
+    FILE_MOVE_REQ = 0x5A
+    FILE_MOVE_RESP = 0x5B
+    FILE_REMOVE_REQ = 0x5C
+    FILE_REMOVE_RESP = 0x5D
     CLOCK_SET = 0x60
     CLOCK_SET_RESP = 0x61
+    FILE_WATCH_REQ = 0x70
+    FILE_WATCH_RESP = 0x71
+    FILE_EVENT = 0x72
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)

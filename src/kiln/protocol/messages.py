@@ -28,6 +28,8 @@ SANDBOX_USER = "sandbox"
 SANDBOX_UID = 1000
 #: The only other user a client of the daemon may ask for.
 ROOT_USER = "root"
+#: Deepest FILE_LS_REQ ``depth``.
+MAX_LS_DEPTH = 64
 #: Largest CLOCK_SET seed, in bytes.
 MAX_CLOCK_SEED = 4096
 
@@ -271,14 +273,35 @@ class ActivityInfo(_Message):
         )
 
 
+#: FileInfo ``type`` values.
+FILE_TYPES = ("file", "dir", "symlink", "other")
+
+
 @dataclass(frozen=True, slots=True)
 class FileInfo(_Message):
+    """A file's metadata. The first five fields are the original protocol; the rest
+    are optional extensions (sent by newer agents, absent from older ones):
+
+    ``type`` (file, dir, symlink for a dangling link, other), ``symlink`` (the path
+    itself is a symbolic link; size, mode and type are then its target's) and
+    ``target`` (where it points), ``uid``/``gid`` and their names ``owner``/``group``,
+    and ``permissions`` (``ls -l`` style, e.g. ``-rw-r--r--``).
+    """
+
     name: str
     size: int
     mode: str
     is_dir: bool
     mtime: float
     path: str | None = None
+    type: str | None = None
+    symlink: bool = False
+    target: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    owner: str | None = None
+    group: str | None = None
+    permissions: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -288,8 +311,12 @@ class FileInfo(_Message):
             "is_dir": self.is_dir,
             "mtime": self.mtime,
         }
-        if self.path is not None:
-            out["path"] = self.path
+        for key in ("path", "type", "target", "uid", "gid", "owner", "group", "permissions"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.symlink:
+            out["symlink"] = True
         return out
 
     @classmethod
@@ -302,6 +329,14 @@ class FileInfo(_Message):
             is_dir=bool(_get(obj, "is_dir", bool)),
             mtime=_float(obj, "mtime") or 0.0,
             path=_get(obj, "path", str),
+            type=_get(obj, "type", str),
+            symlink=bool(_get(obj, "symlink", bool)),
+            target=_get(obj, "target", str),
+            uid=_nonneg(obj, "uid"),
+            gid=_nonneg(obj, "gid"),
+            owner=_get(obj, "owner", str),
+            group=_get(obj, "group", str),
+            permissions=_get(obj, "permissions", str),
         )
 
 
@@ -351,14 +386,19 @@ class FileReadRequest(_Message):
     offset: int = 0
     limit: int = 0
     max_bytes: int = 0
+    #: Optional: read as this user (their permissions; relative paths from their home).
+    user: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": self.path,
             "offset": self.offset,
             "limit": self.limit,
             "max_bytes": self.max_bytes,
         }
+        if self.user is not None:
+            out["user"] = self.user
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
@@ -368,6 +408,7 @@ class FileReadRequest(_Message):
             offset=_nonneg(obj, "offset") or 0,
             limit=_nonneg(obj, "limit") or 0,
             max_bytes=_nonneg(obj, "max_bytes") or 0,
+            user=_user(obj),
         )
 
 
@@ -393,6 +434,9 @@ class FileWriteRequest(_Message):
     path: str
     size: int
     mode: str | None = None
+    #: Optional: write as this user (their permissions; new files and directories
+    #: are theirs; relative paths from their home).
+    user: str | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -404,6 +448,8 @@ class FileWriteRequest(_Message):
         out: dict[str, Any] = {"path": self.path, "size": self.size}
         if self.mode is not None:
             out["mode"] = self.mode
+        if self.user is not None:
+            out["user"] = self.user
         return out
 
     @classmethod
@@ -412,21 +458,52 @@ class FileWriteRequest(_Message):
         size = _int(obj, "size")
         if size is None:
             raise InvalidMessage("field 'size' is required")
-        return cls(path=_path(obj), size=size, mode=_get(obj, "mode", str))
+        return cls(path=_path(obj), size=size, mode=_get(obj, "mode", str), user=_user(obj))
 
 
 @dataclass(frozen=True, slots=True)
 class PathRequest(_Message):
-    """FILE_STAT_REQ and FILE_LS_REQ: just a path."""
+    """FILE_STAT_REQ and FILE_LS_REQ: a path, and optional extensions: ``user`` (act
+    as this user), ``details`` (FileInfo with its extension fields; without it the
+    answer has exactly the original fields) and, for FILE_LS_REQ, ``depth`` (1: the
+    directory's entries; 2: also its subdirectories' entries, ...; entries then
+    carry ``path``)."""
 
     path: str
+    user: str | None = None
+    depth: int | None = None
+    details: bool = False
+
+    def __post_init__(self) -> None:
+        if self.depth is not None and not 1 <= self.depth <= MAX_LS_DEPTH:
+            raise InvalidMessage(f"field 'depth' must be within 1..{MAX_LS_DEPTH}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path}
+        out: dict[str, Any] = {"path": self.path}
+        if self.user is not None:
+            out["user"] = self.user
+        if self.depth is not None:
+            out["depth"] = self.depth
+        if self.details:
+            out["details"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
-        return cls(path=_path(_object(data, "request")))
+        obj = _object(data, "request")
+        return cls(
+            path=_path(obj),
+            user=_user(obj),
+            depth=_int(obj, "depth"),
+            details=bool(_get(obj, "details", bool)),
+        )
+
+
+def _user(obj: Mapping[str, Any]) -> str | None:
+    user: str | None = _get(obj, "user", str)
+    if user is not None and (not user or "\x00" in user or len(user) > 256):
+        raise InvalidMessage("field 'user' must be a user name or uid")
+    return user
 
 
 def _path(obj: Mapping[str, Any]) -> str:

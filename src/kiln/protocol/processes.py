@@ -6,11 +6,19 @@ come later. TTY sessions are in the same table (with their ``session_id``).
 
 Frames (each request on its own control connection)::
 
-    PROC_START   {"cmd","env"?,"cwd"?,"user"?}      → PROC_INFO | PROC_STATUS error
+    PROC_START   {"cmd","env"?,"cwd"?,"user"?,       → PROC_INFO | PROC_STATUS error
+                  "stdin"?,"tag"?,"tty"?,"rows"?,"cols"?}
     PROC_LIST_REQ                                   → PROC_LIST_RESP [ProcessInfo...]
     PROC_ATTACH  {"pid","replay"?,"follow"?}        → PROC_INFO, STDOUT/STDERR..., EXIT
     PROC_INPUT   {"pid","size","close"?} + STDIN...  → PROC_STATUS
     PROC_SIGNAL  {"pid","signal"}                   → PROC_STATUS
+    PROC_RESIZE  {"pid","rows","cols"}              → PROC_STATUS
+
+``stdin`` false starts the process with its stdin already at end-of-file.
+``tty`` starts it on a terminal of ``rows`` x ``cols``, detached: a TTY session
+(with its id) that takes input, signals, resizes and readers by pid like any
+other entry; its output is all STDOUT. ``tag`` is a name of the caller's
+choosing, listed with the process; ``env`` and ``cwd`` as given are listed too.
 
 Without ``follow`` a reader gets only what is kept now, then EXIT if the process
 has finished, else PROC_STATUS ok as the end mark.
@@ -56,6 +64,7 @@ class Reason(StrEnum):
     FINISHED = "finished"  # it has exited: no more input or signals
     CANNOT_START = "cannot_start"  # not found / not executable / bad cwd
     INVALID = "invalid"  # the request itself is wrong
+    NO_TERMINAL = "no_terminal"  # a resize for a process without a terminal
 
 
 def _pid(obj: Mapping[str, Any]) -> int:
@@ -82,18 +91,39 @@ def signal_name(value: str) -> str:
     return name
 
 
+def _size(name: str, value: int | None) -> None:
+    if value is not None and not 1 <= value <= 0xFFFF:
+        raise InvalidMessage(f"field {name!r} must be within 1..65535, got {value}")
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessStart(_Message):
     cmd: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     user: str | None = None
+    #: False: stdin is at end-of-file from the start (nothing can be sent to it).
+    stdin: bool = True
+    tag: str | None = None
+    tty: bool = False
+    rows: int | None = None
+    cols: int | None = None
+
+    def __post_init__(self) -> None:
+        _size("rows", self.rows)
+        _size("cols", self.cols)
+        if not self.tty and (self.rows is not None or self.cols is not None):
+            raise InvalidMessage("fields 'rows' and 'cols' are only valid with 'tty': true")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cmd": list(self.cmd)}
         if self.env:
             out["env"] = dict(self.env)
-        for key in ("cwd", "user"):
+        if not self.stdin:
+            out["stdin"] = False
+        if self.tty:
+            out["tty"] = True
+        for key in ("cwd", "user", "tag", "rows", "cols"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -102,11 +132,17 @@ class ProcessStart(_Message):
     @classmethod
     def from_json(cls, data: Any) -> Self:
         obj = _object(data, "ProcessStart")
+        stdin = _get(obj, "stdin", bool)
         return cls(
             cmd=_cmd(obj),
             env=_str_map(obj, "env"),
             cwd=_get(obj, "cwd", str),
             user=_get(obj, "user", str),
+            stdin=True if stdin is None else stdin,
+            tag=_get(obj, "tag", str),
+            tty=bool(_get(obj, "tty", bool)),
+            rows=_int(obj, "rows"),
+            cols=_int(obj, "cols"),
         )
 
 
@@ -123,6 +159,10 @@ class ProcessInfo(_Message):
     tty: bool = False
     session_id: str | None = None
     user: str | None = None
+    #: As the start request gave them (None for sessions started by EXEC_REQ).
+    tag: str | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +175,9 @@ class ProcessInfo(_Message):
             "tty": self.tty,
             "session_id": self.session_id,
             "user": self.user,
+            "tag": self.tag,
+            "cwd": self.cwd,
+            "env": dict(self.env),
         }
 
     @classmethod
@@ -150,6 +193,9 @@ class ProcessInfo(_Message):
             tty=bool(_get(obj, "tty", bool)),
             session_id=_get(obj, "session_id", str),
             user=_get(obj, "user", str),
+            tag=_get(obj, "tag", str),
+            cwd=_get(obj, "cwd", str),
+            env=_str_map(obj, "env"),
         )
 
 
@@ -231,6 +277,30 @@ class ProcessSignal(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessResize(_Message):
+    """A new terminal size for a process started with ``tty``."""
+
+    pid: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        _size("rows", self.rows)
+        _size("cols", self.cols)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "rows": self.rows, "cols": self.cols}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        obj = _object(data, "ProcessResize")
+        rows = _int(obj, "rows", required=True)
+        cols = _int(obj, "cols", required=True)
+        assert rows is not None and cols is not None
+        return cls(pid=_pid(obj), rows=rows, cols=cols)
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessStatus(_Message):
     """PROC_STATUS: ``{"status":"ok"}`` or ``{"status":"error","reason","message"}``."""
 
@@ -281,6 +351,7 @@ __all__ = [
     "ProcessAttach",
     "ProcessInfo",
     "ProcessInput",
+    "ProcessResize",
     "ProcessSignal",
     "ProcessStart",
     "ProcessStatus",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ._async import (
     AsyncExecStream,
     AsyncFiles,
+    AsyncFileWatch,
     AsyncKiln,
     AsyncOutputStream,
     AsyncProcess,
@@ -46,6 +47,7 @@ from ._async import (
 from ._sync import (
     ExecStream,
     Files,
+    FileWatch,
     Kiln,
     OutputStream,
     Process,
@@ -98,6 +100,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from kiln.protocol.fsops import FileEvent
     from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
     from .shell import AsyncShellSession, ShellSession
@@ -107,6 +110,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "ShellSession": "kiln.sdk.shell",
     "AsyncShellSession": "kiln.sdk.shell",
+    "FileEvent": "kiln.protocol.fsops",
     "FileInfo": "kiln.protocol.messages",
     "FileListing": "kiln.protocol.messages",
     "SessionInfo": "kiln.protocol.messages",
@@ -126,6 +130,7 @@ __all__ = [
     "DEFAULT_URL",
     "APIError",
     "AsyncExecStream",
+    "AsyncFileWatch",
     "AsyncFiles",
     "AsyncKiln",
     "AsyncOutputStream",
@@ -149,9 +154,11 @@ __all__ = [
     "ExecStream",
     "Exit",
     "FileContent",
+    "FileEvent",
     "FileInfo",
     "FileListing",
     "FileStat",
+    "FileWatch",
     "Files",
     "Health",
     "InvalidResponse",

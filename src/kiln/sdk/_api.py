@@ -39,7 +39,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
 T = TypeVar("T")
 
@@ -416,10 +416,27 @@ def process_body(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     user: str | None = None,
+    stdin: bool = True,
+    tag: str | None = None,
+    tty: bool = False,
+    rows: int | None = None,
+    cols: int | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes/{id}/processes``: an exec's, without its
-    timeout or encoding (a background process has neither)."""
-    return exec_body(cmd, env=env, cwd=cwd, user=user)
+    timeout or encoding (a background process has neither), with its own options
+    (sent only when not the default)."""
+    body = exec_body(cmd, env=env, cwd=cwd, user=user)
+    if not stdin:
+        body["stdin"] = False
+    if tag is not None:
+        body["tag"] = tag
+    if tty:
+        body["tty"] = True
+    if rows is not None:
+        body["rows"] = rows
+    if cols is not None:
+        body["cols"] = cols
+    return body
 
 
 def _pid(pid: int) -> str:
@@ -483,6 +500,15 @@ def signal_process(id_or_name: str, pid: int, signal: str) -> Call[None]:
     )
 
 
+def resize_process(id_or_name: str, pid: int, rows: int, cols: int) -> Call[None]:
+    return Call(
+        "POST",
+        process_path(id_or_name, pid, "resize"),
+        _no_content,
+        json={"rows": rows, "cols": cols},
+    )
+
+
 def stdin_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
@@ -526,12 +552,47 @@ def _file_listing(resp: httpx.Response) -> FileListing:
     return models.parse_file_listing(resp.content)
 
 
-def list_files(id_or_name: str, path: str) -> Call[FileListing]:
+def list_files(id_or_name: str, path: str, depth: int | None = None) -> Call[FileListing]:
+    params = {"path": path, "ls": "true"}
+    if depth is not None:
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        params["depth"] = str(depth)
+    return Call("GET", sandbox_path(id_or_name, "files"), _file_listing, params=params)
+
+
+def make_dir(id_or_name: str, path: str, parents: bool, mode: int | str | None) -> Call[bool]:
+    """``POST files/mkdir``: True when created, False when the directory existed."""
+    body: dict[str, Any] = {"path": path, "parents": parents}
+    octal = file_mode(mode)
+    if octal is not None:
+        body["mode"] = octal
+
+    def parse(resp: httpx.Response) -> bool:
+        return bool(_json(resp).get("created"))
+
+    return Call("POST", sandbox_path(id_or_name, "files/mkdir"), parse, json=body)
+
+
+def move_file(id_or_name: str, source: str, destination: str, overwrite: bool) -> Call[FileInfo]:
+    body = {"source": source, "destination": destination, "overwrite": overwrite}
+    return Call("POST", sandbox_path(id_or_name, "files/move"), _file_info, json=body)
+
+
+def _file_info(resp: httpx.Response) -> FileInfo:
+    return models.parse_file_info(_json(resp))
+
+
+def remove_file(id_or_name: str, path: str, recursive: bool) -> Call[None]:
+    params = {"path": path, "recursive": "true" if recursive else "false"}
+    return Call("DELETE", sandbox_path(id_or_name, "files"), _no_content, params=params)
+
+
+def watch_files(id_or_name: str, path: str, recursive: bool) -> Call[None]:
+    """``GET files/watch``: NDJSON events, read by the clients' watch streams."""
+    params = {"path": path, "recursive": "true" if recursive else "false"}
     return Call(
-        "GET",
-        sandbox_path(id_or_name, "files"),
-        _file_listing,
-        params={"path": path, "ls": "true"},
+        "GET", sandbox_path(id_or_name, "files/watch"), _no_content, params=params, timeout=None
     )
 
 

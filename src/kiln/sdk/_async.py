@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
 
-from . import _api
+from . import _api, models
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
 from .errors import InvalidResponse, KilnError, NotFound, Timeout
@@ -43,7 +43,8 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.fsops import FileEvent
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
     from .shell import AsyncShellSession
 
@@ -712,6 +713,14 @@ class AsyncProcess:
         """SIGKILL its process group."""
         await self.signal("KILL")
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set its terminal's size (it must have been started with ``tty``)."""
+        await AsyncProcesses(self._kiln, self._sandbox).resize(self.pid, rows, cols)
+
+    @property
+    def tag(self) -> str | None:
+        return self._info.tag
+
 
 class AsyncProcesses:
     """``sandbox.processes`` (async): background commands; see :class:`kiln.sdk.Processes`."""
@@ -727,9 +736,24 @@ class AsyncProcesses:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> AsyncProcess:
         """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background."""
-        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        body = _api.process_body(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            tag=tag,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+        )
         info = await self._kiln._call(_api.start_process(self._id, body))
         return AsyncProcess(self._kiln, self._id, info)
 
@@ -762,6 +786,11 @@ class AsyncProcesses:
     async def kill(self, pid: int) -> None:
         """SIGKILL its process group."""
         await self.signal(pid, "KILL")
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty`` (:class:`Conflict`
+        for one without a terminal, or once it has finished)."""
+        await self._kiln._call(_api.resize_process(self._id, pid, rows, cols))
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -805,9 +834,106 @@ class AsyncFiles:
         """Size, mode and type of ``path`` (:class:`NotFound` if missing)."""
         return await self._kiln._call(_api.stat_file(self._id, path))
 
-    async def ls(self, path: str) -> FileListing:
-        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000)."""
-        return await self._kiln._call(_api.list_files(self._id, path))
+    async def ls(self, path: str, *, depth: int | None = None) -> FileListing:
+        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000).
+
+        ``depth`` 2 and more also lists subdirectories; entries then have ``.path``.
+        """
+        return await self._kiln._call(_api.list_files(self._id, path, depth))
+
+    async def mkdir(
+        self, path: str, *, parents: bool = True, mode: int | str | None = None
+    ) -> bool:
+        """Create a directory (and missing parents): True, or False if it existed.
+
+        :class:`Conflict` when a file is in the way."""
+        return await self._kiln._call(_api.make_dir(self._id, path, parents, mode))
+
+    async def move(self, source: str, destination: str, *, overwrite: bool = False) -> FileInfo:
+        """Rename ``source`` to ``destination`` (missing parents are created).
+
+        :class:`Conflict` when the destination exists, unless ``overwrite``."""
+        return await self._kiln._call(_api.move_file(self._id, source, destination, overwrite))
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, a symlink or an empty directory; ``recursive``: any tree."""
+        await self._kiln._call(_api.remove_file(self._id, path, recursive))
+
+    def watch(self, path: str, *, recursive: bool = False) -> AsyncFileWatch:
+        """A directory's changes (``async for event in ...``: ``.name``, ``.type`` one of
+        create, write, remove, rename, chmod) until the directory is removed or the
+        watch is closed (``await close()`` or leaving ``async with``)."""
+        return AsyncFileWatch(self._kiln, _api.watch_files(self._id, path, recursive))
+
+
+class AsyncFileWatch:
+    """The events of a directory watch, parsed line by line as they arrive."""
+
+    def __init__(self, kiln: AsyncKiln, call: Call[None]) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._resp: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._closed = False
+
+    async def _open(self) -> AsyncIterator[str]:
+        http = self._kiln._http
+        with map_exceptions(self._kiln.url):
+            request = http.build_request(
+                self._call.method,
+                self._call.path,
+                params=self._call.params,
+                timeout=self._call.timeout,
+            )
+            resp = await http.send(request, stream=True)
+            if resp.status_code >= 400:
+                await resp.aread()
+                await resp.aclose()
+        raise_for_status(resp)
+        self._resp = resp
+        self._lines = resp.aiter_lines()
+        return self._lines
+
+    async def start(self) -> Self:
+        """Start watching now (otherwise the first iteration does): after this,
+        changes are seen. Raises :class:`NotFound` for a missing directory."""
+        if self._lines is None:
+            await self._open()
+        return self
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> FileEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        lines = self._lines if self._lines is not None else await self._open()
+        while True:
+            with map_exceptions(self._kiln.url):
+                line = await anext(lines, None)
+            if line is None:
+                await self.close()
+                raise StopAsyncIteration
+            event = models.parse_file_event(line)
+            if event is not None:
+                return event
+
+    async def close(self) -> None:
+        """Stop watching."""
+        self._closed = True
+        if self._resp is not None:
+            await self._resp.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 class AsyncSessions:

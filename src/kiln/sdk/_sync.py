@@ -13,7 +13,7 @@ from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
 
-from . import _api
+from . import _api, models
 from ._api import Call, map_exceptions, raise_for_status
 from .config import load_settings
 from .errors import InvalidResponse, KilnError, NotFound, Timeout
@@ -38,7 +38,8 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.fsops import FileEvent
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
     from .shell import ShellSession
 
@@ -780,6 +781,14 @@ class Process:
         """SIGKILL its process group."""
         self.signal("KILL")
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Set its terminal's size (it must have been started with ``tty``)."""
+        Processes(self._kiln, self._sandbox).resize(self.pid, rows, cols)
+
+    @property
+    def tag(self) -> str | None:
+        return self._info.tag
+
 
 class Processes:
     """``sandbox.processes``: commands that run in the background, detached from any
@@ -796,6 +805,11 @@ class Processes:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = True,
+        tag: str | None = None,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> Process:
         """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background.
 
@@ -803,7 +817,17 @@ class Processes:
         cannot start (not found, not executable, bad ``cwd``) raises
         :class:`ValidationError`.
         """
-        body = _api.process_body(cmd, env=env, cwd=cwd, user=user)
+        body = _api.process_body(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            tag=tag,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+        )
         return Process(self._kiln, self._id, self._kiln._call(_api.start_process(self._id, body)))
 
     def list(self) -> builtins.list[Process]:
@@ -834,6 +858,11 @@ class Processes:
     def kill(self, pid: int) -> None:
         """SIGKILL its process group."""
         self.signal(pid, "KILL")
+
+    def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Set the terminal size of a process started with ``tty`` (:class:`Conflict`
+        for one without a terminal, or once it has finished)."""
+        self._kiln._call(_api.resize_process(self._id, pid, rows, cols))
 
 
 # -- files and sessions -------------------------------------------------------------
@@ -876,9 +905,104 @@ class Files:
         """Size, mode and type of ``path`` (:class:`NotFound` if missing)."""
         return self._kiln._call(_api.stat_file(self._id, path))
 
-    def ls(self, path: str) -> FileListing:
-        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000)."""
-        return self._kiln._call(_api.list_files(self._id, path))
+    def ls(self, path: str, *, depth: int | None = None) -> FileListing:
+        """A directory's entries sorted by name (``.entries``; ``.truncated`` past 10,000).
+
+        ``depth`` 2 and more also lists subdirectories; entries then have ``.path``.
+        """
+        return self._kiln._call(_api.list_files(self._id, path, depth))
+
+    def mkdir(self, path: str, *, parents: bool = True, mode: int | str | None = None) -> bool:
+        """Create a directory (and missing parents): True, or False if it existed.
+
+        :class:`Conflict` when a file is in the way."""
+        return self._kiln._call(_api.make_dir(self._id, path, parents, mode))
+
+    def move(self, source: str, destination: str, *, overwrite: bool = False) -> FileInfo:
+        """Rename ``source`` to ``destination`` (missing parents are created).
+
+        :class:`Conflict` when the destination exists, unless ``overwrite``."""
+        return self._kiln._call(_api.move_file(self._id, source, destination, overwrite))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, a symlink or an empty directory; ``recursive``: any tree."""
+        self._kiln._call(_api.remove_file(self._id, path, recursive))
+
+    def watch(self, path: str, *, recursive: bool = False) -> FileWatch:
+        """A directory's changes (``for event in ...``: ``.name``, ``.type`` one of
+        create, write, remove, rename, chmod) until the directory is removed or the
+        watch is closed (``close()`` or leaving ``with``)."""
+        return FileWatch(self._kiln, _api.watch_files(self._id, path, recursive))
+
+
+class FileWatch:
+    """The events of a directory watch, parsed line by line as they arrive."""
+
+    def __init__(self, kiln: Kiln, call: Call[None]) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._resp: httpx.Response | None = None
+        self._lines: Iterator[str] | None = None
+        self._closed = False
+
+    def _open(self) -> Iterator[str]:
+        http = self._kiln._http
+        with map_exceptions(self._kiln.url):
+            request = http.build_request(
+                self._call.method,
+                self._call.path,
+                params=self._call.params,
+                timeout=self._call.timeout,
+            )
+            resp = http.send(request, stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+                resp.close()
+        raise_for_status(resp)
+        self._resp = resp
+        self._lines = resp.iter_lines()
+        return self._lines
+
+    def start(self) -> Self:
+        """Start watching now (otherwise the first iteration does): after this,
+        changes are seen. Raises :class:`NotFound` for a missing directory."""
+        if self._lines is None:
+            self._open()
+        return self
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> FileEvent:
+        if self._closed:
+            raise StopIteration
+        lines = self._lines if self._lines is not None else self._open()
+        while True:
+            with map_exceptions(self._kiln.url):
+                line = next(lines, None)
+            if line is None:
+                self.close()
+                raise StopIteration
+            event = models.parse_file_event(line)
+            if event is not None:
+                return event
+
+    def close(self) -> None:
+        """Stop watching."""
+        self._closed = True
+        if self._resp is not None:
+            self._resp.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class Sessions:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import InvalidResponse, ServerError
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.fsops import FileEvent
+    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
 
 T = TypeVar("T")
 
@@ -395,7 +396,8 @@ class ProcessInfo(_Model):
     """An entry of a sandbox's process table: a background process or a TTY session.
 
     ``exit_code`` and ``finished_at`` are ``None`` while it runs; TTY sessions
-    have ``tty`` true and their ``session_id``.
+    have ``tty`` true and their ``session_id``; ``tag`` and ``cwd`` are as the
+    process was started with them.
     """
 
     pid: int
@@ -407,6 +409,8 @@ class ProcessInfo(_Model):
     tty: bool = False
     session_id: str | None = None
     user: str | None = None
+    tag: str | None = None
+    cwd: str | None = None
 
 
 def parse_process(data: Any) -> ProcessInfo:
@@ -429,6 +433,8 @@ def parse_process(data: Any) -> ProcessInfo:
         tty=_field(obj, "tty", bool, what, False),
         session_id=_opt_str(obj, "session_id", what),
         user=_opt_str(obj, "user", what),
+        tag=_opt_str(obj, "tag", what),
+        cwd=_opt_str(obj, "cwd", what),
     )
 
 
@@ -477,6 +483,28 @@ def parse_file_listing(body: bytes) -> FileListing:
         return FileListing.from_payload(body)
     except InvalidMessage as exc:
         raise InvalidResponse(f"file listing: {exc}") from exc
+
+
+def parse_file_info(data: Any) -> FileInfo:
+    """One FileInfo object."""
+    from kiln.protocol import FileInfo, InvalidMessage  # noqa: PLC0415 - see above
+
+    try:
+        return FileInfo.from_json(data)
+    except InvalidMessage as exc:
+        raise InvalidResponse(f"file info: {exc}") from exc
+
+
+def parse_file_event(line: str) -> FileEvent | None:
+    """One line of a watch stream (None for a blank one)."""
+    from kiln.protocol import FileEvent, InvalidMessage  # noqa: PLC0415 - see above
+
+    if not line.strip():
+        return None
+    try:
+        return FileEvent.from_payload(line.encode())
+    except InvalidMessage as exc:
+        raise InvalidResponse(f"watch event: {exc}") from exc
 
 
 def parse_sessions(data: Any) -> list[SessionInfo]:

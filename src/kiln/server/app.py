@@ -32,6 +32,8 @@ from kiln.protocol import ProtocolError
 from kiln.store import StoreError
 
 from .e2b import control as e2b_control
+from .e2b import envd, filesystem, process
+from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .proxy import ProxyFront
@@ -116,7 +118,12 @@ class BodyLimit:
         self.json_limit = json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS")
+            # E2B's envd speaks its own content types and sets its own limits.
+            or scope["path"].startswith(envd.PREFIX + "/")
+        ):
             await self.app(scope, receive, send)
             return
         upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
@@ -224,6 +231,14 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)
     app.include_router(e2b_control.router)
+    app.include_router(envd.router)
+    app.include_router(e2b_files.router)
+    # After every route of its own: the Connect services take the rest of /e2b/envd.
+    app.mount(envd.PREFIX, envd.envd_app(services, [process.service, filesystem.service]))
+
+    @app.exception_handler(envd.EnvdHttpError)
+    async def envd_http_error(request: Request, exc: envd.EnvdHttpError) -> JSONResponse:
+        return envd.envd_error_response(exc)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -58,6 +58,7 @@ from kiln.store import NotFound, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
+from .e2b.filesystem import watchers as e2b_watchers
 from .expiry import ExpiryReaper
 from .intents import finish_at_start
 from .services import Services, persist_engine_state
@@ -592,6 +593,7 @@ async def _run(
             if images is not None:
                 closing.add(tg.create_task(images.close(), name="image-builds"))
             await asyncio.wait(closing)
+            await e2b_watchers.aclose()  # the E2B SDK's non-streaming directory watches
             if thermal_task is not None:
                 thermal_task.cancel()
             if expiry is not None:

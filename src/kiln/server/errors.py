@@ -6,7 +6,7 @@
     ├── Forbidden                403 over quota
     ├── NotFoundError            404 unknown sandbox/template/secret/volume/session/file
     ├── ConflictError            409 name taken, volume in use, wrong sandbox state,
-    │                                process finished
+    │                                process finished, resize without a terminal
     ├── LengthRequired           411 upload without Content-Length
     ├── PayloadTooLarge          413 body over the limit
     ├── Unprocessable            422 fields that parse but are invalid
@@ -116,7 +116,11 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         # agent
         case ac.RemoteNotFound():
             return NotFoundError(msg)
-        case ac.ProcessFinished():
+        case ac.RemoteExists():
+            return ConflictError(msg)
+        case ac.RemotePermissionDenied():
+            return Forbidden(msg)
+        case ac.ProcessFinished() | ac.NoTerminal():
             return ConflictError(msg)
         case ac.ForwardError():
             return BadGateway(msg)

@@ -174,6 +174,27 @@ class PatchSandbox(_Body):
     on_expire: OnExpireName | None = None
 
 
+SandboxPath = Annotated[StrictStr, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+
+
+class MkdirBody(_Body):
+    """``POST /sandboxes/{id}/files/mkdir``: a directory (and, with ``parents``, the
+    missing ones above it); ``mode`` an octal string such as ``"0755"``."""
+
+    path: SandboxPath
+    parents: StrictBool = True
+    mode: Annotated[StrictStr, Field(pattern=r"^0?[0-7]{1,4}$")] | None = None
+
+
+class MoveBody(_Body):
+    """``POST /sandboxes/{id}/files/move``: rename ``source`` to ``destination``
+    (across directories; an existing destination only with ``overwrite``)."""
+
+    source: SandboxPath
+    destination: SandboxPath
+    overwrite: StrictBool = False
+
+
 class ExecBody(_Body):
     cmd: Annotated[list[StrictStr], Field(min_length=1)]
     env: Env | None = None
@@ -186,6 +207,10 @@ class ExecBody(_Body):
     )
 
 
+#: Rows or columns of a terminal.
+TermSize = Annotated[StrictInt, Field(ge=1, le=0xFFFF)]
+
+
 class StartProcess(_Body):
     cmd: Annotated[list[StrictStr], Field(min_length=1)]
     env: Env | None = None
@@ -193,6 +218,28 @@ class StartProcess(_Body):
     user: ExecUser | None = Field(
         default=None, description=f"{ROOT_USER!r}, or {SANDBOX_USER!r} (the default)"
     )
+    stdin: StrictBool = Field(
+        default=True, description="false: stdin is at end-of-file from the start"
+    )
+    tag: Annotated[StrictStr, Field(max_length=256)] | None = Field(
+        default=None, description="A name of your choosing, listed with the process"
+    )
+    tty: StrictBool = Field(
+        default=False, description="Run it on a terminal (its output is all stdout)"
+    )
+    rows: TermSize | None = None
+    cols: TermSize | None = None
+
+    @model_validator(mode="after")
+    def _size_needs_a_terminal(self) -> StartProcess:
+        if not self.tty and (self.rows is not None or self.cols is not None):
+            raise PydanticCustomError("tty_size", "rows and cols need tty: true")
+        return self
+
+
+class ResizeProcess(_Body):
+    rows: TermSize
+    cols: TermSize
 
 
 class SignalProcess(_Body):

@@ -1,4 +1,10 @@
-"""``GET``/``HEAD``/``PUT /sandboxes/{id}/files?path=``: read, stat, list and write files."""
+"""Files of a sandbox.
+
+``GET``/``HEAD``/``PUT``/``DELETE /sandboxes/{id}/files?path=``: read (or list with
+``ls=true``, ``depth``), stat, write, remove (``recursive``);
+``POST /sandboxes/{id}/files/mkdir`` and ``/files/move``; ``GET
+/sandboxes/{id}/files/watch?path=`` streams a directory's changes as NDJSON.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,11 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from kiln.agent_client import FileReader
-from kiln.protocol import InvalidMessage, parse_mode
+from kiln.agent_client import DirWatch, FileReader
+from kiln.protocol import MAX_LS_DEPTH, InvalidMessage, encode_json, parse_mode
 
 from ..errors import BadRequest, LengthRequired, PayloadTooLarge
+from ..models import MkdirBody, MoveBody
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 
@@ -32,7 +39,7 @@ def _check_path(path: str) -> str:
     return path
 
 
-def _truthy(value: str | None) -> bool:
+def _truthy(value: str | None, name: str = "ls") -> bool:
     if value is None:
         return False
     lowered = value.lower()
@@ -40,7 +47,7 @@ def _truthy(value: str | None) -> bool:
         return True
     if lowered in ("", "0", "false", "no", "off"):
         return False
-    raise BadRequest(f"ls must be true or false, got {value!r}")
+    raise BadRequest(f"{name} must be true or false, got {value!r}")
 
 
 @router.head("/sandboxes/{sandbox}/files")
@@ -75,15 +82,19 @@ async def read_file(
     limit: Count = 0,
     max_bytes: Count = 0,
     ls: str | None = None,
+    depth: Annotated[int | None, Query(ge=1, le=MAX_LS_DEPTH)] = None,
 ) -> Response:
     """The file's bytes (``X-File-Size`` always; ``Content-Length`` only when the read
     is whole), or with ``ls=true`` the directory listing (FileInfo objects, and a
-    ``{"name": "...", "truncated": true, "total": N}`` sentinel when capped)."""
+    ``{"name": "...", "truncated": true, "total": N}`` sentinel when capped); with
+    ``depth`` (2 and more) subdirectories are listed too and entries carry ``path``."""
     _check_path(path)
     listing = _truthy(ls)
+    if depth is not None and not listing:
+        raise BadRequest("depth goes with ls=true")
     _, client = await services.sandboxes.agent(user, sandbox)
     if listing:
-        result = await client.ls(path)
+        result = await client.ls(path, depth=depth)
         entries: list[dict[str, Any]] = [e.to_json() for e in result.entries]
         if result.truncated:
             entries.append({"name": "...", "truncated": True, "total": result.total})
@@ -202,3 +213,85 @@ async def write_file(
         raise BadRequest(str(exc)) from None
     services.sandboxes.touch(sb.id)
     return {"path": path, "size": size}
+
+
+@router.delete("/sandboxes/{sandbox}/files", status_code=204)
+async def remove_file(
+    *,
+    sandbox: str,
+    user: CurrentUser,
+    services: AppServices,
+    path: PathParam,
+    recursive: str | None = None,
+) -> Response:
+    """Remove a file, a symlink or an empty directory; with ``recursive=true`` a
+    directory and everything in it. 404 when nothing is there."""
+    _check_path(path)
+    tree = _truthy(recursive, "recursive")
+    sb, client = await services.sandboxes.agent(user, sandbox)
+    await client.remove(path, recursive=tree)
+    services.sandboxes.touch(sb.id)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox}/files/mkdir")
+async def make_dir(
+    sandbox: str, body: MkdirBody, user: CurrentUser, services: AppServices
+) -> dict[str, Any]:
+    """Create a directory: ``{"path", "created"}`` (``created`` false: it existed).
+    409 when a file is in the way."""
+    sb, client = await services.sandboxes.agent(user, sandbox)
+    made = await client.mkdir(body.path, parents=body.parents, mode=body.mode)
+    services.sandboxes.touch(sb.id)
+    return {"path": made.info.path, "created": made.created}
+
+
+@router.post("/sandboxes/{sandbox}/files/move")
+async def move_file(
+    sandbox: str, body: MoveBody, user: CurrentUser, services: AppServices
+) -> dict[str, Any]:
+    """Rename ``source`` to ``destination``: the destination's FileInfo (with
+    ``path``). 409 when the destination exists and ``overwrite`` is false."""
+    sb, client = await services.sandboxes.agent(user, sandbox)
+    info = await client.move(body.source, body.destination, overwrite=body.overwrite)
+    services.sandboxes.touch(sb.id)
+    return info.to_json()
+
+
+@router.get(
+    "/sandboxes/{sandbox}/files/watch",
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def watch_dir(
+    *,
+    sandbox: str,
+    user: CurrentUser,
+    services: AppServices,
+    path: PathParam,
+    recursive: str | None = None,
+) -> Response:
+    """A directory's changes as NDJSON, one ``{"name", "type"}`` per line (``type``:
+    create, write, remove, rename, chmod; ``name`` relative to ``path``), until the
+    client disconnects or the directory is removed."""
+    _check_path(path)
+    tree = _truthy(recursive, "recursive")
+    sb, client = await services.sandboxes.agent(user, sandbox)
+    watch = client.watch_dir(path, recursive=tree)
+    await watch.__aenter__()  # a missing directory is a 404 here, before the stream
+    services.sandboxes.touch(sb.id)
+    return LiveStream(_events(watch), media_type="application/x-ndjson", on_close=_stop(watch))
+
+
+async def _events(watch: DirWatch) -> AsyncGenerator[bytes, None]:
+    try:
+        async for event in watch:
+            yield encode_json(event.to_json()) + b"\n"
+    finally:
+        watch.close()
+
+
+def _stop(watch: DirWatch) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        watch.close()
+
+    return stop

@@ -18,7 +18,7 @@ from kiln.protocol import InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
-from ..models import ErrorBody, SignalProcess, StartProcess, agent_user
+from ..models import ErrorBody, ResizeProcess, SignalProcess, StartProcess, agent_user
 from ..streaming import LiveStream, keep_active
 from .deps import AppServices, CurrentUser
 from .exec import NDJSON, _Decoder, _line
@@ -49,6 +49,8 @@ def process_view(info: ProcessInfo) -> dict[str, Any]:
         "tty": info.tty,
         "session_id": info.session_id,
         "user": info.user,
+        "tag": info.tag,
+        "cwd": info.cwd,
     }
 
 
@@ -67,7 +69,17 @@ async def start_process(
     (not found, not executable, bad cwd)."""
     sb, client = await services.sandboxes.agent(user, sandbox)
     run_as = agent_user(body.user)
-    info = await client.start_process(body.cmd, env=body.env, cwd=body.cwd, user=run_as)
+    info = await client.start_process(
+        body.cmd,
+        env=body.env,
+        cwd=body.cwd,
+        user=run_as,
+        stdin=body.stdin,
+        tag=body.tag,
+        tty=body.tty,
+        rows=body.rows,
+        cols=body.cols,
+    )
     services.sandboxes.touch(sb.id)
     return process_view(info)
 
@@ -160,6 +172,20 @@ async def signal_process(
         raise Unprocessable(f"signal: {exc}") from None
     sb, client = await services.sandboxes.agent(user, sandbox)
     await client.signal_process(_pid(pid), name)
+    services.sandboxes.touch(sb.id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/sandboxes/{sandbox}/processes/{pid}/resize", status_code=204, responses=_AGENT_ERRORS
+)
+async def resize_process(
+    sandbox: str, pid: PidPath, body: ResizeProcess, user: CurrentUser, services: AppServices
+) -> Response:
+    """Set the terminal size of a process started with ``tty`` (or a TTY session);
+    409 for one without a terminal or once it has finished."""
+    sb, client = await services.sandboxes.agent(user, sandbox)
+    await client.resize_process(_pid(pid), body.rows, body.cols)
     services.sandboxes.touch(sb.id)
     return Response(status_code=204)
 
