@@ -136,6 +136,7 @@ class BodyLimit:
                     length = int(value)
                 except ValueError:
                     answer = error_response(400, "invalid Content-Length", scope["path"])
+                    answer.headers["connection"] = "close"
                     await answer(scope, receive, send)
                     return
             if key == b"content-type" and not upload:
@@ -148,7 +149,11 @@ class BodyLimit:
             scope = dict(scope, headers=headers)
         if length is not None and length > limit:
             message = f"request body of {length} bytes exceeds the limit of {limit} bytes"
-            await error_response(413, message, scope["path"])(scope, receive, send)
+            answer = error_response(413, message, scope["path"])
+            # The announced body is never read, so the connection cannot carry another
+            # request: say so, and the server closes it after the answer.
+            answer.headers["connection"] = "close"
+            await answer(scope, receive, send)
             return
         if length is not None:
             await self.app(scope, receive, send)
