@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -198,8 +199,15 @@ def test_interrupted_upload_leaves_the_target_untouched(
     # The connection closed after 3000 of 100000 bytes.
     r = api.http.get(f"/sandboxes/{name}/files?path=precious")
     assert r.content == b"old content"
-    leftovers = [p.name for p in work.iterdir() if p.name != "precious"]
+    # The temporary file goes once the daemon and the agent have seen the drop, which
+    # on a busy host can be after the read above.
+    deadline = time.monotonic() + 10
+    while (leftovers := [p.name for p in work.iterdir() if p.name != "precious"]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     assert leftovers == []
+    assert (work / "precious").read_bytes() == b"old content"
 
 
 def test_paths_are_inside_the_sandbox_not_the_api(api: ApiUser, box: tuple[str, Path]) -> None:
