@@ -55,6 +55,8 @@ KEEPALIVE_MAX_S: Final = 10.0
 KEEPALIVE_HEADER: Final = "keepalive-ping-interval"
 SIGNALS: Final = {"SIGNAL_UNSPECIFIED": 0, "SIGNAL_SIGTERM": 15, "SIGNAL_SIGKILL": 9}
 _AGENT_SIGNALS: Final = {"SIGNAL_SIGTERM": "TERM", "SIGNAL_SIGKILL": "KILL"}
+#: Where a command starts when the SDK names no cwd: as in envd, its user's home.
+HOME: Final = "~"
 
 
 def _event(**event: Message) -> Message:
@@ -63,7 +65,7 @@ def _event(**event: Message) -> Message:
 
 def _config(info: ProcessInfo) -> Message:
     config: Message = {"cmd": info.cmd[0], "args": list(info.cmd[1:]), "envs": dict(info.env)}
-    if info.cwd is not None:
+    if info.cwd not in (None, HOME):  # HOME: Start's default, not the caller's choice
         config["cwd"] = info.cwd
     return config
 
@@ -202,7 +204,7 @@ async def start(call: EnvdCall, request: Message) -> AsyncIterator[Message]:
     info = await call.agent.start_process(
         argv,
         env=m.str_map(config, "envs"),
-        cwd=m.string(config, "cwd"),
+        cwd=m.string(config, "cwd") or HOME,
         user=call.user,
         stdin=True if stdin is None else stdin,
         tag=m.string(request, "tag"),
