@@ -16,6 +16,8 @@ What envd does and this mirrors, as the SDK relies on it:
 - Only running processes exist: List shows those; Connect, input and signals
   for one that has exited answer ``not_found`` (so ``kill`` returns False).
 - Connect streams output from now on (what was printed before is not replayed).
+- A command without a ``cwd`` starts in its user's home; one started without
+  ``stdin`` refuses input (``failed_precondition``).
 
 Where kiln differs: a process killed by signal N ends with exit code 128+N
 (as kiln reports it everywhere), where envd reports -1.
