@@ -350,3 +350,11 @@ async def test_tty_start_failure(client: AgentClient) -> None:
     with pytest.raises(CannotStart) as info:
         await client.start_process(["/no/such/program"], tty=True)
     assert info.value.exit_code == 127
+
+
+async def test_cwd_in_the_users_home(client: AgentClient) -> None:
+    home = pwd.getpwuid(os.geteuid()).pw_dir  # a test-mode agent runs as its starter
+    info = await client.start_process(["pwd"], cwd="~")
+    assert await read_all(client, info.pid) == (f"{home}\n".encode(), b"", 0)
+    result = await client.exec(["pwd"], cwd="~/")
+    assert result.stdout == f"{home}\n".encode()

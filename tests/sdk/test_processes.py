@@ -132,6 +132,12 @@ async def test_async_processes(akiln: AsyncKiln) -> None:
 def test_tag_tty_and_resize(sb: Sandbox) -> None:
     proc = sb.processes.start("stty size; read x; stty size", tty=True, rows=10, cols=40, tag="t")
     assert proc.tty and proc.tag == "t"
+    with proc.output() as events:
+        seen = bytearray()
+        for event in events:
+            seen += event.data if isinstance(event, Stdout) else b""
+            if b"10 40" in seen:
+                break
     proc.resize(12, 44)
     proc.stdin("\n")
     out = b"".join(e.data for e in proc if isinstance(e, Stdout))

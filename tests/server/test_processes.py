@@ -291,6 +291,10 @@ def test_tty_process_and_resize(api: ApiUser) -> None:
     info = start(api, sb, "sh", "-c", script, tty=True, rows=20, cols=70)
     pid = info["pid"]
     assert info["tty"] is True and info["session_id"]
+    deadline = time.monotonic() + 10
+    while "20 70" not in joined(output(api, sb, pid, follow="false"), "stdout"):
+        assert time.monotonic() < deadline, "the first stty size did not come"
+        time.sleep(0.05)
     r = api.http.post(f"/sandboxes/{sb}/processes/{pid}/resize", json={"rows": 30, "cols": 90})
     assert r.status_code == 204, r.text
     api.http.post(f"/sandboxes/{sb}/processes/{pid}/stdin", content=b"\n")

@@ -179,8 +179,14 @@ class GuestContext:
         env.update(request_env)
         return env
 
-    def exec_cwd(self, cwd: str | None) -> str:
-        return self.resolve_path(cwd) if cwd else self.settings.workdir
+    def exec_cwd(self, cwd: str | None, user: UserInfo | None = None) -> str:
+        """The working directory of a command: the default one, a path (relative to
+        the default), or with ``user``, ``~`` / ``~/...`` in that user's home."""
+        if not cwd:
+            return self.settings.workdir
+        if user is not None and (cwd == "~" or cwd.startswith("~/")):
+            return os.path.join(user.home, cwd[2:])
+        return self.resolve_path(cwd)
 
     def credentials(self, user: UserInfo) -> Credentials | None:
         """What running as ``user`` takes (None: we already are it)."""

@@ -90,7 +90,7 @@ async def start_piped(
 async def run_piped(conn: FrameStream, req: ExecRequest, ctx: GuestContext) -> None:
     user = ctx.exec_user(req.user)
     env = ctx.exec_env(req.env, user, tty=False)
-    cwd = ctx.exec_cwd(req.cwd)
+    cwd = ctx.exec_cwd(req.cwd, user)
     ctx.touch()
     try:
         child, stdin, stdout, stderr = await start_piped(ctx, req.cmd, user, cwd=cwd, env=env)

@@ -327,7 +327,7 @@ class SessionRegistry:
         ctx = self._ctx
         user = ctx.exec_user(req.user)
         env = ctx.exec_env(req.env, user, tty=True)
-        cwd = ctx.exec_cwd(req.cwd)
+        cwd = ctx.exec_cwd(req.cwd, user)
         master, slave = os.openpty()
         try:
             _set_winsize(slave, req.rows or DEFAULT_ROWS, req.cols or DEFAULT_COLS)

@@ -19,6 +19,7 @@ Frames (each request on its own control connection)::
 (with its id) that takes input, signals, resizes and readers by pid like any
 other entry; its output is all STDOUT. ``tag`` is a name of the caller's
 choosing, listed with the process; ``env`` and ``cwd`` as given are listed too.
+A ``cwd`` of ``~`` or ``~/...`` is in the home of the user it runs as.
 
 Without ``follow`` a reader gets only what is kept now, then EXIT if the process
 has finished, else PROC_STATUS ok as the end mark.

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from e2b import (
     CommandExitException,
+    InvalidArgumentException,
     NotFoundException,
     PtySize,
     SandboxException,
@@ -70,8 +71,15 @@ def test_nonzero_exit_raises_with_the_result(sb: Any) -> None:
 
 
 def test_default_user_home_and_env(sb: Any) -> None:
-    result = sb.commands.run('id -un; echo "$HOME"; echo "$FROM_CREATE"')
-    assert result.stdout.split("\n")[:3] == ["user", "/home/user", "created"]
+    result = sb.commands.run('id -un; echo "$HOME"; pwd; echo "$FROM_CREATE"')
+    assert result.stdout.split("\n")[:4] == ["user", "/home/user", "/home/user", "created"]
+    # As in envd, a command starts in its user's home.
+    assert sb.commands.run("pwd", user="root").stdout == "/root\n"
+
+
+def test_unknown_user(sb: Any) -> None:
+    with pytest.raises(InvalidArgumentException, match="mallory"):
+        sb.commands.run("true", user="mallory")
 
 
 def test_cwd_and_envs(sb: Any) -> None:

@@ -41,9 +41,9 @@ from ..auth import services_of
 from ..services import Services
 from .connect import Code, ConnectApp, ConnectError, Service, connect_error
 from .tokens import EnvdTokens
+from .users import E2B_USER, default_user
 
 __all__ = [
-    "DEFAULT_USER",
     "SANDBOX_HEADER",
     "TOKEN_HEADER",
     "EnvdCall",
@@ -56,10 +56,6 @@ __all__ = [
 PREFIX = "/e2b/envd"
 SANDBOX_HEADER = "e2b-sandbox-id"
 TOKEN_HEADER = "x-access-token"
-#: The user E2B runs commands as when the SDK names none: the sandbox's own
-#: unprivileged user (``user`` in an E2B sandbox, ``sandbox`` in kiln's own).
-DEFAULT_USER = "user"
-_DEFAULT_NAMES = frozenset({DEFAULT_USER, "sandbox"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +70,11 @@ class EnvdCall:
     headers: Mapping[str, str]
     #: Seconds left of the call's deadline (``connect-timeout-ms``), when it has one.
     deadline_s: float | None = None
+
+    @property
+    def account(self) -> str:
+        """The account the call runs as."""
+        return self.user or default_user(self.sandbox)
 
     def touch(self) -> None:
         """Record activity, so the sandbox is not paused under a running call."""
@@ -123,7 +124,7 @@ def find_sandbox(services: Services, headers: Mapping[str, str]) -> SandboxRow:
 
 
 def user_of(headers: Mapping[str, str]) -> str | None:
-    """The agent user named by ``Authorization: Basic base64("<user>:")``."""
+    """The account named by ``Authorization: Basic base64("<user>:")``, if any."""
     value = headers.get("authorization")
     if not value:
         return None
@@ -134,21 +135,28 @@ def user_of(headers: Mapping[str, str]) -> str | None:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode()
     except (binascii.Error, ValueError):
         raise ConnectError(Code.UNAUTHENTICATED, "malformed Basic credentials") from None
-    name = decoded.partition(":")[0]
+    return decoded.partition(":")[0] or None
+
+
+def agent_user(sb: SandboxRow, name: str | None) -> str | None:
+    """The agent's user for account ``name``: None for the sandbox's own account
+    (also when asked for by E2B's name for it, ``user``), or root."""
     if name == ROOT_USER:
         return ROOT_USER
-    if not name or name in _DEFAULT_NAMES:
+    if name is None or name in (default_user(sb), E2B_USER):
         return None
     raise ConnectError(
-        Code.INVALID_ARGUMENT, f"unknown user {name!r}: commands run as {DEFAULT_USER!r} or 'root'"
+        Code.INVALID_ARGUMENT,
+        f"unknown user {name!r}: commands run as {default_user(sb)!r} or 'root'",
     )
 
 
 async def resolve(
     services: Services, headers: Mapping[str, str], deadline_s: float | None = None
 ) -> EnvdCall:
-    user = user_of(headers)
+    name = user_of(headers)
     sb = find_sandbox(services, headers)
+    user = agent_user(sb, name)
     try:
         sb, client = await services.sandboxes.wake(sb)
     except NotFound:

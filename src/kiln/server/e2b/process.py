@@ -16,6 +16,8 @@ What envd does and this mirrors, as the SDK relies on it:
 - Only running processes exist: List shows those; Connect, input and signals
   for one that has exited answer ``not_found`` (so ``kill`` returns False).
 - Connect streams output from now on (what was printed before is not replayed).
+- A command without a ``cwd`` starts in its user's home; one started without
+  ``stdin`` refuses input (``failed_precondition``).
 
 Where kiln differs: a process killed by signal N ends with exit code 128+N
 (as kiln reports it everywhere), where envd reports -1.
@@ -55,6 +57,8 @@ KEEPALIVE_MAX_S: Final = 10.0
 KEEPALIVE_HEADER: Final = "keepalive-ping-interval"
 SIGNALS: Final = {"SIGNAL_UNSPECIFIED": 0, "SIGNAL_SIGTERM": 15, "SIGNAL_SIGKILL": 9}
 _AGENT_SIGNALS: Final = {"SIGNAL_SIGTERM": "TERM", "SIGNAL_SIGKILL": "KILL"}
+#: Where a command starts when the SDK names no cwd: as in envd, its user's home.
+HOME: Final = "~"
 
 
 def _event(**event: Message) -> Message:
@@ -63,7 +67,7 @@ def _event(**event: Message) -> Message:
 
 def _config(info: ProcessInfo) -> Message:
     config: Message = {"cmd": info.cmd[0], "args": list(info.cmd[1:]), "envs": dict(info.env)}
-    if info.cwd is not None:
+    if info.cwd not in (None, HOME):  # HOME: Start's default, not the caller's choice
         config["cwd"] = info.cwd
     return config
 
@@ -202,7 +206,7 @@ async def start(call: EnvdCall, request: Message) -> AsyncIterator[Message]:
     info = await call.agent.start_process(
         argv,
         env=m.str_map(config, "envs"),
-        cwd=m.string(config, "cwd"),
+        cwd=m.string(config, "cwd") or HOME,
         user=call.user,
         stdin=True if stdin is None else stdin,
         tag=m.string(request, "tag"),
