@@ -81,21 +81,18 @@ def _raise_nofile() -> None:
 
 
 def wait_for_network(network: NetworkSpec, patience: float = NETWORK_PATIENCE) -> bool:
-    """Until the interface carries the address the host gives it; False (logged) if it
-    still does not after ``patience`` seconds: the agent goes on without it."""
-    want = socket.inet_aton(network.address.partition("/")[0])
-    name = network.interface.encode()[:15]
+    """Until the interface carries its address and, with a gateway, the default route
+    through it (the host adds the route last); False (logged) if that takes longer
+    than ``patience`` seconds: the agent goes on without it."""
     deadline = time.monotonic() + patience
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         while True:
             try:
-                answer = fcntl.ioctl(sock, SIOCGIFADDR, struct.pack("16s16x", name))
-                if answer[20:24] == want:
+                if _has_address(sock, network) and _has_default_route(network):
                     return True
-            except OSError as exc:  # no such device yet, or no address on it
-                if exc.errno not in (errno.ENODEV, errno.EADDRNOTAVAIL):
-                    log.error("start: waiting for %s: %s", network.interface, exc)
-                    return False
+            except OSError as exc:
+                log.error("start: waiting for %s: %s", network.interface, exc)
+                return False
             if time.monotonic() > deadline:
                 log.error(
                     "start: %s did not get %s within %.0f s; going on without it",
@@ -105,3 +102,24 @@ def wait_for_network(network: NetworkSpec, patience: float = NETWORK_PATIENCE) -
                 )
                 return False
             time.sleep(_NETWORK_POLL)
+
+
+def _has_address(sock: socket.socket, network: NetworkSpec) -> bool:
+    want = socket.inet_aton(network.address.partition("/")[0])
+    try:
+        answer = fcntl.ioctl(sock, SIOCGIFADDR, struct.pack("16s16x", network.interface.encode()))
+    except OSError as exc:  # no such device yet, or no address on it
+        if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+            return False
+        raise
+    return answer[20:24] == want
+
+
+def _has_default_route(network: NetworkSpec, table: str = "/proc/net/route") -> bool:
+    if network.gateway is None:
+        return True
+    # The table prints each address as the u32 it is in memory, in host byte order.
+    gateway = "{:08X}".format(*struct.unpack("=I", socket.inet_aton(network.gateway)))
+    with open(table) as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(r[:3] == [network.interface, "00000000", gateway] for r in rows if len(r) > 2)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine.base import SandboxSpec
-from kiln.network import GuestNetwork
-from kiln.network.naming import address_mac
+from kiln.network import GuestNetwork, address_mac
 
 RECORD_VERSION = 1
 RECORD_FILE = "record.json"
