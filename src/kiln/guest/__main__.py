@@ -226,10 +226,15 @@ def _run_vm(args: argparse.Namespace) -> int:
 def _run_pid1(args: argparse.Namespace) -> int:
     """PID 1: boot duties, serve, power off. Never returns: if PID 1 exits, the kernel panics."""
     import asyncio  # noqa: PLC0415 - see the imports at the top
+    import importlib  # noqa: PLC0415
     from dataclasses import replace  # noqa: PLC0415
 
     from . import pid1  # noqa: PLC0415 - only PID 1 needs ctypes and the boot code
     from .started import mark_started  # noqa: PLC0415
+
+    # The whole agent is imported before the boot: a template is snapshotted in
+    # there, and the sandboxes restored from it must not import it again (TCG).
+    importlib.import_module(f"{__package__}.agent")
 
     mounts: list[str] = []
     try:
