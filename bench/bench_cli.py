@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "the guest agent (kiln.guest) and the daemon (kiln.server) importable"
@@ -115,11 +117,20 @@ def main() -> None:
             RUNS,
         )
         version, version_failed = timed(lambda: run("version"), RUNS)
+        help_, help_failed = timed(lambda: run("--help"), RUNS)
         exec_cli, exec_failed = timed(lambda: run("exec", sandbox, "--", "true"), RUNS)
         with Kiln(url, token) as k:
             ref = k.sandboxes.ref(sandbox)
             sdk_stream, _ = timed(lambda: ref.exec_stream(["true"]).wait() == 0, SDK_RUNS, 5)
             sdk_buffered, _ = timed(lambda: ref.exec(["true"]).exit_code == 0, SDK_RUNS, 5)
+        # The reference for the SDK's own cost: the same request through bare httpx.
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}) as http:
+
+            def raw() -> bool:
+                r = http.post(f"/sandboxes/{sandbox}/exec", json={"cmd": ["true"]})
+                return r.status_code == 200 and r.json()["exit_code"] == 0
+
+            raw_httpx, _ = timed(raw, SDK_RUNS, 5)
 
     where = "configured daemon" if os.environ.get("KILN_BENCH_SANDBOX") else "test daemon"
     print_table(
@@ -127,8 +138,10 @@ def main() -> None:
         [
             Row("python -c pass (interpreter floor)", python),
             Row("kiln version", version, "< 150 ms"),
+            Row("kiln --help", help_, "<= 100 ms over the floor"),
             Row("kiln exec SANDBOX -- true", exec_cli, "< 400 ms"),
             Row("SDK exec_stream(['true']) in-process", sdk_stream),
+            Row("httpx POST /exec (reference for the SDK)", raw_httpx),
             Row("SDK exec(['true']) in-process", sdk_buffered),
         ],
     )
@@ -136,6 +149,7 @@ def main() -> None:
         "kiln CLI failures",
         [
             ("kiln version failures", f"{version_failed}/{RUNS}", "0"),
+            ("kiln --help failures", f"{help_failed}/{RUNS}", "0"),
             ("kiln exec failures", f"{exec_failed}/{RUNS}", "0"),
         ],
     )

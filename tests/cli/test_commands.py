@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kiln.cli import EXIT_CODES
 from kiln.sdk import Kiln, Sandbox
 from sdk.conftest import Daemon
 
@@ -43,7 +44,7 @@ def test_create_list_exec_destroy_by_name(cli: Cli, kiln: Kiln) -> None:
     mine = next(s for s in listed if s["name"] == name)
     assert (mine["id"], mine["cpus"], mine["memory_mb"]) == (sandbox_id, 2, 256)
     assert json.loads(cli.ok("inspect", name, "--json"))["id"] == sandbox_id
-    assert name in cli.ok("list", "-q").split()
+    assert sandbox_id in cli.ok("list", "-q").split()
 
     assert cli.ok("exec", name, "--", "sh", "-c", "echo $A") == "1\n"
     assert cli.ok("exec", sandbox_id, "--", "echo", "by-id") == "by-id\n"
@@ -69,10 +70,30 @@ def test_exec_keeps_stdout_and_stderr_apart_byte_for_byte(cli: Cli, sb: Sandbox)
 def test_exec_options_pass_through(cli: Cli, sb: Sandbox, daemon: Daemon) -> None:
     out = cli.ok("exec", "-e", "X=y", "--cwd", "/", sb.name, "--", "sh", "-c", "echo $X; pwd")
     assert out == "y\n/\n"
-    # Options after the sandbox belong to the command, not to kiln.
+    # Once the command has started, options belong to it, "--" included.
     assert cli.ok("exec", sb.name, "printf", "%s|", "-e", "--cwd") == "-e|--cwd|"
+    assert cli.ok("exec", sb.name, "printf", "%s|", "a", "--", "b") == "a|--|b|"
     proc = cli("exec", "--timeout", "0.5", sb.name, "--", "sleep", "30")
     assert proc.returncode == 124
+
+
+def test_exec_options_after_the_sandbox_before_the_command(cli: Cli, sb: Sandbox) -> None:
+    assert cli.ok("exec", sb.name, "--cwd", "/", "-e", "X=y", "--", "sh", "-c", "echo $X; pwd") == (
+        "y\n/\n"
+    )
+    assert cli.ok("exec", sb.name, "-w/", "pwd") == "/\n"
+    assert cli.ok("exec", sb.name, "--cwd=/", "--", "pwd") == "/\n"
+
+
+def test_exec_unknown_option_is_an_error_not_the_command(cli: Cli, sb: Sandbox) -> None:
+    for argv in (
+        ("exec", sb.name, "--cwdd", "/", "--", "pwd"),
+        ("exec", "--bogus", sb.name, "--", "pwd"),
+    ):
+        proc = cli(*argv)
+        assert proc.returncode == 2, proc
+        assert "No such option" in proc.stderr.decode()
+        assert proc.stdout == b""
 
 
 def test_exec_as_root(cli: Cli, sb: Sandbox) -> None:
@@ -121,7 +142,7 @@ def test_unknown_sandbox_is_one_line_and_non_zero(cli: Cli) -> None:
         ("ps", "no-such-sandbox"),
     ):
         proc = cli(*args)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_CODES["not found"]
         assert_one_line_error(proc, "no-such-sandbox")
 
 
@@ -131,12 +152,31 @@ def test_dead_daemon_is_one_line_no_traceback(cli: Cli) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         for args in (("list",), ("exec", "x", "--", "true"), ("health",)):
             proc = cli("--url", url, *args)
-            assert proc.returncode == 1
+            assert proc.returncode == EXIT_CODES["unreachable"]
             assert_one_line_error(proc, "cannot reach the kiln daemon", url)
 
 
 def test_wrong_key(cli: Cli) -> None:
-    assert_one_line_error(cli("--token", "kiln_wrong", "list"), "invalid API key")
+    proc = cli("--token", "kiln_wrong", "list")
+    assert_one_line_error(proc, "invalid API key")
+    assert proc.returncode == EXIT_CODES["unauthorized"]
+
+
+def test_a_taken_name_is_a_conflict(cli: Cli, sb: Sandbox) -> None:
+    proc = cli("create", "--name", sb.name)
+    assert_one_line_error(proc, sb.name)
+    assert proc.returncode == EXIT_CODES["conflict"]
+
+
+def test_every_group_answers_to_ls_and_rm(cli: Cli) -> None:
+    name = unique("vol")
+    cli.ok("volume", "create", name, "--size", "16")
+    assert name in cli.ok("volume", "ls")
+    assert name in cli.ok("volume", "list")
+    cli.ok("volume", "rm", name)
+    assert name not in cli.ok("volume", "ls")
+    for group in ("secret", "template", "port"):
+        assert cli(group, "ls").returncode == 0, group
 
 
 def test_usage_errors_are_one_line(cli: Cli) -> None:
@@ -157,6 +197,31 @@ def test_edit_renames(cli: Cli, sb: Sandbox, kiln: Kiln) -> None:
 def test_stop_and_start(cli: Cli, sb: Sandbox) -> None:
     assert cli.ok("stop", sb.name) == f"{sb.name}: stopped\n"
     assert cli.ok("start", sb.name) == f"{sb.name}: running\n"
+
+
+def test_several_sandboxes_at_once_and_json_from_write_commands(cli: Cli, kiln: Kiln) -> None:
+    a, b = unique("many"), unique("many")
+    ids = [json.loads(cli.ok("create", "--name", n, "--json"))["id"] for n in (a, b)]
+    stopped = json.loads(cli.ok("stop", a, b, "--json"))
+    assert [(s["id"], s["status"]) for s in stopped] == [(ids[0], "stopped"), (ids[1], "stopped")]
+    assert cli.ok("start", a, ids[1]) == f"{a}: running\n{b}: running\n"
+    shown = json.loads(cli.ok("inspect", a, b, "--json"))
+    assert [s["name"] for s in shown] == [a, b]
+    # A missing one is reported and the others still acted on; the status says why.
+    proc = cli("inspect", a, "no-such-sandbox", "--json")
+    assert proc.returncode == EXIT_CODES["not found"]
+    assert [s["name"] for s in json.loads(proc.stdout)] == [a]
+    assert_one_line_error(proc, "no-such-sandbox")
+    proc = cli("rm", a, "no-such-sandbox", b, "--json")
+    assert proc.returncode == EXIT_CODES["not found"]
+    assert json.loads(proc.stdout) == [{"deleted": a}, {"deleted": b}]
+    assert not {a, b} & {s.name for s in kiln.sandboxes.list()}
+
+    volume = unique("vol")
+    cli.ok("volume", "create", volume, "--size", "16")
+    assert json.loads(cli.ok("volume", "rm", volume, "--json")) == {"deleted": volume}
+    assert json.loads(cli.ok("secret", "set", "S1", "--value", "v", "--json")) == {"name": "S1"}
+    assert json.loads(cli.ok("secret", "rm", "S1", "--json")) == {"deleted": "S1"}
 
 
 def test_file_write_read_ls_stat(cli: Cli, sb: Sandbox, daemon: Daemon, tmp_path: Path) -> None:
@@ -242,7 +307,7 @@ def test_volumes_and_templates(cli: Cli) -> None:
 def test_setup_verifies_and_writes_a_private_config(cli: Cli, daemon: Daemon) -> None:
     no_env = {"KILN_URL": "", "KILN_TOKEN": ""}
     proc = cli("setup", "--url", daemon.url, "--token", "kiln_wrong", env=no_env)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_CODES["unauthorized"]
     assert_one_line_error(proc, "invalid API key")
     config = cli.home / ".kiln" / "config.yaml"
     assert not config.exists()
@@ -263,17 +328,54 @@ def test_setup_against_a_dead_daemon_fails(cli: Cli) -> None:
     assert not (cli.home / ".kiln" / "config.yaml").exists()
 
 
-def test_precedence_flag_then_file_then_env(cli: Cli, daemon: Daemon) -> None:
+def test_precedence_flag_then_env_then_file(cli: Cli, daemon: Daemon) -> None:
+    no_env = {"KILN_URL": "", "KILN_TOKEN": ""}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
         config = cli.home / ".kiln" / "config.yaml"
         config.parent.mkdir()
-        config.write_text(yaml.safe_dump({"url": dead, "token": daemon.token}))
-        # The file beats KILN_URL ...
-        assert_one_line_error(cli("list"), dead)
-        # ... and --url beats the file.
-        assert cli("--url", daemon.url, "list").returncode == 0
-        config.write_text(yaml.safe_dump({"token": "kiln_wrong"}))
-        assert_one_line_error(cli("list"), "invalid API key")
-        assert cli("--token", daemon.token, "list").returncode == 0
+        # The config file names a daemon that is gone; KILN_URL names the live one.
+        config.write_text(yaml.safe_dump({"url": dead, "token": "kiln_wrong"}))
+        assert cli("list").returncode == 0
+        # Without the environment the file is used ...
+        assert_one_line_error(cli("list", env=no_env), dead)
+        # ... and a flag beats both.
+        assert cli("--url", daemon.url, "--token", daemon.token, "list", env=no_env).returncode == 0
+        assert_one_line_error(cli("--url", dead, "list"), dead)
+        assert_one_line_error(cli("list", env={"KILN_TOKEN": ""}), "invalid API key")
+
+
+def test_config_show_names_the_winning_source(cli: Cli, daemon: Daemon) -> None:
+    shown = json.loads(cli.ok("config", "show", "--json"))
+    assert shown["url"] == daemon.url
+    assert (shown["url_source"], shown["token_source"]) == ("KILN_URL", "KILN_TOKEN")
+    assert daemon.token not in json.dumps(shown)  # masked
+    assert shown["config_file_exists"] is False
+
+    config = cli.home / ".kiln" / "config.yaml"
+    config.parent.mkdir()
+    file = {"url": "http://file.example:1", "token": "kiln_file_token_0123"}
+    config.write_text(yaml.safe_dump(file))
+    proc = cli("config", "show", env={"KILN_URL": ""})
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode()
+    assert "http://file.example:1  [config file]" in text
+    assert "[KILN_TOKEN]" in text
+    assert str(config) in text
+    shown = json.loads(cli.ok("--url", "127.0.0.1:9", "config", "show", "--json"))
+    assert (shown["url"], shown["url_source"]) == ("http://127.0.0.1:9", "argument")
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_script_and_what_it_completes(cli: Cli, shell: str) -> None:
+    script = cli.ok("completion", shell)
+    assert "_KILN_COMPLETE" in script
+    # What the script asks the CLI for when the user presses tab after "kiln vol"
+    # (fish passes the word being completed, bash and zsh its index).
+    cword = "vol" if shell == "fish" else "1"
+    proc = cli(
+        env={"_KILN_COMPLETE": f"{shell}_complete", "COMP_WORDS": "kiln vol", "COMP_CWORD": cword}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "volume" in proc.stdout.decode()

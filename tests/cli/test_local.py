@@ -47,6 +47,18 @@ def test_user_lifecycle_keys_work_against_the_daemon(cli: Cli, daemon: Daemon) -
     assert_one_line_error(cli("user", "delete", name, *data), name)
 
 
+def test_user_commands_print_json_for_scripts(cli: Cli, daemon: Daemon) -> None:
+    data = ("--data-dir", str(daemon.data_dir))
+    name = unique("user")
+    created = json.loads(cli.ok("user", "create", name, "--json", *data))
+    assert (created["name"], created["admin"]) == (name, False)
+    assert cli("--token", created["api_key"], "list").returncode == 0
+    rotated = json.loads(cli.ok("user", "rotate-key", name, "--json", *data))
+    assert rotated["name"] == name and rotated["api_key"] != created["api_key"]
+    assert cli("--token", rotated["api_key"], "list").returncode == 0
+    assert json.loads(cli.ok("user", "rm", name, "--json", *data)) == {"deleted": name}
+
+
 def test_user_create_in_a_fresh_data_dir(cli: Cli, tmp_path: Path) -> None:
     data_dir = tmp_path / "fresh"
     assert key_from(cli.ok("user", "create", "first", "--admin", "--data-dir", str(data_dir)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
+from kiln.cli import EXIT_CODES
 from kiln.sdk import Kiln, Sandbox
 from server.upstream import Upstream
 
@@ -93,14 +94,14 @@ def test_publish_errors(cli: Cli, kiln: Kiln, sb: Sandbox, upstream: Upstream) -
     alias = f"{sb.name}-{port}"
 
     again = cli("port", "publish", sb.name, port)
-    assert again.returncode == 1
+    assert again.returncode == EXIT_CODES["conflict"]
     assert_one_line_error(
         again, f"port {port} of {sb.name} is already published as {alias} ({url})"
     )
 
     with kiln.sandboxes.create(name=unique("other")) as other:
         taken = cli("port", "publish", other.name, port, "--alias", alias)
-        assert taken.returncode == 1
+        assert taken.returncode == EXIT_CODES["conflict"]
         assert_one_line_error(
             taken, f"alias '{alias}' is already in use; choose another with --alias"
         )
@@ -119,7 +120,7 @@ def test_publish_errors(cli: Cli, kiln: Kiln, sb: Sandbox, upstream: Upstream) -
 
 def test_unpublish_errors(cli: Cli, sb: Sandbox, upstream: Upstream) -> None:
     not_yet = cli("port", "unpublish", sb.name, "8000")
-    assert not_yet.returncode == 1
+    assert not_yet.returncode == EXIT_CODES["not found"]
     assert_one_line_error(not_yet, f"port 8000 of {sb.name} is not published")
     assert "published:" not in not_yet.stderr.decode()
 
@@ -130,5 +131,5 @@ def test_unpublish_errors(cli: Cli, sb: Sandbox, upstream: Upstream) -> None:
     )
 
     missing = cli("port", "unpublish", "no-such-sandbox", "8000")
-    assert missing.returncode == 1
+    assert missing.returncode == EXIT_CODES["not found"]
     assert_one_line_error(missing, "sandbox 'no-such-sandbox' not found")

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from kiln.cli import EXIT_CODES
 from kiln.sdk import Sandbox
 
 from .conftest import Cli, kiln_argv
@@ -90,6 +91,19 @@ def pty_run(cli: Cli, *args: str) -> Iterator[PtyRun]:
         run.close()
 
 
+def test_shell_detach_key_is_configurable(cli: Cli, sb: Sandbox) -> None:
+    with pty_run(cli, "shell", sb.name, "--cmd", "sh", "--detach-key", "ctrl-q") as run:
+        run.expect(PROMPT)
+        run.write(b"\x1cecho still-here\n")  # Ctrl+\\ is just a byte for the shell now
+        run.expect(b"still-here")
+        run.write(b"\x11")  # Ctrl+Q
+        run.expect(rb"detached from session (\S+)")
+        assert run.wait() == 0
+    proc = cli("shell", sb.name, env={"KILN_DETACH_KEY": "f1"})
+    assert proc.returncode == 2
+    assert b"invalid detach key 'f1'" in proc.stderr
+
+
 def test_shell_detach_and_reattach(cli: Cli, sb: Sandbox) -> None:
     with pty_run(cli, "shell", sb.name, "--cmd", "sh") as first:
         first.expect(PROMPT)
@@ -118,7 +132,7 @@ def test_shell_needs_a_terminal(cli: Cli, sb: Sandbox) -> None:
 
 def test_shell_unknown_sandbox_is_one_line(cli: Cli) -> None:
     with pty_run(cli, "shell", "no-such-sandbox") as run:
-        assert run.wait() == 1
+        assert run.wait() == EXIT_CODES["not found"]
         assert run.seen.startswith(b"kiln: error: ") and b"no-such-sandbox" in run.seen
         assert b"Traceback" not in run.seen
 

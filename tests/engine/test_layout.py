@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
+
+import pytest
 
 from kiln.engine.base import FileSpec, SandboxSpec, VolumeSpec
+from kiln.engine.errors import InvalidSpec
 from kiln.engine.qemu.argv import Drive
 from kiln.engine.qemu.layout import (
     Record,
@@ -101,3 +105,20 @@ def test_hostnames() -> None:
     assert guest_hostname("a.b-c") == "a.b-c"
     assert guest_hostname("_") == "sandbox"
     assert len(guest_hostname("x" * 63)) == 63
+
+
+def test_a_sandbox_s_own_user_goes_on_its_config_drive() -> None:
+    # The E2B API's sandboxes ask for the account "user"; the engine-wide override
+    # (QemuConfig.guest_user) yields to it, and the spec keeps it in the record.
+    record = replace(RECORD, spec=replace(SPEC, user="user"))
+    net = {"address": "10.213.0.7/24", "gateway": "10.213.0.1", "mac": "02:x"}
+    assert guest_config(record, net, [], None)["user"] == "user"
+    assert guest_config(record, net, [], "dev")["user"] == "user"
+    assert Record.from_json(json.loads(json.dumps(record.to_json()))).spec.user == "user"
+    assert SPEC.guest_config("t").get("user") is None
+
+
+@pytest.mark.parametrize("user", ["", "Root", "a b", "x" * 40, "../etc"])
+def test_a_bad_user_name_is_refused(user: str) -> None:
+    with pytest.raises(InvalidSpec, match="user name"):
+        replace(SPEC, user=user).validate()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.guest.users import IMAGE_SUDOERS
 from kiln.images import Image
 from kiln.images.rootfs import (
     SUDOERS_FILE,
@@ -181,3 +182,9 @@ def test_allow_sudo_writes_a_sudoers_file_only_root_can_change(tmp_path: Path) -
     path = tmp_path / SUDOERS_FILE.lstrip("/")
     assert path.read_text() == "sandbox ALL=(ALL:ALL) NOPASSWD: ALL\n"
     assert path.stat().st_mode & 0o7777 == 0o440
+
+
+def test_the_guest_knows_the_image_s_sudoers_file() -> None:
+    # A default user the guest creates (E2B's "user") gets sudo only where the image
+    # grants its own user sudo: both name the same file.
+    assert IMAGE_SUDOERS == SUDOERS_FILE

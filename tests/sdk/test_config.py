@@ -32,14 +32,19 @@ def test_argument_beats_file_and_env() -> None:
     )
 
 
-def test_file_beats_env() -> None:
+def test_env_beats_file() -> None:
     s = resolve(arg_url=None, arg_token=None, file=FILE, env=ENV)
+    assert (s.url, s.token, s.url_source, s.token_source) == (
+        "http://env:2",
+        "env-token",
+        "KILN_URL",
+        "KILN_TOKEN",
+    )
+
+
+def test_file_when_no_env() -> None:
+    s = resolve(arg_url=None, arg_token=None, file=FILE, env={})
     assert (s.url, s.token, s.url_source) == ("http://file:1", "file-token", "config file")
-
-
-def test_env_when_no_file() -> None:
-    s = resolve(arg_url=None, arg_token=None, file={}, env=ENV)
-    assert (s.url, s.token, s.token_source) == ("http://env:2", "env-token", "KILN_TOKEN")
 
 
 def test_default_url_and_no_token() -> None:
@@ -48,13 +53,13 @@ def test_default_url_and_no_token() -> None:
 
 
 def test_url_and_token_resolve_independently() -> None:
-    s = resolve(arg_url=None, arg_token="arg-token", file={"url": "http://file:1"}, env=ENV)
-    assert (s.url, s.token) == ("http://file:1", "arg-token")
+    s = resolve(arg_url=None, arg_token="arg-token", file=FILE, env={"KILN_TOKEN": "env-token"})
+    assert (s.url, s.url_source, s.token) == ("http://file:1", "config file", "arg-token")
 
 
 def test_empty_values_fall_through() -> None:
-    s = resolve(arg_url="", arg_token="", file={"url": ""}, env=ENV)
-    assert (s.url, s.token) == ("http://env:2", "env-token")
+    s = resolve(arg_url="", arg_token="", file=FILE, env={"KILN_URL": "", "KILN_TOKEN": ""})
+    assert (s.url, s.token) == ("http://file:1", "file-token")
 
 
 @pytest.mark.parametrize(
@@ -109,8 +114,11 @@ def test_load_settings_reads_home_and_env(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KILN_URL", "http://env:2")
     monkeypatch.setenv("KILN_TOKEN", "env-token")
-    assert load_settings().url == "http://env:2"
     write_config_file("http://file:1", "file-token")
+    s = load_settings()
+    assert (s.url, s.token) == ("http://env:2", "env-token")
+    monkeypatch.delenv("KILN_URL")
+    monkeypatch.delenv("KILN_TOKEN")
     s = load_settings()
     assert (s.url, s.token) == ("http://file:1", "file-token")
     assert load_settings("http://arg:3").url == "http://arg:3"

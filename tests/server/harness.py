@@ -38,7 +38,7 @@ from kiln.config import Config, ThermalSettings
 from kiln.engine.base import VM_CAPABILITIES, Capabilities, SandboxInfo, SandboxSpec
 from kiln.engine.states import Action, Op, from_disk, plan
 from kiln.server import Services, create_app
-from kiln.server.daemon import bind_socket
+from kiln.server.daemon import KEEP_ALIVE_S, bind_socket
 from kiln.store import SecretBox, Store
 
 T = TypeVar("T")
@@ -390,6 +390,7 @@ class LiveServer:
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=2,
+                timeout_keep_alive=KEEP_ALIVE_S,
                 server_header=False,
                 proxy_headers=False,
             )

@@ -58,6 +58,26 @@ def test_openapi_schema_is_served(anon: httpx.Client) -> None:
         assert path in paths
 
 
+def test_openapi_names_operations_and_declares_the_key(anon: httpx.Client) -> None:
+    doc = anon.get("/openapi.json").json()
+    assert doc["paths"]["/sandboxes"]["post"]["operationId"] == "create_sandbox"
+    assert doc["paths"]["/sandboxes/{sandbox}/exec"]["post"]["operationId"] == "exec_command"
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A kiln API key: `Authorization: Bearer kiln_...`",
+    }
+    assert doc["paths"]["/sandboxes"]["get"]["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/health"]["get"]  # no key needed
+
+
+def test_interactive_docs_are_served(anon: httpx.Client) -> None:
+    for path in ("/docs", "/redoc"):
+        r = anon.get(path)
+        assert r.status_code == 200, path
+        assert "/openapi.json" in r.text and "<html" in r.text.lower()
+
+
 def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     created = api.sandbox(name="life", cpus=2, memory_mb=256, keep_hot=True)
     assert set(created) == SANDBOX_FIELDS

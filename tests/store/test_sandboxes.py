@@ -237,6 +237,9 @@ def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
         "secrets": ["S"],
         "runtime": None,
         "network": None,
+        "user": None,
+        "template": None,
+        "idempotency": None,
     }
 
 

@@ -7,8 +7,8 @@ and the interactive shell; :mod:`.local` the commands that work on this
 machine rather than through the API (serve, user, image).
 
 Every error ends as one line on stderr, ``kiln: error: <message>``, and a
-non-zero exit status (1; 2 for usage errors; 130 on Ctrl+C); never a
-traceback (set ``KILN_DEBUG=1`` to see one). Heavy modules (httpx, rich,
+non-zero exit status that tells scripts what went wrong (:data:`EXIT_CODES`);
+never a traceback (set ``KILN_DEBUG=1`` to see one). Heavy modules (httpx, rich,
 websockets, the server) are imported only by the commands that need them, so
 ``kiln version`` starts fast.
 """
@@ -32,6 +32,44 @@ _ERROR_ROOTS = (
     ("kiln.images.errors", "ImageError"),
     ("kiln.server.daemon", "DaemonError"),
 )
+
+
+#: Exit statuses by cause. ``kiln exec`` and ``kiln run`` exit with the command's
+#: own status once it ran; these are for kiln's failures around it.
+EXIT_CODES = {
+    "error": 1,  # anything else the daemon or kiln refused
+    "usage": 2,  # a bad option or argument (click)
+    "not found": 3,  # 404: no such sandbox, volume, file, ...
+    "conflict": 4,  # 409: a name taken, a volume in use, a port already published
+    "unauthorized": 5,  # 401/403: a missing or wrong key, not yours, over quota
+    "unreachable": 6,  # the daemon could not be reached or timed out
+    "interrupted": 130,  # Ctrl+C
+}
+
+#: SDK error classes (kiln.sdk.errors) → cause; the first match along the MRO wins.
+_SDK_CAUSES = {
+    "NotFound": "not found",
+    "Conflict": "conflict",
+    "AuthenticationError": "unauthorized",
+    "PermissionDenied": "unauthorized",
+    "ConnectionError": "unreachable",
+}
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit status for an error that reached the top (see :data:`EXIT_CODES`)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == "kiln.sdk.errors" and cls.__name__ in _SDK_CAUSES:
+            return EXIT_CODES[_SDK_CAUSES[cls.__name__]]
+    return EXIT_CODES["error"]
+
+
+class Failure(click.ClickException):
+    """A one-line error with the exit status of its cause (a key of :data:`EXIT_CODES`)."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.exit_code = EXIT_CODES[cause]  # type: ignore[misc]  # click's is a class default
 
 
 def _known_error(exc: BaseException) -> bool:
@@ -62,7 +100,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         return _fail(exc.format_message(), exc.exit_code)
     except (click.Abort, KeyboardInterrupt):  # Ctrl+C, or end of input at a prompt
-        return _fail("aborted", 130)
+        return _fail("aborted", EXIT_CODES["interrupted"])
     except BrokenPipeError:
         # `kiln list | head`: the reader went away; nothing more to say.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -72,7 +110,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("KILN_DEBUG"):
             raise
         if _known_error(exc):
-            return _fail(str(exc))
+            return _fail(str(exc), exit_code_of(exc))
         if isinstance(exc, OSError):
             return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return _fail(

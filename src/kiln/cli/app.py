@@ -14,29 +14,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from . import Failure, exit_code_of
 from . import args as parse
 from . import format as fmt
+from .commandline import CommandLineCommand
+from .groups import AliasedGroup
 from .output import show, spinner
 
 if TYPE_CHECKING:
     from kiln.sdk import Kiln, SandboxRef
+    from kiln.sdk.models import SandboxInfo
 
 T = TypeVar("T")
-
-_ALIASES = {"ls": "list", "rm": "destroy", "sh": "shell"}
-
-
-class AliasedGroup(click.Group):
-    """A group with short aliases (``ls``, ``rm``, ``sh``) kept out of the help listing."""
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, _ALIASES.get(cmd_name, cmd_name))
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        name, cmd, rest = super().resolve_command(ctx, args)
-        return (cmd.name if cmd else name), cmd, rest
 
 
 @dataclass
@@ -203,12 +192,12 @@ stdin_option = click.option(
 @click.option(
     "--url",
     metavar="URL",
-    help="Daemon URL [precedence: flag > ~/.kiln/config.yaml > $KILN_URL > http://127.0.0.1:8080].",
+    help="Daemon URL [precedence: flag > $KILN_URL > ~/.kiln/config.yaml > http://127.0.0.1:8080].",
 )
 @click.option(
     "--token",
     metavar="KEY",
-    help="API key [flag > ~/.kiln/config.yaml > $KILN_TOKEN].",
+    help="API key [flag > $KILN_TOKEN > ~/.kiln/config.yaml].",
 )
 @click.pass_context
 def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
@@ -259,6 +248,67 @@ def setup(state: State, url_opt: str | None, token_opt: str | None) -> None:
     click.echo(f"kiln: key accepted by {checked_url}; saved to {path}")
 
 
+@cli.group("config", cls=AliasedGroup)
+def config_group() -> None:
+    """The client's own settings: which daemon and key it uses."""
+
+
+@config_group.command("show")
+@json_option
+@pass_state
+def config_show(state: State, as_json: bool) -> None:
+    """Print the daemon URL and key the CLI would use, and where each came from.
+
+    Precedence: --url/--token, then $KILN_URL/$KILN_TOKEN, then
+    ~/.kiln/config.yaml, then http://127.0.0.1:8080. The key is shown masked.
+    """
+    from kiln.sdk.config import config_path, load_settings  # noqa: PLC0415
+
+    settings = load_settings(state.url, state.token)
+    path = config_path()
+    info = {
+        "url": settings.url,
+        "url_source": settings.url_source,
+        "token": mask_key(settings.token),
+        "token_source": settings.token_source,
+        "config_file": str(path),
+        "config_file_exists": path.is_file(),
+    }
+    if as_json:
+        show(fmt.format_json(info))
+        return
+    file_note = "" if info["config_file_exists"] else " (not present)"
+    show(
+        f"url:          {settings.url}  [{settings.url_source}]\n"
+        f"token:        {info['token'] or '-'}  [{settings.token_source or 'none'}]\n"
+        f"config file:  {path}{file_note}"
+    )
+
+
+def mask_key(token: str | None) -> str | None:
+    """Enough of a key to tell two apart, not enough to use it."""
+    if token is None:
+        return None
+    return token[:9] + "…" + token[-4:] if len(token) > 16 else "…"
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(kiln completion bash)"      (e.g. in ~/.bashrc)
+    zsh:   eval "$(kiln completion zsh)"       (e.g. in ~/.zshrc)
+    fish:  kiln completion fish > ~/.config/fish/completions/kiln.fish
+    """
+    from click.shell_completion import get_completion_class  # noqa: PLC0415
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # click ships all three
+    click.echo(completer(cli, {}, "kiln", "_KILN_COMPLETE").source())
+
+
 @cli.command()
 @json_option
 @pass_state
@@ -267,6 +317,22 @@ def health(state: State, as_json: bool) -> None:
     k = state.kiln()
     info = k.health()
     show(fmt.format_json(info) if as_json else fmt.format_health(info, k.url))
+
+
+@cli.command()
+@pass_state
+def mcp(state: State) -> None:
+    """Serve kiln's tools to an AI agent over MCP (stdio).
+
+    An MCP client starts this command and speaks JSON-RPC on its stdin and
+    stdout: tools to create, list and destroy sandboxes, run commands, start
+    and read background processes, read, write and list files, and publish
+    ports. It talks to the daemon --url/--token name (or $KILN_URL/$KILN_TOKEN,
+    ~/.kiln/config.yaml) and ends when the client closes stdin.
+    """
+    from kiln.mcp_server import serve  # noqa: PLC0415 - the MCP SDK is slow to import
+
+    serve(state.url, state.token)
 
 
 # -- sandboxes ------------------------------------------------------------------------
@@ -377,7 +443,7 @@ def create(
 
 @cli.command("list")
 @json_option
-@click.option("-q", "--quiet", is_flag=True, help="Print names only.")
+@click.option("-q", "--quiet", is_flag=True, help="Print ids only.")
 @click.option(
     "-l",
     "--label",
@@ -399,19 +465,23 @@ def list_(state: State, as_json: bool, quiet: bool, labels: dict[str, str]) -> N
         show(fmt.format_json(sandboxes))
     elif quiet:
         for sb in sandboxes:
-            click.echo(sb.name)
+            click.echo(sb.id)
     else:
         show(fmt.format_sandbox_table(sandboxes, _now()))
 
 
 @cli.command()
-@click.argument("sandbox")
+@click.argument("sandboxes", nargs=-1, required=True)
 @json_option
 @pass_state
-def inspect(state: State, sandbox: str, as_json: bool) -> None:
-    """Show one sandbox (by id or name)."""
-    sb = state.kiln().sandboxes.get(sandbox)
-    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+def inspect(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Show sandboxes (by id or name); --json: an object for one, an array for several."""
+    found, status = for_each(sandboxes, state.kiln().sandboxes.get)
+    if as_json:
+        show(fmt.format_json(found[0] if len(sandboxes) == 1 and found else found))
+    else:
+        show("\n\n".join(fmt.format_sandbox(sb, _now()) for sb in found))
+    return status
 
 
 @cli.command()
@@ -476,50 +546,88 @@ def edit(
 
 
 @cli.command()
-@click.argument("sandbox")
+@click.argument("sandboxes", nargs=-1, required=True)
+@json_option
 @pass_state
-def stop(state: State, sandbox: str) -> None:
-    """Stop a sandbox.
+def stop(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Stop sandboxes.
 
     A sandbox with snapshots (QEMU) is saved to disk, memory and processes
     included, and `kiln start` restores it as it was. One without (Docker)
     keeps its files but its processes end; `kiln start` boots it again.
     """
-    with spinner(f"Stopping {sandbox}…"):
-        sb = state.sandbox(sandbox).stop()
-    click.echo(fmt.format_stopped(sb))
 
+    def one(ref: str) -> SandboxInfo:
+        with spinner(f"Stopping {ref}…"):
+            sb = state.sandbox(ref).stop()
+        if not as_json:
+            click.echo(fmt.format_stopped(sb))
+        return sb
 
-@cli.command()
-@click.argument("sandbox")
-@pass_state
-def start(state: State, sandbox: str) -> None:
-    """Start a stopped sandbox: restored from its snapshot, or booted again."""
-    with spinner(f"Starting {sandbox}…"):
-        sb = state.sandbox(sandbox).start()
-    click.echo(f"{sb.name}: {sb.status}")
+    stopped, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json(stopped))
+    return status
 
 
 @cli.command()
 @click.argument("sandboxes", nargs=-1, required=True)
+@json_option
 @pass_state
-def destroy(state: State, sandboxes: tuple[str, ...]) -> int:
+def start(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
+    """Start stopped sandboxes: restored from their snapshots, or booted again."""
+
+    def one(ref: str) -> SandboxInfo:
+        with spinner(f"Starting {ref}…"):
+            sb = state.sandbox(ref).start()
+        if not as_json:
+            click.echo(f"{sb.name}: {sb.status}")
+        return sb
+
+    started, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json(started))
+    return status
+
+
+@cli.command()
+@click.argument("sandboxes", nargs=-1, required=True)
+@json_option
+@pass_state
+def destroy(state: State, sandboxes: tuple[str, ...], as_json: bool) -> int:
     """Destroy sandboxes and free their resources (alias: rm)."""
+
+    def one(ref: str) -> str:
+        state.sandbox(ref).delete()
+        if not as_json:
+            click.echo(f"destroyed {ref}")
+        return ref
+
+    destroyed, status = for_each(sandboxes, one)
+    if as_json:
+        show(fmt.format_json([{"deleted": ref} for ref in destroyed]))
+    return status
+
+
+def for_each(refs: tuple[str, ...], action: Callable[[str], T]) -> tuple[list[T], int]:
+    """Apply ``action`` to every sandbox, going on past failures (one line each on stderr).
+
+    Returns the results and the exit status: 0, or that of the last failure.
+    """
     from kiln.sdk import KilnError  # noqa: PLC0415
 
-    failed = 0
-    for ref in sandboxes:
+    results: list[T] = []
+    status = 0
+    for ref in refs:
         try:
-            state.sandbox(ref).delete()
+            results.append(action(ref))
         except KilnError as exc:
-            failed += 1
+            status = exit_code_of(exc)
             click.echo(fmt.format_error(f"{ref}: {exc}"), err=True)
-        else:
-            click.echo(f"destroyed {ref}")
-    return 1 if failed else 0
+    return results, status
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(cls=CommandLineCommand)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--rm", is_flag=True, help="Destroy the sandbox afterwards (also on Ctrl+C).")
 @name_option
@@ -572,7 +680,7 @@ def run(
     from .execio import forward_stdin_wanted  # noqa: PLC0415
     from .run import run_in_new_sandbox  # noqa: PLC0415
 
-    argv = list(cmd[1:] if cmd[:1] == ("--",) else cmd)
+    argv = list(cmd)
     if not argv:
         raise click.UsageError("missing the command to run (kiln run [--rm] -- CMD [ARGS...])")
     spec = {
@@ -603,7 +711,7 @@ def run(
 # -- exec and shell -------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(cls=CommandLineCommand)
 @click.argument("sandbox")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @click.option(
@@ -644,7 +752,10 @@ def exec(
     detach: bool,
     as_json: bool,
 ) -> int:
-    """Run a command in a sandbox: kiln exec [-u root] SANDBOX -- CMD [ARGS...]
+    """Run a command in a sandbox: kiln exec [OPTIONS] SANDBOX [OPTIONS] [--] CMD [ARGS...]
+
+    kiln's options go anywhere before the command; the command starts at "--"
+    or at its first word, and everything after that is passed on verbatim.
 
     Output streams live; stdout and stderr stay apart, byte for byte; kiln
     exits with the command's exit code. Piped stdin is read to its end, then
@@ -694,13 +805,29 @@ def exec(
     metavar="USER",
     help="Start the new session as USER: root, or sandbox (the default).",
 )
+@click.option(
+    "--detach-key",
+    "detach_key",
+    metavar="KEY",
+    envvar="KILN_DETACH_KEY",
+    default="ctrl-\\",
+    show_default=True,
+    callback=_converter(parse.parse_detach_key),
+    help="The key that detaches: ctrl-<letter>, ctrl-], ... [env: KILN_DETACH_KEY]",
+)
 @pass_state
 def shell(
-    state: State, sandbox: str, session_id: str | None, cmd: str | None, user: str | None
+    state: State,
+    *,
+    sandbox: str,
+    session_id: str | None,
+    cmd: str | None,
+    user: str | None,
+    detach_key: bytes,
 ) -> int:
     """Open an interactive terminal in a sandbox (alias: sh).
 
-    Ctrl+\\ detaches and prints the session id; the session keeps running and
+    Ctrl+\\ (or --detach-key) detaches and prints the session id; the session keeps running and
     `kiln shell SANDBOX --session ID` reattaches, replaying its scrollback.
     `kiln shell -u root SANDBOX` opens a root shell.
     """
@@ -709,7 +836,9 @@ def shell(
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.UsageError("kiln shell needs a terminal; use kiln exec for scripts")
     k = state.kiln()
-    return run_shell(k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user)
+    return run_shell(
+        k.url, k._token, sandbox, session_id=session_id, cmd=cmd, user=user, detach_key=detach_key
+    )
 
 
 @cli.command()
@@ -774,7 +903,7 @@ def kill(state: State, sandbox: str, target: str, signal_name: str | None) -> No
         return
     pids = [p.pid for p in ref.processes.list() if p.session_id == target and p.running]
     if not pids:
-        raise click.ClickException(f"no running session {target!r} in {sandbox}")
+        raise Failure(f"no running session {target!r} in {sandbox}", "not found")
     ref.processes.signal(pids[0], signal_name)
     click.echo(f"sent {signal_name.upper()} to session {target} (pid {pids[0]})")
 
@@ -845,7 +974,7 @@ def port_publish(
     except Conflict as exc:
         published = ref.published()
         message = fmt.format_publish_conflict(sandbox, port_number, alias, published, exc.message)
-        raise click.ClickException(message) from None
+        raise Failure(message, "conflict") from None
     if as_json:
         # The whole rule (id, alias, created_at); just the URL if it is already gone again.
         rule = next((r for r in ref.published() if r.port == port_number), None)
@@ -868,7 +997,7 @@ def port_unpublish(state: State, sandbox: str, port_number: int) -> None:
     except NotFound:
         # The sandbox exists (or this raises its own NotFound): the port is not published.
         message = fmt.format_not_published(sandbox, port_number, ref.published())
-        raise click.ClickException(message) from None
+        raise Failure(message, "not found") from None
     click.echo(f"unpublished port {port_number} of {sandbox}")
 
 
@@ -884,7 +1013,7 @@ def ports(state: State, sandbox: str | None, as_json: bool) -> None:
 # -- files ----------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def file() -> None:
     """Read, write and list files in a sandbox."""
 
@@ -959,7 +1088,7 @@ def file_stat(state: State, sandbox: str, path: str, as_json: bool) -> None:
 # -- secrets, volumes, templates ------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def secret() -> None:
     """Manage secrets (use them with: kiln create --secret NAME)."""
 
@@ -967,8 +1096,9 @@ def secret() -> None:
 @secret.command("set")
 @click.argument("name")
 @click.option("--value", help="The value on the command line (visible in `ps`; avoid).")
+@json_option
 @pass_state
-def secret_set(state: State, name: str, value: str | None) -> None:
+def secret_set(state: State, name: str, value: str | None, as_json: bool) -> None:
     """Create or replace a secret; the value comes from stdin or a hidden prompt."""
     if value is not None:
         click.echo(
@@ -984,7 +1114,7 @@ def secret_set(state: State, name: str, value: str | None) -> None:
     if not value:
         raise click.UsageError("the secret's value is empty")
     state.kiln().secrets.set(name, value)
-    click.echo(f"secret {name} set")
+    click.echo(fmt.format_json({"name": name}) if as_json else f"secret {name} set")
 
 
 @secret.command("list")
@@ -998,14 +1128,15 @@ def secret_list(state: State, as_json: bool) -> None:
 
 @secret.command("delete")
 @click.argument("name")
+@json_option
 @pass_state
-def secret_delete(state: State, name: str) -> None:
+def secret_delete(state: State, name: str, as_json: bool) -> None:
     """Delete a secret."""
     state.kiln().secrets.delete(name)
-    click.echo(f"secret {name} deleted")
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"secret {name} deleted")
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def volume() -> None:
     """Manage persistent volumes."""
 
@@ -1039,14 +1170,15 @@ def volume_list(state: State, as_json: bool) -> None:
 
 @volume.command("delete")
 @click.argument("name")
+@json_option
 @pass_state
-def volume_delete(state: State, name: str) -> None:
+def volume_delete(state: State, name: str, as_json: bool) -> None:
     """Delete a volume (refused while a sandbox uses it)."""
     state.kiln().volumes.delete(name)
-    click.echo(f"volume {name} deleted")
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"volume {name} deleted")
 
 
-@cli.group()
+@cli.group(cls=AliasedGroup)
 def template() -> None:
     """Manage sandbox templates."""
 
@@ -1104,11 +1236,15 @@ def template_list(state: State, as_json: bool) -> None:
 
 @template.command("delete")
 @click.argument("template_ref", metavar="TEMPLATE")
+@json_option
 @pass_state
-def template_delete(state: State, template_ref: str) -> None:
+def template_delete(state: State, template_ref: str, as_json: bool) -> None:
     """Delete a template (by id or name)."""
     state.kiln().templates.delete(template_ref)
-    click.echo(f"template {template_ref} deleted")
+    if as_json:
+        click.echo(fmt.format_json({"deleted": template_ref}))
+    else:
+        click.echo(f"template {template_ref} deleted")
 
 
 # -- local administration (data dir) ----------------------------------------------------

@@ -107,6 +107,29 @@ def parse_size_mb(text: str) -> int:
     return int(mib)
 
 
+#: Control characters a detach key may be, by the name after "ctrl-".
+_CTRL_PUNCTUATION = {"@": 0x00, "[": 0x1B, "\\": 0x1C, "]": 0x1D, "^": 0x1E, "_": 0x1F}
+
+
+def parse_detach_key(text: str) -> bytes:
+    """``ctrl-\\`` (the default), ``ctrl-q``, ``ctrl-]``, ... → the byte the terminal sends.
+
+    >>> parse_detach_key("ctrl-q")
+    b'\\x11'
+    """
+    name = text.strip().lower()
+    key = name.removeprefix("ctrl-") if name.startswith("ctrl-") else None
+    if key is not None and len(key) == 1:
+        if "a" <= key <= "z":
+            return bytes([ord(key) - ord("a") + 1])
+        if key in _CTRL_PUNCTUATION:
+            return bytes([_CTRL_PUNCTUATION[key]])
+    raise ValueError(
+        f"invalid detach key {text!r}: expected ctrl-<letter> or one of "
+        + ", ".join(f"ctrl-{c}" for c in _CTRL_PUNCTUATION)
+    )
+
+
 def parse_mode(text: str) -> int:
     """An octal file mode: ``"644"``, ``"0644"``, ``"0o644"`` → ``0o644``."""
     digits = text.removeprefix("0o")
@@ -140,10 +163,8 @@ def engine_for(engine: str | None, runtime: str | None) -> str | None:
 
 
 def parse_session_command(argv: Iterable[str]) -> list[str]:
-    """The command after ``SANDBOX [--]``: the separator dropped, never empty."""
+    """The command after ``SANDBOX [--]`` (the separator already taken out), never empty."""
     cmd = list(argv)
-    if cmd[:1] == ["--"]:  # options stop at SANDBOX, so click leaves the "--" in
-        cmd = cmd[1:]
     if not cmd:
         raise ValueError("missing the command to run (kiln exec SANDBOX -- CMD [ARGS...])")
     return cmd

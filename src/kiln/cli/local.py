@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import format as fmt
+from .groups import AliasedGroup
 from .output import console, show
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def serve(
 # -- users ----------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=AliasedGroup)
 def user() -> None:
     """Manage users and API keys (local data dir).
 
@@ -105,11 +106,13 @@ def _store(data_dir: Path | None, config_path: Path | None) -> Iterator[Store]:
 @click.option("--max-sandboxes", type=click.IntRange(min=0), help="Quota: live sandboxes.")
 @click.option("--max-cpus", type=click.IntRange(min=1), help="Quota: vCPUs per sandbox.")
 @click.option("--max-memory", "max_memory_mb", type=click.IntRange(min=1), help="Quota: MiB.")
+@json_option
 @data_dir_option
 @config_option
 def user_create(
     *,
     name: str,
+    as_json: bool,
     admin: bool,
     max_sandboxes: int | None,
     max_cpus: int | None,
@@ -123,7 +126,10 @@ def user_create(
     quotas = Quotas(max_sandboxes=max_sandboxes, max_cpus=max_cpus, max_memory_mb=max_memory_mb)
     with _store(data_dir, config_path) as store:
         created, key = store.create_user(name, admin=admin, quotas=quotas)
-    click.echo(fmt.format_key_notice(created.name, key))
+    if as_json:
+        click.echo(fmt.format_json({**fmt.user_dict(created), "api_key": key}))
+    else:
+        click.echo(fmt.format_key_notice(created.name, key))
 
 
 @user.command("list")
@@ -142,24 +148,31 @@ def user_list(as_json: bool, data_dir: Path | None, config_path: Path | None) ->
 
 @user.command("rotate-key")
 @click.argument("name")
+@json_option
 @data_dir_option
 @config_option
-def user_rotate_key(name: str, data_dir: Path | None, config_path: Path | None) -> None:
+def user_rotate_key(
+    name: str, as_json: bool, data_dir: Path | None, config_path: Path | None
+) -> None:
     """Replace a user's API key (the old one stops working) and print the new one."""
     with _store(data_dir, config_path) as store:
         key = store.rotate_key(store.user_by_name(name).id)
-    click.echo(fmt.format_key_notice(name, key))
+    if as_json:
+        click.echo(fmt.format_json({"name": name, "api_key": key}))
+    else:
+        click.echo(fmt.format_key_notice(name, key))
 
 
 @user.command("delete")
 @click.argument("name")
+@json_option
 @data_dir_option
 @config_option
-def user_delete(name: str, data_dir: Path | None, config_path: Path | None) -> None:
+def user_delete(name: str, as_json: bool, data_dir: Path | None, config_path: Path | None) -> None:
     """Delete a user (refused while they have live sandboxes)."""
     with _store(data_dir, config_path) as store:
         store.delete_user(store.user_by_name(name).id)
-    click.echo(f"user {name} deleted")
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"user {name} deleted")
 
 
 # -- images ---------------------------------------------------------------------------
@@ -178,7 +191,7 @@ def _image_dir(image_dir: Path | None, config_path: Path | None) -> Path | None:
     return _config(config_path).image_dir
 
 
-@click.group()
+@click.group(cls=AliasedGroup)
 def image() -> None:
     """Build and list VM images (local)."""
 

@@ -3,9 +3,10 @@
 One asyncio loop, two tasks: keystrokes (read by a loop reader on stdin) and
 window resizes (SIGWINCH) go through one queue to a sender task, so they
 reach the WebSocket in order; a receiver task writes the session's output to
-stdout. Ctrl+\\ (0x1c; ISIG is off in raw mode, so it arrives as a byte)
-detaches: the socket closes, the session keeps running in the sandbox, and
-its id is printed so ``kiln shell SANDBOX --session ID`` can reattach.
+stdout. Ctrl+\\ (0x1c; ISIG is off in raw mode, so it arrives as a byte), or
+the key given with ``--detach-key``/``KILN_DETACH_KEY``, detaches: the socket
+closes, the session keeps running in the sandbox, and its id is printed so
+``kiln shell SANDBOX --session ID`` can reattach.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ if TYPE_CHECKING:
 DETACH_KEY = b"\x1c"  # Ctrl+\
 
 
-def split_detach(data: bytes) -> tuple[bytes, bool]:
-    """``(bytes to send, detach?)``: everything before Ctrl+\\, and whether it was pressed."""
-    before, sep, _ = data.partition(DETACH_KEY)
+def split_detach(data: bytes, key: bytes = DETACH_KEY) -> tuple[bytes, bool]:
+    """``(bytes to send, detach?)``: everything before the detach key, and whether it was
+    pressed."""
+    before, sep, _ = data.partition(key)
     return before, bool(sep)
 
 
@@ -60,7 +62,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-async def relay(session: AsyncShellSession, fd_in: int, fd_out: int) -> bool:
+async def relay(
+    session: AsyncShellSession, fd_in: int, fd_out: int, detach_key: bytes = DETACH_KEY
+) -> bool:
     """Relay until the session ends (False) or the user detaches (True)."""
     loop = asyncio.get_running_loop()
     outbox: asyncio.Queue[bytes | tuple[int, int] | None] = asyncio.Queue()
@@ -72,7 +76,7 @@ async def relay(session: AsyncShellSession, fd_in: int, fd_out: int) -> bool:
             data = os.read(fd_in, 65536)
         except OSError:
             data = b""
-        send, detach = split_detach(data)
+        send, detach = split_detach(data, detach_key)
         if send:
             outbox.put_nowait(send)
         if detach or not data:  # Ctrl+\ or end of input: leave the session running
@@ -120,6 +124,7 @@ async def _shell(
     session_id: str | None,
     cmd: str | None,
     user: str | None,
+    detach_key: bytes,
 ) -> int:
     from kiln.sdk import AsyncKiln  # noqa: PLC0415
 
@@ -130,7 +135,7 @@ async def _shell(
         session = await ref.shell(session_id=session_id, rows=rows, cols=cols, cmd=cmd, user=user)
         try:
             with raw_mode(fd_in):
-                detached = await relay(session, fd_in, fd_out)
+                detached = await relay(session, fd_in, fd_out, detach_key)
         finally:
             await session.close()
     if detached:
@@ -148,6 +153,11 @@ def run_shell(
     session_id: str | None = None,
     cmd: str | None = None,
     user: str | None = None,
+    detach_key: bytes = DETACH_KEY,
 ) -> int:
     """Attach the local terminal to a (new or existing) session; the exit status for kiln."""
-    return asyncio.run(_shell(url, token, sandbox, session_id=session_id, cmd=cmd, user=user))
+    return asyncio.run(
+        _shell(
+            url, token, sandbox, session_id=session_id, cmd=cmd, user=user, detach_key=detach_key
+        )
+    )

@@ -84,6 +84,9 @@ class SandboxSpec:
     owner: str = ""
     #: Where it may connect outside kiln; None: the daemon's default policy.
     network: NetworkPolicy | None = None
+    #: The guest's default user for commands and files (created at boot when the image
+    #: lacks it); None: the image's own sandbox user.
+    user: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able, for an engine's own records (:meth:`from_json` reads it back)."""
@@ -105,6 +108,7 @@ class SandboxSpec:
             "runtime": self.runtime,
             "owner": self.owner,
             "network": None if self.network is None else self.network.to_json(),
+            "user": self.user,
         }
 
     @classmethod
@@ -129,6 +133,7 @@ class SandboxSpec:
             network=None
             if data.get("network") is None
             else NetworkPolicy.from_json(data["network"]),
+            user=data.get("user"),
         )
 
     def guest_config(self, token: str) -> dict[str, Any]:
@@ -149,6 +154,8 @@ class SandboxSpec:
         }
         if self.init:
             config["init"] = self.init
+        if self.user:
+            config["user"] = self.user
         return config
 
     def validate(self) -> None:
@@ -177,6 +184,12 @@ class SandboxSpec:
             mounts.add(vol.mount)
             if vol.size_mb is not None and vol.size_mb < 1:
                 raise InvalidSpec(f"volume {vol.name!r}: size_mb must be positive")
+        if self.user is not None and not USER_NAME_RE.match(self.user):
+            raise InvalidSpec(f"invalid user name {self.user!r}")
+
+
+#: A user name the guest can create (what its config drive accepts).
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)

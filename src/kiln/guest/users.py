@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import logging
 import os
 import pwd
 
 from kiln.protocol import SANDBOX_UID
 
 from .errors import SetupError
+
+log = logging.getLogger(__name__)
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
@@ -32,9 +35,34 @@ def ensure_user(name: str) -> pwd.struct_passwd:
             f.write(f"{name}:!:19000:0:99999:7:::\n")
     own_dir(home, uid, uid)
     try:
+        _sudo_like_the_image_user(name)
+    except OSError as exc:
+        log.error("boot: sudo for %s: %s", name, exc)
+    try:
         return pwd.getpwnam(name)
     except KeyError:
         raise SetupError(f"created user {name} but cannot look it up") from None
+
+
+#: The image's passwordless sudo for its own user (kiln.images.rootfs.SUDOERS_FILE).
+IMAGE_SUDOERS = "/etc/sudoers.d/kiln-sandbox"
+
+
+def _sudo_like_the_image_user(name: str) -> None:
+    """A default user the guest creates (E2B's ``user``) gets what the image gives its
+    own: passwordless sudo, where the image has it. sudo reads a sudoers.d file only if
+    root owns it and nobody else may write it (0440), and skips names with a dot: the
+    file appears whole, by rename."""
+    if not os.path.exists(IMAGE_SUDOERS):
+        return
+    path = f"/etc/sudoers.d/kiln-{name}"
+    tmp = f"/etc/sudoers.d/.kiln-{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
+    try:
+        os.write(fd, f"{name} ALL=(ALL:ALL) NOPASSWD: ALL\n".encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def own_dir(path: str, uid: int, gid: int) -> None:

@@ -4,7 +4,7 @@
 
     from kiln.sdk import Kiln
 
-    with Kiln() as k:                      # URL/key from ~/.kiln/config.yaml or KILN_URL/KILN_TOKEN
+    with Kiln() as k:                      # URL/key from KILN_URL/KILN_TOKEN or ~/.kiln/config.yaml
         sb = k.sandboxes.create(name="demo", cpus=2, memory_mb=1024, env={"DEBUG": "1"})
         result = sb.exec(["python3", "-c", "print(6 * 7)"])
         print(result.exit_code, result.stdout)

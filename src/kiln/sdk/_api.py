@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,51 @@ class Call(Generic[T]):
     headers: Mapping[str, str] | None = None
     #: Read timeout in seconds; ``None`` waits forever; DEFAULT is the client's.
     timeout: float | None = DEFAULT
+
+
+# -- retries -----------------------------------------------------------------------
+
+#: Methods that may be sent twice: a retry cannot do something twice.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: Statuses of a daemon restarting or a proxy in front of it without a backend.
+RETRY_STATUSES = frozenset({502, 503, 504})
+#: Retries after the first attempt, by default.
+DEFAULT_RETRIES = 3
+BACKOFF_S = 0.2
+MAX_BACKOFF_S = 5.0
+
+
+def never_sent(exc: KilnError) -> bool:
+    """Whether the request failed before reaching the daemon (connection refused or
+    reset while connecting), so that sending it again cannot repeat anything."""
+    return isinstance(exc.__cause__, httpx.ConnectError)
+
+
+def retry_failure(method: str, exc: KilnError) -> bool:
+    """Whether a failed request may be sent again: one that never reached the daemon,
+    or an idempotent one whose connection closed before any answer (a kept-alive
+    connection the server was closing just then)."""
+    if never_sent(exc):
+        return True
+    return method.upper() in IDEMPOTENT_METHODS and isinstance(
+        exc.__cause__, httpx.RemoteProtocolError
+    )
+
+
+def retry_status(method: str, status_code: int) -> bool:
+    return method.upper() in IDEMPOTENT_METHODS and status_code in RETRY_STATUSES
+
+
+def backoff_s(attempt: int, resp: httpx.Response | None = None) -> float:
+    """How long to wait before retry number ``attempt`` (0-based): the daemon's
+    ``Retry-After`` seconds when it sent one, else exponential with jitter."""
+    if resp is not None:
+        try:
+            return min(max(float(resp.headers.get("retry-after", "")), 0.0), MAX_BACKOFF_S)
+        except ValueError:
+            pass
+    base = min(BACKOFF_S * 2.0**attempt, MAX_BACKOFF_S)
+    return base / 2 + random.uniform(0, base / 2)
 
 
 # -- exception and status translation ------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import copy
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
@@ -53,7 +54,7 @@ class AsyncKiln:
     """An asyncio client for one kiln daemon.
 
     ``url`` and ``token`` resolve like :class:`~kiln.sdk.Kiln`'s (arguments,
-    ``~/.kiln/config.yaml``, ``KILN_URL``/``KILN_TOKEN``, default). Use it as an
+    ``KILN_URL``/``KILN_TOKEN``, ``~/.kiln/config.yaml``, default). Use it as an
     async context manager (or ``await close()``)::
 
         async with AsyncKiln() as k:
@@ -62,7 +63,12 @@ class AsyncKiln:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = _api.DEFAULT_RETRIES,
     ) -> None:
         settings = load_settings(url, token)
         self.url: str = settings.url
@@ -72,6 +78,13 @@ class AsyncKiln:
             headers=_api.auth_headers(settings.token),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
+        self._retries = retries
+        #: A read timeout that overrides every call's own (see :meth:`with_options`).
+        self._timeout: float | None = _api.DEFAULT
+        self._owns_http = True
+        self._attach()
+
+    def _attach(self) -> None:
         #: Create, find, change and delete sandboxes.
         self.sandboxes = AsyncSandboxes(self)
         #: Secrets (values join a sandbox's environment by name).
@@ -85,18 +98,59 @@ class AsyncKiln:
         return f"AsyncKiln(url={self.url!r})"
 
     async def _call(self, call: Call[T], content: Any = None) -> T:
-        """Send ``call`` and parse its answer; every httpx error becomes a KilnError."""
-        with map_exceptions(self.url):
-            resp = await self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=content,
-                headers=call.headers,
-                timeout=httpx.USE_CLIENT_DEFAULT if call.timeout is _api.DEFAULT else call.timeout,
-            )
-        return call.parse(resp)
+        """Send ``call`` and parse its answer; every httpx error becomes a KilnError.
+
+        A request that never reached the daemon (connection refused) is sent again,
+        and so is an idempotent one answered 502/503/504, up to ``retries`` times
+        with backoff: a daemon restarting is a pause, not an error.
+        """
+        timeout = call.timeout if self._timeout is _api.DEFAULT else self._timeout
+        attempt = 0
+        while True:
+            try:
+                with map_exceptions(self.url):
+                    resp = await self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        json=call.json,
+                        content=content,
+                        headers=call.headers,
+                        timeout=httpx.USE_CLIENT_DEFAULT if timeout is _api.DEFAULT else timeout,
+                    )
+            except KilnError as exc:
+                if attempt >= self._retries or not _api.retry_failure(call.method, exc):
+                    raise
+                await asyncio.sleep(_api.backoff_s(attempt))
+                attempt += 1
+                continue
+            if attempt < self._retries and _api.retry_status(call.method, resp.status_code):
+                await resp.aclose()
+                await asyncio.sleep(_api.backoff_s(attempt, resp))
+                attempt += 1
+                continue
+            return call.parse(resp)
+
+    def with_options(
+        self, *, timeout: float | None = _api.DEFAULT, retries: int | None = None
+    ) -> Self:
+        """The same client (same connections) with another read timeout for every call
+        (``None``: wait forever) or another number of retries::
+
+            k.with_options(timeout=5).sandboxes.list()
+
+        Closing the original closes the connections; closing this one does nothing.
+        """
+        view = copy.copy(self)
+        if timeout is not _api.DEFAULT:
+            view._timeout = timeout
+        if retries is not None:
+            if retries < 0:
+                raise ValueError("retries must be >= 0")
+            view._retries = retries
+        view._owns_http = False
+        view._attach()
+        return view
 
     async def health(self) -> Health:
         """``GET /health`` (no key needed): status, sandbox count, uptime, the default
@@ -110,7 +164,8 @@ class AsyncKiln:
 
     async def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -47,9 +48,11 @@ T = TypeVar("T")
 class Kiln:
     """A client for one kiln daemon.
 
-    ``url`` and ``token`` fall back to ``~/.kiln/config.yaml``, then to
-    ``KILN_URL``/``KILN_TOKEN``, then to ``http://127.0.0.1:8080``. No network
-    I/O happens until the first call. Use it as a context manager (or call
+    ``url`` and ``token`` fall back to ``KILN_URL``/``KILN_TOKEN``, then to
+    ``~/.kiln/config.yaml``, then to ``http://127.0.0.1:8080``. No network
+    I/O happens until the first call. ``retries`` is how many times a request
+    that never reached the daemon, or an idempotent one answered 502/503/504,
+    is sent again (with backoff). Use it as a context manager (or call
     :meth:`close`) to release its connections::
 
         with Kiln() as k:
@@ -58,7 +61,12 @@ class Kiln:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = _api.DEFAULT_RETRIES,
     ) -> None:
         settings = load_settings(url, token)
         self.url: str = settings.url
@@ -68,6 +76,13 @@ class Kiln:
             headers=_api.auth_headers(settings.token),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
+        self._retries = retries
+        #: A read timeout that overrides every call's own (see :meth:`with_options`).
+        self._timeout: float | None = _api.DEFAULT
+        self._owns_http = True
+        self._attach()
+
+    def _attach(self) -> None:
         #: Create, find, change and delete sandboxes.
         self.sandboxes = Sandboxes(self)
         #: Secrets (values join a sandbox's environment by name).
@@ -83,18 +98,59 @@ class Kiln:
     # -- plumbing ---------------------------------------------------------------------
 
     def _call(self, call: Call[T], content: Any = None) -> T:
-        """Send ``call`` and parse its answer; every httpx error becomes a KilnError."""
-        with map_exceptions(self.url):
-            resp = self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=content,
-                headers=call.headers,
-                timeout=httpx.USE_CLIENT_DEFAULT if call.timeout is _api.DEFAULT else call.timeout,
-            )
-        return call.parse(resp)
+        """Send ``call`` and parse its answer; every httpx error becomes a KilnError.
+
+        A request that never reached the daemon (connection refused) is sent again,
+        and so is an idempotent one answered 502/503/504, up to ``retries`` times
+        with backoff: a daemon restarting is a pause, not an error.
+        """
+        timeout = call.timeout if self._timeout is _api.DEFAULT else self._timeout
+        attempt = 0
+        while True:
+            try:
+                with map_exceptions(self.url):
+                    resp = self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        json=call.json,
+                        content=content,
+                        headers=call.headers,
+                        timeout=httpx.USE_CLIENT_DEFAULT if timeout is _api.DEFAULT else timeout,
+                    )
+            except KilnError as exc:
+                if attempt >= self._retries or not _api.retry_failure(call.method, exc):
+                    raise
+                time.sleep(_api.backoff_s(attempt))
+                attempt += 1
+                continue
+            if attempt < self._retries and _api.retry_status(call.method, resp.status_code):
+                resp.close()
+                time.sleep(_api.backoff_s(attempt, resp))
+                attempt += 1
+                continue
+            return call.parse(resp)
+
+    def with_options(
+        self, *, timeout: float | None = _api.DEFAULT, retries: int | None = None
+    ) -> Self:
+        """The same client (same connections) with another read timeout for every call
+        (``None``: wait forever) or another number of retries::
+
+            k.with_options(timeout=5).sandboxes.list()
+
+        Closing the original closes the connections; closing this one does nothing.
+        """
+        view = copy.copy(self)
+        if timeout is not _api.DEFAULT:
+            view._timeout = timeout
+        if retries is not None:
+            if retries < 0:
+                raise ValueError("retries must be >= 0")
+            view._retries = retries
+        view._owns_http = False
+        view._attach()
+        return view
 
     # -- top level --------------------------------------------------------------------
 
@@ -110,13 +166,16 @@ class Kiln:
 
     def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
     def copy(self) -> Kiln:
         """A new client for the same daemon and key, with connections of its own: for
         another thread, or after a call cut short by Ctrl+C left this one's pool in an
         unknown state (a KeyboardInterrupt can land anywhere, even inside its locks)."""
-        return Kiln(self.url, self._token, timeout=self._http.timeout.read or 60.0)
+        return Kiln(
+            self.url, self._token, timeout=self._http.timeout.read or 60.0, retries=self._retries
+        )
 
     def __enter__(self) -> Self:
         return self

@@ -3,9 +3,13 @@
 Precedence, for the URL and the token independently:
 
 1. an explicit argument (``Kiln(url=...)``, ``kiln --url ...``);
-2. the client config file ``~/.kiln/config.yaml`` (written by ``kiln setup``);
-3. the environment: ``KILN_URL``, ``KILN_TOKEN``;
+2. the environment: ``KILN_URL``, ``KILN_TOKEN``;
+3. the client config file ``~/.kiln/config.yaml`` (written by ``kiln setup``);
 4. the default URL ``http://127.0.0.1:8080`` (no default token).
+
+The environment beats the file as it does for docker, kubectl and aws: a
+variable set for one shell (a second daemon, a CI job) must not lose to a file
+written once for the everyday daemon.
 
 The config file is YAML with two keys::
 
@@ -72,8 +76,8 @@ def resolve(
     url, url_source = DEFAULT_URL, "default"
     for value, source in (
         (arg_url, "argument"),
-        (file.get("url"), "config file"),
         (env.get(ENV_URL), ENV_URL),
+        (file.get("url"), "config file"),
     ):
         if value:
             url, url_source = value, source
@@ -82,8 +86,8 @@ def resolve(
     token_source: str | None = None
     for value, source in (
         (arg_token, "argument"),
-        (file.get("token"), "config file"),
         (env.get(ENV_TOKEN), ENV_TOKEN),
+        (file.get("token"), "config file"),
     ):
         if value:
             token, token_source = value, source

@@ -11,11 +11,13 @@ message, the traceback in the daemon's log only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
@@ -29,6 +31,7 @@ from kiln.network.errors import NetworkError
 from kiln.protocol import ProtocolError
 from kiln.store import StoreError
 
+from .e2b import control as e2b_control
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .proxy import ProxyFront
@@ -53,7 +56,23 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+#: Error bodies by path prefix, first match first: the E2B API answers in E2B's shape
+#: (``{"code", "message"}``); everything else in kiln's ``{"error"}``.
+ERROR_FORMATS: tuple[tuple[str, Callable[[int, str], JSONResponse]], ...] = (
+    (e2b_control.PREFIX, e2b_control.error_response),
+)
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route function's name; E2B's routes, which reuse kiln's verbs, prefixed."""
+    return f"e2b_{route.name}" if route.path.startswith("/e2b") else route.name
+
+
+def error_response(status: int, message: str, path: str = "") -> JSONResponse:
+    """The error answer for a request to ``path``."""
+    for prefix, formatter in ERROR_FORMATS:
+        if path == prefix or path.startswith(prefix + "/"):
+            return formatter(status, message)
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -109,7 +128,8 @@ class BodyLimit:
                 try:
                     length = int(value)
                 except ValueError:
-                    await error_response(400, "invalid Content-Length")(scope, receive, send)
+                    answer = error_response(400, "invalid Content-Length", scope["path"])
+                    await answer(scope, receive, send)
                     return
             if key == b"content-type" and not upload:
                 continue
@@ -121,7 +141,7 @@ class BodyLimit:
             scope = dict(scope, headers=headers)
         if length is not None and length > limit:
             message = f"request body of {length} bytes exceeds the limit of {limit} bytes"
-            await error_response(413, message)(scope, receive, send)
+            await error_response(413, message, scope["path"])(scope, receive, send)
             return
         if length is not None:
             await self.app(scope, receive, send)
@@ -169,7 +189,8 @@ class CatchAll:
             if started:
                 raise
             log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
-            response = error_response(500, f"internal error ({type(exc).__name__})")
+            message = f"internal error ({type(exc).__name__})"
+            response = error_response(500, message, scope.get("path", ""))
             await response(scope, receive, send)
 
 
@@ -179,8 +200,11 @@ def create_app(services: Services) -> FastAPI:
         title="kiln",
         version=kiln.__version__,
         description="Self-hosted microVM sandboxes: the daemon's HTTP API.",
-        docs_url=None,
-        redoc_url=None,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        # Operation ids are the route functions' names (create_sandbox, not
+        # create_sandbox_sandboxes_post): what generated clients call their methods.
+        generate_unique_id_function=operation_id,
     )
     app.state.services = services
 
@@ -199,20 +223,21 @@ def create_app(services: Services) -> FastAPI:
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)
+    app.include_router(e2b_control.router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = validation_message(exc)
-        return error_response(status, message)
+        return error_response(status, message, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        response = error_response(exc.status_code, message)
+        response = error_response(exc.status_code, message, request.url.path)
         if exc.headers:
             response.headers.update(exc.headers)
         if exc.status_code == 405:
@@ -223,7 +248,8 @@ def create_app(services: Services) -> FastAPI:
 
     @app.exception_handler(ClientDisconnect)
     async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
-        return error_response(400, "the client disconnected before the request was complete")
+        message = "the client disconnected before the request was complete"
+        return error_response(400, message, request.url.path)
 
     async def known(request: Request, exc: Exception) -> JSONResponse:
         api = to_api_error(exc)
@@ -231,7 +257,7 @@ def create_app(services: Services) -> FastAPI:
             raise exc
         if api.status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, api.message)
-        return error_response(api.status, api.message)
+        return error_response(api.status, api.message, request.url.path)
 
     for root in (StoreError, EngineError, AgentError, ImageError, NetworkError, ProtocolError):
         app.add_exception_handler(root, known)

@@ -2,8 +2,9 @@
 
 Start-up, in order:
 
-1. ``data_dir`` (0700), the database ``kiln.db`` and the secret key
-   ``secret.key`` (0600, created on first start);
+1. ``data_dir`` (0700), the database ``kiln.db``, the secret key
+   ``secret.key`` and the E2B API's envd token key ``e2b-envd.key`` (both 0600,
+   created on first start);
 2. the listening socket (a clear error when the address is taken);
 3. on the very first start, the ``admin`` user: its key goes to
    ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
@@ -66,6 +67,11 @@ log = logging.getLogger("kiln.daemon")
 ADMIN_USER = "admin"
 #: Seconds open requests (streams, shells) get after a shutdown signal.
 GRACEFUL_SHUTDOWN_S = 5
+#: How long an idle client connection stays open. Longer than clients keep idle
+#: connections (httpx: 5 s), so a client always closes first: with both at 5 s a
+#: request sent on a connection the server was closing at that instant failed
+#: with "server disconnected without sending a response".
+KEEP_ALIVE_S = 75
 
 
 class DaemonError(Exception):
@@ -534,6 +540,10 @@ async def _run(
         )
     images = ImageBuilder(config.image_dir) if available and build_images else None
     services = Services(store=store, engine=engine, config=config, thermal=thermal, images=images)
+    try:
+        _ = services.envd_tokens  # the E2B API's token key: made or read now, not mid-request
+    except OSError as exc:
+        raise DaemonError(f"cannot load the E2B envd token key: {exc}") from exc
     expiry = ExpiryReaper(services.sandboxes) if available else None
     server = _Server(
         uvicorn.Config(
@@ -542,6 +552,7 @@ async def _run(
             access_log=False,
             log_level="warning",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_keep_alive=KEEP_ALIVE_S,
             ws_max_size=16 << 20,
             server_header=False,  # proxied answers carry the service's own
             # The proxy adds X-Forwarded-For itself: a local client must not be

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets as _secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +63,7 @@ from kiln.store import Sandbox as SandboxRow
 from kiln.store import Template as TemplateRow
 from kiln.store import Volume as VolumeRow
 
+from .e2b.tokens import EnvdTokens
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
 from .intents import INTENTS_DIR, Intent, Intents
@@ -78,6 +79,9 @@ from .models import (
 from .publishing import Origin, PublishService
 
 log = logging.getLogger("kiln.server")
+
+#: The key the E2B API's envd access tokens derive from, in the data directory.
+ENVD_KEY_FILE = "e2b-envd.key"
 
 #: Host-side activity is written to the store at most this often per sandbox
 #: (the thermal manager has the exact time in memory).
@@ -111,6 +115,16 @@ class Services:
     secrets: SecretService = field(init=False)
     volumes: VolumeService = field(init=False)
     publishing: PublishService = field(init=False)
+    _envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
+
+    @property
+    def envd_tokens(self) -> EnvdTokens:
+        """The E2B API's per-sandbox envd access tokens (``.issue(id)``, ``.verify(id,
+        token)``), from the key in ``<data_dir>/e2b-envd.key`` (made on first use; the
+        daemon loads it at start)."""
+        if self._envd_tokens is None:
+            self._envd_tokens = EnvdTokens.load(self.config.data_dir / ENVD_KEY_FILE)
+        return self._envd_tokens
 
     def __post_init__(self) -> None:
         if not self.engine_name:
@@ -316,6 +330,22 @@ class SandboxService:
     # --- create -----------------------------------------------------------------------
 
     async def create(self, user: User, body: CreateSandbox) -> dict[str, Any]:
+        return self.view(await self.create_row(user, body))
+
+    async def create_row(
+        self,
+        user: User,
+        body: CreateSandbox,
+        *,
+        guest_user: str | None = None,
+        template_name: str | None = None,
+        idempotency: Mapping[str, str] | None = None,
+    ) -> SandboxRow:
+        """Create and boot a sandbox; its row. ``guest_user``: the guest's default user
+        when not the image's (created at boot: the E2B API's ``user``);
+        ``template_name``: the template as the client named it, when not a kiln
+        template (an E2B ``templateID``); ``idempotency``: the key a retried create
+        finds it by. The last two are recorded in its config."""
         s = self._s
         tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
         cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
@@ -380,6 +410,9 @@ class SandboxService:
                     secrets=secret_names,
                     runtime=body.runtime,
                     network=None if network is None else network.to_json(),
+                    user=guest_user,
+                    template=template_name or body.template_id,
+                    idempotency=idempotency,
                 ),
                 new_volumes=[
                     NewVolume(v.name, v.size_mb, str(s.volumes.new_path())) for v in new_volumes
@@ -410,6 +443,7 @@ class SandboxService:
             runtime=body.runtime,
             owner=user.id,
             network=network,
+            user=guest_user,
         )
         self._creating.add(sandbox_id)
         try:
@@ -426,7 +460,7 @@ class SandboxService:
         self.intents.end(sandbox_id)
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
-        return self.view(row)
+        return row
 
     def _network_view(self, sb: SandboxRow) -> dict[str, Any]:
         if sb.config.network is not None:

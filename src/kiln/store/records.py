@@ -121,6 +121,14 @@ class SandboxConfig:
     #: The egress policy asked for at create (kiln.network.policy JSON); None: the
     #: daemon's default.
     network: Mapping[str, Any] | None = None
+    #: The guest's default user; None: the image's sandbox user.
+    user: str | None = None
+    #: The template it was created from, as the client named it (a kiln template, or
+    #: an E2B ``templateID``); None: none.
+    template: str | None = None
+    #: The create's idempotency key and a digest of its request (E2B's
+    #: ``Idempotency-Key``): a retry with the same key gets this sandbox.
+    idempotency: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +303,9 @@ def config_to_json(config: SandboxConfig) -> str:
             "secrets": [_as_str(s, "secrets") for s in config.secrets],
             "runtime": _as_opt_str(config.runtime, "runtime"),
             "network": None if config.network is None else dict(config.network),
+            "user": _as_opt_str(config.user, "user"),
+            "template": _as_opt_str(config.template, "template"),
+            "idempotency": None if config.idempotency is None else dict(config.idempotency),
         },
         "sandbox config",
     )
@@ -311,6 +322,9 @@ def config_from_json(text: str) -> SandboxConfig:
         secrets=tuple(_as_str(s, "secrets") for s in _as_list(data.get("secrets", []), "secrets")),
         runtime=_as_opt_str(data.get("runtime"), "runtime"),
         network=_as_opt_mapping(data.get("network"), "network"),
+        user=_as_opt_str(data.get("user"), "user"),
+        template=_as_opt_str(data.get("template"), "template"),
+        idempotency=_as_opt_mapping(data.get("idempotency"), "idempotency"),
     )
 
 

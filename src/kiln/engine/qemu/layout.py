@@ -178,6 +178,6 @@ def guest_config(
         "gateway": network["gateway"],
         "mac": network["mac"],
     }
-    if user:
+    if user and not spec.user:  # the engine-wide override yields to the sandbox's own
         config["user"] = user
     return config
