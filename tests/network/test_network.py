@@ -256,6 +256,32 @@ def test_attach_container_plumbs_eth0_into_the_process_namespace(
     assert link(cfg.netns, name) is None
 
 
+def test_attach_container_replaces_the_pair_of_a_previous_namespace(
+    network: Network, netns_factory: Callable[[], str]
+) -> None:
+    """A restarted container has a new namespace while the kernel may not have
+    destroyed the old one (and the pair in it) yet."""
+    cfg = network.config
+    assert cfg.netns is not None
+    procs = []
+    try:
+        for guest in (netns_factory(), netns_factory()):
+            proc = subprocess.Popen(["ip", "netns", "exec", guest, "sleep", "60"])
+            procs.append((guest, proc))
+            inside = os.stat(f"/run/netns/{guest}").st_ino
+            while os.stat(f"/proc/{proc.pid}/ns/net").st_ino != inside:
+                time.sleep(0.001)
+            network.attach_container("sb-r", proc.pid, "10.213.77.11")
+        (old, _), (new, _) = procs
+        assert link(old, "eth0") is None  # went with the old pair
+        assert ipv4_addresses(new, "eth0") == ["10.213.77.11/24"]
+        assert ping(cfg.netns, "10.213.77.11")
+    finally:
+        for _, proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def test_attach_container_of_a_gone_process_fails_clearly(network: Network) -> None:
     proc = subprocess.Popen(["true"])
     proc.wait()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypedDict
+from typing import Any, Self, TypedDict, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -31,6 +31,8 @@ from .iptables import Iptables, bridge_rules
 from .naming import address_mac, guest_mac, tap_name, validate_ifname, validate_sandbox_id
 from .netns import NamespaceWorker, ensure_netns, setns_net
 from .pool import guest_address
+
+T = TypeVar("T")
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 IFLA_TUN_TYPE_TAP = 2
@@ -213,9 +215,13 @@ class Network:
                 bridge_index = int(self._bridge_link()["index"])
                 link = self._get_link(name)
                 if link is not None:
-                    if link.get("IFLA_IFALIAS") == alias and _kind(link) == "veth":
+                    if link.get("IFLA_IFALIAS") != alias or _kind(link) != "veth":
+                        raise OperationFailed(f"{name!r} exists and is not this sandbox's veth")
+                    if _in_namespace(target, lambda inner: _is_peer(inner, link)):
                         return name  # made before (a re-adopted sandbox)
-                    raise OperationFailed(f"{name!r} exists and is not this sandbox's veth")
+                    # The pair of the container's previous namespace (a restart), which
+                    # the kernel has not destroyed yet: it goes, a new one comes.
+                    self._delete_link(int(link["index"]))
                 ipr.link(
                     "add",
                     ifname=name,
@@ -228,6 +234,13 @@ class Network:
         finally:
             os.close(target)
         return name
+
+    def _delete_link(self, index: int) -> None:
+        try:
+            self._route().link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
 
     def _configure_eth0(self, ipr: Any, address: Any) -> None:
         cfg = self._config
@@ -409,7 +422,18 @@ class Network:
         )
 
 
-def _in_namespace(fd: int, work: Callable[[Any], None]) -> None:
+def _is_peer(ipr: Any, host_end: Any) -> bool:
+    """Whether ``ipr``'s namespace holds the other end of the veth ``host_end``."""
+    found = ipr.link_lookup(ifname=CONTAINER_IFNAME)
+    if not found:
+        return False
+    eth0 = ipr.link("get", index=found[0])[0]
+    return bool(
+        eth0.get("IFLA_LINK") == host_end["index"] and host_end.get("IFLA_LINK") == eth0["index"]
+    )
+
+
+def _in_namespace(fd: int, work: Callable[[Any], T]) -> T:
     """Run ``work`` with a netlink socket inside the namespace ``fd`` (the calling
     thread goes in only to open the socket, which stays there for life)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -422,6 +446,6 @@ def _in_namespace(fd: int, work: Callable[[Any], None]) -> None:
     finally:
         os.close(home)
     try:
-        work(ipr)
+        return work(ipr)
     finally:
         ipr.close()
