@@ -19,8 +19,9 @@ against the targets of the Docker-engine issue (verdicts on p50, kiln/reference)
    run -d`` (create + start) + ``exec true``. The docker SDK calls inside kiln's
    create are timed (their methods wrapped on the engine's client), the agent's
    start is read from the container's ``StartedAt``, and a third container
-   (plain, on kiln's network) prices dockerd's user-defined network; the first
-   exec after create is the cold exec;
+   (plain, on kiln's Docker network) prices dockerd's user-defined network (runsc
+   sandboxes are on it; runc ones have ``--network none`` and kiln's veth); the
+   first exec after create is the cold exec;
 3. pause, resume (with kiln's own share beside the SDK call), and pause →
    ``engine.agent`` (which resumes) + exec, each ≤ plain ``pause`` / ``unpause``
    / ``unpause`` + exec. dockerd 20.10 updates its paused state from
@@ -96,10 +97,12 @@ CPU_LOOP = "sum(range(3*10**6))"
 CPU_SCRIPT = (
     f"import time; t = time.perf_counter(); {CPU_LOOP}; print((time.perf_counter() - t) * 1000)"
 )
+#: What a container's agent imports before it answers (as its zipapp does: no ssl).
 AGENT_IMPORT = (
     "import sys, time; t = time.perf_counter();"
+    " sys.modules.update(dict.fromkeys(('ssl', '_ssl', '_hashlib')));"
     f" sys.path.insert(0, {docker_images.AGENT_PATH!r});"
-    " import kiln.guest.__main__, kiln.guest.agent, kiln.guest.container, kiln.guest.pid1;"
+    " import kiln.guest.__main__, kiln.guest.agent, kiln.guest.container, kiln.guest.config;"
     " print((time.perf_counter() - t) * 1000)"
 )
 CLI = "/usr/bin/docker"  # Debian's 20.10 client; /usr/local/bin/docker (28.x) shadows it

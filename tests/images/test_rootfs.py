@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.guest.pid1 import IMAGE_SUDOERS
+from kiln.guest.users import IMAGE_SUDOERS
 from kiln.images import Image
 from kiln.images.rootfs import (
     SUDOERS_FILE,

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,13 +20,23 @@ from kiln.network import (
     NetworkError,
     OperationFailed,
     ToolMissing,
+    address_mac,
     bridge_mac,
     guest_mac,
     netns,
     netns_exists,
 )
 
-from ._nsutil import TEST_SUBNET, in_ns, ip, iptables_rules, ipv4_addresses, link
+from ._nsutil import (
+    TEST_SUBNET,
+    delete_netns,
+    in_ns,
+    ip,
+    iptables_rules,
+    ipv4_addresses,
+    link,
+    ping,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -195,6 +210,84 @@ def test_tap_create_attach_delete(network: Network) -> None:
     assert link(cfg.netns, name) is None
     network.delete_tap(name)  # already gone: fine
     assert network.list_taps() == []
+
+
+def test_attach_container_plumbs_eth0_into_the_process_namespace(
+    network: Network, netns_factory: Callable[[], str]
+) -> None:
+    cfg = network.config
+    assert cfg.netns is not None
+    guest = netns_factory()  # a container's namespace: only lo
+    proc = subprocess.Popen(["ip", "netns", "exec", guest, "sleep", "60"])
+    inside = os.stat(f"/run/netns/{guest}").st_ino
+    while os.stat(f"/proc/{proc.pid}/ns/net").st_ino != inside:  # until ip has entered it
+        time.sleep(0.001)
+    try:
+        address = "10.213.77.9"
+        name = network.attach_container("sb-c", proc.pid, address)
+        assert name == network.tap_name("sb-c")
+        host_end = link(cfg.netns, name)
+        assert host_end is not None
+        assert host_end["linkinfo"]["info_kind"] == "veth"
+        assert host_end["master"] == cfg.bridge
+        assert host_end["ifalias"] == "kiln:sb-c"
+        assert "UP" in host_end["flags"]
+        eth0 = link(guest, "eth0")
+        assert eth0 is not None
+        assert eth0["address"] == address_mac(address) == "02:42:0a:d5:4d:09"
+        assert "UP" in eth0["flags"]
+        assert ipv4_addresses(guest, "eth0") == [f"{address}/24"]
+        routes = ip("-n", guest, "-j", "route", "show", "default").stdout
+        assert json.loads(routes)[0]["gateway"] == str(cfg.gateway)
+        assert ping(cfg.netns, address)  # the bridge's side reaches it
+        assert ping(guest, str(cfg.gateway))
+
+        assert network.attach_container("sb-c", proc.pid, address) == name  # idempotent
+        assert network.list_taps() == []  # a veth, not one of the TAPs
+        with pytest.raises(OperationFailed, match="is not a TAP"):
+            network.create_tap("sb-c")
+    finally:
+        proc.kill()
+        proc.wait()
+    delete_netns(guest)  # what a container's end does: the pair goes with its namespace
+    deadline = time.monotonic() + 5
+    while link(cfg.netns, name) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link(cfg.netns, name) is None
+
+
+def test_attach_container_replaces_the_pair_of_a_previous_namespace(
+    network: Network, netns_factory: Callable[[], str]
+) -> None:
+    """A restarted container has a new namespace while the kernel may not have
+    destroyed the old one (and the pair in it) yet."""
+    cfg = network.config
+    assert cfg.netns is not None
+    procs = []
+    try:
+        for guest in (netns_factory(), netns_factory()):
+            proc = subprocess.Popen(["ip", "netns", "exec", guest, "sleep", "60"])
+            procs.append((guest, proc))
+            inside = os.stat(f"/run/netns/{guest}").st_ino
+            while os.stat(f"/proc/{proc.pid}/ns/net").st_ino != inside:
+                time.sleep(0.001)
+            network.attach_container("sb-r", proc.pid, "10.213.77.11")
+        (old, _), (new, _) = procs
+        assert link(old, "eth0") is None  # went with the old pair
+        assert ipv4_addresses(new, "eth0") == ["10.213.77.11/24"]
+        assert ping(cfg.netns, "10.213.77.11")
+    finally:
+        for _, proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_attach_container_of_a_gone_process_fails_clearly(network: Network) -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    with pytest.raises(OperationFailed, match=f"process {proc.pid}"):
+        network.attach_container("sb-d", proc.pid, "10.213.77.10")
+    assert link(network.config.netns or "", network.tap_name("sb-d")) is None
 
 
 def test_create_tap_repairs_a_detached_tap(network: Network) -> None:

@@ -53,6 +53,7 @@ from .context import GuestContext, Settings, recv_frame
 from .errors import RequestError
 from .execution import run_piped
 from .forward import serve_forward
+from .ports import CONTROL_PORT, FORWARD_PORT
 from .prepared import Prepared
 from .process import Children
 from .processes import ProcessTable
@@ -62,8 +63,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_SOCKET = "control.sock"
 FORWARD_SOCKET = "forward.sock"
-CONTROL_PORT = 1024
-FORWARD_PORT = 1025
 #: StreamReader buffer: frames up to 1 MiB arrive in few reads.
 STREAM_LIMIT = 1 << 20
 #: After an ERROR, read and drop what the peer still sends for this long before
@@ -108,12 +107,14 @@ ClockSetter = Callable[[int, bytes | None], None]
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    """Where the agent listens: Unix sockets in ``socket_dir``, else TCP."""
+    """Where the agent listens: Unix sockets in ``socket_dir``, else TCP: ``sockets``
+    (control, forward) already listening, else ``host`` and the ports."""
 
     socket_dir: Path | None = None
     host: str = "0.0.0.0"
     control_port: int = CONTROL_PORT
     forward_port: int = FORWARD_PORT
+    sockets: tuple[socket.socket, ...] = ()
 
 
 class Agent:
@@ -208,6 +209,11 @@ class Agent:
                     )
                 )
             return servers
+        if listen.sockets:
+            return [
+                await asyncio.start_server(self._tracked(handler), sock=sock, limit=STREAM_LIMIT)
+                for sock, handler in zip(listen.sockets, handlers, strict=True)
+            ]
         return [
             await asyncio.start_server(
                 self._tracked(handler), listen.host, port, limit=STREAM_LIMIT, reuse_address=True

@@ -23,7 +23,7 @@ from .errors import (
     PoolExhausted,
     ToolMissing,
 )
-from .naming import bridge_mac, guest_mac, tap_name
+from .naming import address_mac, bridge_mac, guest_mac, tap_name
 from .netns import (
     NamespaceWorker,
     close_dialer,
@@ -49,6 +49,7 @@ __all__ = [
     "OperationFailed",
     "PoolExhausted",
     "ToolMissing",
+    "address_mac",
     "bridge_mac",
     "close_dialer",
     "connect_in",

@@ -8,6 +8,7 @@ restored from a snapshot keeps talking to the same MACs.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 
 from .errors import InvalidInput
@@ -119,6 +120,15 @@ def tap_name(prefix: str, sandbox_id: str) -> str:
 def guest_mac(sandbox_id: str) -> str:
     """A deterministic, locally administered unicast MAC for a sandbox's NIC."""
     return _local_mac(_digest("guest-mac", validate_sandbox_id(sandbox_id)))
+
+
+def address_mac(address: str) -> str:
+    """A locally administered MAC made of an IPv4 address (``02:42:`` + its bytes, as
+    dockerd's), for a NIC whose address outlives it: a new container on an address
+    an earlier one had gets the same MAC, so the neighbour entries the bridge's side
+    still holds (for up to a minute) stay right."""
+    packed = ipaddress.IPv4Address(address).packed
+    return "02:42:" + ":".join(f"{b:02x}" for b in packed)
 
 
 def bridge_mac(bridge: str) -> str:

@@ -43,7 +43,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 _libc: ctypes.CDLL | None = None
 
 
-def _setns(fd: int) -> None:
+def setns_net(fd: int) -> None:
     """Move the *calling thread* into the network namespace ``fd`` refers to."""
     global _libc
     if _libc is None:
@@ -201,7 +201,7 @@ class NamespaceWorker:
             if self._entered is not None and self._on_leave is not None:
                 self._on_leave()
             try:
-                _setns(fd)
+                setns_net(fd)
             except OSError as exc:
                 raise OperationFailed(f"cannot enter network namespace {ns!r}: {exc}") from exc
             self._entered = key
@@ -213,7 +213,7 @@ class NamespaceWorker:
         if self._entered is not None and self._home_fd is not None:
             if self._on_leave is not None:
                 self._on_leave()
-            _setns(self._home_fd)
+            setns_net(self._home_fd)
             self._entered = None
             self.generation += 1
 
@@ -271,14 +271,14 @@ class _Dialer:
         fd = _open_netns(ns)
         sock: socket.socket | None = None
         try:
-            _setns(fd)
+            setns_net(fd)
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             raise OperationFailed(f"cannot create a socket in namespace {ns!r}: {exc}") from exc
         finally:
             os.close(fd)
             try:
-                _setns(self._home_fd)  # unconditionally: a no-op if setns(fd) failed
+                setns_net(self._home_fd)  # unconditionally: a no-op if setns(fd) failed
             except OSError as exc:
                 if sock is not None:
                     sock.close()

@@ -16,11 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypedDict
+from typing import Any, Self, TypedDict, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -28,9 +28,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .config import RESOLV_CONF_PATHS, NetworkConfig, host_nameservers
 from .errors import InvalidInput, NamespaceNotFound, OperationFailed
 from .iptables import Iptables, bridge_rules
-from .naming import guest_mac, tap_name, validate_ifname, validate_sandbox_id
-from .netns import NamespaceWorker, ensure_netns
+from .naming import address_mac, guest_mac, tap_name, validate_ifname, validate_sandbox_id
+from .netns import NamespaceWorker, ensure_netns, setns_net
 from .pool import guest_address
+
+T = TypeVar("T")
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 IFLA_TUN_TYPE_TAP = 2
@@ -38,6 +40,8 @@ IFLA_TUN_TYPE_TAP = 2
 # creating the TAP with the same flags means nothing changes on attach.
 _TAP_FLAGS = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
 _ALIAS_PREFIX = "kiln:"
+#: The container's end of its veth (what every container runtime calls it).
+CONTAINER_IFNAME = "eth0"
 
 
 class GuestNetwork(TypedDict):
@@ -178,6 +182,73 @@ class Network:
             return orphans
 
         return self._worker.run(work)
+
+    # -- veths into containers ----------------------------------------------------
+
+    def attach_container(self, sandbox_id: str, pid: int, ip: str) -> str:
+        """Give the network namespace of process ``pid`` (a container's) an ``eth0``:
+        one end of a veth pair whose other end is on the bridge, with ``ip`` (a guest
+        address of the subnet), the gateway as default route and the sandbox's MAC.
+        Idempotent: an existing pair of this sandbox is kept. Returns the host end's name.
+
+        The Docker engine's containers run with ``--network none`` and get their
+        interface from here rather than from dockerd, whose user-defined networks
+        set up an embedded DNS server (iptables runs inside the container's
+        namespace) at every start: ~100 ms of each create, measured.
+        """
+        name = self.tap_name(sandbox_id)
+        addr = guest_address(self._config.network, ip)
+        mac = address_mac(str(addr))
+        return self._worker.run(lambda: self._attach_container(name, sandbox_id, pid, addr, mac))
+
+    def _attach_container(
+        self, name: str, sandbox_id: str, pid: int, address: Any, mac: str
+    ) -> str:
+        alias = _ALIAS_PREFIX + sandbox_id
+        try:
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OperationFailed(f"the network namespace of process {pid}: {exc}") from exc
+        try:
+            with _netlink(f"create veth {name} for process {pid}"):
+                ipr = self._route()
+                bridge_index = int(self._bridge_link()["index"])
+                link = self._get_link(name)
+                if link is not None:
+                    if link.get("IFLA_IFALIAS") != alias or _kind(link) != "veth":
+                        raise OperationFailed(f"{name!r} exists and is not this sandbox's veth")
+                    if _in_namespace(target, lambda inner: _is_peer(inner, link)):
+                        return name  # made before (a re-adopted sandbox)
+                    # The pair of the container's previous namespace (a restart), which
+                    # the kernel has not destroyed yet: it goes, a new one comes.
+                    self._delete_link(int(link["index"]))
+                ipr.link(
+                    "add",
+                    ifname=name,
+                    kind="veth",
+                    peer={"ifname": CONTAINER_IFNAME, "address": mac, "net_ns_fd": target},
+                )
+                index = int(ipr.link_lookup(ifname=name)[0])
+                ipr.link("set", index=index, master=bridge_index, ifalias=alias, state="up")
+            _in_namespace(target, lambda inner: self._configure_eth0(inner, address))
+        finally:
+            os.close(target)
+        return name
+
+    def _delete_link(self, index: int) -> None:
+        try:
+            self._route().link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+
+    def _configure_eth0(self, ipr: Any, address: Any) -> None:
+        cfg = self._config
+        with _netlink(f"configure {CONTAINER_IFNAME} in a container"):
+            index = int(ipr.link_lookup(ifname=CONTAINER_IFNAME)[0])
+            ipr.addr("add", index=index, address=str(address), prefixlen=cfg.prefixlen)
+            ipr.link("set", index=index, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(cfg.gateway), oif=index)
 
     # -- guest configuration -------------------------------------------------------
 
@@ -349,3 +420,32 @@ class Network:
             for link in links
             if str(link.get("IFLA_IFNAME")).startswith(prefix) and _is_tap(link)
         )
+
+
+def _is_peer(ipr: Any, host_end: Any) -> bool:
+    """Whether ``ipr``'s namespace holds the other end of the veth ``host_end``."""
+    found = ipr.link_lookup(ifname=CONTAINER_IFNAME)
+    if not found:
+        return False
+    eth0 = ipr.link("get", index=found[0])[0]
+    return bool(
+        eth0.get("IFLA_LINK") == host_end["index"] and host_end.get("IFLA_LINK") == eth0["index"]
+    )
+
+
+def _in_namespace(fd: int, work: Callable[[Any], T]) -> T:
+    """Run ``work`` with a netlink socket inside the namespace ``fd`` (the calling
+    thread goes in only to open the socket, which stays there for life)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            setns_net(fd)
+            ipr = IPRoute()
+        finally:
+            setns_net(home)
+    finally:
+        os.close(home)
+    try:
+        return work(ipr)
+    finally:
+        ipr.close()

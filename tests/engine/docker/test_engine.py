@@ -9,9 +9,12 @@ test needs a fresh one (runsc, crashes, recovery).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import signal
+import struct
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +37,7 @@ from kiln.engine.docker.engine import DockerEngine
 from kiln.engine.docker.record import container_name, volume_name
 from kiln.engine.docker.testing import engine_config
 from kiln.images import builder
+from kiln.network import address_mac, tap_name
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -89,6 +93,13 @@ async def box(engine: DockerEngine) -> str:
     return spec.sandbox_id
 
 
+async def ip_link(netns: str | None, *args: str) -> int:
+    """``ip -n NETNS link ARGS``: its exit code."""
+    argv = ["ip", "-n", netns or "", "link", *args]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, check=False)
+    return done.returncode
+
+
 async def run(engine: DockerEngine, sandbox_id: str, *cmd: str, **kw: Any) -> tuple[int, str]:
     client = await engine.agent(sandbox_id)
     result = await client.exec(list(cmd), **kw)
@@ -126,6 +137,30 @@ async def test_the_spec_is_applied(engine: DockerEngine, box: str) -> None:
         "/workspace",
         "",
     ]
+
+
+async def test_runc_sandboxes_get_their_network_from_kiln(engine: DockerEngine) -> None:
+    """--network none, and the engine's veth: up with its address and route before the
+    init script runs; /etc/hosts names the sandbox as dockerd's networks do."""
+    spec = new_spec("own-net", init="cat /proc/net/route > /tmp/route-at-init")
+    info = await engine.create(spec)
+    assert info.ip is not None
+    attrs = await engine.inspect(spec.sandbox_id)
+    assert attrs["HostConfig"]["NetworkMode"] == "none"
+    cfg = engine.config.network
+    gateway = "{:08X}".format(*struct.unpack("=I", ipaddress.IPv4Address(cfg.gateway).packed))
+    code, out = await run(engine, spec.sandbox_id, "sh", "-c", "sleep 0.2; cat /tmp/route-at-init")
+    assert code == 0, out
+    assert any(line.split()[:3] == ["eth0", "00000000", gateway] for line in out.splitlines())
+    code, out = await run(
+        engine, spec.sandbox_id, "sh", "-c", "cat /etc/hosts /sys/class/net/eth0/address"
+    )
+    assert code == 0, out
+    assert f"{info.ip}\town-net" in out.splitlines()
+    assert out.splitlines()[-1] == address_mac(info.ip)
+    await engine.destroy(spec.sandbox_id)
+    host_end = tap_name(cfg.tap_prefix, spec.sandbox_id)
+    assert await ip_link(cfg.netns, "show", host_end) != 0, "the veth outlived its sandbox"
 
 
 CGROUP_LIMITS = (
@@ -225,6 +260,9 @@ async def test_runsc_sandbox(engine: DockerEngine) -> None:
     spec = new_spec("gvisor", runtime="runsc")
     info = await engine.create(spec)
     assert info.runtime == "runsc" and not info.capabilities.snapshots
+    # runsc reads its interfaces when it starts: it stays on dockerd's network.
+    attrs = await engine.inspect(spec.sandbox_id)
+    assert list(attrs["NetworkSettings"]["Networks"]) == [engine.config.network_name]
     code, out = await run(engine, spec.sandbox_id, "dmesg")
     assert code == 0 and "gVisor" in out  # a user-space kernel, not the host's
     # gVisor (2022) has no pidfd_open: the agent watches its own children on SIGCHLD.
@@ -332,6 +370,9 @@ async def test_recovery_re_adopts_running_paused_and_stopped(
     await engine.pause(warm.sandbox_id)
     await engine.stop(stopped.sandbox_id)
     states = [engine.export_state(s.sandbox_id) for s in (hot, warm, stopped)]
+    # The daemon died between a container's start and its plumbing: no veth.
+    net = engine.config.network
+    assert await ip_link(net.netns, "del", tap_name(net.tap_prefix, hot.sandbox_id)) == 0
     # A new engine over the same state directory: what a restarted daemon does.
     again = DockerEngine(engine.config)
     try:

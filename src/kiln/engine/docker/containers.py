@@ -118,6 +118,7 @@ def create_container(
 ) -> None:
     spec = record.spec
     api = client.api
+    hostname = guest_hostname(spec.name)
     mounts = [
         docker.types.Mount(GUEST_AGENT, record.agent, type="bind", read_only=True),
         docker.types.Mount(GUEST_CONFIG, str(directory / CONFIG_FILE), type="bind", read_only=True),
@@ -131,6 +132,7 @@ def create_container(
         memswap_limit=memory,  # no swap: memory_mb is what it gets, as in a VM
         mounts=mounts,
         dns=dns or None,
+        **_own_network(record, hostname),
         # Docker's default set keeps NET_RAW (so root could forge addresses past the
         # host firewall); ping still works through ICMP sockets (ping_group_range).
         cap_drop=["NET_RAW"],
@@ -138,18 +140,32 @@ def create_container(
             type="json-file", config={"max-size": "1m", "max-file": "1"}
         ),
     )
-    endpoint = api.create_endpoint_config(ipv4_address=record.ip)
+    networking = None
+    if not record.own_network:
+        endpoint = api.create_endpoint_config(ipv4_address=record.ip)
+        networking = api.create_networking_config({config.network_name: endpoint})
     api.create_container(
         image=record.image,
         # -S: the agent is stdlib-only, and site's start-up is time before it answers.
         command=["/usr/bin/python3", "-S", GUEST_AGENT, "--container", "--config", GUEST_CONFIG],
         name=record.container,
-        hostname=guest_hostname(spec.name),
+        hostname=hostname,
         labels={LABEL: record.sandbox_id, OWNER_LABEL: config.owner},
         host_config=host_config,
-        networking_config=api.create_networking_config({config.network_name: endpoint}),
+        networking_config=networking,
         stop_signal="SIGTERM",
     )
+
+
+def _own_network(record: Record, hostname: str) -> dict[str, Any]:
+    """Host config of a container whose eth0 the engine plumbs (see Record.own_network)."""
+    if not record.own_network:
+        return {}
+    return {
+        "network_mode": "none",
+        # What a user-defined network's /etc/hosts has: the host name at its address.
+        "extra_hosts": {hostname: record.ip},
+    }
 
 
 def pause(client: Any, name: str, *, resume: bool = False) -> None:

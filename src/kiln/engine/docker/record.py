@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine.base import SandboxSpec
+from kiln.network import GuestNetwork, address_mac
 
 RECORD_VERSION = 1
 RECORD_FILE = "record.json"
@@ -47,6 +48,11 @@ class Record:
     agent: str  # the agent zipapp on the host, bind-mounted at GUEST_AGENT
     created_volumes: tuple[str, ...] = ()
     created_at: float = 0.0
+    #: Its container runs with ``--network none`` and the engine plumbs its eth0
+    #: (:meth:`kiln.network.Network.attach_container`) at every start; False: it is
+    #: on the engine's Docker network (runsc, which reads its interfaces when it
+    #: starts, before the engine could add one; and records written before).
+    own_network: bool = False
 
     @property
     def sandbox_id(self) -> str:
@@ -67,6 +73,7 @@ class Record:
             "agent": self.agent,
             "created_volumes": list(self.created_volumes),
             "created_at": self.created_at,
+            "own_network": self.own_network,
         }
 
     @classmethod
@@ -80,6 +87,7 @@ class Record:
             agent=str(data["agent"]),
             created_volumes=tuple(str(v) for v in data.get("created_volumes") or ()),
             created_at=float(data.get("created_at", 0.0)),
+            own_network=bool(data.get("own_network", False)),
         )
 
     def save(self, directory: Path) -> None:
@@ -90,11 +98,19 @@ class Record:
         return cls.from_json(json.loads((directory / RECORD_FILE).read_text()))
 
 
-def guest_config(record: Record) -> dict[str, Any]:
+def guest_config(record: Record, network: GuestNetwork | None = None) -> dict[str, Any]:
     """The agent's ``config.json`` (see :mod:`kiln.guest.config`). The runtime does the
-    network, host name and DNS; the volumes' roots must become the user's."""
+    host name and DNS, the engine or dockerd the network; the volumes' roots must
+    become the user's. ``network``: the eth0 the engine plumbs, which the agent
+    waits for before it runs the init script."""
     config = record.spec.guest_config(record.token)
     config["user_dirs"] = [v.mount for v in record.spec.volumes]
+    if network is not None:
+        config["network"] = {
+            "address": network["address"],
+            "gateway": network["gateway"],
+            "mac": address_mac(record.ip),
+        }
     return config
 
 
