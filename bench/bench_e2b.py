@@ -26,9 +26,7 @@ The goal is e2b <= 1.3 x kiln exec on the same sandbox.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._harness import agent_skip_reason, ms_since, vm_skip_reason
+from ._harness import agent_skip_reason, ms_since, vm_live_server, vm_skip_reason
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = (
@@ -179,33 +177,10 @@ def part1() -> None:
 
 
 def part2() -> None:
-    from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415
-    from kiln.images import ensure_image  # noqa: PLC0415
-    from kiln.network import NetworkConfig  # noqa: PLC0415
-    from server.harness import LiveServer  # noqa: PLC0415
-
-    ensure_image("minimal", progress=lambda m: print(f"  image: {m}", flush=True))
-    netns = f"kiln-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kbe2bvm-"))
-    net = NetworkConfig(netns=netns, bridge="kbe2b0", subnet="10.213.78.0/24", nat=False)
-
-    def factory(data: Path) -> QemuEngine:
-        return QemuEngine(
-            QemuConfig(data_dir=data / "qemu", volumes_dir=data / "volumes", network=net)
-        )
-
-    server = LiveServer(root, engine_factory=factory, config_overrides={"network": net})
-    try:
-        server.start()
+    with vm_live_server(bridge="kbe2b0", subnet="10.213.78.0/24") as server:
         _, key = server.store.create_user("bench")
         rows = exec_rows(server.url, key, n=60, warmup=5)
         creates = create_rows(server.url, key, n=6)
-    finally:
-        if server.url:
-            server.stop()
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
-        shutil.rmtree(root, ignore_errors=True)
     print_table("E2B SDK vs kiln SDK on a real microVM (QEMU, own network namespace)", rows)
     print_values("ratios (microVM)", ratios(rows))
     print_table("create: E2B SDK vs kiln SDK (microVM)", creates)

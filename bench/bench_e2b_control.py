@@ -15,12 +15,9 @@ deletes. The E2B create also asks the guest for its ``user`` account.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._harness import agent_skip_reason, ms_since, vm_skip_reason
+from ._harness import agent_skip_reason, ms_since, vm_live_server, vm_skip_reason
 from ._stats import Row, print_table
 
 REQUIRES: str | None = "the e2b SDK; for part 2 root, QEMU, a built image"
@@ -142,36 +139,8 @@ def part1() -> None:
 
 
 def part2() -> None:
-    from kiln.engine.qemu import QemuConfig, QemuEngine  # noqa: PLC0415
-    from kiln.images import ensure_image  # noqa: PLC0415
-    from kiln.network import NetworkConfig  # noqa: PLC0415
-    from server.harness import LiveServer  # noqa: PLC0415
-
-    ensure_image("minimal", progress=lambda m: print(f"  image: {m}", flush=True))
-    netns = f"kiln-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kbe2bvm-"))
-    net = NetworkConfig(netns=netns, bridge="kbe2b0", subnet="10.213.78.0/24", nat=False)
-
-    def factory(data: Path) -> QemuEngine:
-        return QemuEngine(
-            QemuConfig(data_dir=data / "qemu", volumes_dir=data / "volumes", network=net)
-        )
-
-    server = LiveServer(root, engine_factory=factory, config_overrides={"network": net})
-    try:
-        server.start()
+    with vm_live_server(bridge="kbe2b0", subnet="10.213.78.0/24") as server:
         results = compare(server, VM_N, only_create=True)
-    finally:
-        if server.url:
-            server.stop()
-        from kiln.engine.qemu.process import find_processes  # noqa: PLC0415
-
-        for pid in find_processes(f"{root}/"):  # a VM outlives a server that failed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
-        shutil.rmtree(root, ignore_errors=True)
     print_table("E2B control plane vs kiln's API, real microVMs (QEMU)", rows(results))
 
 
