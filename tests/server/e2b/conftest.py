@@ -108,6 +108,24 @@ def e2b_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2bDaemon]:
             serve.stop()
 
 
+@pytest.fixture(scope="session")
+def e2b_docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2bDaemon]:
+    """A second daemon whose default engine is Docker (its own dockerd), for the E2B
+    behaviour that differs in a container."""
+    with daemon_host(
+        tmp_path_factory.mktemp("e2b-docker"),
+        "kiln-e2bd",
+        vm=Bridge("ke2bq0", "10.213.48.0/24"),
+        docker=Bridge("ke2bd0", "10.213.49.0/24"),
+        extra={"engine": "docker", "templates": False},
+    ) as host:
+        serve = host.serve()
+        try:
+            yield E2bDaemon(host, serve, new_user(host, "carol"), new_user(host, "dave"))
+        finally:
+            serve.stop()
+
+
 @pytest.fixture
 def e2b_env(e2b_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPatch) -> E2bDaemon:
     for name, value in e2b_daemon.env().items():

@@ -4,35 +4,17 @@ test_files.py): the agent in a container acts as the SDK's user there too."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from e2b import FilesystemEventType, Sandbox, SandboxException
 
-from ..vm.host import Bridge, daemon_host
-from .conftest import E2B_MARKS, E2bDaemon, kiln_exec, new_user
+from .conftest import E2B_MARKS, E2bDaemon, kiln_exec
 
 pytestmark = E2B_MARKS
 
 
-@pytest.fixture(scope="module")
-def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2bDaemon]:
-    with daemon_host(
-        tmp_path_factory.mktemp("e2b-files-docker"),
-        "kiln-e2bf",
-        vm=Bridge("ke2bfq0", "10.213.50.0/24"),
-        docker=Bridge("ke2bfd0", "10.213.51.0/24"),
-        extra={"engine": "docker", "templates": False},
-    ) as host:
-        serve = host.serve()
-        try:
-            yield E2bDaemon(host, serve, new_user(host, "erin"), new_user(host, "frank"))
-        finally:
-            serve.stop()
-
-
-def test_files_on_docker(docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in docker_daemon.env().items():
+def test_files_on_docker(e2b_docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in e2b_docker_daemon.env().items():
         monkeypatch.setenv(name, value)
     sb = Sandbox.create()
     try:
@@ -41,7 +23,7 @@ def test_files_on_docker(docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPat
         assert sb.files.read("notes/a.txt") == "in a container"
         entry = sb.files.get_info("notes/a.txt")
         assert (entry.owner, entry.group, entry.size) == ("user", "user", 14)
-        with docker_daemon.api() as api:
+        with e2b_docker_daemon.api() as api:
             owners = kiln_exec(
                 api, sb.sandbox_id, "stat -c %U:%G /home/user/notes /home/user/notes/a.txt", "root"
             )
@@ -69,12 +51,12 @@ def test_files_on_docker(docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPat
         assert sb.kill() is True
 
 
-def test_files_on_gvisor(docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_on_gvisor(e2b_docker_daemon: E2bDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under runsc a thread may lack setfsuid: the agent then writes itself and gives
     the file to the user, so ownership holds either way."""
-    for name, value in docker_daemon.env().items():
+    for name, value in e2b_docker_daemon.env().items():
         monkeypatch.setenv(name, value)
-    with docker_daemon.api() as api:
+    with e2b_docker_daemon.api() as api:
         r = api.post("/sandboxes", json={"runtime": "runsc"})
         assert r.status_code == 201, r.text
         sandbox_id = r.json()["id"]
