@@ -117,6 +117,39 @@ def test_agent_digest_ignores_zip_timestamps(tmp_path: Path) -> None:
     assert agent_mod.zipapp_digest(a) != agent_mod.zipapp_digest(c)
 
 
+def test_agent_digest_is_the_same_while_another_thread_builds_the_agent(tmp_path: Path) -> None:
+    """marshal's bytes depend on reference counts, which a second thread compiling
+    the same sources changes: the digest must not (it picked another image, and so
+    another QEMU template, at a daemon start where the Docker engine built its agent)."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from kiln.guest.build import build_zipapp  # noqa: PLC0415
+
+    alone = agent_mod.zipapp_digest(build_zipapp(tmp_path / "alone.pyz"))
+    with ThreadPoolExecutor(4) as pool:
+        paths = [tmp_path / f"t{i}.pyz" for i in range(8)]
+        built = list(pool.map(build_zipapp, paths))
+    assert {agent_mod.zipapp_digest(p) for p in built} == {alone}
+
+
+def test_agent_digest_counts_a_pyc_by_its_header(tmp_path: Path) -> None:
+    import zipfile  # noqa: PLC0415
+
+    def zipapp(name: str, members: dict[str, bytes]) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zf:
+            for member, data in members.items():
+                zf.writestr(member, data)
+        return path
+
+    header = b"M" * 16
+    a = zipapp("a.pyz", {"m.py": b"x = 1\n", "m.pyc": header + b"code one"})
+    b = zipapp("b.pyz", {"m.py": b"x = 1\n", "m.pyc": header + b"code two"})
+    c = zipapp("c.pyz", {"m.py": b"x = 1\n", "m.pyc": b"N" * 16 + b"code one"})
+    assert agent_mod.zipapp_digest(a) == agent_mod.zipapp_digest(b)
+    assert agent_mod.zipapp_digest(a) != agent_mod.zipapp_digest(c)
+
+
 def test_find_without_apt_lists_uses_the_newest_cached_kernel(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,

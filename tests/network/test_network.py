@@ -282,6 +282,40 @@ def test_attach_container_replaces_the_pair_of_a_previous_namespace(
             proc.wait()
 
 
+def test_detach_and_orphan_veths_go_at_once(
+    network: Network, netns_factory: Callable[[], str]
+) -> None:
+    """The kernel deletes a pair only when it destroys the container's namespace,
+    which it may do seconds later: destroy and clean-up delete the host end now."""
+    cfg = network.config
+    assert cfg.netns is not None
+    procs = []
+    try:
+        for sid, address in (("sb-x", "10.213.77.21"), ("sb-y", "10.213.77.22")):
+            guest = netns_factory()
+            proc = subprocess.Popen(["ip", "netns", "exec", guest, "sleep", "60"])
+            procs.append(proc)
+            inside = os.stat(f"/run/netns/{guest}").st_ino
+            while os.stat(f"/proc/{proc.pid}/ns/net").st_ino != inside:
+                time.sleep(0.001)
+            network.attach_container(sid, proc.pid, address)
+        network.detach_container("sb-x")
+        assert link(cfg.netns, network.tap_name("sb-x")) is None
+        network.detach_container("sb-x")  # already gone: fine
+        assert network.cleanup_orphan_veths({"sb-y"}) == []
+        assert network.cleanup_orphan_veths(set()) == [network.tap_name("sb-y")]
+        assert link(cfg.netns, network.tap_name("sb-y")) is None
+        tap = network.create_tap("sb-t")  # a TAP is none of its business
+        assert network.cleanup_orphan_veths(set()) == []
+        with pytest.raises(OperationFailed, match="not this sandbox's veth"):
+            network.detach_container("sb-t")
+        assert link(cfg.netns, tap) is not None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def test_attach_container_of_a_gone_process_fails_clearly(network: Network) -> None:
     proc = subprocess.Popen(["true"])
     proc.wait()

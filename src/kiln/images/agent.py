@@ -34,8 +34,21 @@ def build_agent(dest: Path) -> Path:
         raise ImageError(f"building the guest agent zipapp failed: {exc}") from exc
 
 
+#: A .pyc's header: magic (the Python version), flags and the hash of its source.
+PYC_HEADER = 16
+
+
 def zipapp_digest(path: Path) -> str:
-    """sha256 over the zipapp's prefix (shebang) and sorted (name, content) members."""
+    """sha256 over the zipapp's prefix (shebang) and sorted (name, content) members.
+
+    Of a ``.pyc`` only its header counts (Python version and source hash): the
+    marshalled code after it is not reproducible. marshal marks objects that are
+    referenced more than once, so the bytes depend on reference counts, and a
+    thread compiling the same sources at the same time (the Docker engine building
+    its agent while the daemon checks its image) changes them. Hashing them made
+    the image's digest differ from one daemon start to the next, and every start
+    rebuilt the QEMU template.
+    """
     h = hashlib.sha256()
     data = path.read_bytes()
     try:
@@ -45,6 +58,8 @@ def zipapp_digest(path: Path) -> str:
             h.update(b"prefix\0" + data[:first])
             for info in infos:
                 content = zf.read(info)
+                if info.filename.endswith(".pyc"):
+                    content = content[:PYC_HEADER]
                 h.update(b"%s\0%d\0" % (info.filename.encode(), len(content)))
                 h.update(content)
     except zipfile.BadZipFile as exc:

@@ -235,6 +235,51 @@ class Network:
             os.close(target)
         return name
 
+    def detach_container(self, sandbox_id: str) -> None:
+        """Delete the host end of the sandbox's veth now; no error if it is gone.
+
+        The kernel deletes the pair with the container's namespace, but only once
+        it gets round to destroying that namespace (deferred work, seconds on a
+        busy host): until then the name, and the bridge port, would stay taken.
+        """
+        name = self.tap_name(sandbox_id)
+        alias = _ALIAS_PREFIX + sandbox_id
+
+        def work() -> None:
+            with _netlink(f"delete veth {name}"):
+                link = self._get_link(name)
+                if link is None:
+                    return
+                if link.get("IFLA_IFALIAS") != alias or _kind(link) != "veth":
+                    raise OperationFailed(f"{name!r} is not this sandbox's veth; not deleting it")
+                self._delete_link(int(link["index"]))
+
+        self._worker.run(work)
+
+    def cleanup_orphan_veths(self, known: Set[str]) -> list[str]:
+        """Delete the container veths on this bridge of sandboxes not in ``known`` (ids);
+        returns their names."""
+
+        def work() -> list[str]:
+            with _netlink("list links"):
+                links = self._route().get_links()
+                bridge_index = int(self._bridge_link()["index"])
+            removed = []
+            for link in links:
+                alias = str(link.get("IFLA_IFALIAS") or "")
+                if _kind(link) != "veth" or not alias.startswith(_ALIAS_PREFIX):
+                    continue
+                if link.get("IFLA_MASTER") != bridge_index:
+                    continue  # on another bridge: another daemon's
+                if alias.removeprefix(_ALIAS_PREFIX) in known:
+                    continue
+                with _netlink(f"delete veth {link.get('IFLA_IFNAME')}"):
+                    self._delete_link(int(link["index"]))
+                removed.append(str(link.get("IFLA_IFNAME")))
+            return removed
+
+        return self._worker.run(work)
+
     def _delete_link(self, index: int) -> None:
         try:
             self._route().link("del", index=index)

@@ -430,6 +430,8 @@ class DockerEngine:
                     self._network.dns_servers(),
                 )
             undo.push("remove the container", self._container_remover(client, record.container))
+            if record.own_network:
+                undo.push("remove its veth", self._veth_remover(sid))
             crash_point("docker.create.container")
             box = _Box(record, directory, CREATED.next, self._client_for(record))
             self._boxes[sid] = box
@@ -611,6 +613,8 @@ class DockerEngine:
             client = await self._ensure_ready()
             await asyncio.to_thread(containers.remove_container, client, box.record.container)
             crash_point("docker.destroy.container_removed")
+            if box.record.own_network:
+                await asyncio.to_thread(self._network.detach_container, sandbox_id)
             box.destroyed = True
             box.pid = None
             await self._guard.release(sandbox_id)
@@ -634,6 +638,12 @@ class DockerEngine:
     def _container_remover(self, client: Any, name: str) -> Callable[[], Awaitable[None]]:
         async def remove() -> None:
             await asyncio.to_thread(containers.remove_container, client, name)
+
+        return remove
+
+    def _veth_remover(self, sandbox_id: str) -> Callable[[], Awaitable[None]]:
+        async def remove() -> None:
+            await asyncio.to_thread(self._network.detach_container, sandbox_id)
 
         return remove
 
@@ -736,6 +746,8 @@ class DockerEngine:
                 continue
             await asyncio.to_thread(containers.remove_container, client, container_id)
             removed.append(f"container {container_name(sid) if sid else container_id}")
+        for veth in await asyncio.to_thread(self._network.cleanup_orphan_veths, known):
+            removed.append(f"veth {veth}")
         sandboxes = self.config.sandboxes_dir
         entries = sorted(sandboxes.iterdir()) if sandboxes.is_dir() else []
         for entry in entries:
