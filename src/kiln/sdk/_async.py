@@ -132,6 +132,26 @@ class AsyncKiln:
                 continue
             return call.parse(resp)
 
+    async def _send_streaming(self, call: Call[Any]) -> httpx.Response:
+        """Send ``call`` for a streamed answer (NDJSON); an error status is raised here,
+        with the body read for its message."""
+        http = self._http
+        with map_exceptions(self.url):
+            request = http.build_request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                headers=call.headers,
+                timeout=call.timeout,
+            )
+            resp = await http.send(request, stream=True)
+            if resp.status_code >= 400:
+                await resp.aread()
+                await resp.aclose()
+        raise_for_status(resp)
+        return resp
+
     def with_options(
         self, *, timeout: float | None = _api.DEFAULT, retries: int | None = None
     ) -> Self:
@@ -530,23 +550,8 @@ class AsyncExecStream:
         self.exit_code: int | None = None
 
     async def _open(self) -> AsyncIterator[str]:
-        http = self._kiln._http
-        with map_exceptions(self._kiln.url):
-            request = http.build_request(
-                self._call.method,
-                self._call.path,
-                params=self._call.params,
-                json=self._call.json,
-                headers=self._call.headers,
-                timeout=self._call.timeout,
-            )
-            resp = await http.send(request, stream=True)
-            if resp.status_code >= 400:
-                await resp.aread()
-                await resp.aclose()
-        raise_for_status(resp)
-        self._resp = resp
-        self._lines = resp.aiter_lines()
+        self._resp = await self._kiln._send_streaming(self._call)
+        self._lines = self._resp.aiter_lines()
         return self._lines
 
     def __aiter__(self) -> Self:
@@ -877,21 +882,8 @@ class AsyncFileWatch:
         self._closed = False
 
     async def _open(self) -> AsyncIterator[str]:
-        http = self._kiln._http
-        with map_exceptions(self._kiln.url):
-            request = http.build_request(
-                self._call.method,
-                self._call.path,
-                params=self._call.params,
-                timeout=self._call.timeout,
-            )
-            resp = await http.send(request, stream=True)
-            if resp.status_code >= 400:
-                await resp.aread()
-                await resp.aclose()
-        raise_for_status(resp)
-        self._resp = resp
-        self._lines = resp.aiter_lines()
+        self._resp = await self._kiln._send_streaming(self._call)
+        self._lines = self._resp.aiter_lines()
         return self._lines
 
     async def start(self) -> Self:

@@ -132,6 +132,26 @@ class Kiln:
                 continue
             return call.parse(resp)
 
+    def _send_streaming(self, call: Call[Any]) -> httpx.Response:
+        """Send ``call`` for a streamed answer (NDJSON); an error status is raised here,
+        with the body read for its message."""
+        http = self._http
+        with map_exceptions(self.url):
+            request = http.build_request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                headers=call.headers,
+                timeout=call.timeout,
+            )
+            resp = http.send(request, stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+                resp.close()
+        raise_for_status(resp)
+        return resp
+
     def with_options(
         self, *, timeout: float | None = _api.DEFAULT, retries: int | None = None
     ) -> Self:
@@ -581,23 +601,8 @@ class ExecStream:
         self.exit_code: int | None = None
 
     def _open(self) -> Iterator[str]:
-        http = self._kiln._http
-        with map_exceptions(self._kiln.url):
-            request = http.build_request(
-                self._call.method,
-                self._call.path,
-                params=self._call.params,
-                json=self._call.json,
-                headers=self._call.headers,
-                timeout=self._call.timeout,
-            )
-            resp = http.send(request, stream=True)
-            if resp.status_code >= 400:
-                resp.read()
-                resp.close()
-        raise_for_status(resp)
-        self._resp = resp
-        self._lines = resp.iter_lines()
+        self._resp = self._kiln._send_streaming(self._call)
+        self._lines = self._resp.iter_lines()
         return self._lines
 
     def __iter__(self) -> Self:
@@ -946,21 +951,8 @@ class FileWatch:
         self._closed = False
 
     def _open(self) -> Iterator[str]:
-        http = self._kiln._http
-        with map_exceptions(self._kiln.url):
-            request = http.build_request(
-                self._call.method,
-                self._call.path,
-                params=self._call.params,
-                timeout=self._call.timeout,
-            )
-            resp = http.send(request, stream=True)
-            if resp.status_code >= 400:
-                resp.read()
-                resp.close()
-        raise_for_status(resp)
-        self._resp = resp
-        self._lines = resp.iter_lines()
+        self._resp = self._kiln._send_streaming(self._call)
+        self._lines = self._resp.iter_lines()
         return self._lines
 
     def start(self) -> Self:
