@@ -53,6 +53,7 @@ from kiln.store import (
     SandboxConfig,
     SecretInfo,
     Store,
+    StoreError,
     TemplateSpec,
     User,
     VolumeMount,
@@ -224,8 +225,13 @@ class SandboxService:
             self._s.thermal.touch(sandbox_id, now)
         if now - self._persisted.get(sandbox_id, 0.0) >= TOUCH_PERSIST_S:
             self._persisted[sandbox_id] = now
-            with contextlib.suppress(NotFound):
+            try:
                 self.store.touch(sandbox_id, now)
+            except NotFound:
+                pass
+            except StoreError as exc:
+                # Activity is advisory: a full disk must not fail the call using the sandbox.
+                log.warning("could not record the activity of %s: %s", sandbox_id, exc)
 
     def _persist_engine_state(self, sandbox_id: str, **changes: Any) -> SandboxRow:
         return persist_engine_state(self.store, self.engine, sandbox_id, **changes)
