@@ -37,8 +37,8 @@ from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .proxy import ProxyFront
+from .routes import archive, files, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
-from .routes import files, processes, publish, resources, sandboxes, shell
 from .services import Services
 
 log = logging.getLogger("kiln.server")
@@ -230,6 +230,7 @@ def create_app(services: Services) -> FastAPI:
         exec_routes.router,
         processes.router,
         files.router,
+        archive.router,
         publish.router,
         resources.router,
     ):
