@@ -883,7 +883,7 @@ class AsyncFiles:
         """Extract a tar stream (bytes, a binary file object or an iterable of chunks,
         sent as it is read) into the existing directory ``path``: the number of
         members. Members belong to the sandbox user and keep their modes; an archive
-        reaching outside ``path`` is refused (:class:`BadRequest`)."""
+        reaching outside ``path`` is refused (:class:`ValidationError`)."""
         content = _api.archive_body(data)
         if not isinstance(content, bytes):
             content = _aiter(content)

@@ -952,7 +952,7 @@ class Files:
         """Extract a tar stream (bytes, a binary file object or an iterable of chunks,
         sent as it is read) into the existing directory ``path``: the number of
         members. Members belong to the sandbox user and keep their modes; an archive
-        reaching outside ``path`` is refused (:class:`BadRequest`)."""
+        reaching outside ``path`` is refused (:class:`ValidationError`)."""
         content = _api.archive_body(data)
         # A streamed body cannot be sent twice: no retries.
         kiln = self._kiln.with_options(retries=0)
