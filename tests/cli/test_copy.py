@@ -57,6 +57,14 @@ def test_a_tree_goes_in_and_comes_back(
     out = tmp_path / "out"
     cli.ok("cp", f"{sb.name}:{workdir}/copy", str(out))
     assert_same_tree(tree, out)
+    contents = tmp_path / "contents"
+    contents.mkdir()
+    cli.ok("cp", f"{sb.name}:{workdir}/copy/.", str(contents))  # a directory's content
+    assert_same_tree(tree, contents)
+    cli.ok("cp", f"{tree}/.", f"{sb.name}:{workdir}/copy/empty")
+    assert_same_tree(tree / "sub", workdir / "copy" / "empty" / "sub")
+    assert cli("cp", str(tree), f"{sb.name}:{workdir}/copy/data.bin").returncode == 4
+    assert cli("cp", str(tree), f"{sb.name}:{workdir}/no/parent").returncode == 3
     cli.ok("cp", f"{sb.name}:{workdir}/copy/sub/run.sh", str(tmp_path / "run"))
     assert (tmp_path / "run").read_text() == "#!/bin/sh\necho hi\n"
     assert (tmp_path / "run").stat().st_mode & 0o7777 == 0o751
