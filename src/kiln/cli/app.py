@@ -1027,11 +1027,11 @@ def cp(state: State, source: str, dest: str, quiet: bool) -> None:
     """Copy files and directories between this machine and a sandbox, like docker cp.
 
     \b
-      kiln cp dev:/etc/hosts ./hosts       a file out of sandbox "dev"
-      kiln cp ./src dev:/workspace/         a directory into an existing one
-      kiln cp ./src dev:/workspace/app      ... or to a new path, created
-      kiln cp dev:/workspace/. ./out        a directory's content
-      kiln cp dev:/var/log - | tar -t      a tar stream on stdout (- as SRC: stdin)
+      kiln cp dev:/etc/hosts ./hosts      a file out of sandbox "dev"
+      kiln cp ./src dev:/workspace/       a directory into an existing one
+      kiln cp ./src dev:/workspace/app    ... or to a new path, created
+      kiln cp dev:/workspace/. ./out      a directory's content
+      kiln cp dev:/var/log - | tar -t     a tar stream on stdout (- as SRC: stdin)
 
     One side is SANDBOX:PATH (by name or id; relative paths start in the
     sandbox's working directory), the other a local path or -. Symlinks stay

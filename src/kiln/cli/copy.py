@@ -14,7 +14,8 @@ import os
 import posixpath
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Final
 
 import click
 
@@ -117,9 +118,10 @@ def _wants_contents(path: str) -> bool:
     return path == "." or path.endswith("/.")
 
 
-def _split(path: str, sep_module: Any = posixpath) -> tuple[str, str]:
-    clean = sep_module.normpath(path)
-    return sep_module.dirname(clean) or ".", sep_module.basename(clean)
+def _split(path: str, paths: ModuleType = posixpath) -> tuple[str, str]:
+    """``(parent, name)``; ``paths`` is posixpath for sandbox paths, os.path for local ones."""
+    clean = paths.normpath(path)
+    return paths.dirname(clean) or ".", paths.basename(clean)
 
 
 def upload(sandbox: SandboxRef, source: str, dest: str, *, quiet: bool) -> None:
