@@ -11,9 +11,11 @@ rather than walking the tree with the agent's file operations. One process and
 one connection carry the whole tree with the agent's flow control, whatever the
 number of files (the file operations cost a connection per file, and the agent
 has no operation that makes a symlink); ``tar`` keeps modes, symlinks and empty
-directories by itself; and it is in every image kiln builds and every Debian or
-Alpine base (Essential in Debian; busybox elsewhere), so it runs the same in
-QEMU guests and in runc/runsc containers. Root, because the files routes act as
+directories by itself; and GNU tar is Essential in Debian, so it is in every
+image kiln builds, and runs the same in QEMU guests and in runc and runsc
+containers (tests/cli/test_vm.py, tests/server/vm/test_engines.py). An image
+without GNU tar (busybox's lacks the options used here) gets a 409 quoting
+tar's complaint rather than a partial copy. Root, because the files routes act as
 the agent (root) too: any path is readable and writable, and what is created is
 given to the sandbox user. Here the daemon gives it by rewriting each member's
 owner to the sandbox user's uid/gid while the stream passes (``tar`` extracts as
