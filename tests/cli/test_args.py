@@ -8,6 +8,7 @@ from kiln.cli.args import (
     ALIAS_PATTERN,
     engine_for,
     parse_alias,
+    parse_copy_location,
     parse_detach_key,
     parse_duration,
     parse_env,
@@ -144,3 +145,27 @@ def test_engine_for_a_runtime_alone_is_docker() -> None:
     assert engine_for("qemu", None) == "qemu"
     assert engine_for(None, "runsc") == "docker"
     assert engine_for("qemu", "runsc") == "qemu"  # the daemon says no, not the CLI
+
+
+@pytest.mark.parametrize(
+    ("arg", "where"),
+    [
+        ("dev:/etc/hosts", ("dev", "/etc/hosts")),
+        ("sb-1a2b:rel/path", ("sb-1a2b", "rel/path")),
+        ("dev:a:b", ("dev", "a:b")),
+        ("-", (None, "-")),
+        ("./dev:x", (None, "./dev:x")),
+        ("/abs/dev:x", (None, "/abs/dev:x")),
+        ("dir/dev:x", (None, "dir/dev:x")),
+        ("plain", (None, "plain")),
+        (":x", (None, ":x")),
+    ],
+)
+def test_parse_copy_location(arg: str, where: tuple[str | None, str]) -> None:
+    assert parse_copy_location(arg) == where
+
+
+@pytest.mark.parametrize("bad", ["dev:", "dev:-", "bad name!:x"])
+def test_parse_copy_location_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_copy_location(bad)

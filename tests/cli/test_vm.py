@@ -9,14 +9,17 @@ directory on their command line) are killed before the namespace goes.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -103,25 +106,89 @@ def vm_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         _ip("netns", "del", netns)
 
 
-def test_cli_on_a_real_microvm(vm_cli: Cli) -> None:
+@pytest.fixture(scope="module")
+def vm_sandbox(vm_cli: Cli) -> Iterator[str]:
+    """One microVM for the module's tests (a TCG boot is the expensive part)."""
     name = f"vm-{secrets.token_hex(3)}"
     proc = vm_cli("create", "--name", name, "--memory", "512", "-e", "WHO=vm", timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()
     try:
-        assert vm_cli.ok("exec", name, "--", "sh", "-c", "echo $WHO; uname -s") == "vm\nLinux\n"
-        assert vm_cli("exec", name, "--", "sh", "-c", "exit 7").returncode == 7
-        both = vm_cli("exec", name, "--", "sh", "-c", "echo out; echo err >&2")
-        assert (both.stdout, both.stderr) == (b"out\n", b"err\n")
-        data = b"\x00\xff" * 50_000
-        piped = vm_cli("exec", name, "--", "sha256sum", input=data)
-        assert piped.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
-        vm_cli.ok("file", "write", name, "/workspace/hello.txt", "-", input=b"hi from the host\n")
-        assert vm_cli.ok("file", "read", name, "/workspace/hello.txt") == "hi from the host\n"
-        assert "hello.txt" in vm_cli.ok("file", "ls", name, "/workspace")
-        assert vm_cli.ok("exec", name, "--", "cat", "/workspace/hello.txt") == "hi from the host\n"
-        assert vm_cli.ok("exec", name, "--", "id", "-un") == "sandbox\n"
-        assert vm_cli.ok("exec", "-u", "root", name, "--", "id", "-un") == "root\n"
-        # Piped stdin is uploaded as the sandbox user's file; root reads it all the same.
-        assert vm_cli.ok("exec", "--user", "root", name, "--", "wc", "-c", input=b"12345") == "5\n"
+        yield name
     finally:
         vm_cli.ok("rm", name)
+
+
+def test_cli_on_a_real_microvm(vm_cli: Cli, vm_sandbox: str) -> None:
+    name = vm_sandbox
+    assert vm_cli.ok("exec", name, "--", "sh", "-c", "echo $WHO; uname -s") == "vm\nLinux\n"
+    assert vm_cli("exec", name, "--", "sh", "-c", "exit 7").returncode == 7
+    both = vm_cli("exec", name, "--", "sh", "-c", "echo out; echo err >&2")
+    assert (both.stdout, both.stderr) == (b"out\n", b"err\n")
+    data = b"\x00\xff" * 50_000
+    piped = vm_cli("exec", name, "--", "sha256sum", input=data)
+    assert piped.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    vm_cli.ok("file", "write", name, "/workspace/hello.txt", "-", input=b"hi from the host\n")
+    assert vm_cli.ok("file", "read", name, "/workspace/hello.txt") == "hi from the host\n"
+    assert "hello.txt" in vm_cli.ok("file", "ls", name, "/workspace")
+    assert vm_cli.ok("exec", name, "--", "cat", "/workspace/hello.txt") == "hi from the host\n"
+    assert vm_cli.ok("exec", name, "--", "id", "-un") == "sandbox\n"
+    assert vm_cli.ok("exec", "-u", "root", name, "--", "id", "-un") == "root\n"
+    # Piped stdin is uploaded as the sandbox user's file; root reads it all the same.
+    assert vm_cli.ok("exec", "--user", "root", name, "--", "wc", "-c", input=b"12345") == "5\n"
+
+
+def _tree_of(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every entry under ``root``: its mode and its content (a symlink: its target)."""
+    out: dict[str, tuple[int, bytes]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for entry in dirs + files:
+            path = Path(dirpath) / entry
+            mode = path.lstat().st_mode
+            if path.is_symlink():
+                body = os.readlink(path).encode()
+            elif path.is_dir():
+                body = b""
+            else:
+                body = path.read_bytes()
+            out[str(path.relative_to(root))] = (mode, body)
+    return out
+
+
+def test_cp_round_trips_a_tree_through_a_microvm(
+    vm_cli: Cli, vm_sandbox: str, tmp_path: Path
+) -> None:
+    name = vm_sandbox
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "bin" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (tree / "bin" / "run.sh").chmod(0o755)
+    big = os.urandom(5 << 20)
+    (tree / "big.bin").write_bytes(big)
+    (tree / "run").symlink_to("bin/run.sh")
+    vm_cli.ok("cp", "-q", str(tree), f"{name}:/workspace/")
+    listing = vm_cli.ok(
+        "exec", name, "--", "sh", "-c",
+        "cd /workspace/tree && stat -c '%n %U %a %F' bin/run.sh empty run && readlink run"
+        " && ./run && sha256sum big.bin",
+    )  # fmt: skip
+    assert listing.splitlines() == [
+        "bin/run.sh sandbox 755 regular file",
+        "empty sandbox 755 directory",
+        "run sandbox 777 symbolic link",
+        "bin/run.sh",
+        "ran",
+        f"{hashlib.sha256(big).hexdigest()}  big.bin",
+    ]
+    out = tmp_path / "out"
+    vm_cli.ok("cp", f"{name}:/workspace/tree", str(out))
+    assert _tree_of(out) == _tree_of(tree)
+
+    missing = vm_cli("cp", f"{name}:/workspace/no-such", str(tmp_path / "x"))
+    assert missing.returncode == 3, missing.stderr.decode()
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("../escaped"), io.BytesIO(b""))
+    refused = vm_cli("cp", "-", f"{name}:/workspace", input=evil.getvalue())
+    assert refused.returncode == 1 and b"'..'" in refused.stderr, refused.stderr.decode()
+    assert vm_cli("exec", name, "--", "test", "-e", "/escaped").returncode == 1

@@ -31,6 +31,7 @@ _ERROR_ROOTS = (
     ("kiln.store.errors", "StoreError"),
     ("kiln.images.errors", "ImageError"),
     ("kiln.server.daemon", "DaemonError"),
+    ("kiln.archive.errors", "ArchiveError"),
 )
 
 

@@ -1018,6 +1018,47 @@ def file() -> None:
     """Read, write, list, move, remove and watch files in a sandbox."""
 
 
+@cli.command("cp")
+@click.argument("source", metavar="SRC")
+@click.argument("dest", metavar="DST")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@pass_state
+def cp(state: State, source: str, dest: str, quiet: bool) -> None:
+    """Copy files and directories between this machine and a sandbox, like docker cp.
+
+    \b
+      kiln cp dev:/etc/hosts ./hosts      a file out of sandbox "dev"
+      kiln cp ./src dev:/workspace/       a directory into an existing one
+      kiln cp ./src dev:/workspace/app    ... or to a new path, created
+      kiln cp dev:/workspace/. ./out      a directory's content
+      kiln cp dev:/var/log - | tar -t     a tar stream on stdout (- as SRC: stdin)
+
+    One side is SANDBOX:PATH (by name or id; relative paths start in the
+    sandbox's working directory), the other a local path or -. Symlinks stay
+    symlinks and modes are kept; files copied in belong to the sandbox user,
+    files copied out to you. Archives reaching outside the destination
+    (absolute names, .., symlinks pointing out) are refused. A progress bar
+    shows on stderr for transfers over 1 MiB.
+    """
+    from .copy import download, upload  # noqa: PLC0415
+
+    try:
+        src_box, src_path = parse.parse_copy_location(source)
+        dst_box, dst_path = parse.parse_copy_location(dest)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if (src_box is None) == (dst_box is None):
+        where = "local" if src_box is None else "in sandboxes"
+        raise click.UsageError(
+            f"SRC and DST are both {where}: one must be SANDBOX:PATH, the other local or -"
+        )
+    if src_box is not None:
+        download(state.sandbox(src_box), src_path, dst_path, quiet=quiet)
+    else:
+        assert dst_box is not None
+        upload(state.sandbox(dst_box), src_path, dst_path, quiet=quiet)
+
+
 @file.command("read")
 @click.argument("sandbox")
 @click.argument("path")

@@ -168,3 +168,22 @@ def parse_session_command(argv: Iterable[str]) -> list[str]:
     if not cmd:
         raise ValueError("missing the command to run (kiln exec SANDBOX -- CMD [ARGS...])")
     return cmd
+
+
+def parse_copy_location(arg: str) -> tuple[str | None, str]:
+    """A ``kiln cp`` operand → ``(sandbox, path)``; ``sandbox`` is None for a local
+    path or ``-`` (stdin/stdout). ``NAME:PATH`` names a sandbox (by name or id) when
+    NAME has no ``/``; a path starting with ``/``, ``.`` or ``~`` is always local
+    (write ``./a:b`` for a local file with a colon in its name)."""
+    if arg == "-" or arg.startswith(("/", ".", "~")):
+        return None, arg
+    head, sep, tail = arg.partition(":")
+    if not sep or not head or "/" in head:
+        return None, arg
+    if not _NAME_RE.match(head):
+        raise ValueError(f"{head!r} is not a sandbox name or id (in {arg!r})")
+    if not tail:
+        raise ValueError(f"give a path after '{head}:' (e.g. {head}:/workspace)")
+    if tail == "-":
+        raise ValueError("'-' is a local stream; it takes no sandbox")
+    return head, tail

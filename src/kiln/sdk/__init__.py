@@ -29,6 +29,7 @@ Errors are :class:`KilnError` subclasses (see :mod:`kiln.sdk.errors`).
 from typing import TYPE_CHECKING, Any
 
 from ._async import (
+    AsyncArchiveDownload,
     AsyncExecStream,
     AsyncFiles,
     AsyncFileWatch,
@@ -45,6 +46,7 @@ from ._async import (
     AsyncVolumes,
 )
 from ._sync import (
+    ArchiveDownload,
     ExecStream,
     Files,
     FileWatch,
@@ -129,6 +131,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_URL",
     "APIError",
+    "ArchiveDownload",
+    "AsyncArchiveDownload",
     "AsyncExecStream",
     "AsyncFileWatch",
     "AsyncFiles",

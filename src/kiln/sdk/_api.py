@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
@@ -610,6 +610,59 @@ def stat_file(id_or_name: str, path: str) -> Call[FileStat]:
         )
 
     return Call("HEAD", sandbox_path(id_or_name, "files"), parse, params={"path": path})
+
+
+def archive_stat(resp: httpx.Response, path: str) -> tuple[FileStat, str]:
+    """The stat headers of a ``GET archive`` answer and its top member's name."""
+    is_dir = resp.headers.get("X-File-IsDir", "false").lower() in ("true", "1", "yes")
+    stat = FileStat(
+        path=path,
+        size=max(_int_header(resp, "X-File-Size"), 0),
+        mode=resp.headers.get("X-File-Mode", ""),
+        is_dir=is_dir,
+    )
+    return stat, resp.headers.get("X-Archive-Root", "")
+
+
+def download_archive(id_or_name: str, path: str) -> Call[None]:
+    """``GET archive``: a tar stream, read by the clients' archive downloads."""
+    return Call(
+        "GET",
+        sandbox_path(id_or_name, "archive"),
+        _no_content,
+        params={"path": path},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+def upload_archive(id_or_name: str, path: str) -> Call[int]:
+    """``PUT archive`` of a tar stream (the caller supplies the body): members extracted."""
+
+    def parse(resp: httpx.Response) -> int:
+        members = _json(resp).get("members")
+        if not isinstance(members, int):
+            raise InvalidResponse(f"archive upload: no member count in {resp.text[:200]!r}")
+        return members
+
+    return Call(
+        "PUT",
+        sandbox_path(id_or_name, "archive"),
+        parse,
+        params={"path": path},
+        headers={"Content-Type": "application/x-tar"},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+def archive_body(data: bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]) -> Any:
+    """A request body for ``PUT archive``: bytes as they are, anything else streamed
+    (chunked: the length need not be known)."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    if hasattr(data, "read"):
+        stream: IO[bytes] = data  # type: ignore[assignment]
+        return iter(lambda: stream.read(UPLOAD_CHUNK), b"")
+    return iter(data)
 
 
 def file_mode(mode: int | str | None) -> str | None:

@@ -993,6 +993,29 @@ class AsyncFiles:
         watch is closed (``await close()`` or leaving the ``async with`` block)."""
         return AsyncFileWatch(self._kiln, _api.watch_files(self._id, path, recursive))
 
+    def download_archive(self, path: str) -> AsyncArchiveDownload:
+        """``path`` (a file, a symlink or a directory tree) as a tar stream, like
+        ``docker cp``: ``async with sb.files.download_archive("/etc") as tar:`` then
+        ``async for chunk in tar``. Its top member is named ``.root``; ``.stat`` is
+        the path's. :class:`NotFound` for a missing path."""
+        return AsyncArchiveDownload(self._kiln, _api.download_archive(self._id, path), path)
+
+    async def upload_archive(
+        self, path: str, data: bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
+    ) -> int:
+        """Extract a tar stream (bytes, a binary file object or an iterable of chunks,
+        sent as it is read) into the existing directory ``path``: the number of
+        members. Members belong to the sandbox user and keep their modes; an archive
+        reaching outside ``path`` is refused (:class:`ValidationError`)."""
+        content = _api.archive_body(data)
+        # unasync: async-only
+        if not isinstance(content, bytes):
+            content = _aiter(content)
+        # unasync: end
+        # A streamed body cannot be sent twice: no retries.
+        kiln = self._kiln.with_options(retries=0)
+        return await kiln._call(_api.upload_archive(self._id, path), content=content)
+
 
 class AsyncFileWatch:
     """The events of a directory watch, parsed line by line as they arrive."""
@@ -1041,6 +1064,53 @@ class AsyncFileWatch:
 
     async def __aenter__(self) -> Self:
         return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class AsyncArchiveDownload:
+    """A tar stream being downloaded (``async with``, then ``async for`` its chunks)."""
+
+    def __init__(self, kiln: AsyncKiln, call: Call[None], path: str) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._path = path
+        self._resp: httpx.Response | None = None
+        #: The path's size, mode and type (once open).
+        self.stat = FileStat(path=path, size=0, mode="", is_dir=False)
+        #: The name of the archive's top member (once open).
+        self.root = ""
+
+    async def open(self) -> Self:
+        """Start the download (otherwise ``async with`` does): :class:`NotFound` here."""
+        if self._resp is None:
+            self._resp = await self._kiln._send_streaming(self._call)
+            self.stat, self.root = _api.archive_stat(self._resp, self._path)
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        await self.open()
+        assert self._resp is not None
+        with map_exceptions(self._kiln.url):
+            # unasync: async-only
+            async for chunk in self._resp.aiter_bytes():
+                yield chunk
+            # unasync: sync-only
+            # yield from self._resp.iter_bytes()
+            # unasync: end
+
+    async def close(self) -> None:
+        if self._resp is not None:
+            await self._resp.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
 
     async def __aexit__(
         self,

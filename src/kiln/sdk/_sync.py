@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 import copy
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from types import TracebackType
@@ -951,6 +951,25 @@ class Files:
         watch is closed (``close()`` or leaving the ``with`` block)."""
         return FileWatch(self._kiln, _api.watch_files(self._id, path, recursive))
 
+    def download_archive(self, path: str) -> ArchiveDownload:
+        """``path`` (a file, a symlink or a directory tree) as a tar stream, like
+        ``docker cp``: ``with sb.files.download_archive("/etc") as tar:`` then
+        ``for chunk in tar``. Its top member is named ``.root``; ``.stat`` is
+        the path's. :class:`NotFound` for a missing path."""
+        return ArchiveDownload(self._kiln, _api.download_archive(self._id, path), path)
+
+    def upload_archive(
+        self, path: str, data: bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
+    ) -> int:
+        """Extract a tar stream (bytes, a binary file object or an iterable of chunks,
+        sent as it is read) into the existing directory ``path``: the number of
+        members. Members belong to the sandbox user and keep their modes; an archive
+        reaching outside ``path`` is refused (:class:`ValidationError`)."""
+        content = _api.archive_body(data)
+        # A streamed body cannot be sent twice: no retries.
+        kiln = self._kiln.with_options(retries=0)
+        return kiln._call(_api.upload_archive(self._id, path), content=content)
+
 
 class FileWatch:
     """The events of a directory watch, parsed line by line as they arrive."""
@@ -999,6 +1018,48 @@ class FileWatch:
 
     def __enter__(self) -> Self:
         return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ArchiveDownload:
+    """A tar stream being downloaded (``with``, then ``for`` its chunks)."""
+
+    def __init__(self, kiln: Kiln, call: Call[None], path: str) -> None:
+        self._kiln = kiln
+        self._call = call
+        self._path = path
+        self._resp: httpx.Response | None = None
+        #: The path's size, mode and type (once open).
+        self.stat = FileStat(path=path, size=0, mode="", is_dir=False)
+        #: The name of the archive's top member (once open).
+        self.root = ""
+
+    def open(self) -> Self:
+        """Start the download (otherwise ``with`` does): :class:`NotFound` here."""
+        if self._resp is None:
+            self._resp = self._kiln._send_streaming(self._call)
+            self.stat, self.root = _api.archive_stat(self._resp, self._path)
+        return self
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.open()
+        assert self._resp is not None
+        with map_exceptions(self._kiln.url):
+            yield from self._resp.iter_bytes()
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+
+    def __enter__(self) -> Self:
+        return self.open()
 
     def __exit__(
         self,

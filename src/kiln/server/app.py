@@ -37,8 +37,8 @@ from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .models import ERROR_RESPONSES
 from .proxy import ProxyFront
+from .routes import archive, files, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
-from .routes import files, processes, publish, resources, sandboxes, shell
 from .services import Services
 
 log = logging.getLogger("kiln.server")
@@ -109,7 +109,9 @@ class BodyLimit:
     treat every body except a file upload as JSON.
 
     ``PUT .../files`` gets the upload limit (the route also insists on
-    Content-Length, 411); everything else the small JSON limit.
+    Content-Length, 411); ``PUT .../archive`` none (a tar stream as long as the
+    sandbox's disk allows, extracted as it arrives); everything else the small
+    JSON limit.
     """
 
     def __init__(self, app: ASGIApp, upload_limit: int, json_limit: int = MAX_JSON_BODY) -> None:
@@ -123,6 +125,7 @@ class BodyLimit:
             or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS")
             # E2B's envd speaks its own content types and sets its own limits.
             or scope["path"].startswith(envd.PREFIX + "/")
+            or (scope["method"] == "PUT" and scope["path"].endswith("/archive"))
         ):
             await self.app(scope, receive, send)
             return
@@ -230,6 +233,7 @@ def create_app(services: Services) -> FastAPI:
         exec_routes.router,
         processes.router,
         files.router,
+        archive.router,
         publish.router,
         resources.router,
     ):
