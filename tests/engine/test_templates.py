@@ -9,9 +9,11 @@ template) must still be created, by booting.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +130,31 @@ async def test_clones_inherit_the_spawner_forked_before_the_snapshot(engine: Qem
     assert len(spawners) == 1
 
 
+def _ram_mapping(pid: int) -> str:
+    """The /proc/PID/maps line of the guest RAM (the one 512 MiB+ file mapping)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.rstrip().endswith("/ram"):
+            return line
+    raise AssertionError(f"no RAM file mapping in /proc/{pid}/maps")
+
+
+async def test_clones_map_the_template_ram_copy_on_write(engine: QemuEngine) -> None:
+    """Every clone maps the template's RAM file privately (its unwritten pages are
+    shared page cache, not a copy per sandbox) and never writes into it."""
+    tpl_ram = next(engine.config.templates_dir.iterdir()) / "ram"
+    before = await asyncio.to_thread(hashlib.sha256, tpl_ram.read_bytes())
+    for sid in ("clone1", "clone2"):
+        pid = engine.pid(sid)
+        assert pid is not None
+        line = _ram_mapping(pid)
+        assert line.split()[1] == "rw-p" and line.endswith(str(tpl_ram)), line  # private
+        assert not (engine.paths(sid).root / "ram").exists()  # no copy of its own
+    client = await engine.agent("clone1")
+    await sh(client, "python3 -c 'b = bytearray(32 << 20); b[::4096] = b\"x\" * (8 << 10)'")
+    after = await asyncio.to_thread(hashlib.sha256, tpl_ram.read_bytes())
+    assert after.digest() == before.digest()
+
+
 async def test_guest_aslr_follows_the_accelerator(engine: QemuEngine) -> None:
     """auto: off under TCG (each exec would retranslate ld.so and libc), on under KVM."""
     assert engine.accel is not None
@@ -141,10 +168,21 @@ async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -
     await sh(client, "echo kept > /home/sandbox/kept")
     await engine.stop("clone1")
     last = engine.snapshot_info("clone1").last
-    assert last is not None and last.kind == "full"  # its RAM file was a fresh copy
+    # Its RAM was the template's, copy-on-write: the first stop puts all of it into
+    # the state, and the restore gives the sandbox a RAM file of its own.
+    assert last is not None and last.kind == "full" and last.ram_in_state
     await engine.start("clone1")
     client = await engine.agent("clone1")
     assert await sh(client, "cat /home/sandbox/kept /tmp/init.txt") == "kept\ninit 1\n"
+    pid = engine.pid("clone1")
+    assert pid is not None
+    line = _ram_mapping(pid)
+    assert line.split()[1] == "rw-s" and line.endswith(str(engine.paths("clone1").root / "ram"))
+    await engine.stop("clone1")  # from now on a stop writes only what changed
+    last = engine.snapshot_info("clone1").last
+    assert last is not None and not last.ram_in_state
+    await engine.start("clone1")
+    assert await sh(await engine.agent("clone1"), "cat /home/sandbox/kept") == "kept\n"
 
 
 async def test_volumes_take_the_template_disk_slots(engine: QemuEngine) -> None:

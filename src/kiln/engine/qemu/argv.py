@@ -61,6 +61,9 @@ class VMConfig:
     initrd: str | None = None
     qmp_socket: str | None = None
     ram_path: str | None = None
+    #: ``share=on``: the guest writes into ``ram_path`` (the file is the snapshot);
+    #: off: a private copy-on-write mapping of it (the file is never written).
+    ram_shared: bool = True
     drives: tuple[Drive, ...] = ()
     net: NetDevice | None = None
     kernel_args: tuple[str, ...] = ()
@@ -106,7 +109,7 @@ def build_argv(cfg: VMConfig) -> list[str]:
         argv += [
             "-object",
             f"memory-backend-file,id=mem,size={cfg.memory_mb}M,"
-            f"mem-path={qemu_escape(cfg.ram_path)},share=on",
+            f"mem-path={qemu_escape(cfg.ram_path)},share={'on' if cfg.ram_shared else 'off'}",
         ]
     argv += ["-nodefaults", "-no-user-config", "-nographic"]
     argv += ["-kernel", cfg.kernel]

@@ -9,7 +9,8 @@
                          (or rootfs.img, a full copy, with disk_mode "copy")
         config.img       config drive (/dev/vdb), ext4 with config.json
         slotN.img        placeholder of a template's spare volume slot nobody uses
-        ram              guest RAM (memory-backend-file, share=on)
+        ram              guest RAM (memory-backend-file, share=on; none in a clone
+                         that still maps its template's RAM copy-on-write)
         state.bin        device state of the last stop (snapshot)
         snapshot.json    snapshot validity and measurements (see .snapshot)
         qmp.sock         QMP socket

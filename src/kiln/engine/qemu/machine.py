@@ -260,7 +260,8 @@ def _vm_config(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: boo
         memory_mb=spec.memory_mb,
         console_log=str(vm.paths.console_log),
         qmp_socket=vm.paths.qmp_socket.name,  # relative to the sandbox directory
-        ram_path=str(vm.paths.ram),
+        ram_path=vm.meta.ram_template or str(vm.paths.ram),
+        ram_shared=vm.meta.ram_template is None,
         drives=rec.drives,
         net=NetDevice(rec.tap, rec.mac),
         kernel_args=tuple(kernel_cmdline_defaults(cpu_khz=0)),

@@ -284,7 +284,6 @@ class Provisioner:
         if template is None:
             meta = await asyncio.to_thread(_write_initial_files, paths, record)
         else:
-            await disks.copy_sparse(template.paths.ram, paths.ram)
             meta = await asyncio.to_thread(_write_clone_files, paths, record, template)
         crash_point("qemu.create.disks")
         # Booted, or restored from the template's snapshot: either way, the state
@@ -354,8 +353,10 @@ class Provisioner:
         undo = Undo()
         try:
             with machine.os_errors(f"building template {tid}"):
+                clones = set(process.find_processes(f"{self.config.sandboxes_dir}/"))
                 for pid in process.find_processes(f"{root}/"):  # a build that crashed
-                    await process.terminate(pid, f"{root}/")
+                    if pid not in clones:  # (clones map the old template's RAM: keep them)
+                        await process.terminate(pid, f"{root}/")
                 await asyncio.to_thread(disks.remove_tree, root)  # unfinished or stale
                 root.mkdir(parents=True, mode=0o700)
                 undo.push("remove the template", lambda: asyncio.to_thread(disks.remove_tree, root))
@@ -437,10 +438,11 @@ def _write_initial_files(paths: Paths, record: Record) -> snapshot.SnapshotMeta:
 def _write_clone_files(
     paths: Paths, record: Record, template: templates.Template
 ) -> snapshot.SnapshotMeta:
-    """Blocking: the template's device state, a snapshot.json vouching for it and
-    the RAM file (copied already), sandbox.json: a cold sandbox ready to restore."""
+    """Blocking: the template's device state, a snapshot.json vouching for it (its
+    RAM is the template's, mapped copy-on-write), sandbox.json: a cold sandbox ready
+    to restore."""
     shutil.copyfile(template.paths.state, paths.state)
-    meta = snapshot.SnapshotMeta(valid=True, ram_inode=snapshot.ram_inode(paths.ram))
+    meta = snapshot.SnapshotMeta(valid=True, ram_template=str(template.paths.ram))
     snapshot.save_meta(paths.snapshot_meta, meta)
     snapshot.write_json_atomic(paths.record, record.to_json())
     return meta

@@ -170,7 +170,8 @@ class Recovery:
             await self.destroy_leftovers(entry.name)
             removed.append(f"sandbox dir {entry.name}")
         marker = f"{sandboxes}/"
-        for pid in process.find_processes(marker):
+        sandbox_pids = process.find_processes(marker)
+        for pid in sandbox_pids:
             owner = next(
                 (sid for sid in known if process.pid_alive(pid, vms[sid].paths.marker)),
                 None,
@@ -183,6 +184,8 @@ class Recovery:
             # leftover of a daemon that died mid-build.
             tpl_marker = f"{self.config.templates_dir}/"
             for pid in process.find_processes(tpl_marker):
+                if pid in sandbox_pids:
+                    continue  # a clone: it maps its template's RAM, see above for its fate
                 await process.terminate(pid, tpl_marker)
                 removed.append(f"template qemu pid {pid}")
             for entry in await asyncio.to_thread(templates.unfinished, self.config.templates_dir):

@@ -30,7 +30,10 @@ the snapshot as good as it was).
 
 If the RAM file is gone or was replaced while the VM ran (the "base" of the
 diff is missing), the stop falls back to a *full* snapshot: RAM is migrated
-into ``state.bin`` too and a fresh RAM file is created for the restore.
+into ``state.bin`` too and a fresh RAM file is created for the restore. A clone
+fresh from a template takes the same path on its first stop: it maps the
+template's RAM privately (``SnapshotMeta.ram_template``, see :mod:`.templates`)
+and has no RAM file of its own yet.
 
 Measured on the dev host (TCG, idle 512 MB guest, kernel 6.18, ext4): device
 state 65 KiB; first stop ("full") wrote the 116 MiB the guest had touched, 80 ms
@@ -93,6 +96,9 @@ class SnapshotMeta:
     ram_inode: int | None = None  # the RAM file QEMU mapped at its last start
     ram_in_state: bool = False
     ram_synced: bool = False  # the RAM file was synced since it was created or refilled
+    #: The template RAM file QEMU maps copy-on-write (``share=off``) instead of the
+    #: sandbox's own: a clone not stopped since its create (see :mod:`.templates`).
+    ram_template: str | None = None
     last: SnapshotRecord | None = None
     history: list[SnapshotRecord] = field(default_factory=list)
 
@@ -104,12 +110,14 @@ class SnapshotMeta:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SnapshotMeta:
         last = data.get("last")
+        template = data.get("ram_template")
         return cls(
             valid=bool(data.get("valid", False)),
             generation=int(data.get("generation", 0)),
             ram_inode=data.get("ram_inode"),
             ram_in_state=bool(data.get("ram_in_state", False)),
             ram_synced=bool(data.get("ram_synced", False)),
+            ram_template=template if isinstance(template, str) else None,
             last=SnapshotRecord.from_json(last) if isinstance(last, dict) else None,
             history=[SnapshotRecord.from_json(h) for h in data.get("history", [])],
         )
@@ -293,8 +301,12 @@ def fsync_path(path: Path) -> None:
 
 
 def create_ram_file(path: Path, size: int) -> int:
-    """A new sparse RAM file of ``size`` bytes (mode 0600: it is guest memory); its inode."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """A new sparse RAM file of ``size`` bytes (mode 0600: it is guest memory); its inode.
+
+    Always a new inode, never the old one truncated: clones may map a template's
+    RAM file copy-on-write, and a truncate would zero their unwritten pages."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         return os.fstat(fd).st_ino

@@ -8,10 +8,15 @@ sandbox-independent, logs :data:`~kiln.guest.config.TEMPLATE_READY_LINE` on the
 console and polls the drive. The engine stops it there -- an ordinary cold
 snapshot -- into ``<data_dir>/templates/<key>/``.
 
-A create then copies the template's root disk and RAM file into the new
-sandbox directory (sparse copies, ~0.1 s), writes the sandbox's real config
-drive *of the placeholder's size* (the guest kernel already knows the disk's
-size) and restores. The agent sees the new drive, sets the clock and reseeds
+A create then copies the template's root disk into the new sandbox directory
+(a sparse copy), writes the sandbox's real config drive *of the placeholder's
+size* (the guest kernel already knows the disk's size) and restores with the
+template's RAM file mapped copy-on-write (``share=off``): the pages a clone never
+writes stay one page cache shared by every clone of the template (measured: 10
+idle clones of 512 MB, guest RAM PSS 59 → ~17 MiB each), and the file is never
+written. A clone's first stop therefore puts its whole RAM into the snapshot
+(:mod:`.snapshot`'s *full* fallback); from its restore on it has a RAM file of
+its own. The agent sees the new drive, sets the clock and reseeds
 the RNG from it (every clone starts from one RNG state), configures hostname,
 network (including the sandbox's own MAC: the NIC's MAC is device state, so a
 clone starts with the template's), user, files and init, and answers.

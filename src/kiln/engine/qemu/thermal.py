@@ -138,7 +138,12 @@ class ThermalControl:
         crash_point("qemu.snapshot.paused")
         # The RAM file is the base of the snapshot; if it vanished or was replaced
         # while QEMU ran, fall back to a full snapshot with RAM in the stream.
-        base_ok = vm.meta.ram_inode is not None and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
+        # A clone mapping its template's RAM copy-on-write has no RAM file of its own.
+        base_ok = (
+            vm.meta.ram_template is None
+            and vm.meta.ram_inode is not None
+            and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
+        )
         try:
             await machine.qmp(
                 vm,
@@ -236,7 +241,7 @@ class ThermalControl:
         phases = Phases()
         crash_point("qemu.restore.tap")
         phases.mark("tap")
-        self._prefetch.start(p.ram)
+        self._prefetch.start(Path(meta.ram_template) if meta.ram_template else p.ram)
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
@@ -306,6 +311,7 @@ class ThermalControl:
         meta.valid = False
         meta.ram_in_state = False
         meta.ram_synced = False
+        meta.ram_template = None
         meta.ram_inode = await asyncio.to_thread(
             snapshot.create_ram_file, p.ram, vm.record.spec.memory_mb << 20
         )
@@ -372,6 +378,10 @@ def why_unrestorable(vm: VM) -> str | None:
         return "no valid snapshot (it was never taken or a restore consumed it)"
     if not p.state.exists():
         return f"snapshot state {p.state} is missing"
+    if vm.meta.ram_template is not None:
+        if not Path(vm.meta.ram_template).exists():
+            return f"template RAM file {vm.meta.ram_template} is missing"
+        return None
     if not p.ram.exists():
         return f"snapshot RAM file {p.ram} is missing"
     if not vm.meta.ram_in_state and snapshot.ram_inode(p.ram) != vm.meta.ram_inode:
@@ -388,10 +398,11 @@ def _make_durable(vm: VM, base_ok: bool) -> snapshot.SyncStats:
         stats = snapshot.sync_ram_file(p.ram)
         vm.meta.ram_synced = True
     else:
-        # RAM is in state.bin; the restore loads it into a fresh file.
+        # RAM is in state.bin; the restore loads it into a fresh file of its own.
         p.ram.unlink(missing_ok=True)
         vm.meta.ram_inode = snapshot.create_ram_file(p.ram, vm.record.spec.memory_mb << 20)
         vm.meta.ram_synced = False
+        vm.meta.ram_template = None
         stats = snapshot.SyncStats(None, 0, 0.0)
     for drive in vm.record.drives:
         snapshot.fsync_path(Path(drive.path))

@@ -1,0 +1,161 @@
+"""Density: proportional memory (PSS) of idle warm sandboxes of one shape (real microVMs).
+
+    .venv/bin/python -m bench density
+
+Creates SANDBOXES sandboxes of the default shape (512 MB) from one template, runs
+an exec in each, pauses them (warm) and reads every QEMU's ``smaps``: its PSS in
+all and split into guest RAM, TCG's translated-code cache and the rest of QEMU.
+Clones map the template's RAM copy-on-write, so the guest pages they never wrote
+are one page cache shared by all of them.
+
+The reference row, measured in the same run: the same sandboxes after a cold
+cycle (stop, start), when each has a RAM file of its own (the layout every
+sandbox had before copy-on-write templates). The timing rows show what the
+sharing costs: the first stop of a clone writes its whole RAM into the snapshot.
+Runs in a network namespace of its own with a temporary data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.engine import SandboxSpec
+from kiln.engine.qemu import QemuConfig, QemuEngine
+from kiln.engine.qemu.process import find_processes
+from kiln.network import NetworkConfig
+
+from ._stats import Row, print_table
+from .bench_engine import skip_reason as _engine_skip_reason
+
+REQUIRES: str | None = "root, qemu-system-x86_64, a kiln image (built on first use, ~1 min)"
+
+SANDBOXES = 10
+IDLE_S = 3.0
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S+) \S+ \S+ \S+\s*(.*)$")
+
+
+def skip_reason() -> str | None:
+    return _engine_skip_reason()
+
+
+@dataclass(frozen=True)
+class Pss:
+    """One QEMU's proportional set size, in MiB, split by what the pages hold."""
+
+    total: float
+    guest_ram: float
+    code_cache: float
+
+    @property
+    def rest(self) -> float:
+        return self.total - self.guest_ram - self.code_cache
+
+
+def read_pss(pid: int) -> Pss:
+    total = ram = code = 0
+    kind = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        match = _MAPPING.match(line)
+        if match:
+            perms, name = match.groups()
+            # Guest RAM is the one mapping of a file named "ram" (the template's or the
+            # sandbox's own); TCG's code buffer is QEMU's one anonymous rwx mapping.
+            anonymous_rwx = perms.startswith("rwx") and not name
+            kind = "ram" if name.endswith("/ram") else "code" if anonymous_rwx else ""
+        elif line.startswith("Pss:"):
+            kib = int(line.split()[1])
+            total += kib
+            ram += kib if kind == "ram" else 0
+            code += kib if kind == "code" else 0
+    return Pss(total / 1024, ram / 1024, code / 1024)
+
+
+def pss_rows(label: str, samples: list[Pss], target: str = "") -> list[Row]:
+    return [
+        Row(f"{label}: PSS per sandbox", [s.total for s in samples], target),
+        Row("  guest RAM", [s.guest_ram for s in samples]),
+        Row("  TCG code cache", [s.code_cache for s in samples]),
+        Row("  rest of QEMU", [s.rest for s in samples]),
+    ]
+
+
+async def idle_pss(engine: QemuEngine, sids: list[str]) -> list[Pss]:
+    for sid in sids:
+        await (await engine.agent(sid)).exec(["true"])
+        await engine.pause(sid)
+    await asyncio.sleep(IDLE_S)
+    out = []
+    for sid in sids:
+        pid = engine.pid(sid)
+        assert pid is not None, sid
+        out.append(read_pss(pid))
+    return out
+
+
+async def run(data_dir: Path, netns: str) -> None:
+    config = QemuConfig(
+        data_dir=data_dir,
+        network=NetworkConfig(bridge="kb-br1", subnet="10.213.10.0/24", netns=netns, nat=False),
+    )
+    engine = QemuEngine(config)
+    memory: list[Row] = []
+    timing: list[Row] = []
+    sids = [f"d{i}" for i in range(SANDBOXES)]
+    try:
+        await engine.prepare(SandboxSpec(sandbox_id="prep", name="prep"))
+        for sid in sids:
+            await engine.create(SandboxSpec(sandbox_id=sid, name=sid))
+        memory += pss_rows(f"{SANDBOXES} clones, template RAM shared", await idle_pss(engine, sids))
+
+        first_stop, first_restore, later_stop, later_restore = [], [], [], []
+        for stops, restores in ((first_stop, first_restore), (later_stop, later_restore)):
+            for sid in sids:
+                start = time.perf_counter()
+                await engine.stop(sid)
+                stops.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                await (await engine.agent(sid)).exec(["true"])
+                restores.append((time.perf_counter() - start) * 1000)
+        memory += pss_rows("reference: after a cold cycle, own RAM", await idle_pss(engine, sids))
+        timing += [
+            Row("first stop of a clone (its whole RAM)", first_stop),
+            Row("  then cold restore → first exec", first_restore),
+            Row("reference: a later stop (what changed)", later_stop),
+            Row("  then cold restore → first exec", later_restore),
+        ]
+    finally:
+        for info in engine.list():
+            with contextlib.suppress(Exception):
+                await engine.destroy(info.sandbox_id)
+        await engine.close()
+    print_table(f"Idle warm sandboxes, 512 MB shape, {SANDBOXES} up (TCG)", memory, unit="MiB")
+    print_table("What the shared template RAM costs a stop", timing)
+
+
+def main() -> None:
+    netns = f"kb-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    data_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-density-"))
+    try:
+        asyncio.run(run(data_dir, netns))
+    finally:
+        for pid in find_processes(f"{data_dir}/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
