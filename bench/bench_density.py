@@ -11,7 +11,8 @@ are one page cache shared by all of them.
 The reference row, measured in the same run: the same sandboxes after a cold
 cycle (stop, start), when each has a RAM file of its own (the layout every
 sandbox had before copy-on-write templates). The timing rows show what the
-sharing costs: the first stop of a clone writes its whole RAM into the snapshot.
+sharing costs: the first stop of a clone streams its whole RAM and moves it into a
+RAM file of the sandbox's own (see ``ThermalControl._settle``).
 Runs in a network namespace of its own with a temporary data directory.
 """
 
@@ -129,7 +130,7 @@ async def run(data_dir: Path, netns: str) -> None:
                 restores.append((time.perf_counter() - start) * 1000)
         memory += pss_rows("reference: after a cold cycle, own RAM", await idle_pss(engine, sids))
         timing += [
-            Row("first stop of a clone (its whole RAM)", first_stop),
+            Row("first stop of a clone (+ RAM into its file)", first_stop),
             Row("  then cold restore → first exec", first_restore),
             Row("reference: a later stop (what changed)", later_stop),
             Row("  then cold restore → first exec", later_restore),

@@ -168,9 +168,11 @@ async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -
     await sh(client, "echo kept > /home/sandbox/kept")
     await engine.stop("clone1")
     last = engine.snapshot_info("clone1").last
-    # Its RAM was the template's, copy-on-write: the first stop puts all of it into
-    # the state, and the restore gives the sandbox a RAM file of its own.
-    assert last is not None and last.kind == "full" and last.ram_in_state
+    # Its RAM was the template's, copy-on-write: the first stop streams all of it and
+    # moves it into a RAM file of the sandbox's own (settles) before the stop returns.
+    assert last is not None and last.kind == "full" and last.settle_ms is not None
+    assert not last.ram_in_state and last.state_bytes < 1 << 20
+    assert (engine.paths("clone1").root / "ram").stat().st_blocks > 0
     await engine.start("clone1")
     client = await engine.agent("clone1")
     assert await sh(client, "cat /home/sandbox/kept /tmp/init.txt") == "kept\ninit 1\n"
@@ -180,7 +182,7 @@ async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -
     assert line.split()[1] == "rw-s" and line.endswith(str(engine.paths("clone1").root / "ram"))
     await engine.stop("clone1")  # from now on a stop writes only what changed
     last = engine.snapshot_info("clone1").last
-    assert last is not None and not last.ram_in_state
+    assert last is not None and last.kind == "diff" and last.settle_ms is None
     await engine.start("clone1")
     assert await sh(await engine.agent("clone1"), "cat /home/sandbox/kept") == "kept\n"
 

@@ -80,6 +80,8 @@ class SnapshotRecord:
     migrate_ms: float
     sync_ms: float
     ram_in_state: bool = False  # fallback: RAM is inside state.bin
+    #: A clone's first stop: time to move its RAM from the stream into its own file.
+    settle_ms: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SnapshotRecord:
