@@ -92,6 +92,7 @@ from .models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Stderr,
     Stdout,
     Template,
@@ -101,7 +102,7 @@ from .models import (
 
 if TYPE_CHECKING:
     from kiln.protocol.fsops import FileEvent
-    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing
 
     from .shell import AsyncShellSession, ShellSession
 
@@ -113,7 +114,6 @@ _LAZY = {
     "FileEvent": "kiln.protocol.fsops",
     "FileInfo": "kiln.protocol.messages",
     "FileListing": "kiln.protocol.messages",
-    "SessionInfo": "kiln.protocol.messages",
 }
 
 
