@@ -222,7 +222,7 @@ def test_parse_sandbox_last_boot() -> None:
         "at": "2024-05-01T10:05:00.250000+00:00",
     }
     for bad, message in (
-        ("rebooted", "last_boot: expected a JSON object"),
+        ("rebooted", "'last_boot': expected a JSON object"),
         ({"at": at}, "'last_boot.reason' is missing"),
         ({"reason": "created", "at": "soon"}, "RFC 3339"),
     ):
@@ -252,7 +252,7 @@ def test_parse_sandbox_engine_runtime_capabilities() -> None:
     ("change", "message"),
     [
         ({"runtime": 1}, "field 'runtime': .*string"),
-        ({"capabilities": ["pause"]}, "capabilities: expected a JSON object"),
+        ({"capabilities": ["pause"]}, "'capabilities': expected a JSON object"),
         ({"capabilities": {"snapshots": "no"}}, "'capabilities.snapshots': .*boolean"),
     ],
 )

@@ -93,12 +93,13 @@ def _problem(exc: ValidationError) -> str:
     kind = err["type"]
     if kind == "missing":
         return f"field {where!r} is missing"
+    field = f"field {where!r}: " if where else ""
     got = type(err["input"]).__name__
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{where + ': ' if where else ''}expected a JSON object, got {got}"
+        return f"{field}expected a JSON object, got {got}"
     if kind in ("list_type", "tuple_type"):
-        return f"{where + ': ' if where else ''}expected a JSON list, got {got}"
-    return f"field {where!r}: {err['msg']}, got {err['input']!r:.80}"
+        return f"{field}expected a JSON list, got {got}"
+    return f"{field}{err['msg']}, got {err['input']!r:.80}"
 
 
 def parse(kind: type[T], data: Any, what: str | None = None) -> T:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import Response
 from pydantic import TypeAdapter
 
 from kiln.api.responses import ErrorBody
@@ -39,13 +38,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 _STREAM_SCHEMAS: dict[str, Any] = {}
 
 
-class NDJSONResponse(Response):
-    """``response_class`` of a route that only streams: documents its media type
-    (the route returns its own streaming response)."""
-
-    media_type = NDJSON
-
-
 def ndjson(line: Any, description: str) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entry for a 200 streaming NDJSON, one ``line`` (a model or a
     union of them) per line."""
@@ -67,8 +59,7 @@ def add_stream_schemas(document: dict[str, Any]) -> dict[str, Any]:
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
             content = operation.get("responses", {}).get("200", {}).get("content", {})
-            schema = content.get(NDJSON, {}).get("schema", {})
-            if "$ref" in schema or "oneOf" in schema:
-                # FastAPI calls a non-JSON response class's body a string; it is lines.
-                schema.pop("type", None)
+            if NDJSON in content and content.get("application/json") == {"schema": {}}:
+                # Only a stream: FastAPI's default "any JSON" entry is not an answer.
+                del content["application/json"]
     return document

@@ -21,7 +21,7 @@ from kiln.api.responses import DirMade, FileChange, FileEntry, FileWritten, List
 from kiln.protocol import MAX_LS_DEPTH, InvalidMessage, encode_json, parse_mode
 
 from ..errors import BadRequest, LengthRequired, PayloadTooLarge
-from ..openapi import NDJSON, NDJSONResponse, ndjson
+from ..openapi import NDJSON, ndjson
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 
@@ -288,7 +288,6 @@ async def move_file(
 
 @router.get(
     "/sandboxes/{sandbox}/files/watch",
-    response_class=NDJSONResponse,
     responses=ndjson(FileChange, "One change of the directory per line"),
 )
 async def watch_dir(

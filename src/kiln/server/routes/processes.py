@@ -21,7 +21,7 @@ from kiln.protocol import InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
-from ..openapi import NDJSON, NDJSONResponse, ndjson
+from ..openapi import NDJSON, ndjson
 from ..streaming import LiveStream, keep_active
 from .deps import AppServices, CurrentUser
 from .exec import _Decoder, _line
@@ -120,7 +120,6 @@ async def get_process(
 
 @router.get(
     "/sandboxes/{sandbox}/processes/{pid}/output",
-    response_class=NDJSONResponse,
     responses={**ndjson(ExecEvent, "Output events, then an exit line"), **_AGENT_ERRORS},
 )
 async def process_output(
