@@ -160,7 +160,7 @@ def test_dead_daemon_is_one_line_no_traceback(cli: Cli) -> None:
 
 def test_wrong_key(cli: Cli) -> None:
     proc = cli("--token", "kiln_wrong", "list")
-    assert_one_line_error(proc, "invalid API key")
+    assert_one_line_error(proc, "invalid API key", "`kiln config show`")
     assert proc.returncode == EXIT_CODES["unauthorized"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.conftest import SRC, kiln_argv
-from kiln.sdk import Kiln, NotFound, Sandbox
+from kiln.sdk import Kiln, NetworkPolicy, NotFound, Sandbox
 
 from .conftest import Daemon, McpClient, mcp_client, unique
 
@@ -34,6 +34,7 @@ TOOLS = {
     "write_file",
     "list_files",
     "publish_port",
+    "unpublish_port",
     "list_ports",
 }
 
@@ -66,6 +67,11 @@ def test_lists_every_tool_with_a_description_and_schemas(mcp: McpClient) -> None
     assert "exit_code" in tools["exec"].output_schema["properties"]  # type: ignore[index]
     engine = tools["create_sandbox"].input_schema["properties"]["engine"]
     assert {"enum": ["qemu", "docker"], "type": "string"} in engine["anyOf"]
+    create = tools["create_sandbox"].input_schema
+    assert {"secrets", "template", "network"} <= set(create["properties"])
+    [policy] = create["$defs"].values()
+    assert policy["properties"]["egress"]["enum"] == ["allow", "deny"]
+    assert policy["additionalProperties"] is False
     assert tools["destroy_sandbox"].annotations is not None
     assert tools["destroy_sandbox"].annotations.destructive_hint is True
     assert tools["list_sandboxes"].annotations is not None
@@ -102,6 +108,52 @@ def test_create_list_exec_destroy(mcp: McpClient, kiln: Kiln) -> None:
     assert "not found" in mcp.error("exec", {"sandbox": name, "command": "true"}).lower()
 
 
+def test_create_with_secrets_a_template_and_an_egress_policy(mcp: McpClient, kiln: Kiln) -> None:
+    secret = f"MCP_{unique('s').replace('-', '_').upper()}"
+    kiln.secrets.set(secret, "from-secret")
+    template = kiln.templates.create(unique("tpl"), cpus=2, env={"FROM_TEMPLATE": "yes"})
+    created = None
+    try:
+        created = mcp.ok(
+            "create_sandbox",
+            {
+                "name": unique("mcp"),
+                "secrets": [secret],
+                "template": template.name,
+                "memory_mb": 256,  # the arguments override the template's settings
+                "network": {"egress": "deny", "allow": ["pypi.org", "203.0.113.7"]},
+            },
+        )
+        assert (created["cpus"], created["memory_mb"]) == (2, 256)
+        # The policy as the daemon keeps it: an address becomes a /32.
+        policy = {"egress": "deny", "allow": ["pypi.org", "203.0.113.7/32"], "deny": []}
+        assert created["network"] == policy
+        assert kiln.sandboxes.get(created["id"]).network == NetworkPolicy(
+            "deny", ("pypi.org", "203.0.113.7/32"), ()
+        )
+        command = f"echo $FROM_TEMPLATE ${secret}"
+        out = mcp.ok("exec", {"sandbox": created["id"], "command": command})
+        assert out["stdout"] == "yes from-secret\n"
+        listed = mcp.ok("list_sandboxes", {})
+        [mine] = [s for s in listed["sandboxes"] if s["id"] == created["id"]]
+        assert mine["network"] == policy
+    finally:
+        if created is not None:
+            mcp.ok("destroy_sandbox", {"sandbox": created["id"]})
+        kiln.templates.delete(template.id)
+        kiln.secrets.delete(secret)
+
+
+def test_create_options_the_daemon_refuses_are_tool_errors(mcp: McpClient) -> None:
+    assert "not found" in mcp.error("create_sandbox", {"secrets": ["NO_SUCH_SECRET_X"]}).lower()
+    assert "no-such-template" in mcp.error("create_sandbox", {"template": "no-such-template"})
+    assert "not a host" in mcp.error("create_sandbox", {"network": {"allow": ["not a host"]}})
+    # The schema refuses these before the daemon sees them.
+    assert "egress" in mcp.error("create_sandbox", {"network": {"egress": "sometimes"}})
+    assert "network.allow_all" in mcp.error("create_sandbox", {"network": {"allow_all": True}})
+    assert "secrets" in mcp.error("create_sandbox", {"secrets": "NOT_A_LIST"})
+
+
 def test_unknown_sandbox_is_a_tool_error_with_kilns_message(mcp: McpClient) -> None:
     for tool, args in [
         ("destroy_sandbox", {}),
@@ -109,6 +161,7 @@ def test_unknown_sandbox_is_a_tool_error_with_kilns_message(mcp: McpClient) -> N
         ("list_processes", {}),
         ("read_file", {"path": "/etc/hostname"}),
         ("publish_port", {"port": 8000}),
+        ("unpublish_port", {"port": 8000}),
     ]:
         message = mcp.error(tool, {"sandbox": "no-such-sandbox", **args})
         assert "no-such-sandbox" in message, (tool, message)
@@ -370,6 +423,14 @@ def test_publish_and_list_ports(mcp: McpClient, sb: Sandbox, daemon: Daemon) -> 
     assert isinstance(ports["listening"], list)
     assert "8123" in mcp.error("publish_port", {"sandbox": sb.id, "port": 8123})
     assert "port" in mcp.error("publish_port", {"sandbox": sb.id, "port": 70000})
+
+    assert mcp.ok("unpublish_port", {"sandbox": sb.name, "port": 8123}) == {"unpublished": 8123}
+    assert mcp.ok("list_ports", {"sandbox": sb.id})["published"] == []
+    assert daemon.visit(published["url"]).status_code == 404
+    assert "port 8123 is not published" in mcp.error(
+        "unpublish_port", {"sandbox": sb.id, "port": 8123}
+    )
+    assert "port" in mcp.error("unpublish_port", {"sandbox": sb.id, "port": 0})
 
 
 # -- the daemon out of reach ------------------------------------------------------------

@@ -81,6 +81,14 @@ def _known_error(exc: BaseException) -> bool:
     return False
 
 
+def _hint(exc: BaseException) -> str:
+    # A key from an old config file (a daemon re-installed with a new data directory
+    # has new keys) looks like any wrong key; say where to look.
+    if type(exc).__name__ == "AuthenticationError":
+        return " (`kiln config show` prints which key the CLI sends and where it came from)"
+    return ""
+
+
 def _fail(message: str, code: int = 1) -> int:
     click.echo(format_error(message), err=True)
     return code
@@ -110,7 +118,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("KILN_DEBUG"):
             raise
         if _known_error(exc):
-            return _fail(str(exc), exit_code_of(exc))
+            return _fail(str(exc) + _hint(exc), exit_code_of(exc))
         if isinstance(exc, OSError):
             return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return _fail(

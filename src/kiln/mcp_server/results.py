@@ -8,11 +8,23 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, Field
 
 from kiln.protocol.messages import FileInfo
-from kiln.sdk.models import Port, ProcessInfo, PublishedPort, SandboxInfo
+from kiln.sdk.models import NetworkPolicy, Port, ProcessInfo, PublishedPort, SandboxInfo
 
 
 def _iso(when: datetime | None) -> str | None:
     return when.isoformat() if when is not None else None
+
+
+class Network(BaseModel):
+    """A sandbox's egress policy, as the daemon keeps it (addresses as CIDRs)."""
+
+    egress: str = Field(description="allow or deny: for destinations neither list matches.")
+    allow: list[str]
+    deny: list[str]
+
+    @classmethod
+    def of(cls, policy: NetworkPolicy) -> Network:
+        return cls(egress=policy.egress, allow=list(policy.allow), deny=list(policy.deny))
 
 
 class Sandbox(BaseModel):
@@ -28,6 +40,7 @@ class Sandbox(BaseModel):
     ip: str | None
     labels: dict[str, str]
     expires_at: str | None = Field(description="When the ttl destroys or stops it (ISO 8601).")
+    network: Network | None = Field(description="Its egress policy (None: an older daemon's).")
 
     @classmethod
     def of(cls, info: SandboxInfo) -> Sandbox:
@@ -42,6 +55,7 @@ class Sandbox(BaseModel):
             ip=info.ip,
             labels=dict(info.labels),
             expires_at=_iso(info.expires_at),
+            network=Network.of(info.network) if info.network is not None else None,
         )
 
 
@@ -158,6 +172,10 @@ class FileListing(BaseModel):
 class Published(BaseModel):
     port: int
     url: str = Field(description="Reachable without an API key; a request wakes the sandbox.")
+
+
+class Unpublished(BaseModel):
+    unpublished: int = Field(description="The port whose URL no longer works.")
 
 
 class ListeningPort(BaseModel):

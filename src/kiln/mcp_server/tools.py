@@ -20,10 +20,10 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln import __version__
-from kiln.sdk import AsyncKiln, Exit, KilnError
+from kiln.sdk import AsyncKiln, Exit, KilnError, NetworkPolicy
 
 from . import results
 from .bounds import clip_middle, decode_text, last_lines, utf8_boundary
@@ -49,8 +49,8 @@ exec (a shell command line or an argv list; working directory /workspace by \
 default). Start servers and other long commands with start_process and read \
 their output with read_process_output. Read, write and list files with \
 read_file, write_file and list_files. publish_port gives a URL for a port a \
-server listens on. Sandboxes are addressed by id or name. Destroy a sandbox \
-with destroy_sandbox when it is no longer needed.
+server listens on (unpublish_port withdraws it). Sandboxes are addressed by id \
+or name. Destroy a sandbox with destroy_sandbox when it is no longer needed.
 """
 
 SandboxRef = Annotated[str, Field(min_length=1, description="The sandbox's id or name.")]
@@ -69,6 +69,27 @@ AsRoot = Annotated[
     bool, Field(description="Run as root instead of the sandbox's unprivileged user.")
 ]
 Pid = Annotated[int, Field(ge=1, description="The process id start_process returned.")]
+
+
+class EgressPolicy(BaseModel):
+    """Where a new sandbox may connect outside kiln: the first match decides, in the
+    order allow, deny, then egress."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    egress: Literal["allow", "deny"] = Field(
+        "allow", description="For destinations neither list matches [default: allow]."
+    )
+    allow: list[str] = Field(
+        default_factory=list, description="IPv4 CIDRs or domain names it may reach."
+    )
+    deny: list[str] = Field(
+        default_factory=list, description="IPv4 CIDRs or domain names it may not reach."
+    )
+
+    def policy(self) -> NetworkPolicy:
+        return NetworkPolicy(self.egress, allow=tuple(self.allow), deny=tuple(self.deny))
+
 
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 _CHANGES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
@@ -135,6 +156,29 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
             Literal["qemu", "docker"] | None,
             Field(description="qemu: a microVM; docker: a container [default: the daemon's]."),
         ] = None,
+        secrets: Annotated[
+            list[str] | None,
+            Field(
+                description="Names of your kiln secrets: each one's value joins its "
+                "environment under that name."
+            ),
+        ] = None,
+        template: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                description="The id or name of one of your kiln templates to start from "
+                "(the other arguments override its settings).",
+            ),
+        ] = None,
+        network: Annotated[
+            EgressPolicy | None,
+            Field(
+                description="Its egress policy, e.g. {egress: deny, allow: [pypi.org]} to "
+                "reach PyPI only [default: the daemon's]. The host, cloud metadata and "
+                "other sandboxes are never reachable."
+            ),
+        ] = None,
     ) -> results.Sandbox:
         """Create a sandbox and wait until it runs. Returns its id and name."""
         sandbox = await kiln.sandboxes.create(
@@ -143,9 +187,12 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
             cpus=cpus,
             memory_mb=memory_mb,
             env=env,
+            secrets=secrets,
+            template=template,
             labels=labels,
             ttl_s=ttl_s,
             engine=engine,
+            network=network.policy() if network is not None else None,
             keep=True,
         )
         return results.Sandbox.of(sandbox)
@@ -433,6 +480,16 @@ def build_server(kiln: AsyncKiln) -> MCPServer:
         can open without an API key (nothing needs to listen yet)."""
         url = await kiln.sandboxes.ref(sandbox).publish(port, alias=alias)
         return results.Published(port=port, url=url)
+
+    @tool(_DESTROYS)
+    async def unpublish_port(
+        *,
+        sandbox: SandboxRef,
+        port: Annotated[int, Field(ge=1, le=65535, description="A published port.")],
+    ) -> results.Unpublished:
+        """Withdraw a port's published URL (the server in the sandbox keeps running)."""
+        await kiln.sandboxes.ref(sandbox).unpublish(port)
+        return results.Unpublished(unpublished=port)
 
     @tool(_READ_ONLY)
     async def list_ports(sandbox: SandboxRef) -> results.Ports:

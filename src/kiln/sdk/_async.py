@@ -1,16 +1,24 @@
+# unasync: async-only
 """The asyncio client: :class:`AsyncKiln` and the objects it hands out.
 
-The same API as the synchronous :class:`~kiln.sdk.Kiln`, awaited. Both clients
-execute the same :class:`~kiln.sdk._api.Call` descriptions, so requests and
-parsing are defined once.
+This file is the source of both clients: ``scripts/gen_sync_sdk`` generates the
+synchronous one (``_sync.py``, :class:`~kiln.sdk.Kiln`) from it; see that script
+for the rules and the ``# unasync:`` markers. Both clients execute the same
+:class:`~kiln.sdk._api.Call` descriptions, so requests and parsing are defined once.
 """
+# unasync: sync-only
+# """The synchronous client: :class:`Kiln` and the objects it hands out.
+#
+# Generated from ``_async.py``, the asyncio client, which has the same API awaited.
+# """
+# unasync: end
 
 from __future__ import annotations
 
 import asyncio
 import builtins
 import copy
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
@@ -53,15 +61,19 @@ T = TypeVar("T")
 
 
 class AsyncKiln:
-    """An asyncio client for one kiln daemon.
+    """A client for one kiln daemon.
 
-    ``url`` and ``token`` resolve like :class:`~kiln.sdk.Kiln`'s (arguments,
-    ``KILN_URL``/``KILN_TOKEN``, ``~/.kiln/config.yaml``, default). Use it as an
-    async context manager (or ``await close()``)::
+    ``url`` and ``token`` fall back to ``KILN_URL``/``KILN_TOKEN``, then to
+    ``~/.kiln/config.yaml``, then to ``http://127.0.0.1:8080``. No network
+    I/O happens until the first call. ``retries`` is how many times a request
+    that never reached the daemon, or an idempotent one answered 502/503/504,
+    is sent again (with backoff). Use it as a context manager (``async with``),
+    or call :meth:`close`, to release its connections::
 
         async with AsyncKiln() as k:
             sb = await k.sandboxes.create(name="demo")
-            print((await sb.exec(["echo", "hi"])).stdout)
+            result = await sb.exec(["echo", "hi"])
+            print(result.stdout)
     """
 
     def __init__(
@@ -98,6 +110,8 @@ class AsyncKiln:
 
     def __repr__(self) -> str:
         return f"AsyncKiln(url={self.url!r})"
+
+    # -- plumbing ---------------------------------------------------------------------
 
     async def _call(self, call: Call[T], content: Any = None) -> T:
         """Send ``call`` and parse its answer; every httpx error becomes a KilnError.
@@ -174,6 +188,8 @@ class AsyncKiln:
         view._attach()
         return view
 
+    # -- top level --------------------------------------------------------------------
+
     async def health(self) -> Health:
         """``GET /health`` (no key needed): status, sandbox count, uptime, the default
         engine and whether each engine can run here."""
@@ -189,6 +205,16 @@ class AsyncKiln:
         if self._owns_http:
             await self._http.aclose()
 
+    # unasync: sync-only
+    # def copy(self) -> Kiln:
+    #     """A new client for the same daemon and key, with connections of its own: for
+    #     another thread, or after a call cut short by Ctrl+C left this one's pool in an
+    #     unknown state (a KeyboardInterrupt can land anywhere, even inside its locks)."""
+    #     return Kiln(
+    #         self.url, self._token, timeout=self._http.timeout.read or 60.0, retries=self._retries
+    #     )
+    # unasync: end
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -201,8 +227,12 @@ class AsyncKiln:
         await self.close()
 
 
+# -- sandboxes ------------------------------------------------------------------------
+
+
 class _AsyncSandboxActions:
-    """What can be done to a sandbox: shared by AsyncSandbox and AsyncSandboxRef."""
+    """What can be done to a sandbox; shared by :class:`AsyncSandbox` and
+    :class:`AsyncSandboxRef`."""
 
     __slots__ = ()
     _kiln: AsyncKiln
@@ -264,8 +294,9 @@ class _AsyncSandboxActions:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) and wait for it.
 
         Returns the exit code and the whole stdout/stderr decoded as UTF-8. A
-        non-zero exit code is not an error. ``user="root"`` runs it as root
-        instead of the sandbox user (who can also ``sudo``).
+        non-zero exit code is not an error. ``timeout_s`` asks the daemon to
+        kill the command after that many seconds. ``user="root"`` runs it as
+        root instead of the sandbox user (who can also ``sudo``).
         """
         body = _api.exec_body(cmd, env=env, cwd=cwd, timeout_s=timeout_s, user=user)
         return await self._kiln._call(_api.exec_buffered(self._ref, body))
@@ -279,11 +310,12 @@ class _AsyncSandboxActions:
         timeout_s: float | None = None,
         user: str | None = None,
     ) -> AsyncExecStream:
-        """Run ``cmd`` and iterate (``async for``) over its output as it happens.
+        """Run ``cmd``; iterate with ``async for`` to follow its output as it happens.
 
-        Yields :class:`Stdout`/:class:`Stderr` chunks (raw bytes), then one
-        :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
-        kills the command::
+        Yields :class:`Stdout` and :class:`Stderr` chunks (raw bytes) and finally
+        one :class:`Exit`. ``user`` as for :meth:`exec`. Closing the stream early
+        (leaving the ``async with`` block, :meth:`AsyncExecStream.close`) kills
+        the command::
 
             async with sb.exec_stream(["make", "test"]) as events:
                 async for event in events:
@@ -356,7 +388,13 @@ class _AsyncSandboxActions:
         cmd: str | None = None,
         user: str | None = None,
     ) -> AsyncShellSession:
-        """Open an interactive terminal (WebSocket); see :meth:`kiln.sdk.Sandbox.shell`."""
+        """Open an interactive terminal (WebSocket) in the sandbox.
+
+        Without ``session_id`` a new TTY session starts ``cmd`` (default: the
+        login shell), as root with ``user="root"``; with it, the existing
+        session is reattached and its scrollback replayed. Closing the
+        :class:`AsyncShellSession` detaches; the session keeps running.
+        """
         url = _api.shell_url(
             self._kiln.url,
             self._ref,
@@ -372,11 +410,18 @@ class _AsyncSandboxActions:
 
 
 class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
-    """A sandbox (async): the daemon's view of it, plus awaitable methods acting on it.
+    """A sandbox: the daemon's view of it when fetched, plus methods acting on it.
 
-    Fields never change; :meth:`update`, :meth:`stop`, :meth:`start` and
-    :meth:`refresh` return a new object. Methods address the sandbox by ``id``.
-    ``async with`` deletes it on exit unless it was created with ``keep=True``.
+    Fields are a snapshot and never change; methods that change the sandbox
+    (:meth:`update`, :meth:`stop`, :meth:`start`, :meth:`refresh`) return a new
+    :class:`AsyncSandbox`. Methods address the sandbox by ``id``, so they keep
+    working after a rename.
+
+    As a context manager (``async with``) it deletes the sandbox on exit, unless it
+    was created with ``keep=True``; a sandbox already gone by then is fine::
+
+        async with await k.sandboxes.create() as sb:
+            await sb.exec("make test")
     """
 
     _kiln: AsyncKiln = PrivateAttr()
@@ -416,7 +461,12 @@ class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
 
 
 class AsyncSandboxRef(_AsyncSandboxActions):
-    """A sandbox addressed by id or name, not fetched: ``kiln.sandboxes.ref("demo")``."""
+    """A sandbox addressed by id or name, not fetched: ``kiln.sandboxes.ref("demo")``.
+
+    It has every method of :class:`AsyncSandbox` but none of its fields, and costs
+    no request to make; a missing sandbox shows up as :class:`NotFound` on the
+    first call. Addressed by name, it follows the name (a rename breaks it).
+    """
 
     __slots__ = ("_id_or_name", "_kiln")
 
@@ -433,7 +483,7 @@ class AsyncSandboxRef(_AsyncSandboxActions):
 
 
 class AsyncSandboxes:
-    """``kiln.sandboxes`` (async): create, find, change and delete sandboxes."""
+    """``kiln.sandboxes``: create, find, change and delete sandboxes."""
 
     def __init__(self, kiln: AsyncKiln) -> None:
         self._kiln = kiln
@@ -460,7 +510,23 @@ class AsyncSandboxes:
         network: NetworkPolicy | Mapping[str, Any] | None = None,
         keep: bool = False,
     ) -> AsyncSandbox:
-        """Create a sandbox; returns once it runs (see :meth:`kiln.sdk.Sandboxes.create`)."""
+        """Create a sandbox and return once it is running.
+
+        Every argument is optional; the daemon fills in defaults (1 CPU,
+        512 MiB, a generated name, the default image). ``secrets`` names
+        secrets whose values join ``env``; ``init`` is a shell script run as
+        the TTY session ``init``; ``template`` is a template id to start from;
+        ``volumes`` maps existing volume names to mount points, and
+        ``new_volumes`` creates volumes along with the sandbox. ``labels`` are
+        string pairs to find it by (``list(labels=...)``); after ``ttl_s``
+        seconds the daemon destroys it, or stops it with ``on_expire="stop"``.
+        ``engine`` is ``"qemu"`` (a microVM with its own kernel) or ``"docker"`` (a
+        container); ``runtime``, for Docker only, ``"runc"`` or ``"runsc"`` (gVisor).
+        Both default to the daemon's choice; a ``runtime`` with the QEMU engine is a
+        :class:`ValidationError`. ``network`` is its egress policy (a
+        :class:`NetworkPolicy`, or its dict); the daemon's default when absent.
+        ``keep=True``: leaving the ``async with`` block does not delete it.
+        """
         spec = _api.sandbox_spec(
             name=name,
             cpus=cpus,
@@ -533,12 +599,16 @@ class AsyncSandboxes:
         return AsyncSandbox._wrap(self._kiln, info)
 
 
-class AsyncExecStream:
-    """The events of a streamed exec (``async for``), parsed line by line as they arrive.
+# -- exec stream ----------------------------------------------------------------------
 
-    The request is sent on first use; ``await close()`` (or leaving an ``async
-    with`` block) before the end kills the command. :attr:`exit_code` is set
-    after the :class:`Exit` event.
+
+class AsyncExecStream:
+    """The events of a streamed exec, parsed line by line as they arrive.
+
+    Iterate it with ``async for`` to get :class:`Stdout`/:class:`Stderr`/:class:`Exit`
+    events. The request is sent on first use. :meth:`close` (or leaving the
+    ``async with`` block) before the end kills the command. After the
+    :class:`Exit` event, :attr:`exit_code` holds the command's exit code.
     """
 
     def __init__(self, kiln: AsyncKiln, call: Call[None], *, exit_required: bool = True) -> None:
@@ -605,18 +675,29 @@ class AsyncExecStream:
         await self.close()
 
 
+# -- background processes -----------------------------------------------------------
+
+
 class AsyncOutputStream(AsyncExecStream):
-    """A background process's output (``async for``): the kept output, then live
-    output, then one :class:`Exit`. Unlike an exec stream, closing it early only
-    detaches this reader; the process keeps running. Without ``follow`` it ends
-    after the output kept so far (with an :class:`Exit` only if the process has
-    already exited)."""
+    """A background process's output: the kept output, then live output, then one
+    :class:`Exit`. Unlike an exec stream, closing it early only detaches this
+    reader; the process keeps running. Without ``follow`` it ends after the
+    output kept so far (with an :class:`Exit` only if the process has already
+    exited)."""
 
 
 class AsyncProcess:
-    """A background process in a sandbox (async); see :class:`kiln.sdk.Process`.
+    """A background process in a sandbox, by its guest pid.
 
-    ``async for event in proc`` reads its output; :meth:`wait` awaits its exit.
+    The fields (:attr:`running`, :attr:`exit_code`, ...) are as last seen;
+    :meth:`refresh` fetches them again and :meth:`wait` updates them. Iterating
+    over the handle with ``async for`` reads its output (kept output first, then
+    live, then :class:`Exit`); leaving early only detaches::
+
+        proc = await sb.processes.start("python3 -m http.server 8000")
+        async for event in proc:
+            print(event)
+        await proc.kill()
     """
 
     def __init__(self, kiln: AsyncKiln, sandbox: str, info: ProcessInfo) -> None:
@@ -689,6 +770,7 @@ class AsyncProcess:
                     await self._exited(event.exit_code)
                 yield event
 
+    # unasync: async-only
     async def wait(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - as the sync one
         """Read its output to the end; its exit code. :class:`Timeout` after ``timeout`` s."""
         try:
@@ -699,6 +781,30 @@ class AsyncProcess:
         except TimeoutError:
             raise Timeout(f"process {self.pid} still runs after {timeout} s") from None
         raise InvalidResponse("the output stream ended without an exit event")
+
+    # unasync: sync-only
+    # # No asyncio.timeout here: the read timeout bounds each wait for a line, the deadline
+    # # the whole wait.
+    # def wait(self, timeout: float | None = None) -> int:
+    #     """Read its output to the end; its exit code. :class:`Timeout` after ``timeout`` s."""
+    #     deadline = None if timeout is None else time.monotonic() + timeout
+    #     call = _api.process_output(self._sandbox, self.pid, timeout=timeout)
+    #     try:
+    #         with OutputStream(self._kiln, call) as events:
+    #             for event in events:
+    #                 if isinstance(event, Exit):
+    #                     self._exited(event.exit_code)
+    #                     return event.exit_code
+    #                 if deadline is not None and time.monotonic() > deadline:
+    #                     break
+    #     except Timeout:
+    #         pass  # no output within the timeout
+    #     else:
+    #         if deadline is None:
+    #             raise InvalidResponse("the output stream ended without an exit event")
+    #     raise Timeout(f"process {self.pid} still runs after {timeout} s")
+    #
+    # unasync: end
 
     async def _exited(self, code: int) -> None:
         try:
@@ -730,7 +836,8 @@ class AsyncProcess:
 
 
 class AsyncProcesses:
-    """``sandbox.processes`` (async): background commands; see :class:`kiln.sdk.Processes`."""
+    """``sandbox.processes``: commands that run in the background, detached from any
+    connection, with their last 1 MiB of stdout and of stderr kept for readers."""
 
     def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
         self._kiln = kiln
@@ -749,7 +856,12 @@ class AsyncProcesses:
         rows: int | None = None,
         cols: int | None = None,
     ) -> AsyncProcess:
-        """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background."""
+        """Start ``cmd`` (argv list, or a string for ``sh -c``) in the background.
+
+        ``user`` is ``"root"`` or the sandbox user (the default). A command that
+        cannot start (not found, not executable, bad ``cwd``) raises
+        :class:`ValidationError`.
+        """
         body = _api.process_body(
             cmd,
             env=env,
@@ -800,14 +912,19 @@ class AsyncProcesses:
         await self._kiln._call(_api.resize_process(self._id, pid, rows, cols))
 
 
-async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+# -- files and sessions -------------------------------------------------------------
+
+
+# unasync: async-only
+async def _aiter(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
     # Local file reads block briefly; an upload is bounded by the network anyway.
     for chunk in chunks:
         yield chunk
 
 
+# unasync: end
 class AsyncFiles:
-    """``sandbox.files`` (async): the sandbox's filesystem."""
+    """``sandbox.files``: the sandbox's filesystem."""
 
     def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
         self._kiln = kiln
@@ -818,8 +935,8 @@ class AsyncFiles:
     ) -> FileContent:
         """Read a file: ``.data`` (bytes), ``.size`` (whole file), ``.truncated``.
 
-        ``offset`` is a 1-based line number, ``limit`` a number of lines,
-        ``max_bytes`` a number of bytes (0: no limit).
+        ``offset`` is a 1-based line number to start at, ``limit`` a maximum
+        number of lines, ``max_bytes`` a maximum number of bytes (0: no limit).
         """
         call = _api.read_file(self._id, path, offset=offset, limit=limit, max_bytes=max_bytes)
         return await self._kiln._call(call)
@@ -831,10 +948,16 @@ class AsyncFiles:
         *,
         mode: int | str | None = None,
     ) -> None:
-        """Write ``data`` (bytes, text, or a binary file object) to ``path`` atomically."""
+        """Write ``data`` (bytes, text as UTF-8, or a binary file object) to ``path`` atomically.
+
+        Parent directories are created. ``mode`` is ``0o644`` or ``"0644"``.
+        A seekable file object is streamed from its current position.
+        """
         size, content = _api.upload_body(data)
+        # unasync: async-only
         if not isinstance(content, bytes):
             content = _aiter(content)
+        # unasync: end
         await self._kiln._call(_api.write_file(self._id, path, size, mode), content=content)
 
     async def stat(self, path: str) -> FileStat:
@@ -869,7 +992,7 @@ class AsyncFiles:
     def watch(self, path: str, *, recursive: bool = False) -> AsyncFileWatch:
         """A directory's changes (``async for event in ...``: ``.name``, ``.type`` one of
         create, write, remove, rename, chmod) until the directory is removed or the
-        watch is closed (``await close()`` or leaving ``async with``)."""
+        watch is closed (``await close()`` or leaving the ``async with`` block)."""
         return AsyncFileWatch(self._kiln, _api.watch_files(self._id, path, recursive))
 
 
@@ -931,7 +1054,7 @@ class AsyncFileWatch:
 
 
 class AsyncSessions:
-    """``sandbox.sessions`` (async): exec and TTY sessions inside the sandbox."""
+    """``sandbox.sessions``: exec and TTY sessions inside the sandbox."""
 
     def __init__(self, kiln: AsyncKiln, sandbox_id: str) -> None:
         self._kiln = kiln
@@ -946,8 +1069,11 @@ class AsyncSessions:
         await self._kiln._call(_api.kill_session(self._id, session_id))
 
 
+# -- secrets, volumes, templates -------------------------------------------------------
+
+
 class AsyncSecrets:
-    """``kiln.secrets`` (async): named values, encrypted at rest, never returned."""
+    """``kiln.secrets``: named values, encrypted at rest, never returned."""
 
     def __init__(self, kiln: AsyncKiln) -> None:
         self._kiln = kiln
@@ -966,7 +1092,7 @@ class AsyncSecrets:
 
 
 class AsyncVolumes:
-    """``kiln.volumes`` (async): ext4 volumes that outlive sandboxes."""
+    """``kiln.volumes``: ext4 volumes that outlive sandboxes."""
 
     def __init__(self, kiln: AsyncKiln) -> None:
         self._kiln = kiln
@@ -989,7 +1115,7 @@ class AsyncVolumes:
 
 
 class AsyncTemplates:
-    """``kiln.templates`` (async): named sandbox specs."""
+    """``kiln.templates``: named sandbox specs."""
 
     def __init__(self, kiln: AsyncKiln) -> None:
         self._kiln = kiln
@@ -1005,7 +1131,7 @@ class AsyncTemplates:
         image: str | None = None,
         volumes: Mapping[str, str] | Sequence[VolumeMount] | None = None,
     ) -> Template:
-        """Save a sandbox spec under ``name``."""
+        """Save a sandbox spec under ``name``; pass its id as ``sandboxes.create(template=)``."""
         spec = _api.template_spec(
             name=name,
             cpus=cpus,
@@ -1028,3 +1154,20 @@ class AsyncTemplates:
     async def delete(self, template_id: str) -> None:
         """Delete a template."""
         await self._kiln._call(_api.delete_template(template_id))
+
+
+__all__ = [
+    "AsyncExecStream",
+    "AsyncFiles",
+    "AsyncKiln",
+    "AsyncOutputStream",
+    "AsyncProcess",
+    "AsyncProcesses",
+    "AsyncSandbox",
+    "AsyncSandboxRef",
+    "AsyncSandboxes",
+    "AsyncSecrets",
+    "AsyncSessions",
+    "AsyncTemplates",
+    "AsyncVolumes",
+]
