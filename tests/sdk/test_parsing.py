@@ -70,6 +70,7 @@ def test_parse_sandbox() -> None:
     assert sb.created_at == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
     assert sb.to_dict()["created_at"] == "2024-05-01T10:00:00+00:00"
     assert "from_the_future" not in sb.to_dict()
+    assert {sb, parse_sandbox({**SANDBOX, "labels": {}})} == {sb}  # hashable, labels and all
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,10 @@ class ApiModel(BaseModel):
         out: dict[str, Any] = _jsonable(self.model_dump())
         return out
 
+    def __hash__(self) -> int:
+        # Frozen values are hashable even with a dict field (labels, env, engines).
+        return hash((type(self), self.model_dump_json()))
+
 
 #: "Not given" for the positional constructors below (pydantic reports what is missing).
 _UNSET: Any = object()
