@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kiln.api.requests import ALIAS_PATTERN as DAEMONS_ALIAS_PATTERN
 from kiln.cli.args import (
     ALIAS_PATTERN,
     engine_for,
@@ -20,7 +21,6 @@ from kiln.cli.args import (
     parse_ttl,
     parse_volume,
 )
-from kiln.server.models import ALIAS_PATTERN as DAEMONS_ALIAS_PATTERN
 
 
 def test_parse_alias_is_the_daemons_rule() -> None:

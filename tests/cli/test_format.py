@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from io import StringIO
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from kiln.cli import format as fmt
 from kiln.cli.execio import exit_status, stdin_command
 from kiln.cli.terminal import split_detach
-from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+from kiln.protocol.messages import FileInfo, FileListing
 from kiln.sdk.models import (
     Capabilities,
     FileStat,
@@ -22,6 +21,7 @@ from kiln.sdk.models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Template,
     Volume,
 )
@@ -134,10 +134,15 @@ def test_inspect_shows_the_last_boot() -> None:
 def test_stopped_message_follows_the_capabilities() -> None:
     stopped = sandbox(status="stopped", thermal="cold")
     assert fmt.format_stopped(stopped) == "demo: stopped"
-    assert fmt.format_stopped(replace(stopped, capabilities=Capabilities())) == "demo: stopped"
+    assert (
+        fmt.format_stopped(stopped.model_copy(update={"capabilities": Capabilities()}))
+        == "demo: stopped"
+    )
     # The capabilities decide, not the engine's name.
     for engine in ("docker", "qemu"):
-        without = replace(stopped, engine=engine, capabilities=Capabilities(snapshots=False))
+        without = stopped.model_copy(
+            update={"engine": engine, "capabilities": Capabilities(snapshots=False)}
+        )
         assert fmt.format_stopped(without) == (
             "demo: stopped; its files are kept but its processes were ended (its engine has"
             " no snapshots); kiln start demo boots it again"
@@ -176,14 +181,21 @@ def test_json_of_models_and_lists() -> None:
     data = json.loads(fmt.format_json([sandbox()]))
     assert data[0]["name"] == "demo"
     assert data[0]["created_at"] == "2024-05-01T11:55:00+00:00"
-    sessions = [SessionInfo("s1", "bash", True, True, False, 0.0)]
+    sessions = [SessionInfo(session_id="s1", argv="bash", tty=True, running=True)]
     assert json.loads(fmt.format_json(sessions))[0]["session_id"] == "s1"
 
 
 def test_sessions_table() -> None:
     sessions = [
-        SessionInfo("s1", "bash -l", True, True, True, (NOW - timedelta(seconds=30)).timestamp()),
-        SessionInfo("s2", "make", False, False, False, NOW.timestamp(), exit_code=2),
+        SessionInfo(
+            session_id="s1",
+            argv="bash -l",
+            tty=True,
+            running=True,
+            attached=True,
+            created_at=(NOW - timedelta(seconds=30)).timestamp(),
+        ),
+        SessionInfo(session_id="s2", argv="make", created_at=NOW.timestamp(), exit_code=2),
     ]
     text = render(fmt.format_sessions_table(sessions, NOW))
     assert "s1 " in text and "running" in text and "30s" in text
@@ -213,19 +225,37 @@ def test_file_stat() -> None:
 
 
 def test_other_tables() -> None:
-    secrets = render(fmt.format_secrets_table([Secret("TOKEN", NOW, NOW)], NOW))
+    secrets = render(
+        fmt.format_secrets_table([Secret(name="TOKEN", created_at=NOW, updated_at=NOW)], NOW)
+    )
     assert "TOKEN" in secrets
-    volumes = render(fmt.format_volumes_table([Volume("data", 1024, NOW, "sb-1")], NOW))
+    volumes = render(
+        fmt.format_volumes_table(
+            [Volume(name="data", size_mb=1024, created_at=NOW, attached_to="sb-1")], NOW
+        )
+    )
     assert "data" in volumes and "1G" in volumes and "sb-1" in volumes
-    templates = render(fmt.format_templates_table([Template("t-1", "py", cpus=2)], NOW))
+    templates = render(fmt.format_templates_table([Template(id="t-1", name="py", cpus=2)], NOW))
     assert "py" in templates and "t-1" in templates
-    ports = render(fmt.format_ports_table([Port(3000, "/sandboxes/sb/proxy/3000/")], "http://h:1"))
+    ports = render(
+        fmt.format_ports_table(
+            [Port(port=3000, proxy_url="/sandboxes/sb/proxy/3000/")], "http://h:1"
+        )
+    )
     assert "http://h:1/sandboxes/sb/proxy/3000/" in ports
 
 
 def test_ports_table_and_json() -> None:
-    published = Port(3000, "/sandboxes/sb-1/proxy/3000/", "sb-1", "web", "http://web-3000.l:1/")
-    plain = Port(8000, "/sandboxes/sb-1/proxy/8000/", "sb-1", "web")
+    published = Port(
+        port=3000,
+        proxy_url="/sandboxes/sb-1/proxy/3000/",
+        sandbox_id="sb-1",
+        sandbox_name="web",
+        published_url="http://web-3000.l:1/",
+    )
+    plain = Port(
+        port=8000, proxy_url="/sandboxes/sb-1/proxy/8000/", sandbox_id="sb-1", sandbox_name="web"
+    )
     lines = [
         line.split()
         for line in render(fmt.format_ports_table([published, plain], "http://h:1/")).splitlines()
@@ -234,7 +264,11 @@ def test_ports_table_and_json() -> None:
     assert ["3000", "http://h:1/sandboxes/sb-1/proxy/3000/", "http://web-3000.l:1/"] in lines
     assert ["8000", "http://h:1/sandboxes/sb-1/proxy/8000/", "-"] in lines
     every = render(
-        fmt.format_ports_table([plain, Port(22, "/p/", "sb-2")], "http://h:1", with_sandbox=True)
+        fmt.format_ports_table(
+            [plain, Port(port=22, proxy_url="/p/", sandbox_id="sb-2")],
+            "http://h:1",
+            with_sandbox=True,
+        )
     )
     rows = [line.split() for line in every.splitlines()]
     assert rows[0] == ["SANDBOX", "PORT", "URL", "PUBLIC"]
@@ -247,7 +281,14 @@ def test_ports_table_and_json() -> None:
 
 
 def test_publish_errors_name_the_port_and_the_sandbox() -> None:
-    rule = PublishedPort("pub-1", "sb-1", 3000, "web-3000", "http://web-3000.l:1/", NOW)
+    rule = PublishedPort(
+        id="pub-1",
+        sandbox_id="sb-1",
+        port=3000,
+        alias="web-3000",
+        url="http://web-3000.l:1/",
+        created_at=NOW,
+    )
     daemon_says = "port 3000 is already published"
     assert fmt.format_publish_conflict("web", 3000, None, [rule], daemon_says) == (
         "port 3000 of web is already published as web-3000 (http://web-3000.l:1/)"
@@ -263,14 +304,18 @@ def test_publish_errors_name_the_port_and_the_sandbox() -> None:
 
 
 def test_health() -> None:
-    text = fmt.format_health(Health("ok", 3, 7260.0, "qemu"), "http://h:1")
+    text = fmt.format_health(
+        Health(status="ok", sandboxes=3, uptime_s=7260.0, engine="qemu"), "http://h:1"
+    )
     assert "uptime:    2h" in text and "sandboxes: 3" in text
     assert "engine:    qemu\n" in text  # an older daemon: one engine, nothing more to say
 
 
 def test_health_shows_each_engine() -> None:
     engines = {"qemu": "ok", "docker": "no Docker engine here: dockerd is not installed"}
-    text = fmt.format_health(Health("ok", 0, 5.0, "qemu", engines), "http://h:1")
+    text = fmt.format_health(
+        Health(status="ok", sandboxes=0, uptime_s=5.0, engine="qemu", engines=engines), "http://h:1"
+    )
     assert text.splitlines()[2:5] == [
         "engine:    qemu (default for new sandboxes)",
         "docker:    unavailable: no Docker engine here: dockerd is not installed",

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kiln.sdk import AsyncKiln, Kiln, KilnError, NotFound, ValidationError
-from kiln.sdk.models import parse_sandbox
+from kiln.sdk.models import SandboxInfo, parse
 
 from .conftest import unique
 
@@ -109,6 +109,10 @@ async def test_async_with_deletes_and_keep_keeps(akiln: AsyncKiln) -> None:
     updated = await kept2.update(labels={"a": "b"}, ttl_s=5)
     assert updated.labels == {"a": "b"} and updated.expires_at is not None
     await kept2.delete()
+
+
+def parse_sandbox(data: object) -> SandboxInfo:
+    return parse(SandboxInfo, data, "sandbox")
 
 
 def test_parse_sandbox_lifecycle_fields() -> None:

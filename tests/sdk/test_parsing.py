@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from kiln.api.responses import parse_time
 from kiln.sdk import _api
 from kiln.sdk.errors import (
     APIError,
@@ -25,21 +26,26 @@ from kiln.sdk.errors import (
 from kiln.sdk.models import (
     Capabilities,
     Exit,
+    Health,
     LastBoot,
     NewVolume,
+    Port,
+    PublishedPort,
+    SandboxInfo,
     Stderr,
     Stdout,
+    Template,
+    Volume,
     VolumeMount,
+    parse,
     parse_exec_event,
-    parse_health,
-    parse_port,
-    parse_published,
-    parse_sandbox,
-    parse_template,
-    parse_time,
-    parse_volume,
 )
 from kiln.sdk.shell import exit_code_from_close, resize_message
+
+
+def parse_sandbox(data: object) -> SandboxInfo:
+    return parse(SandboxInfo, data, "sandbox")
+
 
 SANDBOX = {
     "id": "sb-1",
@@ -64,14 +70,15 @@ def test_parse_sandbox() -> None:
     assert sb.created_at == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
     assert sb.to_dict()["created_at"] == "2024-05-01T10:00:00+00:00"
     assert "from_the_future" not in sb.to_dict()
+    assert {sb, parse_sandbox({**SANDBOX, "labels": {}})} == {sb}  # hashable, labels and all
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"id": None}, "'id' is missing"),
-        ({"cpus": "2"}, "'cpus' must be an integer"),
-        ({"keep_hot": 1}, "'keep_hot' must be bool"),
+        ({"id": None}, "field 'id': .*string"),
+        ({"cpus": "2"}, "field 'cpus': .*integer"),
+        ({"keep_hot": 1}, "field 'keep_hot': .*boolean"),
         ({"created_at": "yesterday"}, "RFC 3339"),
     ],
 )
@@ -83,12 +90,21 @@ def test_parse_sandbox_rejects(change: dict[str, object], message: str) -> None:
 def test_parse_sandbox_rejects_non_object() -> None:
     with pytest.raises(InvalidResponse, match="expected a JSON object"):
         parse_sandbox([SANDBOX])
+    with pytest.raises(InvalidResponse, match="sandbox list: expected a JSON list"):
+        parse(list[SandboxInfo], SANDBOX, "sandbox list")
+    with pytest.raises(InvalidResponse, match=r"field '1\.name' is missing"):
+        parse(list[SandboxInfo], [SANDBOX, {"id": "x", "status": "running"}], "sandbox list")
+
+
+def test_parse_sandbox_ignores_unknown_fields() -> None:
+    sb = parse_sandbox({**SANDBOX, "network": {"egress": "deny", "later": [1]}})
+    assert sb.network is not None and sb.network.egress == "deny"
 
 
 def test_parse_time_accepts_unix_seconds_and_naive() -> None:
     assert parse_time(0) == datetime(1970, 1, 1, tzinfo=UTC)
     assert parse_time("2024-01-01T00:00:00") == datetime(2024, 1, 1, tzinfo=UTC)
-    assert parse_time(None) is None
+    assert parse_time("2024-01-01T00:00:00.5Z") == datetime(2024, 1, 1, 0, 0, 0, 500000, UTC)
 
 
 def test_exec_events_text_and_base64() -> None:
@@ -207,8 +223,8 @@ def test_parse_sandbox_last_boot() -> None:
         "at": "2024-05-01T10:05:00.250000+00:00",
     }
     for bad, message in (
-        ("rebooted", "last_boot: expected a JSON object"),
-        ({"at": at}, "'reason' is missing"),
+        ("rebooted", "'last_boot': expected a JSON object"),
+        ({"at": at}, "'last_boot.reason' is missing"),
         ({"reason": "created", "at": "soon"}, "RFC 3339"),
     ):
         with pytest.raises(InvalidResponse, match=message):
@@ -236,9 +252,9 @@ def test_parse_sandbox_engine_runtime_capabilities() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"runtime": 1}, "'runtime' must be a string"),
-        ({"capabilities": ["pause"]}, "capabilities: expected a JSON object"),
-        ({"capabilities": {"snapshots": "no"}}, "'snapshots' must be bool"),
+        ({"runtime": 1}, "field 'runtime': .*string"),
+        ({"capabilities": ["pause"]}, "'capabilities': expected a JSON object"),
+        ({"capabilities": {"snapshots": "no"}}, "'capabilities.snapshots': .*boolean"),
     ],
 )
 def test_parse_sandbox_rejects_bad_engine_fields(change: dict[str, object], message: str) -> None:
@@ -248,12 +264,12 @@ def test_parse_sandbox_rejects_bad_engine_fields(change: dict[str, object], mess
 
 def test_parse_health_engines() -> None:
     base = {"status": "ok", "sandboxes": 2, "uptime_s": 1.5, "engine": "qemu"}
-    assert parse_health(base).engines == {}  # a daemon with one engine
-    health = parse_health({**base, "engines": {"qemu": "ok", "docker": "no dockerd"}})
+    assert parse(Health, base).engines == {}  # a daemon with one engine
+    health = parse(Health, {**base, "engines": {"qemu": "ok", "docker": "no dockerd"}})
     assert health.engines == {"qemu": "ok", "docker": "no dockerd"}
     assert health.to_dict()["engines"] == {"qemu": "ok", "docker": "no dockerd"}
     with pytest.raises(InvalidResponse, match="engines"):
-        parse_health({**base, "engines": {"qemu": True}})
+        parse(Health, {**base, "engines": {"qemu": True}})
 
 
 def test_exec_body() -> None:
@@ -318,15 +334,15 @@ def test_port_and_published_parsers() -> None:
         "sandbox_id": "sb-1",
         "sandbox_name": "web",
     }
-    port = parse_port(entry)
+    port = parse(Port, entry)
     assert (port.published_url, port.sandbox_name) == ("http://web-3000.localhost:8080/", "web")
-    assert parse_port({**entry, "published_url": None}).published_url is None
+    assert parse(Port, {**entry, "published_url": None}).published_url is None
     with pytest.raises(InvalidResponse, match="published_url"):
-        parse_port({**entry, "published_url": 1})
+        parse(Port, {**entry, "published_url": 1})
     rule = {"id": "pub-1", "sandbox_id": "sb-1", "port": 3000, "alias": "web-3000"}
-    assert parse_published({**rule, "url": "http://x/"}).url == "http://x/"
+    assert parse(PublishedPort, {**rule, "url": "http://x/"}).url == "http://x/"
     with pytest.raises(InvalidResponse, match="'url' is missing"):
-        parse_published(rule)
+        parse(PublishedPort, rule)
 
 
 def test_upload_body_sizes() -> None:
@@ -348,14 +364,15 @@ def test_upload_stops_at_announced_size() -> None:
 
 
 def test_volume_and_template_parsers() -> None:
-    vol = parse_volume({"name": "v", "size_mb": 64, "attached_to": "sb-1", "mount": "/v"})
+    vol = parse(Volume, {"name": "v", "size_mb": 64, "attached_to": "sb-1", "mount": "/v"})
     assert (vol.attached_to, vol.mount) == ("sb-1", "/v")
-    tpl = parse_template(
-        {"id": "t-1", "name": "py", "env": {"A": "1"}, "volumes": [{"name": "v", "mount": "/v"}]}
+    tpl = parse(
+        Template,
+        {"id": "t-1", "name": "py", "env": {"A": "1"}, "volumes": [{"name": "v", "mount": "/v"}]},
     )
     assert tpl.volumes == (VolumeMount("v", "/v"),)
     with pytest.raises(InvalidResponse, match="env"):
-        parse_template({"id": "t", "env": {"A": 1}})
+        parse(Template, {"id": "t", "env": {"A": 1}})
 
 
 def test_shell_helpers() -> None:

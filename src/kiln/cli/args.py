@@ -15,7 +15,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNOREC
 _MIB_PER_UNIT = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-#: The daemon's ``ALIAS_PATTERN`` (kiln.server.models; a test keeps them equal),
+#: The daemon's ``ALIAS_PATTERN`` (kiln.api.requests; a test keeps them equal),
 #: checked here to say what is wrong instead of echoing the daemon's regex.
 ALIAS_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _ALIAS_RE = re.compile(ALIAS_PATTERN)

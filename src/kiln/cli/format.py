@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from kiln.images import Image
     from kiln.protocol.fsops import FileEvent
-    from kiln.protocol.messages import FileListing, SessionInfo
+    from kiln.protocol.messages import FileListing
     from kiln.sdk.models import (
         Capabilities,
         FileStat,
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         PublishedPort,
         SandboxInfo,
         Secret,
+        SessionInfo,
         Template,
         Volume,
     )

@@ -94,6 +94,7 @@ from .models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Stderr,
     Stdout,
     Template,
@@ -103,7 +104,7 @@ from .models import (
 
 if TYPE_CHECKING:
     from kiln.protocol.fsops import FileEvent
-    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing
 
     from .shell import AsyncShellSession, ShellSession
 
@@ -115,7 +116,6 @@ _LAZY = {
     "FileEvent": "kiln.protocol.fsops",
     "FileInfo": "kiln.protocol.messages",
     "FileListing": "kiln.protocol.messages",
-    "SessionInfo": "kiln.protocol.messages",
 }
 
 

@@ -19,6 +19,8 @@ from urllib.parse import quote
 
 import httpx
 
+from kiln.api.responses import ArchiveExtracted
+
 from . import models
 from .errors import ConnectionError, InvalidResponse, KilnError, Timeout, error_for_status
 from .models import (
@@ -33,13 +35,14 @@ from .models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Template,
     Volume,
     VolumeMount,
 )
 
 if TYPE_CHECKING:
-    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing
 
 T = TypeVar("T")
 
@@ -190,12 +193,12 @@ def _json(resp: httpx.Response) -> Any:
         ) from None
 
 
-def _parser(parse: Callable[[Any], T]) -> Callable[[httpx.Response], T]:
-    return lambda resp: parse(_json(resp))
+def _parser(kind: type[T], what: str) -> Callable[[httpx.Response], T]:
+    return lambda resp: models.parse(kind, _json(resp), what)
 
 
-def _list_parser(parse: Callable[[Any], T], what: str) -> Callable[[httpx.Response], list[T]]:
-    return lambda resp: models.parse_list(_json(resp), parse, what)
+def _list_parser(kind: type[T], what: str) -> Callable[[httpx.Response], list[T]]:
+    return lambda resp: models.parse(list[kind], _json(resp), what)  # type: ignore[valid-type]
 
 
 def _no_content(resp: httpx.Response) -> None:
@@ -217,7 +220,7 @@ def sandbox_path(id_or_name: str, *rest: str) -> str:
 
 
 def health() -> Call[Health]:
-    return Call("GET", "/health", _parser(models.parse_health))
+    return Call("GET", "/health", _parser(Health, "health"))
 
 
 # -- sandboxes ----------------------------------------------------------------------
@@ -283,7 +286,7 @@ def sandbox_spec(
 
 def create_sandbox(spec: Mapping[str, Any]) -> Call[SandboxInfo]:
     return Call(
-        "POST", "/sandboxes", _parser(models.parse_sandbox), json=spec, timeout=SLOW_TIMEOUT_S
+        "POST", "/sandboxes", _parser(SandboxInfo, "sandbox"), json=spec, timeout=SLOW_TIMEOUT_S
     )
 
 
@@ -293,13 +296,13 @@ def list_sandboxes(labels: Mapping[str, str] | None = None) -> Call[list[Sandbox
     return Call(
         "GET",
         "/sandboxes",
-        _list_parser(models.parse_sandbox, "sandbox list"),
+        _list_parser(SandboxInfo, "sandbox list"),
         params=params or None,
     )
 
 
 def get_sandbox(id_or_name: str) -> Call[SandboxInfo]:
-    return Call("GET", sandbox_path(id_or_name), _parser(models.parse_sandbox))
+    return Call("GET", sandbox_path(id_or_name), _parser(SandboxInfo, "sandbox"))
 
 
 def update_sandbox(
@@ -321,7 +324,7 @@ def update_sandbox(
         body["labels"] = dict(labels)
     if ttl_s is not UNCHANGED:
         body["ttl_s"] = ttl_s
-    return Call("PATCH", sandbox_path(id_or_name), _parser(models.parse_sandbox), json=body)
+    return Call("PATCH", sandbox_path(id_or_name), _parser(SandboxInfo, "sandbox"), json=body)
 
 
 def delete_sandbox(id_or_name: str) -> Call[None]:
@@ -332,7 +335,7 @@ def stop_sandbox(id_or_name: str) -> Call[SandboxInfo]:
     return Call(
         "POST",
         sandbox_path(id_or_name, "stop"),
-        _parser(models.parse_sandbox),
+        _parser(SandboxInfo, "sandbox"),
         timeout=SLOW_TIMEOUT_S,
     )
 
@@ -341,7 +344,7 @@ def start_sandbox(id_or_name: str) -> Call[SandboxInfo]:
     return Call(
         "POST",
         sandbox_path(id_or_name, "start"),
-        _parser(models.parse_sandbox),
+        _parser(SandboxInfo, "sandbox"),
         timeout=SLOW_TIMEOUT_S,
     )
 
@@ -389,7 +392,7 @@ def exec_buffered(id_or_name: str, body: Mapping[str, Any]) -> Call[ExecResult]:
     return Call(
         "POST",
         sandbox_path(id_or_name, "exec"),
-        _parser(models.parse_exec_result),
+        _parser(ExecResult, "exec result"),
         json=body,
         timeout=exec_read_timeout(body.get("timeout_s")),
     )
@@ -451,7 +454,7 @@ def process_path(id_or_name: str, pid: int, *rest: str) -> str:
 
 def start_process(id_or_name: str, body: Mapping[str, Any]) -> Call[ProcessInfo]:
     return Call(
-        "POST", sandbox_path(id_or_name, "processes"), _parser(models.parse_process), json=body
+        "POST", sandbox_path(id_or_name, "processes"), _parser(ProcessInfo, "process"), json=body
     )
 
 
@@ -459,12 +462,12 @@ def list_processes(id_or_name: str) -> Call[list[ProcessInfo]]:
     return Call(
         "GET",
         sandbox_path(id_or_name, "processes"),
-        _list_parser(models.parse_process, "process list"),
+        _list_parser(ProcessInfo, "process list"),
     )
 
 
 def get_process(id_or_name: str, pid: int) -> Call[ProcessInfo]:
-    return Call("GET", process_path(id_or_name, pid), _parser(models.parse_process))
+    return Call("GET", process_path(id_or_name, pid), _parser(ProcessInfo, "process"))
 
 
 def process_output(
@@ -639,10 +642,7 @@ def upload_archive(id_or_name: str, path: str) -> Call[int]:
     """``PUT archive`` of a tar stream (the caller supplies the body): members extracted."""
 
     def parse(resp: httpx.Response) -> int:
-        members = _json(resp).get("members")
-        if not isinstance(members, int):
-            raise InvalidResponse(f"archive upload: no member count in {resp.text[:200]!r}")
-        return members
+        return models.parse(ArchiveExtracted, _json(resp), "archive upload").members
 
     return Call(
         "PUT",
@@ -699,7 +699,7 @@ def write_file(id_or_name: str, path: str, size: int, mode: int | str | None) ->
 
 
 def _sessions(resp: httpx.Response) -> list[SessionInfo]:
-    return models.parse_sessions(_json(resp))
+    return models.parse(list[SessionInfo], _json(resp), "session list")
 
 
 def list_sessions(id_or_name: str) -> Call[list[SessionInfo]]:
@@ -711,11 +711,11 @@ def kill_session(id_or_name: str, session_id: str) -> Call[None]:
 
 
 def sandbox_ports(id_or_name: str) -> Call[list[Port]]:
-    return Call("GET", sandbox_path(id_or_name, "ports"), _list_parser(models.parse_port, "ports"))
+    return Call("GET", sandbox_path(id_or_name, "ports"), _list_parser(Port, "ports"))
 
 
 def all_ports() -> Call[list[Port]]:
-    return Call("GET", "/ports", _list_parser(models.parse_port, "ports"))
+    return Call("GET", "/ports", _list_parser(Port, "ports"))
 
 
 def proxy_url(base_url: str, id_or_name: str, port: int) -> str:
@@ -727,7 +727,7 @@ def proxy_url(base_url: str, id_or_name: str, port: int) -> str:
 
 
 def _published_url(resp: httpx.Response) -> str:
-    return models.parse_published(_json(resp)).url
+    return models.parse(PublishedPort, _json(resp), "published port").url
 
 
 def publish(id_or_name: str, port: int, alias: str | None) -> Call[str]:
@@ -742,7 +742,7 @@ def list_published(id_or_name: str) -> Call[list[PublishedPort]]:
     return Call(
         "GET",
         sandbox_path(id_or_name, "publish"),
-        _list_parser(models.parse_published, "published ports"),
+        _list_parser(PublishedPort, "published ports"),
     )
 
 
@@ -758,7 +758,7 @@ def _secret_or_none(resp: httpx.Response) -> Secret | None:
     if not resp.content.strip():
         return None
     try:
-        return models.parse_secret(resp.json())
+        return models.parse(Secret, resp.json(), "secret")
     except (ValueError, InvalidResponse):
         return None  # the contract does not promise a body here
 
@@ -768,7 +768,7 @@ def set_secret(name: str, value: str) -> Call[Secret | None]:
 
 
 def list_secrets() -> Call[list[Secret]]:
-    return Call("GET", "/secrets", _list_parser(models.parse_secret, "secret list"))
+    return Call("GET", "/secrets", _list_parser(Secret, "secret list"))
 
 
 def delete_secret(name: str) -> Call[None]:
@@ -782,18 +782,18 @@ def create_volume(name: str, size_mb: int) -> Call[Volume]:
     return Call(
         "POST",
         "/volumes",
-        _parser(models.parse_volume),
+        _parser(Volume, "volume"),
         json={"name": name, "size_mb": size_mb},
         timeout=SLOW_TIMEOUT_S,
     )
 
 
 def list_volumes() -> Call[list[Volume]]:
-    return Call("GET", "/volumes", _list_parser(models.parse_volume, "volume list"))
+    return Call("GET", "/volumes", _list_parser(Volume, "volume list"))
 
 
 def get_volume(name: str) -> Call[Volume]:
-    return Call("GET", f"/volumes/{_seg(name)}", _parser(models.parse_volume))
+    return Call("GET", f"/volumes/{_seg(name)}", _parser(Volume, "volume"))
 
 
 def delete_volume(name: str) -> Call[None]:
@@ -825,15 +825,15 @@ def template_spec(
 
 
 def create_template(spec: Mapping[str, Any]) -> Call[Template]:
-    return Call("POST", "/templates", _parser(models.parse_template), json=spec)
+    return Call("POST", "/templates", _parser(Template, "template"), json=spec)
 
 
 def list_templates() -> Call[list[Template]]:
-    return Call("GET", "/templates", _list_parser(models.parse_template, "template list"))
+    return Call("GET", "/templates", _list_parser(Template, "template list"))
 
 
 def get_template(template_id: str) -> Call[Template]:
-    return Call("GET", f"/templates/{_seg(template_id)}", _parser(models.parse_template))
+    return Call("GET", f"/templates/{_seg(template_id)}", _parser(Template, "template"))
 
 
 def delete_template(template_id: str) -> Call[None]:

@@ -19,12 +19,12 @@ import asyncio
 import builtins
 import copy
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
+from pydantic import PrivateAttr
 
 from . import _api, models
 from ._api import Call, map_exceptions, raise_for_status
@@ -44,6 +44,7 @@ from .models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Template,
     Volume,
     VolumeMount,
@@ -52,7 +53,7 @@ from .models import (
 
 if TYPE_CHECKING:
     from kiln.protocol.fsops import FileEvent
-    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing
 
     from .shell import AsyncShellSession
 
@@ -408,7 +409,6 @@ class _AsyncSandboxActions:
         return await AsyncShellSession.connect(url, self._kiln._token)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
     """A sandbox: the daemon's view of it when fetched, plus methods acting on it.
 
@@ -424,13 +424,15 @@ class AsyncSandbox(SandboxInfo, _AsyncSandboxActions):
             await sb.exec("make test")
     """
 
-    _kiln: AsyncKiln = field(repr=False, compare=False)
-    _keep: bool = field(default=False, repr=False, compare=False)
+    _kiln: AsyncKiln = PrivateAttr()
+    _keep: bool = PrivateAttr(default=False)
 
     @classmethod
     def _wrap(cls, kiln: AsyncKiln, info: SandboxInfo, *, keep: bool = False) -> AsyncSandbox:
-        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
-        return cls(_kiln=kiln, _keep=keep, **values)
+        sandbox = cls.model_construct(info.model_fields_set, **dict(info))
+        sandbox._kiln = kiln
+        sandbox._keep = keep
+        return sandbox
 
     @property
     def _ref(self) -> str:
@@ -808,7 +810,7 @@ class AsyncProcess:
         try:
             await self.refresh()  # finished_at, as the sandbox saw it
         except KilnError:
-            self._info = replace(self._info, running=False, exit_code=code)
+            self._info = self._info.model_copy(update={"running": False, "exit_code": code})
 
     async def stdin(
         self, data: bytes | bytearray | memoryview | str, *, close: bool = False

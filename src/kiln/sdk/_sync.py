@@ -10,12 +10,12 @@ import builtins
 import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
+from pydantic import PrivateAttr
 
 from . import _api, models
 from ._api import Call, map_exceptions, raise_for_status
@@ -35,6 +35,7 @@ from .models import (
     PublishedPort,
     SandboxInfo,
     Secret,
+    SessionInfo,
     Template,
     Volume,
     VolumeMount,
@@ -43,7 +44,7 @@ from .models import (
 
 if TYPE_CHECKING:
     from kiln.protocol.fsops import FileEvent
-    from kiln.protocol.messages import FileInfo, FileListing, SessionInfo
+    from kiln.protocol.messages import FileInfo, FileListing
 
     from .shell import ShellSession
 
@@ -397,7 +398,6 @@ class _SandboxActions:
         return ShellSession.connect(url, self._kiln._token)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Sandbox(SandboxInfo, _SandboxActions):
     """A sandbox: the daemon's view of it when fetched, plus methods acting on it.
 
@@ -413,13 +413,15 @@ class Sandbox(SandboxInfo, _SandboxActions):
             sb.exec("make test")
     """
 
-    _kiln: Kiln = field(repr=False, compare=False)
-    _keep: bool = field(default=False, repr=False, compare=False)
+    _kiln: Kiln = PrivateAttr()
+    _keep: bool = PrivateAttr(default=False)
 
     @classmethod
     def _wrap(cls, kiln: Kiln, info: SandboxInfo, *, keep: bool = False) -> Sandbox:
-        values = {f.name: getattr(info, f.name) for f in fields(SandboxInfo)}
-        return cls(_kiln=kiln, _keep=keep, **values)
+        sandbox = cls.model_construct(info.model_fields_set, **dict(info))
+        sandbox._kiln = kiln
+        sandbox._keep = keep
+        return sandbox
 
     @property
     def _ref(self) -> str:
@@ -782,7 +784,7 @@ class Process:
         try:
             self.refresh()  # finished_at, as the sandbox saw it
         except KilnError:
-            self._info = replace(self._info, running=False, exit_code=code)
+            self._info = self._info.model_copy(update={"running": False, "exit_code": code})
 
     def stdin(self, data: bytes | bytearray | memoryview | str, *, close: bool = False) -> None:
         """Write ``data`` to its stdin (then close stdin, with ``close``)."""

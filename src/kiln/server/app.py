@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kiln
 from kiln.agent_client import AgentError
+from kiln.api.responses import Health
 from kiln.engine.errors import EngineError
 from kiln.images import ImageError
 from kiln.network.errors import NetworkError
@@ -35,7 +36,7 @@ from .e2b import control as e2b_control
 from .e2b import envd, filesystem, process
 from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
-from .models import ERROR_RESPONSES
+from .openapi import ERROR_RESPONSES, add_stream_schemas
 from .proxy import ProxyFront
 from .routes import archive, files, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
@@ -223,7 +224,14 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
 
-    @app.get("/health", tags=["daemon"])
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_stream_schemas(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way
+
+    @app.get("/health", tags=["daemon"], response_model=Health)
     async def health() -> dict[str, Any]:
         """Liveness, without authentication; never wakes a sandbox."""
         return services.health()

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers
 
+from kiln.api.requests import ALIAS_RE, PublishPort
 from kiln.store import NameTaken, PublishRule, User, rfc3339
-
-from .models import ALIAS_RE, PublishPort
 
 if TYPE_CHECKING:
     from .services import Services

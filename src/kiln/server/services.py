@@ -27,6 +27,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kiln.agent_client import AgentClient, AgentError
+from kiln.api.requests import (
+    NAME_RE,
+    CreateSandbox,
+    CreateTemplate,
+    CreateVolume,
+    NetworkBody,
+    PatchSandbox,
+    PutSecret,
+)
 from kiln.config import Config
 from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
 from kiln.engine.boots import STATE_KEY, LastBoot
@@ -68,15 +77,6 @@ from .e2b.tokens import EnvdTokens
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
 from .intents import INTENTS_DIR, Intent, Intents
-from .models import (
-    NAME_RE,
-    CreateSandbox,
-    CreateTemplate,
-    CreateVolume,
-    NetworkBody,
-    PatchSandbox,
-    PutSecret,
-)
 from .publishing import Origin, PublishService
 
 log = logging.getLogger("kiln.server")

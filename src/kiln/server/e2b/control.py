@@ -42,6 +42,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from kiln.api.requests import CreateSandbox, PatchSandbox
 from kiln.engine.base import Status
 from kiln.images import TIERS
 from kiln.store import NotFound, OnExpire, User, rfc3339
@@ -56,7 +57,6 @@ from ..errors import (
     Unauthorized,
     Unprocessable,
 )
-from ..models import CreateSandbox, PatchSandbox
 from ..routes.deps import AppServices
 from ..services import Services
 from .models import (

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ..models import MAX_TTL_S, Env, Labels, unknown_fields_message
+from kiln.api.requests import MAX_TTL_S, Env, Labels, unknown_fields_message
 
 #: E2B's default sandbox lifetime, when a create or connect names none (its
 #: OpenAPI's ``timeout`` default; the SDK omits the field unless the user set it).
@@ -68,7 +68,7 @@ class NetworkConfig(_E2bBody):
     rules: dict[str, Any] | None = Field(default=None, alias="rules")
 
 
-class VolumeMount(_E2bBody):
+class E2bVolumeMount(_E2bBody):
     """A kiln volume (by name) mounted at ``path``."""
 
     name: StrictStr
@@ -89,7 +89,7 @@ class NewSandbox(_E2bBody):
     env_vars: Env | None = Field(default=None, alias="envVars")
     mcp: dict[str, Any] | None = None
     iam: dict[str, Any] | None = None
-    volume_mounts: list[VolumeMount] | None = Field(default=None, alias="volumeMounts")
+    volume_mounts: list[E2bVolumeMount] | None = Field(default=None, alias="volumeMounts")
     secure: StrictBool | None = None  # older SDKs; every kiln sandbox is secured
 
 

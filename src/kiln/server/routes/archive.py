@@ -33,13 +33,14 @@ import asyncio
 import logging
 import posixpath
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
 from kiln.agent_client import AgentClient, ExecProcess
 from kiln.agent_client.exec import Exit, Stderr, Stdout
+from kiln.api.responses import ArchiveExtracted
 from kiln.archive import TarScanner, UnsafeArchive
 from kiln.protocol import ROOT_USER
 
@@ -78,7 +79,13 @@ def _tar_failed(code: int, stderr: bytes) -> str:
 
 @router.get(
     "/sandboxes/{sandbox}/archive",
-    responses={200: {"content": {"application/x-tar": {}}}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "A tar stream of the path",
+            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
 )
 async def get_archive(
     sandbox: str, user: CurrentUser, services: AppServices, path: PathParam
@@ -169,7 +176,7 @@ async def _owner(client: AgentClient) -> tuple[int, int]:
         ) from None
 
 
-@router.put("/sandboxes/{sandbox}/archive")
+@router.put("/sandboxes/{sandbox}/archive", response_model=ArchiveExtracted)
 async def put_archive(
     *,
     sandbox: str,
@@ -177,7 +184,7 @@ async def put_archive(
     user: CurrentUser,
     services: AppServices,
     path: PathParam,
-) -> dict[str, Any]:
+) -> ArchiveExtracted:
     """Extract the tar stream in the body into the directory ``path`` (which must
     exist: 404 otherwise, 400 if it is not a directory). Members get the sandbox
     user as owner and keep their modes; symlinks stay symlinks. An archive with
@@ -232,4 +239,4 @@ async def put_archive(
                 await asyncio.gather(reader, return_exceptions=True)
     if code != 0:
         raise ConflictError(_tar_failed(code if code is not None else -1, bytes(stderr)))
-    return {"path": path, "members": scanner.members}
+    return ArchiveExtracted(path=path, members=scanner.members)

@@ -14,16 +14,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from kiln.agent_client import AgentClient, AgentError, ExecProcess, Exit, Stderr, Stdout
+from kiln.api.requests import ExecBody, agent_user
+from kiln.api.responses import ExecEvent, ExecResult
 
 from ..errors import to_api_error
-from ..models import ExecBody, agent_user
+from ..openapi import NDJSON, ndjson
 from ..streaming import KEEPALIVE_S, LiveStream, keep_active
 from .deps import AppServices, CurrentUser
 
 router = APIRouter(tags=["exec"])
 log = logging.getLogger("kiln.server")
 
-NDJSON = "application/x-ndjson"
 #: Exit code reported when ``timeout_s`` expired and the command was killed (as timeout(1)).
 TIMEOUT_EXIT = 124
 
@@ -47,7 +48,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 @router.post(
     "/sandboxes/{sandbox}/exec",
-    responses={200: {"content": {"application/json": {}, NDJSON: {}}}},
+    response_model=ExecResult,
+    responses=ndjson(ExecEvent, "The result; with Accept: application/x-ndjson, events"),
 )
 async def exec_command(
     sandbox: str, body: ExecBody, request: Request, user: CurrentUser, services: AppServices
@@ -75,7 +77,7 @@ async def exec_command(
             on_close=finish,
         )
     touch()
-    result: dict[str, Any] | None = None
+    result: ExecResult | None = None
     failure: Exception | None = None
     try:
         async with asyncio.TaskGroup() as tg:
@@ -94,7 +96,8 @@ async def exec_command(
     if result is None:
         return Response(status_code=499)  # the client is gone; the command was killed
     touch()
-    return JSONResponse(result)
+    # Unset: encoding and timed_out, sent only when they apply.
+    return JSONResponse(result.model_dump(mode="json", exclude_unset=True))
 
 
 class ClientGone(Exception):
@@ -122,7 +125,7 @@ def _process(client: AgentClient, body: ExecBody) -> ExecProcess:
     )
 
 
-async def _buffered(client: AgentClient, body: ExecBody) -> dict[str, Any]:
+async def _buffered(client: AgentClient, body: ExecBody) -> ExecResult:
     stdout, stderr = bytearray(), bytearray()
     exit_code: int | None = None
     timed_out = False
@@ -139,16 +142,17 @@ async def _buffered(client: AgentClient, body: ExecBody) -> dict[str, Any]:
         except TimeoutError:
             timed_out = True  # leaving the block aborts the connection: SIGKILL
     b64 = body.encoding == "base64"
-    out: dict[str, Any] = {
-        "exit_code": TIMEOUT_EXIT if timed_out or exit_code is None else exit_code,
-        "stdout": _Decoder(b64).text(bytes(stdout), True),
-        "stderr": _Decoder(b64).text(bytes(stderr), True),
-    }
+    only_if_so: dict[str, Any] = {}
     if b64:
-        out["encoding"] = "base64"
+        only_if_so["encoding"] = "base64"
     if timed_out:
-        out["timed_out"] = True
-    return out
+        only_if_so["timed_out"] = True
+    return ExecResult(
+        exit_code=TIMEOUT_EXIT if timed_out or exit_code is None else exit_code,
+        stdout=_Decoder(b64).text(bytes(stdout), True),
+        stderr=_Decoder(b64).text(bytes(stderr), True),
+        **only_if_so,
+    )
 
 
 async def _stream(

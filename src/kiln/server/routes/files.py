@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from kiln.agent_client import DirWatch, FileReader
+from kiln.api.requests import MkdirBody, MoveBody
+from kiln.api.responses import DirMade, FileChange, FileEntry, FileWritten, ListingCap
 from kiln.protocol import MAX_LS_DEPTH, InvalidMessage, encode_json, parse_mode
 
 from ..errors import BadRequest, LengthRequired, PayloadTooLarge
-from ..models import MkdirBody, MoveBody
+from ..openapi import NDJSON, ndjson
 from ..streaming import LiveStream
 from .deps import AppServices, CurrentUser
 
@@ -50,7 +52,20 @@ def _truthy(value: str | None, name: str = "ls") -> bool:
     raise BadRequest(f"{name} must be true or false, got {value!r}")
 
 
-@router.head("/sandboxes/{sandbox}/files")
+@router.head(
+    "/sandboxes/{sandbox}/files",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The answer is headers only",
+            "headers": {
+                "X-File-Size": {"schema": {"type": "integer"}, "description": "bytes"},
+                "X-File-Mode": {"schema": {"type": "string"}, "description": "octal, 0644"},
+                "X-File-IsDir": {"schema": {"type": "boolean"}},
+            },
+        }
+    },
+)
 async def stat_file(
     sandbox: str, user: CurrentUser, services: AppServices, path: PathParam
 ) -> Response:
@@ -70,7 +85,16 @@ async def stat_file(
 
 @router.get(
     "/sandboxes/{sandbox}/files",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    # The JSON answer is ls=true's; a read answers the file's bytes.
+    response_model=list[FileEntry | ListingCap],
+    responses={
+        200: {
+            "description": "The file's bytes, or with ls=true its directory listing",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
 )
 async def read_file(
     *,
@@ -177,7 +201,7 @@ async def _relay(
             await reader.__aexit__(type(failed), failed, None)
 
 
-@router.put("/sandboxes/{sandbox}/files")
+@router.put("/sandboxes/{sandbox}/files", response_model=FileWritten)
 async def write_file(
     *,
     sandbox: str,
@@ -234,7 +258,7 @@ async def remove_file(
     return Response(status_code=204)
 
 
-@router.post("/sandboxes/{sandbox}/files/mkdir")
+@router.post("/sandboxes/{sandbox}/files/mkdir", response_model=DirMade)
 async def make_dir(
     sandbox: str, body: MkdirBody, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -246,7 +270,11 @@ async def make_dir(
     return {"path": made.info.path, "created": made.created}
 
 
-@router.post("/sandboxes/{sandbox}/files/move")
+@router.post(
+    "/sandboxes/{sandbox}/files/move",
+    response_model=FileEntry,
+    response_model_exclude_unset=True,  # FileInfo leaves out what it does not know
+)
 async def move_file(
     sandbox: str, body: MoveBody, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -260,7 +288,7 @@ async def move_file(
 
 @router.get(
     "/sandboxes/{sandbox}/files/watch",
-    responses={200: {"content": {"application/x-ndjson": {}}}},
+    responses=ndjson(FileChange, "One change of the directory per line"),
 )
 async def watch_dir(
     *,
@@ -279,7 +307,7 @@ async def watch_dir(
     watch = client.watch_dir(path, recursive=tree)
     await watch.__aenter__()  # a missing directory is a 404 here, before the stream
     services.sandboxes.touch(sb.id)
-    return LiveStream(_events(watch), media_type="application/x-ndjson", on_close=_stop(watch))
+    return LiveStream(_events(watch), media_type=NDJSON, on_close=_stop(watch))
 
 
 async def _events(watch: DirWatch) -> AsyncGenerator[bytes, None]:

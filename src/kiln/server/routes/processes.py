@@ -14,14 +14,17 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from kiln.agent_client import AgentError, ProcessOutput, Stderr, Stdout
+from kiln.api.requests import ResizeProcess, SignalProcess, StartProcess, agent_user
+from kiln.api.responses import ErrorBody, ExecEvent
+from kiln.api.responses import ProcessInfo as ProcessInfoBody
 from kiln.protocol import InvalidMessage, ProcessInfo, signal_name
 from kiln.store import rfc3339
 
 from ..errors import NotFoundError, Unprocessable, to_api_error
-from ..models import ErrorBody, ResizeProcess, SignalProcess, StartProcess, agent_user
+from ..openapi import NDJSON, ndjson
 from ..streaming import LiveStream, keep_active
 from .deps import AppServices, CurrentUser
-from .exec import NDJSON, _Decoder, _line
+from .exec import _Decoder, _line
 
 router = APIRouter(tags=["processes"])
 log = logging.getLogger("kiln.server")
@@ -61,7 +64,12 @@ def _pid(pid: int) -> int:
     return pid
 
 
-@router.post("/sandboxes/{sandbox}/processes", status_code=201, responses=_AGENT_ERRORS)
+@router.post(
+    "/sandboxes/{sandbox}/processes",
+    status_code=201,
+    response_model=ProcessInfoBody,
+    responses=_AGENT_ERRORS,
+)
 async def start_process(
     sandbox: str, body: StartProcess, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -84,7 +92,11 @@ async def start_process(
     return process_view(info)
 
 
-@router.get("/sandboxes/{sandbox}/processes", responses=_AGENT_ERRORS)
+@router.get(
+    "/sandboxes/{sandbox}/processes",
+    response_model=list[ProcessInfoBody],
+    responses=_AGENT_ERRORS,
+)
 async def list_processes(
     sandbox: str, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:
@@ -93,7 +105,11 @@ async def list_processes(
     return [process_view(p) for p in await client.list_processes()]
 
 
-@router.get("/sandboxes/{sandbox}/processes/{pid}", responses=_AGENT_ERRORS)
+@router.get(
+    "/sandboxes/{sandbox}/processes/{pid}",
+    response_model=ProcessInfoBody,
+    responses=_AGENT_ERRORS,
+)
 async def get_process(
     sandbox: str, pid: PidPath, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -104,7 +120,7 @@ async def get_process(
 
 @router.get(
     "/sandboxes/{sandbox}/processes/{pid}/output",
-    responses={200: {"content": {NDJSON: {}}}, **_AGENT_ERRORS},
+    responses={**ndjson(ExecEvent, "Output events, then an exit line"), **_AGENT_ERRORS},
 )
 async def process_output(
     *,

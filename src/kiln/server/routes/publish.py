@@ -6,14 +6,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from kiln.api.requests import PublishPort
+from kiln.api.responses import PublishedPort
+
 from ..errors import NotFoundError
-from ..models import PublishPort
 from .deps import AppServices, CurrentUser, origin_of
 
 router = APIRouter(tags=["publish"])
 
 
-@router.post("/sandboxes/{sandbox}/publish", status_code=201)
+@router.post("/sandboxes/{sandbox}/publish", status_code=201, response_model=PublishedPort)
 async def publish(
     sandbox: str, body: PublishPort, request: Request, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -22,7 +24,7 @@ async def publish(
     return services.publishing.publish(user, sandbox, body, origin_of(request))
 
 
-@router.get("/sandboxes/{sandbox}/publish")
+@router.get("/sandboxes/{sandbox}/publish", response_model=list[PublishedPort])
 async def list_published(
     sandbox: str, request: Request, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:

@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
+from kiln.api.requests import SECRET_NAME_RE, CreateTemplate, CreateVolume, PutSecret
+from kiln.api.responses import Secret, Template, Volume
+
 from ..errors import NotFoundError
-from ..models import SECRET_NAME_RE, CreateTemplate, CreateVolume, PutSecret
 from .deps import AppServices, CurrentUser
 
 router = APIRouter()
@@ -16,7 +18,7 @@ router = APIRouter()
 # --- templates ------------------------------------------------------------------------
 
 
-@router.post("/templates", status_code=201, tags=["templates"])
+@router.post("/templates", status_code=201, tags=["templates"], response_model=Template)
 async def create_template(
     body: CreateTemplate, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -24,12 +26,12 @@ async def create_template(
     return services.templates.create(user, body)
 
 
-@router.get("/templates", tags=["templates"])
+@router.get("/templates", tags=["templates"], response_model=list[Template])
 async def list_templates(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
     return services.templates.list_for(user)
 
 
-@router.get("/templates/{template}", tags=["templates"])
+@router.get("/templates/{template}", tags=["templates"], response_model=Template)
 async def get_template(template: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """By id or name."""
     return services.templates.get(user, template)
@@ -44,13 +46,13 @@ async def delete_template(template: str, user: CurrentUser, services: AppService
 # --- secrets --------------------------------------------------------------------------
 
 
-@router.post("/secrets", status_code=201, tags=["secrets"])
+@router.post("/secrets", status_code=201, tags=["secrets"], response_model=Secret)
 async def put_secret(body: PutSecret, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """Create or replace a secret. The value is encrypted at rest and never returned."""
     return services.secrets.put(user, body)
 
 
-@router.get("/secrets", tags=["secrets"])
+@router.get("/secrets", tags=["secrets"], response_model=list[Secret])
 async def list_secrets(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
     """Names and timestamps only."""
     return services.secrets.list_for(user)
@@ -67,7 +69,7 @@ async def delete_secret(name: str, user: CurrentUser, services: AppServices) -> 
 # --- volumes --------------------------------------------------------------------------
 
 
-@router.post("/volumes", status_code=201, tags=["volumes"])
+@router.post("/volumes", status_code=201, tags=["volumes"], response_model=Volume)
 async def create_volume(
     body: CreateVolume, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -75,12 +77,12 @@ async def create_volume(
     return services.volumes.create(user, body)
 
 
-@router.get("/volumes", tags=["volumes"])
+@router.get("/volumes", tags=["volumes"], response_model=list[Volume])
 async def list_volumes(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
     return services.volumes.list_for(user)
 
 
-@router.get("/volumes/{name}", tags=["volumes"])
+@router.get("/volumes/{name}", tags=["volumes"], response_model=Volume)
 async def get_volume(name: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     return services.volumes.get(user, name)
 

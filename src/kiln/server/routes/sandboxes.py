@@ -6,14 +6,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
+from kiln.api.requests import CreateSandbox, PatchSandbox
+from kiln.api.responses import Port, SandboxInfo, SessionInfo
+
 from ..errors import BadRequest
-from ..models import CreateSandbox, PatchSandbox
 from .deps import AppServices, CurrentUser, origin_of
 
 router = APIRouter(tags=["sandboxes"])
 
 
-@router.post("/sandboxes", status_code=201)
+@router.post("/sandboxes", status_code=201, response_model=SandboxInfo)
 async def create_sandbox(
     user: CurrentUser,
     services: AppServices,
@@ -23,7 +25,7 @@ async def create_sandbox(
     return await services.sandboxes.create(user, body or CreateSandbox())
 
 
-@router.get("/sandboxes")
+@router.get("/sandboxes", response_model=list[SandboxInfo])
 async def list_sandboxes(
     user: CurrentUser,
     services: AppServices,
@@ -52,13 +54,13 @@ def label_filter(values: list[str]) -> dict[str, str] | None:
     return wanted
 
 
-@router.get("/sandboxes/{sandbox}")
+@router.get("/sandboxes/{sandbox}", response_model=SandboxInfo)
 async def get_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """One sandbox by id or name (never wakes it)."""
     return services.sandboxes.get(user, sandbox)
 
 
-@router.patch("/sandboxes/{sandbox}")
+@router.patch("/sandboxes/{sandbox}", response_model=SandboxInfo)
 async def patch_sandbox(
     sandbox: str, body: PatchSandbox, user: CurrentUser, services: AppServices
 ) -> dict[str, Any]:
@@ -73,19 +75,19 @@ async def delete_sandbox(sandbox: str, user: CurrentUser, services: AppServices)
     return Response(status_code=204)
 
 
-@router.post("/sandboxes/{sandbox}/stop")
+@router.post("/sandboxes/{sandbox}/stop", response_model=SandboxInfo)
 async def stop_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """Snapshot to disk and stop."""
     return await services.sandboxes.stop(user, sandbox)
 
 
-@router.post("/sandboxes/{sandbox}/start")
+@router.post("/sandboxes/{sandbox}/start", response_model=SandboxInfo)
 async def start_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """Restore a stopped sandbox."""
     return await services.sandboxes.start(user, sandbox)
 
 
-@router.get("/sandboxes/{sandbox}/sessions")
+@router.get("/sandboxes/{sandbox}/sessions", response_model=list[SessionInfo])
 async def list_sessions(
     sandbox: str, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:
@@ -104,7 +106,7 @@ async def kill_session(
     return Response(status_code=204)
 
 
-@router.get("/sandboxes/{sandbox}/ports")
+@router.get("/sandboxes/{sandbox}/ports", response_model=list[Port])
 async def sandbox_ports(
     sandbox: str, request: Request, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:
@@ -113,7 +115,7 @@ async def sandbox_ports(
     return await services.sandboxes.ports(user, sandbox, origin_of(request))
 
 
-@router.get("/ports")
+@router.get("/ports", response_model=list[Port])
 async def all_ports(
     request: Request, user: CurrentUser, services: AppServices
 ) -> list[dict[str, Any]]:

@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from kiln.agent_client import AgentError, TtySession
+from kiln.api.requests import agent_user, exec_user_error
 
 from ..auth import authenticate, bearer_token
 from ..errors import ApiError, BadRequest, to_api_error
-from ..models import agent_user, exec_user_error
 from ..services import Services
 from ..streaming import keep_active
 

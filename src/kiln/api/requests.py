@@ -3,8 +3,8 @@
 Types are strict: ``"cpus": "2"`` or ``"keep_hot": 1`` is a 422, not silently
 coerced. So is a field the route does not know: a typo (``"memory"`` for
 ``"memory_mb"``) or an option this daemon lacks must fail loudly rather than be
-ignored and leave the client believing it took effect. Responses are plain
-dicts built in :mod:`.views`.
+ignored and leave the client believing it took effect. Responses are in
+:mod:`.responses`.
 """
 
 from __future__ import annotations
@@ -292,27 +292,3 @@ class PublishPort(_Body):
         default=None,
         description="a lowercase DNS label; generated from the sandbox name when absent",
     )
-
-
-class ErrorBody(BaseModel):
-    """Every error answer: ``{"error": "<one line>"}``."""
-
-    error: str
-
-
-_ERROR_CODES = {
-    400: "Bad input (malformed JSON, a bad query value)",
-    401: "Missing or wrong API key",
-    403: "Over quota, or not yours",
-    404: "Unknown sandbox, template, secret, volume or session",
-    409: "Conflict (name taken, volume in use, process finished)",
-    413: "Body too large",
-    422: "Invalid fields",
-    503: "No engine can run sandboxes here",
-}
-
-#: Documented on every route, so the OpenAPI schema tells the truth about errors
-#: (and replaces FastAPI's default 422 schema, which kiln never sends).
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody, "description": text} for code, text in _ERROR_CODES.items()
-}
