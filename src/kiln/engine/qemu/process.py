@@ -145,6 +145,17 @@ async def _terminate(pid: int, marker: str, grace: float) -> None:
     raise EngineError(f"QEMU process {pid} survived SIGKILL")
 
 
+def set_nice(pid: int, value: int) -> None:
+    """The niceness of every thread of ``pid`` (setpriority on Linux is per thread)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+
+
 def find_processes(marker: str) -> list[int]:
     """Pids of live processes whose command line contains ``marker`` (orphan scan)."""
     found: list[int] = []

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -68,6 +69,17 @@ class Provisioner:
         self._vms = vms
         self._creating: set[str] = set()
         self._template_locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.contextmanager
+    def reserving(self, spec: SandboxSpec) -> Iterator[None]:
+        """Check ``spec`` and hold its id while a create made elsewhere (the warm pool's
+        claim) is under way, as :meth:`create` does for its own."""
+        self._check_spec(spec)
+        self._creating.add(spec.sandbox_id)
+        try:
+            yield
+        finally:
+            self._creating.discard(spec.sandbox_id)
 
     def building_templates(self) -> bool:
         return any(lock.locked() for lock in self._template_locks.values())

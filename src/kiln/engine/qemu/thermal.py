@@ -230,7 +230,7 @@ class ThermalControl:
         why = why_unrestorable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        await self._net.create_tap(vm.sandbox_id)
+        await self._net.create_tap(vm.record.net_owner)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()
@@ -298,7 +298,7 @@ class ThermalControl:
             vm.problem = missing
             machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
             raise SandboxCrashed(f"sandbox {vm.sandbox_id} cannot boot again: {missing}")
-        await self._net.create_tap(vm.sandbox_id)
+        await self._net.create_tap(vm.record.net_owner)
         await self._net.pin_neighbour(vm.record.ip, vm.record.mac)
         # A fresh machine starts from zeroed memory: the old RAM (garbage to the new
         # kernel) is dropped, and the stale snapshot with it.
