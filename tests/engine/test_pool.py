@@ -7,6 +7,8 @@ it, so the create right after falls back, and the refill makes the next member.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,6 +148,18 @@ async def test_a_claimed_sandbox_is_an_ordinary_one(engine: QemuEngine) -> None:
     root = engine.paths("user-a").root
     await engine.destroy("user-a")
     assert not root.exists()
+
+    # Its QEMU killed, it boots again from its disks and its own config drive (not
+    # the member's): same token, hostname and env.
+    pid = engine.pid("user-c")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    marker = engine.paths("user-c").marker
+    await wait_until(lambda: not pid_alive(pid, marker))
+    client = await engine.agent("user-c")
+    boot = engine.info("user-c").last_boot
+    assert boot is not None and str(boot.reason) == "rebooted"
+    assert (await sh(client, "echo $WHO; hostname")).split() == ["carol", "box-carol"]
 
 
 async def test_close_destroys_the_members(vm_env: VMEnv, tmp_path: Path) -> None:

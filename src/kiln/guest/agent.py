@@ -445,6 +445,9 @@ class Agent:
         self.settings = ctx.settings = settings
         if config.init:
             await self._start_init(config.init)
+        if (config.files or config.hostname) and settings.durable:
+            # Flushed now rather than by the sync before the first exec's exit code.
+            ctx.syncer.start()
         ctx.touch()
         return StatusResponse("ok")
 

@@ -72,7 +72,13 @@ class QemuEngine:
         self._vms: dict[str, VM] = {}
         self._thermal = ThermalControl(self.config, self._host, self._net)
         self._provision = Provisioner(self.config, self._host, self._net, self._thermal, self._vms)
-        self._pool = Pool(self.config, self._net, self._provision.create, self._provision.reserving)
+        self._pool = Pool(
+            self.config,
+            self._net,
+            self._provision.create,
+            self._provision.reserving,
+            self._provision.write_config_drive,
+        )
         self._recovery = Recovery(
             self.config,
             self._host,

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -49,10 +48,6 @@ _BOOT_POLL: Final = 0.02
 _BOOT_CONNECT_TIMEOUT: Final = 0.1
 #: Console and QEMU logs are rotated (one old generation kept) past this size.
 _LOG_LIMIT: Final = 8 << 20
-#: The niceness QEMU processes started by the current task get: the warm pool's
-#: refills run theirs low (see .pool), so they take CPU only what sandboxes leave.
-#: A context variable, so that the create path they share needs no new argument.
-launch_nice: ContextVar[int] = ContextVar("launch_nice", default=0)
 
 
 @dataclass(eq=False)
@@ -279,7 +274,7 @@ def _vm_config(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: boo
 async def boot(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: bool) -> None:
     """Start QEMU (daemonized, in the netns) and connect QMP."""
     argv = build_argv(_vm_config(vm, config, tsc_khz, incoming=incoming))
-    if nice := launch_nice.get():
+    if nice := process.launch_nice.get():
         argv = ["nice", "-n", str(nice), *argv]
     argv = netns_exec_argv(config.network.netns, argv)
     vm.paths.qmp_socket.unlink(missing_ok=True)

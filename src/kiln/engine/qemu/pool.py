@@ -40,11 +40,13 @@ import base64
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from kiln.agent_client import AgentError
@@ -66,10 +68,17 @@ MEMBER_PREFIX: Final = "pool-"
 REFILL_NICE: Final = 19
 #: Pause after a failed refill before the next try.
 _RETRY_S: Final = 5.0
+#: A refill starts this long after the last claim: the daemon's own share of a
+#: refill (subprocesses, file copies) would otherwise run beside the new
+#: sandbox's first requests.
+SETTLE_S: Final = 1.0
 #: A spec's user-specific config beyond this size takes the ordinary path (one
 #: CONFIGURE frame carries it; frames end at 1 MiB).
 MAX_CONFIG_BYTES: Final = 768 << 10
 _SEED_BYTES: Final = 64
+_NEW_DRIVE: Final = "config.img.new"
+#: Written by a member's warm-up CONFIGURE, so that a claim's file writes run warm.
+_WARM_FILE: Final = "/run/kiln/pool-warm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +96,8 @@ class Pool:
     """The members of every pooled shape and the one task that refills them.
 
     ``make`` creates a sandbox the ordinary way (the provisioner's create);
-    ``reserve`` checks a spec and holds its id while a claim hands a member over.
+    ``reserve`` checks a spec and holds its id while a claim hands a member over;
+    ``write_drive`` writes a sandbox's config drive (what a reboot of it reads).
     """
 
     def __init__(
@@ -96,17 +106,20 @@ class Pool:
         net: HostNet,
         make: Callable[[SandboxSpec], Awaitable[VM]],
         reserve: Callable[[SandboxSpec], AbstractContextManager[None]],
+        write_drive: Callable[[Record, Path], Coroutine[Any, Any, None]],
     ) -> None:
         self.config = config
         self._net = net
         self._make = make
         self._reserve = reserve
+        self._write_drive = write_drive
         self._targets: dict[Shape, int] = {}
         self._members: dict[Shape, list[VM]] = {}
         self._filling: VM | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_claim = 0.0
         #: Claims served from the pool / creates of a pooled shape that found it empty.
         self.claims = 0
         self.misses = 0
@@ -162,6 +175,7 @@ class Pool:
                 self._wake.set()
                 return None
             vm = members.pop(0)  # no await since the check: one member, one create
+            self._last_claim = time.monotonic()
             self._wake.set()
             try:
                 await self._hand_over(vm, spec)
@@ -198,31 +212,45 @@ class Pool:
             net.guard.transfer(old.spec.sandbox_id, spec, old.ip, old.tap, old.mac),
             name=f"pool rules {sid}",
         )
+        tasks = [rules]
         try:
             net.hand_over_ip(old.ip, sid)
             if vm.pid is not None:
                 process.set_nice(vm.pid, 0)
             await machine.qmp(vm, "cont")
             phases.mark("claim")
+            # The host's files of the sandbox while the guest configures itself.
+            tasks.append(asyncio.create_task(self._persist(vm, record), name=f"pool {sid}"))
             await vm.client.configure(_claim_config(record))
             phases.mark("configure")
             await rules
             phases.mark("rules")
+            await tasks[1]
+            phases.mark("files")
         except BaseException:
-            if not rules.done():
-                rules.cancel()
-            with contextlib.suppress(BaseException):
-                await rules
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             raise
         vm.record = record
         vm.client = machine.client_for(record, self.config)
         if spec.init:
             await vm.client.configure({"init": spec.init})
             phases.mark("init")
-        await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
         vm.phases = phases.done()
         vm.last_boot = LastBoot.now(BootReason.CREATED)
         log.debug("sandbox %s from pool member %s: %s", sid, old.spec.sandbox_id, vm.phases)
+
+    async def _persist(self, vm: VM, record: Record) -> None:
+        """The sandbox's config drive (what a reboot from its disks reads; a new file:
+        the running QEMU keeps the member's, which the guest read at its boot) and its
+        ``sandbox.json``."""
+        new = vm.paths.root / _NEW_DRIVE
+        await self._write_drive(record, new)
+        await asyncio.to_thread(os.replace, new, vm.paths.config_drive)
+        await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
 
     # ------------------------------------------------------------------ refill
 
@@ -242,6 +270,10 @@ class Pool:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            settle = self._last_claim + SETTLE_S - time.monotonic()
+            if settle > 0:
+                await asyncio.sleep(settle)
+                continue  # more claims may have come meanwhile
             try:
                 vm = await self._fill(shape)
             except (EngineError, AgentError, OSError) as exc:
@@ -261,17 +293,20 @@ class Pool:
             image=shape.image,
             owner=mid,  # a firewall group of its own: it reaches no sandbox
         )
-        nice = machine.launch_nice.set(REFILL_NICE)
+        nice = process.launch_nice.set(REFILL_NICE)
         try:
             vm = await self._make(spec)
         finally:
-            machine.launch_nice.reset(nice)
+            process.launch_nice.reset(nice)
         self._filling = vm
         try:
             # What a claim and the first exec after it run, run once now: TCG
             # translates it here, and the member's QEMU keeps the translations.
-            await vm.client.exec(["true"])
-            await vm.client.configure(_claim_config(vm.record))
+            warm = _claim_config(vm.record)
+            warm["files"] = [{"path": _WARM_FILE, "content": "", "mode": "0600"}]
+            for _ in range(2):  # the exec's sync then flushes what the CONFIGURE wrote
+                await vm.client.configure(warm)
+                await vm.client.exec(["true"])
             await machine.qmp(vm, "stop")
         except BaseException:
             await self._discard(vm)

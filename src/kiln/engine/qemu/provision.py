@@ -196,6 +196,24 @@ class Provisioner:
             size = await asyncio.to_thread(os.path.getsize, vm.record.volume_paths[vol.name])
             await machine.qmp(vm, "block_resize", {"device": f"disk{2 + i}", "size": size})
 
+    async def write_config_drive(
+        self,
+        record: Record,
+        dest: Path,
+        devices: list[tuple[str, str, int]] | None = None,
+        *,
+        sized: bool = True,
+    ) -> None:
+        """The sandbox's config drive at ``dest`` (``sized``: of a template's drive size)."""
+        guest_net = dict(self._net.network.guest_network(record.ip, record.net_owner))
+        config = guest_config(record, guest_net, devices or [], self.config.guest_user)
+        config["aslr"] = self._guest_aslr(Accel(record.accel))
+        # A guest restored from a template has the template's clock and RNG state.
+        config["clock_ns"] = time.time_ns()
+        config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
+        drive_size = templates.DRIVE_SIZE if sized else None
+        await disks.make_config_drive(dest, config, drive_size)
+
     def _guest_aslr(self, accel: Accel) -> bool:
         if self.config.guest_aslr == "auto":
             return accel is Accel.KVM
@@ -284,14 +302,9 @@ class Provisioner:
             created_volumes=tuple(created),
             created_at=time.time(),
         )
-        guest_net = dict(net.network.guest_network(ip, sid))
-        config = guest_config(record, guest_net, devices, cfg.guest_user)
-        config["aslr"] = self._guest_aslr(accel)
-        # A guest restored from a template has the template's clock and RNG state.
-        config["clock_ns"] = time.time_ns()
-        config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
-        drive_size = None if template is None else templates.DRIVE_SIZE
-        await disks.make_config_drive(paths.config_drive, config, drive_size)
+        await self.write_config_drive(
+            record, paths.config_drive, devices, sized=template is not None
+        )
 
         if template is None:
             meta = await asyncio.to_thread(_write_initial_files, paths, record)
