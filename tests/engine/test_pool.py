@@ -162,6 +162,19 @@ async def test_a_claimed_sandbox_is_an_ordinary_one(engine: QemuEngine) -> None:
     assert (await sh(client, "echo $WHO; hostname")).split() == ["carol", "box-carol"]
 
 
+async def test_a_member_that_died_is_dropped_and_the_create_goes_on(engine: QemuEngine) -> None:
+    await until_ready(engine)
+    (member,) = engine.warm_pool.members()
+    assert member.pid is not None
+    os.kill(member.pid, signal.SIGKILL)
+    await wait_until(lambda: not pid_alive(member.pid, member.paths.marker))
+    await engine.create(user_spec("user-d", "dave"))
+    assert "restore" in engine.last_phases("user-d")  # the ordinary path
+    assert not member.paths.root.exists()
+    client = await engine.agent("user-d")
+    assert (await sh(client, "echo $WHO")) == "dave\n"
+
+
 async def test_close_destroys_the_members(vm_env: VMEnv, tmp_path: Path) -> None:
     own = VMEnv(vm_env.netns, tmp_path, subnet="10.213.8.0/24", bridge="kt-br8")
     eng = QemuEngine(own.config(pool_size=1, pool_memory_mb=1024))

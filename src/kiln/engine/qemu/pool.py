@@ -186,10 +186,10 @@ class Pool:
                     spec.sandbox_id,
                     exc,
                 )
-                await self._discard(vm)
+                await self._discard(vm, spec.sandbox_id)
                 return None
             except BaseException:
-                await self._discard(vm)
+                await self._discard(vm, spec.sandbox_id)
                 raise
         self.claims += 1
         return vm
@@ -318,15 +318,17 @@ class Pool:
 
     # ------------------------------------------------------------------ teardown
 
-    async def _discard(self, vm: VM) -> None:
-        """Destroy a member (never a sandbox's): QEMU, rules, TAP, address, directory."""
+    async def _discard(self, vm: VM, claimed_by: str | None = None) -> None:
+        """Destroy a member (never a sandbox's): QEMU, rules, TAP, address, directory;
+        and the rules a failed claim by ``claimed_by`` may have moved to that id."""
         if vm.destroyed:
             return
         vm.destroyed = True
         try:
             await machine.kill(vm)
         finally:
-            await self._net.guard.release(vm.sandbox_id)
+            for sid in {vm.record.spec.sandbox_id, claimed_by or vm.record.spec.sandbox_id}:
+                await self._net.guard.release(sid)
             await self._net.delete_tap(vm.record.tap)
             await self._net.release_ip(vm.record.ip)
             await asyncio.to_thread(disks.remove_tree, vm.paths.root)
