@@ -18,8 +18,10 @@ pop, so two creates never get one member), and hands it over:
                one nftables update, started first and awaited before ``init`` runs
     QEMU       back to normal priority, ``cont``
     guest      one CONFIGURE frame: clock and a fresh RNG seed, hostname, env,
-               files and a new token (netlink-free: the network is the member's)
-    record     ``sandbox.json`` of the sandbox, naming the member as ``net_id``
+               files and a new token (no drive polling, no process started: the
+               network is the member's); then ``init``, once the rules are in
+    host       meanwhile, the sandbox's own config drive (what a reboot from its
+               disks reads) and ``sandbox.json``, naming the member as ``net_id``
                (the owner of its TAP and MAC)
 
 then the refill makes a new member. A create that finds no member takes the
