@@ -250,6 +250,8 @@ class Pool:
         the running QEMU keeps the member's, which the guest read at its boot) and its
         ``sandbox.json``."""
         new = vm.paths.root / _NEW_DRIVE
+        # Niced: its mkfs runs beside the guest's CONFIGURE, which the create waits for.
+        process.launch_nice.set(REFILL_NICE)  # this task's context only
         await self._write_drive(record, new)
         await asyncio.to_thread(os.replace, new, vm.paths.config_drive)
         await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
