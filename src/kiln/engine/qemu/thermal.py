@@ -236,7 +236,7 @@ class ThermalControl:
         phases = Phases()
         crash_point("qemu.restore.tap")
         phases.mark("tap")
-        self._prefetch.start(p.ram)
+        self._prefetch.start(p.ram, process.launch_nice.get())
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
