@@ -9,6 +9,7 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     accel: auto             # auto | kvm | tcg
     image: minimal          # the default image tier
     templates: true         # create by restoring a per-shape template snapshot
+    pool: {size: 2, memory_mb: 2048}   # warm sandboxes per shape; size 0: no pool
     guest_aslr: auto        # auto (on under KVM, off under TCG) | on | off
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
@@ -69,6 +70,16 @@ class ThermalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """The QEMU engine's warm pool: ``size`` sandboxes of the default machine shape
+    kept restored, warmed up and paused (0: none); ``memory_mb`` bounds their guest
+    memory together."""
+
+    size: int = 2
+    memory_mb: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
 class DockerSettings:
     """The Docker engine: its default runtime, its own bridge and subnet (not the VMs'),
     and where its private dockerd keeps everything (None: ``<data_dir>/docker``)."""
@@ -110,6 +121,7 @@ class Config:
     image: str = "minimal"
     image_dir: Path | None = None  # None: kiln.images' default ($KILN_IMAGE_DIR or ~/.cache)
     templates: bool = True
+    pool: PoolSettings = field(default_factory=PoolSettings)
     guest_aslr: str = "auto"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
@@ -239,6 +251,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"firewall: {exc}") from None
     if f.refresh_s <= 0:
         raise ConfigError("firewall.refresh_s: must be positive")
+    if cfg.pool.size < 0:
+        raise ConfigError("pool.size: must not be negative (0 turns the pool off)")
+    if cfg.pool.memory_mb < 0:
+        raise ConfigError("pool.memory_mb: must not be negative")
     t = cfg.thermal
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
@@ -307,17 +323,23 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
             kwargs[key] = _build(ThermalSettings, value, f"{full}.")
-        elif kind in ("DockerSettings", "FirewallSettings"):
+        elif kind in ("DockerSettings", "FirewallSettings", "PoolSettings"):
             if value is None:
                 continue
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
-            section = DockerSettings if kind == "DockerSettings" else FirewallSettings
+            section = _SECTIONS[kind]
             kwargs[key] = _build(section, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, kind)
     return cls(**kwargs) if cls is not Config else kwargs
 
+
+_SECTIONS: dict[str, type[Any]] = {
+    "DockerSettings": DockerSettings,
+    "FirewallSettings": FirewallSettings,
+    "PoolSettings": PoolSettings,
+}
 
 _NETWORK_KEYS = ("bridge", "subnet", "bridge_mac", "tap_prefix", "netns", "nat", "dns")
 

@@ -71,6 +71,7 @@ def vm_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
                 "image_dir": str(default_image_dir()),
                 "listen": f"127.0.0.1:{port}",
                 "network": {"netns": netns, "bridge": "kc-br0", "subnet": "10.213.9.0/24"},
+                "pool": {"size": 0},  # no extra VMs on the test box
             }
         )
     )

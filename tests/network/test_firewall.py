@@ -298,3 +298,18 @@ def test_a_batch_writes_the_rules_once_on_the_way_out(world: World) -> None:
     rules = nft.list_table("inet", "kiln_test")
     assert world.guests["a"].ip in rules and world.guests["b"].ip in rules
     assert world.reaches("a", *_g(world, "b"), 8000)
+
+
+def test_a_transfer_gives_an_address_to_another_sandbox_in_one_update(world: World) -> None:
+    # A warm-pool member (a group of its own) becomes alice's sandbox: same address
+    # and port, her group and policy.
+    member = world.admit("a", "pool-a")
+    world.admit("b", "alice")
+    assert not world.reaches("a", *_g(world, "b"), 8000)
+    mine = Member(
+        "alice-1", member.ip, "alice", NetworkPolicy("deny"), port=member.port, mac=member.mac
+    )
+    world.firewall.transfer("a", mine)
+    assert set(world.firewall.members()) == {"alice-1", "b"}
+    assert world.reaches("a", *_g(world, "b"), 8000), "now in alice's group"
+    assert not world.reaches("a", world.outside, PUBLIC, 443), "and under her policy"

@@ -97,7 +97,9 @@ def test_frame_type_values_match_spec() -> None:
         "FILE_MOVE_RESP": 0x5B, "FILE_REMOVE_REQ": 0x5C, "FILE_REMOVE_RESP": 0x5D,
         "FILE_WATCH_REQ": 0x70, "FILE_WATCH_RESP": 0x71, "FILE_EVENT": 0x72,
     }  # fmt: skip
-    assert {t.name: t.value for t in FrameType} == spec | processes | fsops
+    # kiln's extension: a running agent configured (the warm pool's claim).
+    configure = {"CONFIGURE": 0x62, "CONFIGURE_RESP": 0x63}
+    assert {t.name: t.value for t in FrameType} == spec | processes | fsops | configure
 
 
 # -- EOF -------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def test_large_multi_frame_buffer() -> None:
 # -- unknown types ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x08, 0x0F, 0x22, 0x62, 0x7F, 0x80, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x08, 0x0F, 0x22, 0x64, 0x7F, 0x80, 0xFF])
 def test_unknown_types_survive_decoding(ftype: int) -> None:
     assert not is_known_type(ftype)
     wire = encode_frame(ftype, b"future") + encode_frame(FrameType.STDOUT, b"after")

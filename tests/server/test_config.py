@@ -97,6 +97,11 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("thermal: {tick_s: fast}\n", "thermal.tick_s"),
         ("thermal: {tick_s: 0}\n", "thermal.tick_s"),
         ("thermal: {idle: 1}\n", "thermal.idle"),
+        ("pool: {size: -1}\n", "pool.size"),
+        ("pool: {size: two}\n", "pool.size"),
+        ("pool: {memory_mb: -5}\n", "pool.memory_mb"),
+        ("pool: {shapes: []}\n", "pool.shapes"),
+        ("pool: 2\n", "pool"),
         ("max_upload_bytes: 0\n", "max_upload_bytes"),
         ("max_upload_bytes: yes\n", "max_upload_bytes"),
         ("image: ../x\n", "image"),
@@ -110,6 +115,15 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, match: str) -> 
     with pytest.raises(ConfigError, match=match) as info:
         load_config(path)
     assert "\n" not in str(info.value).strip() or "YAML" in str(info.value)
+
+
+def test_pool_settings(tmp_path: Path) -> None:
+    assert (load_config(None).pool.size, load_config(None).pool.memory_mb) == (2, 2048)
+    path = tmp_path / "kiln.yaml"
+    path.write_text("pool: {size: 0, memory_mb: 512}\n")
+    c = load_config(path)
+    assert (c.pool.size, c.pool.memory_mb) == (0, 512)
+    assert load_config(path, {"pool.size": "3"}).pool.size == 3
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:

@@ -349,6 +349,11 @@ def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
         engine = build_engine(load_config(None, overrides)).get("qemu")
         assert isinstance(engine, QemuEngine)
         assert (engine.config.templates, engine.config.guest_aslr) == (templates, aslr)
+        assert (engine.config.pool_size, engine.config.pool_memory_mb) == (2, 2048)
+    overrides = {"data_dir": str(tmp_path), "pool.size": 0, "pool.memory_mb": 512}
+    engine = build_engine(load_config(None, overrides)).get("qemu")
+    assert isinstance(engine, QemuEngine)
+    assert (engine.config.pool_size, engine.config.pool_memory_mb) == (0, 512)
 
 
 def _serve_with_bare_path(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

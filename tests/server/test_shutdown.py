@@ -76,6 +76,7 @@ class Serve:
                     "engine": "qemu",
                     "accel": "tcg",
                     "templates": False,
+                    "pool": {"size": 0},
                     "network": {"netns": netns, "bridge": "ksd-br0", "subnet": "10.213.77.0/24"},
                 }
             )

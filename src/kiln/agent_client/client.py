@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from kiln.protocol import (
     ActivityInfo,
@@ -49,6 +49,7 @@ from kiln.protocol import (
     StatusResponse,
     WatchRequest,
     decode_exit,
+    encode_json,
     process_list_from_payload,
     session_list_from_payload,
 )
@@ -393,6 +394,17 @@ class AgentClient:
         payload = ClockSet(unix_ns, seed).to_payload()
         frame = await self._call(FrameType.CLOCK_SET, payload, FrameType.CLOCK_SET_RESP)
         _check_status(frame, "setting the clock")
+
+    async def configure(self, config: Mapping[str, Any]) -> None:
+        """CONFIGURE: apply a config.json (:mod:`kiln.guest.config`) to the running agent.
+
+        What is present changes (clock and seed, hostname, files, env, token; ``init``
+        starts); a new ``token`` holds for every later connection. RemoteError if the
+        guest refused or could not apply it.
+        """
+        payload = encode_json(dict(config))
+        frame = await self._call(FrameType.CONFIGURE, payload, FrameType.CONFIGURE_RESP)
+        _check_status(frame, "configuring the agent")
 
     # -- files --------------------------------------------------------------------------
 

@@ -46,6 +46,23 @@ class Guard:
                 f"cannot install the firewall rules of {spec.sandbox_id}: {exc}"
             ) from exc
 
+    async def transfer(
+        self, old_id: str, spec: SandboxSpec, ip: str, port: str | None, mac: str | None
+    ) -> None:
+        """:meth:`admit` ``spec`` in place of sandbox ``old_id``'s rules, in one update (a
+        warm-pool member becoming the sandbox of ``spec``: same address and port)."""
+        firewall = self.firewall
+        if firewall is None:
+            return
+        policy = spec.network if spec.network is not None else firewall.config.default
+        member = Member(spec.sandbox_id, ip, spec.owner, policy, port=port, mac=mac)
+        try:
+            await asyncio.to_thread(firewall.transfer, old_id, member)
+        except NetworkError as exc:
+            raise EngineError(
+                f"cannot install the firewall rules of {spec.sandbox_id}: {exc}"
+            ) from exc
+
     def admit_soon(
         self, spec: SandboxSpec, ip: str, port: str | None = None, mac: str | None = None
     ) -> Admission:

@@ -36,7 +36,7 @@ from .ports import CONTROL_PORT, FORWARD_PORT
 # The agent's modules (asyncio above all) come after the argument parsing, so
 # that a container's agent listens before it imports them: see _run_container.
 if TYPE_CHECKING:
-    from .agent import Agent, ClockSetter
+    from .agent import Agent, ClockSetter, Reconfigurer
     from .config import GuestConfig
     from .context import Settings, UserInfo
     from .prepared import Prepared
@@ -256,7 +256,12 @@ def _run_pid1(args: argparse.Namespace) -> int:
             time.monotonic(),
         )
         agent = _vm_agent(
-            args, config, reap_orphans=True, clock=pid1.set_clock, prepared=booted.prepared
+            args,
+            config,
+            reap_orphans=True,
+            clock=pid1.set_clock,
+            prepared=booted.prepared,
+            reconfigure=lambda new, user: pid1.reconfigure(new, user.uid, user.gid),
         )
         asyncio.run(agent.run())
     except BaseException:
@@ -276,6 +281,7 @@ def _vm_agent(
     reap_orphans: bool,
     clock: ClockSetter | None,
     prepared: Prepared | None = None,
+    reconfigure: Reconfigurer | None = None,
     host_closes_first: bool = False,
     sockets: tuple[socket.socket, ...] = (),
 ) -> Agent:
@@ -306,6 +312,7 @@ def _vm_agent(
         reap_orphans=reap_orphans,
         clock=clock,
         prepared=prepared,
+        reconfigure=reconfigure,
     )
 
 

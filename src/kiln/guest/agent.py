@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln.protocol import (
@@ -44,13 +44,15 @@ from kiln.protocol import (
     RemoveRequest,
     StatusResponse,
     WatchRequest,
+    decode_json,
     encode_exit,
     session_list_to_payload,
 )
 
 from . import files, fsops, watch
-from .context import GuestContext, Settings, recv_frame
-from .errors import RequestError
+from .config import GuestConfig
+from .context import GuestContext, Settings, UserInfo, recv_frame
+from .errors import ConfigError, RequestError
 from .execution import run_piped
 from .forward import serve_forward
 from .ports import CONTROL_PORT, FORWARD_PORT
@@ -85,6 +87,7 @@ REQUEST_TYPES = frozenset(
         FrameType.FILE_REMOVE_REQ,
         FrameType.FILE_WATCH_REQ,
         FrameType.CLOCK_SET,
+        FrameType.CONFIGURE,
         FrameType.PROC_START,
         FrameType.PROC_LIST_REQ,
         FrameType.PROC_ATTACH,
@@ -103,6 +106,9 @@ _STREAMING_REQUESTS = frozenset(
 #: Sets the wall clock (ns since the epoch) and mixes an optional seed into the
 #: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
 ClockSetter = Callable[[int, bytes | None], None]
+#: The machine's part of CONFIGURE (clock and RNG, hostname, files owned by the
+#: user); None in test mode, where only the agent's own settings change.
+Reconfigurer = Callable[[GuestConfig, UserInfo], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +133,10 @@ class Agent:
         reap_orphans: bool = False,
         clock: ClockSetter | None = None,
         prepared: Prepared | None = None,
+        reconfigure: Reconfigurer | None = None,
     ) -> None:
         self.settings = settings
+        self._reconfigure = reconfigure
         self._prepared = prepared or Prepared()
         self._listen = listen
         self._init_script = init_script
@@ -358,6 +366,9 @@ class Agent:
             await watch.watch_dir(conn, WatchRequest.from_payload(payload), ctx)
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
+        elif ftype == FrameType.CONFIGURE:
+            answer = await self._configure(payload)
+            await conn.send(FrameType.CONFIGURE_RESP, answer.to_payload())
         elif ftype == FrameType.PROC_START:
             start = ProcessStart.from_payload(payload)
             if start.tty:
@@ -403,6 +414,41 @@ class Agent:
             self._clock(req.unix_ns, req.seed)
         except OSError as exc:
             return StatusResponse("error", f"cannot set the clock: {exc.strerror or exc}")
+        return StatusResponse("ok")
+
+    async def _configure(self, payload: bytes) -> StatusResponse:
+        """CONFIGURE: a config.json (see :mod:`.config`) applied to a running agent.
+
+        How a sandbox from the host's warm pool becomes someone's: the pool made it
+        with nothing user-specific, and this brings its clock, RNG seed, hostname,
+        files, env and token -- each only if present (``env`` replaces the sandbox
+        env when its key is there) -- and starts ``init``. The answer goes out on
+        this connection, authenticated by the old token; later ones need the new.
+        """
+        ctx = self._ctx
+        assert ctx is not None
+        try:
+            data = decode_json(payload)
+            config = GuestConfig.from_json(data)
+        except (ProtocolError, ConfigError) as exc:
+            return StatusResponse("error", f"bad configuration: {exc}")
+        if self._reconfigure is not None:
+            try:
+                self._reconfigure(config, self.settings.user)
+            except OSError as exc:
+                return StatusResponse("error", f"cannot apply the configuration: {exc}")
+        settings = self.settings
+        if config.token is not None:
+            settings = replace(settings, token=config.token)
+        if "env" in data:
+            settings = replace(settings, sandbox_env=dict(config.env))
+        self.settings = ctx.settings = settings
+        if config.init:
+            await self._start_init(config.init)
+        if (config.files or config.hostname) and settings.durable:
+            # Flushed now rather than by the sync before the first exec's exit code.
+            ctx.syncer.start()
+        ctx.touch()
         return StatusResponse("ok")
 
     # ---- forward connection ------------------------------------------------------

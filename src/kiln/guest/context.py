@@ -100,6 +100,16 @@ class Syncer:
             self._task = asyncio.create_task(self._run())
         await asyncio.shield(fut)
 
+    def start(self) -> None:
+        """A sync now, with nobody waiting: the next caller's shares it, or finds less
+        to flush."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            # Nobody may ask for this one's outcome: a failure is the next one's to report.
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
     async def _run(self) -> None:
         try:
             while self._next is not None:

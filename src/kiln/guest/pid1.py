@@ -153,6 +153,19 @@ def _urandom() -> int:
     return os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
 
 
+def reconfigure(config: GuestConfig, uid: int, gid: int) -> None:
+    """The machine's part of a CONFIGURE (see :meth:`kiln.guest.agent.Agent._configure`):
+    clock and RNG, hostname, files. Raises OSError; nothing here spawns a process."""
+    if config.clock_ns:
+        set_clock(config.clock_ns, config.seed)
+    elif config.seed:
+        mix_seed(config.seed)
+    if config.hostname:
+        set_hostname(config.hostname)
+    for file in config.files:
+        write_owned(file.path, file.content, file.mode, uid, gid)
+
+
 def catch_up_clock(config: GuestConfig) -> None:
     """Apply the drive's seed, and its clock if ours is behind it (a restored template)."""
     if config.seed:

@@ -71,6 +71,8 @@ class FrameType(IntEnum):
     FILE_REMOVE_RESP = 0x5D
     CLOCK_SET = 0x60
     CLOCK_SET_RESP = 0x61
+    CONFIGURE = 0x62
+    CONFIGURE_RESP = 0x63
     FILE_WATCH_REQ = 0x70
     FILE_WATCH_RESP = 0x71
     FILE_EVENT = 0x72

@@ -151,6 +151,8 @@ def _qemu(config: Config, firewall: Firewall | None) -> Engine:
             accel=config.accel,
             templates=config.templates,
             guest_aslr=config.guest_aslr,
+            pool_size=config.pool.size,
+            pool_memory_mb=config.pool.memory_mb,
         )
     except EngineUnavailable as exc:
         return Unavailable(f"QEMU engine: {exc}", "qemu")

@@ -150,6 +150,8 @@ def _config(host: Host, nat: bool, dns: Sequence[str], extra: Mapping[str, Any])
         # The images built before the tests (HOME is a fresh one here).
         "image_dir": str(default_image_dir()),
         "network": network,
+        # No warm pool (extra VMs per daemon on a 2-core box) but in the pool's tests.
+        "pool": {"size": 0},
     }
     if host.docker is not None:
         config["docker"] = {

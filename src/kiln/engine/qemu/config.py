@@ -37,6 +37,9 @@ class QemuConfig:
     ``boot_timeout``   seconds from QEMU start until the agent must answer.
     ``qmp_timeout``    bound on every QMP command.
     ``snapshot_timeout`` bound on saving or loading the device state.
+    ``pool_size``      warm sandboxes kept ready per prepared machine shape (0: no pool);
+                       see :mod:`.pool`.
+    ``pool_memory_mb`` bound on the guest memory of all pool members together.
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -54,6 +57,8 @@ class QemuConfig:
     agent_timeout: float = 10.0
     guest_user: str | None = None
     guest_aslr: str = "auto"
+    pool_size: int = 0
+    pool_memory_mb: int = 2048
 
     def __post_init__(self) -> None:
         if self.accel not in ACCEL_SETTINGS:
@@ -71,6 +76,8 @@ class QemuConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.volumes_dir is not None:
             object.__setattr__(self, "volumes_dir", Path(self.volumes_dir))
+        if self.pool_size < 0 or self.pool_memory_mb < 0:
+            raise EngineUnavailable("pool_size and pool_memory_mb must not be negative")
         for name in ("boot_timeout", "qmp_timeout", "snapshot_timeout", "agent_timeout"):
             if getattr(self, name) <= 0:
                 raise EngineUnavailable(f"{name} must be positive")

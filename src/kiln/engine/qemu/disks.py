@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import EngineError
+from .process import launch_nice
 
 DISK_MODES: Final = ("qcow2", "copy")
 _MIB: Final = 1 << 20
@@ -32,8 +33,10 @@ _TOOL_TIMEOUT: Final = 120.0
 async def run_tool(argv: Sequence[str | os.PathLike[str]], timeout: float = _TOOL_TIMEOUT) -> str:  # noqa: ASYNC109
     """Run a host command; EngineError with its stderr tail when it fails."""
     args = [os.fspath(a) for a in argv]
+    nice = launch_nice.get()
     try:
         proc = await asyncio.create_subprocess_exec(
+            *(["nice", "-n", str(nice)] if nice else []),
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

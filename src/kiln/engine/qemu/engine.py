@@ -6,6 +6,7 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup
     hostnet     guest addresses, TAP devices, pinned ARP entries
     host        set up once: directories, bridge, accelerator, pinned images
+    pool        the warm pool: paused sandboxes per shape that a create takes over
     machine     one sandbox's QEMU: boot, QMP, kill, noticing a death
 
 One QEMU process per sandbox, started with ``-daemonize`` in its own session
@@ -46,6 +47,7 @@ from .host import Host
 from .hostnet import HostNet
 from .layout import Paths
 from .machine import ENGINE_NAME, VM
+from .pool import Pool
 from .provision import Provisioner, volume_path
 from .recovery import Recovery
 from .thermal import ThermalControl
@@ -70,8 +72,20 @@ class QemuEngine:
         self._vms: dict[str, VM] = {}
         self._thermal = ThermalControl(self.config, self._host, self._net)
         self._provision = Provisioner(self.config, self._host, self._net, self._thermal, self._vms)
+        self._pool = Pool(
+            self.config,
+            self._net,
+            self._provision.create,
+            self._provision.reserving,
+            self._provision.write_config_drive,
+        )
         self._recovery = Recovery(
-            self.config, self._host, self._net, self._vms, self._provision.building_templates
+            self.config,
+            self._host,
+            self._net,
+            self._vms,
+            self._provision.building_templates,
+            pooled=self._pool.members,
         )
 
     @property
@@ -133,8 +147,12 @@ class QemuEngine:
 
     # ------------------------------------------------------------------ create, destroy
 
+    @property
+    def warm_pool(self) -> Pool:
+        return self._pool
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
-        vm = await self._provision.create(spec)
+        vm = await self._pool.claim(spec) or await self._provision.create(spec)
         self._vms[vm.sandbox_id] = vm
         return machine.sandbox_info(vm)
 
@@ -142,6 +160,7 @@ class QemuEngine:
         """Image, network and the template of ``spec``'s shape, so that the first
         create of that shape is as fast as the next ones."""
         await self._provision.prepare(spec)
+        self._pool.start(spec)
 
     async def destroy(self, sandbox_id: str) -> None:
         vm = self._vms.get(sandbox_id)
@@ -244,8 +263,9 @@ class QemuEngine:
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
-        """Drop QMP connections, the network worker and the RAM pre-reads; QEMU
-        processes keep running."""
+        """Destroy the warm pool; drop QMP connections, the network worker and the RAM
+        pre-reads; sandboxes' QEMU processes keep running."""
+        await self._pool.close()
         self._host.closed = True
         for vm in list(self._vms.values()):
             await machine.cancel_clock(vm)

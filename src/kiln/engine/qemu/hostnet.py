@@ -36,9 +36,17 @@ class HostNet:
         self.pool = IPPool(config.subnet)
         self.guard = Guard(firewall)
 
-    async def admit(self, spec: SandboxSpec, ip: str, tap: str) -> None:
+    async def admit(self, spec: SandboxSpec, ip: str, tap: str, mac: str) -> None:
         """The sandbox's firewall rules, its TAP pinned to its MAC and address."""
-        await self.guard.admit(spec, ip, port=tap, mac=self.network.mac_for(spec.sandbox_id))
+        await self.guard.admit(spec, ip, port=tap, mac=mac)
+
+    def hand_over_ip(self, ip: str, sid: str) -> None:
+        """``ip`` now held by ``sid`` (a pool member's address, its sandbox's now)."""
+        try:
+            self.pool.release(ip)
+            self.pool.mark_in_use(ip, sid)
+        except NetworkError as exc:
+            raise EngineError(f"cannot hand {ip} to {sid}: {exc}") from exc
 
     def allocate_ip(self, sid: str) -> str:
         try:

@@ -115,8 +115,22 @@ class Record:
     volume_paths: dict[str, str] = field(default_factory=dict)
     created_volumes: tuple[str, ...] = ()
     created_at: float = 0.0
+    #: Whose TAP, MAC and firewall port these are when not the sandbox's own: a
+    #: sandbox taken from the warm pool keeps its pool member's (see :mod:`.pool`).
+    net_id: str | None = None
+
+    @property
+    def net_owner(self) -> str:
+        """The id the TAP's name and alias and the MAC were made from."""
+        return self.net_id or self.spec.sandbox_id
 
     def to_json(self) -> dict[str, Any]:
+        out = self._json()
+        if self.net_id is not None:
+            out["net_id"] = self.net_id
+        return out
+
+    def _json(self) -> dict[str, Any]:
         return {
             "version": RECORD_VERSION,
             "spec": spec_to_json(self.spec),
@@ -152,6 +166,7 @@ class Record:
             volume_paths={str(k): str(v) for k, v in (data.get("volume_paths") or {}).items()},
             created_volumes=tuple(data.get("created_volumes") or ()),
             created_at=float(data.get("created_at", 0.0)),
+            net_id=str(data["net_id"]) if data.get("net_id") else None,
         )
 
     @classmethod

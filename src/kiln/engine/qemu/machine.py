@@ -275,6 +275,8 @@ def _vm_config(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: boo
 async def boot(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: bool) -> None:
     """Start QEMU (daemonized, in the netns) and connect QMP."""
     argv = build_argv(_vm_config(vm, config, tsc_khz, incoming=incoming))
+    if nice := process.launch_nice.get():
+        argv = ["nice", "-n", str(nice), *argv]
     argv = netns_exec_argv(config.network.netns, argv)
     vm.paths.qmp_socket.unlink(missing_ok=True)
     for log_file in (vm.paths.console_log, vm.paths.qemu_log):

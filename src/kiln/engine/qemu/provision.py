@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -68,6 +69,17 @@ class Provisioner:
         self._vms = vms
         self._creating: set[str] = set()
         self._template_locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.contextmanager
+    def reserving(self, spec: SandboxSpec) -> Iterator[None]:
+        """Check ``spec`` and hold its id while a create made elsewhere (the warm pool's
+        claim) is under way, as :meth:`create` does for its own."""
+        self._check_spec(spec)
+        self._creating.add(spec.sandbox_id)
+        try:
+            yield
+        finally:
+            self._creating.discard(spec.sandbox_id)
 
     def building_templates(self) -> bool:
         return any(lock.locked() for lock in self._template_locks.values())
@@ -184,6 +196,24 @@ class Provisioner:
             size = await asyncio.to_thread(os.path.getsize, vm.record.volume_paths[vol.name])
             await machine.qmp(vm, "block_resize", {"device": f"disk{2 + i}", "size": size})
 
+    async def write_config_drive(
+        self,
+        record: Record,
+        dest: Path,
+        devices: list[tuple[str, str, int]] | None = None,
+        *,
+        sized: bool = True,
+    ) -> None:
+        """The sandbox's config drive at ``dest`` (``sized``: of a template's drive size)."""
+        guest_net = dict(self._net.network.guest_network(record.ip, record.net_owner))
+        config = guest_config(record, guest_net, devices or [], self.config.guest_user)
+        config["aslr"] = self._guest_aslr(Accel(record.accel))
+        # A guest restored from a template has the template's clock and RNG state.
+        config["clock_ns"] = time.time_ns()
+        config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
+        drive_size = templates.DRIVE_SIZE if sized else None
+        await disks.make_config_drive(dest, config, drive_size)
+
     def _guest_aslr(self, accel: Accel) -> bool:
         if self.config.guest_aslr == "auto":
             return accel is Accel.KVM
@@ -272,14 +302,9 @@ class Provisioner:
             created_volumes=tuple(created),
             created_at=time.time(),
         )
-        guest_net = dict(net.network.guest_network(ip, sid))
-        config = guest_config(record, guest_net, devices, cfg.guest_user)
-        config["aslr"] = self._guest_aslr(accel)
-        # A guest restored from a template has the template's clock and RNG state.
-        config["clock_ns"] = time.time_ns()
-        config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
-        drive_size = None if template is None else templates.DRIVE_SIZE
-        await disks.make_config_drive(paths.config_drive, config, drive_size)
+        await self.write_config_drive(
+            record, paths.config_drive, devices, sized=template is not None
+        )
 
         if template is None:
             meta = await asyncio.to_thread(_write_initial_files, paths, record)

@@ -24,7 +24,7 @@ from ..states import ADOPTED, Found
 from . import disks, machine, process, snapshot, templates
 from .config import QemuConfig
 from .host import Host
-from .hostnet import HostNet, known_ips
+from .hostnet import HostNet
 from .layout import Paths, Record
 from .machine import ENGINE_NAME, VM, why_unbootable
 from .qmp import QMP
@@ -69,12 +69,16 @@ class Recovery:
         net: HostNet,
         vms: Mapping[str, VM],
         building_templates: Callable[[], bool],
+        *,
+        pooled: Callable[[], list[VM]] = list,
     ) -> None:
         self.config = config
         self._host = host
         self._net = net
         self._vms = vms
         self._building_templates = building_templates
+        #: The warm pool's members: no sandboxes, but not orphans either.
+        self._pooled = pooled
 
     async def adopt(self, record: Record, pid_hint: object, last_boot: object = None) -> VM:
         """The sandbox of ``record`` in whatever state survived (``last_boot``: as
@@ -97,7 +101,7 @@ class Recovery:
             log.error("cannot re-mark %s for %s: %s", record.ip, sid, exc)
             return vm
         try:
-            await self._net.admit(record.spec, record.ip, record.tap)
+            await self._net.admit(record.spec, record.ip, record.tap, record.mac)
         except EngineError as exc:
             log.error("sandbox %s: %s", sid, exc)
         if paths.root.is_dir():
@@ -150,7 +154,7 @@ class Recovery:
             )
             vm.reboot = True
             found = Found.DISK
-        await self._net.recreate_tap(vm.sandbox_id)
+        await self._net.recreate_tap(vm.record.net_owner)
         await self._net.pin_neighbour(vm.record.ip, vm.record.mac)  # gone after a host reboot
         return found
 
@@ -162,10 +166,13 @@ class Recovery:
         await self._host.ensure_ready(None)
         vms = self._vms
         known = {sid for sid, vm in vms.items() if not vm.destroyed}
+        live = [vms[sid] for sid in known] + self._pooled()
+        # A sandbox taken from the pool lives in its member's directory.
+        dirs = {vm.paths.root.name for vm in live}
         removed: list[str] = []
         sandboxes = self.config.sandboxes_dir
         for entry in sorted(sandboxes.iterdir()) if sandboxes.is_dir() else []:
-            if entry.name in known or not entry.is_dir():
+            if entry.name in known or entry.name in dirs or not entry.is_dir():
                 continue
             await self.destroy_leftovers(entry.name)
             removed.append(f"sandbox dir {entry.name}")
@@ -173,7 +180,7 @@ class Recovery:
         sandbox_pids = process.find_processes(marker)
         for pid in sandbox_pids:
             owner = next(
-                (sid for sid in known if process.pid_alive(pid, vms[sid].paths.marker)),
+                (vm for vm in live if process.pid_alive(pid, vm.paths.marker)),
                 None,
             )
             if owner is None:
@@ -191,14 +198,15 @@ class Recovery:
             for entry in await asyncio.to_thread(templates.unfinished, self.config.templates_dir):
                 await asyncio.to_thread(disks.remove_tree, entry)
                 removed.append(f"unfinished template {entry.name}")
-        taps = {vms[sid].record.tap for sid in known}
+        taps = {vm.record.tap for vm in live}
         try:
             gone = await asyncio.to_thread(self._net.network.cleanup_orphans, taps)
         except NetworkError as exc:
             log.warning("orphan TAP cleanup failed: %s", exc)
             gone = []
         removed += [f"tap {t}" for t in gone]
-        removed += [f"pin {ip}" for ip in await self._net.forget_stale_pins(known_ips(vms, known))]
+        ips = {vm.record.ip for vm in live}
+        removed += [f"pin {ip}" for ip in await self._net.forget_stale_pins(ips)]
         return removed
 
     async def destroy_leftovers(self, sandbox_id: str) -> None:

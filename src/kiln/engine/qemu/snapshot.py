@@ -263,17 +263,21 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def start(self, path: Path) -> None:
-        """Pre-read ``path`` in the background (nothing once closed)."""
+    def start(self, path: Path, nice: int = 0) -> None:
+        """Pre-read ``path`` in the background (nothing once closed), in a thread of
+        niceness ``nice``."""
         with self._lock:
             if self._stop.is_set():
                 return
-            thread = threading.Thread(target=self._run, args=(path,), name="kiln-prefetch")
+            thread = threading.Thread(target=self._run, args=(path, nice), name="kiln-prefetch")
             self._threads.add(thread)
             thread.start()  # under the lock: close() never joins a thread not yet started
 
-    def _run(self, path: Path) -> None:
+    def _run(self, path: Path, nice: int) -> None:
         try:
+            if nice:
+                with contextlib.suppress(OSError):  # per thread on Linux
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             prefetch_ram(path, stop=self._stop)
         finally:
             with self._lock:

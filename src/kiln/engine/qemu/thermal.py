@@ -246,7 +246,7 @@ class ThermalControl:
         p = vm.paths
         try:
             crash_point("qemu.settle.start")
-            await self._net.create_tap(vm.sandbox_id)
+            await self._net.create_tap(vm.record.net_owner)
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
             await self._load_state(vm, ram_in_state=True)
             crash_point("qemu.settle.loaded")
@@ -313,13 +313,14 @@ class ThermalControl:
         why = why_unrestorable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        await self._net.create_tap(vm.sandbox_id)
+        await self._net.create_tap(vm.record.net_owner)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()
         crash_point("qemu.restore.tap")
         phases.mark("tap")
-        self._prefetch.start(Path(meta.ram_template) if meta.ram_template else p.ram)
+        ram = Path(meta.ram_template) if meta.ram_template else p.ram
+        self._prefetch.start(ram, process.launch_nice.get())
         guest_ran = False
         try:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
@@ -369,7 +370,7 @@ class ThermalControl:
             vm.problem = missing
             machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
             raise SandboxCrashed(f"sandbox {vm.sandbox_id} cannot boot again: {missing}")
-        await self._net.create_tap(vm.sandbox_id)
+        await self._net.create_tap(vm.record.net_owner)
         await self._net.pin_neighbour(vm.record.ip, vm.record.mac)
         # A fresh machine starts from zeroed memory: the old RAM (garbage to the new
         # kernel) is dropped, and the stale snapshot with it.
