@@ -56,6 +56,9 @@ CONFIG_FILE = "config.json"
 TEMPLATE_MAGIC = b"KILN-TEMPLATE-WAIT\n"
 #: What the console shows once a template boot waits for its config drive.
 TEMPLATE_READY_LINE = "template: waiting for a config drive"
+#: What the console shows, followed by the new sandbox id, once a fork's clone has
+#: taken its own identity (see :mod:`kiln.guest.reidentify`).
+FORK_READY_LINE = "fork: identity taken by"
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")

@@ -122,10 +122,12 @@ class Capabilities(_Model):
     milliseconds). ``snapshots``: its running state can be saved to disk, so it
     can go cold and a stop keeps its processes and memory; without snapshots a
     stop keeps its files but ends its processes, and a start boots it again.
+    ``fork``: ``fork()`` can copy it, running processes and all.
     """
 
     pause: bool = True
     snapshots: bool = True
+    fork: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +239,7 @@ def parse_capabilities(data: Any) -> Capabilities | None:
     return Capabilities(
         pause=_field(obj, "pause", bool, what, True),
         snapshots=_field(obj, "snapshots", bool, what, True),
+        fork=_field(obj, "fork", bool, what, False),
     )
 
 

@@ -42,6 +42,7 @@ from ..states import Op
 from . import disks, machine, process, recovery, snapshot
 from .accel import AccelDecision
 from .config import QemuConfig
+from .fork import Forker
 from .host import Host
 from .hostnet import HostNet
 from .layout import Paths
@@ -70,6 +71,7 @@ class QemuEngine:
         self._vms: dict[str, VM] = {}
         self._thermal = ThermalControl(self.config, self._host, self._net)
         self._provision = Provisioner(self.config, self._host, self._net, self._thermal, self._vms)
+        self._fork = Forker(self.config, self._net, self._thermal, self._vms)
         self._recovery = Recovery(
             self.config, self._host, self._net, self._vms, self._provision.building_templates
         )
@@ -137,6 +139,18 @@ class QemuEngine:
         vm = await self._provision.create(spec)
         self._vms[vm.sandbox_id] = vm
         return machine.sandbox_info(vm)
+
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        """A running copy of ``source_id`` (see :mod:`.fork`)."""
+        source = self._get(source_id)
+        vm = await self._fork.fork(source, spec)
+        self._vms[vm.sandbox_id] = vm
+        return machine.sandbox_info(vm)
+
+    @property
+    def last_fork_pause_ms(self) -> float | None:
+        """How long the last fork's hot source stood still (None: it was cold)."""
+        return self._fork.last_pause_ms
 
     async def prepare(self, spec: SandboxSpec) -> None:
         """Image, network and the template of ``spec``'s shape, so that the first

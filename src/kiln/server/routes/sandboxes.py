@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 
 from ..errors import BadRequest
-from ..models import CreateSandbox, PatchSandbox
+from ..models import CreateSandbox, ForkSandbox, PatchSandbox
 from .deps import AppServices, CurrentUser, origin_of
 
 router = APIRouter(tags=["sandboxes"])
@@ -83,6 +83,19 @@ async def stop_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -
 async def start_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """Restore a stopped sandbox."""
     return await services.sandboxes.start(user, sandbox)
+
+
+@router.post("/sandboxes/{sandbox}/fork", status_code=201)
+async def fork_sandbox(
+    sandbox: str,
+    user: CurrentUser,
+    services: AppServices,
+    body: Annotated[ForkSandbox | None, Body()] = None,
+) -> dict[str, Any]:
+    """A new sandbox whose disk, memory and running processes are a copy of this
+    one's now (its own address, hostname and token); both go on independently.
+    409 when it has volumes attached or its engine cannot fork it."""
+    return await services.sandboxes.fork(user, sandbox, body or ForkSandbox())
 
 
 @router.get("/sandboxes/{sandbox}/sessions")
