@@ -3,14 +3,20 @@
 A fork restores a copy of a running guest's memory: the clone wakes up as its
 source, with the source's hostname, address, MAC, token, clock and RNG state,
 and nothing in its memory tells it otherwise. What differs is its config drive:
-the host wrote the clone's own ``config.json`` in the same slot. The host then
-grows that disk (QMP ``block_resize``), which the guest kernel announces with a
-``change`` uevent carrying ``RESIZE=1``; this module's thread waits for that
-uevent on a kobject netlink socket (a blocked ``recv``: free while nothing
-happens, unlike polling the drive), re-reads the drive, and if it names another
-sandbox takes its identity: RNG reseed and clock, hostname, resolv.conf, eth0
-(MAC, address, default route) and the agent's token. Processes, sessions and
-files are untouched: they are the fork's point.
+the host wrote the clone's own config drive in the same slot, and once the
+clone runs, appends an *identity block* after it
+(:data:`~kiln.guest.config.IDENTITY_MAGIC`, a length, identity JSON) and grows
+the disk by :data:`~kiln.guest.config.IDENTITY_BLOCK` (QMP ``block_resize``).
+The guest kernel announces the new size with a ``change`` uevent carrying
+``RESIZE=1``; this module's thread waits for it on a kobject netlink socket (a
+blocked ``recv``: free while nothing happens, unlike polling the drive), reads
+the block -- a ``pread`` at the end of the disk, no mount: under TCG every code
+path runs for the first time in a new QEMU, and an ext4 mount cost ~200 ms --
+and if it names another sandbox takes its identity: RNG reseed and clock,
+hostname, resolv.conf, eth0 (MAC, address, default route) and the agent's token.
+Processes, sessions and files are untouched: they are the fork's point.
+Afterwards the config drive is mounted afresh (the old mount was the source's
+file system, now overwritten).
 
 The host keeps the clone's TAP off the bridge until the console shows
 :data:`~kiln.guest.config.FORK_READY_LINE`, so the clone never speaks on the
@@ -23,11 +29,11 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
-from pathlib import Path
 
 from . import netconf, pid1
-from .config import CONFIG_FILE, CONFIG_MOUNT, FORK_READY_LINE, GuestConfig
+from .config import CONFIG_MOUNT, FORK_READY_LINE, IDENTITY_BLOCK, GuestConfig, parse_identity
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,37 +61,44 @@ def is_drive_resize(event: dict[str, str], device: str) -> bool:
     )
 
 
-def reread_drive(device: str) -> GuestConfig:
-    """Mount the config drive afresh (the old mount and cached blocks are the
-    source's drive) and load its config."""
+def read_identity(device: str) -> GuestConfig | None:
+    """The identity block at the end of ``device``, or None."""
     import fcntl  # noqa: PLC0415
 
-    if os.path.ismount(CONFIG_MOUNT):
-        pid1.umount(CONFIG_MOUNT)
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, pid1.BLKFLSBUF)
+        fcntl.ioctl(fd, pid1.BLKFLSBUF)  # what we cached of it is the source's drive
+        start = os.lseek(fd, 0, os.SEEK_END) - IDENTITY_BLOCK
+        if start < 0:
+            return None
+        return parse_identity(
+            os.pread(fd, 4096, start), lambda off, n: os.pread(fd, n, start + off)
+        )
     finally:
         os.close(fd)
-    os.makedirs(CONFIG_MOUNT, exist_ok=True)
-    flags = pid1.MS_RDONLY | pid1.MS_NOSUID | pid1.MS_NODEV | pid1.MS_NOEXEC
-    pid1.mount(device, CONFIG_MOUNT, "ext4", flags)
-    return GuestConfig.load(Path(CONFIG_MOUNT) / CONFIG_FILE)
 
 
 def take_identity(config: GuestConfig) -> None:
     """What makes a restored copy another sandbox (each step logs its own failure)."""
     pid1.catch_up_clock(config)
+    if config.network is not None:
+        pid1._step("network", netconf.configure, config.network)
     if config.hostname:
         pid1._step("hostname", pid1.set_hostname, config.hostname)
     if config.dns:
         pid1._step("resolv.conf", pid1.write_resolv_conf, config.dns)
-    if config.network is not None:
-        pid1._step("network", netconf.configure, config.network)
+
+
+def remount_drive(device: str) -> None:
+    """Mount the (new) config drive where the source's was."""
+    if os.path.ismount(CONFIG_MOUNT):
+        pid1.umount(CONFIG_MOUNT, pid1.MNT_DETACH)
+    flags = pid1.MS_RDONLY | pid1.MS_NOSUID | pid1.MS_NODEV | pid1.MS_NOEXEC
+    pid1.mount(device, CONFIG_MOUNT, "ext4", flags)
 
 
 class IdentityWatch:
-    """The thread that waits for a fork's new config drive."""
+    """The thread that waits for a fork's identity block."""
 
     def __init__(
         self, device: str, sandbox_id: str | None, on_new: Callable[[GuestConfig], None]
@@ -112,22 +125,33 @@ class IdentityWatch:
             except OSError as exc:  # ENOBUFS: a burst overflowed the socket; keep going
                 log.debug("fork: uevent socket: %s", exc)
                 continue
-            if not is_drive_resize(parse_uevent(data), self._device):
-                continue
-            try:
-                config = reread_drive(self._device)
-            except (OSError, ConfigError) as exc:
-                log.error("fork: cannot read the new config drive: %s", exc)
-                continue
-            if config.sandbox_id == self._sandbox_id:
-                continue
-            log.info("fork: %s becomes %s", self._sandbox_id, config.sandbox_id)
-            self._sandbox_id = config.sandbox_id
-            take_identity(config)
-            try:
-                self._on_new(config)
-            except Exception:
-                log.exception("fork: the agent could not take the new identity")
-            log.info("%s %s", FORK_READY_LINE, config.sandbox_id)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
+            if is_drive_resize(parse_uevent(data), self._device):
+                self._on_resize()
+
+    def _on_resize(self) -> None:
+        started = time.monotonic()
+        try:
+            config = read_identity(self._device)
+        except (OSError, ConfigError) as exc:
+            log.error("fork: cannot read the identity block: %s", exc)
+            return
+        if config is None or config.sandbox_id == self._sandbox_id:
+            return
+        read = time.monotonic()
+        log.info("fork: %s becomes %s", self._sandbox_id, config.sandbox_id)
+        self._sandbox_id = config.sandbox_id
+        take_identity(config)
+        try:
+            self._on_new(config)
+        except Exception:
+            log.exception("fork: the agent could not take the new identity")
+        log.info(
+            "%s %s (read in %.0f ms, set in %.0f ms)",
+            FORK_READY_LINE,
+            config.sandbox_id,
+            (read - started) * 1000,
+            (time.monotonic() - read) * 1000,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        pid1._step("remount the config drive", remount_drive, self._device)

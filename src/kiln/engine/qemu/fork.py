@@ -16,8 +16,9 @@ The clone is then an ordinary cold sandbox with a valid snapshot and its own
 address, MAC, TAP, token and config drive (of the source drive's size: the
 guest kernel knows it), restored like any other. Its memory still says it is the
 source, so its TAP stays off the bridge while it learns otherwise: the engine
-grows the config drive by :data:`DRIVE_GROWTH` (``block_resize``), the guest
-kernel sends a resize uevent, and the agent re-reads the drive and takes the new
+appends an identity block to the config drive and grows the disk over it
+(``block_resize``), the guest kernel sends a resize uevent, and the agent reads
+the block and takes the new
 identity -- clock, RNG reseed, hostname, eth0 MAC/address/route, token (see
 :mod:`kiln.guest.reidentify`) -- and says so on the console. Then the TAP joins
 the bridge and the engine waits for the agent at the new address, with the
@@ -38,9 +39,9 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from kiln.guest.config import FORK_READY_LINE
+from kiln.guest.config import FORK_READY_LINE, identity_block
 
 from ..base import SandboxSpec, Thermal
 from ..boots import BootReason, LastBoot
@@ -58,9 +59,6 @@ from .thermal import ThermalControl
 
 log = logging.getLogger(__name__)
 
-#: How much the clone's config drive grows to announce itself (whole MiB: ext4
-#: ignores the space, and the next fork of the clone grows it again).
-DRIVE_GROWTH: Final = 1 << 20
 #: Bound on the clone taking its identity after the restore (normally < 1 s).
 _IDENTITY_TIMEOUT: Final = 30.0
 _IDENTITY_POLL: Final = 0.01
@@ -70,6 +68,8 @@ _MIGRATE_POLL: Final = 0.002
 _MAX_BANDWIDTH: Final = 1 << 40
 #: How often a fork makes a source hot and looks again (it may cool meanwhile).
 _ATTEMPTS: Final = 3
+#: What of the clone's guest config its identity block carries (kiln.guest.reidentify).
+_IDENTITY_KEYS: Final = ("sandbox_id", "hostname", "token", "dns", "network")
 
 
 class Forker:
@@ -99,7 +99,7 @@ class Forker:
         phases = Phases()
         try:
             with machine.os_errors(f"forking {source.sandbox_id} into {sid}"):
-                vm, admission = await self._prepare(source, spec, undo)
+                vm, admission, identity = await self._prepare(source, spec, undo)
                 phases.mark("net")
                 for _ in range(_ATTEMPTS):
                     if await self._copy(source, vm):
@@ -113,10 +113,7 @@ class Forker:
                 await self._detach(vm.record.tap)
                 await self._thermal.restore(vm, make_tap=False)
                 phases.mark("restore")
-                size = await asyncio.to_thread(os.path.getsize, vm.paths.config_drive)
-                await machine.qmp(
-                    vm, "block_resize", {"device": "disk1", "size": size + DRIVE_GROWTH}
-                )
+                await self._announce(vm, identity)
                 await self._wait_identity(vm)
                 await self._attach(vm.record.tap)
                 phases.mark("identity")
@@ -153,7 +150,9 @@ class Forker:
         if spec.sandbox_id in self._vms or spec.sandbox_id in self._forking:
             raise InvalidState(f"sandbox {spec.sandbox_id!r} already exists")
 
-    async def _prepare(self, source: VM, spec: SandboxSpec, undo: Undo) -> tuple[VM, Admission]:
+    async def _prepare(
+        self, source: VM, spec: SandboxSpec, undo: Undo
+    ) -> tuple[VM, Admission, dict[str, Any]]:
         """Address, TAP, directory, config drive and record of the clone."""
         sid = spec.sandbox_id
         net = self._net
@@ -215,7 +214,8 @@ class Forker:
             state=CREATED.next,
             meta=snapshot.SnapshotMeta(),
         )
-        return vm, admission
+        identity: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
+        return vm, admission, identity
 
     # ------------------------------------------------------------------ copy
 
@@ -303,6 +303,18 @@ class Forker:
 
     # ------------------------------------------------------------------ identity
 
+    async def _announce(self, vm: VM, identity: dict[str, Any]) -> None:
+        """Append the identity block to the running clone's config drive and grow the
+        disk over it: the guest's resize uevent sets it going."""
+        identity = {
+            **identity,
+            "clock_ns": time.time_ns(),
+            "seed": base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode(),
+        }
+        block = identity_block(identity)
+        size = await asyncio.to_thread(_append, vm.paths.config_drive, block)
+        await machine.qmp(vm, "block_resize", {"device": "disk1", "size": size})
+
     async def _wait_identity(self, vm: VM) -> None:
         line = f"{FORK_READY_LINE} {vm.sandbox_id}".encode()
         deadline = time.monotonic() + _IDENTITY_TIMEOUT
@@ -331,3 +343,14 @@ class Forker:
     async def _ip_link(self, tap: str, *args: str) -> None:
         ns = self.config.network.netns
         await disks.run_tool(["ip", *(["-n", ns] if ns else []), "link", "set", tap, *args])
+
+
+def _append(path: Path, block: bytes) -> int:
+    """Blocking: ``block`` at the end of ``path``; the new size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        os.pwrite(fd, block, offset)
+        return offset + len(block)
+    finally:
+        os.close(fd)
