@@ -88,7 +88,7 @@ def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     assert created["engine"] == "fake" and created["image"] == "minimal"
     assert created["ip"]
     assert created["runtime"] is None
-    assert created["capabilities"] == {"pause": True, "snapshots": True}
+    assert created["capabilities"] == {"pause": True, "snapshots": True, "fork": True}
     for key in ("created_at", "last_active_at"):
         assert datetime.fromisoformat(str(created[key])).tzinfo is not None
     assert created["last_boot"]["reason"] == "created"
