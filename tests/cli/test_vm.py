@@ -9,6 +9,7 @@ directory on their command line) are killed before the namespace goes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -123,5 +124,11 @@ def test_cli_on_a_real_microvm(vm_cli: Cli) -> None:
         assert vm_cli.ok("exec", "-u", "root", name, "--", "id", "-un") == "root\n"
         # Piped stdin is uploaded as the sandbox user's file; root reads it all the same.
         assert vm_cli.ok("exec", "--user", "root", name, "--", "wc", "-c", input=b"12345") == "5\n"
+
+        copy = json.loads(vm_cli.ok("fork", name, "--name", f"{name}-2", "--json"))
+        assert (copy["name"], copy["status"]) == (f"{name}-2", "running")
+        out = vm_cli.ok("exec", f"{name}-2", "--", "sh", "-c", "cat /workspace/hello.txt; hostname")
+        assert out == f"hi from the host\n{name}-2\n"
+        vm_cli.ok("rm", f"{name}-2")
     finally:
         vm_cli.ok("rm", name)
