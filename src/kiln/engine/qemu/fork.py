@@ -229,26 +229,35 @@ class Forker:
             machine.notice_death(source)
             state = source.state
             if state.live and state.thermal is Thermal.HOT and not source.reboot:
-                await self._copy_running(source, clone)
+                ram_in_state = await self._copy_running(source, clone)
             elif not state.live and source.meta.valid and not source.reboot:
                 self.last_pause_ms = None
-                await self._copy_files(source, clone, source.paths.state)
+                ram_in_state = source.meta.ram_in_state
+                await self._copy_files(source, clone, source.paths.state, copy_ram=True)
             else:
                 return False
-        meta = snapshot.SnapshotMeta(valid=True, ram_inode=snapshot.ram_inode(clone.paths.ram))
+        meta = snapshot.SnapshotMeta(
+            valid=True, ram_inode=snapshot.ram_inode(clone.paths.ram), ram_in_state=ram_in_state
+        )
         clone.meta = meta
         await asyncio.to_thread(snapshot.save_meta, clone.paths.snapshot_meta, meta)
         return True
 
-    async def _copy_running(self, source: VM, clone: VM) -> None:
+    async def _copy_running(self, source: VM, clone: VM) -> bool:
+        """Pause, save, copy, continue; whether the RAM went into the device state (its
+        file was replaced while QEMU ran, as in the snapshot's fallback)."""
         started = time.perf_counter()
         await machine.cancel_clock(source)
         await machine.qmp(source, "stop")
+        base_ok = (
+            source.meta.ram_inode is not None
+            and snapshot.ram_inode(source.paths.ram) == source.meta.ram_inode
+        )
         try:
             await machine.qmp(
                 source,
                 "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                {"capabilities": [{"capability": "x-ignore-shared", "state": base_ok}]},
             )
             await machine.qmp(source, "migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
             state_tmp = clone.paths.state_tmp
@@ -260,7 +269,7 @@ class Forker:
                 os.close(fd)
             await machine.qmp(source, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
             await self._migration_done(source)
-            await self._copy_files(source, clone, state_tmp)
+            await self._copy_files(source, clone, state_tmp, copy_ram=base_ok)
         finally:
             if source.qmp is not None and source.state.live:
                 with contextlib.suppress(EngineError):
@@ -274,12 +283,15 @@ class Forker:
         log.info(
             "fork of %s: the source was paused for %.1f ms", source.sandbox_id, self.last_pause_ms
         )
+        return not base_ok
 
-    async def _copy_files(self, source: VM, clone: VM, state: Path) -> None:
-        copies = [
-            (source.paths.ram, clone.paths.ram),
-            (Path(source.record.drives[0].path), Path(clone.record.drives[0].path)),
-        ]
+    async def _copy_files(self, source: VM, clone: VM, state: Path, *, copy_ram: bool) -> None:
+        copies = [(Path(source.record.drives[0].path), Path(clone.record.drives[0].path))]
+        if copy_ram:
+            copies.append((source.paths.ram, clone.paths.ram))
+        else:  # the RAM is in the device state; the restore loads it into a fresh file
+            size = clone.record.spec.memory_mb << 20
+            await asyncio.to_thread(snapshot.create_ram_file, clone.paths.ram, size)
         await asyncio.gather(*(disks.copy_sparse(a, b) for a, b in copies))
         if state != clone.paths.state_tmp:
             await disks.copy_sparse(state, clone.paths.state_tmp)
