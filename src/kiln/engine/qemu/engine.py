@@ -3,6 +3,7 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
 
     provision   create: spec check, disks, boot or template restore, undo on failure
     thermal     pause/resume, snapshot to disk and restore, the guest clock
+    fork        a running copy of a sandbox with its own identity
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup
     hostnet     guest addresses, TAP devices, pinned ARP entries
     host        set up once: directories, bridge, accelerator, pinned images
