@@ -18,11 +18,10 @@ guest kernel knows it), restored like any other. Its memory still says it is the
 source, so its TAP stays off the bridge while it learns otherwise: the engine
 appends an identity block to the config drive and grows the disk over it
 (``block_resize``), the guest kernel sends a resize uevent, and the agent reads
-the block and takes the new
-identity -- clock, RNG reseed, hostname, eth0 MAC/address/route, token (see
-:mod:`kiln.guest.reidentify`) -- and says so on the console. Then the TAP joins
-the bridge and the engine waits for the agent at the new address, with the
-new token, as after any create.
+the block and takes the new identity -- clock, RNG reseed, hostname, eth0
+MAC/address/route, token (see :mod:`kiln.guest.reidentify`) -- and says so on
+the console. Then the TAP joins the bridge and the engine waits for the agent
+at the new address, with the new token, as after any create.
 
 A sandbox with volumes cannot be forked: a volume is in one sandbox at a time.
 """
