@@ -57,8 +57,8 @@ CONFIG_FILE = "config.json"
 TEMPLATE_MAGIC = b"KILN-TEMPLATE-WAIT\n"
 #: What the console shows once a template boot waits for its config drive.
 TEMPLATE_READY_LINE = "template: waiting for a config drive"
-#: What the console shows, followed by the new sandbox id, once a fork's clone has
-#: taken its own identity (see :mod:`kiln.guest.reidentify`).
+#: What the console shows, followed by the new sandbox id and a comma, once a fork's
+#: clone has taken its own identity (see :mod:`kiln.guest.reidentify`).
 FORK_READY_LINE = "fork: identity taken by"
 #: Starts the block a fork's host appends to the clone's config drive (after the
 #: ext4 image, whose size the guest kernel knew): then an 8-byte big-endian length

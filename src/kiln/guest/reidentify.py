@@ -138,17 +138,17 @@ class IdentityWatch:
         if config is None or config.sandbox_id == self._sandbox_id:
             return
         read = time.monotonic()
-        log.info("fork: %s becomes %s", self._sandbox_id, config.sandbox_id)
-        self._sandbox_id = config.sandbox_id
+        source, self._sandbox_id = self._sandbox_id, config.sandbox_id
         take_identity(config)
         try:
             self._on_new(config)
         except Exception:
             log.exception("fork: the agent could not take the new identity")
         log.info(
-            "%s %s (read in %.0f ms, set in %.0f ms)",
+            "%s %s, forked from %s (read in %.0f ms, set in %.0f ms)",
             FORK_READY_LINE,
             config.sandbox_id,
+            source,
             (read - started) * 1000,
             (time.monotonic() - read) * 1000,
         )

@@ -327,7 +327,7 @@ class Forker:
         await machine.qmp(vm, "block_resize", {"device": "disk1", "size": size})
 
     async def _wait_identity(self, vm: VM) -> None:
-        line = f"{FORK_READY_LINE} {vm.sandbox_id}".encode()
+        line = f"{FORK_READY_LINE} {vm.sandbox_id},".encode()
         deadline = time.monotonic() + _IDENTITY_TIMEOUT
         while True:
             with contextlib.suppress(FileNotFoundError):
