@@ -50,6 +50,7 @@ from ..states import CREATED, Op
 from ..undo import Undo
 from . import disks, machine, process, snapshot, templates
 from .argv import Drive
+from .clock import set_clock
 from .config import QemuConfig
 from .hostnet import HostNet
 from .layout import Paths, Record, guest_config
@@ -116,10 +117,14 @@ class Forker:
                 await self._wait_identity(vm)
                 await self._attach(vm.record.tap)
                 phases.mark("identity")
+                # The identity block's clock is some 0.1 s old by now: the first
+                # request sets it exactly (and reseeds again).
                 await machine.wait_agent(
-                    vm, self.config, min(self.config.boot_timeout, _IDENTITY_TIMEOUT)
+                    vm,
+                    self.config,
+                    min(self.config.boot_timeout, _IDENTITY_TIMEOUT),
+                    lambda probe: set_clock(probe, timeout=self.config.agent_timeout),
                 )
-                await self._thermal.set_clock(vm)
                 phases.mark("agent+clock")
         except BaseException:
             await undo.run()
