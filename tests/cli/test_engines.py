@@ -52,7 +52,7 @@ def test_create_with_engine_and_runtime_and_list_them(cli: Cli, kiln: Kiln) -> N
         assert _engine_cell(table, default) == "qemu"
         listed = {s["name"]: s for s in json.loads(cli.ok("ls", "--json"))}
         assert (listed[gvisor]["engine"], listed[gvisor]["runtime"]) == ("docker", "runsc")
-        assert listed[gvisor]["capabilities"] == {"pause": True, "snapshots": False}
+        assert listed[gvisor]["capabilities"] == {"pause": True, "snapshots": False, "fork": False}
         sb = kiln.sandboxes.get(runc)
         assert (sb.engine, sb.runtime) == ("docker", "runc")
     finally:

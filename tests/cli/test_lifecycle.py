@@ -138,3 +138,18 @@ def test_run_rm_removes_the_sandbox_on_ctrl_c(cli: Cli, kiln: Kiln) -> None:
     assert proc.returncode == 130, err
     assert time.monotonic() - started < 10
     assert kiln.sandboxes.list(labels={"t": tag}) == []
+
+
+def test_fork_makes_a_copy_and_says_why_it_cannot(cli: Cli) -> None:
+    name = unique("fork")
+    cli.ok("create", "--name", name, "--label", "role=src")
+    try:
+        assert "fork:        yes\n" in cli.ok("inspect", name)
+        copy = json.loads(cli.ok("fork", name, "--name", f"{name}-2", "--json"))
+        assert (copy["name"], copy["labels"]) == (f"{name}-2", {"role": "src"})
+        assert f"name:        {name}-3\n" in cli.ok("fork", name, "--name", f"{name}-3")
+        taken = cli("fork", name, "--name", f"{name}-2")
+        assert taken.returncode == 4 and "already exists" in taken.stderr.decode()
+        assert cli("fork", unique("nobody")).returncode == 3
+    finally:
+        cli("rm", name, f"{name}-2", f"{name}-3")

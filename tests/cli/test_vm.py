@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import secrets
 import shutil
@@ -136,6 +137,12 @@ def test_cli_on_a_real_microvm(vm_cli: Cli, vm_sandbox: str) -> None:
     assert vm_cli.ok("exec", "-u", "root", name, "--", "id", "-un") == "root\n"
     # Piped stdin is uploaded as the sandbox user's file; root reads it all the same.
     assert vm_cli.ok("exec", "--user", "root", name, "--", "wc", "-c", input=b"12345") == "5\n"
+
+    copy = json.loads(vm_cli.ok("fork", name, "--name", f"{name}-2", "--json"))
+    assert (copy["name"], copy["status"]) == (f"{name}-2", "running")
+    out = vm_cli.ok("exec", f"{name}-2", "--", "sh", "-c", "cat /workspace/hello.txt; hostname")
+    assert out == f"hi from the host\n{name}-2\n"
+    vm_cli.ok("rm", f"{name}-2")
 
 
 def _tree_of(root: Path) -> dict[str, tuple[int, bytes]]:

@@ -80,8 +80,9 @@ async def test_clones_are_separate_machines(engine: QemuEngine) -> None:
         sid = info.sandbox_id
         client = await engine.agent(sid)
         # The template started the agent's worker thread before its snapshot: the
-        # first command (whose sync() runs in it) does not have to start one.
-        assert (await sh(client, "grep ^Threads: /proc/1/status")).split() == ["Threads:", "2"]
+        # first command (whose sync() runs in it) does not have to start one. The
+        # third thread waits for a fork's identity (kiln.guest.reidentify).
+        assert (await sh(client, "grep ^Threads: /proc/1/status")).split() == ["Threads:", "3"]
         assert (await sh(client, "hostname")).strip() == f"clone-{n}"
         assert await sh(client, 'printf %s "$WHO"') == f"clone {n}"
         assert await sh(client, "id -un") == "sandbox\n"

@@ -353,6 +353,28 @@ class FakeEngine:
     async def ensure_hot(self, sandbox_id: str) -> None:
         await self._act("ensure_hot", sandbox_id, Op.ENSURE_HOT)
 
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        """States only: a hot box like its source. Agent machines cannot fork
+        (``AGENT_CAPABILITIES``), like an engine without checkpoints."""
+        source = self._enter("fork", source_id)
+        if source is None:
+            raise SandboxNotFound(f"no sandbox {source_id!r}")
+        if not source.info.capabilities.fork:
+            raise InvalidState(f"sandbox {source_id} cannot be forked by the {self.name} engine")
+        if spec.sandbox_id in self.boxes:
+            raise InvalidState(f"sandbox {spec.sandbox_id} exists")
+        info = replace(
+            source.info,
+            sandbox_id=spec.sandbox_id,
+            name=spec.name,
+            status=CREATED.next.status,
+            thermal=CREATED.next.thermal,
+            ip=f"10.99.0.{len(self.boxes) + 2}",
+            last_boot=LastBoot.now(BootReason.CREATED),
+        )
+        self.boxes[spec.sandbox_id] = _Box(info)
+        return info
+
     def crash(self, sandbox_id: str, *, disk_gone: bool = False) -> SandboxInfo:
         """The sandbox's machine dies underneath us (a test control): with its disk
         intact it is running and cold, and its next use boots it from its disk (a

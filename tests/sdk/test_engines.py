@@ -39,14 +39,14 @@ def test_create_passes_engine_and_runtime(k: Kiln) -> None:
             "runsc",
             sb.capabilities,
         )
-        assert sb.to_dict()["capabilities"] == {"pause": True, "snapshots": False}
+        assert sb.to_dict()["capabilities"] == {"pause": True, "snapshots": False, "fork": False}
         assert sb.exec(["echo", "in a container"]).stdout == "in a container\n"
 
 
 def test_without_engine_the_daemon_decides(k: Kiln) -> None:
     with k.sandboxes.create() as sb:
         assert (sb.engine, sb.runtime) == ("qemu", None)  # the daemon's default
-        assert sb.capabilities == Capabilities(pause=True, snapshots=True)
+        assert sb.capabilities == Capabilities(pause=True, snapshots=True, fork=True)
 
 
 @pytest.mark.parametrize(

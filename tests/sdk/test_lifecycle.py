@@ -128,3 +128,21 @@ def test_parse_sandbox_lifecycle_fields() -> None:
     assert new.to_dict()["expires_at"] == "2030-01-01T00:00:00+00:00"
     with pytest.raises(KilnError, match="labels"):
         parse_sandbox({**base, "labels": {"a": 1}})
+
+
+def test_fork_returns_the_copy(kiln: Kiln) -> None:
+    with kiln.sandboxes.create(name=unique("src"), labels={"job": "fork"}) as sb:
+        name = unique("copy")
+        with sb.fork(name=name) as copy:
+            assert (copy.name, copy.labels, copy.engine) == (name, {"job": "fork"}, sb.engine)
+            assert copy.id != sb.id and kiln.sandboxes.get(name).id == copy.id
+            with pytest.raises(KilnError) as info:
+                sb.fork(name=name)
+            assert info.value.status_code == 409
+        with pytest.raises(NotFound):
+            kiln.sandboxes.fork(unique("nobody"))
+
+
+async def test_async_fork(akiln: AsyncKiln) -> None:
+    async with await akiln.sandboxes.create(name=unique("asrc")) as sb, await sb.fork() as copy:
+        assert copy.name == copy.id != sb.id

@@ -245,7 +245,7 @@ def test_parse_sandbox_engine_runtime_capabilities() -> None:
     )
     assert (sb.engine, sb.runtime) == ("docker", "runsc")
     assert sb.capabilities == Capabilities(pause=True, snapshots=False)
-    assert sb.to_dict()["capabilities"] == {"pause": True, "snapshots": False}
+    assert sb.to_dict()["capabilities"] == {"pause": True, "snapshots": False, "fork": False}
     assert parse_sandbox({**SANDBOX, "capabilities": {}}).capabilities == Capabilities()
 
 

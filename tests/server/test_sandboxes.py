@@ -88,7 +88,7 @@ def test_crud_lifecycle(api: ApiUser, server: LiveServer) -> None:
     assert created["engine"] == "fake" and created["image"] == "minimal"
     assert created["ip"]
     assert created["runtime"] is None
-    assert created["capabilities"] == {"pause": True, "snapshots": True}
+    assert created["capabilities"] == {"pause": True, "snapshots": True, "fork": True}
     for key in ("created_at", "last_active_at"):
         assert datetime.fromisoformat(str(created[key])).tzinfo is not None
     assert created["last_boot"]["reason"] == "created"
@@ -342,3 +342,47 @@ def test_listening_ports(make_user: Callable[..., ApiUser]) -> None:
         everywhere = api.http.get("/ports").json()
         assert any(p["port"] == port and p["sandbox_id"] == sb["id"] for p in everywhere)
     assert api.http.get("/sandboxes/web/ports").status_code == 200
+
+
+def test_fork_over_the_api(make_user: Callable[..., ApiUser], server: LiveServer) -> None:
+    from kiln.engine.errors import InvalidState  # noqa: PLC0415
+
+    api = make_user(Quotas(max_sandboxes=3))
+    src = api.sandbox(name="src", cpus=2, memory_mb=256, labels={"team": "ml"}, env={"A": "b"})
+    r = api.http.post("/sandboxes/src/fork", json={"name": "copy"})
+    assert r.status_code == 201, r.text
+    copy = r.json()
+    assert set(copy) == SANDBOX_FIELDS
+    assert copy["id"] != src["id"] and copy["name"] == "copy"
+    for field in ("cpus", "memory_mb", "labels", "engine", "image", "keep_hot"):
+        assert copy[field] == src[field], field
+    assert (copy["status"], copy["thermal"]) == ("running", "hot")
+    assert copy["ip"] != src["ip"]
+    assert copy["capabilities"]["fork"] is True
+
+    assert api.http.post("/sandboxes/src/fork", json={"name": "copy"}).status_code == 409
+    unnamed = api.http.post("/sandboxes/copy/fork")  # no body: named by its id
+    assert unnamed.status_code == 201, unnamed.text
+    assert unnamed.json()["name"] == unnamed.json()["id"]
+    over = api.http.post("/sandboxes/src/fork", json={})
+    assert over.status_code == 403, over.text  # the quota counts forks
+    assert api.http.post("/sandboxes/nope/fork").status_code == 404
+    assert make_user().http.post("/sandboxes/src/fork").status_code == 404  # not theirs
+    bad = api.http.post("/sandboxes/src/fork", json={"name": "no spaces"})
+    assert bad.status_code == 422
+
+    api.http.delete(f"/sandboxes/{unnamed.json()['id']}")
+    original = server.engine.fork
+
+    async def failing(source_id: str, spec: object) -> object:
+        raise InvalidState("cannot copy it now")
+
+    server.engine.fork = failing  # type: ignore[method-assign,assignment]
+    try:
+        r = api.http.post("/sandboxes/src/fork", json={"name": "doomed"})
+    finally:
+        server.engine.fork = original  # type: ignore[method-assign]
+    assert r.status_code == 409 and r.json() == {"error": "cannot copy it now"}
+    assert sorted(s["name"] for s in api.http.get("/sandboxes").json()) == ["copy", "src"]
+    api.http.delete("/sandboxes/copy")  # the source stays
+    assert api.http.get("/sandboxes/src").json()["status"] == "running"

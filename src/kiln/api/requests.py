@@ -163,6 +163,12 @@ class CreateSandbox(_Body):
     network: NetworkBody | None = None  # None: the daemon's default policy
 
 
+class ForkSandbox(_Body):
+    """The copy's name (default: its id); everything else is the source's."""
+
+    name: Name | None = None
+
+
 class PatchSandbox(_Body):
     """Absent fields are left alone; ``"ttl_s": null`` removes the expiry (see
     ``model_fields_set``), ``"labels"`` replaces the whole label set."""

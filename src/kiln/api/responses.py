@@ -134,10 +134,12 @@ class Capabilities(ApiModel):
     milliseconds). ``snapshots``: its running state can be saved to disk, so it
     can go cold and a stop keeps its processes and memory; without snapshots a
     stop keeps its files but ends its processes, and a start boots it again.
+    ``fork``: ``fork()`` can copy it, running processes and all.
     """
 
     pause: StrictBool = True
     snapshots: StrictBool = True
+    fork: StrictBool = False
 
 
 class NetworkPolicy(ApiModel):

@@ -546,6 +546,20 @@ def edit(
 
 
 @cli.command()
+@click.argument("sandbox")
+@click.option("--name", "name", metavar="NAME", help="The copy's name (default: its id).")
+@json_option
+@pass_state
+def fork(state: State, sandbox: str, name: str | None, as_json: bool) -> None:
+    """Fork a sandbox: a new one whose disk, memory and running processes are a
+    copy of SANDBOX's now, with its own address, hostname and token. Both go on
+    independently. Needs an engine that can (QEMU) and no volumes attached."""
+    with spinner(f"Forking {sandbox}…"):
+        sb = state.sandbox(sandbox).fork(name=name)
+    show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+
+
+@cli.command()
 @click.argument("sandboxes", nargs=-1, required=True)
 @json_option
 @pass_state

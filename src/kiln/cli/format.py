@@ -215,7 +215,7 @@ def format_last_boot(boot: LastBoot | None, now: datetime) -> str:
 def _capability_rows(caps: Capabilities | None) -> list[tuple[str, str]]:
     """What the sandbox's engine can do with it (``-``: the daemon did not say)."""
     if caps is None:
-        return [("pause", "-"), ("snapshots", "-")]
+        return [("pause", "-"), ("snapshots", "-"), ("fork", "-")]
     return [
         ("pause", "yes" if caps.pause else "no (it never goes warm)"),
         (
@@ -224,6 +224,7 @@ def _capability_rows(caps: Capabilities | None) -> list[tuple[str, str]]:
             if caps.snapshots
             else "no (never cold; a stop keeps its files but ends its processes)",
         ),
+        ("fork", "yes" if caps.fork else "no (its engine cannot copy it running)"),
     ]
 
 

@@ -212,8 +212,8 @@ class Capabilities:
     save_memory: bool = False
 
 
-#: A VM engine: everything (QEMU, whose fork and memory images come later).
-VM_CAPABILITIES = Capabilities(pause=True, snapshots=True)
+#: A VM engine: everything (QEMU, whose memory images come later).
+VM_CAPABILITIES = Capabilities(pause=True, snapshots=True, fork=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +295,14 @@ class Engine(Protocol):
 
     async def ensure_hot(self, sandbox_id: str) -> None:
         """Make the sandbox hot from whatever state it is in."""
+        ...
+
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        """A new sandbox (``spec``: its id, name and owner, the source's shape, image
+        and env) whose disk, memory and processes are a copy of ``source_id``'s now,
+        with its own identity (address, MAC, hostname, token, RNG, clock); both go on
+        independently. InvalidState where the sandbox cannot be forked (volumes
+        attached, or ``capabilities.fork`` is false)."""
         ...
 
     def thermal(self, sandbox_id: str) -> Thermal: ...

@@ -56,6 +56,9 @@ class Unavailable:
     async def ensure_hot(self, sandbox_id: str) -> None:
         raise self._no()
 
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        raise self._no()
+
     def thermal(self, sandbox_id: str) -> Thermal:
         raise SandboxNotFound(sandbox_id)
 
@@ -170,6 +173,18 @@ class Engines:
 
     async def ensure_hot(self, sandbox_id: str) -> None:
         await self.engine_of(sandbox_id).ensure_hot(sandbox_id)
+
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        name = self._owner.get(source_id)
+        if name is None:
+            raise SandboxNotFound(f"no sandbox {source_id!r}")
+        spec = dataclasses.replace(spec, engine=name)
+        self._owner[spec.sandbox_id] = name
+        try:
+            return await self._engines[name].fork(source_id, spec)
+        except BaseException:
+            self._owner.pop(spec.sandbox_id, None)
+            raise
 
     def thermal(self, sandbox_id: str) -> Thermal:
         return self.engine_of(sandbox_id).thermal(sandbox_id)

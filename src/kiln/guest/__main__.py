@@ -235,6 +235,7 @@ def _run_pid1(args: argparse.Namespace) -> int:
     # The whole agent is imported before the boot: a template is snapshotted in
     # there, and the sandboxes restored from it must not import it again (TCG).
     importlib.import_module(f"{__package__}.agent")
+    importlib.import_module(f"{__package__}.reidentify")
 
     mounts: list[str] = []
     try:
@@ -263,6 +264,7 @@ def _run_pid1(args: argparse.Namespace) -> int:
             prepared=booted.prepared,
             reconfigure=lambda new, user: pid1.reconfigure(new, user.uid, user.gid),
         )
+        _watch_for_fork(args, config, agent)
         asyncio.run(agent.run())
     except BaseException:
         log.exception("agent failed; powering off")
@@ -272,6 +274,30 @@ def _run_pid1(args: argparse.Namespace) -> int:
         log.exception("power off failed")
     while True:  # nothing left to do, but PID 1 must not exit
         signal.pause()
+
+
+def _watch_for_fork(args: argparse.Namespace, config: GuestConfig, agent: Agent) -> None:
+    """A fork's clone learns its identity from a new config drive (see reidentify)."""
+    import stat  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
+
+    from .config import DEFAULT_CONFIG_DEVICE, parse_cmdline  # noqa: PLC0415
+    from .reidentify import IdentityWatch  # noqa: PLC0415
+
+    if args.config is not None:
+        return
+    try:
+        cmdline = parse_cmdline(Path("/proc/cmdline").read_text())
+        device = cmdline.get("config", DEFAULT_CONFIG_DEVICE)
+        if not stat.S_ISBLK(os.stat(device).st_mode):
+            return
+    except OSError:
+        return
+
+    def on_new(new: GuestConfig) -> None:
+        agent.settings = replace(agent.settings, token=new.token)
+
+    IdentityWatch(device, config.sandbox_id, on_new).start()
 
 
 def _vm_agent(

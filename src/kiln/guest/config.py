@@ -38,7 +38,8 @@ import binascii
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ CONFIG_FILE = "config.json"
 TEMPLATE_MAGIC = b"KILN-TEMPLATE-WAIT\n"
 #: What the console shows once a template boot waits for its config drive.
 TEMPLATE_READY_LINE = "template: waiting for a config drive"
+#: What the console shows, followed by the new sandbox id and a comma, once a fork's
+#: clone has taken its own identity (see :mod:`kiln.guest.reidentify`).
+FORK_READY_LINE = "fork: identity taken by"
+#: Starts the block a fork's host appends to the clone's config drive (after the
+#: ext4 image, whose size the guest kernel knew): then an 8-byte big-endian length
+#: and that many bytes of identity JSON (the config.json fields of an identity).
+IDENTITY_MAGIC = b"KILN-FORK-IDENTITY\n"
+#: How many bytes that block takes (the drive grows by as much).
+IDENTITY_BLOCK = 1 << 20
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
@@ -322,3 +332,29 @@ def _network(value: Any) -> NetworkSpec | None:
     if not isinstance(interface, str) or not re.match(r"^[A-Za-z0-9._-]{1,15}$", interface):
         raise ConfigError(f"config network.interface: {interface!r} is not an interface name")
     return NetworkSpec(address=address, gateway=gateway, mac=mac, interface=interface)
+
+
+_IDENTITY_HEADER = len(IDENTITY_MAGIC) + 8
+
+
+def identity_block(config: dict[str, object]) -> bytes:
+    """The block the host appends (the guest's inverse is :func:`parse_identity`)."""
+    payload = json.dumps(config, separators=(",", ":")).encode()
+    block = IDENTITY_MAGIC + struct.pack(">Q", len(payload)) + payload
+    if len(block) > IDENTITY_BLOCK:
+        raise ValueError(f"identity of {len(payload)} bytes does not fit {IDENTITY_BLOCK}")
+    return block.ljust(IDENTITY_BLOCK, b"\0")
+
+
+def parse_identity(head: bytes, read_more: Callable[[int, int], bytes]) -> GuestConfig | None:
+    """The identity in a block starting with ``head`` (``read_more(offset, n)`` reads
+    past it); None if the block is not one."""
+    if not head.startswith(IDENTITY_MAGIC) or len(head) < _IDENTITY_HEADER:
+        return None
+    (length,) = struct.unpack(">Q", head[len(IDENTITY_MAGIC) : _IDENTITY_HEADER])
+    if length > IDENTITY_BLOCK - _IDENTITY_HEADER:
+        raise ConfigError(f"identity block claims {length} bytes")
+    payload = head[_IDENTITY_HEADER : _IDENTITY_HEADER + length]
+    if len(payload) < length:
+        payload += read_more(_IDENTITY_HEADER + len(payload), length - len(payload))
+    return GuestConfig.from_bytes(payload)

@@ -340,6 +340,17 @@ def stop_sandbox(id_or_name: str) -> Call[SandboxInfo]:
     )
 
 
+def fork_sandbox(id_or_name: str, name: str | None = None) -> Call[SandboxInfo]:
+    """``POST .../fork``: a new sandbox copying this one's disk, memory and processes."""
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "fork"),
+        _parser(SandboxInfo, "sandbox"),
+        json={} if name is None else {"name": name},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
 def start_sandbox(id_or_name: str) -> Call[SandboxInfo]:
     return Call(
         "POST",

@@ -278,6 +278,12 @@ class _AsyncSandboxActions:
         when its engine has no snapshots."""
         return await self._kiln.sandboxes.start(self._ref)
 
+    async def fork(self, name: str | None = None) -> AsyncSandbox:
+        """A new sandbox whose disk, memory and running processes are a copy of this
+        one's now, with its own address, hostname and token; both go on
+        independently. Needs ``capabilities.fork`` and no volumes (409 otherwise)."""
+        return await self._kiln.sandboxes.fork(self._ref, name=name)
+
     async def delete(self) -> None:
         """Destroy it: frees its IP, disks and published ports."""
         await self._kiln.sandboxes.delete(self._ref)
@@ -592,6 +598,11 @@ class AsyncSandboxes:
         """Stop a sandbox: snapshotted to disk, or without ``capabilities.snapshots``
         its processes ended and its files kept (see :meth:`AsyncSandbox.stop`)."""
         return AsyncSandbox._wrap(self._kiln, await self._kiln._call(_api.stop_sandbox(id_or_name)))
+
+    async def fork(self, id_or_name: str, *, name: str | None = None) -> AsyncSandbox:
+        """A running copy of a sandbox (see :meth:`AsyncSandbox.fork`)."""
+        info = await self._kiln._call(_api.fork_sandbox(id_or_name, name))
+        return AsyncSandbox._wrap(self._kiln, info)
 
     async def start(self, id_or_name: str) -> AsyncSandbox:
         """Start a stopped sandbox: restored from its snapshot, or booted again."""

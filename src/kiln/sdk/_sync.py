@@ -267,6 +267,12 @@ class _SandboxActions:
         when its engine has no snapshots."""
         return self._kiln.sandboxes.start(self._ref)
 
+    def fork(self, name: str | None = None) -> Sandbox:
+        """A new sandbox whose disk, memory and running processes are a copy of this
+        one's now, with its own address, hostname and token; both go on
+        independently. Needs ``capabilities.fork`` and no volumes (409 otherwise)."""
+        return self._kiln.sandboxes.fork(self._ref, name=name)
+
     def delete(self) -> None:
         """Destroy it: frees its IP, disks and published ports."""
         self._kiln.sandboxes.delete(self._ref)
@@ -581,6 +587,11 @@ class Sandboxes:
         """Stop a sandbox: snapshotted to disk, or without ``capabilities.snapshots``
         its processes ended and its files kept (see :meth:`Sandbox.stop`)."""
         return Sandbox._wrap(self._kiln, self._kiln._call(_api.stop_sandbox(id_or_name)))
+
+    def fork(self, id_or_name: str, *, name: str | None = None) -> Sandbox:
+        """A running copy of a sandbox (see :meth:`Sandbox.fork`)."""
+        info = self._kiln._call(_api.fork_sandbox(id_or_name, name))
+        return Sandbox._wrap(self._kiln, info)
 
     def start(self, id_or_name: str) -> Sandbox:
         """Start a stopped sandbox: restored from its snapshot, or booted again."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets as _secrets
 import time
@@ -32,6 +33,7 @@ from kiln.api.requests import (
     CreateSandbox,
     CreateTemplate,
     CreateVolume,
+    ForkSandbox,
     NetworkBody,
     PatchSandbox,
     PutSecret,
@@ -291,6 +293,7 @@ class SandboxService:
                 capabilities = {
                     "pause": info.capabilities.pause,
                     "snapshots": info.capabilities.snapshots,
+                    "fork": info.capabilities.fork,
                 }
                 last_boot = info.last_boot or last_boot
         last = sb.last_active_at
@@ -467,6 +470,98 @@ class SandboxService:
         self.touch(sandbox_id)
         log.info("sandbox %s (%s) created for %s", sandbox_id, row.name, user.name)
         return row
+
+    # --- fork -------------------------------------------------------------------------
+
+    async def fork(self, user: User, ref: str, body: ForkSandbox) -> dict[str, Any]:
+        """A new sandbox of ``ref``'s owner whose disk, memory and processes are a copy
+        of ``ref``'s now (its engine permitting); both go on independently."""
+        src = self.find(user, ref)
+        self._created(src)
+        if src.config.volumes:
+            names = ", ".join(m.name for m in src.config.volumes)
+            raise ConflictError(
+                f"sandbox {src.name!r} has volumes attached ({names}): a volume cannot be"
+                " in two sandboxes, so it cannot be forked"
+            )
+        try:
+            info = self.engine.info(src.id)
+        except EngineError:
+            info = None
+        if info is not None and not info.capabilities.fork:
+            runtime = f" on {info.runtime}" if info.runtime else ""
+            raise ConflictError(
+                f"sandbox {src.name!r} cannot be forked: the {src.engine} engine{runtime}"
+                " cannot copy a running sandbox (capabilities.fork is false)"
+            )
+        self.store.check_quota(user, src.cpus, src.memory_mb)
+        name = body.name
+        if name is not None and _exists(lambda: self.store.find_sandbox(user.id, name)):
+            raise ConflictError(f"a sandbox named {name!r} already exists")
+        secret_env = self.store.get_secret_values(user.id, src.config.secrets)
+        sandbox_id = new_sandbox_id()
+        self.intents.begin(Intent(sandbox_id, "create", user.id))
+        try:
+            row = self.store.create_sandbox(
+                user.id,
+                image=src.image,
+                engine=src.engine,
+                name=name,
+                cpus=src.cpus,
+                memory_mb=src.memory_mb,
+                keep_hot=src.keep_hot,
+                config=dataclasses.replace(src.config, idempotency=None),
+                status=CREATED.next.status,
+                thermal=CREATED.next.thermal,
+                sandbox_id=sandbox_id,
+                labels=dict(src.labels),
+                expires_at=src.expires_at,
+                on_expire=src.on_expire,
+            )
+        except BaseException:
+            self.intents.end(sandbox_id)
+            raise
+        network = None
+        if src.config.network is not None:
+            with contextlib.suppress(NetworkError):
+                network = NetworkPolicy.from_json(src.config.network)
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id,
+            name=row.name,
+            cpus=src.cpus,
+            memory_mb=src.memory_mb,
+            image=src.image,
+            env={**src.config.env, **secret_env},
+            init=src.config.init,
+            keep_hot=src.keep_hot,
+            engine=src.engine,
+            runtime=src.config.runtime,
+            owner=user.id,
+            network=network,
+            user=src.config.user,
+        )
+        self._creating.add(sandbox_id)
+        try:
+            async with self._lock(src.id):
+                self.store.get_sandbox(src.id)  # 404 if deleted while we waited
+                try:
+                    info = await self.engine.fork(src.id, spec)
+                finally:
+                    # The fork may have woken or paused the source: record what it is now.
+                    with contextlib.suppress(NotFound):
+                        self._persist_engine_state(src.id)
+        except BaseException:
+            await asyncio.shield(self._undo_create(user, sandbox_id, set()))
+            self.intents.end(sandbox_id)
+            raise
+        finally:
+            self._creating.discard(sandbox_id)
+        row = self._persist_engine_state(sandbox_id, ip=info.ip)
+        self.intents.end(sandbox_id)
+        self.touch(src.id)
+        self.touch(sandbox_id)
+        log.info("sandbox %s (%s) forked from %s for %s", sandbox_id, row.name, src.id, user.name)
+        return self.view(row)
 
     def _network_view(self, sb: SandboxRow) -> dict[str, Any]:
         if sb.config.network is not None:

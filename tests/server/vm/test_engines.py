@@ -55,8 +55,8 @@ def test_both_engines_side_by_side_and_after_a_crash(setup: Host) -> None:
             assert (vm.json()["engine"], vm.json()["runtime"]) == ("qemu", None)
             assert (ct.json()["engine"], ct.json()["runtime"]) == ("docker", "runc")
             assert (gv.json()["engine"], gv.json()["runtime"]) == ("docker", "runsc")
-            assert ct.json()["capabilities"] == {"pause": True, "snapshots": False}
-            assert vm.json()["capabilities"] == {"pause": True, "snapshots": True}
+            assert ct.json()["capabilities"] == {"pause": True, "snapshots": False, "fork": False}
+            assert vm.json()["capabilities"] == {"pause": True, "snapshots": True, "fork": True}
 
             # The VM's PID 1 is the agent as init; the containers' is the agent in
             # container mode; gVisor has a kernel of its own.
@@ -76,6 +76,17 @@ def test_both_engines_side_by_side_and_after_a_crash(setup: Host) -> None:
             exec_ok(c, "ct", "sh", "-c", "sleep 600 >/dev/null 2>&1 &")
             exec_ok(c, "vm", "sh", "-c", "sleep 600 >/dev/null 2>&1 &")
 
+            # A container cannot be forked (no checkpoint on runc); a VM can, and its
+            # copy is re-adopted after the crash like any sandbox.
+            refused = c.post("/sandboxes/ct/fork", json={"name": "ctf"})
+            assert refused.status_code == 409, refused.text
+            assert "docker" in refused.json()["error"] and "runc" in refused.json()["error"]
+            assert c.get("/sandboxes/ctf").status_code == 404
+            vmf = c.post("/sandboxes/vm/fork", json={"name": "vmf"})
+            assert vmf.status_code == 201, vmf.text
+            assert vmf.json()["engine"] == "qemu" and vmf.json()["ip"] != vm.json()["ip"]
+            assert exec_ok(c, "vmf", "sh", "-c", "echo $WHO; pgrep -c sleep") == "vm\n1\n"
+
         assert serve.stop(signal.SIGKILL) == -signal.SIGKILL  # the daemon crashes
 
         again = setup.serve()
@@ -84,14 +95,17 @@ def test_both_engines_side_by_side_and_after_a_crash(setup: Host) -> None:
                 listed = {s["name"]: s for s in c.get("/sandboxes").json()}
                 assert {n: (s["engine"], s["status"]) for n, s in listed.items()} == {
                     "vm": ("qemu", "running"),
+                    "vmf": ("qemu", "running"),
                     "ct": ("docker", "running"),
                     "gv": ("docker", "running"),
                 }
                 # Re-adopted, not restarted: the processes started before the crash run on.
                 assert exec_ok(c, "ct", "pgrep", "-c", "sleep") == "1\n"
                 assert exec_ok(c, "vm", "pgrep", "-c", "sleep") == "1\n"
+                assert exec_ok(c, "vmf", "pgrep", "-c", "sleep") == "1\n"
+                assert exec_ok(c, "vmf", "hostname") == "vmf\n"
                 assert "gVisor" in exec_ok(c, "gv", "dmesg")
-                for name in ("vm", "ct", "gv"):
+                for name in ("vm", "vmf", "ct", "gv"):
                     assert c.delete(f"/sandboxes/{name}").status_code == 204
                 assert c.get("/sandboxes").json() == []
         finally:

@@ -180,6 +180,10 @@ def test_volume_outlives_its_sandbox(vm: httpx.Client) -> None:
     )
     assert out.json()["exit_code"] == 0, out.text
     assert vm.delete("/volumes/keep").status_code == 409
+    r = vm.post("/sandboxes/writer/fork", json={"name": "writer2"})
+    assert r.status_code == 409 and "volume" in r.json()["error"], r.text
+    assert vm.get("/sandboxes/writer2").status_code == 404
+    assert vm.post("/sandboxes/nobody/fork").status_code == 404
     assert vm.delete("/sandboxes/writer").status_code == 204
     r = vm.post("/sandboxes", json={"name": "reader", "volumes": [{"name": "keep", "mount": "/v"}]})
     assert r.status_code == 201, r.text
@@ -475,6 +479,26 @@ def test_background_process_survives_stop_and_start(
         with vm.stream("GET", url) as r:
             replay = _ndjson_until(r, served)  # the kept output survived the restore
         assert "Serving HTTP on" in _text(replay, "stdout")
+
+        # A fork has the same process, running, with its output, and serves too; it
+        # is another machine (hostname, address); the two go on independently.
+        exec_sh = {"cmd": ["sh", "-c", "echo mine > /tmp/mine; hostname"]}
+        r = vm.post("/sandboxes/procs/fork", json={"name": "procs-fork"})
+        assert r.status_code == 201, r.text
+        copy = r.json()
+        assert (copy["name"], copy["status"], copy["engine"]) == ("procs-fork", "running", "qemu")
+        assert copy["ip"] != vm.get("/sandboxes/procs").json()["ip"]
+        assert vm.post("/sandboxes/procs/fork", json={"name": "procs-fork"}).status_code == 409
+        forked = vm.get(f"/sandboxes/procs-fork/processes/{pid}").json()
+        assert (forked["running"], forked["started_at"]) == (True, proc["started_at"])
+        out = vm.post("/sandboxes/procs-fork/exec", json={"cmd": ["sh", "-c", fetch]}).json()
+        assert out["stdout"] == "200\n", out
+        out = vm.post("/sandboxes/procs-fork/exec", json=exec_sh).json()
+        assert out["stdout"] == "procs-fork\n", out
+        out = vm.post("/sandboxes/procs/exec", json={"cmd": ["ls", "/tmp/mine"]}).json()
+        assert out["exit_code"] != 0, out
+        assert vm.delete("/sandboxes/procs-fork").status_code == 204
+        assert get_running(vm, pid)
 
         r = vm.post(f"/sandboxes/procs/processes/{pid}/signal", json={"signal": "TERM"})
         assert r.status_code == 204, r.text

@@ -524,6 +524,15 @@ class DockerEngine:
     async def ensure_hot(self, sandbox_id: str) -> None:
         await self._transition(sandbox_id, Op.ENSURE_HOT)
 
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        """Not on any runtime yet (``capabilities.fork`` is false): runc cannot
+        checkpoint without CRIU ≥ 4.2, and runsc's checkpoint is not wired in."""
+        box = self._get(source_id)
+        raise InvalidState(
+            f"sandbox {source_id} cannot be forked: the docker engine cannot fork a"
+            f" {box.record.runtime} container (no checkpoint/restore); use the qemu engine"
+        )
+
     async def stop(self, sandbox_id: str) -> SandboxInfo:
         # Without snapshots there is no cold step, only the user's stop: its
         # processes end, its files stay.

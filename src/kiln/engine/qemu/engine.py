@@ -3,6 +3,7 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
 
     provision   create: spec check, disks, boot or template restore, undo on failure
     thermal     pause/resume, snapshot to disk and restore, the guest clock
+    fork        a running copy of a sandbox with its own identity
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup
     hostnet     guest addresses, TAP devices, pinned ARP entries
     host        set up once: directories, bridge, accelerator, pinned images
@@ -43,6 +44,7 @@ from ..states import Op
 from . import disks, machine, process, recovery, snapshot
 from .accel import AccelDecision
 from .config import QemuConfig
+from .fork import Forker
 from .host import Host
 from .hostnet import HostNet
 from .layout import Paths
@@ -79,6 +81,7 @@ class QemuEngine:
             self._provision.reserving,
             self._provision.write_config_drive,
         )
+        self._fork = Forker(self.config, self._net, self._thermal, self._vms)
         self._recovery = Recovery(
             self.config,
             self._host,
@@ -155,6 +158,18 @@ class QemuEngine:
         vm = await self._pool.claim(spec) or await self._provision.create(spec)
         self._vms[vm.sandbox_id] = vm
         return machine.sandbox_info(vm)
+
+    async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
+        """A running copy of ``source_id`` (see :mod:`.fork`)."""
+        source = self._get(source_id)
+        vm = await self._fork.fork(source, spec)
+        self._vms[vm.sandbox_id] = vm
+        return machine.sandbox_info(vm)
+
+    @property
+    def last_fork_pause_ms(self) -> float | None:
+        """How long the last fork's hot source stood still (None: it was cold)."""
+        return self._fork.last_pause_ms
 
     async def prepare(self, spec: SandboxSpec) -> None:
         """Image, network and the template of ``spec``'s shape, so that the first

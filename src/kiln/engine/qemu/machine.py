@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -298,13 +298,19 @@ async def boot(vm: VM, config: QemuConfig, tsc_khz: int | None, *, incoming: boo
         raise
 
 
-async def wait_agent(vm: VM, config: QemuConfig, timeout: float) -> None:  # noqa: ASYNC109
-    """Poll the agent until it answers; SandboxCrashed if QEMU dies meanwhile."""
+async def wait_agent(
+    vm: VM,
+    config: QemuConfig,
+    timeout: float,  # noqa: ASYNC109
+    first: Callable[[AgentClient], Awaitable[object]] | None = None,
+) -> None:
+    """Poll the agent until it answers (to ``first``, a request that may be sent
+    again; default ACTIVITY); SandboxCrashed if QEMU dies meanwhile."""
     probe = client_for(vm.record, config, _BOOT_CONNECT_TIMEOUT)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            await probe.activity()
+            await (probe.activity() if first is None else first(probe))
             return
         except (AgentConnectError, AgentConnectionLost, AgentTimeout) as exc:
             if not process.pid_alive(vm.pid, vm.paths.marker):

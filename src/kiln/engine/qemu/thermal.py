@@ -303,17 +303,19 @@ class ThermalControl:
 
     # ------------------------------------------------------------------ restore
 
-    async def restore(self, vm: VM) -> None:
+    async def restore(self, vm: VM, *, make_tap: bool = True) -> None:
         """cold → hot: a new QEMU maps the same RAM file and loads state.bin.
 
         The caller applies the transition; a failure here leaves the sandbox in the
-        state it started from if the guest never ran, else LOST."""
+        state it started from if the guest never ran, else LOST. ``make_tap=False``:
+        the caller made the TAP (a fork's, kept off the bridge for now)."""
         p = vm.paths
         before = vm.state
         why = why_unrestorable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        await self._net.create_tap(vm.record.net_owner)
+        if make_tap:
+            await self._net.create_tap(vm.record.net_owner)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
-from kiln.api.requests import CreateSandbox, PatchSandbox
+from kiln.api.requests import CreateSandbox, ForkSandbox, PatchSandbox
 from kiln.api.responses import Port, SandboxInfo, SessionInfo
 
 from ..errors import BadRequest
@@ -85,6 +85,19 @@ async def stop_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -
 async def start_sandbox(sandbox: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
     """Restore a stopped sandbox."""
     return await services.sandboxes.start(user, sandbox)
+
+
+@router.post("/sandboxes/{sandbox}/fork", status_code=201, response_model=SandboxInfo)
+async def fork_sandbox(
+    sandbox: str,
+    user: CurrentUser,
+    services: AppServices,
+    body: Annotated[ForkSandbox | None, Body()] = None,
+) -> dict[str, Any]:
+    """A new sandbox whose disk, memory and running processes are a copy of this
+    one's now (its own address, hostname and token); both go on independently.
+    409 when it has volumes attached or its engine cannot fork it."""
+    return await services.sandboxes.fork(user, sandbox, body or ForkSandbox())
 
 
 @router.get("/sandboxes/{sandbox}/sessions", response_model=list[SessionInfo])

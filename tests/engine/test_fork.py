@@ -1,0 +1,166 @@
+"""Fork of a running sandbox (real TCG microVMs): the clone has the source's files,
+memory and running processes, its own identity, and both go on independently."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from kiln.agent_client import AgentClient, AuthError
+from kiln.engine import SandboxSpec, VolumeSpec
+from kiln.engine.errors import InvalidState, SandboxNotFound
+from kiln.engine.qemu import QemuEngine
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(600),
+]
+
+#: Counts in memory, with a random token only its memory holds, and writes both out:
+#: the same token in a clone proves the process was copied, not restarted.
+COUNTER = """\
+import secrets, time
+token = secrets.token_hex(8)
+n = 0
+while True:
+    n += 1
+    with open("/tmp/counter.tmp", "w") as f:
+        f.write(f"{token} {n}\\n")
+    import os; os.replace("/tmp/counter.tmp", "/tmp/counter")
+    time.sleep(0.1)
+"""
+
+
+def spec(sid: str) -> SandboxSpec:
+    return SandboxSpec(sandbox_id=sid, name=sid, memory_mb=256, env={"WHO": "source"})
+
+
+async def sh(client: AgentClient, script: str) -> str:
+    result = await client.exec(["sh", "-c", script], timeout=60)
+    assert result.exit_code == 0, (script, result)
+    return result.stdout.decode()
+
+
+async def counter(client: AgentClient) -> tuple[str, int]:
+    token, n = (await sh(client, "cat /tmp/counter")).split()
+    return token, int(n)
+
+
+async def counting(client: AgentClient) -> tuple[str, int]:
+    """The counter's token and a count, after seeing the count go up."""
+    deadline = time.monotonic() + 30
+    while not (await sh(client, "cat /tmp/counter 2>/dev/null || true")).strip():
+        assert time.monotonic() < deadline, "the counter never started"
+        await asyncio.sleep(0.3)
+    token, first = await counter(client)
+    while True:
+        await asyncio.sleep(0.3)
+        again, n = await counter(client)
+        assert again == token
+        if n > first:
+            return token, n
+        assert time.monotonic() < deadline, "the counter stopped"
+
+
+async def identity(client: AgentClient) -> dict[str, str]:
+    out = await sh(
+        client,
+        "hostname; cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0;"
+        " head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s.%N",
+    )
+    hostname, mac, addr, rng, clock = out.strip().splitlines()
+    return {"hostname": hostname, "mac": mac, "addr": addr, "rng": rng, "clock": clock}
+
+
+async def test_a_hot_fork_copies_files_memory_and_processes(engine: QemuEngine) -> None:
+    await engine.create(spec("src"))
+    src = await engine.agent("src")
+    await src.write_file("/tmp/counter.py", COUNTER.encode())
+    await sh(src, "setsid nohup python3 /tmp/counter.py >/dev/null 2>&1 &")
+    await sh(src, "echo on-disk > /home/sandbox/disk.txt")
+    token, before = await counting(src)
+
+    clone_info = await engine.fork("src", spec("clone"))
+    pause = engine.last_fork_pause_ms
+    assert pause is not None and pause > 0
+    clone = await engine.agent("clone")
+    assert clone_info.ip != engine.info("src").ip
+
+    # Files (disk and tmpfs), the process and its memory: in both, still running.
+    for client in (src, clone):
+        assert await sh(client, "cat /home/sandbox/disk.txt") == "on-disk\n"
+        assert await sh(client, 'printf %s "$WHO"') == "source"
+        again, n = await counting(client)
+        assert again == token and n > before
+
+    # Their own identities: hostname, MAC, address, RNG, clock, token.
+    ids = {sid: await identity(c) for sid, c in (("src", src), ("clone", clone))}
+    assert ids["src"]["hostname"] == "src" and ids["clone"]["hostname"] == "clone"
+    assert ids["clone"]["mac"] == engine.network.mac_for("clone") != ids["src"]["mac"]
+    assert f" {clone_info.ip}/" in ids["clone"]["addr"]
+    assert ids["src"]["rng"] != ids["clone"]["rng"]
+    for entry in ids.values():
+        assert abs(float(entry["clock"]) - time.time()) < 5
+    src_token = engine.client("src").token
+    assert engine.client("clone").token != src_token
+    stale = AgentClient(engine.client("clone").endpoint, src_token)
+    with pytest.raises(AuthError):
+        await stale.activity()
+
+    # They diverge.
+    await sh(clone, "echo clone-only > /home/sandbox/mine.txt")
+    assert await sh(src, "test -e /home/sandbox/mine.txt || echo absent") == "absent\n"
+
+    # The source still mapped its template's RAM copy-on-write: so does the copy, and
+    # its first stop moves its RAM into a file of its own, processes and all.
+    template = engine.snapshot_info("src").ram_template
+    assert template is not None and engine.snapshot_info("clone").ram_template == template
+    await engine.stop("clone")
+    last = engine.snapshot_info("clone").last
+    assert last is not None and last.settle_ms is not None and not last.ram_in_state
+    clone = await engine.agent("clone")
+    assert (await counting(clone))[0] == token
+    assert await sh(clone, "cat /home/sandbox/mine.txt") == "clone-only\n"
+
+
+async def test_a_cold_source_forks_from_its_snapshot(engine: QemuEngine) -> None:
+    await engine.stop("src")
+    await engine.fork("src", spec("cold-clone"))
+    assert engine.last_fork_pause_ms is None
+    clone = await engine.agent("cold-clone")
+    assert (await sh(clone, "hostname")).strip() == "cold-clone"
+    token, _ = await counting(clone)
+    src = await engine.agent("src")  # the source restores as ever
+    assert (await counting(src))[0] == token
+    await engine.destroy("cold-clone")
+
+
+async def test_destroying_one_leaves_the_other(engine: QemuEngine) -> None:
+    # A fork of a fork: the clone is an ordinary sandbox.
+    await engine.fork("clone", spec("grandchild"))
+    await engine.destroy("clone")
+    src = await engine.agent("src")
+    await counting(src)
+    grandchild = await engine.agent("grandchild")
+    assert (await sh(grandchild, "hostname")).strip() == "grandchild"
+    await counting(grandchild)
+    await engine.destroy("grandchild")
+
+
+async def test_what_cannot_be_forked(engine: QemuEngine) -> None:
+    with pytest.raises(SandboxNotFound):
+        await engine.fork("nope", spec("nope-clone"))
+    with pytest.raises(InvalidState, match="already exists"):
+        await engine.fork("src", spec("src"))
+    vol = dataclasses.replace(
+        spec("withvol"), volumes=(VolumeSpec(name="forkvol", mount="/mnt/v", size_mb=8),)
+    )
+    await engine.create(vol)
+    with pytest.raises(InvalidState, match="volume"):
+        await engine.fork("withvol", spec("vol-clone"))
+    await engine.destroy("withvol")
+    await engine.delete_volume("forkvol")
