@@ -1,5 +1,6 @@
 """What the benches that drive the daemon's test harness share: their skip checks,
-a millisecond timer, and the harness's daemon on real microVMs."""
+a millisecond timer, the harness's daemon on real microVMs, and a scratch network
+namespace and data directory for benches that drive an engine directly."""
 
 from __future__ import annotations
 
@@ -81,3 +82,22 @@ def vm_live_server(bridge: str, subnet: str) -> Iterator[Any]:
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "delete", netns], check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def engine_scratch(name: str) -> Iterator[tuple[Path, str]]:
+    """(a temporary data directory, a new network namespace) for an engine bench;
+    its VMs, the namespace and the files are gone afterwards."""
+    from kiln.engine.qemu.process import find_processes  # noqa: PLC0415
+
+    netns = f"kb-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    data_dir = Path(tempfile.mkdtemp(prefix=f"kiln-bench-{name}-"))
+    try:
+        yield data_dir, netns
+    finally:
+        for pid in find_processes(f"{data_dir}/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        shutil.rmtree(data_dir, ignore_errors=True)

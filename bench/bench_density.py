@@ -20,22 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.engine import SandboxSpec
 from kiln.engine.qemu import QemuConfig, QemuEngine
-from kiln.engine.qemu.process import find_processes
 from kiln.network import NetworkConfig
 
+from ._harness import engine_scratch
 from ._stats import Row, print_table
 from .bench_engine import skip_reason as _engine_skip_reason
 
@@ -145,17 +139,8 @@ async def run(data_dir: Path, netns: str) -> None:
 
 
 def main() -> None:
-    netns = f"kb-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-density-"))
-    try:
+    with engine_scratch("density") as (data_dir, netns):
         asyncio.run(run(data_dir, netns))
-    finally:
-        for pid in find_processes(f"{data_dir}/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,10 +23,10 @@ from pathlib import Path
 from kiln.agent_client import AgentClient, Stdout
 from kiln.engine import SandboxSpec, VolumeSpec
 from kiln.engine.qemu import QemuConfig, QemuEngine
-from kiln.engine.qemu.process import find_processes
 from kiln.engine.qemu.templates import VOLUME_SLOTS
 from kiln.network import NetworkConfig
 
+from ._harness import engine_scratch
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "root, qemu-system-x86_64, a kiln image (built on first use, ~1 min)"
@@ -298,17 +295,8 @@ async def snapshot_sizes(
 
 
 def main() -> None:
-    netns = f"kb-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-engine-"))
-    try:
+    with engine_scratch("engine") as (data_dir, netns):
         asyncio.run(run(data_dir, netns))
-    finally:
-        for pid in find_processes(f"{data_dir}/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +31,9 @@ from typing import Any
 
 from kiln.engine import FileSpec, SandboxSpec
 from kiln.engine.qemu import QemuConfig, QemuEngine
-from kiln.engine.qemu.process import find_processes
 from kiln.network import NetworkConfig
 
+from ._harness import engine_scratch
 from ._stats import Row, print_table, print_values
 
 REQUIRES: str | None = "root, qemu-system-x86_64, a kiln image; docker.io for the reference"
@@ -246,17 +244,8 @@ def _exec_true(client: Any, cid: str) -> None:
 def main() -> None:
     rows: list[Row] = []
     values: list[tuple[str, str, str]] = []
-    netns = f"kp-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-pool-"))
-    try:
+    with engine_scratch("pool") as (data_dir, netns):
         asyncio.run(run(data_dir, netns, rows, values))
-    finally:
-        for pid in find_processes(f"{data_dir}/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-        shutil.rmtree(data_dir, ignore_errors=True)
     why_not = docker_reference(rows)
     if why_not is not None:
         values.append(("docker reference", "skipped", why_not))

@@ -55,7 +55,7 @@ from .config import QemuConfig
 from .hostnet import HostNet
 from .layout import Paths, Record, guest_config
 from .machine import VM, Phases
-from .thermal import ThermalControl
+from .thermal import MAX_BANDWIDTH, ThermalControl
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,6 @@ _IDENTITY_TIMEOUT: Final = 30.0
 _IDENTITY_POLL: Final = 0.01
 _SEED_BYTES: Final = 64
 _SNAPSHOT_FD: Final = "kiln-fork"
-_MIGRATE_POLL: Final = 0.002
-_MAX_BANDWIDTH: Final = 1 << 40
 #: How often a fork makes a source hot and looks again (it may cool meanwhile).
 _ATTEMPTS: Final = 3
 #: What of the clone's guest config its identity block carries (kiln.guest.reidentify).
@@ -272,7 +270,7 @@ class Forker:
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-ignore-shared", "state": base_ok}]},
             )
-            await machine.qmp(source, "migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+            await machine.qmp(source, "migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             state_tmp = clone.paths.state_tmp
             fd = os.open(state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -281,7 +279,7 @@ class Forker:
             finally:
                 os.close(fd)
             await machine.qmp(source, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
-            await self._migration_done(source)
+            await self._thermal.migration_done(source, "saving the device state for a fork")
             await self._copy_files(source, clone, state_tmp, copy_ram=base_ok)
         finally:
             if source.qmp is not None and source.state.live:
@@ -310,22 +308,6 @@ class Forker:
         if state != clone.paths.state_tmp:
             await disks.copy_sparse(state, clone.paths.state_tmp)
         await asyncio.to_thread(os.replace, clone.paths.state_tmp, clone.paths.state)
-
-    async def _migration_done(self, vm: VM) -> None:
-        deadline = time.monotonic() + self.config.snapshot_timeout
-        while True:
-            status = await machine.qmp(vm, "query-migrate")
-            state = status.get("status")
-            if state == "completed":
-                return
-            if state in ("failed", "cancelled"):
-                raise EngineError(
-                    f"saving the device state of {vm.sandbox_id} for a fork failed:"
-                    f" {status.get('error-desc', state)}"
-                )
-            if time.monotonic() > deadline:
-                raise EngineError(f"saving the device state of {vm.sandbox_id} took too long")
-            await asyncio.sleep(_MIGRATE_POLL)
 
     # ------------------------------------------------------------------ identity
 

@@ -43,7 +43,7 @@ _SNAPSHOT_FD: Final = "kiln-snapshot"
 _MIGRATE_POLL: Final = 0.002
 #: QEMU's default migration bandwidth cap (128 MiB/s) applies even to a stopped VM;
 #: it only matters for the full fallback, where RAM goes into the stream.
-_MAX_BANDWIDTH: Final = 1 << 40
+MAX_BANDWIDTH: Final = 1 << 40
 
 
 class ThermalControl:
@@ -152,7 +152,7 @@ class ThermalControl:
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-ignore-shared", "state": base_ok}]},
             )
-            await machine.qmp(vm, "migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+            await machine.qmp(vm, "migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             fd = os.open(p.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 assert vm.qmp is not None
@@ -162,7 +162,7 @@ class ThermalControl:
             migrate_start = time.perf_counter()
             await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
             crash_point("qemu.snapshot.writing", qemu=vm.pid)
-            await self._migration_done(vm, "saving the device state")
+            await self.migration_done(vm, "saving the device state")
             crash_point("qemu.snapshot.written")
             migrate_ms = (time.perf_counter() - migrate_start) * 1000
         except SandboxCrashed as exc:
@@ -262,7 +262,7 @@ class ThermalControl:
             finally:
                 os.close(fd)
             await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
-            await self._migration_done(vm, "saving the device state")
+            await self.migration_done(vm, "saving the device state")
             assert vm.qmp is not None
             await vm.qmp.quit(timeout=self.config.qmp_timeout)
             vm.qmp = None
@@ -299,7 +299,7 @@ class ThermalControl:
         finally:
             os.close(fd)
         await machine.qmp(vm, "migrate-incoming", {"uri": f"fd:{_SNAPSHOT_FD}"})
-        await self._migration_done(vm, "loading the device state")
+        await self.migration_done(vm, "loading the device state")
 
     # ------------------------------------------------------------------ restore
 
@@ -402,7 +402,7 @@ class ThermalControl:
             vm.meta.valid = False
             await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
 
-    async def _migration_done(self, vm: VM, what: str) -> dict[str, Any]:
+    async def migration_done(self, vm: VM, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.config.snapshot_timeout
         while True:
             status: dict[str, Any] = await machine.qmp(vm, "query-migrate")
