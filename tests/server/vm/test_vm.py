@@ -199,6 +199,7 @@ def _daemon(
     data: Path, home: Path, netns: str, extra: dict[str, object] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     # HOME is a temporary one (for ~/.kiln/config.yaml); the image cache stays shared.
+    # No warm pool: its members would be VMs these tests do not expect.
     image_dir = default_image_dir()
     code = (
         "import sys, asyncio, json, logging\n"
@@ -207,7 +208,8 @@ def _daemon(
         "logging.basicConfig(level=logging.INFO)\n"
         "cfg = load_config(None, {'data_dir': sys.argv[1], 'listen': '127.0.0.1:0',"
         " 'engine': 'qemu', 'network': {'netns': sys.argv[2], 'bridge': 'kilnsrv1',"
-        " 'subnet': '10.213.43.0/24', 'nat': False}, **json.loads(sys.argv[3])})\n"
+        " 'subnet': '10.213.43.0/24', 'nat': False}, 'pool': {'size': 0},"
+        " **json.loads(sys.argv[3])})\n"
         "asyncio.run(serve(cfg, ready=lambda url: print(url, flush=True)))\n"
     )
     log = (data.parent / "daemon.log").open("ab")
