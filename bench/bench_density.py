@@ -4,15 +4,13 @@
 
 Creates SANDBOXES sandboxes of the default shape (512 MB) from one template, runs
 an exec in each, pauses them (warm) and reads every QEMU's ``smaps``: its PSS in
-all and split into guest RAM, TCG's translated-code cache and the rest of QEMU.
-Clones map the template's RAM copy-on-write, so the guest pages they never wrote
-are one page cache shared by all of them.
-
-The reference row, measured in the same run: the same sandboxes after a cold
-cycle (stop, start), when each has a RAM file of its own (the layout every
-sandbox had before copy-on-write templates). The timing rows show what the
-sharing costs: the first stop of a clone streams its whole RAM and moves it into a
-RAM file of the sandbox's own (see ``ThermalControl._settle``).
+all and split into guest RAM, TCG's translated-code cache and the rest of QEMU;
+again after two cold cycles each. Twice: with the default (each clone's RAM a
+copy of the template's: the reference) and with ``shared_template_ram``, where
+clones map the template's RAM copy-on-write, so the guest pages they never wrote
+are one page cache shared by all of them. The timing rows show what the sharing
+costs: a clone's first stop streams its whole RAM and moves it into a RAM file
+of its own (see ``ThermalControl._settle``).
 Runs in a network namespace of its own with a temporary data directory.
 """
 
@@ -98,21 +96,24 @@ async def idle_pss(engine: QemuEngine, sids: list[str]) -> list[Pss]:
     return out
 
 
-async def run(data_dir: Path, netns: str) -> None:
+async def one_mode(
+    data_dir: Path, netns: str, shared: bool, memory: list[Row], timing: list[Row]
+) -> None:
+    """SANDBOXES clones with ``shared_template_ram`` as given: idle PSS, then two
+    cold cycles each (the first stop, a later one) and idle PSS again."""
     config = QemuConfig(
         data_dir=data_dir,
         network=NetworkConfig(bridge="kb-br1", subnet="10.213.10.0/24", netns=netns, nat=False),
+        shared_template_ram=shared,
     )
     engine = QemuEngine(config)
-    memory: list[Row] = []
-    timing: list[Row] = []
+    mode = "shared template RAM" if shared else "reference: RAM copied"
     sids = [f"d{i}" for i in range(SANDBOXES)]
     try:
         await engine.prepare(SandboxSpec(sandbox_id="prep", name="prep"))
         for sid in sids:
             await engine.create(SandboxSpec(sandbox_id=sid, name=sid))
-        memory += pss_rows(f"{SANDBOXES} clones, template RAM shared", await idle_pss(engine, sids))
-
+        memory += pss_rows(f"{mode}, new", await idle_pss(engine, sids))
         first_stop, first_restore, later_stop, later_restore = [], [], [], []
         for stops, restores in ((first_stop, first_restore), (later_stop, later_restore)):
             for sid in sids:
@@ -122,11 +123,11 @@ async def run(data_dir: Path, netns: str) -> None:
                 start = time.perf_counter()
                 await (await engine.agent(sid)).exec(["true"])
                 restores.append((time.perf_counter() - start) * 1000)
-        memory += pss_rows("reference: after a cold cycle, own RAM", await idle_pss(engine, sids))
+        memory += pss_rows(f"{mode}, after cold cycles", await idle_pss(engine, sids))
         timing += [
-            Row("first stop of a clone (+ RAM into its file)", first_stop),
+            Row(f"{mode}: first stop", first_stop),
             Row("  then cold restore → first exec", first_restore),
-            Row("reference: a later stop (what changed)", later_stop),
+            Row(f"{mode}: a later stop", later_stop),
             Row("  then cold restore → first exec", later_restore),
         ]
     finally:
@@ -134,8 +135,15 @@ async def run(data_dir: Path, netns: str) -> None:
             with contextlib.suppress(Exception):
                 await engine.destroy(info.sandbox_id)
         await engine.close()
+
+
+async def run(data_dir: Path, netns: str) -> None:
+    memory: list[Row] = []
+    timing: list[Row] = []
+    for shared in (False, True):  # one template, built by the first
+        await one_mode(data_dir, netns, shared, memory, timing)
     print_table(f"Idle warm sandboxes, 512 MB shape, {SANDBOXES} up (TCG)", memory, unit="MiB")
-    print_table("What the shared template RAM costs a stop", timing)
+    print_table("What shared template RAM costs a stop", timing)
 
 
 def main() -> None:

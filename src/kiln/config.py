@@ -9,6 +9,7 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     accel: auto             # auto | kvm | tcg
     image: minimal          # the default image tier
     templates: true         # create by restoring a per-shape template snapshot
+    shared_template_ram: false   # clones map their template's RAM copy-on-write
     pool: {size: 2, memory_mb: 2048}   # warm sandboxes per shape; size 0: no pool
     guest_aslr: auto        # auto (on under KVM, off under TCG) | on | off
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
@@ -121,6 +122,7 @@ class Config:
     image: str = "minimal"
     image_dir: Path | None = None  # None: kiln.images' default ($KILN_IMAGE_DIR or ~/.cache)
     templates: bool = True
+    shared_template_ram: bool = False
     pool: PoolSettings = field(default_factory=PoolSettings)
     guest_aslr: str = "auto"
     network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -9,13 +9,16 @@ template) must still be created, by booting.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import FileSpec, SandboxSpec, VolumeSpec
@@ -23,6 +26,7 @@ from kiln.engine.qemu import QemuEngine, templates
 from kiln.engine.qemu.accel import Accel
 from kiln.engine.qemu.templates import TEMPLATE_FILE
 
+from .conftest import VMEnv
 from .guest_scripts import PING
 
 pytestmark = [
@@ -30,6 +34,18 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.timeout(600),
 ]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(vm_env: VMEnv) -> AsyncIterator[QemuEngine]:
+    """This module's clones map their template's RAM copy-on-write (off by default)."""
+    eng = QemuEngine(vm_env.config(shared_template_ram=True))
+    try:
+        yield eng
+    finally:
+        for info in eng.list():
+            await eng.destroy(info.sandbox_id)
+        await eng.close()
 
 
 def clone_spec(n: int) -> SandboxSpec:
@@ -186,6 +202,27 @@ async def test_a_clone_stops_and_restores_like_any_sandbox(engine: QemuEngine) -
     assert last is not None and last.kind == "diff" and last.settle_ms is None
     await engine.start("clone1")
     assert await sh(await engine.agent("clone1"), "cat /home/sandbox/kept") == "kept\n"
+
+
+async def test_a_fork_of_a_clone_shares_the_template_ram_and_settles(
+    engine: QemuEngine,
+) -> None:
+    """A fork of a clone still mapping its template's RAM gets the same private
+    mapping (the RAM streamed over it), and its first stop settles it."""
+    await engine.create(clone_spec(5))
+    source = await engine.agent("clone5")
+    await sh(source, "echo mine > /home/sandbox/five")
+    template = engine.snapshot_info("clone5").ram_template
+    assert template is not None
+    await engine.fork("clone5", dataclasses.replace(clone_spec(6), env={}, files=(), init=None))
+    assert engine.snapshot_info("clone6").ram_template == template
+    await engine.stop("clone6")
+    last = engine.snapshot_info("clone6").last
+    assert last is not None and last.settle_ms is not None and not last.ram_in_state
+    fork = await engine.agent("clone6")
+    assert await sh(fork, "cat /home/sandbox/five; hostname") == "mine\nclone-6\n"
+    for sid in ("clone5", "clone6"):
+        await engine.destroy(sid)
 
 
 async def test_volumes_take_the_template_disk_slots(engine: QemuEngine) -> None:

@@ -150,6 +150,7 @@ def _qemu(config: Config, firewall: Firewall | None) -> Engine:
             network=config.network,
             accel=config.accel,
             templates=config.templates,
+            shared_template_ram=config.shared_template_ram,
             guest_aslr=config.guest_aslr,
             pool_size=config.pool.size,
             pool_memory_mb=config.pool.memory_mb,

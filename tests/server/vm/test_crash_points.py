@@ -81,8 +81,6 @@ CASES = [
     Case("qemu.snapshot.paused", "qemu", "stop"),
     Case("qemu.snapshot.written", "qemu", "stop"),
     Case("qemu.snapshot.qemu_quit", "qemu", "stop"),
-    Case("qemu.settle.start", "qemu", "stop"),
-    Case("qemu.settle.loaded", "qemu", "stop"),
     Case("qemu.snapshot.valid", "qemu", "stop"),
     Case("stop.engine_done", "qemu", "stop"),
     Case("qemu.restore.tap", "qemu", "start"),

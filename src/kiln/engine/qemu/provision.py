@@ -309,7 +309,10 @@ class Provisioner:
         if template is None:
             meta = await asyncio.to_thread(_write_initial_files, paths, record)
         else:
-            meta = await asyncio.to_thread(_write_clone_files, paths, record, template)
+            shared = cfg.shared_template_ram
+            if not shared:
+                await disks.copy_sparse(template.paths.ram, paths.ram)
+            meta = await asyncio.to_thread(_write_clone_files, paths, record, template, shared)
         crash_point("qemu.create.disks")
         # Booted, or restored from the template's snapshot: either way, the state
         # its create leads to (nobody sees it before the create returns).
@@ -461,13 +464,16 @@ def _write_initial_files(paths: Paths, record: Record) -> snapshot.SnapshotMeta:
 
 
 def _write_clone_files(
-    paths: Paths, record: Record, template: templates.Template
+    paths: Paths, record: Record, template: templates.Template, shared: bool
 ) -> snapshot.SnapshotMeta:
     """Blocking: the template's device state, a snapshot.json vouching for it (its
-    RAM is the template's, mapped copy-on-write), sandbox.json: a cold sandbox ready
-    to restore."""
+    RAM is the template's, mapped copy-on-write when ``shared``, else the copy made
+    already), sandbox.json: a cold sandbox ready to restore."""
     shutil.copyfile(template.paths.state, paths.state)
-    meta = snapshot.SnapshotMeta(valid=True, ram_template=str(template.paths.ram))
+    if shared:
+        meta = snapshot.SnapshotMeta(valid=True, ram_template=str(template.paths.ram))
+    else:
+        meta = snapshot.SnapshotMeta(valid=True, ram_inode=snapshot.ram_inode(paths.ram))
     snapshot.save_meta(paths.snapshot_meta, meta)
     snapshot.write_json_atomic(paths.record, record.to_json())
     return meta
