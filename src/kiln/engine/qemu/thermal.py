@@ -147,20 +147,8 @@ class ThermalControl:
             and snapshot.ram_inode(p.ram) == vm.meta.ram_inode
         )
         try:
-            await machine.qmp(
-                vm,
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": base_ok}]},
-            )
-            await machine.qmp(vm, "migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-            fd = os.open(p.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                assert vm.qmp is not None
-                await vm.qmp.send_fd(fd, _SNAPSHOT_FD)
-            finally:
-                os.close(fd)
             migrate_start = time.perf_counter()
-            await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
+            await self._start_save(vm, ram=not base_ok)
             crash_point("qemu.snapshot.writing", qemu=vm.pid)
             await self.migration_done(vm, "saving the device state")
             crash_point("qemu.snapshot.written")
@@ -183,12 +171,7 @@ class ThermalControl:
             raise
         full = not (base_ok and vm.meta.ram_synced)
         try:
-            assert vm.qmp is not None
-            await vm.qmp.quit(timeout=self.config.qmp_timeout)
-            vm.qmp = None
-            if not await process.wait_gone(vm.pid or 0, p.marker, self.config.qmp_timeout):
-                await process.terminate(vm.pid, p.marker)
-            vm.pid = None
+            await self._quit(vm)
             crash_point("qemu.snapshot.qemu_quit")
             stats = await asyncio.to_thread(_make_durable, vm, base_ok)
         except BaseException as exc:
@@ -250,25 +233,9 @@ class ThermalControl:
             await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
             await self._load_state(vm, ram_in_state=True)
             crash_point("qemu.settle.loaded")
-            await machine.qmp(
-                vm,
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-            )
-            fd = os.open(p.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                assert vm.qmp is not None
-                await vm.qmp.send_fd(fd, _SNAPSHOT_FD)
-            finally:
-                os.close(fd)
-            await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
+            await self._start_save(vm, ram=False)
             await self.migration_done(vm, "saving the device state")
-            assert vm.qmp is not None
-            await vm.qmp.quit(timeout=self.config.qmp_timeout)
-            vm.qmp = None
-            if not await process.wait_gone(vm.pid or 0, p.marker, self.config.qmp_timeout):
-                await process.terminate(vm.pid, p.marker)
-            vm.pid = None
+            await self._quit(vm)
             return await asyncio.to_thread(_settle_durable, vm)
         except Exception as exc:
             await machine.kill(vm)
@@ -283,6 +250,34 @@ class ThermalControl:
             await machine.kill(vm)
             p.state_tmp.unlink(missing_ok=True)
             raise
+
+    async def _start_save(self, vm: VM, *, ram: bool) -> None:
+        """Start migrating ``vm`` (stopped) into state.tmp: its device state, and its RAM
+        too if ``ram`` (otherwise shared RAM is left out). :meth:`migration_done` waits."""
+        await machine.qmp(
+            vm,
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": not ram}]},
+        )
+        await machine.qmp(vm, "migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        fd = os.open(
+            vm.paths.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            assert vm.qmp is not None
+            await vm.qmp.send_fd(fd, _SNAPSHOT_FD)
+        finally:
+            os.close(fd)
+        await machine.qmp(vm, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
+
+    async def _quit(self, vm: VM) -> None:
+        """End ``vm``'s QEMU by QMP ``quit`` (killed if it lingers)."""
+        assert vm.qmp is not None
+        await vm.qmp.quit(timeout=self.config.qmp_timeout)
+        vm.qmp = None
+        if not await process.wait_gone(vm.pid or 0, vm.paths.marker, self.config.qmp_timeout):
+            await process.terminate(vm.pid, vm.paths.marker)
+        vm.pid = None
 
     async def _load_state(self, vm: VM, *, ram_in_state: bool) -> None:
         """Feed state.bin to the incoming QEMU of ``vm`` and wait until it is loaded."""
