@@ -10,7 +10,9 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     image: minimal          # the default image tier
     templates: true         # create by restoring a per-shape template snapshot
     shared_template_ram: false   # clones map their template's RAM copy-on-write
-    pool: {size: 2, memory_mb: 2048}   # warm sandboxes per shape; size 0: no pool
+    pool: {size: 2, memory_mb: 2048}   # warm sandboxes of the default shape; 0: none
+    # more pooled shapes (image: null = the default image):
+    #   pool: {shapes: [{cpus: 2, memory_mb: 1024, image: null, size: 1}]}
     guest_aslr: auto        # auto (on under KVM, off under TCG) | on | off
     network: {bridge: kiln0, subnet: 10.213.0.0/24, netns: null, nat: true}
     thermal: {hot_to_warm_s: 30, warm_to_cold_s: 1800, tick_s: 10}
@@ -37,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from kiln.engine.base import MAX_CPUS, MIN_MEMORY_MB
 from kiln.network.config import NetworkConfig
 from kiln.network.errors import NetworkError
 from kiln.network.firewall import PRIVATE_RANGES
@@ -71,13 +74,26 @@ class ThermalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolShape:
+    """One more machine shape the warm pool keeps ``size`` sandboxes of (``image``
+    None: the daemon's default image)."""
+
+    cpus: int = 1
+    memory_mb: int = 512
+    image: str | None = None
+    size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSettings:
     """The QEMU engine's warm pool: ``size`` sandboxes of the default machine shape
-    kept restored, warmed up and paused (0: none); ``memory_mb`` bounds their guest
-    memory together."""
+    (1 vCPU, 512 MB, the default image) kept restored, warmed up and paused (0: none),
+    and ``size`` of each of ``shapes``; ``memory_mb`` bounds their guest memory
+    together."""
 
     size: int = 2
     memory_mb: int = 2048
+    shapes: tuple[PoolShape, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +171,10 @@ class Config:
     @property
     def docker_root(self) -> Path:
         return self.docker.root or self.data_dir / "docker"
+
+    def pool_shapes(self) -> tuple[PoolShape, ...]:
+        """The extra pooled shapes with their image filled in."""
+        return tuple(replace(s, image=s.image or self.image) for s in self.pool.shapes)
 
     def docker_network(self) -> NetworkConfig:
         """The Docker engine's network: its own bridge and subnet, the rest as the VMs'."""
@@ -257,6 +277,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("pool.size: must not be negative (0 turns the pool off)")
     if cfg.pool.memory_mb < 0:
         raise ConfigError("pool.memory_mb: must not be negative")
+    seen: set[tuple[str, int, int]] = set()
+    for i, shape in enumerate(cfg.pool.shapes):
+        where = f"pool.shapes[{i}]"
+        if shape.size < 0:
+            raise ConfigError(f"{where}.size: must not be negative")
+        if not 1 <= shape.cpus <= MAX_CPUS:
+            raise ConfigError(f"{where}.cpus: must be within 1..{MAX_CPUS}")
+        if shape.memory_mb < MIN_MEMORY_MB:
+            raise ConfigError(f"{where}.memory_mb: must be at least {MIN_MEMORY_MB}")
+        if shape.image is not None and (not shape.image or "/" in shape.image):
+            raise ConfigError(f"{where}.image: not a valid image name: {shape.image!r}")
+        shape_key = (shape.image or cfg.image, shape.cpus, shape.memory_mb)
+        if shape_key == (cfg.image, 1, 512):
+            raise ConfigError(f"{where}: this is the default shape, whose count is pool.size")
+        if shape_key in seen:
+            raise ConfigError(f"{where}: this shape is listed twice")
+        seen.add(shape_key)
     t = cfg.thermal
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
@@ -325,6 +362,15 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping")
             kwargs[key] = _build(ThermalSettings, value, f"{full}.")
+        elif kind == "tuple[PoolShape, ...]":
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"{full}: expected a list of mappings")
+            items = []
+            for i, item in enumerate(value):
+                if not isinstance(item, Mapping):
+                    raise ConfigError(f"{full}[{i}]: expected a mapping")
+                items.append(_build(PoolShape, item, f"{full}[{i}]."))
+            kwargs[key] = tuple(items)
         elif kind in ("DockerSettings", "FirewallSettings", "PoolSettings"):
             if value is None:
                 continue

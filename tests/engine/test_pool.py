@@ -7,6 +7,7 @@ it, so the create right after falls back, and the refill makes the next member.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -175,14 +176,36 @@ async def test_a_member_that_died_is_dropped_and_the_create_goes_on(engine: Qemu
     assert (await sh(client, "echo $WHO")) == "dave\n"
 
 
-async def test_close_destroys_the_members(vm_env: VMEnv, tmp_path: Path) -> None:
+async def test_a_shape_of_its_own_and_close(vm_env: VMEnv, tmp_path: Path) -> None:
+    """``pool_shapes`` pools a shape of 2 vCPUs and none of the default-size one; a
+    create of that shape takes its member, the other shape the ordinary path; close
+    destroys the member that waits."""
     own = VMEnv(vm_env.netns, tmp_path, subnet="10.213.8.0/24", bridge="kt-br8")
-    eng = QemuEngine(own.config(pool_size=1, pool_memory_mb=1024))
-    spec = SandboxSpec(sandbox_id="shape", name="shape", memory_mb=256)
-    await eng.prepare(spec)
-    await wait_until(lambda: eng.warm_pool.ready(spec) == 1, timeout=REFILL_TIMEOUT, interval=0.2)
-    (member,) = eng.warm_pool.members()
-    pid = member.pid
-    await eng.close()
+    eng = QemuEngine(
+        own.config(pool_size=0, pool_memory_mb=1024, pool_shapes=(("minimal", 2, 256, 1),))
+    )
+    small = SandboxSpec(sandbox_id="shape", name="shape", memory_mb=256)
+    big = SandboxSpec(sandbox_id="shape", name="shape", cpus=2, memory_mb=256)
+    try:
+        await eng.prepare(small)
+        await eng.prepare(big)
+        await wait_until(lambda: eng.warm_pool.ready(big) == 1, timeout=REFILL_TIMEOUT)
+        (member,) = eng.warm_pool.members()
+        assert member.record.spec.cpus == 2 and eng.warm_pool.ready(small) == 0
+
+        await eng.create(dataclasses.replace(user_spec("two", "erin"), cpus=2))
+        assert "configure" in eng.last_phases("two")
+        assert (await sh(await eng.agent("two"), "nproc; echo $WHO")).split() == ["2", "erin"]
+        await eng.create(user_spec("one", "frank"))
+        assert "restore" in eng.last_phases("one")
+        assert (await sh(await eng.agent("one"), "nproc")).strip() == "1"
+        for sid in ("two", "one"):
+            await eng.destroy(sid)
+
+        await wait_until(lambda: eng.warm_pool.ready(big) == 1, timeout=REFILL_TIMEOUT)
+        (member,) = eng.warm_pool.members()
+        pid = member.pid
+    finally:
+        await eng.close()
     assert not member.paths.root.exists()
     assert pid is not None and not pid_alive(pid, member.paths.marker)

@@ -100,7 +100,15 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("pool: {size: -1}\n", "pool.size"),
         ("pool: {size: two}\n", "pool.size"),
         ("pool: {memory_mb: -5}\n", "pool.memory_mb"),
-        ("pool: {shapes: []}\n", "pool.shapes"),
+        ("pool: {shapes: 3}\n", "pool.shapes: expected a list"),
+        ("pool: {shapes: [1]}\n", r"pool.shapes\[0\]: expected a mapping"),
+        ("pool: {shapes: [{cpus: 0}]}\n", r"pool.shapes\[0\].cpus"),
+        ("pool: {shapes: [{memory_mb: 64}]}\n", r"pool.shapes\[0\].memory_mb"),
+        ("pool: {shapes: [{cpus: 2, size: -1}]}\n", r"pool.shapes\[0\].size"),
+        ("pool: {shapes: [{cpus: 2, ram: 1}]}\n", r"pool.shapes\[0\].ram"),
+        ("pool: {shapes: [{cpus: 2, image: ../x}]}\n", r"pool.shapes\[0\].image"),
+        ("pool: {shapes: [{}]}\n", "default shape"),
+        ("pool: {shapes: [{cpus: 2}, {cpus: 2, image: minimal}]}\n", "listed twice"),
         ("pool: 2\n", "pool"),
         ("max_upload_bytes: 0\n", "max_upload_bytes"),
         ("max_upload_bytes: yes\n", "max_upload_bytes"),
@@ -124,6 +132,10 @@ def test_pool_settings(tmp_path: Path) -> None:
     c = load_config(path)
     assert (c.pool.size, c.pool.memory_mb) == (0, 512)
     assert load_config(path, {"pool.size": "3"}).pool.size == 3
+    assert c.pool.shapes == ()
+    path.write_text("image: base\npool: {shapes: [{cpus: 2, memory_mb: 1024, size: 1}]}\n")
+    (shape,) = load_config(path).pool_shapes()
+    assert (shape.image, shape.cpus, shape.memory_mb, shape.size) == ("base", 2, 1024, 1)
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from fakes.engine import FakeEngine
-from kiln.config import ConfigError, load_config
+from kiln.config import Config, ConfigError, load_config
 from kiln.engine.qemu import QemuEngine
 from kiln.images import ImageError, list_images
 from kiln.images.child import BUILDER_ENV
@@ -318,13 +318,15 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-def _warm_up_services(engine: FakeEngine, built: list[str], fail: Exception | None) -> Services:
+def _warm_up_services(
+    engine: FakeEngine, built: list[str], fail: Exception | None, config: Config | None = None
+) -> Services:
     async def images(tier: str) -> None:
         built.append(tier)
         if fail is not None:
             raise fail
 
-    config = SimpleNamespace(image="minimal")
+    config = config or load_config(None)
     return cast(Services, SimpleNamespace(images=images, engine=engine, config=config))
 
 
@@ -335,10 +337,26 @@ def test_warm_up_prepares_the_default_shape() -> None:
     assert [(s.image, s.cpus, s.memory_mb) for s in engine.prepared] == [("minimal", 1, 512)]
 
 
+def test_warm_up_prepares_every_pooled_shape(tmp_path: Path) -> None:
+    path = tmp_path / "kiln.yaml"
+    path.write_text(
+        "pool:\n  shapes:\n  - {cpus: 2, memory_mb: 1024}\n  - {memory_mb: 256, size: 3}\n"
+    )
+    engine, built = FakeEngine(), []
+    asyncio.run(_warm_up(_warm_up_services(engine, built, None, load_config(path))))
+    assert built == ["minimal"] * 3
+    assert [(s.image, s.cpus, s.memory_mb) for s in engine.prepared] == [
+        ("minimal", 1, 512),
+        ("minimal", 2, 1024),
+        ("minimal", 1, 256),
+    ]
+
+
 def test_a_failed_warm_up_is_only_logged(caplog: pytest.LogCaptureFixture) -> None:
     engine, built = FakeEngine(), []
     asyncio.run(_warm_up(_warm_up_services(engine, built, OSError("disk full"))))
-    assert engine.prepared == [] and "warm-up failed" in caplog.text and "disk full" in caplog.text
+    assert engine.prepared == [] and "warm-up of minimal" in caplog.text
+    assert "failed" in caplog.text and "disk full" in caplog.text
 
 
 def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
@@ -354,6 +372,14 @@ def test_the_qemu_engine_gets_the_template_setting(tmp_path: Path) -> None:
     engine = build_engine(load_config(None, overrides)).get("qemu")
     assert isinstance(engine, QemuEngine)
     assert (engine.config.pool_size, engine.config.pool_memory_mb) == (0, 512)
+    path = tmp_path / "kiln.yaml"
+    path.write_text(f"data_dir: {tmp_path}\npool: {{shapes: [{{cpus: 2, memory_mb: 1024}}]}}\n")
+    engine = build_engine(load_config(path)).get("qemu")
+    assert isinstance(engine, QemuEngine)
+    assert engine.config.pool_shapes == (("minimal", 2, 1024, 1),)
+    assert engine.config.pool_size_for("minimal", 2, 1024) == 1
+    assert engine.config.pool_size_for("minimal", 1, 512) == 2
+    assert engine.config.pool_size_for("minimal", 4, 512) == 2
 
 
 def _serve_with_bare_path(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -154,6 +154,9 @@ def _qemu(config: Config, firewall: Firewall | None) -> Engine:
             guest_aslr=config.guest_aslr,
             pool_size=config.pool.size,
             pool_memory_mb=config.pool.memory_mb,
+            pool_shapes=tuple(
+                (s.image or config.image, s.cpus, s.memory_mb, s.size) for s in config.pool_shapes()
+            ),
         )
     except EngineUnavailable as exc:
         return Unavailable(f"QEMU engine: {exc}", "qemu")
@@ -609,16 +612,35 @@ async def _run(
 
 async def _warm_up(services: Services) -> None:
     """Build the default image and its template snapshot in the background, so the
-    first create is as fast as the ones after it (a create meanwhile just waits)."""
+    first create is as fast as the ones after it (a create meanwhile just waits);
+    then the same for every shape the warm pool is told to keep."""
     assert services.images is not None
-    spec = SandboxSpec(sandbox_id="warm-up", name="warm-up", image=services.config.image)
-    try:
-        await services.images(spec.image)
-        started = time.perf_counter()
-        await services.engine.prepare(spec)
-        log.info("default sandbox shape ready (%.1f s)", time.perf_counter() - started)
-    except Exception as exc:  # a warm-up failure must not stop the daemon
-        log.warning("warm-up failed (creates will do the work themselves): %s", exc)
+    config = services.config
+    shapes = [(config.image, 1, 512)]
+    shapes += [(s.image or config.image, s.cpus, s.memory_mb) for s in config.pool_shapes()]
+    for image, cpus, memory_mb in shapes:
+        spec = SandboxSpec(
+            sandbox_id="warm-up", name="warm-up", image=image, cpus=cpus, memory_mb=memory_mb
+        )
+        try:
+            await services.images(spec.image)
+            started = time.perf_counter()
+            await services.engine.prepare(spec)
+            log.info(
+                "sandbox shape %s, %d vCPU, %d MB ready (%.1f s)",
+                image,
+                cpus,
+                memory_mb,
+                time.perf_counter() - started,
+            )
+        except Exception as exc:  # a warm-up failure must not stop the daemon
+            log.warning(
+                "warm-up of %s, %d vCPU, %d MB failed (creates will do the work themselves): %s",
+                image,
+                cpus,
+                memory_mb,
+                exc,
+            )
 
 
 def run(config: Config) -> None:

@@ -45,6 +45,8 @@ class QemuConfig:
     ``snapshot_timeout`` bound on saving or loading the device state.
     ``pool_size``      warm sandboxes kept ready per prepared machine shape (0: no pool);
                        see :mod:`.pool`.
+    ``pool_shapes``    shapes whose count differs from ``pool_size``: ``(image, cpus,
+                       memory_mb, size)`` each.
     ``pool_memory_mb`` bound on the guest memory of all pool members together.
     """
 
@@ -66,6 +68,7 @@ class QemuConfig:
     guest_aslr: str = "auto"
     pool_size: int = 0
     pool_memory_mb: int = 2048
+    pool_shapes: tuple[tuple[str, int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.accel not in ACCEL_SETTINGS:
@@ -83,11 +86,20 @@ class QemuConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.volumes_dir is not None:
             object.__setattr__(self, "volumes_dir", Path(self.volumes_dir))
+        if any(shape[3] < 0 for shape in self.pool_shapes):
+            raise EngineUnavailable("pool_shapes: a size must not be negative")
         if self.pool_size < 0 or self.pool_memory_mb < 0:
             raise EngineUnavailable("pool_size and pool_memory_mb must not be negative")
         for name in ("boot_timeout", "qmp_timeout", "snapshot_timeout", "agent_timeout"):
             if getattr(self, name) <= 0:
                 raise EngineUnavailable(f"{name} must be positive")
+
+    def pool_size_for(self, image: str, cpus: int, memory_mb: int) -> int:
+        """How many warm sandboxes of this shape the pool keeps once it is prepared."""
+        for shape in self.pool_shapes:
+            if shape[:3] == (image, cpus, memory_mb):
+                return shape[3]
+        return self.pool_size
 
     @property
     def sandboxes_dir(self) -> Path:

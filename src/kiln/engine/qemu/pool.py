@@ -145,10 +145,12 @@ class Pool:
     # ------------------------------------------------------------------ start, claim
 
     def start(self, spec: SandboxSpec) -> None:
-        """Keep ``pool_size`` members of ``spec``'s shape from now on (no-op at size 0)."""
-        if self.config.pool_size <= 0 or self._closed:
+        """Keep members of ``spec``'s shape from now on, as many as the config says
+        (:meth:`QemuConfig.pool_size_for`; no-op at 0)."""
+        size = self.config.pool_size_for(spec.image, spec.cpus, spec.memory_mb)
+        if size <= 0 or self._closed:
             return
-        self._targets.setdefault(Shape.of(spec), self.config.pool_size)
+        self._targets.setdefault(Shape.of(spec), size)
         if self._task is None:
             self._task = asyncio.create_task(self._refill(), name="warm pool refill")
         self._wake.set()
