@@ -313,3 +313,92 @@ def test_a_transfer_gives_an_address_to_another_sandbox_in_one_update(world: Wor
     assert set(world.firewall.members()) == {"alice-1", "b"}
     assert world.reaches("a", *_g(world, "b"), 8000), "now in alice's group"
     assert not world.reaches("a", world.outside, PUBLIC, 443), "and under her policy"
+
+
+HOLD = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    f = s.makefile("rb")
+    print(f.readline().decode().split()[0], flush=True)
+    s.settimeout(float(sys.argv[3]))
+    for line in sys.stdin:
+        try:
+            s.sendall(line.encode())
+            print("echo" if f.readline() == line.encode() else "lost", flush=True)
+        except OSError as exc:
+            print("failed", type(exc).__name__, flush=True)
+    """
+)
+
+
+class Held:
+    """A TCP connection held open from namespace ``ns`` to a greeter, which echoes
+    each line sent: :meth:`alive` says whether a line still comes back."""
+
+    def __init__(self, ns: str, address: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", HOLD, address, str(port), "2"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.tag = self.proc.stdout.readline().strip()
+
+    def alive(self) -> bool:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("ping\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip() == "echo"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def started_by(ns: str, address: str) -> int:
+    """How many flows ``address`` started that the kernel tracks in ``ns``."""
+    out = in_ns(ns, "cat", "/proc/net/nf_conntrack", check=False).stdout
+    return sum(line.split("src=", 1)[-1].startswith(f"{address} ") for line in out.splitlines())
+
+
+def test_a_new_policy_ends_the_flows_its_sandbox_started(world: World) -> None:
+    world.admit("a", "alice")
+    a_ns, a_ip = _g(world, "a")
+    out = Held(a_ns, PUBLIC, 443)
+    into = Held(world.host, a_ip, 8000)  # the host's: an exec stream, a proxied request
+    try:
+        assert out.tag == world.servers[world.outside, PUBLIC, 443]
+        assert into.tag == world.servers[a_ns, "0.0.0.0", 8000]
+        assert out.alive() and into.alive()
+        world.admit("a", "alice", NetworkPolicy("deny"))
+        # Without forgetting it, the flow would go on as "established".
+        assert not out.alive(), "a denied destination stays reachable over an old flow"
+        assert into.alive(), "the host's flows into the sandbox go on"
+        assert not world.reaches("a", world.outside, PUBLIC, 443)
+    finally:
+        out.close()
+        into.close()
+
+
+def test_a_released_address_keeps_no_tracked_flows(world: World) -> None:
+    world.admit("a", "alice")
+    a_ns, a_ip = _g(world, "a")
+    out = Held(a_ns, PUBLIC, 443)
+    try:
+        assert out.alive() and started_by(world.host, a_ip) == 1
+        world.firewall.release("a")
+        assert started_by(world.host, a_ip) == 0
+        # The next sandbox with this address, denied everything, inherits no flow of
+        # the one before it (nor may it send packets that match one).
+        mac = link(a_ns, "eth0")
+        assert mac is not None
+        nobody = Member("a2", a_ip, "bob", NetworkPolicy("deny"), "ktapa", mac["address"])
+        world.firewall.admit(nobody)
+        assert not out.alive(), "the next sandbox rode the old one's flow"
+    finally:
+        out.close()

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import conntrack
 from .errors import InvalidInput, OperationFailed, ToolMissing
 from .naming import validate_ifname, validate_netns
 from .netns import ensure_netns, find_tool, netns_exec_argv
@@ -398,6 +399,9 @@ class Firewall:
                 else:
                     self._members[member.sandbox_id] = before
                 raise
+        if before is not None and before != member:
+            # A new policy holds for the flows it starts from now on, and for the old.
+            self._forget({before.ip, member.ip}, started_only=True)
 
     def transfer(self, old_id: str, member: Member) -> None:
         """Rules for ``member`` instead of sandbox ``old_id``'s, written in one update."""
@@ -406,20 +410,28 @@ class Firewall:
         with self._lock:
             self._resolved.update(found)
             before = dict(self._members)
-            self._members.pop(old_id, None)
+            old = self._members.pop(old_id, None)
             self._members[member.sandbox_id] = member
             try:
                 self._apply_locked()
             except BaseException:
                 self._members = before
                 raise
+        if old is not None:
+            self._forget({old.ip, member.ip}, started_only=True)
 
     def release(self, sandbox_id: str) -> None:
         """Drop a sandbox's rules; nothing happens for one the firewall does not know."""
         with self._lock:
-            if self._members.pop(sandbox_id, None) is None:
+            gone = self._members.pop(sandbox_id, None)
+            if gone is None:
                 return
             self._apply_locked()
+        # Its address goes to the next sandbox: nothing of this one's flows with it.
+        self._forget({gone.ip})
+
+    def _forget(self, ips: set[str], *, started_only: bool = False) -> None:
+        conntrack.forget_flows(self.config.netns, ips, started_only=started_only)
 
     def refresh(self) -> bool:
         """Resolve every policy domain again; True if that changed the rules."""
