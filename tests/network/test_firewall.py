@@ -212,6 +212,16 @@ def test_egress_deny_with_an_allow_list_of_cidrs_and_domains(world: World) -> No
     assert world.reaches("a", *_g(world, "b"), 8000), "egress policy is not about peers"
 
 
+def test_egress_deny_with_nothing_allowed_closes_dns_too(world: World) -> None:
+    world.admit("a", "alice", NetworkPolicy("deny"))
+    world.admit("b", "alice", NetworkPolicy("deny", deny=("files.example",)))
+    for name in ("a", "b"):
+        assert not world.reaches(name, world.outside, DNS, 53), "no way out through DNS"
+        assert not world.reaches(name, world.outside, PUBLIC, 443)
+    world.admit("a", "alice", NetworkPolicy("allow"))
+    assert world.reaches("a", world.outside, DNS, 53)
+
+
 def test_a_deny_list_closes_what_egress_allow_opens(world: World) -> None:
     world.admit("a", "alice", NetworkPolicy("allow", deny=("203.0.113.16/28",)))
     assert world.reaches("a", world.outside, PUBLIC, 443)

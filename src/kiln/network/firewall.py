@@ -210,7 +210,10 @@ def render(
         egress_map.append(f"{m.ip} : jump {name}")
 
     dns = _elements(config.dns)
-    dns_rule = "ip daddr @dns meta l4proto { tcp, udp } th dport 53 accept"
+    # A sandbox denied everything has no name to look up: its DNS is closed too, or
+    # queries through the resolver would be a way out (DNS tunnelling).
+    nodns = _elements(m.ip for m in members if not m.policy.needs_dns)
+    dns_rule = "ip saddr != @nodns ip daddr @dns meta l4proto { tcp, udp } th dport 53 accept"
     ports = [m for m in members if m.port is not None]
     port_names = [f'"{m.port}"' for m in ports]
     lines = [
@@ -219,6 +222,7 @@ def render(
         f"table inet {table} {{",
         f"  set sandboxes {{ type ipv4_addr;{_elements(ips)} }}",
         f"  set dns {{ type ipv4_addr;{dns} }}",
+        f"  set nodns {{ type ipv4_addr;{nodns} }}",
         *group_chains,
         *egress_chains,
         f"  map peers {{ type ipv4_addr : verdict;{peers} }}",

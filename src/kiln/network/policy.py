@@ -98,6 +98,11 @@ class NetworkPolicy:
     def domains(self) -> tuple[str, ...]:
         return tuple(t for t in (*self.allow, *self.deny) if is_domain(t))
 
+    @property
+    def needs_dns(self) -> bool:
+        """Whether the sandbox may reach anything outside (else its DNS is closed)."""
+        return self.egress == "allow" or bool(self.allow)
+
     def to_json(self) -> dict[str, Any]:
         return {"egress": self.egress, "allow": list(self.allow), "deny": list(self.deny)}
 
