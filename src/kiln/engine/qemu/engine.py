@@ -198,7 +198,7 @@ class QemuEngine:
 
     @property
     def last_fork_pause_ms(self) -> float | None:
-        """How long the last fork's hot source stood still (None: it was cold)."""
+        """How long the last fork's or save's hot source stood still (None: it was cold)."""
         return self._fork.last_pause_ms
 
     async def prepare(self, spec: SandboxSpec) -> None:
