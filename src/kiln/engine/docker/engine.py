@@ -124,6 +124,8 @@ _BOOT_CONNECT_TIMEOUT = 0.05
 _BOOT_CONNECT_PATIENT = (3.0, 0.5)
 #: The repository of saved images in kiln's dockerd (tag: the saved image id).
 SAVED_REPOSITORY = "kiln-saved"
+#: The label of a saved image holding the shape (JSON) a create from it must have.
+SAVED_SHAPE_LABEL = "org.kiln.saved-shape"
 _STOP_TIMEOUT = 5  # seconds the agent gets to end its processes on a stop
 
 
@@ -391,7 +393,7 @@ class DockerEngine:
                 f"{', '.join(self._runtimes) or 'none'}); install gVisor (apt-get install runsc)"
             )
         if spec.snapshot is not None:
-            image = await self._saved_image(client, spec.snapshot)
+            image = await self._saved_image(client, spec)
         else:
             image = await self._image(spec.image)
         agent = await self._agent_zipapp()
@@ -696,11 +698,17 @@ class DockerEngine:
                 if await asyncio.to_thread(containers.image_exists, client, ref):
                     raise InvalidState(f"saved image {image_id!r} already exists")
                 repo, tag = ref.split(":")
+                spec = box.record.spec
+                # What a create from it must match, kept on the image itself.
+                shape = {"image": spec.image, "cpus": spec.cpus, "memory_mb": spec.memory_mb}
                 await asyncio.to_thread(
-                    client.api.commit, box.record.container, repository=repo, tag=tag
+                    client.api.commit,
+                    box.record.container,
+                    repository=repo,
+                    tag=tag,
+                    changes=[f"LABEL {SAVED_SHAPE_LABEL}={json.dumps(json.dumps(shape))}"],
                 )
                 attrs = await asyncio.to_thread(client.api.inspect_image, ref)
-        spec = box.record.spec
         return SavedImage(
             image_id=image_id,
             engine=ENGINE_NAME,
@@ -713,11 +721,24 @@ class DockerEngine:
             created_at=time.time(),
         )
 
-    async def _saved_image(self, client: Any, image_id: str) -> str:
-        ref = saved_ref(image_id)
-        with docker_errors(f"looking up saved image {image_id}"):
+    async def _saved_image(self, client: Any, spec: SandboxSpec) -> str:
+        """The reference of ``spec.snapshot``, whose shape ``spec`` must have."""
+        assert spec.snapshot is not None
+        ref = saved_ref(spec.snapshot)
+        with docker_errors(f"looking up saved image {spec.snapshot}"):
             if not await asyncio.to_thread(containers.image_exists, client, ref):
-                raise ImageNotFound(f"no saved image {image_id!r} in the Docker engine")
+                raise ImageNotFound(f"no saved image {spec.snapshot!r} in the Docker engine")
+            attrs = await asyncio.to_thread(client.api.inspect_image, ref)
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        try:
+            shape = json.loads(labels[SAVED_SHAPE_LABEL])
+        except (KeyError, TypeError, ValueError):
+            raise EngineError(f"saved image {spec.snapshot!r} has no readable shape") from None
+        if shape != {"image": spec.image, "cpus": spec.cpus, "memory_mb": spec.memory_mb}:
+            raise InvalidSpec(
+                "a sandbox made from a saved image has its image, vCPUs and memory"
+                f" ({shape['image']!r}, {shape['cpus']}, {shape['memory_mb']} MB)"
+            )
         return ref
 
     async def delete_saved_image(self, image_id: str) -> None:
@@ -727,8 +748,9 @@ class DockerEngine:
         client = await self._ensure_ready()
         with docker_errors(f"deleting saved image {image_id}"):
             if await asyncio.to_thread(containers.image_exists, client, ref):
-                # Containers made from it keep its layers; only the name goes then.
-                await asyncio.to_thread(client.api.remove_image, ref, noprune=False)
+                # Containers made from it keep its layers (force: the name goes even
+                # while they use it; dockerd deletes the layers with the last of them).
+                await asyncio.to_thread(client.api.remove_image, ref, force=True)
 
     # ------------------------------------------------------------------ volumes
 
