@@ -139,3 +139,13 @@ async def test_what_cannot_be_saved_or_made(engine: QemuEngine) -> None:
     await engine.delete_volume("sv")
     await engine.destroy("plain")
     await engine.delete_saved_image("img-plain")
+
+
+async def test_orphan_cleanup_removes_an_unfinished_save(engine: QemuEngine) -> None:
+    # What a daemon killed in the middle of a save leaves: its temporary directory.
+    half = engine.config.saved_dir / ".img-crashed.tmp"
+    half.mkdir(parents=True)
+    (half / "ram").write_bytes(b"\0" * 4096)
+    removed = await engine.cleanup_orphans()
+    assert f"unfinished saved image {half}" in removed
+    assert not half.exists()

@@ -299,11 +299,13 @@ class QemuEngine:
         return machine.sandbox_info(vm)
 
     async def cleanup_orphans(self) -> builtins.list[str]:
-        """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories.
+        """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories;
+        and saves a crash left unfinished.
 
         Call after every :meth:`import_state` of a recovery. Returns what was removed.
         """
-        return await self._recovery.cleanup_orphans()
+        removed = await self._recovery.cleanup_orphans()
+        return removed + await self._saved.remove_unfinished()
 
     # ------------------------------------------------------------------ close
 

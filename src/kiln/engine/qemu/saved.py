@@ -135,6 +135,18 @@ class SavedImages:
 
         return await self._cloner.clone(origin, spec, fill, f"from saved image {spec.snapshot}")
 
+    async def remove_unfinished(self) -> list[str]:
+        """Remove what saves a crashed daemon left half made (``.<id>.tmp``); a line each."""
+        root = self.config.saved_dir
+        entries = await asyncio.to_thread(lambda: sorted(root.iterdir()) if root.is_dir() else [])
+        removed = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp") and name[1:-4] not in self._saving:
+                await asyncio.to_thread(disks.remove_tree, entry)
+                removed.append(f"unfinished saved image {entry}")
+        return removed
+
     async def delete(self, image_id: str) -> None:
         root = self._dir(image_id)
         with machine.os_errors(f"deleting saved image {image_id}"):
