@@ -168,7 +168,8 @@ class AgentEngine(FakeEngine):
         return self.root / "work" / sandbox_id
 
     def saved_root(self) -> Path | None:
-        return self.root / "saved"
+        # Per engine name: engines of one daemon may share a root.
+        return self.root / "saved" / self.name
 
     def files_of(self, sandbox_id: str) -> Path | None:
         return self.workdir(sandbox_id)

@@ -170,4 +170,5 @@ def test_a_saved_image_survives_a_daemon_restart(tmp_path: Path) -> None:
             assert http.delete("/saved-images/durable").status_code == 204
     finally:
         second.stop()
-    assert not (tmp_path / "engine" / "saved" / str(saved["id"])).exists()
+    assert not (tmp_path / "engine" / "saved" / "fake" / str(saved["id"])).exists()
+    assert (tmp_path / "engine" / "saved" / "fake").is_dir()  # where it was

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.api.requests import NAME_RE, CreateSandbox, SaveSandbox
 from kiln.engine.errors import EngineError
+from kiln.engine.router import Engines
 from kiln.store import NotFound, SavedImageRecord, User, rfc3339
 
 from .errors import ConflictError, NotFoundError, Unprocessable
@@ -106,7 +107,7 @@ class SavedImageService:
             )
         except BaseException:
             # Another save of the same name won the race (or the store failed).
-            await self._remove_files(image_id)
+            await self._remove_files(image_id, saved.engine)
             raise
         sandboxes.touch(src.id)
         log.info("sandbox %s saved as %s (%s) for %s", src.id, row.name, row.id, user.name)
@@ -117,11 +118,15 @@ class SavedImageService:
         if not NAME_RE.match(name):
             raise NotFoundError(f"saved image {name!r} not found")
         row = self._s.store.delete_saved_image(user.id, name)
-        await self._remove_files(row.id)
+        await self._remove_files(row.id, row.engine)
 
-    async def _remove_files(self, image_id: str) -> None:
+    async def _remove_files(self, image_id: str, engine_name: str) -> None:
+        engine = self._s.engine
         try:
-            await self._s.engine.delete_saved_image(image_id)
+            if isinstance(engine, Engines):
+                # Only the engine that made it has its files: wake no other.
+                engine = engine.get(engine_name)
+            await engine.delete_saved_image(image_id)
         except EngineError as exc:
             log.warning("saved image %s: deleting its files: %s", image_id, exc)
 
