@@ -153,3 +153,29 @@ def test_fork_makes_a_copy_and_says_why_it_cannot(cli: Cli) -> None:
         assert cli("fork", unique("nobody")).returncode == 3
     finally:
         cli("rm", name, f"{name}-2", f"{name}-3")
+
+
+def test_save_then_create_from_the_saved_image(cli: Cli) -> None:
+    src, image, copy = unique("save"), unique("img"), unique("from")
+    cli.ok("create", "--name", src, "--memory", "256")
+    cli.ok("exec", src, "--", "sh", "-c", "echo kept > saved.txt")
+    try:
+        out = cli.ok("save", src, image)
+        assert f"saved image {image} (" in out and f"kiln create --from-saved {image}" in out
+        taken = cli("save", src, image)
+        assert taken.returncode == 4 and "already exists" in taken.stderr.decode()
+        assert cli("save", unique("nobody"), unique("img")).returncode == 3
+        listed = json.loads(cli.ok("saved", "list", "--json"))
+        assert [(i["name"], i["memory_mb"]) for i in listed] == [(image, 256)]
+        assert _table_row(cli.ok("saved", "list"), image)[4] == "256M"
+        made = json.loads(cli.ok("create", "--from-saved", image, "--name", copy, "--json"))
+        assert made["memory_mb"] == 256
+        assert cli.ok("exec", copy, "--", "cat", "saved.txt") == "kept\n"
+        wrong = cli("create", "--from-saved", image, "--env", "A=b")
+        assert wrong.returncode != 0 and "saved image" in wrong.stderr.decode()
+        assert cli.ok("saved", "delete", image) == f"saved image {image} deleted\n"
+        gone = cli("create", "--from-saved", image)
+        assert gone.returncode == 3 and "not found" in gone.stderr.decode()
+    finally:
+        cli("rm", src, copy)
+        cli("saved", "delete", image)

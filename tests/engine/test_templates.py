@@ -225,6 +225,27 @@ async def test_a_fork_of_a_clone_shares_the_template_ram_and_settles(
         await engine.destroy(sid)
 
 
+async def test_a_saved_image_of_a_clone_holds_all_of_its_memory(engine: QemuEngine) -> None:
+    """A clone still mapping its template's RAM is saved with its whole memory (in the
+    device state): a saved image outlives template rebuilds, so it refers to none."""
+    await engine.create(clone_spec(7))
+    source = await engine.agent("clone7")
+    await sh(source, "echo seven > /home/sandbox/seven; echo in-memory > /tmp/seven")
+    assert engine.snapshot_info("clone7").ram_template is not None
+    saved = await engine.save_image("clone7", "img-clone7")
+    meta = json.loads((engine.config.saved_dir / "img-clone7" / "snapshot.json").read_text())
+    assert (meta["ram_template"], meta["ram_in_state"]) == (None, True)
+    await engine.create(SandboxSpec(sandbox_id="clone8", name="clone8", **saved.spec_fields()))
+    copy = await engine.agent("clone8")
+    assert await sh(copy, "cat /home/sandbox/seven /tmp/seven; hostname") == (
+        "seven\nin-memory\nclone8\n"
+    )
+    assert engine.snapshot_info("clone8").ram_template is None
+    for sid in ("clone7", "clone8"):
+        await engine.destroy(sid)
+    await engine.delete_saved_image("img-clone7")
+
+
 async def test_volumes_take_the_template_disk_slots(engine: QemuEngine) -> None:
     """A new and an existing volume, of sizes the template never saw, in its slots."""
     first = SandboxSpec(

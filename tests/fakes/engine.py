@@ -33,17 +33,28 @@ The test controls (``fail``, ``calls``, ``crash``, ...) work in both modes.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.agent_client import AgentClient
-from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec, Status, Thermal
+from kiln.engine.base import (
+    Capabilities,
+    SandboxInfo,
+    SandboxSpec,
+    SavedImage,
+    Status,
+    Thermal,
+)
 from kiln.engine.boots import STATE_KEY, BootReason, LastBoot, boot_reason
 from kiln.engine.errors import (
     EngineError,
     EngineUnavailable,
+    ImageNotFound,
     InvalidSpec,
     InvalidState,
     SandboxCrashed,
@@ -94,6 +105,8 @@ class FakeEngine:
         #: Where the sandboxes' agents live (None: no agents, states only).
         self.agents_root = agents
         self.snapshots = agents is None
+        #: Saved images of an engine without a directory (with one they are on disk).
+        self.saved: dict[str, SavedImage] = {}
 
     # --- test controls ----------------------------------------------------------------
 
@@ -286,6 +299,8 @@ class FakeEngine:
             self._check_agent_spec(spec)
         if self._enter("create", spec.sandbox_id) is not None:
             raise InvalidState(f"sandbox {spec.sandbox_id} exists")
+        if spec.snapshot is not None:
+            self._check_saved(spec)
         n = len(self.boxes) + 2
         info = SandboxInfo(
             sandbox_id=spec.sandbox_id,
@@ -316,6 +331,8 @@ class FakeEngine:
                         "destroy it first"
                     ) from None
                 box.machine = machine
+                if spec.snapshot is not None:
+                    await self.restore_saved_files(spec.snapshot, machine.workdir)
                 await self._boot(machine)
         except BaseException:
             self.boxes.pop(spec.sandbox_id, None)
@@ -374,6 +391,79 @@ class FakeEngine:
         )
         self.boxes[spec.sandbox_id] = _Box(info)
         return info
+
+    # --- saved images: the sandbox's files (its working directory), no memory ---------
+
+    def saved_root(self) -> Path | None:
+        """Where saved images are kept (None: in memory only)."""
+        return None if self.agents_root is None else self.agents_root / "saved"
+
+    def files_of(self, sandbox_id: str) -> Path | None:
+        """The directory of the sandbox's files, if it has one."""
+        return None if self.agents_root is None else self.workdir(sandbox_id)
+
+    def saved_image(self, image_id: str) -> SavedImage | None:
+        root = self.saved_root()
+        if root is None:
+            return self.saved.get(image_id)
+        try:
+            return SavedImage(**json.loads((root / image_id / "image.json").read_text()))
+        except FileNotFoundError:
+            return None
+
+    def _check_saved(self, spec: SandboxSpec) -> None:
+        assert spec.snapshot is not None
+        image = self.saved_image(spec.snapshot)
+        if image is None:
+            raise ImageNotFound(f"no saved image {spec.snapshot!r} in the {self.name} engine")
+        if (spec.image, spec.cpus, spec.memory_mb) != (image.image, image.cpus, image.memory_mb):
+            raise InvalidSpec("a sandbox made from a saved image has its image, vCPUs and memory")
+
+    async def restore_saved_files(self, image_id: str, workdir: Path) -> None:
+        root = self.saved_root()
+        if root is not None:
+            await asyncio.to_thread(
+                shutil.copytree,
+                root / image_id / "work",
+                workdir,
+                symlinks=True,
+                dirs_exist_ok=True,
+            )
+
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        box = self._box("save_image", sandbox_id)
+        if self.saved_image(image_id) is not None:
+            raise InvalidState(f"saved image {image_id!r} already exists")
+        info = box.info
+        image = SavedImage(
+            image_id=image_id,
+            engine=self.name,
+            image=info.image,
+            cpus=info.cpus,
+            memory_mb=info.memory_mb,
+            runtime=info.runtime,
+            size_bytes=0,
+            memory=False,
+            created_at=time.time(),
+        )
+        root, files = self.saved_root(), self.files_of(sandbox_id)
+        if root is None:
+            self.saved[image_id] = image
+            return image
+        async with box.lock:
+            dest = root / image_id
+            await asyncio.to_thread(dest.mkdir, parents=True)
+            if files is not None and files.is_dir():
+                await asyncio.to_thread(shutil.copytree, files, dest / "work", symlinks=True)
+            await asyncio.to_thread((dest / "image.json").write_text, json.dumps(asdict(image)))
+        return image
+
+    async def delete_saved_image(self, image_id: str) -> None:
+        self._enter("delete_saved_image", image_id)
+        self.saved.pop(image_id, None)
+        root = self.saved_root()
+        if root is not None:
+            await asyncio.to_thread(shutil.rmtree, root / image_id, ignore_errors=True)
 
     def crash(self, sandbox_id: str, *, disk_gone: bool = False) -> SandboxInfo:
         """The sandbox's machine dies underneath us (a test control): with its disk

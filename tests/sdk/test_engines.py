@@ -110,3 +110,23 @@ def test_an_unavailable_engine_says_why(no_docker_daemon: Daemon) -> None:
         with k.sandboxes.create(name=unique("vm")) as sb:  # the default engine works
             assert (sb.engine, sb.runtime) == ("qemu", None)
             assert sb.exec(["echo", "hi"]).stdout == "hi\n"
+
+
+def test_a_saved_image_keeps_its_engine_and_runtime(k: Kiln, two_engine_daemon: Daemon) -> None:
+    name = unique("dimg")
+    engines = two_engine_daemon.server.engine
+    with k.sandboxes.create(name=unique("dsrc"), engine="docker", runtime="runsc") as sb:
+        sb.files.write("kept.txt", b"in the container's files\n")
+        saved = sb.save_image(name)
+    assert (saved.engine, saved.memory) == ("docker", False)  # files only, no memory
+    try:
+        with k.sandboxes.create(saved_image=name) as copy:
+            assert (copy.engine, copy.runtime) == ("docker", "runsc")
+            assert copy.files.read("kept.txt").data == b"in the container's files\n"
+        with pytest.raises(ValidationError, match="engine"):
+            k.sandboxes.create(saved_image=name, engine="qemu")
+    finally:
+        k.saved_images.delete(name)
+    # Only the engine that made it was asked to delete its files.
+    assert engines.get("docker").called("delete_saved_image") == [saved.id]
+    assert saved.id not in engines.get("qemu").called("delete_saved_image")

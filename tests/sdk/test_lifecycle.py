@@ -146,3 +146,38 @@ def test_fork_returns_the_copy(kiln: Kiln) -> None:
 async def test_async_fork(akiln: AsyncKiln) -> None:
     async with await akiln.sandboxes.create(name=unique("asrc")) as sb, await sb.fork() as copy:
         assert copy.name == copy.id != sb.id
+
+
+def test_save_image_then_create_from_it(kiln: Kiln) -> None:
+    name = unique("img")
+    with kiln.sandboxes.create(name=unique("src"), memory_mb=256) as sb:
+        sb.files.write("saved.txt", b"in the image\n")
+        saved = sb.save_image(name)
+        assert (saved.name, saved.source_id, saved.memory_mb) == (name, sb.id, 256)
+        with pytest.raises(KilnError) as info:
+            sb.save_image(name)
+        assert info.value.status_code == 409
+    try:
+        assert [s.name for s in kiln.saved_images.list()] == [name]
+        assert kiln.saved_images.get(name).id == saved.id
+        with kiln.sandboxes.create(saved_image=name) as copy:
+            assert copy.memory_mb == 256
+            assert copy.files.read("saved.txt").data == b"in the image\n"
+        with pytest.raises(ValidationError):
+            kiln.sandboxes.create(saved_image=name, env={"A": "b"})
+    finally:
+        kiln.saved_images.delete(name)
+    with pytest.raises(NotFound):
+        kiln.saved_images.get(name)
+    with pytest.raises(NotFound):
+        kiln.sandboxes.create(saved_image=name)
+
+
+async def test_async_save_image(akiln: AsyncKiln) -> None:
+    name = unique("aimg")
+    async with await akiln.sandboxes.create(name=unique("asrc")) as sb:
+        saved = await sb.save_image(name)
+        async with await akiln.sandboxes.create(saved_image=name) as copy:
+            assert copy.id != sb.id and saved.source_id == sb.id
+    await akiln.saved_images.delete(name)
+    assert await akiln.saved_images.list() == []

@@ -167,6 +167,13 @@ class AgentEngine(FakeEngine):
     def workdir(self, sandbox_id: str) -> Path:
         return self.root / "work" / sandbox_id
 
+    def saved_root(self) -> Path | None:
+        # Per engine name: engines of one daemon may share a root.
+        return self.root / "saved" / self.name
+
+    def files_of(self, sandbox_id: str) -> Path | None:
+        return self.workdir(sandbox_id)
+
     async def _start_agent(self, sandbox_id: str) -> _Agent:
         lock = self._starting.setdefault(sandbox_id, asyncio.Lock())
         async with lock:
@@ -230,6 +237,8 @@ class AgentEngine(FakeEngine):
         info = await super().create(spec)
         info = self._set(self.boxes[spec.sandbox_id], capabilities=self.capabilities)
         self.specs[spec.sandbox_id] = spec
+        if spec.snapshot is not None:
+            await self.restore_saved_files(spec.snapshot, self.workdir(spec.sandbox_id))
         if not self.lazy:
             try:
                 await self._start_agent(spec.sandbox_id)

@@ -161,6 +161,16 @@ class CreateSandbox(_Body):
     engine: Literal["qemu", "docker"] | None = None  # None: the daemon's default
     runtime: Literal["runc", "runsc"] | None = None  # docker only; None: its default
     network: NetworkBody | None = None  # None: the daemon's default policy
+    #: Start from the caller's saved image of this name (``POST /sandboxes/{id}/save``):
+    #: its disk and, where its engine can, its running processes. The sandbox has the
+    #: saved one's image, shape, engine, env and init; giving other ones is a 422.
+    saved_image: Name | None = None
+
+
+class SaveSandbox(_Body):
+    """The saved image's name (unique among the caller's saved images)."""
+
+    name: Name
 
 
 class ForkSandbox(_Body):

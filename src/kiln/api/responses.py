@@ -439,6 +439,27 @@ class VolumeMount(ApiModel):
         _init(self, data, name=name, mount=mount)
 
 
+class SavedImage(ApiModel):
+    """A sandbox saved as an image, private to its owner: ``sandboxes.create(
+    saved_image=name)`` starts from it.
+
+    ``memory``: its memory is in it too, so sandboxes made from it start with the
+    saved sandbox's processes running (QEMU); else only its files (Docker).
+    ``image`` is the image tier it came from; ``cpus`` and ``memory_mb`` its shape.
+    """
+
+    id: StrictStr
+    name: StrictStr
+    engine: StrictStr = ""
+    image: StrictStr = ""
+    cpus: StrictInt = 1
+    memory_mb: StrictInt = 0
+    size_bytes: StrictInt = 0
+    memory: StrictBool = False
+    source_id: StrictStr = ""
+    created_at: Timestamp | None = None
+
+
 class Template(ApiModel):
     """A named sandbox spec that ``sandboxes.create(template=...)`` starts from."""
 

@@ -356,6 +356,12 @@ def mcp(state: State) -> None:
 @deny_option
 @click.option("--template", metavar="ID", help="Start from a template (id or name).")
 @click.option(
+    "--from-saved",
+    "saved_image",
+    metavar="NAME",
+    help="Start from your saved image NAME (see `kiln save`).",
+)
+@click.option(
     "-v",
     "--volume",
     "volumes",
@@ -394,6 +400,7 @@ def create(
     allow: tuple[str, ...],
     deny: tuple[str, ...],
     template: str | None,
+    saved_image: str | None,
     volumes: list[tuple[str, str]],
     new_volumes: list[tuple[str, int, str]],
     labels: dict[str, str],
@@ -414,6 +421,10 @@ def create(
     With --ttl the daemon destroys it (or stops it: --on-expire stop) once the
     time is up, even if the daemon was down meanwhile; `kiln edit --ttl`
     restarts or removes the countdown.
+
+    --from-saved starts it from a sandbox you saved with `kiln save`: its files,
+    and on QEMU its running processes; it has that sandbox's image, shape, engine,
+    env and init (giving others is an error).
     """
     from kiln.sdk import NewVolume, VolumeMount  # noqa: PLC0415
 
@@ -437,6 +448,7 @@ def create(
             engine=parse.engine_for(engine, runtime),
             runtime=runtime,
             network=_network(egress, allow, deny),
+            saved_image=saved_image,
         )
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
 
@@ -557,6 +569,24 @@ def fork(state: State, sandbox: str, name: str | None, as_json: bool) -> None:
     with spinner(f"Forking {sandbox}…"):
         sb = state.sandbox(sandbox).fork(name=name)
     show(fmt.format_json(sb) if as_json else fmt.format_sandbox(sb, _now()))
+
+
+@cli.command()
+@click.argument("sandbox")
+@click.argument("name")
+@json_option
+@pass_state
+def save(state: State, sandbox: str, name: str, as_json: bool) -> None:
+    """Save SANDBOX as an image called NAME, private to you.
+
+    The image holds its disk and, on QEMU, its memory: sandboxes created from it
+    (`kiln create --from-saved NAME`) start with its processes running and its
+    caches warm. SANDBOX goes on running (it stands still for a moment). The
+    image stays until `kiln saved delete NAME`.
+    """
+    with spinner(f"Saving {sandbox}…"):
+        saved = state.sandbox(sandbox).save_image(name)
+    show(fmt.format_json(saved) if as_json else fmt.format_saved(saved))
 
 
 @cli.command()
@@ -1288,6 +1318,30 @@ def volume_delete(state: State, name: str, as_json: bool) -> None:
     """Delete a volume (refused while a sandbox uses it)."""
     state.kiln().volumes.delete(name)
     click.echo(fmt.format_json({"deleted": name}) if as_json else f"volume {name} deleted")
+
+
+@cli.group(cls=AliasedGroup)
+def saved() -> None:
+    """Manage your saved images (made by `kiln save`)."""
+
+
+@saved.command("list")
+@json_option
+@pass_state
+def saved_list(state: State, as_json: bool) -> None:
+    """List your saved images."""
+    images = state.kiln().saved_images.list()
+    show(fmt.format_json(images) if as_json else fmt.format_saved_table(images, _now()))
+
+
+@saved.command("delete")
+@click.argument("name")
+@json_option
+@pass_state
+def saved_delete(state: State, name: str, as_json: bool) -> None:
+    """Delete a saved image; sandboxes made from it go on."""
+    state.kiln().saved_images.delete(name)
+    click.echo(fmt.format_json({"deleted": name}) if as_json else f"saved image {name} deleted")
 
 
 @cli.group(cls=AliasedGroup)

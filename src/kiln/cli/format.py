@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         ProcessInfo,
         PublishedPort,
         SandboxInfo,
+        SavedImage,
         Secret,
         SessionInfo,
         Template,
@@ -356,6 +357,34 @@ def format_volumes_table(volumes: Iterable[Volume], now: datetime) -> Table:
     for v in volumes:
         table.add_row(
             v.name, format_mib(v.size_mb), v.attached_to or "-", format_age(v.created_at, now)
+        )
+    return table
+
+
+def _saved_contents(image: SavedImage) -> str:
+    return "disk+memory" if image.memory else "disk"
+
+
+def format_saved(image: SavedImage) -> str:
+    what = "its disk and memory" if image.memory else "its files (no processes)"
+    return (
+        f"saved image {image.name} ({image.id}): {what}, {format_bytes(image.size_bytes)};"
+        f" `kiln create --from-saved {image.name}` starts a sandbox from it"
+    )
+
+
+def format_saved_table(images: Iterable[SavedImage], now: datetime) -> Table:
+    table = _table("NAME", "ENGINE", "IMAGE", "CPUS", "MEMORY", "HOLDS", "SIZE", "AGE")
+    for i in images:
+        table.add_row(
+            i.name,
+            i.engine,
+            i.image,
+            str(i.cpus),
+            format_mib(i.memory_mb),
+            _saved_contents(i),
+            format_bytes(i.size_bytes),
+            format_age(i.created_at, now),
         )
     return table
 

@@ -87,6 +87,10 @@ class SandboxSpec:
     #: The guest's default user for commands and files (created at boot when the image
     #: lacks it); None: the image's own sandbox user.
     user: str | None = None
+    #: Create it from this saved image (:meth:`Engine.save_image`'s ``image_id``), not
+    #: from ``image`` alone; ``image``, ``cpus`` and ``memory_mb`` then must be the saved
+    #: image's (the tier it came from gives the kernel, the shape is in its memory).
+    snapshot: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able, for an engine's own records (:meth:`from_json` reads it back)."""
@@ -109,6 +113,7 @@ class SandboxSpec:
             "owner": self.owner,
             "network": None if self.network is None else self.network.to_json(),
             "user": self.user,
+            "snapshot": self.snapshot,
         }
 
     @classmethod
@@ -134,6 +139,7 @@ class SandboxSpec:
             if data.get("network") is None
             else NetworkPolicy.from_json(data["network"]),
             user=data.get("user"),
+            snapshot=data.get("snapshot"),
         )
 
     def guest_config(self, token: str) -> dict[str, Any]:
@@ -186,6 +192,11 @@ class SandboxSpec:
                 raise InvalidSpec(f"volume {vol.name!r}: size_mb must be positive")
         if self.user is not None and not USER_NAME_RE.match(self.user):
             raise InvalidSpec(f"invalid user name {self.user!r}")
+        if self.snapshot is not None:
+            if not SANDBOX_ID_RE.match(self.snapshot):
+                raise InvalidSpec(f"invalid saved image id {self.snapshot!r}")
+            if self.volumes:
+                raise InvalidSpec("a sandbox made from a saved image gets no volumes")
 
 
 #: A user name the guest can create (what its config drive accepts).
@@ -212,8 +223,42 @@ class Capabilities:
     save_memory: bool = False
 
 
-#: A VM engine: everything (QEMU, whose memory images come later).
-VM_CAPABILITIES = Capabilities(pause=True, snapshots=True, fork=True)
+#: A VM engine: everything.
+VM_CAPABILITIES = Capabilities(pause=True, snapshots=True, fork=True, save_memory=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedImage:
+    """A sandbox saved by :meth:`Engine.save_image`: what a create from it must match.
+
+    Its files are the engine's (under its data directory); they survive restarts
+    until :meth:`Engine.delete_saved_image`.
+    """
+
+    image_id: str
+    engine: str
+    #: The image tier the saved sandbox was made from (kernel, base disk).
+    image: str
+    cpus: int
+    memory_mb: int
+    runtime: str | None
+    #: Bytes its files take on the host.
+    size_bytes: int
+    #: It holds the sandbox's memory too: a sandbox made from it starts with the saved
+    #: one's processes running (``Capabilities.save_memory``); else only its files.
+    memory: bool
+    created_at: float
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The :class:`SandboxSpec` fields a sandbox made from it has."""
+        return {
+            "image": self.image,
+            "cpus": self.cpus,
+            "memory_mb": self.memory_mb,
+            "engine": self.engine,
+            "runtime": self.runtime,
+            "snapshot": self.image_id,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +373,19 @@ class Engine(Protocol):
         (images, network, a template snapshot); creates nothing visible."""
         ...
 
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        """Save the sandbox as ``image_id`` (a :data:`SANDBOX_ID_RE` name the caller
+        chose): its disk, and its memory where ``capabilities.save_memory``. The
+        sandbox goes on (a hot one stands still briefly). A create whose spec has
+        ``snapshot=image_id`` starts from it, with its own identity as after a fork.
+        InvalidState if the id is taken or the sandbox cannot be saved (volumes)."""
+        ...
+
+    async def delete_saved_image(self, image_id: str) -> None:
+        """Delete what :meth:`save_image` made. Idempotent; sandboxes made from it keep
+        going (they have copies)."""
+        ...
+
     async def cleanup_orphans(self) -> builtins.list[str]:
         """Remove what a crashed daemon left and no known sandbox owns (machines,
         network devices, files); return a line per thing removed. Call after recovery."""
@@ -354,6 +412,7 @@ __all__ = [
     "FileSpec",
     "SandboxInfo",
     "SandboxSpec",
+    "SavedImage",
     "Status",
     "Thermal",
     "VolumeSpec",

@@ -19,7 +19,7 @@ from typing import Any
 
 from kiln.agent_client import AgentClient
 
-from .base import Engine, SandboxInfo, SandboxSpec, Thermal
+from .base import Engine, SandboxInfo, SandboxSpec, SavedImage, Thermal
 from .errors import EngineError, EngineUnavailable, InvalidSpec, SandboxNotFound
 
 ENGINE_KEY = "engine"
@@ -84,6 +84,12 @@ class Unavailable:
         return []
 
     async def delete_volume(self, volume_id: str) -> None:
+        return None  # nothing of it can exist here
+
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        raise self._no()
+
+    async def delete_saved_image(self, image_id: str) -> None:
         return None  # nothing of it can exist here
 
     async def close(self) -> None:
@@ -185,6 +191,14 @@ class Engines:
         except BaseException:
             self._owner.pop(spec.sandbox_id, None)
             raise
+
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        return await self.engine_of(sandbox_id).save_image(sandbox_id, image_id)
+
+    async def delete_saved_image(self, image_id: str) -> None:
+        # The saved image is the engine's that saved it; the others have none.
+        for engine in self._engines.values():
+            await engine.delete_saved_image(image_id)
 
     def thermal(self, sandbox_id: str) -> Thermal:
         return self.engine_of(sandbox_id).thermal(sandbox_id)

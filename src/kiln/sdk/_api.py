@@ -34,6 +34,7 @@ from .models import (
     ProcessInfo,
     PublishedPort,
     SandboxInfo,
+    SavedImage,
     Secret,
     SessionInfo,
     Template,
@@ -251,6 +252,7 @@ def sandbox_spec(
     engine: str | None = None,
     runtime: str | None = None,
     network: NetworkPolicy | Mapping[str, Any] | None = None,
+    saved_image: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /sandboxes``: only the fields given, so daemon defaults apply."""
     body: dict[str, Any] = {}
@@ -266,6 +268,7 @@ def sandbox_spec(
         ("on_expire", on_expire),
         ("engine", engine),
         ("runtime", runtime),
+        ("saved_image", saved_image),
     ):
         if value is not None:
             body[key] = value
@@ -349,6 +352,29 @@ def fork_sandbox(id_or_name: str, name: str | None = None) -> Call[SandboxInfo]:
         json={} if name is None else {"name": name},
         timeout=SLOW_TIMEOUT_S,
     )
+
+
+def save_sandbox(id_or_name: str, name: str) -> Call[SavedImage]:
+    """``POST .../save``: the sandbox as a saved image ``name`` of the caller."""
+    return Call(
+        "POST",
+        sandbox_path(id_or_name, "save"),
+        _parser(SavedImage, "saved image"),
+        json={"name": name},
+        timeout=SLOW_TIMEOUT_S,
+    )
+
+
+def list_saved_images() -> Call[list[SavedImage]]:
+    return Call("GET", "/saved-images", _list_parser(SavedImage, "saved image list"))
+
+
+def get_saved_image(name: str) -> Call[SavedImage]:
+    return Call("GET", f"/saved-images/{_seg(name)}", _parser(SavedImage, "saved image"))
+
+
+def delete_saved_image(name: str) -> Call[None]:
+    return Call("DELETE", f"/saved-images/{_seg(name)}", _no_content)
 
 
 def start_sandbox(id_or_name: str) -> Call[SandboxInfo]:

@@ -43,6 +43,7 @@ from .models import (
     ProcessInfo,
     PublishedPort,
     SandboxInfo,
+    SavedImage,
     Secret,
     SessionInfo,
     Template,
@@ -107,6 +108,8 @@ class AsyncKiln:
         self.volumes = AsyncVolumes(self)
         #: Sandbox templates.
         self.templates = AsyncTemplates(self)
+        #: Sandboxes saved as images (``sandbox.save_image(name)``).
+        self.saved_images = AsyncSavedImages(self)
 
     def __repr__(self) -> str:
         return f"AsyncKiln(url={self.url!r})"
@@ -283,6 +286,13 @@ class _AsyncSandboxActions:
         one's now, with its own address, hostname and token; both go on
         independently. Needs ``capabilities.fork`` and no volumes (409 otherwise)."""
         return await self._kiln.sandboxes.fork(self._ref, name=name)
+
+    async def save_image(self, name: str) -> SavedImage:
+        """Save it as an image called ``name``, private to you: its disk and, where its
+        engine can (``SavedImage.memory``: QEMU), its memory, so sandboxes created with
+        ``sandboxes.create(saved_image=name)`` start with its processes running. It
+        goes on running. :class:`Conflict` when the name is taken or it has volumes."""
+        return await self._kiln.sandboxes.save(self._ref, name)
 
     async def delete(self) -> None:
         """Destroy it: frees its IP, disks and published ports."""
@@ -514,6 +524,7 @@ class AsyncSandboxes:
         engine: str | None = None,
         runtime: str | None = None,
         network: NetworkPolicy | Mapping[str, Any] | None = None,
+        saved_image: str | None = None,
         keep: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox and return once it is running.
@@ -531,6 +542,10 @@ class AsyncSandboxes:
         Both default to the daemon's choice; a ``runtime`` with the QEMU engine is a
         :class:`ValidationError`. ``network`` is its egress policy (a
         :class:`NetworkPolicy`, or its dict); the daemon's default when absent.
+        ``saved_image`` starts it from one of your saved images (see
+        :meth:`AsyncSandbox.save_image`): its files, and its running processes where
+        it has its memory; the image fixes image, shape, engine, env and init, so
+        passing other ones is a :class:`ValidationError`.
         ``keep=True``: leaving the ``async with`` block does not delete it.
         """
         spec = _api.sandbox_spec(
@@ -551,6 +566,7 @@ class AsyncSandboxes:
             engine=engine,
             runtime=runtime,
             network=network,
+            saved_image=saved_image,
         )
         info = await self._kiln._call(_api.create_sandbox(spec))
         return AsyncSandbox._wrap(self._kiln, info, keep=keep)
@@ -603,6 +619,10 @@ class AsyncSandboxes:
         """A running copy of a sandbox (see :meth:`AsyncSandbox.fork`)."""
         info = await self._kiln._call(_api.fork_sandbox(id_or_name, name))
         return AsyncSandbox._wrap(self._kiln, info)
+
+    async def save(self, id_or_name: str, name: str) -> SavedImage:
+        """Save a sandbox as an image (see :meth:`AsyncSandbox.save_image`)."""
+        return await self._kiln._call(_api.save_sandbox(id_or_name, name))
 
     async def start(self, id_or_name: str) -> AsyncSandbox:
         """Start a stopped sandbox: restored from its snapshot, or booted again."""
@@ -1193,6 +1213,25 @@ class AsyncVolumes:
     async def delete(self, name: str) -> None:
         """Delete a volume (:class:`Conflict` while a live sandbox uses it)."""
         await self._kiln._call(_api.delete_volume(name))
+
+
+class AsyncSavedImages:
+    """``kiln.saved_images``: your sandboxes saved as images (nobody else sees them)."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def list(self) -> builtins.list[SavedImage]:
+        """All your saved images."""
+        return await self._kiln._call(_api.list_saved_images())
+
+    async def get(self, name: str) -> SavedImage:
+        """The saved image ``name``."""
+        return await self._kiln._call(_api.get_saved_image(name))
+
+    async def delete(self, name: str) -> None:
+        """Delete it and its files; sandboxes made from it go on."""
+        await self._kiln._call(_api.delete_saved_image(name))
 
 
 class AsyncTemplates:

@@ -34,6 +34,7 @@ from .models import (
     ProcessInfo,
     PublishedPort,
     SandboxInfo,
+    SavedImage,
     Secret,
     SessionInfo,
     Template,
@@ -98,6 +99,8 @@ class Kiln:
         self.volumes = Volumes(self)
         #: Sandbox templates.
         self.templates = Templates(self)
+        #: Sandboxes saved as images (``sandbox.save_image(name)``).
+        self.saved_images = SavedImages(self)
 
     def __repr__(self) -> str:
         return f"Kiln(url={self.url!r})"
@@ -272,6 +275,13 @@ class _SandboxActions:
         one's now, with its own address, hostname and token; both go on
         independently. Needs ``capabilities.fork`` and no volumes (409 otherwise)."""
         return self._kiln.sandboxes.fork(self._ref, name=name)
+
+    def save_image(self, name: str) -> SavedImage:
+        """Save it as an image called ``name``, private to you: its disk and, where its
+        engine can (``SavedImage.memory``: QEMU), its memory, so sandboxes created with
+        ``sandboxes.create(saved_image=name)`` start with its processes running. It
+        goes on running. :class:`Conflict` when the name is taken or it has volumes."""
+        return self._kiln.sandboxes.save(self._ref, name)
 
     def delete(self) -> None:
         """Destroy it: frees its IP, disks and published ports."""
@@ -503,6 +513,7 @@ class Sandboxes:
         engine: str | None = None,
         runtime: str | None = None,
         network: NetworkPolicy | Mapping[str, Any] | None = None,
+        saved_image: str | None = None,
         keep: bool = False,
     ) -> Sandbox:
         """Create a sandbox and return once it is running.
@@ -520,6 +531,10 @@ class Sandboxes:
         Both default to the daemon's choice; a ``runtime`` with the QEMU engine is a
         :class:`ValidationError`. ``network`` is its egress policy (a
         :class:`NetworkPolicy`, or its dict); the daemon's default when absent.
+        ``saved_image`` starts it from one of your saved images (see
+        :meth:`Sandbox.save_image`): its files, and its running processes where
+        it has its memory; the image fixes image, shape, engine, env and init, so
+        passing other ones is a :class:`ValidationError`.
         ``keep=True``: leaving the ``with`` block does not delete it.
         """
         spec = _api.sandbox_spec(
@@ -540,6 +555,7 @@ class Sandboxes:
             engine=engine,
             runtime=runtime,
             network=network,
+            saved_image=saved_image,
         )
         info = self._kiln._call(_api.create_sandbox(spec))
         return Sandbox._wrap(self._kiln, info, keep=keep)
@@ -592,6 +608,10 @@ class Sandboxes:
         """A running copy of a sandbox (see :meth:`Sandbox.fork`)."""
         info = self._kiln._call(_api.fork_sandbox(id_or_name, name))
         return Sandbox._wrap(self._kiln, info)
+
+    def save(self, id_or_name: str, name: str) -> SavedImage:
+        """Save a sandbox as an image (see :meth:`Sandbox.save_image`)."""
+        return self._kiln._call(_api.save_sandbox(id_or_name, name))
 
     def start(self, id_or_name: str) -> Sandbox:
         """Start a stopped sandbox: restored from its snapshot, or booted again."""
@@ -1142,6 +1162,25 @@ class Volumes:
     def delete(self, name: str) -> None:
         """Delete a volume (:class:`Conflict` while a live sandbox uses it)."""
         self._kiln._call(_api.delete_volume(name))
+
+
+class SavedImages:
+    """``kiln.saved_images``: your sandboxes saved as images (nobody else sees them)."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def list(self) -> builtins.list[SavedImage]:
+        """All your saved images."""
+        return self._kiln._call(_api.list_saved_images())
+
+    def get(self, name: str) -> SavedImage:
+        """The saved image ``name``."""
+        return self._kiln._call(_api.get_saved_image(name))
+
+    def delete(self, name: str) -> None:
+        """Delete it and its files; sandboxes made from it go on."""
+        self._kiln._call(_api.delete_saved_image(name))
 
 
 class Templates:

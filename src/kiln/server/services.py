@@ -80,6 +80,7 @@ from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
 from .intents import INTENTS_DIR, Intent, Intents
 from .publishing import Origin, PublishService
+from .saved_images import SavedImageService
 
 log = logging.getLogger("kiln.server")
 
@@ -118,6 +119,7 @@ class Services:
     secrets: SecretService = field(init=False)
     volumes: VolumeService = field(init=False)
     publishing: PublishService = field(init=False)
+    saved_images: SavedImageService = field(init=False)
     _envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
 
     @property
@@ -137,6 +139,7 @@ class Services:
         self.secrets = SecretService(self)
         self.volumes = VolumeService(self)
         self.publishing = PublishService(self)
+        self.saved_images = SavedImageService(self)
 
     def health(self) -> dict[str, Any]:
         engines = self.engine.available() if isinstance(self.engine, Engines) else {}
@@ -198,6 +201,18 @@ class SandboxService:
     @property
     def engine(self) -> Engine:
         return self._s.engine
+
+    def lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Held while an engine call changes the sandbox (or copies it)."""
+        return self._lock(sandbox_id)
+
+    def created(self, sb: SandboxRow) -> None:
+        """409 while the sandbox is still being created."""
+        self._created(sb)
+
+    def persist_engine_state(self, sandbox_id: str, **changes: Any) -> SandboxRow:
+        """The engine's view of the sandbox, written to its row."""
+        return self._persist_engine_state(sandbox_id, **changes)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         lock = self._locks.get(sandbox_id)
@@ -356,6 +371,7 @@ class SandboxService:
         template (an E2B ``templateID``); ``idempotency``: the key a retried create
         finds it by. The last two are recorded in its config."""
         s = self._s
+        saved = s.saved_images.for_create(user, body)
         tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
         cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
         memory_mb = (
@@ -367,6 +383,17 @@ class SandboxService:
         env.update(body.env or {})
         secret_names = tuple(dict.fromkeys(body.secrets or ()))
         labels = check_labels(body.labels or {})
+        runtime: str | None = body.runtime
+        if saved is not None:
+            # Its memory already holds the saved sandbox's env and processes: a sandbox
+            # made from it is that sandbox's shape, engine and config.
+            cpus, memory_mb, image = saved.cpus, saved.memory_mb, saved.tier
+            init, env, secret_names = (
+                saved.config.init,
+                dict(saved.config.env),
+                saved.config.secrets,
+            )
+            runtime, guest_user = saved.config.runtime, saved.config.user
 
         if body.volumes is not None:
             mounts = [VolumeMount(v.name, v.mount) for v in body.volumes]
@@ -377,7 +404,10 @@ class SandboxService:
         _check_mounts(mounts)
 
         network = _network_policy(body.network)
-        engine = body.engine or s.engine_name
+        if saved is not None and body.network is None and saved.config.network is not None:
+            with contextlib.suppress(NetworkError):
+                network = NetworkPolicy.from_json(saved.config.network)
+        engine = saved.engine if saved is not None else body.engine or s.engine_name
         if body.runtime is not None and engine != "docker":
             raise Unprocessable(
                 f"runtime: only the docker engine has runtimes (this sandbox's engine is {engine})"
@@ -417,7 +447,7 @@ class SandboxService:
                     init=init,
                     volumes=tuple(mounts),
                     secrets=secret_names,
-                    runtime=body.runtime,
+                    runtime=runtime,
                     network=None if network is None else network.to_json(),
                     user=guest_user,
                     template=template_name or body.template_id,
@@ -449,10 +479,11 @@ class SandboxService:
             volumes=tuple(s.volumes.engine_spec(attached[m.name], m.mount) for m in mounts),
             keep_hot=bool(body.keep_hot),
             engine=engine,
-            runtime=body.runtime,
+            runtime=runtime,
             owner=user.id,
             network=network,
             user=guest_user,
+            snapshot=None if saved is None else saved.id,
         )
         self._creating.add(sandbox_id)
         try:

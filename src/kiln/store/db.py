@@ -47,6 +47,7 @@ from .records import (
     Quotas,
     Sandbox,
     SandboxConfig,
+    SavedImageRecord,
     SecretInfo,
     Template,
     TemplateSpec,
@@ -103,6 +104,10 @@ _VOLUME_SELECT = (
     " FROM volumes v LEFT JOIN volume_attachments a ON a.volume_id = v.id"
 )
 _RULE_COLS = "id, sandbox_id, port, alias, created_at"
+_SAVED_COLS = (
+    "id, user_id, name, engine, tier, cpus, memory_mb, size_bytes, memory, source_id, spec,"
+    " created_at"
+)
 
 
 class Store:
@@ -718,6 +723,93 @@ class Store:
             conn.execute("DELETE FROM volumes WHERE id = ?", (vol.id,))
             return vol
 
+    # --- saved images ---------------------------------------------------------------------
+
+    def create_saved_image(
+        self,
+        user_id: str,
+        name: str,
+        *,
+        image_id: str,
+        engine: str,
+        tier: str,
+        cpus: int,
+        memory_mb: int,
+        size_bytes: int,
+        memory: bool,
+        source_id: str,
+        config: SandboxConfig,
+    ) -> SavedImageRecord:
+        """:class:`NameTaken` if the user has a saved image of that name."""
+        record = SavedImageRecord(
+            id=image_id,
+            user_id=user_id,
+            name=name,
+            engine=engine,
+            tier=tier,
+            cpus=as_int(cpus, "cpus"),
+            memory_mb=as_int(memory_mb, "memory_mb"),
+            size_bytes=as_int(size_bytes, "size_bytes"),
+            memory=bool(memory),
+            source_id=source_id,
+            config=config,
+            created_at=self._now(),
+        )
+        spec = config_to_json(config)
+        with self._write() as conn:
+            _one(_select_user(conn, user_id), f"user {user_id!r}")
+            if conn.execute(
+                "SELECT 1 FROM saved_images WHERE user_id = ? AND name = ?", (user_id, name)
+            ).fetchone():
+                raise NameTaken(f"a saved image named {name!r} already exists")
+            conn.execute(
+                f"INSERT INTO saved_images ({_SAVED_COLS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    user_id,
+                    name,
+                    engine,
+                    tier,
+                    record.cpus,
+                    record.memory_mb,
+                    record.size_bytes,
+                    int(record.memory),
+                    source_id,
+                    spec,
+                    record.created_at,
+                ),
+            )
+        return record
+
+    def get_saved_image(self, user_id: str, name: str) -> SavedImageRecord:
+        """The user's saved image called ``name`` (another user's is :class:`NotFound`)."""
+        with self._read() as conn:
+            cur = conn.execute(
+                f"SELECT {_SAVED_COLS} FROM saved_images WHERE user_id = ? AND name = ?",
+                (user_id, name),
+            )
+            return _saved_image(_one(cur, f"saved image {name!r}"))
+
+    def list_saved_images(self, user_id: str) -> list[SavedImageRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_SAVED_COLS} FROM saved_images WHERE user_id = ? ORDER BY name",
+                (user_id,),
+            )
+            return [_saved_image(r) for r in rows]
+
+    def delete_saved_image(self, user_id: str, name: str) -> SavedImageRecord:
+        """Delete the row and return it (the caller deletes the engine's files)."""
+        with self._write() as conn:
+            cur = conn.execute(
+                f"SELECT {_SAVED_COLS} FROM saved_images WHERE user_id = ? AND name = ?",
+                (user_id, name),
+            )
+            record = _saved_image(_one(cur, f"saved image {name!r}"))
+            conn.execute("DELETE FROM saved_images WHERE id = ?", (record.id,))
+            return record
+
     # --- publish rules --------------------------------------------------------------------
 
     def add_publish_rule(self, sandbox_id: str, port: int, alias: str) -> PublishRule:
@@ -980,6 +1072,24 @@ def _volume(row: sqlite3.Row) -> Volume:
             created_at=float(row["created_at"]),
             attached_to=None if row["sandbox_id"] is None else str(row["sandbox_id"]),
             mount=None if row["mount"] is None else str(row["mount"]),
+        )
+
+
+def _saved_image(row: sqlite3.Row) -> SavedImageRecord:
+    with _reading(f"saved image {row['id']}"):
+        return SavedImageRecord(
+            id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            name=str(row["name"]),
+            engine=str(row["engine"]),
+            tier=str(row["tier"]),
+            cpus=as_int(row["cpus"], "cpus"),
+            memory_mb=as_int(row["memory_mb"], "memory_mb"),
+            size_bytes=as_int(row["size_bytes"], "size_bytes"),
+            memory=as_bool(row["memory"], "memory"),
+            source_id=str(row["source_id"]),
+            config=config_from_json(row["spec"]),
+            created_at=float(row["created_at"]),
         )
 
 

@@ -199,6 +199,28 @@ class Volume:
 
 
 @dataclass(frozen=True, slots=True)
+class SavedImageRecord:
+    """A sandbox saved as an image: ``id`` is the engine's name for its files."""
+
+    id: str
+    user_id: str
+    name: str
+    engine: str
+    #: The image tier the saved sandbox was made from.
+    tier: str
+    cpus: int
+    memory_mb: int
+    size_bytes: int
+    #: Its memory is in it (sandboxes made from it start with its processes running).
+    memory: bool
+    source_id: str
+    #: The saved sandbox's config (env, init, runtime, network, ...): a sandbox made
+    #: from the image has it, as its memory does.
+    config: SandboxConfig
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class PublishRule:
     id: str
     sandbox_id: str

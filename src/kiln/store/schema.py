@@ -132,7 +132,37 @@ def _v3_lifecycle(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_publish_rules, _v3_lifecycle)
+def _v4_saved_images(conn: sqlite3.Connection) -> None:
+    # A sandbox saved as an image (disk, and memory where its engine can): private to
+    # its owner, named uniquely per owner; ``image_id`` names the engine's files.
+    _run(
+        conn,
+        [
+            """CREATE TABLE saved_images (
+                id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                engine TEXT NOT NULL,
+                tier TEXT NOT NULL,
+                cpus INTEGER NOT NULL CHECK (cpus > 0),
+                memory_mb INTEGER NOT NULL CHECK (memory_mb > 0),
+                size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+                memory INTEGER NOT NULL CHECK (memory IN (0, 1)),
+                source_id TEXT NOT NULL,
+                spec TEXT NOT NULL DEFAULT '{}',
+                created_at REAL NOT NULL,
+                UNIQUE (user_id, name)
+            ) STRICT""",
+        ],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _v1_initial,
+    _v2_publish_rules,
+    _v3_lifecycle,
+    _v4_saved_images,
+)
 LATEST_VERSION = len(MIGRATIONS)
 
 

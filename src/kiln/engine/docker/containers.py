@@ -192,6 +192,14 @@ def start(client: Any, name: str) -> int | None:
     return int(attrs["State"].get("Pid") or 0) or None
 
 
+def image_exists(client: Any, ref: str) -> bool:
+    try:
+        client.api.inspect_image(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
 def remove_container(client: Any, name: str) -> None:
     """Force-remove it whatever its state (gone already is fine)."""
     with docker_errors(f"removing container {name}"):

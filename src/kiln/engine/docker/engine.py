@@ -58,12 +58,13 @@ from kiln.agent_client import (
     AgentTimeout,
     Endpoint,
 )
-from kiln.engine.base import Capabilities, SandboxInfo, SandboxSpec
+from kiln.engine.base import SANDBOX_ID_RE, Capabilities, SandboxInfo, SandboxSpec, SavedImage
 from kiln.engine.boots import STATE_KEY, BootReason, LastBoot, boot_reason
 from kiln.engine.dial import agent_dialer
 from kiln.engine.errors import (
     EngineError,
     EngineUnavailable,
+    ImageNotFound,
     InvalidSpec,
     InvalidState,
     SandboxCrashed,
@@ -121,6 +122,10 @@ _BOOT_POLL = 0.01
 #: longer.
 _BOOT_CONNECT_TIMEOUT = 0.05
 _BOOT_CONNECT_PATIENT = (3.0, 0.5)
+#: The repository of saved images in kiln's dockerd (tag: the saved image id).
+SAVED_REPOSITORY = "kiln-saved"
+#: The label of a saved image holding the shape (JSON) a create from it must have.
+SAVED_SHAPE_LABEL = "org.kiln.saved-shape"
 _STOP_TIMEOUT = 5  # seconds the agent gets to end its processes on a stop
 
 
@@ -387,7 +392,10 @@ class DockerEngine:
                 f"runtime {runtime} is not available in kiln's dockerd (it has "
                 f"{', '.join(self._runtimes) or 'none'}); install gVisor (apt-get install runsc)"
             )
-        image = await self._image(spec.image)
+        if spec.snapshot is not None:
+            image = await self._saved_image(client, spec)
+        else:
+            image = await self._image(spec.image)
         agent = await self._agent_zipapp()
         sid = spec.sandbox_id
         undo = Undo()
@@ -668,6 +676,82 @@ class DockerEngine:
 
         return forget
 
+    # ------------------------------------------------------------------ saved images
+
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        """``docker commit`` of the sandbox's container as ``kiln-saved:<image_id>``:
+        its files (the writable layer over its image; volumes and the agent's bind
+        mounts are not in it), not its processes (``save_memory`` is false). A
+        running container is paused while its layer is read."""
+        ref = saved_ref(image_id)
+        box = self._get(sandbox_id)
+        if box.record.spec.volumes:
+            raise InvalidState(
+                f"sandbox {sandbox_id} has volumes attached: a volume cannot be in two"
+                " sandboxes, so it cannot be saved"
+            )
+        client = await self._ensure_ready()
+        async with box.lock:
+            if box.destroyed:
+                raise SandboxNotFound(f"sandbox {sandbox_id!r} was destroyed")
+            with docker_errors(f"saving {sandbox_id} as {image_id}"):
+                if await asyncio.to_thread(containers.image_exists, client, ref):
+                    raise InvalidState(f"saved image {image_id!r} already exists")
+                repo, tag = ref.split(":")
+                spec = box.record.spec
+                # What a create from it must match, kept on the image itself.
+                shape = {"image": spec.image, "cpus": spec.cpus, "memory_mb": spec.memory_mb}
+                await asyncio.to_thread(
+                    client.api.commit,
+                    box.record.container,
+                    repository=repo,
+                    tag=tag,
+                    changes=[f"LABEL {SAVED_SHAPE_LABEL}={json.dumps(json.dumps(shape))}"],
+                )
+                attrs = await asyncio.to_thread(client.api.inspect_image, ref)
+        return SavedImage(
+            image_id=image_id,
+            engine=ENGINE_NAME,
+            image=spec.image,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            runtime=box.record.runtime,
+            size_bytes=int(attrs.get("Size") or 0),
+            memory=False,
+            created_at=time.time(),
+        )
+
+    async def _saved_image(self, client: Any, spec: SandboxSpec) -> str:
+        """The reference of ``spec.snapshot``, whose shape ``spec`` must have."""
+        assert spec.snapshot is not None
+        ref = saved_ref(spec.snapshot)
+        with docker_errors(f"looking up saved image {spec.snapshot}"):
+            if not await asyncio.to_thread(containers.image_exists, client, ref):
+                raise ImageNotFound(f"no saved image {spec.snapshot!r} in the Docker engine")
+            attrs = await asyncio.to_thread(client.api.inspect_image, ref)
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        try:
+            shape = json.loads(labels[SAVED_SHAPE_LABEL])
+        except (KeyError, TypeError, ValueError):
+            raise EngineError(f"saved image {spec.snapshot!r} has no readable shape") from None
+        if shape != {"image": spec.image, "cpus": spec.cpus, "memory_mb": spec.memory_mb}:
+            raise InvalidSpec(
+                "a sandbox made from a saved image has its image, vCPUs and memory"
+                f" ({shape['image']!r}, {shape['cpus']}, {shape['memory_mb']} MB)"
+            )
+        return ref
+
+    async def delete_saved_image(self, image_id: str) -> None:
+        ref = saved_ref(image_id)
+        if self._never_used():
+            return
+        client = await self._ensure_ready()
+        with docker_errors(f"deleting saved image {image_id}"):
+            if await asyncio.to_thread(containers.image_exists, client, ref):
+                # Containers made from it keep its layers (force: the name goes even
+                # while they use it; dockerd deletes the layers with the last of them).
+                await asyncio.to_thread(client.api.remove_image, ref, force=True)
+
     # ------------------------------------------------------------------ volumes
 
     async def delete_volume(self, volume_id: str) -> None:
@@ -780,6 +864,13 @@ class DockerEngine:
         if self.config.start_dockerd:
             with docker_errors("stopping dockerd"):
                 await asyncio.to_thread(self._dockerd.stop)
+
+
+def saved_ref(image_id: str) -> str:
+    """The Docker image reference of a saved image (its id is a Docker tag already)."""
+    if not SANDBOX_ID_RE.match(image_id):
+        raise InvalidSpec(f"invalid saved image id {image_id!r}")
+    return f"{SAVED_REPOSITORY}:{image_id}"
 
 
 def _was_stopped(state: Mapping[str, Any]) -> bool:

@@ -4,7 +4,8 @@
     build_argv(VMConfig)            the QEMU command line, pure (see :mod:`.argv`)
     decide_accel(...)               KVM or TCG, pure (see :mod:`.accel`)
 
-Snapshots keep guest RAM in a per-sandbox file (see :mod:`.snapshot`).
+Snapshots keep guest RAM in a per-sandbox file (see :mod:`.snapshot`); forks and
+saved images are a capture of it (:mod:`.capture`) and a clone (:mod:`.clone`).
 """
 
 from .accel import Accel, AccelDecision, HostFacts, decide_accel

@@ -20,7 +20,8 @@ GUEST_ASLR: Final = ("auto", "on", "off")
 class QemuConfig:
     """Where the QEMU engine keeps its sandboxes and how it runs them.
 
-    ``data_dir``       per-sandbox directories (``sandboxes/<id>``) and pinned image files.
+    ``data_dir``       per-sandbox directories (``sandboxes/<id>``), saved images
+                       (``saved/<id>``) and pinned image files.
     ``volumes_dir``    named volume images ``<name>.ext4`` (default ``data_dir/volumes``).
     ``image_dir``      the image cache of :mod:`kiln.images` (default: its own default).
     ``network``        the sandbox network (bridge, subnet, optional netns).
@@ -108,6 +109,11 @@ class QemuConfig:
     @property
     def templates_dir(self) -> Path:
         return self.data_dir / "templates"
+
+    @property
+    def saved_dir(self) -> Path:
+        """Saved images (see :mod:`.saved`)."""
+        return self.data_dir / "saved"
 
     @property
     def bases_dir(self) -> Path:

@@ -3,7 +3,10 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
 
     provision   create: spec check, disks, boot or template restore, undo on failure
     thermal     pause/resume, snapshot to disk and restore, the guest clock
-    fork        a running copy of a sandbox with its own identity
+    capture     a sandbox's disk, memory and device state copied (a brief pause)
+    clone       a new sandbox from a capture, with its own identity
+    fork        capture into the new sandbox's directory, then clone
+    saved       saved images: capture into a directory of their own; create = clone
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup
     hostnet     guest addresses, TAP devices, pinned ARP entries
     host        set up once: directories, bridge, accelerator, pinned images
@@ -36,13 +39,15 @@ from kiln.faults import crash_point
 from kiln.network import IPPool, Network
 from kiln.network.firewall import Firewall
 
-from ..base import SandboxInfo, SandboxSpec, Thermal
+from ..base import SandboxInfo, SandboxSpec, SavedImage, Thermal
 from ..boots import STATE_KEY
-from ..errors import InvalidState, SandboxNotFound
+from ..errors import InvalidSpec, InvalidState, SandboxNotFound
 from ..ports import listening_ports
 from ..states import Op
 from . import disks, machine, process, recovery, snapshot
 from .accel import AccelDecision
+from .capture import Capturer
+from .clone import Cloner
 from .config import QemuConfig
 from .fork import Forker
 from .host import Host
@@ -52,6 +57,7 @@ from .machine import ENGINE_NAME, VM
 from .pool import Pool
 from .provision import Provisioner, volume_path
 from .recovery import Recovery
+from .saved import SavedImages
 from .thermal import ThermalControl
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,10 @@ class QemuEngine:
             self._provision.reserving,
             self._provision.write_config_drive,
         )
-        self._fork = Forker(self.config, self._net, self._thermal, self._vms)
+        capturer = Capturer(self._thermal)
+        cloner = Cloner(self.config, self._net, self._thermal, self._vms)
+        self._fork = Forker(capturer, cloner)
+        self._saved = SavedImages(self.config, capturer, cloner)
         self._recovery = Recovery(
             self.config,
             self._host,
@@ -155,9 +164,30 @@ class QemuEngine:
         return self._pool
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
-        vm = await self._pool.claim(spec) or await self._provision.create(spec)
+        if spec.snapshot is not None:
+            vm = await self._create_from_saved(spec)
+        else:
+            vm = await self._pool.claim(spec) or await self._provision.create(spec)
         self._vms[vm.sandbox_id] = vm
         return machine.sandbox_info(vm)
+
+    async def _create_from_saved(self, spec: SandboxSpec) -> VM:
+        spec.validate()
+        if spec.engine is not None and spec.engine != self.name:
+            raise InvalidSpec(f"spec for engine {spec.engine!r} given to {self.name!r}")
+        # The host's network and accelerator, as any create (a restarted daemon may
+        # make nothing else first).
+        await self._host.ensure_ready(await self._host.image(spec.image))
+        assert self._host.accel is not None
+        return await self._saved.create(spec, str(self._host.accel.accel))
+
+    async def save_image(self, sandbox_id: str, image_id: str) -> SavedImage:
+        """Disk, memory and device state of the sandbox under ``saved/<image_id>``
+        (see :mod:`.saved`); a hot sandbox stands still while its files are copied."""
+        return await self._saved.save(self._get(sandbox_id), image_id)
+
+    async def delete_saved_image(self, image_id: str) -> None:
+        await self._saved.delete(image_id)
 
     async def fork(self, source_id: str, spec: SandboxSpec) -> SandboxInfo:
         """A running copy of ``source_id`` (see :mod:`.fork`)."""
@@ -168,7 +198,7 @@ class QemuEngine:
 
     @property
     def last_fork_pause_ms(self) -> float | None:
-        """How long the last fork's hot source stood still (None: it was cold)."""
+        """How long the last fork's or save's hot source stood still (None: it was cold)."""
         return self._fork.last_pause_ms
 
     async def prepare(self, spec: SandboxSpec) -> None:
@@ -269,11 +299,13 @@ class QemuEngine:
         return machine.sandbox_info(vm)
 
     async def cleanup_orphans(self) -> builtins.list[str]:
-        """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories.
+        """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories;
+        and saves a crash left unfinished.
 
         Call after every :meth:`import_state` of a recovery. Returns what was removed.
         """
-        return await self._recovery.cleanup_orphans()
+        removed = await self._recovery.cleanup_orphans()
+        return removed + await self._saved.remove_unfinished()
 
     # ------------------------------------------------------------------ close
 

@@ -55,10 +55,19 @@ from ..base import (
     FileSpec,
     SandboxInfo,
     SandboxSpec,
+    SavedImage,
     VolumeSpec,
+    guest_hostname,
 )
 from ..boots import BootReason
-from ..errors import EngineError, InvalidSpec, InvalidState, SandboxCrashed, SandboxNotFound
+from ..errors import (
+    EngineError,
+    ImageNotFound,
+    InvalidSpec,
+    InvalidState,
+    SandboxCrashed,
+    SandboxNotFound,
+)
 from ..states import ADOPTED, CREATED, Found, Op, State, Status, Thermal, lookup, plan
 from .guest import ECHO_SERVER, PIDS_OF
 from .kit import MAIN_HOME, RESTART_HOME, EngineKit
@@ -77,6 +86,16 @@ SPEC_SCRIPT: Final = "kc-spec/run.sh"
 SPEC_SCRIPT_CONTENT: Final = b'#!/bin/sh\necho "ran $1"\n'
 INIT_MARK: Final = "kc-init-ran.txt"
 INIT: Final = f'printf "%s\\n" "$KC_GREETING" > {INIT_MARK}'
+
+#: What the saved-image tests put in the sandbox they save.
+SAVED_FILE: Final = "kc-saved.txt"
+SAVED_CONTENT: Final = b"saved with its sandbox\n"
+SAVED_PORT: Final = 8719
+#: GET of a URL from inside a sandbox: prints the body, fails if nothing answers.
+HTTP_GET: Final = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n"
+)
 
 #: Bound on anything that should happen "soon" (a file the init script writes, a
 #: detach the agent notices): generous, TCG guests on a busy 2-core host are slow.
@@ -201,6 +220,23 @@ async def exec_works(engine: Engine, sandbox_id: str) -> None:
     client = await engine.agent(sandbox_id)
     result = await client.exec(["echo", "awake"], timeout=SOON)
     assert (result.exit_code, result.stdout) == (0, b"awake\n"), result
+
+
+def from_saved(kit: EngineKit, sandbox_id: str, image: SavedImage) -> SandboxSpec:
+    """The kit's spec of a sandbox made from ``image``."""
+    return kit.spec(sandbox_id, **image.spec_fields())
+
+
+async def http_get(client: AgentClient, url: str) -> bytes | None:
+    """The body at ``url`` fetched inside the sandbox, None if nothing answered."""
+    result = await client.exec(["python3", "-c", HTTP_GET, url], timeout=SOON)
+    return result.stdout if result.exit_code == 0 else None
+
+
+async def destroy_quietly(engine: Engine, sandbox_ids: list[str]) -> None:
+    for sid in sandbox_ids:
+        with contextlib.suppress(EngineError):
+            await engine.destroy(sid)
 
 
 async def discard(kit: EngineKit, sandbox_id: str, state: dict[str, Any] | None) -> None:
@@ -883,6 +919,126 @@ class EngineConformance:
         assert sid not in ids(engine)
         await engine.destroy(sid)  # idempotent
         await no_leftovers(kit, engine, sid)
+
+    # ------------------------------------------------------------------ saved images
+
+    async def test_save_image_and_create_two_sandboxes_from_it(
+        self, kit: EngineKit, engine: Engine
+    ) -> None:
+        src, image_id = new_id("saved-src"), new_id("img")
+        made = [src]
+        url = f"http://127.0.0.1:{SAVED_PORT}/{SAVED_FILE}"
+        try:
+            await engine.create(kit.spec(src))
+            client = await engine.agent(src)
+            await client.write_file(SAVED_FILE, SAVED_CONTENT)
+            memory = engine.info(src).capabilities.save_memory
+            if memory:
+                # A server started before the save: it is in the image's memory.
+                server = ["python3", "-m", "http.server", "--bind", "127.0.0.1", str(SAVED_PORT)]
+                await client.start_process(server)
+
+                async def serves() -> bool:
+                    return await http_get(client, url) == SAVED_CONTENT
+
+                await eventually(serves, "the source's server answers")
+            saved = await engine.save_image(src, image_id)
+            source = engine.info(src)
+            assert saved.image_id == image_id and saved.engine == source.engine
+            assert (saved.image, saved.cpus, saved.memory_mb) == (
+                source.image,
+                source.cpus,
+                source.memory_mb,
+            )
+            assert saved.memory is memory and saved.size_bytes >= 0
+            with pytest.raises(InvalidState):
+                await engine.save_image(src, image_id)
+            # The source goes on after the save; what it does now is not in the image.
+            client = await engine.agent(src)
+            await client.write_file("kc-after-save.txt", b"later\n")
+            assert (await client.read_file(SAVED_FILE)).data == SAVED_CONTENT
+
+            clones = [new_id("from-saved-a"), new_id("from-saved-b")]
+            for sid in clones:
+                made.append(sid)
+                info = await engine.create(from_saved(kit, sid, saved))
+                assert (info.sandbox_id, info.image, info.cpus, info.memory_mb) == (
+                    sid,
+                    saved.image,
+                    saved.cpus,
+                    saved.memory_mb,
+                )
+                assert info.state == CREATED.next
+            for sid in clones:
+                clone = await engine.agent(sid)
+                assert (await clone.read_file(SAVED_FILE)).data == SAVED_CONTENT
+                with pytest.raises(RemoteNotFound):
+                    await clone.read_file("kc-after-save.txt")
+                if memory:
+                    assert await http_get(clone, url) == SAVED_CONTENT, f"no server in {sid}"
+                if kit.has_ip:
+                    assert (await sh(clone, "uname -n")).strip() == guest_hostname(sid)
+            # Each its own sandbox: a file one writes is not in the other.
+            await (await engine.agent(clones[0])).write_file("kc-only-a.txt", b"a\n")
+            with pytest.raises(RemoteNotFound):
+                await (await engine.agent(clones[1])).read_file("kc-only-a.txt")
+            if kit.has_ip:
+                addresses = {engine.info(sid).ip for sid in [src, *clones]}
+                assert len(addresses) == 3, addresses
+
+            # A create whose shape is not the image's, or from no image, is refused.
+            with pytest.raises(InvalidSpec):
+                await engine.create(
+                    kit.spec(
+                        new_id("wrong-shape"), **{**saved.spec_fields(), "cpus": saved.cpus + 1}
+                    )
+                )
+            missing = new_id("missing")
+            with pytest.raises(ImageNotFound):
+                await engine.create(
+                    kit.spec(missing, **{**saved.spec_fields(), "snapshot": "kc-none"})
+                )
+            with pytest.raises(SandboxNotFound):
+                engine.info(missing)
+            await no_leftovers(kit, engine, missing)
+
+            await engine.delete_saved_image(image_id)
+            await engine.delete_saved_image(image_id)  # idempotent
+            with pytest.raises(ImageNotFound):
+                await engine.create(from_saved(kit, new_id("deleted"), saved))
+            # What was made from it does not need it.
+            await exec_works(engine, clones[0])
+        finally:
+            await destroy_quietly(engine, made)
+            with contextlib.suppress(EngineError):
+                await engine.delete_saved_image(image_id)
+
+    async def test_a_saved_image_outlives_its_engine(self, kit: EngineKit) -> None:
+        src, sid, image_id = new_id("saved-first"), new_id("saved-then"), new_id("img")
+        try:
+            async with kit.engine(RESTART_HOME) as first:
+                await first.create(kit.spec(src))
+                client = await first.agent(src)
+                await client.write_file(SAVED_FILE, SAVED_CONTENT)
+                saved = await first.save_image(src, image_id)
+                await first.destroy(src)  # the image does not need its sandbox either
+            async with kit.engine(RESTART_HOME) as second:
+                try:
+                    await second.create(from_saved(kit, sid, saved))
+                    clone = await second.agent(sid)
+                    assert (await clone.read_file(SAVED_FILE)).data == SAVED_CONTENT
+                finally:
+                    await destroy_quietly(second, [sid])
+                    await second.delete_saved_image(image_id)
+        finally:
+            async with kit.engine(RESTART_HOME) as last:
+                await destroy_quietly(last, [src, sid])
+                with contextlib.suppress(EngineError):
+                    await last.delete_saved_image(image_id)
+
+    async def test_saving_an_unknown_sandbox_is_not_found(self, engine: Engine) -> None:
+        with pytest.raises(SandboxNotFound):
+            await engine.save_image(new_id("nobody"), new_id("img"))
 
     # ------------------------------------------------------------------ daemon restart
 

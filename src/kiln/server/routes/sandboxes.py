@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
-from kiln.api.requests import CreateSandbox, ForkSandbox, PatchSandbox
-from kiln.api.responses import Port, SandboxInfo, SessionInfo
+from kiln.api.requests import CreateSandbox, ForkSandbox, PatchSandbox, SaveSandbox
+from kiln.api.responses import Port, SandboxInfo, SavedImage, SessionInfo
 
 from ..errors import BadRequest
 from .deps import AppServices, CurrentUser, origin_of
@@ -98,6 +98,37 @@ async def fork_sandbox(
     one's now (its own address, hostname and token); both go on independently.
     409 when it has volumes attached or its engine cannot fork it."""
     return await services.sandboxes.fork(user, sandbox, body or ForkSandbox())
+
+
+@router.post(
+    "/sandboxes/{sandbox}/save", status_code=201, response_model=SavedImage, tags=["saved images"]
+)
+async def save_sandbox(
+    sandbox: str, body: SaveSandbox, user: CurrentUser, services: AppServices
+) -> dict[str, Any]:
+    """Save the sandbox as a named image private to you: its disk and, where its engine
+    can (``memory``), its memory, so sandboxes created from it (``saved_image`` on
+    create) start with its processes running. The sandbox goes on (a running one
+    stands still briefly). 409 when the name is taken or it has volumes attached."""
+    return await services.saved_images.save(user, sandbox, body)
+
+
+@router.get("/saved-images", response_model=list[SavedImage], tags=["saved images"])
+async def list_saved_images(user: CurrentUser, services: AppServices) -> list[dict[str, Any]]:
+    """Your saved images (nobody else's)."""
+    return services.saved_images.list_for(user)
+
+
+@router.get("/saved-images/{name}", response_model=SavedImage, tags=["saved images"])
+async def get_saved_image(name: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
+    return services.saved_images.get(user, name)
+
+
+@router.delete("/saved-images/{name}", status_code=204, tags=["saved images"])
+async def delete_saved_image(name: str, user: CurrentUser, services: AppServices) -> Response:
+    """Delete your saved image and its files; sandboxes made from it go on."""
+    await services.saved_images.delete(user, name)
+    return Response(status_code=204)
 
 
 @router.get("/sandboxes/{sandbox}/sessions", response_model=list[SessionInfo])
