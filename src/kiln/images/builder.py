@@ -34,9 +34,10 @@ from typing import Any
 
 from . import agent as agent_mod
 from . import cache, initramfs, kernel, rootfs
-from .errors import ImageError, UnknownTier
+from .errors import ImageError
 from .initramfs import build_initramfs, host_busybox
-from .tiers import TIERS, Tier
+from .registry import resolve_tier
+from .tiers import Tier
 
 Progress = Callable[[str], None]
 
@@ -52,6 +53,7 @@ ROOTFS_FILE = "rootfs.ext4"
 IMAGE_MANIFEST = "image.json"
 KERNEL_MANIFEST = "kernel.json"
 BASE_MANIFEST = "base.json"
+LOGS_DIR = "logs"
 APT_MEMO = "apt-kernel.json"  # what apt resolved, until its lists change
 # Images of a tier kept after a build (the newest; every agent change makes one).
 KEEP_IMAGES = 3
@@ -80,11 +82,9 @@ def _stderr_progress(message: str) -> None:
     print(f"kiln images: {message}", file=sys.stderr, flush=True)
 
 
-def _tier(name: str) -> Tier:
-    try:
-        return TIERS[name]
-    except KeyError:
-        raise UnknownTier(name, list(TIERS)) from None
+def _tier(name: str, image_dir: Path) -> Tier:
+    """A built-in tier or a registered definition (:mod:`kiln.images.registry`)."""
+    return resolve_tier(name, image_dir)
 
 
 def _sha256(doc: Any) -> str:
@@ -234,9 +234,10 @@ def find_base(tier: str = "minimal", image_dir: Path | None = None) -> BaseTree 
     Never builds and needs neither apt nor the kernel: for engines that use the
     tree itself (Docker imports it) rather than the VM image made from it.
     """
-    spec = _tier(tier)
+    root = image_dir or cache.default_image_dir()
+    spec = _tier(tier, root)
     key = spec.base.key()
-    path = (image_dir or cache.default_image_dir()) / "base" / key
+    path = root / "base" / key
     if cache.read_manifest(path / BASE_MANIFEST) is None:
         return None
     return BaseTree(tier=spec.name, key=key, root=path / "root")
@@ -261,7 +262,8 @@ def resolve_inputs(tier: str = "minimal", image_dir: Path | None = None) -> Inpu
     None when apt has no package lists and no kernel is cached yet.
     """
     try:
-        return _inputs(_tier(tier), image_dir or cache.default_image_dir(), progress=None)
+        root = image_dir or cache.default_image_dir()
+        return _inputs(_tier(tier, root), root, progress=None)
     except kernel.AptListsMissing:
         return None
 
@@ -325,25 +327,99 @@ def build_image(
     ``progress`` (default: stderr). Concurrent builders serialise on a lock;
     the second one then finds the first one's result in the cache.
     """
-    spec = _tier(tier)
-    report = progress or _stderr_progress
     root = image_dir or cache.default_image_dir()
+    spec = _tier(tier, root)
     started = time.monotonic()
-    with cache.build_lock(root, report):
-        for stale in cache.clean_stale(root):
-            report(f"removed leftover of an interrupted build: {stale}")
-        inputs = _inputs(spec, root, report)
-        final = root / "images" / _image_dir_name(tier, inputs.digest)
-        if not force and (image := load_image(final)) is not None:
-            report(f"cached: {tier} image {image.digest[:16]} ({image.path})")
-            return image
-        kernel_dir = _ensure_kernel(spec, inputs, root, report, force)
-        base_dir = _ensure_base(spec, inputs, root, report, force)
-        image = _build_final(spec, inputs, root, report, kernel_dir=kernel_dir, base_dir=base_dir)
-        for old in _prune(root, tier, KEEP_IMAGES, protect=image.path):
-            report(f"removed old {tier} image {old.name}")
-    report(f"built {tier} image {image.digest[:16]} in {time.monotonic() - started:.1f} s")
+    with BuildLog.open(root, tier, progress or _stderr_progress) as log:
+        with log.step("prepare"), cache.build_lock(root, log):
+            for stale in cache.clean_stale(root):
+                log(f"removed leftover of an interrupted build: {stale}")
+            inputs = _inputs(spec, root, log)
+            final = root / "images" / _image_dir_name(tier, inputs.digest)
+            if not force and (image := load_image(final)) is not None:
+                log(f"cached: {tier} image {image.digest[:16]} ({image.path})")
+                log.keep = False
+                return image
+            with log.step("kernel"):
+                kernel_dir = _ensure_kernel(spec, inputs, root, log, force)
+            with log.step("base"):
+                base_dir = _ensure_base(spec, inputs, root, log, force)
+            with log.step("image"):
+                image = _build_final(
+                    spec, inputs, root, log, kernel_dir=kernel_dir, base_dir=base_dir
+                )
+            for old in _prune(root, tier, KEEP_IMAGES, protect=image.path):
+                log(f"removed old {tier} image {old.name}")
+        log(f"built {tier} image {image.digest[:16]} in {time.monotonic() - started:.1f} s")
     return image
+
+
+class BuildLog:
+    """Progress of one build: passed on to ``progress`` and appended to a log file
+    (``<image dir>/logs/<tier>-<UTC time>.log``) with the elapsed time.
+
+    A failing step is named in the error (:class:`BuildFailed`), which carries the
+    log's path; the log of a failed build is kept, the log of a build that only
+    found its image in the cache is removed.
+    """
+
+    def __init__(self, path: Path, progress: Progress) -> None:
+        self.path = path
+        self._progress = progress
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in open())
+        self._started = time.monotonic()
+        self.keep = True
+        self.step_name = ""
+
+    @classmethod
+    @contextmanager
+    def open(cls, image_dir: Path, tier: str, progress: Progress) -> Iterator[BuildLog]:
+        logs = image_dir / LOGS_DIR
+        logs.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        log = cls(logs / f"{tier}-{stamp}-{os.getpid()}.log", progress)
+        try:
+            yield log
+        except BuildFailed:
+            log.keep = True
+            raise
+        finally:
+            log._file.close()
+            if not log.keep:
+                log.path.unlink(missing_ok=True)
+
+    def __call__(self, message: str) -> None:
+        self._write(message)
+        self._progress(f"[{self.step_name}] {message}" if self.step_name else message)
+
+    def _write(self, message: str) -> None:
+        self._file.write(f"{time.monotonic() - self._started:8.1f}s {message}\n")
+        self._file.flush()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        previous, self.step_name = self.step_name, name
+        try:
+            yield
+        except BuildFailed:
+            raise
+        except (ImageError, OSError) as exc:
+            detail = str(getattr(exc, "stderr", "") or "")
+            self._write(f"step {name} failed: {exc}")
+            if detail:
+                self._write("full output of the failing command:\n" + detail.rstrip())
+            raise BuildFailed(name, str(exc), self.path) from exc
+        finally:
+            self.step_name = previous
+
+
+class BuildFailed(ImageError):
+    """A build step failed; ``log`` is the kept build log."""
+
+    def __init__(self, step: str, message: str, log: Path) -> None:
+        super().__init__(f"step {step!r} failed: {message}\nbuild log: {log}")
+        self.step = step
+        self.log = log
 
 
 def _ensure_kernel(
@@ -421,12 +497,16 @@ def _ensure_base(
         rootfs.mmdebstrap(tier.base, tmp / "root", sources_file)
         report("customising the base rootfs…")
         rootfs.customize(tmp / "root")
+        if tier.base.files:
+            report(f"writing {len(tier.base.files)} file(s) of the definition…")
+            rootfs.add_files(tmp / "root", tier.base.files)
         cache.write_manifest(
             tmp / BASE_MANIFEST,
             {
                 "suite": tier.base.suite,
                 "variant": tier.base.variant,
                 "packages": list(tier.base.packages),
+                "files": [path for path, _, _ in tier.base.files],
                 "customize_version": rootfs.CUSTOMIZE_VERSION,
                 "built_at": _now(),
             },

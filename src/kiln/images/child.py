@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Final
 
 from .builder import Image, Progress, find_image, load_image
+from .cache import default_image_dir
 from .errors import ImageError, UnknownTier
+from .registry import is_known
 from .tiers import TIERS
 
 #: Seconds a stopped build gets between SIGTERM and SIGKILL (mmdebstrap unmounts
@@ -75,7 +77,7 @@ async def ensure_image_in_child(
 ) -> Image:
     """The current image of ``tier``: found in the cache, or built by a child process
     (stopped if this call is cancelled; see the module's doc)."""
-    if tier not in TIERS:
+    if not is_known(tier, image_dir or default_image_dir()):
         raise UnknownTier(tier, list(TIERS))
     try:
         # Cheap (hashes the inputs, a fraction of a second) and never builds.
