@@ -17,7 +17,9 @@ it reads, and :mod:`kiln.images.builder` for the cache keys.
 Errors: every exception raised here is an :class:`ImageError`::
 
     ImageError                 root: anything that stops an image from being built or found
-    ├── UnknownTier            no such tier in TIERS
+    ├── UnknownTier            no such tier in TIERS (nor a registered definition)
+    ├── InvalidDefinition      an image definition that cannot be built as written
+    ├── BuildFailed            a build step failed (names the step, keeps the log)
     ├── ToolMissing            a host command is not installed (names the Debian package)
     └── StepFailed             a host command failed (argv, exit status, stderr tail)
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 from .boot import kernel_cmdline_defaults
 from .builder import (
     BaseTree,
+    BuildFailed,
     Image,
     Progress,
     build_image,
@@ -37,14 +40,18 @@ from .builder import (
     prune_images,
 )
 from .cache import default_image_dir
+from .definition import Definition, InvalidDefinition
 from .errors import ImageError, StepFailed, ToolMissing, UnknownTier
 from .tiers import TIERS, Tier
 
 __all__ = [
     "TIERS",
     "BaseTree",
+    "BuildFailed",
+    "Definition",
     "Image",
     "ImageError",
+    "InvalidDefinition",
     "Progress",
     "StepFailed",
     "Tier",

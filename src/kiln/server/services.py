@@ -78,6 +78,7 @@ from kiln.store import Volume as VolumeRow
 from .e2b.tokens import EnvdTokens
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
+from .images import ImageService
 from .intents import INTENTS_DIR, Intent, Intents
 from .publishing import Origin, PublishService
 
@@ -118,6 +119,7 @@ class Services:
     secrets: SecretService = field(init=False)
     volumes: VolumeService = field(init=False)
     publishing: PublishService = field(init=False)
+    catalog: ImageService = field(init=False)
     _envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
 
     @property
@@ -137,6 +139,7 @@ class Services:
         self.secrets = SecretService(self)
         self.volumes = VolumeService(self)
         self.publishing = PublishService(self)
+        self.catalog = ImageService(self)
 
     def health(self) -> dict[str, Any]:
         engines = self.engine.available() if isinstance(self.engine, Engines) else {}
@@ -361,7 +364,9 @@ class SandboxService:
         memory_mb = (
             body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
         )
-        image = body.image or (tspec.image if tspec and tspec.image else s.config.image)
+        image = s.catalog.resolve(
+            user, body.image or (tspec.image if tspec and tspec.image else s.config.image)
+        )
         init = body.init if body.init is not None else (tspec.init if tspec else None)
         env: dict[str, str] = dict(tspec.env) if tspec else {}
         env.update(body.env or {})
