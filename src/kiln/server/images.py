@@ -132,21 +132,29 @@ class ImageService:
         owner = None if user.is_admin else user.id
         image_dir = self.image_dir
         await asyncio.to_thread(register, image_dir, ref, definition)
-        started = time.monotonic()
-        image = await ensure_image_in_child(ref, image_dir, progress)
-        log.info("image %s (%s) ready in %.1f s", definition.name, ref, time.monotonic() - started)
-        size = await asyncio.to_thread(_disk_usage, image)
-        if owner is not None:
-            self._s.store.check_image_quota(user, size)
-        row = self._s.store.add_image(
-            owner,
-            definition.name,
-            ref=ref,
-            kind=KIND_PACKAGES,
-            digest=image.digest,
-            size_bytes=size,
-            definition=definition.to_json(),
-        )
+        try:
+            started = time.monotonic()
+            image = await ensure_image_in_child(ref, image_dir, progress)
+            elapsed = time.monotonic() - started
+            log.info("image %s (%s) ready in %.1f s", definition.name, ref, elapsed)
+            size = await asyncio.to_thread(_disk_usage, image)
+            if owner is not None:
+                self._s.store.check_image_quota(user, size)
+            row = self._s.store.add_image(
+                owner,
+                definition.name,
+                ref=ref,
+                kind=KIND_PACKAGES,
+                digest=image.digest,
+                size_bytes=size,
+                definition=definition.to_json(),
+            )
+        except BaseException:
+            # Nothing in the catalog refers to it: no files stay behind (the cached
+            # base tree does: it is keyed by content and shared).
+            if not self._s.store.image_ref_exists(ref):
+                await asyncio.shield(asyncio.to_thread(_remove_files, image_dir, ref))
+            raise
         return self.view(row)
 
     # --- deleting -------------------------------------------------------------------

@@ -672,6 +672,10 @@ class Store:
             row = conn.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE ref = ?", (ref,))
             return _image(_one(row, f"image {ref!r}"))
 
+    def image_ref_exists(self, ref: str) -> bool:
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM images WHERE ref = ?", (ref,)).fetchone() is not None
+
     def list_images(self, user_id: str) -> list[ImageRecord]:
         """The global images and ``user_id``'s own, by name (own ones first on a tie)."""
         with self._read() as conn:
