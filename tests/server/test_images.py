@@ -50,7 +50,9 @@ def jq_definition() -> dict[str, Any]:
 @pytest.fixture
 def admin(server: LiveServer) -> Iterator[ApiUser]:
     user, key = server.store.create_user(f"adm{secrets.token_hex(4)}", admin=True)
-    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    http = httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    )
     yield ApiUser(user, key, http)
     http.close()
 
