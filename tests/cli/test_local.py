@@ -67,7 +67,7 @@ def test_user_create_in_a_fresh_data_dir(cli: Cli, tmp_path: Path) -> None:
 
 def test_image_list_and_unknown_tier(cli: Cli, tmp_path: Path) -> None:
     images = tmp_path / "images"
-    assert json.loads(cli.ok("image", "list", "--json", "--image-dir", str(images))) == []
+    assert json.loads(cli.ok("image", "cached", "--json", "--image-dir", str(images))) == []
     proc = cli("image", "build", "no-such-tier", "--image-dir", str(images))
     assert_one_line_error(proc, "no-such-tier")
 

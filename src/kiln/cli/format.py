@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Capabilities,
         FileStat,
         Health,
+        ImageInfo,
         LastBoot,
         NetworkPolicy,
         Port,
@@ -500,6 +501,38 @@ def format_images_table(images: Iterable[Image], now: datetime) -> Table:
             str(i.path),
         )
     return table
+
+
+def format_catalog_table(images: Iterable[ImageInfo], now: datetime) -> Table:
+    """``kiln image list``: the images a sandbox can start from."""
+    table = _table("NAME", "KIND", "SCOPE", "PACKAGES", "DISK", "AGE")
+    for i in images:
+        extra = i.packages if i.kind != "tier" else ()
+        table.add_row(
+            i.name,
+            i.kind,
+            i.scope,
+            ", ".join(extra) or "-",
+            format_bytes(i.size_bytes) if i.size_bytes else "-",
+            format_age(i.created_at, now) if i.created_at else "-",
+        )
+    return table
+
+
+def format_image_detail(info: ImageInfo) -> str:
+    """``kiln image inspect``: aligned ``key: value`` lines."""
+    rows: list[tuple[str, str]] = [
+        ("name", info.name),
+        ("kind", info.kind),
+        ("scope", info.scope),
+        ("ref", info.ref or "-"),
+        ("digest", info.digest[:16] or "-"),
+        ("disk", format_bytes(info.size_bytes) if info.size_bytes else "-"),
+        ("packages", ", ".join(info.packages) or "-"),
+        ("files", ", ".join(info.files) or "-"),
+        ("created", info.created_at.isoformat() if info.created_at else "-"),
+    ]
+    return format_fields(rows)
 
 
 def format_key_notice(user: str, key: str) -> str:

@@ -63,9 +63,13 @@ async def build_image(
     """
     catalog = services.catalog
     definition, ref, existing = catalog.prepare(user, body)
+    streamed = NDJSON in request.headers.get("accept", "")
     if existing is not None:
+        if streamed:  # nothing to build: the stream is its last line alone
+            line = _line({"type": "image", "image": catalog.view(existing)})
+            return Response(line, media_type=NDJSON)
         return JSONResponse(catalog.view(existing), status_code=200)
-    if NDJSON not in request.headers.get("accept", ""):
+    if not streamed:
         return JSONResponse(await catalog.build(user, definition, ref), status_code=201)
 
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
