@@ -50,8 +50,12 @@ def test_user_lifecycle_keys_work_against_the_daemon(cli: Cli, daemon: Daemon) -
 def test_user_commands_print_json_for_scripts(cli: Cli, daemon: Daemon) -> None:
     data = ("--data-dir", str(daemon.data_dir))
     name = unique("user")
-    created = json.loads(cli.ok("user", "create", name, "--json", *data))
+    created = json.loads(
+        cli.ok("user", "create", name, "--max-image-disk", "2048", "--json", *data)
+    )
     assert (created["name"], created["admin"]) == (name, False)
+    assert created["max_image_disk_mb"] == 2048
+    assert "image disk 2G" in cli.ok("user", "list", *data)
     assert cli("--token", created["api_key"], "list").returncode == 0
     rotated = json.loads(cli.ok("user", "rotate-key", name, "--json", *data))
     assert rotated["name"] == name and rotated["api_key"] != created["api_key"]

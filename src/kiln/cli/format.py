@@ -451,6 +451,7 @@ def user_dict(user: User) -> dict[str, Any]:
         "max_sandboxes": user.quotas.max_sandboxes,
         "max_cpus": user.quotas.max_cpus,
         "max_memory_mb": user.quotas.max_memory_mb,
+        "max_image_disk_mb": user.quotas.max_image_disk_mb,
         "created_at": datetime.fromtimestamp(user.created_at, UTC).isoformat(),
     }
 
@@ -465,6 +466,10 @@ def format_users_table(users: Iterable[User], now: datetime) -> Table:
                 ("sandboxes", q.max_sandboxes),
                 ("cpus", q.max_cpus),
                 ("memory", None if q.max_memory_mb is None else format_mib(q.max_memory_mb)),
+                (
+                    "image disk",
+                    None if q.max_image_disk_mb is None else format_mib(q.max_image_disk_mb),
+                ),
             )
             if value is not None
         )

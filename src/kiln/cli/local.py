@@ -106,6 +106,12 @@ def _store(data_dir: Path | None, config_path: Path | None) -> Iterator[Store]:
 @click.option("--max-sandboxes", type=click.IntRange(min=0), help="Quota: live sandboxes.")
 @click.option("--max-cpus", type=click.IntRange(min=1), help="Quota: vCPUs per sandbox.")
 @click.option("--max-memory", "max_memory_mb", type=click.IntRange(min=1), help="Quota: MiB.")
+@click.option(
+    "--max-image-disk",
+    "max_image_disk_mb",
+    type=click.IntRange(min=0),
+    help="Quota: MiB of disk for the user's own images together.",
+)
 @json_option
 @data_dir_option
 @config_option
@@ -117,13 +123,19 @@ def user_create(
     max_sandboxes: int | None,
     max_cpus: int | None,
     max_memory_mb: int | None,
+    max_image_disk_mb: int | None,
     data_dir: Path | None,
     config_path: Path | None,
 ) -> None:
     """Create a user and print their API key (once)."""
     from kiln.store import Quotas  # noqa: PLC0415
 
-    quotas = Quotas(max_sandboxes=max_sandboxes, max_cpus=max_cpus, max_memory_mb=max_memory_mb)
+    quotas = Quotas(
+        max_sandboxes=max_sandboxes,
+        max_cpus=max_cpus,
+        max_memory_mb=max_memory_mb,
+        max_image_disk_mb=max_image_disk_mb,
+    )
     with _store(data_dir, config_path) as store:
         created, key = store.create_user(name, admin=admin, quotas=quotas)
     if as_json:
