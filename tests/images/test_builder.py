@@ -234,7 +234,7 @@ def test_agent_change_rebuilds_only_the_fast_step(
     start = time.monotonic()
     assert build_image("minimal", seeded, progress=messages.append) == built
     assert time.monotonic() - start < 10
-    assert messages == [f"cached: minimal image {built.digest[:16]} ({built.path})"]
+    assert messages == [f"[prepare] cached: minimal image {built.digest[:16]} ({built.path})"]
 
 
 @pytest.mark.vm
