@@ -28,6 +28,7 @@ files:
   - path: /usr/local/bin/kiln-hello
     source: hello.sh
     mode: "0755"
+env: {KILN_TEST_IMAGE: jq}
 """
 
 
@@ -57,6 +58,7 @@ def test_build_list_inspect_delete(cli: Cli, definition: Path) -> None:
     assert name in cli.ok("image", "ls")
     detail = cli.ok("image", "inspect", name)
     assert "/etc/kiln-test/greeting, /usr/local/bin/kiln-hello" in detail
+    assert "env:" in detail and "KILN_TEST_IMAGE=jq" in detail
     assert json.loads(cli.ok("image", "inspect", name, "--json"))["ref"] == mine["ref"]
 
     # The same definition again is the same image.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.images import BuildFailed, ImageError
-from kiln.images.builder import LOGS_DIR, BuildLog
+from kiln.images.buildlog import LOGS_DIR, BuildLog
 from kiln.images.child import BUILDER_ENV, ensure_image_in_child
 from kiln.images.errors import StepFailed
 from kiln.images.rootfs import add_files

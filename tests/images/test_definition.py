@@ -29,6 +29,7 @@ def test_the_test_image_definition_parses() -> None:
     assert [f.path for f in d.files] == ["/etc/kiln-test/greeting", "/usr/local/bin/kiln-hello"]
     assert d.files[1].mode == 0o755 and d.files[0].mode == 0o644
     assert d.files[1].content.startswith("#!/bin/sh\n")
+    assert d.env == (("KILN_TEST_IMAGE", "jq"),)
 
 
 def test_sources_are_read_relative_to_the_yaml_file(tmp_path: Path) -> None:
@@ -64,6 +65,9 @@ def test_sources_are_read_relative_to_the_yaml_file(tmp_path: Path) -> None:
         ("name: x\nfiles: [{path: /a, content: x}, {path: /a, content: y}]", "listed twice"),
         ("name: x\nfiles: [{path: /a, source: nope}]", "files[0].source: cannot read"),
         ("name: x\nfiles: [{path: /a, content: x, owner: me}]", "unknown field(s) owner"),
+        ("name: x\nenv: [A]", "env: must be a mapping"),
+        ("name: x\nenv: {1A: x}", "env: '1A' is not a variable name"),
+        ("name: x\nenv: {A: 1}", "env.A: must be text"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -85,6 +89,10 @@ def test_the_digest_covers_contents_not_the_name_nor_the_order() -> None:
     other_mode = from_json({"name": "a", "files": [{"path": "/x", "content": "1", "mode": "0755"}]})
     assert with_file.digest() != other_mode.digest()
     assert from_json(a.to_json()) == a  # what the store and the registry keep
+    with_env = from_json({"name": "a", "packages": ["jq", "tree"], "env": {"A": "1"}})
+    assert with_env.digest() != a.digest()
+    # The environment is the daemon's to apply: the tree (and its base key) is the same.
+    assert tier_of(with_env, "r").base.key() == tier_of(a, "r").base.key()
 
 
 def test_references_are_per_owner_and_valid_docker_repositories() -> None:

@@ -107,9 +107,16 @@ def test_a_users_image_is_theirs_alone(
     other = _builds(alice, {**body, "packages": ["tree"]})
     assert other.status_code == 409 and "delete it first" in other.json()["error"]
 
-    # In use: no delete. The sandbox row and the engine get the reference.
-    sb = alice.sandbox(image="mine")
+    # In use: no delete. The sandbox row and the engine get the reference; the
+    # image's environment comes under the request's.
+    assert image["env"] == {"KILN_TEST_IMAGE": "jq"}
+    sb = alice.sandbox(image="mine", env={"OWN": "1"})
     assert sb["image"] == ref
+    out = alice.exec(str(sb["id"]), "sh", "-c", "echo $KILN_TEST_IMAGE $OWN")["stdout"]
+    assert out == "jq 1\n"
+    over = alice.sandbox(image="mine", env={"KILN_TEST_IMAGE": "mine"})
+    assert alice.exec(str(over["id"]), "sh", "-c", "echo $KILN_TEST_IMAGE")["stdout"] == "mine\n"
+    assert alice.http.delete(f"/sandboxes/{over['id']}").status_code == 204
     busy = alice.http.delete("/images/mine")
     assert busy.status_code == 409 and "used by 1 sandbox" in busy.json()["error"]
     assert alice.http.delete(f"/sandboxes/{sb['id']}").status_code == 204

@@ -289,6 +289,7 @@ class CreateImage(_Body):
     name: Annotated[StrictStr, Field(min_length=1, max_length=40)]
     packages: Annotated[list[StrictStr], Field(max_length=200)] = Field(default_factory=list)
     files: Annotated[list[ImageFileBody], Field(max_length=100)] = Field(default_factory=list)
+    env: Env = Field(default_factory=dict)
 
 
 #: A published port's alias: one DNS label (it becomes ``<alias>.<publish domain>``).

@@ -457,6 +457,7 @@ class ImageInfo(ApiModel):
     size_bytes: StrictInt = 0
     packages: tuple[StrictStr, ...] = ()
     files: tuple[StrictStr, ...] = ()
+    env: Strings = Field(default_factory=dict)
     created_at: Timestamp | None = None
 
 

@@ -535,6 +535,7 @@ def format_image_detail(info: ImageInfo) -> str:
         ("disk", format_bytes(info.size_bytes) if info.size_bytes else "-"),
         ("packages", ", ".join(info.packages) or "-"),
         ("files", ", ".join(info.files) or "-"),
+        ("env", " ".join(f"{k}={v}" for k, v in sorted(info.env.items())) or "-"),
         ("created", info.created_at.isoformat() if info.created_at else "-"),
     ]
     return format_fields(rows)

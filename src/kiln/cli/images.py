@@ -72,13 +72,13 @@ def _build_with_progress(
     state: State, name: str, body: dict[str, Any], started: float
 ) -> ImageInfo:
     images = state.kiln().images
-    packages, files = body["packages"], body["files"]
+    packages, files, env = body["packages"], body["files"], body["env"]
     if not sys.stderr.isatty():
 
         def log_line(message: str) -> None:
             click.echo(f"[{time.monotonic() - started:6.1f} s] {message}", err=True)
 
-        return images.build(name, packages=packages, files=files, progress=log_line)
+        return images.build(name, packages=packages, files=files, env=env, progress=log_line)
     err = console(stderr=True)
     with err.status(f"Building image {name}…") as status:
 
@@ -86,7 +86,7 @@ def _build_with_progress(
             err.print(f"[dim]•[/dim] {message}", highlight=False, markup=True)
             status.update(f"{message} ({time.monotonic() - started:.0f} s)")
 
-        return images.build(name, packages=packages, files=files, progress=progress)
+        return images.build(name, packages=packages, files=files, env=env, progress=progress)
 
 
 @image.command("list")

@@ -29,7 +29,6 @@ from __future__ import annotations
 from .boot import kernel_cmdline_defaults
 from .builder import (
     BaseTree,
-    BuildFailed,
     Image,
     Progress,
     build_image,
@@ -39,6 +38,7 @@ from .builder import (
     list_images,
     prune_images,
 )
+from .buildlog import BuildFailed
 from .cache import default_image_dir
 from .definition import Definition, InvalidDefinition
 from .errors import ImageError, StepFailed, ToolMissing, UnknownTier

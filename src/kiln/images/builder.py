@@ -4,7 +4,7 @@
 step       key (sha256 of)                                       cold cost
 =========  ====================================================  ==================
 base       suite, variant, packages, dpkg options, customize     mmdebstrap, ~30 s
-           version (:meth:`BaseSpec.key`)
+           version, a definition's files (:meth:`BaseSpec.key`)
 kernel     kernel .deb file name, module list, extractor         download, ~2 s
            version
 image      tier, base key, kernel key, agent zipapp digest,      mkfs + cpio, ~3 s
@@ -16,6 +16,13 @@ step reruns. The current kernel is what apt's lists say the tier's kernel
 metapackage depends on; when apt has no lists (offline, cleaned), the newest
 cached kernel for that metapackage is used, and only without one does a build
 run ``apt-get update``.
+
+A tier is a built-in one (:data:`~kiln.images.tiers.TIERS`) or the reference of
+a user's definition (:mod:`kiln.images.registry`): two definitions with the
+same packages and files share the slow base step, each has its own image. The
+steps are named in the progress and in the build's log
+(:mod:`kiln.images.buildlog`); a failing one raises
+:class:`~kiln.images.buildlog.BuildFailed`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 
 from . import agent as agent_mod
 from . import cache, initramfs, kernel, rootfs
+from .buildlog import BuildLog
 from .errors import ImageError
 from .initramfs import build_initramfs, host_busybox
 from .registry import resolve_tier
@@ -53,7 +61,6 @@ ROOTFS_FILE = "rootfs.ext4"
 IMAGE_MANIFEST = "image.json"
 KERNEL_MANIFEST = "kernel.json"
 BASE_MANIFEST = "base.json"
-LOGS_DIR = "logs"
 APT_MEMO = "apt-kernel.json"  # what apt resolved, until its lists change
 # Images of a tier kept after a build (the newest; every agent change makes one).
 KEEP_IMAGES = 3
@@ -352,74 +359,6 @@ def build_image(
                 log(f"removed old {tier} image {old.name}")
         log(f"built {tier} image {image.digest[:16]} in {time.monotonic() - started:.1f} s")
     return image
-
-
-class BuildLog:
-    """Progress of one build: passed on to ``progress`` and appended to a log file
-    (``<image dir>/logs/<tier>-<UTC time>.log``) with the elapsed time.
-
-    A failing step is named in the error (:class:`BuildFailed`), which carries the
-    log's path; the log of a failed build is kept, the log of a build that only
-    found its image in the cache is removed.
-    """
-
-    def __init__(self, path: Path, progress: Progress) -> None:
-        self.path = path
-        self._progress = progress
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in open())
-        self._started = time.monotonic()
-        self.keep = True
-        self.step_name = ""
-
-    @classmethod
-    @contextmanager
-    def open(cls, image_dir: Path, tier: str, progress: Progress) -> Iterator[BuildLog]:
-        logs = image_dir / LOGS_DIR
-        logs.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        log = cls(logs / f"{tier}-{stamp}-{os.getpid()}.log", progress)
-        try:
-            yield log
-        except BuildFailed:
-            log.keep = True
-            raise
-        finally:
-            log._file.close()
-            if not log.keep:
-                log.path.unlink(missing_ok=True)
-
-    def __call__(self, message: str) -> None:
-        self._write(message)
-        self._progress(f"[{self.step_name}] {message}" if self.step_name else message)
-
-    def _write(self, message: str) -> None:
-        self._file.write(f"{time.monotonic() - self._started:8.1f}s {message}\n")
-        self._file.flush()
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        previous, self.step_name = self.step_name, name
-        try:
-            yield
-        except BuildFailed:
-            raise
-        except (ImageError, OSError) as exc:
-            detail = str(getattr(exc, "stderr", "") or "")
-            self._write(f"step {name} failed: {exc}")
-            if detail:
-                self._write("full output of the failing command:\n" + detail.rstrip())
-            raise BuildFailed(name, str(exc), self.path) from exc
-        finally:
-            self.step_name = previous
-
-
-class BuildFailed(ImageError):
-    """A build step failed; ``log`` is the kept build log."""
-
-    def __init__(self, step: str, message: str, log: Path) -> None:
-        super().__init__(f"step {step!r} failed: {message}\nbuild log: {log}")
-        self.step = step
-        self.log = log
 
 
 def _ensure_kernel(

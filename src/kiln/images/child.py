@@ -37,7 +37,8 @@ from collections import deque
 from pathlib import Path
 from typing import Final
 
-from .builder import BuildFailed, Image, Progress, find_image, load_image
+from .builder import Image, Progress, find_image, load_image
+from .buildlog import BuildFailed
 from .cache import default_image_dir
 from .errors import ImageError, UnknownTier
 from .registry import is_known

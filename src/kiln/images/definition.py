@@ -11,6 +11,8 @@
       - path: /usr/local/bin/hello
         source: hello.sh        # read from a file, relative to the YAML file
         mode: "0755"
+    env:                        # the environment of its sandboxes (under a template's
+      NODE_ENV: development     # and the create request's own)
 
 The definition is stored and sent as JSON (:meth:`Definition.to_json`; a
 ``source`` is read into ``content`` when the YAML is parsed). Everything a
@@ -47,7 +49,9 @@ MAX_TOTAL_BYTES = 4 << 20
 DEFAULT_MODE = 0o644
 #: Where a file may not go: the kernel's file systems and what kiln itself puts there.
 FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/usr/lib/kiln")
-_KEYS = frozenset({"name", "packages", "files"})
+_KEYS = frozenset({"name", "packages", "files", "env"})
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ENV = 100
 _FILE_KEYS = frozenset({"path", "content", "source", "mode"})
 
 
@@ -70,17 +74,25 @@ class Definition:
     name: str
     packages: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()
+    #: Applied by the daemon to every sandbox of the image (not built into the tree).
+    env: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "packages": list(self.packages),
             "files": [f.to_json() for f in self.files],
+            "env": dict(self.env),
         }
 
     def digest(self) -> str:
-        """sha256 of what the image contains (the name is not part of it)."""
-        doc = {"packages": sorted(self.packages), "files": [f.to_json() for f in self.files]}
+        """sha256 of what the image is (the name is not part of it)."""
+        doc: dict[str, Any] = {
+            "packages": sorted(self.packages),
+            "files": [f.to_json() for f in self.files],
+        }
+        if self.env:
+            doc["env"] = dict(self.env)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,7 +148,22 @@ def from_json(doc: Mapping[str, Any], *, base_dir: Path | None = None) -> Defini
         )
     packages = _packages(doc.get("packages", []))
     files = _files(doc.get("files", []), base_dir)
-    return Definition(name=name, packages=packages, files=files)
+    return Definition(name=name, packages=packages, files=files, env=_env(doc.get("env", {})))
+
+
+def _env(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidDefinition("env: must be a mapping of variable names to text")
+    if len(value) > MAX_ENV:
+        raise InvalidDefinition(f"env: at most {MAX_ENV} variables, got {len(value)}")
+    for key, text in value.items():
+        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+            raise InvalidDefinition(f"env: {key!r} is not a variable name")
+        if not isinstance(text, str) or "\0" in text:
+            raise InvalidDefinition(f"env.{key}: must be text without NUL (quote numbers)")
+    return tuple(sorted(value.items()))
 
 
 def _packages(value: Any) -> tuple[str, ...]:

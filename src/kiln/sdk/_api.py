@@ -819,9 +819,15 @@ def image_body(
     name: str,
     packages: Sequence[str] = (),
     files: Sequence[Mapping[str, str]] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The body of ``POST /images``: ``files`` are ``{path, content, mode?}`` mappings."""
-    return {"name": name, "packages": list(packages), "files": [dict(f) for f in files or ()]}
+    return {
+        "name": name,
+        "packages": list(packages),
+        "files": [dict(f) for f in files or ()],
+        "env": dict(env or {}),
+    }
 
 
 def build_image(body: Mapping[str, Any]) -> Call[ImageInfo]:

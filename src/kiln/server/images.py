@@ -51,19 +51,22 @@ class ImageService:
 
     # --- reading --------------------------------------------------------------------
 
-    def resolve(self, user: User, name: str) -> str:
-        """The reference engines know ``name`` by, as ``user`` sees it.
+    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str]]:
+        """The reference engines know ``name`` by, as ``user`` sees it, and the
+        environment the image gives its sandboxes.
 
         Unknown names (and other users' images) raise :class:`UnknownTier`, the
         error an unknown tier has always given.
         """
         if name in TIERS:
-            return name
+            return name, {}
         try:
-            return self._s.store.find_image(user.id, name).ref
+            row = self._s.store.find_image(user.id, name)
         except NotFound:
             known = [*TIERS, *(r.name for r in self._s.store.list_images(user.id))]
             raise UnknownTier(name, sorted(set(known))) from None
+        env = row.definition.get("env") or {}
+        return row.ref, {str(k): str(v) for k, v in env.items()}
 
     def list_for(self, user: User) -> list[dict[str, Any]]:
         tiers = [_tier_view(name) for name in sorted(TIERS)]
@@ -92,6 +95,7 @@ class ImageService:
             "size_bytes": row.size_bytes,
             "packages": list(definition.get("packages", [])),
             "files": [str(f.get("path")) for f in definition.get("files", [])],
+            "env": dict(definition.get("env") or {}),
             "created_at": rfc3339(row.created_at),
         }
 

@@ -364,11 +364,12 @@ class SandboxService:
         memory_mb = (
             body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
         )
-        image = s.catalog.resolve(
+        image, env = s.catalog.resolve(
             user, body.image or (tspec.image if tspec and tspec.image else s.config.image)
         )
         init = body.init if body.init is not None else (tspec.init if tspec else None)
-        env: dict[str, str] = dict(tspec.env) if tspec else {}
+        # The image's environment, under the template's, under the request's own.
+        env.update(tspec.env if tspec else {})
         env.update(body.env or {})
         secret_names = tuple(dict.fromkeys(body.secrets or ()))
         labels = check_labels(body.labels or {})

@@ -54,6 +54,8 @@ def test_a_package_list_image_runs_in_both_engines(setup: Host) -> None:
                 assert exec_ok(c, engine, "sh", "-c", "echo '{\"a\": 7}' | jq .a") == "7\n"
                 # The definition's files, with their modes; the rest is minimal's.
                 assert exec_ok(c, engine, "kiln-hello") == "hello from a definition\n"
+                # The image's environment, under the request's own.
+                assert exec_ok(c, engine, "sh", "-c", "echo $KILN_TEST_IMAGE") == "jq\n"
                 assert exec_ok(c, engine, "stat", "-c", "%a %U", "/usr/local/bin/kiln-hello") == (
                     "755 root\n"
                 )
