@@ -110,8 +110,12 @@ def test_a_users_image_is_theirs_alone(
     # In use: no delete. The sandbox row and the engine get the reference; the
     # image's environment comes under the request's.
     assert image["env"] == {"KILN_TEST_IMAGE": "jq"}
+    # The catalog is the record: a definition gone from the image cache comes back.
+    registered_at = default_image_dir() / DEFS_DIR / f"{ref}.json"
+    registered_at.unlink()
     sb = alice.sandbox(image="mine", env={"OWN": "1"})
     assert sb["image"] == ref
+    assert registered_at.is_file()
     out = alice.exec(str(sb["id"]), "sh", "-c", "echo $KILN_TEST_IMAGE $OWN")["stdout"]
     assert out == "jq 1\n"
     over = alice.sandbox(image="mine", env={"KILN_TEST_IMAGE": "mine"})

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.api.requests import CreateImage
-from kiln.images import TIERS, Image, UnknownTier, prune_images
+from kiln.images import TIERS, Image, ImageError, UnknownTier, prune_images
 from kiln.images.cache import default_image_dir
 from kiln.images.child import ensure_image_in_child
-from kiln.images.definition import Definition, from_json, image_ref
-from kiln.images.registry import register, unregister
+from kiln.images.definition import Definition, InvalidDefinition, from_json, image_ref
+from kiln.images.registry import register, registered, unregister
 from kiln.store import ImageRecord, NotFound, User, rfc3339
 
 from .errors import ConflictError, Forbidden, NotFoundError
@@ -65,8 +65,25 @@ class ImageService:
         except NotFound:
             known = [*TIERS, *(r.name for r in self._s.store.list_images(user.id))]
             raise UnknownTier(name, sorted(set(known))) from None
+        if row.kind == KIND_PACKAGES:
+            self._reregister(row)
         env = row.definition.get("env") or {}
         return row.ref, {str(k): str(v) for k, v in env.items()}
+
+    def _reregister(self, row: ImageRecord) -> None:
+        """The catalog is the record: a definition missing from the image cache (a
+        cleaned cache, another image_dir) is registered again, so the engines find
+        the image and rebuild what is gone instead of calling the name unknown."""
+        if registered(self.image_dir, row.ref) is not None:
+            return
+        try:
+            definition = from_json(row.definition)
+        except InvalidDefinition as exc:
+            raise ImageError(f"image {row.name!r} has an unusable definition: {exc}") from exc
+        register(self.image_dir, row.ref, definition)
+        log.warning(
+            "image %s (%s): its definition was missing from the image cache", row.name, row.ref
+        )
 
     def list_for(self, user: User) -> list[dict[str, Any]]:
         tiers = [_tier_view(name) for name in sorted(TIERS)]
