@@ -10,6 +10,13 @@ as an uncompressed ELF ``vmlinux``), ``initrd`` (busybox + the virtio modules
     image = ensure_image("minimal")          # cached after the first ~40 s build
     append = " ".join(kernel_cmdline_defaults())
 
+A tier is one of :data:`TIERS` or a user's package-list definition
+(:mod:`kiln.images.definition`: Debian packages, files and env on top of
+``minimal``), registered in the cache under a reference
+(:mod:`kiln.images.registry`) that every function here accepts as a tier::
+
+    python -m kiln.images ensure --definition tests/images/data/jq.yaml
+
 See :mod:`kiln.images.boot` for the kernel command line and a QEMU argv,
 :mod:`kiln.images.initramfs` for what /init does and the kernel parameters
 it reads, and :mod:`kiln.images.builder` for the cache keys.
