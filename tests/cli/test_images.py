@@ -82,6 +82,10 @@ def test_bad_definitions_and_refusals(cli: Cli, tmp_path: Path) -> None:
     missing.write_text("files:\n  - path: /etc/x\n    source: nope.txt\n")
     assert_one_line_error(cli("image", "build", "x", "-f", str(missing)), "files[0].source")
 
+    others = cli("image", "rm", "theirs", "--owner", "someone-else")
+    assert others.returncode == EXIT_CODES["unauthorized"]
+    assert_one_line_error(others, "only an admin")
+
     builtin = cli("image", "rm", "minimal")
     assert builtin.returncode == EXIT_CODES["unauthorized"]
     assert_one_line_error(builtin, "built-in")

@@ -52,3 +52,5 @@ async def test_errors_are_exceptions(akiln: AsyncKiln) -> None:
         await akiln.images.delete("minimal")
     with pytest.raises(NotFound):
         await akiln.images.delete("nope")
+    with pytest.raises(PermissionDenied, match="only an admin"):
+        await akiln.images.get("x", owner="someone-else")

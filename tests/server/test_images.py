@@ -202,3 +202,21 @@ def test_a_failed_build_names_its_step_and_keeps_its_log(api: ApiUser) -> None:
     log = Path(error.rsplit("build log: ", 1)[1].strip())
     assert log.is_file() and "step base failed" in log.read_text()
     assert api.http.get("/images/broken").status_code == 404
+
+
+def test_an_admin_reaches_a_users_image_by_owner(
+    admin: ApiUser, make_user: Callable[..., ApiUser], jq_definition: dict[str, Any]
+) -> None:
+    alice, bob = make_user(), make_user()
+    r = _builds(alice, {**jq_definition, "name": "hers"})
+    assert r.status_code == 201, r.text
+    assert admin.http.get("/images/hers").status_code == 404  # not global: not listed
+    by_name = admin.http.get("/images/hers", params={"owner": alice.user.name})
+    assert by_name.status_code == 200 and by_name.json() == r.json()
+    refused = bob.http.delete("/images/hers", params={"owner": alice.user.id})
+    assert refused.status_code == 403 and "only an admin" in refused.json()["error"]
+    missing = admin.http.get("/images/hers", params={"owner": "nobody-at-all"})
+    assert missing.status_code == 404 and "user 'nobody-at-all'" in missing.json()["error"]
+    assert admin.http.delete("/images/hers", params={"owner": alice.user.id}).status_code == 204
+    assert alice.http.get("/images/hers").status_code == 404
+    assert _image_files(r.json()["ref"]) == []

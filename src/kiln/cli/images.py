@@ -98,21 +98,29 @@ def image_list(state: State, as_json: bool) -> None:
     show(fmt.format_json(images) if as_json else fmt.format_catalog_table(images, _now()))
 
 
+owner_option = click.option(
+    "--owner", metavar="USER", help="Admins: the user (id or name) whose image is meant."
+)
+
+
 @image.command("inspect")
 @click.argument("name")
+@owner_option
 @json_option
 @pass_state
-def image_inspect(state: State, name: str, as_json: bool) -> None:
-    """Show one image: kind, scope, packages, files, size."""
-    info = state.kiln().images.get(name)
+def image_inspect(state: State, name: str, owner: str | None, as_json: bool) -> None:
+    """Show one image: kind, scope, packages, files, env, size."""
+    info = state.kiln().images.get(name, owner=owner)
     show(fmt.format_json(info) if as_json else fmt.format_image_detail(info))
 
 
 @image.command("delete")
 @click.argument("name")
+@owner_option
 @json_option
 @pass_state
-def image_delete(state: State, name: str, as_json: bool) -> None:
-    """Delete your image (admins: a global one); refused while a sandbox uses it."""
-    state.kiln().images.delete(name)
+def image_delete(state: State, name: str, owner: str | None, as_json: bool) -> None:
+    """Delete your image (admins: a global one, or --owner's); refused while a sandbox
+    uses it."""
+    state.kiln().images.delete(name, owner=owner)
     click.echo(fmt.format_json({"deleted": name}) if as_json else f"image {name} deleted")

@@ -868,12 +868,18 @@ def list_images() -> Call[list[ImageInfo]]:
     return Call("GET", "/images", _list_parser(ImageInfo, "image list"))
 
 
-def get_image(name: str) -> Call[ImageInfo]:
-    return Call("GET", f"/images/{_seg(name)}", _parser(ImageInfo, "image"))
+def _owner(owner: str | None) -> dict[str, str] | None:
+    return None if owner is None else {"owner": owner}
 
 
-def delete_image(name: str) -> Call[None]:
-    return Call("DELETE", f"/images/{_seg(name)}", _no_content, timeout=SLOW_TIMEOUT_S)
+def get_image(name: str, owner: str | None = None) -> Call[ImageInfo]:
+    return Call("GET", f"/images/{_seg(name)}", _parser(ImageInfo, "image"), _owner(owner))
+
+
+def delete_image(name: str, owner: str | None = None) -> Call[None]:
+    return Call(
+        "DELETE", f"/images/{_seg(name)}", _no_content, _owner(owner), timeout=SLOW_TIMEOUT_S
+    )
 
 
 # -- templates ----------------------------------------------------------------------

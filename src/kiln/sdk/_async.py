@@ -1285,13 +1285,15 @@ class AsyncImages:
         """Built-in tiers, global images and your own."""
         return await self._kiln._call(_api.list_images())
 
-    async def get(self, name: str) -> ImageInfo:
-        """The image ``name`` (:class:`NotFound` for unknown ones and other users')."""
-        return await self._kiln._call(_api.get_image(name))
+    async def get(self, name: str, *, owner: str | None = None) -> ImageInfo:
+        """The image ``name`` (:class:`NotFound` for unknown ones and other users');
+        admins: ``owner`` (a user's id or name) for that user's image."""
+        return await self._kiln._call(_api.get_image(name, owner))
 
-    async def delete(self, name: str) -> None:
-        """Delete your image (admins: a global one); :class:`Conflict` while in use."""
-        await self._kiln._call(_api.delete_image(name))
+    async def delete(self, name: str, *, owner: str | None = None) -> None:
+        """Delete your image (admins: a global one, or ``owner``'s);
+        :class:`Conflict` while a sandbox uses it."""
+        await self._kiln._call(_api.delete_image(name, owner))
 
 
 __all__ = [

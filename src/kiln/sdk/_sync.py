@@ -1234,13 +1234,15 @@ class Images:
         """Built-in tiers, global images and your own."""
         return self._kiln._call(_api.list_images())
 
-    def get(self, name: str) -> ImageInfo:
-        """The image ``name`` (:class:`NotFound` for unknown ones and other users')."""
-        return self._kiln._call(_api.get_image(name))
+    def get(self, name: str, *, owner: str | None = None) -> ImageInfo:
+        """The image ``name`` (:class:`NotFound` for unknown ones and other users');
+        admins: ``owner`` (a user's id or name) for that user's image."""
+        return self._kiln._call(_api.get_image(name, owner))
 
-    def delete(self, name: str) -> None:
-        """Delete your image (admins: a global one); :class:`Conflict` while in use."""
-        self._kiln._call(_api.delete_image(name))
+    def delete(self, name: str, *, owner: str | None = None) -> None:
+        """Delete your image (admins: a global one, or ``owner``'s);
+        :class:`Conflict` while a sandbox uses it."""
+        self._kiln._call(_api.delete_image(name, owner))
 
 
 __all__ = [

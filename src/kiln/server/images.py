@@ -180,12 +180,28 @@ class ImageService:
 
     # --- deleting -------------------------------------------------------------------
 
-    async def delete(self, user: User, name: str) -> None:
-        """Remove an image: its owner or an admin (global ones: admins only); 409 while
-        a live sandbox runs it. The cached base tree stays (keyed by content, shared)."""
+    def as_owner(self, user: User, owner: str | None) -> User:
+        """Whose images a call is about: ``user`` themselves, or (admins only) the user
+        named ``owner`` (by id or name), for an admin to act on a user's image."""
+        if owner is None or owner in (user.id, user.name):
+            return user
+        if not user.is_admin:
+            raise Forbidden("only an admin may act on another user's images")
+        try:
+            return self._s.store.get_user(owner)
+        except NotFound:
+            try:
+                return self._s.store.user_by_name(owner)
+            except NotFound:
+                raise NotFoundError(f"user {owner!r} not found") from None
+
+    async def delete(self, user: User, name: str, owner: str | None = None) -> None:
+        """Remove an image: its owner or an admin (global ones: admins only; a user's,
+        for an admin: ``owner``); 409 while a live sandbox runs it. The cached base
+        tree stays (keyed by content, shared)."""
         if name in TIERS:
             raise Forbidden(f"{name!r} is a built-in image tier")
-        row = self._find(user, name)
+        row = self._find(self.as_owner(user, owner), name)
         if row.owner is None and not user.is_admin:
             raise Forbidden(f"image {name!r} is global: only an admin may delete it")
         self._s.store.delete_image(row.id)

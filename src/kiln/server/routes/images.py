@@ -14,9 +14,9 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from kiln.api.requests import CreateImage
@@ -40,10 +40,19 @@ async def list_images(user: CurrentUser, services: AppServices) -> list[dict[str
     return services.catalog.list_for(user)
 
 
+#: ``?owner=``: an admin's way to a user's image (by user id or name).
+OwnerQuery = Annotated[
+    str | None, Query(description="Admins: the user (id or name) whose image is meant")
+]
+
+
 @router.get("/images/{name}", response_model=ImageInfo)
-async def get_image(name: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
+async def get_image(
+    name: str, user: CurrentUser, services: AppServices, owner: OwnerQuery = None
+) -> dict[str, Any]:
     """One image by name (404 for unknown names and other users' images)."""
-    return services.catalog.get(user, name)
+    catalog = services.catalog
+    return catalog.get(catalog.as_owner(user, owner), name)
 
 
 @router.post(
@@ -111,7 +120,10 @@ async def build_image(
 
 
 @router.delete("/images/{name}", status_code=204)
-async def delete_image(name: str, user: CurrentUser, services: AppServices) -> Response:
-    """Remove an image (its owner; global ones: an admin). 409 while a sandbox uses it."""
-    await services.catalog.delete(user, name)
+async def delete_image(
+    name: str, user: CurrentUser, services: AppServices, owner: OwnerQuery = None
+) -> Response:
+    """Remove an image (its owner or an admin; global ones: an admin). 409 while a
+    sandbox uses it."""
+    await services.catalog.delete(user, name, owner)
     return Response(status_code=204)
