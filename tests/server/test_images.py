@@ -11,7 +11,11 @@ the namespace: that is the failed build these tests look at.
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pytest
 
 from kiln.images import find_base, list_images
 from kiln.images.cache import default_image_dir
+from kiln.images.child import BUILDER_ENV
 from kiln.images.definition import image_ref, load_yaml_file
 from kiln.images.registry import DEFS_DIR, register
 from kiln.store import Quotas
@@ -29,6 +34,7 @@ from .conftest import ApiUser
 from .harness import LiveServer
 
 JQ_YAML = Path(__file__).parents[1] / "images" / "data" / "jq.yaml"
+SLOW_BUILDER = Path(__file__).resolve().parent / "slow_builder.py"
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -220,3 +226,43 @@ def test_an_admin_reaches_a_users_image_by_owner(
     assert admin.http.delete("/images/hers", params={"owner": alice.user.id}).status_code == 204
     assert alice.http.get("/images/hers").status_code == 404
     assert _image_files(r.json()["ref"]) == []
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_client_that_leaves_stops_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A build that takes as long as the test wants (the real child-process path and
+    # image cache, a private one here), streamed to a client that goes away.
+    monkeypatch.setenv(BUILDER_ENV, f"{sys.executable} {SLOW_BUILDER}")
+    monkeypatch.setenv("SLOW_BUILD_S", "600")
+    images = tmp_path / "images"
+    server = LiveServer(tmp_path / "srv", config_overrides={"image_dir": images}).start()
+    try:
+        _, key = server.store.create_user("leaver")
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/x-ndjson"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c:
+            body = {"name": "slow", "packages": ["jq"]}
+            with c.stream("POST", "/images", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    found = re.search(r"process group (\d+)", json.loads(line)["message"])
+                    if found:
+                        break
+            assert found is not None
+            pgid = int(found[1])
+            deadline = time.monotonic() + 30
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _group_alive(pgid), "the build's processes outlived its client"
+            assert c.get("/images/slow").status_code == 404
+        assert list((images / DEFS_DIR).iterdir()) == []  # nothing registered stays
+    finally:
+        server.stop()

@@ -170,11 +170,18 @@ class ImageService:
                 size_bytes=size,
                 definition=definition.to_json(),
             )
-        except BaseException:
+        except asyncio.CancelledError:
+            # Stopped (a client gone, a daemon shutting down): no waiting for the build
+            # lock now; a stopped build leaves only temporary files, which the next
+            # build removes.
+            if not self._s.store.image_ref_exists(ref):
+                unregister(image_dir, ref)
+            raise
+        except Exception:
             # Nothing in the catalog refers to it: no files stay behind (the cached
             # base tree does: it is keyed by content and shared).
             if not self._s.store.image_ref_exists(ref):
-                await asyncio.shield(asyncio.to_thread(_remove_files, image_dir, ref))
+                await asyncio.to_thread(_remove_files, image_dir, ref)
             raise
         return self.view(row)
 
