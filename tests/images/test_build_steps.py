@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.images import BuildFailed, ImageError
-from kiln.images.buildlog import LOGS_DIR, BuildLog
+from kiln.images.buildlog import KEEP_LOGS, LOGS_DIR, BuildLog
 from kiln.images.child import BUILDER_ENV, ensure_image_in_child
 from kiln.images.errors import StepFailed
 from kiln.images.rootfs import add_files
@@ -94,3 +94,15 @@ def test_the_step_and_log_cross_the_child_boundary(
     assert raised.value.step == "kernel" and raised.value.log == log
     assert "apt-get exited with 100:\nE: no lists" in str(raised.value)
     assert os.fspath(log) in str(raised.value)
+
+
+def test_only_the_newest_logs_stay(tmp_path: Path) -> None:
+    logs = tmp_path / LOGS_DIR
+    logs.mkdir()
+    for i in range(KEEP_LOGS + 5):
+        (logs / f"old-{i:03}.log").write_text("")
+        os.utime(logs / f"old-{i:03}.log", (1_000_000 + i, 1_000_000 + i))
+    with BuildLog.open(tmp_path, "t", lambda _: None) as log:
+        log("a real build")
+    kept = sorted(p.name for p in logs.iterdir())
+    assert len(kept) == KEEP_LOGS and kept[0] == "old-006.log" and log.path.name in kept

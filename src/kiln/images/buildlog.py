@@ -20,6 +20,8 @@ from .errors import ImageError
 
 Progress = Callable[[str], None]
 LOGS_DIR = "logs"
+#: Logs kept in the directory, the newest (every real build writes one).
+KEEP_LOGS = 100
 
 
 class BuildLog:
@@ -28,7 +30,8 @@ class BuildLog:
 
     A failing step is named in the error (:class:`BuildFailed`), which carries the
     log's path; the log of a failed build is kept, the log of a build that only
-    found its image in the cache is removed.
+    found its image in the cache is removed, and only the :data:`KEEP_LOGS`
+    newest logs stay in the directory.
     """
 
     def __init__(self, path: Path, progress: Progress) -> None:
@@ -45,6 +48,7 @@ class BuildLog:
         logs = image_dir / LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        _prune(logs, KEEP_LOGS - 1)
         log = cls(logs / f"{tier}-{stamp}-{os.getpid()}.log", progress)
         try:
             yield log
@@ -79,6 +83,18 @@ class BuildLog:
             raise BuildFailed(name, str(exc), self.path) from exc
         finally:
             self.step_name = previous
+
+
+def _prune(logs: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest logs (a concurrent build may remove one too)."""
+    found = []
+    for path in logs.glob("*.log"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    for _, path in sorted(found, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
 
 
 class BuildFailed(ImageError):
