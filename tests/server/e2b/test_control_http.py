@@ -337,3 +337,9 @@ def test_an_image_of_the_catalog_is_a_template(
         r = two.post("/v2/sandboxes", json={"templateID": "node"})
         _error(r, 404, "template 'node' not found")
     assert c.delete(f"/sandboxes/{body['sandboxID']}").status_code == 204
+
+    # Through kiln's API: the definition its use registered in the image cache goes too.
+    kiln_api = {"Authorization": f"Bearer {keys[0]}"}
+    assert httpx.delete(f"{live.url}/images/node", headers=kiln_api).status_code == 204
+    defs = live.services.catalog.image_dir / "defs"
+    assert not (defs / f"{one.id}.node.0123456789ab.json").exists()
