@@ -50,8 +50,12 @@ def test_user_lifecycle_keys_work_against_the_daemon(cli: Cli, daemon: Daemon) -
 def test_user_commands_print_json_for_scripts(cli: Cli, daemon: Daemon) -> None:
     data = ("--data-dir", str(daemon.data_dir))
     name = unique("user")
-    created = json.loads(cli.ok("user", "create", name, "--json", *data))
+    created = json.loads(
+        cli.ok("user", "create", name, "--max-image-disk", "2048", "--json", *data)
+    )
     assert (created["name"], created["admin"]) == (name, False)
+    assert created["max_image_disk_mb"] == 2048
+    assert "image disk 2G" in cli.ok("user", "list", *data)
     assert cli("--token", created["api_key"], "list").returncode == 0
     rotated = json.loads(cli.ok("user", "rotate-key", name, "--json", *data))
     assert rotated["name"] == name and rotated["api_key"] != created["api_key"]
@@ -67,7 +71,7 @@ def test_user_create_in_a_fresh_data_dir(cli: Cli, tmp_path: Path) -> None:
 
 def test_image_list_and_unknown_tier(cli: Cli, tmp_path: Path) -> None:
     images = tmp_path / "images"
-    assert json.loads(cli.ok("image", "list", "--json", "--image-dir", str(images))) == []
+    assert json.loads(cli.ok("image", "cached", "--json", "--image-dir", str(images))) == []
     proc = cli("image", "build", "no-such-tier", "--image-dir", str(images))
     assert_one_line_error(proc, "no-such-tier")
 

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from kiln.images import Image, build_image, builder, find_image, initramfs, kernel, list_images
+from kiln.images import (
+    TIERS,
+    Image,
+    build_image,
+    builder,
+    find_image,
+    initramfs,
+    kernel,
+    list_images,
+)
 from kiln.images import agent as agent_mod
 from kiln.images.builder import resolve_inputs
 from kiln.images.cache import default_image_dir, write_manifest
@@ -159,7 +168,7 @@ def test_find_without_apt_lists_uses_the_newest_cached_kernel(
     offline(None)
     assert resolve_inputs("minimal", tmp_path) is None
     assert find_image("minimal", tmp_path) is None
-    key = builder.kernel_key(FAKE_KERNEL.filename, builder.TIERS["minimal"].modules)
+    key = builder.kernel_key(FAKE_KERNEL.filename, TIERS["minimal"].modules)
     (tmp_path / "kernel" / key).mkdir(parents=True)
     write_manifest(
         tmp_path / "kernel" / key / builder.KERNEL_MANIFEST,
@@ -234,7 +243,7 @@ def test_agent_change_rebuilds_only_the_fast_step(
     start = time.monotonic()
     assert build_image("minimal", seeded, progress=messages.append) == built
     assert time.monotonic() - start < 10
-    assert messages == [f"cached: minimal image {built.digest[:16]} ({built.path})"]
+    assert messages == [f"[prepare] cached: minimal image {built.digest[:16]} ({built.path})"]
 
 
 @pytest.mark.vm
@@ -257,7 +266,7 @@ def test_concurrent_builders_build_once(seeded: Path, monkeypatch: pytest.Monkey
         t.join(300)
     assert len(results) == 2 and all(isinstance(r, Image) for r in results), results
     assert results[0] == results[1]
-    built = [log for log in logs if any(m.startswith("image ready") for m in log)]
+    built = [log for log in logs if any(m.startswith("[image] image ready") for m in log)]
     assert len(built) == 1, logs
     other = logs[1 - logs.index(built[0])]
-    assert other[-1].startswith("cached: minimal image"), other
+    assert other[-1].startswith("[prepare] cached: minimal image"), other

@@ -41,6 +41,7 @@ NDJSON_ROUTES = {
     "post /sandboxes/{sandbox}/exec",
     "get /sandboxes/{sandbox}/processes/{pid}/output",
     "get /sandboxes/{sandbox}/files/watch",
+    "post /images",
 }
 
 

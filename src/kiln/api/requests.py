@@ -282,6 +282,26 @@ class CreateVolume(_Body):
     size_mb: SizeMb
 
 
+class ImageFileBody(_Body):
+    """A file written into the image (owned by root)."""
+
+    path: Annotated[StrictStr, Field(min_length=2, max_length=4096)]
+    content: StrictStr
+    mode: Annotated[StrictStr, Field(pattern=r"^0?[0-7]{3,4}$")] = "0644"
+
+
+class CreateImage(_Body):
+    """A package-list image: Debian ``packages`` and ``files`` on top of ``minimal``.
+
+    Checked further by :func:`kiln.images.definition.from_json` (names, paths,
+    sizes; 422 with the field named)."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=40)]
+    packages: Annotated[list[StrictStr], Field(max_length=200)] = Field(default_factory=list)
+    files: Annotated[list[ImageFileBody], Field(max_length=100)] = Field(default_factory=list)
+    env: Env = Field(default_factory=dict)
+
+
 #: A published port's alias: one DNS label (it becomes ``<alias>.<publish domain>``).
 ALIAS_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 ALIAS_RE = re.compile(ALIAS_PATTERN)

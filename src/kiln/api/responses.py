@@ -460,6 +460,42 @@ class SavedImage(ApiModel):
     created_at: Timestamp | None = None
 
 
+class ImageInfo(ApiModel):
+    """An image a sandbox can start from (``image`` on create).
+
+    ``kind``: ``tier`` (built into kiln), ``packages`` (a package-list build),
+    ``dockerfile`` or ``saved``. ``scope``: ``builtin``, ``global`` (an admin's
+    build, visible to all) or ``user`` (the caller's own). ``ref``: the name
+    the engines and sandbox rows use. ``size_bytes``: disk the image occupies
+    (what counts against the owner's image quota).
+    """
+
+    name: StrictStr
+    kind: StrictStr
+    scope: StrictStr
+    ref: StrictStr = ""
+    digest: StrictStr = ""
+    size_bytes: StrictInt = 0
+    packages: tuple[StrictStr, ...] = ()
+    files: tuple[StrictStr, ...] = ()
+    env: Strings = Field(default_factory=dict)
+    created_at: Timestamp | None = None
+
+
+class ImageBuildEvent(ApiModel):
+    """One NDJSON line of ``POST /images`` with ``Accept: application/x-ndjson``:
+    ``progress`` lines (``message``, ``elapsed_s``), then one ``image`` line
+    (``image``) or one ``error`` line (``message``, ``status``)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=False)
+
+    type: StrictStr
+    message: StrictStr | None = None
+    elapsed_s: StrictFloat | None = None
+    image: ImageInfo | None = None
+    status: StrictInt | None = None
+
+
 class Template(ApiModel):
     """A named sandbox spec that ``sandboxes.create(template=...)`` starts from."""
 

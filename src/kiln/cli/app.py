@@ -1420,3 +1420,5 @@ from .local import image, serve, user  # noqa: E402 - registered after the group
 cli.add_command(serve)
 cli.add_command(user)
 cli.add_command(image)
+
+from . import images as _images  # noqa: E402, F401 - adds the API commands to `image`

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Capabilities,
         FileStat,
         Health,
+        ImageInfo,
         LastBoot,
         NetworkPolicy,
         Port,
@@ -479,6 +480,7 @@ def user_dict(user: User) -> dict[str, Any]:
         "max_sandboxes": user.quotas.max_sandboxes,
         "max_cpus": user.quotas.max_cpus,
         "max_memory_mb": user.quotas.max_memory_mb,
+        "max_image_disk_mb": user.quotas.max_image_disk_mb,
         "created_at": datetime.fromtimestamp(user.created_at, UTC).isoformat(),
     }
 
@@ -493,6 +495,10 @@ def format_users_table(users: Iterable[User], now: datetime) -> Table:
                 ("sandboxes", q.max_sandboxes),
                 ("cpus", q.max_cpus),
                 ("memory", None if q.max_memory_mb is None else format_mib(q.max_memory_mb)),
+                (
+                    "image disk",
+                    None if q.max_image_disk_mb is None else format_mib(q.max_image_disk_mb),
+                ),
             )
             if value is not None
         )
@@ -529,6 +535,39 @@ def format_images_table(images: Iterable[Image], now: datetime) -> Table:
             str(i.path),
         )
     return table
+
+
+def format_catalog_table(images: Iterable[ImageInfo], now: datetime) -> Table:
+    """``kiln image list``: the images a sandbox can start from."""
+    table = _table("NAME", "KIND", "SCOPE", "PACKAGES", "DISK", "AGE")
+    for i in images:
+        extra = i.packages if i.kind != "tier" else ()
+        table.add_row(
+            i.name,
+            i.kind,
+            i.scope,
+            ", ".join(extra) or "-",
+            format_bytes(i.size_bytes) if i.size_bytes else "-",
+            format_age(i.created_at, now) if i.created_at else "-",
+        )
+    return table
+
+
+def format_image_detail(info: ImageInfo) -> str:
+    """``kiln image inspect``: aligned ``key: value`` lines."""
+    rows: list[tuple[str, str]] = [
+        ("name", info.name),
+        ("kind", info.kind),
+        ("scope", info.scope),
+        ("ref", info.ref or "-"),
+        ("digest", info.digest[:16] or "-"),
+        ("disk", format_bytes(info.size_bytes) if info.size_bytes else "-"),
+        ("packages", ", ".join(info.packages) or "-"),
+        ("files", ", ".join(info.files) or "-"),
+        ("env", " ".join(f"{k}={v}" for k, v in sorted(info.env.items())) or "-"),
+        ("created", info.created_at.isoformat() if info.created_at else "-"),
+    ]
+    return format_fields(rows)
 
 
 def format_key_notice(user: str, key: str) -> str:

@@ -106,6 +106,12 @@ def _store(data_dir: Path | None, config_path: Path | None) -> Iterator[Store]:
 @click.option("--max-sandboxes", type=click.IntRange(min=0), help="Quota: live sandboxes.")
 @click.option("--max-cpus", type=click.IntRange(min=1), help="Quota: vCPUs per sandbox.")
 @click.option("--max-memory", "max_memory_mb", type=click.IntRange(min=1), help="Quota: MiB.")
+@click.option(
+    "--max-image-disk",
+    "max_image_disk_mb",
+    type=click.IntRange(min=0),
+    help="Quota: MiB of disk for the user's own images together.",
+)
 @json_option
 @data_dir_option
 @config_option
@@ -117,13 +123,19 @@ def user_create(
     max_sandboxes: int | None,
     max_cpus: int | None,
     max_memory_mb: int | None,
+    max_image_disk_mb: int | None,
     data_dir: Path | None,
     config_path: Path | None,
 ) -> None:
     """Create a user and print their API key (once)."""
     from kiln.store import Quotas  # noqa: PLC0415
 
-    quotas = Quotas(max_sandboxes=max_sandboxes, max_cpus=max_cpus, max_memory_mb=max_memory_mb)
+    quotas = Quotas(
+        max_sandboxes=max_sandboxes,
+        max_cpus=max_cpus,
+        max_memory_mb=max_memory_mb,
+        max_image_disk_mb=max_image_disk_mb,
+    )
     with _store(data_dir, config_path) as store:
         created, key = store.create_user(name, admin=admin, quotas=quotas)
     if as_json:
@@ -193,16 +205,13 @@ def _image_dir(image_dir: Path | None, config_path: Path | None) -> Path | None:
 
 @click.group(cls=AliasedGroup)
 def image() -> None:
-    """Build and list VM images (local)."""
+    """Build, list and delete images (your own and the daemon's; `cached`: this machine's)."""
 
 
-@image.command("build")
-@click.argument("tier", default="minimal")
-@click.option("--force", is_flag=True, help="Rebuild every step even if cached.")
-@image_dir_option
-@config_option
-def image_build(tier: str, force: bool, image_dir: Path | None, config_path: Path | None) -> None:
-    """Build (or find in the cache) the image of TIER [default: minimal]."""
+def build_tier_here(
+    tier: str, force: bool, image_dir: Path | None, config_path: Path | None
+) -> None:
+    """``kiln image build [TIER]`` without ``-f``: a built-in tier, in this machine's cache."""
     from kiln.images import build_image  # noqa: PLC0415
 
     image_dir = _image_dir(image_dir, config_path)
@@ -217,12 +226,12 @@ def image_build(tier: str, force: bool, image_dir: Path | None, config_path: Pat
     click.echo(f"{built.tier} image {built.digest[:12]} ready: {built.path}")
 
 
-@image.command("list")
+@image.command("cached")
 @json_option
 @image_dir_option
 @config_option
-def image_list(as_json: bool, image_dir: Path | None, config_path: Path | None) -> None:
-    """List the images in the cache."""
+def image_cached(as_json: bool, image_dir: Path | None, config_path: Path | None) -> None:
+    """List the VM images in this machine's cache (every build, current or not)."""
     from kiln.images import list_images  # noqa: PLC0415
 
     images = list_images(_image_dir(image_dir, config_path))

@@ -10,6 +10,13 @@ as an uncompressed ELF ``vmlinux``), ``initrd`` (busybox + the virtio modules
     image = ensure_image("minimal")          # cached after the first ~40 s build
     append = " ".join(kernel_cmdline_defaults())
 
+A tier is one of :data:`TIERS` or a user's package-list definition
+(:mod:`kiln.images.definition`: Debian packages, files and env on top of
+``minimal``), registered in the cache under a reference
+(:mod:`kiln.images.registry`) that every function here accepts as a tier::
+
+    python -m kiln.images ensure --definition tests/images/data/jq.yaml
+
 See :mod:`kiln.images.boot` for the kernel command line and a QEMU argv,
 :mod:`kiln.images.initramfs` for what /init does and the kernel parameters
 it reads, and :mod:`kiln.images.builder` for the cache keys.
@@ -17,7 +24,9 @@ it reads, and :mod:`kiln.images.builder` for the cache keys.
 Errors: every exception raised here is an :class:`ImageError`::
 
     ImageError                 root: anything that stops an image from being built or found
-    ├── UnknownTier            no such tier in TIERS
+    ├── UnknownTier            no such tier in TIERS (nor a registered definition)
+    ├── InvalidDefinition      an image definition that cannot be built as written
+    ├── BuildFailed            a build step failed (names the step, keeps the log)
     ├── ToolMissing            a host command is not installed (names the Debian package)
     └── StepFailed             a host command failed (argv, exit status, stderr tail)
 """
@@ -36,15 +45,20 @@ from .builder import (
     list_images,
     prune_images,
 )
+from .buildlog import BuildFailed
 from .cache import default_image_dir
+from .definition import Definition, InvalidDefinition
 from .errors import ImageError, StepFailed, ToolMissing, UnknownTier
 from .tiers import TIERS, Tier
 
 __all__ = [
     "TIERS",
     "BaseTree",
+    "BuildFailed",
+    "Definition",
     "Image",
     "ImageError",
+    "InvalidDefinition",
     "Progress",
     "StepFailed",
     "Tier",

@@ -4,6 +4,7 @@ Used by scripts that must build the image *before* entering a network namespace
 (the build downloads Debian packages; tests then run offline)::
 
     python -m kiln.images ensure [--tier minimal] [--image-dir DIR] [--json]
+    python -m kiln.images ensure --definition FILE.yaml   # a global image of a definition
     python -m kiln.images build [--force]
     python -m kiln.images find | list | cmdline
     python -m kiln.images prune [--keep 3]
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 from . import (
-    TIERS,
     Image,
     ImageError,
     build_image,
@@ -31,6 +31,9 @@ from . import (
     list_images,
     prune_images,
 )
+from .cache import default_image_dir
+from .definition import image_ref, load_yaml_file
+from .registry import register
 
 
 def format_image(image: Image) -> str:
@@ -56,13 +59,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kiln.images", description=__doc__.split("\n")[0]
     )
     parser.add_argument("command", choices=("ensure", "build", "find", "list", "cmdline", "prune"))
-    parser.add_argument("--tier", default="minimal", choices=sorted(TIERS))
+    parser.add_argument(
+        "--tier", default="minimal", help="a built-in tier or a registered image reference"
+    )
+    parser.add_argument(
+        "--definition",
+        type=Path,
+        default=None,
+        help="ensure, build: register this YAML definition as a global image and use it",
+    )
     parser.add_argument("--image-dir", type=Path, default=None)
     parser.add_argument("--force", action="store_true", help="build: rebuild every step")
     parser.add_argument("--keep", type=int, default=3, help="prune: images of the tier to keep")
     parser.add_argument("--json", action="store_true", help="ensure, build: print JSON")
     args = parser.parse_args(argv)
     try:
+        if args.definition is not None:
+            definition = load_yaml_file(args.definition)
+            args.tier = image_ref(definition, None)
+            register(args.image_dir or default_image_dir(), args.tier, definition)
         if args.command == "cmdline":
             print(" ".join(kernel_cmdline_defaults()))
         elif args.command == "prune":

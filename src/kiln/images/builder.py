@@ -4,7 +4,7 @@
 step       key (sha256 of)                                       cold cost
 =========  ====================================================  ==================
 base       suite, variant, packages, dpkg options, customize     mmdebstrap, ~30 s
-           version (:meth:`BaseSpec.key`)
+           version, a definition's files (:meth:`BaseSpec.key`)
 kernel     kernel .deb file name, module list, extractor         download, ~2 s
            version
 image      tier, base key, kernel key, agent zipapp digest,      mkfs + cpio, ~3 s
@@ -16,6 +16,13 @@ step reruns. The current kernel is what apt's lists say the tier's kernel
 metapackage depends on; when apt has no lists (offline, cleaned), the newest
 cached kernel for that metapackage is used, and only without one does a build
 run ``apt-get update``.
+
+A tier is a built-in one (:data:`~kiln.images.tiers.TIERS`) or the reference of
+a user's definition (:mod:`kiln.images.registry`): two definitions with the
+same packages and files share the slow base step, each has its own image. The
+steps are named in the progress and in the build's log
+(:mod:`kiln.images.buildlog`); a failing one raises
+:class:`~kiln.images.buildlog.BuildFailed`.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from typing import Any
 
 from . import agent as agent_mod
 from . import cache, initramfs, kernel, rootfs
-from .errors import ImageError, UnknownTier
+from .buildlog import BuildLog
+from .errors import ImageError
 from .initramfs import build_initramfs, host_busybox
-from .tiers import TIERS, Tier
+from .registry import resolve_tier
+from .tiers import Tier
 
 Progress = Callable[[str], None]
 
@@ -80,11 +89,9 @@ def _stderr_progress(message: str) -> None:
     print(f"kiln images: {message}", file=sys.stderr, flush=True)
 
 
-def _tier(name: str) -> Tier:
-    try:
-        return TIERS[name]
-    except KeyError:
-        raise UnknownTier(name, list(TIERS)) from None
+def _tier(name: str, image_dir: Path) -> Tier:
+    """A built-in tier or a registered definition (:mod:`kiln.images.registry`)."""
+    return resolve_tier(name, image_dir)
 
 
 def _sha256(doc: Any) -> str:
@@ -234,9 +241,10 @@ def find_base(tier: str = "minimal", image_dir: Path | None = None) -> BaseTree 
     Never builds and needs neither apt nor the kernel: for engines that use the
     tree itself (Docker imports it) rather than the VM image made from it.
     """
-    spec = _tier(tier)
+    root = image_dir or cache.default_image_dir()
+    spec = _tier(tier, root)
     key = spec.base.key()
-    path = (image_dir or cache.default_image_dir()) / "base" / key
+    path = root / "base" / key
     if cache.read_manifest(path / BASE_MANIFEST) is None:
         return None
     return BaseTree(tier=spec.name, key=key, root=path / "root")
@@ -261,7 +269,8 @@ def resolve_inputs(tier: str = "minimal", image_dir: Path | None = None) -> Inpu
     None when apt has no package lists and no kernel is cached yet.
     """
     try:
-        return _inputs(_tier(tier), image_dir or cache.default_image_dir(), progress=None)
+        root = image_dir or cache.default_image_dir()
+        return _inputs(_tier(tier, root), root, progress=None)
     except kernel.AptListsMissing:
         return None
 
@@ -325,24 +334,30 @@ def build_image(
     ``progress`` (default: stderr). Concurrent builders serialise on a lock;
     the second one then finds the first one's result in the cache.
     """
-    spec = _tier(tier)
-    report = progress or _stderr_progress
     root = image_dir or cache.default_image_dir()
+    spec = _tier(tier, root)
     started = time.monotonic()
-    with cache.build_lock(root, report):
-        for stale in cache.clean_stale(root):
-            report(f"removed leftover of an interrupted build: {stale}")
-        inputs = _inputs(spec, root, report)
-        final = root / "images" / _image_dir_name(tier, inputs.digest)
-        if not force and (image := load_image(final)) is not None:
-            report(f"cached: {tier} image {image.digest[:16]} ({image.path})")
-            return image
-        kernel_dir = _ensure_kernel(spec, inputs, root, report, force)
-        base_dir = _ensure_base(spec, inputs, root, report, force)
-        image = _build_final(spec, inputs, root, report, kernel_dir=kernel_dir, base_dir=base_dir)
-        for old in _prune(root, tier, KEEP_IMAGES, protect=image.path):
-            report(f"removed old {tier} image {old.name}")
-    report(f"built {tier} image {image.digest[:16]} in {time.monotonic() - started:.1f} s")
+    with BuildLog.open(root, tier, progress or _stderr_progress) as log:
+        with log.step("prepare"), cache.build_lock(root, log):
+            for stale in cache.clean_stale(root):
+                log(f"removed leftover of an interrupted build: {stale}")
+            inputs = _inputs(spec, root, log)
+            final = root / "images" / _image_dir_name(tier, inputs.digest)
+            if not force and (image := load_image(final)) is not None:
+                log(f"cached: {tier} image {image.digest[:16]} ({image.path})")
+                log.keep = False
+                return image
+            with log.step("kernel"):
+                kernel_dir = _ensure_kernel(spec, inputs, root, log, force)
+            with log.step("base"):
+                base_dir = _ensure_base(spec, inputs, root, log, force)
+            with log.step("image"):
+                image = _build_final(
+                    spec, inputs, root, log, kernel_dir=kernel_dir, base_dir=base_dir
+                )
+            for old in _prune(root, tier, KEEP_IMAGES, protect=image.path):
+                log(f"removed old {tier} image {old.name}")
+        log(f"built {tier} image {image.digest[:16]} in {time.monotonic() - started:.1f} s")
     return image
 
 
@@ -421,12 +436,16 @@ def _ensure_base(
         rootfs.mmdebstrap(tier.base, tmp / "root", sources_file)
         report("customising the base rootfs…")
         rootfs.customize(tmp / "root")
+        if tier.base.files:
+            report(f"writing {len(tier.base.files)} file(s) of the definition…")
+            rootfs.add_files(tmp / "root", tier.base.files)
         cache.write_manifest(
             tmp / BASE_MANIFEST,
             {
                 "suite": tier.base.suite,
                 "variant": tier.base.variant,
                 "packages": list(tier.base.packages),
+                "files": [path for path, _, _ in tier.base.files],
                 "customize_version": rootfs.CUSTOMIZE_VERSION,
                 "built_at": _now(),
             },

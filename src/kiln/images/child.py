@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,7 +38,10 @@ from pathlib import Path
 from typing import Final
 
 from .builder import Image, Progress, find_image, load_image
+from .buildlog import BuildFailed
+from .cache import default_image_dir
 from .errors import ImageError, UnknownTier
+from .registry import is_known
 from .tiers import TIERS
 
 #: Seconds a stopped build gets between SIGTERM and SIGKILL (mmdebstrap unmounts
@@ -51,6 +55,10 @@ _POLL_S: Final = 0.05
 BUILDER_ENV: Final = "KILN_IMAGE_BUILDER"
 _PREFIX: Final = "kiln images: "
 _ERROR: Final = "kiln images: error: "
+#: How :class:`BuildFailed` reads as text (its message may span lines).
+_STEP_FAILED: Final = re.compile(
+    r"^step '(?P<step>[\w-]+)' failed: (?P<message>.*)\nbuild log: (?P<log>\S+)$", re.DOTALL
+)
 
 
 def builder_argv(tier: str, image_dir: Path | None) -> list[str]:
@@ -75,7 +83,7 @@ async def ensure_image_in_child(
 ) -> Image:
     """The current image of ``tier``: found in the cache, or built by a child process
     (stopped if this call is cancelled; see the module's doc)."""
-    if tier not in TIERS:
+    if not is_known(tier, image_dir or default_image_dir()):
         raise UnknownTier(tier, list(TIERS))
     try:
         # Cheap (hashes the inputs, a fraction of a second) and never builds.
@@ -123,8 +131,12 @@ async def build_in_child(
         await asyncio.wait({relay, reading})
         raise
     if code != 0:
+        text = _error_text(tail)
+        failed = _STEP_FAILED.match(text)
+        if failed is not None:  # the builder named the step and kept its log
+            raise BuildFailed(failed["step"], failed["message"], Path(failed["log"]))
         how = f"was killed by {_signame(-code)}" if code < 0 else f"exited with {code}"
-        raise ImageError(f"the image build {how}: {_error_text(tail)}")
+        raise ImageError(f"the image build {how}: {text}")
     return _reported_image(out)
 
 

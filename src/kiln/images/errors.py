@@ -3,7 +3,9 @@
 ::
 
     ImageError                 root: anything that stops an image from being built or found
-    ├── UnknownTier            no such tier in TIERS
+    ├── UnknownTier            no such tier in TIERS (nor a registered definition)
+    ├── InvalidDefinition      (definition.py) a definition that cannot be built as written
+    ├── BuildFailed            (builder.py) a build step failed (names the step, keeps the log)
     ├── ToolMissing            a host command is not installed (names the Debian package)
     └── StepFailed             a host command failed (argv, exit status, stderr tail)
 """

@@ -53,15 +53,19 @@ class BaseSpec:
     suite: str
     variant: str
     packages: tuple[str, ...]
+    #: (absolute path, text, mode) written into the tree after customize(), owned by root.
+    files: tuple[tuple[str, str, int], ...] = ()
 
     def key(self) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "suite": self.suite,
             "variant": self.variant,
             "packages": sorted(self.packages),
             "dpkg": list(_DPKG_OPTS),
             "customize": CUSTOMIZE_VERSION,
         }
+        if self.files:  # absent when empty: the built-in tiers keep their cached bases
+            doc["files"] = [list(f) for f in sorted(self.files)]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -219,6 +223,38 @@ def allow_sudo(root: Path) -> None:
     _write(path, f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n", mode=0o440)
     if (root / "usr/sbin/visudo").exists():
         run(["chroot", root, "/usr/sbin/visudo", "-cf", SUDOERS_FILE], timeout=60)
+
+
+def add_files(root: Path, files: tuple[tuple[str, str, int], ...]) -> None:
+    """Write a definition's files into the tree, owned by root; parents are made 0755.
+
+    A directory symlink on the way (``/bin -> usr/bin`` in a merged-/usr tree)
+    is followed inside the tree only; the file itself replaces a symlink.
+    """
+    for path, text, mode in files:
+        parent = root
+        for part in Path(path).parent.parts[1:]:
+            parent = parent / part
+            if parent.is_symlink():
+                parent = _link_in_tree(root, parent, path)
+            elif not parent.exists():
+                parent.mkdir(mode=0o755)
+            if not parent.is_dir():
+                where = parent.relative_to(root)
+                raise ImageError(f"cannot write {path}: /{where} is not a directory")
+        target = parent / Path(path).name
+        if target.is_dir() and not target.is_symlink():
+            raise ImageError(f"cannot write {path}: it is a directory in the image")
+        _write(target, text, mode=mode)  # the build runs as root: root owns it
+
+
+def _link_in_tree(root: Path, link: Path, path: str) -> Path:
+    target = os.readlink(link)
+    start = root if target.startswith("/") else link.parent
+    resolved = Path(os.path.normpath(start / target.lstrip("/")))
+    if resolved != root and root not in resolved.parents:
+        raise ImageError(f"cannot write {path}: /{link.relative_to(root)} points out of the tree")
+    return resolved
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

@@ -28,6 +28,7 @@ from .models import (
     FileContent,
     FileStat,
     Health,
+    ImageInfo,
     NetworkPolicy,
     NewVolume,
     Port,
@@ -835,6 +836,76 @@ def get_volume(name: str) -> Call[Volume]:
 
 def delete_volume(name: str) -> Call[None]:
     return Call("DELETE", f"/volumes/{_seg(name)}", _no_content)
+
+
+# -- images -------------------------------------------------------------------------
+
+
+def image_body(
+    name: str,
+    packages: Sequence[str] = (),
+    files: Sequence[Mapping[str, str]] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST /images``: ``files`` are ``{path, content, mode?}`` mappings."""
+    return {
+        "name": name,
+        "packages": list(packages),
+        "files": [dict(f) for f in files or ()],
+        "env": dict(env or {}),
+    }
+
+
+def build_image(body: Mapping[str, Any]) -> Call[ImageInfo]:
+    """A build answered once it is done (a build may take minutes: no read timeout)."""
+    return Call("POST", "/images", _parser(ImageInfo, "image"), json=dict(body), timeout=None)
+
+
+def build_image_streamed(body: Mapping[str, Any]) -> Call[None]:
+    """The streamed build request; the caller reads the NDJSON progress itself."""
+    return Call(
+        "POST", "/images", _no_content, json=dict(body), headers={"Accept": NDJSON}, timeout=None
+    )
+
+
+def parse_build_event(line: str) -> dict[str, Any] | None:
+    """One line of a streamed build: ``{"type": "progress" | "image" | "error", ...}``."""
+    if not line.strip():
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise InvalidResponse(f"a build progress line is not JSON: {line[:200]!r}") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise InvalidResponse(f"a build progress line has no type: {line[:200]!r}")
+    return event
+
+
+def build_result(event: Mapping[str, Any]) -> ImageInfo:
+    """The image of a stream's last line, or the error it reports (as the status would)."""
+    if event.get("type") == "image":
+        return models.parse(ImageInfo, event.get("image"), "image")
+    status = event.get("status")
+    message = str(event.get("message") or "the build failed")
+    raise error_for_status(status if isinstance(status, int) else 500, message)
+
+
+def list_images() -> Call[list[ImageInfo]]:
+    return Call("GET", "/images", _list_parser(ImageInfo, "image list"))
+
+
+def _owner(owner: str | None) -> dict[str, str] | None:
+    return None if owner is None else {"owner": owner}
+
+
+def get_image(name: str, owner: str | None = None) -> Call[ImageInfo]:
+    return Call("GET", f"/images/{_seg(name)}", _parser(ImageInfo, "image"), _owner(owner))
+
+
+def delete_image(name: str, owner: str | None = None) -> Call[None]:
+    return Call(
+        "DELETE", f"/images/{_seg(name)}", _no_content, _owner(owner), timeout=SLOW_TIMEOUT_S
+    )
 
 
 # -- templates ----------------------------------------------------------------------

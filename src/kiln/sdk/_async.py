@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import copy
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
@@ -37,6 +37,7 @@ from .models import (
     FileContent,
     FileStat,
     Health,
+    ImageInfo,
     NetworkPolicy,
     NewVolume,
     Port,
@@ -110,6 +111,8 @@ class AsyncKiln:
         self.templates = AsyncTemplates(self)
         #: Sandboxes saved as images (``sandbox.save_image(name)``).
         self.saved_images = AsyncSavedImages(self)
+        #: Images: built-in tiers, global ones and your own package-list builds.
+        self.images = AsyncImages(self)
 
     def __repr__(self) -> str:
         return f"AsyncKiln(url={self.url!r})"
@@ -1276,9 +1279,66 @@ class AsyncTemplates:
         await self._kiln._call(_api.delete_template(template_id))
 
 
+class AsyncImages:
+    """``kiln.images``: what a sandbox can start from (``sandboxes.create(image=...)``)."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def build(
+        self,
+        name: str,
+        *,
+        packages: Sequence[str] = (),
+        files: Sequence[Mapping[str, str]] | None = None,
+        env: Mapping[str, str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> ImageInfo:
+        """Build ``name``: Debian ``packages`` and ``files`` (``{"path", "content",
+        "mode"}``) on top of ``minimal``; ``env``, the environment of its sandboxes.
+        Yours, or global when you are an admin.
+
+        Takes a minute or more when its packages are new (seconds when cached);
+        ``progress`` gets each progress line as the daemon reports it. A failed
+        build raises with the failing step and the daemon's build log path.
+        """
+        body = _api.image_body(name, packages, files, env)
+        if progress is None:
+            return await self._kiln._call(_api.build_image(body))
+        resp = await self._kiln._send_streaming(_api.build_image_streamed(body))
+        try:
+            with map_exceptions(self._kiln.url):
+                async for line in resp.aiter_lines():
+                    event = _api.parse_build_event(line)
+                    if event is None:
+                        continue
+                    if event["type"] == "progress":
+                        progress(str(event.get("message", "")))
+                        continue
+                    return _api.build_result(event)
+        finally:
+            await resp.aclose()
+        raise InvalidResponse("the build stream ended without a result")
+
+    async def list(self) -> builtins.list[ImageInfo]:
+        """Built-in tiers, global images and your own."""
+        return await self._kiln._call(_api.list_images())
+
+    async def get(self, name: str, *, owner: str | None = None) -> ImageInfo:
+        """The image ``name`` (:class:`NotFound` for unknown ones and other users');
+        admins: ``owner`` (a user's id or name) for that user's image."""
+        return await self._kiln._call(_api.get_image(name, owner))
+
+    async def delete(self, name: str, *, owner: str | None = None) -> None:
+        """Delete your image (admins: a global one, or ``owner``'s);
+        :class:`Conflict` while a sandbox uses it."""
+        await self._kiln._call(_api.delete_image(name, owner))
+
+
 __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
+    "AsyncImages",
     "AsyncKiln",
     "AsyncOutputStream",
     "AsyncProcess",

@@ -38,7 +38,7 @@ from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .openapi import ERROR_RESPONSES, add_stream_schemas
 from .proxy import ProxyFront
-from .routes import archive, files, processes, publish, resources, sandboxes, shell
+from .routes import archive, files, images, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
 from .services import Services
 
@@ -244,6 +244,7 @@ def create_app(services: Services) -> FastAPI:
         archive.router,
         publish.router,
         resources.router,
+        images.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)

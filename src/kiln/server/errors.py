@@ -24,7 +24,7 @@ from __future__ import annotations
 from kiln import agent_client as ac
 from kiln import store
 from kiln.engine import errors as eng
-from kiln.images import ImageError, UnknownTier
+from kiln.images import BuildFailed, ImageError, InvalidDefinition, UnknownTier
 from kiln.network.errors import NetworkError
 from kiln.protocol import ProtocolError
 
@@ -131,8 +131,10 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         case ac.AgentError():
             return BadGateway(f"sandbox agent: {msg}")
         # images
-        case UnknownTier():
+        case UnknownTier() | InvalidDefinition():
             return Unprocessable(msg)
+        case BuildFailed():
+            return Unprocessable(f"image build failed: {msg}")
         case ImageError():
             return Unavailable(f"image build failed: {msg}")
         case NetworkError():

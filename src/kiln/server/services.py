@@ -78,6 +78,7 @@ from kiln.store import Volume as VolumeRow
 from .e2b.tokens import EnvdTokens
 from .errors import ConflictError, NotFoundError, Unprocessable
 from .expiry import Destroy, Disarm, ExpiryAction, Stop, action_for, is_due
+from .images import ImageService
 from .intents import INTENTS_DIR, Intent, Intents
 from .publishing import Origin, PublishService
 from .saved_images import SavedImageService
@@ -120,6 +121,7 @@ class Services:
     volumes: VolumeService = field(init=False)
     publishing: PublishService = field(init=False)
     saved_images: SavedImageService = field(init=False)
+    catalog: ImageService = field(init=False)
     _envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
 
     @property
@@ -140,6 +142,7 @@ class Services:
         self.volumes = VolumeService(self)
         self.publishing = PublishService(self)
         self.saved_images = SavedImageService(self)
+        self.catalog = ImageService(self)
 
     def health(self) -> dict[str, Any]:
         engines = self.engine.available() if isinstance(self.engine, Engines) else {}
@@ -377,9 +380,12 @@ class SandboxService:
         memory_mb = (
             body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
         )
-        image = body.image or (tspec.image if tspec and tspec.image else s.config.image)
+        image, env = s.catalog.resolve(
+            user, body.image or (tspec.image if tspec and tspec.image else s.config.image)
+        )
         init = body.init if body.init is not None else (tspec.init if tspec else None)
-        env: dict[str, str] = dict(tspec.env) if tspec else {}
+        # The image's environment, under the template's, under the request's own.
+        env.update(tspec.env if tspec else {})
         env.update(body.env or {})
         secret_names = tuple(dict.fromkeys(body.secrets or ()))
         labels = check_labels(body.labels or {})

@@ -6,6 +6,7 @@ Errors: :mod:`.errors` draws the tree (root :class:`StoreError`).
 from .db import API_KEY_PREFIX, UNSET, Store, hash_api_key, new_api_key
 from .errors import (
     Conflict,
+    ImageInUse,
     InvalidValue,
     NameTaken,
     NotFound,
@@ -17,6 +18,7 @@ from .errors import (
     VolumeInUse,
 )
 from .records import (
+    ImageRecord,
     NewVolume,
     OnExpire,
     PublishRule,
@@ -42,6 +44,8 @@ __all__ = [
     "MIGRATIONS",
     "UNSET",
     "Conflict",
+    "ImageInUse",
+    "ImageRecord",
     "InvalidValue",
     "NameTaken",
     "NewVolume",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -30,6 +31,7 @@ from kiln.engine.base import Status, Thermal
 from kiln.engine.states import CREATED
 
 from .errors import (
+    ImageInUse,
     InvalidValue,
     NameTaken,
     NotFound,
@@ -41,6 +43,7 @@ from .errors import (
     VolumeInUse,
 )
 from .records import (
+    ImageRecord,
     NewVolume,
     OnExpire,
     PublishRule,
@@ -94,7 +97,10 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-_USER_COLS = "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at"
+_USER_COLS = (
+    "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at, max_image_disk_mb"
+)
+_IMAGE_COLS = "id, owner, name, ref, kind, digest, size_bytes, definition, created_at"
 _SANDBOX_COLS = (
     "id, user_id, name, cpus, memory_mb, image, keep_hot, status, thermal, ip, engine,"
     " engine_state, spec, created_at, last_active_at, deleted_at, labels, expires_at, on_expire"
@@ -237,7 +243,7 @@ class Store:
             if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise NameTaken(f"user {name!r} already exists")
             conn.execute(
-                f"INSERT INTO users ({_USER_COLS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO users ({_USER_COLS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user.id,
                     user.name,
@@ -246,6 +252,7 @@ class Store:
                     quotas.max_cpus,
                     quotas.max_memory_mb,
                     user.created_at,
+                    quotas.max_image_disk_mb,
                     hash_api_key(key),
                 ),
             )
@@ -294,8 +301,15 @@ class Store:
         quotas = _checked_quotas(quotas)
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE users SET max_sandboxes = ?, max_cpus = ?, max_memory_mb = ? WHERE id = ?",
-                (quotas.max_sandboxes, quotas.max_cpus, quotas.max_memory_mb, user_id),
+                "UPDATE users SET max_sandboxes = ?, max_cpus = ?, max_memory_mb = ?,"
+                " max_image_disk_mb = ? WHERE id = ?",
+                (
+                    quotas.max_sandboxes,
+                    quotas.max_cpus,
+                    quotas.max_memory_mb,
+                    quotas.max_image_disk_mb,
+                    user_id,
+                ),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"user {user_id!r} not found")
@@ -612,6 +626,106 @@ class Store:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"template {template_id!r} not found")
+
+    # --- images -------------------------------------------------------------------------
+
+    def add_image(
+        self,
+        owner: str | None,
+        name: str,
+        *,
+        ref: str,
+        kind: str,
+        digest: str,
+        size_bytes: int,
+        definition: Mapping[str, Any],
+    ) -> ImageRecord:
+        """Add an image to the catalog (:class:`NameTaken` if its owner has the name)."""
+        image_id = _new_id("img")
+        with self._write() as conn:
+            if owner is not None:
+                _one(_select_user(conn, owner), f"user {owner!r}")
+            if _image_named(conn, owner, name) is not None:
+                raise NameTaken(f"an image named {name!r} already exists")
+            conn.execute(
+                f"INSERT INTO images ({_IMAGE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    image_id,
+                    owner,
+                    name,
+                    ref,
+                    kind,
+                    digest,
+                    as_int(size_bytes, "size_bytes"),
+                    json.dumps(dict(definition), sort_keys=True),
+                    self._now(),
+                ),
+            )
+            row = conn.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,))
+            return _image(_one(row, f"image {image_id!r}"))
+
+    def find_image(self, user_id: str, name: str) -> ImageRecord:
+        """The image ``name`` as ``user_id`` sees it: their own, else a global one."""
+        with self._read() as conn:
+            row = _image_named(conn, user_id, name) or _image_named(conn, None, name)
+            if row is None:
+                raise NotFound(f"image {name!r} not found")
+            return _image(row)
+
+    def image_by_ref(self, ref: str) -> ImageRecord:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE ref = ?", (ref,))
+            return _image(_one(row, f"image {ref!r}"))
+
+    def image_ref_exists(self, ref: str) -> bool:
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM images WHERE ref = ?", (ref,)).fetchone() is not None
+
+    def list_images(self, user_id: str) -> list[ImageRecord]:
+        """The global images and ``user_id``'s own, by name (own ones first on a tie)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE owner IS NULL OR owner = ?"
+                " ORDER BY name, owner IS NULL",
+                (user_id,),
+            )
+            return [_image(r) for r in rows]
+
+    def delete_image(self, image_id: str) -> ImageRecord:
+        """Remove an image from the catalog, refused (:class:`Conflict`) while a live
+        sandbox runs it."""
+        with self._write() as conn:
+            row = conn.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,))
+            image = _image(_one(row, f"image {image_id!r}"))
+            users = conn.execute(
+                "SELECT COUNT(*) FROM sandboxes WHERE image = ? AND deleted_at IS NULL",
+                (image.ref,),
+            ).fetchone()[0]
+            if users:
+                raise ImageInUse(f"image {image.name!r} is used by {users} sandbox(es)")
+            conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            return image
+
+    def image_disk_used(self, user_id: str) -> int:
+        """Bytes of the images ``user_id`` owns (what counts against max_image_disk_mb)."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM images WHERE owner = ?", (user_id,)
+            ).fetchone()
+            return int(row[0])
+
+    def check_image_quota(self, user: User, more_bytes: int = 0) -> None:
+        """Raise :class:`QuotaExceeded` if ``user``'s images (plus ``more_bytes``) exceed
+        their image disk quota. Admins build global images, which count for nobody."""
+        limit = user.quotas.max_image_disk_mb
+        if limit is None:
+            return
+        used = self.image_disk_used(user.id)
+        if used + more_bytes > limit * (1 << 20):
+            raise QuotaExceeded(
+                f"your images would use {(used + more_bytes) >> 20} MiB of disk, over your"
+                f" limit of {limit} MiB: delete an image first"
+            )
 
     # --- secrets ------------------------------------------------------------------------
 
@@ -944,11 +1058,13 @@ def _checked_quotas(quotas: Quotas) -> Quotas:
         as_opt_int(quotas.max_sandboxes, "max_sandboxes"),
         as_opt_int(quotas.max_cpus, "max_cpus"),
         as_opt_int(quotas.max_memory_mb, "max_memory_mb"),
+        as_opt_int(quotas.max_image_disk_mb, "max_image_disk_mb"),
     )
     for field_name, value in (
         ("max_sandboxes", checked.max_sandboxes),
         ("max_cpus", checked.max_cpus),
         ("max_memory_mb", checked.max_memory_mb),
+        ("max_image_disk_mb", checked.max_image_disk_mb),
     ):
         if value is not None and value < 0:
             raise InvalidValue(f"{field_name} must not be negative, got {value}")
@@ -1016,6 +1132,7 @@ def _user(row: sqlite3.Row) -> User:
                 as_opt_int(row["max_sandboxes"], "max_sandboxes"),
                 as_opt_int(row["max_cpus"], "max_cpus"),
                 as_opt_int(row["max_memory_mb"], "max_memory_mb"),
+                as_opt_int(row["max_image_disk_mb"], "max_image_disk_mb"),
             ),
             created_at=float(row["created_at"]),
         )
@@ -1053,6 +1170,29 @@ def _template(row: sqlite3.Row) -> Template:
             user_id=str(row["user_id"]),
             name=str(row["name"]),
             spec=template_spec_from_json(row["spec"]),
+            created_at=float(row["created_at"]),
+        )
+
+
+def _image_named(conn: sqlite3.Connection, owner: str | None, name: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        f"SELECT {_IMAGE_COLS} FROM images WHERE owner IS ? AND name = ?", (owner, name)
+    ).fetchone()
+    return row
+
+
+def _image(row: sqlite3.Row) -> ImageRecord:
+    with _reading(f"image {row['id']}"):
+        definition = json.loads(row["definition"])
+        return ImageRecord(
+            id=str(row["id"]),
+            owner=None if row["owner"] is None else str(row["owner"]),
+            name=str(row["name"]),
+            ref=str(row["ref"]),
+            kind=str(row["kind"]),
+            digest=str(row["digest"]),
+            size_bytes=int(row["size_bytes"]),
+            definition=definition if isinstance(definition, dict) else {},
             created_at=float(row["created_at"]),
         )
 

@@ -5,6 +5,7 @@ StoreError                   root
 ├── Conflict                 the change clashes with existing rows (HTTP 409)
 │   ├── NameTaken            a name/alias/port already used where it must be unique
 │   ├── VolumeInUse          a volume attached to a live sandbox
+│   ├── ImageInUse           an image a live sandbox runs
 │   └── UserHasSandboxes     deleting a user who still has live sandboxes
 ├── QuotaExceeded            a user's quota forbids the request (HTTP 403)
 ├── InvalidValue             a value that cannot be stored (wrong type, not JSON-able)
@@ -33,6 +34,10 @@ class NameTaken(Conflict):
 
 class VolumeInUse(Conflict):
     pass
+
+
+class ImageInUse(Conflict):
+    """The image cannot be deleted: a live sandbox runs it."""
 
 
 class UserHasSandboxes(Conflict):

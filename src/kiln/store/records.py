@@ -81,6 +81,28 @@ class Quotas:
     max_sandboxes: int | None = None
     max_cpus: int | None = None  # per sandbox
     max_memory_mb: int | None = None  # per sandbox
+    max_image_disk_mb: int | None = None  # all of the user's own images together
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """An image in the catalog. ``owner`` None: global (an admin built it).
+
+    ``ref`` is what engines and the image cache know it by (and what a sandbox
+    row's ``image`` holds); ``name`` is what its owner calls it. ``kind``:
+    ``packages`` (a package-list definition), ``dockerfile``, ``saved`` (a
+    sandbox saved as an image) or ``tier``.
+    """
+
+    id: str
+    owner: str | None
+    name: str
+    ref: str
+    kind: str
+    digest: str
+    size_bytes: int
+    definition: dict[str, Any]
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,11 +157,37 @@ def _v4_saved_images(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v5_images(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        [
+            # owner NULL: a global image (an admin's build); ref: the name engines and
+            # the image cache know it by, unique across owners.
+            """CREATE TABLE images (
+                id TEXT PRIMARY KEY,
+                owner TEXT REFERENCES users(id) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                ref TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL CHECK (kind IN ('tier', 'packages', 'dockerfile', 'saved')),
+                digest TEXT NOT NULL,
+                size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+                definition TEXT NOT NULL DEFAULT '{}',
+                created_at REAL NOT NULL
+            ) STRICT""",
+            # One name per owner, and one global image per name (NULLs are distinct
+            # in a plain UNIQUE constraint, hence the expression).
+            "CREATE UNIQUE INDEX images_owner_name ON images(COALESCE(owner, ''), name)",
+            "ALTER TABLE users ADD COLUMN max_image_disk_mb INTEGER CHECK (max_image_disk_mb >= 0)",
+        ],
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _v1_initial,
     _v2_publish_rules,
     _v3_lifecycle,
     _v4_saved_images,
+    _v5_images,
 )
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -313,3 +313,33 @@ def test_an_idempotency_key_makes_a_retry_get_the_same_sandbox(
     again = c.post("/v2/sandboxes", json=body, headers=key)
     assert again.status_code == 201 and again.json()["sandboxID"] != sid
     assert c.delete(f"/sandboxes/{again.json()['sandboxID']}").status_code == 204
+
+
+def test_an_image_of_the_catalog_is_a_template(
+    c: httpx.Client, live: LiveServer, keys: tuple[str, str]
+) -> None:
+    one = live.store.user_by_key(keys[0])
+    assert one is not None
+    live.store.add_image(
+        one.id,
+        "node",
+        ref=f"{one.id}.node.0123456789ab",
+        kind="packages",
+        digest="d",
+        size_bytes=1,
+        definition={"name": "node", "packages": ["nodejs"], "env": {"N": "1"}},
+    )
+    body = _create(c, templateID="node")
+    sandbox = live.store.get_sandbox(body["sandboxID"])
+    assert sandbox.image == f"{one.id}.node.0123456789ab"
+    # Another user's image is as unknown to them as any other name.
+    with httpx.Client(base_url=live.url + E2B, headers={"X-API-KEY": keys[1]}) as two:
+        r = two.post("/v2/sandboxes", json={"templateID": "node"})
+        _error(r, 404, "template 'node' not found")
+    assert c.delete(f"/sandboxes/{body['sandboxID']}").status_code == 204
+
+    # Through kiln's API: the definition its use registered in the image cache goes too.
+    kiln_api = {"Authorization": f"Bearer {keys[0]}"}
+    assert httpx.delete(f"{live.url}/images/node", headers=kiln_api).status_code == 204
+    defs = live.services.catalog.image_dir / "defs"
+    assert not (defs / f"{one.id}.node.0123456789ab.json").exists()

@@ -210,6 +210,15 @@ def created(sb: SandboxRow, token: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ create
 
 
+def _is_image(services: Services, user: User, name: str) -> bool:
+    """Whether ``name`` is an image of the catalog ``user`` sees (theirs or global)."""
+    try:
+        services.store.find_image(user.id, name)
+    except NotFound:
+        return False
+    return True
+
+
 def _kiln_create(user: User, services: Services, body: NewSandbox) -> CreateSandbox:
     """The kiln create an E2B create asks for; 400 or 404 for what kiln cannot do."""
     fields: dict[str, Any] = {}
@@ -222,11 +231,13 @@ def _kiln_create(user: User, services: Services, body: NewSandbox) -> CreateSand
         try:
             fields["template_id"] = services.templates.find(user, template).id
         except (NotFound, NotFoundError):
-            known = ", ".join([DEFAULT_TEMPLATE, *sorted(TIERS)])
-            raise NotFoundError(
-                f"template {template!r} not found: use {known} (kiln images) or the id or"
-                " name of one of your kiln templates"
-            ) from None
+            if not _is_image(services, user, template):
+                known = ", ".join([DEFAULT_TEMPLATE, *sorted(TIERS)])
+                raise NotFoundError(
+                    f"template {template!r} not found: use {known} (kiln images), one of"
+                    " your images or the id or name of one of your kiln templates"
+                ) from None
+            fields["image"] = template
     if body.mcp:
         raise NotSupported("mcp is not supported by kiln (no MCP gateway in its images)")
     if body.iam:

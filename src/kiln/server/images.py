@@ -1,0 +1,240 @@
+"""The image catalog behind ``/images``: built-in tiers, global images and each user's own.
+
+An image built from a definition is registered in the image cache under a
+reference (:func:`kiln.images.definition.image_ref`) that every engine resolves
+the way it resolves a tier; the catalog (the store's ``images`` table) maps a
+user's name for it to that reference. :meth:`ImageService.resolve` is the one
+place a create's ``image`` becomes a reference: a tier by name, else the
+caller's own image, else a global one; another user's image is as unknown as a
+name nobody used.
+
+Who owns a build: an admin's is global (owner NULL, visible to everybody, on
+nobody's quota); anyone else's is their own and counts against their
+``max_image_disk_mb``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.api.requests import CreateImage
+from kiln.images import TIERS, Image, ImageError, UnknownTier, prune_images
+from kiln.images.cache import default_image_dir
+from kiln.images.child import ensure_image_in_child
+from kiln.images.definition import Definition, InvalidDefinition, from_json, image_ref
+from kiln.images.registry import register, registered, unregister
+from kiln.store import ImageRecord, NotFound, User, rfc3339
+
+from .errors import ConflictError, Forbidden, NotFoundError
+
+if TYPE_CHECKING:
+    from .services import Services
+
+log = logging.getLogger("kiln.server")
+
+KIND_PACKAGES = "packages"
+
+
+class ImageService:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    @property
+    def image_dir(self) -> Path:
+        return self._s.config.image_dir or default_image_dir()
+
+    # --- reading --------------------------------------------------------------------
+
+    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str]]:
+        """The reference engines know ``name`` by, as ``user`` sees it, and the
+        environment the image gives its sandboxes.
+
+        Unknown names (and other users' images) raise :class:`UnknownTier`, the
+        error an unknown tier has always given.
+        """
+        if name in TIERS:
+            return name, {}
+        try:
+            row = self._s.store.find_image(user.id, name)
+        except NotFound:
+            known = [*TIERS, *(r.name for r in self._s.store.list_images(user.id))]
+            raise UnknownTier(name, sorted(set(known))) from None
+        if row.kind == KIND_PACKAGES:
+            self._reregister(row)
+        env = row.definition.get("env") or {}
+        return row.ref, {str(k): str(v) for k, v in env.items()}
+
+    def _reregister(self, row: ImageRecord) -> None:
+        """The catalog is the record: a definition missing from the image cache (a
+        cleaned cache, another image_dir) is registered again, so the engines find
+        the image and rebuild what is gone instead of calling the name unknown."""
+        if registered(self.image_dir, row.ref) is not None:
+            return
+        try:
+            definition = from_json(row.definition)
+        except InvalidDefinition as exc:
+            raise ImageError(f"image {row.name!r} has an unusable definition: {exc}") from exc
+        register(self.image_dir, row.ref, definition)
+        log.warning(
+            "image %s (%s): its definition was missing from the image cache", row.name, row.ref
+        )
+
+    def list_for(self, user: User) -> list[dict[str, Any]]:
+        tiers = [_tier_view(name) for name in sorted(TIERS)]
+        return tiers + [self.view(r) for r in self._s.store.list_images(user.id)]
+
+    def get(self, user: User, name: str) -> dict[str, Any]:
+        if name in TIERS:
+            return _tier_view(name)
+        return self.view(self._find(user, name))
+
+    def _find(self, user: User, name: str) -> ImageRecord:
+        try:
+            return self._s.store.find_image(user.id, name)
+        except NotFound:
+            raise NotFoundError(f"image {name!r} not found") from None
+
+    @staticmethod
+    def view(row: ImageRecord) -> dict[str, Any]:
+        definition = row.definition
+        return {
+            "name": row.name,
+            "kind": row.kind,
+            "scope": "global" if row.owner is None else "user",
+            "ref": row.ref,
+            "digest": row.digest,
+            "size_bytes": row.size_bytes,
+            "packages": list(definition.get("packages", [])),
+            "files": [str(f.get("path")) for f in definition.get("files", [])],
+            "env": dict(definition.get("env") or {}),
+            "created_at": rfc3339(row.created_at),
+        }
+
+    # --- building -------------------------------------------------------------------
+
+    def prepare(self, user: User, body: CreateImage) -> tuple[Definition, str, ImageRecord | None]:
+        """Check a build request before anything slow: the definition, its name, the
+        quota. Returns the definition, its reference and the catalog row when the
+        very same image already exists (nothing to build)."""
+        definition = from_json(body.model_dump())  # InvalidDefinition: 422
+        if definition.name in TIERS:
+            raise ConflictError(f"{definition.name!r} is a built-in image tier")
+        owner = None if user.is_admin else user.id
+        ref = image_ref(definition, owner)
+        try:
+            existing = self._s.store.find_image(user.id, definition.name)
+        except NotFound:
+            existing = None
+        if existing is not None and existing.owner == owner:
+            if existing.ref == ref:
+                return definition, ref, existing
+            raise ConflictError(
+                f"an image named {definition.name!r} already exists with another definition:"
+                " delete it first"
+            )
+        if owner is not None:
+            self._s.store.check_image_quota(user)
+        return definition, ref, None
+
+    async def build(
+        self,
+        user: User,
+        definition: Definition,
+        ref: str,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Build (or find in the cache) the image and add it to the catalog."""
+        owner = None if user.is_admin else user.id
+        image_dir = self.image_dir
+        await asyncio.to_thread(register, image_dir, ref, definition)
+        try:
+            started = time.monotonic()
+            image = await ensure_image_in_child(ref, image_dir, progress)
+            elapsed = time.monotonic() - started
+            log.info("image %s (%s) ready in %.1f s", definition.name, ref, elapsed)
+            size = await asyncio.to_thread(_disk_usage, image)
+            if owner is not None:
+                self._s.store.check_image_quota(user, size)
+            row = self._s.store.add_image(
+                owner,
+                definition.name,
+                ref=ref,
+                kind=KIND_PACKAGES,
+                digest=image.digest,
+                size_bytes=size,
+                definition=definition.to_json(),
+            )
+        except asyncio.CancelledError:
+            # Stopped (a client gone, a daemon shutting down): no waiting for the build
+            # lock now; a stopped build leaves only temporary files, which the next
+            # build removes.
+            if not self._s.store.image_ref_exists(ref):
+                unregister(image_dir, ref)
+            raise
+        except Exception:
+            # Nothing in the catalog refers to it: no files stay behind (the cached
+            # base tree does: it is keyed by content and shared).
+            if not self._s.store.image_ref_exists(ref):
+                await asyncio.to_thread(_remove_files, image_dir, ref)
+            raise
+        return self.view(row)
+
+    # --- deleting -------------------------------------------------------------------
+
+    def as_owner(self, user: User, owner: str | None) -> User:
+        """Whose images a call is about: ``user`` themselves, or (admins only) the user
+        named ``owner`` (by id or name), for an admin to act on a user's image."""
+        if owner is None or owner in (user.id, user.name):
+            return user
+        if not user.is_admin:
+            raise Forbidden("only an admin may act on another user's images")
+        try:
+            return self._s.store.get_user(owner)
+        except NotFound:
+            try:
+                return self._s.store.user_by_name(owner)
+            except NotFound:
+                raise NotFoundError(f"user {owner!r} not found") from None
+
+    async def delete(self, user: User, name: str, owner: str | None = None) -> None:
+        """Remove an image: its owner or an admin (global ones: admins only; a user's,
+        for an admin: ``owner``); 409 while a live sandbox runs it. The cached base
+        tree stays (keyed by content, shared)."""
+        if name in TIERS:
+            raise Forbidden(f"{name!r} is a built-in image tier")
+        row = self._find(self.as_owner(user, owner), name)
+        if row.owner is None and not user.is_admin:
+            raise Forbidden(f"image {name!r} is global: only an admin may delete it")
+        self._s.store.delete_image(row.id)
+        if row.kind == KIND_PACKAGES:
+            await asyncio.to_thread(_remove_files, self.image_dir, row.ref)
+
+
+def _tier_view(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "tier",
+        "scope": "builtin",
+        "ref": name,
+        "packages": list(TIERS[name].base.packages),
+    }
+
+
+def _disk_usage(image: Image) -> int:
+    """Bytes the image's files occupy on the host (its rootfs is sparse)."""
+    total = 0
+    for path in (image.rootfs, image.initrd, image.kernel):
+        total += os.stat(path).st_blocks * 512
+    return total
+
+
+def _remove_files(image_dir: Path, ref: str) -> None:
+    unregister(image_dir, ref)
+    for removed in prune_images(ref, image_dir, keep=0):
+        log.info("removed image files %s", removed)
