@@ -172,3 +172,48 @@ def test_a_saved_image_survives_a_daemon_restart(tmp_path: Path) -> None:
         second.stop()
     assert not (tmp_path / "engine" / "saved" / "fake" / str(saved["id"])).exists()
     assert (tmp_path / "engine" / "saved" / "fake").is_dir()  # where it was
+
+
+def test_saved_images_are_images_too(server: LiveServer, make_user: Callable[..., ApiUser]) -> None:
+    """``/images`` lists a saved sandbox (``kind: saved``), ``image`` on create takes its
+    name, ``DELETE /images/{name}`` deletes it; saved and built images share one
+    namespace per user."""
+    alice, bob = make_user(), make_user()
+    alice.sandbox(name="src")
+    _write(alice, "src", "saved.txt", "kept")
+    saved = _save(alice, "src", "work")
+    listed = {i["name"]: i for i in alice.http.get("/images").json()}
+    assert (listed["work"]["kind"], listed["work"]["scope"]) == ("saved", "user")
+    assert listed["work"]["size_bytes"] == saved["size_bytes"]
+    assert alice.http.get("/images/work").json() == listed["work"]
+    assert "work" not in [i["name"] for i in bob.http.get("/images").json()]
+    assert bob.http.get("/images/work").status_code == 404
+    assert bob.http.post("/sandboxes", json={"image": "work"}).status_code == 422
+
+    sb = alice.sandbox(name="from-image", image="work")
+    assert _cat(alice, str(sb["name"]), "saved.txt") == "kept"
+    # What a saved image fixes still cannot be asked for differently.
+    r = alice.http.post("/sandboxes", json={"image": "work", "cpus": 2})
+    assert r.status_code == 422 and "cpus" in r.json()["error"]
+
+    # One name, one image: a build cannot take a saved image's name, nor a save a
+    # built (or global) image's.
+    server.store.add_image(
+        alice.user.id,
+        "built",
+        ref="x.built.1",
+        kind="packages",
+        digest="1",
+        size_bytes=0,
+        definition={},
+    )
+    r = alice.http.post("/sandboxes/src/save", json={"name": "built"})
+    assert r.status_code == 409 and "'built'" in r.json()["error"]
+    r = alice.http.post("/images", json={"name": "work", "packages": ["jq"]})
+    assert r.status_code == 409 and "'work'" in r.json()["error"]
+    r = alice.http.post("/sandboxes/src/save", json={"name": "minimal"})
+    assert r.status_code == 409
+
+    assert alice.http.delete("/images/work").status_code == 204
+    assert alice.http.get("/saved-images").json() == []
+    assert alice.http.get("/images/work").status_code == 404

@@ -16,6 +16,7 @@ nobody's quota); anyone else's is their own and counts against their
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from kiln.images.cache import default_image_dir
 from kiln.images.child import ensure_image_in_child
 from kiln.images.definition import Definition, InvalidDefinition, from_json, image_ref
 from kiln.images.registry import register, registered, unregister
-from kiln.store import ImageRecord, NotFound, User, rfc3339
+from kiln.store import ImageRecord, NotFound, SavedImageRecord, User, rfc3339
 
 from .errors import ConflictError, Forbidden, NotFoundError
 
@@ -86,13 +87,40 @@ class ImageService:
         )
 
     def list_for(self, user: User) -> list[dict[str, Any]]:
+        """Tiers, the global and the caller's own images, and the caller's saved
+        sandboxes (``kind: saved``): every name ``image`` on create accepts."""
         tiers = [_tier_view(name) for name in sorted(TIERS)]
-        return tiers + [self.view(r) for r in self._s.store.list_images(user.id)]
+        built = [self.view(r) for r in self._s.store.list_images(user.id)]
+        saved = [_saved_view(r) for r in self._s.store.list_saved_images(user.id)]
+        return tiers + built + saved
 
     def get(self, user: User, name: str) -> dict[str, Any]:
         if name in TIERS:
             return _tier_view(name)
+        saved = self.saved(user, name)
+        if saved is not None:
+            return _saved_view(saved)
         return self.view(self._find(user, name))
+
+    def saved(self, user: User, name: str) -> SavedImageRecord | None:
+        """The caller's sandbox saved under ``name``, if any (their saved images and
+        their built ones share one namespace: see :meth:`check_free`)."""
+        try:
+            return self._s.store.get_saved_image(user.id, name)
+        except (NotFound, ValueError):
+            return None
+
+    def check_free(self, user: User, name: str, *, saving: bool) -> None:
+        """409 when ``name`` would mean two images to ``user``: a saved sandbox and a
+        built image (their own or a global one) of one name, or a tier."""
+        if name in TIERS:
+            raise ConflictError(f"{name!r} is a built-in image tier")
+        if saving:
+            with contextlib.suppress(NotFound):
+                self._s.store.find_image(user.id, name)
+                raise ConflictError(f"an image named {name!r} exists: pick another name")
+        elif self.saved(user, name) is not None:
+            raise ConflictError(f"you saved a sandbox as {name!r}: pick another name")
 
     def _find(self, user: User, name: str) -> ImageRecord:
         try:
@@ -123,8 +151,7 @@ class ImageService:
         quota. Returns the definition, its reference and the catalog row when the
         very same image already exists (nothing to build)."""
         definition = from_json(body.model_dump())  # InvalidDefinition: 422
-        if definition.name in TIERS:
-            raise ConflictError(f"{definition.name!r} is a built-in image tier")
+        self.check_free(user, definition.name, saving=False)
         owner = None if user.is_admin else user.id
         ref = image_ref(definition, owner)
         try:
@@ -208,7 +235,11 @@ class ImageService:
         tree stays (keyed by content, shared)."""
         if name in TIERS:
             raise Forbidden(f"{name!r} is a built-in image tier")
-        row = self._find(self.as_owner(user, owner), name)
+        whose = self.as_owner(user, owner)
+        if whose is user and self.saved(user, name) is not None:
+            await self._s.saved_images.delete(user, name)
+            return
+        row = self._find(whose, name)
         if row.owner is None and not user.is_admin:
             raise Forbidden(f"image {name!r} is global: only an admin may delete it")
         self._s.store.delete_image(row.id)
@@ -223,6 +254,19 @@ def _tier_view(name: str) -> dict[str, Any]:
         "scope": "builtin",
         "ref": name,
         "packages": list(TIERS[name].base.packages),
+    }
+
+
+def _saved_view(row: SavedImageRecord) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "kind": "saved",
+        "scope": "user",
+        "ref": row.tier,
+        "digest": row.id,
+        "size_bytes": row.size_bytes,
+        "env": dict(row.config.env),
+        "created_at": rfc3339(row.created_at),
     }
 
 

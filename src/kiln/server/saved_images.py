@@ -82,6 +82,7 @@ class SavedImageService:
         with contextlib.suppress(NotFound):
             s.store.get_saved_image(user.id, body.name)
             raise ConflictError(f"a saved image named {body.name!r} already exists")
+        s.catalog.check_free(user, body.name, saving=True)
         image_id = new_saved_image_id()
         async with sandboxes.lock(src.id):
             s.store.get_sandbox(src.id)  # 404 if deleted while we waited

@@ -374,6 +374,9 @@ class SandboxService:
         template (an E2B ``templateID``); ``idempotency``: the key a retried create
         finds it by. The last two are recorded in its config."""
         s = self._s
+        if body.saved_image is None and body.image and s.catalog.saved(user, body.image):
+            # ``image`` names every image the caller has, their saved sandboxes too.
+            body = body.model_copy(update={"saved_image": body.image, "image": None})
         saved = s.saved_images.for_create(user, body)
         tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
         cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
