@@ -9,10 +9,11 @@ from pathlib import Path
 
 import httpx
 
+from kiln.server.intents import Intent, Intents, finish_interrupted
 from kiln.store import Quotas
 
 from .conftest import ApiUser
-from .harness import LiveServer
+from .harness import AgentEngine, LiveServer
 
 SAVED_FIELDS = {
     "id",
@@ -217,3 +218,25 @@ def test_saved_images_are_images_too(server: LiveServer, make_user: Callable[...
     assert alice.http.delete("/images/work").status_code == 204
     assert alice.http.get("/saved-images").json() == []
     assert alice.http.get("/images/work").status_code == 404
+
+
+def test_a_save_a_crash_cut_short_leaves_no_files(server: LiveServer, api: ApiUser) -> None:
+    """A daemon killed after the engine saved but before the row was written: the next
+    start's intents delete the files nobody can name; an image with its row stays."""
+    api.sandbox(name="crashy")
+    kept = _save(api, "crashy", "kept")
+    lost = _save(api, "crashy", "lost")
+    engine = server.engine
+    assert isinstance(engine, AgentEngine)
+    server.store.delete_saved_image(api.user.id, "lost")  # as if its row never came
+    intents = Intents(server.root / "intents-test")
+    for image in (kept, lost):
+        intents.begin(Intent(str(image["id"]), "save", api.user.id, engine=engine.name))
+    assert engine.saved_image(str(lost["id"])) is not None
+    done = server.call(lambda: finish_interrupted(server.store, engine, intents))
+    assert sorted(done) == sorted(f"save of {i['id']} cleaned up" for i in (kept, lost))
+    assert engine.saved_image(str(lost["id"])) is None
+    assert engine.saved_image(str(kept["id"])) is not None
+    assert intents.pending() == []
+    sb = api.sandbox(name="still", saved_image="kept")
+    assert sb["engine"] == kept["engine"]

@@ -15,6 +15,8 @@ every intent left over to a clean end:
   existed; a retry makes a new one.
 - ``destroy``: completed. The user asked for it and may have lost some of it
   already; it cannot be half there.
+- ``save`` (keyed by the saved image's id, not a sandbox's): the engine's files
+  of an image the store has no row for are deleted; nobody was told it exists.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from typing import Literal
 
 from kiln.engine.base import Engine
 from kiln.engine.errors import EngineError, SandboxNotFound
-from kiln.engine.router import Unavailable
+from kiln.engine.router import Engines, Unavailable
 from kiln.store import NotFound, Store, StoreError
 
 log = logging.getLogger("kiln.intents")
 
 INTENTS_DIR = "intents"
 
-Op = Literal["create", "destroy"]
+Op = Literal["create", "destroy", "save"]
+_OPS = ("create", "destroy", "save")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Intent:
     op: Op
     user_id: str
     new_volumes: tuple[str, ...] = ()  # names of the volumes a create makes
+    engine: str | None = None  # a save's: the engine that holds the image's files
 
 
 class Intents:
@@ -67,6 +71,7 @@ class Intents:
             "op": intent.op,
             "user_id": intent.user_id,
             "new_volumes": list(intent.new_volumes),
+            "engine": intent.engine,
         }
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -89,9 +94,10 @@ class Intents:
                 out.append(
                     Intent(
                         sandbox_id=str(data["sandbox_id"]),
-                        op=data["op"] if data["op"] in ("create", "destroy") else "create",
+                        op=data["op"] if data["op"] in _OPS else "create",
                         user_id=str(data["user_id"]),
                         new_volumes=tuple(str(v) for v in data.get("new_volumes", ())),
+                        engine=None if data.get("engine") is None else str(data["engine"]),
                     )
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -125,7 +131,7 @@ async def finish_interrupted(store: Store, engine: Engine, intents: Intents) -> 
             log.error("cannot finish the %s of %s: %s", intent.op, intent.sandbox_id, exc)
             continue
         intents.end(intent.sandbox_id)
-        what = "undone" if intent.op == "create" else "completed"
+        what = {"create": "undone", "destroy": "completed"}.get(intent.op, "cleaned up")
         log.warning("interrupted %s of sandbox %s %s", intent.op, intent.sandbox_id, what)
         done.append(f"{intent.op} of {intent.sandbox_id} {what}")
     return done
@@ -139,6 +145,12 @@ async def finish_at_start(store: Store, engine: Engine, data_dir: Path) -> None:
 
 
 async def _finish(store: Store, engine: Engine, intent: Intent) -> None:
+    if intent.op == "save":
+        if not store.saved_image_exists(intent.sandbox_id):
+            if isinstance(engine, Engines) and intent.engine is not None:
+                engine = engine.get(intent.engine)  # the others have none of it
+            await engine.delete_saved_image(intent.sandbox_id)
+        return
     with contextlib.suppress(SandboxNotFound):
         await engine.destroy(intent.sandbox_id)
     with contextlib.suppress(NotFound):

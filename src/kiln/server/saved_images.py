@@ -23,8 +23,10 @@ from kiln.api.requests import NAME_RE, CreateSandbox, SaveSandbox
 from kiln.engine.errors import EngineError
 from kiln.engine.router import Engines
 from kiln.store import NotFound, SavedImageRecord, User, rfc3339
+from kiln.store import Sandbox as SandboxRow
 
 from .errors import ConflictError, NotFoundError, Unprocessable
+from .intents import Intent
 
 if TYPE_CHECKING:
     from .services import Services
@@ -84,6 +86,20 @@ class SavedImageService:
             raise ConflictError(f"a saved image named {body.name!r} already exists")
         s.catalog.check_free(user, body.name, saving=True)
         image_id = new_saved_image_id()
+        # A crash before the row is written leaves files nobody could name or delete:
+        # the next start deletes them (see kiln.server.intents).
+        intents = sandboxes.intents
+        intents.begin(Intent(image_id, "save", user.id, engine=src.engine))
+        try:
+            return await self._save(user, src, body, image_id)
+        finally:
+            intents.end(image_id)
+
+    async def _save(
+        self, user: User, src: SandboxRow, body: SaveSandbox, image_id: str
+    ) -> dict[str, Any]:
+        s = self._s
+        sandboxes = s.sandboxes
         async with sandboxes.lock(src.id):
             s.store.get_sandbox(src.id)  # 404 if deleted while we waited
             try:

@@ -905,6 +905,11 @@ class Store:
             )
             return _saved_image(_one(cur, f"saved image {name!r}"))
 
+    def saved_image_exists(self, image_id: str) -> bool:
+        with self._read() as conn:
+            cur = conn.execute("SELECT 1 FROM saved_images WHERE id = ?", (image_id,))
+            return cur.fetchone() is not None
+
     def list_saved_images(self, user_id: str) -> list[SavedImageRecord]:
         with self._read() as conn:
             rows = conn.execute(
