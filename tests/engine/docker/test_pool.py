@@ -37,7 +37,7 @@ from .test_engine import base_tree_missing
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
 BRIDGE = "kd-pool0"
-SUBNET = "10.213.62.0/24"
+SUBNET = "10.213.72.0/24"
 TABLE = "kiln_dpool"
 SHAPE: dict[str, Any] = {"cpus": 1, "memory_mb": 256}
 READY_WAIT = 60.0
@@ -116,6 +116,7 @@ async def claimed(engine: DockerEngine, spec: SandboxSpec) -> str:
     return member
 
 
+RANDOM = "head -c 16 /dev/urandom | od -An -tx1"
 USER_SCRIPT = (
     'echo "env=$SECRET"; echo "host=$(hostname)"; echo "file=$(cat /etc/hostname)";'
     " grep -c user-one /etc/hosts || true; ls /home/sandbox/secret.txt 2>&1 || true;"
@@ -173,6 +174,7 @@ async def test_nothing_of_one_user_reaches_the_next(engine: DockerEngine) -> Non
     )
     first_member = await claimed(engine, first)
     old_client = engine.client(first.sandbox_id)
+    first_random = await run(engine, first.sandbox_id, RANDOM)
     await engine.destroy(first.sandbox_id)
     second = new_spec("user_two", owner="bob")
     second_member = await claimed(engine, second)
@@ -181,8 +183,10 @@ async def test_nothing_of_one_user_reaches_the_next(engine: DockerEngine) -> Non
     assert out.splitlines()[:4] == ["env=", "host=user-two", "file=user-two", "0"]
     assert "No such file" in out.splitlines()[4] and "No such file" in out.splitlines()[5]
     # Clock and RNG are the host kernel's: right, and not a copy of anyone's.
-    out = await run(engine, second.sandbox_id, "date +%s; head -c 16 /dev/urandom | od -An -tx1")
-    assert abs(int(out.split()[0]) - time.time()) < 5
+    out = await run(engine, second.sandbox_id, "date +%s")
+    assert abs(int(out) - time.time()) < 5
+    second_random = await run(engine, second.sandbox_id, RANDOM)
+    assert len(second_random.split()) == 16 and second_random != first_random
     # The first user's token is dead; the member's token (what the first user's was
     # made from: nothing) opens nothing either.
     info = engine.info(second.sandbox_id)
@@ -314,7 +318,7 @@ async def test_close_removes_the_members(
 ) -> None:
     if base_tree_missing():
         pytest.skip(str(base_tree_missing()))
-    config = engine_config(tmp_path, dockerd, bridge="kd-pool1", subnet="10.213.63.0/24")
+    config = engine_config(tmp_path, dockerd, bridge="kd-pool1", subnet="10.213.73.0/24")
     eng = DockerEngine(_with_pool(config, size=1), firewall)
     spec = new_spec("closing")
     try:

@@ -31,8 +31,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     with daemon_host(
         tmp_path_factory.mktemp("dpool"),
         "kiln-dp",
-        vm=Bridge("kdpq0", "10.213.48.0/24"),
-        docker=Bridge("kdpd0", "10.213.49.0/24"),
+        vm=Bridge("kdpq0", "10.213.52.0/24"),
+        docker=Bridge("kdpd0", "10.213.53.0/24"),
         extra={"engine": "docker", "pool": {"size": 1, "memory_mb": 1024}},
     ) as host:
         yield host
