@@ -23,6 +23,9 @@ Docker sandbox has no snapshots: the thermal manager never takes it cold, and
 a stop ends its processes and keeps its files (:mod:`kiln.engine.states`,
 ``snapshots=False``); a start boots it again (without re-running its init).
 
+A create whose spec fits a pooled shape takes a paused, warmed-up container of
+the warm pool instead (:mod:`.pool`; runc only), which becomes the sandbox.
+
 The dockerd is kiln's private one (:class:`~.daemon.Dockerd`), started on first
 use or adopted when it still runs; like QEMU processes, containers outlive a
 daemon restart and are re-adopted (:meth:`DockerEngine.import_state`). A
