@@ -117,6 +117,8 @@ async def claimed(engine: DockerEngine, spec: SandboxSpec) -> str:
 
 
 RANDOM = "head -c 16 /dev/urandom | od -An -tx1"
+#: The container's own cgroup weight, as it sees it (cgroup v1: these hosts).
+CPU_SHARES = "cat /sys/fs/cgroup/cpu/cpu.shares"
 USER_SCRIPT = (
     'echo "env=$SECRET"; echo "host=$(hostname)"; echo "file=$(cat /etc/hostname)";'
     " grep -c user-one /etc/hosts || true; ls /home/sandbox/secret.txt 2>&1 || true;"
@@ -148,10 +150,11 @@ async def test_a_claim_applies_the_spec_and_hides_the_member(
         "sandbox",
         "600 sandbox",
     ]
-    # Docker's view: the sandbox's name, normal CPU weight; the member is in no listing.
+    # Docker's view: the sandbox's name; the member is in no listing. Its CPU weight
+    # is a sandbox's in its cgroup (Docker's config keeps the member's until a restart).
     attrs = await engine.inspect(sid)
     assert attrs["Name"] == f"/{container_name(sid)}"
-    assert attrs["HostConfig"]["CpuShares"] == NORMAL_CPU_SHARES
+    assert int(await run(engine, sid, CPU_SHARES)) == NORMAL_CPU_SHARES
     assert attrs["Config"]["Labels"][LABEL] == member  # fixed at create: the record says so
     assert [i.sandbox_id for i in engine.list()] == [sid]
     assert not any(b.sandbox_id == member for b in engine.warm_pool.members())
@@ -258,6 +261,9 @@ async def test_a_claimed_sandbox_stops_starts_and_is_destroyed_like_any(
     # the agent reads the sandbox's config (token, env) from the member's directory.
     out = await run(engine, sid, 'echo "$SECRET $(hostname) $(cat /etc/hostname)"')
     assert out.split() == ["kept", "rebooted", "rebooted"]
+    assert int(await run(engine, sid, CPU_SHARES)) == NORMAL_CPU_SHARES
+    attrs = await engine.inspect(sid)
+    assert attrs["HostConfig"]["CpuShares"] == NORMAL_CPU_SHARES
     cfg = engine.config
     await engine.destroy(sid)
     client = await engine.docker_client()

@@ -102,7 +102,7 @@ from .config import RUNTIMES, DockerEngineConfig
 from .containers import docker_errors
 from .daemon import Dockerd, probe, sdk_client
 from .errors import DockerdError
-from .pool import LOW_CPU_SHARES, WarmPool
+from .pool import LOW_CPU_SHARES, NORMAL_CPU_SHARES, WarmPool
 from .record import (
     CONFIG_FILE,
     Record,
@@ -484,11 +484,12 @@ class DockerEngine:
         await self._plumb(box, client)
         if box.record.member is not None:
             # Docker starts it with the member's host name, at every start.
-            await self._rename_host(box, client)
+            await self._reapply_claim(box, client)
         await self._wait_agent(box, client, self.config.boot_timeout)
 
-    async def _rename_host(self, box: Box, client: Any) -> None:
-        """The sandbox's host name in its running container (see :mod:`.hostname`)."""
+    async def _reapply_claim(self, box: Box, client: Any) -> None:
+        """The sandbox's host name in its running container (see :mod:`.hostname`), and
+        its CPU weight in Docker's config (see :mod:`.pool`)."""
         record = box.record
         old, new = guest_hostname(record.made_as), guest_hostname(record.spec.name)
         pid = box.pid
@@ -498,6 +499,11 @@ class DockerEngine:
             attrs = await asyncio.to_thread(client.api.inspect_container, record.container)
             await asyncio.to_thread(hostname.set_hostname, pid, new)
             await asyncio.to_thread(hostname.rewrite_files, attrs, old, new)
+            if attrs["HostConfig"].get("CpuShares") == LOW_CPU_SHARES:
+                # Its claim set the cgroup's weight only: Docker applied its own again.
+                await asyncio.to_thread(
+                    client.api.update_container, record.container, cpu_shares=NORMAL_CPU_SHARES
+                )
 
     async def _plumb(self, box: Box, client: Any) -> None:
         """Give a running container of its own network its eth0 (idempotent); the agent

@@ -17,13 +17,16 @@ hands it over:
 
     firewall   the user's group and policy on the member's address, in one nftables
                update, awaited before ``init`` runs
-    docker     unpause; then, beside the CONFIGURE: the container renamed to the
-               sandbox's (``docker rename``), its CPU weight back to normal, and its
-               host name set (below)
+    docker     unpause; then, beside the CONFIGURE, the container renamed to the
+               sandbox's (``docker rename``; dockerd serves one call per container
+               at a time, so nothing else goes through it)
     guest      one CONFIGURE frame: files, env and a new token; then ``init``, once
                the rules are in
-    host       the sandbox's ``record.json`` and the guest's ``config.json`` (what a
-               restart of the container reads)
+    host       beside all of it: the CPU weight back to normal in the container's
+               cgroup (written directly; Docker's config keeps the member's until the
+               container's next start, when the engine updates it), the host name
+               (below), the sandbox's ``record.json`` and the guest's ``config.json``
+               (what a restart of the container reads)
 
 What Docker fixes at create and cannot change afterwards:
 
@@ -85,6 +88,7 @@ from . import containers, hostname
 from .box import Box
 from .config import DockerEngineConfig
 from .containers import docker_errors
+from .host import set_cpu_shares
 from .record import Record, container_name
 
 log = logging.getLogger(__name__)
@@ -147,6 +151,7 @@ class WarmPool:
         self._targets: dict[Shape, int] = {}
         self._members: dict[Shape, list[Box]] = {}
         self._filling: Box | None = None
+        self._made: dict[str, _Made] = {}  # member id → its container, as made
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -234,6 +239,7 @@ class WarmPool:
     async def _hand_over(self, box: Box, spec: SandboxSpec, directory: Path) -> Box:
         old = box.record
         sid = spec.sandbox_id
+        made = self._made.pop(old.sandbox_id)
         record = dataclasses.replace(
             old,
             spec=spec,
@@ -242,29 +248,39 @@ class WarmPool:
             member=old.sandbox_id,
         )
         client = await self._docker()
-        # The user's rules replace the member's while the container takes its config;
-        # init, the first user code, waits for them.
-        rules = asyncio.create_task(
-            self._guard.transfer(old.sandbox_id, spec, old.ip, None, None),
-            name=f"pool rules {sid}",
-        )
-        tasks = [rules]
+        pid = box.pid
+        if pid is None:
+            raise EngineError(f"pool member {old.sandbox_id} has no process")
+        names = guest_hostname(old.spec.name), guest_hostname(spec.name)
+
+        def run(what: str, work: Callable[[], object]) -> asyncio.Task[None]:
+            async def step() -> None:
+                with docker_errors(f"{what} (pool member {old.sandbox_id} becoming {sid})"):
+                    await asyncio.to_thread(work)
+
+            return asyncio.create_task(step(), name=f"pool {what} {sid}")
+
+        # The host's steps run beside the unpause and the CONFIGURE; dockerd does one
+        # call at a time per container, so its rename waits for the unpause and then
+        # runs beside the CONFIGURE (by container id: nothing waits for the new name).
+        tasks = [
+            # The user's rules replace the member's; init, the first user code, waits.
+            asyncio.create_task(
+                self._guard.transfer(old.sandbox_id, spec, old.ip, None, None),
+                name=f"pool rules {sid}",
+            ),
+            # The cgroup's weight, directly: a docker update would queue behind the
+            # others (the engine fixes Docker's record of it at the next start).
+            run("restoring the CPU weight", lambda: set_cpu_shares(pid, NORMAL_CPU_SHARES)),
+            run("setting the host name", lambda: _rename_host(pid, made.attrs, *names)),
+            run("writing its files", lambda: self._write_files(record, directory)),
+        ]
         try:
             self._addresses.release(old.ip)
             self._addresses.mark_in_use(old.ip, sid)
             with docker_errors(f"unpausing pool member {old.sandbox_id}"):
-                await asyncio.to_thread(containers.pause, client, old.container, resume=True)
-            tasks.append(
-                asyncio.create_task(
-                    asyncio.to_thread(self._redress, client, box, record), name=f"pool {sid}"
-                )
-            )
-            tasks.append(
-                asyncio.create_task(
-                    asyncio.to_thread(self._write_files, record, directory),
-                    name=f"pool files {sid}",
-                )
-            )
+                await asyncio.to_thread(containers.pause, client, made.id, resume=True)
+            tasks.append(run("renaming", lambda: client.api.rename(made.id, record.container)))
             await box.client.configure(_claim_config(record))
             for task in tasks:
                 await task
@@ -275,25 +291,11 @@ class WarmPool:
                 with contextlib.suppress(BaseException):
                     await task
             raise
-        sandbox = Box(record, directory, CREATED.next, self._client_for(record), pid=box.pid)
+        sandbox = Box(record, directory, CREATED.next, self._client_for(record), pid=pid)
         if spec.init:
             await sandbox.client.configure({"init": spec.init})
         sandbox.last_boot = LastBoot.now(BootReason.CREATED)
         return sandbox
-
-    def _redress(self, client: Any, box: Box, record: Record) -> None:
-        """What Docker fixed at the member's create, made the sandbox's: its container's
-        name, CPU weight and host name (a thread's work: blocking calls)."""
-        old = box.record
-        with docker_errors(f"handing pool member {old.sandbox_id} over to {record.sandbox_id}"):
-            client.api.rename(old.container, record.container)
-            client.api.update_container(record.container, cpu_shares=NORMAL_CPU_SHARES)
-            attrs = client.api.inspect_container(record.container)
-            if box.pid is None:
-                raise OSError("its container has no process")
-            new_name = guest_hostname(record.spec.name)
-            hostname.set_hostname(box.pid, new_name)
-            hostname.rewrite_files(attrs, guest_hostname(old.spec.name), new_name)
 
     # ------------------------------------------------------------------ refill
 
@@ -347,7 +349,9 @@ class WarmPool:
             await box.client.exec(["true"])
             client = await self._docker()
             with docker_errors(f"pausing pool member {mid}"):
+                attrs = await asyncio.to_thread(client.api.inspect_container, box.record.container)
                 await asyncio.to_thread(containers.pause, client, box.record.container)
+            self._made[mid] = _Made(attrs["Id"], attrs)
         except BaseException:
             await self._discard(box)
             raise
@@ -361,6 +365,7 @@ class WarmPool:
     async def _discard(self, box: Box, claimed_by: str | None = None) -> None:
         """Remove a member (never a sandbox): its container, veth, rules, address and
         directory; and what a failed claim by ``claimed_by`` made under that id."""
+        self._made.pop(box.sandbox_id, None)
         if box.destroyed:
             return
         try:
@@ -389,6 +394,21 @@ class WarmPool:
             with contextlib.suppress(EngineError, docker.errors.DockerException):
                 await self._discard(box)
         self._members.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    """A member's container as inspected when it was made: its id (what a claim's
+    Docker calls name, as its name changes under them) and where its
+    ``/etc/hostname`` and ``/etc/hosts`` are."""
+
+    id: str
+    attrs: dict[str, Any]
+
+
+def _rename_host(pid: int, attrs: dict[str, Any], old: str, new: str) -> None:
+    hostname.set_hostname(pid, new)
+    hostname.rewrite_files(attrs, old, new)
 
 
 def _shape(spec: SandboxSpec, runtime: str) -> Shape:
