@@ -319,6 +319,28 @@ async def test_a_member_that_died_is_dropped_and_the_create_goes_on(
     await engine.destroy(spec.sandbox_id)
 
 
+async def test_a_shape_that_cannot_be_made_does_not_starve_the_others(
+    dockerd: Dockerd, tmp_path: Path
+) -> None:
+    if base_tree_missing():
+        pytest.skip(str(base_tree_missing()))
+    config = engine_config(tmp_path, dockerd, bridge="kd-pool2", subnet="10.213.70.0/24")
+    eng = DockerEngine(_with_pool(config, size=1))
+    good = new_spec("good")
+    impossible = new_spec("impossible", cpus=64)  # more CPUs than dockerd lets it have
+    try:
+        await eng.prepare(good)
+        eng.warm_pool.start(impossible, "runc")
+        await wait_ready(eng, good)
+        await eng.create(good)
+        assert eng.warm_pool.claims == 1
+        await wait_ready(eng, good)  # refilled while the other shape keeps failing
+        assert eng.warm_pool.ready(impossible, "runc") == 0
+        await eng.destroy(good.sandbox_id)
+    finally:
+        await eng.close()
+
+
 async def test_close_removes_the_members(
     dockerd: Dockerd, firewall: Firewall, tmp_path: Path
 ) -> None:

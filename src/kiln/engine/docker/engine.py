@@ -871,9 +871,10 @@ class DockerEngine:
         if self._never_used():
             return []
         client = await self._ensure_ready()
-        boxes = [b for b in self._boxes.values() if not b.destroyed] + self._warm.members()
+        boxes = [b for b in self._boxes.values() if not b.destroyed]
         # A sandbox from the pool is known by its member's id too (label, veth, config).
         known = {b.sandbox_id for b in boxes} | {b.record.made_as for b in boxes}
+        known |= self._warm.known_ids()
         removed: builtins.list[str] = []
         for container_id, sid in await asyncio.to_thread(
             containers.own_containers, client, self.config

@@ -102,6 +102,8 @@ POOLED_RUNTIMES: Final = frozenset({"runc"})
 LOW_CPU_SHARES: Final = 2
 NORMAL_CPU_SHARES: Final = 1024
 #: Pause after a failed refill before the next try.
+#: A shape whose member could not be made is tried again this long after (the
+#: others' refills go on meanwhile).
 _RETRY_S: Final = 5.0
 #: A refill starts this long after the last claim, so that its container's start
 #: does not run beside the new sandbox's first requests.
@@ -152,6 +154,10 @@ class WarmPool:
         self._members: dict[Shape, list[Box]] = {}
         self._filling: Box | None = None
         self._made: dict[str, _Made] = {}  # member id → its container, as made
+        #: Ids whose containers and directories exist but are in no table yet: a member
+        #: being made, a claim's member and sandbox during the hand-over.
+        self._busy: set[str] = set()
+        self._failed: dict[Shape, float] = {}  # when a shape's last refill failed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -168,6 +174,11 @@ class WarmPool:
         if self._filling is not None:
             out.append(self._filling)
         return out
+
+    def known_ids(self) -> set[str]:
+        """The ids of everything the pool holds, also what is in the making (for the
+        orphan cleanup: their containers, veths and directories are not orphans)."""
+        return {box.sandbox_id for box in self.members()} | self._busy
 
     def ready(self, spec: SandboxSpec, runtime: str) -> int:
         """How many members of ``spec``'s shape wait to be claimed."""
@@ -219,6 +230,8 @@ class WarmPool:
         box = members.pop(0)  # no await since the check: one member, one create
         self._last_claim = time.monotonic()
         self._wake.set()
+        busy = {box.sandbox_id, spec.sandbox_id}
+        self._busy |= busy
         try:
             sandbox = await self._hand_over(box, spec, directory)
         except (EngineError, AgentError, OSError) as exc:
@@ -233,6 +246,9 @@ class WarmPool:
         except BaseException:
             await self._discard(box, spec.sandbox_id)
             raise
+        finally:
+            # The engine puts the sandbox in its table before it awaits anything.
+            self._busy -= busy
         self.claims += 1
         return sandbox
 
@@ -299,21 +315,28 @@ class WarmPool:
 
     # ------------------------------------------------------------------ refill
 
-    def _wanted(self) -> Shape | None:
-        """The next shape to refill, if the memory budget allows one more member."""
+    def _wanted(self) -> tuple[Shape | None, float | None]:
+        """The next shape to refill, if the memory budget allows one more member; else
+        None and, if a shape waits out a failure, how long until it may be tried."""
         used = self._memory_mb()
+        now = time.monotonic()
+        wait: float | None = None
         for shape, target in self._targets.items():
             short = len(self._members.get(shape, ())) < target
             if short and used + shape.memory_mb <= self.config.pool_memory_mb:
-                return shape
-        return None
+                retry = self._failed.get(shape, 0.0) + _RETRY_S - now
+                if retry <= 0:
+                    return shape, None
+                wait = retry if wait is None else min(wait, retry)
+        return None, wait
 
     async def _refill(self) -> None:
         while not self._closed:
-            shape = self._wanted()
+            shape, wait = self._wanted()
             if shape is None:
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
                 continue
             settle = self._last_claim + SETTLE_S - time.monotonic()
             if settle > 0:
@@ -323,8 +346,9 @@ class WarmPool:
                 box = await self._fill(shape)
             except (EngineError, AgentError, OSError) as exc:
                 log.warning("docker warm pool: making a %s member failed: %s", shape, exc)
-                await asyncio.sleep(_RETRY_S)
+                self._failed[shape] = time.monotonic()
                 continue
+            self._failed.pop(shape, None)
             self._members.setdefault(shape, []).append(box)
 
     async def _fill(self, shape: Shape) -> Box:
@@ -340,7 +364,11 @@ class WarmPool:
             engine="docker",
             runtime=shape.runtime,
         )
-        box = await self._make(spec, shape.runtime)
+        self._busy.add(mid)
+        try:
+            box = await self._make(spec, shape.runtime)
+        finally:
+            self._busy.discard(mid)
         self._filling = box
         try:
             # What a claim and the first exec after it run, once now: the agent
