@@ -278,6 +278,31 @@ async def test_a_claimed_sandbox_stops_starts_and_is_destroyed_like_any(
         assert done.returncode != 0, f"veth {link} outlived the sandbox"
 
 
+async def test_a_claimed_sandbox_saves_and_a_create_from_its_image_is_no_claim(
+    engine: DockerEngine,
+) -> None:
+    spec = new_spec("saver", env={"SECRET": "saved"})
+    await claimed(engine, spec)
+    await run(engine, spec.sandbox_id, "echo kept > /workspace/kept.txt")
+    image_id = f"img-{secrets.token_hex(3)}"
+    await engine.save_image(spec.sandbox_id, image_id)
+    try:
+        await wait_ready(engine, spec)
+        again = new_spec("from-saved", snapshot=image_id)
+        assert not engine.warm_pool.fits(again, "runc")
+        claims = engine.warm_pool.claims
+        await engine.create(again)
+        assert engine.warm_pool.claims == claims, "a saved image's create took a member"
+        assert record_of(engine, again.sandbox_id).member is None
+        out = await run(engine, again.sandbox_id, 'cat /workspace/kept.txt; echo "[$SECRET]"')
+        assert out.split() == ["kept", "[]"]  # the files, not the first user's env
+        assert engine.warm_pool.ready(spec, "runc") == 1
+        await engine.destroy(again.sandbox_id)
+    finally:
+        await engine.destroy(spec.sandbox_id)
+        await engine.delete_saved_image(image_id)
+
+
 async def test_recovery_and_orphan_cleanup_know_a_claimed_sandbox(
     engine: DockerEngine, firewall: Firewall
 ) -> None:

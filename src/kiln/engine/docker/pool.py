@@ -10,8 +10,8 @@ sandboxes leave); then a CONFIGURE and an exec run once (the agent imports what
 a claim and a first exec use), and it is paused (``docker pause``: the freezer
 cgroup; it uses no CPU, its memory stays).
 
-A create whose spec fits a pooled shape (:meth:`WarmPool.fits`: runc, no
-volumes, no own user, a config that fits one frame) takes a member
+A create whose spec fits a pooled shape (:meth:`WarmPool.fits`: runc, not from a
+saved image, no volumes, no own user, a config that fits one frame) takes a member
 (:meth:`WarmPool.claim`: a synchronous pop, so two creates never get one) and
 hands it over:
 
@@ -194,6 +194,8 @@ class WarmPool:
         and for a runtime that is not pooled)."""
         if self.config.pool_size <= 0 or self._closed or runtime not in POOLED_RUNTIMES:
             return
+        if spec.snapshot is not None:
+            return  # a saved image is its own image: no member was made from it
         self._targets.setdefault(_shape(spec, runtime), self.config.pool_size)
         if self._task is None:
             self._task = asyncio.create_task(self._refill(), name="docker warm pool refill")
@@ -204,6 +206,7 @@ class WarmPool:
         rest of it is configurable in a running container)."""
         return (
             _shape(spec, runtime) in self._targets
+            and spec.snapshot is None
             and not spec.volumes
             and spec.user is None
             and _config_size(spec) <= MAX_CONFIG_BYTES
