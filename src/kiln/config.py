@@ -86,10 +86,12 @@ class PoolShape:
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    """The QEMU engine's warm pool: ``size`` sandboxes of the default machine shape
-    (1 vCPU, 512 MB, the default image) kept restored, warmed up and paused (0: none),
-    and ``size`` of each of ``shapes``; ``memory_mb`` bounds their guest memory
-    together."""
+    """The engines' warm pools, each its own (0: none, in every engine). QEMU: ``size``
+    sandboxes of the default machine shape (1 vCPU, 512 MB, the default image) kept
+    restored, warmed up and paused, and ``size`` of each of ``shapes``. Docker: ``size``
+    containers of each runc shape (the default one, and each from its first create)
+    kept made, warmed up and paused. ``memory_mb`` bounds one engine's members'
+    memory together."""
 
     size: int = 2
     memory_mb: int = 2048

@@ -198,7 +198,13 @@ def _run_container(args: argparse.Namespace) -> int:
     if args.sync is None:
         args.sync = False
     agent = _vm_agent(
-        args, config, reap_orphans=True, clock=None, host_closes_first=True, sockets=sockets
+        args,
+        config,
+        reap_orphans=True,
+        clock=None,
+        reconfigure=lambda new, user: container.reconfigure(new, user.uid, user.gid),
+        host_closes_first=True,
+        sockets=sockets,
     )
     container.mark_started()
     asyncio.run(agent.run())

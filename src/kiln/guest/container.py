@@ -71,7 +71,19 @@ def boot(config: GuestConfig, *, first: bool) -> None:
             log.error("start: file %s: %s", file.path, exc)
 
 
-__all__ = ["STARTED_MARKER", "boot", "first_start", "mark_started"]
+def reconfigure(config: GuestConfig, uid: int, gid: int) -> None:
+    """The container's part of a CONFIGURE (see :meth:`kiln.guest.agent.Agent._configure`),
+    how a Docker warm-pool member becomes someone's sandbox: its files. The rest is
+    not the container's to change: the clock and the RNG are the host kernel's (one
+    clock, one entropy pool for every container: nothing to set, nothing a member
+    could pass on), and the host name is set by the engine from outside (in the
+    container's UTS namespace: sethostname needs CAP_SYS_ADMIN, which a sandbox never
+    gets; :mod:`kiln.engine.docker.pool`). Raises OSError."""
+    for file in config.files:
+        write_owned(file.path, file.content, file.mode, uid, gid)
+
+
+__all__ = ["STARTED_MARKER", "boot", "first_start", "mark_started", "reconfigure"]
 
 
 def _raise_nofile() -> None:

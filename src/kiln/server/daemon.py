@@ -185,6 +185,8 @@ def _docker(config: Config, firewall: Firewall | None) -> Engine:
             network=config.docker_network(),
             runtime=config.docker.runtime,
             image_dir=config.image_dir,
+            pool_size=config.pool.size,
+            pool_memory_mb=config.pool.memory_mb,
         ),
         firewall,
     )

@@ -15,8 +15,11 @@ from .test_engine import base_tree_missing
 
 pytestmark = [pytest.mark.timeout(300)]
 
-#: Each runtime's first subnet (10.213.N.0/24; one more per extra home).
-FIRST_SUBNET = {"runc": 62, "runsc": 66}
+#: Each variant's first subnet (10.213.N.0/24; one more per extra home). "runc-pool":
+#: runc with a warm pool of the suite's shape (tests/engine/docker/test_pool.py).
+FIRST_SUBNET = {"runc": 62, "runsc": 66, "runc-pool": 74}
+#: The pooled variant's creates that must have come from the pool (11 valid ones fit).
+MIN_CLAIMS = 9
 
 
 @pytest.fixture(scope="module", params=sorted(FIRST_SUBNET))
@@ -26,9 +29,13 @@ def kit(
     missing = base_tree_missing()
     if missing:
         pytest.skip(missing)
-    runtime: str = request.param
-    scratch = tmp_path_factory.mktemp(f"conformance-{runtime}")
-    yield DockerKit(dockerd, scratch, runtime, FIRST_SUBNET[runtime])
+    variant: str = request.param
+    runtime, _, pool = variant.partition("-")
+    scratch = tmp_path_factory.mktemp(f"conformance-{variant}")
+    kit = DockerKit(dockerd, scratch, runtime, FIRST_SUBNET[variant], pool_size=1 if pool else 0)
+    yield kit
+    if pool:
+        assert kit.claims >= MIN_CLAIMS, f"only {kit.claims} creates came from the pool"
 
 
 class TestDockerEngineConformance(EngineConformance):

@@ -40,3 +40,16 @@ def test_guest_config_names_the_network_to_wait_for() -> None:
     }
     assert config["init"] == "echo hi"
     assert "network" not in guest_config(_record())
+
+
+def test_a_pooled_sandbox_is_made_as_its_member() -> None:
+    pooled = _record(member="pool-0123456789ab")
+    again = Record.from_json(pooled.to_json())
+    assert (again.member, again.made_as, again.container) == (
+        "pool-0123456789ab",
+        "pool-0123456789ab",  # its veth, label and config directory
+        "kiln-sb-1",  # its container is renamed
+    )
+    older = pooled.to_json()
+    del older["member"]  # written before the pool
+    assert Record.from_json(older).made_as == "sb-1"

@@ -3,6 +3,8 @@
     DockerEngine(DockerEngineConfig(...))  the engine (.engine): containers running the
                                         guest agent as PID 1, runc or runsc per sandbox
     containers, images, record          its Docker API calls, rootfs import, on-disk record
+    pool, hostname, box                 its warm pool of paused runc containers, the host
+                                        name set from outside, what it holds per container
 
     DockerdConfig(root=...)             one private dockerd: paths, bridge, runtimes (.config)
     Dockerd(config)                     start() (or adopt) / stop() / client()     (.daemon)

@@ -176,6 +176,8 @@ class DockerEngineConfig:
     ``runtime``       the default runtime
     ``image_dir``     kiln.images' cache (None: its default)
     ``start_dockerd`` False: use a dockerd already answering at ``dockerd.socket``
+    ``pool_size``     warm-pool members kept per pooled shape (0: no pool; :mod:`.pool`)
+    ``pool_memory_mb`` the members' memory limits together at most
     """
 
     state_dir: Path
@@ -190,8 +192,12 @@ class DockerEngineConfig:
     start_dockerd: bool = True
     agent_timeout: float = 10.0
     boot_timeout: float = 60.0
+    pool_size: int = 0
+    pool_memory_mb: int = 2048
 
     def __post_init__(self) -> None:
+        if self.pool_size < 0 or self.pool_memory_mb < 0:
+            raise ValueError("pool_size and pool_memory_mb must not be negative")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 

@@ -114,8 +114,15 @@ def remove_volume(client: Any, name: str) -> None:
 
 
 def create_container(
-    client: Any, config: DockerEngineConfig, record: Record, directory: Path, dns: list[str]
+    client: Any,
+    config: DockerEngineConfig,
+    record: Record,
+    directory: Path,
+    dns: list[str],
+    *,
+    cpu_shares: int | None = None,
 ) -> None:
+    """``cpu_shares``: its CPU weight (None: Docker's default, 1024)."""
     spec = record.spec
     api = client.api
     hostname = guest_hostname(spec.name)
@@ -128,6 +135,7 @@ def create_container(
     host_config = api.create_host_config(
         runtime=record.runtime,
         nano_cpus=spec.cpus * 1_000_000_000,
+        cpu_shares=cpu_shares,
         mem_limit=memory,
         memswap_limit=memory,  # no swap: memory_mb is what it gets, as in a VM
         mounts=mounts,

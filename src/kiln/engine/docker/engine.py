@@ -23,6 +23,9 @@ Docker sandbox has no snapshots: the thermal manager never takes it cold, and
 a stop ends its processes and keeps its files (:mod:`kiln.engine.states`,
 ``snapshots=False``); a start boots it again (without re-running its init).
 
+A create whose spec fits a pooled shape takes a paused, warmed-up container of
+the warm pool instead (:mod:`.pool`; runc only), which becomes the sandbox.
+
 The dockerd is kiln's private one (:class:`~.daemon.Dockerd`), started on first
 use or adopted when it still runs; like QEMU processes, containers outlive a
 daemon restart and are re-adopted (:meth:`DockerEngine.import_state`). A
@@ -44,7 +47,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,13 @@ from kiln.agent_client import (
     AgentTimeout,
     Endpoint,
 )
-from kiln.engine.base import SANDBOX_ID_RE, Capabilities, SandboxInfo, SandboxSpec, SavedImage
+from kiln.engine.base import (
+    SANDBOX_ID_RE,
+    SandboxInfo,
+    SandboxSpec,
+    SavedImage,
+    guest_hostname,
+)
 from kiln.engine.boots import STATE_KEY, BootReason, LastBoot, boot_reason
 from kiln.engine.dial import agent_dialer
 from kiln.engine.errors import (
@@ -88,12 +96,13 @@ from kiln.network.firewall import Firewall
 
 from ..guard import Guard
 from ..undo import Undo
-from . import containers, images
+from . import containers, hostname, images
+from .box import CAPABILITIES, Box, pid_alive
 from .config import RUNTIMES, DockerEngineConfig
 from .containers import docker_errors
 from .daemon import Dockerd, probe, sdk_client
 from .errors import DockerdError
-from .host import is_zombie
+from .pool import LOW_CPU_SHARES, NORMAL_CPU_SHARES, WarmPool
 from .record import (
     CONFIG_FILE,
     Record,
@@ -110,11 +119,6 @@ ENGINE_NAME = "docker"
 #: (see :attr:`~.record.Record.own_network`): runc's container reads nothing of its
 #: network at start, so the veth can come while the agent starts.
 OWN_NETWORK = frozenset({"runc"})
-#: What each runtime can do (see the module docstring).
-CAPABILITIES = {
-    "runc": Capabilities(pause=True, snapshots=False),
-    "runsc": Capabilities(pause=True, snapshots=False),
-}
 _BOOT_POLL = 0.01
 #: A connect made before the container's interface is up goes unanswered (no RST)
 #: until it times out, so attempts are short (measured: runsc creates 0.3 s sooner
@@ -127,31 +131,6 @@ SAVED_REPOSITORY = "kiln-saved"
 #: The label of a saved image holding the shape (JSON) a create from it must have.
 SAVED_SHAPE_LABEL = "org.kiln.saved-shape"
 _STOP_TIMEOUT = 5  # seconds the agent gets to end its processes on a stop
-
-
-@dataclass(eq=False)
-class _Box:
-    record: Record
-    dir: Path
-    state: State
-    client: AgentClient
-    pid: int | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    destroyed: bool = False
-    last_boot: LastBoot | None = None
-    problem: str | None = None  # why it is in error: its container is gone
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.record.sandbox_id
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return CAPABILITIES[self.record.runtime]
-
-
-def pid_alive(pid: int | None) -> bool:
-    return pid is not None and not is_zombie(pid)
 
 
 class DockerEngine:
@@ -167,12 +146,22 @@ class DockerEngine:
         self._dockerd = Dockerd(config.dockerd)
         self._client: Any = None
         self._runtimes: tuple[str, ...] = ()
-        self._boxes: dict[str, _Box] = {}
+        self._boxes: dict[str, Box] = {}
         self._ready_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._images: dict[str, str] = {}
         self._agent: Path | None = None
         self._agent_lock = asyncio.Lock()
+        self._warm = WarmPool(
+            config,
+            self._guard,
+            self._pool,
+            make=lambda spec, runtime: self._make(spec, runtime, member=True),
+            docker=self._ensure_ready,
+            remove=self._remove,
+            client_for=self._client_for,
+            write_files=self._write_files,
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -287,13 +276,13 @@ class DockerEngine:
 
     # ------------------------------------------------------------------ lookup, info
 
-    def _get(self, sandbox_id: str) -> _Box:
+    def _get(self, sandbox_id: str) -> Box:
         box = self._boxes.get(sandbox_id)
         if box is None or box.destroyed:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r} in the Docker engine")
         return box
 
-    def _info(self, box: _Box) -> SandboxInfo:
+    def _info(self, box: Box) -> SandboxInfo:
         return SandboxInfo.of(
             box.record.spec,
             ENGINE_NAME,
@@ -306,10 +295,10 @@ class DockerEngine:
             problem=box.problem,
         )
 
-    def _plan(self, op: Op, box: _Box) -> Transition:
+    def _plan(self, op: Op, box: Box) -> Transition:
         return plan(op, box.state, box.sandbox_id, snapshots=box.capabilities.snapshots)
 
-    def _notice_death(self, box: _Box) -> bool:
+    def _notice_death(self, box: Box) -> bool:
         """Apply the death of a sandbox whose container's process vanished; True if it
         had. Its files are in the container's writable layer: it is running and cold,
         and its next use starts the container again (a reboot: files kept, processes
@@ -326,7 +315,7 @@ class DockerEngine:
             return True
         return False
 
-    def _observe(self, box: _Box) -> None:
+    def _observe(self, box: Box) -> None:
         if not box.lock.locked():  # a transition in progress changes pid and state in steps
             self._notice_death(box)
 
@@ -380,12 +369,31 @@ class DockerEngine:
         return runtime
 
     async def prepare(self, spec: SandboxSpec) -> None:
-        self._check_spec(spec)
+        """Image and agent of ``spec``'s shape, and its warm pool (``pool_size``)."""
+        runtime = self._check_spec(spec)
         await self._image(spec.image)
         await self._agent_zipapp()
+        self._warm.start(spec, runtime)
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         runtime = self._check_spec(spec)
+        box = await self._warm.claim(spec, runtime)
+        if box is None:
+            box = await self._make(spec, runtime)
+            # A shape that is used gets a pool (when pool_size asks for one).
+            self._warm.start(spec, runtime)
+        self._boxes[box.sandbox_id] = box
+        log.info("sandbox %s created (docker, %s) at %s", box.sandbox_id, runtime, box.record.ip)
+        return self._info(box)
+
+    @property
+    def warm_pool(self) -> WarmPool:
+        return self._warm
+
+    async def _make(self, spec: SandboxSpec, runtime: str, *, member: bool = False) -> Box:
+        """A new container for ``spec``, started, its agent answering: a sandbox (in
+        the engine's table from before its start, for the observers) or, with
+        ``member``, a warm-pool member (in no table: the pool holds it)."""
         client = await self._ensure_ready()
         if runtime not in self._runtimes:
             raise EngineUnavailable(
@@ -436,14 +444,16 @@ class DockerEngine:
                     record,
                     directory,
                     self._network.dns_servers(),
+                    cpu_shares=LOW_CPU_SHARES if member else None,
                 )
             undo.push("remove the container", self._container_remover(client, record.container))
             if record.own_network:
                 undo.push("remove its veth", self._veth_remover(sid))
             crash_point("docker.create.container")
-            box = _Box(record, directory, CREATED.next, self._client_for(record))
-            self._boxes[sid] = box
-            undo.push("forget the sandbox", self._forgetter(sid))
+            box = Box(record, directory, CREATED.next, self._client_for(record))
+            if not member:
+                self._boxes[sid] = box
+                undo.push("forget the sandbox", self._forgetter(sid))
             async with box.lock:
                 await admission.wait()
                 await self._boot(box, client)
@@ -451,28 +461,51 @@ class DockerEngine:
         except BaseException:
             await asyncio.shield(undo.run())
             raise
-        log.info("sandbox %s created (docker, %s) at %s", sid, runtime, record.ip)
-        return self._info(box)
+        return box
 
     def _write_files(self, record: Record, directory: Path) -> None:
+        """``record.json`` in ``directory``, and the guest's ``config.json`` where its
+        container's bind mount reads it (the member's directory, for a pooled one)."""
         record.save(directory)
         network = None
         if record.own_network:
-            network = self._network.guest_network(record.ip, record.sandbox_id)
+            network = self._network.guest_network(record.ip, record.made_as)
         config = guest_config(record, network)
-        write_atomic(directory / CONFIG_FILE, json.dumps(config), mode=0o644)
+        config_dir = self.config.sandboxes_dir / record.made_as
+        write_atomic(config_dir / CONFIG_FILE, json.dumps(config), mode=0o644)
 
     # ------------------------------------------------------------------ boot, wait
 
-    async def _boot(self, box: _Box, client: Any) -> None:
+    async def _boot(self, box: Box, client: Any) -> None:
         """Start the container and wait for the agent; the caller holds the lock and
         applies the state."""
         with docker_errors(f"starting the container of {box.sandbox_id}"):
             box.pid = await asyncio.to_thread(containers.start, client, box.record.container)
         await self._plumb(box, client)
+        if box.record.member is not None:
+            # Docker starts it with the member's host name, at every start.
+            await self._reapply_claim(box, client)
         await self._wait_agent(box, client, self.config.boot_timeout)
 
-    async def _plumb(self, box: _Box, client: Any) -> None:
+    async def _reapply_claim(self, box: Box, client: Any) -> None:
+        """The sandbox's host name in its running container (see :mod:`.hostname`), and
+        its CPU weight in Docker's config (see :mod:`.pool`)."""
+        record = box.record
+        old, new = guest_hostname(record.made_as), guest_hostname(record.spec.name)
+        pid = box.pid
+        with docker_errors(f"setting the host name of {box.sandbox_id}"):
+            if pid is None:
+                raise OSError("its container has no process")
+            attrs = await asyncio.to_thread(client.api.inspect_container, record.container)
+            await asyncio.to_thread(hostname.set_hostname, pid, new)
+            await asyncio.to_thread(hostname.rewrite_files, attrs, old, new)
+            if attrs["HostConfig"].get("CpuShares") == LOW_CPU_SHARES:
+                # Its claim set the cgroup's weight only: Docker applied its own again.
+                await asyncio.to_thread(
+                    client.api.update_container, record.container, cpu_shares=NORMAL_CPU_SHARES
+                )
+
+    async def _plumb(self, box: Box, client: Any) -> None:
         """Give a running container of its own network its eth0 (idempotent); the agent
         starts meanwhile, and waits for it before running the init script."""
         if not box.record.own_network:
@@ -482,7 +515,7 @@ class DockerEngine:
             if pid is None:
                 raise NetworkError("its container has no process")
             await asyncio.to_thread(
-                self._network.attach_container, box.sandbox_id, pid, box.record.ip
+                self._network.attach_container, box.record.made_as, pid, box.record.ip
             )
         except NetworkError as exc:
             if not pid_alive(pid):
@@ -492,7 +525,7 @@ class DockerEngine:
                 ) from exc
             raise EngineError(f"cannot connect sandbox {box.sandbox_id}: {exc}") from exc
 
-    async def _wait_agent(self, box: _Box, client: Any, timeout: float) -> None:  # noqa: ASYNC109
+    async def _wait_agent(self, box: Box, client: Any, timeout: float) -> None:  # noqa: ASYNC109
         started = time.monotonic()
         deadline = started + timeout
         after, patient = _BOOT_CONNECT_PATIENT
@@ -553,7 +586,7 @@ class DockerEngine:
         box = await self._transition(sandbox_id, Op.ENSURE_HOT)
         return box.client
 
-    async def _transition(self, sandbox_id: str, op: Op) -> _Box:
+    async def _transition(self, sandbox_id: str, op: Op) -> Box:
         box = self._get(sandbox_id)
         async with box.lock:
             if box.destroyed:
@@ -579,7 +612,7 @@ class DockerEngine:
                 box.last_boot = LastBoot.now(reason)
         return box
 
-    async def _carry_out(self, box: _Box, client: Any, action: Action) -> None:
+    async def _carry_out(self, box: Box, client: Any, action: Action) -> None:
         name = box.record.container
         what = f"{action} of sandbox {box.sandbox_id}"
         match action:
@@ -605,7 +638,7 @@ class DockerEngine:
             case _:
                 raise AssertionError(f"unplanned action {action}")
 
-    async def _gone_is_lost(self, box: _Box, client: Any) -> None:
+    async def _gone_is_lost(self, box: Box, client: Any) -> None:
         """Before a boot: a sandbox whose container is gone lost its files with it (it
         was removed behind our back): it is in error, and this says so."""
         found, _ = await asyncio.to_thread(containers.find, client, box.record.container)
@@ -628,17 +661,25 @@ class DockerEngine:
             if self._boxes.get(sandbox_id) is not box:
                 return  # destroyed while we waited for the lock
             client = await self._ensure_ready()
-            await asyncio.to_thread(containers.remove_container, client, box.record.container)
-            crash_point("docker.destroy.container_removed")
-            if box.record.own_network:
-                await asyncio.to_thread(self._network.detach_container, sandbox_id)
-            box.destroyed = True
-            box.pid = None
-            await self._guard.release(sandbox_id)
-            self._pool.release(box.record.ip)
-            await asyncio.to_thread(shutil.rmtree, box.dir, ignore_errors=True)
+            await self._remove(box, client)
             self._boxes.pop(sandbox_id, None)
         log.info("sandbox %s destroyed (docker)", sandbox_id)
+
+    async def _remove(self, box: Box, client: Any, rules_of: str | None = None) -> None:
+        """Remove a sandbox's (or pool member's) container, veth, rules (also those
+        ``rules_of`` may hold), address and directories; the caller holds its lock."""
+        record = box.record
+        await asyncio.to_thread(containers.remove_container, client, record.container)
+        crash_point("docker.destroy.container_removed")
+        if record.own_network:
+            await asyncio.to_thread(self._network.detach_container, record.made_as)
+        box.destroyed = True
+        box.pid = None
+        for sid in {box.sandbox_id, rules_of or box.sandbox_id}:
+            await self._guard.release(sid)
+        self._pool.release(record.ip)
+        for directory in {box.dir, self.config.sandboxes_dir / record.made_as}:
+            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
 
     def _releaser(self, ip: str) -> Callable[[], Awaitable[None]]:
         async def release() -> None:
@@ -797,7 +838,7 @@ class DockerEngine:
             )
             log.error("sandbox %s cannot be recovered: %s", sandbox_id, problem)
         adopted = State(Status.STOPPED, Thermal.COLD) if found is Found.SNAPSHOT else ADOPTED[found]
-        box = _Box(
+        box = Box(
             record,
             directory,
             adopted,
@@ -830,7 +871,10 @@ class DockerEngine:
         if self._never_used():
             return []
         client = await self._ensure_ready()
-        known = {sid for sid, box in self._boxes.items() if not box.destroyed}
+        boxes = [b for b in self._boxes.values() if not b.destroyed]
+        # A sandbox from the pool is known by its member's id too (label, veth, config).
+        known = {b.sandbox_id for b in boxes} | {b.record.made_as for b in boxes}
+        known |= self._warm.known_ids()
         removed: builtins.list[str] = []
         for container_id, sid in await asyncio.to_thread(
             containers.own_containers, client, self.config
@@ -852,7 +896,9 @@ class DockerEngine:
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
-        """Drop the dockerd connection; dockerd and the containers keep running."""
+        """Remove the warm pool's members; drop the dockerd connection (dockerd and the
+        sandboxes' containers keep running)."""
+        await self._warm.close()
         client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)

@@ -180,6 +180,25 @@ def cgroup_dirs(parent: str) -> list[Path]:
     return dirs
 
 
+def set_cpu_shares(pid: int, shares: int) -> None:
+    """The CPU weight of process ``pid``'s cgroup, written to cgroupfs directly: cgroup
+    v1's ``cpu.shares``, else v2's ``cpu.weight`` (runc's conversion). Docker's own
+    record of the container's weight is left as it was. Raises OSError."""
+    points = [point for point, fstype in mounts() if fstype in ("cgroup", "cgroup2")]
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for point in points:
+            group = Path(point) / path.lstrip("/")
+            if "cpu" in controllers.split(",") and (group / "cpu.shares").is_file():
+                (group / "cpu.shares").write_text(str(shares))
+                return
+            if controllers == "" and (group / "cpu.weight").is_file():
+                weight = 1 + ((shares - 2) * 9999) // 262142
+                (group / "cpu.weight").write_text(str(weight))
+                return
+    raise OSError(f"no CPU controller of process {pid} found in the cgroup mounts")
+
+
 def cgroup_tree(top: Path) -> list[Path]:
     """``top`` and every cgroup below it, children before parents."""
     return [Path(d) for d, _, _ in os.walk(top, topdown=False)]

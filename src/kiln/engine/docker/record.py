@@ -3,6 +3,11 @@
     STATE/sandboxes/<id>/record.json   :class:`Record`: the immutable facts (written at create)
     STATE/sandboxes/<id>/config.json   the guest agent's config, bind-mounted read-only
 
+A sandbox made from a warm-pool member (:mod:`.pool`) keeps the member's
+directory for its ``config.json`` (the container's bind mount names that path)
+and the member's id on its container's label and its veth:
+:attr:`Record.member`.
+
 The container itself (its writable layer, a checkpoint) is dockerd's; the record
 is what lets a restarted daemon find it again by name.
 """
@@ -53,10 +58,20 @@ class Record:
     #: on the engine's Docker network (runsc, which reads its interfaces when it
     #: starts, before the engine could add one; and records written before).
     own_network: bool = False
+    #: The warm-pool member this sandbox was made from (None: made for it). Docker
+    #: fixes at create what names the member: its container's label and host name,
+    #: its config's bind-mount source (``STATE/sandboxes/<member>/config.json``);
+    #: the engine names its veth after it too.
+    member: str | None = None
 
     @property
     def sandbox_id(self) -> str:
         return self.spec.sandbox_id
+
+    @property
+    def made_as(self) -> str:
+        """The id its container, config directory and veth were made under."""
+        return self.member or self.spec.sandbox_id
 
     @property
     def container(self) -> str:
@@ -74,6 +89,7 @@ class Record:
             "created_volumes": list(self.created_volumes),
             "created_at": self.created_at,
             "own_network": self.own_network,
+            "member": self.member,
         }
 
     @classmethod
@@ -88,6 +104,7 @@ class Record:
             created_volumes=tuple(str(v) for v in data.get("created_volumes") or ()),
             created_at=float(data.get("created_at", 0.0)),
             own_network=bool(data.get("own_network", False)),
+            member=_opt_str(data.get("member")),
         )
 
     def save(self, directory: Path) -> None:
@@ -96,6 +113,10 @@ class Record:
     @classmethod
     def load(cls, directory: Path) -> Record:
         return cls.from_json(json.loads((directory / RECORD_FILE).read_text()))
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def guest_config(record: Record, network: GuestNetwork | None = None) -> dict[str, Any]:
