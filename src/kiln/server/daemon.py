@@ -620,7 +620,7 @@ async def _warm_up(services: Services) -> None:
     config = services.config
     shapes = [(config.image, 1, 512)]
     shapes += [(s.image or config.image, s.cpus, s.memory_mb) for s in config.pool_shapes()]
-    for image, cpus, memory_mb in shapes:
+    for n, (image, cpus, memory_mb) in enumerate(shapes):
         spec = SandboxSpec(
             sandbox_id="warm-up", name="warm-up", image=image, cpus=cpus, memory_mb=memory_mb
         )
@@ -629,7 +629,8 @@ async def _warm_up(services: Services) -> None:
             started = time.perf_counter()
             await services.engine.prepare(spec)
             log.info(
-                "sandbox shape %s, %d vCPU, %d MB ready (%.1f s)",
+                "%s sandbox shape ready (%s, %d vCPU, %d MB, %.1f s)",
+                "default" if n == 0 else "pooled",
                 image,
                 cpus,
                 memory_mb,
