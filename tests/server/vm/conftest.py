@@ -1,8 +1,11 @@
-"""Fixtures of the API tests over real QEMU microVMs, each module in a network namespace.
+"""Fixtures of the API tests over real QEMU microVMs, in a network namespace.
 
-Each module-scoped server gets a fresh ``ip netns add`` namespace for its sandbox
-network (bridge, TAPs, guest IPs), removed in a finalizer, so no traffic leaves
-it. Needs root, QEMU and a buildable ``minimal`` image.
+One in-process server (``vm_server``) serves the modules that use it: it gets a
+fresh ``ip netns add`` namespace for its sandbox network (bridge, TAPs, guest
+IPs), removed in a finalizer, so no traffic leaves it; sharing it saves each
+module a daemon start and a template boot. Each module gets it back as it was:
+the sandboxes, volumes and secrets a module made are deleted at its end. Needs
+root, QEMU and a buildable ``minimal`` image.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ if (_reason := _skip_reason()) is not None:
     vm_marks.append(pytest.mark.skip(reason=_reason))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def netns() -> Iterator[str]:
     name = f"kiln-srv-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -57,8 +60,8 @@ def network(netns: str) -> NetworkConfig:
     return NetworkConfig(netns=netns, bridge="kilnsrv0", subnet="10.213.42.0/24", nat=False)
 
 
-@pytest.fixture(scope="module")
-def vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[LiveServer]:
+@pytest.fixture(scope="package")
+def shared_vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[LiveServer]:
     net = network(netns)
 
     def factory(data: Path) -> QemuEngine:
@@ -78,6 +81,20 @@ def vm_server(tmp_path_factory: pytest.TempPathFactory, netns: str) -> Iterator[
                 c.delete(f"/sandboxes/{sb['id']}")
         server.stop()
         _kill_vms(root)
+
+
+@pytest.fixture(scope="module")
+def vm_server(shared_vm_server: LiveServer) -> Iterator[LiveServer]:
+    """The shared server; what the module made through it is deleted at the module's end."""
+    yield shared_vm_server
+    key: str = shared_vm_server.key  # type: ignore[attr-defined]
+    with httpx.Client(base_url=shared_vm_server.url, headers=_auth(key), timeout=120) as c:
+        for sb in c.get("/sandboxes").json():
+            assert c.delete(f"/sandboxes/{sb['id']}").status_code == 204
+        for kind in ("volumes", "secrets"):
+            for item in c.get(f"/{kind}").json():
+                assert c.delete(f"/{kind}/{item['name']}").status_code == 204
+    assert shared_vm_server.engine.list() == []
 
 
 def _auth(key: str) -> dict[str, str]:

@@ -13,7 +13,9 @@ dies at the step; a clean daemon then must show a consistent world:
   and the file written before the operation is still there;
 - after the case's sandbox is deleted through the API nothing is left at all.
 
-One daemon data directory (and dockerd, and QEMU template) serves every case.
+One daemon data directory (and dockerd, and QEMU template) serves every case,
+and the clean daemon that checked one case stays up to set the next one's stage
+(it is stopped, and must exit 0, before any crashing daemon starts).
 The service-level steps run on Docker (seconds faster, the engine does not
 matter there); the QEMU engine's own steps, and the service steps whose outcome
 depends on the engine's recovery, on real QEMU microVMs.
@@ -102,9 +104,26 @@ class Lab:
         self.host = host
         self.data = host.data
         self.netns = host.netns
+        self._clean: Serve | None = None
+        self._clean_of = ""
 
     def serve(self, crash_at: str | None = None) -> Serve:
         return self.host.serve(env={"KILN_CRASH_AT": crash_at})
+
+    def clean(self, of: str) -> Serve:
+        """A daemon without a crash point: the one left up by the last case, else a new one
+        (``of``: what it is for, named if its shutdown fails later)."""
+        if self._clean is None:
+            self._clean, self._clean_of = self.serve(), of
+        return self._clean
+
+    def stop_clean(self, *, check: bool = True) -> None:
+        """Stop the clean daemon, if one is up (nothing else may hold the data directory
+        while a crashing daemon runs); with ``check`` it must exit 0."""
+        serve, self._clean = self._clean, None
+        if serve is not None:
+            code = serve.stop()
+            assert code == 0 or not check, f"the clean daemon of {self._clean_of} exited {code}"
 
     # --- what exists -------------------------------------------------------------------
 
@@ -228,33 +247,33 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         extra={"thermal": {"hot_to_warm_s": 3600, "warm_to_cold_s": 7200}},
     ) as host:
         lab = Lab(host)
-        # Warm up once: the QEMU template and the Docker image, so that no case
-        # builds them (a template build takes snapshots: it would reach those steps).
-        serve = lab.serve()
         try:
-            with client(serve, lab.data) as c:
+            # Warm up once: the QEMU template and the Docker image, so that no case
+            # builds them (a template build takes snapshots: it would reach those steps).
+            with client(lab.clean("the warm-up"), lab.data) as c:
                 for engine in ("qemu", "docker"):
                     r = c.post("/sandboxes", json={"name": f"warm-{engine}", "engine": engine})
                     assert r.status_code == 201, r.text
                     assert c.delete(f"/sandboxes/warm-{engine}").status_code == 204
+            yield lab
         finally:
-            assert serve.stop() == 0
-        yield lab
+            lab.stop_clean()
 
 
 def _stage(lab: Lab, case: Case, name: str, content: str) -> None:
     """The sandbox the operation needs: created, a file written, stopped for a start."""
-    serve = lab.serve()
     try:
-        with client(serve, lab.data) as c:
+        with client(lab.clean(f"staging {case.id}"), lab.data) as c:
             r = c.post("/sandboxes", json={"name": name, "engine": case.engine})
             assert r.status_code == 201, r.text
             exec_ok(c, name, "sh", "-c", f"echo {content} > {KEPT} && sync")
             if case.op == "start":
                 r = c.post(f"/sandboxes/{name}/stop")
                 assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
-    finally:
-        assert serve.stop() == 0
+    except BaseException:
+        lab.stop_clean(check=False)  # the staging's own failure is the one reported
+        raise
+    lab.stop_clean()
 
 
 def _operate(c: httpx.Client, case: Case, name: str) -> httpx.Response:
@@ -284,6 +303,8 @@ def test_crash_point_ends_consistent(lab: Lab, case: Case) -> None:
     staged = case.op in ("stop", "start", "destroy")
     if staged:
         _stage(lab, case, name, content)
+    else:
+        lab.stop_clean()
 
     crashing = lab.serve(crash_at=case.step)
     try:
@@ -295,9 +316,9 @@ def test_crash_point_ends_consistent(lab: Lab, case: Case) -> None:
     finally:
         crashing.stop(signal.SIGKILL)
 
-    serve = lab.serve()
+    passed = False
     try:
-        with client(serve, lab.data) as c:
+        with client(lab.clean(f"the check of {case.id}"), lab.data) as c:
             listed = c.get("/sandboxes").json()
             problems = lab.agrees(listed)
             mine = next((s for s in listed if s["name"] == name), None)
@@ -332,6 +353,8 @@ def test_crash_point_ends_consistent(lab: Lab, case: Case) -> None:
                 if r.status_code != 204:
                     problems.append(f"delete of volume {v['name']}: {r.status_code} {r.text}")
             problems += [f"after deleting everything: {p}" for p in lab.agrees([])]
+        passed = not problems
     finally:
-        assert serve.stop() == 0
+        if not passed:  # the next case starts from a fresh daemon; this failure is reported
+            lab.stop_clean(check=False)
     assert not problems, "\n".join(problems)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,18 @@ from .conftest import _auth, _kill_vms, vm_marks
 pytestmark = [pytest.mark.vm, pytest.mark.netns, *vm_marks]
 
 SRC = Path(__file__).resolve().parents[3] / "src"
+
+
+@pytest.fixture(scope="module")
+def box(vm_server: LiveServer) -> str:
+    """One sandbox for the tests that need a running VM but not a fresh one (streaming,
+    a shell, background children): each adds processes of its own and looks only at
+    those. The module's end deletes it."""
+    key: str = vm_server.key  # type: ignore[attr-defined]
+    with httpx.Client(base_url=vm_server.url, headers=_auth(key), timeout=300) as c:
+        r = c.post("/sandboxes", json={"name": "box"})
+        assert r.status_code == 201, r.text
+    return "box"
 
 
 def test_lifecycle_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
@@ -64,12 +77,11 @@ def test_lifecycle_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
     assert sb["id"] not in {i.sandbox_id for i in vm_server.engine.list()}
 
 
-def test_stream_and_disconnect_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
-    vm.post("/sandboxes", json={"name": "streamer"})
+def test_stream_and_disconnect_in_a_vm(vm: httpx.Client, vm_server: LiveServer, box: str) -> None:
     lines = []
     with vm.stream(
         "POST",
-        "/sandboxes/streamer/exec",
+        f"/sandboxes/{box}/exec",
         json={"cmd": ["sh", "-c", "echo a; sleep 0.5; echo b >&2; exit 3"]},
         headers={"Accept": "application/x-ndjson"},
     ) as r:
@@ -84,7 +96,7 @@ def test_stream_and_disconnect_in_a_vm(vm: httpx.Client, vm_server: LiveServer) 
         httpx.Client(base_url=vm_server.url, headers=_auth(key), timeout=60) as other,
         other.stream(
             "POST",
-            "/sandboxes/streamer/exec",
+            f"/sandboxes/{box}/exec",
             json={"cmd": ["sh", "-c", "echo $$ > /tmp/pid; echo go; exec sleep 300"]},
             headers={"Accept": "application/x-ndjson"},
         ) as r,
@@ -93,7 +105,7 @@ def test_stream_and_disconnect_in_a_vm(vm: httpx.Client, vm_server: LiveServer) 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         out = vm.post(
-            "/sandboxes/streamer/exec", json={"cmd": ["sh", "-c", "kill -0 $(cat /tmp/pid)"]}
+            f"/sandboxes/{box}/exec", json={"cmd": ["sh", "-c", "kill -0 $(cat /tmp/pid)"]}
         ).json()
         if out["exit_code"] != 0:
             break
@@ -102,11 +114,9 @@ def test_stream_and_disconnect_in_a_vm(vm: httpx.Client, vm_server: LiveServer) 
         pytest.fail("the command survived its client")
 
 
-async def test_shell_in_a_vm(vm: httpx.Client, vm_server: LiveServer) -> None:
-    r = await asyncio.to_thread(vm.post, "/sandboxes", json={"name": "shelly"})
-    assert r.status_code == 201, r.text
+async def test_shell_in_a_vm(vm_server: LiveServer, box: str) -> None:
     key: str = vm_server.key  # type: ignore[attr-defined]
-    url = vm_server.ws_url + "/sandboxes/shelly/ws?cmd=/bin/bash&rows=40&cols=120"
+    url = vm_server.ws_url + f"/sandboxes/{box}/ws?cmd=/bin/bash&rows=40&cols=120"
     async with connect(url, additional_headers=_auth(key)) as ws:
         await ws.send(b"stty size; echo vm-$((40+2))\n")
         seen = b""
@@ -285,6 +295,59 @@ def test_daemon_with_qemu_recovers_live_and_cold_vms(tmp_path: Path, own_netns: 
         _kill_vms(data)
 
 
+@dataclass(frozen=True)
+class OwnDaemon:
+    """A daemon subprocess of its own (namespace, data directory, log)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    data: Path
+
+    def client(self) -> httpx.Client:
+        key = (self.data / "admin-api-key").read_text().strip()
+        return httpx.Client(base_url=self.url, headers=_auth(key), timeout=300)
+
+    def log(self) -> str:
+        return (self.data.parent / "daemon.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def cooling_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnDaemon]:
+    """A daemon whose thermal manager cools an idle VM within seconds, shared by the
+    thermal and the expiry tests (one daemon start and one template boot for both).
+    On SIGTERM at the end it must exit 0."""
+    root = tmp_path_factory.mktemp("cooling")
+    data, home = root / "data", root / "home"
+    home.mkdir()
+    netns = f"kiln-dmn-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    thermal = {"thermal": {"hot_to_warm_s": 1, "warm_to_cold_s": 2, "tick_s": 0.25}}
+    try:
+        proc, url = _daemon(data, home, netns, thermal)
+        try:
+            yield OwnDaemon(proc, url, data)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            _kill_vms(data)
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
+
+
+@pytest.fixture
+def cooling(cooling_daemon: OwnDaemon) -> Iterator[OwnDaemon]:
+    """The shared cooling daemon; a test's sandboxes are deleted at its end."""
+    yield cooling_daemon
+    with cooling_daemon.client() as c:
+        for sb in c.get("/sandboxes").json():
+            assert c.delete(f"/sandboxes/{sb['id']}").status_code == 204
+
+
 def _wait_thermal(c: httpx.Client, name: str, want: str, within: float) -> float:
     """Poll GET (which never wakes a sandbox) until ``thermal`` is ``want``."""
     start = time.monotonic()
@@ -296,43 +359,26 @@ def _wait_thermal(c: httpx.Client, name: str, want: str, within: float) -> float
         time.sleep(0.25)
 
 
-def test_thermal_manager_cools_an_idle_vm_and_a_request_wakes_it(
-    tmp_path: Path, own_netns: str
-) -> None:
+def test_thermal_manager_cools_an_idle_vm_and_a_request_wakes_it(cooling: OwnDaemon) -> None:
     """hot → warm → cold on second-scale timeouts, on a real VM; GETs never wake it,
     the next exec does (memory intact); keep_hot stops the cooling."""
-    data, home = tmp_path / "data", tmp_path / "home"
-    home.mkdir()
-    thermal = {"thermal": {"hot_to_warm_s": 2, "warm_to_cold_s": 3, "tick_s": 0.5}}
-    proc, url = _daemon(data, home, own_netns, thermal)
-    try:
-        key = (data / "admin-api-key").read_text().strip()
-        with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
-            assert c.post("/sandboxes", json={"name": "idle"}).status_code == 201
-            r = c.post("/sandboxes/idle/exec", json={"cmd": ["sh", "-c", "echo warm > /tmp/t"]})
-            assert r.json()["exit_code"] == 0
-            _wait_thermal(c, "idle", "warm", within=30)
-            _wait_thermal(c, "idle", "cold", within=30)
-            for _ in range(3):  # reads never wake it
-                assert c.get("/sandboxes/idle").json()["thermal"] == "cold"
-                assert c.get("/sandboxes").json()[0]["status"] == "running"
-            out = c.post("/sandboxes/idle/exec", json={"cmd": ["cat", "/tmp/t"]}).json()
-            assert out == {"exit_code": 0, "stdout": "warm\n", "stderr": ""}
-            assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
+    with cooling.client() as c:
+        assert c.post("/sandboxes", json={"name": "idle"}).status_code == 201
+        r = c.post("/sandboxes/idle/exec", json={"cmd": ["sh", "-c", "echo warm > /tmp/t"]})
+        assert r.json()["exit_code"] == 0
+        _wait_thermal(c, "idle", "warm", within=30)
+        _wait_thermal(c, "idle", "cold", within=30)
+        for _ in range(3):  # reads never wake it
+            assert c.get("/sandboxes/idle").json()["thermal"] == "cold"
+            assert c.get("/sandboxes").json()[0]["status"] == "running"
+        out = c.post("/sandboxes/idle/exec", json={"cmd": ["cat", "/tmp/t"]}).json()
+        assert out == {"exit_code": 0, "stdout": "warm\n", "stderr": ""}
+        assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
 
-            assert c.patch("/sandboxes/idle", json={"keep_hot": True}).json()["keep_hot"] is True
-            time.sleep(5)  # more than hot_to_warm_s plus a few ticks
-            assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
-            assert c.delete("/sandboxes/idle").status_code == 204
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        _kill_vms(data)
+        assert c.patch("/sandboxes/idle", json={"keep_hot": True}).json()["keep_hot"] is True
+        time.sleep(2.5)  # more than hot_to_warm_s plus a few ticks (six)
+        assert c.get("/sandboxes/idle").json()["thermal"] == "hot"
+        assert c.delete("/sandboxes/idle").status_code == 204
 
 
 BACKGROUND_SCRIPTS = [
@@ -343,69 +389,49 @@ BACKGROUND_SCRIPTS = [
 ]
 
 
-def test_exec_returns_while_background_children_run(vm: httpx.Client) -> None:
+def test_exec_returns_while_background_children_run(vm: httpx.Client, box: str) -> None:
     """The regression: the sandbox user's commands start from a spawner, and a
     background child with redirected output used to hold the exec forever."""
-    assert vm.post("/sandboxes", json={"name": "bg"}).status_code == 201
-    try:
-        pids = []
-        for script in BACKGROUND_SCRIPTS:
-            started = time.monotonic()
-            r = vm.post("/sandboxes/bg/exec", json={"cmd": ["sh", "-c", script]}, timeout=30)
-            assert r.status_code == 200, r.text
-            assert r.json()["exit_code"] == 0
-            assert time.monotonic() - started < 10, script
-            pids.append(r.json()["stdout"].strip())
-        alive = vm.post(
-            "/sandboxes/bg/exec", json={"cmd": ["ps", "-o", "pid=", "-p", ",".join(pids)]}
-        )
-        assert sorted(alive.json()["stdout"].split()) == sorted(pids)
-        # `X &` without redirects shares stdout: the exec ends when X does, with its output.
-        r = vm.post(
-            "/sandboxes/bg/exec", json={"cmd": ["sh", "-c", "(sleep 1; echo late) & echo early"]}
-        )
-        assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
-    finally:
-        vm.delete("/sandboxes/bg")
+    pids = []
+    for script in BACKGROUND_SCRIPTS:
+        started = time.monotonic()
+        r = vm.post(f"/sandboxes/{box}/exec", json={"cmd": ["sh", "-c", script]}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["exit_code"] == 0
+        assert time.monotonic() - started < 10, script
+        pids.append(r.json()["stdout"].strip())
+    alive = vm.post(
+        f"/sandboxes/{box}/exec", json={"cmd": ["ps", "-o", "pid=", "-p", ",".join(pids)]}
+    )
+    assert sorted(alive.json()["stdout"].split()) == sorted(pids)
+    # `X &` without redirects shares stdout: the exec ends when X does, with its output.
+    r = vm.post(
+        f"/sandboxes/{box}/exec", json={"cmd": ["sh", "-c", "(sleep 1; echo late) & echo early"]}
+    )
+    assert (r.json()["exit_code"], r.json()["stdout"]) == (0, "early\nlate\n")
 
 
-def test_daemon_expires_real_vms_by_destroying_or_stopping_them(
-    tmp_path: Path, own_netns: str
-) -> None:
+def test_daemon_expires_real_vms_by_destroying_or_stopping_them(cooling: OwnDaemon) -> None:
     """ttl_s on real VMs: on_expire destroy frees the VM, stop snapshots it and keeps it."""
-    data, home = tmp_path / "data", tmp_path / "home"
-    home.mkdir()
-    proc, url = _daemon(data, home, own_netns)
-    try:
-        key = (data / "admin-api-key").read_text().strip()
-        with httpx.Client(base_url=url, headers=_auth(key), timeout=300) as c:
-            r = c.post("/sandboxes", json={"name": "brief", "ttl_s": 1})
-            assert r.status_code == 201, r.text
-            r = c.post("/sandboxes", json={"name": "nap", "ttl_s": 1, "on_expire": "stop"})
-            assert r.status_code == 201, r.text
-            deadline = time.monotonic() + 30
-            while c.get("/sandboxes/brief").status_code != 404:
-                assert time.monotonic() < deadline, "not destroyed"
-                time.sleep(0.2)
-            while (nap := c.get("/sandboxes/nap").json())["status"] != "stopped":
-                assert time.monotonic() < deadline, f"not stopped: {nap}"
-                time.sleep(0.2)
-            assert (nap["thermal"], nap["expires_at"]) == ("cold", None)
-            assert [s["name"] for s in c.get("/sandboxes").json()] == ["nap"]
-            assert len(find_processes(f"{data}/")) == 0  # neither VM runs any more
-            out = c.post("/sandboxes/nap/exec", json={"cmd": ["true"]}).json()
-            assert out["exit_code"] == 0  # stopped, not lost: it restores
-            assert c.delete("/sandboxes/nap").status_code == 204
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        _kill_vms(data)
-    log = (data.parent / "daemon.log").read_text()
+    with cooling.client() as c:
+        r = c.post("/sandboxes", json={"name": "brief", "ttl_s": 1})
+        assert r.status_code == 201, r.text
+        r = c.post("/sandboxes", json={"name": "nap", "ttl_s": 1, "on_expire": "stop"})
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while c.get("/sandboxes/brief").status_code != 404:
+            assert time.monotonic() < deadline, "not destroyed"
+            time.sleep(0.2)
+        while (nap := c.get("/sandboxes/nap").json())["status"] != "stopped":
+            assert time.monotonic() < deadline, f"not stopped: {nap}"
+            time.sleep(0.2)
+        assert (nap["thermal"], nap["expires_at"]) == ("cold", None)
+        assert [s["name"] for s in c.get("/sandboxes").json()] == ["nap"]
+        assert len(find_processes(f"{cooling.data}/")) == 0  # neither VM runs any more
+        out = c.post("/sandboxes/nap/exec", json={"cmd": ["true"]}).json()
+        assert out["exit_code"] == 0  # stopped, not lost: it restores
+        assert c.delete("/sandboxes/nap").status_code == 204
+    log = cooling.log()
     assert "(brief) expired: destroyed" in log and "(nap) expired: stopped" in log
 
 
