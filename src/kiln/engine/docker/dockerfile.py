@@ -311,17 +311,19 @@ def _docker_build(
         )
         for chunk in stream:
             if "stream" in chunk:
-                for line in str(chunk["stream"]).splitlines():
-                    if not line.strip():
+                for raw in str(chunk["stream"]).splitlines():
+                    if not raw.strip():
                         continue
-                    match = _STEP_RE.match(line.strip())
+                    line = raw
+                    match = _STEP_RE.match(raw.strip())
                     if match:
                         number = int(match[1])
-                        step = (
-                            f"step {number}/{count} {match[3]}"
-                            if number <= count
-                            else f"labelling the image ({match[3]})"
-                        )
+                        if number <= count:
+                            step = f"step {number}/{count} {match[3]}"
+                            line = f"Step {number}/{count} : {match[3]}"
+                        else:
+                            step = f"labelling the image ({match[3]})"
+                            line = f"kiln: {match[3]}"
                     log(line.rstrip())
             elif "error" in chunk or "errorDetail" in chunk:
                 detail = chunk.get("errorDetail") or {}
