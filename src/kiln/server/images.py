@@ -20,8 +20,10 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import io
 import logging
 import os
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -331,9 +333,15 @@ def _context(value: str | None, dockerfile: str | None) -> bytes:
     if dockerfile is None:
         raise InvalidDefinition("context: only a Dockerfile image has a build context")
     try:
-        return base64.b64decode(value, validate=True)
+        context = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidDefinition("context: not base64 (of a tar archive)") from None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(context)) as tar:
+            tar.getmembers()
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidDefinition(f"context: not a tar archive: {exc}") from None
+    return context
 
 
 def _tier_view(name: str) -> dict[str, Any]:
