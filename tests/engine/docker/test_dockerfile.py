@@ -30,7 +30,7 @@ from kiln.images.registry import register
 
 from .test_engine import base_tree_missing
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
 
 DATA = Path(__file__).parents[2] / "images" / "data" / "dockerfile"
 BRIDGE = "kd-dfile0"

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln.images import cache
+from kiln.images import cache, find_base
 from kiln.images.builder import BASE_MANIFEST
 from kiln.images.buildlog import BuildLog
 from kiln.images.definition import Definition, InvalidDefinition
@@ -174,7 +174,9 @@ def build(
             client, PARENT_TIER, image_dir=image_dir, progress=log
         )
         base_env = _env_of(_inspect(client, base_ref))
-        base_tree = docker_images._base(PARENT_TIER, image_dir)
+        base_tree = find_base(PARENT_TIER, image_dir)
+        if base_tree is None:  # ensure_image found it a moment ago
+            raise ImageError(f"the {PARENT_TIER} base tree disappeared from {image_dir}")
     with log.step("docker-build"):
         log(f"docker build ({len(steps)} steps) on {base_ref}, no network…")
         dockerfile = _rewrite_from(definition.dockerfile, base_ref)
@@ -194,7 +196,9 @@ def build(
         config = _inspect(client, reference)
         env = _checked_config(config, base_env)
     final = image_dir / "base" / key
-    with log.step("export"):
+    # Under the image cache's build lock: a concurrent build of the same Dockerfile
+    # finds this one's tree instead of replacing it under a QEMU build reading it.
+    with log.step("export"), cache.build_lock(image_dir, log):
         if cache.read_manifest(final / BASE_MANIFEST) is not None:
             log(f"cached: the tree of {ref}")
         else:
