@@ -25,7 +25,8 @@ A *Dockerfile* definition (``dockerfile`` set, no ``packages`` or ``files``)
 is built by the Docker engine's dockerd on top of kiln's own ``minimal``
 (:mod:`kiln.engine.docker.dockerfile`); its digest is that of the Dockerfile,
 its build context (``context_sha256``) and the ``minimal`` base it starts
-from. Its ``env`` is what the Dockerfile's ENV set, filled in by the build.
+from. Its ``env`` and ``user`` are what the Dockerfile's ENV and final USER
+set, filled in by the build.
 
 Every mistake raises :class:`InvalidDefinition` naming the field.
 """
@@ -55,10 +56,12 @@ MAX_TOTAL_BYTES = 4 << 20
 DEFAULT_MODE = 0o644
 #: Where a file may not go: the kernel's file systems and what kiln itself puts there.
 FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/usr/lib/kiln")
-_KEYS = frozenset({"name", "packages", "files", "env", "dockerfile", "context_sha256"})
+_KEYS = frozenset({"name", "packages", "files", "env", "dockerfile", "context_sha256", "user"})
+#: A Dockerfile's final USER, as the sandbox's default user (a login name).
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MAX_DOCKERFILE_BYTES = 64 << 10
 #: Bump when a Dockerfile build puts something else into its tree or image.
-DOCKERFILE_BUILD_VERSION = 1
+DOCKERFILE_BUILD_VERSION = 2
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ENV = 100
@@ -90,6 +93,8 @@ class Definition:
     dockerfile: str | None = None
     #: sha256 of the Dockerfile's build context (a tar), part of the digest.
     context_sha256: str | None = None
+    #: A Dockerfile image's default user (its final USER), when not the sandbox user.
+    user: str | None = None
 
     @property
     def kind(self) -> str:
@@ -105,6 +110,8 @@ class Definition:
         if self.dockerfile is not None:
             doc["dockerfile"] = self.dockerfile
             doc["context_sha256"] = self.context_sha256
+        if self.user is not None:
+            doc["user"] = self.user
         return doc
 
     def digest(self) -> str:
@@ -183,10 +190,15 @@ def from_json(doc: Mapping[str, Any], *, base_dir: Path | None = None) -> Defini
     files = _files(doc.get("files", []), base_dir)
     env = _env(doc.get("env", {}))
     dockerfile = doc.get("dockerfile")
+    user = doc.get("user")
     if dockerfile is None:
         if doc.get("context_sha256") is not None:
             raise InvalidDefinition("context_sha256: only a Dockerfile definition has a context")
+        if user is not None:
+            raise InvalidDefinition("user: only a Dockerfile definition has one (its USER)")
         return Definition(name=name, packages=packages, files=files, env=env)
+    if user is not None and (not isinstance(user, str) or not USER_RE.match(user)):
+        raise InvalidDefinition(f"user: {user!r} is not a user name")
     if packages or files:
         raise InvalidDefinition(
             "dockerfile: a Dockerfile image has no packages or files (RUN and COPY them)"

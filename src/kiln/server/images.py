@@ -74,15 +74,16 @@ class ImageService:
 
     # --- reading --------------------------------------------------------------------
 
-    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str]]:
-        """The reference engines know ``name`` by, as ``user`` sees it, and the
-        environment the image gives its sandboxes.
+    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str], str | None]:
+        """The reference engines know ``name`` by, as ``user`` sees it, the
+        environment the image gives its sandboxes and their default user (a
+        Dockerfile's final USER; None: the image's sandbox user).
 
         Unknown names (and other users' images) raise :class:`UnknownTier`, the
         error an unknown tier has always given.
         """
         if name in TIERS:
-            return name, {}
+            return name, {}, None
         try:
             row = self._s.store.find_image(user.id, name)
         except NotFound:
@@ -91,7 +92,12 @@ class ImageService:
         if row.kind in BUILT_KINDS:
             self._reregister(row)
         env = row.definition.get("env") or {}
-        return row.ref, {str(k): str(v) for k, v in env.items()}
+        default_user = row.definition.get("user")
+        return (
+            row.ref,
+            {str(k): str(v) for k, v in env.items()},
+            None if default_user is None else str(default_user),
+        )
 
     def _reregister(self, row: ImageRecord) -> None:
         """The catalog is the record: a definition missing from the image cache (a

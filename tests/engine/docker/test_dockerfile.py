@@ -91,12 +91,13 @@ async def engine(
         await eng.close()
 
 
-def test_env_comes_from_the_dockerfile(built: tuple[Definition, str]) -> None:
+def test_env_and_user_come_from_the_dockerfile(built: tuple[Definition, str]) -> None:
     definition, _ = built
     assert dict(definition.env) == {
         "GREETING": "hello from a Dockerfile",
         "KILN_TEST_DOCKERFILE": "1",
     }
+    assert definition.user == "builder"
 
 
 def test_the_docker_image_is_tagged_for_the_engine(
@@ -119,6 +120,7 @@ async def test_a_docker_sandbox_sees_what_the_dockerfile_did(
         name="dockerfile",
         image=ref,
         env=dict(definition.env),
+        user=definition.user,
     )
     await engine.create(spec)
     client = await engine.agent(spec.sandbox_id)
@@ -130,8 +132,11 @@ async def test_a_docker_sandbox_sees_what_the_dockerfile_did(
     assert (result.exit_code, result.stderr) == (0, b"")
     assert result.stdout.decode() == (
         "copied from the context\nbuilt by RUN\nbuilder\n"
-        "hello from a Dockerfile\nsandbox\n/workspace\n"
+        "hello from a Dockerfile\nbuilder\n/workspace\n"
     )
+    # The agent itself runs as root (the image's USER is only the default): root on request.
+    as_root = await client.exec(["id", "-un"], user="root")
+    assert (as_root.exit_code, as_root.stdout) == (0, b"root\n")
     await engine.destroy(spec.sandbox_id)
 
 
@@ -176,7 +181,9 @@ def test_only_kilns_base_may_be_the_from(text: str, complaint: str) -> None:
     ("tail", "complaint"),
     [
         ("WORKDIR /srv\n", "final WORKDIR is /srv"),
-        ("USER nobody\n", "final USER is nobody"),
+        ("USER 1234\n", "final USER is 1234"),
+        ("USER builder:staff\n", "final USER is builder:staff"),
+        ("ARG WHO=root\nUSER $WHO\n", "must be written out"),
         ('CMD ["sleep", "1"]\n', "CMD is not used"),
     ],
 )

@@ -17,11 +17,12 @@ which the Docker engine imported kiln's ``minimal`` base tree into this dockerd
 the step that failed; the whole output goes to the build log, which is kept.
 
 What a sandbox honours of the image's configuration: ENV (as the image's
-environment, like a package-list image's ``env``). WORKDIR and USER only as
-kiln's own defaults (``/workspace``, the ``sandbox`` user; ``USER root``
-followed by nothing is also accepted: RUN steps ran as root, sandboxes run as
-``sandbox``): another final WORKDIR or USER, a CMD, ENTRYPOINT, EXPOSE, VOLUME
-or HEALTHCHECK is refused rather than ignored, since sandboxes start the guest
+environment, like a package-list image's ``env``) and the final USER (a user
+name: the sandbox's default user, as ``user`` on create would make it; none,
+``sandbox`` or its uid: kiln's ``sandbox``). WORKDIR only as kiln's own default
+(``/workspace``): the guest agent starts commands there. Another final WORKDIR,
+a numeric or ``user:group`` USER, a CMD, ENTRYPOINT, EXPOSE, VOLUME or
+HEALTHCHECK is refused rather than ignored, since sandboxes start the guest
 agent, not the image's command.
 """
 
@@ -41,7 +42,7 @@ from typing import Any
 from kiln.images import cache, find_base
 from kiln.images.builder import BASE_MANIFEST
 from kiln.images.buildlog import BuildLog
-from kiln.images.definition import Definition, InvalidDefinition
+from kiln.images.definition import USER_RE, Definition, InvalidDefinition
 from kiln.images.errors import ImageError
 from kiln.images.registry import PARENT_TIER, tier_of
 from kiln.protocol import SANDBOX_UID, SANDBOX_USER
@@ -157,7 +158,8 @@ def build(
 ) -> Definition:
     """Build ``definition`` (a Dockerfile one) as ``ref``: its Docker image and its tree.
 
-    Returns the definition with ``env`` set to what the Dockerfile's ENV gave.
+    Returns the definition with ``env`` and ``user`` set to what the Dockerfile's ENV
+    and final USER gave.
     Steps go to ``log`` (``docker-base``, ``docker-build``, ``export``); a failing
     RUN raises :class:`~kiln.images.buildlog.BuildFailed` naming the Dockerfile step.
     """
@@ -179,7 +181,11 @@ def build(
             raise ImageError(f"the {PARENT_TIER} base tree disappeared from {image_dir}")
     with log.step("docker-build"):
         log(f"docker build ({len(steps)} steps) on {base_ref}, no network…")
-        dockerfile = _rewrite_from(definition.dockerfile, base_ref)
+        # The image's USER is the sandboxes' default user, not the user of the
+        # container's PID 1: the guest agent runs as root, so the image ends as root.
+        final_user = _final_user(steps)
+        dockerfile = _rewrite_from(definition.dockerfile, base_ref).rstrip("\n")
+        dockerfile += "\nUSER root\n"
         labels = {
             docker_images.LABEL_TIER: ref,
             docker_images.LABEL_BASE_KEY: key,
@@ -195,6 +201,7 @@ def build(
         )
         config = _inspect(client, reference)
         env = _checked_config(config, base_env)
+        user = _default_user(final_user)
     final = image_dir / "base" / key
     # Under the image cache's build lock: a concurrent build of the same Dockerfile
     # finds this one's tree instead of replacing it under a QEMU build reading it.
@@ -228,6 +235,7 @@ def build(
         env=tuple(sorted(env.items())),
         dockerfile=definition.dockerfile,
         context_sha256=definition.context_sha256,
+        user=user,
     )
 
 
@@ -253,6 +261,22 @@ def _env_of(config: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _final_user(steps: list[str]) -> str:
+    """The argument of the final stage's last USER ("" without one)."""
+    user = ""
+    for step in steps:
+        instruction, _, args = step.partition(" ")
+        if instruction.upper() == "FROM":
+            user = ""
+        elif instruction.upper() == "USER":
+            user = args.strip()
+    if "$" in user:
+        raise InvalidDefinition(
+            f"dockerfile: USER {user}: the final USER must be written out (no variables)"
+        )
+    return user
+
+
 def _checked_config(config: dict[str, Any], base_env: dict[str, str]) -> dict[str, str]:
     """The image's environment (what differs from the base's); refuses what kiln's
     sandboxes would not honour (module docstring)."""
@@ -261,12 +285,6 @@ def _checked_config(config: dict[str, Any], base_env: dict[str, str]) -> dict[st
         raise InvalidDefinition(
             f"dockerfile: the final WORKDIR is {workdir}: sandboxes start their commands in"
             f" {WORKSPACE} (end with WORKDIR {WORKSPACE}, or use cd in the command)"
-        )
-    user = config.get("User") or ""
-    if user not in ("", "root", "0", SANDBOX_USER, str(SANDBOX_UID)):
-        raise InvalidDefinition(
-            f"dockerfile: the final USER is {user}: sandbox commands run as {SANDBOX_USER}"
-            " (or root on request): end with USER sandbox or USER root"
         )
     for field, instruction in (
         ("Cmd", "CMD"),
@@ -284,6 +302,20 @@ def _checked_config(config: dict[str, Any], base_env: dict[str, str]) -> dict[st
     if "PATH" not in base_env and env.get("PATH") == DOCKER_DEFAULT_PATH:
         del env["PATH"]
     return env
+
+
+def _default_user(user: str) -> str | None:
+    """The sandbox's default user for a final USER (None: kiln's sandbox user)."""
+    if user in ("", SANDBOX_USER, str(SANDBOX_UID)):
+        return None
+    if user == "0":
+        return "root"
+    if not USER_RE.match(user):
+        raise InvalidDefinition(
+            f"dockerfile: the final USER is {user}: give a user name (a sandbox's default"
+            " user is a login name; its group is the user's own)"
+        )
+    return user
 
 
 def _docker_build(
