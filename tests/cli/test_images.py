@@ -9,6 +9,7 @@ before entering its network namespace: the build runs only the fast step.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,25 @@ def test_bad_definitions_and_refusals(cli: Cli, tmp_path: Path) -> None:
     builtin = cli("image", "rm", "minimal")
     assert builtin.returncode == EXIT_CODES["unauthorized"]
     assert_one_line_error(builtin, "built-in")
+
+
+def test_a_dockerfile_is_sent_with_its_directory_and_checked(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM debian:bookworm\nRUN true\n")
+    other = cli("image", "build", "df", "-f", str(tmp_path / "Dockerfile"))
+    assert other.returncode == EXIT_CODES["error"]
+    assert_one_line_error(other, "only FROM minimal")
+
+    # A good one reaches the daemon, whose engine here is not Docker: it says so.
+    (tmp_path / "Dockerfile").write_text("FROM minimal\nCOPY hello.txt /hello.txt\n")
+    (tmp_path / "hello.txt").write_text("hi\n")
+    proc = cli("image", "build", "df", "-f", str(tmp_path / "Dockerfile"))
+    assert proc.returncode != 0
+    assert_one_line_error(proc, "needs the docker engine")
+
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "Dockerfile").write_text("FROM minimal\n")
+    (big / "blob").write_bytes(os.urandom(17 << 20))
+    too_big = cli("image", "build", "df", "-f", str(big / "Dockerfile"))
+    assert too_big.returncode != 0
+    assert_one_line_error(too_big, "larger than 16 MiB")

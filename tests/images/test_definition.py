@@ -4,6 +4,7 @@ and reference, the tier a definition makes (and the base key it moves)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +131,35 @@ def test_the_registry_resolves_references_like_tiers(tmp_path: Path) -> None:
     for bad in ("../x", "a/b", "UPPER", "x..y"):
         with pytest.raises(UnknownTier):
             resolve_tier(bad, tmp_path)
+
+
+def test_a_dockerfile_definition_is_keyed_by_its_text_context_and_base() -> None:
+    sha = "ab" * 32
+    doc = {"name": "df", "dockerfile": "FROM minimal\nRUN true\n", "context_sha256": sha}
+    definition = from_json(doc)
+    assert definition.kind == "dockerfile"
+    # Its env comes from its ENV (filled in by the build): not part of what it is.
+    with_env = from_json({**doc, "env": {"A": "1"}})
+    assert with_env.digest() == definition.digest()
+    assert from_json(with_env.to_json()) == with_env
+    assert from_json({**doc, "context_sha256": "cd" * 32}).digest() != definition.digest()
+    assert from_json({**doc, "dockerfile": "FROM minimal\n"}).digest() != definition.digest()
+    # Registered under its digest: the tier's base is the tree dockerd exported.
+    tier = tier_of(definition, image_ref(definition, None))
+    assert tier.base.key() == definition.digest()
+
+
+@pytest.mark.parametrize(
+    ("doc", "complaint"),
+    [
+        ({"dockerfile": "FROM minimal\n"}, "context_sha256"),
+        ({"dockerfile": "FROM minimal\n", "context_sha256": "xyz"}, "context_sha256"),
+        ({"dockerfile": "", "context_sha256": "ab" * 32}, "dockerfile: must be"),
+        ({"dockerfile": "FROM minimal\n", "context_sha256": "ab" * 32, "packages": ["jq"]},
+         "no packages or files"),
+        ({"context_sha256": "ab" * 32}, "only a Dockerfile"),
+    ],
+)  # fmt: skip
+def test_bad_dockerfile_definitions(doc: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(InvalidDefinition, match=complaint):
+        from_json({"name": "df", **doc})

@@ -266,3 +266,25 @@ def test_a_client_that_leaves_stops_the_build(
         assert list((images / DEFS_DIR).iterdir()) == []  # nothing registered stays
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "complaint"),
+    [
+        ({"dockerfile": "FROM ubuntu\n"}, 422, "only FROM minimal"),
+        ({"dockerfile": "FROM minimal\n", "context": "not base64!"}, 422, "context: not base64"),
+        ({"packages": ["jq"], "context": ""}, 422, "only a Dockerfile image has a build context"),
+        ({"dockerfile": "FROM minimal\n", "env": {"A": "1"}}, 422, "its ENV"),
+        ({"dockerfile": "FROM minimal\n", "packages": ["jq"]}, 422, "no packages or files"),
+        ({"dockerfile": "FROM minimal\n", "context": "AAAA"}, 422, "not a tar"),
+        # A good request, to a daemon whose engine is not Docker.
+        ({"dockerfile": "FROM minimal\nRUN true\n"}, 503, "needs the docker engine"),
+    ],
+)
+def test_dockerfile_requests_that_cannot_be_built(
+    admin: ApiUser, body: dict[str, Any], status: int, complaint: str
+) -> None:
+    r = _builds(admin, {"name": "df", **body})
+    assert r.status_code == status, r.text
+    assert complaint in r.json()["error"], r.text
+    assert admin.http.get("/images/df").status_code == 404

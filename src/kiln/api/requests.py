@@ -290,8 +290,15 @@ class ImageFileBody(_Body):
     mode: Annotated[StrictStr, Field(pattern=r"^0?[0-7]{3,4}$")] = "0644"
 
 
+#: Largest ``context`` of a Dockerfile image: base64 of a 16 MiB tar.
+MAX_CONTEXT_BASE64 = (16 << 20) * 4 // 3 + 4
+
+
 class CreateImage(_Body):
-    """A package-list image: Debian ``packages`` and ``files`` on top of ``minimal``.
+    """A package-list image: Debian ``packages`` and ``files`` on top of ``minimal``;
+    or a Dockerfile image: ``dockerfile`` (its text, ``FROM minimal``) and its build
+    ``context`` (a tar archive, base64, at most 16 MiB), built by the Docker
+    engine's dockerd.
 
     Checked further by :func:`kiln.images.definition.from_json` (names, paths,
     sizes; 422 with the field named)."""
@@ -300,6 +307,8 @@ class CreateImage(_Body):
     packages: Annotated[list[StrictStr], Field(max_length=200)] = Field(default_factory=list)
     files: Annotated[list[ImageFileBody], Field(max_length=100)] = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
+    dockerfile: Annotated[StrictStr, Field(min_length=1, max_length=65536)] | None = None
+    context: Annotated[StrictStr, Field(max_length=MAX_CONTEXT_BASE64)] | None = None
 
 
 #: A published port's alias: one DNS label (it becomes ``<alias>.<publish domain>``).

@@ -417,9 +417,15 @@ def _ensure_base(
     tier: Tier, inputs: Inputs, image_dir: Path, report: Progress, force: bool
 ) -> Path:
     final = image_dir / "base" / inputs.base_key
-    if not force and cache.read_manifest(final / BASE_MANIFEST) is not None:
+    prebuilt = tier.base.prebuilt is not None
+    if (not force or prebuilt) and cache.read_manifest(final / BASE_MANIFEST) is not None:
         report(f"cached: {tier.base.suite} base rootfs {inputs.base_key[:16]}")
         return final
+    if prebuilt:
+        raise ImageError(
+            f"the tree of the Dockerfile image {tier.name} is not in the image cache"
+            " (dockerd builds it): run `kiln image build` with its Dockerfile again"
+        )
     if os.geteuid() != 0:
         raise ImageError("building the base rootfs (mmdebstrap, chroot) needs root")
     with (

@@ -21,6 +21,13 @@ is registered under a *reference* (:func:`image_ref`) that carries the digest:
 a changed definition is a new reference, so an engine that cached the image of
 a reference never runs a stale one.
 
+A *Dockerfile* definition (``dockerfile`` set, no ``packages`` or ``files``)
+is built by the Docker engine's dockerd on top of kiln's own ``minimal``
+(:mod:`kiln.engine.docker.dockerfile`); its digest is that of the Dockerfile,
+its build context (``context_sha256``) and the ``minimal`` base it starts
+from. Its ``env`` and ``user`` are what the Dockerfile's ENV and final USER
+set, filled in by the build.
+
 Every mistake raises :class:`InvalidDefinition` naming the field.
 """
 
@@ -49,7 +56,13 @@ MAX_TOTAL_BYTES = 4 << 20
 DEFAULT_MODE = 0o644
 #: Where a file may not go: the kernel's file systems and what kiln itself puts there.
 FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/usr/lib/kiln")
-_KEYS = frozenset({"name", "packages", "files", "env"})
+_KEYS = frozenset({"name", "packages", "files", "env", "dockerfile", "context_sha256", "user"})
+#: A Dockerfile's final USER, as the sandbox's default user (a login name).
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+MAX_DOCKERFILE_BYTES = 64 << 10
+#: Bump when a Dockerfile build puts something else into its tree or image.
+DOCKERFILE_BUILD_VERSION = 2
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ENV = 100
 _FILE_KEYS = frozenset({"path", "content", "source", "mode"})
@@ -76,17 +89,44 @@ class Definition:
     files: tuple[FileSpec, ...] = ()
     #: Applied by the daemon to every sandbox of the image (not built into the tree).
     env: tuple[tuple[str, str], ...] = ()
+    #: A Dockerfile definition's text (the image is built by dockerd, not from packages).
+    dockerfile: str | None = None
+    #: sha256 of the Dockerfile's build context (a tar), part of the digest.
+    context_sha256: str | None = None
+    #: A Dockerfile image's default user (its final USER), when not the sandbox user.
+    user: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "packages" if self.dockerfile is None else "dockerfile"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "packages": list(self.packages),
             "files": [f.to_json() for f in self.files],
             "env": dict(self.env),
         }
+        if self.dockerfile is not None:
+            doc["dockerfile"] = self.dockerfile
+            doc["context_sha256"] = self.context_sha256
+        if self.user is not None:
+            doc["user"] = self.user
+        return doc
 
     def digest(self) -> str:
         """sha256 of what the image is (the name is not part of it)."""
+        if self.dockerfile is not None:
+            # ENV is the Dockerfile's: env is derived from it, not an input.
+            from .tiers import TIERS  # noqa: PLC0415 (tiers -> rootfs is heavier)
+
+            recipe: dict[str, Any] = {
+                "dockerfile": self.dockerfile,
+                "context": self.context_sha256,
+                "from": TIERS["minimal"].base.key(),
+                "build": DOCKERFILE_BUILD_VERSION,
+            }
+            return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
         doc: dict[str, Any] = {
             "packages": sorted(self.packages),
             "files": [f.to_json() for f in self.files],
@@ -148,7 +188,29 @@ def from_json(doc: Mapping[str, Any], *, base_dir: Path | None = None) -> Defini
         )
     packages = _packages(doc.get("packages", []))
     files = _files(doc.get("files", []), base_dir)
-    return Definition(name=name, packages=packages, files=files, env=_env(doc.get("env", {})))
+    env = _env(doc.get("env", {}))
+    dockerfile = doc.get("dockerfile")
+    user = doc.get("user")
+    if dockerfile is None:
+        if doc.get("context_sha256") is not None:
+            raise InvalidDefinition("context_sha256: only a Dockerfile definition has a context")
+        if user is not None:
+            raise InvalidDefinition("user: only a Dockerfile definition has one (its USER)")
+        return Definition(name=name, packages=packages, files=files, env=env)
+    if user is not None and (not isinstance(user, str) or not USER_RE.match(user)):
+        raise InvalidDefinition(f"user: {user!r} is not a user name")
+    if packages or files:
+        raise InvalidDefinition(
+            "dockerfile: a Dockerfile image has no packages or files (RUN and COPY them)"
+        )
+    if not isinstance(dockerfile, str) or not dockerfile.strip() or "\0" in dockerfile:
+        raise InvalidDefinition("dockerfile: must be the Dockerfile's text")
+    if len(dockerfile.encode()) > MAX_DOCKERFILE_BYTES:
+        raise InvalidDefinition(f"dockerfile: larger than {MAX_DOCKERFILE_BYTES >> 10} KiB")
+    context = doc.get("context_sha256")
+    if not isinstance(context, str) or not _SHA256_RE.match(context):
+        raise InvalidDefinition("context_sha256: must be the sha256 (64 hex) of the context tar")
+    return Definition(name=name, env=env, dockerfile=dockerfile, context_sha256=context)
 
 
 def _env(value: Any) -> tuple[tuple[str, str], ...]:

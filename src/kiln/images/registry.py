@@ -36,6 +36,20 @@ def _def_path(image_dir: Path, ref: str) -> Path:
 def tier_of(definition: Definition, ref: str) -> Tier:
     """The tier ``ref`` of a definition: the parent tier plus its packages and files."""
     parent = TIERS[PARENT_TIER]
+    if definition.dockerfile is not None:
+        # Its tree is dockerd's export (kiln.engine.docker.dockerfile), keyed by its digest.
+        return Tier(
+            name=ref,
+            base=BaseSpec(
+                suite=parent.base.suite,
+                variant=parent.base.variant,
+                packages=parent.base.packages,
+                prebuilt=definition.digest(),
+            ),
+            kernel_metapackage=parent.kernel_metapackage,
+            modules=parent.modules,
+            min_rootfs_size=parent.min_rootfs_size,
+        )
     packages = tuple(dict.fromkeys((*parent.base.packages, *definition.packages)))
     files = tuple((f.path, f.content, f.mode) for f in definition.files)
     return Tier(

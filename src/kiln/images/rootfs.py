@@ -55,8 +55,13 @@ class BaseSpec:
     packages: tuple[str, ...]
     #: (absolute path, text, mode) written into the tree after customize(), owned by root.
     files: tuple[tuple[str, str, int], ...] = ()
+    #: The key of a tree made elsewhere (a Dockerfile image's, exported from dockerd):
+    #: it is the cache key, and the base step never runs mmdebstrap for it.
+    prebuilt: str | None = None
 
     def key(self) -> str:
+        if self.prebuilt is not None:
+            return self.prebuilt
         doc: dict[str, object] = {
             "suite": self.suite,
             "variant": self.variant,

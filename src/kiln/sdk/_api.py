@@ -8,6 +8,7 @@ place httpx exceptions become :mod:`kiln.sdk.errors`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -846,14 +847,23 @@ def image_body(
     packages: Sequence[str] = (),
     files: Sequence[Mapping[str, str]] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    dockerfile: str | None = None,
+    context: bytes | None = None,
 ) -> dict[str, Any]:
-    """The body of ``POST /images``: ``files`` are ``{path, content, mode?}`` mappings."""
-    return {
+    """The body of ``POST /images``: ``files`` are ``{path, content, mode?}`` mappings;
+    a Dockerfile's ``context`` (a tar archive) is sent as base64."""
+    body: dict[str, Any] = {
         "name": name,
         "packages": list(packages),
         "files": [dict(f) for f in files or ()],
         "env": dict(env or {}),
     }
+    if dockerfile is not None:
+        body["dockerfile"] = dockerfile
+    if context is not None:
+        body["context"] = base64.b64encode(context).decode()
+    return body
 
 
 def build_image(body: Mapping[str, Any]) -> Call[ImageInfo]:

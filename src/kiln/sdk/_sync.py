@@ -1241,17 +1241,22 @@ class Images:
         packages: Sequence[str] = (),
         files: Sequence[Mapping[str, str]] | None = None,
         env: Mapping[str, str] | None = None,
+        dockerfile: str | None = None,
+        context: bytes | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> ImageInfo:
         """Build ``name``: Debian ``packages`` and ``files`` (``{"path", "content",
         "mode"}``) on top of ``minimal``; ``env``, the environment of its sandboxes.
-        Yours, or global when you are an admin.
+        Or from a ``dockerfile`` (its text, ``FROM minimal``) and its build
+        ``context`` (a tar archive, at most 16 MiB), built by the daemon's Docker
+        engine; its ENV is the image's environment. Yours, or global when you are
+        an admin.
 
         Takes a minute or more when its packages are new (seconds when cached);
         ``progress`` gets each progress line as the daemon reports it. A failed
         build raises with the failing step and the daemon's build log path.
         """
-        body = _api.image_body(name, packages, files, env)
+        body = _api.image_body(name, packages, files, env, dockerfile=dockerfile, context=context)
         if progress is None:
             return self._kiln._call(_api.build_image(body))
         resp = self._kiln._send_streaming(_api.build_image_streamed(body))

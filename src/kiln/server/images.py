@@ -16,23 +16,31 @@ nobody's quota); anyone else's is their own and counts against their
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
+import io
 import logging
 import os
+import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.api.requests import CreateImage
+from kiln.engine.router import Engines
 from kiln.images import TIERS, Image, ImageError, UnknownTier, prune_images
+from kiln.images.buildlog import BuildLog
 from kiln.images.cache import default_image_dir
 from kiln.images.child import ensure_image_in_child
 from kiln.images.definition import Definition, InvalidDefinition, from_json, image_ref
 from kiln.images.registry import register, registered, unregister
 from kiln.store import ImageRecord, NotFound, SavedImageRecord, User, rfc3339
 
-from .errors import ConflictError, Forbidden, NotFoundError
+from .errors import ConflictError, Forbidden, NotFoundError, Unavailable
 
 if TYPE_CHECKING:
     from .services import Services
@@ -40,6 +48,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("kiln.server")
 
 KIND_PACKAGES = "packages"
+KIND_DOCKERFILE = "dockerfile"
+#: The kinds whose definition is registered in the image cache (saved ones are not).
+BUILT_KINDS = (KIND_PACKAGES, KIND_DOCKERFILE)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildPlan:
+    """A checked ``POST /images``: what to build, under which reference; ``existing``
+    when the very same image is already in the catalog; a Dockerfile's context tar."""
+
+    definition: Definition
+    ref: str
+    existing: ImageRecord | None
+    context: bytes = b""
 
 
 class ImageService:
@@ -52,24 +74,30 @@ class ImageService:
 
     # --- reading --------------------------------------------------------------------
 
-    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str]]:
-        """The reference engines know ``name`` by, as ``user`` sees it, and the
-        environment the image gives its sandboxes.
+    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str], str | None]:
+        """The reference engines know ``name`` by, as ``user`` sees it, the
+        environment the image gives its sandboxes and their default user (a
+        Dockerfile's final USER; None: the image's sandbox user).
 
         Unknown names (and other users' images) raise :class:`UnknownTier`, the
         error an unknown tier has always given.
         """
         if name in TIERS:
-            return name, {}
+            return name, {}, None
         try:
             row = self._s.store.find_image(user.id, name)
         except NotFound:
             known = [*TIERS, *(r.name for r in self._s.store.list_images(user.id))]
             raise UnknownTier(name, sorted(set(known))) from None
-        if row.kind == KIND_PACKAGES:
+        if row.kind in BUILT_KINDS:
             self._reregister(row)
         env = row.definition.get("env") or {}
-        return row.ref, {str(k): str(v) for k, v in env.items()}
+        default_user = row.definition.get("user")
+        return (
+            row.ref,
+            {str(k): str(v) for k, v in env.items()},
+            None if default_user is None else str(default_user),
+        )
 
     def _reregister(self, row: ImageRecord) -> None:
         """The catalog is the record: a definition missing from the image cache (a
@@ -146,11 +174,20 @@ class ImageService:
 
     # --- building -------------------------------------------------------------------
 
-    def prepare(self, user: User, body: CreateImage) -> tuple[Definition, str, ImageRecord | None]:
+    def prepare(self, user: User, body: CreateImage) -> BuildPlan:
         """Check a build request before anything slow: the definition, its name, the
-        quota. Returns the definition, its reference and the catalog row when the
-        very same image already exists (nothing to build)."""
-        definition = from_json(body.model_dump())  # InvalidDefinition: 422
+        quota (:class:`BuildPlan`)."""
+        doc = body.model_dump()
+        context = _context(doc.pop("context"), doc.get("dockerfile"))
+        if doc.get("dockerfile") is None:
+            doc.pop("dockerfile")
+        else:
+            if doc.get("env"):
+                raise InvalidDefinition(
+                    "env: a Dockerfile image's environment is its ENV instructions'"
+                )
+            doc["context_sha256"] = hashlib.sha256(context).hexdigest()
+        definition = from_json(doc)  # InvalidDefinition: 422
         self.check_free(user, definition.name, saving=False)
         owner = None if user.is_admin else user.id
         ref = image_ref(definition, owner)
@@ -160,27 +197,33 @@ class ImageService:
             existing = None
         if existing is not None and existing.owner == owner:
             if existing.ref == ref:
-                return definition, ref, existing
+                return BuildPlan(definition, ref, existing, context)
             raise ConflictError(
                 f"an image named {definition.name!r} already exists with another definition:"
                 " delete it first"
             )
         if owner is not None:
             self._s.store.check_image_quota(user)
-        return definition, ref, None
+        if definition.dockerfile is not None:
+            from kiln.engine.docker.dockerfile import check_from  # noqa: PLC0415
+
+            check_from(definition.dockerfile)  # another FROM: 422 before anything runs
+        return BuildPlan(definition, ref, None, context)
 
     async def build(
         self,
         user: User,
-        definition: Definition,
-        ref: str,
+        plan: BuildPlan,
         progress: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Build (or find in the cache) the image and add it to the catalog."""
+        definition, ref = plan.definition, plan.ref
         owner = None if user.is_admin else user.id
         image_dir = self.image_dir
-        await asyncio.to_thread(register, image_dir, ref, definition)
         try:
+            if definition.dockerfile is not None:
+                definition = await self._docker_build(plan, progress)
+            await asyncio.to_thread(register, image_dir, ref, definition)
             started = time.monotonic()
             image = await ensure_image_in_child(ref, image_dir, progress)
             elapsed = time.monotonic() - started
@@ -192,7 +235,7 @@ class ImageService:
                 owner,
                 definition.name,
                 ref=ref,
-                kind=KIND_PACKAGES,
+                kind=definition.kind,
                 digest=image.digest,
                 size_bytes=size,
                 definition=definition.to_json(),
@@ -211,6 +254,46 @@ class ImageService:
                 await asyncio.to_thread(_remove_files, image_dir, ref)
             raise
         return self.view(row)
+
+    async def _docker_build(
+        self, plan: BuildPlan, progress: Callable[[str], None] | None
+    ) -> Definition:
+        """The Docker image and the tree of a Dockerfile definition, built by the Docker
+        engine's dockerd (:mod:`kiln.engine.docker.dockerfile`); returns the definition
+        with the Dockerfile's environment. The tree then goes through the same child
+        build as every image (the QEMU image).
+
+        Runs in a thread: unlike the child build, a stopped request lets a running
+        ``docker build`` finish (its result is cached for the next request).
+        """
+        from kiln.engine.docker.dockerfile import build as docker_build  # noqa: PLC0415
+        from kiln.engine.docker.engine import DockerEngine  # noqa: PLC0415
+
+        engine = self._s.engine
+        docker: object = engine
+        if isinstance(engine, Engines):
+            docker = engine.get("docker") if "docker" in engine.names else None
+        if not isinstance(docker, DockerEngine):
+            raise Unavailable("a Dockerfile image needs the docker engine, which is not enabled")
+        client = await docker.docker_client()
+        loop = asyncio.get_running_loop()
+
+        def report(message: str) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, message)
+
+        def run() -> Definition:
+            with BuildLog.open(self.image_dir, plan.ref, report) as log:
+                return docker_build(
+                    client,
+                    plan.definition,
+                    plan.context,
+                    plan.ref,
+                    image_dir=self.image_dir,
+                    log=log,
+                )
+
+        return await asyncio.to_thread(run)
 
     # --- deleting -------------------------------------------------------------------
 
@@ -243,8 +326,28 @@ class ImageService:
         if row.owner is None and not user.is_admin:
             raise Forbidden(f"image {name!r} is global: only an admin may delete it")
         self._s.store.delete_image(row.id)
-        if row.kind == KIND_PACKAGES:
+        if row.kind in BUILT_KINDS:
             await asyncio.to_thread(_remove_files, self.image_dir, row.ref)
+
+
+def _context(value: str | None, dockerfile: str | None) -> bytes:
+    """A Dockerfile's build context from its base64 (an empty tar when there is none)."""
+    from kiln.engine.docker.dockerfile import empty_context  # noqa: PLC0415
+
+    if value is None:
+        return empty_context() if dockerfile is not None else b""
+    if dockerfile is None:
+        raise InvalidDefinition("context: only a Dockerfile image has a build context")
+    try:
+        context = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidDefinition("context: not base64 (of a tar archive)") from None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(context)) as tar:
+            tar.getmembers()
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidDefinition(f"context: not a tar archive: {exc}") from None
+    return context
 
 
 def _tier_view(name: str) -> dict[str, Any]:

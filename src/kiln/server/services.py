@@ -383,9 +383,11 @@ class SandboxService:
         memory_mb = (
             body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
         )
-        image, env = s.catalog.resolve(
+        image, env, image_user = s.catalog.resolve(
             user, body.image or (tspec.image if tspec and tspec.image else s.config.image)
         )
+        if guest_user is None:  # a Dockerfile image's USER, unless the caller's (E2B's)
+            guest_user = image_user
         init = body.init if body.init is not None else (tspec.init if tspec else None)
         # The image's environment, under the template's, under the request's own.
         env.update(tspec.env if tspec else {})

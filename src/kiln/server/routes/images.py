@@ -1,10 +1,12 @@
 """``/images``: the images a sandbox can start from, and building new ones.
 
 ``POST /images`` builds a package-list image (a minute or more when its Debian
-base is not cached). With ``Accept: application/x-ndjson`` it streams progress
-lines as the build goes (the same content type as exec's events), then one
-``image`` or ``error`` line; otherwise it answers once, when the build is done.
-A client that goes away stops the build.
+base is not cached) or a Dockerfile image (``dockerfile`` and a base64 tar
+``context`` of at most 16 MiB; the Docker engine must be enabled). With
+``Accept: application/x-ndjson`` it streams progress lines as the build goes
+(the same content type as exec's events), then one ``image`` or ``error``
+line; otherwise it answers once, when the build is done. A client that goes
+away stops the build (a Dockerfile's ``docker build`` step runs to its end).
 """
 
 from __future__ import annotations
@@ -64,14 +66,16 @@ async def get_image(
 async def build_image(
     body: CreateImage, request: Request, user: CurrentUser, services: AppServices
 ) -> Response:
-    """Build an image from Debian packages and files on top of ``minimal``.
+    """Build an image from Debian packages and files on top of ``minimal``, or from
+    a Dockerfile (``FROM minimal``) and its context, built by the Docker engine's dockerd.
 
     An admin's build is global; anyone else's is their own (and counts against
     their image quota). The same definition under the same name again: 200
     with the existing image; another definition under a taken name: 409.
     """
     catalog = services.catalog
-    definition, ref, existing = catalog.prepare(user, body)
+    plan = catalog.prepare(user, body)
+    existing, ref = plan.existing, plan.ref
     streamed = NDJSON in request.headers.get("accept", "")
     if existing is not None:
         if streamed:  # nothing to build: the stream is its last line alone
@@ -79,7 +83,7 @@ async def build_image(
             return Response(line, media_type=NDJSON)
         return JSONResponse(catalog.view(existing), status_code=200)
     if not streamed:
-        return JSONResponse(await catalog.build(user, definition, ref), status_code=201)
+        return JSONResponse(await catalog.build(user, plan), status_code=201)
 
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     started = time.monotonic()
@@ -90,7 +94,7 @@ async def build_image(
 
     async def run() -> None:
         try:
-            image = await catalog.build(user, definition, ref, progress)
+            image = await catalog.build(user, plan, progress)
         except Exception as exc:
             error = to_api_error(exc) or ApiError(str(exc))
             queue.put_nowait({"type": "error", "message": error.message, "status": error.status})
