@@ -60,6 +60,8 @@ def test_defaults() -> None:
     assert config.token is None and config.network is None and config.init is None
     assert config.files == () and config.env == {}
     assert config.clock_ns is None and config.seed is None and config.aslr is None
+    assert config.workdir is None
+    assert GuestConfig.from_json({"workdir": "/opt/app"}).workdir == "/opt/app"
 
 
 @pytest.mark.parametrize(
@@ -84,6 +86,8 @@ def test_defaults() -> None:
         ({"seed": 7}, "seed"),
         ({"aslr": "no"}, "aslr"),
         ({"seed": "not base64!"}, "seed"),
+        ({"workdir": "opt/app"}, "workdir"),
+        ({"workdir": 3}, "workdir"),
     ],
 )
 def test_invalid_configs(patch: dict[str, Any], message: str) -> None:

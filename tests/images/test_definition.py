@@ -142,6 +142,11 @@ def test_a_dockerfile_definition_is_keyed_by_its_text_context_and_base() -> None
     with_env = from_json({**doc, "env": {"A": "1"}})
     assert with_env.digest() == definition.digest()
     assert from_json(with_env.to_json()) == with_env
+    # So do its default user and directory (its final USER and WORKDIR).
+    filled = from_json({**doc, "user": "builder", "workdir": "/opt/app"})
+    assert (filled.user, filled.workdir) == ("builder", "/opt/app")
+    assert filled.digest() == definition.digest()
+    assert from_json(filled.to_json()) == filled
     assert from_json({**doc, "context_sha256": "cd" * 32}).digest() != definition.digest()
     assert from_json({**doc, "dockerfile": "FROM minimal\n"}).digest() != definition.digest()
     # Registered under its digest: the tier's base is the tree dockerd exported.
@@ -158,6 +163,11 @@ def test_a_dockerfile_definition_is_keyed_by_its_text_context_and_base() -> None
         ({"dockerfile": "FROM minimal\n", "context_sha256": "ab" * 32, "packages": ["jq"]},
          "no packages or files"),
         ({"context_sha256": "ab" * 32}, "only a Dockerfile"),
+        ({"workdir": "/opt/app"}, "workdir: only a Dockerfile"),
+        ({"dockerfile": "FROM minimal\n", "context_sha256": "ab" * 32, "workdir": "opt"},
+         "workdir: 'opt' is not an absolute path"),
+        ({"dockerfile": "FROM minimal\n", "context_sha256": "ab" * 32, "workdir": "/a/../b"},
+         "not an absolute path"),
     ],
 )  # fmt: skip
 def test_bad_dockerfile_definitions(doc: dict[str, Any], complaint: str) -> None:

@@ -238,6 +238,7 @@ def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
         "runtime": None,
         "network": None,
         "user": None,
+        "workdir": None,
         "template": None,
         "idempotency": None,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,9 @@ class SandboxSpec:
     #: The guest's default user for commands and files (created at boot when the image
     #: lacks it); None: the image's own sandbox user.
     user: str | None = None
+    #: The default working directory of its commands (an image's WORKDIR); None:
+    #: /workspace.
+    workdir: str | None = None
     #: Create it from this saved image (:meth:`Engine.save_image`'s ``image_id``), not
     #: from ``image`` alone; ``image``, ``cpus`` and ``memory_mb`` then must be the saved
     #: image's (the tier it came from gives the kernel, the shape is in its memory).
@@ -113,6 +117,7 @@ class SandboxSpec:
             "owner": self.owner,
             "network": None if self.network is None else self.network.to_json(),
             "user": self.user,
+            "workdir": self.workdir,
             "snapshot": self.snapshot,
         }
 
@@ -139,6 +144,7 @@ class SandboxSpec:
             if data.get("network") is None
             else NetworkPolicy.from_json(data["network"]),
             user=data.get("user"),
+            workdir=data.get("workdir"),
             snapshot=data.get("snapshot"),
         )
 
@@ -162,6 +168,8 @@ class SandboxSpec:
             config["init"] = self.init
         if self.user:
             config["user"] = self.user
+        if self.workdir:
+            config["workdir"] = self.workdir
         return config
 
     def validate(self) -> None:
@@ -192,11 +200,23 @@ class SandboxSpec:
                 raise InvalidSpec(f"volume {vol.name!r}: size_mb must be positive")
         if self.user is not None and not USER_NAME_RE.match(self.user):
             raise InvalidSpec(f"invalid user name {self.user!r}")
+        if self.workdir is not None and not is_workdir(self.workdir):
+            raise InvalidSpec(f"invalid working directory {self.workdir!r} (an absolute path)")
         if self.snapshot is not None:
             if not SANDBOX_ID_RE.match(self.snapshot):
                 raise InvalidSpec(f"invalid saved image id {self.snapshot!r}")
             if self.volumes:
                 raise InvalidSpec("a sandbox made from a saved image gets no volumes")
+
+
+def is_workdir(path: str) -> bool:
+    """An absolute, normalised path the guest can make its commands' directory."""
+    return (
+        path.startswith("/")
+        and "\0" not in path
+        and len(path) <= 1024
+        and posixpath.normpath(path) == path
+    )
 
 
 #: A user name the guest can create (what its config drive accepts).

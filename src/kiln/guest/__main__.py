@@ -329,6 +329,11 @@ def _vm_agent(
         log.warning("no user %r: commands run as the agent's own user", config.user)
         user = UserInfo.current()
     workdir = VM_WORKDIR if os.path.isdir(VM_WORKDIR) else os.getcwd()
+    if config.workdir is not None:
+        if os.path.isdir(config.workdir):
+            workdir = config.workdir  # the image's WORKDIR
+        else:
+            log.warning("no directory %s: commands start in %s", config.workdir, workdir)
     settings = _settings(args, config, test_mode=False, user=user, workdir=workdir)
     settings = replace(settings, host_closes_first=host_closes_first)
     listen = Listen(

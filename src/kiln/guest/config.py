@@ -117,6 +117,8 @@ class GuestConfig:
     aslr: bool | None = None
     #: Directories the sandbox user owns, made at every start (a container's volumes).
     user_dirs: tuple[str, ...] = ()
+    #: The default working directory of commands (an image's WORKDIR); None: /workspace.
+    workdir: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> GuestConfig:
@@ -151,6 +153,7 @@ class GuestConfig:
             user_dirs=tuple(
                 _abs_path(f"user_dirs[{i}]", d) for i, d in enumerate(_list(data, "user_dirs"))
             ),
+            workdir=None if data.get("workdir") is None else _abs_path("workdir", data["workdir"]),
         )
 
     @classmethod

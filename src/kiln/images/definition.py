@@ -56,7 +56,9 @@ MAX_TOTAL_BYTES = 4 << 20
 DEFAULT_MODE = 0o644
 #: Where a file may not go: the kernel's file systems and what kiln itself puts there.
 FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/usr/lib/kiln")
-_KEYS = frozenset({"name", "packages", "files", "env", "dockerfile", "context_sha256", "user"})
+_KEYS = frozenset(
+    {"name", "packages", "files", "env", "dockerfile", "context_sha256", "user", "workdir"}
+)
 #: A Dockerfile's final USER, as the sandbox's default user (a login name).
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MAX_DOCKERFILE_BYTES = 64 << 10
@@ -95,6 +97,8 @@ class Definition:
     context_sha256: str | None = None
     #: A Dockerfile image's default user (its final USER), when not the sandbox user.
     user: str | None = None
+    #: A Dockerfile image's commands' directory (its final WORKDIR), when not /workspace.
+    workdir: str | None = None
 
     @property
     def kind(self) -> str:
@@ -112,6 +116,8 @@ class Definition:
             doc["context_sha256"] = self.context_sha256
         if self.user is not None:
             doc["user"] = self.user
+        if self.workdir is not None:
+            doc["workdir"] = self.workdir
         return doc
 
     def digest(self) -> str:
@@ -191,14 +197,19 @@ def from_json(doc: Mapping[str, Any], *, base_dir: Path | None = None) -> Defini
     env = _env(doc.get("env", {}))
     dockerfile = doc.get("dockerfile")
     user = doc.get("user")
+    workdir = doc.get("workdir")
     if dockerfile is None:
         if doc.get("context_sha256") is not None:
             raise InvalidDefinition("context_sha256: only a Dockerfile definition has a context")
         if user is not None:
             raise InvalidDefinition("user: only a Dockerfile definition has one (its USER)")
+        if workdir is not None:
+            raise InvalidDefinition("workdir: only a Dockerfile definition has one (its WORKDIR)")
         return Definition(name=name, packages=packages, files=files, env=env)
     if user is not None and (not isinstance(user, str) or not USER_RE.match(user)):
         raise InvalidDefinition(f"user: {user!r} is not a user name")
+    if workdir is not None and not _is_workdir(workdir):
+        raise InvalidDefinition(f"workdir: {workdir!r} is not an absolute path")
     if packages or files:
         raise InvalidDefinition(
             "dockerfile: a Dockerfile image has no packages or files (RUN and COPY them)"
@@ -210,7 +221,24 @@ def from_json(doc: Mapping[str, Any], *, base_dir: Path | None = None) -> Defini
     context = doc.get("context_sha256")
     if not isinstance(context, str) or not _SHA256_RE.match(context):
         raise InvalidDefinition("context_sha256: must be the sha256 (64 hex) of the context tar")
-    return Definition(name=name, env=env, dockerfile=dockerfile, context_sha256=context)
+    return Definition(
+        name=name,
+        env=env,
+        dockerfile=dockerfile,
+        context_sha256=context,
+        user=user,
+        workdir=workdir,
+    )
+
+
+def _is_workdir(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith("/")
+        and "\0" not in value
+        and len(value) <= 1024
+        and posixpath.normpath(value) == value
+    )
 
 
 def _env(value: Any) -> tuple[tuple[str, str], ...]:

@@ -74,16 +74,17 @@ class ImageService:
 
     # --- reading --------------------------------------------------------------------
 
-    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str], str | None]:
+    def resolve(self, user: User, name: str) -> tuple[str, dict[str, str], str | None, str | None]:
         """The reference engines know ``name`` by, as ``user`` sees it, the
-        environment the image gives its sandboxes and their default user (a
-        Dockerfile's final USER; None: the image's sandbox user).
+        environment the image gives its sandboxes, their default user (a
+        Dockerfile's final USER; None: the image's sandbox user) and their commands'
+        default directory (its final WORKDIR; None: /workspace).
 
         Unknown names (and other users' images) raise :class:`UnknownTier`, the
         error an unknown tier has always given.
         """
         if name in TIERS:
-            return name, {}, None
+            return name, {}, None, None
         try:
             row = self._s.store.find_image(user.id, name)
         except NotFound:
@@ -93,10 +94,12 @@ class ImageService:
             self._reregister(row)
         env = row.definition.get("env") or {}
         default_user = row.definition.get("user")
+        workdir = row.definition.get("workdir")
         return (
             row.ref,
             {str(k): str(v) for k, v in env.items()},
             None if default_user is None else str(default_user),
+            None if workdir is None else str(workdir),
         )
 
     def _reregister(self, row: ImageRecord) -> None:

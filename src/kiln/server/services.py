@@ -383,7 +383,7 @@ class SandboxService:
         memory_mb = (
             body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
         )
-        image, env, image_user = s.catalog.resolve(
+        image, env, image_user, workdir = s.catalog.resolve(
             user, body.image or (tspec.image if tspec and tspec.image else s.config.image)
         )
         if guest_user is None:  # a Dockerfile image's USER, unless the caller's (E2B's)
@@ -405,6 +405,7 @@ class SandboxService:
                 saved.config.secrets,
             )
             runtime, guest_user = saved.config.runtime, saved.config.user
+            workdir = saved.config.workdir
 
         if body.volumes is not None:
             mounts = [VolumeMount(v.name, v.mount) for v in body.volumes]
@@ -461,6 +462,7 @@ class SandboxService:
                     runtime=runtime,
                     network=None if network is None else network.to_json(),
                     user=guest_user,
+                    workdir=workdir,
                     template=template_name or body.template_id,
                     idempotency=idempotency,
                 ),
@@ -494,6 +496,7 @@ class SandboxService:
             owner=user.id,
             network=network,
             user=guest_user,
+            workdir=workdir,
             snapshot=None if saved is None else saved.id,
         )
         self._creating.add(sandbox_id)
@@ -581,6 +584,7 @@ class SandboxService:
             owner=user.id,
             network=network,
             user=src.config.user,
+            workdir=src.config.workdir,
         )
         self._creating.add(sandbox_id)
         try:

@@ -145,6 +145,8 @@ class SandboxConfig:
     network: Mapping[str, Any] | None = None
     #: The guest's default user; None: the image's sandbox user.
     user: str | None = None
+    #: Its commands' default directory (an image's WORKDIR); None: /workspace.
+    workdir: str | None = None
     #: The template it was created from, as the client named it (a kiln template, or
     #: an E2B ``templateID``); None: none.
     template: str | None = None
@@ -348,6 +350,7 @@ def config_to_json(config: SandboxConfig) -> str:
             "runtime": _as_opt_str(config.runtime, "runtime"),
             "network": None if config.network is None else dict(config.network),
             "user": _as_opt_str(config.user, "user"),
+            "workdir": _as_opt_str(config.workdir, "workdir"),
             "template": _as_opt_str(config.template, "template"),
             "idempotency": None if config.idempotency is None else dict(config.idempotency),
         },
@@ -367,6 +370,7 @@ def config_from_json(text: str) -> SandboxConfig:
         runtime=_as_opt_str(data.get("runtime"), "runtime"),
         network=_as_opt_mapping(data.get("network"), "network"),
         user=_as_opt_str(data.get("user"), "user"),
+        workdir=_as_opt_str(data.get("workdir"), "workdir"),
         template=_as_opt_str(data.get("template"), "template"),
         idempotency=_as_opt_mapping(data.get("idempotency"), "idempotency"),
     )

@@ -121,6 +121,7 @@ async def test_a_docker_sandbox_sees_what_the_dockerfile_did(
         image=ref,
         env=dict(definition.env),
         user=definition.user,
+        workdir=definition.workdir,
     )
     await engine.create(spec)
     client = await engine.agent(spec.sandbox_id)
@@ -132,7 +133,7 @@ async def test_a_docker_sandbox_sees_what_the_dockerfile_did(
     assert (result.exit_code, result.stderr) == (0, b"")
     assert result.stdout.decode() == (
         "copied from the context\nbuilt by RUN\nbuilder\n"
-        "hello from a Dockerfile\nbuilder\n/workspace\n"
+        "hello from a Dockerfile\nbuilder\n/opt/app\n"
     )
     # The agent itself runs as root (the image's USER is only the default): root on request.
     as_root = await client.exec(["id", "-un"], user="root")
@@ -180,7 +181,6 @@ def test_only_kilns_base_may_be_the_from(text: str, complaint: str) -> None:
 @pytest.mark.parametrize(
     ("tail", "complaint"),
     [
-        ("WORKDIR /srv\n", "final WORKDIR is /srv"),
         ("USER 1234\n", "final USER is 1234"),
         ("USER builder:staff\n", "final USER is builder:staff"),
         ("ARG WHO=root\nUSER $WHO\n", "must be written out"),

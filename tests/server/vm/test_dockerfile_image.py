@@ -67,7 +67,7 @@ def test_a_dockerfile_image_runs_in_both_engines_and_a_failed_step_is_named(
                 lines = [json.loads(line) for line in r.iter_lines() if line]
             assert lines[-1]["type"] == "image", lines[-1]
             messages = [e["message"] for e in lines[:-1]]
-            assert any("Step 4/8 : COPY hello.txt ./hello.txt" in m for m in messages)
+            assert any("Step 4/7 : COPY hello.txt ./hello.txt" in m for m in messages)
             image = lines[-1]["image"]
             assert (image["kind"], image["scope"]) == ("dockerfile", "global")
             assert image["env"] == {
@@ -80,7 +80,7 @@ def test_a_dockerfile_image_runs_in_both_engines_and_a_failed_step_is_named(
                 )
                 assert r.status_code == 201, r.text
                 assert r.json()["image"] == image["ref"]
-                # COPY, RUN (as root and as USER builder), ENV, USER; kiln's cwd.
+                # COPY, RUN (as root and as USER builder), ENV, USER, WORKDIR.
                 out = exec_ok(
                     c,
                     engine,
@@ -91,7 +91,7 @@ def test_a_dockerfile_image_runs_in_both_engines_and_a_failed_step_is_named(
                 )
                 assert out == (
                     "copied from the context\nbuilt by RUN\nbuilder\n"
-                    "hello from a Dockerfile\nbuilder\n/workspace\n"
+                    "hello from a Dockerfile\nbuilder\n/opt/app\n"
                 )
                 # Root on request, as in every sandbox.
                 r = c.post(f"/sandboxes/{engine}/exec", json={"cmd": ["id", "-un"], "user": "root"})

@@ -19,11 +19,11 @@ the step that failed; the whole output goes to the build log, which is kept.
 What a sandbox honours of the image's configuration: ENV (as the image's
 environment, like a package-list image's ``env``) and the final USER (a user
 name: the sandbox's default user, as ``user`` on create would make it; none,
-``sandbox`` or its uid: kiln's ``sandbox``). WORKDIR only as kiln's own default
-(``/workspace``): the guest agent starts commands there. Another final WORKDIR,
-a numeric or ``user:group`` USER, a CMD, ENTRYPOINT, EXPOSE, VOLUME or
-HEALTHCHECK is refused rather than ignored, since sandboxes start the guest
-agent, not the image's command.
+``sandbox`` or its uid: kiln's ``sandbox``) and the final WORKDIR (where the guest
+agent starts commands that name no directory; none or ``/workspace``: kiln's
+``/workspace``). A numeric or ``user:group`` USER, a CMD, ENTRYPOINT, EXPOSE,
+VOLUME or HEALTHCHECK is refused rather than ignored, since sandboxes start the
+guest agent, not the image's command.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import posixpath
 import re
 import subprocess
 import tarfile
@@ -202,6 +203,7 @@ def build(
         config = _inspect(client, reference)
         env = _checked_config(config, base_env)
         user = _default_user(final_user)
+        workdir = _workdir(config)
     final = image_dir / "base" / key
     # Under the image cache's build lock: a concurrent build of the same Dockerfile
     # finds this one's tree instead of replacing it under a QEMU build reading it.
@@ -236,6 +238,7 @@ def build(
         dockerfile=definition.dockerfile,
         context_sha256=definition.context_sha256,
         user=user,
+        workdir=workdir,
     )
 
 
@@ -280,12 +283,6 @@ def _final_user(steps: list[str]) -> str:
 def _checked_config(config: dict[str, Any], base_env: dict[str, str]) -> dict[str, str]:
     """The image's environment (what differs from the base's); refuses what kiln's
     sandboxes would not honour (module docstring)."""
-    workdir = config.get("WorkingDir") or ""
-    if workdir not in ("", "/", WORKSPACE):
-        raise InvalidDefinition(
-            f"dockerfile: the final WORKDIR is {workdir}: sandboxes start their commands in"
-            f" {WORKSPACE} (end with WORKDIR {WORKSPACE}, or use cd in the command)"
-        )
     for field, instruction in (
         ("Cmd", "CMD"),
         ("Entrypoint", "ENTRYPOINT"),
@@ -302,6 +299,15 @@ def _checked_config(config: dict[str, Any], base_env: dict[str, str]) -> dict[st
     if "PATH" not in base_env and env.get("PATH") == DOCKER_DEFAULT_PATH:
         del env["PATH"]
     return env
+
+
+def _workdir(config: dict[str, Any]) -> str | None:
+    """The commands' directory for the image's final WORKDIR (None: /workspace)."""
+    workdir = str(config.get("WorkingDir") or "")
+    if workdir in ("", WORKSPACE):
+        return None
+    normal = posixpath.normpath(workdir)
+    return normal if normal.startswith("/") else None
 
 
 def _default_user(user: str) -> str | None:

@@ -209,6 +209,7 @@ class WarmPool:
             and spec.snapshot is None
             and not spec.volumes
             and spec.user is None
+            and spec.workdir is None
             and _config_size(spec) <= MAX_CONFIG_BYTES
         )
 

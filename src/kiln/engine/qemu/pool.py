@@ -162,6 +162,7 @@ class Pool:
             Shape.of(spec) in self._targets
             and not spec.volumes
             and spec.user is None
+            and spec.workdir is None
             and spec.engine in (None, machine.ENGINE_NAME)
             and _config_size(spec) <= MAX_CONFIG_BYTES
         )
