@@ -270,3 +270,13 @@ def test_concurrent_builders_build_once(seeded: Path, monkeypatch: pytest.Monkey
     assert len(built) == 1, logs
     other = logs[1 - logs.index(built[0])]
     assert other[-1].startswith("[prepare] cached: minimal image"), other
+
+
+def test_tree_size_counts_files_as_allocated_and_never_follows_links(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"x" * 10_000)
+    (tmp_path / "b").write_bytes(b"")
+    (tmp_path / "link").symlink_to("/usr")  # a symlink is one file of its own size
+    files, size = builder._tree_size(tmp_path)
+    assert files == 3
+    assert 10_000 <= size < 10_000 + 3 * 8192

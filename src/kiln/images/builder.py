@@ -27,6 +27,7 @@ steps are named in the progress and in the build's log
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,6 +101,17 @@ def _sha256(doc: Any) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    """Files and bytes (as allocated) under ``root``, symlinks not followed."""
+    files = size = 0
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(directory, name)).st_blocks * 512
+                files += 1
+    return files, size
 
 
 @contextmanager
@@ -445,6 +457,8 @@ def _ensure_base(
         if tier.base.files:
             report(f"writing {len(tier.base.files)} file(s) of the definition…")
             rootfs.add_files(tmp / "root", tier.base.files)
+        files, size = _tree_size(tmp / "root")
+        report(f"base rootfs: {size / (1 << 20):.0f} MiB in {files} files")
         cache.write_manifest(
             tmp / BASE_MANIFEST,
             {
