@@ -276,7 +276,8 @@ def test_tree_size_counts_files_as_allocated_and_never_follows_links(tmp_path: P
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a").write_bytes(b"x" * 10_000)
     (tmp_path / "b").write_bytes(b"")
-    (tmp_path / "link").symlink_to("/usr")  # a symlink is one file of its own size
+    (tmp_path / "to-file").symlink_to("d/a")  # one file of its own (tiny) size
+    (tmp_path / "to-dir").symlink_to("/usr")  # not walked into
     files, size = builder._tree_size(tmp_path)
     assert files == 3
     assert 10_000 <= size < 10_000 + 3 * 8192
