@@ -455,6 +455,8 @@ class FakeEngine:
             await asyncio.to_thread(dest.mkdir, parents=True)
             if files is not None and files.is_dir():
                 await asyncio.to_thread(shutil.copytree, files, dest / "work", symlinks=True)
+                size = await asyncio.to_thread(_bytes_under, dest / "work")
+                image = replace(image, size_bytes=size)
             await asyncio.to_thread((dest / "image.json").write_text, json.dumps(asdict(image)))
         return image
 
@@ -660,3 +662,8 @@ def _pid(machine: agents.Machine) -> int:
 
 def _list_ids(root: Path) -> list[str]:
     return list(agents.sandbox_ids(root))
+
+
+def _bytes_under(root: Path) -> int:
+    """What a saved image of files occupies: the sizes of the files under ``root``."""
+    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())

@@ -240,3 +240,27 @@ def test_a_save_a_crash_cut_short_leaves_no_files(server: LiveServer, api: ApiUs
     assert intents.pending() == []
     sb = api.sandbox(name="still", saved_image="kept")
     assert sb["engine"] == kept["engine"]
+
+
+def test_saved_images_count_against_the_image_disk_quota(
+    server: LiveServer, make_user: Callable[..., ApiUser]
+) -> None:
+    api = make_user(Quotas(max_image_disk_mb=1))
+    api.sandbox(name="big")
+    _write(api, "big", "small.txt", "x")
+    first = _save(api, "big", "small")
+    assert 0 < int(str(first["size_bytes"])) < 1 << 20
+    engine = server.engine
+    assert isinstance(engine, AgentEngine)
+    saved_root = engine.saved_root()
+    assert saved_root is not None
+    # 2 MiB more on its disk: its image would take the user over the 1 MiB quota.
+    out = api.exec("big", "sh", "-c", "head -c 2097152 /dev/zero > big.bin")
+    assert out["exit_code"] == 0, out
+    before = set(saved_root.iterdir())
+    r = api.http.post("/sandboxes/big/save", json={"name": "too-big"})
+    assert r.status_code == 403 and "1 MiB" in r.json()["error"], r.text
+    assert [i["name"] for i in api.http.get("/saved-images").json()] == ["small"]
+    assert set(saved_root.iterdir()) == before  # nothing of it stays
+    # Built and saved images share the quota: its listing counts what it holds.
+    assert api.http.get("/images/small").json()["size_bytes"] == first["size_bytes"]

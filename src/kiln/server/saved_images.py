@@ -85,6 +85,7 @@ class SavedImageService:
             s.store.get_saved_image(user.id, body.name)
             raise ConflictError(f"a saved image named {body.name!r} already exists")
         s.catalog.check_free(user, body.name, saving=True)
+        s.store.check_image_quota(user)  # already over: no save (403)
         image_id = new_saved_image_id()
         # A crash before the row is written leaves files nobody could name or delete:
         # the next start deletes them (see kiln.server.intents).
@@ -109,6 +110,8 @@ class SavedImageService:
                 with contextlib.suppress(NotFound):
                     sandboxes.persist_engine_state(src.id)
         try:
+            # Its size is known now: over the quota, it goes again (403).
+            s.store.check_image_quota(user, saved.size_bytes)
             row = s.store.create_saved_image(
                 user.id,
                 body.name,
@@ -123,7 +126,7 @@ class SavedImageService:
                 config=src.config,
             )
         except BaseException:
-            # Another save of the same name won the race (or the store failed).
+            # Over the quota, or another save of the name won the race, or the store failed.
             await self._remove_files(image_id, saved.engine)
             raise
         sandboxes.touch(src.id)

@@ -707,10 +707,13 @@ class Store:
             return image
 
     def image_disk_used(self, user_id: str) -> int:
-        """Bytes of the images ``user_id`` owns (what counts against max_image_disk_mb)."""
+        """Bytes of the images ``user_id`` owns, built and saved sandboxes alike (what
+        counts against max_image_disk_mb)."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT COALESCE(SUM(size_bytes), 0) FROM images WHERE owner = ?", (user_id,)
+                "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM images WHERE owner = ?)"
+                " + (SELECT COALESCE(SUM(size_bytes), 0) FROM saved_images WHERE user_id = ?)",
+                (user_id, user_id),
             ).fetchone()
             return int(row[0])
 
