@@ -46,3 +46,13 @@ def print_values(title: str, values: Sequence[tuple[str, str, str]]) -> None:
 
 def mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
+
+
+def phase_medians(runs: Sequence[dict[str, float]]) -> str:
+    """``name p50`` per phase of an engine's ``last_phases`` records (not ``total``)."""
+    keys = [k for k in runs[0] if k != "total"] if runs else []
+    out = []
+    for key in keys:
+        data = sorted(r.get(key, 0.0) for r in runs)
+        out.append(f"{key} {data[len(data) // 2]:.0f}")
+    return ", ".join(out)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from kiln.engine.qemu import QemuConfig, QemuEngine
 from kiln.network import NetworkConfig
 
 from ._harness import engine_scratch
-from ._stats import Row, print_table, print_values
+from ._stats import Row, phase_medians, print_table, print_values
+from .bench_engine import skip_reason as _engine_skip_reason
 
 REQUIRES: str | None = "root, qemu-system-x86_64, a kiln image (built on first use, ~1 min)"
 
@@ -33,21 +32,7 @@ ROUNDS = 8
 
 
 def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (TAP devices, network namespaces)"
-    for tool in ("qemu-system-x86_64", "ip", "mkfs.ext4", "qemu-img"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
-def p50(runs: list[dict[str, float]]) -> str:
-    keys = [k for k in runs[0] if k != "total"] if runs else []
-    out = []
-    for key in keys:
-        data = sorted(r.get(key, 0.0) for r in runs)
-        out.append(f"{key} {data[len(data) // 2]:.0f}")
-    return ", ".join(out)
+    return _engine_skip_reason()
 
 
 async def run(data_dir: Path, netns: str) -> None:
@@ -97,7 +82,7 @@ async def run(data_dir: Path, netns: str) -> None:
         rows.append(Row("fork (hot source) → first exec in the copy", fork_ms, "≤ reference"))
         rows.append(Row("fork (cold source) → first exec in the copy", cold_fork_ms, ""))
         rows.append(Row("hot source paused by the fork", pause_ms, "brief"))
-        values.append(("fork phases, p50 ms", p50(phases), ""))
+        values.append(("fork phases, p50 ms", phase_medians(phases), ""))
     finally:
         for info in engine.list():
             with contextlib.suppress(Exception):
