@@ -87,7 +87,7 @@ def _with_pool(config: Any, size: int, memory_mb: int = 2048) -> Any:
 
 async def wait_ready(engine: DockerEngine, spec: SandboxSpec, count: int = 1) -> None:
     deadline = time.monotonic() + READY_WAIT
-    while engine.warm_pool.ready(spec, "runc") < count:
+    while engine.warm_pool.ready(spec, spec.runtime or "runc") < count:
         assert time.monotonic() < deadline, "the pool did not fill"
         await asyncio.sleep(0.05)
 
@@ -233,7 +233,7 @@ async def test_the_pool_refills_and_falls_back_when_empty(engine: DockerEngine) 
         new_spec("own-user", user="alice"),
     ):
         assert not engine.warm_pool.fits(other, "runc")
-    assert not engine.warm_pool.fits(one, "runsc")
+    assert not engine.warm_pool.fits(one, "runsc")  # no member of that shape is kept
     # The refilled member: paused, at low CPU weight, in no listing.
     (member,) = engine.warm_pool.members()
     client = await engine.docker_client()
@@ -389,6 +389,69 @@ async def test_close_removes_the_members(
         client.close()
     assert not (config.sandboxes_dir / member.sandbox_id).exists()
     assert member.sandbox_id not in firewall.members()
+
+
+def host_cpu_shares(pid: int) -> int:
+    """``cpu.shares`` of process ``pid``'s cgroup, read on the host (cgroup v1)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            for mount in ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"):
+                shares = Path(mount + path) / "cpu.shares"
+                if shares.is_file():
+                    return int(shares.read_text())
+    raise AssertionError(f"no cpu.shares for {pid}")
+
+
+async def test_runsc_sandboxes_come_from_the_pool_renamed_inside_gvisor(
+    dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """gVisor's UTS namespace is out of the host's reach: the name comes from a
+    privileged exec of the host's busybox, mounted read-only (kiln.engine.docker.hostname)."""
+    if base_tree_missing():
+        pytest.skip(str(base_tree_missing()))
+    config = engine_config(tmp_path, dockerd, bridge="kd-pool3", subnet="10.213.71.0/24")
+    eng = DockerEngine(_with_pool(config, size=1))
+    first = new_spec(
+        "gv_one",
+        runtime="runsc",
+        env={"SECRET": "one"},
+        files=(FileSpec("/home/sandbox/secret.txt", b"first user\n", 0o600),),
+    )
+    try:
+        await eng.prepare(first)
+        member = await claimed(eng, first)
+        sid = first.sandbox_id
+        check = 'echo "$SECRET $(hostname) $(cat /etc/hostname)"; grep -c gv-one /etc/hosts'
+        assert (await run(eng, sid, check)).split() == ["one", "gv-one", "gv-one", "1"]
+        assert (await run(eng, sid, "cat /home/sandbox/secret.txt")) == "first user\n"
+        pid = (await eng.inspect(sid))["State"]["Pid"]
+        assert host_cpu_shares(pid) == NORMAL_CPU_SHARES
+        # The setter is the host's, and root in the sandbox cannot change it.
+        client = await eng.agent(sid)
+        tamper = await client.exec(["sh", "-c", "echo evil > /usr/lib/kiln/busybox"], user="root")
+        assert tamper.exit_code != 0
+        # Docker starts it under the member's name again: renamed at every start, and
+        # its weight a sandbox's though Docker's config keeps the member's (no update
+        # in runsc).
+        await eng.stop(sid)
+        await eng.start(sid)
+        assert (await run(eng, sid, check)).split() == ["one", "gv-one", "gv-one", "1"]
+        pid = (await eng.inspect(sid))["State"]["Pid"]
+        assert host_cpu_shares(pid) == NORMAL_CPU_SHARES
+        await eng.destroy(sid)
+        # The next user's sandbox: another member, nothing of the first.
+        second = new_spec("gv_two", owner="bob", runtime="runsc")
+        assert await claimed(eng, second) != member
+        out = await run(
+            eng,
+            second.sandbox_id,
+            check.replace("gv-one", "gv-two") + "; ls /home/sandbox/s* || true",
+        )
+        assert out.split()[:4] == ["gv-two", "gv-two", "1", "ls:"], out
+        await eng.destroy(second.sandbox_id)
+    finally:
+        await eng.close()
 
 
 async def test_size_zero_means_no_pool(engine: DockerEngine, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from kiln.engine.errors import EngineError, EngineUnavailable, InvalidState, San
 from kiln.engine.states import Found
 
 from .config import DockerEngineConfig
+from .hostname import SETTER
 from .record import (
     CONFIG_FILE,
     GUEST_AGENT,
@@ -121,8 +122,10 @@ def create_container(
     dns: list[str],
     *,
     cpu_shares: int | None = None,
+    setter: Path | None = None,
 ) -> None:
-    """``cpu_shares``: its CPU weight (None: Docker's default, 1024)."""
+    """``cpu_shares``: its CPU weight (None: Docker's default, 1024); ``setter``: the
+    host name setter to mount (:func:`.hostname.setter_mount`)."""
     spec = record.spec
     api = client.api
     hostname = guest_hostname(spec.name)
@@ -131,6 +134,8 @@ def create_container(
         docker.types.Mount(GUEST_CONFIG, str(directory / CONFIG_FILE), type="bind", read_only=True),
         *(docker.types.Mount(v.mount, volume_name(v.name), type="volume") for v in spec.volumes),
     ]
+    if setter is not None:
+        mounts.append(docker.types.Mount(SETTER, str(setter), type="bind", read_only=True))
     memory = f"{spec.memory_mb}m"
     host_config = api.create_host_config(
         runtime=record.runtime,

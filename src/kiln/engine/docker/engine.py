@@ -24,7 +24,7 @@ a stop ends its processes and keeps its files (:mod:`kiln.engine.states`,
 ``snapshots=False``); a start boots it again (without re-running its init).
 
 A create whose spec fits a pooled shape takes a paused, warmed-up container of
-the warm pool instead (:mod:`.pool`; runc only), which becomes the sandbox.
+the warm pool instead (:mod:`.pool`), which becomes the sandbox.
 
 The dockerd is kiln's private one (:class:`~.daemon.Dockerd`), started on first
 use or adopted when it still runs; like QEMU processes, containers outlive a
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import json
 import logging
 import secrets
@@ -102,6 +103,7 @@ from .config import RUNTIMES, DockerEngineConfig
 from .containers import docker_errors
 from .daemon import Dockerd, probe, sdk_client
 from .errors import DockerdError
+from .host import set_cpu_shares
 from .pool import LOW_CPU_SHARES, NORMAL_CPU_SHARES, WarmPool
 from .record import (
     CONFIG_FILE,
@@ -445,6 +447,7 @@ class DockerEngine:
                     directory,
                     self._network.dns_servers(),
                     cpu_shares=LOW_CPU_SHARES if member else None,
+                    setter=hostname.setter_mount(runtime) if member else None,
                 )
             undo.push("remove the container", self._container_remover(client, record.container))
             if record.own_network:
@@ -497,13 +500,20 @@ class DockerEngine:
             if pid is None:
                 raise OSError("its container has no process")
             attrs = await asyncio.to_thread(client.api.inspect_container, record.container)
-            await asyncio.to_thread(hostname.set_hostname, pid, new)
-            await asyncio.to_thread(hostname.rewrite_files, attrs, old, new)
+            await asyncio.to_thread(
+                functools.partial(
+                    hostname.rename, record.runtime, client, attrs, pid, old=old, new=new
+                )
+            )
             if attrs["HostConfig"].get("CpuShares") == LOW_CPU_SHARES:
                 # Its claim set the cgroup's weight only: Docker applied its own again.
-                await asyncio.to_thread(
-                    client.api.update_container, record.container, cpu_shares=NORMAL_CPU_SHARES
-                )
+                if record.runtime == "runc":
+                    await asyncio.to_thread(
+                        client.api.update_container, record.container, cpu_shares=NORMAL_CPU_SHARES
+                    )
+                else:
+                    # runsc has no `update`: the cgroup's weight again, at every start.
+                    await asyncio.to_thread(set_cpu_shares, pid, NORMAL_CPU_SHARES)
 
     async def _plumb(self, box: Box, client: Any) -> None:
         """Give a running container of its own network its eth0 (idempotent); the agent

@@ -20,11 +20,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shutil
 import socket
 import threading
+from pathlib import Path
 from typing import Any, Final
 
+from kiln.images.initramfs import is_static_elf
+
 _CLONE_NEWUTS: Final = 0x04000000
+#: Where a container that gets its name by :func:`set_hostname_by_exec` has the host's
+#: static busybox (a read-only bind mount).
+SETTER: Final = "/usr/lib/kiln/busybox"
 
 
 def set_hostname(pid: int, hostname: str) -> None:
@@ -51,6 +58,59 @@ def set_hostname(pid: int, hostname: str) -> None:
     thread.join()
     if failure:
         raise failure[0]
+
+
+@functools.cache
+def static_busybox() -> Path | None:
+    """The host's busybox if it is a static binary (it runs in any container without
+    a library of the container's), else None."""
+    found = shutil.which("busybox")
+    if found is None:
+        return None
+    path = Path(found).resolve()
+    try:
+        return path if is_static_elf(path.read_bytes()) else None
+    except OSError:
+        return None
+
+
+def set_hostname_by_exec(client: Any, container: str, hostname: str) -> None:
+    """``sethostname`` in a running container by a privileged ``docker exec`` of
+    :data:`SETTER` (see the module docstring). Raises OSError; the docker SDK's
+    errors pass through."""
+    api = client.api
+    exec_id = api.exec_create(
+        container, [SETTER, "hostname", hostname], privileged=True, user="root"
+    )["Id"]
+    output = api.exec_start(exec_id)
+    code = api.exec_inspect(exec_id).get("ExitCode")
+    if code != 0:
+        text = output.decode(errors="replace").strip() if isinstance(output, bytes) else output
+        raise OSError(f"hostname {hostname} in container {container} exited {code}: {text}")
+
+
+def settable(runtime: str) -> bool:
+    """Whether a running container of ``runtime`` can get a new host name here."""
+    return runtime == "runc" or static_busybox() is not None
+
+
+def setter_mount(runtime: str) -> Path | None:
+    """What a container of ``runtime`` that will be renamed needs bind-mounted at
+    :data:`SETTER` (None: nothing, its name is set from a host thread)."""
+    return None if runtime == "runc" else static_busybox()
+
+
+def rename(
+    runtime: str, client: Any, attrs: dict[str, Any], pid: int, *, old: str, new: str
+) -> None:
+    """Host name ``old`` → ``new`` in a running container (``inspect`` ``attrs``; its
+    main process ``pid``): the name in its UTS namespace, then its two files.
+    Raises OSError; the docker SDK's errors pass through."""
+    if runtime == "runc":
+        set_hostname(pid, new)
+    else:
+        set_hostname_by_exec(client, attrs["Id"], new)
+    rewrite_files(attrs, old, new)
 
 
 def rewrite_files(attrs: dict[str, Any], old: str, new: str) -> None:

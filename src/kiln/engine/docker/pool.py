@@ -33,8 +33,10 @@ What Docker fixes at create and cannot change afterwards:
 host name  Docker has no call for it, and ``sethostname`` in the container needs
            CAP_SYS_ADMIN, which a sandbox must not have (its root could mount, and
            Docker's seccomp profile would then let it make user namespaces). The
-           engine sets it from outside instead (:mod:`.hostname`: a host thread joins
-           the container's UTS namespace; ``/etc/hostname`` and ``/etc/hosts``
+           engine sets it from outside instead (:mod:`.hostname`: runc, a host
+           thread joins the container's UTS namespace; runsc, whose namespaces are
+           gVisor's, a privileged ``docker exec`` of the host's static busybox,
+           mounted read-only into members; ``/etc/hostname`` and ``/etc/hosts``
            rewritten in place), at the claim and after every later start of the
            container (Docker starts it under the member's name). ``docker inspect``
            still shows the member's name in ``Config.Hostname``.
@@ -47,9 +49,10 @@ name       ``docker rename``: the container is ``kiln-<sandbox id>`` like any.
 Clock and RNG need nothing: a container has the host kernel's, so there is no
 state of one user's that a member could carry to another.
 
-runsc is not pooled (its sandboxes take the ordinary path): a runsc container's
-namespaces live inside gVisor's sentry, where no host thread can set the host
-name, and its network is dockerd's, fixed at create.
+A runsc member is on dockerd's network (its address fixed at create, like a runc
+member's veth address): the claim keeps the address and moves the firewall group,
+as for runc. runsc is pooled only where the host has a static busybox (Debian's
+``busybox-static``, which ``scripts/bootstrap`` installs).
 
 A create that finds no member, or whose hand-over fails (the member is then
 removed), takes the ordinary path. Members are never reused: a claimed member
@@ -95,8 +98,9 @@ log = logging.getLogger(__name__)
 
 #: Sandbox ids of pool members start with this.
 MEMBER_PREFIX: Final = "pool-"
-#: The runtimes whose sandboxes can come from the pool (see the module docstring).
-POOLED_RUNTIMES: Final = frozenset({"runc"})
+#: The runtimes whose sandboxes can come from the pool where the host can rename
+#: their containers (:func:`.hostname.settable`; see the module docstring).
+POOLED_RUNTIMES: Final = frozenset({"runc", "runsc"})
 #: A member's CPU weight (cgroup ``cpu.shares``) until its claim; Docker's default,
 #: which every sandbox has, is :data:`NORMAL_CPU_SHARES`.
 LOW_CPU_SHARES: Final = 2
@@ -192,7 +196,7 @@ class WarmPool:
     def start(self, spec: SandboxSpec, runtime: str) -> None:
         """Keep ``pool_size`` members of ``spec``'s shape from now on (no-op at size 0,
         and for a runtime that is not pooled)."""
-        if self.config.pool_size <= 0 or self._closed or runtime not in POOLED_RUNTIMES:
+        if self.config.pool_size <= 0 or self._closed or not pooled(runtime):
             return
         if spec.snapshot is not None:
             return  # a saved image is its own image: no member was made from it
@@ -292,14 +296,22 @@ class WarmPool:
             # The cgroup's weight, directly: a docker update would queue behind the
             # others (the engine fixes Docker's record of it at the next start).
             run("restoring the CPU weight", lambda: set_cpu_shares(pid, NORMAL_CPU_SHARES)),
-            run("setting the host name", lambda: _rename_host(pid, made.attrs, *names)),
             run("writing its files", lambda: self._write_files(record, directory)),
         ]
+
+        def rename_host() -> None:
+            hostname.rename(record.runtime, client, made.attrs, pid, old=names[0], new=names[1])
+
+        if record.runtime == "runc":
+            tasks.append(run("setting the host name", rename_host))
         try:
             self._addresses.release(old.ip)
             self._addresses.mark_in_use(old.ip, sid)
             with docker_errors(f"unpausing pool member {old.sandbox_id}"):
                 await asyncio.to_thread(containers.pause, client, made.id, resume=True)
+            if record.runtime != "runc":
+                # An exec in the container: it runs once it is unpaused.
+                tasks.append(run("setting the host name", rename_host))
             tasks.append(run("renaming", lambda: client.api.rename(made.id, record.container)))
             await box.client.configure(_claim_config(record))
             for task in tasks:
@@ -438,9 +450,9 @@ class _Made:
     attrs: dict[str, Any]
 
 
-def _rename_host(pid: int, attrs: dict[str, Any], old: str, new: str) -> None:
-    hostname.set_hostname(pid, new)
-    hostname.rewrite_files(attrs, old, new)
+def pooled(runtime: str) -> bool:
+    """Whether sandboxes of ``runtime`` can come from the pool on this host."""
+    return runtime in POOLED_RUNTIMES and hostname.settable(runtime)
 
 
 def _shape(spec: SandboxSpec, runtime: str) -> Shape:
