@@ -89,8 +89,8 @@ class PoolSettings:
     """The engines' warm pools, each its own (0: none, in every engine). QEMU: ``size``
     sandboxes of the default machine shape (1 vCPU, 512 MB, the default image) kept
     restored, warmed up and paused, and ``size`` of each of ``shapes``. Docker: ``size``
-    containers of each runc shape (the default one, and each from its first create)
-    kept made, warmed up and paused. ``memory_mb`` bounds one engine's members'
+    containers of each shape (the default one, and each from its first create; runc
+    and runsc) kept made, warmed up and paused. ``memory_mb`` bounds one engine's members'
     memory together."""
 
     size: int = 2
