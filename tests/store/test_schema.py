@@ -103,8 +103,7 @@ def test_migrate_rejects_unknown_target(tmp_path: Path) -> None:
 
 def test_pragmas(tmp_path: Path) -> None:
     with Store.open(tmp_path / "p.db") as store:
-        conn = store._conn  # the one connection; checking its settings
-        assert conn is not None
+        conn = store._backend.connection()  # the one connection; checking its settings
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
