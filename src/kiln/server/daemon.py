@@ -2,9 +2,11 @@
 
 Start-up, in order:
 
-1. ``data_dir`` (0700), the database ``kiln.db``, the secret key
-   ``secret.key`` and the E2B API's envd token key ``e2b-envd.key`` (both 0600,
-   created on first start);
+1. ``data_dir`` (0700), the store (``store``: by default the SQLite database
+   ``data_dir/kiln.db``; or a PostgreSQL database, migrated by whichever daemon
+   gets there first), the secret key (``secret_key``: by default
+   ``data_dir/secret.key``) and the E2B API's envd token key ``e2b-envd.key``
+   (both 0600, created on first start);
 2. the listening socket (a clear error when the address is taken);
 3. on the very first start, the ``admin`` user: its key goes to
    ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
@@ -411,9 +413,10 @@ async def serve(
     box = SecretBox(config.secret_key_path)
     try:
         box.public_key  # noqa: B018 -- create or check the key file now, not on first use
-        store = Store.open(config.db_path, secret_box=box)
+        store = Store.open(config.store_target, secret_box=box)
     except StoreError as exc:
         raise DaemonError(str(exc)) from exc
+    log.info("store: %s at %s", store.backend, store.path)
     sock: socket.socket | None = None
     own_engine = engine is None
     firewall: Firewall | None = None

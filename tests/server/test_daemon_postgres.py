@@ -1,0 +1,97 @@
+"""The daemon on a PostgreSQL store (``store: postgresql://…``): the real ``serve()`` in a
+subprocess, as in :mod:`tests.server.test_daemon`, over a database of the run's real
+PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from kiln.store import Store
+from kiln.testing.postgres import PostgresServer
+
+from .harness import LiveServer
+from .test_daemon import SRC, Daemon, dirs  # noqa: F401 -- dirs is a fixture
+
+
+def test_sandboxes_survive_restarts_on_a_postgres_store(
+    dirs: tuple[Path, Path],  # noqa: F811
+    pg_url: str,
+) -> None:
+    data, home = dirs
+    daemon = Daemon(data, home, "--store", pg_url)
+    key = (data / "admin-api-key").read_text().strip()
+    with daemon.client(key) as c:
+        box = c.post("/sandboxes", json={"name": "box", "env": {"E": "v"}}).json()
+        assert c.post("/secrets", json={"name": "S", "value": "sealed"}).status_code == 201
+        assert [s["name"] for s in c.get("/sandboxes").json()] == ["box"]
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert "store: postgresql at postgresql://" in Daemon.log_text(data)
+    assert not (data / "kiln.db").exists()  # nothing went to a SQLite file
+
+    again = Daemon(data, home, "--store", pg_url)
+    try:
+        with again.client(key) as c:  # the same key: the admin was not bootstrapped twice
+            [listed] = c.get("/sandboxes").json()
+            assert (listed["id"], listed["name"], listed["status"]) == (box["id"], "box", "running")
+            out = c.post("/sandboxes/box/exec", json={"cmd": ["sh", "-c", "echo $E"]}).json()
+            assert out["stdout"] == "v\n"
+            assert [s["name"] for s in c.get("/secrets").json()] == ["S"]
+            created = c.post("/sandboxes", json={"name": "late"})
+            assert created.status_code == 201, created.text
+    finally:
+        assert again.signal(signal.SIGTERM) == 0
+    with Store.open(pg_url) as store:
+        assert store.integrity_check() == []
+        assert store.count_sandboxes() == 2
+
+
+def test_unreachable_postgres_store_stops_the_start_with_a_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln.cli",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "postgresql://kiln:pw@127.0.0.1:1/kiln",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SRC), HOME=str(tmp_path)),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "kiln: error: cannot connect to postgresql://kiln@127.0.0.1:1/kiln" in proc.stderr
+    assert "pw@" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_api_answers_503_while_postgres_is_down_then_recovers(tmp_path: Path) -> None:
+    with PostgresServer.start() as pg:
+        live = LiveServer(tmp_path, store_target=pg.create_database()).start()
+        try:
+            _user, key = live.store.create_user("alice")
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=live.url, headers=headers) as c:
+                assert c.post("/sandboxes", json={"name": "one"}).status_code == 201
+                pg.pause()
+                down = c.get("/sandboxes")
+                assert down.status_code == 503
+                assert "store unavailable" in down.json()["error"]
+                assert c.get("/sandboxes").status_code == 503  # still down: same answer
+                pg.resume()
+                assert [s["name"] for s in c.get("/sandboxes").json()] == ["one"]
+                assert c.post("/sandboxes", json={"name": "two"}).status_code == 201
+        finally:
+            live.stop()
