@@ -5,6 +5,7 @@ PostgreSQL server."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import httpx
 from kiln.store import Store
 from kiln.testing.postgres import PostgresServer
 
-from .harness import LiveServer
-from .test_daemon import SRC, Daemon, dirs  # noqa: F401 -- dirs is a fixture
+from .harness import LiveServer, kill_recorded_agents
+from .test_daemon import MAIN, SRC, Daemon, dirs  # noqa: F401 -- dirs is a fixture
 
 
 def test_sandboxes_survive_restarts_on_a_postgres_store(
@@ -95,3 +96,57 @@ def test_api_answers_503_while_postgres_is_down_then_recovers(tmp_path: Path) ->
                 assert c.post("/sandboxes", json={"name": "two"}).status_code == 201
         finally:
             live.stop()
+
+
+def test_a_daemon_with_another_secret_key_is_refused_on_a_shared_store(
+    tmp_path: Path, pg_url: str
+) -> None:
+    first_data, home = tmp_path / "first", tmp_path / "home"
+    home.mkdir()
+    first = Daemon(first_data, home, "--store", pg_url)
+    key = (first_data / "admin-api-key").read_text().strip()
+    with first.client(key) as c:
+        assert c.post("/secrets", json={"name": "S", "value": "sealed"}).status_code == 201
+    assert first.signal(signal.SIGTERM) == 0
+
+    second_data = tmp_path / "second"
+    refused = subprocess.run(
+        [sys.executable, str(MAIN), str(second_data), "--store", pg_url],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SRC), HOME=str(home)),
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "is not the one this store's secrets are sealed with" in refused.stderr
+
+    # With the first daemon's key file it starts, and opens what the first one sealed.
+    shutil.copy2(first_data / "secret.key", second_data / "secret.key")
+    second = Daemon(second_data, home, "--store", pg_url)
+    try:
+        with second.client(key) as c:
+            made = c.post("/sandboxes", json={"name": "sb", "secrets": ["S"]})
+            assert made.status_code == 201, made.text
+            out = c.post("/sandboxes/sb/exec", json={"cmd": ["sh", "-c", "echo $S"]}).json()
+            assert out["stdout"] == "sealed\n"
+    finally:
+        assert second.signal(signal.SIGTERM) == 0
+        kill_recorded_agents(second_data / "engine")
+
+
+def test_a_replaced_key_only_warns_on_a_private_store(dirs: tuple[Path, Path]) -> None:  # noqa: F811
+    data, home = dirs
+    first = Daemon(data, home)
+    key = (data / "admin-api-key").read_text().strip()
+    with first.client(key) as c:
+        assert c.post("/secrets", json={"name": "S", "value": "sealed"}).status_code == 201
+    assert first.signal(signal.SIGTERM) == 0
+    (data / "secret.key").unlink()  # lost: the next start makes a new one
+    second = Daemon(data, home)
+    try:
+        with second.client(key) as c:
+            assert [s["name"] for s in c.get("/secrets").json()] == ["S"]
+    finally:
+        assert second.signal(signal.SIGTERM) == 0
+    assert "stored secrets cannot be read" in Daemon.log_text(data)

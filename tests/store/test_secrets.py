@@ -112,6 +112,18 @@ def test_replaced_key_cannot_decrypt(tmp_path: Path, alice_store: tuple[Store, U
         reopened.get_secret_values(alice.id, ["K"])
 
 
+def test_secret_key_is_claimed_by_the_first_daemon(store: Store, alice: User) -> None:
+    assert store.claim_secret_key("age1first")
+    assert store.claim_secret_key("age1first")
+    # Nothing sealed yet: a new key is adopted (nothing becomes unreadable).
+    assert store.claim_secret_key("age1second")
+    store.put_secret(alice.id, "K", "v")
+    assert not store.claim_secret_key("age1first")
+    assert store.claim_secret_key("age1second")
+    store.delete_secret(alice.id, "K")
+    assert store.claim_secret_key("age1first")
+
+
 def test_store_without_secret_box(tmp_path: Path) -> None:
     with Store.open(tmp_path / "db") as s:
         user, _ = s.create_user("u")

@@ -130,6 +130,8 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
+_SECRET_KEY_SETTING: Final = "secret_key_recipient"
+
 _USER_COLS = (
     "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at, max_image_disk_mb"
 )
@@ -837,6 +839,30 @@ class Store:
             raise NotFound(f"secret(s) not found: {', '.join(missing)}")
         box = self._secret_box()
         return {n: box.open(user_id, n, found[n]) for n in wanted}
+
+    @_retried
+    def claim_secret_key(self, recipient: str) -> bool:
+        """Check that secrets are sealed for ``recipient`` (the age public key of this
+        daemon's key file), recording it on first use; return whether it matches.
+
+        Only a store that holds no secret adopts a new key on a mismatch (nothing
+        sealed would become unreadable); otherwise the caller decides (the daemon
+        refuses to start on a shared store).
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT value FROM settings WHERE name = ?", (_SECRET_KEY_SETTING,)
+            ).fetchone()
+            if row is not None and str(row[0]) == recipient:
+                return True
+            if row is not None and conn.execute("SELECT 1 FROM secrets LIMIT 1").fetchone():
+                return False
+            conn.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (_SECRET_KEY_SETTING, recipient),
+            )
+            return True
 
     def _secret_box(self) -> SecretBox:
         if self._box is None:

@@ -219,12 +219,24 @@ _V5_IMAGES: Migration = (
 )
 
 
+_V6_SETTINGS: Migration = (
+    # Facts about the whole store, one value per name: which secret key seals its
+    # secrets, so a daemon with another key file is noticed at start (several
+    # daemons share one PostgreSQL store).
+    """CREATE TABLE settings (
+                name TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            )$STRICT""",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1_INITIAL,
     _V2_PUBLISH_RULES,
     _V3_LIFECYCLE,
     _V4_SAVED_IMAGES,
     _V5_IMAGES,
+    _V6_SETTINGS,
 )
 LATEST_VERSION = len(MIGRATIONS)
 
