@@ -9,11 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 
 from kiln.store import Store
+from kiln.store.postgres_backend import RECONNECT_BACKOFF_S
 from kiln.testing.postgres import PostgresServer
 
 from .harness import LiveServer, kill_recorded_agents
@@ -92,6 +94,7 @@ def test_api_answers_503_while_postgres_is_down_then_recovers(tmp_path: Path) ->
                 assert "store unavailable" in down.json()["error"]
                 assert c.get("/sandboxes").status_code == 503  # still down: same answer
                 pg.resume()
+                time.sleep(RECONNECT_BACKOFF_S)  # failed connects are not retried sooner
                 assert [s["name"] for s in c.get("/sandboxes").json()] == ["one"]
                 assert c.post("/sandboxes", json={"name": "two"}).status_code == 201
         finally:

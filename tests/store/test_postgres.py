@@ -32,7 +32,7 @@ from kiln.store import (
     VolumeInUse,
     VolumeMount,
 )
-from kiln.store.postgres_backend import GLOBAL_LOCK, redact
+from kiln.store.postgres_backend import GLOBAL_LOCK, RECONNECT_BACKOFF_S, redact
 from kiln.testing.postgres import PostgresServer
 
 STORES = 2
@@ -245,6 +245,8 @@ def test_server_down_then_back() -> None:
                     call()
                 assert time.monotonic() - t0 < 10
             server.resume()
+            # Calls keep failing at once for the back-off after the last failed connect.
+            time.sleep(RECONNECT_BACKOFF_S)
             sb = store.create_sandbox(user.id, image="m", engine="fake", name="back")
             assert store.find_sandbox(user.id, "back") == sb
 

@@ -80,7 +80,7 @@ DEFAULT_BUSY_TIMEOUT_MS: Final = 5000
 #: Attempts at a write that collided with another transaction (PostgreSQL only).
 WRITE_ATTEMPTS: Final = 4
 
-#: A row: ``row["column"]`` or ``row[0]`` (``Row``, or psycopg's through
+#: A row: ``row["column"]`` or ``row[0]`` (``sqlite3.Row``, or psycopg's through
 #: :class:`~kiln.store.postgres_backend.PgRow`).
 Row = Any
 

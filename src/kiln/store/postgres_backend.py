@@ -33,13 +33,20 @@ constraints still back every name check. Deadlocks and serialization failures
 A connection that drops (server restart, network) is noticed by the call that
 uses it, which fails with :class:`~kiln.store.StoreUnavailable`; the next call
 connects again. While the server is down every call fails that way, quickly
-and clearly; nothing crashes.
+and clearly; nothing crashes. The daemon calls the store from its event loop,
+so no call may hang: a failed connect is not retried for
+:data:`RECONNECT_BACKOFF_S` (calls in between fail at once), connecting gives
+up after :data:`CONNECT_TIMEOUT_S`, and TCP keepalives plus
+``tcp_user_timeout`` end a connection to a host that vanished mid-query
+(unless the URL sets them otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -47,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import RowMaker
 
 from .backend import Connection, Cursor, RetryableConflict
@@ -58,6 +66,17 @@ from .schema import migrate
 GLOBAL_LOCK = 0x6B696C6E
 USER_LOCK = 0x6B696C75
 CONNECT_TIMEOUT_S = 5
+#: After a failed connect, calls fail at once for this long instead of each waiting
+#: for a server that is down.
+RECONNECT_BACKOFF_S = 1.0
+#: libpq settings that bound how long a dead peer can hold a call (the URL wins).
+_LIVENESS = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
 
 
 class PgRow:
@@ -172,6 +191,8 @@ class PostgresBackend:
         self.location = redact(url)
         self._conn: PgConnection | None = None
         self._closed = False
+        self._failed_at = -math.inf
+        self._failure = ""
 
     @classmethod
     def open(cls, url: str, *, lock_timeout_ms: int) -> PostgresBackend:
@@ -193,7 +214,11 @@ class PostgresBackend:
         return backend
 
     def _connect(self) -> PgConnection:
+        if time.monotonic() - self._failed_at < RECONNECT_BACKOFF_S:
+            raise StoreUnavailable(self._failure)
         try:
+            given = conninfo_to_dict(self._url)
+            liveness: dict[str, Any] = {k: v for k, v in _LIVENESS.items() if k not in given}
             raw = psycopg.connect(
                 self._url,
                 autocommit=True,
@@ -201,10 +226,14 @@ class PostgresBackend:
                 connect_timeout=CONNECT_TIMEOUT_S,
                 application_name="kiln",
                 options=f"-c lock_timeout={self._lock_timeout_ms:d}",
+                **liveness,
             )
         except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot connect to {self.location}: {exc}") from exc
-        return PgConnection(cast("psycopg.Connection[Any]", raw))
+            self._failed_at = time.monotonic()
+            self._failure = f"cannot connect to {self.location}: {exc}".strip()
+            raise StoreUnavailable(self._failure) from exc
+        self._failed_at = -math.inf
+        return PgConnection(raw)
 
     def connection(self) -> Connection:
         if self._closed:
