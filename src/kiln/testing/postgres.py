@@ -14,6 +14,7 @@ downloads anything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import secrets
@@ -41,6 +42,7 @@ TEST_SETTINGS = (
     "shared_buffers=32MB",
 )
 START_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
 
 
 class PostgresNotInstalled(RuntimeError):
@@ -186,6 +188,16 @@ def _run_as() -> pwd.struct_passwd | None:
         ) from None
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: a fast shutdown when the test run dies, even by
+    SIGKILL, so no server outlives it. Runs after the switch to the server's user,
+    which would otherwise clear it. Linux sends it when the *thread* that started
+    the server ends: start, restart and resume from a thread that stays (the main
+    one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def _popen_user(runas: pwd.struct_passwd | None) -> dict[str, object]:
     if runas is None:
         return {}
@@ -241,6 +253,7 @@ def _postgres(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal is the test runner's
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 -- started before any test thread
             **_popen_user(runas),
         )
     finally:
