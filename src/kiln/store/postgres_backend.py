@@ -3,7 +3,8 @@
 One connection per :class:`~kiln.store.Store`, in autocommit mode like the
 SQLite one, so a read is one statement and a write an explicit ``BEGIN …
 COMMIT``. The store's queries use ``?``; they are rewritten to psycopg's ``%s``
-once per distinct query and then run as server-side prepared statements.
+(once per distinct query), and psycopg prepares on the server a query that has
+run a few times.
 
 Concurrency. Several daemons (hosts) write at once, and a write transaction
 checks invariants before it changes rows: a user's quota of live sandboxes, a
