@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kiln.testing.postgres import PostgresServer
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -82,3 +84,17 @@ def agent(tmp_path: Path, agent_token: str) -> Iterator[AgentProcess]:
         for p in sock_dir.iterdir():
             p.unlink()
         sock_dir.rmdir()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole run (initdb once), on 127.0.0.1."""
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the run's server, dropped afterwards."""
+    with postgres_server.database() as url:
+        yield url

@@ -4,6 +4,10 @@ Every key is optional; the file uses the field names of :class:`Config`, with
 ``network`` and ``thermal`` as nested mappings::
 
     data_dir: /var/lib/kiln
+    store: null             # null: SQLite in <data_dir>/kiln.db; a file path (SQLite);
+                            # or postgresql://user:password@host:5432/kiln
+    secret_key: null        # the secrets' age key file (null: <data_dir>/secret.key);
+                            # every daemon sharing a PostgreSQL store needs the same one
     listen: 127.0.0.1:8080
     engine: auto            # the default engine: auto (qemu) | qemu | docker
     accel: auto             # auto | kvm | tcg
@@ -36,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -44,6 +49,7 @@ from kiln.network.config import NetworkConfig
 from kiln.network.errors import NetworkError
 from kiln.network.firewall import PRIVATE_RANGES
 from kiln.network.policy import NetworkPolicy, is_domain, parse_target
+from kiln.store.backend import is_postgres_url
 
 ENGINES = ("auto", "qemu", "docker")
 RUNTIMES = ("runc", "runsc")
@@ -134,6 +140,8 @@ class FirewallSettings:
 @dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
+    store: str | None = None  # None: SQLite in data_dir; a path (SQLite) or a postgresql:// URL
+    secret_key: Path | None = None  # None: data_dir/secret.key
     listen: str = DEFAULT_LISTEN
     engine: str = "auto"
     accel: str = "auto"
@@ -163,7 +171,22 @@ class Config:
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file when ``store`` is not set."""
         return self.data_dir / "kiln.db"
+
+    @property
+    def store_target(self) -> str:
+        """What :meth:`kiln.store.Store.open` opens: a PostgreSQL URL or a SQLite path."""
+        if self.store is None:
+            return str(self.db_path)
+        if is_postgres_url(self.store):
+            return self.store
+        return os.path.expanduser(self.store)
+
+    @property
+    def store_is_shared(self) -> bool:
+        """True for a PostgreSQL store, which several daemons may use at once."""
+        return self.store is not None and is_postgres_url(self.store)
 
     @property
     def volumes_dir(self) -> Path:
@@ -190,7 +213,7 @@ class Config:
 
     @property
     def secret_key_path(self) -> Path:
-        return self.data_dir / "secret.key"
+        return self.secret_key or self.data_dir / "secret.key"
 
     @property
     def admin_key_path(self) -> Path:
@@ -245,6 +268,7 @@ def qemu_missing() -> str | None:
 
 def _validate(cfg: Config) -> None:
     split_listen(cfg.listen)
+    _validate_store(cfg.store)
     if cfg.engine not in ENGINES:
         raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     if cfg.accel not in ACCELS:
@@ -300,6 +324,28 @@ def _validate(cfg: Config) -> None:
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"thermal.{key}: must be positive")
+
+
+def _validate_store(store: str | None) -> None:
+    if store is None:
+        return
+    if not store.strip():
+        raise ConfigError("store: empty; leave it out for SQLite in data_dir")
+    if is_postgres_url(store):
+        parts = urlsplit(store)
+        if not parts.path.strip("/"):
+            raise ConfigError("store: the PostgreSQL URL must name a database (…/dbname)")
+        try:
+            parts.port  # noqa: B018 -- raises on a port that is not a number
+        except ValueError:
+            raise ConfigError("store: the PostgreSQL URL has an invalid port") from None
+        return
+    if "://" in store:
+        scheme = store.split("://", 1)[0]
+        raise ConfigError(
+            f"store: unsupported URL scheme {scheme!r}: give a file path (SQLite)"
+            " or a postgresql:// URL"
+        )
 
 
 # ---------------------------------------------------------------- loading

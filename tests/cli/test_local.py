@@ -1,4 +1,4 @@
-"""Commands on this machine: ``user`` (the daemon's data dir), ``serve``, ``image``."""
+"""Commands on this machine: ``user`` (the daemon's store), ``serve``, ``image``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from kiln.store import Store
 from sdk.conftest import Daemon
 
 from .conftest import Cli, kiln_argv, unique
@@ -67,6 +68,19 @@ def test_user_create_in_a_fresh_data_dir(cli: Cli, tmp_path: Path) -> None:
     data_dir = tmp_path / "fresh"
     assert key_from(cli.ok("user", "create", "first", "--admin", "--data-dir", str(data_dir)))
     assert (data_dir / "kiln.db").exists()
+
+
+def test_user_commands_on_the_postgres_store_the_config_names(
+    cli: Cli, tmp_path: Path, pg_url: str
+) -> None:
+    config = tmp_path / "kiln.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nstore: {pg_url}\n")
+    key = key_from(cli.ok("user", "create", "pat", "--admin", "--config", str(config)))
+    listed = json.loads(cli.ok("user", "list", "--json", "--config", str(config)))
+    assert [(u["name"], u["admin"]) for u in listed] == [("pat", True)]
+    assert not (tmp_path / "data" / "kiln.db").exists()
+    with Store.open(pg_url) as store:
+        assert store.user_by_key(key) == store.user_by_name("pat")
 
 
 def test_image_list_and_unknown_tier(cli: Cli, tmp_path: Path) -> None:

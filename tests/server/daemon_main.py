@@ -1,4 +1,5 @@
-"""``python tests/server/daemon_main.py DATA_DIR``: the real daemon over the agent engine.
+"""``python tests/server/daemon_main.py DATA_DIR [--store URL] [--unavailable]``: the real
+daemon over the agent engine.
 
 This is :func:`kiln.server.serve` exactly as ``kiln serve`` runs it (store,
 secret key, admin bootstrap, recovery, thermal manager, uvicorn, signal
@@ -23,9 +24,15 @@ from server.harness import AgentEngine
 
 def main() -> None:
     data_dir = Path(sys.argv[1])
+    store = sys.argv[sys.argv.index("--store") + 1] if "--store" in sys.argv else None
     config = load_config(
         None,
-        {"data_dir": str(data_dir), "listen": "127.0.0.1:0", "thermal.tick_s": 0.5},
+        {
+            "data_dir": str(data_dir),
+            "store": store,
+            "listen": "127.0.0.1:0",
+            "thermal.tick_s": 0.5,
+        },
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = (

@@ -9,7 +9,7 @@ fake. Like a VM, an agent survives ``close()`` (the daemon going away), and
 
 :class:`LiveServer` runs :func:`kiln.server.create_app` under uvicorn on an
 ephemeral 127.0.0.1 port in a background thread with its own event loop,
-over a real SQLite store.
+over a real SQLite store (or the PostgreSQL database ``store_target`` names).
 """
 
 from __future__ import annotations
@@ -346,6 +346,8 @@ class LiveServer:
     engine_factory: Callable[[Path], Any] | None = None
     #: Data dir settings for the engine and the API (``Config`` overrides).
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    #: The store to open (a postgresql:// URL); None: SQLite in the data dir.
+    store_target: str | None = None
     engine: Any = field(init=False)
     services: Services = field(init=False)
     thermal: TouchRecorder = field(default_factory=TouchRecorder)
@@ -358,7 +360,9 @@ class LiveServer:
     def start(self) -> LiveServer:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(data / "kiln.db", secret_box=SecretBox(data / "secret.key"))
+        self.store = Store.open(
+            self.store_target or data / "kiln.db", secret_box=SecretBox(data / "secret.key")
+        )
         if self.engine_factory is None:
             self.engine = AgentEngine(self.root / "engine", lazy=self.lazy_agents)
         else:

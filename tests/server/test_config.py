@@ -31,8 +31,25 @@ def test_defaults() -> None:
     assert c.publish_domain == "localhost"
     assert c.max_upload_bytes == MAX_UPLOAD_BYTES == 100 * 1024 * 1024
     assert c.db_path == c.data_dir / "kiln.db"
+    assert c.store is None and c.store_target == str(c.data_dir / "kiln.db")
+    assert not c.store_is_shared
     assert c.secret_key_path == c.data_dir / "secret.key"
     assert c.admin_key_path == c.data_dir / "admin-api-key"
+
+
+def test_store_and_secret_key(tmp_path: Path) -> None:
+    path = tmp_path / "kiln.yaml"
+    path.write_text(
+        "store: postgresql://kiln:pw@db.internal:5432/kiln?sslmode=require\n"
+        "secret_key: /etc/kiln/secret.key\n"
+    )
+    c = load_config(path)
+    assert c.store_target == "postgresql://kiln:pw@db.internal:5432/kiln?sslmode=require"
+    assert c.store_is_shared
+    assert c.secret_key_path == Path("/etc/kiln/secret.key")
+    c = load_config(None, {"store": "~/kiln.sqlite", "data_dir": str(tmp_path)})
+    assert c.store_target == str(Path("~/kiln.sqlite").expanduser())
+    assert not c.store_is_shared
 
 
 def test_default_data_dir_for_non_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -113,6 +130,12 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("max_upload_bytes: 0\n", "max_upload_bytes"),
         ("max_upload_bytes: yes\n", "max_upload_bytes"),
         ("image: ../x\n", "image"),
+        ("store: ''\n", "store: empty"),
+        ("store: mysql://h/kiln\n", "store: unsupported URL scheme 'mysql'"),
+        ("store: postgresql://h:5432\n", "store: .* must name a database"),
+        ("store: postgresql://h:port/kiln\n", "store: .* invalid port"),
+        ("store: [a]\n", "store: expected a string"),
+        ("secret_key: 3\n", "secret_key: expected a path"),
         ("- a list\n", "mapping"),
         ("listen: [unclosed\n", "not valid YAML"),
     ],

@@ -1,4 +1,5 @@
-"""A writer killed with SIGKILL mid-work loses no committed row and leaves no damage."""
+"""A writer killed with SIGKILL mid-work loses no committed row and leaves no damage
+(on either backend: ``store_target`` is a SQLite file or a PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ while True:
 """
 
 
-def _run_and_kill(db: Path, key: Path, round_: int, acks: int) -> list[tuple[str, str, int]]:
+def _run_and_kill(db: str, key: Path, round_: int, acks: int) -> list[tuple[str, str, int]]:
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(db), str(key), str(round_)],
         stdout=subprocess.PIPE,
@@ -62,8 +63,8 @@ def _run_and_kill(db: Path, key: Path, round_: int, acks: int) -> list[tuple[str
     return done
 
 
-def test_sigkill_loses_no_acknowledged_row(tmp_path: Path) -> None:
-    db, key = tmp_path / "kiln.db", tmp_path / "secret.key"
+def test_sigkill_loses_no_acknowledged_row(tmp_path: Path, store_target: str) -> None:
+    db, key = store_target, tmp_path / "secret.key"
     acknowledged: list[tuple[str, str, int]] = []
     for round_ in range(3):
         acknowledged += _run_and_kill(db, key, round_, acks=150 + 50 * round_)

@@ -21,6 +21,8 @@ from kiln.store import (
     rfc3339,
 )
 
+from .conftest import RawSql
+
 
 def test_create_and_read_back_with_right_types(store: Store, alice: User) -> None:
     config = SandboxConfig(
@@ -75,19 +77,19 @@ def test_counts_from_json_floats_become_ints(store: Store, alice: User) -> None:
         store.create_sandbox(alice.id, image="m", engine="fake", cpus=True)
 
 
-def test_bad_stored_values_are_schema_errors(store: Store, alice: User) -> None:
+def test_bad_stored_values_are_schema_errors(store: Store, alice: User, raw_sql: RawSql) -> None:
     sb = store.create_sandbox(alice.id, image="m", engine="fake")
-    conn = sqlite3.connect(store.path)
-    conn.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", ('{"env": {"A": 1}}', sb.id))
-    conn.commit()
-    conn.close()
+    raw_sql("UPDATE sandboxes SET spec = ? WHERE id = ?", ('{"env": {"A": 1}}', sb.id))
     with pytest.raises(SchemaError, match="env"):
         store.get_sandbox(sb.id)
 
 
-def test_strict_tables_refuse_wrong_types(store: Store, alice: User) -> None:
-    sb = store.create_sandbox(alice.id, image="m", engine="fake")
-    conn = sqlite3.connect(store.path)
+def test_strict_tables_refuse_wrong_types(sqlite_store: Store) -> None:
+    # SQLite only: it would store 2.5 in a column declared INTEGER unless STRICT
+    # (PostgreSQL's BIGINT is typed anyway).
+    alice = sqlite_store.create_user("alice")[0]
+    sb = sqlite_store.create_sandbox(alice.id, image="m", engine="fake")
+    conn = sqlite3.connect(sqlite_store.path)
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("UPDATE sandboxes SET cpus = 2.5 WHERE id = ?", (sb.id,))
     conn.close()
@@ -220,16 +222,14 @@ def test_failed_create_leaves_nothing(store: Store, alice: User, tmp_path: Path)
         store.create_sandbox("u-nobody", image="m", engine="fake")
 
 
-def test_spec_json_is_plain_json(store: Store, alice: User) -> None:
+def test_spec_json_is_plain_json(store: Store, alice: User, raw_sql: RawSql) -> None:
     sb = store.create_sandbox(
         alice.id,
         image="m",
         engine="fake",
         config=SandboxConfig(env={"K": "V"}, volumes=(), secrets=("S",)),
     )
-    conn = sqlite3.connect(store.path)
-    (spec,) = conn.execute("SELECT spec FROM sandboxes WHERE id = ?", (sb.id,)).fetchone()
-    conn.close()
+    [(spec,)] = raw_sql("SELECT spec FROM sandboxes WHERE id = ?", (sb.id,))
     assert json.loads(spec) == {
         "env": {"K": "V"},
         "init": None,

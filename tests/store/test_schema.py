@@ -103,8 +103,52 @@ def test_migrate_rejects_unknown_target(tmp_path: Path) -> None:
 
 def test_pragmas(tmp_path: Path) -> None:
     with Store.open(tmp_path / "p.db") as store:
-        conn = store._conn  # the one connection; checking its settings
-        assert conn is not None
+        conn = store._backend.connection()  # the one connection; checking its settings
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+
+
+V5_DUMP = Path(__file__).parent / "data" / "kiln-v5.sql"
+
+
+def _schema(path: Path) -> list[tuple[str, str, str | None]]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+        return [(str(t), str(n), s) for t, n, s in rows]
+    finally:
+        conn.close()
+
+
+def test_database_of_the_release_before_postgres_opens_unchanged(tmp_path: Path) -> None:
+    """A v5 file written by the last SQLite-only release: migrated to the same schema
+    as a fresh database (whose SQL text is the old releases' own), rows readable,
+    writable."""
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.executescript(V5_DUMP.read_text())
+    conn.close()
+    with Store.open(old) as store:
+        assert store.schema_version == LATEST_VERSION == 6
+        assert store.integrity_check() == []
+        admin = store.user_by_name("old-admin")
+        assert admin.is_admin and admin.quotas.max_image_disk_mb == 100
+        sb = store.find_sandbox(admin.id, "box")
+        assert (sb.cpus, sb.memory_mb, sb.labels, sb.engine_state) == (
+            2,
+            1024,
+            {"team": "a"},
+            {"pid": 7},
+        )
+        assert sb.expires_at == 1_800_000_000.0
+        assert [v.attached_to for v in store.list_volumes(admin.id)] == [sb.id]
+        assert [r.alias for r in store.list_publish_rules(sb.id)] == ["web"]
+        assert store.get_sandbox("sb-old2", include_deleted=True).deleted_at is not None
+        assert store.find_image(admin.id, "py").size_bytes == 5_000_000_000
+        assert store.get_saved_image(admin.id, "snap").size_bytes == 123_456_789
+        assert [t.name for t in store.list_templates(admin.id)] == ["tpl"]
+        store.touch(sb.id, 2e9)
+        assert store.get_sandbox(sb.id).last_active_at == 2e9
+    Store.open(tmp_path / "fresh.db").close()
+    assert _schema(old) == _schema(tmp_path / "fresh.db")

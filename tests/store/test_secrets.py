@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kiln.store import NotFound, SecretBox, SecretKeyError, Store, User
+
+from .conftest import RawSql
 
 
 def test_put_list_get_delete(store: Store, alice: User, bob: User) -> None:
@@ -34,27 +35,32 @@ def test_put_list_get_delete(store: Store, alice: User, bob: User) -> None:
         store.delete_secret(alice.id, "TOKEN")
 
 
-def test_values_are_encrypted_at_rest(store: Store, alice: User) -> None:
+def test_values_are_encrypted_at_rest(store: Store, alice: User, raw_sql: RawSql) -> None:
     store.put_secret(alice.id, "K", "plaintext-marker-\u2713")
-    raw = Path(store.path).read_bytes() + Path(store.path + "-wal").read_bytes()
+    [(blob,)] = raw_sql("SELECT ciphertext FROM secrets")
+    assert bytes(blob).startswith(b"age-encryption.org/v1")
+    assert b"plaintext-marker" not in bytes(blob)
+
+
+def test_sqlite_file_holds_no_plaintext(sqlite_store: Store) -> None:
+    alice = sqlite_store.create_user("alice")[0]
+    sqlite_store.put_secret(alice.id, "K", "plaintext-marker-\u2713")
+    path = sqlite_store.path
+    raw = Path(path).read_bytes() + Path(path + "-wal").read_bytes()
+    assert b"age-encryption.org/v1" in raw
     assert b"plaintext-marker" not in raw
-    conn = sqlite3.connect(store.path)
-    (blob,) = conn.execute("SELECT ciphertext FROM secrets").fetchone()
-    conn.close()
-    assert blob.startswith(b"age-encryption.org/v1")
 
 
-def test_ciphertext_moved_to_another_user_is_refused(store: Store, alice: User, bob: User) -> None:
+def test_ciphertext_moved_to_another_user_is_refused(
+    store: Store, alice: User, bob: User, raw_sql: RawSql
+) -> None:
     store.put_secret(alice.id, "K", "alice-only")
     store.put_secret(bob.id, "K", "bob")
-    conn = sqlite3.connect(store.path)
-    conn.execute(
+    raw_sql(
         "UPDATE secrets SET ciphertext = (SELECT ciphertext FROM secrets WHERE user_id = ?)"
         " WHERE user_id = ?",
         (alice.id, bob.id),
     )
-    conn.commit()
-    conn.close()
     with pytest.raises(SecretKeyError, match="not sealed"):
         store.get_secret_values(bob.id, ["K"])
 
@@ -104,6 +110,18 @@ def test_replaced_key_cannot_decrypt(tmp_path: Path, alice_store: tuple[Store, U
         pytest.raises(SecretKeyError, match="cannot decrypt"),
     ):
         reopened.get_secret_values(alice.id, ["K"])
+
+
+def test_secret_key_is_claimed_by_the_first_daemon(store: Store, alice: User) -> None:
+    assert store.claim_secret_key("age1first")
+    assert store.claim_secret_key("age1first")
+    # Nothing sealed yet: a new key is adopted (nothing becomes unreadable).
+    assert store.claim_secret_key("age1second")
+    store.put_secret(alice.id, "K", "v")
+    assert not store.claim_secret_key("age1first")
+    assert store.claim_secret_key("age1second")
+    store.delete_secret(alice.id, "K")
+    assert store.claim_secret_key("age1first")
 
 
 def test_store_without_secret_box(tmp_path: Path) -> None:

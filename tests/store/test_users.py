@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,12 @@ from kiln.store import (
     UserHasSandboxes,
 )
 
+from .conftest import RawSql
 
-def test_create_user_returns_key_once_and_stores_only_its_hash(store: Store) -> None:
+
+def test_create_user_returns_key_once_and_stores_only_its_hash(
+    store: Store, raw_sql: RawSql
+) -> None:
     user, key = store.create_user("alice", admin=True, quotas=Quotas(max_sandboxes=3))
     assert key.startswith(API_KEY_PREFIX)
     assert len(key) >= len(API_KEY_PREFIX) + 43  # 32 random bytes, base64
@@ -27,9 +30,7 @@ def test_create_user_returns_key_once_and_stores_only_its_hash(store: Store) -> 
     assert user.quotas == Quotas(max_sandboxes=3)
     assert store.user_by_key(key) == user
 
-    conn = sqlite3.connect(store.path)
-    rows = conn.execute("SELECT * FROM users").fetchall()
-    conn.close()
+    rows = raw_sql("SELECT * FROM users")
     flat = repr(rows)
     assert key not in flat
     assert hashlib.sha256(key.encode()).hexdigest() in flat

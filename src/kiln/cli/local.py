@@ -58,18 +58,26 @@ def _config(config_path: Path | None, **overrides: object) -> Config:
     type=click.Choice(["runc", "runsc"]),
     help="The Docker engine's default runtime [runc].",
 )
+@click.option(
+    "--store",
+    metavar="PATH|URL",
+    help="The store: a SQLite file, or postgresql://user:pass@host/db [DATA_DIR/kiln.db].",
+)
 @config_option
 def serve(
+    *,
     data_dir: Path | None,
     listen: str | None,
     engine: str | None,
     docker_runtime: str | None,
+    store: str | None,
     config_path: Path | None,
 ) -> None:
     """Run the kiln daemon in the foreground."""
     config = _config(
         config_path,
         data_dir=data_dir,
+        store=store,
         listen=listen,
         engine=engine,
         **{"docker.runtime": docker_runtime},
@@ -84,9 +92,10 @@ def serve(
 
 @click.group(cls=AliasedGroup)
 def user() -> None:
-    """Manage users and API keys (local data dir).
+    """Manage users and API keys (the daemon's store, opened directly).
 
-    Run on the daemon's host: the store in the data dir is opened directly.
+    Run on the daemon's host: the store the config names (`store:`; by default
+    the SQLite file in the data dir) is opened directly.
     """
 
 
@@ -96,7 +105,7 @@ def _store(data_dir: Path | None, config_path: Path | None) -> Iterator[Store]:
 
     config = _config(config_path, data_dir=data_dir)
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with Store.open(config.db_path) as store:
+    with Store.open(config.store_target) as store:
         yield store
 
 

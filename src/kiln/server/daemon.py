@@ -2,9 +2,12 @@
 
 Start-up, in order:
 
-1. ``data_dir`` (0700), the database ``kiln.db``, the secret key
-   ``secret.key`` and the E2B API's envd token key ``e2b-envd.key`` (both 0600,
-   created on first start);
+1. ``data_dir`` (0700), the store (``store``: by default the SQLite database
+   ``data_dir/kiln.db``; or a PostgreSQL database, migrated by whichever daemon
+   gets there first), the secret key (``secret_key``: by default
+   ``data_dir/secret.key``; it must be the one the store's secrets are sealed
+   with, see :func:`_check_secret_key`) and the E2B API's envd token key
+   ``e2b-envd.key`` (both 0600, created on first start);
 2. the listening socket (a clear error when the address is taken);
 3. on the very first start, the ``admin`` user: its key goes to
    ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
@@ -279,6 +282,26 @@ def client_config_path() -> Path:
     return Path.home() / ".kiln" / "config.yaml"
 
 
+def _check_secret_key(store: Store, box: SecretBox, config: Config) -> None:
+    """The key file must be the one the store's secrets are sealed with. On a shared
+    (PostgreSQL) store another key is fatal: this daemon would seal secrets no other
+    one can open. On a private one it only warns, as before: the secrets sealed with
+    the old key are lost either way, and the daemon is needed to delete them."""
+    try:
+        if store.claim_secret_key(box.public_key):
+            return
+    except StoreError as exc:
+        raise DaemonError(str(exc)) from exc
+    message = (
+        f"the secret key {box.key_path} is not the one this store's secrets are sealed"
+        " with: every daemon on one store must use the same key file (copy it from a"
+        " daemon already running on this store)"
+    )
+    if config.store_is_shared:
+        raise DaemonError(message)
+    log.warning("%s; stored secrets cannot be read", message)
+
+
 def bootstrap_admin(store: Store, config: Config, url: str) -> str | None:
     """Create the ``admin`` user on first start; return its key then (None later)."""
     try:
@@ -411,9 +434,15 @@ async def serve(
     box = SecretBox(config.secret_key_path)
     try:
         box.public_key  # noqa: B018 -- create or check the key file now, not on first use
-        store = Store.open(config.db_path, secret_box=box)
+        store = Store.open(config.store_target, secret_box=box)
     except StoreError as exc:
         raise DaemonError(str(exc)) from exc
+    log.info("store: %s at %s", store.backend, store.path)
+    try:
+        _check_secret_key(store, box, config)
+    except BaseException:
+        store.close()
+        raise
     sock: socket.socket | None = None
     own_engine = engine is None
     firewall: Firewall | None = None

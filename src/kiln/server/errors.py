@@ -11,7 +11,7 @@
     ├── PayloadTooLarge          413 body over the limit
     ├── Unprocessable            422 fields that parse but are invalid
     ├── BadGateway               502 the sandbox's agent misbehaved or is unreachable
-    └── Unavailable              503 no engine can run here
+    └── Unavailable              503 no engine can run here, the store's database is down
 
 Everything a route can meet (store, engine, agent client errors) is mapped to
 an :class:`ApiError` by :func:`to_api_error`; the app turns each into
@@ -96,6 +96,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             return Forbidden(msg)
         case store.InvalidValue():
             return Unprocessable(msg)
+        case store.StoreUnavailable():
+            return Unavailable(f"store unavailable: {msg}")
         case store.StoreError():
             return ApiError(f"store: {msg}")
         # engine

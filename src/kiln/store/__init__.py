@@ -1,4 +1,5 @@
-"""The daemon's persistent state in SQLite (see :mod:`.db`), secrets sealed with age.
+"""The daemon's persistent state in SQLite or PostgreSQL (see :mod:`.db`), secrets sealed
+with age.
 
 Errors: :mod:`.errors` draws the tree (root :class:`StoreError`).
 """
@@ -14,6 +15,7 @@ from .errors import (
     SchemaError,
     SecretKeyError,
     StoreError,
+    StoreUnavailable,
     UserHasSandboxes,
     VolumeInUse,
 )
@@ -63,6 +65,7 @@ __all__ = [
     "SecretKeyError",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "Template",
     "TemplateSpec",
     "User",

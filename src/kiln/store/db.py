@@ -1,35 +1,38 @@
-"""The daemon's SQLite store: users, sandboxes, templates, secrets, volumes, publish rules.
+"""The daemon's store: users, sandboxes, templates, secrets, volumes, publish rules.
+
+On SQLite (the embedded default, :mod:`.sqlite_backend`) or PostgreSQL (several
+daemons sharing one database, :mod:`.postgres_backend`): every query is written
+once here, what differs sits behind :class:`~kiln.store.backend.Backend`.
 
 One connection, guarded by a lock, in autocommit mode; every mutation is one
-explicit ``BEGIN IMMEDIATE … COMMIT`` transaction, so a row is either fully
-written or absent after a crash. WAL journaling with ``synchronous=NORMAL``:
-a committed transaction survives the daemon being killed (it is in the WAL
-file the moment ``COMMIT`` returns); only an OS crash or power loss can lose
-the last few commits, never corrupt the database.
+explicit write transaction (``BEGIN IMMEDIATE`` on SQLite; ``BEGIN`` and an
+advisory lock on PostgreSQL), so the checks it makes still hold when it
+commits, and a row is either fully written or absent after a crash.
 
-Every call is synchronous and typically well under a millisecond, so asyncio
-code calls it directly; it is also safe from other threads.
+Every call is synchronous and typically well under a millisecond on SQLite (a
+few loopback round trips on PostgreSQL), so asyncio code calls it directly; it
+is also safe from other threads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import Enum
-from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Concatenate, Final, ParamSpec, Self, TypeVar
 
 from kiln.engine.base import Status, Thermal
 from kiln.engine.states import CREATED
 
+from .backend import Backend, Connection, Cursor, RetryableConflict, is_postgres_url
 from .errors import (
     ImageInUse,
     InvalidValue,
@@ -69,11 +72,41 @@ from .records import (
     template_spec_from_json,
     template_spec_to_json,
 )
-from .schema import migrate, schema_version
+from .schema import schema_version
 from .secretbox import SecretBox
 
 API_KEY_PREFIX: Final = "kiln_"
 DEFAULT_BUSY_TIMEOUT_MS: Final = 5000
+#: Attempts at a write that collided with another transaction (PostgreSQL only).
+WRITE_ATTEMPTS: Final = 4
+
+#: A row: ``row["column"]`` or ``row[0]`` (``sqlite3.Row``, or psycopg's through
+#: :class:`~kiln.store.postgres_backend.PgRow`).
+Row = Any
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _retried(
+    method: Callable[Concatenate[Store, _P], _R],
+) -> Callable[Concatenate[Store, _P], _R]:
+    """Run a write method again when its transaction collided with another one
+    (PostgreSQL's deadlock or serialization failure; the transaction was rolled
+    back, so nothing of the attempt remains). SQLite never raises this."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return method(self, *args, **kwargs)
+            except RetryableConflict:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
 
 
 class _Unset(Enum):
@@ -96,6 +129,8 @@ def hash_api_key(key: str) -> str:
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
+
+_SECRET_KEY_SETTING: Final = "secret_key_recipient"
 
 _USER_COLS = (
     "id, name, is_admin, max_sandboxes, max_cpus, max_memory_mb, created_at, max_image_disk_mb"
@@ -121,15 +156,15 @@ class Store:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        backend: Backend,
         *,
-        path: str,
         secret_box: SecretBox | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
-        """Wrap an already opened and migrated connection (use :meth:`open`)."""
-        self.path = path
-        self._conn: sqlite3.Connection | None = conn
+        """Wrap an already opened and migrated backend (use :meth:`open`)."""
+        self._backend = backend
+        #: Where the data is: the SQLite file's path or the PostgreSQL URL (no password).
+        self.path = backend.location
         self._lock = threading.RLock()
         self._box = secret_box
         self._now = now
@@ -137,50 +172,42 @@ class Store:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        target: str | os.PathLike[str],
         *,
         secret_box: SecretBox | None = None,
         now: Callable[[], float] = time.time,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     ) -> Self:
-        """Open (creating if needed) and migrate the database at ``path``.
+        """Open (creating if needed) and migrate the store at ``target``.
 
-        A new database file is made readable by its owner only: it holds key
-        hashes and encrypted secrets. ``":memory:"`` works for throwaway stores.
+        A ``postgresql://`` URL selects PostgreSQL (the database must exist;
+        :class:`StoreUnavailable` if the server cannot be reached); anything else
+        is a SQLite file path, where a new file is made readable by its owner only
+        (it holds key hashes and encrypted secrets) and ``":memory:"`` works for
+        throwaway stores. ``busy_timeout_ms``: how long a write waits for another
+        writer's lock.
         """
-        name = os.fspath(path)
-        in_memory = name == ":memory:"
-        try:
-            if not in_memory and not Path(name).exists():
-                # An empty file is a valid empty database; SQLite gives its -wal and
-                # -shm files the same mode.
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open database {name}: {exc}") from exc
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms):d}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if not in_memory and str(mode).lower() != "wal":
-                raise StoreError(f"cannot switch {name} to WAL journaling (got {mode})")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            migrate(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise SchemaError(f"{name} is not a usable kiln database: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, path=name, secret_box=secret_box, now=now)
+        name = os.fspath(target)
+        backend: Backend
+        if is_postgres_url(name):
+            from .postgres_backend import PostgresBackend  # noqa: PLC0415 -- psycopg only when used
+
+            backend = PostgresBackend.open(name, lock_timeout_ms=busy_timeout_ms)
+        else:
+            from .sqlite_backend import SqliteBackend  # noqa: PLC0415 -- imports .schema too
+
+            backend = SqliteBackend.open(name, busy_timeout_ms=busy_timeout_ms)
+        return cls(backend, secret_box=secret_box, now=now)
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._backend.kind
 
     def close(self) -> None:
         """Close the connection (idempotent). Further calls raise :class:`StoreError`."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._backend.close()
 
     def __enter__(self) -> Self:
         return self
@@ -191,47 +218,56 @@ class Store:
     # --- transactions -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, _translated():
-            if self._conn is None:
-                raise StoreError("the store is closed")
-            yield self._conn
+    def _read(self) -> Iterator[Connection]:
+        with self._lock, self._translated():
+            yield self._backend.connection()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed if the block returns, rolled back if it raises."""
-        with self._lock, _translated():
-            conn = self._conn
-            if conn is None:
-                raise StoreError("the store is closed")
-            conn.execute("BEGIN IMMEDIATE")
+    def _write(self, owner: str | None = None) -> Iterator[Connection]:
+        """One transaction: committed if the block returns, rolled back if it raises.
+
+        ``owner``: the user whose rows alone the block's checks read, which lets
+        PostgreSQL run writes for different users at once (see
+        :mod:`.postgres_backend`); ``None`` when the checks span users.
+        """
+        backend = self._backend
+        with self._lock, self._translated():
+            conn = backend.connection()
+            backend.begin(conn, owner)
             try:
                 yield conn
-                conn.execute("COMMIT")
+                backend.commit(conn)
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                backend.rollback(conn)
                 raise
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The driver's exceptions → the store's, in one place."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:
+            translated = self._backend.translate(exc)
+            if translated is None:
+                raise
+            raise translated from exc
 
     @property
     def schema_version(self) -> int:
         with self._read() as conn:
-            return schema_version(conn)
+            return schema_version(conn, self._backend.schema)
 
     def integrity_check(self) -> list[str]:
-        """SQLite's integrity and foreign-key checks; an empty list means healthy."""
+        """The database's own checks (SQLite: integrity and foreign keys; PostgreSQL:
+        unvalidated constraints, page checksum failures); empty means healthy."""
         with self._read() as conn:
-            problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
-            if problems == ["ok"]:
-                problems = []
-            problems += [
-                f"foreign key violation in {r[0]} row {r[1]} → {r[2]}"
-                for r in conn.execute("PRAGMA foreign_key_check")
-            ]
-            return problems
+            return self._backend.integrity_check(conn)
 
     # --- users --------------------------------------------------------------------------
 
+    @_retried
     def create_user(
         self, name: str, *, admin: bool = False, quotas: Quotas | None = None
     ) -> tuple[User, str]:
@@ -286,6 +322,7 @@ class Store:
         with self._read() as conn:
             return [_user(r) for r in conn.execute(f"SELECT {_USER_COLS} FROM users ORDER BY name")]
 
+    @_retried
     def rotate_key(self, user_id: str) -> str:
         """Replace a user's API key; the old one stops working at once."""
         key = new_api_key()
@@ -297,6 +334,7 @@ class Store:
                 raise NotFound(f"user {user_id!r} not found")
         return key
 
+    @_retried
     def set_quotas(self, user_id: str, quotas: Quotas) -> User:
         quotas = _checked_quotas(quotas)
         with self._write() as conn:
@@ -316,6 +354,7 @@ class Store:
             row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
             return _user(_one(row, f"user {user_id!r}"))
 
+    @_retried
     def delete_user(self, user_id: str) -> None:
         """Delete a user with their templates, secrets, volume rows and sandbox history.
 
@@ -323,7 +362,7 @@ class Store:
         those through the engine first. Volume files on disk are the caller's to
         remove (list them first).
         """
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             if not conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone():
                 raise NotFound(f"user {user_id!r} not found")
             live = _count_live(conn, user_id)
@@ -340,6 +379,7 @@ class Store:
 
     # --- sandboxes ----------------------------------------------------------------------
 
+    @_retried
     def create_sandbox(
         self,
         user_id: str,
@@ -381,7 +421,7 @@ class Store:
         state_json = engine_state_to_json(engine_state)
         labels_json = labels_to_json(labels or {})
         now = self._now()
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             user = _user(_one(_select_user(conn, user_id), f"user {user_id!r}"))
             if enforce_quota:
                 _check_quota(conn, user.quotas, cpus, memory_mb, _count_live(conn, user_id))
@@ -477,6 +517,7 @@ class Store:
             row = conn.execute("SELECT COUNT(*) FROM sandboxes WHERE deleted_at IS NULL")
             return int(row.fetchone()[0])
 
+    @_retried
     def update_sandbox(
         self,
         sandbox_id: str,
@@ -532,18 +573,20 @@ class Store:
         """Store what ``engine.export_state`` returned (``None`` clears it)."""
         self.update_sandbox(sandbox_id, engine_state=state)
 
+    @_retried
     def touch(self, sandbox_id: str, when: float | None = None) -> None:
         """Record activity; ``last_active_at`` only ever moves forward."""
         when = self._now() if when is None else float(when)
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE sandboxes SET last_active_at = MAX(last_active_at, ?)"
-                " WHERE id = ? AND deleted_at IS NULL",
-                (when, sandbox_id),
+                "UPDATE sandboxes SET last_active_at = CASE WHEN last_active_at < ? THEN ?"
+                " ELSE last_active_at END WHERE id = ? AND deleted_at IS NULL",
+                (when, when, sandbox_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"sandbox {sandbox_id!r} not found")
 
+    @_retried
     def rename_sandbox(self, sandbox_id: str, new_name: str) -> Sandbox:
         """Rename a live sandbox; :class:`NameTaken` if the owner has a live one of that name."""
         with self._write() as conn:
@@ -555,6 +598,7 @@ class Store:
             conn.execute("UPDATE sandboxes SET name = ? WHERE id = ?", (new_name, sandbox_id))
             return _live(_select_sandbox(conn, sandbox_id), sandbox_id)
 
+    @_retried
     def delete_sandbox(self, sandbox_id: str) -> Sandbox:
         """Mark a sandbox deleted, detach its volumes and drop its publish rules.
 
@@ -571,10 +615,11 @@ class Store:
 
     # --- templates ----------------------------------------------------------------------
 
+    @_retried
     def create_template(self, user_id: str, name: str, spec: TemplateSpec) -> Template:
         spec_json = template_spec_to_json(spec)
         template_id = _new_id("tpl")
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             _one(_select_user(conn, user_id), f"user {user_id!r}")
             if conn.execute(
                 "SELECT 1 FROM templates WHERE user_id = ? AND name = ?", (user_id, name)
@@ -619,8 +664,9 @@ class Store:
             )
             return [_template(r) for r in rows]
 
+    @_retried
     def delete_template(self, user_id: str, template_id: str) -> None:
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             cur = conn.execute(
                 "DELETE FROM templates WHERE user_id = ? AND id = ?", (user_id, template_id)
             )
@@ -629,6 +675,7 @@ class Store:
 
     # --- images -------------------------------------------------------------------------
 
+    @_retried
     def add_image(
         self,
         owner: str | None,
@@ -691,6 +738,7 @@ class Store:
             )
             return [_image(r) for r in rows]
 
+    @_retried
     def delete_image(self, image_id: str) -> ImageRecord:
         """Remove an image from the catalog, refused (:class:`Conflict`) while a live
         sandbox runs it."""
@@ -732,13 +780,14 @@ class Store:
 
     # --- secrets ------------------------------------------------------------------------
 
+    @_retried
     def put_secret(self, user_id: str, name: str, value: str) -> SecretInfo:
         """Create or replace a secret; the value is stored encrypted."""
         if not isinstance(value, str):
             raise InvalidValue(f"secret {name!r}: value must be a string")
         ciphertext = self._secret_box().seal(user_id, name, value)
         now = self._now()
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             _one(_select_user(conn, user_id), f"user {user_id!r}")
             conn.execute(
                 "INSERT INTO secrets (user_id, name, ciphertext, created_at, updated_at)"
@@ -761,8 +810,9 @@ class Store:
             )
             return [_secret_info(r) for r in rows]
 
+    @_retried
     def delete_secret(self, user_id: str, name: str) -> None:
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             cur = conn.execute(
                 "DELETE FROM secrets WHERE user_id = ? AND name = ?", (user_id, name)
             )
@@ -790,6 +840,30 @@ class Store:
         box = self._secret_box()
         return {n: box.open(user_id, n, found[n]) for n in wanted}
 
+    @_retried
+    def claim_secret_key(self, recipient: str) -> bool:
+        """Check that secrets are sealed for ``recipient`` (the age public key of this
+        daemon's key file), recording it on first use; return whether it matches.
+
+        Only a store that holds no secret adopts a new key on a mismatch (nothing
+        sealed would become unreadable); otherwise the caller decides (the daemon
+        refuses to start on a shared store).
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT value FROM settings WHERE name = ?", (_SECRET_KEY_SETTING,)
+            ).fetchone()
+            if row is not None and str(row[0]) == recipient:
+                return True
+            if row is not None and conn.execute("SELECT 1 FROM secrets LIMIT 1").fetchone():
+                return False
+            conn.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (_SECRET_KEY_SETTING, recipient),
+            )
+            return True
+
     def _secret_box(self) -> SecretBox:
         if self._box is None:
             raise SecretKeyError("no secret key configured: the store was opened without one")
@@ -797,8 +871,9 @@ class Store:
 
     # --- volumes ------------------------------------------------------------------------
 
+    @_retried
     def create_volume(self, user_id: str, name: str, size_mb: int, path: str) -> Volume:
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             _one(_select_user(conn, user_id), f"user {user_id!r}")
             vol_id = _insert_volume(
                 conn, user_id, name, size_mb=size_mb, path=path, now=self._now()
@@ -825,12 +900,13 @@ class Store:
             )
             return [_volume(r) for r in rows]
 
+    @_retried
     def delete_volume(self, user_id: str, name: str) -> Volume:
         """Delete a volume's row and return it (the caller removes the file).
 
         :class:`VolumeInUse` while a live sandbox has it attached.
         """
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             row = conn.execute(
                 f"{_VOLUME_SELECT} WHERE v.user_id = ? AND v.name = ?", (user_id, name)
             )
@@ -842,6 +918,7 @@ class Store:
 
     # --- saved images ---------------------------------------------------------------------
 
+    @_retried
     def create_saved_image(
         self,
         user_id: str,
@@ -873,7 +950,7 @@ class Store:
             created_at=self._now(),
         )
         spec = config_to_json(config)
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             _one(_select_user(conn, user_id), f"user {user_id!r}")
             if conn.execute(
                 "SELECT 1 FROM saved_images WHERE user_id = ? AND name = ?", (user_id, name)
@@ -921,9 +998,10 @@ class Store:
             )
             return [_saved_image(r) for r in rows]
 
+    @_retried
     def delete_saved_image(self, user_id: str, name: str) -> SavedImageRecord:
         """Delete the row and return it (the caller deletes the engine's files)."""
-        with self._write() as conn:
+        with self._write(owner=user_id) as conn:
             cur = conn.execute(
                 f"SELECT {_SAVED_COLS} FROM saved_images WHERE user_id = ? AND name = ?",
                 (user_id, name),
@@ -934,6 +1012,7 @@ class Store:
 
     # --- publish rules --------------------------------------------------------------------
 
+    @_retried
     def add_publish_rule(self, sandbox_id: str, port: int, alias: str) -> PublishRule:
         """Publish ``port`` of a live sandbox as ``alias`` (globally unique)."""
         port = as_int(port, "port")
@@ -969,6 +1048,7 @@ class Store:
             row = conn.execute(f"SELECT {_RULE_COLS} FROM publish_rules WHERE alias = ?", (alias,))
             return _rule(_one(row, f"published alias {alias!r}"))
 
+    @_retried
     def delete_publish_rule(self, sandbox_id: str, port: int) -> None:
         with self._write() as conn:
             cur = conn.execute(
@@ -981,50 +1061,34 @@ class Store:
 # --- helpers (all called with the lock held) ---------------------------------------------
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """sqlite3's exceptions → the store's, in one place."""
-    try:
-        yield
-    except sqlite3.IntegrityError as exc:
-        text = str(exc)
-        if "UNIQUE" in text:
-            raise NameTaken(f"already exists ({text})") from exc
-        if "FOREIGN KEY" in text:
-            raise NotFound(f"a referenced row does not exist ({text})") from exc
-        raise InvalidValue(text) from exc
-    except sqlite3.Error as exc:
-        raise StoreError(f"database error: {exc}") from exc
-
-
-def _one_row(row: sqlite3.Row | None, what: str) -> sqlite3.Row:
+def _one_row(row: Row | None, what: str) -> Row:
     if row is None:
         raise NotFound(f"{what} not found")
     return row
 
 
-def _one(cur: sqlite3.Cursor, what: str) -> sqlite3.Row:
-    row: sqlite3.Row | None = cur.fetchone()
+def _one(cur: Cursor, what: str) -> Row:
+    row: Row | None = cur.fetchone()
     return _one_row(row, what)
 
 
-def _select_user(conn: sqlite3.Connection, user_id: str) -> sqlite3.Cursor:
+def _select_user(conn: Connection, user_id: str) -> Cursor:
     return conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
 
 
-def _select_sandbox(conn: sqlite3.Connection, sandbox_id: str) -> sqlite3.Cursor:
+def _select_sandbox(conn: Connection, sandbox_id: str) -> Cursor:
     return conn.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id = ?", (sandbox_id,))
 
 
-def _live(cur: sqlite3.Cursor, sandbox_id: str) -> Sandbox:
-    row: sqlite3.Row | None = cur.fetchone()
+def _live(cur: Cursor, sandbox_id: str) -> Sandbox:
+    row: Row | None = cur.fetchone()
     if row is None or row["deleted_at"] is not None:
         raise NotFound(f"sandbox {sandbox_id!r} not found")
     return _sandbox(row)
 
 
-def _live_sandbox_named(conn: sqlite3.Connection, user_id: str, name: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
+def _live_sandbox_named(conn: Connection, user_id: str, name: str) -> Row | None:
+    row: Row | None = conn.execute(
         f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE user_id = ? AND name = ?"
         " AND deleted_at IS NULL",
         (user_id, name),
@@ -1032,16 +1096,14 @@ def _live_sandbox_named(conn: sqlite3.Connection, user_id: str, name: str) -> sq
     return row
 
 
-def _count_live(conn: sqlite3.Connection, user_id: str) -> int:
+def _count_live(conn: Connection, user_id: str) -> int:
     row = conn.execute(
         "SELECT COUNT(*) FROM sandboxes WHERE user_id = ? AND deleted_at IS NULL", (user_id,)
     ).fetchone()
     return int(row[0])
 
 
-def _check_quota(
-    conn: sqlite3.Connection, quotas: Quotas, cpus: int, memory_mb: int, live: int
-) -> None:
+def _check_quota(conn: Connection, quotas: Quotas, cpus: int, memory_mb: int, live: int) -> None:
     if quotas.max_cpus is not None and cpus > quotas.max_cpus:
         raise QuotaExceeded(f"cpus {cpus} exceeds your limit of {quotas.max_cpus} per sandbox")
     if quotas.max_memory_mb is not None and memory_mb > quotas.max_memory_mb:
@@ -1080,7 +1142,7 @@ def _checked_quotas(quotas: Quotas) -> Quotas:
 
 
 def _insert_volume(
-    conn: sqlite3.Connection, user_id: str, name: str, *, size_mb: int, path: str, now: float
+    conn: Connection, user_id: str, name: str, *, size_mb: int, path: str, now: float
 ) -> str:
     size_mb = as_int(size_mb, "size_mb")
     if size_mb < 1:
@@ -1098,7 +1160,7 @@ def _insert_volume(
     return vol_id
 
 
-def _attach(conn: sqlite3.Connection, user_id: str, sandbox_id: str, name: str, mount: str) -> None:
+def _attach(conn: Connection, user_id: str, sandbox_id: str, name: str, mount: str) -> None:
     row = conn.execute(
         "SELECT v.id, a.sandbox_id FROM volumes v LEFT JOIN volume_attachments a"
         " ON a.volume_id = v.id WHERE v.user_id = ? AND v.name = ?",
@@ -1130,7 +1192,7 @@ def _reading(what: str) -> Iterator[None]:
         raise SchemaError(f"bad stored {what}: {exc}") from exc
 
 
-def _user(row: sqlite3.Row) -> User:
+def _user(row: Row) -> User:
     with _reading("user"):
         return User(
             id=str(row["id"]),
@@ -1146,7 +1208,7 @@ def _user(row: sqlite3.Row) -> User:
         )
 
 
-def _sandbox(row: sqlite3.Row) -> Sandbox:
+def _sandbox(row: Row) -> Sandbox:
     with _reading(f"sandbox {row['id']}"):
         return Sandbox(
             id=str(row["id"]),
@@ -1171,7 +1233,7 @@ def _sandbox(row: sqlite3.Row) -> Sandbox:
         )
 
 
-def _template(row: sqlite3.Row) -> Template:
+def _template(row: Row) -> Template:
     with _reading(f"template {row['id']}"):
         return Template(
             id=str(row["id"]),
@@ -1182,14 +1244,21 @@ def _template(row: sqlite3.Row) -> Template:
         )
 
 
-def _image_named(conn: sqlite3.Connection, owner: str | None, name: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
-        f"SELECT {_IMAGE_COLS} FROM images WHERE owner IS ? AND name = ?", (owner, name)
-    ).fetchone()
+def _image_named(conn: Connection, owner: str | None, name: str) -> Row | None:
+    # Not "owner IS ?": PostgreSQL has no IS with a parameter.
+    if owner is None:
+        cur = conn.execute(
+            f"SELECT {_IMAGE_COLS} FROM images WHERE owner IS NULL AND name = ?", (name,)
+        )
+    else:
+        cur = conn.execute(
+            f"SELECT {_IMAGE_COLS} FROM images WHERE owner = ? AND name = ?", (owner, name)
+        )
+    row: Row | None = cur.fetchone()
     return row
 
 
-def _image(row: sqlite3.Row) -> ImageRecord:
+def _image(row: Row) -> ImageRecord:
     with _reading(f"image {row['id']}"):
         definition = json.loads(row["definition"])
         return ImageRecord(
@@ -1205,11 +1274,11 @@ def _image(row: sqlite3.Row) -> ImageRecord:
         )
 
 
-def _secret_info(row: sqlite3.Row) -> SecretInfo:
+def _secret_info(row: Row) -> SecretInfo:
     return SecretInfo(str(row["name"]), float(row["created_at"]), float(row["updated_at"]))
 
 
-def _volume(row: sqlite3.Row) -> Volume:
+def _volume(row: Row) -> Volume:
     with _reading(f"volume {row['id']}"):
         return Volume(
             id=str(row["id"]),
@@ -1223,7 +1292,7 @@ def _volume(row: sqlite3.Row) -> Volume:
         )
 
 
-def _saved_image(row: sqlite3.Row) -> SavedImageRecord:
+def _saved_image(row: Row) -> SavedImageRecord:
     with _reading(f"saved image {row['id']}"):
         return SavedImageRecord(
             id=str(row["id"]),
@@ -1241,7 +1310,7 @@ def _saved_image(row: sqlite3.Row) -> SavedImageRecord:
         )
 
 
-def _rule(row: sqlite3.Row) -> PublishRule:
+def _rule(row: Row) -> PublishRule:
     return PublishRule(
         id=str(row["id"]),
         sandbox_id=str(row["sandbox_id"]),

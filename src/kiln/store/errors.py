@@ -1,4 +1,4 @@
-"""Errors raised by the store (it raises only these; ``sqlite3`` errors are translated).
+"""Errors raised by the store (it raises only these; the database driver's are translated).
 
 StoreError                   root
 ├── NotFound                 no such user/sandbox/template/secret/volume/rule (HTTP 404)
@@ -10,6 +10,7 @@ StoreError                   root
 ├── QuotaExceeded            a user's quota forbids the request (HTTP 403)
 ├── InvalidValue             a value that cannot be stored (wrong type, not JSON-able)
 ├── SchemaError              not a kiln database, newer than this code, bad stored data
+├── StoreUnavailable         the database server cannot be reached (HTTP 503)
 └── SecretKeyError           the secret key file is missing, unsafe or does not fit
 """
 
@@ -54,6 +55,10 @@ class InvalidValue(StoreError, ValueError):
 
 class SchemaError(StoreError):
     pass
+
+
+class StoreUnavailable(StoreError):
+    """The database server is down or unreachable (PostgreSQL); the next call retries."""
 
 
 class SecretKeyError(StoreError):
