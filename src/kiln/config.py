@@ -26,6 +26,8 @@ Every key is optional; the file uses the field names of :class:`Config`, with
                refresh_s: 60}
     publish_domain: localhost
     max_upload_bytes: 104857600
+    # several daemons on one PostgreSQL store (ignored on SQLite):
+    cluster: {node: null, advertise: null, secret_file: null, lease_s: 10, shared_dir: null}
 
 Overrides (from the command line) use the same names, dotted for the nested
 ones (``{"network.netns": "kiln-test"}``). A bad value raises
@@ -35,7 +37,9 @@ ones (``{"network.netns": "kiln-test"}``). A bad value raises
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -52,6 +56,7 @@ from kiln.network.policy import NetworkPolicy, is_domain, parse_target
 from kiln.store.backend import is_postgres_url
 
 ENGINES = ("auto", "qemu", "docker")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RUNTIMES = ("runc", "runsc")
 ACCELS = ("auto", "kvm", "tcg")
 QEMU_BINARY = "qemu-system-x86_64"
@@ -138,6 +143,27 @@ class FirewallSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Several daemons sharing one PostgreSQL store, each a *node* (ignored on SQLite).
+
+    ``node``: this daemon's name in the cluster (None: the host's name).
+    ``advertise``: the base URL other nodes reach this daemon's API at (None: the
+    ``listen`` address, when that is one other hosts can reach).
+    ``secret_file``: the secret every node shares, which node-to-node calls carry
+    (None: ``<data_dir>/cluster-secret``; the same file on every node).
+    ``lease_s``: how long a node's registration lasts unrenewed; after that it is lost.
+    ``shared_dir``: a directory every node mounts (NFS, ...) for snapshots and disks
+    that another node must be able to restore (None: none).
+    """
+
+    node: str | None = None
+    advertise: str | None = None
+    secret_file: Path | None = None
+    lease_s: float = 10.0
+    shared_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     store: str | None = None  # None: SQLite in data_dir; a path (SQLite) or a postgresql:// URL
@@ -157,6 +183,7 @@ class Config:
     firewall: FirewallSettings = field(default_factory=FirewallSettings)
     publish_domain: str = "localhost"
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -214,6 +241,29 @@ class Config:
     @property
     def secret_key_path(self) -> Path:
         return self.secret_key or self.data_dir / "secret.key"
+
+    @property
+    def node_name(self) -> str:
+        """This daemon's name among the nodes of a shared store."""
+        return self.cluster.node or socket.gethostname()
+
+    @property
+    def node_address(self) -> str:
+        """The base URL other nodes reach this daemon at (ConfigError when ``listen``
+        is a wildcard or loopback address and ``cluster.advertise`` is not set)."""
+        if self.cluster.advertise is not None:
+            return self.cluster.advertise.rstrip("/")
+        host, port = split_listen(self.listen)
+        if host in ("0.0.0.0", "::", "") or host == "localhost" or host.startswith("127."):
+            raise ConfigError(
+                f"cluster.advertise: other nodes cannot reach {self.listen}; set the URL"
+                " they reach this daemon at (e.g. http://10.0.0.5:8080)"
+            )
+        return local_url(host, port)
+
+    @property
+    def cluster_secret_path(self) -> Path:
+        return self.cluster.secret_file or self.data_dir / "cluster-secret"
 
     @property
     def admin_key_path(self) -> Path:
@@ -320,6 +370,15 @@ def _validate(cfg: Config) -> None:
         if shape_key in seen:
             raise ConfigError(f"{where}: this shape is listed twice")
         seen.add(shape_key)
+    c = cfg.cluster
+    if c.lease_s <= 0:
+        raise ConfigError("cluster.lease_s: must be positive")
+    if c.node is not None and not _NODE_NAME.fullmatch(c.node):
+        raise ConfigError(f"cluster.node: 1-63 letters, digits, '.', '_' or '-', got {c.node!r}")
+    if c.advertise is not None:
+        parts = urlsplit(c.advertise)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"cluster.advertise: expected http://HOST:PORT, got {c.advertise!r}")
     t = cfg.thermal
     for key in ("hot_to_warm_s", "warm_to_cold_s", "tick_s"):
         if getattr(t, key) <= 0:
@@ -419,7 +478,7 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
                     raise ConfigError(f"{full}[{i}]: expected a mapping")
                 items.append(_build(PoolShape, item, f"{full}[{i}]."))
             kwargs[key] = tuple(items)
-        elif kind in ("DockerSettings", "FirewallSettings", "PoolSettings"):
+        elif kind in ("ClusterSettings", "DockerSettings", "FirewallSettings", "PoolSettings"):
             if value is None:
                 continue
             if not isinstance(value, Mapping):
@@ -432,6 +491,7 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
 
 
 _SECTIONS: dict[str, type[Any]] = {
+    "ClusterSettings": ClusterSettings,
     "DockerSettings": DockerSettings,
     "FirewallSettings": FirewallSettings,
     "PoolSettings": PoolSettings,

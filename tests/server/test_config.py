@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,28 @@ def test_store_and_secret_key(tmp_path: Path) -> None:
     c = load_config(None, {"store": "~/kiln.sqlite", "data_dir": str(tmp_path)})
     assert c.store_target == str(Path("~/kiln.sqlite").expanduser())
     assert not c.store_is_shared
+
+
+def test_cluster_settings(tmp_path: Path) -> None:
+    path = tmp_path / "kiln.yaml"
+    path.write_text(
+        "store: postgresql://kiln@db:5432/kiln\n"
+        "listen: 0.0.0.0:8080\n"
+        "cluster:\n  node: node-a\n  advertise: http://10.0.0.5:8080/\n"
+        "  secret_file: /etc/kiln/cluster-secret\n  lease_s: 4\n  shared_dir: /mnt/kiln\n"
+    )
+    c = load_config(path)
+    assert (c.node_name, c.node_address) == ("node-a", "http://10.0.0.5:8080")
+    assert c.cluster_secret_path == Path("/etc/kiln/cluster-secret")
+    assert (c.cluster.lease_s, c.cluster.shared_dir) == (4.0, Path("/mnt/kiln"))
+    # Defaults: the host's name; the listen address when others can reach it; a wildcard
+    # or loopback one needs advertise, said in one line.
+    c = load_config(None, {"data_dir": str(tmp_path), "listen": "10.1.2.3:9000"})
+    assert c.node_name == socket.gethostname()
+    assert c.node_address == "http://10.1.2.3:9000"
+    assert c.cluster_secret_path == tmp_path / "cluster-secret"
+    with pytest.raises(ConfigError, match=r"cluster\.advertise: other nodes cannot reach"):
+        _ = load_config(None, {"listen": "127.0.0.1:8080"}).node_address
 
 
 def test_default_data_dir_for_non_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -136,6 +159,11 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("store: postgresql://h:port/kiln\n", "store: .* invalid port"),
         ("store: [a]\n", "store: expected a string"),
         ("secret_key: 3\n", "secret_key: expected a path"),
+        ("cluster: {lease_s: 0}\n", "cluster.lease_s: must be positive"),
+        ("cluster: {node: 'a b'}\n", "cluster.node"),
+        ("cluster: {advertise: '10.0.0.1:8080'}\n", "cluster.advertise: expected http"),
+        ("cluster: {peers: []}\n", "cluster.peers"),
+        ("cluster: 3\n", "cluster: expected a mapping"),
         ("- a list\n", "mapping"),
         ("listen: [unclosed\n", "not valid YAML"),
     ],

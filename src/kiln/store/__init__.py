@@ -22,6 +22,8 @@ from .errors import (
 from .records import (
     ImageRecord,
     NewVolume,
+    Node,
+    NodeState,
     OnExpire,
     PublishRule,
     Quotas,
@@ -51,6 +53,8 @@ __all__ = [
     "InvalidValue",
     "NameTaken",
     "NewVolume",
+    "Node",
+    "NodeState",
     "NotFound",
     "OnExpire",
     "PublishRule",

@@ -34,6 +34,7 @@ from kiln.engine.states import CREATED
 
 from .backend import Backend, Connection, Cursor, RetryableConflict, is_postgres_url
 from .errors import (
+    Conflict,
     ImageInUse,
     InvalidValue,
     NameTaken,
@@ -48,6 +49,8 @@ from .errors import (
 from .records import (
     ImageRecord,
     NewVolume,
+    Node,
+    NodeState,
     OnExpire,
     PublishRule,
     Quotas,
@@ -138,7 +141,12 @@ _USER_COLS = (
 _IMAGE_COLS = "id, owner, name, ref, kind, digest, size_bytes, definition, created_at"
 _SANDBOX_COLS = (
     "id, user_id, name, cpus, memory_mb, image, keep_hot, status, thermal, ip, engine,"
-    " engine_state, spec, created_at, last_active_at, deleted_at, labels, expires_at, on_expire"
+    " engine_state, spec, created_at, last_active_at, deleted_at, labels, expires_at, on_expire,"
+    " node"
+)
+_NODE_COLS = (
+    "name, address, engines, cpus, memory_mb, disk_mb, load, state, starting, registered_at,"
+    " lease_until"
 )
 _VOLUME_SELECT = (
     "SELECT v.id, v.user_id, v.name, v.size_mb, v.path, v.created_at, a.sandbox_id, a.mount"
@@ -401,6 +409,7 @@ class Store:
         labels: Mapping[str, str] | None = None,
         expires_at: float | None = None,
         on_expire: OnExpire = OnExpire.DESTROY,
+        node: str | None = None,
     ) -> Sandbox:
         """Insert a sandbox row, in one transaction with everything it needs.
 
@@ -429,7 +438,7 @@ class Store:
                 raise NameTaken(f"a sandbox named {name!r} already exists")
             conn.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                 (
                     sandbox_id,
                     user_id,
@@ -449,6 +458,7 @@ class Store:
                     labels_json,
                     _opt_float(expires_at, "expires_at"),
                     OnExpire(on_expire).value,
+                    node,
                 ),
             )
             for vol in new_volumes:
@@ -499,13 +509,21 @@ class Store:
             )
             return [_sandbox(r) for r in rows]
 
-    def list_live_sandboxes(self, engine: str | None = None) -> list[Sandbox]:
-        """Every live sandbox (of one engine if given), oldest first."""
+    def list_live_sandboxes(
+        self, engine: str | None = None, *, node: str | _Unset | None = UNSET
+    ) -> list[Sandbox]:
+        """Every live sandbox (of one engine, and on one ``node``, if given; ``node=None``:
+        those on no node), oldest first."""
         query = f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE deleted_at IS NULL"
         args: tuple[str, ...] = ()
         if engine is not None:
             query += " AND engine = ?"
             args = (engine,)
+        if node is None:
+            query += " AND node IS NULL"
+        elif not isinstance(node, _Unset):
+            query += " AND node = ?"
+            args = (*args, node)
         with self._read() as conn:
             return [_sandbox(r) for r in conn.execute(query + " ORDER BY created_at, id", args)]
 
@@ -1010,6 +1028,104 @@ class Store:
             conn.execute("DELETE FROM saved_images WHERE id = ?", (record.id,))
             return record
 
+    @_retried
+    def set_sandbox_node(self, sandbox_id: str, node: str | None) -> Sandbox:
+        """Move a live sandbox's row to ``node`` (its files and state are the caller's)."""
+        with self._write() as conn:
+            _live(_select_sandbox(conn, sandbox_id), sandbox_id)
+            conn.execute("UPDATE sandboxes SET node = ? WHERE id = ?", (node, sandbox_id))
+            return _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    @_retried
+    def register_node(
+        self,
+        name: str,
+        *,
+        address: str,
+        engines: Sequence[str],
+        cpus: int,
+        memory_mb: int,
+        disk_mb: int,
+        lease_s: float,
+        load: float = 0.0,
+    ) -> Node:
+        """Add this node, or take its row over again after a restart: its address,
+        resources and a fresh lease; its state (a drain) is kept, its ``starting``
+        count reset (the creates it counted died with the old process)."""
+        if not name or not address:
+            raise InvalidValue("a node needs a name and an address")
+        now = self._now()
+        values = (
+            address,
+            json.dumps(list(engines)),
+            as_int(cpus, "cpus"),
+            as_int(memory_mb, "memory_mb"),
+            as_int(disk_mb, "disk_mb"),
+            float(load),
+            now + float(lease_s),
+        )
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE nodes SET address = ?, engines = ?, cpus = ?, memory_mb = ?,"
+                " disk_mb = ?, load = ?, lease_until = ?, starting = 0 WHERE name = ?",
+                (*values, name),
+            )
+            if cur.rowcount == 0:
+                conn.execute(
+                    f"INSERT INTO nodes ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    (name, *values[:6], NodeState.ACTIVE.value, now, values[6]),
+                )
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    @_retried
+    def renew_node(self, name: str, *, lease_s: float, load: float | None = None) -> Node:
+        """Extend ``name``'s lease by ``lease_s`` from now (and record its load).
+        :class:`NotFound` if the row is gone (removed by an admin: register again)."""
+        with self._write() as conn:
+            until = self._now() + float(lease_s)
+            if load is None:
+                cur = conn.execute("UPDATE nodes SET lease_until = ? WHERE name = ?", (until, name))
+            else:
+                cur = conn.execute(
+                    "UPDATE nodes SET lease_until = ?, load = ? WHERE name = ?",
+                    (until, float(load), name),
+                )
+            if cur.rowcount == 0:
+                raise NotFound(f"node {name!r} not found")
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    def get_node(self, name: str) -> Node:
+        with self._read() as conn:
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    def list_nodes(self) -> list[Node]:
+        with self._read() as conn:
+            return [_node(r) for r in conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY name")]
+
+    @_retried
+    def set_node_state(self, name: str, state: NodeState) -> Node:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE nodes SET state = ? WHERE name = ?", (NodeState(state).value, name)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"node {name!r} not found")
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    @_retried
+    def delete_node(self, name: str) -> None:
+        """Forget a node; refused (:class:`Conflict`) while live sandboxes are on it."""
+        with self._write() as conn:
+            on_it = conn.execute(
+                "SELECT COUNT(*) FROM sandboxes WHERE node = ? AND deleted_at IS NULL", (name,)
+            ).fetchone()[0]
+            if on_it:
+                raise Conflict(f"node {name!r} still has {on_it} live sandbox(es)")
+            if conn.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"node {name!r} not found")
+
     # --- publish rules --------------------------------------------------------------------
 
     @_retried
@@ -1230,6 +1346,31 @@ def _sandbox(row: Row) -> Sandbox:
             labels=labels_from_json(row["labels"]),
             expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
             on_expire=OnExpire(row["on_expire"]),
+            node=None if row["node"] is None else str(row["node"]),
+        )
+
+
+def _select_node(conn: Connection, name: str) -> Cursor:
+    return conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE name = ?", (name,))
+
+
+def _node(row: Row) -> Node:
+    with _reading(f"node {row['name']}"):
+        engines = json.loads(row["engines"])
+        if not isinstance(engines, list) or not all(isinstance(e, str) for e in engines):
+            raise InvalidValue(f"engines must be a list of names, got {engines!r}")
+        return Node(
+            name=str(row["name"]),
+            address=str(row["address"]),
+            engines=tuple(engines),
+            cpus=as_int(row["cpus"], "cpus"),
+            memory_mb=as_int(row["memory_mb"], "memory_mb"),
+            disk_mb=as_int(row["disk_mb"], "disk_mb"),
+            load=float(row["load"]),
+            state=NodeState(row["state"]),
+            starting=as_int(row["starting"], "starting"),
+            registered_at=float(row["registered_at"]),
+            lease_until=float(row["lease_until"]),
         )
 
 

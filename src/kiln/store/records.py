@@ -176,10 +176,43 @@ class Sandbox:
     labels: Mapping[str, str] = field(default_factory=dict)
     expires_at: float | None = None  # unix s; None: lives until deleted
     on_expire: OnExpire = OnExpire.DESTROY
+    node: str | None = None  # the cluster node it lives on; None: this daemon's own
 
     @property
     def live(self) -> bool:
         return self.deleted_at is None
+
+
+class NodeState(StrEnum):
+    """What a node asked to be; whether it is alive is its lease's business."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"  # takes no new sandboxes; its stopped ones may move
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One daemon of a cluster sharing a PostgreSQL store."""
+
+    name: str
+    address: str  # the base URL other nodes reach its API at
+    engines: tuple[str, ...]
+    cpus: int
+    memory_mb: int
+    disk_mb: int
+    load: float  # the host's 1-minute load average at the last renewal
+    state: NodeState
+    starting: int  # creates placed on it that have not finished yet
+    registered_at: float
+    lease_until: float
+
+    def lost(self, now: float) -> bool:
+        """Its lease ran out: the daemon stopped renewing it (killed, cut off)."""
+        return now > self.lease_until
+
+    def status(self, now: float) -> str:
+        """``lost``, else its state (``active`` or ``draining``)."""
+        return "lost" if self.lost(now) else self.state.value
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,6 +230,30 @@ _V6_SETTINGS: Migration = (
 )
 
 
+_V7_NODES: Migration = (
+    # The daemons sharing this store (a cluster on PostgreSQL; a SQLite store has
+    # none). address: the base URL other nodes reach its API at; engines: a JSON
+    # list ("qemu", "docker/runc", ...); lease_until: the node is lost once it
+    # passes unrenewed; starting: creates placed there and not yet running.
+    """CREATE TABLE nodes (
+                name TEXT PRIMARY KEY,
+                address TEXT NOT NULL,
+                engines TEXT NOT NULL DEFAULT '[]',
+                cpus $INT NOT NULL CHECK (cpus >= 0),
+                memory_mb $INT NOT NULL CHECK (memory_mb >= 0),
+                disk_mb $INT NOT NULL CHECK (disk_mb >= 0),
+                load $REAL NOT NULL DEFAULT 0,
+                state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining')),
+                starting $INT NOT NULL DEFAULT 0 CHECK (starting >= 0),
+                registered_at $REAL NOT NULL,
+                lease_until $REAL NOT NULL
+            )$STRICT""",
+    # The node a sandbox lives on (NULL: a single daemon's store, or made before).
+    "ALTER TABLE sandboxes ADD COLUMN node TEXT",
+    "CREATE INDEX sandboxes_live_node ON sandboxes(node) WHERE deleted_at IS NULL",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1_INITIAL,
     _V2_PUBLISH_RULES,
@@ -237,6 +261,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V4_SAVED_IMAGES,
     _V5_IMAGES,
     _V6_SETTINGS,
+    _V7_NODES,
 )
 LATEST_VERSION = len(MIGRATIONS)
 
