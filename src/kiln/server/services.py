@@ -38,6 +38,7 @@ from kiln.api.requests import (
     PatchSandbox,
     PutSecret,
 )
+from kiln.cluster import ClusterNode
 from kiln.config import Config
 from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
 from kiln.engine.boots import STATE_KEY, LastBoot
@@ -114,6 +115,8 @@ class Services:
     thermal: ThermalHook | None = None
     images: ImageEnsurer | None = None
     clock: Callable[[], float] = time.time
+    #: This daemon as a node of a cluster (a PostgreSQL store); None: a single daemon.
+    cluster: ClusterNode | None = None
     started: float = field(default_factory=time.monotonic)
     sandboxes: SandboxService = field(init=False)
     templates: TemplateService = field(init=False)
