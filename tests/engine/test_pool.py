@@ -209,3 +209,51 @@ async def test_a_shape_of_its_own_and_close(vm_env: VMEnv, tmp_path: Path) -> No
         await eng.close()
     assert not member.paths.root.exists()
     assert pid is not None and not pid_alive(pid, member.paths.marker)
+
+
+async def test_the_config_drive_is_written_after_the_claim(engine: QemuEngine) -> None:
+    """A claim leaves its config drive due (the mkfs would compete with the sandbox's
+    first requests); a boot from its disks before the refill task gets to it writes
+    the drive itself. A file the guest cannot write fails no claim (as at boot)."""
+    await until_ready(engine)
+    spec = dataclasses.replace(
+        user_spec("user-e", "erin"),
+        files=(
+            FileSpec("/proc/version/cannot", b"x"),  # under a file: the guest logs it
+            FileSpec("/etc/erin.txt", b"secret of erin\n", 0o600),
+        ),
+        init=None,
+    )
+    await engine.create(spec)
+    assert "configure" in engine.last_phases("user-e")
+    paths = engine.paths("user-e")
+    assert paths.drive_due.exists()  # the refill task waits for the claim to settle
+    client = await engine.agent("user-e")
+    assert (
+        await sh(client, "cat /etc/erin.txt; cat /etc/hostname; grep -c box-erin /etc/hosts")
+    ).split() == [
+        "secret",
+        "of",
+        "erin",
+        "box-erin",
+        "1",
+    ]
+    # Its QEMU dies at once: the boot from its disks writes the due drive first.
+    pid = engine.pid("user-e")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: not pid_alive(pid, paths.marker))
+    client = await engine.agent("user-e")
+    boot = engine.info("user-e").last_boot
+    assert boot is not None and str(boot.reason) == "rebooted"
+    assert (await sh(client, "echo $WHO; hostname")).split() == ["erin", "box-erin"]
+    assert not paths.drive_due.exists()
+
+    # Otherwise the refill task writes it, once the claim has settled.
+    await until_ready(engine)
+    await engine.create(dataclasses.replace(user_spec("user-f", "fay"), init=None))
+    due = engine.paths("user-f").drive_due
+    assert due.exists()
+    await wait_until(lambda: not due.exists(), timeout=REFILL_TIMEOUT, interval=0.2)
+    for sid in ("user-e", "user-f"):
+        await engine.destroy(sid)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from kiln.protocol import (
     INIT_SESSION_ID,
@@ -107,8 +109,10 @@ _STREAMING_REQUESTS = frozenset(
 #: kernel RNG. None in test mode: CLOCK_SET is acknowledged, nothing changes.
 ClockSetter = Callable[[int, bytes | None], None]
 #: The machine's part of CONFIGURE (clock and RNG, hostname, files owned by the
-#: user); None in test mode, where only the agent's own settings change.
-Reconfigurer = Callable[[GuestConfig, UserInfo], None]
+#: user); None in test mode, where only the agent's own settings change. It applies
+#: what the answer waits for (raising OSError) and may return the rest, to run once
+#: the answer is out; every later request waits for that (see Agent._configure).
+Reconfigurer = Callable[[GuestConfig, UserInfo], Callable[[], None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,8 @@ class Agent:
         self._ctx: GuestContext | None = None
         self._sessions: SessionRegistry | None = None
         self._processes: ProcessTable | None = None
+        #: What the last CONFIGURE does after its answer; requests wait for it.
+        self._configuring: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -183,6 +189,8 @@ class Agent:
                 task.cancel()
             if self._connections:
                 await asyncio.wait(self._connections)
+            if self._configuring is not None:
+                await asyncio.wait([self._configuring])
             await sessions.aclose()
             await processes.aclose()
             if ctx.spawners is not None:
@@ -306,6 +314,8 @@ class Agent:
         frame = await self._read_request(conn)
         if frame is None:
             return False
+        if self._configuring is not None:
+            await asyncio.shield(self._configuring)  # never raises: see _after_configure
         await self._dispatch(conn, frame)
         return frame.type not in _STREAMING_REQUESTS and not conn.buffered
 
@@ -367,8 +377,12 @@ class Agent:
         elif ftype == FrameType.CLOCK_SET:
             await conn.send(FrameType.CLOCK_SET_RESP, self._set_clock(payload).to_payload())
         elif ftype == FrameType.CONFIGURE:
-            answer = await self._configure(payload)
-            await conn.send(FrameType.CONFIGURE_RESP, answer.to_payload())
+            answer, after = await self._configure(payload)
+            try:
+                await conn.send(FrameType.CONFIGURE_RESP, answer.to_payload())
+            finally:  # (what was applied is completed, answered or not)
+                if after is not None:
+                    self._configuring = asyncio.create_task(after(), name="configure")
         elif ftype == FrameType.PROC_START:
             start = ProcessStart.from_payload(payload)
             if start.tty:
@@ -416,7 +430,9 @@ class Agent:
             return StatusResponse("error", f"cannot set the clock: {exc.strerror or exc}")
         return StatusResponse("ok")
 
-    async def _configure(self, payload: bytes) -> StatusResponse:
+    async def _configure(
+        self, payload: bytes
+    ) -> tuple[StatusResponse, Callable[[], Coroutine[Any, Any, None]] | None]:
         """CONFIGURE: a config.json (see :mod:`.config`) applied to a running agent.
 
         How a sandbox from the host's warm pool becomes someone's: the pool made it
@@ -424,6 +440,10 @@ class Agent:
         files, env and token -- each only if present (``env`` replaces the sandbox
         env when its key is there) -- and starts ``init``. The answer goes out on
         this connection, authenticated by the old token; later ones need the new.
+
+        Returned beside the answer: what follows it (files written, ``init`` started,
+        the writes flushed), which every later request waits for -- the host's next
+        request is on its way meanwhile.
         """
         ctx = self._ctx
         assert ctx is not None
@@ -431,25 +451,43 @@ class Agent:
             data = decode_json(payload)
             config = GuestConfig.from_json(data)
         except (ProtocolError, ConfigError) as exc:
-            return StatusResponse("error", f"bad configuration: {exc}")
+            return StatusResponse("error", f"bad configuration: {exc}"), None
+        rest = None
         if self._reconfigure is not None:
             try:
-                self._reconfigure(config, self.settings.user)
+                rest = self._reconfigure(config, self.settings.user)
             except OSError as exc:
-                return StatusResponse("error", f"cannot apply the configuration: {exc}")
+                return StatusResponse("error", f"cannot apply the configuration: {exc}"), None
         settings = self.settings
         if config.token is not None:
             settings = replace(settings, token=config.token)
         if "env" in data:
             settings = replace(settings, sandbox_env=dict(config.env))
         self.settings = ctx.settings = settings
-        if config.init:
-            await self._start_init(config.init)
-        if (config.files or config.hostname) and settings.durable:
-            # Flushed now rather than by the sync before the first exec's exit code.
-            ctx.syncer.start()
         ctx.touch()
-        return StatusResponse("ok")
+        # Flushed soon rather than by the sync before the first exec's exit code.
+        flush = bool(config.files or config.hostname) and settings.durable
+        if rest is None and not config.init and not flush:
+            return StatusResponse("ok"), None
+        return StatusResponse("ok"), functools.partial(
+            self._after_configure, rest, config.init, flush=flush
+        )
+
+    async def _after_configure(
+        self, rest: Callable[[], None] | None, init: str | None, *, flush: bool
+    ) -> None:
+        """CONFIGURE's part after its answer; never raises (requests wait for it)."""
+        ctx = self._ctx
+        assert ctx is not None
+        try:
+            if rest is not None:
+                rest()
+            if init:
+                await self._start_init(init)
+            if flush:
+                ctx.syncer.start()
+        except Exception:
+            log.exception("configure: applying the configuration failed")
 
     # ---- forward connection ------------------------------------------------------
 

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kiln.agent_client import AgentClient, ForwardStream
@@ -52,7 +53,7 @@ from .config import QemuConfig
 from .fork import Forker
 from .host import Host
 from .hostnet import HostNet
-from .layout import Paths
+from .layout import Paths, Record
 from .machine import ENGINE_NAME, VM
 from .pool import Pool
 from .provision import Provisioner, volume_path
@@ -78,7 +79,7 @@ class QemuEngine:
         self._host = Host(self.config, self._net.network)
         # Only this class adds and removes sandboxes; the helpers read it.
         self._vms: dict[str, VM] = {}
-        self._thermal = ThermalControl(self.config, self._host, self._net)
+        self._thermal = ThermalControl(self.config, self._host, self._net, self._write_drive)
         self._provision = Provisioner(self.config, self._host, self._net, self._thermal, self._vms)
         self._pool = Pool(
             self.config,
@@ -99,6 +100,10 @@ class QemuEngine:
             self._provision.building_templates,
             pooled=self._pool.members,
         )
+
+    async def _write_drive(self, record: Record, dest: Path) -> None:
+        # The provisioner writes config drives; it is made after (and with) thermal.
+        await self._provision.write_config_drive(record, dest)
 
     @property
     def accel(self) -> AccelDecision | None:

@@ -8,6 +8,8 @@
         rootfs.qcow2     root disk (/dev/vda): overlay on <data_dir>/bases/<digest>/
                          (or rootfs.img, a full copy, with disk_mode "copy")
         config.img       config drive (/dev/vdb), ext4 with config.json
+        config.img.due   present while config.img is not yet this sandbox's (a pool
+                         claim writes it later: see .late_drive)
         slotN.img        placeholder of a template's spare volume slot nobody uses
         ram              guest RAM (memory-backend-file, share=on; none in a clone
                          that still maps its template's RAM copy-on-write)
@@ -43,6 +45,10 @@ class Paths:
     @property
     def config_drive(self) -> Path:
         return self.root / "config.img"
+
+    @property
+    def drive_due(self) -> Path:
+        return self.root / "config.img.due"
 
     @property
     def ram(self) -> Path:

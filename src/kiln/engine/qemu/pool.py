@@ -19,10 +19,13 @@ pop, so two creates never get one member), and hands it over:
     QEMU       back to normal priority, ``cont``
     guest      one CONFIGURE frame: clock and a fresh RNG seed, hostname, env,
                files and a new token (no drive polling, no process started: the
-               network is the member's); then ``init``, once the rules are in
-    host       meanwhile, the sandbox's own config drive (what a reboot from its
-               disks reads) and ``sandbox.json``, naming the member as ``net_id``
-               (the owner of its TAP and MAC)
+               network is the member's; the guest answers before it writes the
+               files, and holds later requests until it has); then ``init``, once
+               the rules are in
+    host       meanwhile, ``sandbox.json``, naming the member as ``net_id`` (the
+               owner of its TAP and MAC), and a note that its config drive (what a
+               boot from its disks reads) is due: the refill task writes that
+               after the claim has settled (see :mod:`.late_drive`)
 
 then the refill makes a new member. A create that finds no member takes the
 ordinary path. Members are never reused: a claimed member becomes that
@@ -42,13 +45,11 @@ import base64
 import contextlib
 import dataclasses
 import logging
-import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from kiln.agent_client import AgentError
@@ -56,7 +57,7 @@ from kiln.agent_client import AgentError
 from ..base import SandboxSpec, guest_hostname
 from ..boots import BootReason, LastBoot
 from ..errors import EngineError
-from . import disks, machine, process, snapshot
+from . import disks, late_drive, machine, process, snapshot
 from .config import QemuConfig
 from .hostnet import HostNet
 from .layout import Record
@@ -78,9 +79,9 @@ SETTLE_S: Final = 1.0
 #: CONFIGURE frame carries it; frames end at 1 MiB).
 MAX_CONFIG_BYTES: Final = 768 << 10
 _SEED_BYTES: Final = 64
-_NEW_DRIVE: Final = "config.img.new"
-#: Written by a member's warm-up CONFIGURE, so that a claim's file writes run warm.
-_WARM_FILE: Final = "/run/kiln/pool-warm"
+#: Written by a member's warm-up CONFIGURE, so that a claim's file writes run warm:
+#: on the root file system (ext4), where a user's files go, not on a tmpfs.
+_WARM_FILE: Final = "/var/lib/kiln/pool-warm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,8 @@ class Pool:
 
     ``make`` creates a sandbox the ordinary way (the provisioner's create);
     ``reserve`` checks a spec and holds its id while a claim hands a member over;
-    ``write_drive`` writes a sandbox's config drive (what a reboot of it reads).
+    ``write_drive`` writes a sandbox's config drive (what a reboot of it reads) to a
+    new file.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class Pool:
         net: HostNet,
         make: Callable[[SandboxSpec], Awaitable[VM]],
         reserve: Callable[[SandboxSpec], AbstractContextManager[None]],
-        write_drive: Callable[[Record, Path], Coroutine[Any, Any, None]],
+        write_drive: late_drive.DriveWriter,
     ) -> None:
         self.config = config
         self._net = net
@@ -118,6 +120,8 @@ class Pool:
         self._targets: dict[Shape, int] = {}
         self._members: dict[Shape, list[VM]] = {}
         self._filling: VM | None = None
+        #: Claimed sandboxes whose config drive is still to be written.
+        self._drives_due: list[VM] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -241,6 +245,7 @@ class Pool:
             raise
         vm.record = record
         vm.client = machine.client_for(record, self.config)
+        self._drives_due.append(vm)
         if spec.init:
             await vm.client.configure({"init": spec.init})
             phases.mark("init")
@@ -249,15 +254,25 @@ class Pool:
         log.debug("sandbox %s from pool member %s: %s", sid, old.spec.sandbox_id, vm.phases)
 
     async def _persist(self, vm: VM, record: Record) -> None:
-        """The sandbox's config drive (what a reboot from its disks reads; a new file:
-        the running QEMU keeps the member's, which the guest read at its boot) and its
-        ``sandbox.json``."""
-        new = vm.paths.root / _NEW_DRIVE
-        # Niced: its mkfs runs beside the guest's CONFIGURE, which the create waits for.
-        process.launch_nice.set(REFILL_NICE)  # this task's context only
-        await self._write_drive(record, new)
-        await asyncio.to_thread(os.replace, new, vm.paths.config_drive)
+        """The sandbox's ``sandbox.json``, and the note that its config drive is due
+        (the running QEMU keeps the member's, which the guest read at its boot)."""
+        await asyncio.to_thread(late_drive.mark_due, vm.paths)
         await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
+
+    async def _write_due_drives(self) -> None:
+        """The config drives claims left to write, under nice, one after another."""
+        nice = process.launch_nice.set(REFILL_NICE)  # this task's context only
+        try:
+            while self._drives_due:
+                vm = self._drives_due.pop(0)
+                try:
+                    await late_drive.write_later(vm, self._write_drive)
+                except (EngineError, OSError) as exc:
+                    if not vm.destroyed:  # (a destroy removes the directory under it)
+                        # The note stays on disk: its next boot writes the drive first.
+                        log.warning("config drive of %s: %s", vm.sandbox_id, exc)
+        finally:
+            process.launch_nice.reset(nice)
 
     # ------------------------------------------------------------------ refill
 
@@ -273,7 +288,7 @@ class Pool:
     async def _refill(self) -> None:
         while not self._closed:
             shape = self._wanted()
-            if shape is None:
+            if shape is None and not self._drives_due:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -281,6 +296,11 @@ class Pool:
             if settle > 0:
                 await asyncio.sleep(settle)
                 continue  # more claims may have come meanwhile
+            if self._drives_due:
+                await self._write_due_drives()
+                continue
+            if shape is None:
+                continue
             try:
                 vm = await self._fill(shape)
             except (EngineError, AgentError, OSError) as exc:
@@ -310,7 +330,8 @@ class Pool:
             # What a claim and the first exec after it run, run once now: TCG
             # translates it here, and the member's QEMU keeps the translations.
             warm = _claim_config(vm.record)
-            warm["files"] = [{"path": _WARM_FILE, "content": "", "mode": "0600"}]
+            content = base64.b64encode(b"{}\n").decode()
+            warm["files"] = [{"path": _WARM_FILE, "content": content, "mode": "0600"}]
             for _ in range(2):  # the exec's sync then flushes what the CONFIGURE wrote
                 await vm.client.configure(warm)
                 await vm.client.exec(["true"])

@@ -29,7 +29,7 @@ from ..base import Thermal
 from ..boots import LastBoot, boot_reason
 from ..errors import EngineError, InvalidState, SandboxCrashed, SandboxNotFound
 from ..states import Action, Op, from_disk, plan
-from . import machine, process, snapshot
+from . import late_drive, machine, process, snapshot
 from .clock import set_clock
 from .config import QemuConfig
 from .host import Host
@@ -47,10 +47,16 @@ MAX_BANDWIDTH: Final = 1 << 40
 
 
 class ThermalControl:
-    def __init__(self, config: QemuConfig, host: Host, net: HostNet) -> None:
+    """``write_drive`` writes a sandbox's config drive to a new file: a boot from its
+    disks first writes one a pool claim left due (see :mod:`.late_drive`)."""
+
+    def __init__(
+        self, config: QemuConfig, host: Host, net: HostNet, write_drive: late_drive.DriveWriter
+    ) -> None:
         self.config = config
         self._host = host
         self._net = net
+        self._write_drive = write_drive
         self._prefetch = snapshot.Prefetcher()
 
     async def close(self) -> None:
@@ -367,6 +373,7 @@ class ThermalControl:
             vm.problem = missing
             machine.apply(vm, plan(Op.LOST, vm.state, vm.sandbox_id))
             raise SandboxCrashed(f"sandbox {vm.sandbox_id} cannot boot again: {missing}")
+        await late_drive.bring_up_to_date(vm, self._write_drive)
         await self._net.create_tap(vm.record.net_owner)
         await self._net.pin_neighbour(vm.record.ip, vm.record.mac)
         # A fresh machine starts from zeroed memory: the old RAM (garbage to the new
