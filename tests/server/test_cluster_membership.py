@@ -45,12 +45,14 @@ def test_daemons_register_renew_and_are_lost_when_gone(cluster: Cluster) -> None
 
 
 def test_sandboxes_carry_their_node_and_recovery_keeps_to_its_own(cluster: Cluster) -> None:
-    a = cluster.start("a")
-    b = cluster.start("b")
+    # Offers that make placement predictable: only a has room for on-a; then b is
+    # the emptier one for on-b.
+    a = cluster.start("a", "--set", "cluster.memory_mb=2048")
+    b = cluster.start("b", "--set", "cluster.memory_mb=512")
     key = cluster.key()
     with a.client(key) as ca, b.client(key) as cb:
-        on_a = ca.post("/sandboxes", json={"name": "on-a"})
-        on_b = cb.post("/sandboxes", json={"name": "on-b"})
+        on_a = cb.post("/sandboxes", json={"name": "on-a", "memory_mb": 1024})
+        on_b = ca.post("/sandboxes", json={"name": "on-b", "memory_mb": 512})
         assert on_a.status_code == on_b.status_code == 201, (on_a.text, on_b.text)
         assert (on_a.json()["node"], on_b.json()["node"]) == ("a", "b")
         # Any node lists every sandbox with its node.
