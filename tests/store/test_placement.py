@@ -147,3 +147,12 @@ def test_two_stores_placing_at_once_never_overcommit_a_node(pg_url: str) -> None
     assert Counter(won) == {"a": 3, "b": 3, "c": 3}
     assert len(refused) == 6 * 8 - 9
     assert all(n.starting_memory_mb == 1536 and n.starting == 3 for n in nodes.values())
+
+
+def test_a_preferred_node_is_taken_whenever_it_can(store: Store, placer: Placer) -> None:
+    node(store, "busy", cpus=4, memory_mb=1024)
+    node(store, "empty", cpus=64, memory_mb=65536)
+    assert placer.reserve(SMALL, prefer="busy").name == "busy"  # the fuller one, preferred
+    placer.reserve(SMALL, prefer="busy")
+    # Full now: the others are drawn.
+    assert placer.reserve(SMALL, prefer="busy").name == "empty"

@@ -17,6 +17,11 @@ at once). Load is the larger of the CPU and memory shares taken, plus
 
 All of it runs inside :meth:`kiln.store.Store.reserve_node`'s transaction: the
 random draw over the unlocked rows, the choice over the drawn rows once locked.
+
+A sandbox that exists already stays on its node (``sandboxes.node``): starting a
+cold one there restores its snapshot where the files are. Moving one (its node
+lost, or drained) places it again with ``prefer=`` the node holding its files when
+that node can take it (:meth:`Placer.reserve`).
 """
 
 from __future__ import annotations
@@ -102,13 +107,21 @@ class Placer:
         self._rng = rng or random.Random()
         self._clock = clock
 
-    def reserve(self, shape: Shape, exclude: Collection[str] = ()) -> Node:
+    def reserve(
+        self, shape: Shape, exclude: Collection[str] = (), *, prefer: str | None = None
+    ) -> Node:
         """The node chosen for ``shape`` (not one of ``exclude``), with the create
         counted as starting there: :meth:`release` it once the create is over.
-        :class:`NoCapacity` or :class:`NodesBusy` when there is none."""
+        :class:`NoCapacity` or :class:`NodesBusy` when there is none.
+
+        ``prefer``: the node to take whenever it can (the one holding a cold
+        sandbox's snapshot, when the sandbox is started somewhere again: no copy);
+        the others are only drawn when it cannot."""
 
         def shortlist(loads: Sequence[NodeLoad]) -> list[str]:
             fit = [x.node.name for x in loads if x.node.name not in exclude and can_take(x, shape)]
+            if prefer in fit:
+                return [prefer]
             return self._rng.sample(fit, min(BEST_OF, len(fit)))
 
         def choose(loads: Sequence[NodeLoad]) -> str | None:
