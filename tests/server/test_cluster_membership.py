@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kiln.store import Store
 
 from .cluster_harness import LEASE_S, Cluster
@@ -113,3 +115,28 @@ def test_a_cluster_node_needs_an_address_others_can_reach(cluster: Cluster, tmp_
     )
     assert proc.returncode != 0
     assert "cluster.advertise: other nodes cannot reach 127.0.0.1:0" in proc.stderr
+
+
+KILN_SERVE = (sys.executable, "-m", "kiln.cli", "serve")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--node", "bad name", "cluster.node: 1-63 letters, digits, '.', '_' or '-'"),
+        ("--advertise", "ftp://x", "cluster.advertise: expected http://HOST:PORT"),
+    ],
+)
+def test_kiln_serve_checks_its_cluster_flags(
+    tmp_path: Path, pg_url: str, flag: str, value: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [*KILN_SERVE, "--data-dir", str(tmp_path / "d"), "--store", pg_url, flag, value],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"kiln: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
