@@ -205,6 +205,12 @@ class SandboxService:
         return self._s.store
 
     @property
+    def node(self) -> str | None:
+        """This daemon's node name in a cluster (None: a single daemon)."""
+        cluster = self._s.cluster
+        return None if cluster is None else cluster.name
+
+    @property
     def engine(self) -> Engine:
         return self._s.engine
 
@@ -342,6 +348,8 @@ class SandboxService:
             "network": self._network_view(sb),
             "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
             "on_expire": str(sb.on_expire),
+            # The node it lives on (None on a single daemon).
+            "node": sb.node,
             # How its machine came up last: a "rebooted" one lost its processes.
             "last_boot": None
             if last_boot is None
@@ -361,6 +369,22 @@ class SandboxService:
 
     async def create(self, user: User, body: CreateSandbox) -> dict[str, Any]:
         return self.view(await self.create_row(user, body))
+
+    def shape_of(self, user: User, body: CreateSandbox) -> tuple[str, str | None, int, int]:
+        """The engine, runtime, CPUs and memory a create would give its sandbox (what
+        placement weighs), resolved as :meth:`create_row` does (404/422 as it would)."""
+        s = self._s
+        if body.saved_image is None and body.image and s.catalog.saved(user, body.image):
+            body = body.model_copy(update={"saved_image": body.image, "image": None})
+        saved = s.saved_images.for_create(user, body)
+        if saved is not None:
+            return saved.engine, saved.config.runtime, saved.cpus, saved.memory_mb
+        tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
+        cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
+        memory_mb = (
+            body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
+        )
+        return body.engine or s.engine_name, body.runtime, cpus, memory_mb
 
     async def create_row(
         self,
@@ -478,6 +502,7 @@ class SandboxService:
                 labels=labels,
                 expires_at=self._expires_at(body.ttl_s),
                 on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
+                node=self.node,
             )
         except BaseException:
             self.intents.end(sandbox_id)
@@ -565,6 +590,7 @@ class SandboxService:
                 labels=dict(src.labels),
                 expires_at=src.expires_at,
                 on_expire=src.on_expire,
+                node=self.node,  # a fork is a copy of this node's sandbox: here too
             )
         except BaseException:
             self.intents.end(sandbox_id)

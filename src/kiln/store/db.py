@@ -50,7 +50,9 @@ from .records import (
     ImageRecord,
     NewVolume,
     Node,
+    NodeLoad,
     NodeState,
+    NodeUsage,
     OnExpire,
     PublishRule,
     Quotas,
@@ -146,7 +148,7 @@ _SANDBOX_COLS = (
 )
 _NODE_COLS = (
     "name, address, engines, cpus, memory_mb, disk_mb, load, state, starting, registered_at,"
-    " lease_until"
+    " lease_until, starting_cpus, starting_memory_mb"
 )
 _VOLUME_SELECT = (
     "SELECT v.id, v.user_id, v.name, v.size_mb, v.path, v.created_at, a.sandbox_id, a.mount"
@@ -231,17 +233,18 @@ class Store:
             yield self._backend.connection()
 
     @contextlib.contextmanager
-    def _write(self, owner: str | None = None) -> Iterator[Connection]:
+    def _write(self, owner: str | None = None, *, row_locks: bool = False) -> Iterator[Connection]:
         """One transaction: committed if the block returns, rolled back if it raises.
 
         ``owner``: the user whose rows alone the block's checks read, which lets
         PostgreSQL run writes for different users at once (see
         :mod:`.postgres_backend`); ``None`` when the checks span users.
+        ``row_locks``: the block locks the rows it checks (``FOR UPDATE``) instead.
         """
         backend = self._backend
         with self._lock, self._translated():
             conn = backend.connection()
-            backend.begin(conn, owner)
+            backend.begin(conn, owner, row_locks=row_locks)
             try:
                 yield conn
                 backend.commit(conn)
@@ -500,14 +503,16 @@ class Store:
             found = [sb for sb in found if labels_match(sb.labels, labels)]
         return found
 
-    def list_expiring(self) -> list[Sandbox]:
-        """Every live sandbox that has an expiry, soonest first."""
+    def list_expiring(self, *, node: str | _Unset = UNSET) -> list[Sandbox]:
+        """Every live sandbox that has an expiry (on ``node``, if given), soonest first."""
+        query = f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE deleted_at IS NULL"
+        query += " AND expires_at IS NOT NULL"
+        args: tuple[str, ...] = ()
+        if not isinstance(node, _Unset):
+            query += " AND node = ?"
+            args = (node,)
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {_SANDBOX_COLS} FROM sandboxes"
-                " WHERE deleted_at IS NULL AND expires_at IS NOT NULL ORDER BY expires_at, id"
-            )
-            return [_sandbox(r) for r in rows]
+            return [_sandbox(r) for r in conn.execute(query + " ORDER BY expires_at, id", args)]
 
     def list_live_sandboxes(
         self, engine: str | None = None, *, node: str | _Unset | None = UNSET
@@ -859,6 +864,17 @@ class Store:
         return {n: box.open(user_id, n, found[n]) for n in wanted}
 
     @_retried
+    def claim_setting(self, name: str, value: str) -> bool:
+        """Record ``value`` under ``name`` unless another value is there; return whether
+        the stored value is ``value`` (a first claim always succeeds)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return str(row[0]) == value
+            conn.execute("INSERT INTO settings (name, value) VALUES (?, ?)", (name, value))
+            return True
+
+    @_retried
     def claim_secret_key(self, recipient: str) -> bool:
         """Check that secrets are sealed for ``recipient`` (the age public key of this
         daemon's key file), recording it on first use; return whether it matches.
@@ -1069,12 +1085,14 @@ class Store:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE nodes SET address = ?, engines = ?, cpus = ?, memory_mb = ?,"
-                " disk_mb = ?, load = ?, lease_until = ?, starting = 0 WHERE name = ?",
+                " disk_mb = ?, load = ?, lease_until = ?, starting = 0, starting_cpus = 0,"
+                " starting_memory_mb = 0 WHERE name = ?",
                 (*values, name),
             )
             if cur.rowcount == 0:
                 conn.execute(
-                    f"INSERT INTO nodes ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    f"INSERT INTO nodes ({_NODE_COLS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 0, 0)",
                     (name, *values[:6], NodeState.ACTIVE.value, now, values[6]),
                 )
             return _node(_one(_select_node(conn, name), f"node {name!r}"))
@@ -1104,6 +1122,88 @@ class Store:
         with self._read() as conn:
             return [_node(r) for r in conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY name")]
 
+    def node_usage(self, names: Sequence[str] | None = None) -> dict[str, NodeUsage]:
+        """What the live sandboxes of each node (of ``names``, or every node that has
+        any) take; a node with none is absent."""
+        with self._read() as conn:
+            return _node_usage(conn, names)
+
+    @_retried
+    def reserve_node(
+        self,
+        shortlist: Callable[[Sequence[NodeLoad]], Sequence[str]],
+        choose: Callable[[Sequence[NodeLoad]], str | None],
+        *,
+        cpus: int,
+        memory_mb: int,
+    ) -> Node | None:
+        """Placement's transaction: pick a node for a sandbox of ``cpus`` and
+        ``memory_mb`` and count the create as starting there; None if none fits.
+
+        ``shortlist`` sees every active node whose lease holds, with what its live
+        sandboxes take, and names the candidates; their rows are then locked
+        (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite has one writer anyway) and
+        read again, and ``choose`` picks one of them, or none. The chosen row's
+        ``starting`` count and reservation (``starting_cpus``, ``starting_memory_mb``)
+        grow in the same transaction, so a placement on another API node that locks
+        the row next sees them: two nodes placing at once never fill the same free
+        capacity. :meth:`release_node` gives the reservation back.
+        """
+        cpus, memory_mb = as_int(cpus, "cpus"), as_int(memory_mb, "memory_mb")
+        alive = "state = 'active' AND lease_until >= ?"
+        with self._write(row_locks=True) as conn:
+            now = self._now()
+            rows = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE {alive}", (now,))
+            nodes = [_node(r) for r in rows]
+            usage = _node_usage(conn, None)
+            names = sorted(set(shortlist([_load(n, usage) for n in nodes])))
+            if not names:
+                return None
+            marks = ", ".join("?" * len(names))
+            rows = conn.execute(
+                f"SELECT {_NODE_COLS} FROM nodes WHERE name IN ({marks}) AND {alive}"
+                f" ORDER BY name{self._backend.for_update}",
+                (*names, now),
+            )
+            locked = [_node(r) for r in rows]
+            usage = _node_usage(conn, [n.name for n in locked])
+            name = choose([_load(n, usage) for n in locked])
+            if name is None:
+                return None
+            conn.execute(
+                "UPDATE nodes SET starting = starting + 1, starting_cpus = starting_cpus + ?,"
+                " starting_memory_mb = starting_memory_mb + ?, starting_since = ? WHERE name = ?",
+                (cpus, memory_mb, now, name),
+            )
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    @_retried
+    def release_node(self, name: str, *, cpus: int, memory_mb: int) -> None:
+        """A create :meth:`reserve_node` counted on ``name`` is over (done or failed)."""
+        with self._write(row_locks=True) as conn:
+            conn.execute(
+                "UPDATE nodes SET"
+                " starting = CASE WHEN starting > 0 THEN starting - 1 ELSE 0 END,"
+                " starting_cpus = CASE WHEN starting_cpus > ? THEN starting_cpus - ? ELSE 0 END,"
+                " starting_memory_mb = CASE WHEN starting_memory_mb > ?"
+                " THEN starting_memory_mb - ? ELSE 0 END"
+                " WHERE name = ?",
+                (cpus, cpus, memory_mb, memory_mb, name),
+            )
+
+    @_retried
+    def forget_stale_starts(self, name: str, *, older_than_s: float) -> bool:
+        """Zero ``name``'s starting count and reservation when nothing was counted there
+        for ``older_than_s`` (longer than any create is waited for): what is left is
+        what a placing node that died never gave back. Returns whether it did."""
+        with self._write(row_locks=True) as conn:
+            cur = conn.execute(
+                "UPDATE nodes SET starting = 0, starting_cpus = 0, starting_memory_mb = 0"
+                " WHERE name = ? AND starting > 0 AND starting_since < ?",
+                (name, self._now() - float(older_than_s)),
+            )
+            return bool(cur.rowcount)
+
     @_retried
     def set_node_state(self, name: str, state: NodeState) -> Node:
         with self._write() as conn:
@@ -1125,6 +1225,23 @@ class Store:
                 raise Conflict(f"node {name!r} still has {on_it} live sandbox(es)")
             if conn.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"node {name!r} not found")
+
+    @_retried
+    def adopt_unplaced(self, name: str) -> int:
+        """Give node ``name`` the live sandboxes that have no node (made by a single
+        daemon before the store was shared), unless another node is alive: then whose
+        they were is unknown and they stay as they are. Returns how many it took."""
+        with self._write() as conn:
+            others = conn.execute(
+                "SELECT COUNT(*) FROM nodes WHERE name <> ? AND lease_until >= ?",
+                (name, self._now()),
+            ).fetchone()[0]
+            if others:
+                return 0
+            cur = conn.execute(
+                "UPDATE sandboxes SET node = ? WHERE node IS NULL AND deleted_at IS NULL", (name,)
+            )
+            return int(cur.rowcount)
 
     # --- publish rules --------------------------------------------------------------------
 
@@ -1354,6 +1471,27 @@ def _select_node(conn: Connection, name: str) -> Cursor:
     return conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE name = ?", (name,))
 
 
+def _node_usage(conn: Connection, names: Sequence[str] | None) -> dict[str, NodeUsage]:
+    query = (
+        "SELECT node, COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)"
+        " FROM sandboxes WHERE deleted_at IS NULL"
+    )
+    args: tuple[str, ...] = ()
+    if names is None:
+        query += " AND node IS NOT NULL"
+    elif not names:
+        return {}
+    else:
+        query += f" AND node IN ({', '.join('?' * len(names))})"
+        args = tuple(names)
+    rows = conn.execute(query + " GROUP BY node", args)
+    return {str(r[0]): NodeUsage(int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
+def _load(node: Node, usage: Mapping[str, NodeUsage]) -> NodeLoad:
+    return NodeLoad(node, usage.get(node.name, NodeUsage()))
+
+
 def _node(row: Row) -> Node:
     with _reading(f"node {row['name']}"):
         engines = json.loads(row["engines"])
@@ -1371,6 +1509,8 @@ def _node(row: Row) -> Node:
             starting=as_int(row["starting"], "starting"),
             registered_at=float(row["registered_at"]),
             lease_until=float(row["lease_until"]),
+            starting_cpus=as_int(row["starting_cpus"], "starting_cpus"),
+            starting_memory_mb=as_int(row["starting_memory_mb"], "starting_memory_mb"),
         )
 
 
