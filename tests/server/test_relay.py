@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from e2b import Sandbox
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
@@ -385,3 +386,34 @@ def test_single_daemon_is_untouched(tmp_path: Path) -> None:
         assert "x-kiln-node" not in r.headers
     finally:
         solo.stop()
+
+
+# --- E2B's SDK -------------------------------------------------------------------------
+
+
+def test_e2b_sdk_through_another_node(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmodified ``e2b`` SDK pointed at node a, for a sandbox made on node b."""
+
+    def use(node: LiveServer) -> None:
+        monkeypatch.setenv("E2B_API_URL", node.url + "/e2b")
+        monkeypatch.setenv("E2B_SANDBOX_URL", node.url + "/e2b/envd")
+        monkeypatch.setenv("E2B_API_KEY", cluster.key)
+
+    use(cluster.b)
+    made = Sandbox.create(timeout=300)
+    try:
+        if cluster.b.store.get_sandbox(made.sandbox_id).node is None:
+            cluster.b.store.set_sandbox_node(made.sandbox_id, "b")
+        use(cluster.a)
+        sandbox = Sandbox.connect(made.sandbox_id)
+        result = sandbox.commands.run("echo from-$((6*7))")
+        assert (result.exit_code, result.stdout) == (0, "from-42\n")
+        # The test-mode agent has no account "user" (a VM's guest makes it at boot).
+        sandbox.files.write("/tmp/e2b-relay.txt", "through a", user="root")
+        assert sandbox.files.read("/tmp/e2b-relay.txt", user="root") == "through a"
+        # All of it ran on b: a's engine never heard of the sandbox.
+        assert made.sandbox_id in cluster.b.engine.agents
+        assert made.sandbox_id not in cluster.a.engine.boxes
+    finally:
+        use(cluster.a)
+        assert Sandbox.kill(made.sandbox_id)
