@@ -194,7 +194,8 @@ class SandboxInfo(ApiModel):
     engines had capabilities, or a sandbox caught in the middle of a create,
     stop or start. ``network`` is its egress policy (``None`` from a daemon from
     before policies). ``last_boot`` (:class:`LastBoot`) is how its machine came
-    up last; ``None`` from a daemon that does not say.
+    up last; ``None`` from a daemon that does not say. ``node`` is the cluster node
+    it lives on (``None`` on a single daemon).
     """
 
     id: StrictStr
@@ -216,6 +217,7 @@ class SandboxInfo(ApiModel):
     expires_at: Timestamp | None = None
     on_expire: StrictStr = "destroy"
     last_boot: LastBoot | None = None
+    node: StrictStr | None = None
 
 
 class Port(ApiModel):

@@ -212,6 +212,12 @@ class SandboxService:
         return self._s.store
 
     @property
+    def node(self) -> str | None:
+        """This daemon's node name in a cluster (None: a single daemon)."""
+        cluster = self._s.cluster
+        return None if cluster is None else cluster.name
+
+    @property
     def engine(self) -> Engine:
         return self._s.engine
 
@@ -349,6 +355,8 @@ class SandboxService:
             "network": self._network_view(sb),
             "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
             "on_expire": str(sb.on_expire),
+            # The node it lives on (None on a single daemon).
+            "node": sb.node,
             # How its machine came up last: a "rebooted" one lost its processes.
             "last_boot": None
             if last_boot is None
@@ -485,6 +493,7 @@ class SandboxService:
                 labels=labels,
                 expires_at=self._expires_at(body.ttl_s),
                 on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
+                node=self.node,
             )
         except BaseException:
             self.intents.end(sandbox_id)
@@ -572,6 +581,7 @@ class SandboxService:
                 labels=dict(src.labels),
                 expires_at=src.expires_at,
                 on_expire=src.on_expire,
+                node=self.node,  # a fork is a copy of this node's sandbox: here too
             )
         except BaseException:
             self.intents.end(sandbox_id)

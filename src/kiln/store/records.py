@@ -205,6 +205,8 @@ class Node:
     starting: int  # creates placed on it that have not finished yet
     registered_at: float
     lease_until: float
+    starting_cpus: int = 0  # what the ``starting`` creates asked for
+    starting_memory_mb: int = 0
 
     def lost(self, now: float) -> bool:
         """Its lease ran out: the daemon stopped renewing it (killed, cut off)."""
