@@ -53,9 +53,7 @@ class Cluster:
             r = http.post("/sandboxes", json={"name": name})
         assert r.status_code == 201, r.text
         sb: dict[str, Any] = r.json()
-        row = self.b.store.get_sandbox(sb["id"])
-        if row.node is None:  # until the daemon records it at create (branch `nodes`)
-            self.b.store.set_sandbox_node(sb["id"], "b")
+        assert sb["node"] == "b"
         assert self.a.store.get_sandbox(sb["id"]).node == "b"
         return sb
 
@@ -321,8 +319,7 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
             r = h.post("/sandboxes", json={"name": "on-c"})
         assert r.status_code == 201, r.text
         sb_id = r.json()["id"]
-        if c.store.get_sandbox(sb_id).node is None:
-            c.store.set_sandbox_node(sb_id, "c")
+        assert r.json()["node"] == "c"
     finally:
         c.stop()
     time.sleep(1.1)  # past a's cache of node rows
@@ -402,8 +399,7 @@ def test_e2b_sdk_through_another_node(cluster: Cluster, monkeypatch: pytest.Monk
     use(cluster.b)
     made = Sandbox.create(timeout=300)
     try:
-        if cluster.b.store.get_sandbox(made.sandbox_id).node is None:
-            cluster.b.store.set_sandbox_node(made.sandbox_id, "b")
+        assert cluster.b.store.get_sandbox(made.sandbox_id).node == "b"
         use(cluster.a)
         sandbox = Sandbox.connect(made.sandbox_id)
         result = sandbox.commands.run("echo from-$((6*7))")
