@@ -170,6 +170,23 @@ def test_exec_stream_lines_arrive_as_produced(cluster: Cluster, sb: dict[str, An
     assert events[-1]["exit_code"] == 0
 
 
+def test_processes_sessions_and_ports_through_another_node(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    with cluster.client(cluster.a) as http:
+        started = http.post("/sandboxes/far/processes", json={"cmd": ["sleep", "30"]})
+        assert started.status_code in (200, 201), started.text
+        pid = started.json()["pid"]
+        listed = http.get("/sandboxes/far/processes")
+        assert pid in [p["pid"] for p in listed.json()]
+        killed = http.post(f"/sandboxes/far/processes/{pid}/signal", json={"signal": "KILL"})
+        assert killed.status_code in (200, 202, 204), killed.text
+        for path in ("/sandboxes/far/sessions", "/sandboxes/far/ports"):
+            r = http.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.headers["x-kiln-node"] == "b"
+
+
 def test_files_upload_and_download_of_a_few_mib(cluster: Cluster, sb: dict[str, Any]) -> None:
     blob = os.urandom(5 << 20)
     with cluster.client(cluster.a) as http:
@@ -235,6 +252,26 @@ def test_proxy_http_and_websocket(cluster: Cluster, sb: dict[str, Any], upstream
         big = os.urandom(1 << 20)
         ws.send(big)
         assert ws.recv() == big
+
+
+def test_proxy_streams_a_chunked_upload_both_hops(
+    cluster: Cluster, sb: dict[str, Any], upstream: Upstream
+) -> None:
+    """A body without a length goes on chunked, through a and b, never held whole."""
+    payload = os.urandom(10 << 20)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(payload), 1 << 16):
+            yield payload[i : i + (1 << 16)]
+
+    with cluster.client(cluster.a) as http:
+        r = http.post(f"/sandboxes/far/proxy/{upstream.port}/upload", content=chunks())
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kiln-node"] == "b"
+    assert (r.json()["sha256"], r.json()["size"]) == (
+        hashlib.sha256(payload).hexdigest(),
+        len(payload),
+    )
 
 
 def test_published_url_through_another_node(

@@ -603,9 +603,10 @@ async def _run(
     except OSError as exc:
         raise DaemonError(f"cannot load the E2B envd token key: {exc}") from exc
     expiry = ExpiryReaper(services.sandboxes) if available else None
+    app = create_app(services)
     server = _Server(
         uvicorn.Config(
-            create_app(services),
+            app,
             lifespan="off",
             access_log=False,
             log_level="warning",
@@ -660,6 +661,7 @@ async def _run(
             if images is not None:
                 closing.add(tg.create_task(images.close(), name="image-builds"))
             await asyncio.wait(closing)
+            await app.state.node_pools.aclose()  # kept connections to the other nodes
             await e2b_watchers.aclose()  # the E2B SDK's non-streaming directory watches
             if thermal_task is not None:
                 thermal_task.cancel()

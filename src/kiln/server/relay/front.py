@@ -57,11 +57,13 @@ ErrorResponse = Callable[[int, str, str], Response]
 
 
 class RelayFront:
-    def __init__(self, app: ASGIApp, services: Services, errors: ErrorResponse) -> None:
+    def __init__(
+        self, app: ASGIApp, services: Services, errors: ErrorResponse, pools: NodePools
+    ) -> None:
         self.app = app
         self.services = services
         self.errors = errors
-        self.pools = NodePools()
+        self.pools = pools
         self._nodes: dict[str, tuple[float, Node]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -232,9 +234,6 @@ class RelayFront:
             await deny(scope, send, status, message)
             return
         await self.errors(status, message, scope["path"])(scope, receive, send)
-
-    async def aclose(self) -> None:
-        await self.pools.aclose()
 
 
 def _target(scope: Scope) -> bytes:
