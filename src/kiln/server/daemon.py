@@ -7,7 +7,8 @@ Start-up, in order:
    gets there first), the secret key (``secret_key``: by default
    ``data_dir/secret.key``; it must be the one the store's secrets are sealed
    with, see :func:`_check_secret_key`) and the E2B API's envd token key
-   ``e2b-envd.key`` (both 0600, created on first start);
+   ``e2b-envd.key`` (both 0600, created on first start; a cluster node derives
+   the envd key from the cluster secret instead);
 2. the listening socket (a clear error when the address is taken);
 3. on the very first start, the ``admin`` user: its key goes to
    ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
