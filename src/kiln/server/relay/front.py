@@ -4,10 +4,12 @@ relayed there, streaming both ways, instead of being served here.
 It sits outermost (before the reverse proxy and the API) and does nothing on a
 single daemon (``services.cluster`` is None). On a node of a cluster:
 
-- a request carrying :data:`~kiln.cluster.PEER_HEADER` was relayed by another
-  node: a signature that does not hold is a 401; a valid one for a sandbox
-  that is not this node's is a 421 (a relayed request is never relayed again,
-  so a disagreement about where a sandbox lives cannot loop);
+- a request carrying :data:`~kiln.cluster.PEER_HEADER` comes from another
+  node (relayed, or a create placed here): a signature that does not hold is a
+  401, whatever the path; a valid one is noted as ``scope["state"]["kiln_peer"]``
+  (the sending node's name) and, for a sandbox that is not this node's, answered
+  421 (a relayed request is never relayed again, so a disagreement about where
+  a sandbox lives cannot loop);
 - a request that addresses a sandbox (:mod:`.locate`) on another node goes
   there: the caller's own headers unchanged (its key: the other node checks it
   against the shared store), the original ``Host`` (published URLs route by
@@ -74,9 +76,8 @@ class RelayFront:
         try:
             relayed_by = self._peer(cluster, scope)
             if relayed_by is not None:
-                # Checked: it goes no further (not into a sandbox's service, say).
-                headers = [(k, v) for k, v in scope["headers"] if k != _PEER]
-                scope = dict(scope, headers=headers)
+                # The routes may ask (request.state.kiln_peer); the header stays for
+                # them, and the reverse proxy never passes it into a sandbox.
                 scope.setdefault("state", {})["kiln_peer"] = relayed_by
             sb = addressed(
                 scope,
