@@ -417,6 +417,35 @@ class Secret(ApiModel):
     updated_at: Timestamp | None = None
 
 
+class NodeInfo(ApiModel):
+    """A node of a cluster (daemons sharing a PostgreSQL store).
+
+    ``state`` is what an admin asked (``active`` or ``draining``: takes no new
+    sandboxes); ``status`` is ``lost`` once its lease ran out unrenewed, else its
+    state. ``cpus``/``memory_mb`` are what it offers; ``cpus_allocated`` and
+    ``memory_allocated_mb`` what its ``sandboxes`` live ones take; ``starting`` the
+    creates placed on it and not finished yet; ``lease_left_s`` how long until it is
+    lost unless renewed (negative: lost that long ago); ``load`` the host's 1-minute
+    load average at the last renewal.
+    """
+
+    name: StrictStr
+    address: StrictStr
+    engines: list[StrictStr] = Field(default_factory=list)
+    cpus: StrictInt = 0
+    memory_mb: StrictInt = 0
+    disk_mb: StrictInt = 0
+    load: float = 0.0
+    state: StrictStr = "active"
+    status: StrictStr = "active"
+    sandboxes: StrictInt = 0
+    cpus_allocated: StrictInt = 0
+    memory_allocated_mb: StrictInt = 0
+    starting: StrictInt = 0
+    lease_left_s: float = 0.0
+    registered_at: Timestamp | None = None
+
+
 class Volume(ApiModel):
     """A persistent ext4 volume that outlives sandboxes.
 

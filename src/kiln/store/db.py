@@ -51,6 +51,7 @@ from .records import (
     NewVolume,
     Node,
     NodeState,
+    NodeUsage,
     OnExpire,
     PublishRule,
     Quotas,
@@ -1119,6 +1120,12 @@ class Store:
         with self._read() as conn:
             return [_node(r) for r in conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY name")]
 
+    def node_usage(self, names: Sequence[str] | None = None) -> dict[str, NodeUsage]:
+        """What the live sandboxes of each node (of ``names``, or every node that has
+        any) take; a node with none is absent."""
+        with self._read() as conn:
+            return _node_usage(conn, names)
+
     @_retried
     def set_node_state(self, name: str, state: NodeState) -> Node:
         with self._write() as conn:
@@ -1384,6 +1391,23 @@ def _sandbox(row: Row) -> Sandbox:
 
 def _select_node(conn: Connection, name: str) -> Cursor:
     return conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE name = ?", (name,))
+
+
+def _node_usage(conn: Connection, names: Sequence[str] | None) -> dict[str, NodeUsage]:
+    query = (
+        "SELECT node, COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)"
+        " FROM sandboxes WHERE deleted_at IS NULL"
+    )
+    args: tuple[str, ...] = ()
+    if names is None:
+        query += " AND node IS NOT NULL"
+    elif not names:
+        return {}
+    else:
+        query += f" AND node IN ({', '.join('?' * len(names))})"
+        args = tuple(names)
+    rows = conn.execute(query + " GROUP BY node", args)
+    return {str(r[0]): NodeUsage(int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
 
 def _node(row: Row) -> Node:

@@ -218,6 +218,15 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeUsage:
+    """What the live sandboxes placed on a node take of it."""
+
+    sandboxes: int = 0
+    cpus: int = 0
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateSpec:
     cpus: int = 1
     memory_mb: int = 512
