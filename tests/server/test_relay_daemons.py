@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cluster_membership import LEASE_S, Cluster
+from .cluster_harness import LEASE_S, Cluster
 
 
 @pytest.fixture
