@@ -7,21 +7,8 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from .cluster_harness import LEASE_S, Cluster
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, pg_url)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def test_node_a_serves_a_sandbox_of_node_b_until_b_is_gone(cluster: Cluster) -> None:
