@@ -187,6 +187,25 @@ def test_processes_sessions_and_ports_through_another_node(
             assert r.headers["x-kiln-node"] == "b"
 
 
+def test_an_oversized_body_is_refused_by_the_owning_node(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    """b refuses it (413) without reading it; the caller at a gets that answer."""
+    body = b'{"cmd": ["true"], "pad": "' + b"x" * (5 << 20) + b'"}'
+    with cluster.client(cluster.b) as http:
+        r = http.post(
+            "/sandboxes/far/exec", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+    with cluster.client(cluster.a) as http:
+        r = http.post(
+            "/sandboxes/far/exec", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+        assert r.headers["x-kiln-node"] == "b"
+        assert http.get("/sandboxes/far").status_code == 200  # the next request is fine
+
+
 def test_files_upload_and_download_of_a_few_mib(cluster: Cluster, sb: dict[str, Any]) -> None:
     blob = os.urandom(5 << 20)
     with cluster.client(cluster.a) as http:
