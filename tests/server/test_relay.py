@@ -392,6 +392,12 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
             f"sandbox {sb_id} lives on node 'c', which is lost (no lease since"
             in (r.json()["error"])
         )
+    # A WebSocket (the shell) is refused with the same answer.
+    url = f"{cluster.a.ws_url}/sandboxes/{sb_id}/ws?token={cluster.key}"
+    with pytest.raises(InvalidStatus) as info, sync_connect(url):
+        pass
+    assert info.value.response.status_code == 503
+    assert b"which is lost" in (info.value.response.body or b"")
 
 
 def test_client_disconnect_ends_the_relayed_stream(cluster: Cluster, sb: dict[str, Any]) -> None:
