@@ -48,14 +48,20 @@ class Cluster:
         return httpx.Client(base_url=node.url, headers=headers, timeout=30)
 
     def sandbox_on_b(self, name: str) -> dict[str, Any]:
-        """A sandbox made through ``b``'s API, so it lives there."""
+        """A sandbox made through ``b``'s API and kept there (a create that another
+        node signed is never placed elsewhere)."""
         with self.client(self.b) as http:
-            r = http.post("/sandboxes", json={"name": name})
+            r = http.post("/sandboxes", json={"name": name}, headers=placed_by_a())
         assert r.status_code == 201, r.text
         sb: dict[str, Any] = r.json()
         assert sb["node"] == "b"
         assert self.a.store.get_sandbox(sb["id"]).node == "b"
         return sb
+
+
+def placed_by_a() -> dict[str, str]:
+    """The peer header of a create node a placed on the node it is sent to."""
+    return {PEER_HEADER: PeerAuth("a", SECRET).sign("POST", "/sandboxes")}
 
 
 def join(server: LiveServer, name: str, *, lease_s: float = 3600.0) -> None:
@@ -372,7 +378,7 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
     try:
         join(c, "c")
         with httpx.Client(base_url=c.url, headers={"Authorization": f"Bearer {cluster.key}"}) as h:
-            r = h.post("/sandboxes", json={"name": "on-c"})
+            r = h.post("/sandboxes", json={"name": "on-c"}, headers=placed_by_a())
         assert r.status_code == 201, r.text
         sb_id = r.json()["id"]
         assert r.json()["node"] == "c"
