@@ -330,6 +330,19 @@ def test_forged_or_stale_peer_signature_is_401(cluster: Cluster, sb: dict[str, A
     assert good.status_code == 200
 
 
+def test_a_signature_holds_over_the_raw_or_the_decoded_path(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    """The relay signs the path as sent; a placed create signs the decoded one."""
+    peer = PeerAuth("a", SECRET)
+    with cluster.client(cluster.b) as http:
+        for signed in ("/sandboxes/f%61r", "/sandboxes/far"):
+            r = http.get("/sandboxes/f%61r", headers={PEER_HEADER: peer.sign("GET", signed)})
+            assert r.status_code == 200, (signed, r.text)
+        r = http.get("/sandboxes/f%61r", headers={PEER_HEADER: peer.sign("GET", "/x")})
+        assert r.status_code == 401
+
+
 def test_peer_signed_request_to_the_wrong_node_is_421(cluster: Cluster, sb: dict[str, Any]) -> None:
     path = f"/sandboxes/{sb['id']}/exec"
     signed = PeerAuth("b", SECRET).sign("POST", path)
