@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -311,6 +312,13 @@ def test_published_url_through_another_node(
     assert r.status_code == 200, r.text
     assert r.headers["x-kiln-node"] == "b"
     assert dict(r.json()["headers"])["host"] == host  # the original Host went on
+    # A WebSocket to the published port, by the same Host, through a.
+    sock = socket.create_connection(("127.0.0.1", int(port)))
+    with sync_connect(f"ws://{host}/ws", sock=sock) as ws:
+        hello = json.loads(ws.recv())
+        assert hello["path"] == "/ws"
+        ws.send("published")
+        assert ws.recv() == "published"
 
 
 # --- peers ---------------------------------------------------------------------------
