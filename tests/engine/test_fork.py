@@ -13,6 +13,7 @@ from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import SandboxSpec, VolumeSpec
 from kiln.engine.errors import InvalidState, SandboxNotFound
 from kiln.engine.qemu import QemuEngine
+from kiln.engine.qemu import identity as identity_channel
 
 pytestmark = [
     pytest.mark.vm,
@@ -114,6 +115,30 @@ async def test_a_hot_fork_copies_files_memory_and_processes(engine: QemuEngine) 
     # They diverge.
     await sh(clone, "echo clone-only > /home/sandbox/mine.txt")
     assert await sh(src, "test -e /home/sandbox/mine.txt || echo absent") == "absent\n"
+    # The identity went by frame on the clone's TAP, the fast way.
+    assert "forked from src (frame;" in console(engine, "clone")
+
+
+def console(engine: QemuEngine, sid: str) -> str:
+    return (engine.config.sandboxes_dir / sid / "console.log").read_text(errors="replace")
+
+
+async def test_a_clone_deaf_to_frames_learns_by_its_config_drive(
+    engine: QemuEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a host gets from an agent that predates identity frames: no answer, so
+    # it falls back to the identity block on the config drive.
+    monkeypatch.setattr(identity_channel, "_FRAME_PATIENCE", 0.0)
+    info = await engine.fork("src", spec("drive-clone"))
+    clone = await engine.agent("drive-clone")
+    ids = await identity(clone)
+    assert ids["hostname"] == "drive-clone"
+    assert ids["mac"] == engine.network.mac_for("drive-clone")
+    assert f" {info.ip}/" in ids["addr"]
+    assert abs(float(ids["clock"]) - time.time()) < 5
+    assert "forked from src (config drive;" in console(engine, "drive-clone")
+    await counting(clone)
+    await engine.destroy("drive-clone")
 
 
 async def test_a_cold_source_forks_from_its_snapshot(engine: QemuEngine) -> None:

@@ -378,7 +378,9 @@ def set_aslr(enabled: bool) -> None:
 
 
 def set_hostname(name: str) -> None:
-    Path("/proc/sys/kernel/hostname").write_text(name)
+    # The syscall, not a write to /proc/sys/kernel/hostname: in a fork's clone
+    # every path is new to TCG, and procfs's write path is the longer one.
+    socket.sethostname(name)
     Path("/etc/hostname").write_text(name + "\n")
     hosts = _read_text("/etc/hosts")
     lines = [ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1")]

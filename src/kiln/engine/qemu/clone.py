@@ -4,38 +4,34 @@ captured snapshot (:mod:`.capture`), with its own identity.
 The clone is an ordinary cold sandbox with a valid snapshot and its own address,
 MAC, TAP, token and config drive (of the origin drive's size: the guest kernel
 knows it), restored like any other. Its memory still says it is the origin, so
-its TAP stays off the bridge while it learns otherwise: the engine appends an
-identity block to the config drive and grows the disk over it
-(``block_resize``), the guest kernel sends a resize uevent, and the agent reads
-the block and takes the new identity -- clock, RNG reseed, hostname, eth0
-MAC/address/route, token (see :mod:`kiln.guest.reidentify`) -- and says so on
-the console. Then the TAP joins the bridge and the engine waits for the agent
-at the new address, with the new token, as after any create.
+its TAP stays off the bridge while it learns otherwise (:mod:`.identity`: a frame
+on that TAP, else an identity block on the config drive) and the agent takes
+the new identity -- clock, RNG reseed, hostname, eth0 MAC/address/route, token
+(see :mod:`kiln.guest.reidentify`). Then the TAP joins the bridge and the engine
+waits for the agent at the new address, with the new token, as after any create.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from kiln.guest.config import FORK_READY_LINE, identity_block
+from kiln.guest import forkframe
 
 from ..base import SandboxSpec
 from ..boots import BootReason, LastBoot
-from ..errors import EngineError, InvalidSpec, InvalidState, SandboxCrashed
+from ..errors import InvalidSpec, InvalidState
 from ..guard import Admission
 from ..states import CREATED
 from ..undo import Undo
-from . import disks, machine, process, snapshot, templates
+from . import disks, identity, machine, snapshot, templates
 from .argv import Drive
 from .clock import set_clock
 from .config import QemuConfig
@@ -46,9 +42,6 @@ from .thermal import ThermalControl
 
 log = logging.getLogger(__name__)
 
-#: Bound on the clone taking its identity after the restore (normally < 1 s).
-_IDENTITY_TIMEOUT: Final = 30.0
-_IDENTITY_POLL: Final = 0.01
 _SEED_BYTES: Final = 64
 #: What of the clone's guest config its identity block carries (kiln.guest.reidentify).
 _IDENTITY_KEYS: Final = ("sandbox_id", "hostname", "token", "dns", "network")
@@ -104,26 +97,30 @@ class Cloner:
         phases = Phases()
         try:
             with machine.os_errors(f"making {sid} ({what})"):
-                vm, admission, identity = await self._prepare(origin, spec, undo)
+                vm, admission, fields = await self._prepare(origin, spec, undo)
                 phases.mark("net")
                 vm.meta = await fill(vm)
                 await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
                 phases.mark("copy")
                 await admission.wait()
                 undo.push("stop QEMU", lambda: machine.kill(vm))
-                await self._detach(vm.record.tap)
-                await self._thermal.restore(vm, make_tap=False)
-                phases.mark("restore")
-                await self._announce(vm, identity)
-                await self._wait_identity(vm)
-                await self._attach(vm.record.tap)
+                # Opened before the clone runs: its answer cannot come too early.
+                frames = await self._net.packet_socket(vm.record.tap, forkframe.ETHERTYPE)
+                try:
+                    await self._thermal.restore(vm, make_tap=False)
+                    phases.mark("restore")
+                    how = await identity.tell(vm, frames, fields, origin.record.token)
+                finally:
+                    frames.close()
                 phases.mark("identity")
-                # The identity block's clock is some 0.1 s old by now: the first
-                # request sets it exactly (and reseeds again).
+                await self._net.set_tap_on_bridge(vm.record.tap, True)
+                phases.mark("attach")
+                # The identity's clock is some milliseconds old by now (seconds if it
+                # went by the config drive): the first request sets it exactly.
                 await machine.wait_agent(
                     vm,
                     self.config,
-                    min(self.config.boot_timeout, _IDENTITY_TIMEOUT),
+                    min(self.config.boot_timeout, identity.TIMEOUT),
                     lambda probe: set_clock(probe, timeout=self.config.agent_timeout),
                 )
                 phases.mark("agent+clock")
@@ -134,7 +131,7 @@ class Cloner:
             self._cloning.discard(sid)
         vm.phases = phases.done()
         vm.last_boot = LastBoot.now(BootReason.CREATED)
-        log.info("sandbox %s made (%s): %s", sid, what, vm.phases)
+        log.info("sandbox %s made (%s; identity by %s): %s", sid, what, how, vm.phases)
         return vm
 
     async def _prepare(
@@ -145,7 +142,8 @@ class Cloner:
         net = self._net
         ip = net.allocate_ip(sid)
         undo.push("release IP", lambda: net.release_ip(ip))
-        tap = await net.create_tap(sid)
+        # Off the bridge until the clone has its own addresses (see identity).
+        tap = await net.create_tap(sid, on_bridge=False)
         undo.push("delete TAP", lambda: net.delete_tap(tap))
         mac = net.network.mac_for(sid)
         await net.pin_neighbour(ip, mac)
@@ -202,57 +200,3 @@ class Cloner:
         )
         identity: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
         return vm, admission, identity
-
-    # ------------------------------------------------------------------ identity
-
-    async def _announce(self, vm: VM, identity: dict[str, Any]) -> None:
-        """Append the identity block to the running clone's config drive and grow the
-        disk over it: the guest's resize uevent sets it going."""
-        identity = {
-            **identity,
-            "clock_ns": time.time_ns(),
-            "seed": base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode(),
-        }
-        block = identity_block(identity)
-        size = await asyncio.to_thread(_append, vm.paths.config_drive, block)
-        await machine.qmp(vm, "block_resize", {"device": "disk1", "size": size})
-
-    async def _wait_identity(self, vm: VM) -> None:
-        line = f"{FORK_READY_LINE} {vm.sandbox_id},".encode()
-        deadline = time.monotonic() + _IDENTITY_TIMEOUT
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                if line in await asyncio.to_thread(vm.paths.console_log.read_bytes):
-                    return
-            if not process.pid_alive(vm.pid, vm.paths.marker):
-                raise SandboxCrashed(
-                    f"the clone {vm.sandbox_id} died while taking its identity:"
-                    f" {machine.console_tail(vm)}"
-                )
-            if time.monotonic() > deadline:
-                raise EngineError(
-                    f"the clone {vm.sandbox_id} did not take its identity within"
-                    f" {_IDENTITY_TIMEOUT:.0f} s: {machine.console_tail(vm)}"
-                )
-            await asyncio.sleep(_IDENTITY_POLL)
-
-    async def _detach(self, tap: str) -> None:
-        await self._ip_link(tap, "nomaster")
-
-    async def _attach(self, tap: str) -> None:
-        await self._ip_link(tap, "master", self.config.network.bridge)
-
-    async def _ip_link(self, tap: str, *args: str) -> None:
-        ns = self.config.network.netns
-        await disks.run_tool(["ip", *(["-n", ns] if ns else []), "link", "set", tap, *args])
-
-
-def _append(path: Path, block: bytes) -> int:
-    """Blocking: ``block`` at the end of ``path``; the new size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        offset = os.lseek(fd, 0, os.SEEK_END)
-        os.pwrite(fd, block, offset)
-        return offset + len(block)
-    finally:
-        os.close(fd)
