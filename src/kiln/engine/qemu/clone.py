@@ -33,6 +33,7 @@ from ..states import CREATED
 from ..undo import Undo
 from . import disks, identity, machine, snapshot, templates
 from .argv import Drive
+from .capture import DiskReady
 from .clock import set_clock
 from .config import QemuConfig
 from .hostnet import HostNet
@@ -47,7 +48,9 @@ _SEED_BYTES: Final = 64
 _IDENTITY_KEYS: Final = ("sandbox_id", "hostname", "token", "dns", "network")
 
 #: Fills a new clone's directory with the captured files; the meta that restores them.
-Fill = Callable[[VM], Awaitable[snapshot.SnapshotMeta]]
+#: It may call its DiskReady as soon as the clone's QEMU can start (the clone then
+#: starts it at once), else the QEMU starts once it returns.
+Fill = Callable[[VM, DiskReady], Awaitable[snapshot.SnapshotMeta]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,15 +102,15 @@ class Cloner:
             with machine.os_errors(f"making {sid} ({what})"):
                 vm, admission, fields = await self._prepare(origin, spec, undo)
                 phases.mark("net")
-                vm.meta = await fill(vm)
-                await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
-                phases.mark("copy")
-                await admission.wait()
                 undo.push("stop QEMU", lambda: machine.kill(vm))
+                vm.meta = await self._fill_and_launch(vm, fill)
+                await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
+                phases.mark("copy+qemu")
+                await admission.wait()
                 # Opened before the clone runs: its answer cannot come too early.
                 frames = await self._net.packet_socket(vm.record.tap, forkframe.ETHERTYPE)
                 try:
-                    await self._thermal.restore(vm, make_tap=False)
+                    await self._thermal.run_incoming(vm)
                     phases.mark("restore")
                     how = await identity.tell(vm, frames, fields, origin.record.token)
                 finally:
@@ -133,6 +136,37 @@ class Cloner:
         vm.last_boot = LastBoot.now(BootReason.CREATED)
         log.info("sandbox %s made (%s; identity by %s): %s", sid, what, how, vm.phases)
         return vm
+
+    async def _fill_and_launch(self, vm: VM, fill: Fill) -> snapshot.SnapshotMeta:
+        """The clone's files filled and its QEMU started (waiting for the device
+        state), side by side once the fill says which RAM file that QEMU maps; the
+        meta of the filled files. The caller's undo stops the QEMU on failure."""
+        launch: asyncio.Task[None] | None = None
+        launched_with: str | None = None
+
+        def disk_ready(ram_template: str | None) -> None:
+            nonlocal launch, launched_with
+            launched_with = ram_template
+            vm.meta = snapshot.SnapshotMeta(ram_template=ram_template)
+            launch = asyncio.create_task(
+                self._thermal.launch_incoming(vm), name=f"kiln-launch-{vm.sandbox_id}"
+            )
+
+        try:
+            meta = await fill(vm, disk_ready)
+        except BaseException:
+            if launch is not None:
+                await asyncio.gather(launch, return_exceptions=True)
+            raise
+        if launch is not None:
+            await launch
+            if meta.ram_template == launched_with:
+                return meta
+            # The source changed between the disk and the RAM (another RAM file).
+            await machine.kill(vm)
+        vm.meta = meta
+        await self._thermal.launch_incoming(vm)
+        return meta
 
     async def _prepare(
         self, origin: Origin, spec: SandboxSpec, undo: Undo
