@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 
 import pytest
@@ -117,6 +118,14 @@ async def test_a_hot_fork_copies_files_memory_and_processes(engine: QemuEngine) 
     assert await sh(src, "test -e /home/sandbox/mine.txt || echo absent") == "absent\n"
     # The identity went by frame on the clone's TAP, the fast way.
     assert "forked from src (frame;" in console(engine, "clone")
+    # Its own config drive is mounted in place of the source's, a little later.
+    deadline = time.monotonic() + 30
+    while True:
+        mounted = await clone.exec(["cat", "/run/kiln/config/config.json"], user="root")
+        if mounted.exit_code == 0 and json.loads(mounted.stdout)["sandbox_id"] == "clone":
+            break
+        assert time.monotonic() < deadline, mounted
+        await asyncio.sleep(0.5)
 
 
 def console(engine: QemuEngine, sid: str) -> str:

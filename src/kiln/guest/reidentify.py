@@ -23,8 +23,8 @@ reseed and clock, eth0 (MAC, address, default route), hostname, resolv.conf and
 the agent's token, then says so on the console
 (:data:`~kiln.guest.config.FORK_READY_LINE`). Processes, sessions and files are
 untouched: they are the fork's point. Afterwards the config drive is mounted
-afresh (the old mount was the source's file system, now overwritten), in a
-thread that gives way to the agent.
+afresh (the old mount was the source's file system, now overwritten), a
+little later, in a thread that gives way to the agent.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 NETLINK_KOBJECT_UEVENT = 15
 _KERNEL_GROUP = 1
 _RECV_SIZE = 1 << 16
-#: Thread priority of the config drive's remount after a fork (the lowest).
+#: Thread priority of the config drive's remount after a fork (the lowest), and how
+#: many seconds it waits: the clone's first requests come first.
 _POLITE_NICE = 19
+_REMOUNT_DELAY = 2.0
 
 
 def parse_uevent(data: bytes) -> dict[str, str]:
@@ -109,12 +111,15 @@ def remount_drive(device: str) -> None:
     pid1.mount(device, CONFIG_MOUNT, "ext4", flags)
 
 
-def _remount_politely(device: str) -> None:
-    """:func:`remount_drive` in a thread that gives way to the agent: the clone
-    answers its host before this, and an ext4 mount is ~200 ms of guest CPU under
-    TCG (new code to translate) that would otherwise delay its first requests."""
+def _remount_later(device: str) -> None:
+    """:func:`remount_drive`, :data:`_REMOUNT_DELAY` s after the identity was taken,
+    at the lowest priority: an ext4 mount is ~200 ms of guest CPU under TCG, and
+    translating new code stalls the whole guest whatever the thread's priority
+    (measured: 25-40 ms more on the clone's first request when done at once).
+    Until then the old mount shows the source's config drive as it was cached."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _POLITE_NICE)
+    time.sleep(_REMOUNT_DELAY)
     pid1._step("remount the config drive", remount_drive, device)
 
 
@@ -269,7 +274,7 @@ class IdentityWatch:
         for handler in logging.getLogger().handlers:
             handler.flush()
         threading.Thread(
-            target=_remount_politely, args=(self._device,), name="kiln-fork-mount", daemon=True
+            target=_remount_later, args=(self._device,), name="kiln-fork-mount", daemon=True
         ).start()
 
     def _authentic(self, token: str | None) -> bool:
