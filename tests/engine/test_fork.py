@@ -12,9 +12,11 @@ import pytest
 
 from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import SandboxSpec, VolumeSpec
-from kiln.engine.errors import InvalidState, SandboxNotFound
+from kiln.engine.errors import EngineError, InvalidState, SandboxNotFound
 from kiln.engine.qemu import QemuEngine
 from kiln.engine.qemu import identity as identity_channel
+
+from .conftest import VMEnv, ip
 
 pytestmark = [
     pytest.mark.vm,
@@ -130,6 +132,29 @@ async def test_a_hot_fork_copies_files_memory_and_processes(engine: QemuEngine) 
 
 def console(engine: QemuEngine, sid: str) -> str:
     return (engine.config.sandboxes_dir / sid / "console.log").read_text(errors="replace")
+
+
+async def test_a_failed_copy_leaves_no_clone_and_the_source_running(
+    engine: QemuEngine, vm_env: VMEnv
+) -> None:
+    # The copy fails (the source's root disk is not where its record says; its
+    # QEMU, which holds it open, runs on) while the clone's network and config
+    # drive are being made beside it: all of that is undone.
+    disk = engine.config.sandboxes_dir / "src" / "rootfs.qcow2"
+    hidden = disk.with_name("hidden.qcow2")
+    disk.rename(hidden)
+    try:
+        with pytest.raises(EngineError):
+            await engine.fork("src", spec("broken"))
+    finally:
+        hidden.rename(disk)
+    assert "broken" not in {info.sandbox_id for info in engine.list()}
+    assert not (engine.config.sandboxes_dir / "broken").exists()
+    taps = ip("-n", vm_env.netns, "-o", "link", "show").stdout
+    assert engine.network.tap_name("broken") not in taps
+    await counting(await engine.agent("src"))  # the source went on
+    await engine.fork("src", spec("broken"))  # and the name is free again
+    await engine.destroy("broken")
 
 
 async def test_a_clone_deaf_to_frames_learns_by_its_config_drive(

@@ -27,7 +27,7 @@ from kiln.guest import forkframe
 
 from ..base import SandboxSpec
 from ..boots import BootReason, LastBoot
-from ..errors import InvalidSpec, InvalidState
+from ..errors import EngineError, InvalidSpec, InvalidState
 from ..guard import Admission
 from ..states import CREATED
 from ..undo import Undo
@@ -100,18 +100,25 @@ class Cloner:
         phases = Phases()
         try:
             with machine.os_errors(f"making {sid} ({what})"):
-                vm, admission, fields = await self._prepare(origin, spec, undo)
-                phases.mark("net")
+                vm, config = self._new(origin, spec, undo)
+                # Its network and config drive are made while its files are copied.
+                setup = asyncio.create_task(self._set_up(vm, config, origin, undo))
                 undo.push("stop QEMU", lambda: machine.kill(vm))
-                vm.meta = await self._fill_and_launch(vm, fill)
+                try:
+                    vm.meta = await self._fill_and_launch(vm, fill, setup)
+                except BaseException:
+                    await asyncio.gather(setup, return_exceptions=True)  # its undo is in
+                    raise
+                admission = await setup
                 await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
-                phases.mark("copy+qemu")
+                phases.mark("net+copy+qemu")
                 await admission.wait()
                 # Opened before the clone runs: its answer cannot come too early.
                 frames = await self._net.packet_socket(vm.record.tap, forkframe.ETHERTYPE)
                 try:
                     await self._thermal.run_incoming(vm)
                     phases.mark("restore")
+                    fields: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
                     how = await identity.tell(vm, frames, fields, origin.record.token)
                 finally:
                     frames.close()
@@ -137,20 +144,25 @@ class Cloner:
         log.info("sandbox %s made (%s; identity by %s): %s", sid, what, how, vm.phases)
         return vm
 
-    async def _fill_and_launch(self, vm: VM, fill: Fill) -> snapshot.SnapshotMeta:
+    async def _fill_and_launch(
+        self, vm: VM, fill: Fill, setup: asyncio.Task[Admission]
+    ) -> snapshot.SnapshotMeta:
         """The clone's files filled and its QEMU started (waiting for the device
-        state), side by side once the fill says which RAM file that QEMU maps; the
-        meta of the filled files. The caller's undo stops the QEMU on failure."""
+        state) once ``setup`` made its TAP and config drive, side by side with the
+        fill once it says which RAM file that QEMU maps; the meta of the filled
+        files. The caller's undo stops the QEMU on failure."""
         launch: asyncio.Task[None] | None = None
         launched_with: str | None = None
+
+        async def start() -> None:
+            await asyncio.shield(setup)
+            await self._thermal.launch_incoming(vm)
 
         def disk_ready(ram_template: str | None) -> None:
             nonlocal launch, launched_with
             launched_with = ram_template
             vm.meta = snapshot.SnapshotMeta(ram_template=ram_template)
-            launch = asyncio.create_task(
-                self._thermal.launch_incoming(vm), name=f"kiln-launch-{vm.sandbox_id}"
-            )
+            launch = asyncio.create_task(start(), name=f"kiln-launch-{vm.sandbox_id}")
 
         try:
             meta = await fill(vm, disk_ready)
@@ -165,24 +177,16 @@ class Cloner:
             # The source changed between the disk and the RAM (another RAM file).
             await machine.kill(vm)
         vm.meta = meta
-        await self._thermal.launch_incoming(vm)
+        await start()
         return meta
 
-    async def _prepare(
-        self, origin: Origin, spec: SandboxSpec, undo: Undo
-    ) -> tuple[VM, Admission, dict[str, Any]]:
-        """Address, TAP, directory, config drive and record of the clone."""
+    def _new(self, origin: Origin, spec: SandboxSpec, undo: Undo) -> tuple[VM, dict[str, Any]]:
+        """The clone's address, directory and record (not yet on disk), and its guest
+        config; what its files are copied into."""
         sid = spec.sandbox_id
         net = self._net
         ip = net.allocate_ip(sid)
         undo.push("release IP", lambda: net.release_ip(ip))
-        # Off the bridge until the clone has its own addresses (see identity).
-        tap = await net.create_tap(sid, on_bridge=False)
-        undo.push("delete TAP", lambda: net.delete_tap(tap))
-        mac = net.network.mac_for(sid)
-        await net.pin_neighbour(ip, mac)
-        admission = net.guard.admit_soon(spec, ip, port=tap, mac=mac)
-        undo.push("remove the firewall rules", admission.undo)
         root = self.config.sandboxes_dir / sid
         try:
             root.mkdir(mode=0o700)
@@ -192,25 +196,23 @@ class Cloner:
             ) from None
         undo.push("remove directory", lambda: asyncio.to_thread(disks.remove_tree, root))
         paths = Paths(root)
-        src = origin.record
         drives = []
-        for i, drive in enumerate(src.drives):
+        for i, drive in enumerate(origin.record.drives):
             if i == 0:
                 name = Path(drive.path).name
                 drives.append(dataclasses.replace(drive, path=str(root / name)))
             elif i == 1:
                 drives.append(dataclasses.replace(drive, path=str(paths.config_drive)))
             else:  # a template's spare slot (no volumes: see check)
-                slot = paths.slot(i - 2)
-                await asyncio.to_thread(templates.write_slot_placeholder, slot)
-                drives.append(Drive(str(slot)))
+                drives.append(Drive(str(paths.slot(i - 2))))
+        src = origin.record
         record = Record(
             spec=spec,
             dir=str(root),
             token=secrets.token_hex(16),
             ip=ip,
-            tap=tap,
-            mac=mac,
+            tap=net.network.tap_name(sid),
+            mac=net.network.mac_for(sid),
             accel=src.accel,
             kernel=src.kernel,
             initrd=src.initrd,
@@ -223,8 +225,6 @@ class Cloner:
         )
         config["clock_ns"] = time.time_ns()
         config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
-        await disks.make_config_drive(paths.config_drive, config, origin.drive_size)
-        await asyncio.to_thread(snapshot.write_json_atomic, paths.record, record.to_json())
         vm = VM(
             record=record,
             paths=paths,
@@ -232,5 +232,26 @@ class Cloner:
             state=CREATED.next,
             meta=snapshot.SnapshotMeta(),
         )
-        identity: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
-        return vm, admission, identity
+        return vm, config
+
+    async def _set_up(
+        self, vm: VM, config: dict[str, Any], origin: Origin, undo: Undo
+    ) -> Admission:
+        """TAP, pinned ARP entry, firewall admission, config drive, template slots and
+        record file of the clone: what its QEMU needs to start."""
+        net = self._net
+        record = vm.record
+        sid = record.spec.sandbox_id
+        # Off the bridge until the clone has its own addresses (see identity).
+        tap = await net.create_tap(sid, on_bridge=False)
+        undo.push("delete TAP", lambda: net.delete_tap(tap))
+        if tap != record.tap:
+            raise EngineError(f"the TAP of {sid} is {tap}, not {record.tap}")
+        await net.pin_neighbour(record.ip, record.mac)
+        admission = net.guard.admit_soon(record.spec, record.ip, port=tap, mac=record.mac)
+        undo.push("remove the firewall rules", admission.undo)
+        for drive in record.drives[2:]:
+            await asyncio.to_thread(templates.write_slot_placeholder, Path(drive.path))
+        await disks.make_config_drive(vm.paths.config_drive, config, origin.drive_size)
+        await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
+        return admission
