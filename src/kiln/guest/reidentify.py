@@ -174,9 +174,14 @@ class IdentityWatch:
         proto = socket.htons(forkframe.ETHERTYPE)
         try:
             frames = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, proto)
+        except OSError as exc:
+            log.warning("fork: no identity frames on %s (%s)", self._interface, exc)
+            return None
+        try:
             frames.bind((self._interface, forkframe.ETHERTYPE))
             self._inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:
+            frames.close()
             log.warning("fork: no identity frames on %s (%s)", self._interface, exc)
             return None
         return frames
