@@ -18,6 +18,7 @@ import base64
 import dataclasses
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -109,13 +110,11 @@ class Cloner:
                 except BaseException:
                     await asyncio.gather(setup, return_exceptions=True)  # its undo is in
                     raise
-                admission = await setup
-                await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
-                phases.mark("net+copy+qemu")
-                await admission.wait()
-                # Opened before the clone runs: its answer cannot come too early.
-                frames = await self._net.packet_socket(vm.record.tap, forkframe.ETHERTYPE)
+                admission, frames = await setup
                 try:
+                    await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
+                    phases.mark("net+copy+qemu")
+                    await admission.wait()
                     await self._thermal.run_incoming(vm)
                     phases.mark("restore")
                     fields: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
@@ -145,7 +144,7 @@ class Cloner:
         return vm
 
     async def _fill_and_launch(
-        self, vm: VM, fill: Fill, setup: asyncio.Task[Admission]
+        self, vm: VM, fill: Fill, setup: asyncio.Task[tuple[Admission, socket.socket]]
     ) -> snapshot.SnapshotMeta:
         """The clone's files filled and its QEMU started (waiting for the device
         state) once ``setup`` made its TAP and config drive, side by side with the
@@ -236,9 +235,11 @@ class Cloner:
 
     async def _set_up(
         self, vm: VM, config: dict[str, Any], origin: Origin, undo: Undo
-    ) -> Admission:
+    ) -> tuple[Admission, socket.socket]:
         """TAP, pinned ARP entry, firewall admission, config drive, template slots and
-        record file of the clone: what its QEMU needs to start."""
+        record file of the clone: what its QEMU needs to start; and the packet socket
+        its identity frames go through (opened before the clone runs: its answer
+        cannot come too early), which the caller closes."""
         net = self._net
         record = vm.record
         sid = record.spec.sandbox_id
@@ -254,4 +255,10 @@ class Cloner:
             await asyncio.to_thread(templates.write_slot_placeholder, Path(drive.path))
         await disks.make_config_drive(vm.paths.config_drive, config, origin.drive_size)
         await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
-        return admission
+        frames = await net.packet_socket(tap, forkframe.ETHERTYPE)
+        undo.push("close the frame socket", lambda: _close(frames))
+        return admission, frames
+
+
+async def _close(sock: socket.socket) -> None:
+    sock.close()
