@@ -3,8 +3,8 @@
 A fork restores a copy of a running guest's memory: the clone wakes up as its
 source, with the source's hostname, address, MAC, token, clock and RNG state,
 and nothing in its memory tells it otherwise. The host tells it, while its TAP
-is still off the bridge, in one of two ways; a thread waits for each (a blocked
-``recv``: free while nothing happens):
+is still off the bridge, in one of two ways; one thread waits for both
+(blocked in epoll: free while nothing happens):
 
 * an **identity frame** (:mod:`.forkframe`) on eth0, carrying the agent's current
   token; the clone answers with an acknowledgement frame once it has taken the
@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
@@ -124,10 +125,9 @@ def _remount_later(device: str) -> None:
 
 
 class IdentityWatch:
-    """The threads that wait for a fork's identity: one on an Ethernet frame (the
-    host's first choice, see :mod:`.forkframe`), one on the config drive's resize
-    (for a host that does not send frames). Whichever brings it first, it is taken
-    once."""
+    """The thread that waits for a fork's identity: on an Ethernet frame (the host's
+    first choice, see :mod:`.forkframe`) and on the config drive's resize (for a
+    host that does not send frames). Whichever brings it first, it is taken once."""
 
     def __init__(
         self,
@@ -146,25 +146,36 @@ class IdentityWatch:
         self._lock = threading.Lock()
         self._inet: socket.socket | None = None
 
-    def start(self) -> list[threading.Thread]:
-        threads = []
+    def start(self) -> threading.Thread | None:
+        """The watching thread (None if there is nothing to watch)."""
+        handlers: dict[socket.socket, Callable[[socket.socket], None]] = {}
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
-            sock.bind((0, _KERNEL_GROUP))
+            uevents = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+            uevents.bind((0, _KERNEL_GROUP))
         except OSError as exc:
             log.error("fork: cannot watch for uevents (%s): forks of this sandbox fail", exc)
         else:
-            threads.append(self._thread(self._watch_uevents, sock))
+            handlers[uevents] = self._on_uevent
         frames = self._frame_socket()
         if frames is not None:
-            threads.append(self._thread(self._watch_frames, frames))
-        return threads
-
-    @staticmethod
-    def _thread(target: Callable[[socket.socket], None], sock: socket.socket) -> threading.Thread:
-        thread = threading.Thread(target=target, args=(sock,), name="kiln-fork", daemon=True)
+            handlers[frames] = self._on_frame
+        if not handlers:
+            return None
+        thread = threading.Thread(
+            target=self._serve, args=(handlers,), name="kiln-fork", daemon=True
+        )
         thread.start()
         return thread
+
+    @staticmethod
+    def _serve(handlers: dict[socket.socket, Callable[[socket.socket], None]]) -> None:
+        """One thread for both ways: blocked in epoll, it costs nothing until a fork."""
+        with selectors.DefaultSelector() as selector:
+            for sock, handler in handlers.items():
+                selector.register(sock, selectors.EVENT_READ, handler)
+            while True:
+                for key, _ in selector.select():
+                    key.data(key.fileobj)
 
     def _frame_socket(self) -> socket.socket | None:
         """The socket identity frames arrive on, and the one their ioctls go through;
@@ -188,44 +199,42 @@ class IdentityWatch:
 
     # ------------------------------------------------------------------ frames
 
-    def _watch_frames(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                payload, sender = sock.recvfrom(_RECV_SIZE)
-            except OSError as exc:
-                log.debug("fork: frame socket: %s", exc)
-                continue
-            started = time.monotonic()
-            parsed = forkframe.parse_identity_frame(payload)
-            if parsed is None:
-                continue
-            previous, data = parsed
-            try:
-                config = GuestConfig.from_json(data)
-            except ConfigError as exc:
-                log.error("fork: a bad identity frame: %s", exc)
-                continue
+    def _on_frame(self, sock: socket.socket) -> None:
+        try:
+            payload, sender = sock.recvfrom(_RECV_SIZE)
+        except OSError as exc:
+            log.debug("fork: frame socket: %s", exc)
+            return
+        started = time.monotonic()
+        parsed = forkframe.parse_identity_frame(payload)
+        if parsed is None:
+            return
+        previous, data = parsed
+        try:
+            config = GuestConfig.from_json(data)
+        except ConfigError as exc:
+            log.error("fork: a bad identity frame: %s", exc)
+            return
 
-            def ack(sandbox_id: str, to: tuple[object, ...] = sender) -> None:
-                answer = forkframe.ack_frame(sandbox_id)
-                try:
-                    sock.sendto(answer, (to[0], to[1], 0, 0, to[4]))
-                except (OSError, IndexError) as exc:
-                    log.error("fork: cannot acknowledge the identity: %s", exc)
+        def ack(sandbox_id: str) -> None:
+            answer = forkframe.ack_frame(sandbox_id)
+            try:
+                sock.sendto(answer, (sender[0], sender[1], 0, 0, sender[4]))
+            except (OSError, IndexError) as exc:
+                log.error("fork: cannot acknowledge the identity: %s", exc)
 
-            self._take(config, started, previous, ack)
+        self._take(config, started, previous, ack)
 
     # ------------------------------------------------------------------ config drive
 
-    def _watch_uevents(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except OSError as exc:  # ENOBUFS: a burst overflowed the socket; keep going
-                log.debug("fork: uevent socket: %s", exc)
-                continue
-            if is_drive_resize(parse_uevent(data), self._device):
-                self._on_resize()
+    def _on_uevent(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except OSError as exc:  # ENOBUFS: a burst overflowed the socket; keep going
+            log.debug("fork: uevent socket: %s", exc)
+            return
+        if is_drive_resize(parse_uevent(data), self._device):
+            self._on_resize()
 
     def _on_resize(self) -> None:
         started = time.monotonic()
