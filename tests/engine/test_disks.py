@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 from kiln.engine.errors import EngineError
 from kiln.engine.qemu.disks import (
     config_drive_size,
+    copy_into,
     make_config_drive,
     make_rootfs,
+    make_sparse,
     make_volume,
     run_tool,
 )
@@ -74,3 +77,31 @@ async def test_a_failing_tool_is_an_engine_error_with_its_message(tmp_path: Path
         await run_tool(["qemu-img", "info", tmp_path / "missing.img"])
     with pytest.raises(EngineError, match="cannot run"):
         await run_tool([tmp_path / "no-such-tool"])
+
+
+def _sparse_source(path: Path, size: int) -> None:
+    """Two data extents in a sparse file."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(1 << 20)
+        f.write(b"a" * 4096)
+        f.seek(40 << 20)
+        f.write(b"b" * (3 << 20))
+
+
+async def test_copy_into_fills_a_file_in_place_and_keeps_the_holes(tmp_path: Path) -> None:
+    src, dest = tmp_path / "ram", tmp_path / "copy"
+    size = 64 << 20
+    _sparse_source(src, size)
+    make_sparse(dest, size)
+    fd = os.open(dest, os.O_RDONLY)  # as a QEMU that opened it already
+    try:
+        await copy_into(src, dest)
+        assert os.pread(fd, size, 0) == src.read_bytes()
+    finally:
+        os.close(fd)
+    assert dest.stat().st_size == size
+    assert dest.stat().st_blocks * 512 <= 5 << 20  # the holes stayed holes
+    # Missing: made, at the source's size.
+    await copy_into(src, tmp_path / "new")
+    assert (tmp_path / "new").read_bytes() == src.read_bytes()

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 
 import pytest
 
 from kiln.agent_client import AgentClient, AuthError
 from kiln.engine import SandboxSpec, VolumeSpec
-from kiln.engine.errors import InvalidState, SandboxNotFound
+from kiln.engine.errors import EngineError, InvalidState, SandboxNotFound
 from kiln.engine.qemu import QemuEngine
+from kiln.engine.qemu import identity as identity_channel
+
+from .conftest import VMEnv, ip
 
 pytestmark = [
     pytest.mark.vm,
@@ -114,6 +118,61 @@ async def test_a_hot_fork_copies_files_memory_and_processes(engine: QemuEngine) 
     # They diverge.
     await sh(clone, "echo clone-only > /home/sandbox/mine.txt")
     assert await sh(src, "test -e /home/sandbox/mine.txt || echo absent") == "absent\n"
+    # The identity went by frame on the clone's TAP, the fast way.
+    assert "forked from src (frame;" in console(engine, "clone")
+    # Its own config drive is mounted in place of the source's, a little later.
+    deadline = time.monotonic() + 30
+    while True:
+        mounted = await clone.exec(["cat", "/run/kiln/config/config.json"], user="root")
+        if mounted.exit_code == 0 and json.loads(mounted.stdout)["sandbox_id"] == "clone":
+            break
+        assert time.monotonic() < deadline, mounted
+        await asyncio.sleep(0.5)
+
+
+def console(engine: QemuEngine, sid: str) -> str:
+    return (engine.config.sandboxes_dir / sid / "console.log").read_text(errors="replace")
+
+
+async def test_a_failed_copy_leaves_no_clone_and_the_source_running(
+    engine: QemuEngine, vm_env: VMEnv
+) -> None:
+    # The copy fails (the source's root disk is not where its record says; its
+    # QEMU, which holds it open, runs on) while the clone's network and config
+    # drive are being made beside it: all of that is undone.
+    disk = engine.config.sandboxes_dir / "src" / "rootfs.qcow2"
+    hidden = disk.with_name("hidden.qcow2")
+    disk.rename(hidden)
+    try:
+        with pytest.raises(EngineError):
+            await engine.fork("src", spec("broken"))
+    finally:
+        hidden.rename(disk)
+    assert "broken" not in {info.sandbox_id for info in engine.list()}
+    assert not (engine.config.sandboxes_dir / "broken").exists()
+    taps = ip("-n", vm_env.netns, "-o", "link", "show").stdout
+    assert engine.network.tap_name("broken") not in taps
+    await counting(await engine.agent("src"))  # the source went on
+    await engine.fork("src", spec("broken"))  # and the name is free again
+    await engine.destroy("broken")
+
+
+async def test_a_clone_deaf_to_frames_learns_by_its_config_drive(
+    engine: QemuEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a host gets from an agent that predates identity frames: no answer, so
+    # it falls back to the identity block on the config drive.
+    monkeypatch.setattr(identity_channel, "_FRAME_PATIENCE", 0.0)
+    info = await engine.fork("src", spec("drive-clone"))
+    clone = await engine.agent("drive-clone")
+    ids = await identity(clone)
+    assert ids["hostname"] == "drive-clone"
+    assert ids["mac"] == engine.network.mac_for("drive-clone")
+    assert f" {info.ip}/" in ids["addr"]
+    assert abs(float(ids["clock"]) - time.time()) < 5
+    assert "forked from src (config drive;" in console(engine, "drive-clone")
+    await counting(clone)
+    await engine.destroy("drive-clone")
 
 
 async def test_a_cold_source_forks_from_its_snapshot(engine: QemuEngine) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import SRC
+from kiln.guest.pid1 import rewrite
 from kiln.protocol import FrameType
 
 from ._wire import Conn, collect, exec_req, request, run
@@ -134,3 +135,16 @@ async def test_vm_mode_serves_tcp(tcp_agent: tuple[int, int], tmp_path: Path) ->
         await conn.send(FrameType.AUTH, b"tcp-token")  # now spoken to the control port
         await conn.send(FrameType.EXEC_REQ, exec_req(["echo", "via-forward"]))
         assert (await collect(conn)).stdout == b"via-forward\n"
+
+
+def test_rewrite_writes_over_in_place_and_cuts_to_length(tmp_path: Path) -> None:
+    target = tmp_path / "hosts"
+    rewrite(str(target), "127.0.0.1\tlocalhost\n127.0.1.1\ta-long-name\n")
+    assert target.read_text() == "127.0.0.1\tlocalhost\n127.0.1.1\ta-long-name\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    inode = target.stat().st_ino
+    rewrite(str(target), "short\n")  # shorter: the old tail is cut off
+    assert target.read_text() == "short\n"
+    rewrite(str(target), "a longer text than before\n")
+    assert target.read_text() == "a longer text than before\n"
+    assert target.stat().st_ino == inode  # the same file, written over

@@ -19,7 +19,8 @@ Modules, one concept each:
 - ``config``: the config drive / kernel command line model
 - ``pid1``: mounts, config drive (and the template wait), hostname, power off (VM mode only)
 - ``netconf``: eth0's address, MAC and default route by ioctl
-- ``reidentify``: a fork's clone taking its own identity (uevent, identity block)
+- ``reidentify``: a fork's clone taking its own identity (frame or config drive)
+- ``forkframe``: the Ethernet frames that bring a clone its identity (shared with the host)
 - ``build``: the zipapp builder
 - ``errors``: the exception tree (root: :class:`GuestError`)
 

@@ -303,7 +303,14 @@ def _watch_for_fork(args: argparse.Namespace, config: GuestConfig, agent: Agent)
     def on_new(new: GuestConfig) -> None:
         agent.settings = replace(agent.settings, token=new.token)
 
-    IdentityWatch(device, config.sandbox_id, on_new).start()
+    interface = config.network.interface if config.network is not None else None
+    IdentityWatch(
+        device,
+        config.sandbox_id,
+        on_new,
+        interface=interface,
+        current_token=lambda: agent.settings.token,
+    ).start()
 
 
 def _vm_agent(

@@ -260,9 +260,18 @@ def _raise_nofile() -> None:
 
 def _read_text(path: str) -> str:
     try:
-        return Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def mount_basics() -> None:
@@ -402,25 +411,46 @@ def set_hostname(name: str) -> None:
 
 
 def set_kernel_hostname(name: str) -> None:
-    Path("/proc/sys/kernel/hostname").write_text(name)
+    # The syscall, not a write to /proc/sys/kernel/hostname: in a fork's clone
+    # every path is new to TCG, and procfs's write path is the longer one.
+    socket.sethostname(name)
 
 
 def write_hostname_files(name: str) -> None:
     """/etc/hostname, and the name on /etc/hosts' 127.0.1.1 line (what resolves it)."""
-    Path("/etc/hostname").write_text(name + "\n")
+    rewrite("/etc/hostname", name + "\n")
     hosts = _read_text("/etc/hosts")
     lines = [ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1")]
     if not any(ln.split()[:1] == ["127.0.0.1"] for ln in lines):
         lines.insert(0, "127.0.0.1\tlocalhost")
     lines.append(f"127.0.1.1\t{name}")
-    Path("/etc/hosts").write_text("\n".join(lines) + "\n")
+    rewrite("/etc/hosts", "\n".join(lines) + "\n")
 
 
 def write_resolv_conf(servers: tuple[str, ...]) -> None:
     path = Path("/etc/resolv.conf")
     if path.is_symlink():
         path.unlink()  # e.g. into systemd-resolved's runtime dir, which does not run here
-    path.write_text("".join(f"nameserver {s}\n" for s in servers))
+    rewrite(str(path), "".join(f"nameserver {s}\n" for s in servers))
+
+
+def rewrite(path: str, text: str) -> None:
+    """``path`` holds ``text`` (made 0644 if missing), written over in place.
+
+    Not truncated first: ext4 flushes a file truncated to zero and written again
+    as soon as it is closed (its "auto_da_alloc" guard), and that writeback is
+    ~30 ms of a fork's identity change under TCG. Cut to length afterwards, if
+    the old text was longer."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        if os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def mount_volume(volume: VolumeSpec, uid: int, gid: int, mounts: list[str]) -> None:

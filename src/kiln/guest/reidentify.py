@@ -2,37 +2,44 @@
 
 A fork restores a copy of a running guest's memory: the clone wakes up as its
 source, with the source's hostname, address, MAC, token, clock and RNG state,
-and nothing in its memory tells it otherwise. What differs is its config drive:
-the host wrote the clone's own config drive in the same slot, and once the
-clone runs, appends an *identity block* after it
-(:data:`~kiln.guest.config.IDENTITY_MAGIC`, a length, identity JSON) and grows
-the disk by :data:`~kiln.guest.config.IDENTITY_BLOCK` (QMP ``block_resize``).
-The guest kernel announces the new size with a ``change`` uevent carrying
-``RESIZE=1``; this module's thread waits for it on a kobject netlink socket (a
-blocked ``recv``: free while nothing happens, unlike polling the drive), reads
-the block -- a ``pread`` at the end of the disk, no mount: under TCG every code
-path runs for the first time in a new QEMU, and an ext4 mount cost ~200 ms --
-and if it names another sandbox takes its identity: RNG reseed and clock,
-hostname, resolv.conf, eth0 (MAC, address, default route) and the agent's token.
-Processes, sessions and files are untouched: they are the fork's point.
-Afterwards the config drive is mounted afresh (the old mount was the source's
-file system, now overwritten).
+and nothing in its memory tells it otherwise. The host tells it, while its TAP
+is still off the bridge, in one of two ways; one thread waits for both
+(blocked in epoll: free while nothing happens):
 
-The host keeps the clone's TAP off the bridge until the console shows
-:data:`~kiln.guest.config.FORK_READY_LINE`, so the clone never speaks on the
-sandbox network with its source's addresses.
+* an **identity frame** (:mod:`.forkframe`) on eth0, carrying the agent's current
+  token; the clone answers with an acknowledgement frame once it has taken the
+  identity. The host's first choice: the network receive path is warm for the
+  first request after it.
+* an **identity block** appended to the config drive
+  (:data:`~kiln.guest.config.IDENTITY_MAGIC`, a length, identity JSON), which
+  grows by :data:`~kiln.guest.config.IDENTITY_BLOCK` (QMP ``block_resize``); the
+  guest kernel announces the new size with a ``change`` uevent carrying
+  ``RESIZE=1`` on a kobject netlink socket, and the block is read with a
+  ``pread`` at the end of the disk (no mount: an ext4 mount cost ~200 ms under
+  TCG, where every code path runs for the first time in a new QEMU).
+
+Either way, if it names another sandbox the clone takes its identity once: RNG
+reseed and clock, eth0 (MAC, address, default route), hostname, resolv.conf and
+the agent's token, then says so on the console
+(:data:`~kiln.guest.config.FORK_READY_LINE`). Processes, sessions and files are
+untouched: they are the fork's point. Afterwards the config drive is mounted
+afresh (the old mount was the source's file system, now overwritten), a
+little later, in a thread that gives way to the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
 
-from . import netconf, pid1
+from . import forkframe, netconf, pid1
 from .config import CONFIG_MOUNT, FORK_READY_LINE, IDENTITY_BLOCK, GuestConfig, parse_identity
 from .errors import ConfigError
 
@@ -41,6 +48,10 @@ log = logging.getLogger(__name__)
 NETLINK_KOBJECT_UEVENT = 15
 _KERNEL_GROUP = 1
 _RECV_SIZE = 1 << 16
+#: Thread priority of the config drive's remount after a fork (the lowest), and how
+#: many seconds it waits: the clone's first requests come first.
+_POLITE_NICE = 19
+_REMOUNT_DELAY = 2.0
 
 
 def parse_uevent(data: bytes) -> dict[str, str]:
@@ -78,11 +89,15 @@ def read_identity(device: str) -> GuestConfig | None:
         os.close(fd)
 
 
-def take_identity(config: GuestConfig) -> None:
-    """What makes a restored copy another sandbox (each step logs its own failure)."""
+def take_identity(config: GuestConfig, inet: socket.socket | None) -> None:
+    """What makes a restored copy another sandbox (each step logs its own failure).
+    ``inet``: a datagram socket for the interface ioctls (None: the boot's way)."""
     pid1.catch_up_clock(config)
     if config.network is not None:
-        pid1._step("network", netconf.configure, config.network)
+        if inet is None:
+            pid1._step("network", netconf.configure, config.network)
+        else:
+            pid1._step("network", netconf.reconfigure, config.network, inet)
     if config.hostname:
         pid1._step("hostname", pid1.set_hostname, config.hostname)
     if config.dns:
@@ -97,36 +112,129 @@ def remount_drive(device: str) -> None:
     pid1.mount(device, CONFIG_MOUNT, "ext4", flags)
 
 
+def _remount_later(device: str) -> None:
+    """:func:`remount_drive`, :data:`_REMOUNT_DELAY` s after the identity was taken,
+    at the lowest priority: an ext4 mount is ~200 ms of guest CPU under TCG, and
+    translating new code stalls the whole guest whatever the thread's priority
+    (measured: 25-40 ms more on the clone's first request when done at once).
+    Until then the old mount shows the source's config drive as it was cached."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _POLITE_NICE)
+    time.sleep(_REMOUNT_DELAY)
+    pid1._step("remount the config drive", remount_drive, device)
+
+
 class IdentityWatch:
-    """The thread that waits for a fork's identity block."""
+    """The thread that waits for a fork's identity: on an Ethernet frame (the host's
+    first choice, see :mod:`.forkframe`) and on the config drive's resize (for a
+    host that does not send frames). Whichever brings it first, it is taken once."""
 
     def __init__(
-        self, device: str, sandbox_id: str | None, on_new: Callable[[GuestConfig], None]
+        self,
+        device: str,
+        sandbox_id: str | None,
+        on_new: Callable[[GuestConfig], None],
+        *,
+        interface: str | None = None,
+        current_token: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._device = device
         self._sandbox_id = sandbox_id
         self._on_new = on_new
+        self._interface = interface
+        self._current_token = current_token
+        self._lock = threading.Lock()
+        self._inet: socket.socket | None = None
 
     def start(self) -> threading.Thread | None:
+        """The watching thread (None if there is nothing to watch)."""
+        handlers: dict[socket.socket, Callable[[socket.socket], None]] = {}
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
-            sock.bind((0, _KERNEL_GROUP))
+            uevents = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+            uevents.bind((0, _KERNEL_GROUP))
         except OSError as exc:
             log.error("fork: cannot watch for uevents (%s): forks of this sandbox fail", exc)
+        else:
+            handlers[uevents] = self._on_uevent
+        frames = self._frame_socket()
+        if frames is not None:
+            handlers[frames] = self._on_frame
+        if not handlers:
             return None
-        thread = threading.Thread(target=self._run, args=(sock,), name="kiln-fork", daemon=True)
+        thread = threading.Thread(
+            target=self._serve, args=(handlers,), name="kiln-fork", daemon=True
+        )
         thread.start()
         return thread
 
-    def _run(self, sock: socket.socket) -> None:
-        while True:
+    @staticmethod
+    def _serve(handlers: dict[socket.socket, Callable[[socket.socket], None]]) -> None:
+        """One thread for both ways: blocked in epoll, it costs nothing until a fork."""
+        with selectors.DefaultSelector() as selector:
+            for sock, handler in handlers.items():
+                selector.register(sock, selectors.EVENT_READ, handler)
+            while True:
+                for key, _ in selector.select():
+                    key.data(key.fileobj)
+
+    def _frame_socket(self) -> socket.socket | None:
+        """The socket identity frames arrive on, and the one their ioctls go through;
+        None (frames unused: the config drive still works) if either fails."""
+        if self._interface is None:
+            return None
+        proto = socket.htons(forkframe.ETHERTYPE)
+        try:
+            frames = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, proto)
+        except OSError as exc:
+            log.warning("fork: no identity frames on %s (%s)", self._interface, exc)
+            return None
+        try:
+            frames.bind((self._interface, forkframe.ETHERTYPE))
+            self._inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            frames.close()
+            log.warning("fork: no identity frames on %s (%s)", self._interface, exc)
+            return None
+        return frames
+
+    # ------------------------------------------------------------------ frames
+
+    def _on_frame(self, sock: socket.socket) -> None:
+        try:
+            payload, sender = sock.recvfrom(_RECV_SIZE)
+        except OSError as exc:
+            log.debug("fork: frame socket: %s", exc)
+            return
+        started = time.monotonic()
+        parsed = forkframe.parse_identity_frame(payload)
+        if parsed is None:
+            return
+        previous, data = parsed
+        try:
+            config = GuestConfig.from_json(data)
+        except ConfigError as exc:
+            log.error("fork: a bad identity frame: %s", exc)
+            return
+
+        def ack(sandbox_id: str) -> None:
+            answer = forkframe.ack_frame(sandbox_id)
             try:
-                data = sock.recv(_RECV_SIZE)
-            except OSError as exc:  # ENOBUFS: a burst overflowed the socket; keep going
-                log.debug("fork: uevent socket: %s", exc)
-                continue
-            if is_drive_resize(parse_uevent(data), self._device):
-                self._on_resize()
+                sock.sendto(answer, (sender[0], sender[1], 0, 0, sender[4]))
+            except (OSError, IndexError) as exc:
+                log.error("fork: cannot acknowledge the identity: %s", exc)
+
+        self._take(config, started, previous, ack)
+
+    # ------------------------------------------------------------------ config drive
+
+    def _on_uevent(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except OSError as exc:  # ENOBUFS: a burst overflowed the socket; keep going
+            log.debug("fork: uevent socket: %s", exc)
+            return
+        if is_drive_resize(parse_uevent(data), self._device):
+            self._on_resize()
 
     def _on_resize(self) -> None:
         started = time.monotonic()
@@ -135,23 +243,58 @@ class IdentityWatch:
         except (OSError, ConfigError) as exc:
             log.error("fork: cannot read the identity block: %s", exc)
             return
-        if config is None or config.sandbox_id == self._sandbox_id:
-            return
-        read = time.monotonic()
-        source, self._sandbox_id = self._sandbox_id, config.sandbox_id
-        take_identity(config)
-        try:
-            self._on_new(config)
-        except Exception:
-            log.exception("fork: the agent could not take the new identity")
+        if config is not None:
+            self._take(config, started, None, None)
+
+    # ------------------------------------------------------------------ taking it
+
+    def _take(
+        self,
+        config: GuestConfig,
+        started: float,
+        previous_token: str | None,
+        ack: Callable[[str], None] | None,
+    ) -> None:
+        """Take ``config`` if it names another sandbox. A frame (``ack`` given) must
+        carry the current token (``previous_token``); one repeating the identity
+        taken already is acknowledged again (the host resends until it hears)."""
+        with self._lock:
+            new = config.sandbox_id
+            if new is None or new == self._sandbox_id:
+                if ack is not None and new is not None and self._authentic(config.token):
+                    ack(new)
+                return
+            if ack is not None and not self._authentic(previous_token):
+                log.warning("fork: an identity frame without the agent's token: ignored")
+                return
+            read = time.monotonic()
+            source, self._sandbox_id = self._sandbox_id, new
+            take_identity(config, self._inet)
+            try:
+                self._on_new(config)
+            except Exception:
+                log.exception("fork: the agent could not take the new identity")
+            if ack is not None:
+                ack(new)
         log.info(
-            "%s %s, forked from %s (read in %.0f ms, set in %.0f ms)",
+            "%s %s, forked from %s (%s; read in %.0f ms, set in %.0f ms)",
             FORK_READY_LINE,
-            config.sandbox_id,
+            new,
             source,
+            "frame" if ack is not None else "config drive",
             (read - started) * 1000,
             (time.monotonic() - read) * 1000,
         )
         for handler in logging.getLogger().handlers:
             handler.flush()
-        pid1._step("remount the config drive", remount_drive, self._device)
+        threading.Thread(
+            target=_remount_later, args=(self._device,), name="kiln-fork-mount", daemon=True
+        ).start()
+
+    def _authentic(self, token: str | None) -> bool:
+        current = self._current_token()
+        return (
+            token is not None
+            and current is not None
+            and hmac.compare_digest(token.encode(), current.encode())
+        )

@@ -150,14 +150,40 @@ class Network:
         """The guest NIC's MAC of a sandbox (pure, locally administered)."""
         return guest_mac(sandbox_id)
 
-    def create_tap(self, sandbox_id: str) -> str:
-        """A persistent TAP for the sandbox, on the bridge and up; idempotent.
+    def create_tap(self, sandbox_id: str, on_bridge: bool = True) -> str:
+        """A persistent TAP for the sandbox, on the bridge (unless not ``on_bridge``)
+        and up; idempotent.
 
         Raises OperationFailed if the bridge does not exist (call :meth:`setup`
         first) or the name is taken by another device or another sandbox's TAP.
         """
         name = self.tap_name(sandbox_id)
-        return self._worker.run(lambda: self._create_tap(name, sandbox_id))
+        return self._worker.run(lambda: self._create_tap(name, sandbox_id, on_bridge))
+
+    def set_tap_on_bridge(self, name: str, on: bool) -> None:
+        """Put a kiln TAP on the bridge or take it off (a fork's clone keeps its TAP
+        off until it has its own addresses); no error if it already is."""
+        self._check_tap_name(name)
+        self._worker.run(lambda: self._set_tap_master(name, on))
+
+    def packet_socket(self, name: str, ethertype: int) -> socket.socket:
+        """A raw datagram socket (AF_PACKET) for frames of ``ethertype`` on the TAP
+        ``name``, made inside the namespace; the caller closes it."""
+        self._check_tap_name(name)
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype))
+            try:
+                sock.bind((name, ethertype))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        try:
+            return self._worker.run(make)
+        except OSError as exc:
+            raise OperationFailed(f"cannot open a packet socket on {name}: {exc}") from exc
 
     def delete_tap(self, name: str) -> None:
         """Delete a kiln TAP; no error if it is gone. Refuses names without our prefix."""
@@ -418,7 +444,7 @@ class Network:
             for rule in self._rules:
                 self._iptables.remove(rule)
 
-    def _create_tap(self, name: str, sandbox_id: str) -> str:
+    def _create_tap(self, name: str, sandbox_id: str, on_bridge: bool) -> str:
         alias = _ALIAS_PREFIX + sandbox_id
         with _netlink(f"create TAP {name}"):
             ipr = self._route()
@@ -438,10 +464,17 @@ class Network:
                         f"TAP {name} already belongs to {current[len(_ALIAS_PREFIX) :]!r} "
                         f"(hash collision with sandbox {sandbox_id!r})"
                     )
-            ipr.link(
-                "set", index=int(link["index"]), master=bridge_index, ifalias=alias, state="up"
-            )
+            master = bridge_index if on_bridge else 0
+            ipr.link("set", index=int(link["index"]), master=master, ifalias=alias, state="up")
         return name
+
+    def _set_tap_master(self, name: str, on: bool) -> None:
+        with _netlink(f"{'attach' if on else 'detach'} TAP {name}"):
+            link = self._get_link(name)
+            if link is None or not _is_tap(link):
+                raise OperationFailed(f"{name!r} is not a TAP device")
+            master = int(self._bridge_link()["index"]) if on else 0
+            self._route().link("set", index=int(link["index"]), master=master)
 
     def _delete_tap(self, name: str) -> None:
         with _netlink(f"delete TAP {name}"):

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +37,11 @@ from .thermal import MAX_BANDWIDTH, ThermalControl
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_FD: Final = "kiln-capture"
+
+#: Told by a capture, once the copy's root disk is in place, which RAM file the copy's
+#: QEMU is to map: a template's (its path), or None: the copy's own, made at its full
+#: size and filled in place from then on. The copy's QEMU may start meanwhile.
+DiskReady = Callable[[str | None], None]
 #: How often a capture makes a source hot and looks again (it may cool meanwhile).
 _ATTEMPTS: Final = 3
 
@@ -49,23 +55,36 @@ class Capturer:
         self.last_pause_ms: float | None = None
 
     async def capture(
-        self, source: VM, dest: Paths, rootfs: Path, *, template_ram: bool
+        self,
+        source: VM,
+        dest: Paths,
+        rootfs: Path,
+        *,
+        template_ram: bool,
+        disk_ready: DiskReady | None = None,
     ) -> snapshot.SnapshotMeta:
         """The source's memory and device state into ``dest`` and its root disk to
         ``rootfs``; the snapshot meta that restores them (not written: the caller's).
 
         ``template_ram``: a source still mapping its template's RAM copy-on-write may
         hand the capture that mapping (a fork, gone with the template); False: the
-        capture holds all of its memory itself (a saved image outlives templates)."""
+        capture holds all of its memory itself (a saved image outlives templates).
+        ``disk_ready``: called as soon as the copy's QEMU could start (see
+        :data:`DiskReady`); the RAM file is then copied in place."""
         for _ in range(_ATTEMPTS):
-            meta = await self._try(source, dest, rootfs, template_ram)
+            meta = await self._try(source, dest, rootfs, template_ram, disk_ready)
             if meta is not None:
                 return meta
             await self._thermal.transition(source, Op.ENSURE_HOT)
         raise InvalidState(f"sandbox {source.sandbox_id} kept changing state")
 
     async def _try(
-        self, source: VM, dest: Paths, rootfs: Path, template_ram: bool
+        self,
+        source: VM,
+        dest: Paths,
+        rootfs: Path,
+        template_ram: bool,
+        disk_ready: DiskReady | None,
     ) -> snapshot.SnapshotMeta | None:
         """None if the source is in no state to copy from (the caller makes it hot)."""
         async with source.lock:
@@ -79,7 +98,7 @@ class Capturer:
                 # (anonymous pages: fast), and the clone's first stop settles it.
                 if template_ram:
                     template = source.meta.ram_template
-                ram_in_state = await self._copy_running(source, dest, rootfs, template)
+                ram_in_state = await self._copy_running(source, dest, rootfs, template, disk_ready)
             elif (
                 not state.live
                 and source.meta.valid
@@ -90,7 +109,13 @@ class Capturer:
                 ram_in_state = source.meta.ram_in_state
                 template = source.meta.ram_template
                 await self._copy_files(
-                    source, dest, rootfs, source.paths.state, copy_ram=True, template=template
+                    source,
+                    dest,
+                    rootfs,
+                    source.paths.state,
+                    copy_ram=True,
+                    template=template,
+                    disk_ready=disk_ready,
                 )
             else:
                 return None
@@ -102,7 +127,12 @@ class Capturer:
         )
 
     async def _copy_running(
-        self, source: VM, dest: Paths, rootfs: Path, template: str | None
+        self,
+        source: VM,
+        dest: Paths,
+        rootfs: Path,
+        template: str | None,
+        disk_ready: DiskReady | None,
     ) -> bool:
         """Pause, save, copy, continue; whether the RAM went into the device state (its
         file was replaced while QEMU ran, as in the snapshot's fallback)."""
@@ -132,7 +162,13 @@ class Capturer:
             await machine.qmp(source, "migrate", {"uri": f"fd:{_SNAPSHOT_FD}"})
             await self._thermal.migration_done(source, "saving the device state for a copy")
             await self._copy_files(
-                source, dest, rootfs, dest.state_tmp, copy_ram=base_ok, template=template
+                source,
+                dest,
+                rootfs,
+                dest.state_tmp,
+                copy_ram=base_ok,
+                template=template,
+                disk_ready=disk_ready,
             )
         finally:
             if source.qmp is not None and source.state.live:
@@ -158,15 +194,38 @@ class Capturer:
         *,
         copy_ram: bool,
         template: str | None,
+        disk_ready: DiskReady | None,
     ) -> None:
-        copies = [(Path(source.record.drives[0].path), rootfs)]
-        if copy_ram:
-            copies.append((source.paths.ram, dest.ram))
-        elif template is None:
-            # The RAM is in the device state; the restore loads it into a fresh file.
-            size = source.record.spec.memory_mb << 20
-            await asyncio.to_thread(snapshot.create_ram_file, dest.ram, size)
-        await asyncio.gather(*(disks.copy_sparse(a, b) for a, b in copies))
+        disk = source.record.drives[0]
+        ram_size = source.record.spec.memory_mb << 20
+        own_ram = copy_ram or template is None  # else the copy maps the template's
+        if disk_ready is None:
+            copies = [disks.copy_sparse(Path(disk.path), rootfs)]
+            if copy_ram:
+                copies.append(disks.copy_sparse(source.paths.ram, dest.ram))
+            elif own_ram:
+                # The RAM is in the device state; the restore loads it into a fresh file.
+                await asyncio.to_thread(snapshot.create_ram_file, dest.ram, ram_size)
+            await asyncio.gather(*copies)
+        else:
+            # What the copy's QEMU reads when it starts must be whole by then: a
+            # qcow2 root disk's header and tables (a small file: the overlay). A raw
+            # disk is only opened, and the RAM file only mapped: both are made at
+            # their size and filled in place while that QEMU starts.
+            if own_ram:
+                await asyncio.to_thread(snapshot.create_ram_file, dest.ram, ram_size)
+            if disk.format == "raw":
+                size = await asyncio.to_thread(os.path.getsize, disk.path)
+                await asyncio.to_thread(disks.make_sparse, rootfs, size)
+                disk_ready(template)
+                copies = [disks.copy_into(Path(disk.path), rootfs)]
+            else:
+                await disks.copy_sparse(Path(disk.path), rootfs)
+                disk_ready(template)
+                copies = []
+            if copy_ram:
+                copies.append(disks.copy_into(source.paths.ram, dest.ram))
+            await asyncio.gather(*copies)
         if state != dest.state_tmp:
             await disks.copy_sparse(state, dest.state_tmp)
         await asyncio.to_thread(os.replace, dest.state_tmp, dest.state)

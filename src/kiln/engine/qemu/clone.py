@@ -4,39 +4,37 @@ captured snapshot (:mod:`.capture`), with its own identity.
 The clone is an ordinary cold sandbox with a valid snapshot and its own address,
 MAC, TAP, token and config drive (of the origin drive's size: the guest kernel
 knows it), restored like any other. Its memory still says it is the origin, so
-its TAP stays off the bridge while it learns otherwise: the engine appends an
-identity block to the config drive and grows the disk over it
-(``block_resize``), the guest kernel sends a resize uevent, and the agent reads
-the block and takes the new identity -- clock, RNG reseed, hostname, eth0
-MAC/address/route, token (see :mod:`kiln.guest.reidentify`) -- and says so on
-the console. Then the TAP joins the bridge and the engine waits for the agent
-at the new address, with the new token, as after any create.
+its TAP stays off the bridge while it learns otherwise (:mod:`.identity`: a frame
+on that TAP, else an identity block on the config drive) and the agent takes
+the new identity -- clock, RNG reseed, hostname, eth0 MAC/address/route, token
+(see :mod:`kiln.guest.reidentify`). Then the TAP joins the bridge and the engine
+waits for the agent at the new address, with the new token, as after any create.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import logging
-import os
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from kiln.guest.config import FORK_READY_LINE, identity_block
+from kiln.guest import forkframe
 
 from ..base import SandboxSpec
 from ..boots import BootReason, LastBoot
-from ..errors import EngineError, InvalidSpec, InvalidState, SandboxCrashed
+from ..errors import EngineError, InvalidSpec, InvalidState
 from ..guard import Admission
 from ..states import CREATED
 from ..undo import Undo
-from . import disks, machine, process, snapshot, templates
+from . import disks, identity, machine, snapshot, templates
 from .argv import Drive
+from .capture import DiskReady
 from .clock import set_clock
 from .config import QemuConfig
 from .hostnet import HostNet
@@ -46,15 +44,14 @@ from .thermal import ThermalControl
 
 log = logging.getLogger(__name__)
 
-#: Bound on the clone taking its identity after the restore (normally < 1 s).
-_IDENTITY_TIMEOUT: Final = 30.0
-_IDENTITY_POLL: Final = 0.01
 _SEED_BYTES: Final = 64
 #: What of the clone's guest config its identity block carries (kiln.guest.reidentify).
 _IDENTITY_KEYS: Final = ("sandbox_id", "hostname", "token", "dns", "network")
 
 #: Fills a new clone's directory with the captured files; the meta that restores them.
-Fill = Callable[[VM], Awaitable[snapshot.SnapshotMeta]]
+#: It may call its DiskReady as soon as the clone's QEMU can start (the clone then
+#: starts it at once), else the QEMU starts once it returns.
+Fill = Callable[[VM, DiskReady], Awaitable[snapshot.SnapshotMeta]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,26 +101,35 @@ class Cloner:
         phases = Phases()
         try:
             with machine.os_errors(f"making {sid} ({what})"):
-                vm, admission, identity = await self._prepare(origin, spec, undo)
-                phases.mark("net")
-                vm.meta = await fill(vm)
-                await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
-                phases.mark("copy")
-                await admission.wait()
+                vm, config = self._new(origin, spec, undo)
+                # Its network and config drive are made while its files are copied.
+                setup = asyncio.create_task(self._set_up(vm, config, origin, undo))
                 undo.push("stop QEMU", lambda: machine.kill(vm))
-                await self._detach(vm.record.tap)
-                await self._thermal.restore(vm, make_tap=False)
-                phases.mark("restore")
-                await self._announce(vm, identity)
-                await self._wait_identity(vm)
-                await self._attach(vm.record.tap)
+                try:
+                    vm.meta = await self._fill_and_launch(vm, fill, setup)
+                except BaseException:
+                    await asyncio.gather(setup, return_exceptions=True)  # its undo is in
+                    raise
+                admission, frames = await setup
+                try:
+                    await asyncio.to_thread(snapshot.save_meta, vm.paths.snapshot_meta, vm.meta)
+                    phases.mark("net+copy+qemu")
+                    await admission.wait()
+                    await self._thermal.run_incoming(vm)
+                    phases.mark("restore")
+                    fields: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
+                    how = await identity.tell(vm, frames, fields, origin.record.token)
+                finally:
+                    frames.close()
                 phases.mark("identity")
-                # The identity block's clock is some 0.1 s old by now: the first
-                # request sets it exactly (and reseeds again).
+                await self._net.set_tap_on_bridge(vm.record.tap, True)
+                phases.mark("attach")
+                # The identity's clock is some milliseconds old by now (seconds if it
+                # went by the config drive): the first request sets it exactly.
                 await machine.wait_agent(
                     vm,
                     self.config,
-                    min(self.config.boot_timeout, _IDENTITY_TIMEOUT),
+                    min(self.config.boot_timeout, identity.TIMEOUT),
                     lambda probe: set_clock(probe, timeout=self.config.agent_timeout),
                 )
                 phases.mark("agent+clock")
@@ -134,23 +140,52 @@ class Cloner:
             self._cloning.discard(sid)
         vm.phases = phases.done()
         vm.last_boot = LastBoot.now(BootReason.CREATED)
-        log.info("sandbox %s made (%s): %s", sid, what, vm.phases)
+        log.info("sandbox %s made (%s; identity by %s): %s", sid, what, how, vm.phases)
         return vm
 
-    async def _prepare(
-        self, origin: Origin, spec: SandboxSpec, undo: Undo
-    ) -> tuple[VM, Admission, dict[str, Any]]:
-        """Address, TAP, directory, config drive and record of the clone."""
+    async def _fill_and_launch(
+        self, vm: VM, fill: Fill, setup: asyncio.Task[tuple[Admission, socket.socket]]
+    ) -> snapshot.SnapshotMeta:
+        """The clone's files filled and its QEMU started (waiting for the device
+        state) once ``setup`` made its TAP and config drive, side by side with the
+        fill once it says which RAM file that QEMU maps; the meta of the filled
+        files. The caller's undo stops the QEMU on failure."""
+        launch: asyncio.Task[None] | None = None
+        launched_with: str | None = None
+
+        async def start() -> None:
+            await asyncio.shield(setup)
+            await self._thermal.launch_incoming(vm)
+
+        def disk_ready(ram_template: str | None) -> None:
+            nonlocal launch, launched_with
+            launched_with = ram_template
+            vm.meta = snapshot.SnapshotMeta(ram_template=ram_template)
+            launch = asyncio.create_task(start(), name=f"kiln-launch-{vm.sandbox_id}")
+
+        try:
+            meta = await fill(vm, disk_ready)
+        except BaseException:
+            if launch is not None:
+                await asyncio.gather(launch, return_exceptions=True)
+            raise
+        if launch is not None:
+            await launch
+            if meta.ram_template == launched_with:
+                return meta
+            # The source changed between the disk and the RAM (another RAM file).
+            await machine.kill(vm)
+        vm.meta = meta
+        await start()
+        return meta
+
+    def _new(self, origin: Origin, spec: SandboxSpec, undo: Undo) -> tuple[VM, dict[str, Any]]:
+        """The clone's address, directory and record (not yet on disk), and its guest
+        config; what its files are copied into."""
         sid = spec.sandbox_id
         net = self._net
         ip = net.allocate_ip(sid)
         undo.push("release IP", lambda: net.release_ip(ip))
-        tap = await net.create_tap(sid)
-        undo.push("delete TAP", lambda: net.delete_tap(tap))
-        mac = net.network.mac_for(sid)
-        await net.pin_neighbour(ip, mac)
-        admission = net.guard.admit_soon(spec, ip, port=tap, mac=mac)
-        undo.push("remove the firewall rules", admission.undo)
         root = self.config.sandboxes_dir / sid
         try:
             root.mkdir(mode=0o700)
@@ -160,25 +195,23 @@ class Cloner:
             ) from None
         undo.push("remove directory", lambda: asyncio.to_thread(disks.remove_tree, root))
         paths = Paths(root)
-        src = origin.record
         drives = []
-        for i, drive in enumerate(src.drives):
+        for i, drive in enumerate(origin.record.drives):
             if i == 0:
                 name = Path(drive.path).name
                 drives.append(dataclasses.replace(drive, path=str(root / name)))
             elif i == 1:
                 drives.append(dataclasses.replace(drive, path=str(paths.config_drive)))
             else:  # a template's spare slot (no volumes: see check)
-                slot = paths.slot(i - 2)
-                await asyncio.to_thread(templates.write_slot_placeholder, slot)
-                drives.append(Drive(str(slot)))
+                drives.append(Drive(str(paths.slot(i - 2))))
+        src = origin.record
         record = Record(
             spec=spec,
             dir=str(root),
             token=secrets.token_hex(16),
             ip=ip,
-            tap=tap,
-            mac=mac,
+            tap=net.network.tap_name(sid),
+            mac=net.network.mac_for(sid),
             accel=src.accel,
             kernel=src.kernel,
             initrd=src.initrd,
@@ -191,8 +224,6 @@ class Cloner:
         )
         config["clock_ns"] = time.time_ns()
         config["seed"] = base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode()
-        await disks.make_config_drive(paths.config_drive, config, origin.drive_size)
-        await asyncio.to_thread(snapshot.write_json_atomic, paths.record, record.to_json())
         vm = VM(
             record=record,
             paths=paths,
@@ -200,59 +231,34 @@ class Cloner:
             state=CREATED.next,
             meta=snapshot.SnapshotMeta(),
         )
-        identity: dict[str, Any] = {k: config[k] for k in _IDENTITY_KEYS if k in config}
-        return vm, admission, identity
+        return vm, config
 
-    # ------------------------------------------------------------------ identity
-
-    async def _announce(self, vm: VM, identity: dict[str, Any]) -> None:
-        """Append the identity block to the running clone's config drive and grow the
-        disk over it: the guest's resize uevent sets it going."""
-        identity = {
-            **identity,
-            "clock_ns": time.time_ns(),
-            "seed": base64.b64encode(secrets.token_bytes(_SEED_BYTES)).decode(),
-        }
-        block = identity_block(identity)
-        size = await asyncio.to_thread(_append, vm.paths.config_drive, block)
-        await machine.qmp(vm, "block_resize", {"device": "disk1", "size": size})
-
-    async def _wait_identity(self, vm: VM) -> None:
-        line = f"{FORK_READY_LINE} {vm.sandbox_id},".encode()
-        deadline = time.monotonic() + _IDENTITY_TIMEOUT
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                if line in await asyncio.to_thread(vm.paths.console_log.read_bytes):
-                    return
-            if not process.pid_alive(vm.pid, vm.paths.marker):
-                raise SandboxCrashed(
-                    f"the clone {vm.sandbox_id} died while taking its identity:"
-                    f" {machine.console_tail(vm)}"
-                )
-            if time.monotonic() > deadline:
-                raise EngineError(
-                    f"the clone {vm.sandbox_id} did not take its identity within"
-                    f" {_IDENTITY_TIMEOUT:.0f} s: {machine.console_tail(vm)}"
-                )
-            await asyncio.sleep(_IDENTITY_POLL)
-
-    async def _detach(self, tap: str) -> None:
-        await self._ip_link(tap, "nomaster")
-
-    async def _attach(self, tap: str) -> None:
-        await self._ip_link(tap, "master", self.config.network.bridge)
-
-    async def _ip_link(self, tap: str, *args: str) -> None:
-        ns = self.config.network.netns
-        await disks.run_tool(["ip", *(["-n", ns] if ns else []), "link", "set", tap, *args])
+    async def _set_up(
+        self, vm: VM, config: dict[str, Any], origin: Origin, undo: Undo
+    ) -> tuple[Admission, socket.socket]:
+        """TAP, pinned ARP entry, firewall admission, config drive, template slots and
+        record file of the clone: what its QEMU needs to start; and the packet socket
+        its identity frames go through (opened before the clone runs: its answer
+        cannot come too early), which the caller closes."""
+        net = self._net
+        record = vm.record
+        sid = record.spec.sandbox_id
+        # Off the bridge until the clone has its own addresses (see identity).
+        tap = await net.create_tap(sid, on_bridge=False)
+        undo.push("delete TAP", lambda: net.delete_tap(tap))
+        if tap != record.tap:
+            raise EngineError(f"the TAP of {sid} is {tap}, not {record.tap}")
+        await net.pin_neighbour(record.ip, record.mac)
+        admission = net.guard.admit_soon(record.spec, record.ip, port=tap, mac=record.mac)
+        undo.push("remove the firewall rules", admission.undo)
+        for drive in record.drives[2:]:
+            await asyncio.to_thread(templates.write_slot_placeholder, Path(drive.path))
+        await disks.make_config_drive(vm.paths.config_drive, config, origin.drive_size)
+        await asyncio.to_thread(snapshot.write_json_atomic, vm.paths.record, record.to_json())
+        frames = await net.packet_socket(tap, forkframe.ETHERTYPE)
+        undo.push("close the frame socket", lambda: _close(frames))
+        return admission, frames
 
 
-def _append(path: Path, block: bytes) -> int:
-    """Blocking: ``block`` at the end of ``path``; the new size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        offset = os.lseek(fd, 0, os.SEEK_END)
-        os.pwrite(fd, block, offset)
-        return offset + len(block)
-    finally:
-        os.close(fd)
+async def _close(sock: socket.socket) -> None:
+    sock.close()

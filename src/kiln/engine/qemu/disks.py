@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -76,6 +77,51 @@ async def copy_sparse(src: Path, dest: Path) -> None:
     await run_tool(["cp", "--reflink=auto", "--sparse=always", src, dest])
 
 
+async def copy_into(src: Path, dest: Path) -> None:
+    """``src``'s data into ``dest``, which is missing or all holes, in place: ``dest``
+    keeps its inode (a QEMU may have it open or mapped already) and ``src``'s holes
+    stay holes. ``dest`` ends up ``src``'s size."""
+    await asyncio.to_thread(_copy_into, src, dest)
+
+
+def _copy_into(src: Path, dest: Path) -> None:
+    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd_in).st_size
+            if os.fstat(fd_out).st_size != size:
+                os.ftruncate(fd_out, size)
+            for start, end in _extents(fd_in, size):
+                at = start
+                while at < end:
+                    # In the kernel, no copy through user space (a reflink where the
+                    # filesystem can).
+                    n = os.copy_file_range(fd_in, fd_out, end - at, at, at)
+                    if n == 0:
+                        raise EngineError(f"{src} shrank while it was copied")
+                    at += n
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of ``fd`` that hold data (SEEK_DATA/SEEK_HOLE)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here to the end
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        offset = end
+
+
 def config_drive_size(config_json_bytes: int) -> int:
     """Bytes for an ext4 that comfortably holds a config.json this big (≥ 4 MiB, MiB-aligned)."""
     need = 2 * config_json_bytes + 2 * _MIB
@@ -96,13 +142,13 @@ async def make_config_drive(dest: Path, config: dict[str, Any], size: int | None
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        _make_sparse(dest, size if size is not None else need)
+        make_sparse(dest, size if size is not None else need)
         await run_tool(["mkfs.ext4", "-q", "-F", "-L", "kiln-config", "-m", "0", "-d", tree, dest])
 
 
 async def make_volume(dest: Path, size_mb: int, label: str) -> None:
     """A new, empty ext4 volume image (fails if ``dest`` exists)."""
-    _make_sparse(dest, size_mb * _MIB, exclusive=True)
+    make_sparse(dest, size_mb * _MIB, exclusive=True)
     try:
         await run_tool(
             [
@@ -152,7 +198,8 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
-def _make_sparse(path: Path, size: int, *, exclusive: bool = False) -> None:
+def make_sparse(path: Path, size: int, *, exclusive: bool = False) -> None:
+    """``path``: an empty (all holes) file of ``size`` bytes, mode 0600."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
     try:

@@ -5,6 +5,7 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
     thermal     pause/resume, snapshot to disk and restore, the guest clock
     capture     a sandbox's disk, memory and device state copied (a brief pause)
     clone       a new sandbox from a capture, with its own identity
+    identity    telling a running clone who it is (a frame on its TAP, else the config drive)
     fork        capture into the new sandbox's directory, then clone
     saved       saved images: capture into a directory of their own; create = clone
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..base import SandboxSpec
 from ..errors import InvalidState, SandboxNotFound
-from .capture import Capturer
+from .capture import Capturer, DiskReady
 from .clone import Cloner, Origin
 from .machine import VM
 from .snapshot import SnapshotMeta
@@ -58,8 +58,10 @@ class Forker:
         origin = await origin_of(source)
         self._cloner.check(origin, spec, "a fork")
 
-        async def fill(vm: VM) -> SnapshotMeta:
+        async def fill(vm: VM, disk_ready: DiskReady) -> SnapshotMeta:
             rootfs = Path(vm.record.drives[0].path)
-            return await self._capturer.capture(source, vm.paths, rootfs, template_ram=True)
+            return await self._capturer.capture(
+                source, vm.paths, rootfs, template_ram=True, disk_ready=disk_ready
+            )
 
         return await self._cloner.clone(origin, spec, fill, f"forked from {source.sandbox_id}")

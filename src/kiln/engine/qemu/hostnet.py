@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Mapping, Set
 from typing import Any
 
@@ -61,9 +62,9 @@ class HostNet:
         except NetworkError as exc:
             log.warning("could not release %s: %s", ip, exc)
 
-    async def create_tap(self, sid: str) -> str:
+    async def create_tap(self, sid: str, on_bridge: bool = True) -> str:
         try:
-            return await asyncio.to_thread(self.network.create_tap, sid)
+            return await asyncio.to_thread(self.network.create_tap, sid, on_bridge)
         except NetworkError as exc:
             raise EngineError(f"cannot create the TAP of {sid}: {exc}") from exc
 
@@ -74,6 +75,22 @@ class HostNet:
             await asyncio.to_thread(self.network.create_tap, sid)
         except NetworkError as exc:
             log.warning("cannot re-create the TAP of %s: %s", sid, exc)
+
+    async def set_tap_on_bridge(self, tap: str, on: bool) -> None:
+        try:
+            await asyncio.to_thread(self.network.set_tap_on_bridge, tap, on)
+        except NetworkError as exc:
+            verb = "attach" if on else "detach"
+            raise EngineError(f"cannot {verb} the TAP {tap}: {exc}") from exc
+
+    async def packet_socket(self, tap: str, ethertype: int) -> socket.socket:
+        """A non-blocking AF_PACKET socket for ``ethertype`` frames on ``tap``."""
+        try:
+            sock = await asyncio.to_thread(self.network.packet_socket, tap, ethertype)
+        except NetworkError as exc:
+            raise EngineError(str(exc)) from exc
+        sock.setblocking(False)
+        return sock
 
     async def delete_tap(self, tap: str) -> None:
         try:

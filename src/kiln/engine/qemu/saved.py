@@ -32,7 +32,7 @@ from typing import Any, Final
 from ..base import SANDBOX_ID_RE, SandboxSpec, SavedImage
 from ..errors import EngineError, ImageNotFound, InvalidSpec, InvalidState
 from . import disks, machine, snapshot
-from .capture import Capturer
+from .capture import Capturer, DiskReady
 from .clone import Cloner, Origin
 from .config import QemuConfig
 from .fork import check_source, origin_of
@@ -119,7 +119,8 @@ class SavedImages:
         source = Paths(self._dir(spec.snapshot))
         src_rootfs = source.root / Path(origin.record.drives[0].path).name
 
-        async def fill(vm: VM) -> snapshot.SnapshotMeta:
+        async def fill(vm: VM, disk_ready: DiskReady) -> snapshot.SnapshotMeta:
+            # (The clone's QEMU starts once everything is copied.)
             saved = await asyncio.to_thread(snapshot.load_meta, source.snapshot_meta)
             dest = vm.paths
             await asyncio.gather(

@@ -304,19 +304,18 @@ class ThermalControl:
 
     # ------------------------------------------------------------------ restore
 
-    async def restore(self, vm: VM, *, make_tap: bool = True) -> None:
+    async def restore(self, vm: VM) -> None:
         """cold → hot: a new QEMU maps the same RAM file and loads state.bin.
 
         The caller applies the transition; a failure here leaves the sandbox in the
-        state it started from if the guest never ran, else LOST. ``make_tap=False``:
-        the caller made the TAP (a fork's, kept off the bridge for now)."""
+        state it started from if the guest never ran, else LOST. (A clone is started
+        in two steps instead: :meth:`launch_incoming`, :meth:`run_incoming`.)"""
         p = vm.paths
         before = vm.state
         why = why_unrestorable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        if make_tap:
-            await self._net.create_tap(vm.record.net_owner)
+        await self._net.create_tap(vm.record.net_owner)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()
@@ -356,6 +355,23 @@ class ThermalControl:
             meta.ram_synced = False
         vm.phases = phases.done()
         log.debug("sandbox %s restored: %s", vm.sandbox_id, vm.phases)
+
+    async def launch_incoming(self, vm: VM) -> None:
+        """A new QEMU for ``vm`` that waits for its device state (``-incoming``); its
+        files need only be openable (a clone's are still being filled, see
+        :data:`.capture.DiskReady`). The caller kills it if it goes no further."""
+        await machine.boot(vm, self.config, self._host.tsc_khz, incoming=True)
+
+    async def run_incoming(self, vm: VM) -> None:
+        """Load ``vm``'s device state into the QEMU :meth:`launch_incoming` started and
+        run it (the snapshot is spent). A clone's: the caller kills it on failure."""
+        meta = vm.meta
+        await self._load_state(vm, ram_in_state=meta.ram_in_state)
+        await self.spend_snapshot(vm)
+        await machine.qmp(vm, "cont")
+        if meta.ram_in_state:
+            meta.ram_in_state = False  # the RAM now lives in the file, all of it unsynced
+            meta.ram_synced = False
 
     # ------------------------------------------------------------------ reboot
 
