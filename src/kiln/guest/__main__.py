@@ -303,7 +303,7 @@ def _watch_for_fork(args: argparse.Namespace, config: GuestConfig, agent: Agent)
     def on_new(new: GuestConfig) -> None:
         agent.settings = replace(agent.settings, token=new.token)
 
-    IdentityWatch(device, config.sandbox_id, on_new).start()
+    IdentityWatch(device, config.sandbox_id, on_new, config.network).start()
 
 
 def _vm_agent(

@@ -12,7 +12,8 @@ The guest kernel announces the new size with a ``change`` uevent carrying
 blocked ``recv``: free while nothing happens, unlike polling the drive), reads
 the block -- a ``pread`` at the end of the disk, no mount: under TCG every code
 path runs for the first time in a new QEMU, and an ext4 mount cost ~200 ms --
-and if it names another sandbox takes its identity: RNG reseed and clock,
+and if it names another sandbox (or this one with another network: the same
+sandbox taken over by another node of a cluster) takes its identity: RNG reseed and clock,
 hostname, resolv.conf, eth0 (MAC, address, default route) and the agent's token.
 Processes, sessions and files are untouched: they are the fork's point.
 Afterwards the config drive is mounted afresh (the old mount was the source's
@@ -33,7 +34,14 @@ import time
 from collections.abc import Callable
 
 from . import netconf, pid1
-from .config import CONFIG_MOUNT, FORK_READY_LINE, IDENTITY_BLOCK, GuestConfig, parse_identity
+from .config import (
+    CONFIG_MOUNT,
+    FORK_READY_LINE,
+    IDENTITY_BLOCK,
+    GuestConfig,
+    NetworkSpec,
+    parse_identity,
+)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,10 +109,17 @@ class IdentityWatch:
     """The thread that waits for a fork's identity block."""
 
     def __init__(
-        self, device: str, sandbox_id: str | None, on_new: Callable[[GuestConfig], None]
+        self,
+        device: str,
+        sandbox_id: str | None,
+        on_new: Callable[[GuestConfig], None],
+        network: NetworkSpec | None = None,
     ) -> None:
         self._device = device
         self._sandbox_id = sandbox_id
+        #: A block naming this sandbox is new only with another network: the same
+        #: sandbox taken over by another host of a cluster (its address from there).
+        self._network = network
         self._on_new = on_new
 
     def start(self) -> threading.Thread | None:
@@ -135,10 +150,13 @@ class IdentityWatch:
         except (OSError, ConfigError) as exc:
             log.error("fork: cannot read the identity block: %s", exc)
             return
-        if config is None or config.sandbox_id == self._sandbox_id:
+        if config is None or (
+            config.sandbox_id == self._sandbox_id and config.network == self._network
+        ):
             return
         read = time.monotonic()
         source, self._sandbox_id = self._sandbox_id, config.sandbox_id
+        self._network = config.network
         take_identity(config)
         try:
             self._on_new(config)

@@ -160,6 +160,8 @@ def _qemu(config: Config, firewall: Firewall | None) -> Engine:
             pool_shapes=tuple(
                 (s.image or config.image, s.cpus, s.memory_mb, s.size) for s in config.pool_shapes()
             ),
+            shared_dir=config.shared_dir,
+            node=config.node_name if config.shared_dir is not None else None,
         )
     except EngineUnavailable as exc:
         return Unavailable(f"QEMU engine: {exc}", "qemu")

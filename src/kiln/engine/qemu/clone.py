@@ -111,12 +111,12 @@ class Cloner:
                 phases.mark("copy")
                 await admission.wait()
                 undo.push("stop QEMU", lambda: machine.kill(vm))
-                await self._detach(vm.record.tap)
+                await self.detach(vm.record.tap)
                 await self._thermal.restore(vm, make_tap=False)
                 phases.mark("restore")
-                await self._announce(vm, identity)
-                await self._wait_identity(vm)
-                await self._attach(vm.record.tap)
+                await self.announce(vm, identity)
+                await self.wait_identity(vm)
+                await self.attach(vm.record.tap)
                 phases.mark("identity")
                 # The identity block's clock is some 0.1 s old by now: the first
                 # request sets it exactly (and reseeds again).
@@ -205,7 +205,7 @@ class Cloner:
 
     # ------------------------------------------------------------------ identity
 
-    async def _announce(self, vm: VM, identity: dict[str, Any]) -> None:
+    async def announce(self, vm: VM, identity: dict[str, Any]) -> None:
         """Append the identity block to the running clone's config drive and grow the
         disk over it: the guest's resize uevent sets it going."""
         identity = {
@@ -217,7 +217,7 @@ class Cloner:
         size = await asyncio.to_thread(_append, vm.paths.config_drive, block)
         await machine.qmp(vm, "block_resize", {"device": "disk1", "size": size})
 
-    async def _wait_identity(self, vm: VM) -> None:
+    async def wait_identity(self, vm: VM) -> None:
         line = f"{FORK_READY_LINE} {vm.sandbox_id},".encode()
         deadline = time.monotonic() + _IDENTITY_TIMEOUT
         while True:
@@ -236,10 +236,10 @@ class Cloner:
                 )
             await asyncio.sleep(_IDENTITY_POLL)
 
-    async def _detach(self, tap: str) -> None:
+    async def detach(self, tap: str) -> None:
         await self._ip_link(tap, "nomaster")
 
-    async def _attach(self, tap: str) -> None:
+    async def attach(self, tap: str) -> None:
         await self._ip_link(tap, "master", self.config.network.bridge)
 
     async def _ip_link(self, tap: str, *args: str) -> None:
