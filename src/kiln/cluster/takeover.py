@@ -1,0 +1,190 @@
+"""A lost node's sandboxes taken over by a live node; a draining node's stopped
+sandboxes moved to others. Both need ``cluster.shared_dir``: a directory every node
+mounts, where the QEMU engine keeps its sandboxes' files (see
+:mod:`kiln.engine.qemu.adoption`).
+
+Taking over happens on a sandbox's next use: a request for a sandbox whose node
+is *lost* (its lease ran out) makes the node it reached take the sandbox over
+(:meth:`Takeover.take_over`). The store moves the row first, in one conditional
+update (:meth:`~kiln.store.Store.claim_sandbox`: only from a node that is lost,
+only once -- of two nodes racing, one wins and the other learns which, and
+relays there), then the engine adopts the files
+(:meth:`~kiln.engine.base.Engine.adopt`): a cold sandbox is restored here with
+its processes, one whose machine died with its node boots from its disks on its
+next use (files kept, processes lost: a reboot). One its user had stopped stays
+stopped. When the engine cannot move it (a Docker container: its files are in
+its node's dockerd), the row goes back to the lost node and the sandbox stays
+reported as lost until that node returns.
+
+A drain (:meth:`Takeover.move_stopped`, run on the draining node) gives each
+stopped sandbox up (:meth:`~kiln.engine.base.Engine.release`: files kept) and
+moves its row to another node, which adopts it when it next meets it: a row of
+its own its engine does not hold (:meth:`Takeover.adopt_claimed`). Running
+sandboxes stay until they are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kiln.engine import Engine
+from kiln.engine.errors import EngineError, SandboxNotFound
+from kiln.engine.router import ENGINE_KEY
+from kiln.engine.states import Status, Thermal
+from kiln.recovery import recovered_state
+from kiln.store import Node, NotFound, Sandbox, Store
+
+from .errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+class TakeoverRefused(ClusterError):
+    """The sandbox cannot be taken over (its node is alive, or it cannot move)."""
+
+
+class TakenElsewhere(ClusterError):
+    """Another node took the sandbox over first; ``node`` names it."""
+
+    def __init__(self, sandbox_id: str, node: str | None) -> None:
+        super().__init__(f"sandbox {sandbox_id} was taken over by node {node!r} first")
+        self.node = node
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """One sandbox a drain moved (``to``: its new node) or could not (``error``)."""
+
+    sandbox_id: str
+    to: str | None
+    error: str | None = None
+
+
+class Takeover:
+    """This node's side of taking over and moving sandboxes (``node``: its name)."""
+
+    def __init__(
+        self, store: Store, engine: Engine, node: str, now: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.node = node
+        self._now = now
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def holds(self, sandbox_id: str) -> bool:
+        """Whether this node's engine has the sandbox."""
+        try:
+            self.engine.info(sandbox_id)
+        except (SandboxNotFound, EngineError):
+            return False
+        return True
+
+    async def take_over(self, row: Sandbox) -> Sandbox:
+        """``row``, a sandbox of a lost node, made this node's (its row as it is now).
+        TakeoverRefused if its node is not lost or it cannot move; TakenElsewhere if
+        another node was first."""
+        async with self._lock(row.id):
+            home = row.node
+            if home is None or home == self.node:
+                return await self._adopt_if_missing(row)
+            try:
+                node = await asyncio.to_thread(self.store.get_node, home)
+            except NotFound:
+                raise TakeoverRefused(f"sandbox {row.id}: its node {home!r} is unknown") from None
+            if not node.lost(self._now()):
+                raise TakeoverRefused(f"sandbox {row.id}: its node {home} is alive")
+            if row.engine_state is None:
+                raise TakeoverRefused(f"sandbox {row.id}: its node {home} stored no state of it")
+            claimed = await asyncio.to_thread(
+                self.store.claim_sandbox, row.id, from_node=home, to_node=self.node
+            )
+            if claimed is None:
+                fresh = await asyncio.to_thread(self.store.get_sandbox, row.id)
+                if fresh.node == self.node:  # we took it meanwhile (another request)
+                    return await self._adopt_if_missing(fresh)
+                raise TakenElsewhere(row.id, fresh.node)
+            try:
+                return await self._adopt(claimed)
+            except TakeoverRefused:
+                # It cannot live here: back to its node, reported lost until it returns.
+                await asyncio.to_thread(
+                    self.store.claim_sandbox,
+                    row.id,
+                    from_node=self.node,
+                    to_node=home,
+                    lost_only=False,
+                )
+                raise
+
+    async def adopt_claimed(self, row: Sandbox) -> Sandbox:
+        """A row of this node's that its engine does not hold (a drain moved it here,
+        or a takeover died between the claim and the adopt), adopted now."""
+        async with self._lock(row.id):
+            return await self._adopt_if_missing(row)
+
+    async def _adopt_if_missing(self, row: Sandbox) -> Sandbox:
+        if self.holds(row.id):
+            return row
+        if row.engine_state is None:
+            raise TakeoverRefused(f"sandbox {row.id}: no state of it was stored")
+        return await self._adopt(row)
+
+    async def _adopt(self, row: Sandbox) -> Sandbox:
+        assert row.engine_state is not None
+        state = {ENGINE_KEY: row.engine, **row.engine_state}
+        try:
+            info = await self.engine.adopt(state)
+            if row.status is Status.STOPPED and info.thermal is not Thermal.COLD:
+                # Restored here for its new address; its user had stopped it.
+                info = await self.engine.stop(row.id)
+        except EngineError as exc:
+            raise TakeoverRefused(f"sandbox {row.id} cannot move here: {exc}") from exc
+        status, thermal = recovered_state(row, info)
+        moved = await asyncio.to_thread(
+            self.store.update_sandbox,
+            row.id,
+            status=status,
+            thermal=thermal,
+            ip=info.ip,
+            engine_state=self.engine.export_state(row.id),
+        )
+        log.info("sandbox %s taken over from node %s: %s/%s", row.id, row.node, status, thermal)
+        return moved
+
+    async def move_stopped(self, pick: Callable[[Sandbox], Node | None]) -> Sequence[Moved]:
+        """On a draining node: move every stopped sandbox of this node to the node
+        ``pick`` chooses (None: none can take it, it stays). Running ones stay."""
+        rows = await asyncio.to_thread(self.store.list_live_sandboxes, None, node=self.node)
+        out: list[Moved] = []
+        for row in rows:
+            if row.status is not Status.STOPPED or row.thermal is not Thermal.COLD:
+                continue
+            target = pick(row)
+            if target is None:
+                out.append(Moved(row.id, None, "no node can take it"))
+                continue
+            out.append(await self._move(row, target.name))
+        return out
+
+    async def _move(self, row: Sandbox, to: str) -> Moved:
+        async with self._lock(row.id):
+            try:
+                state = await self.engine.release(row.id)
+            except EngineError as exc:
+                return Moved(row.id, None, str(exc))
+            await asyncio.to_thread(self.store.set_engine_state, row.id, state)
+            claimed = await asyncio.to_thread(
+                self.store.claim_sandbox, row.id, from_node=self.node, to_node=to, lost_only=False
+            )
+            if claimed is None:
+                return Moved(row.id, None, "its row changed meanwhile")
+            log.info("drain: sandbox %s moved to node %s", row.id, to)
+            return Moved(row.id, to)
