@@ -27,7 +27,8 @@ Every key is optional; the file uses the field names of :class:`Config`, with
     publish_domain: localhost
     max_upload_bytes: 104857600
     # several daemons on one PostgreSQL store (ignored on SQLite):
-    cluster: {node: null, advertise: null, secret_file: null, lease_s: 10, shared_dir: null}
+    cluster: {node: null, advertise: null, secret_file: null, lease_s: 10, shared_dir: null,
+              cpus: null, memory_mb: null}
 
 Overrides (from the command line) use the same names, dotted for the nested
 ones (``{"network.netns": "kiln-test"}``). A bad value raises
@@ -154,6 +155,8 @@ class ClusterSettings:
     ``lease_s``: how long a node's registration lasts unrenewed; after that it is lost.
     ``shared_dir``: a directory every node mounts (NFS, ...) for snapshots and disks
     that another node must be able to restore (None: none).
+    ``cpus``, ``memory_mb``: what this node offers to sandboxes (None: the host's CPU
+    count and memory); less than the host keeps some for itself.
     """
 
     node: str | None = None
@@ -161,6 +164,8 @@ class ClusterSettings:
     secret_file: Path | None = None
     lease_s: float = 10.0
     shared_dir: Path | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +388,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cluster.lease_s: must be positive")
     if c.node is not None and not _NODE_NAME.fullmatch(c.node):
         raise ConfigError(f"cluster.node: 1-63 letters, digits, '.', '_' or '-', got {c.node!r}")
+    for key in ("cpus", "memory_mb"):
+        value = getattr(c, key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"cluster.{key}: must be a positive integer, got {value!r}")
     if c.advertise is not None:
         parts = urlsplit(c.advertise)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -438,7 +449,10 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind in ("int", "float"):
+    if kind == "int | None" and value is None:
+        return None
+    if kind in ("int", "float", "int | None"):
+        kind = kind.removesuffix(" | None")
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, str):

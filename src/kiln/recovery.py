@@ -101,13 +101,15 @@ async def recover(
     engine_name: str | None = None,
     engine_names: Collection[str] | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    node: str | None = None,
 ) -> RecoveryReport:
     """Re-adopt every live sandbox of ``engine_names`` (default: ``engine_name``, else
-    ``engine.name``); an engine router takes them all."""
+    ``engine.name``); an engine router takes them all. ``node``: in a cluster, this
+    node's name: only its sandboxes are recovered (another node's are never touched)."""
     if engine_names is None:
         engine_names = (engine.name if engine_name is None else engine_name,)
     names = set(engine_names)
-    rows = store.list_live_sandboxes()
+    rows = store.list_live_sandboxes() if node is None else store.list_live_sandboxes(node=node)
     mine = [r for r in rows if r.engine in names]
     skipped = tuple(r.id for r in rows if r.engine not in names)
     limit = asyncio.Semaphore(max(1, concurrency))

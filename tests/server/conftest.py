@@ -5,12 +5,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
 from kiln.store import Quotas, User
 
+from .cluster_harness import Cluster
 from .harness import LiveServer
 from .upstream import Upstream
 
@@ -22,6 +24,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
+    """Daemons started on demand (``cluster.start(name)``) as nodes of one store."""
+    c = Cluster(tmp_path, pg_url)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @dataclass

@@ -126,6 +126,9 @@ def test_a_daemon_with_another_secret_key_is_refused_on_a_shared_store(
 
     # With the first daemon's key file it starts, and opens what the first one sealed.
     shutil.copy2(first_data / "secret.key", second_data / "secret.key")
+    # A node of the same cluster needs its secret too (refused otherwise: see
+    # test_cluster_membership).
+    shutil.copy2(first_data / "cluster-secret", second_data / "cluster-secret")
     second = Daemon(second_data, home, "--store", pg_url)
     try:
         with second.client(key) as c:

@@ -130,7 +130,7 @@ def test_database_of_the_release_before_postgres_opens_unchanged(tmp_path: Path)
     conn.executescript(V5_DUMP.read_text())
     conn.close()
     with Store.open(old) as store:
-        assert store.schema_version == LATEST_VERSION == 7
+        assert store.schema_version == LATEST_VERSION == 8
         assert store.integrity_check() == []
         admin = store.user_by_name("old-admin")
         assert admin.is_admin and admin.quotas.max_image_disk_mb == 100

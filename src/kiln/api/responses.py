@@ -194,7 +194,8 @@ class SandboxInfo(ApiModel):
     engines had capabilities, or a sandbox caught in the middle of a create,
     stop or start. ``network`` is its egress policy (``None`` from a daemon from
     before policies). ``last_boot`` (:class:`LastBoot`) is how its machine came
-    up last; ``None`` from a daemon that does not say.
+    up last; ``None`` from a daemon that does not say. ``node`` is the cluster node
+    it lives on (``None`` on a single daemon).
     """
 
     id: StrictStr
@@ -216,6 +217,7 @@ class SandboxInfo(ApiModel):
     expires_at: Timestamp | None = None
     on_expire: StrictStr = "destroy"
     last_boot: LastBoot | None = None
+    node: StrictStr | None = None
 
 
 class Port(ApiModel):
@@ -413,6 +415,35 @@ class Secret(ApiModel):
     name: StrictStr
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
+
+
+class NodeInfo(ApiModel):
+    """A node of a cluster (daemons sharing a PostgreSQL store).
+
+    ``state`` is what an admin asked (``active`` or ``draining``: takes no new
+    sandboxes); ``status`` is ``lost`` once its lease ran out unrenewed, else its
+    state. ``cpus``/``memory_mb`` are what it offers; ``cpus_allocated`` and
+    ``memory_allocated_mb`` what its ``sandboxes`` live ones take; ``starting`` the
+    creates placed on it and not finished yet; ``lease_left_s`` how long until it is
+    lost unless renewed (negative: lost that long ago); ``load`` the host's 1-minute
+    load average at the last renewal.
+    """
+
+    name: StrictStr
+    address: StrictStr
+    engines: list[StrictStr] = Field(default_factory=list)
+    cpus: StrictInt = 0
+    memory_mb: StrictInt = 0
+    disk_mb: StrictInt = 0
+    load: float = 0.0
+    state: StrictStr = "active"
+    status: StrictStr = "active"
+    sandboxes: StrictInt = 0
+    cpus_allocated: StrictInt = 0
+    memory_allocated_mb: StrictInt = 0
+    starting: StrictInt = 0
+    lease_left_s: float = 0.0
+    registered_at: Timestamp | None = None
 
 
 class Volume(ApiModel):

@@ -1422,3 +1422,4 @@ cli.add_command(user)
 cli.add_command(image)
 
 from . import images as _images  # noqa: E402, F401 - adds the API commands to `image`
+from . import nodes as _nodes  # noqa: E402, F401 - adds `kiln node`

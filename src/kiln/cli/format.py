@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         ImageInfo,
         LastBoot,
         NetworkPolicy,
+        NodeInfo,
         Port,
         ProcessInfo,
         PublishedPort,
@@ -350,6 +351,36 @@ def format_secrets_table(secrets: Iterable[Secret], now: datetime) -> Table:
     table = _table("NAME", "CREATED", "UPDATED")
     for s in secrets:
         table.add_row(s.name, format_age(s.created_at, now), format_age(s.updated_at, now))
+    return table
+
+
+def format_nodes_table(nodes: Iterable[NodeInfo], now: datetime) -> Table:
+    """``kiln node ls``: one row per node; CPUS and MEMORY are allocated/offered."""
+    table = _table(
+        "NAME",
+        "STATUS",
+        "ADDRESS",
+        "ENGINES",
+        "SANDBOXES",
+        "CPUS",
+        "MEMORY",
+        "LOAD",
+        "LEASE",
+        "AGE",
+    )
+    for n in nodes:
+        table.add_row(
+            n.name,
+            n.status,
+            n.address,
+            ",".join(n.engines) or "-",
+            str(n.sandboxes),
+            f"{n.cpus_allocated}/{n.cpus}",
+            f"{format_mib(n.memory_allocated_mb)}/{format_mib(n.memory_mb)}",
+            f"{n.load:.2f}",
+            f"{n.lease_left_s:.0f}s" if n.lease_left_s >= 0 else "expired",
+            format_age(n.registered_at, now),
+        )
     return table
 
 

@@ -32,6 +32,7 @@ from .models import (
     ImageInfo,
     NetworkPolicy,
     NewVolume,
+    NodeInfo,
     Port,
     ProcessInfo,
     PublishedPort,
@@ -224,6 +225,26 @@ def sandbox_path(id_or_name: str, *rest: str) -> str:
 
 def health() -> Call[Health]:
     return Call("GET", "/health", _parser(Health, "health"))
+
+
+# -- nodes (admins) -----------------------------------------------------------------
+
+
+def list_nodes() -> Call[list[NodeInfo]]:
+    return Call("GET", "/nodes", _list_parser(NodeInfo, "node list"))
+
+
+def get_node(name: str) -> Call[NodeInfo]:
+    return Call("GET", f"/nodes/{_seg(name)}", _parser(NodeInfo, "node"))
+
+
+def set_node_draining(name: str, draining: bool) -> Call[NodeInfo]:
+    action = "drain" if draining else "undrain"
+    return Call("POST", f"/nodes/{_seg(name)}/{action}", _parser(NodeInfo, "node"))
+
+
+def delete_node(name: str) -> Call[None]:
+    return Call("DELETE", f"/nodes/{_seg(name)}", _no_content)
 
 
 # -- sandboxes ----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from .models import (
     ImageInfo,
     NetworkPolicy,
     NewVolume,
+    NodeInfo,
     Port,
     ProcessInfo,
     PublishedPort,
@@ -113,6 +114,8 @@ class AsyncKiln:
         self.saved_images = AsyncSavedImages(self)
         #: Images: built-in tiers, global ones and your own package-list builds.
         self.images = AsyncImages(self)
+        #: The cluster's nodes (admins; none on a single daemon).
+        self.nodes = AsyncNodes(self)
 
     def __repr__(self) -> str:
         return f"AsyncKiln(url={self.url!r})"
@@ -1174,6 +1177,32 @@ class AsyncSessions:
 
 
 # -- secrets, volumes, templates -------------------------------------------------------
+
+
+class AsyncNodes:
+    """``kiln.nodes``: the daemons of a cluster (admins only; a single daemon has none)."""
+
+    def __init__(self, kiln: AsyncKiln) -> None:
+        self._kiln = kiln
+
+    async def list(self) -> builtins.list[NodeInfo]:
+        """Every node, with its status (``active``, ``draining`` or ``lost``) and load."""
+        return await self._kiln._call(_api.list_nodes())
+
+    async def get(self, name: str) -> NodeInfo:
+        return await self._kiln._call(_api.get_node(name))
+
+    async def drain(self, name: str) -> NodeInfo:
+        """Place no new sandbox on ``name`` (those it has keep running)."""
+        return await self._kiln._call(_api.set_node_draining(name, True))
+
+    async def undrain(self, name: str) -> NodeInfo:
+        """Let ``name`` take new sandboxes again."""
+        return await self._kiln._call(_api.set_node_draining(name, False))
+
+    async def delete(self, name: str) -> None:
+        """Forget ``name`` (refused while live sandboxes are on it)."""
+        await self._kiln._call(_api.delete_node(name))
 
 
 class AsyncSecrets:

@@ -31,6 +31,7 @@ from .models import (
     ImageInfo,
     NetworkPolicy,
     NewVolume,
+    NodeInfo,
     Port,
     ProcessInfo,
     PublishedPort,
@@ -104,6 +105,8 @@ class Kiln:
         self.saved_images = SavedImages(self)
         #: Images: built-in tiers, global ones and your own package-list builds.
         self.images = Images(self)
+        #: The cluster's nodes (admins; none on a single daemon).
+        self.nodes = Nodes(self)
 
     def __repr__(self) -> str:
         return f"Kiln(url={self.url!r})"
@@ -1123,6 +1126,32 @@ class Sessions:
 
 
 # -- secrets, volumes, templates -------------------------------------------------------
+
+
+class Nodes:
+    """``kiln.nodes``: the daemons of a cluster (admins only; a single daemon has none)."""
+
+    def __init__(self, kiln: Kiln) -> None:
+        self._kiln = kiln
+
+    def list(self) -> builtins.list[NodeInfo]:
+        """Every node, with its status (``active``, ``draining`` or ``lost``) and load."""
+        return self._kiln._call(_api.list_nodes())
+
+    def get(self, name: str) -> NodeInfo:
+        return self._kiln._call(_api.get_node(name))
+
+    def drain(self, name: str) -> NodeInfo:
+        """Place no new sandbox on ``name`` (those it has keep running)."""
+        return self._kiln._call(_api.set_node_draining(name, True))
+
+    def undrain(self, name: str) -> NodeInfo:
+        """Let ``name`` take new sandboxes again."""
+        return self._kiln._call(_api.set_node_draining(name, False))
+
+    def delete(self, name: str) -> None:
+        """Forget ``name`` (refused while live sandboxes are on it)."""
+        self._kiln._call(_api.delete_node(name))
 
 
 class Secrets:

@@ -40,6 +40,7 @@ from .openapi import ERROR_RESPONSES, add_stream_schemas
 from .proxy import ProxyFront
 from .routes import archive, files, images, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
+from .routes import nodes as node_routes
 from .services import Services
 
 log = logging.getLogger("kiln.server")
@@ -245,6 +246,7 @@ def create_app(services: Services) -> FastAPI:
         publish.router,
         resources.router,
         images.router,
+        node_routes.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(shell.router)

@@ -48,6 +48,8 @@ import uvicorn
 import yaml
 
 from kiln import faults
+from kiln.cluster import ClusterError, ClusterNode
+from kiln.cluster.membership import Membership, engine_names, join, resources
 from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
@@ -57,7 +59,7 @@ from kiln.images.child import ensure_image_in_child
 from kiln.network import Network, NetworkError, close_dialer
 from kiln.network.firewall import Firewall, FirewallConfig, table_name
 from kiln.recovery import recover
-from kiln.store import NotFound, SecretBox, Store, StoreError
+from kiln.store import NotFound, Sandbox, SecretBox, Store, StoreError
 from kiln.thermal import ThermalManager, ThermalPolicy
 
 from .app import create_app
@@ -440,11 +442,18 @@ async def serve(
     except StoreError as exc:
         raise DaemonError(str(exc)) from exc
     log.info("store: %s at %s", store.backend, store.path)
+    cluster: ClusterNode | None = None
     try:
         _check_secret_key(store, box, config)
+        if config.store_is_shared:
+            cluster = join(store, config)
+    except ClusterError as exc:
+        store.close()
+        raise DaemonError(str(exc)) from exc
     except BaseException:
         store.close()
         raise
+    node = None if cluster is None else cluster.name
     sock: socket.socket | None = None
     own_engine = engine is None
     firewall: Firewall | None = None
@@ -461,7 +470,7 @@ async def serve(
                     await _check_default_engine(engine)
                 # One firewall update for every sandbox recovered, not one each.
                 with firewall.batch() if firewall is not None else contextlib.nullcontext():
-                    await _recover(store, engine)
+                    await _recover(store, engine, node)
                 await finish_at_start(store, engine, config.data_dir)  # cut-off creates, destroys
                 await _run(
                     config=config,
@@ -473,6 +482,7 @@ async def serve(
                     build_images=own_engine,
                     signals=signals,
                     firewall=firewall,
+                    cluster=cluster,
                 )
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -481,7 +491,7 @@ async def serve(
             finally:
                 signals.stopping()
                 if engine is not None:
-                    _save_states(store, engine)
+                    _save_states(store, engine, node)
                     try:
                         await engine.close()
                     except EngineError as exc:
@@ -514,12 +524,13 @@ async def _check_default_engine(engines: Engines) -> None:
             ) from exc
 
 
-def _save_states(store: Store, engine: Engine) -> None:
-    """Store every sandbox's latest engine state, for the next start's recovery."""
+def _save_states(store: Store, engine: Engine, node: str | None) -> None:
+    """Store every sandbox's latest engine state (this node's), for the next start's
+    recovery."""
     if isinstance(engine, Unavailable):
         return
     try:
-        rows = store.list_live_sandboxes()
+        rows = store.list_live_sandboxes() if node is None else store.list_live_sandboxes(node=node)
     except StoreError as exc:
         log.warning("cannot list sandboxes to save their state: %s", exc)
         return
@@ -530,7 +541,7 @@ def _save_states(store: Store, engine: Engine) -> None:
             log.debug("no state saved for sandbox %s: %s", row.id, exc)
 
 
-async def _recover(store: Store, engine: Engine) -> None:
+async def _recover(store: Store, engine: Engine, node: str | None) -> None:
     if isinstance(engine, Unavailable):
         log.warning("engine unavailable: %s", engine.reason)
         return
@@ -539,7 +550,7 @@ async def _recover(store: Store, engine: Engine) -> None:
         for reason in engine.available().values():
             if reason is not None:
                 log.warning("%s", reason)
-    report = await recover(store, engine, engine_names=names)
+    report = await recover(store, engine, engine_names=names, node=node)
     for failed in report.failed:
         log.warning("recovery of sandbox %s: %s", failed.sandbox_id, failed.error)
     try:
@@ -562,6 +573,7 @@ async def _run(
     build_images: bool,
     signals: _Signals,
     firewall: Firewall | None = None,
+    cluster: ClusterNode | None = None,
 ) -> None:
     if isinstance(engine, Engines):
         available = any(reason is None for reason in engine.available().values())
@@ -572,14 +584,22 @@ async def _run(
         t = config.thermal
         thermal = ThermalManager(
             engine,
-            sandboxes=store.list_live_sandboxes,
+            sandboxes=_local_sandboxes(store, cluster),
             policy=ThermalPolicy(
                 hot_to_warm_s=t.hot_to_warm_s, warm_to_cold_s=t.warm_to_cold_s, tick_s=t.tick_s
             ),
             on_change=_persist_thermal(store, engine),
         )
     images = ImageBuilder(config.image_dir) if available and build_images else None
-    services = Services(store=store, engine=engine, config=config, thermal=thermal, images=images)
+    services = Services(
+        store=store,
+        engine=engine,
+        config=config,
+        thermal=thermal,
+        images=images,
+        cluster=cluster,
+    )
+    membership = _membership(store, config, engine) if cluster is not None else None
     try:
         _ = services.envd_tokens  # the E2B API's token key: made or read now, not mid-request
     except OSError as exc:
@@ -618,6 +638,13 @@ async def _run(
             stopper = tg.create_task(signals.stop.wait(), name="stop")
             while not server.started and not http.done():  # noqa: ASYNC110 -- uvicorn has no event
                 await asyncio.sleep(0.01)
+            if server.started and membership is not None:
+                # Registered once it answers: no create is placed here before.
+                try:
+                    await asyncio.to_thread(membership.register)
+                except StoreError as exc:
+                    raise DaemonError(f"cannot register node {membership.name}: {exc}") from exc
+                tg.create_task(membership.run(), name="lease")
             if server.started:
                 log.info("kiln daemon listening on %s (engine: %s)", url, engine.name)
                 if ready is not None:
@@ -625,6 +652,9 @@ async def _run(
             await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             stopper.cancel()
+            if membership is not None:
+                membership.stop()
+                await asyncio.to_thread(membership.leave)
             if warm_up is not None:
                 warm_up.cancel()
             # An image build would take minutes: it stops while open requests finish.
@@ -641,6 +671,29 @@ async def _run(
                 refresher.cancel()  # its rules stay: sandboxes outlive the daemon
     finally:
         signals.stopping()
+
+
+def _local_sandboxes(store: Store, cluster: ClusterNode | None) -> Callable[[], list[Sandbox]]:
+    """The live sandboxes this daemon's engine runs: all of them on a single daemon,
+    this node's in a cluster (another node's are never touched here)."""
+    if cluster is None:
+        return store.list_live_sandboxes
+    name = cluster.name
+    return lambda: store.list_live_sandboxes(node=name)
+
+
+def _membership(store: Store, config: Config, engine: Engine) -> Membership:
+    if isinstance(engine, Engines):
+        available = engine.available()
+        runtimes = {
+            n: tuple(getattr(engine.get(n), "runtimes", ()))
+            for n, reason in available.items()
+            if reason is None
+        }
+    else:
+        available = {engine.name: engine.reason if isinstance(engine, Unavailable) else None}
+        runtimes = {}
+    return Membership(store, config, resources(config, engine_names(available, runtimes)))
 
 
 async def _warm_up(services: Services) -> None:

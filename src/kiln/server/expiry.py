@@ -157,7 +157,10 @@ class ExpiryReaper:
         """Apply every expiry due now; return the actions carried out."""
         now = self._clock.now()
         try:
-            rows = self._sandboxes.store.list_expiring()
+            node = self._sandboxes.node
+            store = self._sandboxes.store
+            # In a cluster each node reaps its own sandboxes (its engine runs them).
+            rows = store.list_expiring() if node is None else store.list_expiring(node=node)
         except StoreError as exc:
             log.warning("expiry: cannot list sandboxes: %s", exc)
             return []

@@ -205,6 +205,12 @@ class SandboxService:
         return self._s.store
 
     @property
+    def node(self) -> str | None:
+        """This daemon's node name in a cluster (None: a single daemon)."""
+        cluster = self._s.cluster
+        return None if cluster is None else cluster.name
+
+    @property
     def engine(self) -> Engine:
         return self._s.engine
 
@@ -342,6 +348,8 @@ class SandboxService:
             "network": self._network_view(sb),
             "expires_at": None if sb.expires_at is None else rfc3339(sb.expires_at),
             "on_expire": str(sb.on_expire),
+            # The node it lives on (None on a single daemon).
+            "node": sb.node,
             # How its machine came up last: a "rebooted" one lost its processes.
             "last_boot": None
             if last_boot is None
@@ -478,6 +486,7 @@ class SandboxService:
                 labels=labels,
                 expires_at=self._expires_at(body.ttl_s),
                 on_expire=OnExpire(body.on_expire or OnExpire.DESTROY),
+                node=self.node,
             )
         except BaseException:
             self.intents.end(sandbox_id)
@@ -565,6 +574,7 @@ class SandboxService:
                 labels=dict(src.labels),
                 expires_at=src.expires_at,
                 on_expire=src.on_expire,
+                node=self.node,  # a fork is a copy of this node's sandbox: here too
             )
         except BaseException:
             self.intents.end(sandbox_id)

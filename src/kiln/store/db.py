@@ -51,6 +51,7 @@ from .records import (
     NewVolume,
     Node,
     NodeState,
+    NodeUsage,
     OnExpire,
     PublishRule,
     Quotas,
@@ -146,7 +147,7 @@ _SANDBOX_COLS = (
 )
 _NODE_COLS = (
     "name, address, engines, cpus, memory_mb, disk_mb, load, state, starting, registered_at,"
-    " lease_until"
+    " lease_until, starting_cpus, starting_memory_mb"
 )
 _VOLUME_SELECT = (
     "SELECT v.id, v.user_id, v.name, v.size_mb, v.path, v.created_at, a.sandbox_id, a.mount"
@@ -500,14 +501,16 @@ class Store:
             found = [sb for sb in found if labels_match(sb.labels, labels)]
         return found
 
-    def list_expiring(self) -> list[Sandbox]:
-        """Every live sandbox that has an expiry, soonest first."""
+    def list_expiring(self, *, node: str | _Unset = UNSET) -> list[Sandbox]:
+        """Every live sandbox that has an expiry (on ``node``, if given), soonest first."""
+        query = f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE deleted_at IS NULL"
+        query += " AND expires_at IS NOT NULL"
+        args: tuple[str, ...] = ()
+        if not isinstance(node, _Unset):
+            query += " AND node = ?"
+            args = (node,)
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {_SANDBOX_COLS} FROM sandboxes"
-                " WHERE deleted_at IS NULL AND expires_at IS NOT NULL ORDER BY expires_at, id"
-            )
-            return [_sandbox(r) for r in rows]
+            return [_sandbox(r) for r in conn.execute(query + " ORDER BY expires_at, id", args)]
 
     def list_live_sandboxes(
         self, engine: str | None = None, *, node: str | _Unset | None = UNSET
@@ -859,6 +862,17 @@ class Store:
         return {n: box.open(user_id, n, found[n]) for n in wanted}
 
     @_retried
+    def claim_setting(self, name: str, value: str) -> bool:
+        """Record ``value`` under ``name`` unless another value is there; return whether
+        the stored value is ``value`` (a first claim always succeeds)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return str(row[0]) == value
+            conn.execute("INSERT INTO settings (name, value) VALUES (?, ?)", (name, value))
+            return True
+
+    @_retried
     def claim_secret_key(self, recipient: str) -> bool:
         """Check that secrets are sealed for ``recipient`` (the age public key of this
         daemon's key file), recording it on first use; return whether it matches.
@@ -1089,12 +1103,14 @@ class Store:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE nodes SET address = ?, engines = ?, cpus = ?, memory_mb = ?,"
-                " disk_mb = ?, load = ?, lease_until = ?, starting = 0 WHERE name = ?",
+                " disk_mb = ?, load = ?, lease_until = ?, starting = 0, starting_cpus = 0,"
+                " starting_memory_mb = 0 WHERE name = ?",
                 (*values, name),
             )
             if cur.rowcount == 0:
                 conn.execute(
-                    f"INSERT INTO nodes ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    f"INSERT INTO nodes ({_NODE_COLS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 0, 0)",
                     (name, *values[:6], NodeState.ACTIVE.value, now, values[6]),
                 )
             return _node(_one(_select_node(conn, name), f"node {name!r}"))
@@ -1124,6 +1140,12 @@ class Store:
         with self._read() as conn:
             return [_node(r) for r in conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY name")]
 
+    def node_usage(self, names: Sequence[str] | None = None) -> dict[str, NodeUsage]:
+        """What the live sandboxes of each node (of ``names``, or every node that has
+        any) take; a node with none is absent."""
+        with self._read() as conn:
+            return _node_usage(conn, names)
+
     @_retried
     def set_node_state(self, name: str, state: NodeState) -> Node:
         with self._write() as conn:
@@ -1145,6 +1167,23 @@ class Store:
                 raise Conflict(f"node {name!r} still has {on_it} live sandbox(es)")
             if conn.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"node {name!r} not found")
+
+    @_retried
+    def adopt_unplaced(self, name: str) -> int:
+        """Give node ``name`` the live sandboxes that have no node (made by a single
+        daemon before the store was shared), unless another node is alive: then whose
+        they were is unknown and they stay as they are. Returns how many it took."""
+        with self._write() as conn:
+            others = conn.execute(
+                "SELECT COUNT(*) FROM nodes WHERE name <> ? AND lease_until >= ?",
+                (name, self._now()),
+            ).fetchone()[0]
+            if others:
+                return 0
+            cur = conn.execute(
+                "UPDATE sandboxes SET node = ? WHERE node IS NULL AND deleted_at IS NULL", (name,)
+            )
+            return int(cur.rowcount)
 
     # --- publish rules --------------------------------------------------------------------
 
@@ -1374,6 +1413,23 @@ def _select_node(conn: Connection, name: str) -> Cursor:
     return conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE name = ?", (name,))
 
 
+def _node_usage(conn: Connection, names: Sequence[str] | None) -> dict[str, NodeUsage]:
+    query = (
+        "SELECT node, COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)"
+        " FROM sandboxes WHERE deleted_at IS NULL"
+    )
+    args: tuple[str, ...] = ()
+    if names is None:
+        query += " AND node IS NOT NULL"
+    elif not names:
+        return {}
+    else:
+        query += f" AND node IN ({', '.join('?' * len(names))})"
+        args = tuple(names)
+    rows = conn.execute(query + " GROUP BY node", args)
+    return {str(r[0]): NodeUsage(int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
 def _node(row: Row) -> Node:
     with _reading(f"node {row['name']}"):
         engines = json.loads(row["engines"])
@@ -1391,6 +1447,8 @@ def _node(row: Row) -> Node:
             starting=as_int(row["starting"], "starting"),
             registered_at=float(row["registered_at"]),
             lease_until=float(row["lease_until"]),
+            starting_cpus=as_int(row["starting_cpus"], "starting_cpus"),
+            starting_memory_mb=as_int(row["starting_memory_mb"], "starting_memory_mb"),
         )
 
 

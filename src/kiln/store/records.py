@@ -205,6 +205,8 @@ class Node:
     starting: int  # creates placed on it that have not finished yet
     registered_at: float
     lease_until: float
+    starting_cpus: int = 0  # what the ``starting`` creates asked for
+    starting_memory_mb: int = 0
 
     def lost(self, now: float) -> bool:
         """Its lease ran out: the daemon stopped renewing it (killed, cut off)."""
@@ -213,6 +215,15 @@ class Node:
     def status(self, now: float) -> str:
         """``lost``, else its state (``active`` or ``draining``)."""
         return "lost" if self.lost(now) else self.state.value
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUsage:
+    """What the live sandboxes placed on a node take of it."""
+
+    sandboxes: int = 0
+    cpus: int = 0
+    memory_mb: int = 0
 
 
 @dataclass(frozen=True, slots=True)

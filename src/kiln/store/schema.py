@@ -254,6 +254,15 @@ _V7_NODES: Migration = (
 )
 
 
+_V8_NODE_RESERVATIONS: Migration = (
+    # What the creates counted in ``starting`` asked for: placement counts them as
+    # taken until the create is done, so two nodes placing at once cannot both fill
+    # the same free capacity before either sandbox row exists.
+    "ALTER TABLE nodes ADD COLUMN starting_cpus $INT NOT NULL DEFAULT 0",
+    "ALTER TABLE nodes ADD COLUMN starting_memory_mb $INT NOT NULL DEFAULT 0",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1_INITIAL,
     _V2_PUBLISH_RULES,
@@ -262,6 +271,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V5_IMAGES,
     _V6_SETTINGS,
     _V7_NODES,
+    _V8_NODE_RESERVATIONS,
 )
 LATEST_VERSION = len(MIGRATIONS)
 
