@@ -126,12 +126,19 @@ class Services:
     saved_images: SavedImageService = field(init=False)
     catalog: ImageService = field(init=False)
     _envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
+    _cluster_envd_tokens: EnvdTokens | None = field(default=None, init=False, repr=False)
 
     @property
     def envd_tokens(self) -> EnvdTokens:
         """The E2B API's per-sandbox envd access tokens (``.issue(id)``, ``.verify(id,
-        token)``), from the key in ``<data_dir>/e2b-envd.key`` (made on first use; the
-        daemon loads it at start)."""
+        token)``): on a node of a cluster from a key derived from the cluster secret
+        (the same on every node), else from the key in ``<data_dir>/e2b-envd.key``
+        (made on first use; the daemon loads it at start)."""
+        if self.cluster is not None:
+            if self._cluster_envd_tokens is None:
+                secret = self.cluster.peer.secret
+                self._cluster_envd_tokens = EnvdTokens.from_cluster_secret(secret)
+            return self._cluster_envd_tokens
         if self._envd_tokens is None:
             self._envd_tokens = EnvdTokens.load(self.config.data_dir / ENVD_KEY_FILE)
         return self._envd_tokens

@@ -3,7 +3,9 @@
 E2B's SDK authenticates every envd call with ``X-Access-Token``, a token the
 control plane hands out with the sandbox. An HMAC of the sandbox id under a key
 only the daemon holds gives every sandbox its own token without a table to
-keep, migrate or clean up, and the same token after a daemon restart.
+keep, migrate or clean up, and the same token after a daemon restart. The
+nodes of a cluster derive the key from their shared secret instead
+(:meth:`EnvdTokens.from_cluster_secret`): any node verifies any token.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class EnvdTokens:
         finally:
             tmp.unlink(missing_ok=True)
         return cls(path.read_bytes())
+
+    @classmethod
+    def from_cluster_secret(cls, secret: bytes) -> EnvdTokens:
+        """The key every node of a cluster derives from the secret they share, so a
+        token handed out by one node holds on every other."""
+        return cls(hmac.new(secret, b"kiln e2b envd token key", hashlib.sha256).digest())
 
     def issue(self, sandbox_id: str) -> str:
         return hmac.new(self._key, sandbox_id.encode(), hashlib.sha256).hexdigest()

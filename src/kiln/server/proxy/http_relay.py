@@ -44,11 +44,11 @@ class ResponseBrokeOff(Exception):
     """The response had started when the relay failed: the client sees it cut short."""
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     pass
 
 
-class _Client:
+class ClientSide:
     """The client's half of ASGI ``receive``: the request body, then a watch for
     ``http.disconnect`` (``gone``) from the moment the body is in."""
 
@@ -62,7 +62,7 @@ class _Client:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 self.gone.set()
-                raise _ClientGone
+                raise ClientGone
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk
@@ -109,7 +109,7 @@ async def relay_http(
     """Send the request in ``scope`` to ``target`` through ``pool`` and stream the
     answer to ``send``. RelayFailed before anything was sent to the client,
     ResponseBrokeOff after."""
-    client = _Client(receive)
+    client = ClientSide(receive)
     exchange = asyncio.create_task(
         _exchange(scope, client, send, pool=pool, target=target, touch=touch)
     )
@@ -126,7 +126,7 @@ async def relay_http(
         log.debug("%s: the client went away", target.label)
         return
     error = exchange.exception()
-    if isinstance(error, _ClientGone):
+    if isinstance(error, ClientGone):
         return
     if error is not None:
         raise error
@@ -134,7 +134,7 @@ async def relay_http(
 
 async def _exchange(
     scope: Scope,
-    client: _Client,
+    client: ClientSide,
     send: Send,
     *,
     pool: SandboxPool,

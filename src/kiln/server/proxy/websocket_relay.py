@@ -31,6 +31,7 @@ from kiln.agent_client import AgentClient, AgentError, ForwardError, ForwardStre
 
 from ..streaming import keep_active
 from .http_relay import CONNECT_TIMEOUT_S, RelayFailed, ResponseBrokeOff
+from .target import Headers as HeaderList
 from .target import Target, end_to_end, forwarded_request_headers
 
 log = logging.getLogger("kiln.server.proxy")
@@ -91,15 +92,29 @@ async def _handshake(
         ) from exc
     except (AgentError, TimeoutError) as exc:
         raise RelayFailed(502, f"cannot reach port {target.port} in {target.label}: {exc}") from exc
+    return await _upgrade(
+        stream,
+        scope,
+        f"ws://127.0.0.1:{target.port}{target.target.decode('latin-1')}",
+        forwarded_request_headers(scope, target, websocket=True),
+        f"the service on port {target.port}",
+    )
+
+
+async def _upgrade(
+    stream: ForwardStream, scope: Scope, uri_text: str, headers: HeaderList, what: str
+) -> tuple[_Upstream, Response, list[Frame]]:
+    """The WebSocket handshake over ``stream`` (aborted if it fails): the upstream, its
+    answer, and the frames that came right behind the answer."""
     try:
         try:
-            uri = parse_uri(f"ws://127.0.0.1:{target.port}{target.target.decode('latin-1')}")
+            uri = parse_uri(uri_text)
         except InvalidURI as exc:
             raise RelayFailed(400, f"invalid WebSocket path: {exc}") from exc
         offered = [Subprotocol(p) for p in scope.get("subprotocols", ())]
         protocol = ClientProtocol(uri, subprotocols=offered or None, max_size=MAX_MESSAGE)
         request = protocol.connect()
-        for key, value in forwarded_request_headers(scope, target, websocket=True):
+        for key, value in headers:
             name = key.decode("latin-1")
             if name == "host":
                 del request.headers["Host"]
@@ -116,14 +131,10 @@ async def _handshake(
                     if not more:
                         break
         except TimeoutError as exc:
-            raise RelayFailed(
-                504, f"the service on port {target.port} did not answer the WebSocket handshake"
-            ) from exc
+            raise RelayFailed(504, f"{what} did not answer the WebSocket handshake") from exc
         response = events[0] if events else None
         if not isinstance(response, Response):
-            raise RelayFailed(
-                502, f"the service on port {target.port} closed the connection during the handshake"
-            )
+            raise RelayFailed(502, f"{what} closed the connection during the handshake")
         frames = [e for e in events[1:] if isinstance(e, Frame)]
         return upstream, response, frames
     except BaseException:
@@ -144,6 +155,36 @@ async def relay_websocket(
     was answered (the caller refuses the handshake with it). The client's
     ``websocket.connect`` has been received already."""
     upstream, response, early = await _handshake(client, scope, target)
+    await _serve(upstream, response=response, early=early, receive=receive, send=send, touch=touch)
+
+
+async def relay_websocket_over(
+    stream: ForwardStream,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    uri: str,
+    headers: HeaderList,
+    what: str,
+    touch: Callable[[], None] | None = None,
+) -> None:
+    """Relay the WebSocket in ``scope`` over an open byte ``stream`` (another daemon,
+    say) to ``uri``, with exactly ``headers`` added to the handshake; ``what`` names
+    the other end in errors. RelayFailed before the client was answered."""
+    upstream, response, early = await _upgrade(stream, scope, uri, headers, what)
+    await _serve(upstream, response=response, early=early, receive=receive, send=send, touch=touch)
+
+
+async def _serve(
+    upstream: _Upstream,
+    *,
+    response: Response,
+    early: list[Frame],
+    receive: Receive,
+    send: Send,
+    touch: Callable[[], None] | None,
+) -> None:
     try:
         if upstream.protocol.handshake_exc is not None or response.status_code != 101:
             await _refuse(send, response)
@@ -158,8 +199,11 @@ async def relay_websocket(
             ],
         }
         await send(accept)
-        async with keep_active(touch):
+        if touch is None:
             await _relay(upstream, receive, send, early)
+        else:
+            async with keep_active(touch):
+                await _relay(upstream, receive, send, early)
     finally:
         upstream.stream.abort()
 
