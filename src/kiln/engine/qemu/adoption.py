@@ -23,9 +23,11 @@ address (so does every later boot). Then:
   paused) keeps its disks and boots from them on its next use: files kept,
   processes lost, reported like a host reboot (:data:`Found.DISK`).
 
-A lost node must really be down (fenced) before its sandboxes are adopted: a
-machine of it still running would write the same disk. Where it can see one (the
-same host, as in tests), adoption refuses.
+A machine of the lost node that still runs (a daemon that shut down cleanly
+keeps its machines; a host cut off from the others) would write the same disk:
+adoption refuses while the disk is in use -- a QEMU of this host on it, or
+QEMU's lock on the image, which a shared filesystem with locks (NFSv4) carries
+across hosts. Without such locks the lost node must really be down (fenced).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import errno
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Final
 
@@ -90,7 +93,8 @@ class Adopter:
         await self._host.ensure_ready(None)
         old_root = Path(record.dir)
         new_root = self.config.sandboxes_dir / old_root.name
-        await asyncio.to_thread(self._claim, sid, old_root, new_root)
+        disk = Path(record.drives[0].path)
+        await asyncio.to_thread(self._claim, sid, old_root, new_root, disk)
         paths = Paths(new_root)
         vm = VM(
             record=_moved(record, old_root, new_root),
@@ -127,8 +131,10 @@ class Adopter:
         )
         return vm
 
-    def _claim(self, sid: str, old_root: Path, new_root: Path) -> None:
-        """Blocking: the sandbox's directory renamed under this node's."""
+    def _claim(self, sid: str, old_root: Path, new_root: Path, disk: Path) -> None:
+        """Blocking: the sandbox's directory renamed under this node's, unless a QEMU
+        still uses its disk (this host's processes; or any host's, through QEMU's
+        image lock, on a shared filesystem that carries locks, as NFSv4 does)."""
         nodes = self.config.nodes_dir
         if old_root.parent.name != "sandboxes" or old_root.parent.parent.parent != nodes:
             raise InvalidState(
@@ -137,6 +143,19 @@ class Adopter:
             )
         if old_root.parent == self.config.sandboxes_dir:
             raise InvalidState(f"sandbox {sid} is already this node's")
+        if disk.is_relative_to(old_root) and disk.exists():
+            probe = subprocess.run(
+                ["qemu-img", "info", "--output=json", str(disk)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if probe.returncode != 0 and "lock" in probe.stderr:
+                raise InvalidState(
+                    f"cannot take over {sid}: its disk is in use (its QEMU still runs on its"
+                    f" node): {probe.stderr.strip()}"
+                )
         running = process.find_processes(f"{old_root}/")
         if running:
             raise InvalidState(
