@@ -26,6 +26,7 @@ sandboxes stay until they are stopped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from kiln.engine.errors import EngineError, SandboxNotFound
 from kiln.engine.router import ENGINE_KEY
 from kiln.engine.states import Status, Thermal
 from kiln.recovery import recovered_state
-from kiln.store import Node, NotFound, Sandbox, Store
+from kiln.store import Node, NodeState, NotFound, Sandbox, Store, StoreError
 
 from .errors import ClusterError
 
@@ -171,8 +172,26 @@ class Takeover:
             if target is None:
                 out.append(Moved(row.id, None, "no node can take it"))
                 continue
-            out.append(await self._move(row, target.name))
+            # Shielded: a release without its claim would strand the sandbox here.
+            out.append(await asyncio.shield(self._move(row, target.name)))
         return out
+
+    async def drain(self, period: float) -> None:
+        """While this node is draining, move its stopped sandboxes away, every
+        ``period`` seconds (a sandbox stopped later goes at the next round)."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                me = await asyncio.to_thread(self.store.get_node, self.node)
+                if me.state is not NodeState.DRAINING:
+                    continue
+                nodes = await asyncio.to_thread(self.store.list_nodes)
+                pick = functools.partial(_pick_now, nodes=nodes, now=self._now())
+                for moved in await self.move_stopped(pick):
+                    if moved.error is not None:
+                        log.warning("drain: sandbox %s stays: %s", moved.sandbox_id, moved.error)
+            except StoreError as exc:
+                log.warning("drain: %s", exc)
 
     async def _move(self, row: Sandbox, to: str) -> Moved:
         async with self._lock(row.id):
@@ -188,3 +207,21 @@ class Takeover:
                 return Moved(row.id, None, "its row changed meanwhile")
             log.info("drain: sandbox %s moved to node %s", row.id, to)
             return Moved(row.id, to)
+
+
+def pick_target(row: Sandbox, nodes: Sequence[Node], now: float) -> Node | None:
+    """Where a drain sends ``row``: the least loaded live, active node that runs its
+    engine (None: no such node)."""
+    fits = [
+        n
+        for n in nodes
+        if n.name != row.node
+        and n.state is NodeState.ACTIVE
+        and not n.lost(now)
+        and any(e == row.engine or e.startswith(f"{row.engine}/") for e in n.engines)
+    ]
+    return min(fits, key=lambda n: (n.load + n.starting, n.name), default=None)
+
+
+def _pick_now(row: Sandbox, *, nodes: Sequence[Node], now: float) -> Node | None:
+    return pick_target(row, nodes, now)

@@ -50,6 +50,7 @@ import yaml
 from kiln import faults
 from kiln.cluster import ClusterError, ClusterNode
 from kiln.cluster.membership import Membership, engine_names, join, resources
+from kiln.cluster.takeover import Takeover
 from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
@@ -598,6 +599,11 @@ async def _run(
         thermal=thermal,
         images=images,
         cluster=cluster,
+        takeover=(
+            Takeover(store, engine, cluster.name)
+            if cluster is not None and config.shared_dir is not None
+            else None
+        ),
     )
     membership = _membership(store, config, engine) if cluster is not None else None
     try:
@@ -645,6 +651,11 @@ async def _run(
                 except StoreError as exc:
                     raise DaemonError(f"cannot register node {membership.name}: {exc}") from exc
                 tg.create_task(membership.run(), name="lease")
+            drain = (
+                tg.create_task(services.takeover.drain(config.cluster.lease_s), name="drain")
+                if server.started and services.takeover is not None
+                else None
+            )
             if server.started:
                 log.info("kiln daemon listening on %s (engine: %s)", url, engine.name)
                 if ready is not None:
@@ -652,6 +663,8 @@ async def _run(
             await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             stopper.cancel()
+            if drain is not None:
+                drain.cancel()  # a move under way completes (it is shielded)
             if membership is not None:
                 membership.stop()
                 await asyncio.to_thread(membership.leave)
