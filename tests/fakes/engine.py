@@ -546,7 +546,7 @@ class FakeEngine:
             STATE_KEY: None if i.last_boot is None else i.last_boot.to_json(),
         }
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         """As a recovery that found no machine: what a lost node's sandbox is here."""
         return await self.import_state({**state, "alive": None})
 

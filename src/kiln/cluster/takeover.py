@@ -142,9 +142,10 @@ class Takeover:
         assert row.engine_state is not None
         state = {ENGINE_KEY: row.engine, **row.engine_state}
         try:
-            info = await self.engine.adopt(state)
-            if row.status is Status.STOPPED and info.thermal is not Thermal.COLD:
-                # Restored here for its new address; its user had stopped it.
+            stopped = row.status is Status.STOPPED
+            info = await self.engine.adopt(state, hot=not stopped)
+            if stopped and info.thermal is not Thermal.COLD:
+                # Restored here to take its new address; its user had stopped it.
                 info = await self.engine.stop(row.id)
         except EngineError as exc:
             raise TakeoverRefused(f"sandbox {row.id} cannot move here: {exc}") from exc

@@ -388,9 +388,10 @@ class Engine(Protocol):
         """Re-adopt a sandbox from exported state (daemon recovery)."""
         ...
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         """Take over a sandbox of a lost node of a cluster (``state``: what that node's
-        :meth:`export_state` made), its files from the cluster's shared directory.
+        :meth:`export_state` made), its files from the cluster's shared directory;
+        ``hot``: a cold one is woken at once (else it stays cold where it can).
         InvalidState where it cannot move (no shared directory; an engine that keeps
         a sandbox's files where no other node reaches them)."""
         ...

@@ -77,7 +77,7 @@ class Unavailable:
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         raise self._no()
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         raise self._no()
 
     async def release(self, sandbox_id: str) -> dict[str, Any]:
@@ -162,11 +162,11 @@ class Engines:
         self._owner[info.sandbox_id] = name
         return info
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         name = state.get(ENGINE_KEY) or self._default
         if not isinstance(name, str):
             raise EngineError(f"engine state names no engine: {state!r}")
-        info = await self.get(name).adopt(state)
+        info = await self.get(name).adopt(state, hot=hot)
         self._owner[info.sandbox_id] = name
         return info
 

@@ -824,7 +824,7 @@ class DockerEngine:
             STATE_KEY: None if box.last_boot is None else box.last_boot.to_json(),
         }
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         """A container's files live in its node's dockerd: it cannot move, and stays
         its lost node's until that node returns."""
         raise InvalidState(

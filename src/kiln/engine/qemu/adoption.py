@@ -18,7 +18,8 @@ address (so does every later boot). Then:
   files intact. If its network changed, its TAP stays off the bridge until the
   guest has taken the new address from an identity block, as a fork's clone does
   (:meth:`.clone.Cloner.announce`, :mod:`kiln.guest.reidentify`); its id,
-  hostname and token stay.
+  hostname and token stay. (One the caller wants cold, ``hot=False``, whose
+  network is the same here, stays cold: its next start restores it as usual.)
 - one whose machine died with its node (no valid snapshot: it was running or
   paused) keeps its disks and boots from them on its next use: files kept,
   processes lost, reported like a host reboot (:data:`Found.DISK`).
@@ -83,10 +84,11 @@ class Adopter:
         self._thermal = thermal
         self._cloner = cloner
 
-    async def adopt(self, record: Record, last_boot: object = None) -> VM:
+    async def adopt(self, record: Record, last_boot: object = None, *, hot: bool = True) -> VM:
         """The sandbox of ``record`` (as its lost node exported it), now this node's:
-        hot if it had a valid snapshot, else cold and booting from its disks on its
-        next use. InvalidState if it cannot be moved here."""
+        hot if it had a valid snapshot (not ``hot``: cold when its network did not
+        change, restored later like any cold sandbox), else cold and booting from its
+        disks on its next use. InvalidState if it cannot be moved here."""
         sid = record.spec.sandbox_id
         if self.config.shared_dir is None:
             raise InvalidState(f"cannot take over {sid}: this node has no shared_dir")
@@ -111,6 +113,10 @@ class Adopter:
             await undo.run()
             raise
         why = why_unrestorable(vm)
+        if why is None and identity is None and not hot:
+            vm.state = ADOPTED[Found.SNAPSHOT]
+            log.info("sandbox %s taken over from %s, cold", sid, old_root)
+            return vm
         if why is None:
             try:
                 await self._restore(vm, identity)

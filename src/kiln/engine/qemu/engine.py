@@ -301,16 +301,17 @@ class QemuEngine:
         self._vms[sid] = vm
         return machine.sandbox_info(vm)
 
-    async def adopt(self, state: Mapping[str, Any]) -> SandboxInfo:
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
         """Take over a sandbox of a lost node (``state``: as that node exported it;
-        see :mod:`.adoption`): restored here, hot, when it had a valid snapshot, else
-        cold and booting from its disks on its next use. InvalidState when it cannot
+        see :mod:`.adoption`): restored here when it had a valid snapshot (hot; or,
+        not ``hot`` and its network unchanged, left cold), else cold and booting
+        from its disks on its next use. InvalidState when it cannot
         move here (no shared_dir, its files not in it, its QEMU still running)."""
         record = recovery.record_from_state(state)
         sid = record.spec.sandbox_id
         if sid in self._vms and not self._vms[sid].destroyed:
             raise InvalidState(f"sandbox {sid!r} is already this node's")
-        vm = await self._adopter.adopt(record, state.get(STATE_KEY))
+        vm = await self._adopter.adopt(record, state.get(STATE_KEY), hot=hot)
         self._vms[sid] = vm
         return machine.sandbox_info(vm)
 
