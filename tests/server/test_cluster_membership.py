@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kiln.store import Store
 
 from .cluster_harness import LEASE_S, Cluster
@@ -45,12 +47,14 @@ def test_daemons_register_renew_and_are_lost_when_gone(cluster: Cluster) -> None
 
 
 def test_sandboxes_carry_their_node_and_recovery_keeps_to_its_own(cluster: Cluster) -> None:
-    a = cluster.start("a")
-    b = cluster.start("b")
+    # Offers that make placement predictable: only a has room for on-a; then b is
+    # the emptier one for on-b.
+    a = cluster.start("a", "--set", "cluster.memory_mb=2048")
+    b = cluster.start("b", "--set", "cluster.memory_mb=512")
     key = cluster.key()
     with a.client(key) as ca, b.client(key) as cb:
-        on_a = ca.post("/sandboxes", json={"name": "on-a"})
-        on_b = cb.post("/sandboxes", json={"name": "on-b"})
+        on_a = cb.post("/sandboxes", json={"name": "on-a", "memory_mb": 1024})
+        on_b = ca.post("/sandboxes", json={"name": "on-b", "memory_mb": 512})
         assert on_a.status_code == on_b.status_code == 201, (on_a.text, on_b.text)
         assert (on_a.json()["node"], on_b.json()["node"]) == ("a", "b")
         # Any node lists every sandbox with its node.
@@ -111,3 +115,28 @@ def test_a_cluster_node_needs_an_address_others_can_reach(cluster: Cluster, tmp_
     )
     assert proc.returncode != 0
     assert "cluster.advertise: other nodes cannot reach 127.0.0.1:0" in proc.stderr
+
+
+KILN_SERVE = (sys.executable, "-m", "kiln.cli", "serve")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--node", "bad name", "cluster.node: 1-63 letters, digits, '.', '_' or '-'"),
+        ("--advertise", "ftp://x", "cluster.advertise: expected http://HOST:PORT"),
+    ],
+)
+def test_kiln_serve_checks_its_cluster_flags(
+    tmp_path: Path, pg_url: str, flag: str, value: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [*KILN_SERVE, "--data-dir", str(tmp_path / "d"), "--store", pg_url, flag, value],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"kiln: error: {message}" in proc.stderr and "Traceback" not in proc.stderr

@@ -31,12 +31,13 @@ def kiln(url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_admins_see_drain_and_remove_nodes(cluster: Cluster) -> None:
-    a = cluster.start("a", "--set", "cluster.cpus=4", "--set", "cluster.memory_mb=4096")
+    # a has too little memory for the sandbox below: placement puts it on b.
+    a = cluster.start("a", "--set", "cluster.cpus=4", "--set", "cluster.memory_mb=512")
     b = cluster.start("b", "--set", "cluster.cpus=2", "--set", "cluster.memory_mb=2048")
     key = cluster.key()
-    with b.client(key) as cb:
-        made = cb.post("/sandboxes", json={"name": "on-b", "cpus": 2, "memory_mb": 1024})
-        assert made.status_code == 201, made.text
+    with a.client(key) as ca:
+        made = ca.post("/sandboxes", json={"name": "on-b", "cpus": 2, "memory_mb": 1024})
+        assert made.status_code == 201 and made.json()["node"] == "b", made.text
     with a.client(key) as ca:
         listed = {n["name"]: n for n in ca.get("/nodes").json()}
         assert set(listed) == {"a", "b"}

@@ -35,6 +35,7 @@ SANDBOX_FIELDS = {
     "on_expire",
     "network",
     "last_boot",
+    "node",
 }
 
 

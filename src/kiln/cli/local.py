@@ -63,6 +63,16 @@ def _config(config_path: Path | None, **overrides: object) -> Config:
     metavar="PATH|URL",
     help="The store: a SQLite file, or postgresql://user:pass@host/db [DATA_DIR/kiln.db].",
 )
+@click.option(
+    "--node",
+    metavar="NAME",
+    help="With a PostgreSQL store: this daemon's node name [the host name].",
+)
+@click.option(
+    "--advertise",
+    metavar="URL",
+    help="With a PostgreSQL store: the URL other nodes reach this daemon at [--listen].",
+)
 @config_option
 def serve(
     *,
@@ -71,16 +81,19 @@ def serve(
     engine: str | None,
     docker_runtime: str | None,
     store: str | None,
+    node: str | None,
+    advertise: str | None,
     config_path: Path | None,
 ) -> None:
-    """Run the kiln daemon in the foreground."""
+    """Run the kiln daemon in the foreground. On a PostgreSQL store it is a node of
+    a cluster: see `kiln node --help` and the README's "Nodes"."""
     config = _config(
         config_path,
         data_dir=data_dir,
         store=store,
         listen=listen,
         engine=engine,
-        **{"docker.runtime": docker_runtime},
+        **{"docker.runtime": docker_runtime, "cluster.node": node, "cluster.advertise": advertise},
     )
     from kiln.server import run  # noqa: PLC0415 - FastAPI is slow to import
 

@@ -648,8 +648,8 @@ async def _run(
                 # Registered once it answers: no create is placed here before.
                 try:
                     await asyncio.to_thread(membership.register)
-                except StoreError as exc:
-                    raise DaemonError(f"cannot register node {membership.name}: {exc}") from exc
+                except StoreError as exc:  # the lease loop registers it when it can
+                    log.warning("cluster: cannot register node %s yet: %s", membership.name, exc)
                 tg.create_task(membership.run(), name="lease")
             drain = (
                 tg.create_task(services.takeover.drain(config.cluster.lease_s), name="drain")

@@ -381,6 +381,22 @@ class SandboxService:
     async def create(self, user: User, body: CreateSandbox) -> dict[str, Any]:
         return self.view(await self.create_row(user, body))
 
+    def shape_of(self, user: User, body: CreateSandbox) -> tuple[str, str | None, int, int]:
+        """The engine, runtime, CPUs and memory a create would give its sandbox (what
+        placement weighs), resolved as :meth:`create_row` does (404/422 as it would)."""
+        s = self._s
+        if body.saved_image is None and body.image and s.catalog.saved(user, body.image):
+            body = body.model_copy(update={"saved_image": body.image, "image": None})
+        saved = s.saved_images.for_create(user, body)
+        if saved is not None:
+            return saved.engine, saved.config.runtime, saved.cpus, saved.memory_mb
+        tspec = s.templates.find(user, body.template_id).spec if body.template_id else None
+        cpus = body.cpus if body.cpus is not None else (tspec.cpus if tspec else 1)
+        memory_mb = (
+            body.memory_mb if body.memory_mb is not None else (tspec.memory_mb if tspec else 512)
+        )
+        return body.engine or s.engine_name, body.runtime, cpus, memory_mb
+
     async def create_row(
         self,
         user: User,

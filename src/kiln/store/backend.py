@@ -68,11 +68,17 @@ class Backend(Protocol):
         when that fails)."""
         ...
 
-    def begin(self, conn: Connection, owner: str | None) -> None:
+    def begin(self, conn: Connection, owner: str | None, *, row_locks: bool = False) -> None:
         """Start a write transaction. ``owner``: the user whose rows alone the
         transaction's checks read (quotas, names), or ``None`` when its invariants
-        span users; a backend may let writes for different owners run at once."""
+        span users; a backend may let writes for different owners run at once.
+        ``row_locks``: the transaction locks the rows it checks itself (``SELECT …
+        FOR UPDATE``, see :attr:`for_update`), so it needs no lock of its own."""
         ...
+
+    #: What makes a ``SELECT`` lock the rows it reads until the transaction ends
+    #: (``""`` where a write transaction already excludes every other writer).
+    for_update: str
 
     def commit(self, conn: Connection) -> None: ...
 

@@ -50,6 +50,7 @@ from .records import (
     ImageRecord,
     NewVolume,
     Node,
+    NodeLoad,
     NodeState,
     NodeUsage,
     OnExpire,
@@ -232,17 +233,18 @@ class Store:
             yield self._backend.connection()
 
     @contextlib.contextmanager
-    def _write(self, owner: str | None = None) -> Iterator[Connection]:
+    def _write(self, owner: str | None = None, *, row_locks: bool = False) -> Iterator[Connection]:
         """One transaction: committed if the block returns, rolled back if it raises.
 
         ``owner``: the user whose rows alone the block's checks read, which lets
         PostgreSQL run writes for different users at once (see
         :mod:`.postgres_backend`); ``None`` when the checks span users.
+        ``row_locks``: the block locks the rows it checks (``FOR UPDATE``) instead.
         """
         backend = self._backend
         with self._lock, self._translated():
             conn = backend.connection()
-            backend.begin(conn, owner)
+            backend.begin(conn, owner, row_locks=row_locks)
             try:
                 yield conn
                 backend.commit(conn)
@@ -1147,6 +1149,69 @@ class Store:
             return _node_usage(conn, names)
 
     @_retried
+    def reserve_node(
+        self,
+        shortlist: Callable[[Sequence[NodeLoad]], Sequence[str]],
+        choose: Callable[[Sequence[NodeLoad]], str | None],
+        *,
+        cpus: int,
+        memory_mb: int,
+    ) -> Node | None:
+        """Placement's transaction: pick a node for a sandbox of ``cpus`` and
+        ``memory_mb`` and count the create as starting there; None if none fits.
+
+        ``shortlist`` sees every active node whose lease holds, with what its live
+        sandboxes take, and names the candidates; their rows are then locked
+        (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite has one writer anyway) and
+        read again, and ``choose`` picks one of them, or none. The chosen row's
+        ``starting`` count and reservation (``starting_cpus``, ``starting_memory_mb``)
+        grow in the same transaction, so a placement on another API node that locks
+        the row next sees them: two nodes placing at once never fill the same free
+        capacity. :meth:`release_node` gives the reservation back.
+        """
+        cpus, memory_mb = as_int(cpus, "cpus"), as_int(memory_mb, "memory_mb")
+        alive = "state = 'active' AND lease_until >= ?"
+        with self._write(row_locks=True) as conn:
+            now = self._now()
+            rows = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE {alive}", (now,))
+            nodes = [_node(r) for r in rows]
+            usage = _node_usage(conn, None)
+            names = sorted(set(shortlist([_load(n, usage) for n in nodes])))
+            if not names:
+                return None
+            marks = ", ".join("?" * len(names))
+            rows = conn.execute(
+                f"SELECT {_NODE_COLS} FROM nodes WHERE name IN ({marks}) AND {alive}"
+                f" ORDER BY name{self._backend.for_update}",
+                (*names, now),
+            )
+            locked = [_node(r) for r in rows]
+            usage = _node_usage(conn, [n.name for n in locked])
+            name = choose([_load(n, usage) for n in locked])
+            if name is None:
+                return None
+            conn.execute(
+                "UPDATE nodes SET starting = starting + 1, starting_cpus = starting_cpus + ?,"
+                " starting_memory_mb = starting_memory_mb + ? WHERE name = ?",
+                (cpus, memory_mb, name),
+            )
+            return _node(_one(_select_node(conn, name), f"node {name!r}"))
+
+    @_retried
+    def release_node(self, name: str, *, cpus: int, memory_mb: int) -> None:
+        """A create :meth:`reserve_node` counted on ``name`` is over (done or failed)."""
+        with self._write(row_locks=True) as conn:
+            conn.execute(
+                "UPDATE nodes SET"
+                " starting = CASE WHEN starting > 0 THEN starting - 1 ELSE 0 END,"
+                " starting_cpus = CASE WHEN starting_cpus > ? THEN starting_cpus - ? ELSE 0 END,"
+                " starting_memory_mb = CASE WHEN starting_memory_mb > ?"
+                " THEN starting_memory_mb - ? ELSE 0 END"
+                " WHERE name = ?",
+                (cpus, cpus, memory_mb, memory_mb, name),
+            )
+
+    @_retried
     def set_node_state(self, name: str, state: NodeState) -> Node:
         with self._write() as conn:
             cur = conn.execute(
@@ -1428,6 +1493,10 @@ def _node_usage(conn: Connection, names: Sequence[str] | None) -> dict[str, Node
         args = tuple(names)
     rows = conn.execute(query + " GROUP BY node", args)
     return {str(r[0]): NodeUsage(int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
+def _load(node: Node, usage: Mapping[str, NodeUsage]) -> NodeLoad:
+    return NodeLoad(node, usage.get(node.name, NodeUsage()))
 
 
 def _node(row: Row) -> Node:

@@ -246,10 +246,16 @@ class PostgresBackend:
             self._conn = conn = self._connect()
         return conn
 
-    def begin(self, conn: Connection, owner: str | None) -> None:
+    for_update = " FOR UPDATE"
+
+    def begin(self, conn: Connection, owner: str | None, *, row_locks: bool = False) -> None:
         # One round trip: BEGIN and the locks, as a simple (unprepared) query; the
-        # keys are our own integers, never text from a caller.
-        if owner is None:
+        # keys are our own integers, never text from a caller. A transaction that
+        # locks its rows (placement: the nodes it may choose) takes the global lock
+        # shared only, so it waits for the writes that run alone and nothing else.
+        if row_locks:
+            locks = f"pg_advisory_xact_lock_shared({GLOBAL_LOCK}, 0)"
+        elif owner is None:
             locks = f"pg_advisory_xact_lock({GLOBAL_LOCK}, 0)"
         else:
             locks = (

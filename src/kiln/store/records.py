@@ -227,6 +227,14 @@ class NodeUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeLoad:
+    """A node and what its live sandboxes take (what placement weighs)."""
+
+    node: Node
+    usage: NodeUsage
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateSpec:
     cpus: int = 1
     memory_mb: int = 512

@@ -67,7 +67,9 @@ class SqliteBackend:
             raise StoreError("the store is closed")
         return cast(Connection, self._conn)
 
-    def begin(self, conn: Connection, owner: str | None) -> None:
+    for_update = ""  # BEGIN IMMEDIATE already admits one writer at a time
+
+    def begin(self, conn: Connection, owner: str | None, *, row_locks: bool = False) -> None:
         # One writer at a time whatever the owner: SQLite has a single write lock.
         conn.execute("BEGIN IMMEDIATE")
 

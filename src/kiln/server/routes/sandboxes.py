@@ -10,18 +10,28 @@ from kiln.api.requests import CreateSandbox, ForkSandbox, PatchSandbox, SaveSand
 from kiln.api.responses import Port, SandboxInfo, SavedImage, SessionInfo
 
 from ..errors import BadRequest
+from ..placing import create_placed
 from .deps import AppServices, CurrentUser, origin_of
 
 router = APIRouter(tags=["sandboxes"])
 
 
-@router.post("/sandboxes", status_code=201, response_model=SandboxInfo)
+@router.post(
+    "/sandboxes",
+    status_code=201,
+    response_model=SandboxInfo,
+    responses={507: {"description": "No node of the cluster has room for the sandbox"}},
+)
 async def create_sandbox(
+    request: Request,
     user: CurrentUser,
     services: AppServices,
     body: Annotated[CreateSandbox | None, Body()] = None,
-) -> dict[str, Any]:
-    """Create (and boot) a sandbox; every field of the body is optional."""
+) -> dict[str, Any] | Response:
+    """Create (and boot) a sandbox; every field of the body is optional. In a cluster
+    it is placed on the node with the most room among a few (its ``node``)."""
+    if services.cluster is not None:
+        return await create_placed(services, request, user, body or CreateSandbox())
     return await services.sandboxes.create(user, body or CreateSandbox())
 
 
