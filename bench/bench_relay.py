@@ -3,10 +3,13 @@ relaying node, measured in the same run.
 
     .venv/bin/python -m bench relay
 
-Two nodes, each its own process (``bench/_relay_node.py``: the tests' daemon
-with the fake engine and real test-mode agents) on one throwaway PostgreSQL
-store (``kiln.testing.postgres``, loopback). One sandbox lives on node B.
+Two nodes, each the real daemon in a process of its own (``serve()`` as
+``kiln serve`` runs it, via ``tests/server/daemon_main.py``: the fake engine
+with real test-mode agents), registered on one throwaway PostgreSQL store
+(``kiln.testing.postgres``, loopback). One sandbox lives on node B.
 Rows, each pair with the direct call to B as the reference:
+
+- ``GET /sandboxes/{id}``: the relay's own cost beside an answer from the store;
 
 - ``exec true`` (buffered): ``POST /sandboxes/{id}/exec`` to B, and to A (which
   relays it to B over a kept connection);
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,15 +34,14 @@ from pathlib import Path
 
 import httpx
 
-from kiln.store import SecretBox, Store
-
 from ._harness import agent_skip_reason
 from ._stats import Row, print_table
 
 REQUIRES: str | None = "PostgreSQL server binaries (scripts/bootstrap installs postgresql)"
 
 ROOT = Path(__file__).resolve().parent.parent
-N = 300
+MAIN = ROOT / "tests" / "server" / "daemon_main.py"
+N = 500
 WARMUP = 30
 GOAL = "≤ reference + 3 ms p50"
 
@@ -55,53 +57,77 @@ def skip_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def _node(name: str, root: Path, store: str, secret: Path) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "_relay_node.py"),
-            name,
-            str(root),
-            store,
-            str(secret),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-    )
+def _node(name: str, base: Path, store: str) -> Iterator[str]:
+    """Node ``name``: the real daemon (``serve()``, ``tests/server/daemon_main.py``)."""
+    data = base / name / "data"
+    data.parent.mkdir(parents=True)
+    (base / "home").mkdir(exist_ok=True)
+    sets = {
+        "cluster.node": name,
+        "cluster.secret_file": base / "cluster-secret",
+        "secret_key": base / "secret.key",
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    with (base / name / "daemon.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(MAIN), str(data), "--store", store, *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), HOME=str(base / "home")),
+        )
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
-        if not url:
-            raise RuntimeError(f"node {name} did not start")
+        if not url.startswith("http://"):
+            raise RuntimeError(f"node {name} did not start: see {base / name / 'daemon.log'}")
         yield url
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        sys.path.insert(0, str(ROOT / "tests"))
+        from server.harness import kill_recorded_agents  # noqa: PLC0415 - the tests' harness
+
+        kill_recorded_agents(data / "engine")
 
 
-def _measure(fn: Callable[[], float | None]) -> list[float]:
-    """``fn`` returns its own sample (ms) or None to be timed whole."""
+def _timed(fn: Callable[[], float | None]) -> float:
+    t0 = time.perf_counter()
+    own = fn()
+    return own if own is not None else (time.perf_counter() - t0) * 1000
+
+
+def _pair(
+    direct: Callable[[], float | None], relayed: Callable[[], float | None]
+) -> tuple[list[float], list[float]]:
+    """Samples of both, taken alternately so that the host's load (two cores shared
+    with whatever else runs) weighs on both alike. ``fn`` returns its own sample
+    (ms) or None to be timed whole."""
     for _ in range(WARMUP):
-        fn()
-    samples = []
+        direct()
+        relayed()
+    a, b = [], []
     for _ in range(N):
-        t0 = time.perf_counter()
-        own = fn()
-        samples.append(own if own is not None else (time.perf_counter() - t0) * 1000)
-    return samples
+        a.append(_timed(direct))
+        b.append(_timed(relayed))
+    return a, b
 
 
 def _exec_true(c: httpx.Client, sandbox: str) -> Callable[[], None]:
     def call() -> None:
         r = c.post(f"/sandboxes/{sandbox}/exec", json={"cmd": ["true"]})
         r.raise_for_status()
+
+    return call
+
+
+def _get(c: httpx.Client, sandbox: str) -> Callable[[], None]:
+    def call() -> None:
+        c.get(f"/sandboxes/{sandbox}").raise_for_status()
 
     return call
 
@@ -132,14 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, PostgresServer.start() as pg:
         base = Path(tmp)
         url = pg.create_database()
-        secret = base / "cluster-secret"
-        secret.write_text(secrets.token_hex(32) + "\n")
-        with Store.open(url, secret_box=SecretBox(base / "secret.key")) as store:
-            _user, key = store.create_user("bench")
-        with (
-            _node("b", base / "b", url, secret) as b_url,
-            _node("a", base / "a", url, secret) as a_url,
-        ):
+        with _node("b", base, url) as b_url, _node("a", base, url) as a_url:
+            key = (base / "b" / "data" / "admin-api-key").read_text().strip()
             headers = {"Authorization": f"Bearer {key}"}
             with (
                 httpx.Client(base_url=b_url, headers=headers, timeout=30) as on_b,
@@ -148,27 +168,18 @@ def main() -> None:
                 r = on_b.post("/sandboxes", json={"name": "bench"})
                 r.raise_for_status()
                 sb = r.json()["id"]
-                with Store.open(url, secret_box=SecretBox(base / "secret.key")) as store:
-                    if store.get_sandbox(sb).node is None:  # a node records it itself later
-                        store.set_sandbox_node(sb, "b")
+                assert r.json()["node"] == "b"
                 assert via_a.get(f"/sandboxes/{sb}").headers.get("x-kiln-node") == "b"
+                get_b, get_a = _pair(_get(on_b, sb), _get(via_a, sb))
+                exec_b, exec_a = _pair(_exec_true(on_b, sb), _exec_true(via_a, sb))
+                line_b, line_a = _pair(_first_line(on_b, sb), _first_line(via_a, sb))
                 rows = [
-                    Row(
-                        "exec true: on the owning node", _measure(_exec_true(on_b, sb)), "reference"
-                    ),
-                    Row(
-                        "exec true: through a relaying node", _measure(_exec_true(via_a, sb)), GOAL
-                    ),
-                    Row(
-                        "stream first line: on the owning node",
-                        _measure(_first_line(on_b, sb)),
-                        "reference",
-                    ),
-                    Row(
-                        "stream first line: through a relaying node",
-                        _measure(_first_line(via_a, sb)),
-                        GOAL,
-                    ),
+                    Row("GET /sandboxes/{id}: on the owning node", get_b, "reference"),
+                    Row("GET /sandboxes/{id}: through a relaying node", get_a, ""),
+                    Row("exec true: on the owning node", exec_b, "reference"),
+                    Row("exec true: through a relaying node", exec_a, GOAL),
+                    Row("stream first line: on the owning node", line_b, "reference"),
+                    Row("stream first line: through a relaying node", line_a, GOAL),
                 ]
     print_table("exec through a relaying node vs on the owning node (B)", rows)
 

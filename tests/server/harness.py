@@ -396,9 +396,10 @@ class LiveServer:
         sock = bind_socket("127.0.0.1", 0)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        app = create_app(self.services)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(self.services),
+                app,
                 lifespan="off",
                 log_level="warning",
                 access_log=False,
@@ -416,6 +417,7 @@ class LiveServer:
         try:
             await task
         finally:
+            await app.state.node_pools.aclose()  # a cluster node's connections to others
             sock.close()
 
     def call(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30) -> T:

@@ -53,9 +53,7 @@ class Cluster:
             r = http.post("/sandboxes", json={"name": name})
         assert r.status_code == 201, r.text
         sb: dict[str, Any] = r.json()
-        row = self.b.store.get_sandbox(sb["id"])
-        if row.node is None:  # until the daemon records it at create (branch `nodes`)
-            self.b.store.set_sandbox_node(sb["id"], "b")
+        assert sb["node"] == "b"
         assert self.a.store.get_sandbox(sb["id"]).node == "b"
         return sb
 
@@ -172,6 +170,42 @@ def test_exec_stream_lines_arrive_as_produced(cluster: Cluster, sb: dict[str, An
     assert events[-1]["exit_code"] == 0
 
 
+def test_processes_sessions_and_ports_through_another_node(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    with cluster.client(cluster.a) as http:
+        started = http.post("/sandboxes/far/processes", json={"cmd": ["sleep", "30"]})
+        assert started.status_code in (200, 201), started.text
+        pid = started.json()["pid"]
+        listed = http.get("/sandboxes/far/processes")
+        assert pid in [p["pid"] for p in listed.json()]
+        killed = http.post(f"/sandboxes/far/processes/{pid}/signal", json={"signal": "KILL"})
+        assert killed.status_code in (200, 202, 204), killed.text
+        for path in ("/sandboxes/far/sessions", "/sandboxes/far/ports"):
+            r = http.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.headers["x-kiln-node"] == "b"
+
+
+def test_an_oversized_body_is_refused_by_the_owning_node(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    """b refuses it (413) without reading it; the caller at a gets that answer."""
+    body = b'{"cmd": ["true"], "pad": "' + b"x" * (5 << 20) + b'"}'
+    with cluster.client(cluster.b) as http:
+        r = http.post(
+            "/sandboxes/far/exec", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+    with cluster.client(cluster.a) as http:
+        r = http.post(
+            "/sandboxes/far/exec", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+        assert r.headers["x-kiln-node"] == "b"
+        assert http.get("/sandboxes/far").status_code == 200  # the next request is fine
+
+
 def test_files_upload_and_download_of_a_few_mib(cluster: Cluster, sb: dict[str, Any]) -> None:
     blob = os.urandom(5 << 20)
     with cluster.client(cluster.a) as http:
@@ -237,6 +271,26 @@ def test_proxy_http_and_websocket(cluster: Cluster, sb: dict[str, Any], upstream
         big = os.urandom(1 << 20)
         ws.send(big)
         assert ws.recv() == big
+
+
+def test_proxy_streams_a_chunked_upload_both_hops(
+    cluster: Cluster, sb: dict[str, Any], upstream: Upstream
+) -> None:
+    """A body without a length goes on chunked, through a and b, never held whole."""
+    payload = os.urandom(10 << 20)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(payload), 1 << 16):
+            yield payload[i : i + (1 << 16)]
+
+    with cluster.client(cluster.a) as http:
+        r = http.post(f"/sandboxes/far/proxy/{upstream.port}/upload", content=chunks())
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kiln-node"] == "b"
+    assert (r.json()["sha256"], r.json()["size"]) == (
+        hashlib.sha256(payload).hexdigest(),
+        len(payload),
+    )
 
 
 def test_published_url_through_another_node(
@@ -321,8 +375,7 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
             r = h.post("/sandboxes", json={"name": "on-c"})
         assert r.status_code == 201, r.text
         sb_id = r.json()["id"]
-        if c.store.get_sandbox(sb_id).node is None:
-            c.store.set_sandbox_node(sb_id, "c")
+        assert r.json()["node"] == "c"
     finally:
         c.stop()
     time.sleep(1.1)  # past a's cache of node rows
@@ -339,6 +392,12 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
             f"sandbox {sb_id} lives on node 'c', which is lost (no lease since"
             in (r.json()["error"])
         )
+    # A WebSocket (the shell) is refused with the same answer.
+    url = f"{cluster.a.ws_url}/sandboxes/{sb_id}/ws?token={cluster.key}"
+    with pytest.raises(InvalidStatus) as info, sync_connect(url):
+        pass
+    assert info.value.response.status_code == 503
+    assert b"which is lost" in (info.value.response.body or b"")
 
 
 def test_client_disconnect_ends_the_relayed_stream(cluster: Cluster, sb: dict[str, Any]) -> None:
@@ -402,8 +461,7 @@ def test_e2b_sdk_through_another_node(cluster: Cluster, monkeypatch: pytest.Monk
     use(cluster.b)
     made = Sandbox.create(timeout=300)
     try:
-        if cluster.b.store.get_sandbox(made.sandbox_id).node is None:
-            cluster.b.store.set_sandbox_node(made.sandbox_id, "b")
+        assert cluster.b.store.get_sandbox(made.sandbox_id).node == "b"
         use(cluster.a)
         sandbox = Sandbox.connect(made.sandbox_id)
         result = sandbox.commands.run("echo from-$((6*7))")

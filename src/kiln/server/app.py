@@ -38,7 +38,7 @@ from .e2b import files as e2b_files
 from .errors import ApiError, to_api_error
 from .openapi import ERROR_RESPONSES, add_stream_schemas
 from .proxy import ProxyFront
-from .relay import RelayFront
+from .relay import NodePools, RelayFront
 from .routes import archive, files, images, processes, publish, resources, sandboxes, shell
 from .routes import exec as exec_routes
 from .routes import nodes as node_routes
@@ -302,6 +302,11 @@ def create_app(services: Services) -> FastAPI:
     # Before the body limit: proxied bodies stream through whatever their size.
     app.add_middleware(ProxyFront, services=services)
     # Outermost but for CatchAll: a sandbox on another node is relayed there whole.
-    app.add_middleware(RelayFront, services=services, errors=error_response)
+    # Its connections to the other nodes are closed by whoever runs the app, once
+    # the server has stopped (app.state.node_pools.aclose()).
+    app.state.node_pools = NodePools()
+    app.add_middleware(
+        RelayFront, services=services, errors=error_response, pools=app.state.node_pools
+    )
     app.add_middleware(CatchAll)
     return app

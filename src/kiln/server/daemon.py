@@ -7,7 +7,8 @@ Start-up, in order:
    gets there first), the secret key (``secret_key``: by default
    ``data_dir/secret.key``; it must be the one the store's secrets are sealed
    with, see :func:`_check_secret_key`) and the E2B API's envd token key
-   ``e2b-envd.key`` (both 0600, created on first start);
+   ``e2b-envd.key`` (both 0600, created on first start; a cluster node derives
+   the envd key from the cluster secret instead);
 2. the listening socket (a clear error when the address is taken);
 3. on the very first start, the ``admin`` user: its key goes to
    ``data_dir/admin-api-key`` (0600) and, unless it exists, to the client
@@ -611,9 +612,10 @@ async def _run(
     except OSError as exc:
         raise DaemonError(f"cannot load the E2B envd token key: {exc}") from exc
     expiry = ExpiryReaper(services.sandboxes) if available else None
+    app = create_app(services)
     server = _Server(
         uvicorn.Config(
-            create_app(services),
+            app,
             lifespan="off",
             access_log=False,
             log_level="warning",
@@ -675,6 +677,7 @@ async def _run(
             if images is not None:
                 closing.add(tg.create_task(images.close(), name="image-builds"))
             await asyncio.wait(closing)
+            await app.state.node_pools.aclose()  # kept connections to the other nodes
             await e2b_watchers.aclose()  # the E2B SDK's non-streaming directory watches
             if thermal_task is not None:
                 thermal_task.cancel()

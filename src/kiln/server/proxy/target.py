@@ -2,10 +2,11 @@
 
 A relayed request keeps its method, path, query, body and end-to-end headers.
 Hop-by-hop headers (RFC 9110 §7.6.1, plus any the ``Connection`` header names)
-belong to one connection and are dropped both ways; the daemon's own API key is
-never passed into the sandbox; ``X-Forwarded-*`` tell the service how it was
-reached, and ``X-Forwarded-Prefix`` under which path (apps that read it build
-correct links; for the others, ``Location`` is rewritten on the way back).
+belong to one connection and are dropped both ways; the daemon's own API key
+(and a node's peer signature) is never passed into the sandbox;
+``X-Forwarded-*`` tell the service how it was reached, and
+``X-Forwarded-Prefix`` under which path (apps that read it build correct
+links; for the others, ``Location`` is rewritten on the way back).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 from starlette.types import Scope
+
+from kiln.cluster import PEER_HEADER
 
 HOP_BY_HOP = frozenset(
     {
@@ -38,6 +41,8 @@ _ESSENTIAL = frozenset({"host", "content-length", "content-type"})
 _BODYLESS = frozenset({204, 304})
 
 Headers = list[tuple[bytes, bytes]]
+
+_PEER = PEER_HEADER.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,8 @@ def forwarded_request_headers(scope: Scope, target: Target, *, websocket: bool =
             continue  # ours replace whatever the client claimed
         if name == b"expect":
             continue  # "100-continue" was the daemon's to answer, and it has
+        if name == _PEER:
+            continue  # a node's signature for the daemon it relayed to, not for the app
         if name == b"authorization" and _carries(value, target.api_keys):
             continue
         if websocket and name.startswith(b"sec-websocket-"):

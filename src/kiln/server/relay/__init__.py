@@ -8,5 +8,6 @@ peers   kept connections to the other nodes, one pool per node
 """
 
 from .front import NODE_HEADER, RelayFront
+from .peers import NodePools
 
-__all__ = ["NODE_HEADER", "RelayFront"]
+__all__ = ["NODE_HEADER", "NodePools", "RelayFront"]

@@ -4,10 +4,12 @@ relayed there, streaming both ways, instead of being served here.
 It sits outermost (before the reverse proxy and the API) and does nothing on a
 single daemon (``services.cluster`` is None). On a node of a cluster:
 
-- a request carrying :data:`~kiln.cluster.PEER_HEADER` was relayed by another
-  node: a signature that does not hold is a 401; a valid one for a sandbox
-  that is not this node's is a 421 (a relayed request is never relayed again,
-  so a disagreement about where a sandbox lives cannot loop);
+- a request carrying :data:`~kiln.cluster.PEER_HEADER` comes from another
+  node (relayed, or a create placed here): a signature that does not hold is a
+  401, whatever the path; a valid one is noted as ``scope["state"]["kiln_peer"]``
+  (the sending node's name) and, for a sandbox that is not this node's, answered
+  421 (a relayed request is never relayed again, so a disagreement about where
+  a sandbox lives cannot loop);
 - a request that addresses a sandbox (:mod:`.locate`) on another node goes
   there: the caller's own headers unchanged (its key: the other node checks it
   against the shared store), the original ``Host`` (published URLs route by
@@ -64,11 +66,13 @@ ErrorResponse = Callable[[int, str, str], Response]
 
 
 class RelayFront:
-    def __init__(self, app: ASGIApp, services: Services, errors: ErrorResponse) -> None:
+    def __init__(
+        self, app: ASGIApp, services: Services, errors: ErrorResponse, pools: NodePools
+    ) -> None:
         self.app = app
         self.services = services
         self.errors = errors
-        self.pools = NodePools()
+        self.pools = pools
         self._nodes: dict[str, tuple[float, Node]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,9 +83,8 @@ class RelayFront:
         try:
             relayed_by = self._peer(cluster, scope)
             if relayed_by is not None:
-                # Checked: it goes no further (not into a sandbox's service, say).
-                headers = [(k, v) for k, v in scope["headers"] if k != _PEER]
-                scope = dict(scope, headers=headers)
+                # The routes may ask (request.state.kiln_peer); the header stays for
+                # them, and the reverse proxy never passes it into a sandbox.
                 scope.setdefault("state", {})["kiln_peer"] = relayed_by
             sb = addressed(
                 scope,
@@ -278,9 +281,6 @@ class RelayFront:
             await deny(scope, send, status, message)
             return
         await self.errors(status, message, scope["path"])(scope, receive, send)
-
-    async def aclose(self) -> None:
-        await self.pools.aclose()
 
 
 class HomeLost(RelayFailed):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from urllib.parse import urlsplit
 import httpcore
 
 from kiln.agent_client import ForwardStream
+
+from ..proxy.backend import ForwardStream as SocketStream
 
 #: Opening a connection to another node; reads have no limit (a streamed exec may be
 #: silent for minutes).
@@ -89,14 +92,14 @@ class NodePool:
     async def _connect(self) -> httpcore.AsyncNetworkStream:
         o = self.origin
         try:
+            if self._ssl is None:
+                return SocketStream(await _connect_socket(o.host, o.port))
             stream = await self._backend.connect_tcp(o.host, o.port, timeout=CONNECT_TIMEOUT_S)
-            if self._ssl is not None:
-                stream = await stream.start_tls(
-                    self._ssl, server_hostname=o.host, timeout=CONNECT_TIMEOUT_S
-                )
-        except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as exc:
+            return await stream.start_tls(
+                self._ssl, server_hostname=o.host, timeout=CONNECT_TIMEOUT_S
+            )
+        except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError, TimeoutError) as exc:
             raise NodeUnreachable(f"{o.host}:{o.port}: {exc or type(exc).__name__}") from exc
-        return stream
 
     async def _take_idle(self) -> httpcore.AsyncHTTP11Connection | None:
         while self._idle:
@@ -148,6 +151,32 @@ class NodePool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
+
+
+async def _connect_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (Nagle off: requests are small and
+    answered at once). Plain sockets rather than asyncio transports: a node that
+    answers before reading the whole body (a 413) and closes must still have its
+    answer read after the write failed, which a transport no longer does."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+    raise error or OSError(f"no address for {host}")
 
 
 class NodePools:
