@@ -79,10 +79,8 @@ def test_a_sandbox_made_on_one_node_is_in_the_shared_store_and_directory(
     cluster: Cluster,
 ) -> None:
     a, b, c = cluster.nodes["a"], cluster.nodes["b"], cluster.nodes["c"]
+    box = _make(cluster, "a", "on-a")
     with a.client(cluster.admin_token) as api:
-        made = api.post("/sandboxes", json={"name": "on-a", "memory_mb": 256})
-        assert made.status_code == 201, made.text
-        box = made.json()
         out = api.post(
             "/sandboxes/on-a/exec",
             json={"cmd": ["sh", "-c", "echo hi > /home/sandbox/f; hostname"]},
@@ -106,8 +104,8 @@ NDJSON = {"Accept": "application/x-ndjson"}
 
 
 def _make(cluster: Cluster, node: str, name: str) -> dict[str, Any]:
-    with cluster.nodes[node].client(cluster.admin_token) as api:
-        made = api.post("/sandboxes", json={"name": name, "memory_mb": 256})
+    """A sandbox made on ``node`` (placement would choose by capacity)."""
+    made = cluster.create_on(node, cluster.admin_token, {"name": name, "memory_mb": 256})
     assert made.status_code == 201, made.text
     box: dict[str, Any] = made.json()
     assert box["node"] == node

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
+from kiln.cluster.placement import Placer
 from kiln.cluster.takeover import Takeover, TakeoverRefused
 from kiln.engine import SandboxSpec
 from kiln.engine.qemu import QemuEngine
 from kiln.engine.states import Status, Thermal
-from kiln.store import Sandbox, Store, User
+from kiln.store import NodeState, Sandbox, Store, User
 
 from .conftest import VMEnv, kill_leftovers, wait_until
 from .test_adoption import node_config
@@ -128,8 +129,8 @@ async def test_a_drain_moves_stopped_sandboxes_and_leaves_running_ones(
     )
     await c.create(SandboxSpec(sandbox_id=busy.id, name="busy", memory_mb=256))
 
-    target = stores["c"].get_node("b")
-    moved = await Takeover(stores["c"], c, "c").move_stopped(lambda row: target)
+    stores["c"].set_node_state("c", NodeState.DRAINING)
+    moved = await Takeover(stores["c"], c, "c").move_stopped(Placer(stores["c"]))
 
     assert [(m.sandbox_id, m.to, m.error) for m in moved] == [(parked.id, "b", None)]
     assert stores["b"].get_sandbox(parked.id).node == "b"

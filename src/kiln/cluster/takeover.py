@@ -18,7 +18,8 @@ reported as lost until that node returns.
 
 A drain (:meth:`Takeover.move_stopped`, run on the draining node) gives each
 stopped sandbox up (:meth:`~kiln.engine.base.Engine.release`: files kept) and
-moves its row to another node, which adopts it when it next meets it: a row of
+moves its row to another node, placed by capacity as a create is
+(:class:`~.placement.Placer`), which adopts it when it next meets it: a row of
 its own its engine does not hold (:meth:`Takeover.adopt_claimed`). Running
 sandboxes stay until they are stopped.
 """
@@ -26,7 +27,6 @@ sandboxes stay until they are stopped.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +37,10 @@ from kiln.engine.errors import EngineError, SandboxNotFound
 from kiln.engine.router import ENGINE_KEY
 from kiln.engine.states import Status, Thermal
 from kiln.recovery import recovered_state
-from kiln.store import Node, NodeState, NotFound, Sandbox, Store, StoreError
+from kiln.store import NodeState, NotFound, Sandbox, Store, StoreError
 
 from .errors import ClusterError
+from .placement import Placer, Shape
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +162,38 @@ class Takeover:
         log.info("sandbox %s taken over from node %s: %s/%s", row.id, row.node, status, thermal)
         return moved
 
-    async def move_stopped(self, pick: Callable[[Sandbox], Node | None]) -> Sequence[Moved]:
-        """On a draining node: move every stopped sandbox of this node to the node
-        ``pick`` chooses (None: none can take it, it stays). Running ones stay."""
+    async def move_stopped(self, placer: Placer) -> Sequence[Moved]:
+        """On a draining node: move every stopped sandbox of this node to a node the
+        placer chooses (by capacity, as a create; none: it stays). Running ones stay."""
         rows = await asyncio.to_thread(self.store.list_live_sandboxes, None, node=self.node)
         out: list[Moved] = []
         for row in rows:
             if row.status is not Status.STOPPED or row.thermal is not Thermal.COLD:
                 continue
-            target = pick(row)
-            if target is None:
-                out.append(Moved(row.id, None, "no node can take it"))
+            shape = Shape(row.engine, row.cpus, row.memory_mb)
+            try:
+                target = await asyncio.to_thread(placer.reserve, shape, (self.node,))
+            except ClusterError as exc:
+                out.append(Moved(row.id, None, str(exc)))
                 continue
-            # Shielded: a release without its claim would strand the sandbox here.
-            out.append(await asyncio.shield(self._move(row, target.name)))
+            try:
+                # Shielded: a release without its claim would strand the sandbox here.
+                out.append(await asyncio.shield(self._move(row, target.name)))
+            finally:
+                await asyncio.to_thread(placer.release, target.name, shape)
         return out
 
     async def drain(self, period: float) -> None:
         """While this node is draining, move its stopped sandboxes away, every
         ``period`` seconds (a sandbox stopped later goes at the next round)."""
+        placer = Placer(self.store, clock=self._now)
         while True:
             await asyncio.sleep(period)
             try:
                 me = await asyncio.to_thread(self.store.get_node, self.node)
                 if me.state is not NodeState.DRAINING:
                     continue
-                nodes = await asyncio.to_thread(self.store.list_nodes)
-                pick = functools.partial(_pick_now, nodes=nodes, now=self._now())
-                for moved in await self.move_stopped(pick):
+                for moved in await self.move_stopped(placer):
                     if moved.error is not None:
                         log.warning("drain: sandbox %s stays: %s", moved.sandbox_id, moved.error)
             except StoreError as exc:
@@ -208,21 +213,3 @@ class Takeover:
                 return Moved(row.id, None, "its row changed meanwhile")
             log.info("drain: sandbox %s moved to node %s", row.id, to)
             return Moved(row.id, to)
-
-
-def pick_target(row: Sandbox, nodes: Sequence[Node], now: float) -> Node | None:
-    """Where a drain sends ``row``: the least loaded live, active node that runs its
-    engine (None: no such node)."""
-    fits = [
-        n
-        for n in nodes
-        if n.name != row.node
-        and n.state is NodeState.ACTIVE
-        and not n.lost(now)
-        and any(e == row.engine or e.startswith(f"{row.engine}/") for e in n.engines)
-    ]
-    return min(fits, key=lambda n: (n.load + n.starting, n.name), default=None)
-
-
-def _pick_now(row: Sandbox, *, nodes: Sequence[Node], now: float) -> Node | None:
-    return pick_target(row, nodes, now)

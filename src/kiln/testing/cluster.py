@@ -35,7 +35,7 @@ from typing import Any, Final, Self
 
 import httpx
 
-from kiln.cluster import PeerAuth
+from kiln.cluster import PEER_HEADER, PeerAuth
 
 from .postgres import PostgresServer
 
@@ -271,6 +271,15 @@ class Cluster:
                         f"{node.log_text()[-3000:]}"
                     )
                 time.sleep(0.2)
+
+    def create_on(self, name: str, token: str, body: Mapping[str, Any]) -> httpx.Response:
+        """``POST /sandboxes`` made on node ``name`` itself, not placed elsewhere: signed
+        with the cluster secret as a node forwarding a placed create signs it."""
+        sender = next(n for n in self.names if n != name)
+        peer = PeerAuth.load(sender, self.root / "cluster.secret", create=False)
+        with self.nodes[name].client(token) as api:
+            signed = {PEER_HEADER: peer.sign("POST", "/sandboxes")}
+            return api.post("/sandboxes", json=dict(body), headers=signed)
 
     def restart(self, name: str) -> None:
         """Start a stopped or lost node's daemon again."""
