@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from kiln.cluster.placement import Placer
-from kiln.cluster.takeover import Takeover, TakeoverRefused
+from kiln.cluster.takeover import TakenElsewhere, Takeover, TakeoverRefused
 from kiln.engine import SandboxSpec
 from kiln.engine.qemu import QemuEngine
 from kiln.engine.states import Status, Thermal
@@ -55,13 +55,13 @@ def stores(pg_url: str) -> Iterator[dict[str, Store]]:
             s.close()
 
 
-def register(store: Store, node: str, lease_s: float) -> None:
+def register(store: Store, node: str, lease_s: float, memory_mb: int = 4096) -> None:
     store.register_node(
         node,
         address=f"http://{node}:8080",
         engines=("qemu",),
         cpus=2,
-        memory_mb=4096,
+        memory_mb=memory_mb,
         disk_mb=10_000,
         lease_s=lease_s,
     )
@@ -98,6 +98,17 @@ async def test_a_lost_nodes_sandboxes_are_taken_over_on_their_next_use(
         await takeover.take_over(stores["c"].get_sandbox(cooled.id))
     await b.close()  # node b dies; nothing renews its lease
     await wait_until(lambda: stores["c"].get_node("b").lost(time.time()), timeout=10)
+    # A node without room does not take it: placement sends it where there is room.
+    register(stores["c"], "c", 600.0, memory_mb=128)
+    register(stores["c"], "d", 600.0)
+    with pytest.raises(TakenElsewhere) as elsewhere:
+        await takeover.take_over(stores["c"].get_sandbox(cooled.id))
+    assert (elsewhere.value.node, elsewhere.value.placed) == ("d", True)
+    with pytest.raises(TakeoverRefused, match="no room"):
+        await takeover.take_over(stores["c"].get_sandbox(cooled.id), elsewhere=False)
+    assert stores["c"].get_sandbox(cooled.id).node == "b"  # nothing moved
+    stores["c"].delete_node("d")
+    register(stores["c"], "c", 600.0)
 
     row = await takeover.take_over(stores["c"].get_sandbox(cooled.id))
 

@@ -50,11 +50,14 @@ class TakeoverRefused(ClusterError):
 
 
 class TakenElsewhere(ClusterError):
-    """Another node took the sandbox over first; ``node`` names it."""
+    """Another node took the sandbox over first, or should (``placed``: this one has
+    no room, that one has); ``node`` names it."""
 
-    def __init__(self, sandbox_id: str, node: str | None) -> None:
-        super().__init__(f"sandbox {sandbox_id} was taken over by node {node!r} first")
+    def __init__(self, sandbox_id: str, node: str | None, *, placed: bool = False) -> None:
+        what = "goes to" if placed else "was taken over by"
+        super().__init__(f"sandbox {sandbox_id} {what} node {node!r}")
         self.node = node
+        self.placed = placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class Takeover:
         self.engine = engine
         self.node = node
         self._now = now
+        self._placer = Placer(store, clock=now)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -89,10 +93,12 @@ class Takeover:
             return False
         return True
 
-    async def take_over(self, row: Sandbox) -> Sandbox:
+    async def take_over(self, row: Sandbox, *, elsewhere: bool = True) -> Sandbox:
         """``row``, a sandbox of a lost node, made this node's (its row as it is now).
         TakeoverRefused if its node is not lost or it cannot move; TakenElsewhere if
-        another node was first."""
+        another node was first or, with ``elsewhere``, if this node has no room and
+        placement chose another (the request goes there; without ``elsewhere``:
+        TakeoverRefused)."""
         async with self._lock(row.id):
             home = row.node
             if home is None or home == self.node:
@@ -105,26 +111,49 @@ class Takeover:
                 raise TakeoverRefused(f"sandbox {row.id}: its node {home} is alive")
             if row.engine_state is None:
                 raise TakeoverRefused(f"sandbox {row.id}: its node {home} stored no state of it")
-            claimed = await asyncio.to_thread(
-                self.store.claim_sandbox, row.id, from_node=home, to_node=self.node
-            )
-            if claimed is None:
-                fresh = await asyncio.to_thread(self.store.get_sandbox, row.id)
-                if fresh.node == self.node:  # we took it meanwhile (another request)
-                    return await self._adopt_if_missing(fresh)
-                raise TakenElsewhere(row.id, fresh.node)
+            # Placed as a create is, this node first: a lost node's sandboxes must
+            # not overcommit the node that happens to be asked.
+            shape = Shape(row.engine, row.cpus, row.memory_mb)
             try:
-                return await self._adopt(claimed)
-            except TakeoverRefused:
-                # It cannot live here: back to its node, reported lost until it returns.
-                await asyncio.to_thread(
-                    self.store.claim_sandbox,
-                    row.id,
-                    from_node=self.node,
-                    to_node=home,
-                    lost_only=False,
+                target = await asyncio.to_thread(
+                    self._placer.reserve, shape, (home,), prefer=self.node
                 )
-                raise
+            except ClusterError as exc:
+                raise TakeoverRefused(f"sandbox {row.id}: {exc}") from exc
+            try:
+                if target.name != self.node:
+                    if not elsewhere:
+                        raise TakeoverRefused(
+                            f"sandbox {row.id}: this node has no room for it (node"
+                            f" {target.name} has)"
+                        )
+                    raise TakenElsewhere(row.id, target.name, placed=True)
+                return await self._claim_and_adopt(row, home)
+            finally:
+                await asyncio.to_thread(self._placer.release, target.name, shape)
+
+    async def _claim_and_adopt(self, row: Sandbox, home: str) -> Sandbox:
+        """Under the sandbox's lock, with room reserved here."""
+        claimed = await asyncio.to_thread(
+            self.store.claim_sandbox, row.id, from_node=home, to_node=self.node
+        )
+        if claimed is None:
+            fresh = await asyncio.to_thread(self.store.get_sandbox, row.id)
+            if fresh.node == self.node:  # we took it meanwhile (another request)
+                return await self._adopt_if_missing(fresh)
+            raise TakenElsewhere(row.id, fresh.node)
+        try:
+            return await self._adopt(claimed)
+        except TakeoverRefused:
+            # It cannot live here: back to its node, reported lost until it returns.
+            await asyncio.to_thread(
+                self.store.claim_sandbox,
+                row.id,
+                from_node=self.node,
+                to_node=home,
+                lost_only=False,
+            )
+            raise
 
     async def adopt_claimed(self, row: Sandbox) -> Sandbox:
         """A row of this node's that its engine does not hold (a drain moved it here,

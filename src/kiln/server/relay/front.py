@@ -98,6 +98,11 @@ class RelayFront:
                 await self.app(scope, receive, send)
                 return
             if relayed_by is not None:
+                # Sent here to take over a lost node's sandbox (the sender had no
+                # room); any other relayed request for another node's sandbox: 421.
+                if await self._taken_over_for_peer(cluster, sb):
+                    await self.app(scope, receive, send)
+                    return
                 raise RelayFailed(
                     421,
                     f"sandbox {sb.id} lives on node {sb.node!r}, not on this node "
@@ -166,7 +171,8 @@ class RelayFront:
 
     async def _take_over(self, sb: Sandbox, lost: HomeLost) -> Node | None:
         """Take ``sb`` over from its lost node: None when it is this node's now, else
-        the node that took it first; the 503 when it cannot move."""
+        the node that took it first or has the room for it; the 503 when it cannot
+        move."""
         takeover = self.services.takeover
         if takeover is None:
             raise lost
@@ -180,6 +186,22 @@ class RelayFront:
         except TakeoverRefused as exc:
             raise RelayFailed(lost.status, f"{lost.message}; {exc}") from exc
         return None
+
+    async def _taken_over_for_peer(self, cluster: ClusterNode, sb: Sandbox) -> bool:
+        """Whether this node took ``sb`` over for a relayed request: its home is lost
+        and this node has room (it sends the request on to no one)."""
+        takeover = self.services.takeover
+        if takeover is None:
+            return False
+        try:
+            self._home(cluster, sb)
+        except HomeLost as lost:
+            try:
+                await takeover.take_over(sb, elsewhere=False)
+            except (TakenElsewhere, TakeoverRefused) as exc:
+                raise RelayFailed(lost.status, f"{lost.message}; {exc}") from exc
+            return True
+        return False
 
     async def _adopt_if_moved_here(self, sb: Sandbox) -> None:
         """A sandbox a drain moved to this node is adopted on its first request here."""
