@@ -165,8 +165,11 @@ def main() -> None:
                 httpx.Client(base_url=b_url, headers=headers, timeout=30) as on_b,
                 httpx.Client(base_url=a_url, headers=headers, timeout=30) as via_a,
             ):
+                # Kept on b: a takes no new sandboxes while it drains.
+                via_a.post("/nodes/a/drain").raise_for_status()
                 r = on_b.post("/sandboxes", json={"name": "bench"})
                 r.raise_for_status()
+                via_a.post("/nodes/a/undrain").raise_for_status()
                 sb = r.json()["id"]
                 assert r.json()["node"] == "b"
                 assert via_a.get(f"/sandboxes/{sb}").headers.get("x-kiln-node") == "b"

@@ -3,6 +3,7 @@ in subprocesses; and a single daemon on SQLite, which has no nodes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from kiln.sdk import AsyncKiln, NodeInfo
+from kiln.sdk.errors import Conflict, NotFound
 from kiln.store import Store
 
 from .cluster_harness import Cluster
@@ -123,3 +127,26 @@ def test_a_single_daemon_has_no_nodes(tmp_path: Path) -> None:
     finally:
         live.stop()
         kill_recorded_agents(live.root / "engine")
+
+
+def test_the_async_sdk_manages_nodes(cluster: Cluster) -> None:
+    a = cluster.start("a")
+    cluster.start("b")
+    key = cluster.key()
+
+    async def scenario() -> None:
+        async with AsyncKiln(a.url, key) as k:
+            nodes = await k.nodes.list()
+            assert [n.name for n in nodes] == ["a", "b"]
+            assert all(isinstance(n, NodeInfo) and n.status == "active" for n in nodes)
+            assert (await k.nodes.drain("b")).state == "draining"
+            assert (await k.nodes.get("b")).status == "draining"
+            assert (await k.nodes.undrain("b")).status == "active"
+            made = await k.sandboxes.create(name="s")
+            assert made.node in ("a", "b")
+            with pytest.raises(Conflict, match="still has 1 live sandbox"):
+                await k.nodes.delete(made.node)
+            with pytest.raises(NotFound):
+                await k.nodes.get("nowhere")
+
+    asyncio.run(scenario())

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,14 +49,20 @@ class Cluster:
         return httpx.Client(base_url=node.url, headers=headers, timeout=30)
 
     def sandbox_on_b(self, name: str) -> dict[str, Any]:
-        """A sandbox made through ``b``'s API, so it lives there."""
+        """A sandbox made through ``b``'s API and kept there (a create that another
+        node signed is never placed elsewhere)."""
         with self.client(self.b) as http:
-            r = http.post("/sandboxes", json={"name": name})
+            r = http.post("/sandboxes", json={"name": name}, headers=placed_by_a())
         assert r.status_code == 201, r.text
         sb: dict[str, Any] = r.json()
         assert sb["node"] == "b"
         assert self.a.store.get_sandbox(sb["id"]).node == "b"
         return sb
+
+
+def placed_by_a() -> dict[str, str]:
+    """The peer header of a create node a placed on the node it is sent to."""
+    return {PEER_HEADER: PeerAuth("a", SECRET).sign("POST", "/sandboxes")}
 
 
 def join(server: LiveServer, name: str, *, lease_s: float = 3600.0) -> None:
@@ -305,6 +312,13 @@ def test_published_url_through_another_node(
     assert r.status_code == 200, r.text
     assert r.headers["x-kiln-node"] == "b"
     assert dict(r.json()["headers"])["host"] == host  # the original Host went on
+    # A WebSocket to the published port, by the same Host, through a.
+    sock = socket.create_connection(("127.0.0.1", int(port)))
+    with sync_connect(f"ws://{host}/ws", sock=sock) as ws:
+        hello = json.loads(ws.recv())
+        assert hello["path"] == "/ws"
+        ws.send("published")
+        assert ws.recv() == "published"
 
 
 # --- peers ---------------------------------------------------------------------------
@@ -322,6 +336,19 @@ def test_forged_or_stale_peer_signature_is_401(cluster: Cluster, sb: dict[str, A
             assert PEER_HEADER in r.json()["error"]
         good = http.get(path, headers={PEER_HEADER: PeerAuth("a", SECRET).sign("GET", path)})
     assert good.status_code == 200
+
+
+def test_a_signature_holds_over_the_raw_or_the_decoded_path(
+    cluster: Cluster, sb: dict[str, Any]
+) -> None:
+    """The relay signs the path as sent; a placed create signs the decoded one."""
+    peer = PeerAuth("a", SECRET)
+    with cluster.client(cluster.b) as http:
+        for signed in ("/sandboxes/f%61r", "/sandboxes/far"):
+            r = http.get("/sandboxes/f%61r", headers={PEER_HEADER: peer.sign("GET", signed)})
+            assert r.status_code == 200, (signed, r.text)
+        r = http.get("/sandboxes/f%61r", headers={PEER_HEADER: peer.sign("GET", "/x")})
+        assert r.status_code == 401
 
 
 def test_peer_signed_request_to_the_wrong_node_is_421(cluster: Cluster, sb: dict[str, Any]) -> None:
@@ -372,7 +399,7 @@ def test_home_node_lost_is_503_and_unreachable_is_502(
     try:
         join(c, "c")
         with httpx.Client(base_url=c.url, headers={"Authorization": f"Bearer {cluster.key}"}) as h:
-            r = h.post("/sandboxes", json={"name": "on-c"})
+            r = h.post("/sandboxes", json={"name": "on-c"}, headers=placed_by_a())
         assert r.status_code == 201, r.text
         sb_id = r.json()["id"]
         assert r.json()["node"] == "c"

@@ -16,7 +16,10 @@ def test_node_a_serves_a_sandbox_of_node_b_until_b_is_gone(cluster: Cluster) -> 
     b = cluster.start("b")
     key = cluster.key()
     with a.client(key) as ca, b.client(key) as cb:
+        # Placed on b: a takes no new sandboxes while it drains.
+        assert ca.post("/nodes/a/drain").status_code == 200
         made = cb.post("/sandboxes", json={"name": "far"})
+        assert ca.post("/nodes/a/undrain").status_code == 200
         assert made.status_code == 201, made.text
         sb = made.json()
         assert sb["node"] == "b"

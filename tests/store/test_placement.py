@@ -156,3 +156,18 @@ def test_a_preferred_node_is_taken_whenever_it_can(store: Store, placer: Placer)
     placer.reserve(SMALL, prefer="busy")
     # Full now: the others are drawn.
     assert placer.reserve(SMALL, prefer="busy").name == "empty"
+
+
+def test_reservations_nobody_gave_back_are_forgotten_once_stale(
+    store: Store, placer: Placer, ticker: Ticker
+) -> None:
+    node(store, "a")
+    placer.reserve(SMALL)
+    placer.reserve(SMALL)
+    assert not store.forget_stale_starts("a", older_than_s=100)  # recent: kept
+    assert store.get_node("a").starting == 2
+    ticker.t += 200
+    assert store.forget_stale_starts("a", older_than_s=100)
+    after = store.get_node("a")
+    assert (after.starting, after.starting_cpus, after.starting_memory_mb) == (0, 0, 0)
+    assert not store.forget_stale_starts("a", older_than_s=100)  # nothing left

@@ -34,6 +34,7 @@ from kiln.store import Node, NotFound, Store, StoreError
 from .errors import ClusterError
 from .node import ClusterNode
 from .peer import PeerAuth
+from .placement import STALE_START_S
 
 log = logging.getLogger("kiln.cluster")
 
@@ -137,12 +138,22 @@ class Membership:
         return node
 
     def renew(self) -> Node:
-        """One renewal (a row an admin removed is registered again)."""
+        """One renewal (a row an admin removed is registered again), which also
+        forgets creates counted here long ago and never given back."""
         try:
-            return self.store.renew_node(self.name, lease_s=self.lease_s, load=load_average())
+            node = self.store.renew_node(self.name, lease_s=self.lease_s, load=load_average())
         except NotFound:
             log.warning("cluster: node %s was removed from the store; registering again", self.name)
             return self.register()
+        if node.starting and self.store.forget_stale_starts(self.name, older_than_s=STALE_START_S):
+            log.warning(
+                "cluster: node %s forgot %d create(s) counted as starting more than %.0f s"
+                " ago (their placing node never gave them back)",
+                self.name,
+                node.starting,
+                STALE_START_S,
+            )
+        return node
 
     async def run(self) -> None:
         """Renew the lease every ``lease_s / 3`` until :meth:`stop`."""

@@ -42,6 +42,11 @@ MEMORY_OVERCOMMIT: Final = 1.0
 MAX_STARTING: Final = 4
 BEST_OF: Final = 2
 STARTING_WEIGHT: Final = 0.05
+#: A placing node waits this long at most for the node it chose to create a sandbox.
+FORWARD_TIMEOUT_S: Final = 900.0
+#: Creates counted as starting on a node, none newer than this: leftovers of a placing
+#: node that died mid-create; the node's own lease renewal forgets them.
+STALE_START_S: Final = FORWARD_TIMEOUT_S + 300.0
 
 
 class NoCapacity(ClusterError):

@@ -31,7 +31,7 @@ from fastapi import Request, Response
 
 from kiln.api.requests import CreateSandbox
 from kiln.cluster import PEER_HEADER, ClusterNode, PeerAuthError
-from kiln.cluster.placement import NoCapacity, NodesBusy, Placer, Shape
+from kiln.cluster.placement import FORWARD_TIMEOUT_S, NoCapacity, NodesBusy, Placer, Shape
 from kiln.store import Node, User
 
 from .errors import ApiError, Unauthorized, Unavailable
@@ -41,8 +41,6 @@ log = logging.getLogger("kiln.cluster")
 
 #: Nodes a create is offered to before the caller hears that none would take it.
 MAX_ATTEMPTS: Final = 3
-#: A create can build an image and boot a VM under TCG: minutes, not seconds.
-FORWARD_TIMEOUT_S: Final = 900.0
 #: Headers of the caller's request that go with it to the chosen node.
 _PASSED_HEADERS: Final = ("authorization", "content-type", "user-agent", "accept")
 

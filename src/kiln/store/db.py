@@ -1192,8 +1192,8 @@ class Store:
                 return None
             conn.execute(
                 "UPDATE nodes SET starting = starting + 1, starting_cpus = starting_cpus + ?,"
-                " starting_memory_mb = starting_memory_mb + ? WHERE name = ?",
-                (cpus, memory_mb, name),
+                " starting_memory_mb = starting_memory_mb + ?, starting_since = ? WHERE name = ?",
+                (cpus, memory_mb, now, name),
             )
             return _node(_one(_select_node(conn, name), f"node {name!r}"))
 
@@ -1210,6 +1210,19 @@ class Store:
                 " WHERE name = ?",
                 (cpus, cpus, memory_mb, memory_mb, name),
             )
+
+    @_retried
+    def forget_stale_starts(self, name: str, *, older_than_s: float) -> bool:
+        """Zero ``name``'s starting count and reservation when nothing was counted there
+        for ``older_than_s`` (longer than any create is waited for): what is left is
+        what a placing node that died never gave back. Returns whether it did."""
+        with self._write(row_locks=True) as conn:
+            cur = conn.execute(
+                "UPDATE nodes SET starting = 0, starting_cpus = 0, starting_memory_mb = 0"
+                " WHERE name = ? AND starting > 0 AND starting_since < ?",
+                (name, self._now() - float(older_than_s)),
+            )
+            return bool(cur.rowcount)
 
     @_retried
     def set_node_state(self, name: str, state: NodeState) -> Node:

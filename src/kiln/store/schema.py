@@ -260,6 +260,9 @@ _V8_NODE_RESERVATIONS: Migration = (
     # the same free capacity before either sandbox row exists.
     "ALTER TABLE nodes ADD COLUMN starting_cpus $INT NOT NULL DEFAULT 0",
     "ALTER TABLE nodes ADD COLUMN starting_memory_mb $INT NOT NULL DEFAULT 0",
+    # When the latest of them was counted: long after, they are leftovers of a
+    # placing node that died before giving them back.
+    "ALTER TABLE nodes ADD COLUMN starting_since $REAL",
 )
 
 

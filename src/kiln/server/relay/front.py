@@ -137,13 +137,17 @@ class RelayFront:
         if value is None:
             return None
         method = "GET" if scope["type"] == "websocket" else scope["method"]
-        try:
-            node = cluster.peer.verify(
-                value.decode("latin-1"), method, _target(scope).decode("latin-1")
-            )
-        except PeerAuthError as exc:
-            raise RelayFailed(401, f"{PEER_HEADER}: {exc}") from exc
-        return node
+        raw = _target(scope).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        # Signed as sent (the relay) or with the decoded path (a placed create).
+        decoded = scope["path"] + (f"?{query}" if query else "")
+        error: PeerAuthError | None = None
+        for target in dict.fromkeys((raw, decoded)):
+            try:
+                return cluster.peer.verify(value.decode("latin-1"), method, target)
+            except PeerAuthError as exc:
+                error = error or exc
+        raise RelayFailed(401, f"{PEER_HEADER}: {error}")
 
     def _home(self, cluster: ClusterNode, sb: Sandbox) -> Node:
         assert sb.node is not None

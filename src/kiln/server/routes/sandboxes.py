@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 
 from kiln.api.requests import CreateSandbox, ForkSandbox, PatchSandbox, SaveSandbox
-from kiln.api.responses import Port, SandboxInfo, SavedImage, SessionInfo
+from kiln.api.responses import ErrorBody, Port, SandboxInfo, SavedImage, SessionInfo
 
 from ..errors import BadRequest
 from ..placing import create_placed
@@ -20,7 +20,7 @@ router = APIRouter(tags=["sandboxes"])
     "/sandboxes",
     status_code=201,
     response_model=SandboxInfo,
-    responses={507: {"description": "No node of the cluster has room for the sandbox"}},
+    responses={507: {"model": ErrorBody, "description": "No node of the cluster has room for it"}},
 )
 async def create_sandbox(
     request: Request,
