@@ -68,16 +68,38 @@ def _pids_with(marker: str) -> list[int]:
     return out
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie with no thread left: its files (and their locks) closed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X"):
+        return False
+    # A zombie leader whose other threads still exit holds the files open.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
 def _kill_all(marker: str) -> None:
-    """SIGKILL every process whose command line holds ``marker``, and wait for them."""
+    """SIGKILL every process whose command line holds ``marker``, and wait until they
+    have exited (an exiting process loses its command line before its files)."""
     deadline = time.monotonic() + 10
+    killed: set[int] = set()
     while pids := [p for p in _pids_with(marker) if p != os.getpid()]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of {marker} do not die: {pids}")
         time.sleep(0.05)
+    while not all(_exited(pid) for pid in killed):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of {marker} do not exit: {sorted(killed)}")
+        time.sleep(0.02)
 
 
 @dataclass
