@@ -222,8 +222,16 @@ class Config:
 
     @property
     def volumes_dir(self) -> Path:
-        """Named volumes' ext4 files (shared by the API and the engine)."""
+        """Named volumes' ext4 files (shared by the API and the engine); in the cluster's
+        shared directory when there is one, so that a sandbox moves with its volumes."""
+        if self.shared_dir is not None:
+            return self.shared_dir / "volumes"
         return self.data_dir / "volumes"
+
+    @property
+    def shared_dir(self) -> Path | None:
+        """``cluster.shared_dir`` when the store is shared (it means nothing on SQLite)."""
+        return self.cluster.shared_dir if self.store_is_shared else None
 
     @property
     def docker_root(self) -> Path:

@@ -546,6 +546,18 @@ class FakeEngine:
             STATE_KEY: None if i.last_boot is None else i.last_boot.to_json(),
         }
 
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        """As a recovery that found no machine: what a lost node's sandbox is here."""
+        return await self.import_state({**state, "alive": None})
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        """Forget a cold sandbox here (another node adopts it)."""
+        state = self.export_state(sandbox_id)
+        if state.get("alive"):
+            raise InvalidState(f"sandbox {sandbox_id} is not stopped; only a cold one moves")
+        self.boxes.pop(sandbox_id, None)
+        return state
+
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         sandbox_id = state.get("sandbox_id")
         if not isinstance(sandbox_id, str):

@@ -124,3 +124,26 @@ def test_sandboxes_live_on_a_node_and_move(store: Store, alice: User) -> None:
         store.delete_node("node-b")
     with pytest.raises(NotFound):
         store.set_sandbox_node(on_a.id, "node-a")  # deleted: not live
+
+
+def test_a_lost_nodes_sandbox_is_claimed_once_and_only_when_lost(
+    store: Store, alice: User, ticker: Ticker
+) -> None:
+    register(store, "node-b", lease_s=5.0)
+    register(store, "node-c", lease_s=1000.0)
+    sb = store.create_sandbox(alice.id, image="minimal", engine="qemu", name="s", node="node-b")
+    # node-b's lease still runs: nobody takes its sandbox.
+    assert store.claim_sandbox(sb.id, from_node="node-b", to_node="node-c") is None
+    assert store.get_sandbox(sb.id).node == "node-b"
+    ticker.t += 10  # its lease ran out: node-b is lost
+    moved = store.claim_sandbox(sb.id, from_node="node-b", to_node="node-c")
+    assert moved is not None and moved.node == "node-c" and moved.id == sb.id
+    # Once: a second claimer (or the same one again) finds it no longer node-b's.
+    assert store.claim_sandbox(sb.id, from_node="node-b", to_node="node-a") is None
+    assert store.get_sandbox(sb.id).node == "node-c"
+    # A drain moves a live node's sandbox (lost_only=False), still only from its node.
+    assert store.claim_sandbox(sb.id, from_node="node-b", to_node="x", lost_only=False) is None
+    back = store.claim_sandbox(sb.id, from_node="node-c", to_node="node-b", lost_only=False)
+    assert back is not None and back.node == "node-b"
+    store.delete_sandbox(sb.id)
+    assert store.claim_sandbox(sb.id, from_node="node-b", to_node="node-c") is None

@@ -278,3 +278,19 @@ def test_portable_types(pg_url: str) -> None:
     assert types["images.size_bytes"] == "bigint"
     assert types["secrets.ciphertext"] == "bytea"
     assert types["users.is_admin"] == "bigint"
+
+
+def test_racing_claims_of_a_lost_nodes_sandbox_move_it_once(stores: list[Store]) -> None:
+    user = stores[0].create_user("alice")[0]
+    fields = {"engines": ("qemu",), "cpus": 2, "memory_mb": 1024, "disk_mb": 1024}
+    stores[0].register_node("lost", address="http://lost", lease_s=-1.0, **fields)  # type: ignore[arg-type]
+    sb = stores[0].create_sandbox(user.id, image="m", engine="qemu", name="s", node="lost")
+    results = _race(
+        stores,
+        16,
+        lambda s, i: s.claim_sandbox(sb.id, from_node="lost", to_node=f"node-{i}"),
+    )
+    winners = [r for r in results if isinstance(r, Sandbox)]
+    assert len(winners) == 1, results
+    assert all(r is None for r in results if not isinstance(r, Sandbox)), results
+    assert stores[1].get_sandbox(sb.id).node == winners[0].node

@@ -33,7 +33,8 @@ def node_list(state: State, as_json: bool) -> None:
 @json_option
 @pass_state
 def node_drain(state: State, name: str, as_json: bool) -> None:
-    """Place no new sandbox on node NAME (its sandboxes keep running)."""
+    """Place no new sandbox on node NAME; its running sandboxes stay, its stopped ones
+    move to other nodes (with a cluster.shared_dir)."""
     info = state.kiln().nodes.drain(name)
     show(fmt.format_json(info) if as_json else f"node {name} draining")
 

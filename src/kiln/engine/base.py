@@ -388,6 +388,21 @@ class Engine(Protocol):
         """Re-adopt a sandbox from exported state (daemon recovery)."""
         ...
 
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        """Take over a sandbox of a lost node of a cluster (``state``: what that node's
+        :meth:`export_state` made), its files from the cluster's shared directory;
+        ``hot``: a cold one is woken at once (else it stays cold where it can).
+        InvalidState where it cannot move (no shared directory; an engine that keeps
+        a sandbox's files where no other node reaches them)."""
+        ...
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        """Give a stopped (cold) sandbox up to another node of a cluster: forget it
+        here (its host network goes), keep its files where that node's :meth:`adopt`
+        finds them; returns the state to adopt. InvalidState when it is not cold or
+        cannot move."""
+        ...
+
     async def prepare(self, spec: SandboxSpec) -> None:
         """Do ahead of time what the first :meth:`create` of this shape would wait for
         (images, network, a template snapshot); creates nothing visible."""

@@ -77,6 +77,12 @@ class Unavailable:
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         raise self._no()
 
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        raise self._no()
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        raise SandboxNotFound(sandbox_id)
+
     async def prepare(self, spec: SandboxSpec) -> None:
         raise self._no()
 
@@ -156,6 +162,14 @@ class Engines:
         self._owner[info.sandbox_id] = name
         return info
 
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        name = state.get(ENGINE_KEY) or self._default
+        if not isinstance(name, str):
+            raise EngineError(f"engine state names no engine: {state!r}")
+        info = await self.get(name).adopt(state, hot=hot)
+        self._owner[info.sandbox_id] = name
+        return info
+
     # -- routed by the sandbox -----------------------------------------------------------
 
     async def destroy(self, sandbox_id: str) -> None:
@@ -217,6 +231,14 @@ class Engines:
         if name is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         return {**self._engines[name].export_state(sandbox_id), ENGINE_KEY: name}
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        name = self._owner.get(sandbox_id)
+        if name is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        state = await self._engines[name].release(sandbox_id)
+        self._owner.pop(sandbox_id, None)
+        return {**state, ENGINE_KEY: name}
 
     # -- every engine --------------------------------------------------------------------
 

@@ -310,6 +310,7 @@ def _watch_for_fork(args: argparse.Namespace, config: GuestConfig, agent: Agent)
         on_new,
         interface=interface,
         current_token=lambda: agent.settings.token,
+        network=config.network,
     ).start()
 
 

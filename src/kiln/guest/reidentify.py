@@ -18,7 +18,8 @@ is still off the bridge, in one of two ways; one thread waits for both
   ``pread`` at the end of the disk (no mount: an ext4 mount cost ~200 ms under
   TCG, where every code path runs for the first time in a new QEMU).
 
-Either way, if it names another sandbox the clone takes its identity once: RNG
+Either way, if it names another sandbox (or this one with another network: the
+same sandbox taken over by another node of a cluster) it takes that identity once: RNG
 reseed and clock, eth0 (MAC, address, default route), hostname, resolv.conf and
 the agent's token, then says so on the console
 (:data:`~kiln.guest.config.FORK_READY_LINE`). Processes, sessions and files are
@@ -40,7 +41,14 @@ import time
 from collections.abc import Callable
 
 from . import forkframe, netconf, pid1
-from .config import CONFIG_MOUNT, FORK_READY_LINE, IDENTITY_BLOCK, GuestConfig, parse_identity
+from .config import (
+    CONFIG_MOUNT,
+    FORK_READY_LINE,
+    IDENTITY_BLOCK,
+    GuestConfig,
+    NetworkSpec,
+    parse_identity,
+)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,9 +145,13 @@ class IdentityWatch:
         *,
         interface: str | None = None,
         current_token: Callable[[], str | None] = lambda: None,
+        network: NetworkSpec | None = None,
     ) -> None:
         self._device = device
         self._sandbox_id = sandbox_id
+        #: A block naming this sandbox is new only with another network: the same
+        #: sandbox taken over by another host of a cluster (its address from there).
+        self._network = network
         self._on_new = on_new
         self._interface = interface
         self._current_token = current_token
@@ -260,7 +272,7 @@ class IdentityWatch:
         taken already is acknowledged again (the host resends until it hears)."""
         with self._lock:
             new = config.sandbox_id
-            if new is None or new == self._sandbox_id:
+            if new is None or (new == self._sandbox_id and config.network == self._network):
                 if ack is not None and new is not None and self._authentic(config.token):
                     ack(new)
                 return
@@ -269,6 +281,7 @@ class IdentityWatch:
                 return
             read = time.monotonic()
             source, self._sandbox_id = self._sandbox_id, new
+            self._network = config.network
             take_identity(config, self._inet)
             try:
                 self._on_new(config)

@@ -1193,7 +1193,8 @@ class AsyncNodes:
         return await self._kiln._call(_api.get_node(name))
 
     async def drain(self, name: str) -> NodeInfo:
-        """Place no new sandbox on ``name`` (those it has keep running)."""
+        """Place no new sandbox on ``name``; its running sandboxes stay, its stopped
+        ones move to other nodes (with a ``cluster.shared_dir``)."""
         return await self._kiln._call(_api.set_node_draining(name, True))
 
     async def undrain(self, name: str) -> NodeInfo:

@@ -1142,7 +1142,8 @@ class Nodes:
         return self._kiln._call(_api.get_node(name))
 
     def drain(self, name: str) -> NodeInfo:
-        """Place no new sandbox on ``name`` (those it has keep running)."""
+        """Place no new sandbox on ``name``; its running sandboxes stay, its stopped
+        ones move to other nodes (with a ``cluster.shared_dir``)."""
         return self._kiln._call(_api.set_node_draining(name, True))
 
     def undrain(self, name: str) -> NodeInfo:

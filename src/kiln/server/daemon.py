@@ -51,6 +51,7 @@ import yaml
 from kiln import faults
 from kiln.cluster import ClusterError, ClusterNode
 from kiln.cluster.membership import Membership, engine_names, join, resources
+from kiln.cluster.takeover import Takeover
 from kiln.config import Config, local_url, qemu_missing, resolve_engine
 from kiln.engine.base import Engine, SandboxSpec, Thermal
 from kiln.engine.errors import EngineError, EngineUnavailable
@@ -163,6 +164,8 @@ def _qemu(config: Config, firewall: Firewall | None) -> Engine:
             pool_shapes=tuple(
                 (s.image or config.image, s.cpus, s.memory_mb, s.size) for s in config.pool_shapes()
             ),
+            shared_dir=config.shared_dir,
+            node=config.node_name if config.shared_dir is not None else None,
         )
     except EngineUnavailable as exc:
         return Unavailable(f"QEMU engine: {exc}", "qemu")
@@ -597,6 +600,11 @@ async def _run(
         thermal=thermal,
         images=images,
         cluster=cluster,
+        takeover=(
+            Takeover(store, engine, cluster.name)
+            if cluster is not None and config.shared_dir is not None
+            else None
+        ),
     )
     membership = _membership(store, config, engine) if cluster is not None else None
     try:
@@ -645,6 +653,11 @@ async def _run(
                 except StoreError as exc:  # the lease loop registers it when it can
                     log.warning("cluster: cannot register node %s yet: %s", membership.name, exc)
                 tg.create_task(membership.run(), name="lease")
+            drain = (
+                tg.create_task(services.takeover.drain(config.cluster.lease_s), name="drain")
+                if server.started and services.takeover is not None
+                else None
+            )
             if server.started:
                 log.info("kiln daemon listening on %s (engine: %s)", url, engine.name)
                 if ready is not None:
@@ -652,6 +665,8 @@ async def _run(
             await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             stopper.cancel()
+            if drain is not None:
+                drain.cancel()  # a move under way completes (it is shielded)
             if membership is not None:
                 membership.stop()
                 await asyncio.to_thread(membership.leave)

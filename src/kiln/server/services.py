@@ -39,6 +39,7 @@ from kiln.api.requests import (
     PutSecret,
 )
 from kiln.cluster import ClusterNode
+from kiln.cluster.takeover import Takeover
 from kiln.config import Config
 from kiln.engine.base import Engine, SandboxSpec, VolumeSpec
 from kiln.engine.boots import STATE_KEY, LastBoot
@@ -117,6 +118,9 @@ class Services:
     clock: Callable[[], float] = time.time
     #: This daemon as a node of a cluster (a PostgreSQL store); None: a single daemon.
     cluster: ClusterNode | None = None
+    #: Taking over a lost node's sandboxes, adopting ones a drain moved here (a
+    #: cluster with a shared directory); None: sandboxes never move.
+    takeover: Takeover | None = None
     started: float = field(default_factory=time.monotonic)
     sandboxes: SandboxService = field(init=False)
     templates: TemplateService = field(init=False)

@@ -1052,6 +1052,26 @@ class Store:
             conn.execute("UPDATE sandboxes SET node = ? WHERE id = ?", (node, sandbox_id))
             return _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
 
+    @_retried
+    def claim_sandbox(
+        self, sandbox_id: str, *, from_node: str, to_node: str, lost_only: bool = True
+    ) -> Sandbox | None:
+        """Move a live sandbox's row from ``from_node`` to ``to_node`` if it is still
+        ``from_node``'s and (``lost_only``) that node's lease has run out: one
+        conditional update, so of two nodes racing to take one sandbox over exactly
+        one gets the row (the other None), and a node that came back in time keeps
+        it. Returns the moved row; None when the condition does not hold."""
+        with self._write() as conn:
+            lost = " AND EXISTS (SELECT 1 FROM nodes WHERE name = ? AND lease_until < ?)"
+            cur = conn.execute(
+                "UPDATE sandboxes SET node = ? WHERE id = ? AND deleted_at IS NULL AND node = ?"
+                + (lost if lost_only else ""),
+                (to_node, sandbox_id, from_node, *((from_node, self._now()) if lost_only else ())),
+            )
+            if cur.rowcount == 0:
+                return None
+            return _sandbox(_one(_select_sandbox(conn, sandbox_id), f"sandbox {sandbox_id!r}"))
+
     # --- nodes ----------------------------------------------------------------------------
 
     @_retried

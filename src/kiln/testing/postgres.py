@@ -79,13 +79,20 @@ def _free_port() -> int:
 class PostgresServer:
     """One running ``postgres``; :meth:`url` names a database on it."""
 
-    def __init__(self, root: Path, proc: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(
+        self, root: Path, proc: subprocess.Popen[bytes], port: int, host: str | None = None
+    ) -> None:
         self.root = root
         self.proc = proc
         self.port = port
+        #: The address besides 127.0.0.1 it listens on (None: loopback only).
+        self.host = host
 
     @classmethod
-    def start(cls) -> Self:
+    def start(cls, host: str | None = None, allow: str | None = None) -> Self:
+        """``host``: an address of this network namespace to listen on as well (for
+        other namespaces the test made, e.g. a cluster's nodes), ``allow``: the
+        subnet they connect from (trust authentication, as on loopback)."""
         bindir = find_bindir()
         root = Path(tempfile.mkdtemp(prefix="kiln-pg-"))
         runas = _run_as()
@@ -93,18 +100,21 @@ class PostgresServer:
             if runas is not None:
                 os.chown(root, runas.pw_uid, runas.pw_gid)
             _initdb(bindir, root, runas)
+            if allow is not None:
+                with open(root / "data" / "pg_hba.conf", "a") as hba:
+                    hba.write(f"host all all {allow} trust\n")
             for _attempt in range(3):  # another process may take the port we picked
                 port = _free_port()
-                proc = _postgres(bindir, root, port, runas)
+                proc = _postgres(bindir, root, port, runas, host)
                 if _wait_ready(proc, port, root):
-                    return cls(root, proc, port)
+                    return cls(root, proc, port, host)
             raise RuntimeError(f"postgres did not start:\n{_log_tail(root)}")
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://{SUPERUSER}@{host}:{self.port}/{dbname}"
 
     def create_database(self, name: str | None = None) -> str:
         """Create an empty database (a random name by default); return its URL."""
@@ -131,7 +141,7 @@ class PostgresServer:
     def restart(self) -> None:
         """Stop the server (every connection drops) and start it again on the same port."""
         self._shutdown()
-        proc = _postgres(find_bindir(), self.root, self.port, _run_as())
+        proc = _postgres(find_bindir(), self.root, self.port, _run_as(), self.host)
         if not _wait_ready(proc, self.port, self.root):
             raise RuntimeError(f"postgres did not restart:\n{_log_tail(self.root)}")
         self.proc = proc
@@ -141,7 +151,7 @@ class PostgresServer:
         self._shutdown()
 
     def resume(self) -> None:
-        proc = _postgres(find_bindir(), self.root, self.port, _run_as())
+        proc = _postgres(find_bindir(), self.root, self.port, _run_as(), self.host)
         if not _wait_ready(proc, self.port, self.root):
             raise RuntimeError(f"postgres did not start again:\n{_log_tail(self.root)}")
         self.proc = proc
@@ -229,7 +239,7 @@ def _initdb(bindir: Path, root: Path, runas: pwd.struct_passwd | None) -> None:
 
 
 def _postgres(
-    bindir: Path, root: Path, port: int, runas: pwd.struct_passwd | None
+    bindir: Path, root: Path, port: int, runas: pwd.struct_passwd | None, host: str | None = None
 ) -> subprocess.Popen[bytes]:
     argv = [
         str(bindir / "postgres"),
@@ -238,7 +248,7 @@ def _postgres(
         "-k",
         str(root),
         "-h",
-        "127.0.0.1",
+        "127.0.0.1" if host is None else f"127.0.0.1,{host}",
         "-p",
         str(port),
     ]

@@ -824,6 +824,20 @@ class DockerEngine:
             STATE_KEY: None if box.last_boot is None else box.last_boot.to_json(),
         }
 
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        """A container's files live in its node's dockerd: it cannot move, and stays
+        its lost node's until that node returns."""
+        raise InvalidState(
+            f"sandbox {state.get('sandbox_id')!r} is a Docker container: its files are in"
+            " its own node's dockerd, and it comes back only with that node"
+        )
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        raise InvalidState(
+            f"sandbox {sandbox_id!r} is a Docker container: its files are in this node's"
+            " dockerd, and it cannot move to another node"
+        )
+
     async def import_state(self, state: Mapping[str, Any]) -> SandboxInfo:
         sandbox_id = state.get("sandbox_id")
         if not isinstance(sandbox_id, str) or not sandbox_id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -14,6 +15,7 @@ from .disks import DISK_MODES
 
 DEFAULT_DATA_DIR: Final = Path("/var/lib/kiln/qemu")
 GUEST_ASLR: Final = ("auto", "on", "off")
+_NODE_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,13 @@ class QemuConfig:
     ``pool_shapes``    shapes whose count differs from ``pool_size``: ``(image, cpus,
                        memory_mb, size)`` each.
     ``pool_memory_mb`` bound on the guest memory of all pool members together.
+    ``shared_dir``     a directory every node of a cluster mounts at the same path (NFS,
+                       ...): sandboxes then live in ``shared_dir/nodes/<node>/sandboxes``,
+                       pinned images in ``shared_dir/bases`` and, unless ``volumes_dir``
+                       says otherwise, volumes in ``shared_dir/volumes``, so that another
+                       node can take over a sandbox of a lost one (see :mod:`.adoption`).
+                       Its own node's directory is all a node's orphan cleanup looks at.
+    ``node``           this node's name in the cluster (required with ``shared_dir``).
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -70,6 +79,8 @@ class QemuConfig:
     pool_size: int = 0
     pool_memory_mb: int = 2048
     pool_shapes: tuple[tuple[str, int, int, int], ...] = ()
+    shared_dir: Path | None = None
+    node: str | None = None
 
     def __post_init__(self) -> None:
         if self.accel not in ACCEL_SETTINGS:
@@ -87,6 +98,15 @@ class QemuConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.volumes_dir is not None:
             object.__setattr__(self, "volumes_dir", Path(self.volumes_dir))
+        if self.shared_dir is not None:
+            object.__setattr__(self, "shared_dir", Path(self.shared_dir))
+            if not self.shared_dir.is_absolute():
+                raise EngineUnavailable(f"shared_dir must be absolute, got {self.shared_dir}")
+            if self.node is None or not _NODE_NAME.match(self.node):
+                raise EngineUnavailable(
+                    f"a shared_dir needs this node's name (letters, digits, '.', '_', '-'),"
+                    f" got {self.node!r}"
+                )
         if any(shape[3] < 0 for shape in self.pool_shapes):
             raise EngineUnavailable("pool_shapes: a size must not be negative")
         if self.pool_size < 0 or self.pool_memory_mb < 0:
@@ -104,7 +124,17 @@ class QemuConfig:
 
     @property
     def sandboxes_dir(self) -> Path:
+        """This node's sandbox directories (in the shared directory when there is one)."""
+        if self.shared_dir is not None:
+            assert self.node is not None
+            return self.nodes_dir / self.node / "sandboxes"
         return self.data_dir / "sandboxes"
+
+    @property
+    def nodes_dir(self) -> Path:
+        """``shared_dir/nodes``: every node's sandboxes, each under its node's name."""
+        assert self.shared_dir is not None
+        return self.shared_dir / "nodes"
 
     @property
     def templates_dir(self) -> Path:
@@ -117,8 +147,16 @@ class QemuConfig:
 
     @property
     def bases_dir(self) -> Path:
+        """Pinned image files; shared, so that the backing-file path inside every root
+        disk overlay (absolute) resolves on every node."""
+        if self.shared_dir is not None:
+            return self.shared_dir / "bases"
         return self.data_dir / "bases"
 
     @property
     def effective_volumes_dir(self) -> Path:
-        return self.volumes_dir if self.volumes_dir is not None else self.data_dir / "volumes"
+        if self.volumes_dir is not None:
+            return self.volumes_dir
+        if self.shared_dir is not None:
+            return self.shared_dir / "volumes"
+        return self.data_dir / "volumes"

@@ -9,6 +9,7 @@ the rest of kiln sees. It holds the sandboxes and hands the work to
     fork        capture into the new sandbox's directory, then clone
     saved       saved images: capture into a directory of their own; create = clone
     recovery    export_state/import_state, re-adopting what survived, orphan cleanup
+    adoption    a sandbox of a lost cluster node taken over (with a shared_dir)
     hostnet     guest addresses, TAP devices, pinned ARP entries
     host        set up once: directories, bridge, accelerator, pinned images
     pool        the warm pool: paused sandboxes per shape that a create takes over
@@ -48,6 +49,7 @@ from ..ports import listening_ports
 from ..states import Op
 from . import disks, machine, process, recovery, snapshot
 from .accel import AccelDecision
+from .adoption import Adopter
 from .capture import Capturer
 from .clone import Cloner
 from .config import QemuConfig
@@ -93,6 +95,7 @@ class QemuEngine:
         cloner = Cloner(self.config, self._net, self._thermal, self._vms)
         self._fork = Forker(capturer, cloner)
         self._saved = SavedImages(self.config, capturer, cloner)
+        self._adopter = Adopter(self.config, self._host, self._net, self._thermal)
         self._recovery = Recovery(
             self.config,
             self._host,
@@ -303,6 +306,41 @@ class QemuEngine:
         vm = await self._recovery.adopt(record, state.get("pid"), state.get(STATE_KEY))
         self._vms[sid] = vm
         return machine.sandbox_info(vm)
+
+    async def adopt(self, state: Mapping[str, Any], *, hot: bool = True) -> SandboxInfo:
+        """Take over a sandbox of a lost node (``state``: as that node exported it;
+        see :mod:`.adoption`): restored here when it had a valid snapshot (hot; or,
+        not ``hot`` and its network unchanged, left cold), else cold and booting
+        from its disks on its next use. InvalidState when it cannot
+        move here (no shared_dir, its files not in it, its QEMU still running)."""
+        record = recovery.record_from_state(state)
+        sid = record.spec.sandbox_id
+        if sid in self._vms and not self._vms[sid].destroyed:
+            raise InvalidState(f"sandbox {sid!r} is already this node's")
+        vm = await self._adopter.adopt(record, state.get(STATE_KEY), hot=hot)
+        self._vms[sid] = vm
+        return machine.sandbox_info(vm)
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        """Give a cold sandbox up to another node (a drain): its TAP, address and
+        firewall rules go, its directory stays in the shared directory for that
+        node's :meth:`adopt`. Returns the state to adopt."""
+        vm = self._get(sandbox_id)
+        if self.config.shared_dir is None:
+            raise InvalidState(f"sandbox {sandbox_id} cannot move: this node has no shared_dir")
+        async with vm.lock:
+            machine.observe(vm)
+            if vm.destroyed or vm.state.live:
+                raise InvalidState(
+                    f"sandbox {sandbox_id} is {vm.state.thermal}; only a cold one moves"
+                )
+            state = recovery.export_state(vm)
+            vm.destroyed = True
+            await self._net.guard.release(sandbox_id)
+            await self._net.delete_tap(vm.record.tap)
+            await self._net.release_ip(vm.record.ip)
+            self._vms.pop(sandbox_id, None)
+        return state
 
     async def cleanup_orphans(self) -> builtins.list[str]:
         """Remove what belongs to no known sandbox: QEMU processes, TAPs, directories;

@@ -304,8 +304,10 @@ class ThermalControl:
 
     # ------------------------------------------------------------------ restore
 
-    async def restore(self, vm: VM) -> None:
-        """cold → hot: a new QEMU maps the same RAM file and loads state.bin.
+    async def restore(self, vm: VM, *, on_bridge: bool = True) -> None:
+        """cold → hot: a new QEMU maps the same RAM file and loads state.bin; its TAP on
+        the bridge unless not ``on_bridge`` (a sandbox that must first take another
+        identity: the caller attaches it).
 
         The caller applies the transition; a failure here leaves the sandbox in the
         state it started from if the guest never ran, else LOST. (A clone is started
@@ -315,7 +317,7 @@ class ThermalControl:
         why = why_unrestorable(vm)
         if why is not None:
             raise InvalidState(f"cannot restore {vm.sandbox_id}: {why}")
-        await self._net.create_tap(vm.record.net_owner)
+        await self._net.create_tap(vm.record.net_owner, on_bridge=on_bridge)
         meta = vm.meta
         ram_in_state = meta.ram_in_state
         phases = Phases()

@@ -17,8 +17,13 @@ single daemon (``services.cluster`` is None). On a node of a cluster:
   back as the other node gave it, with ``x-kiln-node`` naming that node.
   WebSockets (the shell, proxied and published ones) are relayed message by
   message over a connection of their own;
-- the home node lost (its lease ran out): 503 naming it and since when;
-  unreachable or failing mid-answer: 502 naming it.
+- the home node lost (its lease ran out): with a shared directory this node
+  takes the sandbox over and serves it (:mod:`kiln.cluster.takeover`; another
+  node that was first gets the request instead); without one, or when it cannot
+  move, 503 naming the node and since when. Unreachable or failing mid-answer:
+  502 naming it;
+- a sandbox of this node's that its engine does not hold (a drain moved it
+  here) is adopted first, then served.
 
 Everything else is served here: the list of sandboxes, creates and the other
 routes read and write the shared store themselves.
@@ -26,6 +31,7 @@ routes read and write the shared store themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +40,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.cluster import PEER_HEADER, ClusterNode, PeerAuthError
+from kiln.cluster.takeover import TakenElsewhere, TakeoverRefused
 from kiln.store import Node, NotFound, Sandbox, rfc3339
 
 from ..errors import to_api_error
@@ -85,17 +92,31 @@ class RelayFront:
                 self.services.publishing,
                 self.services.envd_tokens,
             )
+            if sb is not None and cluster.is_local(sb):
+                await self._adopt_if_moved_here(sb)
             if sb is None or cluster.is_local(sb):
                 await self.app(scope, receive, send)
                 return
             if relayed_by is not None:
+                # Sent here to take over a lost node's sandbox (the sender had no
+                # room); any other relayed request for another node's sandbox: 421.
+                if await self._taken_over_for_peer(cluster, sb):
+                    await self.app(scope, receive, send)
+                    return
                 raise RelayFailed(
                     421,
                     f"sandbox {sb.id} lives on node {sb.node!r}, not on this node "
                     f"({cluster.name!r}); node {relayed_by!r} relayed it here, and a relayed "
                     "request is not relayed again",
                 )
-            home = self._home(cluster, sb)
+            try:
+                home = self._home(cluster, sb)
+            except HomeLost as lost:
+                here = await self._take_over(sb, lost)
+                if here is None:
+                    await self.app(scope, receive, send)
+                    return
+                home = here
         except RelayFailed as exc:
             await self._refuse(scope, receive, send, exc.status, exc.message)
             return
@@ -143,12 +164,59 @@ class RelayFront:
                 ) from None
             self._nodes[sb.node] = (now, node)
         if node.lost(now):
-            raise RelayFailed(
+            raise HomeLost(
                 503,
                 f"sandbox {sb.id} lives on node {node.name!r}, which is lost "
                 f"(no lease since {rfc3339(node.lease_until)})",
             )
         return node
+
+    # --- moving (a cluster with a shared directory) ----------------------------------
+
+    async def _take_over(self, sb: Sandbox, lost: HomeLost) -> Node | None:
+        """Take ``sb`` over from its lost node: None when it is this node's now, else
+        the node that took it first or has the room for it; the 503 when it cannot
+        move."""
+        takeover = self.services.takeover
+        if takeover is None:
+            raise lost
+        try:
+            await takeover.take_over(sb)
+        except TakenElsewhere as exc:
+            if exc.node is None or self.services.cluster is None:
+                raise lost from exc
+            self._nodes.pop(exc.node, None)
+            return self._home(self.services.cluster, dataclasses.replace(sb, node=exc.node))
+        except TakeoverRefused as exc:
+            raise RelayFailed(lost.status, f"{lost.message}; {exc}") from exc
+        return None
+
+    async def _taken_over_for_peer(self, cluster: ClusterNode, sb: Sandbox) -> bool:
+        """Whether this node took ``sb`` over for a relayed request: its home is lost
+        and this node has room (it sends the request on to no one)."""
+        takeover = self.services.takeover
+        if takeover is None:
+            return False
+        try:
+            self._home(cluster, sb)
+        except HomeLost as lost:
+            try:
+                await takeover.take_over(sb, elsewhere=False)
+            except (TakenElsewhere, TakeoverRefused) as exc:
+                raise RelayFailed(lost.status, f"{lost.message}; {exc}") from exc
+            return True
+        return False
+
+    async def _adopt_if_moved_here(self, sb: Sandbox) -> None:
+        """A sandbox a drain moved to this node is adopted on its first request here."""
+        takeover = self.services.takeover
+        if takeover is None or sb.engine_state is None or takeover.holds(sb.id):
+            return
+        try:
+            await takeover.adopt_claimed(sb)
+        except TakeoverRefused as exc:
+            # Served as it is: the route says what is wrong with it.
+            log.warning("sandbox %s is this node's but cannot be adopted: %s", sb.id, exc)
 
     # --- relaying -------------------------------------------------------------------
 
@@ -239,6 +307,10 @@ class RelayFront:
             await deny(scope, send, status, message)
             return
         await self.errors(status, message, scope["path"])(scope, receive, send)
+
+
+class HomeLost(RelayFailed):
+    """The node a sandbox lives on is lost."""
 
 
 def _target(scope: Scope) -> bytes:

@@ -28,7 +28,8 @@ async def get_node(name: str, user: CurrentUser, services: AppServices) -> dict[
 
 @router.post("/nodes/{name}/drain", response_model=NodeInfo)
 async def drain_node(name: str, user: CurrentUser, services: AppServices) -> dict[str, Any]:
-    """No new sandbox is placed on it; those it has keep running."""
+    """No new sandbox is placed on it; its running ones stay, its stopped ones move to
+    other nodes (with a shared directory, see the README: Running several hosts)."""
     return NodeService(services).set_state(user, name, NodeState.DRAINING)
 
 
