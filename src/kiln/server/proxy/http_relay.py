@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import httpcore
 from starlette.types import Message, Receive, Scope, Send
@@ -196,12 +196,16 @@ async def _respond(
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     try:
         async with keep_active(touch):
-            await _stream_body(response, send, lease)
+            await stream_body(response, send, lease.release)
     except Exception as exc:
         raise ResponseBrokeOff(f"the response from {target.label} broke off: {exc}") from exc
 
 
-async def _stream_body(response: httpcore.Response, send: Send, lease: Lease) -> None:
+async def stream_body(
+    response: httpcore.Response, send: Send, release: Callable[[], Awaitable[None]]
+) -> None:
+    """The response's body to the client; ``release`` gives the connection back (to its
+    pool) before the last piece goes, once the body is complete."""
     length = _content_length(response.headers)
     stream = response.stream
     assert isinstance(stream, AsyncIterable)  # an async connection's response
@@ -218,5 +222,5 @@ async def _stream_body(response: httpcore.Response, send: Send, lease: Lease) ->
             message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
             await send(message)
     await response.aclose()
-    await lease.release()
+    await release()
     await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -10,12 +10,11 @@ exec's process is killed as if its client had hung up on that node).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
 
 import httpcore
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from ..proxy.http_relay import ClientGone, ClientSide, RelayFailed, ResponseBrokeOff
+from ..proxy.http_relay import ClientGone, ClientSide, RelayFailed, ResponseBrokeOff, stream_body
 from ..proxy.target import Headers, end_to_end, header
 from .peers import Lease, NodePool, NodeUnreachable
 
@@ -124,27 +123,6 @@ async def _respond(
         {"type": "http.response.start", "status": response.status, "headers": headers + extra}
     )
     try:
-        await _stream_body(response, send, lease)
+        await stream_body(response, send, lease.release)
     except Exception as exc:
         raise ResponseBrokeOff(f"the response from {where} broke off: {exc}") from exc
-
-
-async def _stream_body(response: httpcore.Response, send: Send, lease: Lease) -> None:
-    value = header(response.headers, b"content-length")
-    length = int(value) if value is not None and value.isdigit() else None
-    stream = response.stream
-    assert isinstance(stream, AsyncIterable)  # an async connection's response
-    sent, last = 0, b""
-    async for chunk in stream:
-        sent += len(chunk)
-        if length is not None and sent >= length:
-            # Held until the connection is back in the pool, so the client's next
-            # request (relayed at once) finds it free.
-            last = chunk
-            continue
-        if chunk:
-            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
-            await send(message)
-    await response.aclose()
-    await lease.release()
-    await send({"type": "http.response.body", "body": last, "more_body": False})
