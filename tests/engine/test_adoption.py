@@ -9,6 +9,7 @@ processes and ``c``'s address, a crashed one booted again from its disks -- and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from kiln.engine.errors import InvalidState
 from kiln.engine.qemu import QemuConfig, QemuEngine
 from kiln.engine.qemu.process import pid_alive
 from kiln.network import NetworkConfig
+from kiln.testing.cluster import exited
 
 from .conftest import VMEnv, kill_leftovers, wait_until
 from .test_fork import COUNTER, counting, identity, sh
@@ -54,9 +56,10 @@ def node_config(env: VMEnv, node: str) -> QemuConfig:
     )
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def nodes(vm_env: VMEnv) -> AsyncIterator[dict[str, QemuEngine]]:
-    engines = {node: QemuEngine(node_config(vm_env, node)) for node in ("b", "c")}
+@contextlib.asynccontextmanager
+async def node_engines(env: VMEnv) -> AsyncIterator[dict[str, QemuEngine]]:
+    """Nodes b and c's engines, on one shared directory; destroyed after."""
+    engines = {node: QemuEngine(node_config(env, node)) for node in ("b", "c")}
     try:
         yield engines
     finally:
@@ -64,25 +67,17 @@ async def nodes(vm_env: VMEnv) -> AsyncIterator[dict[str, QemuEngine]]:
             for info in eng.list():
                 await eng.destroy(info.sandbox_id)
             await eng.close()
-        kill_leftovers(f"{vm_env.data_dir}/shared/")
+        kill_leftovers(f"{env.data_dir}/shared/")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def nodes(vm_env: VMEnv) -> AsyncIterator[dict[str, QemuEngine]]:
+    async with node_engines(vm_env) as engines:
+        yield engines
 
 
 def spec(sid: str) -> SandboxSpec:
     return SandboxSpec(sandbox_id=sid, name=sid, memory_mb=256)
-
-
-def exited(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X"):
-        return False
-    # A zombie leader whose other threads still exit holds the files open.
-    try:
-        return len(os.listdir(f"/proc/{pid}/task")) <= 1
-    except OSError:
-        return True
 
 
 def in_subnet(ip: str, node: str) -> bool:

@@ -18,8 +18,8 @@ from kiln.engine.qemu import QemuEngine
 from kiln.engine.states import Status, Thermal
 from kiln.store import NodeState, Sandbox, Store, User
 
-from .conftest import VMEnv, kill_leftovers, wait_until
-from .test_adoption import node_config
+from .conftest import VMEnv, wait_until
+from .test_adoption import node_config, node_engines
 from .test_fork import sh
 
 pytestmark = [
@@ -33,15 +33,8 @@ LEASE_S = 2.0
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def nodes(vm_env: VMEnv) -> AsyncIterator[dict[str, QemuEngine]]:
-    engines = {node: QemuEngine(node_config(vm_env, node)) for node in ("b", "c")}
-    try:
+    async with node_engines(vm_env) as engines:
         yield engines
-    finally:
-        for eng in engines.values():
-            for info in eng.list():
-                await eng.destroy(info.sandbox_id)
-            await eng.close()
-        kill_leftovers(f"{vm_env.data_dir}/shared/")
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def _pids_with(marker: str) -> list[int]:
     return out
 
 
-def _exited(pid: int) -> bool:
+def exited(pid: int) -> bool:
     """Gone, or a zombie with no thread left: its files (and their locks) closed."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
@@ -96,7 +96,7 @@ def _kill_all(marker: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of {marker} do not die: {pids}")
         time.sleep(0.05)
-    while not all(_exited(pid) for pid in killed):
+    while not all(exited(pid) for pid in killed):
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of {marker} do not exit: {sorted(killed)}")
         time.sleep(0.02)

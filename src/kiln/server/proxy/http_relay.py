@@ -91,7 +91,8 @@ def _content_length(headers: Headers) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def _has_body(headers: Headers) -> bool:
+def has_body(headers: Headers) -> bool:
+    """Whether a message with ``headers`` carries a body."""
     return header(headers, b"content-length") not in (None, b"0") or (
         header(headers, b"transfer-encoding") is not None
     )
@@ -142,17 +143,17 @@ async def _exchange(
     touch: Callable[[], None],
 ) -> None:
     headers = forwarded_request_headers(scope, target)
-    has_body = _has_body(headers)
-    if not has_body:
+    with_body = has_body(headers)
+    if not with_body:
         client.watch()
     request = httpcore.Request(
         scope["method"],
         httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=target.port, target=target.target),
         headers=headers,
-        content=client.body() if has_body else None,
+        content=client.body() if with_body else None,
         extensions={"timeout": {"connect": CONNECT_TIMEOUT_S, "read": None, "write": None}},
     )
-    repeatable = not has_body and scope["method"] in _REPEATABLE
+    repeatable = not with_body and scope["method"] in _REPEATABLE
     for attempt in (1, 2):
         try:
             async with pool.connection(target.port, CONNECT_TIMEOUT_S) as lease:

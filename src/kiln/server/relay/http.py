@@ -14,19 +14,20 @@ import asyncio
 import httpcore
 from starlette.types import Receive, Scope, Send
 
-from ..proxy.http_relay import ClientGone, ClientSide, RelayFailed, ResponseBrokeOff, stream_body
-from ..proxy.target import Headers, end_to_end, header
+from ..proxy.http_relay import (
+    ClientGone,
+    ClientSide,
+    RelayFailed,
+    ResponseBrokeOff,
+    has_body,
+    stream_body,
+)
+from ..proxy.target import Headers, end_to_end
 from .peers import Lease, NodePool, NodeUnreachable
 
 #: Requests that may be sent again on a new connection when a kept one turns out
 #: to have been closed by the other node just as it was taken (RFC 9110 §9.2.2).
 _REPEATABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
-
-
-def _has_body(headers: Headers) -> bool:
-    return header(headers, b"content-length") not in (None, b"0") or (
-        header(headers, b"transfer-encoding") is not None
-    )
 
 
 async def relay_to_node(
@@ -80,18 +81,18 @@ async def _exchange(
     headers: Headers,
     response_headers: Headers,
 ) -> None:
-    has_body = _has_body(headers)
-    if not has_body:
+    with_body = has_body(headers)
+    if not with_body:
         client.watch()
     o = pool.origin
     request = httpcore.Request(
         scope["method"],
         httpcore.URL(scheme=o.scheme.encode(), host=o.host.encode(), port=o.port, target=target),
         headers=headers,
-        content=client.body() if has_body else None,
+        content=client.body() if with_body else None,
         extensions={"timeout": {"connect": None, "read": None, "write": None}},
     )
-    repeatable = not has_body and scope["method"] in _REPEATABLE
+    repeatable = not with_body and scope["method"] in _REPEATABLE
     where = f"node {pool.name!r} ({o.host}:{o.port})"
     for attempt in (1, 2):
         try:
