@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import httpcore
 from starlette.types import Message, Receive, Scope, Send
@@ -111,26 +112,30 @@ async def relay_http(
     answer to ``send``. RelayFailed before anything was sent to the client,
     ResponseBrokeOff after."""
     client = ClientSide(receive)
-    exchange = asyncio.create_task(
-        _exchange(scope, client, send, pool=pool, target=target, touch=touch)
-    )
+    exchange = _exchange(scope, client, send, pool=pool, target=target, touch=touch)
+    if not await until_client_gone(client, exchange):
+        log.debug("%s: the client went away", target.label)
+
+
+async def until_client_gone(client: ClientSide, exchange: Coroutine[Any, Any, None]) -> bool:
+    """Run ``exchange`` until it ends, or until the client goes away (it is then
+    cancelled); False in that case. Its error is raised, :class:`ClientGone` aside."""
+    task = asyncio.create_task(exchange)
     gone = asyncio.create_task(client.gone.wait())
     try:
-        await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not exchange.done():
-            exchange.cancel()
-        await asyncio.gather(exchange, gone, return_exceptions=True)
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
         await client.aclose()
-    if exchange.cancelled():
-        log.debug("%s: the client went away", target.label)
-        return
-    error = exchange.exception()
-    if isinstance(error, ClientGone):
-        return
-    if error is not None:
+    if task.cancelled():
+        return False
+    error = task.exception()
+    if error is not None and not isinstance(error, ClientGone):
         raise error
+    return True
 
 
 async def _exchange(

@@ -9,18 +9,16 @@ exec's process is killed as if its client had hung up on that node).
 
 from __future__ import annotations
 
-import asyncio
-
 import httpcore
 from starlette.types import Receive, Scope, Send
 
 from ..proxy.http_relay import (
-    ClientGone,
     ClientSide,
     RelayFailed,
     ResponseBrokeOff,
     has_body,
     stream_body,
+    until_client_gone,
 )
 from ..proxy.target import Headers, end_to_end
 from .peers import Lease, NodePool, NodeUnreachable
@@ -44,7 +42,8 @@ async def relay_to_node(
     ``headers``, and stream the answer to ``send`` with ``response_headers`` added.
     RelayFailed before anything was sent to the client, ResponseBrokeOff after."""
     client = ClientSide(receive)
-    exchange = asyncio.create_task(
+    await until_client_gone(
+        client,
         _exchange(
             scope,
             client=client,
@@ -53,22 +52,8 @@ async def relay_to_node(
             target=target,
             headers=headers,
             response_headers=response_headers,
-        )
+        ),
     )
-    gone = asyncio.create_task(client.gone.wait())
-    try:
-        await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not exchange.done():
-            exchange.cancel()
-        await asyncio.gather(exchange, gone, return_exceptions=True)
-        await client.aclose()
-    if exchange.cancelled():
-        return
-    error = exchange.exception()
-    if error is not None and not isinstance(error, ClientGone):
-        raise error
 
 
 async def _exchange(
